@@ -1,0 +1,37 @@
+"""rbeformat: the rbe container format (spec/rbe-v1.md) and its codecs.
+
+The public surface follows safetensors' habits:
+
+>>> from rbeformat import save_file, load_file, safe_open   # doctest: +SKIP
+>>> save_file({"w": np.ones((2, 2), np.float32)}, "w.rbe")
+>>> load_file("w.rbe")["w"].sum()
+4.0
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ChecksumError,
+    FormatError,
+    InputError,
+    OutputExistsError,
+    RbeError,
+    UnsupportedError,
+)
+from .api import load_file, save_file  # noqa: E402
+from .reader import Reader, safe_open  # noqa: E402
+from .writer import Writer  # noqa: E402
+
+__all__ = [
+    "ChecksumError",
+    "FormatError",
+    "InputError",
+    "OutputExistsError",
+    "RbeError",
+    "Reader",
+    "UnsupportedError",
+    "Writer",
+    "load_file",
+    "safe_open",
+    "save_file",
+]

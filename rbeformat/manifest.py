@@ -1,0 +1,261 @@
+"""The manifest: a JSON object that lists every tensor, alias and file.
+
+``parse_manifest`` turns untrusted bytes into validated entries or raises
+FormatError naming the offending field (for example ``tensors[3].chunks[0].offset``).
+Everything a reader later trusts (shapes, sizes, byte ranges, names, paths) is
+checked here, before any allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs.base import Codec, require_int, require_keys
+from .codecs.raw import Raw
+from .codecs.registry import codec_from_record
+from .errors import FormatError, UnsupportedError
+from .spec import (
+    ALIGNMENT,
+    DTYPES,
+    MAX_CHUNK_DECODED_BYTES,
+    MAX_ENTRIES,
+    MAX_FILE_BYTES,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_TENSOR_ELEMENTS,
+    DType,
+)
+
+FILE_ROLES = ("file", "safetensors-header")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    length: int
+    crc32: int
+    items: int
+    params: Any
+
+
+@dataclass
+class Blob:
+    """An encoded object: a codec and the chunks it wrote."""
+
+    dtype: DType
+    items: int
+    digest: str | None
+    codec: Codec | None  # None when the codec is unknown and need not be understood
+    codec_record: dict
+    chunks: list[Chunk]
+    unsupported: str | None = None
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    blob: Blob | None  # None for an alias
+    alias_of: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class FileEntry:
+    path: str
+    role: str
+    blob: Blob
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    version: tuple[int, int]
+    producer: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+    files: dict[str, FileEntry]
+
+    def chunks(self):
+        """Every (where, chunk) pair in the file."""
+        for entry in self.tensors.values():
+            if entry.blob is not None:
+                for i, c in enumerate(entry.blob.chunks):
+                    yield f"tensor {entry.name!r} chunk {i}", c
+        for entry in self.files.values():
+            for i, c in enumerate(entry.blob.chunks):
+                yield f"file {entry.path!r} chunk {i}", c
+
+
+def check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{where}: expected a non-empty string")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or "\x00" in name:
+        raise FormatError(f"{where}: name longer than {MAX_NAME_BYTES} bytes or containing NUL")
+    return name
+
+
+def check_relative_path(path: Any, where: str) -> str:
+    """A file path must stay inside the output directory when joined to it."""
+    check_name(path, where)
+    if "\\" in path or path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        raise FormatError(f"{where}: {path!r:.80} must be a relative POSIX path")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+        raise FormatError(f"{where}: {path!r:.80} must not contain '', '.' or '..' components")
+    return path
+
+
+def _parse_shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_NDIM:
+        raise FormatError(f"{where}: expected a list of at most {MAX_NDIM} dimensions")
+    shape = tuple(require_int(d, f"{where}[{i}]", 0, MAX_TENSOR_ELEMENTS) for i, d in enumerate(value))
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise FormatError(f"{where}: {math.prod(shape)} elements exceed the limit of {MAX_TENSOR_ELEMENTS}")
+    return shape
+
+
+def _parse_dtype(value: Any, where: str) -> DType:
+    if value not in DTYPES:
+        raise FormatError(f"{where}: unknown dtype {value!r:.40} (known: {', '.join(DTYPES)})")
+    return DTYPES[value]
+
+
+def _parse_chunks(value: Any, where: str, dtype: DType, items: int, codec: Codec | None) -> list[Chunk]:
+    if not isinstance(value, list):
+        raise FormatError(f"{where}: expected a list")
+    chunks, total = [], 0
+    for i, c in enumerate(value):
+        cw = f"{where}[{i}]"
+        require_keys(c, cw, {"offset", "length", "crc32", "items", "params"})
+        offset = require_int(c["offset"], f"{cw}.offset", 0, 1 << 62)
+        if offset % ALIGNMENT:
+            raise FormatError(f"{cw}.offset: {offset} is not a multiple of {ALIGNMENT}")
+        length = require_int(c["length"], f"{cw}.length", 0, 1 << 62)
+        n = require_int(c["items"], f"{cw}.items", 1, items)
+        decoded = n * dtype.itemsize
+        if isinstance(codec, Raw):
+            if length != decoded:
+                raise FormatError(f"{cw}: raw chunk of {n} items must store {decoded} bytes, not {length}")
+        elif decoded > MAX_CHUNK_DECODED_BYTES:
+            raise FormatError(f"{cw}.items: chunk decodes to {decoded} bytes, over the {MAX_CHUNK_DECODED_BYTES} limit")
+        chunks.append(Chunk(offset, length, require_int(c["crc32"], f"{cw}.crc32", 0, 0xFFFFFFFF), n, c["params"]))
+        total += n
+    if total != items:
+        raise FormatError(f"{where}: chunks hold {total} items, expected {items}")
+    return chunks
+
+
+def _parse_blob(obj: dict, where: str, dtype: DType, items: int) -> Blob:
+    digest = obj.get("digest")
+    if digest is not None and (not isinstance(digest, str) or not _DIGEST.fullmatch(digest)):
+        raise FormatError(f"{where}.digest: expected 'sha256:' and 64 lowercase hex digits")
+    record = obj["codec"]
+    codec, unsupported = None, None
+    try:
+        codec = codec_from_record(record, f"{where}.codec")
+    except UnsupportedError as exc:
+        if record.get("must_understand", True) is not False:
+            raise
+        unsupported = str(exc)
+    chunks = _parse_chunks(obj["chunks"], f"{where}.chunks", dtype, items, codec)
+    return Blob(dtype, items, digest, codec, record, chunks, unsupported)
+
+
+def _parse_tensor(obj: Any, where: str) -> TensorEntry:
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: expected an object")
+    name = check_name(obj.get("name"), f"{where}.name")
+    dtype = _parse_dtype(obj.get("dtype"), f"{where}.dtype")
+    shape = _parse_shape(obj.get("shape"), f"{where}.shape")
+    if "alias_of" in obj:
+        require_keys(obj, where, {"name", "dtype", "shape", "alias_of"})
+        return TensorEntry(name, dtype, shape, None, check_name(obj["alias_of"], f"{where}.alias_of"))
+    require_keys(obj, where, {"name", "dtype", "shape", "digest", "codec", "chunks"}, {"stats"})
+    blob = _parse_blob(obj, where, dtype, math.prod(shape))
+    return TensorEntry(name, dtype, shape, blob, extra={k: obj[k] for k in ("stats",) if k in obj})
+
+
+def _parse_file(obj: Any, where: str) -> FileEntry:
+    require_keys(obj, where, {"path", "role", "size", "digest", "codec", "chunks"}, {"tensors"})
+    path = check_relative_path(obj["path"], f"{where}.path")
+    role = obj["role"]
+    if role not in FILE_ROLES:
+        raise FormatError(f"{where}.role: expected one of {FILE_ROLES}, found {role!r:.40}")
+    size = require_int(obj["size"], f"{where}.size", 0, MAX_FILE_BYTES)
+    blob = _parse_blob(obj, where, DTYPES["U8"], size)
+    tensors = obj.get("tensors", [])
+    if role == "safetensors-header":
+        if not isinstance(tensors, list) or len(tensors) > MAX_ENTRIES:
+            raise FormatError(f"{where}.tensors: expected a list of tensor names")
+        tensors = [check_name(t, f"{where}.tensors[{i}]") for i, t in enumerate(tensors)]
+    elif "tensors" in obj:
+        raise FormatError(f"{where}.tensors: only a safetensors-header entry lists tensors")
+    return FileEntry(path, role, blob, tensors)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Validates manifest bytes; raises FormatError on anything out of place."""
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"manifest: not valid UTF-8 JSON ({str(exc)[:120]})") from None
+    require_keys(obj, "manifest", {"format", "version", "producer", "metadata", "tensors", "files"})
+    if obj["format"] != "rbe":
+        raise FormatError(f"manifest.format: expected 'rbe', found {obj['format']!r:.40}")
+    version = obj["version"]
+    if not (isinstance(version, list) and len(version) == 2 and all(type(v) is int for v in version)):
+        raise FormatError("manifest.version: expected [major, minor]")
+    if not isinstance(obj["producer"], str):
+        raise FormatError("manifest.producer: expected a string")
+    metadata = obj["metadata"]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("manifest.metadata: expected an object of strings")
+    for key in ("tensors", "files"):
+        if not isinstance(obj[key], list) or len(obj[key]) > MAX_ENTRIES:
+            raise FormatError(f"manifest.{key}: expected a list of at most {MAX_ENTRIES} entries")
+    tensors: dict[str, TensorEntry] = {}
+    for i, t in enumerate(obj["tensors"]):
+        entry = _parse_tensor(t, f"tensors[{i}]")
+        if entry.name in tensors:
+            raise FormatError(f"tensors[{i}].name: duplicate tensor name {entry.name!r:.80}")
+        tensors[entry.name] = entry
+    files: dict[str, FileEntry] = {}
+    for i, f in enumerate(obj["files"]):
+        entry = _parse_file(f, f"files[{i}]")
+        if entry.path in files:
+            raise FormatError(f"files[{i}].path: duplicate path {entry.path!r:.80}")
+        files[entry.path] = entry
+    _check_references(tensors, files)
+    return Manifest(tuple(version), obj["producer"], metadata, tensors, files)
+
+
+def _check_references(tensors: dict[str, TensorEntry], files: dict[str, FileEntry]) -> None:
+    for entry in tensors.values():
+        if entry.alias_of is None:
+            continue
+        target = tensors.get(entry.alias_of)
+        if target is None or target.alias_of is not None:
+            raise FormatError(f"tensor {entry.name!r:.80}: alias_of names no stored tensor")
+        if (target.dtype, target.shape) != (entry.dtype, entry.shape):
+            raise FormatError(f"tensor {entry.name!r:.80}: alias dtype/shape differ from {target.name!r:.80}")
+    claimed: set[str] = set()
+    for f in files.values():
+        for name in f.tensors:
+            if name not in tensors:
+                raise FormatError(f"file {f.path!r:.80}: lists unknown tensor {name!r:.80}")
+            if name in claimed:
+                raise FormatError(f"file {f.path!r:.80}: tensor {name!r:.80} is listed by two safetensors files")
+            claimed.add(name)
+
+
+def dump_manifest(obj: dict) -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")

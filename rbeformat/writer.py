@@ -1,0 +1,304 @@
+"""The streaming writer: one pass, bounded memory, atomic output.
+
+Sections are appended as chunks are encoded; the manifest and the footer come
+last, so nothing is held back.  The file is written under a temporary name in
+the target's directory and renamed into place only when complete, so a crash
+or a kill leaves no partial file at the destination.
+
+>>> with Writer("model.rbe") as w:                             # doctest: +SKIP
+...     w.add_array("weight", np.ones((4, 4), np.float32))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from .codecs.base import Codec
+from .codecs.byteplane import Byteplane
+from .codecs.zstd import Zstd
+from .errors import InputError, OutputExistsError, RbeError
+from .layout import crc32, pack_footer, pack_header
+from .manifest import check_name, check_relative_path, dump_manifest
+from .spec import (
+    ALIGNMENT,
+    DTYPES,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    MAX_MANIFEST_BYTES,
+    MAX_NDIM,
+    align_up,
+    dtype_of_numpy,
+)
+
+ReadAt = Callable[[int, int], bytes]  # read(offset, size) -> exactly size bytes
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Writer:
+    """Writes an rbe file.  States: open -> closed (committed) or aborted."""
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, codec: Codec | None = None,
+                 threads: int | None = None, progress: Callable[[int], None] | None = None):
+        self.path = os.fspath(path)
+        if os.path.exists(self.path) and not force:
+            raise OutputExistsError(f"{self.path}: exists; pass force=True (--force) to overwrite it")
+        self.codec = codec or Byteplane()
+        self.threads = threads or _default_threads()
+        self.progress = progress
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        self._file = os.fdopen(fd, "wb")
+        self._pos = 0
+        self._tensors: list[dict] = []
+        self._files: list[dict] = []
+        self._names: set[str] = set()
+        self._paths: set[str] = set()
+        self._digests: dict[tuple, str] = {}
+        self._metadata: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._state = "open"
+        self._write(pack_header())
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- low level -------------------------------------------------------------------
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RbeError(f"writer is {self._state}; no more entries can be added")
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._pos += len(data)
+
+    def _pad(self) -> None:
+        self._write(b"\x00" * (align_up(self._pos) - self._pos))
+
+    def _section(self, parts: list[bytes]) -> tuple[int, int, int]:
+        self._pad()
+        offset, crc, length = self._pos, 0, 0
+        for part in parts:
+            crc = crc32_update(crc, part)
+            length += len(part)
+            self._write(part)
+        return offset, length, crc
+
+    def _encode_chunks(self, codec: Codec, dtype_name: str, items: int, read_at: ReadAt,
+                       digest: Any) -> list[dict]:
+        dtype = DTYPES[dtype_name]
+        per_chunk = codec.chunk_items(dtype)
+        starts = range(0, items, per_chunk)
+        chunks: list[dict] = []
+
+        def job(start: int, raw: bytes):
+            return codec.encode_chunk(memoryview(raw), dtype)
+
+        pending: deque = deque()
+        window = 2 * self.threads
+
+        def drain_one() -> None:
+            start, n, fut = pending.popleft()
+            parts, params = fut.result() if self._pool else fut
+            offset, length, crc = self._section(parts)
+            chunks.append({"offset": offset, "length": length, "crc32": crc, "items": n, "params": params})
+            if self.progress:
+                self.progress(n * dtype.itemsize)
+
+        for start in starts:
+            n = min(per_chunk, items - start)
+            raw = read_at(start * dtype.itemsize, n * dtype.itemsize)
+            if digest is not None:
+                digest.update(raw)
+            fut = self._pool.submit(job, start, raw) if self._pool else job(start, raw)
+            pending.append((start, n, fut))
+            if len(pending) >= window:
+                drain_one()
+        while pending:
+            drain_one()
+        return chunks
+
+    # -- entries ---------------------------------------------------------------------
+    def add_tensor(self, name: str, dtype: str, shape: Iterable[int], read_at: ReadAt, *,
+                   codec: Codec | None = None, dedup: bool = True) -> str | None:
+        """Adds a tensor whose little-endian bytes ``read_at(offset, size)`` returns.
+
+        With ``dedup`` a tensor equal (dtype, shape, bytes) to one already written
+        becomes an alias of it.  Returns the name it aliases, or None.
+        """
+        self._require_open()
+        name = self._claim_name(name)
+        if dtype not in DTYPES:
+            raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+        shape = [int(d) for d in shape]
+        if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
+            raise InputError(f"tensor {name!r}: invalid shape {shape}")
+        items = math.prod(shape)
+        codec = (codec or self.codec).for_dtype(DTYPES[dtype])
+        if dedup:
+            digest = _digest(read_at, items * DTYPES[dtype].itemsize)
+            key = (dtype, tuple(shape), digest)
+            if key in self._digests:
+                target = self._digests[key]
+                self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "alias_of": target})
+                if self.progress:
+                    self.progress(items * DTYPES[dtype].itemsize)
+                return target
+            chunks = self._encode_chunks(codec, dtype, items, read_at, None)
+            self._digests[key] = name
+        else:
+            hasher = hashlib.sha256()
+            chunks = self._encode_chunks(codec, dtype, items, read_at, hasher)
+            digest = "sha256:" + hasher.hexdigest()
+        self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "digest": digest,
+                              "codec": codec.describe(), "chunks": chunks})
+        return None
+
+    def add_array(self, name: str, array: np.ndarray, **kwargs) -> str | None:
+        """Adds a numpy array (bf16 and fp8 arrive as uint views with an explicit dtype=)."""
+        dtype = kwargs.pop("dtype", None) or dtype_of_numpy(array.dtype)
+        if dtype is None:
+            raise InputError(f"tensor {name!r}: numpy dtype {array.dtype} has no rbe dtype")
+        if DTYPES[dtype].itemsize != array.dtype.itemsize:
+            raise InputError(f"tensor {name!r}: {dtype} needs {DTYPES[dtype].itemsize}-byte items, array has {array.dtype}")
+        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        return self.add_tensor(name, dtype, array.shape, lambda o, n: data[o : o + n], **kwargs)
+
+    def add_file(self, path: str, data: bytes, *, role: str = "file", tensors: list[str] | None = None) -> None:
+        """Embeds a file (a config, a tokenizer) under its path relative to the model."""
+        self._require_open()
+        try:
+            check_relative_path(path, "file path")
+        except RbeError as exc:
+            raise InputError(str(exc)) from None
+        if path in self._paths:
+            raise InputError(f"file {path!r} added twice")
+        self._paths.add(path)
+        view = memoryview(data)
+        hasher = hashlib.sha256()
+        chunks = self._encode_chunks(Zstd(), "U8", len(view), lambda o, n: view[o : o + n], hasher)
+        entry = {"path": path, "role": role, "size": len(view), "digest": "sha256:" + hasher.hexdigest(),
+                 "codec": Zstd().describe(), "chunks": chunks}
+        if tensors is not None:
+            entry["tensors"] = list(tensors)
+        self._files.append(entry)
+
+    def add_safetensors_layout(self, path: str, header: bytes, tensor_names: list[str]) -> None:
+        """Records a safetensors file: its verbatim header and its tensors in data order.
+
+        With it, decoding rebuilds the original file byte for byte.
+        """
+        missing = [t for t in tensor_names if t not in self._names]
+        if missing:
+            raise InputError(f"{path}: tensors {missing[:3]} were not added before the layout")
+        self.add_file(path, header, role="safetensors-header", tensors=tensor_names)
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        self._require_open()
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InputError("metadata must map strings to strings")
+        self._metadata = dict(metadata)
+
+    def _claim_name(self, name: str) -> str:
+        try:
+            check_name(name, "tensor name")
+        except RbeError as exc:
+            raise InputError(str(exc)) from None
+        if name in self._names:
+            raise InputError(f"tensor {name!r} added twice")
+        self._names.add(name)
+        return name
+
+    # -- completion ------------------------------------------------------------------
+    def close(self) -> None:
+        """Writes the manifest and footer, syncs, and renames into place."""
+        self._require_open()
+        manifest = dump_manifest({
+            "format": "rbe",
+            "version": [FORMAT_MAJOR, FORMAT_MINOR],
+            "producer": f"rbe {__version__}",
+            "metadata": self._metadata,
+            "tensors": self._tensors,
+            "files": self._files,
+        })
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            self.abort()
+            raise InputError(f"manifest of {len(manifest)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+        try:
+            self._pad()
+            offset = self._pos
+            self._write(manifest)
+            self._pad()
+            self._write(pack_footer(offset, len(manifest), crc32(manifest)))
+            assert self._pos % ALIGNMENT == 0
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        except BaseException:
+            self.abort()
+            raise
+        self._shutdown()
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Discards the partial file; the destination is left as it was."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._shutdown()
+        try:
+            self._file.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def crc32_update(crc: int, data) -> int:
+    import zlib
+
+    return zlib.crc32(data, crc) & 0xFFFFFFFF
+
+
+def _digest(read_at: ReadAt, size: int, block: int = 16 << 20) -> str:
+    hasher = hashlib.sha256()
+    for offset in range(0, size, block):
+        hasher.update(read_at(offset, min(block, size - offset)))
+    return "sha256:" + hasher.hexdigest()
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
