@@ -109,66 +109,78 @@ static PyObject *split(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* join(planes, width, rotate, dst): the inverse of split. */
+/* join(planes, width, rotate, dst): the inverse of split; planes is a tuple of
+ * width buffers of n bytes each. */
 static PyObject *join(PyObject *self, PyObject *args)
 {
-    PyObject *src_obj, *dst_obj;
+    PyObject *planes_obj, *dst_obj;
     int width, rotate;
-    if (!PyArg_ParseTuple(args, "OipO", &src_obj, &width, &rotate, &dst_obj))
+    if (!PyArg_ParseTuple(args, "O!ipO", &PyTuple_Type, &planes_obj, &width, &rotate, &dst_obj))
         return NULL;
-    if (width != 1 && width != 2 && width != 4 && width != 8) {
-        PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8");
-        return NULL;
-    }
-    Py_buffer src, dst;
-    if (get_buffer(src_obj, &src, 0, "planes") < 0)
-        return NULL;
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&src);
+    if ((width != 1 && width != 2 && width != 4 && width != 8) || PyTuple_GET_SIZE(planes_obj) != width) {
+        PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8, with one plane per byte");
         return NULL;
     }
-    if (src.len % width != 0 || dst.len != src.len) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        PyErr_SetString(PyExc_ValueError, "planes and dst must have the same size, a multiple of width");
+    Py_buffer dst, pl[8];
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0)
         return NULL;
-    }
-    const uint8_t *s = src.buf;
-    uint8_t *d = dst.buf;
-    Py_ssize_t n = src.len / width;
-    int bits = 8 * width;
-    Py_BEGIN_ALLOW_THREADS
-    if (width == 4 && rotate) {
-        const uint8_t *s0 = s, *s1 = s + n, *s2 = s + 2 * n, *s3 = s + 3 * n;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint32_t x = (uint32_t)s0[i] | ((uint32_t)s1[i] << 8) | ((uint32_t)s2[i] << 16) |
-                         ((uint32_t)s3[i] << 24);
-            x = (x >> 1) | (x << 31);
-            memcpy(d + 4 * i, &x, 4);
+    int got = 0;
+    int ok = dst.len % width == 0;
+    Py_ssize_t n = dst.len / width;
+    for (; ok && got < width; got++) {
+        if (get_buffer(PyTuple_GET_ITEM(planes_obj, got), &pl[got], 0, "plane") < 0) {
+            ok = -1;
+            break;
         }
-    } else if (width == 2) {
-        const uint8_t *s0 = s, *s1 = s + n;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint16_t x = (uint16_t)(s0[i] | (s1[i] << 8));
-            if (rotate)
-                x = (uint16_t)((x >> 1) | (x << 15));
-            memcpy(d + 2 * i, &x, 2);
-        }
-    } else {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint64_t x = 0;
-            for (int k = 0; k < width; k++)
-                x |= (uint64_t)s[k * n + i] << (8 * k);
-            if (rotate)
-                x = rotr1(x, bits);
-            for (int k = 0; k < width; k++)
-                d[(Py_ssize_t)width * i + k] = (uint8_t)(x >> (8 * k));
+        if (pl[got].len != n) {
+            got++;
+            ok = 0;
         }
     }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&src);
+    if (ok == 1) {
+        const uint8_t *s[8];
+        for (int k = 0; k < width; k++)
+            s[k] = pl[k].buf;
+        uint8_t *d = dst.buf;
+        int bits = 8 * width;
+        Py_BEGIN_ALLOW_THREADS
+        if (width == 4 && rotate) {
+            const uint8_t *s0 = s[0], *s1 = s[1], *s2 = s[2], *s3 = s[3];
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint32_t x = (uint32_t)s0[i] | ((uint32_t)s1[i] << 8) | ((uint32_t)s2[i] << 16) |
+                             ((uint32_t)s3[i] << 24);
+                x = (x >> 1) | (x << 31);
+                memcpy(d + 4 * i, &x, 4);
+            }
+        } else if (width == 2) {
+            const uint8_t *s0 = s[0], *s1 = s[1];
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint16_t x = (uint16_t)(s0[i] | (s1[i] << 8));
+                if (rotate)
+                    x = (uint16_t)((x >> 1) | (x << 15));
+                memcpy(d + 2 * i, &x, 2);
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                uint64_t x = 0;
+                for (int k = 0; k < width; k++)
+                    x |= (uint64_t)s[k][i] << (8 * k);
+                if (rotate)
+                    x = rotr1(x, bits);
+                for (int k = 0; k < width; k++)
+                    d[(Py_ssize_t)width * i + k] = (uint8_t)(x >> (8 * k));
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (int k = 0; k < got; k++)
+        PyBuffer_Release(&pl[k]);
     PyBuffer_Release(&dst);
-    Py_RETURN_NONE;
+    if (ok == 1)
+        Py_RETURN_NONE;
+    if (ok == 0)
+        PyErr_SetString(PyExc_ValueError, "every plane must hold dst's size / width bytes");
+    return NULL;
 }
 
 /* group(values, context, dst): a stable counting sort of values by context byte.
@@ -215,46 +227,125 @@ static PyObject *group(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ungroup(grouped, context, dst): the inverse of group. */
-static PyObject *ungroup(PyObject *self, PyObject *args)
+/* Counts of each byte value in c[0..n), in four interleaved tables so that runs
+ * of one value do not serialise on a single counter. */
+static void count_bytes(const uint8_t *c, Py_ssize_t n, Py_ssize_t count[256])
 {
-    PyObject *val_obj, *ctx_obj, *dst_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &val_obj, &ctx_obj, &dst_obj))
-        return NULL;
-    Py_buffer val, ctx, dst;
-    if (get_buffer(val_obj, &val, 0, "grouped") < 0)
-        return NULL;
-    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0) {
-        PyBuffer_Release(&val);
-        return NULL;
+    Py_ssize_t t[4][256];
+    memset(t, 0, sizeof t);
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        t[0][c[i]]++;
+        t[1][c[i + 1]]++;
+        t[2][c[i + 2]]++;
+        t[3][c[i + 3]]++;
     }
+    for (; i < n; i++)
+        t[0][c[i]]++;
+    for (int k = 0; k < 256; k++)
+        count[k] = t[0][k] + t[1][k] + t[2][k] + t[3][k];
+}
+
+/* histogram(context, dst): dst (256 int64) receives the count of each byte value. */
+static PyObject *histogram(PyObject *self, PyObject *args)
+{
+    PyObject *ctx_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "OO", &ctx_obj, &dst_obj))
+        return NULL;
+    Py_buffer ctx, dst;
+    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
+        return NULL;
     if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&val);
         PyBuffer_Release(&ctx);
         return NULL;
     }
-    if (val.len != ctx.len || dst.len != val.len) {
-        PyBuffer_Release(&val);
+    if (dst.len != 256 * (Py_ssize_t)sizeof(int64_t)) {
         PyBuffer_Release(&ctx);
         PyBuffer_Release(&dst);
-        PyErr_SetString(PyExc_ValueError, "grouped, context and dst must have the same size");
+        PyErr_SetString(PyExc_ValueError, "dst must hold 256 int64");
         return NULL;
     }
-    const uint8_t *v = val.buf, *c = ctx.buf;
-    uint8_t *d = dst.buf;
-    Py_ssize_t n = val.len;
+    Py_ssize_t count[256];
     Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t start[256] = {0}, count[256] = {0};
-    for (Py_ssize_t i = 0; i < n; i++)
-        count[c[i]]++;
-    for (int k = 1; k < 256; k++)
-        start[k] = start[k - 1] + count[k - 1];
-    for (Py_ssize_t i = 0; i < n; i++)
-        d[i] = v[start[c[i]]++];
+    count_bytes(ctx.buf, ctx.len, count);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&val);
+    for (int k = 0; k < 256; k++)
+        ((int64_t *)dst.buf)[k] = (int64_t)count[k];
     PyBuffer_Release(&ctx);
     PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+/* ungroup(runs, context, dst): the inverse of group.  runs holds one buffer per
+ * context value that occurs, in ascending order, each as long as that value's
+ * count; dst[i] takes the next unread byte of the run of context[i]. */
+static PyObject *ungroup(PyObject *self, PyObject *args)
+{
+    PyObject *runs_obj, *ctx_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyTuple_Type, &runs_obj, &ctx_obj, &dst_obj))
+        return NULL;
+    Py_buffer ctx, dst;
+    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
+        return NULL;
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
+        PyBuffer_Release(&ctx);
+        return NULL;
+    }
+    Py_ssize_t nruns = PyTuple_GET_SIZE(runs_obj);
+    Py_buffer runs[256];
+    Py_ssize_t got = 0;
+    const char *error = NULL;
+    Py_ssize_t n = ctx.len;
+    const uint8_t *c = ctx.buf;
+    uint8_t *d = dst.buf;
+    Py_ssize_t count[256];
+    count_bytes(c, n, count);
+    if (dst.len != n)
+        error = "context and dst must have the same size";
+    int value = 0;
+    const uint8_t *base[256] = {0};
+    for (; !error && got < nruns; got++) {
+        while (value < 256 && count[value] == 0)
+            value++;
+        if (value == 256) {
+            error = "more runs than context values";
+            break;
+        }
+        if (get_buffer(PyTuple_GET_ITEM(runs_obj, got), &runs[got], 0, "run") < 0) {
+            error = "";
+            break;
+        }
+        if (runs[got].len != count[value]) {
+            error = "a run's length differs from its context value's count";
+            got++;
+            break;
+        }
+        base[value++] = runs[got].buf;
+    }
+    if (!error) {
+        while (value < 256 && count[value] == 0)
+            value++;
+        if (value != 256)
+            error = "fewer runs than context values";
+    }
+    if (!error) {
+        Py_BEGIN_ALLOW_THREADS
+        const uint8_t *cursor[256];
+        memcpy(cursor, base, sizeof cursor);
+        for (Py_ssize_t i = 0; i < n; i++)
+            d[i] = *cursor[c[i]]++;
+        Py_END_ALLOW_THREADS
+    }
+    for (Py_ssize_t k = 0; k < got; k++)
+        if (runs[k].obj)
+            PyBuffer_Release(&runs[k]);
+    PyBuffer_Release(&ctx);
+    PyBuffer_Release(&dst);
+    if (error) {
+        if (*error)
+            PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -262,6 +353,7 @@ static PyMethodDef methods[] = {
     {"split", split, METH_VARARGS, "split(src, width, rotate, dst): words to byte planes."},
     {"join", join, METH_VARARGS, "join(planes, width, rotate, dst): byte planes to words."},
     {"group", group, METH_VARARGS, "group(values, context, dst): stable counting sort by context."},
+    {"histogram", histogram, METH_VARARGS, "histogram(context, dst): counts of each byte value."},
     {"ungroup", ungroup, METH_VARARGS, "ungroup(grouped, context, dst): inverse of group."},
     {NULL, NULL, 0, NULL},
 };

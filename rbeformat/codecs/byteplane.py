@@ -47,27 +47,32 @@ METHODS = ("raw", "zstd", "split")
 # Planes whose order-0 entropy is above this many bits per byte are stored raw
 # without trying zstd: the attempt costs time and cannot gain more than ~1%.
 INCOMPRESSIBLE_BITS = 7.9
+# Within a split plane, a group is compressed only if that makes it this much smaller.
+MIN_RUN_SAVING = float(__import__("os").environ.get("RBE_MRS", "0.97"))
 
 
 def _entropy_bits(plane: np.ndarray) -> float:
-    counts = np.bincount(plane, minlength=256)
+    counts = planes.histogram(plane)
     p = counts[counts > 0] / plane.size
     return float(-(p * np.log2(p)).sum())
 
 
 def _encode_split(plane: np.ndarray, context: np.ndarray, level: int) -> bytes:
     grouped = planes.group(plane, context)
-    counts = np.bincount(context, minlength=256)
+    counts = planes.histogram(context)
     runs, start = [], 0
     for count in counts[counts > 0]:
-        runs.append(pack(grouped[start : start + count], level))
+        group = grouped[start : start + count]
+        run = pack(group, level)
+        # A run that saves little is stored raw: copying is far faster to decode.
+        runs.append(run if len(run) < MIN_RUN_SAVING * count else group.tobytes())
         start += count
     table = struct.pack(f"<{len(runs)}I", *(len(r) for r in runs))
     return table + b"".join(runs)
 
 
 def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.ndarray:
-    counts = np.bincount(context, minlength=256)
+    counts = planes.histogram(context)
     sizes = [int(c) for c in counts[counts > 0]]
     table_bytes = 4 * len(sizes)
     if len(stored) < table_bytes:
@@ -75,14 +80,11 @@ def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.nda
     lengths = struct.unpack(f"<{len(sizes)}I", stored[:table_bytes])
     if table_bytes + sum(lengths) != len(stored):
         raise FormatError(f"{where}: split runs total {table_bytes + sum(lengths)} bytes, plane holds {len(stored)}")
-    grouped = np.empty(context.size, dtype=np.uint8)
-    pos, start = table_bytes, 0
+    runs, pos = [], table_bytes
     for i, (length, size) in enumerate(zip(lengths, sizes)):
-        run = unpack(stored[pos : pos + length], size, f"{where} run {i}")
-        grouped[start : start + size] = np.frombuffer(run, dtype=np.uint8)
+        runs.append(unpack(stored[pos : pos + length], size, f"{where} run {i}"))
         pos += length
-        start += size
-    return planes.ungroup(grouped, context)
+    return planes.ungroup(tuple(runs), context)
 
 
 class Byteplane(Codec):
@@ -155,16 +157,15 @@ class Byteplane(Codec):
         if methods[width - 1][0] == "split":
             raise FormatError(f"{where}: the top plane is the context and cannot itself be split")
         starts = np.cumsum([0] + [e[1] for e in methods])
-        decoded = np.empty((width, n), dtype=np.uint8)
-        order = [width - 1] + list(range(width - 1))  # the context plane first
-        for k in order:
+        decoded: list = [None] * width
+        for k in [width - 1] + list(range(width - 1)):  # the context plane first
             method, length = methods[k]
             stored = payload[starts[k] : starts[k] + length]
             plane_where = f"{where} plane {k}"
             if method == "split":
-                decoded[k] = _decode_split(stored, decoded[width - 1], plane_where)
+                decoded[k] = _decode_split(stored, np.frombuffer(decoded[width - 1], np.uint8), plane_where)
             elif method == "raw" and length != n:
                 raise FormatError(f"{plane_where}: raw plane holds {length} bytes, expected {n}")
             else:
-                decoded[k] = np.frombuffer(unpack(stored, n, plane_where), dtype=np.uint8)
-        planes.join(decoded, width, self.transform == "rotl1", out)
+                decoded[k] = unpack(stored, n, plane_where)
+        planes.join(tuple(decoded), width, self.transform == "rotl1", out)

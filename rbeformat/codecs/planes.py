@@ -3,7 +3,8 @@
 ``split`` turns n little-endian words of ``width`` bytes into ``width`` planes of
 n bytes (plane k holds byte k of every word), after optionally rotating every
 word left by one bit; ``join`` is its inverse.  ``group`` is a stable counting
-sort of a byte plane by a context plane; ``ungroup`` undoes it.  The numpy
+sort of a byte plane by a context plane; ``ungroup`` undoes it from the groups
+(one buffer per context value present).  The numpy
 functions define the results; the C versions in ``rbeformat._planes`` must give
 the same bytes and are used when they were built.
 """
@@ -34,7 +35,7 @@ def split_reference(data, width: int, rotate: bool) -> np.ndarray:
 
 
 def join_reference(planes, width: int, rotate: bool, out) -> None:
-    grid = np.frombuffer(planes, dtype=np.uint8).reshape(width, -1)
+    grid = np.stack([np.frombuffer(p, dtype=np.uint8) for p in planes])
     words = np.ascontiguousarray(grid.T).view(_WORD[width]).reshape(-1)
     if rotate:
         bits = _WORD[width](8 * width - 1)
@@ -46,8 +47,9 @@ def group_reference(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     return values[np.argsort(context, kind="stable")]
 
 
-def ungroup_reference(grouped: np.ndarray, context: np.ndarray) -> np.ndarray:
-    out = np.empty_like(grouped)
+def ungroup_reference(runs: tuple, context: np.ndarray) -> np.ndarray:
+    grouped = np.concatenate([np.frombuffer(r, dtype=np.uint8) for r in runs] or [np.empty(0, np.uint8)])
+    out = np.empty_like(context)
     out[np.argsort(context, kind="stable")] = grouped
     return out
 
@@ -61,12 +63,21 @@ def split(data, width: int, rotate: bool) -> np.ndarray:
     return out
 
 
-def join(planes, width: int, rotate: bool, out) -> None:
-    """Writes the words rebuilt from ``planes`` into the writable buffer ``out``."""
+def join(planes: tuple, width: int, rotate: bool, out) -> None:
+    """Writes the words rebuilt from ``planes`` (a tuple of buffers) into ``out``."""
     if _native is None:
         join_reference(planes, width, rotate, out)
     else:
         _native.join(planes, width, rotate, out)
+
+
+def histogram(context: np.ndarray) -> np.ndarray:
+    """How many times each byte value 0..255 occurs in ``context`` (int64)."""
+    if _native is None:
+        return np.bincount(context, minlength=256).astype(np.int64)
+    out = np.empty(256, dtype=np.int64)
+    _native.histogram(context, out)
+    return out
 
 
 def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -78,10 +89,10 @@ def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     return out
 
 
-def ungroup(grouped: np.ndarray, context: np.ndarray) -> np.ndarray:
-    """The inverse of ``group`` for the same ``context``."""
+def ungroup(runs: tuple, context: np.ndarray) -> np.ndarray:
+    """The inverse of ``group``: ``runs`` are the groups, in ascending context order."""
     if _native is None:
-        return ungroup_reference(grouped, context)
-    out = np.empty_like(grouped)
-    _native.ungroup(grouped, context, out)
+        return ungroup_reference(runs, context)
+    out = np.empty_like(context)
+    _native.ungroup(runs, context, out)
     return out
