@@ -182,8 +182,12 @@ class Writer:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         return self.add_tensor(name, dtype, array.shape, lambda o, n: data[o : o + n], **kwargs)
 
-    def add_file(self, path: str, data: bytes, *, role: str = "file", tensors: list[str] | None = None) -> None:
-        """Embeds a file (a config, a tokenizer) under its path relative to the model."""
+    def add_file(self, path: str, data: bytes | None = None, *, read_at: ReadAt | None = None,
+                 size: int | None = None, role: str = "file", tensors: list[str] | None = None) -> None:
+        """Embeds a file (a config, a tokenizer) under its path relative to the model.
+
+        Pass the bytes, or ``read_at`` and ``size`` to stream a large file.
+        """
         self._require_open()
         try:
             check_relative_path(path, "file path")
@@ -192,11 +196,15 @@ class Writer:
         if path in self._paths:
             raise InputError(f"file {path!r} added twice")
         self._paths.add(path)
-        view = memoryview(data)
+        if data is not None:
+            view = memoryview(data)
+            size = len(view)
+            read_at = lambda o, n: view[o : o + n]  # noqa: E731
         hasher = hashlib.sha256()
-        chunks = self._encode_chunks(Zstd(), "U8", len(view), lambda o, n: view[o : o + n], hasher)
-        entry = {"path": path, "role": role, "size": len(view), "digest": "sha256:" + hasher.hexdigest(),
-                 "codec": Zstd().describe(), "chunks": chunks}
+        codec = Zstd()
+        chunks = self._encode_chunks(codec, "U8", size, read_at, hasher)
+        entry = {"path": path, "role": role, "size": size, "digest": "sha256:" + hasher.hexdigest(),
+                 "codec": codec.describe(), "chunks": chunks}
         if tensors is not None:
             entry["tensors"] = list(tensors)
         self._files.append(entry)

@@ -1,0 +1,210 @@
+"""Hugging Face checkpoints (a .safetensors file or a model directory) to rbe and back.
+
+Every file of a model directory goes into the container under its relative
+path; safetensors files are split into their tensors (encoded by the chosen
+codec) plus their verbatim header, so decoding gives back each file byte for
+byte.  Tensors equal to one already stored become aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from rbeformat import InputError, RbeError, Reader, Writer
+from rbeformat.codecs.base import Codec
+
+from .atomic import atomic_directory, atomic_file, write_synced
+from .safetensors_io import StFile, build_header, read_header
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Plan:
+    """What a conversion will read: safetensors files and other files, by relative path."""
+
+    root: str
+    safetensors: list[tuple[str, StFile]]
+    others: list[tuple[str, str]]  # (relative path, absolute path)
+
+    @property
+    def total_bytes(self) -> int:
+        st = sum(os.path.getsize(f.path) for _, f in self.safetensors)
+        return st + sum(os.path.getsize(p) for _, p in self.others)
+
+
+def plan_conversion(src: str) -> Plan:
+    """Lists and validates what ``src`` holds, before any output is created."""
+    if os.path.isfile(src):
+        if not src.endswith(".safetensors"):
+            raise InputError(f"{src}: expected a .safetensors file or a model directory")
+        return Plan(os.path.dirname(src), [(os.path.basename(src), read_header(src))], [])
+    if not os.path.isdir(src):
+        raise InputError(f"{src}: no such file or directory")
+    safetensors, others = [], []
+    for rel, full in _walk(src):
+        if rel.endswith(".safetensors"):
+            safetensors.append((rel, read_header(full)))
+        else:
+            others.append((rel, full))
+    if not safetensors:
+        raise InputError(f"{src}: no .safetensors file found in the directory")
+    names: dict[str, str] = {}
+    for rel, st in safetensors:
+        for t in st.tensors:
+            if t.name in names:
+                raise InputError(f"tensor {t.name!r} appears in both {names[t.name]} and {rel}")
+            names[t.name] = rel
+    return Plan(src, safetensors, others)
+
+
+def _walk(root: str):
+    """(relative POSIX path, absolute path) of every regular file, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.isfile(full):
+                continue  # sockets, broken links and the like carry no model data
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            found.append((rel, full))
+    return sorted(found)
+
+
+def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
+            threads: int | None = None, progress: Progress | None = None) -> None:
+    """Converts a .safetensors file or a HF model directory into one rbe file."""
+    plan = plan_conversion(src)
+    if os.path.abspath(dst) == os.path.abspath(src):
+        raise InputError("the output must not be the input")
+    with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
+        first_metadata = None
+        for rel, st in plan.safetensors:
+            _add_safetensors(w, rel, st)
+            if first_metadata is None:
+                first_metadata = st.metadata
+        for rel, full in plan.others:
+            _add_plain_file(w, rel, full)
+        w.set_metadata(first_metadata or {})
+
+
+def _add_safetensors(w: Writer, rel: str, st: StFile) -> None:
+    read_at, close = st.reader()
+    try:
+        for t in st.tensors:
+            w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
+    finally:
+        close()
+    header = st.header if st.exact else build_header([(t.name, t.dtype, t.shape) for t in st.tensors], st.metadata)
+    w.add_safetensors_layout(rel, header, [t.name for t in st.tensors])
+
+
+def _add_plain_file(w: Writer, rel: str, full: str) -> None:
+    size = os.path.getsize(full)
+    fd = os.open(full, os.O_RDONLY)
+    try:
+        w.add_file(rel, read_at=lambda o, n: os.pread(fd, n, o), size=size)
+    finally:
+        os.close(fd)
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
+           progress: Progress | None = None) -> None:
+    """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so."""
+    with Reader(src, threads=threads) as r:
+        if dst.endswith(".safetensors"):
+            with atomic_file(dst, force) as fh:
+                _write_single_safetensors(r, fh, verify, progress)
+        else:
+            with atomic_directory(dst, force) as tmp:
+                _write_directory(r, tmp, verify, progress)
+
+
+def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
+    data = r.tensor_bytes(name)
+    stored = r.stored_entry(name)
+    if verify and stored.blob.digest and "sha256:" + hashlib.sha256(data).hexdigest() != stored.blob.digest:
+        raise RbeError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
+    return data
+
+
+def _write_single_safetensors(r: Reader, fh, verify: bool, progress: Progress | None) -> None:
+    shards = [f for f in r.files().values() if f.role == "safetensors-header"]
+    if len(shards) == 1:
+        header = r.read_file(shards[0].path)
+        names = shards[0].tensors
+    else:
+        names = r.keys()
+        header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
+    _write_shard(r, header, names, fh.write, verify, progress)
+
+
+def _write_shard(r: Reader, header: bytes, names: list[str], write, verify: bool, progress) -> None:
+    _check_header_matches(r, header, names)
+    write(struct.pack("<Q", len(header)))
+    write(header)
+    for name in names:
+        data = _tensor_bytes(r, name, verify)
+        write(data)
+        if progress:
+            progress(len(data))
+
+
+def _check_header_matches(r: Reader, header: bytes, names: list[str]) -> None:
+    """The stored header must describe exactly the listed tensors, back to back."""
+    import json
+
+    try:
+        obj = json.loads(header)
+        obj.pop("__metadata__", None)
+        pos = 0
+        for name in names:
+            entry, info = r.entry(name), obj.pop(name)
+            size = math.prod(entry.shape) * entry.dtype.itemsize
+            if info["dtype"] != entry.dtype.name or tuple(info["shape"]) != entry.shape or info["data_offsets"] != [pos, pos + size]:
+                raise ValueError(name)
+            pos += size
+        if obj:
+            raise ValueError("extra entries")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise RbeError(f"stored safetensors header does not match the tensors ({exc})") from None
+
+
+def _write_directory(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
+    try:
+        _write_entries(r, root, verify, progress)
+    except OSError as exc:
+        raise RbeError(f"cannot write the decoded directory: {exc}") from None
+
+
+def _write_entries(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
+    for path, entry in sorted(r.files().items()):
+        target = os.path.join(root, *path.split("/"))
+        if entry.role == "safetensors-header":
+            header = r.read_file(path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "xb") as fh:
+                _write_shard(r, header, entry.tensors, fh.write, verify, progress)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            data = r.read_file(path)
+            if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
+                raise RbeError(f"file {path!r}: decoded bytes do not match the recorded digest")
+            write_synced(target, [data])
+            if progress:
+                progress(len(data))
+    if not any(f.role == "safetensors-header" for f in r.files().values()):
+        # A container written by save_file: emit its tensors as model.safetensors.
+        names = r.keys()
+        header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
+        with open(os.path.join(root, "model.safetensors"), "xb") as fh:
+            _write_shard(r, header, names, fh.write, verify, progress)
