@@ -1,0 +1,1 @@
+"""Benchmarks and the real-model cache they share with the tests."""
