@@ -39,7 +39,7 @@ from ..errors import FormatError
 from ..spec import DTYPES, MAX_CHUNK_DECODED_BYTES, DType  # noqa: F401 (DTYPES used by the doctest)
 from . import planes
 from .base import Codec, require_int, require_keys
-from .zstd import DEFAULT_LEVEL, pack, unpack
+from .zstd import PLANES, pack, unpack
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 TRANSFORMS = ("none", "rotl1")
@@ -48,7 +48,12 @@ METHODS = ("raw", "zstd", "split")
 # without trying zstd: the attempt costs time and cannot gain more than ~1%.
 INCOMPRESSIBLE_BITS = 7.9
 # Within a split plane, a group is compressed only if that makes it this much smaller.
-MIN_RUN_SAVING = float(__import__("os").environ.get("RBE_MRS", "0.97"))
+MIN_RUN_SAVING = 0.97
+# A split plane decodes several times slower than a zstd or raw one (a gather
+# per byte), while on trained weights it typically saves well under 1% of the
+# plane; by default it must save at least this fraction to be chosen.  Set 0
+# to take every gain (smallest files, slower decode).
+DEFAULT_SPLIT_GAIN = 0.01
 
 
 def _entropy_bits(plane: np.ndarray) -> float:
@@ -93,18 +98,20 @@ class Byteplane(Codec):
     name = "byteplane"
     lossless = True
 
-    def __init__(self, transform: str = "rotl1", chunk_items: int | None = None, level: int = DEFAULT_LEVEL):
+    def __init__(self, transform: str = "rotl1", chunk_items: int | None = None, level: int = PLANES,
+                 split_gain: float = DEFAULT_SPLIT_GAIN):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}")
         self.transform = transform
         self.items = chunk_items
         self.level = level
+        self.split_gain = split_gain
 
     def for_dtype(self, dtype: DType) -> "Byteplane":
         """The codec bound to ``dtype``: rotation for floats, 4 MiB chunks unless set."""
         transform = "rotl1" if dtype.is_float else "none"
         items = self.items or max(1, DEFAULT_CHUNK_BYTES // dtype.itemsize)
-        return Byteplane(transform, items, self.level)
+        return Byteplane(transform, items, self.level, self.split_gain)
 
     def config(self) -> dict[str, Any]:
         return {"transform": self.transform, "chunk_items": self.items}
@@ -136,10 +143,13 @@ class Byteplane(Codec):
         candidates = [("raw", plane.tobytes())]
         if _entropy_bits(plane) < INCOMPRESSIBLE_BITS:
             candidates.append(("zstd", pack(plane, self.level)))
-        if context is not None and context is not plane and len(plane) >= 4096:
-            candidates.append(("split", _encode_split(plane, context, self.level)))
         # On ties the earlier (simpler) method wins, which keeps output deterministic.
-        return min(candidates, key=lambda c: len(c[1]))
+        best = min(candidates, key=lambda c: len(c[1]))
+        if context is not None and len(plane) >= 4096:
+            split = _encode_split(plane, context, self.level)
+            if len(split) < (1 - self.split_gain) * len(best[1]):
+                best = ("split", split)
+        return best
 
     def decode_chunk(self, payload: memoryview, params: Any, dtype: DType, out: memoryview, where: str) -> None:
         width = dtype.itemsize
