@@ -14,6 +14,7 @@ import tempfile
 from typing import Iterator
 
 from rbeformat import OutputExistsError
+from rbeformat.writer import default_file_mode
 
 
 def check_target(path: str, force: bool) -> None:
@@ -27,6 +28,7 @@ def atomic_file(path: str, force: bool) -> Iterator:
     check_target(path, force)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    os.fchmod(fd, default_file_mode())
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -45,6 +47,7 @@ def atomic_directory(path: str, force: bool) -> Iterator[str]:
     check_target(path, force)
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial", dir=parent)
+    os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp's 0700 would outlive the rename
     try:
         yield tmp
         old = None

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from rbeformat import InputError, RbeError, Reader, Writer
+from rbeformat import ChecksumError, FormatError, InputError, RbeError, Reader, Writer
 from rbeformat.codecs.base import Codec
 
 from .atomic import atomic_directory, atomic_file, write_synced
@@ -132,7 +132,7 @@ def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
     data = r.tensor_bytes(name)
     stored = r.stored_entry(name)
     if verify and stored.blob.digest and "sha256:" + hashlib.sha256(data).hexdigest() != stored.blob.digest:
-        raise RbeError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
+        raise ChecksumError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
     return data
 
 
@@ -175,7 +175,7 @@ def _check_header_matches(r: Reader, header: bytes, names: list[str]) -> None:
         if obj:
             raise ValueError("extra entries")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise RbeError(f"stored safetensors header does not match the tensors ({exc})") from None
+        raise FormatError(f"stored safetensors header does not match the tensors ({exc})") from None
 
 
 def _write_directory(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
@@ -186,6 +186,11 @@ def _write_directory(r: Reader, root: str, verify: bool, progress: Progress | No
 
 
 def _write_entries(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
+    listed = {name for f in r.files().values() for name in f.tensors}
+    unlisted = [name for name in r.keys() if name not in listed]
+    if listed and unlisted:
+        raise FormatError(f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
+                          "decode to a single .safetensors file instead")
     for path, entry in sorted(r.files().items()):
         target = os.path.join(root, *path.split("/"))
         if entry.role == "safetensors-header":
@@ -198,7 +203,7 @@ def _write_entries(r: Reader, root: str, verify: bool, progress: Progress | None
         else:
             data = r.read_file(path)
             if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
-                raise RbeError(f"file {path!r}: decoded bytes do not match the recorded digest")
+                raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
             write_synced(target, [data])
             if progress:
                 progress(len(data))

@@ -32,6 +32,11 @@ from .spec import (
 )
 
 FILE_ROLES = ("file", "safetensors-header")
+# No chunk of a known codec decodes to more than this many times its stored
+# size: zstd's densest block (RLE) holds at most 128 KiB in 4 bytes, and every
+# other representation is larger.  Checking it keeps a few bytes of hostile
+# manifest from making the reader allocate gigabytes for nothing.
+MAX_EXPANSION = 32768
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -123,7 +128,7 @@ def _parse_shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _parse_dtype(value: Any, where: str) -> DType:
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:  # a list or object is unhashable
         raise FormatError(f"{where}: unknown dtype {value!r:.40} (known: {', '.join(DTYPES)})")
     return DTYPES[value]
 
@@ -146,6 +151,9 @@ def _parse_chunks(value: Any, where: str, dtype: DType, items: int, codec: Codec
                 raise FormatError(f"{cw}: raw chunk of {n} items must store {decoded} bytes, not {length}")
         elif decoded > MAX_CHUNK_DECODED_BYTES:
             raise FormatError(f"{cw}.items: chunk decodes to {decoded} bytes, over the {MAX_CHUNK_DECODED_BYTES} limit")
+        elif codec is not None and decoded > MAX_EXPANSION * length:
+            raise FormatError(f"{cw}: {length} stored bytes cannot decode to {decoded} bytes "
+                              f"(at most {MAX_EXPANSION} times as many)")
         chunks.append(Chunk(offset, length, require_int(c["crc32"], f"{cw}.crc32", 0, 0xFFFFFFFF), n, c["params"]))
         total += n
     if total != items:

@@ -161,7 +161,10 @@ class Reader:
         if isinstance(blob.codec, Raw) and len(blob.chunks) == 1 and not self.verify_checksums:
             c = blob.chunks[0]
             return np.frombuffer(self._buf, np.uint8, c.length, c.offset)
-        out = np.empty(blob.items * itemsize, dtype=np.uint8)
+        try:
+            out = np.empty(blob.items * itemsize, dtype=np.uint8)
+        except MemoryError:
+            raise RbeError(f"{where}: not enough memory to decode its {blob.items * itemsize} bytes") from None
         jobs, start = [], 0
         for i, c in enumerate(blob.chunks):
             jobs.append((c, out[start : start + c.items * itemsize], f"{where} chunk {i}"))

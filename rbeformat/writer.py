@@ -59,6 +59,7 @@ class Writer:
         self.progress = progress
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would outlive the rename
         self._file = os.fdopen(fd, "wb")
         self._pos = 0
         self._tensors: list[dict] = []
@@ -297,6 +298,13 @@ def _digest(read_at: ReadAt, size: int, block: int = 16 << 20) -> str:
     for offset in range(0, size, block):
         hasher.update(read_at(offset, min(block, size - offset)))
     return "sha256:" + hasher.hexdigest()
+
+
+def default_file_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give: 0666 (0777 for a directory) less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def _fsync_directory(directory: str) -> None:
