@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import zstandard
 
-from converters.safetensors_io import read_header
+from rbe_converters.safetensors_io import read_header
 from rbeformat import Reader, Writer
 from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.zstd import PLANES
@@ -278,9 +278,12 @@ class RbeFile(Method):
         return self.reader.tensor_bytes(name)
 
     def finish(self):
-        if self.reader is not None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.abort()  # a no-op once closed; discards a half-written file after an error
+        if getattr(self, "reader", None) is not None:
             self.reader.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if getattr(self, "tmpdir", None) is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 # -- measuring --------------------------------------------------------------------------

@@ -32,11 +32,12 @@ from .spec import (
 )
 
 FILE_ROLES = ("file", "safetensors-header")
-# No chunk of a known codec decodes to more than this many times its stored
-# size: zstd's densest block (RLE) holds at most 128 KiB in 4 bytes, and every
-# other representation is larger.  Checking it keeps a few bytes of hostile
-# manifest from making the reader allocate gigabytes for nothing.
-MAX_EXPANSION = 32768
+# The most a chunk of these codecs can decode to, per stored byte: zstd's
+# densest block (RLE) holds 128 KiB in 4 bytes, and byteplane stores each plane
+# raw or as zstd.  Checking it keeps a few bytes of hostile manifest from making
+# the reader allocate gigabytes for nothing.  A codec not listed here (one that
+# computes its output from parameters, say) is not bounded this way.
+MAX_EXPANSION = {"zstd": 32768, "byteplane": 32768}
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -137,6 +138,7 @@ def _parse_chunks(value: Any, where: str, dtype: DType, items: int, codec: Codec
     if not isinstance(value, list):
         raise FormatError(f"{where}: expected a list")
     chunks, total = [], 0
+    expansion = MAX_EXPANSION.get(codec.name) if codec is not None else None
     for i, c in enumerate(value):
         cw = f"{where}[{i}]"
         require_keys(c, cw, {"offset", "length", "crc32", "items", "params"})
@@ -151,9 +153,9 @@ def _parse_chunks(value: Any, where: str, dtype: DType, items: int, codec: Codec
                 raise FormatError(f"{cw}: raw chunk of {n} items must store {decoded} bytes, not {length}")
         elif decoded > MAX_CHUNK_DECODED_BYTES:
             raise FormatError(f"{cw}.items: chunk decodes to {decoded} bytes, over the {MAX_CHUNK_DECODED_BYTES} limit")
-        elif codec is not None and decoded > MAX_EXPANSION * length:
+        elif expansion is not None and decoded > expansion * length:
             raise FormatError(f"{cw}: {length} stored bytes cannot decode to {decoded} bytes "
-                              f"(at most {MAX_EXPANSION} times as many)")
+                              f"(a {codec.name} chunk expands at most {expansion}-fold)")
         chunks.append(Chunk(offset, length, require_int(c["crc32"], f"{cw}.crc32", 0, 0xFFFFFFFF), n, c["params"]))
         total += n
     if total != items:

@@ -36,15 +36,14 @@ def grid_bf16(n: int, seed: int) -> np.ndarray:
     return (values.view("<u4") >> 16).astype("<u2")
 
 
-def write_sample(path, *, split: bool = True) -> None:
+def write_sample(path) -> None:
     """A few-KB file with multi-chunk, alias, raw, empty and split tensors and an embedded file."""
     rng = np.random.RandomState(7)
     weights = rng.standard_normal(300).astype("<f4")
     with Writer(path, force=True, codec=Byteplane(chunk_items=128), threads=1) as w:
         w.add_array("a.f32", weights)
         w.add_array("b.alias", weights.copy())
-        if split:
-            w.add_array("c.grid", grid_bf16(4096, 8), dtype="BF16", codec=Byteplane(chunk_items=4096))
+        w.add_array("c.grid", grid_bf16(4096, 8), dtype="BF16", codec=Byteplane(chunk_items=4096))
         w.add_array("d.ids", np.arange(-10, 10, dtype="<i8").reshape(4, 5))
         w.add_array("e.raw", np.arange(16, dtype="<f4"), codec=Raw())
         w.add_array("f.empty", np.zeros((0, 3), "<f4"))
@@ -123,3 +122,11 @@ def append_section(area: bytes, payload: bytes) -> tuple[bytes, int]:
     """The area with ``payload`` appended at the next aligned offset, and that offset."""
     offset = align_up(len(area))
     return area + bytes(offset - len(area)) + payload, offset
+
+
+def zstd_frame(declared: int, body: bytes, single_segment: bool = True, window: int = 0) -> bytes:
+    """A hand-made zstd frame: any declared content size, then one raw block holding ``body``."""
+    descriptor = 0xC0 | (0x20 if single_segment else 0)  # an 8-byte content size field
+    header = struct.pack("<IB", 0xFD2FB528, descriptor) + (b"" if single_segment else bytes([window]))
+    block = struct.pack("<I", (len(body) << 3) | 1)[:3]  # the last block, stored raw
+    return header + struct.pack("<Q", declared % 2**64) + block + body

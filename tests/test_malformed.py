@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -24,8 +25,11 @@ from rbe_craft import (
     split_file,
     tensor,
     write_sample,
+    zstd_frame,
 )
-from rbeformat import ChecksumError, FormatError, RbeError, Reader, UnsupportedError
+from rbeformat import ChecksumError, FormatError, RbeError, Reader, UnsupportedError, Writer
+from rbeformat.codecs.byteplane import Byteplane
+from rbeformat.codecs.zstd import Zstd
 from rbeformat.layout import crc32
 from rbeformat.spec import FOOTER_SIZE, MAX_MANIFEST_BYTES
 
@@ -131,6 +135,15 @@ def _zero_length_bomb(m):
     t_["chunks"] = [{"offset": 64, "length": 0, "crc32": 0, "items": n, "params": {"planes": [["zstd", 0]]}}] * 1024
 
 
+def planes(change):
+    """A row builder that replaces the plane list of tensor a.f32's first chunk (128 items)."""
+    def apply(m):
+        params = chunk("a.f32")(m)["params"]
+        params["planes"] = change(params["planes"])
+
+    return edit_manifest(apply)
+
+
 def _payload_edit(get, transform):
     """Rewrites a chunk's bytes (same length) and its CRC, so that only the decoder can object."""
     def apply(area, m):
@@ -156,11 +169,6 @@ def _new_file_payload(payload: bytes):
     return edit_area(apply)
 
 
-def _zstd_frame(declared: int, body: bytes) -> bytes:
-    """A frame with an 8-byte declared content size and one raw block."""
-    return struct.pack("<IBQ", 0xFD2FB528, 0xE0, declared) + struct.pack("<I", (len(body) << 3) | 1)[:3] + body
-
-
 def _short_split_plane(area, m):
     """A split plane of 3 bytes: too short for its table of run lengths."""
     c = chunk("c.grid")(m)
@@ -168,7 +176,8 @@ def _short_split_plane(area, m):
     top = area[c["offset"] + split_len : c["offset"] + split_len + top_len]
     payload = b"\x00\x00\x00" + top
     area, offset = append_section(area, payload)
-    c.update(offset=offset, length=len(payload), crc32=crc32(payload), params={"planes": [["split", 3], ["zstd", top_len]]})
+    c.update(offset=offset, length=len(payload), crc32=crc32(payload),
+             params={"planes": [["split", 3], ["zstd", top_len]]})
     return area
 
 
@@ -266,6 +275,9 @@ CASES = [
                                           t("a.f32")(m)["chunks"].__delitem__(slice(1, None)))),
                  OPEN, FormatError, "over the 67108864 limit", id="chunk over 64 MiB"),
     pytest.param(edit_manifest(_zero_length_bomb), OPEN, FormatError, "cannot decode to", id="zero-length chunks"),
+    pytest.param(edit_manifest(lambda m: (f("config.json")(m).update(size=1 << 26),
+                                          file_chunk("config.json")(m).update(items=1 << 26))),
+                 OPEN, FormatError, "stored bytes cannot decode to 67108864 bytes", id="zstd expansion"),
     # -- dtypes, codecs, names, paths, aliases --
     pytest.param(put(t("a.f32"), "dtype", "F128"), OPEN, FormatError, "unknown dtype 'F128'", id="unknown dtype"),
     pytest.param(put(t("a.f32"), "dtype", ["F32"]), OPEN, FormatError, "unknown dtype", id="dtype is a list"),
@@ -315,18 +327,18 @@ CASES = [
                  UnsupportedError, "codec 'future' is not known to this reader", id="unknown optional codec"),
     pytest.param(flip(lambda s: 64 + 5), READ, ChecksumError, "tensor 'a.f32' chunk 0: checksum mismatch",
                  id="section crc"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 3}), READ, FormatError,
-                 "expected a list of 4 planes", id="plane count"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 3 + [["zstd", 68]]}), READ, FormatError,
-                 "planes total 452 bytes, section holds 453", id="plane lengths"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 3 + [["lzma", 69]]}), READ, FormatError,
-                 "expected [method, length]", id="unknown plane method"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 3 + [["zstd", 2**40]]}), READ,
-                 FormatError, "planes[3][1]: expected an integer in", id="plane length huge"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 3 + [["split", 69]]}), READ,
-                 FormatError, "cannot itself be split", id="top plane split"),
-    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 127], ["raw", 129], ["raw", 128], ["zstd", 69]]}),
-                 READ, FormatError, "raw plane holds 127 bytes, expected 128", id="raw plane length"),
+    pytest.param(planes(lambda p: p[:3]), READ, FormatError, "expected a list of 4 planes", id="plane count"),
+    pytest.param(planes(lambda p: p[:3] + [[p[3][0], p[3][1] - 1]]), READ, FormatError, "bytes, section holds",
+                 id="plane lengths"),
+    pytest.param(planes(lambda p: p[:3] + [["lzma", p[3][1]]]), READ, FormatError, "expected [method, length]",
+                 id="unknown plane method"),
+    pytest.param(planes(lambda p: p[:3] + [[p[3][0], 2**40]]), READ, FormatError, "planes[3][1]: expected an integer",
+                 id="plane length huge"),
+    pytest.param(planes(lambda p: p[:3] + [["split", p[3][1]]]), READ, FormatError, "cannot itself be split",
+                 id="top plane split"),
+    # Planes decode top first, then 0, 1, 2; the top plane keeps its place.
+    pytest.param(planes(lambda p: [["raw", 127], [p[1][0], p[1][1] + p[0][1] - 127], p[2], p[3]]), READ,
+                 FormatError, "raw plane holds 127 bytes, expected 128", id="raw plane length"),
     pytest.param(put(chunk("a.f32"), "params", {"plane": []}), READ, FormatError, "missing key(s) ['planes']",
                  id="params missing planes"),
     pytest.param(_payload_edit(chunk("c.grid"), _bad_split_table), READ, FormatError, "split runs total",
@@ -334,9 +346,9 @@ CASES = [
     pytest.param(edit_area(_short_split_plane), READ, FormatError, "cannot hold its", id="split table truncated"),
     pytest.param(_new_file_payload(zstandard.ZstdCompressor().compress(bytes(1 << 20))), READ, FormatError,
                  "zstd frame declares 1048576 decoded bytes, expected 132", id="decompression bomb"),
-    pytest.param(_new_file_payload(_zstd_frame(2**40, b"x")), READ, FormatError,
+    pytest.param(_new_file_payload(zstd_frame(2**40, b"x")), READ, FormatError,
                  "zstd frame declares 1099511627776 decoded bytes", id="frame declares 2**40"),
-    pytest.param(_new_file_payload(_zstd_frame(132, b"x" * 20)), READ, FormatError, "corrupt zstd frame",
+    pytest.param(_new_file_payload(zstd_frame(132, b"x" * 20)), READ, FormatError, "corrupt zstd frame",
                  id="frame shorter than declared"),
     pytest.param(_new_file_payload(zstandard.ZstdCompressor(write_content_size=False).compress(bytes(132))), READ,
                  FormatError, "declares", id="frame without size"),
@@ -389,6 +401,18 @@ def test_malformed_file_is_refused(sample, tmp_path, build, stage, error, fragme
     if stage == READ:  # verify(deep=True) must report the same damage
         with Reader(path) as r:
             assert any(fragment in problem for problem in r.verify(deep=True))
+
+
+def test_most_compressible_chunks_are_accepted(tmp_path):
+    """The expansion bound leaves room for 64 MiB of zeros, the best case of each codec."""
+    path = tmp_path / "zeros.rbe"
+    with Writer(path) as w:
+        w.add_array("zstd", np.zeros(1 << 26, np.uint8), codec=Zstd(chunk_bytes=1 << 26))
+        w.add_array("f32", np.zeros(1 << 24, np.float32), codec=Byteplane(chunk_items=1 << 24))
+        w.add_array("bf16", np.zeros(1 << 25, np.uint16), dtype="BF16", codec=Byteplane(chunk_items=1 << 25))
+    with Reader(path) as r:
+        assert all(len(r.entry(name).blob.chunks) == 1 for name in r.keys())
+        assert not any(r.get_tensor(name).any() for name in r.keys())
 
 
 def test_newer_minor_version_is_read(sample, tmp_path):

@@ -47,6 +47,10 @@ METHODS = ("raw", "zstd", "split")
 # Planes whose order-0 entropy is above this many bits per byte are stored raw
 # without trying zstd: the attempt costs time and cannot gain more than ~1%.
 INCOMPRESSIBLE_BITS = 7.9
+# Between the two, a plane (e.g. the high mantissa bits) is skewed only a little:
+# a fast zstd level's Huffman stage catches that; above this, raw it is.
+NEARLY_RANDOM_BITS = float(__import__("os").environ.get("RBE_NRB", "7.995"))
+FAST_LEVEL = int(__import__("os").environ.get("RBE_FL", "1"))
 # Within a split plane, a group is compressed only if that makes it this much smaller.
 MIN_RUN_SAVING = 0.97
 # A split plane decodes several times slower than a zstd or raw one (a gather
@@ -141,8 +145,12 @@ class Byteplane(Codec):
 
     def _encode_plane(self, plane: np.ndarray, context: np.ndarray | None) -> tuple[str, bytes]:
         candidates = [("raw", plane.tobytes())]
-        if _entropy_bits(plane) < INCOMPRESSIBLE_BITS:
+        entropy = _entropy_bits(plane)
+        if entropy < INCOMPRESSIBLE_BITS:
             candidates.append(("zstd", pack(plane, self.level)))
+        elif entropy < NEARLY_RANDOM_BITS:
+            # Only the entropy coder can gain here; zstd's fastest level has the same one.
+            candidates.append(("zstd", pack(plane, FAST_LEVEL)))
         # On ties the earlier (simpler) method wins, which keeps output deterministic.
         best = min(candidates, key=lambda c: len(c[1]))
         if context is not None and len(plane) >= 4096:

@@ -1,0 +1,229 @@
+"""Position-table codecs: ``posdct`` (learned tables) and ``sinusoid`` (formula tables).
+
+A learned absolute position table P (positions x hidden) varies smoothly
+along the position axis, so ``posdct`` keeps only its first K coefficients of
+the orthonormal DCT-II along that axis (part ``coeffs``, K x hidden).  With
+N positions, the basis is
+
+    C[k, p] = s_k * cos(pi * ((2p + 1) * k mod 4N) / (2N)),
+    s_0 = sqrt(1 / N), s_k = sqrt(2 / N) for k > 0        (all in float64)
+
+(reducing the integer (2p + 1) * k modulo 4N first keeps the cosine argument
+small and exact).  Encode: coeffs = C[:K] @ P.  Decode (the inverse DCT, a
+DCT-III, with coefficients K.. taken as zero), in float64 and rounded once:
+
+    P^[p, h] = float32( sum_{k<K} C[k, p] * float64(coeffs[k, h]) )
+
+``sinusoid`` stores nothing but parameters: a table equal (within
+``tolerance``) to the Transformer's formula, with d = hidden, i < d/2 and
+angle(p, i) = p * base**(-2i / d) in float64,
+
+    interleaved: P[p, 2i] = sin(angle), P[p, 2i + 1] = cos(angle)
+    halves:      P[p, i]  = sin(angle), P[p, d/2 + i] = cos(angle)
+
+each rounded to float32.  Its ``encode`` raises ``NotSinusoidal`` (a
+ValueError) when the table does not match, so a recipe can fall back.
+
+>>> table = Sinusoidal().table(8, 6, 10000.0, "interleaved")
+>>> Sinusoidal().encode(table).params
+{'base': 10000.0, 'layout': 'interleaved'}
+>>> smooth = np.cos(np.outer(np.arange(64) / 64, [1.0, 2.0, 3.0])).astype(np.float32)
+>>> codec = PositionDCT(keep=8)
+>>> enc = codec.encode(smooth)
+>>> enc.parts["coeffs"].shape, enc.params
+((8, 3), {'keep': 8})
+>>> float(np.abs(codec.decode(enc.parts, enc.params, smooth.shape, "x") - smooth).max()) < 0.05
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import require_int, require_keys
+from .lowrank import check_parts, number_in_range, require_number, spec_bits
+from .tensor import Encoded, PartSpec, TensorCodec
+
+# Basis rows are built this many at a time when encoding, to bound memory.
+BASIS_BLOCK = 1024
+LAYOUTS = ("interleaved", "halves")
+MAX_BASE = 1e12
+
+
+def dct_basis(n: int, rows: range) -> np.ndarray:
+    """Rows ``rows`` of the orthonormal DCT-II matrix of size n, float64 (len(rows) x n)."""
+    k = np.arange(rows.start, rows.stop, dtype=np.int64)[:, None]
+    p = np.arange(n, dtype=np.int64)[None, :]
+    basis = np.cos(np.pi * ((2 * p + 1) * k % (4 * n)) / (2 * n))
+    scale = np.where(k == 0, math.sqrt(1 / n), math.sqrt(2 / n))
+    return scale * basis
+
+
+def _table_shape(shape: tuple[int, ...], where: str, name: str) -> tuple[int, int]:
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise FormatError(f"{where}: {name} needs a non-empty 2-D (positions x hidden) tensor, found {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+class PositionDCT(TensorCodec):
+    """The first K DCT-II coefficients along the position axis; see the module docstring."""
+
+    name = "posdct"
+    chainable_parts = ("coeffs",)
+
+    def __init__(self, keep: int | None = None, energy: float | None = None):
+        if (keep is None) == (energy is None):
+            raise ValueError("give exactly one of keep, energy")
+        if keep is not None and (type(keep) is not int or keep < 1):
+            raise ValueError("keep must be a positive integer")
+        if energy is not None and number_in_range(energy, 0, 1) is None:
+            raise ValueError("energy must be in (0, 1]")
+        self.keep, self.energy = keep, energy
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PositionDCT) and self.config() == other.config()
+
+    def config(self) -> dict[str, Any]:
+        return {"keep": self.keep} if self.keep is not None else {"energy": self.energy}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "PositionDCT":
+        require_keys(config, where, set(), {"keep", "energy"})
+        if len(config) != 1:
+            raise FormatError(f"{where}: expected exactly one of keep, energy")
+        if "keep" in config:
+            return cls(keep=require_int(config["keep"], f"{where}.keep", 1, 1 << 31))
+        return cls(energy=require_number(config["energy"], f"{where}.energy", 0.0, 1.0))
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
+
+    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+        if not self.accepts(x.shape) or not np.isfinite(x).all():
+            raise ValueError(f"posdct encodes finite non-empty 2-D tables, not shape {x.shape}")
+        n = x.shape[0]
+        table = np.asarray(x, dtype=np.float64)
+        coeffs = np.concatenate([dct_basis(n, range(s, min(n, s + BASIS_BLOCK))) @ table
+                                 for s in range(0, n, BASIS_BLOCK)])
+        if self.keep is not None:
+            keep = min(self.keep, n)
+        else:
+            # Orthonormal: the kept energy fraction is 1 - (relative error)**2.
+            cumulative = np.cumsum((coeffs ** 2).sum(axis=1))
+            if cumulative[-1] == 0:
+                keep = 1
+            else:
+                keep = min(n, int(np.searchsorted(cumulative, self.energy * cumulative[-1])) + 1)
+        return Encoded({"coeffs": coeffs[:keep].astype(np.float32)}, {"keep": keep})
+
+    def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        n, hidden = _table_shape(shape, where, "posdct")
+        require_keys(params, f"{where}.params", {"keep"})
+        keep = require_int(params["keep"], f"{where}.params.keep", 1, n)
+        return {"coeffs": PartSpec("F32", (keep, hidden))}
+
+    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
+        """32 * K * hidden."""
+        return spec_bits(self.part_specs(params, shape, "posdct"))
+
+    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        check_parts(parts, self.part_specs(params, shape, where), where)
+        coeffs = parts["coeffs"].astype(np.float64)
+        basis = dct_basis(shape[0], range(coeffs.shape[0]))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the data's
+            return (basis.T @ coeffs).astype(np.float32)
+
+
+class NotSinusoidal(ValueError):
+    """The table is not the sinusoidal formula within the tolerance."""
+
+
+class Sinusoidal(TensorCodec):
+    """A formula position table, stored as its parameters only; see the module docstring."""
+
+    name = "sinusoid"
+
+    def __init__(self, tolerance: float = 1e-6, base: float = 10000.0):
+        if number_in_range(tolerance, 0, math.inf, False) is None or number_in_range(base, 1, MAX_BASE, False) is None:
+            raise ValueError(f"tolerance must be >= 0 and base in [1, {MAX_BASE:g}]")
+        self.tolerance, self.base = float(tolerance), float(base)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sinusoidal) and self.config() == other.config()
+
+    def config(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "base": self.base}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "Sinusoidal":
+        require_keys(config, where, {"tolerance", "base"})
+        tolerance = require_number(config["tolerance"], f"{where}.tolerance", 0.0, math.inf, low_open=False)
+        return cls(tolerance, require_number(config["base"], f"{where}.base", 1.0, MAX_BASE, low_open=False))
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 2 and shape[1] % 2 == 0
+
+    @staticmethod
+    def table(positions: int, hidden: int, base: float, layout: str) -> np.ndarray:
+        """The formula table, float32 (positions x hidden)."""
+        half = hidden // 2
+        inv_freq = np.power(float(base), -(2.0 * np.arange(half)) / hidden)
+        angle = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+        out = np.empty((positions, hidden), np.float32)
+        if layout == "interleaved":
+            out[:, 0::2], out[:, 1::2] = np.sin(angle), np.cos(angle)
+        else:
+            out[:, :half], out[:, half:] = np.sin(angle), np.cos(angle)
+        return out
+
+    def _candidate_bases(self, x: np.ndarray) -> list[float]:
+        """The configured base, then the integer nearest to the base the table's second frequency implies."""
+        bases = [self.base]
+        positions, hidden = x.shape
+        if positions >= 2 and hidden >= 4:
+            for column in (2, 1):  # interleaved, halves: sin(1 * base**(-2/d))
+                s = float(x[1, column])
+                if not 0 < s < 1:
+                    continue
+                log_base = -hidden / 2 * math.log(math.asin(s))
+                if 0 <= log_base <= math.log(MAX_BASE):
+                    estimate = float(round(math.exp(log_base)))
+                    if estimate >= 1 and estimate not in bases:
+                        bases.append(estimate)
+        return bases
+
+    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+        if not self.accepts(x.shape):
+            raise NotSinusoidal(f"sinusoid needs a 2-D table with an even hidden size, not shape {x.shape}")
+        x = np.asarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            for base in self._candidate_bases(x):
+                for layout in LAYOUTS:
+                    error = np.abs(self.table(*x.shape, base, layout) - x).max()
+                    if error <= self.tolerance:  # False for NaN
+                        return Encoded({}, {"base": base, "layout": layout})
+        raise NotSinusoidal(f"table is not sinusoidal within {self.tolerance:g}")
+
+    def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        _table_shape(shape, where, "sinusoid")
+        if shape[1] % 2:
+            raise FormatError(f"{where}: sinusoid needs an even hidden size, found {shape[1]}")
+        require_keys(params, f"{where}.params", {"base", "layout"})
+        require_number(params["base"], f"{where}.params.base", 1.0, MAX_BASE, low_open=False)
+        if params["layout"] not in LAYOUTS:
+            raise FormatError(f"{where}.params.layout: expected one of {LAYOUTS}, found {params['layout']!r:.40}")
+        return {}
+
+    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
+        """0: no parts."""
+        return spec_bits(self.part_specs(params, shape, "sinusoid"))
+
+    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        check_parts(parts, self.part_specs(params, shape, where), where)
+        return self.table(shape[0], shape[1], float(params["base"]), params["layout"])
