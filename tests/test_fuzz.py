@@ -194,18 +194,21 @@ def scratch(tmp_path_factory):
 
 # -- the sample and the harness work ---------------------------------------------------
 
+def padding(r: Reader) -> list[tuple[int, int]]:
+    """The [start, end) ranges of a file that no header, section, manifest or footer covers."""
+    spans = sorted((c.offset, c.offset + c.length) for _, c in r.manifest.chunks())
+    manifest = (r.footer.manifest_offset, r.footer.manifest_offset + r.footer.manifest_length)
+    covered = [(0, HEADER_SIZE), *spans, manifest, (r.size - FOOTER_SIZE, r.size)]
+    return [(end, start) for (_, end), (start, _) in zip(covered, covered[1:]) if start > end]
+
+
 def test_sample_is_sound_and_covers_every_region(sample, scratch):
-    path = scratch(sample)
-    with Reader(path) as r:
+    with Reader(scratch(sample)) as r:
         assert list(r.verify(deep=True)) == []
         assert r.entry("b.alias").alias_of == "a.f32"
-        methods = {m for c in r.entry("c.grid").blob.chunks for m, _ in c.params["planes"]}
-        assert "split" in methods
-        spans = sorted((c.offset, c.offset + c.length) for _, c in r.manifest.chunks())
-        manifest = (r.footer.manifest_offset, r.footer.manifest_offset + r.footer.manifest_length)
-    covered = [(0, HEADER_SIZE), *spans, manifest, (len(sample) - FOOTER_SIZE, len(sample))]
-    padding = sum(b - a for (_, a), (b, _) in zip(covered, covered[1:]))
-    assert padding > 0 and len(sample) < 16 * 1024
+        assert r.entry("e.raw").blob.codec_record["name"] == "raw"
+        assert "split" in {m for c in r.entry("c.grid").blob.chunks for m, _ in c.params["planes"]}
+        assert padding(r) and len(sample) < 16 * 1024
 
 
 def test_reassembled_manifest_is_read(sample, scratch):
@@ -261,15 +264,10 @@ def test_every_single_byte_flip_is_detected(sample, tmp_path):
     assert not detected(path)  # the loop restored every byte
 
 
-def _first_padding_byte(r: Reader) -> int:
-    chunk = min((c for _, c in r.manifest.chunks()), key=lambda c: c.offset)
-    return chunk.offset + chunk.length
-
-
 @pytest.mark.parametrize("where, offset_of, code, named", [
     ("tensor chunk", lambda r: r.entry("a.f32").blob.chunks[1].offset + 7, 1, "tensor 'a.f32' chunk 1"),
     ("embedded file", lambda r: r.files()["config.json"].blob.chunks[0].offset, 1, "file 'config.json' chunk 0"),
-    ("padding", _first_padding_byte, 1, "padding"),
+    ("padding", lambda r: padding(r)[0][0], 1, "padding"),
     ("manifest", lambda r: r.footer.manifest_offset + 5, 3, "manifest: checksum mismatch"),
     ("header", lambda r: 3, 3, "header"),
     ("footer", lambda r: r.size - 20, 3, "footer"),
