@@ -15,6 +15,7 @@ Grammar: ``chain := NAME [ "(" [ item ("," item)* ] ")" ]``, ``item := KEY "=" v
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,9 @@ def _parse(tokens, pos, registry, text) -> tuple[Chain, int]:
         if pos >= len(tokens):
             raise InputError(f"codec chain {text!r}: missing ')'")
         pos += 1
+    for key in parts:  # a chain for an optional part (lowrank's residual) switches the part on
+        if key not in settings and key in inspect.signature(cls.__init__).parameters:
+            settings[key] = True
     try:
         codec = cls(**settings)
     except (TypeError, ValueError) as exc:

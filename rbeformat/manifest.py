@@ -17,7 +17,8 @@ from typing import Any
 
 from .codecs.base import Codec, require_int, require_keys
 from .codecs.raw import Raw
-from .codecs.registry import codec_from_record
+from .codecs.registry import codec_from_record, tensor_codec_from_record
+from .codecs.tensor import TensorCodec
 from .errors import FormatError, UnsupportedError
 from .spec import (
     ALIGNMENT,
@@ -32,6 +33,12 @@ from .spec import (
 )
 
 FILE_ROLES = ("file", "safetensors-header")
+INTERNAL_PREFIX = "rbe:"
+# Transformed tensors decode to float32 in memory first; their size is bounded
+# because a transform may hold far fewer stored bytes than it produces.
+MAX_TRANSFORM_ELEMENTS = 1 << 32
+MAX_CHAIN_DEPTH = 4
+LOSSY_DTYPES = ("F32", "F16", "BF16", "F64")
 # The most a chunk of these codecs can decode to, per stored byte: zstd's
 # densest block (RLE) holds 128 KiB in 4 bytes, and byteplane stores each plane
 # raw or as zstd.  Checking it keeps a few bytes of hostile manifest from making
@@ -64,13 +71,49 @@ class Blob:
 
 
 @dataclass
+class Transform:
+    """A tensor codec's output: its params and parts, each part stored in turn."""
+
+    codec: TensorCodec
+    codec_record: dict
+    params: Any
+    parts: dict[str, "Part"]
+
+
+@dataclass
+class Part:
+    """One part of a transform: stored as a blob, or transformed again (a chain)."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+    blob: Blob | None
+    transform: Transform | None
+
+
+@dataclass
 class TensorEntry:
     name: str
     dtype: DType
     shape: tuple[int, ...]
-    blob: Blob | None  # None for an alias
+    blob: Blob | None  # None for an alias or a transformed tensor
     alias_of: str | None = None
     extra: dict = field(default_factory=dict)
+    transform: Transform | None = None
+
+    @property
+    def internal(self) -> bool:
+        """Tensors named ``rbe:...`` serve codecs (shared bases) and are not model tensors."""
+        return self.name.startswith(INTERNAL_PREFIX)
+
+
+def blobs_of(transform: Transform):
+    """Every (part path, blob) under a transform, depth first."""
+    for name, part in sorted(transform.parts.items()):
+        if part.blob is not None:
+            yield name, part.blob
+        else:
+            for sub, blob in blobs_of(part.transform):
+                yield f"{name}.{sub}", blob
 
 
 @dataclass
@@ -95,6 +138,10 @@ class Manifest:
             if entry.blob is not None:
                 for i, c in enumerate(entry.blob.chunks):
                     yield f"tensor {entry.name!r} chunk {i}", c
+            if entry.transform is not None:
+                for path, blob in blobs_of(entry.transform):
+                    for i, c in enumerate(blob.chunks):
+                        yield f"tensor {entry.name!r} part {path} chunk {i}", c
         for entry in self.files.values():
             for i, c in enumerate(entry.blob.chunks):
                 yield f"file {entry.path!r} chunk {i}", c
@@ -188,9 +235,51 @@ def _parse_tensor(obj: Any, where: str) -> TensorEntry:
     if "alias_of" in obj:
         require_keys(obj, where, {"name", "dtype", "shape", "alias_of"})
         return TensorEntry(name, dtype, shape, None, check_name(obj["alias_of"], f"{where}.alias_of"))
+    extra = {k: obj[k] for k in ("stats",) if k in obj}
+    if "parts" in obj:
+        require_keys(obj, where, {"name", "dtype", "shape", "codec", "params", "parts"}, {"stats"})
+        transform = _parse_transform(obj, where, dtype, shape, 1)
+        return TensorEntry(name, dtype, shape, None, extra=extra, transform=transform)
     require_keys(obj, where, {"name", "dtype", "shape", "digest", "codec", "chunks"}, {"stats"})
     blob = _parse_blob(obj, where, dtype, math.prod(shape))
-    return TensorEntry(name, dtype, shape, blob, extra={k: obj[k] for k in ("stats",) if k in obj})
+    return TensorEntry(name, dtype, shape, blob, extra=extra)
+
+
+def _parse_transform(obj: dict, where: str, dtype: DType, shape: tuple[int, ...], depth: int) -> Transform:
+    """A transformed tensor or part: its codec, params and parts, checked against part_specs."""
+    if depth > MAX_CHAIN_DEPTH:
+        raise FormatError(f"{where}: codec chain deeper than {MAX_CHAIN_DEPTH}")
+    if dtype.name not in LOSSY_DTYPES:
+        raise FormatError(f"{where}.dtype: a transformed tensor must be one of {LOSSY_DTYPES}, not {dtype.name}")
+    if math.prod(shape) > MAX_TRANSFORM_ELEMENTS:
+        raise FormatError(f"{where}.shape: a transformed tensor may hold at most {MAX_TRANSFORM_ELEMENTS} elements")
+    codec = tensor_codec_from_record(obj["codec"], f"{where}.codec")
+    try:
+        specs = codec.part_specs(obj["params"], shape, f"{where}.params")
+    except FormatError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise FormatError(f"{where}.params: invalid ({type(exc).__name__}: {exc})") from None
+    parts_obj = obj["parts"]
+    if not isinstance(parts_obj, dict) or set(parts_obj) != set(specs):
+        raise FormatError(f"{where}.parts: expected exactly {sorted(specs)}")
+    parts = {}
+    for pname, spec in specs.items():
+        pw = f"{where}.parts.{pname}"
+        pobj = parts_obj[pname]
+        if not isinstance(pobj, dict):
+            raise FormatError(f"{pw}: expected an object")
+        pdtype = _parse_dtype(pobj.get("dtype"), f"{pw}.dtype")
+        pshape = _parse_shape(pobj.get("shape"), f"{pw}.shape")
+        if pdtype.name != spec.dtype or pshape != tuple(spec.shape):
+            raise FormatError(f"{pw}: expected {spec.dtype} {list(spec.shape)}, found {pdtype.name} {list(pshape)}")
+        if "parts" in pobj:
+            require_keys(pobj, pw, {"dtype", "shape", "codec", "params", "parts"})
+            parts[pname] = Part(pdtype, pshape, None, _parse_transform(pobj, pw, pdtype, pshape, depth + 1))
+        else:
+            require_keys(pobj, pw, {"dtype", "shape", "digest", "codec", "chunks"})
+            parts[pname] = Part(pdtype, pshape, _parse_blob(pobj, pw, pdtype, math.prod(pshape)), None)
+    return Transform(codec, obj["codec"], obj["params"], parts)
 
 
 def _parse_file(obj: Any, where: str) -> FileEntry:
@@ -249,6 +338,8 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def _check_references(tensors: dict[str, TensorEntry], files: dict[str, FileEntry]) -> None:
     for entry in tensors.values():
+        if entry.transform is not None:
+            _check_codec_references(entry, tensors)
         if entry.alias_of is None:
             continue
         target = tensors.get(entry.alias_of)
@@ -264,6 +355,15 @@ def _check_references(tensors: dict[str, TensorEntry], files: dict[str, FileEntr
             if name in claimed:
                 raise FormatError(f"file {f.path!r:.80}: tensor {name!r:.80} is listed by two safetensors files")
             claimed.add(name)
+
+
+def _check_codec_references(entry: TensorEntry, tensors: dict[str, TensorEntry]) -> None:
+    """Tensors a codec reads (a shared base) must be stored, untransformed, internal tensors."""
+    for ref in entry.transform.codec.references():
+        target = tensors.get(ref)
+        if target is None or target.blob is None or not target.internal:
+            raise FormatError(f"tensor {entry.name!r:.80}: its codec reads {ref!r:.80}, which is not a stored "
+                              f"internal ('{INTERNAL_PREFIX}') tensor")
 
 
 def dump_manifest(obj: dict) -> bytes:

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import ChecksumError, FormatError, RbeError, UnsupportedError
 from .layout import crc32, unpack_footer, unpack_header
-from .manifest import Blob, FileEntry, Manifest, TensorEntry, parse_manifest
+from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, parse_manifest
+from .values import from_float32, to_float32
 from .codecs.raw import Raw
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES
 
@@ -110,7 +111,8 @@ class Reader:
 
     # -- the safetensors-like surface ------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self.manifest.tensors)
+        """The model's tensor names (internal ``rbe:`` tensors that serve codecs are left out)."""
+        return [name for name, entry in self.manifest.tensors.items() if not entry.internal]
 
     def metadata(self) -> dict[str, str]:
         return dict(self.manifest.metadata)
@@ -127,16 +129,46 @@ class Reader:
         return self.manifest.tensors[entry.alias_of] if entry.alias_of else entry
 
     def get_tensor(self, name: str) -> np.ndarray:
-        """Decodes one tensor to a numpy array (bf16 as uint16, fp8 as uint8)."""
+        """Decodes one tensor to a numpy array (bf16 as uint16, fp8 as uint8).
+
+        A tensor stored through a lossy codec chain comes back dense, in its dtype.
+        """
         entry = self.entry(name)
-        stored = self.stored_entry(name)
-        data = self._decode_blob(stored.blob, f"tensor {stored.name!r}")
-        return data.view(np.dtype(entry.dtype.numpy_storage)).reshape(entry.shape)
+        data = self.tensor_bytes(name)
+        return np.frombuffer(data, np.dtype(entry.dtype.numpy_storage)).reshape(entry.shape)
 
     def tensor_bytes(self, name: str) -> memoryview:
         """The little-endian bytes of one tensor, decoded."""
         stored = self.stored_entry(name)
-        return memoryview(self._decode_blob(stored.blob, f"tensor {stored.name!r}"))
+        where = f"tensor {stored.name!r}"
+        if stored.transform is not None:
+            values = self._decode_transform(stored.transform, stored.dtype, stored.shape, where)
+            return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+        return memoryview(self._decode_blob(stored.blob, where))
+
+    def _decode_transform(self, transform: Transform, dtype, shape, where: str) -> np.ndarray:
+        """Decodes parts (recursively), then the codec; returns the values in dtype's storage."""
+        parts = {}
+        for pname, part in transform.parts.items():
+            pwhere = f"{where} part {pname}"
+            if part.transform is not None:
+                values = self._decode_transform(part.transform, part.dtype, part.shape, pwhere)
+            else:
+                values = self._decode_blob(part.blob, pwhere)
+            parts[pname] = np.frombuffer(values, np.dtype(part.dtype.numpy_storage)).reshape(part.shape)
+        refs = {ref: to_float32(self.get_tensor(ref), self.entry(ref).dtype.name)
+                for ref in transform.codec.references()}
+        try:
+            decoded = transform.codec.decode(parts, transform.params, shape, where, refs)
+            if decoded.shape != tuple(shape):
+                raise FormatError(f"{where}: codec produced shape {decoded.shape}, expected {tuple(shape)}")
+            return from_float32(decoded, dtype.name)
+        except MemoryError:
+            raise RbeError(f"{where}: not enough memory to decode it") from None
+        except RbeError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError) as exc:
+            raise FormatError(f"{where}: malformed {transform.codec.name} data ({type(exc).__name__}: {exc})") from None
 
     def files(self) -> dict[str, FileEntry]:
         return dict(self.manifest.files)
@@ -215,6 +247,9 @@ class Reader:
 
     def _verify_digests(self) -> Iterator[str]:
         blobs = [(f"tensor {e.name!r}", e.blob) for e in self.manifest.tensors.values() if e.blob]
+        for e in self.manifest.tensors.values():
+            if e.transform is not None:
+                blobs += [(f"tensor {e.name!r} part {path}", blob) for path, blob in blobs_of(e.transform)]
         blobs += [(f"file {f.path!r}", f.blob) for f in self.manifest.files.values()]
         for where, blob in blobs:
             if blob.digest is None:

@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -27,7 +27,8 @@ from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import crc32, pack_footer, pack_header
-from .manifest import check_name, check_relative_path, dump_manifest
+from .manifest import LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
+from .values import error_stats, from_float32, to_float32
 from .spec import (
     ALIGNMENT,
     DTYPES,
@@ -38,6 +39,9 @@ from .spec import (
     align_up,
     dtype_of_numpy,
 )
+
+if TYPE_CHECKING:
+    from .chain import Chain
 
 ReadAt = Callable[[int, int], bytes]  # read(offset, size) -> exactly size bytes
 
@@ -172,6 +176,68 @@ class Writer:
         self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "digest": digest,
                               "codec": codec.describe(), "chunks": chunks})
         return None
+
+    def add_transformed(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
+                        refs: dict[str, np.ndarray] | None = None, dedup: bool = True) -> dict:
+        """Adds a tensor encoded by a codec chain (lossy or structural).
+
+        ``array`` holds the tensor's values (any float dtype); the chain's codec
+        sees them as float32.  Each part of the codec's output is stored
+        losslessly, or by the chain given for it.  Returns the error statistics
+        recorded in the manifest (relative Frobenius error, SNR, max |error|),
+        measured on the decoded tensor as a reader will see it.
+        """
+        self._require_open()
+        name = self._claim_name(name)
+        if dtype not in LOSSY_DTYPES:
+            raise InputError(f"tensor {name!r}: a codec chain needs a floating-point tensor, not {dtype}")
+        if dedup:
+            stored = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+            key = (dtype, tuple(array.shape), "sha256:" + hashlib.sha256(stored).hexdigest(), chain.text())
+            if key in self._digests:
+                self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape),
+                                      "alias_of": self._digests[key]})
+                return {}
+            self._digests[key] = name
+        x = to_float32(array, dtype)
+        node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}")
+        stats = error_stats(x, to_float32(from_float32(decoded, dtype), dtype))
+        self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
+        if self.progress:
+            self.progress(array.nbytes)
+        return stats
+
+    def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str) -> tuple[dict, np.ndarray]:
+        """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor."""
+        codec = chain.codec
+        try:
+            encoded = codec.encode(x, refs)
+        except ValueError as exc:
+            raise InputError(f"{where}: {codec.name} cannot encode it ({exc})") from None
+        extra = set(chain.parts) - set(codec.chainable_parts)
+        if extra:
+            raise InputError(f"{where}: {codec.name} has no chainable part(s) {sorted(extra)}")
+        parts, decoded_parts = {}, {}
+        for pname, arr in sorted(encoded.parts.items()):
+            pdtype = dtype_of_numpy(arr.dtype)
+            sub = chain.parts.get(pname)
+            head = {"dtype": pdtype, "shape": list(arr.shape)}
+            if sub is not None and not sub.lossless:
+                node, decoded = self._encode_chain(arr.astype(np.float32), sub, None, f"{where} part {pname}")
+                parts[pname] = {**head, **node}
+                decoded_parts[pname] = from_float32(decoded, pdtype).view(arr.dtype).reshape(arr.shape)
+            else:
+                parts[pname] = {**head, **self._lossless_blob(arr, pdtype)}
+                decoded_parts[pname] = arr
+        decoded = codec.decode(decoded_parts, encoded.params, tuple(x.shape), where, refs)
+        return {"codec": codec.describe(), "params": encoded.params, "parts": parts}, decoded
+
+    def _lossless_blob(self, arr: np.ndarray, dtype: str) -> dict:
+        data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        codec = Byteplane().for_dtype(DTYPES[dtype])
+        hasher = hashlib.sha256()
+        chunks = self._encode_chunks(codec, dtype, arr.size, lambda o, n: data[o : o + n], hasher)
+        return {"codec": codec.describe(), "digest": "sha256:" + hasher.hexdigest(), "chunks": chunks}
 
     def add_array(self, name: str, array: np.ndarray, **kwargs) -> str | None:
         """Adds a numpy array (bf16 and fp8 arrive as uint views with an explicit dtype=)."""

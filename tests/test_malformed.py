@@ -31,6 +31,7 @@ from rbeformat import ChecksumError, FormatError, RbeError, Reader, UnsupportedE
 from rbeformat.codecs.byteplane import Byteplane
 from rbeformat.codecs.zstd import Zstd
 from rbeformat.layout import crc32
+from rbeformat.spec import FORMAT_MINOR
 from rbeformat.spec import FOOTER_SIZE, MAX_MANIFEST_BYTES
 
 OPEN, READ = "open", "read"
@@ -190,9 +191,9 @@ CASES = [
     pytest.param(lambda s: s[:-FOOTER_SIZE] + b"\0" + s[-FOOTER_SIZE:], OPEN, FormatError,
                  "is not a multiple of 64", id="unaligned size"),
     pytest.param(lambda s: patch_header(s, {8: struct.pack("<H", 2)}), OPEN, UnsupportedError,
-                 "header: format version 2.0", id="header version major"),
+                 f"header: format version 2.{FORMAT_MINOR}", id="header version major"),
     pytest.param(lambda s: patch_footer(s, {28: struct.pack("<H", 2)}), OPEN, UnsupportedError,
-                 "footer: format version 2.0", id="footer version major"),
+                 f"footer: format version 2.{FORMAT_MINOR}", id="footer version major"),
     pytest.param(lambda s: patch_header(s, {12: b"\x01"}), OPEN, FormatError, "header: reserved bytes must be zero",
                  id="header flags"),
     pytest.param(lambda s: patch_header(s, {59: b"\x01"}), OPEN, FormatError, "header: reserved bytes must be zero",

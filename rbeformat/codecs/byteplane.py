@@ -49,15 +49,16 @@ METHODS = ("raw", "zstd", "split")
 INCOMPRESSIBLE_BITS = 7.9
 # Between the two, a plane (e.g. the high mantissa bits) is skewed only a little:
 # a fast zstd level's Huffman stage catches that; above this, raw it is.
-NEARLY_RANDOM_BITS = float(__import__("os").environ.get("RBE_NRB", "7.995"))
-FAST_LEVEL = int(__import__("os").environ.get("RBE_FL", "1"))
+NEARLY_RANDOM_BITS = 7.995
+FAST_LEVEL = 1
 # Within a split plane, a group is compressed only if that makes it this much smaller.
 MIN_RUN_SAVING = 0.97
 # A split plane decodes several times slower than a zstd or raw one (a gather
-# per byte), while on trained weights it typically saves well under 1% of the
-# plane; by default it must save at least this fraction to be chosen.  Set 0
-# to take every gain (smallest files, slower decode).
-DEFAULT_SPLIT_GAIN = 0.01
+# per byte), while on trained weights it typically saves under 1% of the plane.
+# By default it must save at least this fraction of the whole chunk: bf16
+# chunks (two planes) take it more often than fp32 chunks, whose other planes
+# cost almost nothing to decode.  Set 0 to take every gain.
+DEFAULT_SPLIT_GAIN = 0.002
 
 
 def _entropy_bits(plane: np.ndarray) -> float:
@@ -138,12 +139,13 @@ class Byteplane(Codec):
         top = all_planes[width - 1]
         parts, methods = [], []
         for k in range(width):
-            method, stored = self._encode_plane(all_planes[k], top if k < width - 1 else None)
+            min_saving = self.split_gain * len(data)
+            method, stored = self._encode_plane(all_planes[k], top if k < width - 1 else None, min_saving)
             parts.append(stored)
             methods.append([method, len(stored)])
         return parts, {"planes": methods}
 
-    def _encode_plane(self, plane: np.ndarray, context: np.ndarray | None) -> tuple[str, bytes]:
+    def _encode_plane(self, plane: np.ndarray, context: np.ndarray | None, min_saving: float) -> tuple[str, bytes]:
         candidates = [("raw", plane.tobytes())]
         entropy = _entropy_bits(plane)
         if entropy < INCOMPRESSIBLE_BITS:
@@ -155,7 +157,7 @@ class Byteplane(Codec):
         best = min(candidates, key=lambda c: len(c[1]))
         if context is not None and len(plane) >= 4096:
             split = _encode_split(plane, context, self.level)
-            if len(split) < (1 - self.split_gain) * len(best[1]):
+            if len(split) < len(best[1]) - min_saving:
                 best = ("split", split)
         return best
 

@@ -1,0 +1,301 @@
+"""The ``palette`` tensor codec: a scalar codebook of 2**bits values (palettization).
+
+Every value of the tensor is replaced by the index of the nearest entry of a
+small codebook.  The codebook is shared by the whole tensor (``scope``
+"tensor"), by each row (the last axis, "row"), or by each group of ``group``
+consecutive values of a row ("group"; the last group of a row is shorter when
+the row length is not a multiple of ``group``).  Decoding is a table look-up:
+
+    value = float32(codebook[k][index])
+
+where k numbers the codebooks in row-major order: 0 for "tensor", the row for
+"row", row * groups_per_row + column // group for "group".
+
+The encoder fits each codebook by 1-D k-means (Lloyd's algorithm).  In one
+dimension the clusters of sorted values are contiguous runs, so after one sort
+per codebook every iteration only needs the run boundaries (a binary search of
+the midpoints between centroids) and run sums (differences of a prefix sum):
+its cost is independent of the number of values.  Two starts are tried, at
+the quantiles and with density proportional to the cube root of the values'
+density (the asymptotically optimal spacing for squared error), and each
+codebook keeps the one with the lower squared error.  No randomness is involved.
+
+>>> codec = Palette(bits=2, scope="row")
+>>> x = np.array([[0.0, 1.0, 2.0, 3.0, 3.1], [5.0, 5.0, -5.0, 0.0, 1.0]], np.float32)
+>>> enc = codec.encode(x)
+>>> enc.parts["codebook"].shape, codec.bits(enc.params, x.shape)
+((2, 4), 152)
+>>> codec.decode(enc.parts, enc.params, x.shape, "x").tolist()
+[[0.0, 1.0, 2.0, 3.05078125, 3.05078125], [5.0, 5.0, -5.0, 0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from . import bitpack
+from .base import require_int, require_keys
+from .gquant import FLOAT_DTYPES, check_shape, float_part
+from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
+
+SCOPES = ("tensor", "row", "group")
+MIN_GROUP, MAX_GROUP = 16, 1 << 20
+DEFAULT_ITERATIONS = 40
+# Sample quantiles used to estimate the density of the values for the second start.
+DENSITY_KNOTS = 1024
+# Codebooks are fitted this many values at a time, to bound the encoder's memory.
+BLOCK_VALUES = 1 << 21
+
+
+def _layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) of a tensor seen as a matrix over its last axis."""
+    n = shape[-1]
+    return int(np.prod(shape[:-1], dtype=np.int64)), n
+
+
+def _count_below(sorted_rows: np.ndarray, queries: np.ndarray, strict: bool) -> np.ndarray:
+    """Per row, how many values are < (strict) or <= each query: a vectorised binary search.
+
+    ``sorted_rows`` is (S, L) sorted along axis 1, ``queries`` (S, Q); returns (S, Q) ints.
+    """
+    length = sorted_rows.shape[1]
+    lo = np.zeros(queries.shape, np.int64)
+    hi = np.full(queries.shape, length, np.int64)
+    for _ in range(int(length).bit_length()):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        probe = np.take_along_axis(sorted_rows, np.minimum(mid, length - 1), axis=1)
+        right = (probe < queries) if strict else (probe <= queries)
+        lo = np.where(active & right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+    return lo
+
+
+def _lloyd(sorted_rows: np.ndarray, prefix: np.ndarray, total_sq: np.ndarray, centroids: np.ndarray,
+           iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs Lloyd's algorithm on sorted rows; returns centroids (S, K) and squared errors (S,)."""
+    s, length = sorted_rows.shape
+    row = np.arange(s)[:, None]
+    bounds = None
+    for _ in range(max(iterations, 1)):
+        mids = (centroids[:, :-1] + centroids[:, 1:]) / 2
+        inner = _count_below(sorted_rows, mids, strict=False)
+        new_bounds = np.concatenate([np.zeros((s, 1), np.int64), inner, np.full((s, 1), length, np.int64)], axis=1)
+        if bounds is not None and np.array_equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+        sums = prefix[row, bounds[:, 1:]] - prefix[row, bounds[:, :-1]]
+        counts = np.diff(bounds, axis=1)
+        # An empty cluster keeps its centroid; sorting keeps the midpoints ordered.
+        centroids = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centroids), axis=1)
+    sums = prefix[row, bounds[:, 1:]] - prefix[row, bounds[:, :-1]]
+    counts = np.diff(bounds, axis=1)
+    error = total_sq - (sums * sums / np.maximum(counts, 1)).sum(axis=1)
+    return centroids, error
+
+
+def _density_start(sorted_rows: np.ndarray, k: int) -> np.ndarray:
+    """Starting centroids spread with density proportional to p(x)**(1/3).
+
+    That is the asymptotically optimal point density of a scalar quantizer for
+    squared error; it puts more entries in the tails than the quantiles do.
+    p is estimated between DENSITY_KNOTS sample quantiles: over a span of width
+    w holding a fixed share of the values, p**(1/3) integrates to ~ w**(2/3).
+    """
+    s, length = sorted_rows.shape
+    m = max(1, min(length - 1, DENSITY_KNOTS))
+    knots = sorted_rows[:, np.rint(np.arange(m + 1) * (length - 1) / m).astype(np.int64)].astype(np.float64)
+    mass = np.zeros((s, m + 1))
+    np.cumsum(np.diff(knots, axis=1) ** (2 / 3), axis=1, out=mass[:, 1:])
+    target = (np.arange(k) + 0.5) / k * mass[:, -1:]
+    j = np.clip(_count_below(mass, target, strict=False), 1, m)
+    m0, m1 = np.take_along_axis(mass, j - 1, axis=1), np.take_along_axis(mass, j, axis=1)
+    x0, x1 = np.take_along_axis(knots, j - 1, axis=1), np.take_along_axis(knots, j, axis=1)
+    frac = np.divide(target - m0, m1 - m0, out=np.zeros_like(target), where=m1 > m0)
+    return x0 + frac * (x1 - x0)
+
+
+def fit_codebooks(x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS) -> np.ndarray:
+    """One k-entry codebook (sorted, float64) per row of ``x`` (S, L), by 1-D k-means."""
+    sorted_rows = np.sort(x, axis=1)
+    s, length = sorted_rows.shape
+    prefix = np.zeros((s, length + 1), np.float64)
+    np.cumsum(sorted_rows, axis=1, dtype=np.float64, out=prefix[:, 1:])
+    total_sq = np.einsum("ij,ij->i", sorted_rows, sorted_rows, dtype=np.float64)
+    # Quantiles win for very few entries on heavy tails, the density start elsewhere.
+    quantiles = np.minimum(((np.arange(k) + 0.5) / k * length).astype(np.int64), length - 1)
+    best, best_err = None, None
+    for start in (sorted_rows[:, quantiles].astype(np.float64), _density_start(sorted_rows, k)):
+        c, err = _lloyd(sorted_rows, prefix, total_sq, start, iterations)
+        if best is None:
+            best, best_err = c, err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better[:, None], c, best), np.minimum(err, best_err)
+    return best
+
+
+def nearest(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry of each row's sorted codebook (ties to the lower index)."""
+    mids = (codebooks[:, :-1].astype(np.float64) + codebooks[:, 1:]) / 2
+    out = np.zeros(x.shape, np.uint8)
+    step = max(1, BLOCK_VALUES // max(x.shape[0], 1))
+    for c0 in range(0, x.shape[1] if mids.shape[1] else 0, step):
+        # The number of midpoints below a value is the index of its nearest entry.
+        out[:, c0 : c0 + step] = _count_below_each(mids, x[:, c0 : c0 + step])
+    return out
+
+
+def _count_below_each(mids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per value of x (S, C), how many of its row's sorted mids (S, Q) are strictly below it."""
+    q = mids.shape[1]
+    lo = np.zeros(x.shape, np.int32)
+    hi = np.full(x.shape, q, np.int32)
+    for _ in range(q.bit_length()):
+        mid = (lo + hi) // 2
+        probe = np.take_along_axis(mids, np.minimum(mid, q - 1), axis=1)
+        right = probe < x
+        active = lo < hi
+        lo = np.where(active & right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+    return lo
+
+
+class Palette(TensorCodec):
+    """Scalar codebook quantization with 1-D k-means codebooks; see the module docstring."""
+
+    name = "palette"
+    chainable_parts = ()
+
+    def __init__(self, bits: int = 4, scope: str = "row", group: int = 0, codebook_dtype: str = "F16",
+                 iterations: int = DEFAULT_ITERATIONS):
+        if type(bits) is not int or not 1 <= bits <= 8:
+            raise ValueError("bits must be an integer in [1, 8]")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}")
+        if scope == "group" and (type(group) is not int or not MIN_GROUP <= group <= MAX_GROUP):
+            raise ValueError(f"group must be an integer in [{MIN_GROUP}, {MAX_GROUP}] for scope 'group'")
+        if scope != "group" and group != 0:
+            raise ValueError("group must be 0 unless scope is 'group'")
+        if codebook_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"codebook_dtype must be one of {sorted(FLOAT_DTYPES)}")
+        self.code_bits, self.scope, self.group, self.codebook_dtype = bits, scope, group, codebook_dtype
+        self.iterations = iterations
+
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.code_bits, "scope": self.scope, "group": self.group,
+                "codebook_dtype": self.codebook_dtype}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "Palette":
+        require_keys(config, where, {"bits", "scope", "group", "codebook_dtype"})
+        bits = require_int(config["bits"], f"{where}.bits", 1, 8)
+        if config["scope"] not in SCOPES:
+            raise FormatError(f"{where}.scope: expected one of {SCOPES}, found {config['scope']!r:.40}")
+        if config["scope"] == "group":
+            group = require_int(config["group"], f"{where}.group", MIN_GROUP, MAX_GROUP)
+        else:
+            group = require_int(config["group"], f"{where}.group", 0, 0)
+        if config["codebook_dtype"] not in FLOAT_DTYPES:
+            raise FormatError(f"{where}.codebook_dtype: expected one of {sorted(FLOAT_DTYPES)}, "
+                              f"found {config['codebook_dtype']!r:.40}")
+        return cls(bits, config["scope"], group, config["codebook_dtype"])
+
+    def _codebooks(self, shape: tuple[int, ...]) -> int:
+        rows, n = _layout(shape)
+        if self.scope == "tensor":
+            return 1
+        if self.scope == "row":
+            return rows
+        return rows * -(-n // self.group)
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Any tensor of at least one dimension whose codebooks are smaller than the tensor itself."""
+        if len(shape) < 1:
+            return False
+        numel = int(np.prod(shape, dtype=np.int64))
+        return self._codebooks(shape) * 2 ** self.code_bits <= numel
+
+    def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        require_keys(params, f"{where}.params", set())
+        shape = check_shape(shape, f"{where}.shape")
+        numel = int(np.prod(shape, dtype=np.int64))
+        return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.code_bits),)),
+                "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.code_bits))}
+
+    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
+        """Exact payload bits of both parts stored raw."""
+        specs = self.part_specs(params, tuple(shape), "palette")
+        entries = int(np.prod(specs["codebook"].shape, dtype=np.int64))
+        return specs["indices"].shape[0] * 8 + entries * np.dtype(FLOAT_DTYPES[self.codebook_dtype]).itemsize * 8
+
+    def _batches(self, rows: int, n: int) -> list[tuple[int, int, int]]:
+        """Column ranges [start, stop) of equal-length segments, with segment length.
+
+        "row" is one range of whole rows, "group" its full groups then (if the
+        rows are ragged) the short last group of each row.
+        """
+        if self.scope != "group":
+            return [(0, n, n)]
+        full = n // self.group * self.group
+        batches = [(0, full, self.group)] if full else []
+        if full < n:
+            batches.append((full, n, n - full))
+        return batches
+
+    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 0:
+            raise ValueError("palette needs a tensor of at least one dimension")
+        if not np.isfinite(x).all():
+            raise ValueError("palette cannot encode NaN or infinite values")
+        k = 2 ** self.code_bits
+        rows, n = _layout(x.shape)
+        matrix = x.reshape(1, -1) if self.scope == "tensor" else x.reshape(rows, n)
+        indices = np.zeros(matrix.shape, np.uint8)
+        ng = 1 if self.scope != "group" else -(-n // self.group)
+        books = np.zeros((matrix.shape[0], ng, k), FLOAT_DTYPES[self.codebook_dtype])
+        column = 0
+        for start, stop, seg in (self._batches(*matrix.shape) if x.size else []):
+            count = (stop - start) // seg
+            block = max(1, BLOCK_VALUES // (seg * count))
+            for r0 in range(0, matrix.shape[0], block):
+                part = matrix[r0 : r0 + block, start:stop].reshape(-1, seg)
+                stored = float_part(fit_codebooks(part, k, self.iterations), self.codebook_dtype)
+                idx = nearest(part, stored.astype(np.float32))
+                indices[r0 : r0 + block, start:stop] = idx.reshape(-1, stop - start)
+                books[r0 : r0 + block, column : column + count] = stored.reshape(-1, count, k)
+            column += count
+        return Encoded(parts={"indices": bitpack.pack(indices, self.code_bits),
+                              "codebook": books.reshape(-1, k)}, params={})
+
+    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        specs = self.part_specs(params, shape, where)
+        numel = int(np.prod(shape, dtype=np.int64))
+        k = 2 ** self.code_bits
+        idx = bitpack.unpack(parts["indices"], self.code_bits, numel, f"{where}.indices")
+        check_index_range(idx, k, f"{where}.indices")
+        book = np.asarray(parts["codebook"])
+        if book.shape != specs["codebook"].shape:
+            raise FormatError(f"{where}.codebook: shape {book.shape}, expected {specs['codebook'].shape}")
+        book = book.astype(np.float32)
+        if not np.isfinite(book).all():
+            raise FormatError(f"{where}.codebook: holds NaN or infinite values")
+        if self.scope == "tensor" or numel == 0:
+            return book[0][idx].reshape(shape) if numel else np.zeros(shape, np.float32)
+        rows, n = _layout(shape)
+        idx = idx.reshape(rows, n)
+        out = np.empty((rows, n), np.float32)
+        ng = -(-n // self.group) if self.scope == "group" else 1
+        books = book.reshape(rows, ng, k)
+        column = 0
+        for start, stop, seg in self._batches(rows, n):
+            count = (stop - start) // seg
+            sub = idx[:, start:stop].reshape(rows, count, seg).astype(np.intp)
+            out[:, start:stop] = np.take_along_axis(books[:, column : column + count], sub, axis=2).reshape(rows, -1)
+            column += count
+        return out.reshape(shape)
