@@ -34,10 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="safetensors file or HF model directory -> .rbe", epilog=EPILOG)
     p.add_argument("input", help="a .safetensors file or a Hugging Face model directory")
     p.add_argument("output", help="the .rbe file to write")
-    p.add_argument("--codec", choices=["byteplane", "raw"], default="byteplane",
-                   help="byteplane: lossless compression (default); raw: uncompressed, mmappable")
+    p.add_argument("--lossless", choices=["byteplane", "raw"], default="byteplane",
+                   help="how tensors without a chain are stored: byteplane (compressed, default) or raw "
+                        "(uncompressed, mmappable)")
     p.add_argument("--level", type=int, default=0,
                    help="zstd level for byteplane planes, 1-22; 0 (default) is rbe's tuned preset")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--codec", dest="chain", metavar="CHAIN",
+                        help="a codec chain for every 2-D floating-point tensor, e.g. "
+                             "'gquant(bits=4, group=32)'; other tensors stay lossless")
+    choice.add_argument("--recipe", metavar="FILE", help="a TOML recipe mapping tensor-name patterns to chains")
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
@@ -93,14 +99,22 @@ def _progress_bar(total: int, quiet: bool, desc: str):
 
 def cmd_convert(args) -> int:
     from .hf import convert, plan_conversion
+    from .recipe import lossless_policy, policy_from_codec, policy_from_recipe
 
     if not 0 <= args.level <= 22:
         raise RbeError(f"--level must be between 0 and 22, not {args.level}")
     split_gain = 0.0 if args.max_ratio else DEFAULT_SPLIT_GAIN
-    codec = Raw() if args.codec == "raw" else Byteplane(level=args.level, split_gain=split_gain)
+    codec = Raw() if args.lossless == "raw" else Byteplane(level=args.level, split_gain=split_gain)
+    if args.chain:
+        policy = policy_from_codec(args.chain)
+    elif args.recipe:
+        policy = policy_from_recipe(args.recipe)
+    else:
+        policy = lossless_policy()
     total = plan_conversion(args.input).total_bytes
     with _progress_bar(total, args.quiet, "convert") as bar:
-        convert(args.input, args.output, force=args.force, codec=codec, threads=args.threads, progress=bar.update)
+        convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
+                progress=bar.update)
     if not args.quiet:
         with Reader(args.output) as r:
             print(_summary_line(r), file=sys.stderr)

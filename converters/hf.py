@@ -15,11 +15,18 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from rbeformat import ChecksumError, FormatError, InputError, RbeError, Reader, Writer
+from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
+from rbeformat.codecs.normdelta import NormDelta, shared_base
+from rbeformat.spec import DTYPES
+from rbeformat.values import to_float32
 
 from .atomic import atomic_directory, atomic_file, write_synced
-from .safetensors_io import StFile, build_header, read_header
+from .recipe import Policy, lossless_policy
+from .safetensors_io import StFile, StTensor, build_header, read_header
 
 Progress = Callable[[int], None]
 
@@ -78,15 +85,22 @@ def _walk(root: str):
 
 
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
-            threads: int | None = None, progress: Progress | None = None) -> None:
-    """Converts a .safetensors file or a HF model directory into one rbe file."""
+            policy: Policy | None = None, threads: int | None = None,
+            progress: Progress | None = None) -> None:
+    """Converts a .safetensors file or a HF model directory into one rbe file.
+
+    ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
+    (default: everything lossless).
+    """
     plan = plan_conversion(src)
+    policy = policy or lossless_policy()
     if os.path.abspath(dst) == os.path.abspath(src):
         raise InputError("the output must not be the input")
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
+        chains = _shared_bases(w, plan, policy)
         first_metadata = None
         for rel, st in plan.safetensors:
-            _add_safetensors(w, rel, st)
+            _add_safetensors(w, rel, st, chains)
             if first_metadata is None:
                 first_metadata = st.metadata
         for rel, full in plan.others:
@@ -94,15 +108,59 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         w.set_metadata(first_metadata or {})
 
 
-def _add_safetensors(w: Writer, rel: str, st: StFile) -> None:
+def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict) -> None:
     read_at, close = st.reader()
     try:
         for t in st.tensors:
-            w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
+            chain, refs = chains.get(t.name, (None, None))
+            if chain is None:
+                w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
+            else:
+                values = _load(read_at, t)
+                w.add_transformed(t.name, t.dtype, values, chain, refs=refs)
     finally:
         close()
     header = st.header if st.exact else build_header([(t.name, t.dtype, t.shape) for t in st.tensors], st.metadata)
     w.add_safetensors_layout(rel, header, [t.name for t in st.tensors])
+
+
+def _load(read_at, t: StTensor) -> np.ndarray:
+    storage = np.dtype(DTYPES[t.dtype].numpy_storage)
+    return np.frombuffer(read_at(t.begin, t.end - t.begin), storage).reshape(t.shape)
+
+
+def _shared_bases(w: Writer, plan: Plan, policy: Policy) -> dict:
+    """Chooses each tensor's chain; norm vectors under ``normdelta`` get a shared base.
+
+    Returns {tensor name: (chain, refs)} for the tensors that are not lossless.
+    The base of each group of same-shape vectors is stored first, losslessly, as
+    an internal tensor named ``rbe:base/<shape>`` that the deltas refer to.
+    """
+    chosen, groups = {}, {}
+    for _, st in plan.safetensors:
+        for t in st.tensors:
+            chain = policy.choose(t.name, t.dtype, t.shape)
+            if chain is None:
+                continue
+            if chain.codec.name == "normdelta":
+                groups.setdefault((t.shape, t.dtype), []).append((st, t, chain))
+            else:
+                chosen[t.name] = (chain, None)
+    for (shape, dtype), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        vectors = []
+        for st, t, _ in members:
+            read_at, close = st.reader()
+            try:
+                vectors.append(to_float32(_load(read_at, t), dtype))
+            finally:
+                close()
+        base = shared_base(vectors).astype(np.float32)
+        base_name = f"rbe:base/{dtype}/{'x'.join(map(str, shape))}"
+        w.add_array(base_name, base, dedup=False)
+        for st, t, chain in members:
+            codec = NormDelta(base=base_name, mode=chain.codec.mode)
+            chosen[t.name] = (Chain(codec, chain.parts), {base_name: base})
+    return chosen
 
 
 def _add_plain_file(w: Writer, rel: str, full: str) -> None:
@@ -131,7 +189,7 @@ def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, thre
 def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
     data = r.tensor_bytes(name)
     stored = r.stored_entry(name)
-    if verify and stored.blob.digest and "sha256:" + hashlib.sha256(data).hexdigest() != stored.blob.digest:
+    if verify and stored.blob is not None and stored.blob.digest and "sha256:" + hashlib.sha256(data).hexdigest() != stored.blob.digest:
         raise ChecksumError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
     return data
 
@@ -187,7 +245,7 @@ def _write_directory(r: Reader, root: str, verify: bool, progress: Progress | No
 
 def _write_entries(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
     listed = {name for f in r.files().values() for name in f.tensors}
-    unlisted = [name for name in r.keys() if name not in listed]
+    unlisted = [name for name in r.keys() if name not in listed]  # keys() omits internal tensors
     if listed and unlisted:
         raise FormatError(f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
                           "decode to a single .safetensors file instead")

@@ -11,10 +11,19 @@ import math
 import os
 
 from rbeformat import Reader
+from rbeformat.manifest import Transform, blobs_of
 
 
 def _stored(blob) -> int:
     return sum(c.length for c in blob.chunks)
+
+
+def chain_text(transform: Transform) -> str:
+    """The codec chain of a transformed tensor, as ``rbe convert --codec`` would take it."""
+    items = [f"{k}={v}" for k, v in sorted(transform.codec.config().items())]
+    items += [f"{name}={chain_text(part.transform)}" for name, part in sorted(transform.parts.items())
+              if part.transform is not None]
+    return f"{transform.codec.name}({', '.join(items)})"
 
 
 def tensor_rows(r: Reader) -> list[dict]:
@@ -27,31 +36,56 @@ def tensor_rows(r: Reader) -> list[dict]:
                          "codec": f"alias of {entry.alias_of}", "raw_bytes": raw, "stored_bytes": 0,
                          "ratio": None, "bits_per_weight": 0.0, "quality": "exact (alias)"})
             continue
-        stored = _stored(entry.blob)
-        lossless = entry.blob.codec is not None and entry.blob.codec.lossless
+        if entry.transform is not None:
+            stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))
+            codec, stats = chain_text(entry.transform), entry.extra.get("stats", {})
+            exact = stats.get("rel_error") == 0
+            quality = "lossless (bit-exact)" if exact else _quality(stats)
+        else:
+            stored = _stored(entry.blob)
+            codec = entry.blob.codec_record["name"]
+            lossless = entry.blob.codec is not None and entry.blob.codec.lossless
+            stats, quality = {}, "lossless (bit-exact)" if lossless else "lossy"
         rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape),
-                     "codec": entry.blob.codec_record["name"], "raw_bytes": raw, "stored_bytes": stored,
+                     "codec": codec, "raw_bytes": raw, "stored_bytes": stored,
                      "ratio": raw / stored if stored else None,
                      "bits_per_weight": 8 * stored / n if n else 0.0,
-                     "quality": "lossless (bit-exact)" if lossless else "lossy"})
+                     "internal": entry.internal, "quality": quality, **({"stats": stats} if stats else {})})
     return rows
+
+
+def _quality(stats: dict) -> str:
+    rel, snr = stats.get("rel_error"), stats.get("snr_db")
+    if rel is None:
+        return "lossy"
+    return f"rel.err {rel:.4f}, SNR {snr:.1f} dB" if snr is not None else f"rel.err {rel:.4f}"
 
 
 def totals(r: Reader) -> dict:
     rows = tensor_rows(r)
-    weights = sum(math.prod(row["shape"]) for row in rows)
-    tensor_bytes = sum(row["raw_bytes"] for row in rows)
+    model_rows = [row for row in rows if not row["internal"]]
+    weights = sum(math.prod(row["shape"]) for row in model_rows)
+    tensor_bytes = sum(row["raw_bytes"] for row in model_rows)
     stored = sum(row["stored_bytes"] for row in rows)
     files = sum(_stored(f.blob) for f in r.manifest.files.values())
     size = os.path.getsize(r.path)
-    lossless = all(row["quality"] != "lossy" for row in rows)
+    lossless = all(row["quality"].startswith(("lossless", "exact")) for row in rows)
+    lossy = [row for row in model_rows if not row["quality"].startswith(("lossless", "exact"))]
+    lossy_weights = sum(math.prod(row["shape"]) for row in lossy)
+    # The weighted rel. error of all lossy tensors: sqrt(sum err^2 / sum x^2) needs norms; we
+    # report the worst tensor and the weight-averaged one, both measured at encode time.
+    rels = [(row["stats"]["rel_error"], math.prod(row["shape"])) for row in lossy
+            if row.get("stats", {}).get("rel_error") is not None]
     return {"tensors": len(rows), "weights": weights, "tensor_bytes": tensor_bytes,
             "tensor_stored_bytes": stored, "embedded_file_bytes": files, "file_bytes": size,
             "overhead_bytes": size - stored - files,
             "ratio": tensor_bytes / size if size else 0.0,
             "bits_per_weight": 8 * size / weights if weights else 0.0,
             "tensor_bits_per_weight": 8 * stored / weights if weights else 0.0,
-            "quality": "lossless (bit-exact)" if lossless else "lossy"}
+            "quality": "lossless (bit-exact)" if lossless else (
+                f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; rel.err "
+                f"mean {sum(r * n for r, n in rels) / max(1, sum(n for _, n in rels)):.4f}, "
+                f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode)")}
 
 
 def info_json(r: Reader) -> dict:
@@ -63,18 +97,19 @@ def info_json(r: Reader) -> dict:
 
 def info_table(r: Reader) -> str:
     rows = tensor_rows(r)
-    head = ("tensor", "dtype", "shape", "codec", "stored", "ratio", "bits/w")
+    head = ("tensor", "dtype", "shape", "codec", "stored", "ratio", "bits/w", "quality")
     body = [(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar", row["codec"],
              _human(row["stored_bytes"]), f"{row['ratio']:.3f}" if row["ratio"] else "-",
-             f"{row['bits_per_weight']:.3f}") for row in rows]
+             f"{row['bits_per_weight']:.3f}", row["quality"]) for row in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[0] = min(widths[0], 60)
+    widths[3] = min(widths[3], 60)
 
     def fmt(cells):
         out = []
         for i, (cell, w) in enumerate(zip(cells, widths)):
             cell = cell if len(cell) <= w else "..." + cell[-(w - 3):]
-            out.append(cell.ljust(w) if i < 4 else cell.rjust(w))
+            out.append(cell.ljust(w) if i < 4 or i == 7 else cell.rjust(w))
         return "  ".join(out)
 
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]

@@ -46,8 +46,11 @@ from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
 MODES = ("sym", "asym")
 FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32}
 MIN_GROUP, MAX_GROUP = 16, 256
-# Shrink factors of the group's range tried by the encoder (1.0 = plain min/max).
+# Encoder search (not stored): sym tries scales peak * r / 2**(bits-1) for these
+# shrink factors r, mapping the peak to either end of the code grid; asym trims
+# each end of the group's [min, max] range by these fractions of its width.
 DEFAULT_GRID = tuple(np.round(np.linspace(0.5, 1.0, 21), 3).tolist())
+DEFAULT_TRIMS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 DEFAULT_ITERATIONS = 4
 
 
@@ -116,10 +119,11 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtyp
         return s, total - s * wq  # the error at the least-squares scale
 
     best_s, best_err = None, None
-    # The peak maps to -h (the long side of the grid); shrinking the range clips
-    # the few largest values to gain resolution for the rest.
-    for r in grid:
-        s, err = refit(assign(peak * (r / -h)))
+    # The peak maps to -h (the long side of the grid) or to h - 1; shrinking the
+    # range clips the few largest values to gain resolution for the rest.
+    candidates = [peak * (r / -h) for r in grid] + [peak * (r / (h - 1)) for r in grid]
+    for start in candidates:
+        s, err = refit(assign(start))
         if best_s is None:
             best_s, best_err = s, err
         else:
@@ -134,7 +138,7 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtyp
     return stored, assign(stored.astype(np.float64))
 
 
-def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, grid: tuple[float, ...], iters: int,
+def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[float, ...], iters: int,
               dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scales, offsets (groups,) and codes (groups, g) minimising squared error per group."""
     top = 2 ** bits - 1
@@ -164,15 +168,16 @@ def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, grid: tuple[flo
 
     width = (hi - lo).astype(np.float64)
     best = None
-    for r in grid:
-        s = width * r / top
-        o = lo + width * (1 - r) / 2
-        s, o, err = refit(assign(s, o))
-        if best is None:
-            best = [s, o, err]
-        else:
-            better = err < best[2]
-            best = [np.where(better, a, b) for a, b in zip((s, o, err), best)]
+    for low_trim in trims:
+        for high_trim in trims:
+            o = lo + width * low_trim
+            s = width * (1 - low_trim - high_trim) / top
+            s, o, err = refit(assign(s, o))
+            if best is None:
+                best = [s, o, err]
+            else:
+                better = err < best[2]
+                best = [np.where(better, a, b) for a, b in zip((s, o, err), best)]
     for _ in range(iters):
         s, o, err = refit(assign(best[0], best[1]))
         better = err < best[2]
@@ -188,7 +193,8 @@ class GroupQuant(TensorCodec):
     chainable_parts = ("scales", "zeros")
 
     def __init__(self, bits: int = 4, group: int = 32, mode: str = "sym", scale_dtype: str = "F16",
-                 grid: tuple[float, ...] = DEFAULT_GRID, iterations: int = DEFAULT_ITERATIONS):
+                 grid: tuple[float, ...] = DEFAULT_GRID, trims: tuple[float, ...] = DEFAULT_TRIMS,
+                 iterations: int = DEFAULT_ITERATIONS):
         if type(bits) is not int or not 2 <= bits <= 8:
             raise ValueError("bits must be an integer in [2, 8]")
         if type(group) is not int or not (group == 0 or MIN_GROUP <= group <= MAX_GROUP):
@@ -199,8 +205,10 @@ class GroupQuant(TensorCodec):
             raise ValueError(f"scale_dtype must be one of {sorted(FLOAT_DTYPES)}")
         if not grid or not all(0 < r <= 1 for r in grid):
             raise ValueError("grid must hold shrink factors in (0, 1]")
+        if not trims or not all(0 <= t < 0.5 for t in trims):
+            raise ValueError("trims must hold fractions in [0, 0.5)")
         self.code_bits, self.group, self.mode, self.scale_dtype = bits, group, mode, scale_dtype
-        self.grid, self.iterations = tuple(grid), iterations
+        self.grid, self.trims, self.iterations = tuple(grid), tuple(trims), iterations
 
     def config(self) -> dict[str, Any]:
         return {"bits": self.code_bits, "group": self.group, "mode": self.mode, "scale_dtype": self.scale_dtype}
@@ -264,7 +272,7 @@ class GroupQuant(TensorCodec):
             s, q = _fit_sym(w, self.code_bits, self.grid, self.iterations, self.scale_dtype)
             codes = q + 2 ** (self.code_bits - 1)
         else:
-            s, o, codes = _fit_asym(w, mask, self.code_bits, self.grid, self.iterations, self.scale_dtype)
+            s, o, codes = _fit_asym(w, mask, self.code_bits, self.trims, self.iterations, self.scale_dtype)
             parts["zeros"] = o.reshape(self._scale_shape(x.shape))
         codes = codes.astype(np.uint8).reshape(rows, ng * g)[:, :n]
         parts["codes"] = bitpack.pack(codes, self.code_bits)

@@ -66,7 +66,10 @@ class NormDelta(TensorCodec):
     # class); an instance narrows this to () in mode "bits".
     chainable_parts = ("delta",)
 
-    def __init__(self, base: str, mode: str = "bits"):
+    # In a recipe the base is not known yet: the converter computes it and names it.
+    PENDING_BASE = "rbe:base/pending"
+
+    def __init__(self, base: str = PENDING_BASE, mode: str = "bits"):
         if not isinstance(base, str) or not base or len(base.encode("utf-8", "replace")) > MAX_NAME_BYTES:
             raise ValueError("base must be a non-empty tensor name")
         if mode not in MODES:

@@ -115,11 +115,11 @@ class VectorCodebook(TensorCodec):
 
     def __init__(self, dim: int = 4, bits: int = 8, scale: str = "row", train: int = 65536,
                  iters: int = 12, seed: int = 0):
-        self.dim, self.bits, self.scale = dim, bits, scale
+        self.dim, self.code_bits, self.scale = dim, bits, scale
         self.train, self.iters, self.seed = train, iters, seed
 
     def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "bits": self.bits, "scale": self.scale, "train": self.train,
+        return {"dim": self.dim, "bits": self.code_bits, "scale": self.scale, "train": self.train,
                 "iters": self.iters, "seed": self.seed}
 
     @classmethod
@@ -152,7 +152,7 @@ class VectorCodebook(TensorCodec):
         vectors = (rows / scale[:, None]).astype(np.float32).reshape(-1, self.dim)
         # Each vector's error counts in the original units: weight it by scale^2.
         weight = np.repeat(scale**2, rows.shape[1] // self.dim)
-        k = min(2**self.bits, len(vectors))
+        k = min(2**self.code_bits, len(vectors))
         rng = np.random.default_rng(self.seed)
         sample = np.sort(rng.choice(len(vectors), size=min(len(vectors), max(self.train, k)), replace=False))
         centroids = kmeans(vectors[sample].astype(np.float64), weight[sample], k, self.iters, rng)
@@ -172,7 +172,7 @@ class VectorCodebook(TensorCodec):
             raise FormatError(f"{where}: vq with dim {self.dim} cannot hold a tensor of shape {tuple(shape)}")
         require_keys(params, where, {"k"})
         n_vectors = int(np.prod(shape, dtype=np.int64)) // self.dim
-        k = require_int(params["k"], f"{where}.k", 1, min(2**self.bits, n_vectors))
+        k = require_int(params["k"], f"{where}.k", 1, min(2**self.code_bits, n_vectors))
         return {
             "indices": PartSpec("U8", (bitpack.packed_size(n_vectors, index_bits(k)),)),
             "codebook": PartSpec("F16", (k, self.dim)),
