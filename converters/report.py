@@ -34,7 +34,8 @@ def tensor_rows(r: Reader) -> list[dict]:
         if entry.alias_of:
             rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape),
                          "codec": f"alias of {entry.alias_of}", "raw_bytes": raw, "stored_bytes": 0,
-                         "ratio": None, "bits_per_weight": 0.0, "quality": "exact (alias)"})
+                         "ratio": None, "bits_per_weight": 0.0, "internal": entry.internal,
+                         "quality": "exact (alias)"})
             continue
         if entry.transform is not None:
             stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))

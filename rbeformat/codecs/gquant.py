@@ -52,6 +52,8 @@ MIN_GROUP, MAX_GROUP = 16, 256
 DEFAULT_GRID = tuple(np.round(np.linspace(0.5, 1.0, 21), 3).tolist())
 DEFAULT_TRIMS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 DEFAULT_ITERATIONS = 4
+# Values packed or unpacked at a time (a multiple of 8), to bound temporary memory.
+PACK_BLOCK = 1 << 20
 
 
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:
@@ -76,6 +78,32 @@ def float_part(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.clip(x, -limit, limit).astype(FLOAT_DTYPES[dtype])
 
 
+def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
+    """bitpack.pack, a block at a time: its temporaries take tens of bytes per value.
+
+    Blocks hold a multiple of 8 values, so each ends on a byte boundary and the
+    concatenation is exactly the packed stream of all the values.
+    """
+    flat = values.reshape(-1)
+    if flat.size <= PACK_BLOCK:
+        return bitpack.pack(flat, bits)
+    return np.concatenate([bitpack.pack(flat[i : i + PACK_BLOCK], bits) for i in range(0, flat.size, PACK_BLOCK)])
+
+
+def unpack_codes(data: np.ndarray, bits: int, count: int, where: str) -> np.ndarray:
+    """bitpack.unpack, a block at a time (see pack_codes); returns uint8 values."""
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    if data.size != bitpack.packed_size(count, bits):
+        raise FormatError(f"{where}: {data.size} bytes, expected {bitpack.packed_size(count, bits)} for "
+                          f"{count} values of {bits} bits")
+    out = np.empty(count, np.uint8)
+    step = PACK_BLOCK * bits // 8
+    for i in range(0, count, PACK_BLOCK):
+        n = min(PACK_BLOCK, count - i)
+        out[i : i + n] = bitpack.unpack(data[i // PACK_BLOCK * step :][: bitpack.packed_size(n, bits)], bits, n, where)
+    return out
+
+
 def _grouped(x: np.ndarray, rows: int, n: int, g: int, ng: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The values as a (groups, g) matrix, zero-padded; the mask marks real values (None: all real)."""
     w = x.reshape(rows, n)
@@ -89,14 +117,25 @@ def _grouped(x: np.ndarray, rows: int, n: int, g: int, ng: int) -> tuple[np.ndar
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row dot products as float64; float32 accumulation is exact enough for short groups."""
+    if a.shape[1] <= MAX_GROUP:
+        return np.einsum("ij,ij->i", a, b).astype(np.float64)
     return np.einsum("ij,ij->i", a, b, dtype=np.float64)
 
 
 def _safe_inverse(s: np.ndarray) -> np.ndarray:
-    """1/s, with 0 for s == 0 (a zero scale quantizes everything to code 0 of the grid)."""
-    out = np.zeros_like(s)
+    """1/s as float32 column, with 0 for s == 0 (a zero scale sends every value to code 0)."""
+    out = np.zeros(s.shape, np.float64)
     np.divide(1.0, s, out=out, where=s != 0)
-    return out
+    return out.astype(np.float32)[:, None]
+
+
+def _keep_better(best: list[np.ndarray] | None, new: list[np.ndarray]) -> list[np.ndarray]:
+    """Per group, the candidate (a list of arrays whose last one is the error) with lower error."""
+    if best is None:
+        return new
+    better = new[-1] < best[-1]
+    return [np.where(better, a, b) for a, b in zip(new, best)]
 
 
 def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,84 +145,77 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtyp
     nothing to any sum nor to the error.
     """
     h = 2 ** (bits - 1)
-    big = np.abs(w).argmax(axis=1)
-    peak = w[np.arange(w.shape[0]), big].astype(np.float64)  # signed value of largest magnitude
+    peak = w[np.arange(w.shape[0]), np.abs(w).argmax(axis=1)].astype(np.float64)  # signed largest magnitude
     total = _rowdot(w, w)
+    q = np.empty_like(w)  # reused: allocating a fresh array per candidate costs more than the arithmetic
 
     def assign(s):
-        return np.clip(np.rint(w * _safe_inverse(s).astype(np.float32)[:, None]), -h, h - 1)
+        np.multiply(w, _safe_inverse(s), out=q)
+        np.rint(q, out=q)
+        return np.clip(q, -h, h - 1, out=q)
 
     def refit(q):
+        # For fixed codes the best scale is <w,q>/<q,q>, leaving error |w|^2 - s<w,q>.
         wq, qq = _rowdot(w, q), _rowdot(q, q)
         s = np.divide(wq, qq, out=np.zeros_like(wq), where=qq > 0)
-        return s, total - s * wq  # the error at the least-squares scale
+        return [s, total - s * wq]
 
-    best_s, best_err = None, None
+    best = None
     # The peak maps to -h (the long side of the grid) or to h - 1; shrinking the
     # range clips the few largest values to gain resolution for the rest.
-    candidates = [peak * (r / -h) for r in grid] + [peak * (r / (h - 1)) for r in grid]
-    for start in candidates:
-        s, err = refit(assign(start))
-        if best_s is None:
-            best_s, best_err = s, err
-        else:
-            better = err < best_err
-            best_s, best_err = np.where(better, s, best_s), np.where(better, err, best_err)
-    for _ in range(iters):
-        s, err = refit(assign(best_s))
-        better = err < best_err
-        best_s, best_err = np.where(better, s, best_s), np.where(better, err, best_err)
+    for start in [peak * (r / -h) for r in grid] + [peak * (r / (h - 1)) for r in grid]:
+        best = _keep_better(best, refit(assign(start)))
+    for _ in range(iters):  # assign/refit never increases the error
+        best = _keep_better(best, refit(assign(best[0])))
     # Codes are chosen for the scale exactly as stored.
-    stored = float_part(best_s, dtype)
-    return stored, assign(stored.astype(np.float64))
+    stored = float_part(best[0], dtype)
+    return stored, assign(stored.astype(np.float64)).copy()
 
 
 def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[float, ...], iters: int,
               dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scales, offsets (groups,) and codes (groups, g) minimising squared error per group."""
+    """Scales, offsets (groups,) and codes (groups, g) minimising squared error per group.
+
+    Padded positions (mask 0) hold w = 0 and get their code zeroed before any
+    sum, so they add nothing to the fit.
+    """
     top = 2 ** bits - 1
-    m = np.ones_like(w) if mask is None else mask
     if mask is None:
         lo, hi = w.min(axis=1), w.max(axis=1)
+        count = np.full(w.shape[0], w.shape[1], np.float64)
     else:
         lo = np.where(mask > 0, w, np.inf).min(axis=1)
         hi = np.where(mask > 0, w, -np.inf).max(axis=1)
-    count = m.sum(axis=1, dtype=np.float64)
-    sw = _rowdot(w, m)
+        count = mask.sum(axis=1, dtype=np.float64)
+    lo, width = lo.astype(np.float64), (hi - lo).astype(np.float64)
+    sw = w.sum(axis=1, dtype=np.float64)
     centred = _rowdot(w, w) - sw * sw / count  # error of the best constant
+    q = np.empty_like(w)
 
     def assign(s, o):
-        q = np.rint((w - o.astype(np.float32)[:, None]) * _safe_inverse(s).astype(np.float32)[:, None])
-        return np.clip(q, 0, top)
+        np.subtract(w, o.astype(np.float32)[:, None], out=q)
+        np.multiply(q, _safe_inverse(s), out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0, top, out=q)
+        return q if mask is None else np.multiply(q, mask, out=q)
 
     def refit(q):
-        # Least-squares line through (code, value) per group.
-        qm = q * m
-        sq, sqq, swq = qm.sum(axis=1, dtype=np.float64), _rowdot(qm, q), _rowdot(qm, w)
+        # Least-squares line value = s * code + o through each group's points.
+        sq, sqq, swq = q.sum(axis=1, dtype=np.float64), _rowdot(q, q), _rowdot(q, w)
         var = sqq - sq * sq / count
         cov = swq - sw * sq / count
         s = np.divide(cov, var, out=np.zeros_like(cov), where=var > 0)
-        o = (sw - s * sq) / count
-        return s, o, centred - s * cov
+        return [s, (sw - s * sq) / count, centred - s * cov]
 
-    width = (hi - lo).astype(np.float64)
     best = None
     for low_trim in trims:
         for high_trim in trims:
-            o = lo + width * low_trim
-            s = width * (1 - low_trim - high_trim) / top
-            s, o, err = refit(assign(s, o))
-            if best is None:
-                best = [s, o, err]
-            else:
-                better = err < best[2]
-                best = [np.where(better, a, b) for a, b in zip((s, o, err), best)]
+            start = width * (1 - low_trim - high_trim) / top
+            best = _keep_better(best, refit(assign(start, lo + width * low_trim)))
     for _ in range(iters):
-        s, o, err = refit(assign(best[0], best[1]))
-        better = err < best[2]
-        best = [np.where(better, a, b) for a, b in zip((s, o, err), best)]
+        best = _keep_better(best, refit(assign(best[0], best[1])))
     s, o = float_part(best[0], dtype), float_part(best[1], dtype)
-    return s, o, assign(s.astype(np.float64), o.astype(np.float64))
+    return s, o, assign(s.astype(np.float64), o.astype(np.float64)).copy()
 
 
 class GroupQuant(TensorCodec):
@@ -275,7 +307,7 @@ class GroupQuant(TensorCodec):
             s, o, codes = _fit_asym(w, mask, self.code_bits, self.trims, self.iterations, self.scale_dtype)
             parts["zeros"] = o.reshape(self._scale_shape(x.shape))
         codes = codes.astype(np.uint8).reshape(rows, ng * g)[:, :n]
-        parts["codes"] = bitpack.pack(codes, self.code_bits)
+        parts["codes"] = pack_codes(codes, self.code_bits)
         parts["scales"] = s.reshape(self._scale_shape(x.shape))
         return Encoded(parts=parts, params={})
 
@@ -283,7 +315,7 @@ class GroupQuant(TensorCodec):
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         specs = self.part_specs(params, shape, where)
         numel = int(np.prod(shape, dtype=np.int64))
-        codes = bitpack.unpack(parts["codes"], self.code_bits, numel, f"{where}.codes")
+        codes = unpack_codes(parts["codes"], self.code_bits, numel, f"{where}.codes")
         check_index_range(codes, 2 ** self.code_bits, f"{where}.codes")
         floats = {}
         for name in specs.keys() - {"codes"}:

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import FormatError
 from . import bitpack
 from .base import require_int, require_keys
-from .gquant import FLOAT_DTYPES, check_shape, float_part
+from .gquant import FLOAT_DTYPES, check_shape, float_part, pack_codes, unpack_codes
 from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
 
 SCOPES = ("tensor", "row", "group")
@@ -269,7 +269,7 @@ class Palette(TensorCodec):
                 indices[r0 : r0 + block, start:stop] = idx.reshape(-1, stop - start)
                 books[r0 : r0 + block, column : column + count] = stored.reshape(-1, count, k)
             column += count
-        return Encoded(parts={"indices": bitpack.pack(indices, self.code_bits),
+        return Encoded(parts={"indices": pack_codes(indices, self.code_bits),
                               "codebook": books.reshape(-1, k)}, params={})
 
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
@@ -277,7 +277,7 @@ class Palette(TensorCodec):
         specs = self.part_specs(params, shape, where)
         numel = int(np.prod(shape, dtype=np.int64))
         k = 2 ** self.code_bits
-        idx = bitpack.unpack(parts["indices"], self.code_bits, numel, f"{where}.indices")
+        idx = unpack_codes(parts["indices"], self.code_bits, numel, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")
         book = np.asarray(parts["codebook"])
         if book.shape != specs["codebook"].shape:
