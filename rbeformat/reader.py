@@ -25,6 +25,9 @@ from .values import from_float32, to_float32
 from .codecs.raw import Raw
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES
 
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+_PAGE = mmap.PAGESIZE
+
 
 class Reader:
     """An open rbe file.  Use as a context manager, or call close()."""
@@ -186,6 +189,22 @@ class Reader:
             raise ChecksumError(f"{where}: checksum mismatch at bytes {chunk.offset}..{chunk.offset + chunk.length}")
         return payload
 
+    def _release(self, chunk) -> None:
+        """Drops the decoded chunk's pages from this process's mapping.
+
+        Without it, reading a whole model through the mmap leaves every page of
+        the file resident in the process (RSS grows to the file size).  The
+        pages stay in the OS cache; a later read maps them again.
+        """
+        if _MADV_DONTNEED is None or chunk.length < _PAGE:
+            return
+        start = chunk.offset // _PAGE * _PAGE
+        end = min(-(-(chunk.offset + chunk.length) // _PAGE) * _PAGE, self.size)
+        try:
+            self._map.madvise(_MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
     def _decode_blob(self, blob: Blob, where: str) -> np.ndarray:
         if blob.codec is None:
             raise UnsupportedError(f"{where}: {blob.unsupported}")
@@ -211,6 +230,7 @@ class Reader:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
                 raise FormatError(f"{chunk_where}: malformed chunk ({type(exc).__name__}: {exc})") from None
+            self._release(chunk)
 
         if len(jobs) > 1 and self.threads > 1:
             if self._pool is None:

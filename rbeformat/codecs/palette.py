@@ -135,7 +135,26 @@ def fit_codebooks(x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS) -
         else:
             better = err < best_err
             best, best_err = np.where(better[:, None], c, best), np.minimum(err, best_err)
-    return best
+    return _exact_when_few(sorted_rows, k, best)
+
+
+def _exact_when_few(sorted_rows: np.ndarray, k: int, books: np.ndarray) -> np.ndarray:
+    """Rows with at most k distinct values get exactly those values (padded with the largest).
+
+    Lloyd's algorithm can merge two of them when starts coincide; this makes
+    palettizing already-quantized weights lossless whenever the entries are
+    representable in the codebook dtype.
+    """
+    new = np.ones(sorted_rows.shape, bool)
+    new[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    rank = np.cumsum(new, axis=1) - 1
+    few = rank[:, -1] < k
+    if not few.any():
+        return books
+    exact = np.repeat(sorted_rows[:, -1:].astype(np.float64), k, axis=1)
+    r, c = np.nonzero(new & few[:, None])
+    exact[r, rank[r, c]] = sorted_rows[r, c]
+    return np.where(few[:, None], exact, books)
 
 
 def nearest(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
