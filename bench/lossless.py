@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -420,8 +421,21 @@ def _version(package: str) -> str:
         return "?"
 
 
-def environment(threads: int, levels: list[int]) -> dict:
-    return {"threads": threads, "rbe_levels": levels, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+def source_revision() -> str | None:
+    """The commit the code under test comes from, "+dirty" if rbe's sources differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = ["git", "--no-optional-locks", "-C", root]  # read-only: never refreshes the index
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "rbeformat", "converters"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def environment(revision: str | None, threads: int, levels: list[int]) -> dict:
+    return {"revision": revision, "threads": threads, "rbe_levels": levels, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
             "processor": platform.processor(), "python": platform.python_version(),
             "numpy": _version("numpy"), "zstandard": zstandard.__version__, "zipnn": _version("zipnn"),
             "decode_repeats": DECODE_REPEATS, "zstd_chunk_bytes": ZSTD_CHUNK_BYTES}
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
 
     levels = [int(v) for v in args.levels.split(",") if v.strip()]
+    revision = source_revision()  # taken first: the tree may change while the run goes on
     rows = []
     pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
     try:
@@ -455,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.shutdown()
     print(format_table(rows))
-    print(f"\nthreads={args.threads}; MB = 1e6 bytes of raw tensor data; decompress is the best of "
-          f"{DECODE_REPEATS} passes; every tensor is compressed on its own.")
+    print(f"\nrevision {revision}; threads={args.threads}; MB = 1e6 bytes of raw tensor data; decompress is "
+          f"the best of {DECODE_REPEATS} passes; every tensor is compressed on its own.")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"environment": environment(args.threads, levels), "rows": rows}, fh, indent=2)
+        json.dump({"environment": environment(revision, args.threads, levels), "rows": rows}, fh, indent=2)
     failed = [r for r in rows if r["bit_exact"] is False]
     return 1 if failed else 0
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lossless import to_bf16
+from .lossless import source_revision, to_bf16
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 VOCAB = 32768
@@ -302,6 +302,7 @@ def run(args) -> int:
     if shutil.disk_usage(workdir).free < need:
         raise SystemExit(f"{workdir}: needs about {need / 1e9:.1f} GB free")
     rows, created = [], [ckpt, rbe_file, decoded]
+    revision = source_revision()  # taken first: the tree may change while the run goes on
     try:
         t0 = time.perf_counter()
         specs = build_checkpoint(ckpt, args.size_gb * 1e9)
@@ -338,14 +339,15 @@ def run(args) -> int:
             _rmdir_if_empty(workdir)
 
     print(format_table(rows))
-    print(f"\ncontainer {container / 1e9:.3f} GB (ratio {total / container:.4f}); decoded files byte-identical: "
-          f"{'yes' if identical else 'NO'} ({len(before)} files); bound = 2 x largest tensor + "
-          f"{OVERHEAD_BYTES / 1e6:.0f} MB; peak RSS: maxrss from GNU time (sampled VmHWM without it); "
-          "anon/file-backed: largest RssAnon/RssFile sampled from /proc every 20 ms")
+    print(f"\nrevision {revision}; container {container / 1e9:.3f} GB (ratio {total / container:.4f}); "
+          f"decoded files byte-identical: {'yes' if identical else 'NO'} ({len(before)} files)")
+    print(f"bound = 2 x largest tensor + {OVERHEAD_BYTES / 1e6:.0f} MB; peak RSS = maxrss from GNU time "
+          "(sampled VmHWM without it); anon / file-backed = largest RssAnon / RssFile sampled every 20 ms")
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "rss.json"), "w") as fh:
-        json.dump({"rows": rows, "container_bytes": container, "identical": identical, "files": len(before),
-                   "cpu_count": os.cpu_count(), "level": args.level, "threads": args.threads}, fh, indent=2)
+        json.dump({"revision": revision, "rows": rows, "container_bytes": container, "identical": identical,
+                   "files": len(before), "cpu_count": os.cpu_count(), "level": args.level,
+                   "threads": args.threads}, fh, indent=2)
     ok = identical and all(r["within_bound"] is not False for r in rows)
     return 0 if ok else 1
 

@@ -54,3 +54,34 @@ def test_smollm2_roundtrip_and_generation(smollm2_dir, tmp_path):
         generated = model.generate(ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(generated[0][ids.shape[1]:], skip_special_tokens=True)
     assert text.strip(), "the decoded model generated nothing"
+
+
+def test_lossy_minilm_gives_close_embeddings(minilm_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out, back = str(tmp_path / "q.rbe"), str(tmp_path / "back")
+    assert main(["convert", minilm_dir, out, "--quiet", "--codec", "gquant(bits=4, group=32)"]) == 0
+    assert main(["decode", out, back, "--quiet"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(back)
+    batch = tok(["weights stay small on disk", "the cat sat on the mat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = transformers.AutoModel.from_pretrained(back)(**batch).last_hidden_state.mean(1)
+        theirs = transformers.AutoModel.from_pretrained(minilm_dir)(**batch).last_hidden_state.mean(1)
+    cosine = torch.nn.functional.cosine_similarity(ours, theirs)
+    # 4-bit everywhere, embeddings included, measured at 0.965-0.97 on these sentences.
+    assert (cosine > 0.95).all(), cosine
+
+
+def test_lossy_smollm2_generates(smollm2_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out, back = str(tmp_path / "q.rbe"), str(tmp_path / "back")
+    assert main(["convert", smollm2_dir, out, "--quiet", "--codec", "gquant(bits=4, group=64)"]) == 0
+    assert os.path.getsize(out) < os.path.getsize(os.path.join(smollm2_dir, "model.safetensors")) / 4
+    assert main(["decode", out, back, "--quiet"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(back)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(generated[0][ids.shape[1]:], skip_special_tokens=True).strip()

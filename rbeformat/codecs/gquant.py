@@ -34,11 +34,13 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
+from ..spec import MAX_NDIM, MAX_TENSOR_ELEMENTS
 from . import bitpack
 from .base import require_int, require_keys
 from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
@@ -57,9 +59,12 @@ PACK_BLOCK = 1 << 20
 
 
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:
-    """A tensor shape must be a non-empty tuple of non-negative ints."""
-    if not isinstance(shape, tuple) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        raise FormatError(f"{where}: expected a shape of at least one dimension, found {shape!r:.80}")
+    """A tensor shape must be a tuple of 1 to MAX_NDIM non-negative ints, of at most MAX_TENSOR_ELEMENTS."""
+    if (not isinstance(shape, tuple) or not 1 <= len(shape) <= MAX_NDIM
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise FormatError(f"{where}: expected a shape of 1 to {MAX_NDIM} dimensions, found {shape!r:.80}")
+    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise FormatError(f"{where}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
     return shape
 
 
@@ -102,6 +107,16 @@ def unpack_codes(data: np.ndarray, bits: int, count: int, where: str) -> np.ndar
         n = min(PACK_BLOCK, count - i)
         out[i : i + n] = bitpack.unpack(data[i // PACK_BLOCK * step :][: bitpack.packed_size(n, bits)], bits, n, where)
     return out
+
+
+def check_parts(parts: dict[str, np.ndarray], specs: dict[str, PartSpec], where: str) -> None:
+    """The parts must be exactly those of the specs, with their shapes (the reader checks dtypes)."""
+    if not isinstance(parts, dict) or set(parts) != set(specs):
+        names = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
+        raise FormatError(f"{where}: parts {names}, expected {sorted(specs)}")
+    for name, spec in specs.items():
+        if np.shape(parts[name]) != spec.shape:
+            raise FormatError(f"{where}.{name}: shape {np.shape(parts[name])}, expected {spec.shape}")
 
 
 def _grouped(x: np.ndarray, rows: int, n: int, g: int, ng: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -314,15 +329,13 @@ class GroupQuant(TensorCodec):
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         specs = self.part_specs(params, shape, where)
+        check_parts(parts, specs, where)
         numel = int(np.prod(shape, dtype=np.int64))
         codes = unpack_codes(parts["codes"], self.code_bits, numel, f"{where}.codes")
         check_index_range(codes, 2 ** self.code_bits, f"{where}.codes")
         floats = {}
         for name in specs.keys() - {"codes"}:
-            part = np.asarray(parts[name])
-            if part.shape != specs[name].shape:
-                raise FormatError(f"{where}.{name}: shape {part.shape}, expected {specs[name].shape}")
-            values = part.astype(np.float32)
+            values = np.asarray(parts[name]).astype(np.float32)
             if not np.isfinite(values).all():
                 raise FormatError(f"{where}.{name}: holds NaN or infinite values")
             floats[name] = values

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import FormatError
 from . import bitpack
 from .base import require_int, require_keys
-from .gquant import FLOAT_DTYPES, check_shape, float_part, pack_codes, unpack_codes
+from .gquant import FLOAT_DTYPES, check_parts, check_shape, float_part, pack_codes, unpack_codes
 from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
 
 SCOPES = ("tensor", "row", "group")
@@ -294,27 +294,32 @@ class Palette(TensorCodec):
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         specs = self.part_specs(params, shape, where)
+        check_parts(parts, specs, where)
         numel = int(np.prod(shape, dtype=np.int64))
         k = 2 ** self.code_bits
         idx = unpack_codes(parts["indices"], self.code_bits, numel, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")
-        book = np.asarray(parts["codebook"])
-        if book.shape != specs["codebook"].shape:
-            raise FormatError(f"{where}.codebook: shape {book.shape}, expected {specs['codebook'].shape}")
-        book = book.astype(np.float32)
+        book = np.asarray(parts["codebook"]).astype(np.float32)
         if not np.isfinite(book).all():
             raise FormatError(f"{where}.codebook: holds NaN or infinite values")
-        if self.scope == "tensor" or numel == 0:
-            return book[0][idx].reshape(shape) if numel else np.zeros(shape, np.float32)
+        out = np.empty(numel, np.float32)
+        if numel == 0:
+            return out.reshape(shape)
+        if self.scope == "tensor":
+            for i in range(0, numel, BLOCK_VALUES):  # blocks bound the index temporaries
+                out[i : i + BLOCK_VALUES] = book[0][idx[i : i + BLOCK_VALUES]]
+            return out.reshape(shape)
         rows, n = _layout(shape)
-        idx = idx.reshape(rows, n)
-        out = np.empty((rows, n), np.float32)
+        idx, out = idx.reshape(rows, n), out.reshape(rows, n)
         ng = -(-n // self.group) if self.scope == "group" else 1
         books = book.reshape(rows, ng, k)
-        column = 0
-        for start, stop, seg in self._batches(rows, n):
-            count = (stop - start) // seg
-            sub = idx[:, start:stop].reshape(rows, count, seg).astype(np.intp)
-            out[:, start:stop] = np.take_along_axis(books[:, column : column + count], sub, axis=2).reshape(rows, -1)
-            column += count
+        step = max(1, BLOCK_VALUES // max(n, 1))
+        for r0 in range(0, rows, step):
+            column = 0
+            for start, stop, seg in self._batches(rows, n):
+                count = (stop - start) // seg
+                sub = idx[r0 : r0 + step, start:stop].reshape(-1, count, seg).astype(np.intp)
+                found = np.take_along_axis(books[r0 : r0 + step, column : column + count], sub, axis=2)
+                out[r0 : r0 + step, start:stop] = found.reshape(-1, stop - start)
+                column += count
         return out.reshape(shape)

@@ -1,0 +1,182 @@
+"""palette: k-means quality, exactness on few values, bit cost, determinism, hostile parts."""
+
+import numpy as np
+import pytest
+
+from rbeformat import FormatError
+from rbeformat.codecs import bitpack
+from rbeformat.codecs.gquant import GroupQuant
+from rbeformat.codecs.palette import Palette
+from rbeformat.codecs.tensor import PartSpec
+
+RNG = np.random.default_rng(99)
+NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02
+HEAVY = RNG.standard_t(3, (64, 256)).astype(np.float32) * 0.02  # Student t, 3 dof: weights with outliers
+# Mean squared error of the optimal (Lloyd-Max) quantizer of a unit normal, by bits.
+LLOYD_MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
+
+
+def roundtrip(codec: Palette, x: np.ndarray) -> np.ndarray:
+    enc = codec.encode(x)
+    specs = codec.part_specs(enc.params, x.shape, "t")
+    assert set(specs) == set(enc.parts)
+    for name, spec in specs.items():
+        assert enc.parts[name].shape == spec.shape, name
+        assert enc.parts[name].dtype == {"U8": np.uint8, "F16": np.float16, "F32": np.float32}[spec.dtype], name
+    out = codec.decode(enc.parts, enc.params, x.shape, "t")
+    assert out.dtype == np.float32 and out.shape == x.shape
+    return out
+
+
+def rel_error(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+
+
+@pytest.mark.parametrize("bits", sorted(LLOYD_MAX_MSE))
+def test_one_codebook_reaches_lloyd_max_on_normal_data(bits):
+    # 1-D k-means on many samples converges to the Lloyd-Max quantizer; 3% covers
+    # sampling and float16 entries.
+    x = np.random.default_rng(bits).standard_normal(1 << 16).astype(np.float32)
+    assert rel_error(x, roundtrip(Palette(bits, "tensor"), x)) < 1.03 * LLOYD_MAX_MSE[bits] ** 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("data", [NORMAL, HEAVY], ids=["normal", "heavy"])
+def test_codebooks_beat_uniform_grids_of_the_same_size(bits, data):
+    # A uniform grid with an optimised scale and offset is one particular codebook
+    # of 2**bits entries; k-means must find one at least as good.
+    rows = rel_error(data, roundtrip(Palette(bits, "row"), data))
+    assert rows <= rel_error(data, roundtrip(GroupQuant(bits, 256, "asym", "F32"), data))
+    groups = rel_error(data, roundtrip(Palette(bits, "group", 64), data))
+    assert groups <= rel_error(data, roundtrip(GroupQuant(bits, 64, "asym", "F32"), data))
+
+
+@pytest.mark.parametrize("bits,scope,group,bound", [
+    # Per-row codebooks of 256 normal values fit slightly better than Lloyd-Max
+    # (which is for the whole distribution); heavy tails need more (measured
+    # 0.44, 0.22, 0.10 for 2, 3, 4 bits).
+    (2, "row", 0, 0.50), (3, "row", 0, 0.25), (4, "row", 0, 0.12), (4, "group", 64, 0.08),
+])
+def test_error_bounds_on_heavy_tails(bits, scope, group, bound):
+    assert rel_error(HEAVY, roundtrip(Palette(bits, scope, group), HEAVY)) < bound
+    assert rel_error(NORMAL, roundtrip(Palette(bits, scope, group), NORMAL)) < LLOYD_MAX_MSE[bits] ** 0.5
+
+
+@pytest.mark.parametrize("dtype", ["F16", "F32"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_at_most_2_to_the_bits_distinct_values_come_back_exactly(dtype, bits):
+    values = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)[: 2 ** bits]
+    # Mostly zeros, so several quantile starts coincide.
+    x = RNG.choice(values, size=(50, 64), p=None if len(values) < 4 else [0.05, 0.85, 0.05, 0.05])
+    for scope, group in [("tensor", 0), ("row", 0), ("group", 16), ("group", 20)]:
+        assert np.array_equal(roundtrip(Palette(bits, scope, group, dtype), x), x)
+
+
+@pytest.mark.parametrize("scope,group", [("tensor", 0), ("row", 0), ("group", 16)])
+@pytest.mark.parametrize("shape", [(3, 50), (70,), (2, 3, 40), (5, 16), (0, 32), (4, 0)])
+def test_odd_shapes_and_short_last_groups(scope, group, shape):
+    codec = Palette(2, scope, group)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    out = roundtrip(codec, x)
+    if x.size:
+        assert rel_error(x, out) < 0.4  # 2 bits: Lloyd-Max gives 0.34 on normal data
+    rows = int(np.prod(shape[:-1]))
+    expected = {"tensor": 1, "row": rows, "group": rows * -(-shape[-1] // 16)}[scope]
+    assert codec.encode(x).parts["codebook"].shape == (expected, 4)
+
+
+def test_accepts_only_tensors_larger_than_their_codebooks():
+    assert Palette(4, "row").accepts((384, 16)) and not Palette(4, "row").accepts((384, 15))
+    assert not Palette(8, "tensor").accepts((255,)) and Palette(8, "tensor").accepts((256,))
+    assert not Palette().accepts(())
+
+
+@pytest.mark.parametrize("codec", [Palette(), Palette(3, "group", 64, "F32"), Palette(1, "tensor"), Palette(8, "row")])
+def test_config_round_trip_and_exact_bits(codec):
+    assert Palette.from_config(codec.config(), "c").config() == codec.config()
+    for shape in [(64, 256), (3, 300), (384,), (0, 16)]:
+        x = RNG.standard_normal(shape).astype(np.float32)
+        enc = codec.encode(x)
+        assert sum(p.nbytes for p in enc.parts.values()) * 8 == codec.bits(enc.params, shape)
+
+
+def test_bits_per_weight_formula():
+    # 4-bit indices + 16 float16 entries per row of 1024.
+    assert Palette(4, "row").bits({}, (1024, 1024)) == 1024 * (1024 * 4 + 16 * 16)
+    assert Palette(3, "group", 100, "F32").bits({}, (2, 250)) == -(-500 * 3 // 8) * 8 + 2 * 3 * 8 * 32
+
+
+def test_deterministic():
+    for codec in (Palette(4, "row"), Palette(3, "group", 64), Palette(5, "tensor")):
+        a, b = codec.encode(HEAVY), codec.encode(HEAVY.copy())
+        assert all(a.parts[k].tobytes() == b.parts[k].tobytes() for k in a.parts) and a.params == b.params
+
+
+def test_encoder_refuses_non_finite_and_scalars():
+    with pytest.raises(ValueError):
+        Palette().encode(np.array([[1.0, np.inf] * 16], np.float32))
+    with pytest.raises(ValueError):
+        Palette().encode(np.float32(1.0))
+
+
+@pytest.mark.parametrize("config", [
+    {"bits": 0, "scope": "row", "group": 0, "codebook_dtype": "F16"},
+    {"bits": 9, "scope": "row", "group": 0, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "column", "group": 0, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "row", "group": 64, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "group", "group": 0, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "group", "group": 1 << 30, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F64"},
+    {"bits": True, "scope": "row", "group": 0, "codebook_dtype": "F16"},
+    {"bits": 4, "scope": "row", "group": 0},
+    {"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F16", "extra": 1},
+    "row",
+])
+def test_bad_config_raises_format_error(config):
+    with pytest.raises(FormatError):
+        Palette.from_config(config, "c")
+
+
+@pytest.mark.parametrize("params", [{"x": 1}, [], None])
+def test_bad_params_raise_format_error(params):
+    with pytest.raises(FormatError):
+        Palette().part_specs(params, (4, 32), "t")
+
+
+@pytest.mark.parametrize("shape", [(), (4, -1), (4, 32.0), [4, 32]])
+def test_bad_shapes_raise_format_error(shape):
+    with pytest.raises(FormatError):
+        Palette().part_specs({}, shape, "t")
+
+
+def _hostile_cases():
+    p = Palette(3, "group", 64).encode(NORMAL).parts
+    return [
+        {**p, "indices": p["indices"][:-1]},
+        {**p, "indices": np.concatenate([p["indices"], np.zeros(1, np.uint8)])},
+        {**p, "codebook": p["codebook"][:-1]},
+        {**p, "codebook": p["codebook"][:, :4]},
+        {**p, "codebook": p["codebook"].reshape(-1)},
+        {**p, "codebook": np.full_like(p["codebook"], np.nan)},
+        {"indices": p["indices"]},
+        {**p, "extra": p["codebook"]},
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_hostile_cases())))
+def test_hostile_parts_raise_format_error(case):
+    with pytest.raises(FormatError):
+        Palette(3, "group", 64).decode(_hostile_cases()[case], {}, NORMAL.shape, "t")
+
+
+def test_random_bytes_decode_to_finite_values():
+    codec = Palette(3, "group", 16)
+    shape = (5, 40)
+    specs = codec.part_specs({}, shape, "t")
+    assert specs == {"indices": PartSpec("U8", (bitpack.packed_size(200, 3),)), "codebook": PartSpec("F16", (15, 8))}
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        parts = {"indices": rng.integers(0, 256, specs["indices"].shape, dtype=np.uint8),
+                 "codebook": rng.standard_normal((15, 8)).astype(np.float16)}
+        out = codec.decode(parts, {}, shape, "t")
+        assert np.isfinite(out).all() and np.isin(out.astype(np.float16), parts["codebook"]).all()
