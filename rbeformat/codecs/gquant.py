@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from ..spec import MAX_NDIM, MAX_TENSOR_ELEMENTS
+from ..spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 from . import bitpack
 from .base import require_int, require_keys
 from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
@@ -59,10 +59,11 @@ PACK_BLOCK = 1 << 20
 
 
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:
-    """A tensor shape must be a tuple of 1 to MAX_NDIM non-negative ints, of at most MAX_TENSOR_ELEMENTS."""
-    if (not isinstance(shape, tuple) or not 1 <= len(shape) <= MAX_NDIM
-            or not all(type(d) is int and d >= 0 for d in shape)):
+    """A shape (tuple or list) of 1 to MAX_NDIM non-negative ints and at most MAX_TENSOR_ELEMENTS, as a tuple."""
+    if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= MAX_NDIM
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise FormatError(f"{where}: expected a shape of 1 to {MAX_NDIM} dimensions, found {shape!r:.80}")
+    shape = tuple(int(d) for d in shape)
     if math.prod(shape) > MAX_TENSOR_ELEMENTS:
         raise FormatError(f"{where}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
     return shape
@@ -70,11 +71,9 @@ def check_shape(shape: Any, where: str) -> tuple[int, ...]:
 
 def group_layout(shape: tuple[int, ...], group: int) -> tuple[int, int, int]:
     """(rows, row length, groups per row); group 0 views the tensor as one row of one group."""
-    numel = int(np.prod(shape, dtype=np.int64))
     if group == 0:
-        return 1, numel, 1
-    n = shape[-1]
-    return numel // n if n else int(np.prod(shape[:-1], dtype=np.int64)), n, -(-n // group)
+        return 1, math.prod(shape), 1
+    return math.prod(shape[:-1]), shape[-1], -(-shape[-1] // group)
 
 
 def float_part(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -153,7 +152,8 @@ def _keep_better(best: list[np.ndarray] | None, new: list[np.ndarray]) -> list[n
     return [np.where(better, a, b) for a, b in zip(new, best)]
 
 
-def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
+             dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Scales (groups,) and signed codes (groups, g) minimising squared error per group.
 
     Zero padding needs no mask here: a padded 0 always gets code 0 and so adds
@@ -269,7 +269,7 @@ class GroupQuant(TensorCodec):
             raise FormatError(f"{where}.group: expected 0 or an integer in [{MIN_GROUP}, {MAX_GROUP}], found {group}")
         if config["mode"] not in MODES:
             raise FormatError(f"{where}.mode: expected one of {MODES}, found {config['mode']!r:.40}")
-        if config["scale_dtype"] not in FLOAT_DTYPES:
+        if config["scale_dtype"] not in tuple(FLOAT_DTYPES):
             raise FormatError(f"{where}.scale_dtype: expected one of {sorted(FLOAT_DTYPES)}, "
                               f"found {config['scale_dtype']!r:.40}")
         return cls(bits, group, config["mode"], config["scale_dtype"])
@@ -285,7 +285,7 @@ class GroupQuant(TensorCodec):
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
         shape = check_shape(shape, f"{where}.shape")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)
         specs = {"codes": PartSpec("U8", (bitpack.packed_size(numel, self.code_bits),)),
                  "scales": PartSpec(self.scale_dtype, self._scale_shape(shape))}
         if self.mode == "asym":
@@ -294,10 +294,8 @@ class GroupQuant(TensorCodec):
 
     def bits(self, params: Any, shape: tuple[int, ...]) -> int:
         """Exact payload bits of all parts stored raw."""
-        specs = self.part_specs(params, tuple(shape), "gquant")
-        return sum(int(np.prod(spec.shape, dtype=np.int64)) * (8 if spec.dtype == "U8" else
-                                                                np.dtype(FLOAT_DTYPES[spec.dtype]).itemsize * 8)
-                   for spec in specs.values())
+        specs = self.part_specs(params, shape, "gquant")
+        return sum(8 * DTYPES[spec.dtype].itemsize * math.prod(spec.shape) for spec in specs.values())
 
     def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
         x = np.asarray(x, dtype=np.float32)
@@ -328,9 +326,10 @@ class GroupQuant(TensorCodec):
 
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        shape = check_shape(shape, f"{where}.shape")
         specs = self.part_specs(params, shape, where)
         check_parts(parts, specs, where)
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)
         codes = unpack_codes(parts["codes"], self.code_bits, numel, f"{where}.codes")
         check_index_range(codes, 2 ** self.code_bits, f"{where}.codes")
         floats = {}

@@ -31,11 +31,13 @@ codebook keeps the one with the lower squared error.  No randomness is involved.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
+from ..spec import DTYPES
 from . import bitpack
 from .base import require_int, require_keys
 from .gquant import FLOAT_DTYPES, check_parts, check_shape, float_part, pack_codes, unpack_codes
@@ -53,7 +55,7 @@ BLOCK_VALUES = 1 << 21
 def _layout(shape: tuple[int, ...]) -> tuple[int, int]:
     """(rows, row length) of a tensor seen as a matrix over its last axis."""
     n = shape[-1]
-    return int(np.prod(shape[:-1], dtype=np.int64)), n
+    return math.prod(shape[:-1]), n
 
 
 def _count_below(sorted_rows: np.ndarray, queries: np.ndarray, strict: bool) -> np.ndarray:
@@ -147,14 +149,17 @@ def _exact_when_few(sorted_rows: np.ndarray, k: int, books: np.ndarray) -> np.nd
     """
     new = np.ones(sorted_rows.shape, bool)
     new[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
-    rank = np.cumsum(new, axis=1) - 1
-    few = rank[:, -1] < k
-    if not few.any():
+    few = np.nonzero(new.sum(axis=1) <= k)[0]
+    if not few.size:
         return books
-    exact = np.repeat(sorted_rows[:, -1:].astype(np.float64), k, axis=1)
-    r, c = np.nonzero(new & few[:, None])
-    exact[r, rank[r, c]] = sorted_rows[r, c]
-    return np.where(few[:, None], exact, books)
+    values, starts = sorted_rows[few], new[few]
+    rank = np.cumsum(starts, axis=1) - 1
+    exact = np.repeat(values[:, -1:].astype(np.float64), k, axis=1)
+    r, c = np.nonzero(starts)
+    exact[r, rank[r, c]] = values[r, c]
+    books = books.copy()
+    books[few] = exact
+    return books
 
 
 def nearest(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
@@ -218,7 +223,7 @@ class Palette(TensorCodec):
             group = require_int(config["group"], f"{where}.group", MIN_GROUP, MAX_GROUP)
         else:
             group = require_int(config["group"], f"{where}.group", 0, 0)
-        if config["codebook_dtype"] not in FLOAT_DTYPES:
+        if config["codebook_dtype"] not in tuple(FLOAT_DTYPES):
             raise FormatError(f"{where}.codebook_dtype: expected one of {sorted(FLOAT_DTYPES)}, "
                               f"found {config['codebook_dtype']!r:.40}")
         return cls(bits, config["scope"], group, config["codebook_dtype"])
@@ -233,23 +238,19 @@ class Palette(TensorCodec):
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Any tensor of at least one dimension whose codebooks are smaller than the tensor itself."""
-        if len(shape) < 1:
-            return False
-        numel = int(np.prod(shape, dtype=np.int64))
-        return self._codebooks(shape) * 2 ** self.code_bits <= numel
+        return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2 ** self.code_bits <= math.prod(shape)
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
         shape = check_shape(shape, f"{where}.shape")
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)
         return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.code_bits),)),
                 "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.code_bits))}
 
     def bits(self, params: Any, shape: tuple[int, ...]) -> int:
         """Exact payload bits of both parts stored raw."""
-        specs = self.part_specs(params, tuple(shape), "palette")
-        entries = int(np.prod(specs["codebook"].shape, dtype=np.int64))
-        return specs["indices"].shape[0] * 8 + entries * np.dtype(FLOAT_DTYPES[self.codebook_dtype]).itemsize * 8
+        specs = self.part_specs(params, shape, "palette")
+        return sum(8 * DTYPES[spec.dtype].itemsize * math.prod(spec.shape) for spec in specs.values())
 
     def _batches(self, rows: int, n: int) -> list[tuple[int, int, int]]:
         """Column ranges [start, stop) of equal-length segments, with segment length.
@@ -293,9 +294,10 @@ class Palette(TensorCodec):
 
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        shape = check_shape(shape, f"{where}.shape")
         specs = self.part_specs(params, shape, where)
         check_parts(parts, specs, where)
-        numel = int(np.prod(shape, dtype=np.int64))
+        numel = math.prod(shape)
         k = 2 ** self.code_bits
         idx = unpack_codes(parts["indices"], self.code_bits, numel, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
@@ -146,6 +148,8 @@ def test_encoder_refuses_non_finite_and_scalars():
     {"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "BF16"},
     {"bits": 4.0, "group": 32, "mode": "sym", "scale_dtype": "F16"},
     {"bits": 4, "group": 32, "mode": "sym"},
+    {"bits": 4, "group": 32, "mode": ["sym"], "scale_dtype": ["F16"]},
+    {"bits": 4, "group": 32, "mode": "sym", "scale_dtype": {"F16": 1}},
     {"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "F16", "extra": 1},
     [],
 ])
@@ -160,7 +164,7 @@ def test_bad_params_raise_format_error(params):
         GroupQuant().part_specs(params, (4, 32), "t")
 
 
-@pytest.mark.parametrize("shape", [(), (4, -1), (4.0, 32), [4, 32], "4x32", (1 << 30, 1 << 30), (1,) * 9])
+@pytest.mark.parametrize("shape", [(), (4, -1), (4.0, 32), (True, 32), "4x32", (1 << 30, 1 << 30), (1,) * 9])
 def test_bad_shapes_raise_format_error(shape):
     with pytest.raises(FormatError):
         GroupQuant().part_specs({}, shape, "t")
@@ -199,3 +203,28 @@ def test_random_bytes_decode_to_finite_values_or_format_error():
         parts = {"codes": rng.integers(0, 256, specs["codes"].shape, dtype=np.uint8),
                  "scales": rng.standard_normal(specs["scales"].shape).astype(np.float16)}
         assert np.isfinite(codec.decode(parts, {}, shape, "t")).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
+       bits=st.integers(2, 8), group=st.sampled_from([0, 16, 17, 32, 256]), mode=st.sampled_from(["sym", "asym"]),
+       scale=st.floats(1e-6, 1e4), seed=st.integers(0, 2 ** 16))
+def test_any_shape_round_trips_within_the_grid_step(shape, bits, group, mode, scale, seed):
+    codec = GroupQuant(bits, group, mode, "F32")
+    x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    enc = codec.encode(x)
+    assert sum(p.nbytes for p in enc.parts.values()) * 8 == codec.bits(enc.params, shape)
+    out = codec.decode(enc.parts, enc.params, shape, "t")
+    # No value is further from its reconstruction than the whole span of its
+    # group: a loose bound that still catches a wrong scale, offset or layout.
+    assert out.shape == x.shape and (x.size == 0 or np.abs(out - x).max() <= 2.01 * np.abs(x).max())
+    if x.size >= 16 and group:
+        assert rel_error(x, out) < 3.0 / (2 ** bits - 1)
+
+
+def test_doctest():
+    import doctest
+
+    from rbeformat.codecs import gquant
+
+    assert doctest.testmod(gquant).failed == 0
