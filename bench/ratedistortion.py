@@ -106,7 +106,8 @@ class Method:
 class Result:
     model: str
     method: Method
-    per_tensor: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)  # bits, err2, norm2, n
+    # name -> (stored bits, raw payload bits, squared error, squared norm, weights)
+    per_tensor: dict[str, tuple[float, float, float, float, int]] = field(default_factory=dict)
     encode_s: float = 0.0
     decode_s: float = 0.0
     note: str = ""
@@ -114,19 +115,17 @@ class Result:
 
     def aggregate(self, names: list[str] | None = None) -> dict:
         names = list(self.per_tensor) if names is None else [n for n in names if n in self.per_tensor]
-        bits = sum(self.per_tensor[n][0] for n in names)
-        err2 = sum(self.per_tensor[n][1] for n in names)
-        norm2 = sum(self.per_tensor[n][2] for n in names)
-        count = sum(self.per_tensor[n][3] for n in names)
+        bits, raw, err2, norm2, count = (sum(self.per_tensor[n][i] for n in names) for i in range(5))
         rel = math.sqrt(err2 / norm2) if norm2 else float("nan")
-        return {"bpw": bits / count if count else float("nan"), "rel_error": rel,
+        return {"bpw": bits / count if count else float("nan"), "raw_bpw": raw / count if count else float("nan"),
+                "rel_error": rel,
                 "snr_db": -20 * math.log10(rel) if rel > 0 else float("inf"), "weights": count}
 
 
 def gquant_settings(quick: bool) -> list[Method]:
     must = {(4, 32, "sym"), (4, 64, "asym"), (5, 32, "sym"), (3, 64, "asym"), (2, 64, "asym")}
     grid = [(b, g, "sym") for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
-    grid += [(b, g, "asym") for b in (2, 3, 4, 5) for g in (32, 64, 128)]
+    grid += [(b, g, "asym") for b in (2, 3, 4, 5) for g in (32, 64, 128)] + [(2, 256, "asym"), (3, 256, "asym")]
     out = []
     for bits, group, mode in grid:
         extra = "" if mode == "sym" else ", mode=asym"
@@ -163,8 +162,17 @@ def other_rbe_settings() -> list[Method]:
 
 
 def seed_settings() -> list[tuple[str, str, bool]]:
-    """(chain, setting, quick) for the seed codec's 4, 3 and 2 bits-per-weight settings."""
-    return [(f"seed(bpw={b})", f"{b} bpw", b == 3) for b in (4, 3, 2)]
+    """(chain, setting, quick) for the seed codec at 4, 3 and 2 bits per weight.
+
+    A block of C weights costs (seed_bits + rank * coef_bits + exp_bits) / C bits:
+    (16 + 3*4 + 4) / 8 = 4, (16 + 4*4 + 4) / 12 = 3, (16 + 4*3 + 4) / 16 = 2.
+    """
+    out = []
+    for block, rank, coef, quick in ((8, 3, 4, False), (12, 4, 4, True), (16, 4, 3, False)):
+        bpw = (16 + rank * coef + 4) / block
+        out.append((f"seed(block={block}, rank={rank}, coef_bits={coef}, exp_bits=4, seed_bits=16)",
+                    f"{bpw:g} bpw C{block} P{rank} Q{coef}", quick))
+    return out
 
 
 # -- anchors (numpy, not rbe) -------------------------------------------------------------
@@ -323,7 +331,7 @@ def run_rbe(result: Result, tensors: list[tuple[str, np.ndarray]], workdir: str,
                 if rep == 0:
                     entry = r.stored_entry(name)
                     stored = sum(c.length for _, blob in blobs_of(entry.transform) for c in blob.chunks)
-                    result.per_tensor[name] = (8.0 * stored, *_errors(x, y), x.size)
+                    result.per_tensor[name] = (8.0 * stored, float(raw_bits(entry.transform)), *_errors(x, y), x.size)
                 del y
             best = min(best, spent)
     result.decode_s = best
@@ -340,9 +348,20 @@ def run_anchor(result: Result, tensors: list[tuple[str, np.ndarray]]) -> None:
             y = decode()
             best[rep] += time.perf_counter() - t
             if rep == 0:
-                result.per_tensor[name] = (float(bits), *_errors(x, y), x.size)
+                result.per_tensor[name] = (float(bits), float(bits), *_errors(x, y), x.size)
             del y
     result.decode_s = min(best)
+
+
+def raw_bits(transform) -> int:
+    """Bits of the parts as the codecs hand them over, before rbe's lossless packing."""
+    total = 0
+    for part in transform.parts.values():
+        if part.transform is not None:
+            total += raw_bits(part.transform)
+        else:
+            total += 8 * part.dtype.itemsize * math.prod(part.shape)
+    return total
 
 
 def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -406,7 +425,7 @@ def row_of(result: Result) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("model", "method", "setting", "bits/weight", "rel. error", "SNR dB", "encode MB/s", "decode MB/s")
+    head = ("model", "method", "setting", "bits/weight", "rel. error", "SNR dB", "encode MB/s", "decode MB/s", "raw b/w")
     body, last = [], None
     for r in rows:
         if last is not None and r["model"] != last:
@@ -414,7 +433,8 @@ def table(rows: list[dict]) -> str:
         last = r["model"]
         setting = r["setting"] + (" *" if r["note"] else "")
         body.append((r["model"], r["method"], setting, f"{r['bpw']:.3f}", f"{r['rel_error']:.4f}",
-                     f"{r['snr_db']:.1f}", _speed(r["encode_mb_s"]), _speed(r["decode_mb_s"])))
+                     f"{r['snr_db']:.1f}", _speed(r["encode_mb_s"]), _speed(r["decode_mb_s"]),
+                     f"{r['raw_bpw']:.3f}"))
     widths = [max(len(h), *(len(b[i]) for b in body if b)) for i, h in enumerate(head)]
 
     def fmt(cells):
@@ -440,7 +460,7 @@ def comparisons(results: list[Result]) -> list[str]:
 
     def desc(r: Result, names=None) -> str:
         a = r.aggregate(names)
-        return f"{r.method.label} {r.method.setting} ({a['bpw']:.3f} bpw, rel.err {a['rel_error']:.4f})"
+        return f"[{r.method.label} {r.method.setting}] ({a['bpw']:.3f} bpw, rel.err {a['rel_error']:.4f})"
 
     mini = by_model.get("minilm", [])
     if mini:
@@ -455,7 +475,7 @@ def comparisons(results: list[Result]) -> list[str]:
             best = min(rbe, key=lambda r: r.aggregate()["rel_error"])
             e1, e2 = best.aggregate()["rel_error"], anchor[0].aggregate()["rel_error"]
             verdict = "rbe lower" if e1 < e2 else "rbe NOT lower"
-            lines.append(f"  <= {budget} bpw: best rbe {desc(best)} vs GGUF {desc(anchor[0])}: "
+            lines.append(f"  <= {budget} bpw: best rbe {desc(best)} vs {desc(anchor[0])}: "
                          f"{verdict} ({e1 / e2:.2f}x the error)")
     for key, rs in by_model.items():
         low = [r for r in rs if r.method.family in SLOW_FAMILIES and r.aggregate()["bpw"] < 2.5]
@@ -558,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     notes = ["", "bits/weight: every stored byte of every part (codes, scales, codebooks, indices), after rbe's",
              "lossless packing of the parts, per Linear weight; anchors count their raw payload (fp16 scales).",
+             "raw b/w: the same before the lossless packing (packed codes and fp16/fp32 side streams as the codec",
+             "hands them over); the gap to bits/weight is what entropy coding of the parts saves.",
              "rel. error: sqrt(sum |W - W^|^2 / sum |W|^2) over all Linear weights; SNR dB = -20 log10(rel. error).",
              "encode/decode MB/s: MB (10^6 bytes) of fp32 weights per second; rbe encode is writing the container",
              "less the writer's own verification decode, rbe decode is Reader.get_tensor (best of "

@@ -39,8 +39,9 @@ from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
 
 SCALE_MODES = ("row", "tensor")
 F16_MAX = 65504.0
-# Distance matrices are computed this many entries at a time (64 MiB of float32).
-BLOCK_ENTRIES = 1 << 24
+# Distance matrices are computed this many entries at a time: small blocks stay
+# in cache and keep the matrix library from spreading tiny products over threads.
+BLOCK_ENTRIES = 1 << 16
 # k-means++ seeding costs one pass over the sample per centroid; above this
 # many centroids a random sample of distinct vectors seeds Lloyd instead.
 KMEANSPP_MAX = 1024
@@ -58,12 +59,15 @@ def _rows(shape: tuple[int, ...]) -> int:
 def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid for every row of x, computed in blocks."""
     c = centroids.astype(np.float32)
+    ct = np.ascontiguousarray(c.T)
     half_norms = 0.5 * (c * c).sum(axis=1)
     out = np.empty(len(x), dtype=np.int64)
-    step = max(256, BLOCK_ENTRIES // max(1, len(c)))
+    step = max(64, BLOCK_ENTRIES // len(c))
+    buffer = np.empty((min(step, len(x)), len(c)), dtype=np.float32)
     for start in range(0, len(x), step):
-        # argmin ||x - c||^2 = argmin (||c||^2 / 2 - x.c): one matmul per block.
-        scores = x[start : start + step] @ c.T
+        # argmin ||x - c||^2 = argmin (||c||^2 / 2 - x.c): one small matmul per block.
+        xb = x[start : start + step]
+        scores = np.matmul(xb, ct, out=buffer[: len(xb)])
         np.subtract(half_norms, scores, out=scores)
         out[start : start + step] = scores.argmin(axis=1)
     return out
@@ -85,14 +89,16 @@ def kmeans(x: np.ndarray, weight: np.ndarray, k: int, iters: int, rng: np.random
     if k <= KMEANSPP_MAX:
         # k-means++: each new centroid drawn with probability ~ weight * distance^2.
         centroids = np.empty((k, x.shape[1]))
-        centroids[0] = x[rng.choice(m, p=weight / weight.sum())]
-        dist = ((x - centroids[0]) ** 2).sum(1)
-        for j in range(1, k):
-            p = weight * dist
-            total = p.sum()
-            pick = rng.choice(m, p=p / total) if total > 0 else rng.integers(m)
-            centroids[j] = x[pick]
-            np.minimum(dist, ((x - centroids[j]) ** 2).sum(1), out=dist)
+        norms = (x * x).sum(axis=1)
+        dist = np.full(m, np.inf)
+        pick = int(rng.choice(m, p=weight / weight.sum()))
+        for j in range(k):
+            c = x[pick]
+            centroids[j] = c
+            np.minimum(dist, np.maximum(norms - 2 * (x @ c) + c @ c, 0), out=dist)
+            cdf = np.cumsum(weight * dist)
+            pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")) if cdf[-1] > 0 else 0
+            pick = min(pick, m - 1)
     else:
         centroids = x[rng.choice(m, size=k, replace=False)].astype(np.float64)
     for _ in range(iters):
@@ -104,6 +110,14 @@ def kmeans(x: np.ndarray, weight: np.ndarray, k: int, iters: int, rng: np.random
             err = weight * ((x - centroids[assign]) ** 2).sum(1)
             centroids[empty] = x[np.argsort(-err, kind="stable")[: empty.size]]
     return centroids
+
+
+def _fit_scales(rows: np.ndarray, approx: np.ndarray) -> np.ndarray:
+    """Per row, the scale s minimising ||row - s * approx||, rounded to float16."""
+    num = (approx.astype(np.float64) * rows).sum(axis=1)
+    den = (approx.astype(np.float64) ** 2).sum(axis=1)
+    fitted = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return np.clip(fitted, -F16_MAX, F16_MAX).astype(np.float16)
 
 
 class VectorCodebook(TensorCodec):
@@ -150,20 +164,16 @@ class VectorCodebook(TensorCodec):
         rms = np.sqrt((rows.astype(np.float64) ** 2).mean(axis=1))
         scale = np.where(rms > 0, rms, 1.0)
         vectors = (rows / scale[:, None]).astype(np.float32).reshape(-1, self.dim)
-        # Each vector's error counts in the original units: weight it by scale^2.
+        # A vector's error counts in the original units: weight it by its row's scale^2.
         weight = np.repeat(scale**2, rows.shape[1] // self.dim)
         k = min(2**self.code_bits, len(vectors))
         rng = np.random.default_rng(self.seed)
+        # Train on a sample, then assign every vector once: the cost is one pass.
         sample = np.sort(rng.choice(len(vectors), size=min(len(vectors), max(self.train, k)), replace=False))
-        centroids = kmeans(vectors[sample].astype(np.float64), weight[sample], k, self.iters, rng)
+        centroids = kmeans(vectors[sample], weight[sample], k, self.iters, rng)
         codebook = np.clip(centroids, -F16_MAX, F16_MAX).astype(np.float16)
         idx = nearest(vectors, codebook)
-        # Refit each scale by least squares to the chosen codewords, then round it.
-        approx = codebook.astype(np.float32)[idx].reshape(rows.shape)
-        num = (approx.astype(np.float64) * rows).sum(axis=1)
-        den = (approx.astype(np.float64) ** 2).sum(axis=1)
-        fitted = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-        scales = np.clip(fitted, -F16_MAX, F16_MAX).astype(np.float16)
+        scales = _fit_scales(rows, codebook.astype(np.float32)[idx].reshape(rows.shape))
         parts = {"indices": bitpack.pack(idx, index_bits(k)), "codebook": codebook, "scales": scales}
         return Encoded(parts, {"k": k})
 
@@ -179,22 +189,23 @@ class VectorCodebook(TensorCodec):
             "scales": PartSpec("F16", (self._n_scales(shape),)),
         }
 
-    def bits_for(self, params: Any, shape: tuple[int, ...]) -> int:
-        return sum(8 * int(np.prod(spec.shape)) if spec.dtype == "U8" else 16 * int(np.prod(spec.shape))
-                   for spec in self.part_specs(params, shape, "vq").values())
-
     def bits(self, params: Any, shape: tuple[int, ...]) -> int:
         """Exact payload bits of all parts as stored raw."""
-        return self.bits_for(params, shape)
+        width = {"U8": 8, "F16": 16}
+        return sum(width[spec.dtype] * int(np.prod(spec.shape))
+                   for spec in self.part_specs(params, shape, "vq").values())
 
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         specs = self.part_specs(params, shape, where)
+        for name, spec in specs.items():
+            if name not in parts or np.shape(parts[name]) != spec.shape:
+                raise FormatError(f"{where}.{name}: expected a part of shape {spec.shape}")
         k = params["k"]
         n_vectors = int(np.prod(shape, dtype=np.int64)) // self.dim
         idx = bitpack.unpack(parts["indices"], index_bits(k), n_vectors, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")
-        codebook = np.asarray(parts["codebook"], dtype=np.float16).reshape(specs["codebook"].shape)
-        scales = np.asarray(parts["scales"], dtype=np.float16).reshape(-1).astype(np.float32)
-        rows = codebook.astype(np.float32)[idx].reshape(len(scales), -1)
+        codebook = np.asarray(parts["codebook"]).astype(np.float16).astype(np.float32)
+        scales = np.asarray(parts["scales"]).astype(np.float16).astype(np.float32)
+        rows = codebook[idx].reshape(len(scales), -1)
         return (rows * scales[:, None]).reshape(shape)
