@@ -64,6 +64,8 @@ def plan_conversion(src: str) -> Plan:
     names: dict[str, str] = {}
     for rel, st in safetensors:
         for t in st.tensors:
+            if t.name.startswith("rbe:"):
+                raise InputError(f"{rel}: tensor {t.name!r} uses the prefix 'rbe:', which rbe reserves")
             if t.name in names:
                 raise InputError(f"tensor {t.name!r} appears in both {names[t.name]} and {rel}")
             names[t.name] = rel
@@ -156,7 +158,7 @@ def _shared_bases(w: Writer, plan: Plan, policy: Policy) -> dict:
                 close()
         base = shared_base(vectors).astype(np.float32)
         base_name = f"rbe:base/{dtype}/{'x'.join(map(str, shape))}"
-        w.add_array(base_name, base, dedup=False)
+        w.add_array(base_name, base, dedup=False, internal=True)
         for st, t, chain in members:
             codec = NormDelta(base=base_name, mode=chain.codec.mode)
             chosen[t.name] = (Chain(codec, chain.parts), {base_name: base})

@@ -20,9 +20,9 @@ def _stored(blob) -> int:
 
 def chain_text(transform: Transform) -> str:
     """The codec chain of a transformed tensor, as ``rbe convert --codec`` would take it."""
-    items = [f"{k}={v}" for k, v in sorted(transform.codec.config().items())]
-    items += [f"{name}={chain_text(part.transform)}" for name, part in sorted(transform.parts.items())
-              if part.transform is not None]
+    chained = {name: part for name, part in transform.parts.items() if part.transform is not None}
+    items = [f"{k}={v}" for k, v in sorted(transform.codec.config().items()) if k not in chained]
+    items += [f"{name}={chain_text(part.transform)}" for name, part in sorted(chained.items())]
     return f"{transform.codec.name}({', '.join(items)})"
 
 
@@ -39,7 +39,8 @@ def tensor_rows(r: Reader) -> list[dict]:
             continue
         if entry.transform is not None:
             stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))
-            codec, stats = chain_text(entry.transform), entry.extra.get("stats", {})
+            codec, stats = chain_text(entry.transform), entry.extra.get("stats")
+            stats = stats if isinstance(stats, dict) else {}
             exact = stats.get("rel_error") == 0
             quality = "lossless (bit-exact)" if exact else _quality(stats)
         else:
@@ -57,7 +58,7 @@ def tensor_rows(r: Reader) -> list[dict]:
 
 def _quality(stats: dict) -> str:
     rel, snr = stats.get("rel_error"), stats.get("snr_db")
-    if rel is None:
+    if not isinstance(rel, (int, float)) or not isinstance(snr, (int, float, type(None))):
         return "lossy"
     return f"rel.err {rel:.4f}, SNR {snr:.1f} dB" if snr is not None else f"rel.err {rel:.4f}"
 
@@ -76,7 +77,7 @@ def totals(r: Reader) -> dict:
     # The weighted rel. error of all lossy tensors: sqrt(sum err^2 / sum x^2) needs norms; we
     # report the worst tensor and the weight-averaged one, both measured at encode time.
     rels = [(row["stats"]["rel_error"], math.prod(row["shape"])) for row in lossy
-            if row.get("stats", {}).get("rel_error") is not None]
+            if isinstance(row.get("stats", {}).get("rel_error"), (int, float))]
     return {"tensors": len(rows), "weights": weights, "tensor_bytes": tensor_bytes,
             "tensor_stored_bytes": stored, "embedded_file_bytes": files, "file_bytes": size,
             "overhead_bytes": size - stored - files,

@@ -42,7 +42,7 @@ class Chain:
     def text(self) -> str:
         if self.codec is None:
             return LOSSLESS
-        items = [f"{k}={_format(v)}" for k, v in sorted(self.codec.config().items())]
+        items = [f"{k}={_format(v)}" for k, v in sorted(self.codec.config().items()) if k not in self.parts]
         items += [f"{k}={c.text()}" for k, c in sorted(self.parts.items())]
         return f"{self.codec.name}({', '.join(items)})"
 

@@ -303,7 +303,7 @@ def _parse_file(obj: Any, where: str) -> FileEntry:
 def parse_manifest(data: bytes) -> Manifest:
     """Validates manifest bytes; raises FormatError on anything out of place."""
     try:
-        obj = json.loads(bytes(data).decode("utf-8"))
+        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"manifest: not valid UTF-8 JSON ({str(exc)[:120]})") from None
     require_keys(obj, "manifest", {"format", "version", "producer", "metadata", "tensors", "files"})
@@ -352,20 +352,35 @@ def _check_references(tensors: dict[str, TensorEntry], files: dict[str, FileEntr
         for name in f.tensors:
             if name not in tensors:
                 raise FormatError(f"file {f.path!r:.80}: lists unknown tensor {name!r:.80}")
+            if name.startswith(INTERNAL_PREFIX):
+                raise FormatError(f"file {f.path!r:.80}: lists internal tensor {name!r:.80}")
             if name in claimed:
                 raise FormatError(f"file {f.path!r:.80}: tensor {name!r:.80} is listed by two safetensors files")
             claimed.add(name)
 
 
+def _transforms(transform: Transform):
+    yield transform
+    for part in transform.parts.values():
+        if part.transform is not None:
+            yield from _transforms(part.transform)
+
+
 def _check_codec_references(entry: TensorEntry, tensors: dict[str, TensorEntry]) -> None:
-    """Tensors a codec reads (a shared base) must be stored, untransformed, internal tensors."""
-    for ref in entry.transform.codec.references():
-        target = tensors.get(ref)
-        if target is None or target.blob is None or not target.internal:
-            raise FormatError(f"tensor {entry.name!r:.80}: its codec reads {ref!r:.80}, which is not a stored "
-                              f"internal ('{INTERNAL_PREFIX}') tensor")
+    """Tensors a codec reads (a shared base), at any depth of a chain, must be stored,
+    untransformed, floating-point internal tensors: that rules out reference cycles."""
+    for transform in _transforms(entry.transform):
+        for ref in transform.codec.references():
+            target = tensors.get(ref)
+            if target is None or target.blob is None or not target.internal or target.dtype.name not in LOSSY_DTYPES:
+                raise FormatError(f"tensor {entry.name!r:.80}: its codec reads {ref!r:.80}, which is not a stored "
+                                  f"floating-point internal ('{INTERNAL_PREFIX}') tensor")
 
 
 def dump_manifest(obj: dict) -> bytes:
     """Deterministic JSON: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")

@@ -30,6 +30,8 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 def error_stats(x: np.ndarray, y: np.ndarray) -> dict:
     """How far the decoded y is from x: relative Frobenius error, SNR in dB, max |error|."""
     x64, err = x.astype(np.float64), (y.astype(np.float64) - x.astype(np.float64))
+    if not (np.isfinite(x64).all() and np.isfinite(err).all()):
+        return {"rel_error": None, "snr_db": None, "max_abs_error": None}  # JSON has no inf/NaN
     signal, noise = float(np.sqrt((x64 * x64).sum())), float(np.sqrt((err * err).sum()))
     rel = noise / signal if signal else (0.0 if noise == 0 else None)
     snr = None if noise == 0 or signal == 0 else 20 * math.log10(signal / noise)

@@ -27,7 +27,7 @@ from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import crc32, pack_footer, pack_header
-from .manifest import LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
+from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
 from .values import error_stats, from_float32, to_float32
 from .spec import (
     ALIGNMENT,
@@ -143,14 +143,14 @@ class Writer:
 
     # -- entries ---------------------------------------------------------------------
     def add_tensor(self, name: str, dtype: str, shape: Iterable[int], read_at: ReadAt, *,
-                   codec: Codec | None = None, dedup: bool = True) -> str | None:
+                   codec: Codec | None = None, dedup: bool = True, internal: bool = False) -> str | None:
         """Adds a tensor whose little-endian bytes ``read_at(offset, size)`` returns.
 
         With ``dedup`` a tensor equal (dtype, shape, bytes) to one already written
         becomes an alias of it.  Returns the name it aliases, or None.
         """
         self._require_open()
-        name = self._claim_name(name)
+        name = self._claim_name(name, internal)
         if dtype not in DTYPES:
             raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
         shape = [int(d) for d in shape]
@@ -292,11 +292,13 @@ class Writer:
             raise InputError("metadata must map strings to strings")
         self._metadata = dict(metadata)
 
-    def _claim_name(self, name: str) -> str:
+    def _claim_name(self, name: str, internal: bool = False) -> str:
         try:
             check_name(name, "tensor name")
         except RbeError as exc:
             raise InputError(str(exc)) from None
+        if name.startswith(INTERNAL_PREFIX) and not internal:
+            raise InputError(f"tensor {name!r}: names starting with {INTERNAL_PREFIX!r} are reserved for rbe")
         if name in self._names:
             raise InputError(f"tensor {name!r} added twice")
         self._names.add(name)

@@ -281,7 +281,7 @@ def test_transformed_example_is_what_the_writer_writes(tmp_path):
     chain = Chain(NormDelta("rbe:base/F32/4", "float"), {"delta": parse_chain("gquant(bits=4, group=0)", TENSOR_CODECS)})
     path = tmp_path / "transformed.rbe"
     with Writer(path, threads=1) as w:
-        w.add_array("rbe:base/F32/4", base, dedup=False)
+        w.add_array("rbe:base/F32/4", base, dedup=False, internal=True)
         w.add_transformed("ln.weight", "F32", x, chain, refs={"rbe:base/F32/4": base})
     with Reader(path) as r:
         assert r.keys() == ["ln.weight"]

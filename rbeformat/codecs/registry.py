@@ -44,6 +44,8 @@ def tensor_codec_from_record(record: Any, where: str) -> TensorCodec:
     name = record["name"]
     if not isinstance(name, str) or not isinstance(record["config"], dict):
         raise FormatError(f"{where}: expected a codec name and a config object")
+    if not isinstance(record["must_understand"], bool):
+        raise FormatError(f"{where}.must_understand: expected true or false")
     cls = TENSOR_CODECS.get(name)
     if cls is None:
         raise UnsupportedError(f"{where}: tensor codec {name!r:.40} is not known to this reader "
