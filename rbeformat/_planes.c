@@ -276,19 +276,26 @@ static PyObject *histogram(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ungroup(runs, context, dst): the inverse of group.  runs holds one buffer per
- * context value that occurs, in ascending order, each as long as that value's
- * count; dst[i] takes the next unread byte of the run of context[i]. */
+/* ungroup(runs, context, counts, dst): the inverse of group.  runs holds one
+ * buffer per context value that occurs, in ascending order; counts (256 int64)
+ * is the histogram of context, which the caller has computed anyway.  dst[i]
+ * takes the next unread byte of the run of context[i].  Every read is bounds
+ * checked, so wrong counts give an error, never a read past a run. */
 static PyObject *ungroup(PyObject *self, PyObject *args)
 {
-    PyObject *runs_obj, *ctx_obj, *dst_obj;
-    if (!PyArg_ParseTuple(args, "O!OO", &PyTuple_Type, &runs_obj, &ctx_obj, &dst_obj))
+    PyObject *runs_obj, *ctx_obj, *counts_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "O!OOO", &PyTuple_Type, &runs_obj, &ctx_obj, &counts_obj, &dst_obj))
         return NULL;
-    Py_buffer ctx, dst;
+    Py_buffer ctx, dst, cnt;
     if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
         return NULL;
+    if (get_buffer(counts_obj, &cnt, 0, "counts") < 0) {
+        PyBuffer_Release(&ctx);
+        return NULL;
+    }
     if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
         PyBuffer_Release(&ctx);
+        PyBuffer_Release(&cnt);
         return NULL;
     }
     Py_ssize_t nruns = PyTuple_GET_SIZE(runs_obj);
@@ -298,12 +305,11 @@ static PyObject *ungroup(PyObject *self, PyObject *args)
     Py_ssize_t n = ctx.len;
     const uint8_t *c = ctx.buf;
     uint8_t *d = dst.buf;
-    Py_ssize_t count[256];
-    count_bytes(c, n, count);
-    if (dst.len != n)
-        error = "context and dst must have the same size";
+    const int64_t *count = cnt.buf;
+    if (dst.len != n || cnt.len != 256 * (Py_ssize_t)sizeof(int64_t) || nruns > 256)
+        error = "context and dst must have the same size, counts 256 int64, at most 256 runs";
     int value = 0;
-    const uint8_t *base[256] = {0};
+    const uint8_t *cursor[256] = {0}, *end[256] = {0};
     for (; !error && got < nruns; got++) {
         while (value < 256 && count[value] == 0)
             value++;
@@ -320,7 +326,9 @@ static PyObject *ungroup(PyObject *self, PyObject *args)
             got++;
             break;
         }
-        base[value++] = runs[got].buf;
+        cursor[value] = runs[got].buf;
+        end[value] = cursor[value] + runs[got].len;
+        value++;
     }
     if (!error) {
         while (value < 256 && count[value] == 0)
@@ -329,17 +337,25 @@ static PyObject *ungroup(PyObject *self, PyObject *args)
             error = "fewer runs than context values";
     }
     if (!error) {
+        int overrun = 0;
         Py_BEGIN_ALLOW_THREADS
-        const uint8_t *cursor[256];
-        memcpy(cursor, base, sizeof cursor);
-        for (Py_ssize_t i = 0; i < n; i++)
-            d[i] = *cursor[c[i]]++;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint8_t v = c[i];
+            if (cursor[v] == end[v]) {
+                overrun = 1;
+                break;
+            }
+            d[i] = *cursor[v]++;
+        }
         Py_END_ALLOW_THREADS
+        if (overrun)
+            error = "counts do not match the context";
     }
     for (Py_ssize_t k = 0; k < got; k++)
         if (runs[k].obj)
             PyBuffer_Release(&runs[k]);
     PyBuffer_Release(&ctx);
+    PyBuffer_Release(&cnt);
     PyBuffer_Release(&dst);
     if (error) {
         if (*error)

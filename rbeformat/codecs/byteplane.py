@@ -94,7 +94,7 @@ def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.nda
     for i, (length, size) in enumerate(zip(lengths, sizes)):
         runs.append(unpack(stored[pos : pos + length], size, f"{where} run {i}"))
         pos += length
-    return planes.ungroup(tuple(runs), context)
+    return planes.ungroup(tuple(runs), context, counts)
 
 
 class Byteplane(Codec):

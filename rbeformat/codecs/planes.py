@@ -89,10 +89,13 @@ def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     return out
 
 
-def ungroup(runs: tuple, context: np.ndarray) -> np.ndarray:
-    """The inverse of ``group``: ``runs`` are the groups, in ascending context order."""
+def ungroup(runs: tuple, context: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of ``group``: ``runs`` are the groups, in ascending context order.
+
+    ``counts`` is ``histogram(context)`` when the caller already has it.
+    """
     if _native is None:
         return ungroup_reference(runs, context)
     out = np.empty_like(context)
-    _native.ungroup(runs, context, out)
+    _native.ungroup(runs, context, histogram(context) if counts is None else counts, out)
     return out

@@ -108,7 +108,7 @@ class SeedCodec(TensorCodec):
     chainable_parts = ()
 
     def __init__(self, block: int = 8, rank: int = 3, coef_bits: int = 4, exp_bits: int = 4,
-                 seed_bits: int = 16, candidates: int = 16):
+                 seed_bits: int = 16, candidates: int = 8):
         self.block, self.rank, self.coef_bits = block, rank, coef_bits
         self.exp_bits, self.seed_bits, self.candidates = exp_bits, seed_bits, candidates
 
