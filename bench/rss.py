@@ -298,7 +298,8 @@ def run(args) -> int:
     for path in (ckpt, rbe_file, decoded):
         if os.path.lexists(path):
             raise SystemExit(f"{path} exists; remove it or pick another --workdir")
-    need = 3.1 * args.size_gb * 1e9  # input, container (~0.9x) and the decoded copy
+    _config, planned = llama_shapes(args.size_gb * 1e9)
+    need = 3.1 * sum(s.nbytes for s in planned)  # input, container (~0.8x) and the decoded copy
     if shutil.disk_usage(workdir).free < need:
         raise SystemExit(f"{workdir}: needs about {need / 1e9:.1f} GB free")
     rows, created = [], [ckpt, rbe_file, decoded]
@@ -343,8 +344,8 @@ def run(args) -> int:
           f"decoded files byte-identical: {'yes' if identical else 'NO'} ({len(before)} files)")
     print(f"bound = 2 x largest tensor + {OVERHEAD_BYTES / 1e6:.0f} MB; peak RSS = maxrss from GNU time "
           "(sampled VmHWM without it); anon / file-backed = largest RssAnon / RssFile sampled every 20 ms")
-    os.makedirs(OUT_DIR, exist_ok=True)
-    with open(os.path.join(OUT_DIR, "rss.json"), "w") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
         json.dump({"revision": revision, "rows": rows, "container_bytes": container, "identical": identical,
                    "files": len(before), "cpu_count": os.cpu_count(), "level": args.level,
                    "threads": args.threads}, fh, indent=2)
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=os.path.join(OUT_DIR, "rss-work"),
                         help="where the checkpoint, container and decoded copy go (default bench/out/rss-work)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--json", default=os.path.join(OUT_DIR, "rss.json"), help="where the rows go")
     parser.add_argument("--level", type=int, default=None, help="passed to rbe convert --level")
     parser.add_argument("--threads", type=int, default=None, help="passed to rbe convert/decode --threads")
     return run(parser.parse_args(argv))

@@ -189,17 +189,21 @@ class Reader:
             raise ChecksumError(f"{where}: checksum mismatch at bytes {chunk.offset}..{chunk.offset + chunk.length}")
         return payload
 
-    def _release(self, chunk) -> None:
-        """Drops the decoded chunk's pages from this process's mapping.
+    def _release(self, blob: Blob) -> None:
+        """Drops a decoded blob's pages from this process's mapping.
 
         Without it, reading a whole model through the mmap leaves every page of
         the file resident in the process (RSS grows to the file size).  The
         pages stay in the OS cache; a later read maps them again.
         """
-        if _MADV_DONTNEED is None or chunk.length < _PAGE:
+        if _MADV_DONTNEED is None or not blob.chunks:
             return
-        start = chunk.offset // _PAGE * _PAGE
-        end = min(-(-(chunk.offset + chunk.length) // _PAGE) * _PAGE, self.size)
+        first = min(c.offset for c in blob.chunks)
+        last = max(c.offset + c.length for c in blob.chunks)
+        if last - first < 16 * _PAGE:
+            return  # not worth a system call
+        start = first // _PAGE * _PAGE
+        end = min(-(-last // _PAGE) * _PAGE, self.size)
         try:
             self._map.madvise(_MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
@@ -230,7 +234,6 @@ class Reader:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
                 raise FormatError(f"{chunk_where}: malformed chunk ({type(exc).__name__}: {exc})") from None
-            self._release(chunk)
 
         if len(jobs) > 1 and self.threads > 1:
             if self._pool is None:
@@ -240,6 +243,7 @@ class Reader:
         else:
             for job in jobs:
                 run(job)
+        self._release(blob)
         return out
 
     def verify(self, deep: bool = False) -> Iterator[str]:
