@@ -14,7 +14,10 @@ from .errors import ChecksumError, FormatError, UnsupportedError
 from .spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC
 
 _HEADER = struct.Struct("<8sHHI44x")  # magic, major, minor, flags, reserved
-_FOOTER = struct.Struct("<8sQQIHH28x")  # magic, manifest offset, length, crc32, major, minor
+_FOOTER = struct.Struct("<8sQQIHHB27x")  # magic, manifest offset, length, crc32, major, minor, encoding
+# How the manifest bytes are stored (footer byte 32).
+MANIFEST_JSON = 0  # UTF-8 JSON as is
+MANIFEST_ZSTD = 1  # one zstd frame (declaring its decoded size) holding the JSON
 
 
 def crc32(data) -> int:
@@ -64,10 +67,11 @@ class Footer:
     manifest_crc32: int
     major: int
     minor: int
+    manifest_encoding: int = MANIFEST_JSON
 
 
-def pack_footer(offset: int, length: int, manifest_crc: int) -> bytes:
-    return _seal(_FOOTER.pack(FOOTER_MAGIC, offset, length, manifest_crc, FORMAT_MAJOR, FORMAT_MINOR))
+def pack_footer(offset: int, length: int, manifest_crc: int, encoding: int = MANIFEST_JSON) -> bytes:
+    return _seal(_FOOTER.pack(FOOTER_MAGIC, offset, length, manifest_crc, FORMAT_MAJOR, FORMAT_MINOR, encoding))
 
 
 def unpack_footer(block: bytes) -> Footer:
@@ -76,8 +80,10 @@ def unpack_footer(block: bytes) -> Footer:
     if block[:8] != FOOTER_MAGIC:
         raise FormatError("footer: magic not found at the end of the file; the file is truncated or not rbe")
     _check_seal(block, "footer")
-    magic, offset, length, manifest_crc, major, minor = _FOOTER.unpack(block[:60])
+    magic, offset, length, manifest_crc, major, minor, encoding = _FOOTER.unpack(block[:60])
     _check_version(major, minor, "footer")
-    if any(block[32:60]):
+    if encoding not in (MANIFEST_JSON, MANIFEST_ZSTD):
+        raise FormatError(f"footer: unknown manifest encoding {encoding} (known: 0 JSON, 1 zstd)")
+    if any(block[33:60]):
         raise FormatError("footer: reserved bytes must be zero")
-    return Footer(offset, length, manifest_crc, major, minor)
+    return Footer(offset, length, manifest_crc, major, minor, encoding)

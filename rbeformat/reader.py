@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
+import zstandard
 
 from .errors import ChecksumError, FormatError, RbeError, UnsupportedError
-from .layout import crc32, unpack_footer, unpack_header
+from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
 from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, parse_manifest
 from .values import from_float32, to_float32
 from .codecs.raw import Raw
@@ -73,6 +74,8 @@ class Reader:
         raw = self._buf[footer.manifest_offset : footer.manifest_offset + footer.manifest_length]
         if crc32(raw) != footer.manifest_crc32:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
+        if footer.manifest_encoding == MANIFEST_ZSTD:
+            raw = _inflate_manifest(raw)
         return parse_manifest(raw)
 
     def _check_layout(self) -> None:
@@ -285,6 +288,23 @@ class Reader:
                 continue
             if "sha256:" + hashlib.sha256(data).hexdigest() != blob.digest:
                 yield f"{where}: decoded bytes do not match the recorded sha256 digest"
+
+
+def _inflate_manifest(frame) -> bytes:
+    """A zstd-stored manifest, its declared size checked against the cap first."""
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"manifest: not a zstd frame ({exc})") from None
+    if not 0 <= size <= MAX_MANIFEST_BYTES:
+        raise FormatError(f"manifest: declares {size} decoded bytes (limit {MAX_MANIFEST_BYTES}, size required)")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"manifest: corrupt zstd frame ({exc})") from None
+    if len(data) != size:
+        raise FormatError(f"manifest: decoded to {len(data)} bytes, declared {size}")
+    return data
 
 
 def safe_open(path: str | os.PathLike, framework: str = "numpy", **kwargs) -> Reader:

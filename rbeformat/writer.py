@@ -20,13 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
+import zstandard as zstd_codec
 
 from . import __version__
 from .codecs.base import Codec
 from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
 from .errors import InputError, OutputExistsError, RbeError
-from .layout import crc32, pack_footer, pack_header
+from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
 from .values import error_stats, from_float32, to_float32
 from .spec import (
@@ -319,12 +320,13 @@ class Writer:
         if len(manifest) > MAX_MANIFEST_BYTES:
             self.abort()
             raise InputError(f"manifest of {len(manifest)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
+        manifest, encoding = _store_manifest(manifest)
         try:
             self._pad()
             offset = self._pos
             self._write(manifest)
             self._pad()
-            self._write(pack_footer(offset, len(manifest), crc32(manifest)))
+            self._write(pack_footer(offset, len(manifest), crc32(manifest), encoding))
             assert self._pos % ALIGNMENT == 0
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -353,6 +355,18 @@ class Writer:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _store_manifest(manifest: bytes) -> tuple[bytes, int]:
+    """The manifest as stored: zstd-compressed when that saves at least 1 KiB.
+
+    A large model's manifest (chunk records, digests) shrinks about sevenfold;
+    a small one stays plain JSON, readable with any hex viewer.
+    """
+    frame = zstd_codec.ZstdCompressor(level=19, write_content_size=True).compress(manifest)
+    if len(frame) <= len(manifest) - 1024:
+        return frame, MANIFEST_ZSTD
+    return manifest, MANIFEST_JSON
 
 
 def crc32_update(crc: int, data) -> int:

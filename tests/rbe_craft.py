@@ -12,6 +12,7 @@ import json
 import struct
 
 import numpy as np
+import zstandard
 
 from rbeformat import Writer
 from rbeformat.codecs.byteplane import Byteplane
@@ -55,7 +56,10 @@ def write_sample(path) -> None:
 def split_file(data: bytes) -> tuple[bytes, dict]:
     """(everything before the manifest, the manifest as a dict)."""
     offset, length = struct.unpack("<QQ", data[-FOOTER_SIZE + 8 : -FOOTER_SIZE + 24])
-    return data[:offset], json.loads(data[offset : offset + length])
+    stored = data[offset : offset + length]
+    if data[-FOOTER_SIZE + 32] == 1:  # the writer stored the manifest zstd-compressed
+        stored = zstandard.ZstdDecompressor().decompress(stored)
+    return data[:offset], json.loads(stored)
 
 
 def serialise(manifest) -> bytes:

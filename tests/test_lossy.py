@@ -82,7 +82,12 @@ def _rewrite_manifest(path, edit):
     data = bytearray(open(path, "rb").read())
     footer = data[-64:]
     offset, length = int.from_bytes(footer[8:16], "little"), int.from_bytes(footer[16:24], "little")
-    manifest = json.loads(bytes(data[offset : offset + length]))
+    stored = bytes(data[offset : offset + length])
+    if footer[32] == 1:  # zstd-compressed manifest
+        import zstandard
+
+        stored = zstandard.ZstdDecompressor().decompress(stored)
+    manifest = json.loads(stored)
     edit(manifest)
     body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     new = bytes(data[:offset]) + body
@@ -166,3 +171,24 @@ def test_cli_codec_and_recipe_on_a_model_directory(tmp_path, capsys):
     bad.write_text('[[rule]]\nmatch = "*"\ncodec = "nonsense(bits=4)"\n')
     assert main(["convert", str(src), str(tmp_path / "b.rbe"), "--quiet", "--recipe", str(bad)]) == 3
     assert not (tmp_path / "b.rbe").exists()
+
+
+def test_large_manifests_are_stored_compressed_and_bounded(tmp_path):
+    path = tmp_path / "many.rbe"
+    with Writer(path) as w:
+        for i in range(40):
+            w.add_array(f"layer.{i}.weight", np.full(8, i, np.float32))
+    data = path.read_bytes()
+    assert data[-64 + 32] == 1  # zstd-stored manifest
+    with Reader(path) as r:
+        assert len(r.keys()) == 40 and list(r.verify()) == []
+    import zstandard
+
+    offset = int.from_bytes(data[-64 + 8 : -64 + 16], "little")
+    bomb = zstandard.ZstdCompressor().compress(b" " * (65 * 1024 * 1024))
+    hostile = data[:offset] + bomb
+    hostile += b"\0" * (-len(hostile) % 64)
+    hostile += pack_footer(offset, len(bomb), crc32(bomb), 1)
+    (tmp_path / "bomb.rbe").write_bytes(hostile)
+    with pytest.raises(FormatError, match="declares"):
+        Reader(tmp_path / "bomb.rbe")
