@@ -42,9 +42,14 @@ from .tensor import Encoded, PartSpec, TensorCodec
 
 # One search step scores this many (block, seed) pairs at once (64 MiB of float32).
 SCORE_ENTRIES = 1 << 24
-# Blocks are fitted and decoded this many at a time, to bound memory.
+# Blocks are decoded this many at a time, and fitted in chunks of this many
+# basis entries (blocks x candidates x C x P), to bound memory.
 CHUNK_BLOCKS = 1 << 15
-# Exponent trials around the smallest exponent that avoids clipping.
+CHUNK_ENTRIES = 1 << 22
+# Seed tables are built this many seeds at a time.
+TABLE_SEEDS = 4096
+# Exponent trials around the smallest exponent that avoids clipping, and sweeps
+# of coordinate descent over the integer coefficients.
 EXP_TRIALS = (-1, 0, 1)
 REFINE_SWEEPS = 1
 
@@ -66,17 +71,19 @@ def search_tables(block: int, rank: int, seed_bits: int) -> tuple[np.ndarray, np
     (the invalid seed) is all zeros.
     """
     u = basis_table(block, rank, seed_bits).astype(np.float64) / 2 ** (seed_bits - 1)
-    a, sv, bt = np.linalg.svd(u[1:], full_matrices=False)
-    keep = sv > sv[:, :1] * 1e-6  # a rank-deficient basis projects on its true span
-    inv_sv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
-    pinv = np.zeros((len(u), rank, block))
-    pinv[1:] = np.einsum("sji,sj,skj->sik", bt, inv_sv, a)
-    a = a * keep[:, None, :]
-    proj = np.einsum("sip,sjp->sij", a, a)
     iu, ju = np.triu_indices(block)
+    pinv = np.zeros((len(u), rank, block), dtype=np.float32)
     features = np.zeros((len(iu), len(u)), dtype=np.float32)
-    features[:, 1:] = (proj[:, iu, ju] * np.where(iu == ju, 1.0, 2.0)).T
-    return u.astype(np.float32), pinv.astype(np.float32), features
+    for start in range(1, len(u), TABLE_SEEDS):  # in slices of seeds, to bound memory
+        seeds = slice(start, start + TABLE_SEEDS)
+        a, sv, bt = np.linalg.svd(u[seeds], full_matrices=False)
+        keep = sv > sv[:, :1] * 1e-6  # a rank-deficient basis projects on its true span
+        inv_sv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
+        pinv[seeds] = np.einsum("sji,sj,skj->sik", bt, inv_sv, a)
+        a = a * keep[:, None, :]
+        proj = np.einsum("sip,sip->si", a[:, iu], a[:, ju])  # Pr[i, j] for i <= j
+        features[:, seeds] = (proj * np.where(iu == ju, 1.0, 2.0)).T
+    return u.astype(np.float32), pinv, features
 
 
 def _candidates(blocks: np.ndarray, features: np.ndarray, count: int) -> np.ndarray:
@@ -111,18 +118,22 @@ class SeedCodec(TensorCodec):
                  seed_bits: int = 16, candidates: int = 8):
         self.block, self.rank, self.coef_bits = block, rank, coef_bits
         self.exp_bits, self.seed_bits, self.candidates = exp_bits, seed_bits, candidates
+        try:
+            self._check(self.config(), "seed")
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
 
     def config(self) -> dict[str, Any]:
         return {"block": self.block, "rank": self.rank, "coef_bits": self.coef_bits,
                 "exp_bits": self.exp_bits, "seed_bits": self.seed_bits, "candidates": self.candidates}
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "SeedCodec":
+    @staticmethod
+    def _check(config: Any, where: str) -> None:
         require_keys(config, where, {"block", "rank", "coef_bits", "exp_bits", "seed_bits", "candidates"})
         block = require_int(config["block"], f"{where}.block", 2, 32)
         rank = require_int(config["rank"], f"{where}.rank", 1, min(block, 8))
         coef_bits = require_int(config["coef_bits"], f"{where}.coef_bits", 2, 8)
-        exp_bits = require_int(config["exp_bits"], f"{where}.exp_bits", 1, 6)
+        require_int(config["exp_bits"], f"{where}.exp_bits", 1, 6)
         seed_bits = require_int(config["seed_bits"], f"{where}.seed_bits", min(lfsr.TAPS), max(lfsr.TAPS))
         candidates = require_int(config["candidates"], f"{where}.candidates", 1, 64)
         if candidates & (candidates - 1):
@@ -130,7 +141,11 @@ class SeedCodec(TensorCodec):
         # Keeps every decode product and sum an exact float32 integer.
         if rank << (seed_bits + coef_bits - 2) > 1 << 24:
             raise FormatError(f"{where}: rank * 2**(seed_bits + coef_bits - 2) exceeds 2**24")
-        return cls(block, rank, coef_bits, exp_bits, seed_bits, candidates)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "SeedCodec":
+        cls._check(config, where)
+        return cls(**config)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and shape[-1] > 0 and shape[-1] % self.block == 0 and int(np.prod(shape)) > 0
@@ -149,7 +164,8 @@ class SeedCodec(TensorCodec):
         blocks = x.reshape(-1, self.block)
         u, pinv, features = search_tables(self.block, self.rank, self.seed_bits)
         cands = _candidates(blocks, features, self.candidates)
-        chunks = [slice(i, i + CHUNK_BLOCKS) for i in range(0, len(blocks), CHUNK_BLOCKS)]
+        size = max(1, CHUNK_ENTRIES // (self.candidates * self.block * self.rank))
+        chunks = [slice(i, i + size) for i in range(0, len(blocks), size)]
         # The exponent window reaches the largest coefficient; tinier blocks round coarser.
         top = max(int(self._ideal_exponent(_fitted(pinv, cands[c], blocks[c])).max()) for c in chunks)
         low, high = self._bias_range()
@@ -225,7 +241,9 @@ class SeedCodec(TensorCodec):
 
     def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        self.part_specs(params, shape, where)
+        for name, spec in self.part_specs(params, shape, where).items():
+            if name not in parts or np.shape(parts[name]) != spec.shape:
+                raise FormatError(f"{where}.{name}: expected a part of shape {spec.shape}")
         n = int(np.prod(shape, dtype=np.int64)) // self.block
         seeds = bitpack.unpack(parts["seeds"], self.seed_bits, n, f"{where}.seeds")
         if n and int(seeds.min()) == 0:

@@ -131,21 +131,30 @@ class VectorCodebook(TensorCodec):
                  iters: int = 12, seed: int = 0):
         self.dim, self.code_bits, self.scale = dim, bits, scale
         self.train, self.iters, self.seed = train, iters, seed
+        try:
+            self._check(self.config(), "vq")
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "bits": self.code_bits, "scale": self.scale, "train": self.train,
                 "iters": self.iters, "seed": self.seed}
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "VectorCodebook":
+    @staticmethod
+    def _check(config: Any, where: str) -> None:
         require_keys(config, where, {"dim", "bits", "scale", "train", "iters", "seed"})
         if config["scale"] not in SCALE_MODES:
             raise FormatError(f"{where}.scale: expected one of {SCALE_MODES}, found {config['scale']!r:.40}")
-        return cls(require_int(config["dim"], f"{where}.dim", 2, 8),
-                   require_int(config["bits"], f"{where}.bits", 4, 16), config["scale"],
-                   require_int(config["train"], f"{where}.train", 1, 1 << 24),
-                   require_int(config["iters"], f"{where}.iters", 0, 1000),
-                   require_int(config["seed"], f"{where}.seed", 0, 2**32 - 1))
+        require_int(config["dim"], f"{where}.dim", 2, 8)
+        require_int(config["bits"], f"{where}.bits", 4, 16)
+        require_int(config["train"], f"{where}.train", 1, 1 << 24)
+        require_int(config["iters"], f"{where}.iters", 0, 1000)
+        require_int(config["seed"], f"{where}.seed", 0, 2**32 - 1)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "VectorCodebook":
+        cls._check(config, where)
+        return cls(**config)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and shape[-1] > 0 and shape[-1] % self.dim == 0 and int(np.prod(shape)) > 0
@@ -208,4 +217,5 @@ class VectorCodebook(TensorCodec):
         codebook = np.asarray(parts["codebook"]).astype(np.float16).astype(np.float32)
         scales = np.asarray(parts["scales"]).astype(np.float16).astype(np.float32)
         rows = codebook[idx].reshape(len(scales), -1)
-        return (rows * scales[:, None]).reshape(shape)
+        with np.errstate(invalid="ignore", over="ignore"):  # stored inf and NaN are data
+            return (rows * scales[:, None]).reshape(shape)

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack, lfsr
@@ -169,6 +171,8 @@ def test_hostile_parts():
     for name in enc.parts:
         with pytest.raises(FormatError):
             codec.decode({**enc.parts, name: enc.parts[name][:-1]}, enc.params, shape, "t")
+        with pytest.raises(FormatError):
+            codec.decode({k: v for k, v in enc.parts.items() if k != name}, enc.params, shape, "t")
     seeds = bitpack.unpack(enc.parts["seeds"], 10, 16)
     seeds[3] = 0
     with pytest.raises(FormatError, match="seed 0"):
@@ -183,3 +187,32 @@ def test_hostile_parts():
         y = codec.decode(parts, {"exp_bias": bias}, shape, "t")
         assert np.isfinite(y).all() and y.tobytes() == reference_decode(codec, parts, {"exp_bias": bias},
                                                                          shape).tobytes()
+
+
+def test_doctests():
+    import doctest
+
+    from rbeformat.codecs import seed
+
+    assert doctest.testmod(lfsr).failed == 0 and doctest.testmod(seed).failed == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=30, max_size=30), st.integers(-200, 200))
+def test_random_part_bytes_decode_or_raise_format_error(data, bias):
+    codec = SeedCodec(block=8, rank=3, seed_bits=12)
+    shape = (2, 24)  # 6 blocks: 9 seed bytes, 9 coefficient bytes, 3 exponent bytes
+    parts = {"seeds": np.frombuffer(data[:9], np.uint8), "coeffs": np.frombuffer(data[9:18], np.uint8),
+             "exponents": np.frombuffer(data[18:21], np.uint8)}
+    try:
+        y = codec.decode(parts, {"exp_bias": bias}, shape, "t")
+    except FormatError:
+        return
+    assert y.shape == shape and np.isfinite(y).all()
+    assert y.tobytes() == reference_decode(codec, parts, {"exp_bias": bias}, shape).tobytes()
+
+
+def test_constructor_refuses_bad_settings_with_value_error():
+    for kwargs in ({"block": 7, "rank": 8}, {"seed_bits": 20}, {"candidates": 6}, {"coef_bits": 8, "rank": 8}):
+        with pytest.raises(ValueError):
+            SeedCodec(**kwargs)

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
@@ -168,3 +170,34 @@ def test_decode_math_is_codebook_times_scale_in_float32():
     s = scales.astype(np.float32)
     expected = np.array([np.r_[c[1], c[0]] * s[0], np.r_[c[0], c[1]] * s[1]], np.float32)
     assert y.tobytes() == expected.tobytes()
+
+
+def test_doctest():
+    import doctest
+
+    from rbeformat.codecs import vq
+
+    assert doctest.testmod(vq).failed == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 16), st.binary(min_size=64, max_size=64), st.binary(min_size=160, max_size=160))
+def test_random_part_bytes_decode_or_raise_format_error(k, index_bytes, float_bytes):
+    codec = VectorCodebook(dim=4, bits=4)
+    shape = (4, 16)
+    specs = codec.part_specs({"k": k}, shape, "t")
+    n_index = specs["indices"].shape[0]
+    parts = {"indices": np.frombuffer(index_bytes[:n_index], np.uint8),
+             "codebook": np.frombuffer(float_bytes[: 8 * k], np.float16).reshape(k, 4),
+             "scales": np.frombuffer(float_bytes[128:136], np.float16)}
+    try:
+        y = codec.decode(parts, {"k": k}, shape, "t")
+    except FormatError:
+        return
+    assert y.shape == shape and y.dtype == np.float32
+
+
+def test_constructor_refuses_bad_settings_with_value_error():
+    for kwargs in ({"dim": 9}, {"bits": 2}, {"scale": "none"}, {"dim": 4.0}):
+        with pytest.raises(ValueError):
+            VectorCodebook(**kwargs)
