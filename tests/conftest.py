@@ -65,17 +65,7 @@ def make_model_dir(root: str, seed: int = 0, shards: int = 2) -> dict[str, np.nd
     return tensors
 
 
-def tree_digest(root: str) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    import hashlib
-
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            full = os.path.join(dirpath, f)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
+from bench.demo import tree_digest  # noqa: E402  (sha256 of every file, by relative path)
 
 
 @pytest.fixture
