@@ -14,8 +14,10 @@ when it is installed.
     python -m bench.ratedistortion --quick              # MiniLM only, fewer settings
     python -m bench.ratedistortion --models smollm2
 
-One table is printed; its rows go to bench/out/ratedistortion.json and one plot per
-model to bench/out/ratedistortion-<model>.png.
+One table is printed; its rows and every per-tensor measurement go to
+bench/out/ratedistortion.json and one plot per model to
+bench/out/ratedistortion-<model>.png (``-quick`` is added to the names for --quick).
+``--from-json bench/out/ratedistortion.json`` rebuilds the report from a saved run.
 """
 
 from __future__ import annotations
@@ -493,28 +495,41 @@ def comparisons(results: list[Result]) -> list[str]:
             lines.append(f"  <= {budget} bpw: best rbe {desc(best)} vs {desc(anchor[0])}: "
                          f"{verdict} ({e1 / e2:.2f}x the error)")
     for key, rs in by_model.items():
-        low = [r for r in rs if r.method.family in VECTOR_FAMILIES and r.aggregate()["bpw"] < 2.5]
-        lines.append(f"{MODELS[key][0]}, below 2.5 bpw: vector/seed codecs against scalar round-to-nearest:")
+        low = sorted((r for r in rs if r.method.family in VECTOR_FAMILIES and r.aggregate()["bpw"] < 2.5),
+                     key=lambda r: r.aggregate()["bpw"])
+        lines.append(f"{MODELS[key][0]}, below 2.5 bpw: vq/seed against scalar quantizers at no more bits "
+                     "(each on the same tensors):")
         if not low:
             lines.append("  no vq or seed row below 2.5 bpw")
             continue
-        best = min(low, key=lambda r: r.aggregate()["rel_error"])
-        names = list(best.per_tensor)
-        budget = best.aggregate()["bpw"]
-        where = f" (on {best.note})" if best.note else ""
-        lines.append(f"  best vq/seed: {desc(best)}{where}")
-        for fams, what in ((("RTN sym", "RTN asym"), "best RTN"), (("rbe gquant sym", "rbe gquant asym"),
-                                                                   "best rbe gquant (optimised scalar)")):
-            cands = [r for r in rs if r.method.family in fams]
-            fit = [r for r in cands if r.aggregate(names)["bpw"] <= budget + 1e-9]
-            if fit:
-                other = min(fit, key=lambda r: r.aggregate(names)["rel_error"])
-                e1, e2 = best.aggregate()["rel_error"], other.aggregate(names)["rel_error"]
-                lines.append(f"  {what} at <= {budget:.3f} bpw{' on the same layers' if best.note else ''}: "
-                             f"{desc(other, names)}; vq/seed error is {e1 / e2:.2f}x")
-            elif cands:
-                cheapest = min(cands, key=lambda r: r.aggregate(names)["bpw"])
-                lines.append(f"  {what}: none at <= {budget:.3f} bpw; the cheapest is {desc(cheapest, names)}")
+        rtn = [r for r in rs if r.method.family in ("RTN sym", "RTN asym")]
+        scalar = [r for r in rs if r.method.family.startswith("rbe gquant")]
+
+        def best_at(cands, names, limit):
+            fit = [r for r in cands if r.aggregate(names)["bpw"] <= limit + 1e-9]
+            return min(fit, key=lambda r: r.aggregate(names)["rel_error"]) if fit else None
+
+        for r in low:
+            names, a = list(r.per_tensor), r.aggregate()
+            where = f", on {r.note.split(' (')[0]}" if r.note else ""
+            lines.append(f"  {desc(r)}{where}:")
+            for cands, what in ((rtn, "best RTN"), (scalar, "best rbe gquant")):
+                other = best_at(cands, names, a["bpw"])
+                if other is not None:
+                    e2 = other.aggregate(names)["rel_error"]
+                    lines.append(f"    {what} at <= {a['bpw']:.4f} bpw: {desc(other, names)}: vq/seed error "
+                                 f"{a['rel_error'] / e2:.2f}x, {'lower' if a['rel_error'] < e2 else 'NOT lower'}")
+                    continue
+                cheapest = min(cands, key=lambda c: c.aggregate(names)["bpw"], default=None)
+                text = f"    {what} at <= {a['bpw']:.4f} bpw: none"
+                if cheapest is not None:
+                    text += f" (cheapest {cheapest.aggregate(names)['bpw']:.4f} bpw)"
+                up = best_at(cands, names, 2.5)
+                if up is not None:
+                    e2 = up.aggregate(names)["rel_error"]
+                    text += (f"; best up to 2.5 bpw: {desc(up, names)}: vq/seed error {a['rel_error'] / e2:.2f}x "
+                             f"at {up.aggregate(names)['bpw'] - a['bpw']:.3f} fewer bits")
+                lines.append(text)
     return lines
 
 
@@ -566,36 +581,34 @@ def environment(threads: int) -> dict:
             "subset_layer_stride": SUBSET_LAYER_STRIDE, "rbe_tensor_codecs": sorted(TENSOR_CODECS), **versions}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer settings")
-    parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
-    parser.add_argument("--budget-s", type=float, default=900,
-                        help="an rbe setting projected to encode all weights for longer runs on every "
-                             f"{SUBSET_LAYER_STRIDE}th layer only")
-    parser.add_argument("--limit-s", type=float, default=1800,
-                        help="stop a method's encoding after this many seconds and report it as too slow")
-    args = parser.parse_args(argv)
-    models = ["minilm"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
-    try:
-        import torch
-        torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
-    except ImportError:
-        pass
+def save(path: str, results: list[Result], rows: list[dict], env: dict) -> None:
+    """The table's rows, plus every measurement per tensor (so the report can be rebuilt)."""
+    measured = [{"model": r.model, "family": r.method.family, "method": r.method.label, "setting": r.method.setting,
+                 "chain": r.method.chain, "encode_s": r.encode_s, "decode_s": r.decode_s, "note": r.note,
+                 "error": r.error, "per_tensor": {n: list(v) for n, v in r.per_tensor.items()}} for r in results]
+    with open(path, "w") as fh:
+        json.dump({"environment": env, "rows": rows, "not_measured": [m for m in measured if m["error"]],
+                   "measurements": measured,
+                   "per_tensor_fields": ["stored_bits", "raw_bits", "squared_error", "squared_norm", "weights"]},
+                  fh, indent=1)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
+def load(path: str) -> tuple[list[Result], dict]:
+    with open(path) as fh:
+        data = json.load(fh)
     results = []
-    for key in models:
-        results += run_model(key, args.quick, args.budget_s, args.limit_s, log)
+    for m in data["measurements"]:
+        r = Result(m["model"], Method(m["family"], m["method"], m["setting"], chain=m["chain"]),
+                   {n: tuple(v) for n, v in m["per_tensor"].items()}, m["encode_s"], m["decode_s"], m["note"],
+                   m["error"])
+        results.append(r)
+    return results, data["environment"]
+
+
+def report(results: list[Result], models: list[str], env: dict, suffix: str, log) -> list[dict]:
+    """Prints the table, notes and comparisons, draws the plots; returns the table's rows."""
     good = [r for r in results if not r.error and r.per_tensor]
     rows = sorted((row_of(r) for r in good), key=lambda r: (list(MODELS).index(r["key"]), r["bpw"], r["rel_error"]))
-
-    budget_s = args.budget_s
     print(table(rows))
     notes = ["", "bits/weight: every stored byte of every part (codes, scales, codebooks, indices), after rbe's",
              "lossless packing of the parts, per Linear weight; anchors count their raw payload (fp16 scales).",
@@ -604,14 +617,14 @@ def main(argv: list[str] | None = None) -> int:
              "rel. error: sqrt(sum |W - W^|^2 / sum |W|^2) over all Linear weights; SNR dB = -20 log10(rel. error).",
              "encode/decode MB/s: MB (10^6 bytes) of fp32 weights per second; rbe encode is writing the container",
              "less the writer's own verification decode, rbe decode is Reader.get_tensor (best of "
-             f"{DECODE_REPEATS} passes)."]
+             f"{env['decode_repeats']} passes)."]
     noted = [r for r in rows if r["note"]]
     if noted:
         notes.append(f"* measured on part of the weights; the row aggregates only those (an rbe setting projected "
-                     f"to encode all weights in more than {budget_s:.0f} s continues after the first layer on "
-                     f"every {SUBSET_LAYER_STRIDE}th layer only):")
+                     f"to encode all weights in more than {env['budget_s']:.0f} s continues after the first layer on "
+                     f"every {env['subset_layer_stride']}th layer only):")
         notes += [f"  {r['model']} {r['method']} {r['setting']}: {r['note']}, {r['weights']:,} weights" for r in noted]
-    if not hqq_version():
+    if not env.get("hqq"):
         notes.append("HQQ not installable here: no HQQ rows.")
     for r in results:
         if r.error:
@@ -624,14 +637,52 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(OUT_DIR, exist_ok=True)
     for key in models:
-        path = os.path.join(OUT_DIR, f"ratedistortion-{key}.png")
+        path = os.path.join(OUT_DIR, f"ratedistortion-{key}{suffix}.png")
         plot(rows, key, path)
         log(f"plot: {os.path.relpath(path)}")
-    failed = [{"model": r.model, "method": r.method.label, "setting": r.method.setting, "chain": r.method.chain,
-               "error": r.error} for r in results if r.error]
-    with open(os.path.join(OUT_DIR, "ratedistortion.json"), "w") as fh:
-        json.dump({"environment": environment(max(1, min(8, os.cpu_count() or 1))), "rows": rows,
-                   "not_measured": failed}, fh, indent=2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer settings")
+    parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
+    parser.add_argument("--budget-s", type=float, default=900,
+                        help="an rbe setting projected to encode all weights for longer runs on every "
+                             f"{SUBSET_LAYER_STRIDE}th layer only")
+    parser.add_argument("--limit-s", type=float, default=1800,
+                        help="stop a method's encoding after this many seconds and report it as too slow")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: rebuild the table, comparisons and plots from a saved run")
+    args = parser.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.from_json:
+        results, env = load(args.from_json)
+        models = [k for k in MODELS if any(r.model == k for r in results)]
+        report(results, models, env, "-quick" if env.get("quick") else "", log)
+        return 0
+    models = ["minilm"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    threads = max(1, min(8, os.cpu_count() or 1))
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    results = []
+    for key in models:
+        results += run_model(key, args.quick, args.budget_s, args.limit_s, log)
+    env = {**environment(threads), "budget_s": args.budget_s, "limit_s": args.limit_s, "quick": args.quick}
+    suffix = "-quick" if args.quick else ""
+    rows = report(results, models, env, suffix, log)
+    path = os.path.join(OUT_DIR, f"ratedistortion{suffix}.json")
+    save(path, results, rows, env)
+    log(f"rows and per-tensor measurements: {os.path.relpath(path)}")
     return 0
 
 
