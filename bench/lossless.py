@@ -187,35 +187,42 @@ class PlainZstd(Method):
 class RbeByteplane(Method):
     """rbe's byteplane codec chunk by chunk, decoding into slices of one output like the reader."""
 
-    def __init__(self, level: int, pool: ThreadPoolExecutor | None, split_gain: float = DEFAULT_SPLIT_GAIN):
-        self.level, self.pool, self.split_gain = level, pool, split_gain
+    def __init__(self, level: int, pool: ThreadPoolExecutor | None, split_gain: float = DEFAULT_SPLIT_GAIN,
+                 chunk_bytes: int | None = None):
+        self.level, self.pool, self.split_gain, self.fixed_chunk = level, pool, split_gain, chunk_bytes
         self.label = "rbe byteplane " + level_name(level) + (" max-ratio" if split_gain == 0 else "")
+        if chunk_bytes:
+            self.label += f" ({chunk_bytes >> 10} KiB chunks)"
 
     def setup(self, dataset):
         self.dtype = DTYPES[dataset.dtype]
-        self.codec = Byteplane(level=self.level, split_gain=self.split_gain).for_dtype(self.dtype)
-        self.chunk_bytes = self.codec.chunk_items(self.dtype) * self.dtype.itemsize
+        items = self.fixed_chunk // self.dtype.itemsize if self.fixed_chunk else None
+        self.base = Byteplane(level=self.level, split_gain=self.split_gain, chunk_items=items)
 
     def encode(self, name, data):
         view = memoryview(data)
-        starts = range(0, len(view), self.chunk_bytes)
-        return run_chunks(self.pool, lambda s: self._encode_one(view[s : s + self.chunk_bytes]), starts)
+        codec = self.base.for_dtype(self.dtype, len(view) // self.dtype.itemsize)  # as the writer does
+        step = codec.chunk_items(self.dtype) * self.dtype.itemsize
+        starts = range(0, len(view), step)
+        chunks = run_chunks(self.pool, lambda s: self._encode_one(codec, view[s : s + step]), starts)
+        return codec, step, chunks
 
-    def _encode_one(self, data: memoryview) -> tuple[memoryview, dict]:
-        parts, params = self.codec.encode_chunk(data, self.dtype)
+    def _encode_one(self, codec: Byteplane, data: memoryview) -> tuple[memoryview, dict]:
+        parts, params = codec.encode_chunk(data, self.dtype)
         return memoryview(b"".join(parts)), params  # one section, as the writer lays it out
 
     def stored_size(self, stored):
-        return sum(len(payload) for payload, _ in stored)
+        return sum(len(payload) for payload, _ in stored[2])
 
     def decode(self, name, stored, nbytes):
+        codec, step, chunks = stored
         out = np.empty(nbytes, dtype=np.uint8)
 
         def job(i):
-            target = out[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-            self.codec.decode_chunk(stored[i][0], stored[i][1], self.dtype, memoryview(target), name)
+            target = out[i * step : (i + 1) * step]
+            codec.decode_chunk(chunks[i][0], chunks[i][1], self.dtype, memoryview(target), name)
 
-        run_chunks(self.pool, job, range(len(stored)))
+        run_chunks(self.pool, job, range(len(chunks)))
         return out
 
 

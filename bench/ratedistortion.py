@@ -517,7 +517,7 @@ def comparisons(results: list[Result]) -> list[str]:
                 other = best_at(cands, names, a["bpw"])
                 if other is not None:
                     e2 = other.aggregate(names)["rel_error"]
-                    lines.append(f"    {what} at <= {a['bpw']:.4f} bpw: {desc(other, names)}: vq/seed error "
+                    lines.append(f"    {what} at <= {a['bpw']:.4f} bpw: {desc(other, names)}: its error "
                                  f"{a['rel_error'] / e2:.2f}x, {'lower' if a['rel_error'] < e2 else 'NOT lower'}")
                     continue
                 cheapest = min(cands, key=lambda c: c.aggregate(names)["bpw"], default=None)
@@ -527,7 +527,7 @@ def comparisons(results: list[Result]) -> list[str]:
                 up = best_at(cands, names, 2.5)
                 if up is not None:
                     e2 = up.aggregate(names)["rel_error"]
-                    text += (f"; best up to 2.5 bpw: {desc(up, names)}: vq/seed error {a['rel_error'] / e2:.2f}x "
+                    text += (f"; best up to 2.5 bpw: {desc(up, names)}: its error {a['rel_error'] / e2:.2f}x "
                              f"at {up.aggregate(names)['bpw'] - a['bpw']:.3f} fewer bits")
                 lines.append(text)
     return lines
@@ -564,7 +564,16 @@ def plot(rows: list[dict], key: str, path: str) -> None:
                  "(lines: lower envelope of each family; faint: every setting)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
+    foot = []
+    partial = [f"{r['method']} {r['setting']}" for r in mine if r["note"]]
+    if partial:
+        foot.append("on part of the layers only: " + "; ".join(partial))
+    exact = [f"{r['method']} {r['setting']}" for r in mine if r["rel_error"] == 0]
+    if exact:
+        foot.append("error 0, not drawn on the log scale: " + "; ".join(exact))
+    if foot:
+        fig.text(0.01, 0.005, "\n".join(foot), fontsize=7, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.03 * len(foot), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

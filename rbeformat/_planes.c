@@ -22,18 +22,29 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
-/* Rotating a little-endian word left by one bit moves the sign bit to bit 0 and
- * lines the exponent up with the top byte. */
-static inline uint64_t rotl1(uint64_t x, int bits)
+/* Rotating a little-endian word left moves the sign bit and the high exponent
+ * bits to the bottom, so that the top byte holds the exponent bits that vary
+ * together with the mantissa bits that depend on them.  0 <= r < bits. */
+static inline uint64_t rotl(uint64_t x, int bits, int r)
 {
     uint64_t mask = bits == 64 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
-    return ((x << 1) | (x >> (bits - 1))) & mask;
+    return r == 0 ? x : ((x << r) | (x >> (bits - r))) & mask;
 }
 
-static inline uint64_t rotr1(uint64_t x, int bits)
+static inline uint32_t rotl32(uint32_t x, int r) { return r == 0 ? x : (x << r) | (x >> (32 - r)); }
+static inline uint16_t rotl16(uint16_t x, int r) { return (uint16_t)(r == 0 ? x : (x << r) | (x >> (16 - r))); }
+
+static int check_rotation(int width, int rotate)
 {
-    uint64_t mask = bits == 64 ? ~(uint64_t)0 : (((uint64_t)1 << bits) - 1);
-    return ((x >> 1) | ((x & 1) << (bits - 1))) & mask;
+    if (width != 1 && width != 2 && width != 4 && width != 8) {
+        PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8");
+        return -1;
+    }
+    if (rotate < 0 || rotate >= 8 * width) {
+        PyErr_SetString(PyExc_ValueError, "rotate must be in [0, 8 * width)");
+        return -1;
+    }
+    return 0;
 }
 
 static inline uint64_t load_word(const uint8_t *p, int width)
@@ -44,17 +55,16 @@ static inline uint64_t load_word(const uint8_t *p, int width)
     return x;
 }
 
-/* split(src, width, rotate, dst): dst[k*n + i] = byte k of word i. */
+/* split(src, width, rotate, dst): dst[k*n + i] = byte k of word i after rotating
+ * it left by rotate bits. */
 static PyObject *split(PyObject *self, PyObject *args)
 {
     PyObject *src_obj, *dst_obj;
     int width, rotate;
-    if (!PyArg_ParseTuple(args, "OipO", &src_obj, &width, &rotate, &dst_obj))
+    if (!PyArg_ParseTuple(args, "OiiO", &src_obj, &width, &rotate, &dst_obj))
         return NULL;
-    if (width != 1 && width != 2 && width != 4 && width != 8) {
-        PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8");
+    if (check_rotation(width, rotate) < 0)
         return NULL;
-    }
     Py_buffer src, dst;
     if (get_buffer(src_obj, &src, 0, "src") < 0)
         return NULL;
@@ -73,12 +83,12 @@ static PyObject *split(PyObject *self, PyObject *args)
     Py_ssize_t n = src.len / width;
     int bits = 8 * width;
     Py_BEGIN_ALLOW_THREADS
-    if (width == 4 && rotate) {
+    if (width == 4) {
         uint8_t *d0 = d, *d1 = d + n, *d2 = d + 2 * n, *d3 = d + 3 * n;
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t x;
             memcpy(&x, s + 4 * i, 4);
-            x = (x << 1) | (x >> 31);
+            x = rotl32(x, rotate);
             d0[i] = (uint8_t)x;
             d1[i] = (uint8_t)(x >> 8);
             d2[i] = (uint8_t)(x >> 16);
@@ -89,16 +99,13 @@ static PyObject *split(PyObject *self, PyObject *args)
         for (Py_ssize_t i = 0; i < n; i++) {
             uint16_t x;
             memcpy(&x, s + 2 * i, 2);
-            if (rotate)
-                x = (uint16_t)((x << 1) | (x >> 15));
+            x = rotl16(x, rotate);
             d0[i] = (uint8_t)x;
             d1[i] = (uint8_t)(x >> 8);
         }
     } else {
         for (Py_ssize_t i = 0; i < n; i++) {
-            uint64_t x = load_word(s + (Py_ssize_t)width * i, width);
-            if (rotate)
-                x = rotl1(x, bits);
+            uint64_t x = rotl(load_word(s + (Py_ssize_t)width * i, width), bits, rotate);
             for (int k = 0; k < width; k++)
                 d[k * n + i] = (uint8_t)(x >> (8 * k));
         }
@@ -109,18 +116,21 @@ static PyObject *split(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* join(planes, width, rotate, dst): the inverse of split; planes is a tuple of
- * width buffers of n bytes each. */
+/* join(planes, width, rotate, dst): the inverse of split (the words are rotated
+ * right by rotate bits); planes is a tuple of width buffers of n bytes each. */
 static PyObject *join(PyObject *self, PyObject *args)
 {
     PyObject *planes_obj, *dst_obj;
     int width, rotate;
-    if (!PyArg_ParseTuple(args, "O!ipO", &PyTuple_Type, &planes_obj, &width, &rotate, &dst_obj))
+    if (!PyArg_ParseTuple(args, "O!iiO", &PyTuple_Type, &planes_obj, &width, &rotate, &dst_obj))
         return NULL;
-    if ((width != 1 && width != 2 && width != 4 && width != 8) || PyTuple_GET_SIZE(planes_obj) != width) {
-        PyErr_SetString(PyExc_ValueError, "width must be 1, 2, 4 or 8, with one plane per byte");
+    if (check_rotation(width, rotate) < 0)
+        return NULL;
+    if (PyTuple_GET_SIZE(planes_obj) != width) {
+        PyErr_SetString(PyExc_ValueError, "join needs one plane per byte of the word");
         return NULL;
     }
+    int back = rotate == 0 ? 0 : 8 * width - rotate; /* rotating left by this undoes it */
     Py_buffer dst, pl[8];
     if (get_buffer(dst_obj, &dst, 1, "dst") < 0)
         return NULL;
@@ -144,20 +154,18 @@ static PyObject *join(PyObject *self, PyObject *args)
         uint8_t *d = dst.buf;
         int bits = 8 * width;
         Py_BEGIN_ALLOW_THREADS
-        if (width == 4 && rotate) {
+        if (width == 4) {
             const uint8_t *s0 = s[0], *s1 = s[1], *s2 = s[2], *s3 = s[3];
             for (Py_ssize_t i = 0; i < n; i++) {
                 uint32_t x = (uint32_t)s0[i] | ((uint32_t)s1[i] << 8) | ((uint32_t)s2[i] << 16) |
                              ((uint32_t)s3[i] << 24);
-                x = (x >> 1) | (x << 31);
+                x = rotl32(x, back);
                 memcpy(d + 4 * i, &x, 4);
             }
         } else if (width == 2) {
             const uint8_t *s0 = s[0], *s1 = s[1];
             for (Py_ssize_t i = 0; i < n; i++) {
-                uint16_t x = (uint16_t)(s0[i] | (s1[i] << 8));
-                if (rotate)
-                    x = (uint16_t)((x >> 1) | (x << 15));
+                uint16_t x = rotl16((uint16_t)(s0[i] | (s1[i] << 8)), back);
                 memcpy(d + 2 * i, &x, 2);
             }
         } else {
@@ -165,8 +173,7 @@ static PyObject *join(PyObject *self, PyObject *args)
                 uint64_t x = 0;
                 for (int k = 0; k < width; k++)
                     x |= (uint64_t)s[k][i] << (8 * k);
-                if (rotate)
-                    x = rotr1(x, bits);
+                x = rotl(x, bits, back);
                 for (int k = 0; k < width; k++)
                     d[(Py_ssize_t)width * i + k] = (uint8_t)(x >> (8 * k));
             }
@@ -365,15 +372,184 @@ static PyObject *ungroup(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+
+/* Loads up to 8 bytes little-endian; fewer near the end of a buffer. */
+static inline uint64_t load_le(const uint8_t *p, Py_ssize_t avail)
+{
+    uint64_t x = 0;
+    if (avail >= 8) {
+        memcpy(&x, p, 8);
+        return x; /* little-endian hosts only; see the check at module init */
+    }
+    for (Py_ssize_t k = 0; k < avail; k++)
+        x |= (uint64_t)p[k] << (8 * k);
+    return x;
+}
+
+/* Eight values of b bits fill exactly b bytes, so each group of eight elements
+ * reads (8 - low) bytes of the high stream and low bytes of the low stream. */
+static inline __attribute__((always_inline)) void join_fields_body(const uint8_t *hi, Py_ssize_t hi_len,
+                                                                   const uint8_t *lo, Py_ssize_t lo_len, int low,
+                                                                   uint8_t *d, Py_ssize_t n, Py_ssize_t g)
+{
+    const int high = 8 - low;
+    const uint64_t hmask = ((uint64_t)1 << high) - 1, lmask = ((uint64_t)1 << low) - 1;
+    /* Whole groups with 8 readable bytes in both streams: fixed shifts, no branches. */
+    for (; 8 * g + 8 <= n && g * high + 8 <= hi_len && g * low + 8 <= lo_len; g++) {
+        uint64_t h, l, w = 0;
+        memcpy(&h, hi + g * high, 8);
+        memcpy(&l, lo + g * low, 8);
+        for (int e = 0; e < 8; e++)
+            w |= (((h >> (e * high)) & hmask) << low | ((l >> (e * low)) & lmask)) << (8 * e);
+        memcpy(d + 8 * g, &w, 8);
+    }
+    for (; 8 * g < n; g++) {
+        Py_ssize_t ho = g * high, lo_off = g * low;
+        uint64_t h = load_le(hi + ho, hi_len - ho), l = load_le(lo + lo_off, lo_len - lo_off);
+        Py_ssize_t count = n - 8 * g < 8 ? n - 8 * g : 8;
+        for (int e = 0; e < count; e++)
+            d[8 * g + e] = (uint8_t)((((h >> (e * high)) & hmask) << low) | ((l >> (e * low)) & lmask));
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#include <cpuid.h>
+#define HAVE_PDEP_PATH 1
+/* With BMI2, one deposit per stream scatters eight packed fields into the
+ * high or low bits of eight bytes. */
+__attribute__((target("bmi2"))) static Py_ssize_t join_fields_pdep(const uint8_t *hi, Py_ssize_t hi_len,
+                                                                   const uint8_t *lo, Py_ssize_t lo_len, int low,
+                                                                   uint8_t *d, Py_ssize_t n)
+{
+    const int high = 8 - low;
+    const uint64_t lbyte = ((uint64_t)1 << low) - 1;
+    const uint64_t lmask = lbyte * 0x0101010101010101ULL, hmask = ~lmask;
+    Py_ssize_t g = 0;
+    for (; 8 * g + 8 <= n && g * high + 8 <= hi_len && g * low + 8 <= lo_len; g++) {
+        uint64_t h, l;
+        memcpy(&h, hi + g * high, 8);
+        memcpy(&l, lo + g * low, 8);
+        uint64_t w = _pdep_u64(h, hmask) | _pdep_u64(l, lmask);
+        memcpy(d + 8 * g, &w, 8);
+    }
+    return g; /* groups done; the caller finishes the rest */
+}
+
+/* AMD processors before Zen 3 (family 0x19) run pdep in microcode, much slower
+ * than the plain loop. */
+static int pdep_is_fast(void)
+{
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("bmi2"))
+        return 0;
+    if (!__builtin_cpu_is("amd"))
+        return 1;
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    unsigned int family = (a >> 8) & 0xf;
+    if (family == 0xf)
+        family += (a >> 20) & 0xff;
+    return family >= 0x19;
+}
+#endif
+
+static int use_pdep = 0;
+
+/* join_fields(high, low_stream, low, dst): dst[i] = (high value i << low) | low value i,
+ * where the high values are packed at 8 - low bits and the low values at low
+ * bits (the bit packing of the lossy codecs: value i at bits [i*b, (i+1)*b)). */
+static PyObject *join_fields(PyObject *self, PyObject *args)
+{
+    PyObject *hi_obj, *lo_obj, *dst_obj;
+    int low;
+    if (!PyArg_ParseTuple(args, "OOiO", &hi_obj, &lo_obj, &low, &dst_obj))
+        return NULL;
+    if (low < 1 || low > 7) {
+        PyErr_SetString(PyExc_ValueError, "low must be in [1, 7]");
+        return NULL;
+    }
+    Py_buffer hi, lo, dst;
+    if (get_buffer(hi_obj, &hi, 0, "high") < 0)
+        return NULL;
+    if (get_buffer(lo_obj, &lo, 0, "low_stream") < 0) {
+        PyBuffer_Release(&hi);
+        return NULL;
+    }
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
+        PyBuffer_Release(&hi);
+        PyBuffer_Release(&lo);
+        return NULL;
+    }
+    Py_ssize_t n = dst.len;
+    int ok = hi.len == (n * (8 - low) + 7) / 8 && lo.len == (n * low + 7) / 8;
+    if (ok) {
+        const uint8_t *h = hi.buf, *l = lo.buf;
+        uint8_t *d = dst.buf;
+        Py_BEGIN_ALLOW_THREADS
+        Py_ssize_t g = 0;
+#ifdef HAVE_PDEP_PATH
+        if (use_pdep)
+            g = join_fields_pdep(h, hi.len, l, lo.len, low, d, n);
+#endif
+        switch (low) { /* constant field widths let the compiler unroll the group loop */
+        case 1: join_fields_body(h, hi.len, l, lo.len, 1, d, n, g); break;
+        case 2: join_fields_body(h, hi.len, l, lo.len, 2, d, n, g); break;
+        case 3: join_fields_body(h, hi.len, l, lo.len, 3, d, n, g); break;
+        case 4: join_fields_body(h, hi.len, l, lo.len, 4, d, n, g); break;
+        case 5: join_fields_body(h, hi.len, l, lo.len, 5, d, n, g); break;
+        case 6: join_fields_body(h, hi.len, l, lo.len, 6, d, n, g); break;
+        default: join_fields_body(h, hi.len, l, lo.len, 7, d, n, g); break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&dst);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "high and low_stream must hold exactly the packed sizes of dst's values");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_bit_deposit(flag) -> previous: turns the BMI2 path of join_fields on or off
+ * (it stays off where the processor lacks it), so tests can check both paths. */
+static PyObject *set_bit_deposit(PyObject *self, PyObject *args)
+{
+    int flag;
+    if (!PyArg_ParseTuple(args, "p", &flag))
+        return NULL;
+    int previous = use_pdep;
+#ifdef HAVE_PDEP_PATH
+    use_pdep = flag && __builtin_cpu_supports("bmi2");
+#endif
+    return PyBool_FromLong(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"set_bit_deposit", set_bit_deposit, METH_VARARGS, "set_bit_deposit(flag) -> previous: BMI2 path on or off."},
     {"split", split, METH_VARARGS, "split(src, width, rotate, dst): words to byte planes."},
     {"join", join, METH_VARARGS, "join(planes, width, rotate, dst): byte planes to words."},
     {"group", group, METH_VARARGS, "group(values, context, dst): stable counting sort by context."},
     {"histogram", histogram, METH_VARARGS, "histogram(context, dst): counts of each byte value."},
+    {"join_fields", join_fields, METH_VARARGS, "join_fields(high, low_stream, low, dst): bytes from two bit fields."},
     {"ungroup", ungroup, METH_VARARGS, "ungroup(grouped, context, dst): inverse of group."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planes", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__planes(void)
+{
+    const uint16_t probe = 1;
+    if (*(const uint8_t *)&probe != 1) { /* the fast loads assume little-endian words */
+        PyErr_SetString(PyExc_ImportError, "rbeformat._planes supports little-endian hosts only");
+        return NULL;
+    }
+#ifdef HAVE_PDEP_PATH
+    use_pdep = pdep_is_fast();
+#endif
+    return PyModule_Create(&module);
+}

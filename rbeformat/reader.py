@@ -212,6 +212,11 @@ class Reader:
         except (OSError, ValueError):
             pass
 
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads)
+        return self._pool
+
     def _decode_blob(self, blob: Blob, where: str) -> np.ndarray:
         if blob.codec is None:
             raise UnsupportedError(f"{where}: {blob.unsupported}")
@@ -239,9 +244,7 @@ class Reader:
                 raise FormatError(f"{chunk_where}: malformed chunk ({type(exc).__name__}: {exc})") from None
 
         if len(jobs) > 1 and self.threads > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads)
-            for _ in self._pool.map(run, jobs):
+            for _ in self._thread_pool().map(run, jobs):
                 pass
         else:
             for job in jobs:

@@ -158,7 +158,7 @@ class Writer:
         if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
             raise InputError(f"tensor {name!r}: invalid shape {shape}")
         items = math.prod(shape)
-        codec = (codec or self.codec).for_dtype(DTYPES[dtype])
+        codec = (codec or self.codec).for_dtype(DTYPES[dtype], items)
         if dedup:
             digest = _digest(read_at, items * DTYPES[dtype].itemsize)
             key = (dtype, tuple(shape), digest)
@@ -235,7 +235,7 @@ class Writer:
 
     def _lossless_blob(self, arr: np.ndarray, dtype: str) -> dict:
         data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        codec = Byteplane().for_dtype(DTYPES[dtype])
+        codec = Byteplane().for_dtype(DTYPES[dtype], arr.size)
         hasher = hashlib.sha256()
         chunks = self._encode_chunks(codec, dtype, arr.size, lambda o, n: data[o : o + n], hasher)
         return {"codec": codec.describe(), "digest": "sha256:" + hasher.hexdigest(), "chunks": chunks}

@@ -38,18 +38,20 @@ def grid_bf16(n: int, seed: int) -> np.ndarray:
 
 
 def write_sample(path) -> None:
-    """A few-KB file with multi-chunk, alias, raw, empty and split tensors and an embedded file."""
+    """A few-KB file with multi-chunk, alias, raw, empty, split and fields tensors and an embedded file."""
     rng = np.random.RandomState(7)
     weights = rng.standard_normal(300).astype("<f4")
     with Writer(path, force=True, codec=Byteplane(chunk_items=128), threads=1) as w:
         w.add_array("a.f32", weights)
         w.add_array("b.alias", weights.copy())
-        w.add_array("c.grid", grid_bf16(4096, 8), dtype="BF16", codec=Byteplane(chunk_items=4096))
+        w.add_array("c.grid", grid_bf16(4096, 8), dtype="BF16", codec=Byteplane("rotl1", chunk_items=4096))
         w.add_array("d.ids", np.arange(-10, 10, dtype="<i8").reshape(4, 5))
         w.add_array("e.raw", np.arange(16, dtype="<f4"), codec=Raw())
         w.add_array("f.empty", np.zeros((0, 3), "<f4"))
         w.add_file("config.json", b'{"hidden_size": 16, "layers": 2}\n' * 4)
         w.add_file("sub/notes.txt", b"n" * 40)
+        bf16 = ((np.abs(rng.standard_normal(1024)) * 0.02).astype("<f4").view("<u4") >> 16).astype("<u2")
+        w.add_array("g.rotated", bf16, dtype="BF16", codec=Byteplane())
         w.set_metadata({"origin": "rbe tests"})
 
 

@@ -208,6 +208,7 @@ def test_sample_is_sound_and_covers_every_region(sample, scratch):
         assert r.entry("b.alias").alias_of == "a.f32"
         assert r.entry("e.raw").blob.codec_record["name"] == "raw"
         assert "split" in {m for c in r.entry("c.grid").blob.chunks for m, _ in c.params["planes"]}
+        assert "fields" in {m for c in r.entry("g.rotated").blob.chunks for m, _ in c.params["planes"]}
         assert padding(r) and len(sample) < 16 * 1024
 
 

@@ -160,6 +160,23 @@ def _bad_split_table(payload: bytearray) -> bytes:
     return bytes(payload)
 
 
+def _bad_fields_count(payload: bytearray) -> bytes:
+    payload[0] = 8  # the fields plane comes first; its low bit count must be 1 to 7
+    return bytes(payload)
+
+
+def _short_fields_plane(area, m):
+    """A fields plane of 3 bytes: too short for the packed high bits of 1024 bytes."""
+    c = chunk("g.rotated")(m)
+    (_, fields_len), (top_method, top_len) = c["params"]["planes"]
+    top = area[c["offset"] + fields_len : c["offset"] + fields_len + top_len]
+    payload = area[c["offset"] : c["offset"] + 3] + top
+    area, offset = append_section(area, payload)
+    c.update(offset=offset, length=len(payload), crc32=crc32(payload),
+             params={**c["params"], "planes": [["fields", 3], [top_method, top_len]]})
+    return area
+
+
 def _new_file_payload(payload: bytes):
     """Gives config.json one new section holding ``payload``."""
     def apply(area, m):
@@ -340,8 +357,17 @@ CASES = [
     # Planes decode top first, then 0, 1, 2; the top plane keeps its place.
     pytest.param(planes(lambda p: [["raw", 127], [p[1][0], p[1][1] + p[0][1] - 127], p[2], p[3]]), READ,
                  FormatError, "raw plane holds 127 bytes, expected 128", id="raw plane length"),
-    pytest.param(put(chunk("a.f32"), "params", {"plane": []}), READ, FormatError, "missing key(s) ['planes']",
+    pytest.param(put(chunk("a.f32"), "params", {"plane": []}), READ, FormatError, "missing key(s) ['planes', 'rotate']",
                  id="params missing planes"),
+    pytest.param(put(chunk("a.f32"), "params", {"planes": [["raw", 128]] * 4}), READ, FormatError,
+                 "missing key(s) ['rotate']", id="rotl chunk without rotation"),
+    pytest.param(put(chunk("c.grid"), "params", {"planes": [["raw", 4096]] * 2, "rotate": 1}), READ, FormatError,
+                 "unexpected key(s) ['rotate']", id="rotl1 chunk with rotation"),
+    pytest.param(edit_manifest(lambda m: chunk("a.f32")(m)["params"].update(rotate=32)), READ, FormatError,
+                 "params.rotate: expected an integer in [0, 31]", id="rotation too wide"),
+    pytest.param(_payload_edit(chunk("g.rotated"), _bad_fields_count), READ, FormatError,
+                 "starts with its low bit count", id="fields low bit count"),
+    pytest.param(edit_area(_short_fields_plane), READ, FormatError, "cannot hold its", id="fields plane truncated"),
     pytest.param(_payload_edit(chunk("c.grid"), _bad_split_table), READ, FormatError, "split runs total",
                  id="split table sum"),
     pytest.param(edit_area(_short_split_plane), READ, FormatError, "cannot hold its", id="split table truncated"),

@@ -33,8 +33,9 @@ class Codec(ABC):
     def from_config(cls, config: dict[str, Any], where: str) -> "Codec":
         """Builds the codec from a manifest configuration, validating every field."""
 
-    def for_dtype(self, dtype: DType) -> "Codec":
-        """The codec as configured for tensors of ``dtype`` (most codecs: itself)."""
+    def for_dtype(self, dtype: DType, items: int | None = None) -> "Codec":
+        """The codec as configured for a tensor of ``dtype`` and ``items`` elements
+        (None: unknown); most codecs return themselves."""
         return self
 
     @abstractmethod

@@ -3,10 +3,15 @@
 The exponent of a trained weight takes few values while its low mantissa bits
 are close to random, so bytes of different significance are compressed apart:
 
-1. Each element is read as a little-endian word of ``itemsize`` bytes.  With
-   ``"transform": "rotl1"`` (used for floating-point dtypes) the word is rotated
-   left by one bit, which moves the sign to bit 0 and puts the whole exponent of
-   fp32 and bf16 in the top byte.
+1. Each element is read as a little-endian word of ``itemsize`` bytes and, for
+   floating-point dtypes, rotated left by a few bits.  Rotating by one moves the
+   sign to bit 0 and puts the whole exponent of fp32 and bf16 in the top byte
+   (``"transform": "rotl1"``, the only rotation of format 1.0 and 1.1).  With
+   ``"transform": "rotl"`` each chunk names its own rotation: by three, say, the
+   top byte holds the six low exponent bits with the two top mantissa bits,
+   whose distribution depends on the exponent, while the near-constant high
+   exponent bits join the sign at the bottom, where the entropy coder removes
+   them almost for free.
 2. The words are split into ``itemsize`` byte planes; plane k holds byte k of
    every word.
 3. Each plane is stored with one of three methods, chosen per chunk:
@@ -38,12 +43,19 @@ import numpy as np
 from ..errors import FormatError
 from ..spec import DTYPES, MAX_CHUNK_DECODED_BYTES, DType  # noqa: F401 (DTYPES used by the doctest)
 from . import planes
+from .bitpack import packed_size
 from .base import Codec, require_int, require_keys
 from .zstd import PLANES, pack, unpack
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
-TRANSFORMS = ("none", "rotl1")
-METHODS = ("raw", "zstd", "split")
+TRANSFORMS = ("none", "rotl1", "rotl")
+# The writer tries rotations 0..7 on a sample of each chunk, ranks them by the
+# order-0 entropy of their planes, and compresses the best few for real: the
+# estimate ignores zstd's per-block tables, so its first pick is not always best.
+ROTATIONS_TRIED = 8
+ROTATIONS_COMPRESSED = 2
+SAMPLE_ITEMS = 65536
+METHODS = ("raw", "zstd", "split", "fields")
 # Planes whose order-0 entropy is above this many bits per byte are stored raw
 # without trying zstd: the attempt costs time and cannot gain more than ~1%.
 INCOMPRESSIBLE_BITS = 7.9
@@ -51,6 +63,11 @@ INCOMPRESSIBLE_BITS = 7.9
 # a fast zstd level's Huffman stage catches that; above this, raw it is.
 NEARLY_RANDOM_BITS = 7.995
 FAST_LEVEL = 1
+# A plane method that decodes more slowly (raw, then fields, then zstd) is
+# taken only if it saves at least this fraction of the plane.
+DECODE_SLACK = 0.002
+# Low bits of a plane whose order-0 entropy is at most this are "nearly constant".
+NEAR_CONSTANT_BITS = 0.1
 # Within a split plane, a group is compressed only if that makes it this much smaller.
 MIN_RUN_SAVING = 0.97
 # A split plane decodes several times slower than a zstd or raw one (a gather
@@ -67,6 +84,21 @@ def _entropy_bits(plane: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def rotation_candidates(data: memoryview, width: int) -> list[int]:
+    """Rotations worth compressing, best first by the order-0 entropy of a sample's planes."""
+    words = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    step = max(1, len(words) // SAMPLE_ITEMS)
+    sample = np.ascontiguousarray(words[::step]).reshape(-1)
+    if sample.size == 0:
+        return [1]
+    costs = []
+    for r in range(min(ROTATIONS_TRIED, 8 * width)):
+        grid = planes.split(sample, width, r).reshape(width, -1)
+        costs.append(sum(_entropy_bits(plane) for plane in grid))
+    order = sorted(range(len(costs)), key=lambda r: (costs[r], r))  # ties: the smaller rotation
+    return order[:ROTATIONS_COMPRESSED]
+
+
 def _encode_split(plane: np.ndarray, context: np.ndarray, level: int) -> bytes:
     grouped = planes.group(plane, context)
     counts = planes.histogram(context)
@@ -79,6 +111,37 @@ def _encode_split(plane: np.ndarray, context: np.ndarray, level: int) -> bytes:
         start += count
     table = struct.pack(f"<{len(runs)}I", *(len(r) for r in runs))
     return table + b"".join(runs)
+
+
+def _constant_low_bits(counts: np.ndarray, n: int) -> int:
+    """How many low bits of a plane are nearly constant (0 if none), for ``fields``.
+
+    Packed, such bits compress to almost nothing; packed bits that vary
+    would lose zstd its byte-aligned symbols, so only near-constant ones count.
+    """
+    best = 0
+    for low in range(1, 8):
+        folded = counts.reshape(-1, 1 << low).sum(axis=0)
+        p = folded[folded > 0] / max(n, 1)
+        if float(-(p * np.log2(p)).sum()) <= NEAR_CONSTANT_BITS:
+            best = low
+    return best
+
+
+def _encode_fields(plane: np.ndarray, low: int, level: int) -> bytes:
+    high, low_values = planes.split_fields(plane, low)
+    return bytes([low]) + high.tobytes() + pack(low_values, level)
+
+
+def _decode_fields(stored: memoryview, n: int, where: str) -> np.ndarray:
+    if len(stored) < 1 or not 1 <= stored[0] <= 7:
+        raise FormatError(f"{where}: a fields plane starts with its low bit count, 1 to 7")
+    low = stored[0]
+    end = 1 + packed_size(n, 8 - low)
+    if len(stored) < end:
+        raise FormatError(f"{where}: fields plane of {len(stored)} bytes cannot hold its {end - 1} bytes of high bits")
+    low_values = unpack(stored[end:], packed_size(n, low), f"{where} low bits")
+    return planes.join_fields(stored[1:end], low_values, low, n)
 
 
 def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.ndarray:
@@ -97,26 +160,40 @@ def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.nda
     return planes.ungroup(tuple(runs), context, counts)
 
 
+def balanced_chunk_items(itemsize: int, items: int | None) -> int:
+    """Elements per chunk: at most 4 MiB, and all chunks of a tensor of ``items``
+    elements (None: unknown) of nearly equal size, which balances threads."""
+    largest = max(1, DEFAULT_CHUNK_BYTES // itemsize)
+    if not items:
+        return largest
+    return -(-items // -(-items // largest))
+
+
 class Byteplane(Codec):
     """Lossless, bit-exact for every dtype; see the module docstring."""
 
     name = "byteplane"
     lossless = True
 
-    def __init__(self, transform: str = "rotl1", chunk_items: int | None = None, level: int = PLANES,
+    def __init__(self, transform: str | None = None, chunk_items: int | None = None, level: int = PLANES,
                  split_gain: float = DEFAULT_SPLIT_GAIN):
-        if transform not in TRANSFORMS:
+        # transform None: chosen by for_dtype ("rotl" for floats, "none" otherwise).
+        if transform is not None and transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}")
         self.transform = transform
         self.items = chunk_items
         self.level = level
         self.split_gain = split_gain
 
-    def for_dtype(self, dtype: DType) -> "Byteplane":
-        """The codec bound to ``dtype``: rotation for floats, 4 MiB chunks unless set."""
-        transform = "rotl1" if dtype.is_float else "none"
-        items = self.items or max(1, DEFAULT_CHUNK_BYTES // dtype.itemsize)
-        return Byteplane(transform, items, self.level, self.split_gain)
+    def for_dtype(self, dtype: DType, items: int | None = None) -> "Byteplane":
+        """The codec bound to ``dtype``: per-chunk rotation for floats.
+
+        Unless set, chunks hold at most 4 MiB and a tensor of ``items``
+        elements is cut into chunks of nearly equal size.
+        """
+        transform = self.transform or ("rotl" if dtype.is_float else "none")
+        return Byteplane(transform, self.items or balanced_chunk_items(dtype.itemsize, items), self.level,
+                         self.split_gain)
 
     def config(self) -> dict[str, Any]:
         return {"transform": self.transform, "chunk_items": self.items}
@@ -134,8 +211,20 @@ class Byteplane(Codec):
 
     def encode_chunk(self, data: memoryview, dtype: DType) -> tuple[list[bytes], dict[str, Any]]:
         width = dtype.itemsize
+        if self.transform != "rotl":
+            parts, methods = self._encode_rotated(data, width, 1 if self.transform == "rotl1" else 0)
+            return parts, {"planes": methods}
+        best = None
+        for r in rotation_candidates(data, width):
+            parts, methods = self._encode_rotated(data, width, r)
+            if best is None or sum(len(p) for p in parts) < sum(len(p) for p in best[1]):
+                best = (r, parts, methods)
+        r, parts, methods = best
+        return parts, {"planes": methods, "rotate": r}
+
+    def _encode_rotated(self, data: memoryview, width: int, rotate: int) -> tuple[list[bytes], list]:
         n = len(data) // width
-        all_planes = planes.split(data, width, self.transform == "rotl1").reshape(width, n)
+        all_planes = planes.split(data, width, rotate).reshape(width, n)
         top = all_planes[width - 1]
         parts, methods = [], []
         for k in range(width):
@@ -143,18 +232,30 @@ class Byteplane(Codec):
             method, stored = self._encode_plane(all_planes[k], top if k < width - 1 else None, min_saving)
             parts.append(stored)
             methods.append([method, len(stored)])
-        return parts, {"planes": methods}
+        return parts, methods
 
     def _encode_plane(self, plane: np.ndarray, context: np.ndarray | None, min_saving: float) -> tuple[str, bytes]:
         candidates = [("raw", plane.tobytes())]
         entropy = _entropy_bits(plane)
         if entropy < INCOMPRESSIBLE_BITS:
-            candidates.append(("zstd", pack(plane, self.level)))
+            frame = ("zstd", pack(plane, self.level))
         elif entropy < NEARLY_RANDOM_BITS:
             # Only the entropy coder can gain here; zstd's fastest level has the same one.
-            candidates.append(("zstd", pack(plane, FAST_LEVEL)))
+            frame = ("zstd", pack(plane, FAST_LEVEL))
+        else:
+            frame = None
         # On ties the earlier (simpler) method wins, which keeps output deterministic.
-        best = min(candidates, key=lambda c: len(c[1]))
+        low = _constant_low_bits(planes.histogram(plane), len(plane))
+        if low:
+            # Near-constant low bits (the high exponent bits after a rotation)
+            # cost almost nothing this way, and decode far faster than zstd.
+            candidates.append(("fields", _encode_fields(plane, low, self.level)))
+        # Candidates are in order of decoding speed; a slower one must save
+        # DECODE_SLACK of the plane to be taken.  Ties keep output deterministic.
+        if frame is not None:
+            candidates.append(frame)
+        smallest = min(len(c[1]) for c in candidates)
+        best = next(c for c in candidates if len(c[1]) <= smallest + DECODE_SLACK * len(plane))
         if context is not None and len(plane) >= 4096:
             split = _encode_split(plane, context, self.level)
             if len(split) < len(best[1]) - min_saving:
@@ -164,28 +265,38 @@ class Byteplane(Codec):
     def decode_chunk(self, payload: memoryview, params: Any, dtype: DType, out: memoryview, where: str) -> None:
         width = dtype.itemsize
         n = len(out) // width
-        require_keys(params, f"{where}.params", {"planes"})
+        rotate = self._rotation(params, width, where)
         methods = params["planes"]
         if not isinstance(methods, list) or len(methods) != width:
             raise FormatError(f"{where}.params.planes: expected a list of {width} planes")
+        stored, pos = [], 0
         for k, entry in enumerate(methods):
             if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in METHODS):
                 raise FormatError(f"{where}.params.planes[{k}]: expected [method, length] with method in {METHODS}")
-            require_int(entry[1], f"{where}.params.planes[{k}][1]", 0, len(payload))
-        if sum(e[1] for e in methods) != len(payload):
-            raise FormatError(f"{where}: planes total {sum(e[1] for e in methods)} bytes, section holds {len(payload)}")
+            length = require_int(entry[1], f"{where}.params.planes[{k}][1]", 0, len(payload))
+            if entry[0] == "raw" and length != n:
+                raise FormatError(f"{where} plane {k}: raw plane holds {length} bytes, expected {n}")
+            stored.append(payload[pos : pos + length])
+            pos += length
+        if pos != len(payload):
+            raise FormatError(f"{where}: planes total {pos} bytes, section holds {len(payload)}")
         if methods[width - 1][0] == "split":
             raise FormatError(f"{where}: the top plane is the context and cannot itself be split")
-        starts = np.cumsum([0] + [e[1] for e in methods])
         decoded: list = [None] * width
         for k in [width - 1] + list(range(width - 1)):  # the context plane first
-            method, length = methods[k]
-            stored = payload[starts[k] : starts[k] + length]
-            plane_where = f"{where} plane {k}"
+            method, plane_where = methods[k][0], f"{where} plane {k}"
             if method == "split":
-                decoded[k] = _decode_split(stored, np.frombuffer(decoded[width - 1], np.uint8), plane_where)
-            elif method == "raw" and length != n:
-                raise FormatError(f"{plane_where}: raw plane holds {length} bytes, expected {n}")
+                decoded[k] = _decode_split(stored[k], np.frombuffer(decoded[width - 1], np.uint8), plane_where)
+            elif method == "fields":
+                decoded[k] = _decode_fields(stored[k], n, plane_where)
             else:
-                decoded[k] = unpack(stored, n, plane_where)
-        planes.join(tuple(decoded), width, self.transform == "rotl1", out)
+                decoded[k] = unpack(stored[k], n, plane_where)
+        planes.join(tuple(decoded), width, rotate, out)
+
+    def _rotation(self, params: Any, width: int, where: str) -> int:
+        """The chunk's rotation: fixed by the transform, or named by the chunk for ``rotl``."""
+        if self.transform != "rotl":
+            require_keys(params, f"{where}.params", {"planes"})
+            return 1 if self.transform == "rotl1" else 0
+        require_keys(params, f"{where}.params", {"planes", "rotate"})
+        return require_int(params["rotate"], f"{where}.params.rotate", 0, 8 * width - 1)

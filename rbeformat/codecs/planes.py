@@ -1,10 +1,11 @@
 """Byte-plane transforms: the numpy reference and the C fast path.
 
 ``split`` turns n little-endian words of ``width`` bytes into ``width`` planes of
-n bytes (plane k holds byte k of every word), after optionally rotating every
-word left by one bit; ``join`` is its inverse.  ``group`` is a stable counting
+n bytes (plane k holds byte k of every word), after rotating every word left by
+``rotate`` bits (0 <= rotate < 8 * width); ``join`` is its inverse.  ``group`` is a stable counting
 sort of a byte plane by a context plane; ``ungroup`` undoes it from the groups
-(one buffer per context value present).  The numpy
+(one buffer per context value present).  ``join_fields`` rebuilds a plane from
+its high and low bit fields, each packed as in ``bitpack``.  The numpy
 functions define the results; the C versions in ``rbeformat._planes`` must give
 the same bytes and are used when they were built.
 """
@@ -12,6 +13,8 @@ the same bytes and are used when they were built.
 from __future__ import annotations
 
 import numpy as np
+
+from . import bitpack
 
 try:  # The extension is optional: a build without a compiler still works.
     from .. import _planes as _native
@@ -26,20 +29,29 @@ def has_native() -> bool:
     return _native is not None
 
 
-def split_reference(data, width: int, rotate: bool) -> np.ndarray:
-    words = np.frombuffer(data, dtype=_WORD[width])
-    if rotate:
-        bits = _WORD[width](8 * width - 1)
-        words = (words << _WORD[width](1)) | (words >> bits)
+def _check_rotation(width: int, rotate: int) -> None:
+    if width not in _WORD or not 0 <= rotate < 8 * width:
+        raise ValueError("width must be 1, 2, 4 or 8 and rotate in [0, 8 * width)")
+
+
+def _rotl(words: np.ndarray, width: int, r: int) -> np.ndarray:
+    if r == 0:
+        return words
+    word = _WORD[width]
+    return (words << word(r)) | (words >> word(8 * width - r))
+
+
+def split_reference(data, width: int, rotate: int) -> np.ndarray:
+    _check_rotation(width, rotate)
+    words = _rotl(np.frombuffer(data, dtype=_WORD[width]), width, rotate)
     return np.ascontiguousarray(words.view(np.uint8).reshape(-1, width).T).reshape(-1)
 
 
-def join_reference(planes, width: int, rotate: bool, out) -> None:
+def join_reference(planes, width: int, rotate: int, out) -> None:
+    _check_rotation(width, rotate)
     grid = np.stack([np.frombuffer(p, dtype=np.uint8) for p in planes])
     words = np.ascontiguousarray(grid.T).view(_WORD[width]).reshape(-1)
-    if rotate:
-        bits = _WORD[width](8 * width - 1)
-        words = (words >> _WORD[width](1)) | (words << bits)
+    words = _rotl(words, width, (8 * width - rotate) % (8 * width))
     np.frombuffer(out, dtype=np.uint8)[:] = words.view(np.uint8)
 
 
@@ -54,7 +66,7 @@ def ungroup_reference(runs: tuple, context: np.ndarray) -> np.ndarray:
     return out
 
 
-def split(data, width: int, rotate: bool) -> np.ndarray:
+def split(data, width: int, rotate: int) -> np.ndarray:
     """The planes of ``data`` back to back: plane k is bytes [k*n, (k+1)*n)."""
     if _native is None:
         return split_reference(data, width, rotate)
@@ -63,7 +75,7 @@ def split(data, width: int, rotate: bool) -> np.ndarray:
     return out
 
 
-def join(planes: tuple, width: int, rotate: bool, out) -> None:
+def join(planes: tuple, width: int, rotate: int, out) -> None:
     """Writes the words rebuilt from ``planes`` (a tuple of buffers) into ``out``."""
     if _native is None:
         join_reference(planes, width, rotate, out)
@@ -98,4 +110,29 @@ def ungroup(runs: tuple, context: np.ndarray, counts: np.ndarray | None = None) 
         return ungroup_reference(runs, context)
     out = np.empty_like(context)
     _native.ungroup(runs, context, histogram(context) if counts is None else counts, out)
+    return out
+
+
+def split_fields(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
+    """The high ``8 - low`` and the low ``low`` bits of every byte, each packed."""
+    mask = np.uint8((1 << low) - 1)
+    return bitpack.pack(plane >> np.uint8(low), 8 - low), bitpack.pack(plane & mask, low)
+
+
+def join_fields_reference(high, low_stream, low: int, n: int) -> np.ndarray:
+    h = bitpack.unpack(np.frombuffer(high, np.uint8), 8 - low, n).astype(np.uint8)
+    lo = bitpack.unpack(np.frombuffer(low_stream, np.uint8), low, n).astype(np.uint8)
+    return (h << np.uint8(low)) | lo
+
+
+def join_fields(high, low_stream, low: int, n: int) -> np.ndarray:
+    """The inverse of ``split_fields`` for a plane of ``n`` bytes; the sizes must be exact."""
+    if not 1 <= low <= 7:
+        raise ValueError("low must be in [1, 7]")
+    if len(high) != bitpack.packed_size(n, 8 - low) or len(low_stream) != bitpack.packed_size(n, low):
+        raise ValueError("high and low_stream must hold exactly the packed sizes of n values")
+    if _native is None:
+        return join_fields_reference(high, low_stream, low, n)
+    out = np.empty(n, dtype=np.uint8)
+    _native.join_fields(high, low_stream, low, out)
     return out

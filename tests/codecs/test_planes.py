@@ -9,9 +9,11 @@ pytestmark = pytest.mark.skipif(not planes.has_native(), reason="C extension not
 
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
-@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("rotate", [0, 1, 3, 7, 9, 63])
 @pytest.mark.parametrize("n", [0, 1, 7, 4099])
 def test_split_and_join_match_reference(width, rotate, n):
+    if rotate >= 8 * width:
+        pytest.skip("rotation wider than the word")
     data = np.random.default_rng(width * 100 + n).integers(0, 256, n * width, dtype=np.uint8).tobytes()
     native = planes.split(data, width, rotate)
     reference = planes.split_reference(data, width, rotate)
@@ -25,9 +27,25 @@ def test_split_and_join_match_reference(width, rotate, n):
 
 def test_rotation_moves_sign_to_bit_zero():
     x = np.array([-1.5], np.float32).tobytes()  # sign 1, exponent 127
-    top, *_ = planes.split_reference(x, 4, True)[::-1]
+    top, *_ = planes.split_reference(x, 4, 1)[::-1]
     assert top == 127  # the whole exponent lands in the top byte
-    assert planes.split_reference(x, 4, True)[0] & 1 == 1
+    assert planes.split_reference(x, 4, 1)[0] & 1 == 1
+
+
+def test_rotation_by_three_pairs_low_exponent_bits_with_top_mantissa_bits():
+    x = np.array([-1.5], np.float32).tobytes()  # sign 1, exponent 0b01111111, mantissa 0b1000...
+    grid = planes.split_reference(x, 4, 3)
+    assert grid[3] == 0b11111110  # exponent bits 5..0, then mantissa bits 22..21
+    assert grid[0] == 0b00000101  # mantissa bits 4..0, sign, exponent bits 7..6
+
+
+@pytest.mark.parametrize("width,rotate", [(2, 16), (4, -1), (1, 8), (3, 1)])
+def test_rotation_out_of_range_is_refused(width, rotate):
+    data = bytes(24)
+    with pytest.raises(ValueError):
+        planes.split(data, width, rotate)
+    with pytest.raises(ValueError):
+        planes.split_reference(data, width, rotate)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5000])
@@ -53,3 +71,29 @@ def test_ungroup_rejects_runs_of_wrong_length():
         planes.ungroup((np.zeros(1, np.uint8), np.zeros(1, np.uint8)), context)
     with pytest.raises(ValueError):
         planes.ungroup((np.zeros(2, np.uint8),), context)
+
+
+@pytest.mark.parametrize("deposit", [False, True])
+@pytest.mark.parametrize("low", range(1, 8))
+@pytest.mark.parametrize("n", [0, 1, 8, 13, 64, 1001])
+def test_join_fields_matches_reference_on_both_paths(deposit, low, n):
+    rng = np.random.default_rng(n * 10 + low)
+    plane = rng.integers(0, 256, n, dtype=np.uint8)
+    high, low_values = planes.split_fields(plane, low)
+    previous = planes._native.set_bit_deposit(deposit)
+    try:
+        native = planes.join_fields(high.tobytes(), low_values.tobytes(), low, n)
+    finally:
+        planes._native.set_bit_deposit(previous)
+    assert native.tobytes() == planes.join_fields_reference(high, low_values, low, n).tobytes() == plane.tobytes()
+
+
+def test_join_fields_refuses_wrong_sizes():
+    assert planes.join_fields(bytes(3), bytes(1), 2, 4).tolist() == [0] * 4  # 4 x 6 bits, 4 x 2 bits
+    for high, low_values, low in [(bytes(2), bytes(1), 2), (bytes(3), bytes(2), 2), (bytes(3), bytes(1), 0),
+                                  (bytes(4), bytes(0), 8)]:
+        with pytest.raises(ValueError):
+            planes.join_fields(high, low_values, low, 4)
+        if planes.has_native() and 1 <= low <= 7:
+            with pytest.raises(ValueError):
+                planes._native.join_fields(high, low_values, low, np.empty(4, np.uint8))
