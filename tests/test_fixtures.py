@@ -22,8 +22,7 @@ from rbe_converters.hf import decode
 from rbe_converters.safetensors_io import read_header
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures", "v1")
-NAMES = ["lossless-f32", "lossless-bf16", "lossless-f16", "lossless-ints", "raw", "model-dir"]
+FIXTURES = os.path.join(ROOT, "fixtures")
 
 
 def _load_generator():
@@ -35,6 +34,8 @@ def _load_generator():
 
 
 make_fixtures = _load_generator()
+# "set/name": fixtures/v1 (format 1.0) and fixtures/v1.2 (rotations, fields planes)
+NAMES = [f"{group}/{name}" for group, names in make_fixtures.SETS.items() for name in names]
 
 
 def sha256(data) -> str:
@@ -59,7 +60,8 @@ def expected_tensors(name: str) -> dict[str, tuple[str, tuple, bytes]]:
 
 
 def test_every_fixture_is_committed():
-    found = {f.removesuffix(".rbe") for f in os.listdir(FIXTURES) if f.endswith(".rbe")}
+    found = {f"{group}/{f.removesuffix('.rbe')}" for group in make_fixtures.SETS
+             for f in os.listdir(os.path.join(FIXTURES, group)) if f.endswith(".rbe")}
     assert found == set(NAMES)
     for name in NAMES:
         for suffix in (".expected.json", ".expected.safetensors"):
@@ -112,26 +114,28 @@ def test_verifies_clean(name):
 
 def test_fixtures_cover_every_plane_method():
     """Golden files that never use a method would not protect its decoder."""
-    assert make_fixtures.plane_methods(rbe_path("lossless-f32")) == {"raw", "zstd", "split"}
-    assert "split" in make_fixtures.plane_methods(rbe_path("lossless-bf16"))
+    assert make_fixtures.plane_methods(rbe_path("v1/lossless-f32")) == {"raw", "zstd", "split"}
+    assert "split" in make_fixtures.plane_methods(rbe_path("v1/lossless-bf16"))
+    assert make_fixtures.plane_methods(rbe_path("v1.2/lossless-rotl")) == {"raw", "zstd", "fields"}
+    assert len(make_fixtures.rotations(rbe_path("v1.2/lossless-rotl"))) >= 3
 
 
 def test_fixtures_have_multi_chunk_and_empty_tensors():
-    with Reader(rbe_path("lossless-f32")) as r:
+    with Reader(rbe_path("v1/lossless-f32")) as r:
         chunk_counts = {e.name: len(e.blob.chunks) for e in r.manifest.tensors.values()}
     assert chunk_counts["weight.normal"] >= 3
     assert chunk_counts["weight.empty"] == 0
 
 
 def test_model_dir_decodes_to_the_original_files(tmp_path):
-    files = expected("model-dir")["files"]
-    with Reader(rbe_path("model-dir")) as r:
+    files = expected("v1/model-dir")["files"]
+    with Reader(rbe_path("v1/model-dir")) as r:
         assert sorted(r.files()) == sorted(files)
         for path, digest in files.items():
             if r.files()[path].role == "file":
                 assert sha256(r.read_file(path)) == digest, path
     out = tmp_path / "model"
-    decode(rbe_path("model-dir"), str(out))
+    decode(rbe_path("v1/model-dir"), str(out))
     written = {p.relative_to(out).as_posix(): sha256(p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     assert written == files
 
@@ -143,14 +147,14 @@ def test_expected_safetensors_is_readable_by_the_reference_library():
         with safetensors.safe_open(os.path.join(FIXTURES, name + ".expected.safetensors"), "np") as f:
             assert sorted(f.keys()) == sorted(tensors)
             for tensor, (dtype, shape, data) in tensors.items():
-                if dtype != "BF16":  # numpy has no bfloat16
+                if dtype not in ("BF16", "F8_E4M3"):  # numpy has no bfloat16 or fp8
                     assert f.get_tensor(tensor).tobytes() == data
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encoding_is_deterministic_and_matches_the_committed_inputs(name, tmp_path):
     """Two encodings of the same input are identical and decode to the golden tensors."""
-    fixture = make_fixtures.BUILDERS[name]()
+    fixture = make_fixtures.BUILDERS[name.split("/")[1]]()
     first, second = tmp_path / "a.rbe", tmp_path / "b.rbe"
     fixture.write(str(first))
     fixture.write(str(second))
