@@ -63,11 +63,15 @@ INCOMPRESSIBLE_BITS = 7.9
 # a fast zstd level's Huffman stage catches that; above this, raw it is.
 NEARLY_RANDOM_BITS = 7.995
 FAST_LEVEL = 1
+# Above this entropy a plane gains nothing from zstd's match search (its bytes
+# are nearly independent), so the fast level's entropy stage does the work.
+LZ_USELESS_BITS = 5.0
 # A plane method that decodes more slowly (raw, then fields, then zstd) is
 # taken only if it saves at least this fraction of the plane.
 DECODE_SLACK = 0.002
 # Low bits of a plane whose order-0 entropy is at most this are "nearly constant".
 NEAR_CONSTANT_BITS = 0.1
+FRAME_BYTES = 16  # a small lower bound on a zstd frame's header and Huffman table
 # Within a split plane, a group is compressed only if that makes it this much smaller.
 MIN_RUN_SAVING = 0.97
 # A split plane decodes several times slower than a zstd or raw one (a gather
@@ -97,6 +101,24 @@ def rotation_candidates(data: memoryview, width: int) -> list[int]:
         costs.append(sum(_entropy_bits(plane) for plane in grid))
     order = sorted(range(len(costs)), key=lambda r: (costs[r], r))  # ties: the smaller rotation
     return order[:ROTATIONS_COMPRESSED]
+
+
+def _split_may_pay(plane: np.ndarray, context: np.ndarray, target: float) -> bool:
+    """Whether a split plane could be shorter than ``target`` bytes.
+
+    A run costs its table entry plus either its bytes (stored raw) or about
+    its order-0 entropy and a frame with a Huffman table (FRAME_BYTES).  The
+    estimate ignores zstd's matches, so on grid-like values it may skip a split
+    that would have paid: a size choice only, never a correctness one.
+    """
+    joint = np.bincount(context.astype(np.int64) * 256 + plane, minlength=65536).reshape(256, 256)
+    counts = joint.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = joint / counts[:, None]
+        bits = -np.where(joint > 0, joint * np.log2(np.where(joint > 0, p, 1)), 0).sum(axis=1)
+    used = counts > 0
+    runs = np.minimum(counts[used], bits[used] / 8 + FRAME_BYTES) + 4
+    return float(runs.sum()) < target
 
 
 def _encode_split(plane: np.ndarray, context: np.ndarray, level: int) -> bytes:
@@ -238,7 +260,7 @@ class Byteplane(Codec):
         candidates = [("raw", plane.tobytes())]
         entropy = _entropy_bits(plane)
         if entropy < INCOMPRESSIBLE_BITS:
-            frame = ("zstd", pack(plane, self.level))
+            frame = ("zstd", pack(plane, self.level if entropy < LZ_USELESS_BITS else FAST_LEVEL))
         elif entropy < NEARLY_RANDOM_BITS:
             # Only the entropy coder can gain here; zstd's fastest level has the same one.
             frame = ("zstd", pack(plane, FAST_LEVEL))
@@ -256,7 +278,7 @@ class Byteplane(Codec):
             candidates.append(frame)
         smallest = min(len(c[1]) for c in candidates)
         best = next(c for c in candidates if len(c[1]) <= smallest + DECODE_SLACK * len(plane))
-        if context is not None and len(plane) >= 4096:
+        if context is not None and len(plane) >= 4096 and _split_may_pay(plane, context, len(best[1]) - min_saving):
             split = _encode_split(plane, context, self.level)
             if len(split) < len(best[1]) - min_saving:
                 best = ("split", split)
