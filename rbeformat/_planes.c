@@ -514,6 +514,212 @@ static PyObject *join_fields(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#define SEGMENTS 4
+#define MAX_SPLIT_PLANES 7
+
+/* segment_histograms(context, dst): dst (SEGMENTS x 256 int64) receives the byte
+ * counts of each of SEGMENTS contiguous segments of context, segment s covering
+ * [s * L, min((s + 1) * L, n)) with L = ceil(n / SEGMENTS). */
+static PyObject *segment_histograms(PyObject *self, PyObject *args)
+{
+    PyObject *ctx_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "OO", &ctx_obj, &dst_obj))
+        return NULL;
+    Py_buffer ctx, dst;
+    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
+        return NULL;
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
+        PyBuffer_Release(&ctx);
+        return NULL;
+    }
+    if (dst.len != SEGMENTS * 256 * (Py_ssize_t)sizeof(int64_t)) {
+        PyBuffer_Release(&ctx);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "dst must hold 4 x 256 int64");
+        return NULL;
+    }
+    Py_ssize_t n = ctx.len, len = (n + SEGMENTS - 1) / SEGMENTS;
+    Py_ssize_t count[SEGMENTS][256];
+    const uint8_t *c = ctx.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int sgm = 0; sgm < SEGMENTS; sgm++) {
+        Py_ssize_t start = sgm * len < n ? sgm * len : n, end = (sgm + 1) * len < n ? (sgm + 1) * len : n;
+        count_bytes(c + start, end - start, count[sgm]);
+    }
+    Py_END_ALLOW_THREADS
+    for (int sgm = 0; sgm < SEGMENTS; sgm++)
+        for (int k = 0; k < 256; k++)
+            ((int64_t *)dst.buf)[sgm * 256 + k] = (int64_t)count[sgm][k];
+    PyBuffer_Release(&ctx);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+/* Pass 1 of ungroup_planes: at_run[i] = how many earlier elements share
+ * context[i]'s value.  The SEGMENTS segments are walked side by side (their
+ * counters are independent, so the processor overlaps them), starting from
+ * the counts of the segments before them.  Returns 1 if the counts do not
+ * match the context. */
+static int find_run_positions(const uint8_t *restrict c, Py_ssize_t n, Py_ssize_t len, const int64_t *restrict sc,
+                              uint32_t *restrict at_run)
+{
+    uint32_t pos[SEGMENTS][256], limit[SEGMENTS][256];
+    for (int k = 0; k < 256; k++) {
+        int64_t start = 0;
+        for (int sgm = 0; sgm < SEGMENTS; sgm++) {
+            pos[sgm][k] = (uint32_t)start;
+            start += sc[sgm * 256 + k];
+            limit[sgm][k] = (uint32_t)start;
+        }
+    }
+    int mismatch = 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        for (int sgm = 0; sgm < SEGMENTS; sgm++) {
+            Py_ssize_t at = sgm * len + i;
+            if (at >= n)
+                break;
+            uint8_t v = c[at];
+            uint32_t k = pos[sgm][v]++;
+            mismatch |= k >= limit[sgm][v];
+            at_run[at] = k;
+        }
+    }
+    return mismatch;
+}
+
+/* Pass 2 of ungroup_planes, once per plane: a plain gather. */
+static void gather_plane(const uint8_t *restrict c, const uint32_t *restrict at_run,
+                         const uint8_t *const *restrict src, uint8_t *restrict out, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = src[c[i]][at_run[i]];
+}
+
+/* ungroup_planes(runs, context, segment_counts, dsts): ungroup for several
+ * planes split by the same context at once.  runs holds one tuple per plane,
+ * each with one buffer per context value that occurs (ascending), dsts one
+ * output buffer per plane; segment_counts is segment_histograms(context).
+ * The runs of a value have the same length in every plane, so one read
+ * position serves all planes, and the SEGMENTS segments of the context are
+ * walked side by side: their positions are independent, which lets the
+ * processor overlap them.  Every read is bounds checked against its
+ * segment's share of the run. */
+static PyObject *ungroup_planes(PyObject *self, PyObject *args)
+{
+    PyObject *runs_obj, *ctx_obj, *seg_obj, *dsts_obj;
+    if (!PyArg_ParseTuple(args, "O!OOO!", &PyTuple_Type, &runs_obj, &ctx_obj, &seg_obj, &PyTuple_Type, &dsts_obj))
+        return NULL;
+    Py_ssize_t planes = PyTuple_GET_SIZE(runs_obj);
+    if (planes < 1 || planes > MAX_SPLIT_PLANES || PyTuple_GET_SIZE(dsts_obj) != planes) {
+        PyErr_SetString(PyExc_ValueError, "runs and dsts must hold one entry per plane, 1 to 7 planes");
+        return NULL;
+    }
+    Py_buffer ctx, seg, dst[MAX_SPLIT_PLANES];
+    Py_buffer (*run)[256] = PyMem_Calloc(MAX_SPLIT_PLANES, sizeof *run); /* too big for a thread's stack */
+    int ndst = 0, nrun[MAX_SPLIT_PLANES] = {0};
+    const char *error = NULL;
+    if (run == NULL)
+        return PyErr_NoMemory();
+    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0) {
+        PyMem_Free(run);
+        return NULL;
+    }
+    if (get_buffer(seg_obj, &seg, 0, "segment_counts") < 0) {
+        PyBuffer_Release(&ctx);
+        PyMem_Free(run);
+        return NULL;
+    }
+    Py_ssize_t n = ctx.len, len = (n + SEGMENTS - 1) / SEGMENTS;
+    const int64_t *sc = seg.buf;
+    int64_t total[256] = {0};
+    if (seg.len != SEGMENTS * 256 * (Py_ssize_t)sizeof(int64_t))
+        error = "segment_counts must hold 4 x 256 int64";
+    for (int k = 0; !error && k < 256; k++)
+        for (int sgm = 0; sgm < SEGMENTS; sgm++) {
+            if (sc[sgm * 256 + k] < 0 || sc[sgm * 256 + k] > n) {
+                error = "segment counts out of range";
+                break;
+            }
+            total[k] += sc[sgm * 256 + k];
+        }
+    const uint8_t *src[MAX_SPLIT_PLANES][256];
+    uint8_t *out[MAX_SPLIT_PLANES];
+    for (; !error && ndst < planes; ndst++) {
+        if (get_buffer(PyTuple_GET_ITEM(dsts_obj, ndst), &dst[ndst], 1, "dst") < 0) {
+            error = "";
+            break;
+        }
+        out[ndst] = dst[ndst].buf;
+        if (dst[ndst].len != n) {
+            ndst++;
+            error = "every dst must have the context's size";
+        }
+    }
+    for (Py_ssize_t p = 0; !error && p < planes; p++) {
+        PyObject *plane_runs = PyTuple_GET_ITEM(runs_obj, p);
+        if (!PyTuple_Check(plane_runs)) {
+            error = "runs must hold a tuple per plane";
+            break;
+        }
+        Py_ssize_t m = PyTuple_GET_SIZE(plane_runs);
+        int value = 0;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            while (value < 256 && total[value] == 0)
+                value++;
+            if (value == 256) {
+                error = "more runs than context values";
+                break;
+            }
+            if (get_buffer(PyTuple_GET_ITEM(plane_runs, j), &run[p][nrun[p]], 0, "run") < 0) {
+                error = "";
+                break;
+            }
+            nrun[p]++;
+            if (run[p][nrun[p] - 1].len != total[value]) {
+                error = "a run's length differs from its context value's count";
+                break;
+            }
+            src[p][value] = run[p][nrun[p] - 1].buf;
+            value++;
+        }
+        while (!error && value < 256 && total[value] == 0)
+            value++;
+        if (!error && value != 256)
+            error = "fewer runs than context values";
+    }
+    uint32_t *at_run = NULL; /* element i's position within the runs of its context value */
+    if (!error && n > 0 && (at_run = PyMem_Malloc(n * sizeof *at_run)) == NULL) {
+        PyErr_NoMemory();
+        error = "";
+    }
+    if (!error) {
+        int mismatch;
+        Py_BEGIN_ALLOW_THREADS
+        mismatch = find_run_positions(ctx.buf, n, len, sc, at_run);
+        if (!mismatch)
+            for (Py_ssize_t p = 0; p < planes; p++)
+                gather_plane(ctx.buf, at_run, src[p], out[p], n);
+        Py_END_ALLOW_THREADS
+        if (mismatch)
+            error = "segment counts do not match the context";
+    }
+    PyMem_Free(at_run);
+    for (Py_ssize_t p = 0; p < planes; p++)
+        for (int j = 0; j < nrun[p]; j++)
+            PyBuffer_Release(&run[p][j]);
+    PyMem_Free(run);
+    for (int k = 0; k < ndst; k++)
+        PyBuffer_Release(&dst[k]);
+    PyBuffer_Release(&ctx);
+    PyBuffer_Release(&seg);
+    if (error) {
+        if (*error)
+            PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* set_bit_deposit(flag) -> previous: turns the BMI2 path of join_fields on or off
  * (it stays off where the processor lacks it), so tests can check both paths. */
 static PyObject *set_bit_deposit(PyObject *self, PyObject *args)
@@ -535,6 +741,10 @@ static PyMethodDef methods[] = {
     {"group", group, METH_VARARGS, "group(values, context, dst): stable counting sort by context."},
     {"histogram", histogram, METH_VARARGS, "histogram(context, dst): counts of each byte value."},
     {"join_fields", join_fields, METH_VARARGS, "join_fields(high, low_stream, low, dst): bytes from two bit fields."},
+    {"segment_histograms", segment_histograms, METH_VARARGS,
+     "segment_histograms(context, dst): byte counts of 4 contiguous segments."},
+    {"ungroup_planes", ungroup_planes, METH_VARARGS,
+     "ungroup_planes(runs, context, segment_counts, dsts): ungroup several planes at once."},
     {"ungroup", ungroup, METH_VARARGS, "ungroup(grouped, context, dst): inverse of group."},
     {NULL, NULL, 0, NULL},
 };

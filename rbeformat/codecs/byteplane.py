@@ -166,9 +166,8 @@ def _decode_fields(stored: memoryview, n: int, where: str) -> np.ndarray:
     return planes.join_fields(stored[1:end], low_values, low, n)
 
 
-def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.ndarray:
-    counts = planes.histogram(context)
-    sizes = [int(c) for c in counts[counts > 0]]
+def _split_runs(stored: memoryview, sizes: list[int], where: str) -> tuple:
+    """The decoded runs of a split plane whose context values occur ``sizes`` times."""
     table_bytes = 4 * len(sizes)
     if len(stored) < table_bytes:
         raise FormatError(f"{where}: split plane of {len(stored)} bytes cannot hold its {len(sizes)}-entry table")
@@ -179,7 +178,8 @@ def _decode_split(stored: memoryview, context: np.ndarray, where: str) -> np.nda
     for i, (length, size) in enumerate(zip(lengths, sizes)):
         runs.append(unpack(stored[pos : pos + length], size, f"{where} run {i}"))
         pos += length
-    return planes.ungroup(tuple(runs), context, counts)
+    return tuple(runs)
+
 
 
 def balanced_chunk_items(itemsize: int, items: int | None) -> int:
@@ -305,14 +305,21 @@ class Byteplane(Codec):
         if methods[width - 1][0] == "split":
             raise FormatError(f"{where}: the top plane is the context and cannot itself be split")
         decoded: list = [None] * width
-        for k in [width - 1] + list(range(width - 1)):  # the context plane first
+        for k in range(width):
             method, plane_where = methods[k][0], f"{where} plane {k}"
-            if method == "split":
-                decoded[k] = _decode_split(stored[k], np.frombuffer(decoded[width - 1], np.uint8), plane_where)
-            elif method == "fields":
+            if method == "fields":
                 decoded[k] = _decode_fields(stored[k], n, plane_where)
-            else:
+            elif method != "split":
                 decoded[k] = unpack(stored[k], n, plane_where)
+        split = [k for k in range(width) if methods[k][0] == "split"]
+        if split:  # all split planes share the context (the top plane): ungroup them in one pass
+            context = np.frombuffer(decoded[width - 1], np.uint8)
+            segments = planes.segment_histograms(context)
+            counts = segments.sum(axis=0)
+            sizes = [int(c) for c in counts[counts > 0]]
+            runs = [_split_runs(stored[k], sizes, f"{where} plane {k}") for k in split]
+            for k, plane in zip(split, planes.ungroup_planes(runs, context, segments)):
+                decoded[k] = plane
         planes.join(tuple(decoded), width, rotate, out)
 
     def _rotation(self, params: Any, width: int, where: str) -> int:

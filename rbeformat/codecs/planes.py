@@ -136,3 +136,27 @@ def join_fields(high, low_stream, low: int, n: int) -> np.ndarray:
     out = np.empty(n, dtype=np.uint8)
     _native.join_fields(high, low_stream, low, out)
     return out
+
+
+SEGMENTS = 4  # contiguous parts of a context that ungroup_planes walks side by side
+
+
+def segment_histograms(context: np.ndarray) -> np.ndarray:
+    """Byte counts (SEGMENTS x 256, int64) of SEGMENTS contiguous parts of ``context``,
+    part s being [s * L, (s + 1) * L) with L = ceil(n / SEGMENTS)."""
+    if _native is not None:
+        out = np.empty((SEGMENTS, 256), dtype=np.int64)
+        _native.segment_histograms(context, out)
+        return out
+    step = -(-len(context) // SEGMENTS)
+    return np.stack([np.bincount(context[s * step : (s + 1) * step], minlength=256) for s in range(SEGMENTS)]
+                    ).astype(np.int64)
+
+
+def ungroup_planes(runs: list[tuple], context: np.ndarray, segment_counts: np.ndarray) -> list[np.ndarray]:
+    """``ungroup`` for several planes grouped by the same context, in one pass."""
+    if _native is None:
+        return [ungroup_reference(r, context) for r in runs]
+    outs = [np.empty_like(context) for _ in runs]
+    _native.ungroup_planes(tuple(runs), context, segment_counts, tuple(outs))
+    return outs

@@ -97,3 +97,42 @@ def test_join_fields_refuses_wrong_sizes():
         if planes.has_native() and 1 <= low <= 7:
             with pytest.raises(ValueError):
                 planes._native.join_fields(high, low_values, low, np.empty(4, np.uint8))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 5, 4099])
+@pytest.mark.parametrize("count", [1, 3])
+def test_ungroup_planes_matches_reference(n, count):
+    rng = np.random.default_rng(n + 7 * count)
+    context = rng.integers(120, 126, n, dtype=np.uint8)
+    values = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(count)]
+    segments = planes.segment_histograms(context)
+    assert segments.sum(axis=0).tolist() == np.bincount(context, minlength=256).tolist()
+    step = -(-n // planes.SEGMENTS)
+    assert segments[0].sum() == min(step, n)
+    counts = segments.sum(axis=0)
+    runs = []
+    for v in values:
+        grouped, start, plane_runs = planes.group(v, context), 0, []
+        for c in counts[counts > 0]:
+            plane_runs.append(grouped[start : start + c])
+            start += c
+        runs.append(tuple(plane_runs))
+    out = planes.ungroup_planes(runs, context, segments)
+    assert [o.tobytes() for o in out] == [v.tobytes() for v in values]
+
+
+def test_ungroup_planes_rejects_wrong_runs_and_counts():
+    context = np.array([1, 1, 2, 1, 2], np.uint8)
+    segments = planes.segment_histograms(context)
+    good = (np.zeros(3, np.uint8), np.zeros(2, np.uint8))
+    for runs in [[(np.zeros(2, np.uint8), np.zeros(2, np.uint8))], [good[:1]], [good + (np.zeros(1, np.uint8),)]]:
+        with pytest.raises(ValueError):
+            planes.ungroup_planes(runs, context, segments)
+    wrong = segments.copy()
+    wrong[0, 1], wrong[1, 1] = wrong[0, 1] + 1, wrong[1, 1] - 1  # same totals, wrong split between segments
+    with pytest.raises(ValueError):
+        planes.ungroup_planes([good], context, wrong)
+    negative = segments.copy()
+    negative[0, 7] = -1
+    with pytest.raises(ValueError):
+        planes.ungroup_planes([good], context, negative)
