@@ -192,18 +192,15 @@ class Reader:
             raise ChecksumError(f"{where}: checksum mismatch at bytes {chunk.offset}..{chunk.offset + chunk.length}")
         return payload
 
-    def _release(self, blob: Blob) -> None:
-        """Drops a decoded blob's pages from this process's mapping.
+    def _release(self, first: int, last: int) -> None:
+        """Drops the pages of the file bytes [first, last) from this process's mapping.
 
         Without it, reading a whole model through the mmap leaves every page of
-        the file resident in the process (RSS grows to the file size).  The
+        the file resident in the process (RSS grows to the file size), and one
+        large tensor keeps all its compressed pages until it is done.  The
         pages stay in the OS cache; a later read maps them again.
         """
-        if _MADV_DONTNEED is None or not blob.chunks:
-            return
-        first = min(c.offset for c in blob.chunks)
-        last = max(c.offset + c.length for c in blob.chunks)
-        if last - first < 16 * _PAGE:
+        if _MADV_DONTNEED is None or last - first < 16 * _PAGE:
             return  # not worth a system call
         start = first // _PAGE * _PAGE
         end = min(-(-last // _PAGE) * _PAGE, self.size)
@@ -242,6 +239,7 @@ class Reader:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
                 raise FormatError(f"{chunk_where}: malformed chunk ({type(exc).__name__}: {exc})") from None
+            self._release(chunk.offset, chunk.offset + chunk.length)  # a page shared with a neighbour just maps again
 
         if len(jobs) > 1 and self.threads > 1:
             for _ in self._thread_pool().map(run, jobs):
@@ -249,7 +247,6 @@ class Reader:
         else:
             for job in jobs:
                 run(job)
-        self._release(blob)
         return out
 
     def verify(self, deep: bool = False) -> Iterator[str]:

@@ -7,7 +7,14 @@ pay; the stored length tells which (equal to the decoded size: raw; smaller:
 a frame).  The declared size is checked before decompressing, so a hostile
 frame cannot make the reader allocate more than the manifest allows.
 
->>> Zstd().decode_chunk(memoryview(b"abc"), {}, DTYPES["U8"], memoryview(bytearray(3)), "x")
+>>> from rbeformat.spec import DTYPES
+>>> stored = pack(b"abc" * 100, DEFAULT_LEVEL)
+>>> len(stored) < 300
+True
+>>> out = bytearray(300)
+>>> Zstd().decode_chunk(memoryview(stored), {}, DTYPES["U8"], memoryview(out), "x")
+>>> bytes(out[:6])
+b'abcabc'
 """
 
 from __future__ import annotations

@@ -171,3 +171,12 @@ def test_chunks_of_a_tensor_have_nearly_equal_sizes():
     assert Byteplane().for_dtype(dtype, 1000).chunk_items(dtype) == 1000
     assert Byteplane().for_dtype(dtype, largest + 2).chunk_items(dtype) == largest // 2 + 1
     assert Byteplane(chunk_items=77).for_dtype(dtype, 10**6).chunk_items(dtype) == 77
+
+
+def test_doctests():
+    import doctest
+
+    from rbeformat.codecs import bitpack, byteplane, zstd
+
+    for module in (byteplane, bitpack, zstd):
+        assert doctest.testmod(module).failed == 0, module.__name__
