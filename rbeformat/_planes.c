@@ -720,6 +720,104 @@ static PyObject *ungroup_planes(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* split_fields(plane, low, high_dst, low_dst): the inverse of join_fields.  Packs
+ * plane[i] >> low at 8 - low bits into high_dst and plane[i] & (2^low - 1) at
+ * low bits into low_dst (exact packed sizes, padding bits zero). */
+static PyObject *split_fields(PyObject *self, PyObject *args)
+{
+    PyObject *src_obj, *hi_obj, *lo_obj;
+    int low;
+    if (!PyArg_ParseTuple(args, "OiOO", &src_obj, &low, &hi_obj, &lo_obj))
+        return NULL;
+    if (low < 1 || low > 7) {
+        PyErr_SetString(PyExc_ValueError, "low must be in [1, 7]");
+        return NULL;
+    }
+    Py_buffer src, hi, lo;
+    if (get_buffer(src_obj, &src, 0, "plane") < 0)
+        return NULL;
+    if (get_buffer(hi_obj, &hi, 1, "high_dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (get_buffer(lo_obj, &lo, 1, "low_dst") < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&hi);
+        return NULL;
+    }
+    Py_ssize_t n = src.len;
+    int high = 8 - low;
+    int ok = hi.len == (n * high + 7) / 8 && lo.len == (n * low + 7) / 8;
+    if (ok) {
+        const uint8_t *v = src.buf;
+        uint8_t *h = hi.buf, *l = lo.buf;
+        Py_BEGIN_ALLOW_THREADS
+        /* Eight values of b bits fill b bytes: build each group as a 64-bit word. */
+        for (Py_ssize_t g = 0; 8 * g < n; g++) {
+            uint64_t hw = 0, lw = 0;
+            Py_ssize_t count = n - 8 * g < 8 ? n - 8 * g : 8;
+            for (int e = 0; e < count; e++) {
+                uint8_t x = v[8 * g + e];
+                hw |= (uint64_t)(x >> low) << (e * high);
+                lw |= (uint64_t)(x & ((1u << low) - 1)) << (e * low);
+            }
+            Py_ssize_t hb = (count * high + 7) / 8, lb = (count * low + 7) / 8;
+            for (Py_ssize_t k = 0; k < hb; k++)
+                h[g * high + k] = (uint8_t)(hw >> (8 * k));
+            for (Py_ssize_t k = 0; k < lb; k++)
+                l[g * low + k] = (uint8_t)(lw >> (8 * k));
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "high_dst and low_dst must hold exactly the packed sizes");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* joint_histogram(context, values, dst): dst (65536 int64) receives, at
+ * context * 256 + value, how often each pair occurs. */
+static PyObject *joint_histogram(PyObject *self, PyObject *args)
+{
+    PyObject *ctx_obj, *val_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &ctx_obj, &val_obj, &dst_obj))
+        return NULL;
+    Py_buffer ctx, val, dst;
+    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
+        return NULL;
+    if (get_buffer(val_obj, &val, 0, "values") < 0) {
+        PyBuffer_Release(&ctx);
+        return NULL;
+    }
+    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
+        PyBuffer_Release(&ctx);
+        PyBuffer_Release(&val);
+        return NULL;
+    }
+    int ok = ctx.len == val.len && dst.len == 65536 * (Py_ssize_t)sizeof(int64_t);
+    if (ok) {
+        const uint8_t *c = ctx.buf, *v = val.buf;
+        int64_t *d = dst.buf;
+        Py_BEGIN_ALLOW_THREADS
+        memset(d, 0, 65536 * sizeof(int64_t));
+        for (Py_ssize_t i = 0; i < ctx.len; i++)
+            d[(c[i] << 8) | v[i]]++;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&ctx);
+    PyBuffer_Release(&val);
+    PyBuffer_Release(&dst);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "context and values must have the same size, dst 65536 int64");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* set_bit_deposit(flag) -> previous: turns the BMI2 path of join_fields on or off
  * (it stays off where the processor lacks it), so tests can check both paths. */
 static PyObject *set_bit_deposit(PyObject *self, PyObject *args)
@@ -740,6 +838,8 @@ static PyMethodDef methods[] = {
     {"join", join, METH_VARARGS, "join(planes, width, rotate, dst): byte planes to words."},
     {"group", group, METH_VARARGS, "group(values, context, dst): stable counting sort by context."},
     {"histogram", histogram, METH_VARARGS, "histogram(context, dst): counts of each byte value."},
+    {"split_fields", split_fields, METH_VARARGS, "split_fields(plane, low, high_dst, low_dst): pack two bit fields."},
+    {"joint_histogram", joint_histogram, METH_VARARGS, "joint_histogram(context, values, dst): pair counts."},
     {"join_fields", join_fields, METH_VARARGS, "join_fields(high, low_stream, low, dst): bytes from two bit fields."},
     {"segment_histograms", segment_histograms, METH_VARARGS,
      "segment_histograms(context, dst): byte counts of 4 contiguous segments."},

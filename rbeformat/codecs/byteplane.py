@@ -65,7 +65,7 @@ NEARLY_RANDOM_BITS = 7.995
 FAST_LEVEL = 1
 # Above this entropy a plane gains nothing from zstd's match search (its bytes
 # are nearly independent), so the fast level's entropy stage does the work.
-LZ_USELESS_BITS = 5.0
+LZ_USELESS_BITS = 4.0
 # A plane method that decodes more slowly (raw, then fields, then zstd) is
 # taken only if it saves at least this fraction of the plane.
 DECODE_SLACK = 0.002
@@ -111,7 +111,7 @@ def _split_may_pay(plane: np.ndarray, context: np.ndarray, target: float) -> boo
     estimate ignores zstd's matches, so on grid-like values it may skip a split
     that would have paid: a size choice only, never a correctness one.
     """
-    joint = np.bincount(context.astype(np.int64) * 256 + plane, minlength=65536).reshape(256, 256)
+    joint = planes.joint_histogram(context, plane)
     counts = joint.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = joint / counts[:, None]

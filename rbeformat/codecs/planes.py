@@ -113,10 +113,28 @@ def ungroup(runs: tuple, context: np.ndarray, counts: np.ndarray | None = None) 
     return out
 
 
-def split_fields(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
-    """The high ``8 - low`` and the low ``low`` bits of every byte, each packed."""
+def split_fields_reference(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.uint8((1 << low) - 1)
     return bitpack.pack(plane >> np.uint8(low), 8 - low), bitpack.pack(plane & mask, low)
+
+
+def split_fields(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
+    """The high ``8 - low`` and the low ``low`` bits of every byte, each packed."""
+    if _native is None:
+        return split_fields_reference(plane, low)
+    high = np.empty(bitpack.packed_size(len(plane), 8 - low), np.uint8)
+    low_values = np.empty(bitpack.packed_size(len(plane), low), np.uint8)
+    _native.split_fields(np.ascontiguousarray(plane, np.uint8), low, high, low_values)
+    return high, low_values
+
+
+def joint_histogram(context: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Counts (256 x 256, int64) of each (context byte, value byte) pair."""
+    if _native is None:
+        return np.bincount(context.astype(np.int64) * 256 + values, minlength=65536).reshape(256, 256)
+    out = np.empty(65536, np.int64)
+    _native.joint_histogram(context, values, out)
+    return out.reshape(256, 256)
 
 
 def join_fields_reference(high, low_stream, low: int, n: int) -> np.ndarray:

@@ -136,3 +136,21 @@ def test_ungroup_planes_rejects_wrong_runs_and_counts():
     negative[0, 7] = -1
     with pytest.raises(ValueError):
         planes.ungroup_planes([good], context, negative)
+
+
+@pytest.mark.parametrize("low", range(1, 8))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_split_fields_matches_reference(low, n):
+    plane = np.random.default_rng(n + low).integers(0, 256, n, dtype=np.uint8)
+    native = planes.split_fields(plane, low)
+    reference = planes.split_fields_reference(plane, low)
+    assert [a.tobytes() for a in native] == [b.tobytes() for b in reference]
+
+
+def test_joint_histogram_matches_bincount():
+    rng = np.random.default_rng(5)
+    context, values = rng.integers(0, 256, 5000, dtype=np.uint8), rng.integers(0, 256, 5000, dtype=np.uint8)
+    expected = np.bincount(context.astype(np.int64) * 256 + values, minlength=65536).reshape(256, 256)
+    assert np.array_equal(planes.joint_histogram(context, values), expected)
+    with pytest.raises(ValueError):
+        planes._native.joint_histogram(context, values[:-1], np.empty(65536, np.int64))
