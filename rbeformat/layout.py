@@ -20,9 +20,17 @@ MANIFEST_JSON = 0  # UTF-8 JSON as is
 MANIFEST_ZSTD = 1  # one zstd frame (declaring its decoded size) holding the JSON
 
 
-def crc32(data) -> int:
-    """CRC-32 (ISO-HDLC, as zlib and PNG compute it)."""
-    return zlib.crc32(data) & 0xFFFFFFFF
+try:  # the C extension computes the same CRC about three times faster (carry-less multiplication)
+    from ._planes import crc32 as _fast_crc32
+except ImportError:  # pragma: no cover - depends on the build
+    _fast_crc32 = None
+
+
+def crc32(data, crc: int = 0) -> int:
+    """CRC-32 (ISO-HDLC, as zlib and PNG compute it), continued from ``crc``."""
+    if _fast_crc32 is not None:
+        return _fast_crc32(data, crc)
+    return zlib.crc32(data, crc) & 0xFFFFFFFF
 
 
 def _seal(body: bytes) -> bytes:

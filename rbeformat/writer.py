@@ -370,9 +370,7 @@ def _store_manifest(manifest: bytes) -> tuple[bytes, int]:
 
 
 def crc32_update(crc: int, data) -> int:
-    import zlib
-
-    return zlib.crc32(data, crc) & 0xFFFFFFFF
+    return crc32(data, crc)
 
 
 def _digest(read_at: ReadAt, size: int, block: int = 16 << 20) -> str:

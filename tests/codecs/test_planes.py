@@ -154,3 +154,20 @@ def test_joint_histogram_matches_bincount():
     assert np.array_equal(planes.joint_histogram(context, values), expected)
     with pytest.raises(ValueError):
         planes._native.joint_histogram(context, values[:-1], np.empty(65536, np.int64))
+
+
+@pytest.mark.parametrize("clmul", [False, True])
+def test_crc32_matches_zlib_on_both_paths(clmul):
+    import zlib
+
+    rng = np.random.default_rng(9)
+    previous = planes._native.set_clmul(clmul)
+    try:
+        for n in [*range(0, 130), 1000, 65535, 65536, 65536 * 3 + 17]:
+            data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            for start in (0, 0xDEADBEEF, 0xFFFFFFFF):
+                assert planes._native.crc32(data, start) == zlib.crc32(data, start), (n, start)
+        data = memoryview(bytes(range(256)) * 40)[3:-5]  # unaligned slices of a buffer
+        assert planes._native.crc32(data) == zlib.crc32(data)
+    finally:
+        planes._native.set_clmul(previous)
