@@ -22,6 +22,30 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
+/* A buffer argument: the object, whether it must be writable, its name for errors. */
+struct buffer_arg {
+    PyObject *obj;
+    int writable;
+    const char *name;
+};
+
+static void release_buffers(Py_buffer *views, int count)
+{
+    for (int k = 0; k < count; k++)
+        PyBuffer_Release(&views[k]);
+}
+
+/* Acquires count buffers; on failure releases the ones already held and returns -1. */
+static int get_buffers(const struct buffer_arg *args, Py_buffer *views, int count)
+{
+    for (int k = 0; k < count; k++)
+        if (get_buffer(args[k].obj, &views[k], args[k].writable, args[k].name) < 0) {
+            release_buffers(views, k);
+            return -1;
+        }
+    return 0;
+}
+
 /* Rotating a little-endian word left moves the sign bit and the high exponent
  * bits to the bottom, so that the top byte holds the exponent bits that vary
  * together with the mantissa bits that depend on them.  0 <= r < bits. */
@@ -197,28 +221,18 @@ static PyObject *group(PyObject *self, PyObject *args)
     PyObject *val_obj, *ctx_obj, *dst_obj;
     if (!PyArg_ParseTuple(args, "OOO", &val_obj, &ctx_obj, &dst_obj))
         return NULL;
-    Py_buffer val, ctx, dst;
-    if (get_buffer(val_obj, &val, 0, "values") < 0)
+    Py_buffer b[3];
+    const struct buffer_arg want[3] = {{val_obj, 0, "values"}, {ctx_obj, 0, "context"}, {dst_obj, 1, "dst"}};
+    if (get_buffers(want, b, 3) < 0)
         return NULL;
-    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0) {
-        PyBuffer_Release(&val);
-        return NULL;
-    }
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&val);
-        PyBuffer_Release(&ctx);
-        return NULL;
-    }
-    if (val.len != ctx.len || dst.len != val.len) {
-        PyBuffer_Release(&val);
-        PyBuffer_Release(&ctx);
-        PyBuffer_Release(&dst);
+    if (b[0].len != b[1].len || b[2].len != b[0].len) {
+        release_buffers(b, 3);
         PyErr_SetString(PyExc_ValueError, "values, context and dst must have the same size");
         return NULL;
     }
-    const uint8_t *v = val.buf, *c = ctx.buf;
-    uint8_t *d = dst.buf;
-    Py_ssize_t n = val.len;
+    const uint8_t *v = b[0].buf, *c = b[1].buf;
+    uint8_t *d = b[2].buf;
+    Py_ssize_t n = b[0].len;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t start[256] = {0}, count[256] = {0};
     for (Py_ssize_t i = 0; i < n; i++)
@@ -228,9 +242,7 @@ static PyObject *group(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++)
         d[start[c[i]]++] = v[i];
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&val);
-    PyBuffer_Release(&ctx);
-    PyBuffer_Release(&dst);
+    release_buffers(b, 3);
     Py_RETURN_NONE;
 }
 
@@ -470,18 +482,11 @@ static PyObject *join_fields(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "low must be in [1, 7]");
         return NULL;
     }
-    Py_buffer hi, lo, dst;
-    if (get_buffer(hi_obj, &hi, 0, "high") < 0)
+    Py_buffer b[3];
+    const struct buffer_arg want[3] = {{hi_obj, 0, "high"}, {lo_obj, 0, "low_stream"}, {dst_obj, 1, "dst"}};
+    if (get_buffers(want, b, 3) < 0)
         return NULL;
-    if (get_buffer(lo_obj, &lo, 0, "low_stream") < 0) {
-        PyBuffer_Release(&hi);
-        return NULL;
-    }
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&hi);
-        PyBuffer_Release(&lo);
-        return NULL;
-    }
+    Py_buffer hi = b[0], lo = b[1], dst = b[2];
     Py_ssize_t n = dst.len;
     int ok = hi.len == (n * (8 - low) + 7) / 8 && lo.len == (n * low + 7) / 8;
     if (ok) {
@@ -504,9 +509,7 @@ static PyObject *join_fields(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&hi);
-    PyBuffer_Release(&lo);
-    PyBuffer_Release(&dst);
+    release_buffers(b, 3);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "high and low_stream must hold exactly the packed sizes of dst's values");
         return NULL;
@@ -733,18 +736,11 @@ static PyObject *split_fields(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "low must be in [1, 7]");
         return NULL;
     }
-    Py_buffer src, hi, lo;
-    if (get_buffer(src_obj, &src, 0, "plane") < 0)
+    Py_buffer b[3];
+    const struct buffer_arg want[3] = {{src_obj, 0, "plane"}, {hi_obj, 1, "high_dst"}, {lo_obj, 1, "low_dst"}};
+    if (get_buffers(want, b, 3) < 0)
         return NULL;
-    if (get_buffer(hi_obj, &hi, 1, "high_dst") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (get_buffer(lo_obj, &lo, 1, "low_dst") < 0) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&hi);
-        return NULL;
-    }
+    Py_buffer src = b[0], hi = b[1], lo = b[2];
     Py_ssize_t n = src.len;
     int high = 8 - low;
     int ok = hi.len == (n * high + 7) / 8 && lo.len == (n * low + 7) / 8;
@@ -769,9 +765,7 @@ static PyObject *split_fields(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&hi);
-    PyBuffer_Release(&lo);
+    release_buffers(b, 3);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "high_dst and low_dst must hold exactly the packed sizes");
         return NULL;
@@ -786,18 +780,11 @@ static PyObject *joint_histogram(PyObject *self, PyObject *args)
     PyObject *ctx_obj, *val_obj, *dst_obj;
     if (!PyArg_ParseTuple(args, "OOO", &ctx_obj, &val_obj, &dst_obj))
         return NULL;
-    Py_buffer ctx, val, dst;
-    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
+    Py_buffer b[3];
+    const struct buffer_arg want[3] = {{ctx_obj, 0, "context"}, {val_obj, 0, "values"}, {dst_obj, 1, "dst"}};
+    if (get_buffers(want, b, 3) < 0)
         return NULL;
-    if (get_buffer(val_obj, &val, 0, "values") < 0) {
-        PyBuffer_Release(&ctx);
-        return NULL;
-    }
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&ctx);
-        PyBuffer_Release(&val);
-        return NULL;
-    }
+    Py_buffer ctx = b[0], val = b[1], dst = b[2];
     int ok = ctx.len == val.len && dst.len == 65536 * (Py_ssize_t)sizeof(int64_t);
     if (ok) {
         const uint8_t *c = ctx.buf, *v = val.buf;
@@ -808,9 +795,7 @@ static PyObject *joint_histogram(PyObject *self, PyObject *args)
             d[(c[i] << 8) | v[i]]++;
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&ctx);
-    PyBuffer_Release(&val);
-    PyBuffer_Release(&dst);
+    release_buffers(b, 3);
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "context and values must have the same size, dst 65536 int64");
         return NULL;
