@@ -10,24 +10,26 @@ are close to random, so bytes of different significance are compressed apart:
    ``"transform": "rotl"`` each chunk names its own rotation: by three, say, the
    top byte holds the six low exponent bits with the two top mantissa bits,
    whose distribution depends on the exponent, while the near-constant high
-   exponent bits join the sign at the bottom, where the entropy coder removes
-   them almost for free.
+   exponent bits join the sign at the bottom of plane 0.
 2. The words are split into ``itemsize`` byte planes; plane k holds byte k of
    every word.
-3. Each plane is stored with one of three methods, chosen per chunk:
-   ``raw`` (as is), ``zstd`` (one zstd frame), or ``split``: the plane's bytes
-   are grouped by the value of the same element's top-plane byte (a stable
-   counting sort) and each group is stored as its own run, so each group gets
-   an entropy coder fitted to it.  That conditions, for instance, the high
-   mantissa byte on the exponent.
+3. Each plane is stored with one of four methods, chosen per chunk:
+   ``raw`` (as is), ``zstd`` (one zstd frame), ``fields``: the high and the low
+   bits of each byte packed apart, the low ones compressed (near-constant low
+   bits then cost almost nothing, and the high ones decode without an entropy
+   decoder), or ``split``: the plane's bytes are grouped by the value of the
+   same element's top-plane byte (a stable counting sort) and each group is
+   stored as its own run, so each group gets an entropy coder fitted to it.
 
 Chunks (``chunk_items`` elements) are independent, so they decode in parallel
 and one tensor can be read without the rest.
 
->>> codec = Byteplane()
->>> data = np.arange(10, dtype=np.float32)
+>>> codec = Byteplane().for_dtype(DTYPES["F32"])
+>>> data = (np.arange(5000, dtype=np.float32) - 2500) / 4096
 >>> parts, params = codec.encode_chunk(memoryview(data.tobytes()), DTYPES["F32"])
->>> out = bytearray(40)
+>>> sorted(params)
+['planes', 'rotate']
+>>> out = bytearray(data.nbytes)
 >>> codec.decode_chunk(memoryview(b"".join(parts)), params, DTYPES["F32"], memoryview(out), "x")
 >>> bytes(out) == data.tobytes()
 True
