@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack, lfsr
 from rbeformat.codecs.seed import SeedCodec, basis_table
+from weight_samples import heavy, normal, rel_err
 
 # Test vectors of spec/codecs/seed.md.
 SEED1_STATES = [32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128, 64]
@@ -46,20 +47,6 @@ def reference_decode(codec, parts, params, shape):
         m = u @ (q[b].astype(np.int64) - 2 ** (codec.coef_bits - 1))
         out[b] = m * 2.0 ** (int(e[b]) - params["exp_bias"] - (codec.seed_bits - 1))
     return out.astype(np.float32).reshape(shape)
-
-
-def rel_err(x, y):
-    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
-
-
-def normal(shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def heavy(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = np.exp(rng.uniform(np.log(0.01), np.log(1.0), shape[0]))[:, None]
-    return (rng.standard_t(3, shape) * rows).astype(np.float32)
 
 
 @pytest.mark.parametrize("bits", sorted(lfsr.TAPS))

@@ -8,10 +8,7 @@ from hypothesis import strategies as st
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
 from rbeformat.codecs.vq import VectorCodebook, index_bits
-
-
-def rel_err(x, y):
-    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+from weight_samples import heavy, normal, rel_err
 
 
 def roundtrip(codec, x):
@@ -21,17 +18,6 @@ def roundtrip(codec, x):
         assert part.dtype == {"U8": np.uint8, "F16": np.float16}[specs[name].dtype]
         assert part.shape == specs[name].shape
     return enc, codec.decode(enc.parts, enc.params, x.shape, "t")
-
-
-def normal(shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def heavy(shape, seed=0):
-    # Student t with 3 degrees of freedom, and rows whose magnitudes span 100x.
-    rng = np.random.default_rng(seed)
-    rows = np.exp(rng.uniform(np.log(0.01), np.log(1.0), shape[0]))[:, None]
-    return (rng.standard_t(3, shape) * rows).astype(np.float32)
 
 
 # Bounds: at b/d bits per weight a Gaussian source cannot go below 2**(-b/d)
