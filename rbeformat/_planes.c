@@ -295,96 +295,6 @@ static PyObject *histogram(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ungroup(runs, context, counts, dst): the inverse of group.  runs holds one
- * buffer per context value that occurs, in ascending order; counts (256 int64)
- * is the histogram of context, which the caller has computed anyway.  dst[i]
- * takes the next unread byte of the run of context[i].  Every read is bounds
- * checked, so wrong counts give an error, never a read past a run. */
-static PyObject *ungroup(PyObject *self, PyObject *args)
-{
-    PyObject *runs_obj, *ctx_obj, *counts_obj, *dst_obj;
-    if (!PyArg_ParseTuple(args, "O!OOO", &PyTuple_Type, &runs_obj, &ctx_obj, &counts_obj, &dst_obj))
-        return NULL;
-    Py_buffer ctx, dst, cnt;
-    if (get_buffer(ctx_obj, &ctx, 0, "context") < 0)
-        return NULL;
-    if (get_buffer(counts_obj, &cnt, 0, "counts") < 0) {
-        PyBuffer_Release(&ctx);
-        return NULL;
-    }
-    if (get_buffer(dst_obj, &dst, 1, "dst") < 0) {
-        PyBuffer_Release(&ctx);
-        PyBuffer_Release(&cnt);
-        return NULL;
-    }
-    Py_ssize_t nruns = PyTuple_GET_SIZE(runs_obj);
-    Py_buffer runs[256];
-    Py_ssize_t got = 0;
-    const char *error = NULL;
-    Py_ssize_t n = ctx.len;
-    const uint8_t *c = ctx.buf;
-    uint8_t *d = dst.buf;
-    const int64_t *count = cnt.buf;
-    if (dst.len != n || cnt.len != 256 * (Py_ssize_t)sizeof(int64_t) || nruns > 256)
-        error = "context and dst must have the same size, counts 256 int64, at most 256 runs";
-    int value = 0;
-    const uint8_t *cursor[256] = {0}, *end[256] = {0};
-    for (; !error && got < nruns; got++) {
-        while (value < 256 && count[value] == 0)
-            value++;
-        if (value == 256) {
-            error = "more runs than context values";
-            break;
-        }
-        if (get_buffer(PyTuple_GET_ITEM(runs_obj, got), &runs[got], 0, "run") < 0) {
-            error = "";
-            break;
-        }
-        if (runs[got].len != count[value]) {
-            error = "a run's length differs from its context value's count";
-            got++;
-            break;
-        }
-        cursor[value] = runs[got].buf;
-        end[value] = cursor[value] + runs[got].len;
-        value++;
-    }
-    if (!error) {
-        while (value < 256 && count[value] == 0)
-            value++;
-        if (value != 256)
-            error = "fewer runs than context values";
-    }
-    if (!error) {
-        int overrun = 0;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint8_t v = c[i];
-            if (cursor[v] == end[v]) {
-                overrun = 1;
-                break;
-            }
-            d[i] = *cursor[v]++;
-        }
-        Py_END_ALLOW_THREADS
-        if (overrun)
-            error = "counts do not match the context";
-    }
-    for (Py_ssize_t k = 0; k < got; k++)
-        if (runs[k].obj)
-            PyBuffer_Release(&runs[k]);
-    PyBuffer_Release(&ctx);
-    PyBuffer_Release(&cnt);
-    PyBuffer_Release(&dst);
-    if (error) {
-        if (*error)
-            PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-
 /* Loads up to 8 bytes little-endian; fewer near the end of a buffer. */
 static inline uint64_t load_le(const uint8_t *p, Py_ssize_t avail)
 {
@@ -942,7 +852,6 @@ static PyMethodDef methods[] = {
      "segment_histograms(context, dst): byte counts of 4 contiguous segments."},
     {"ungroup_planes", ungroup_planes, METH_VARARGS,
      "ungroup_planes(runs, context, segment_counts, dsts): ungroup several planes at once."},
-    {"ungroup", ungroup, METH_VARARGS, "ungroup(grouped, context, dst): inverse of group."},
     {NULL, NULL, 0, NULL},
 };
 

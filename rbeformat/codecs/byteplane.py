@@ -84,9 +84,9 @@ MIN_RUN_SAVING = 0.97
 DEFAULT_SPLIT_GAIN = 0.002
 
 
-def _entropy_bits(plane: np.ndarray) -> float:
-    counts = planes.histogram(plane)
-    p = counts[counts > 0] / plane.size
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 entropy, in bits per byte, of a plane with these byte counts."""
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
     return float(-(p * np.log2(p)).sum())
 
 
@@ -100,7 +100,7 @@ def rotation_candidates(data: memoryview, width: int) -> list[int]:
     costs = []
     for r in range(min(ROTATIONS_TRIED, 8 * width)):
         grid = planes.split(sample, width, r).reshape(width, -1)
-        costs.append(sum(_entropy_bits(plane) for plane in grid))
+        costs.append(sum(_entropy_bits(planes.histogram(plane)) for plane in grid))
     order = sorted(range(len(costs)), key=lambda r: (costs[r], r))  # ties: the smaller rotation
     return order[:ROTATIONS_COMPRESSED]
 
@@ -260,7 +260,8 @@ class Byteplane(Codec):
 
     def _encode_plane(self, plane: np.ndarray, context: np.ndarray | None, min_saving: float) -> tuple[str, bytes]:
         candidates = [("raw", plane.tobytes())]
-        entropy = _entropy_bits(plane)
+        counts = planes.histogram(plane)
+        entropy = _entropy_bits(counts)
         if entropy < INCOMPRESSIBLE_BITS:
             frame = ("zstd", pack(plane, self.level if entropy < LZ_USELESS_BITS else FAST_LEVEL))
         elif entropy < NEARLY_RANDOM_BITS:
@@ -268,8 +269,7 @@ class Byteplane(Codec):
             frame = ("zstd", pack(plane, FAST_LEVEL))
         else:
             frame = None
-        # On ties the earlier (simpler) method wins, which keeps output deterministic.
-        low = _constant_low_bits(planes.histogram(plane), len(plane))
+        low = _constant_low_bits(counts, len(plane))
         if low:
             # Near-constant low bits (the high exponent bits after a rotation)
             # cost almost nothing this way, and decode far faster than zstd.

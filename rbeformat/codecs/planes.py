@@ -101,16 +101,9 @@ def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     return out
 
 
-def ungroup(runs: tuple, context: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-    """The inverse of ``group``: ``runs`` are the groups, in ascending context order.
-
-    ``counts`` is ``histogram(context)`` when the caller already has it.
-    """
-    if _native is None:
-        return ungroup_reference(runs, context)
-    out = np.empty_like(context)
-    _native.ungroup(runs, context, histogram(context) if counts is None else counts, out)
-    return out
+def ungroup(runs: tuple, context: np.ndarray) -> np.ndarray:
+    """The inverse of ``group``: ``runs`` are the groups, in ascending context order."""
+    return ungroup_planes([runs], context, segment_histograms(context))[0]
 
 
 def split_fields_reference(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
