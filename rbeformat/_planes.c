@@ -1,10 +1,12 @@
 /* Fast paths for the byteplane codec.
  *
- * Each function here has a numpy twin in rbeformat/codecs/planes.py that is the
- * reference; tests check that both give identical bytes.  The C versions exist
- * only because the numpy ones need several passes and a sort, which makes decode
- * an order of magnitude slower.  All functions release the GIL so that chunks can
- * be decoded on several threads at once.
+ * Each plane function here has a numpy twin in rbeformat/codecs/planes.py that
+ * is the reference, and crc32 has zlib.crc32; tests check that both give
+ * identical results.  The C versions exist only because the numpy ones need
+ * several passes and a sort, which makes decode an order of magnitude slower.
+ * The work loops release the GIL so that chunks can be decoded on several
+ * threads at once.  set_bit_deposit and set_clmul only switch fast paths off
+ * for tests.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
