@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     OutputExistsError,
     RbeError,
     UnsupportedError,
+    UsageError,
 )
 from .api import load_file, save_file  # noqa: E402
 from .reader import Reader, safe_open  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "RbeError",
     "Reader",
     "UnsupportedError",
+    "UsageError",
     "Writer",
     "load_file",
     "safe_open",

@@ -27,3 +27,10 @@ class InputError(RbeError):
 
 class OutputExistsError(RbeError):
     """The output path exists and overwriting was not asked for."""
+
+
+class UsageError(InputError):
+    """A setting the user gave is invalid: a codec chain, a recipe, an option value.
+
+    The command line reports it as a usage error (exit 2).
+    """
