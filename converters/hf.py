@@ -17,10 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from rbeformat import ChecksumError, FormatError, InputError, RbeError, Reader, Writer
+from rbeformat import ChecksumError, FormatError, InputError, RbeError, Reader, UsageError, Writer
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
-from rbeformat.codecs.normdelta import NormDelta, shared_base
 from rbeformat.spec import DTYPES
 from rbeformat.values import to_float32
 
@@ -98,8 +97,9 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     policy = policy or lossless_policy()
     if os.path.abspath(dst) == os.path.abspath(src):
         raise InputError("the output must not be the input")
+    alone, groups = _choose_chains(plan, policy)
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
-        chains = _shared_bases(w, plan, policy)
+        chains = _store_shared(w, alone, groups)
         first_metadata = None
         for rel, st in plan.safetensors:
             _add_safetensors(w, rel, st, chains)
@@ -131,38 +131,53 @@ def _load(read_at, t: StTensor) -> np.ndarray:
     return np.frombuffer(read_at(t.begin, t.end - t.begin), storage).reshape(t.shape)
 
 
-def _shared_bases(w: Writer, plan: Plan, policy: Policy) -> dict:
-    """Chooses each tensor's chain; norm vectors under ``normdelta`` get a shared base.
+def _choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
+    """Each tensor's chain: ({name: chain} for codecs that share nothing, {group: members} for the rest).
 
-    Returns {tensor name: (chain, refs)} for the tensors that are not lossless.
-    The base of each group of same-shape vectors is stored first, losslessly, as
-    an internal tensor named ``rbe:base/<shape>`` that the deltas refer to.
+    A codec that declares shared state (``TensorCodec.shared_group``, e.g. the
+    base of ``normdelta``) groups the tensors that share one state; the
+    converter needs no knowledge of the codec.  Refuses a policy that asks for
+    chains but changes no tensor, before anything is written.
     """
-    chosen, groups = {}, {}
+    alone, groups = {}, {}
     for _, st in plan.safetensors:
         for t in st.tensors:
             chain = policy.choose(t.name, t.dtype, t.shape)
             if chain is None:
                 continue
-            if chain.codec.name == "normdelta":
-                groups.setdefault((t.shape, t.dtype), []).append((st, t, chain))
+            key = chain.codec.shared_group(t.dtype, tuple(t.shape))
+            if key is None:
+                alone[t.name] = chain
             else:
-                chosen[t.name] = (chain, None)
-    for (shape, dtype), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        vectors = []
-        for st, t, _ in members:
-            read_at, close = st.reader()
-            try:
-                vectors.append(to_float32(_load(read_at, t), dtype))
-            finally:
-                close()
-        base = shared_base(vectors).astype(np.float32)
-        base_name = f"rbe:base/{dtype}/{'x'.join(map(str, shape))}"
-        w.add_array(base_name, base, dedup=False, internal=True)
-        for st, t, chain in members:
-            codec = NormDelta(base=base_name, mode=chain.codec.mode)
-            chosen[t.name] = (Chain(codec, chain.parts), {base_name: base})
+                groups.setdefault((chain.codec.name, t.dtype, tuple(t.shape), key), []).append((st, t, chain))
+    if not policy.lossless and not alone and not groups:
+        raise UsageError(f"{plan.root or '.'}: the codec chain or recipe applies to no tensor (a chain takes "
+                         "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written")
+    return alone, groups
+
+
+def _store_shared(w: Writer, alone: dict, groups: dict) -> dict:
+    """Stores each group's shared state as internal tensors, first; returns {name: (chain, refs)}.
+
+    The members of a group are loaded together, once, to build their state.
+    """
+    chosen = {name: (chain, None) for name, chain in alone.items()}
+    for (_, dtype, shape, _), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        values = [to_float32(_read_tensor(st, t), dtype) for st, t, _ in members]
+        shared = members[0][2].codec.build_shared(values, dtype, shape)
+        for name, array in shared.items():
+            w.add_array(name, np.ascontiguousarray(array, np.float32), dedup=False, internal=True)
+        for _, t, chain in members:
+            chosen[t.name] = (Chain(chain.codec.bind_shared(list(shared)), chain.parts), shared)
     return chosen
+
+
+def _read_tensor(st: StFile, t: StTensor) -> np.ndarray:
+    read_at, close = st.reader()
+    try:
+        return _load(read_at, t)
+    finally:
+        close()
 
 
 def _add_plain_file(w: Writer, rel: str, full: str) -> None:

@@ -25,7 +25,7 @@ import fnmatch
 import tomllib
 from dataclasses import dataclass
 
-from rbeformat import InputError
+from rbeformat import UsageError
 from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.spec import DTYPES
@@ -77,22 +77,22 @@ def policy_from_recipe(path: str) -> Policy:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise UsageError(f"{path}: cannot read recipe ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML ({exc})") from None
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
     rules = []
     for i, raw in enumerate(doc.get("rule", [])):
         where = f"{path}: rule {i + 1}"
         if not isinstance(raw, dict) or not isinstance(raw.get("match"), str) or not isinstance(raw.get("codec"), str):
-            raise InputError(f"{where}: needs string keys 'match' and 'codec'")
+            raise UsageError(f"{where}: needs string keys 'match' and 'codec'")
         unknown = set(raw) - {"match", "codec", "ndim"}
         if unknown:
-            raise InputError(f"{where}: unknown key(s) {sorted(unknown)}")
+            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
         ndim = raw.get("ndim")
         if ndim is not None and (type(ndim) is not int or ndim < 0):
-            raise InputError(f"{where}: 'ndim' must be a non-negative integer")
+            raise UsageError(f"{where}: 'ndim' must be a non-negative integer")
         rules.append(Rule(raw["match"], parse_chain(raw["codec"], TENSOR_CODECS), ndim))
     unknown = set(doc) - {"rule"}
     if unknown:
-        raise InputError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
+        raise UsageError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
     return Policy(rules)

@@ -200,6 +200,7 @@ class Writer:
                                       "alias_of": self._digests[key]})
                 return {}
             self._digests[key] = name
+        chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
         x = to_float32(array, dtype)
         node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}")
         stats = error_stats(x, to_float32(from_float32(decoded, dtype), dtype))
@@ -215,9 +216,6 @@ class Writer:
             encoded = codec.encode(x, refs)
         except ValueError as exc:
             raise InputError(f"{where}: {codec.name} cannot encode it ({exc})") from None
-        extra = set(chain.parts) - set(codec.chainable_parts)
-        if extra:
-            raise InputError(f"{where}: {codec.name} has no chainable part(s) {sorted(extra)}")
         parts, decoded_parts = {}, {}
         for pname, arr in sorted(encoded.parts.items()):
             pdtype = dtype_of_numpy(arr.dtype)

@@ -26,7 +26,7 @@ assign/refit a few times, vectorised over all groups at once.
 >>> codec = GroupQuant(bits=4, group=32)
 >>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
 >>> enc = codec.encode(x)
->>> sorted(enc.parts), enc.parts["scales"].shape, codec.bits(enc.params, x.shape)
+>>> sorted(enc.parts), enc.parts["scales"].shape, codec.bit_cost(enc.params, x.shape)
 (['codes', 'scales'], (2, 1), 288)
 >>> float(np.abs(codec.decode(enc.parts, enc.params, x.shape, "x") - x).max()) < 0.07
 True
@@ -35,18 +35,19 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
-from ..spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 from . import bitpack
-from .base import require_int, require_keys
-from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
+from .arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_part, pack_codes, unpack_codes
+from .base import require_keys
+from .fields import choice, fraction_tuple, integer, setting
+from .tensor import Encoded, PartSpec, TensorCodec
 
 MODES = ("sym", "asym")
-FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32}
 MIN_GROUP, MAX_GROUP = 16, 256
 # Encoder search (not stored): sym tries scales peak * r / 2**(bits-1) for these
 # shrink factors r, mapping the peak to either end of the code grid; asym trims
@@ -54,19 +55,6 @@ MIN_GROUP, MAX_GROUP = 16, 256
 DEFAULT_GRID = tuple(np.round(np.linspace(0.5, 1.0, 21), 3).tolist())
 DEFAULT_TRIMS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 DEFAULT_ITERATIONS = 4
-# Values packed or unpacked at a time (a multiple of 8), to bound temporary memory.
-PACK_BLOCK = 1 << 20
-
-
-def check_shape(shape: Any, where: str) -> tuple[int, ...]:
-    """A shape (tuple or list) of 1 to MAX_NDIM non-negative ints and at most MAX_TENSOR_ELEMENTS, as a tuple."""
-    if (not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= MAX_NDIM
-            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise FormatError(f"{where}: expected a shape of 1 to {MAX_NDIM} dimensions, found {shape!r:.80}")
-    shape = tuple(int(d) for d in shape)
-    if math.prod(shape) > MAX_TENSOR_ELEMENTS:
-        raise FormatError(f"{where}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
-    return shape
 
 
 def group_layout(shape: tuple[int, ...], group: int) -> tuple[int, int, int]:
@@ -76,46 +64,11 @@ def group_layout(shape: tuple[int, ...], group: int) -> tuple[int, int, int]:
     return math.prod(shape[:-1]), shape[-1], -(-shape[-1] // group)
 
 
-def float_part(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Casts to the stored float dtype, clamping to its finite range."""
-    limit = np.finfo(FLOAT_DTYPES[dtype]).max
-    return np.clip(x, -limit, limit).astype(FLOAT_DTYPES[dtype])
-
-
-def pack_codes(values: np.ndarray, bits: int) -> np.ndarray:
-    """bitpack.pack, a block at a time: its temporaries take tens of bytes per value.
-
-    Blocks hold a multiple of 8 values, so each ends on a byte boundary and the
-    concatenation is exactly the packed stream of all the values.
-    """
-    flat = values.reshape(-1)
-    if flat.size <= PACK_BLOCK:
-        return bitpack.pack(flat, bits)
-    return np.concatenate([bitpack.pack(flat[i : i + PACK_BLOCK], bits) for i in range(0, flat.size, PACK_BLOCK)])
-
-
-def unpack_codes(data: np.ndarray, bits: int, count: int, where: str) -> np.ndarray:
-    """bitpack.unpack, a block at a time (see pack_codes); returns uint8 values."""
-    data = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if data.size != bitpack.packed_size(count, bits):
-        raise FormatError(f"{where}: {data.size} bytes, expected {bitpack.packed_size(count, bits)} for "
-                          f"{count} values of {bits} bits")
-    out = np.empty(count, np.uint8)
-    step = PACK_BLOCK * bits // 8
-    for i in range(0, count, PACK_BLOCK):
-        n = min(PACK_BLOCK, count - i)
-        out[i : i + n] = bitpack.unpack(data[i // PACK_BLOCK * step :][: bitpack.packed_size(n, bits)], bits, n, where)
-    return out
-
-
-def check_parts(parts: dict[str, np.ndarray], specs: dict[str, PartSpec], where: str) -> None:
-    """The parts must be exactly those of the specs, with their shapes (the reader checks dtypes)."""
-    if not isinstance(parts, dict) or set(parts) != set(specs):
-        names = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
-        raise FormatError(f"{where}: parts {names}, expected {sorted(specs)}")
-    for name, spec in specs.items():
-        if np.shape(parts[name]) != spec.shape:
-            raise FormatError(f"{where}.{name}: shape {np.shape(parts[name])}, expected {spec.shape}")
+def _group_size(value: Any, where: str) -> int:
+    group = integer(0, MAX_GROUP)(value, where)
+    if 0 < group < MIN_GROUP:
+        raise FormatError(f"{where}: expected 0 or an integer in [{MIN_GROUP}, {MAX_GROUP}], found {group}")
+    return group
 
 
 def _grouped(x: np.ndarray, rows: int, n: int, g: int, ng: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -233,49 +186,29 @@ def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[fl
     return s, o, assign(s.astype(np.float64), o.astype(np.float64)).copy()
 
 
+@dataclass(frozen=True)
 class GroupQuant(TensorCodec):
     """Grouped uniform quantization with optimised scales; see the module docstring."""
 
     name = "gquant"
     chainable_parts = ("scales", "zeros")
 
-    def __init__(self, bits: int = 4, group: int = 32, mode: str = "sym", scale_dtype: str = "F16",
-                 grid: tuple[float, ...] = DEFAULT_GRID, trims: tuple[float, ...] = DEFAULT_TRIMS,
-                 iterations: int = DEFAULT_ITERATIONS):
-        if type(bits) is not int or not 2 <= bits <= 8:
-            raise ValueError("bits must be an integer in [2, 8]")
-        if type(group) is not int or not (group == 0 or MIN_GROUP <= group <= MAX_GROUP):
-            raise ValueError(f"group must be 0 or an integer in [{MIN_GROUP}, {MAX_GROUP}]")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
-        if scale_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {sorted(FLOAT_DTYPES)}")
-        if not grid or not all(0 < r <= 1 for r in grid):
-            raise ValueError("grid must hold shrink factors in (0, 1]")
-        if not trims or not all(0 <= t < 0.5 for t in trims):
-            raise ValueError("trims must hold fractions in [0, 0.5)")
-        self.code_bits, self.group, self.mode, self.scale_dtype = bits, group, mode, scale_dtype
-        self.grid, self.trims, self.iterations = tuple(grid), tuple(trims), iterations
+    bits: int = setting(4, integer(2, 8), "code bits per value")
+    group: int = setting(32, _group_size, "values per scale along the last axis; 0: one scale for the whole tensor")
+    mode: str = setting("sym", choice(*MODES), "sym: codes centred on zero; asym: with a per-group offset")
+    scale_dtype: str = setting("F16", choice(*FLOAT_DTYPES), "dtype of the stored scales and offsets")
+    grid: tuple = setting(DEFAULT_GRID, fraction_tuple(0, 1, True),
+                          "sym encoder: shrink factors of the largest magnitude tried as scales", "encoder")
+    trims: tuple = setting(DEFAULT_TRIMS, fraction_tuple(0, 0.5, False),
+                           "asym encoder: fractions trimmed off each end of the range", "encoder")
+    iterations: int = setting(DEFAULT_ITERATIONS, integer(0, 100), "encoder: assign/refit rounds", "encoder")
 
-    def config(self) -> dict[str, Any]:
-        return {"bits": self.code_bits, "group": self.group, "mode": self.mode, "scale_dtype": self.scale_dtype}
+    def check_settings(self, where: str) -> None:
+        if any(t >= 0.5 for t in self.trims):
+            raise FormatError(f"{where}.trims: fractions must be below 0.5")
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "GroupQuant":
-        require_keys(config, where, {"bits", "group", "mode", "scale_dtype"})
-        bits = require_int(config["bits"], f"{where}.bits", 2, 8)
-        group = require_int(config["group"], f"{where}.group", 0, MAX_GROUP)
-        if 0 < group < MIN_GROUP:
-            raise FormatError(f"{where}.group: expected 0 or an integer in [{MIN_GROUP}, {MAX_GROUP}], found {group}")
-        if config["mode"] not in MODES:
-            raise FormatError(f"{where}.mode: expected one of {MODES}, found {config['mode']!r:.40}")
-        if config["scale_dtype"] not in tuple(FLOAT_DTYPES):
-            raise FormatError(f"{where}.scale_dtype: expected one of {sorted(FLOAT_DTYPES)}, "
-                              f"found {config['scale_dtype']!r:.40}")
-        return cls(bits, group, config["mode"], config["scale_dtype"])
-
-    def accepts(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) >= 1
+    def formula(self, params: Any) -> str:
+        return f"gquant.{self.mode}"
 
     def _scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.group == 0:
@@ -284,25 +217,17 @@ class GroupQuant(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
-        shape = check_shape(shape, f"{where}.shape")
         numel = math.prod(shape)
-        specs = {"codes": PartSpec("U8", (bitpack.packed_size(numel, self.code_bits),)),
+        specs = {"codes": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
                  "scales": PartSpec(self.scale_dtype, self._scale_shape(shape))}
         if self.mode == "asym":
             specs["zeros"] = PartSpec(self.scale_dtype, self._scale_shape(shape))
         return specs
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """Exact payload bits of all parts stored raw."""
-        specs = self.part_specs(params, shape, "gquant")
-        return sum(8 * DTYPES[spec.dtype].itemsize * math.prod(spec.shape) for spec in specs.values())
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 0:
-            raise ValueError("gquant needs a tensor of at least one dimension")
-        if not np.isfinite(x).all():
-            raise ValueError("gquant cannot encode NaN or infinite values")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         rows, n, ng = group_layout(x.shape, self.group)
         if x.size == 0:  # nothing to fit: empty codes, zero scales (one for group 0)
             zero = np.zeros(self._scale_shape(x.shape), FLOAT_DTYPES[self.scale_dtype])
@@ -314,34 +239,25 @@ class GroupQuant(TensorCodec):
         w, mask = _grouped(x, rows, n, g, ng)
         parts: dict[str, np.ndarray] = {}
         if self.mode == "sym":
-            s, q = _fit_sym(w, self.code_bits, self.grid, self.iterations, self.scale_dtype)
-            codes = q + 2 ** (self.code_bits - 1)
+            s, q = _fit_sym(w, self.bits, self.grid, self.iterations, self.scale_dtype)
+            codes = q + 2 ** (self.bits - 1)
         else:
-            s, o, codes = _fit_asym(w, mask, self.code_bits, self.trims, self.iterations, self.scale_dtype)
+            s, o, codes = _fit_asym(w, mask, self.bits, self.trims, self.iterations, self.scale_dtype)
             parts["zeros"] = o.reshape(self._scale_shape(x.shape))
         codes = codes.astype(np.uint8).reshape(rows, ng * g)[:, :n]
-        parts["codes"] = pack_codes(codes, self.code_bits)
+        parts["codes"] = pack_codes(codes, self.bits)
         parts["scales"] = s.reshape(self._scale_shape(x.shape))
         return Encoded(parts=parts, params={})
 
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        shape = check_shape(shape, f"{where}.shape")
-        specs = self.part_specs(params, shape, where)
-        check_parts(parts, specs, where)
-        numel = math.prod(shape)
-        codes = unpack_codes(parts["codes"], self.code_bits, numel, f"{where}.codes")
-        check_index_range(codes, 2 ** self.code_bits, f"{where}.codes")
-        floats = {}
-        for name in specs.keys() - {"codes"}:
-            values = np.asarray(parts[name]).astype(np.float32)
-            if not np.isfinite(values).all():
-                raise FormatError(f"{where}.{name}: holds NaN or infinite values")
-            floats[name] = values
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
+        codes = unpack_codes(parts["codes"], self.bits, math.prod(shape), f"{where}.codes")
+        check_index_range(codes, 2 ** self.bits, f"{where}.codes")
+        floats = {name: finite_floats(parts[name], f"{where}.{name}") for name in parts if name != "codes"}
         rows, n, ng = group_layout(shape, self.group)
         c = codes.astype(np.float32).reshape(rows, n)
         if self.mode == "sym":
-            c -= np.float32(2 ** (self.code_bits - 1))
+            c -= np.float32(2 ** (self.bits - 1))
         out = c * self._expand(floats["scales"], rows, n, ng)
         if self.mode == "asym":
             out += self._expand(floats["zeros"], rows, n, ng)

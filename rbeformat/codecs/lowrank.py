@@ -33,58 +33,19 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
-from ..spec import DTYPES
 from .base import require_int, require_keys
+from .fields import boolean, integer, number, optional, setting
 from .tensor import Encoded, PartSpec, TensorCodec
 
 # Rows of the product are computed this many at a time, so decoding a tall
 # matrix never holds more than a block of float64 values besides the output.
 ROW_BLOCK = 4096
-
-
-def number_in_range(value: Any, low: float, high: float, low_open: bool = True) -> float | None:
-    """``value`` as a float if it is an int or float (not bool) in (low, high] or [low, high], else None."""
-    if type(value) not in (int, float):
-        return None
-    try:
-        number = float(value)  # an int too large for a float overflows here
-    except OverflowError:
-        return None
-    if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
-        return None
-    return number
-
-
-def require_number(value: Any, where: str, low: float, high: float, low_open: bool = True) -> float:
-    """A manifest number in (low, high] or [low, high]; FormatError otherwise."""
-    number = number_in_range(value, low, high, low_open)
-    if number is None:
-        bracket = "(" if low_open else "["
-        raise FormatError(f"{where}: expected a finite number in {bracket}{low}, {high}], found {value!r:.80}")
-    return number
-
-
-def check_parts(parts: dict[str, np.ndarray], specs: dict[str, PartSpec], where: str) -> None:
-    """The parts must be exactly those of ``specs``, with their dtypes and shapes."""
-    if not isinstance(parts, dict) or set(parts) != set(specs):
-        found = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
-        raise FormatError(f"{where}: expected parts {sorted(specs)}, found {found}")
-    for name, spec in specs.items():
-        part = parts[name]
-        expected = np.dtype(DTYPES[spec.dtype].numpy_storage)
-        if not isinstance(part, np.ndarray) or part.dtype != expected or part.shape != spec.shape:
-            got = (part.dtype, part.shape) if isinstance(part, np.ndarray) else type(part).__name__
-            raise FormatError(f"{where}: part {name!r} should be {spec.dtype} {spec.shape}, found {got}")
-
-
-def spec_bits(specs: dict[str, PartSpec]) -> int:
-    """Bits of all parts stored raw."""
-    return sum(8 * DTYPES[s.dtype].itemsize * math.prod(s.shape) for s in specs.values())
 
 
 def _matrix_shape(shape: tuple[int, ...], where: str) -> tuple[int, int]:
@@ -93,61 +54,25 @@ def _matrix_shape(shape: tuple[int, ...], where: str) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+@dataclass(frozen=True)
 class LowRank(TensorCodec):
     """Truncated SVD, W ~ A @ B (+ R); see the module docstring."""
 
     name = "lowrank"
     chainable_parts = ("A", "B", "residual")
 
-    def __init__(self, rank: int | None = None, energy: float | None = None, bits: float | None = None,
-                 factor_bits: float | None = None, residual: bool = False):
-        targets = [t for t in (rank, energy, bits) if t is not None]
-        if len(targets) != 1:
-            raise ValueError("give exactly one of rank, energy, bits")
-        if rank is not None and (type(rank) is not int or rank < 1):
-            raise ValueError("rank must be a positive integer")
-        if energy is not None and number_in_range(energy, 0, 1) is None:
-            raise ValueError("energy must be a number in (0, 1]")
-        if bits is not None and (number_in_range(bits, 0, 64) is None or number_in_range(factor_bits, 0, 64) is None):
-            raise ValueError("bits needs bits and factor_bits, numbers in (0, 64]")
-        if bits is None and factor_bits is not None:
-            raise ValueError("factor_bits only goes with bits")
-        if not isinstance(residual, bool):
-            raise ValueError("residual must be true or false")
-        self.rank, self.energy, self.bits_target, self.factor_bits = rank, energy, bits, factor_bits
-        self.residual = residual
+    rank: int | None = setting(None, optional(integer(1, 1 << 31)), "a fixed rank")
+    energy: float | None = setting(None, optional(number(0, 1)), "the smallest rank keeping this fraction of sum(s_k^2)")
+    bits: float | None = setting(None, optional(number(0, 64)), "the largest rank within this many bits per weight")
+    factor_bits: float | None = setting(None, optional(number(0, 64)), "bits per factor element, for bits")
+    residual: bool = setting(False, boolean, "also store the exact remainder W - A B")
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LowRank) and self.config() == other.config()
-
-    def config(self) -> dict[str, Any]:
-        if self.rank is not None:
-            target: dict[str, Any] = {"rank": self.rank}
-        elif self.energy is not None:
-            target = {"energy": self.energy}
-        else:
-            target = {"bits": self.bits_target, "factor_bits": self.factor_bits}
-        return {**target, "residual": self.residual}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "LowRank":
-        require_keys(config, where, {"residual"}, {"rank", "energy", "bits", "factor_bits"})
-        if not isinstance(config["residual"], bool):
-            raise FormatError(f"{where}.residual: expected true or false")
-        present = [k for k in ("rank", "energy", "bits") if k in config]
+    def check_settings(self, where: str) -> None:
+        present = [k for k in ("rank", "energy", "bits") if getattr(self, k) is not None]
         if len(present) != 1:
-            raise FormatError(f"{where}: expected exactly one of rank, energy, bits; found {present}")
-        if ("factor_bits" in config) != ("bits" in config):
+            raise FormatError(f"{where}: give exactly one of rank, energy, bits; found {present or 'none'}")
+        if (self.factor_bits is None) != (self.bits is None):
             raise FormatError(f"{where}: factor_bits goes with bits and only with it")
-        kwargs: dict[str, Any] = {"residual": config["residual"]}
-        if "rank" in config:
-            kwargs["rank"] = require_int(config["rank"], f"{where}.rank", 1, 1 << 31)
-        elif "energy" in config:
-            kwargs["energy"] = require_number(config["energy"], f"{where}.energy", 0.0, 1.0)
-        else:
-            kwargs["bits"] = require_number(config["bits"], f"{where}.bits", 0.0, 64.0)
-            kwargs["factor_bits"] = require_number(config["factor_bits"], f"{where}.factor_bits", 0.0, 64.0)
-        return cls(**kwargs)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
@@ -163,15 +88,11 @@ class LowRank(TensorCodec):
                 return 1
             return min(full, int(np.searchsorted(cumulative, self.energy * cumulative[-1])) + 1)
         # Each rank adds (m + n) factor elements of factor_bits bits.
-        affordable = math.floor(self.bits_target * m * n / ((m + n) * self.factor_bits))
+        affordable = math.floor(self.bits * m * n / ((m + n) * self.factor_bits))
         return max(1, min(full, affordable))
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        if x.ndim != 2 or 0 in x.shape:
-            raise ValueError(f"lowrank encodes non-empty 2-D tensors, not shape {x.shape}")
-        w = np.asarray(x, dtype=np.float32)
-        if not np.isfinite(w).all():
-            raise ValueError("lowrank cannot encode NaN or infinite values")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        w = x
         m, n = w.shape
         u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
         r = self.choose_rank(s, m, n)
@@ -188,7 +109,11 @@ class LowRank(TensorCodec):
             parts["residual"] = w - product(a, b)
         return Encoded(parts, {"rank": r})
 
+    def chainable(self) -> tuple[str, ...]:
+        return ("A", "B", "residual") if self.residual else ("A", "B")
+
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        """32 * (r*(m + n) + [m*n if residual]) bits stored raw."""
         m, n = _matrix_shape(shape, where)
         require_keys(params, f"{where}.params", {"rank"})
         r = require_int(params["rank"], f"{where}.params.rank", 1, min(m, n))
@@ -197,13 +122,8 @@ class LowRank(TensorCodec):
             specs["residual"] = PartSpec("F32", (m, n))
         return specs
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """32 * (r*(m + n) + [m*n if residual])."""
-        return spec_bits(self.part_specs(params, shape, "lowrank"))
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         # Stored values may overflow float32 here; that is data, not an error.
         with np.errstate(over="ignore", invalid="ignore"):
             out = product(parts["A"], parts["B"])

@@ -29,17 +29,19 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
-from ..spec import MAX_NAME_BYTES
 from .base import require_keys
-from .lowrank import check_parts, spec_bits
+from .fields import choice, setting, tensor_name
 from .tensor import Encoded, PartSpec, TensorCodec
 
 MODES = ("bits", "float")
+# Internal tensors holding shared bases are named rbe:base/<dtype>/<shape>.
+BASE_PREFIX = "rbe:base/"
 
 
 def shared_base(vectors: list[np.ndarray], statistic: str = "median") -> np.ndarray:
@@ -58,45 +60,44 @@ def shared_base(vectors: list[np.ndarray], statistic: str = "median") -> np.ndar
     return np.sort(stack, axis=0)[(len(stack) - 1) // 2]
 
 
+@dataclass(frozen=True)
 class NormDelta(TensorCodec):
     """x = base + delta, exactly on the bit patterns or approximately in float32."""
 
     name = "normdelta"
     # The parts that may be chained in some mode (for parsers that look at the
-    # class); an instance narrows this to () in mode "bits".
+    # class); chainable() narrows this to () in mode "bits".
     chainable_parts = ("delta",)
+    finite_only = False  # mode bits keeps every bit pattern, NaN payloads included
 
     # In a recipe the base is not known yet: the converter computes it and names it.
     PENDING_BASE = "rbe:base/pending"
 
-    def __init__(self, base: str = PENDING_BASE, mode: str = "bits"):
-        if not isinstance(base, str) or not base or len(base.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-            raise ValueError("base must be a non-empty tensor name")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
-        self.base, self.mode = base, mode
-        # Per instance: only a float delta can go through a lossy chain.
-        self.lossless = mode == "bits"
-        self.chainable_parts = ("delta",) if mode == "float" else ()
+    base: str = setting(PENDING_BASE, tensor_name, "the internal tensor holding the shared base")
+    mode: str = setting("bits", choice(*MODES), "bits: exact delta of the bit patterns; float: x - base")
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, NormDelta) and self.config() == other.config()
+    def is_lossless(self) -> bool:
+        return self.mode == "bits"
 
-    def config(self) -> dict[str, Any]:
-        return {"base": self.base, "mode": self.mode}
+    def chainable(self) -> tuple[str, ...]:
+        return ("delta",) if self.mode == "float" else ()
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "NormDelta":
-        require_keys(config, where, {"base", "mode"})
-        base = config["base"]
-        if not isinstance(base, str) or not base or len(base.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-            raise FormatError(f"{where}.base: expected a tensor name of 1 to {MAX_NAME_BYTES} bytes")
-        if config["mode"] not in MODES:
-            raise FormatError(f"{where}.mode: expected one of {MODES}, found {config['mode']!r:.40}")
-        return cls(base, config["mode"])
+    def formula(self, params: Any) -> str:
+        return f"normdelta.{self.mode}"
 
     def references(self) -> list[str]:
         return [self.base]
+
+    # Norm vectors of one dtype and shape share one base, whatever their mode.
+    def shared_group(self, dtype: str, shape: tuple[int, ...]) -> tuple:
+        return (dtype, tuple(shape))
+
+    def build_shared(self, members: list[np.ndarray], dtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        return {f"{BASE_PREFIX}{dtype}/{'x'.join(map(str, shape))}": shared_base(members)}
+
+    def bind_shared(self, names: list[str]) -> "NormDelta":
+        (base,) = names
+        return self.with_settings(base=base)
 
     def _base(self, refs: dict[str, np.ndarray] | None, shape: tuple[int, ...], where: str) -> np.ndarray:
         base = (refs or {}).get(self.base)
@@ -109,7 +110,10 @@ class NormDelta(TensorCodec):
             raise FormatError(f"{where}: base {self.base!r} must decode to float32, found {base.dtype}")
         return np.require(base, requirements="C")
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        return True
+
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         x = np.require(x, np.float32, "C")  # (ascontiguousarray would make 0-d arrays 1-d)
         base = self._base(refs, x.shape, "normdelta")
         if self.mode == "bits":
@@ -120,16 +124,12 @@ class NormDelta(TensorCodec):
         return Encoded({"delta": np.asarray(delta).reshape(x.shape)}, {})
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        """32 bits per element (the base is a tensor of its own and counted there)."""
         require_keys(params, f"{where}.params", set())
         return {"delta": PartSpec("I32" if self.mode == "bits" else "F32", tuple(shape))}
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """32 * size (the base is a tensor of its own and counted there)."""
-        return spec_bits(self.part_specs(params, shape, "normdelta"))
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         base = self._base(refs, shape, where)
         delta = np.require(parts["delta"], requirements="C")
         if self.mode == "bits":

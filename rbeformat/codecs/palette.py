@@ -23,7 +23,7 @@ codebook keeps the one with the lower squared error.  No randomness is involved.
 >>> codec = Palette(bits=2, scope="row")
 >>> x = np.array([[0.0, 1.0, 2.0, 3.0, 3.1], [5.0, 5.0, -5.0, 0.0, 1.0]], np.float32)
 >>> enc = codec.encode(x)
->>> enc.parts["codebook"].shape, codec.bits(enc.params, x.shape)
+>>> enc.parts["codebook"].shape, codec.bit_cost(enc.params, x.shape)
 ((2, 4), 152)
 >>> codec.decode(enc.parts, enc.params, x.shape, "x").tolist()
 [[0.0, 1.0, 2.0, 3.05078125, 3.05078125], [5.0, 5.0, -5.0, 0.0, 1.0]]
@@ -32,16 +32,17 @@ codebook keeps the one with the lower squared error.  No randomness is involved.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
-from ..spec import DTYPES
 from . import bitpack
-from .base import require_int, require_keys
-from .gquant import FLOAT_DTYPES, check_parts, check_shape, float_part, pack_codes, unpack_codes
-from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
+from .arrays import FLOAT_DTYPES, check_index_range, float_part, pack_codes, unpack_codes
+from .base import require_keys
+from .fields import choice, integer, setting
+from .tensor import Encoded, PartSpec, TensorCodec
 
 SCOPES = ("tensor", "row", "group")
 MIN_GROUP, MAX_GROUP = 16, 1 << 20
@@ -188,45 +189,24 @@ def _count_below_each(mids: np.ndarray, x: np.ndarray) -> np.ndarray:
     return lo
 
 
+@dataclass(frozen=True)
 class Palette(TensorCodec):
     """Scalar codebook quantization with 1-D k-means codebooks; see the module docstring."""
 
     name = "palette"
-    chainable_parts = ()
 
-    def __init__(self, bits: int = 4, scope: str = "row", group: int = 0, codebook_dtype: str = "F16",
-                 iterations: int = DEFAULT_ITERATIONS):
-        if type(bits) is not int or not 1 <= bits <= 8:
-            raise ValueError("bits must be an integer in [1, 8]")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}")
-        if scope == "group" and (type(group) is not int or not MIN_GROUP <= group <= MAX_GROUP):
-            raise ValueError(f"group must be an integer in [{MIN_GROUP}, {MAX_GROUP}] for scope 'group'")
-        if scope != "group" and group != 0:
-            raise ValueError("group must be 0 unless scope is 'group'")
-        if codebook_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"codebook_dtype must be one of {sorted(FLOAT_DTYPES)}")
-        self.code_bits, self.scope, self.group, self.codebook_dtype = bits, scope, group, codebook_dtype
-        self.iterations = iterations
+    bits: int = setting(4, integer(1, 8), "index bits: a codebook holds 2**bits values")
+    scope: str = setting("row", choice(*SCOPES), "what shares one codebook: the tensor, each row, or each group")
+    group: int = setting(0, integer(0, MAX_GROUP), "values per codebook for scope group (0 otherwise)")
+    codebook_dtype: str = setting("F16", choice(*FLOAT_DTYPES), "dtype of the stored codebooks")
+    iterations: int = setting(DEFAULT_ITERATIONS, integer(1, 1000), "encoder: Lloyd iterations", "encoder")
 
-    def config(self) -> dict[str, Any]:
-        return {"bits": self.code_bits, "scope": self.scope, "group": self.group,
-                "codebook_dtype": self.codebook_dtype}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Palette":
-        require_keys(config, where, {"bits", "scope", "group", "codebook_dtype"})
-        bits = require_int(config["bits"], f"{where}.bits", 1, 8)
-        if config["scope"] not in SCOPES:
-            raise FormatError(f"{where}.scope: expected one of {SCOPES}, found {config['scope']!r:.40}")
-        if config["scope"] == "group":
-            group = require_int(config["group"], f"{where}.group", MIN_GROUP, MAX_GROUP)
-        else:
-            group = require_int(config["group"], f"{where}.group", 0, 0)
-        if config["codebook_dtype"] not in tuple(FLOAT_DTYPES):
-            raise FormatError(f"{where}.codebook_dtype: expected one of {sorted(FLOAT_DTYPES)}, "
-                              f"found {config['codebook_dtype']!r:.40}")
-        return cls(bits, config["scope"], group, config["codebook_dtype"])
+    def check_settings(self, where: str) -> None:
+        if self.scope == "group" and self.group < MIN_GROUP:
+            raise FormatError(f"{where}.group: expected an integer in [{MIN_GROUP}, {MAX_GROUP}] for scope "
+                              f"'group', found {self.group}")
+        if self.scope != "group" and self.group != 0:
+            raise FormatError(f"{where}.group: must be 0 unless scope is 'group', found {self.group}")
 
     def _codebooks(self, shape: tuple[int, ...]) -> int:
         rows, n = _layout(shape)
@@ -238,19 +218,13 @@ class Palette(TensorCodec):
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Any tensor of at least one dimension whose codebooks are smaller than the tensor itself."""
-        return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2 ** self.code_bits <= math.prod(shape)
+        return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2 ** self.bits <= math.prod(shape)
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
-        shape = check_shape(shape, f"{where}.shape")
         numel = math.prod(shape)
-        return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.code_bits),)),
-                "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.code_bits))}
-
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """Exact payload bits of both parts stored raw."""
-        specs = self.part_specs(params, shape, "palette")
-        return sum(8 * DTYPES[spec.dtype].itemsize * math.prod(spec.shape) for spec in specs.values())
+        return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
+                "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.bits))}
 
     def _batches(self, rows: int, n: int) -> list[tuple[int, int, int]]:
         """Column ranges [start, stop) of equal-length segments, with segment length.
@@ -266,13 +240,8 @@ class Palette(TensorCodec):
             batches.append((full, n, n - full))
         return batches
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 0:
-            raise ValueError("palette needs a tensor of at least one dimension")
-        if not np.isfinite(x).all():
-            raise ValueError("palette cannot encode NaN or infinite values")
-        k = 2 ** self.code_bits
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        k = 2 ** self.bits
         rows, n = _layout(x.shape)
         matrix = x.reshape(1, -1) if self.scope == "tensor" else x.reshape(rows, n)
         indices = np.zeros(matrix.shape, np.uint8)
@@ -289,17 +258,14 @@ class Palette(TensorCodec):
                 indices[r0 : r0 + block, start:stop] = idx.reshape(-1, stop - start)
                 books[r0 : r0 + block, column : column + count] = stored.reshape(-1, count, k)
             column += count
-        return Encoded(parts={"indices": pack_codes(indices, self.code_bits),
+        return Encoded(parts={"indices": pack_codes(indices, self.bits),
                               "codebook": books.reshape(-1, k)}, params={})
 
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        shape = check_shape(shape, f"{where}.shape")
-        specs = self.part_specs(params, shape, where)
-        check_parts(parts, specs, where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         numel = math.prod(shape)
-        k = 2 ** self.code_bits
-        idx = unpack_codes(parts["indices"], self.code_bits, numel, f"{where}.indices")
+        k = 2 ** self.bits
+        idx = unpack_codes(parts["indices"], self.bits, numel, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")
         book = np.asarray(parts["codebook"]).astype(np.float32)
         if not np.isfinite(book).all():

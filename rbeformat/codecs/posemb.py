@@ -39,13 +39,14 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
 from .base import require_int, require_keys
-from .lowrank import check_parts, number_in_range, require_number, spec_bits
+from .fields import integer, number, optional, setting
 from .tensor import Encoded, PartSpec, TensorCodec
 
 # Basis rows are built this many at a time when encoding, to bound memory.
@@ -69,42 +70,25 @@ def _table_shape(shape: tuple[int, ...], where: str, name: str) -> tuple[int, in
     return int(shape[0]), int(shape[1])
 
 
+@dataclass(frozen=True)
 class PositionDCT(TensorCodec):
     """The first K DCT-II coefficients along the position axis; see the module docstring."""
 
     name = "posdct"
     chainable_parts = ("coeffs",)
 
-    def __init__(self, keep: int | None = None, energy: float | None = None):
-        if (keep is None) == (energy is None):
-            raise ValueError("give exactly one of keep, energy")
-        if keep is not None and (type(keep) is not int or keep < 1):
-            raise ValueError("keep must be a positive integer")
-        if energy is not None and number_in_range(energy, 0, 1) is None:
-            raise ValueError("energy must be in (0, 1]")
-        self.keep, self.energy = keep, energy
+    keep: int | None = setting(None, optional(integer(1, 1 << 31)), "DCT coefficients kept along the positions")
+    energy: float | None = setting(None, optional(number(0, 1)),
+                                   "keep the fewest coefficients holding this fraction of the energy")
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PositionDCT) and self.config() == other.config()
-
-    def config(self) -> dict[str, Any]:
-        return {"keep": self.keep} if self.keep is not None else {"energy": self.energy}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "PositionDCT":
-        require_keys(config, where, set(), {"keep", "energy"})
-        if len(config) != 1:
-            raise FormatError(f"{where}: expected exactly one of keep, energy")
-        if "keep" in config:
-            return cls(keep=require_int(config["keep"], f"{where}.keep", 1, 1 << 31))
-        return cls(energy=require_number(config["energy"], f"{where}.energy", 0.0, 1.0))
+    def check_settings(self, where: str) -> None:
+        if (self.keep is None) == (self.energy is None):
+            raise FormatError(f"{where}: give exactly one of keep, energy")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        if not self.accepts(x.shape) or not np.isfinite(x).all():
-            raise ValueError(f"posdct encodes finite non-empty 2-D tables, not shape {x.shape}")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         n = x.shape[0]
         table = np.asarray(x, dtype=np.float64)
         coeffs = np.concatenate([dct_basis(n, range(s, min(n, s + BASIS_BLOCK))) @ table
@@ -126,13 +110,8 @@ class PositionDCT(TensorCodec):
         keep = require_int(params["keep"], f"{where}.params.keep", 1, n)
         return {"coeffs": PartSpec("F32", (keep, hidden))}
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """32 * K * hidden."""
-        return spec_bits(self.part_specs(params, shape, "posdct"))
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         coeffs = parts["coeffs"].astype(np.float64)
         basis = dct_basis(shape[0], range(coeffs.shape[0]))
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the data's
@@ -143,27 +122,20 @@ class NotSinusoidal(ValueError):
     """The table is not the sinusoidal formula within the tolerance."""
 
 
+@dataclass(frozen=True)
 class Sinusoidal(TensorCodec):
-    """A formula position table, stored as its parameters only; see the module docstring."""
+    """A formula position table, stored as its parameters only; see the module docstring.
+
+    Both settings only guide the encoder (the params carry the base decoding
+    uses); files of format 1.1 / 1.2 record them in the config.
+    """
 
     name = "sinusoid"
+    finite_only = False  # a table that is not the formula is refused with NotSinusoidal instead
 
-    def __init__(self, tolerance: float = 1e-6, base: float = 10000.0):
-        if number_in_range(tolerance, 0, math.inf, False) is None or number_in_range(base, 1, MAX_BASE, False) is None:
-            raise ValueError(f"tolerance must be >= 0 and base in [1, {MAX_BASE:g}]")
-        self.tolerance, self.base = float(tolerance), float(base)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sinusoidal) and self.config() == other.config()
-
-    def config(self) -> dict[str, Any]:
-        return {"tolerance": self.tolerance, "base": self.base}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Sinusoidal":
-        require_keys(config, where, {"tolerance", "base"})
-        tolerance = require_number(config["tolerance"], f"{where}.tolerance", 0.0, math.inf, low_open=False)
-        return cls(tolerance, require_number(config["base"], f"{where}.base", 1.0, MAX_BASE, low_open=False))
+    tolerance: float = setting(1e-6, number(0, 1e300, False), "largest |error| accepted against the formula",
+                               "recorded")
+    base: float = setting(10000.0, number(1, MAX_BASE, False), "the formula's base tried first", "recorded")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 2 and shape[1] % 2 == 0
@@ -198,9 +170,11 @@ class Sinusoidal(TensorCodec):
         return bases
 
     def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        if not self.accepts(x.shape):
-            raise NotSinusoidal(f"sinusoid needs a 2-D table with an even hidden size, not shape {x.shape}")
-        x = np.asarray(x, dtype=np.float32)
+        if not self.accepts(np.shape(x)):
+            raise NotSinusoidal(f"sinusoid needs a 2-D table with an even hidden size, not shape {np.shape(x)}")
+        return super().encode(x, refs)
+
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         with np.errstate(over="ignore"):
             for base in self._candidate_bases(x):
                 for layout in LAYOUTS:
@@ -214,16 +188,14 @@ class Sinusoidal(TensorCodec):
         if shape[1] % 2:
             raise FormatError(f"{where}: sinusoid needs an even hidden size, found {shape[1]}")
         require_keys(params, f"{where}.params", {"base", "layout"})
-        require_number(params["base"], f"{where}.params.base", 1.0, MAX_BASE, low_open=False)
+        number(1, MAX_BASE, False)(params["base"], f"{where}.params.base")
         if params["layout"] not in LAYOUTS:
             raise FormatError(f"{where}.params.layout: expected one of {LAYOUTS}, found {params['layout']!r:.40}")
         return {}
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """0: no parts."""
-        return spec_bits(self.part_specs(params, shape, "sinusoid"))
+    def formula(self, params: Any) -> str:
+        return f"sinusoid.{params['layout']}"
 
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         return self.table(shape[0], shape[1], float(params["base"]), params["layout"])

@@ -22,7 +22,7 @@ u/2**(S-1) is ``lfsr.values`` of the state, so U(s) = u[s] / 2**(S-1).
 >>> x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
 >>> enc = codec.encode(x)
 >>> y = codec.decode(enc.parts, enc.params, x.shape, "x")
->>> codec.bits(enc.params, x.shape) / x.size
+>>> codec.bit_cost(enc.params, x.shape) / x.size
 3.25
 >>> bool(np.linalg.norm(x - y) < 0.6 * np.linalg.norm(x))
 True
@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 from ..errors import FormatError
 from . import bitpack, lfsr
 from .base import require_int, require_keys
+from .fields import integer, setting
 from .tensor import Encoded, PartSpec, TensorCodec
 
 # One search step scores this many (block, seed) pairs at once (64 MiB of float32).
@@ -107,45 +109,33 @@ def _fitted(pinv: np.ndarray, cands: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.einsum("nkpc,nc->nkp", pinv[cands], w)
 
 
+def _power_of_two(value: Any, where: str) -> int:
+    value = integer(1, 64)(value, where)
+    if value & (value - 1):
+        raise FormatError(f"{where}: expected a power of two, found {value}")
+    return value
+
+
+@dataclass(frozen=True)
 class SeedCodec(TensorCodec):
     """SeedLM: C weights = LFSR basis U(seed) (C x P) times P Q-bit coefficients * 2**e."""
 
     name = "seed"
-    lossless = False
-    chainable_parts = ()
 
-    def __init__(self, block: int = 8, rank: int = 3, coef_bits: int = 4, exp_bits: int = 4,
-                 seed_bits: int = 16, candidates: int = 8):
-        self.block, self.rank, self.coef_bits = block, rank, coef_bits
-        self.exp_bits, self.seed_bits, self.candidates = exp_bits, seed_bits, candidates
-        try:
-            self._check(self.config(), "seed")
-        except FormatError as exc:
-            raise ValueError(str(exc)) from None
+    block: int = setting(8, integer(2, 32), "weights per block (C)")
+    rank: int = setting(3, integer(1, 8), "basis vectors per block (P), at most the block")
+    coef_bits: int = setting(4, integer(2, 8), "bits per coefficient (Q)")
+    exp_bits: int = setting(4, integer(1, 6), "bits of each block's shared exponent (E)")
+    seed_bits: int = setting(16, integer(min(lfsr.TAPS), max(lfsr.TAPS)), "bits of the LFSR seed (S)")
+    # An encoder setting that files of format 1.1 / 1.2 record in the config.
+    candidates: int = setting(8, _power_of_two, "encoder: seeds kept per block for the exact fit", "recorded")
 
-    def config(self) -> dict[str, Any]:
-        return {"block": self.block, "rank": self.rank, "coef_bits": self.coef_bits,
-                "exp_bits": self.exp_bits, "seed_bits": self.seed_bits, "candidates": self.candidates}
-
-    @staticmethod
-    def _check(config: Any, where: str) -> None:
-        require_keys(config, where, {"block", "rank", "coef_bits", "exp_bits", "seed_bits", "candidates"})
-        block = require_int(config["block"], f"{where}.block", 2, 32)
-        rank = require_int(config["rank"], f"{where}.rank", 1, min(block, 8))
-        coef_bits = require_int(config["coef_bits"], f"{where}.coef_bits", 2, 8)
-        require_int(config["exp_bits"], f"{where}.exp_bits", 1, 6)
-        seed_bits = require_int(config["seed_bits"], f"{where}.seed_bits", min(lfsr.TAPS), max(lfsr.TAPS))
-        candidates = require_int(config["candidates"], f"{where}.candidates", 1, 64)
-        if candidates & (candidates - 1):
-            raise FormatError(f"{where}.candidates: expected a power of two, found {candidates}")
+    def check_settings(self, where: str) -> None:
+        if self.rank > self.block:
+            raise FormatError(f"{where}.rank: expected at most the block ({self.block}), found {self.rank}")
         # Keeps every decode product and sum an exact float32 integer.
-        if rank << (seed_bits + coef_bits - 2) > 1 << 24:
+        if self.rank << (self.seed_bits + self.coef_bits - 2) > 1 << 24:
             raise FormatError(f"{where}: rank * 2**(seed_bits + coef_bits - 2) exceeds 2**24")
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "SeedCodec":
-        cls._check(config, where)
-        return cls(**config)
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and shape[-1] > 0 and shape[-1] % self.block == 0 and int(np.prod(shape)) > 0
@@ -155,12 +145,7 @@ class SeedCodec(TensorCodec):
         s1 = self.seed_bits - 1
         return 2**self.exp_bits - 1 - s1 - 103, 126 - s1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        x = np.asarray(x, dtype=np.float32)
-        if not self.accepts(x.shape):
-            raise ValueError(f"seed: shape {x.shape} has no last axis divisible by {self.block}")
-        if not np.isfinite(x).all():
-            raise ValueError("seed: values must be finite")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         blocks = x.reshape(-1, self.block)
         u, pinv, features = search_tables(self.block, self.rank, self.seed_bits)
         cands = _candidates(blocks, features, self.candidates)
@@ -235,15 +220,8 @@ class SeedCodec(TensorCodec):
             "exponents": PartSpec("U8", (bitpack.packed_size(n, self.exp_bits),)),
         }
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """Exact payload bits of all parts (each a whole number of bytes)."""
-        return sum(8 * spec.shape[0] for spec in self.part_specs(params, shape, "seed").values())
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        for name, spec in self.part_specs(params, shape, where).items():
-            if name not in parts or np.shape(parts[name]) != spec.shape:
-                raise FormatError(f"{where}.{name}: expected a part of shape {spec.shape}")
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) // self.block
         seeds = bitpack.unpack(parts["seeds"], self.seed_bits, n, f"{where}.seeds")
         if n and int(seeds.min()) == 0:

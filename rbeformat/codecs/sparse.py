@@ -36,6 +36,7 @@ lower position first) form part ``values`` of shape (..., last / 2).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ import numpy as np
 from ..errors import FormatError
 from . import bitpack
 from .base import require_int, require_keys
-from .lowrank import check_parts, number_in_range, require_number, spec_bits
+from .fields import number, setting
 from .tensor import Encoded, PartSpec, TensorCodec
 
 # ---------------------------------------------------------------- sparse
@@ -90,35 +91,23 @@ def _delta_code_count(gaps: np.ndarray, width: int) -> int:
     return int(gaps.size + (gaps // ((1 << width) - 1)).sum())
 
 
+@dataclass(frozen=True)
 class Sparse(TensorCodec):
     """Unstructured magnitude sparsity; see the module docstring."""
 
     name = "sparse"
     chainable_parts = ("values",)
+    finite_only = False  # infinities are kept values like any other; NaN has no magnitude order
 
-    def __init__(self, density: float = 0.1):
-        if number_in_range(density, 0, 1) is None:
-            raise ValueError("density must be a number in (0, 1]")
-        self.density = float(density)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sparse) and self.density == other.density
-
-    def config(self) -> dict[str, Any]:
-        return {"density": self.density}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Sparse":
-        require_keys(config, where, {"density"})
-        return cls(require_number(config["density"], f"{where}.density", 0.0, 1.0))
+    density: float = setting(0.1, number(0, 1), "fraction of the elements kept, the largest in magnitude")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return math.prod(shape) >= 1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        flat = np.asarray(x, dtype=np.float32).reshape(-1)
-        if flat.size == 0 or np.isnan(flat).any():
-            raise ValueError("sparse encodes non-empty tensors without NaN")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        flat = x.reshape(-1)
+        if np.isnan(flat).any():
+            raise ValueError("sparse cannot encode NaN values")
         n = flat.size
         # At least one value, so the (chainable) values part is never empty.
         k = max(1, min(n, math.floor(self.density * n + 0.5)))
@@ -142,6 +131,7 @@ class Sparse(TensorCodec):
         return Encoded({"values": flat[indices], params["index"]: index_part}, params)
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        """Stored raw: 32*count + 8*ceil(n/8) (mask) or 8*ceil(codes*width/8) (deltas) bits."""
         n = _flat_size(shape, where)
         p = f"{where}.params"
         if not isinstance(params, dict) or params.get("index") not in ("mask", "deltas"):
@@ -157,13 +147,11 @@ class Sparse(TensorCodec):
         codes = require_int(params["codes"], f"{p}.codes", k, n)
         return {"values": PartSpec("F32", (k,)), "deltas": PartSpec("U8", (bitpack.packed_size(codes, width),))}
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """32*count + 8*ceil(n/8) (mask) or 8*ceil(codes*width/8) (deltas)."""
-        return spec_bits(self.part_specs(params, shape, "sparse"))
+    def formula(self, params: Any) -> str:
+        return f"sparse.{params['index']}"
 
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         n = math.prod(shape)
         if params["index"] == "mask":
             indices = _mask_indices(parts["mask"], n, where)
@@ -230,30 +218,20 @@ def two_of_four(groups: np.ndarray) -> np.ndarray:
     return beaten < 2
 
 
+@dataclass(frozen=True)
 class NM24(TensorCodec):
     """2:4 structured sparsity with 13-bit codes for 5 groups; see the module docstring."""
 
     name = "nm24"
     chainable_parts = ("values",)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, NM24)
-
-    def config(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "NM24":
-        require_keys(config, where, set())
-        return cls()
+    finite_only = False  # as sparse: infinities are values, NaN is refused
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and shape[-1] >= 4 and shape[-1] % 4 == 0 and math.prod(shape) >= 1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        x = np.asarray(x, dtype=np.float32)
-        if not self.accepts(x.shape) or np.isnan(x).any():
-            raise ValueError(f"nm24 needs a last axis that is a multiple of 4 and no NaN, found {x.shape}")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        if np.isnan(x).any():
+            raise ValueError("nm24 cannot encode NaN values")
         groups = x.reshape(-1, 4)
         keep = two_of_four(groups)
         bitmask = (keep * np.array([1, 2, 4, 8], np.uint8)).sum(axis=1)
@@ -269,19 +247,15 @@ class NM24(TensorCodec):
         return Encoded({"patterns": bitpack.pack(codes, CODE_BITS), "values": values}, {})
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
+        """Stored raw: 8*ceil(13*ceil(G/5)/8) + 32*2G bits for G = size/4 groups."""
         require_keys(params, f"{where}.params", set())
         groups = _groups(shape, where)
         blocks = -(-groups // GROUPS_PER_CODE)
         return {"patterns": PartSpec("U8", (bitpack.packed_size(blocks, CODE_BITS),)),
                 "values": PartSpec("F32", (*shape[:-1], shape[-1] // 2))}
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """8*ceil(13*ceil(G/5)/8) + 32*2G for G = size/4 groups."""
-        return spec_bits(self.part_specs(params, shape, "nm24"))
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        check_parts(parts, self.part_specs(params, shape, where), where)
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         groups = _groups(shape, where)
         blocks = -(-groups // GROUPS_PER_CODE)
         codes = bitpack.unpack(parts["patterns"], CODE_BITS, blocks, f"{where} patterns").astype(np.int64)

@@ -28,14 +28,17 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
 from . import bitpack
+from .arrays import check_index_range
 from .base import require_int, require_keys
-from .tensor import Encoded, PartSpec, TensorCodec, check_index_range
+from .fields import choice, integer, setting
+from .tensor import Encoded, PartSpec, TensorCodec
 
 SCALE_MODES = ("row", "tensor")
 F16_MAX = 65504.0
@@ -120,41 +123,20 @@ def _fit_scales(rows: np.ndarray, approx: np.ndarray) -> np.ndarray:
     return np.clip(fitted, -F16_MAX, F16_MAX).astype(np.float16)
 
 
+@dataclass(frozen=True)
 class VectorCodebook(TensorCodec):
     """k-means vector quantization: ``dim`` weights per index, 2**``bits`` centroids."""
 
     name = "vq"
-    lossless = False
     chainable_parts = ("codebook", "scales")
 
-    def __init__(self, dim: int = 4, bits: int = 8, scale: str = "row", train: int = 65536,
-                 iters: int = 12, seed: int = 0):
-        self.dim, self.code_bits, self.scale = dim, bits, scale
-        self.train, self.iters, self.seed = train, iters, seed
-        try:
-            self._check(self.config(), "vq")
-        except FormatError as exc:
-            raise ValueError(str(exc)) from None
-
-    def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "bits": self.code_bits, "scale": self.scale, "train": self.train,
-                "iters": self.iters, "seed": self.seed}
-
-    @staticmethod
-    def _check(config: Any, where: str) -> None:
-        require_keys(config, where, {"dim", "bits", "scale", "train", "iters", "seed"})
-        if config["scale"] not in SCALE_MODES:
-            raise FormatError(f"{where}.scale: expected one of {SCALE_MODES}, found {config['scale']!r:.40}")
-        require_int(config["dim"], f"{where}.dim", 2, 8)
-        require_int(config["bits"], f"{where}.bits", 4, 16)
-        require_int(config["train"], f"{where}.train", 1, 1 << 24)
-        require_int(config["iters"], f"{where}.iters", 0, 1000)
-        require_int(config["seed"], f"{where}.seed", 0, 2**32 - 1)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "VectorCodebook":
-        cls._check(config, where)
-        return cls(**config)
+    dim: int = setting(4, integer(2, 8), "weights per vector")
+    bits: int = setting(8, integer(4, 16), "codebook size in bits: at most 2**bits centroids, one index per vector")
+    scale: str = setting("row", choice(*SCALE_MODES), "one scale per row, or one for the tensor")
+    # Encoder settings that files of format 1.1 / 1.2 record in the config.
+    train: int = setting(65536, integer(1, 1 << 24), "encoder: vectors sampled to train the codebook", "recorded")
+    iters: int = setting(12, integer(0, 1000), "encoder: k-means iterations", "recorded")
+    seed: int = setting(0, integer(0, 2**32 - 1), "encoder: random seed of the sample and k-means++", "recorded")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) >= 1 and shape[-1] > 0 and shape[-1] % self.dim == 0 and int(np.prod(shape)) > 0
@@ -162,12 +144,9 @@ class VectorCodebook(TensorCodec):
     def _n_scales(self, shape):
         return _rows(shape) if self.scale == "row" else 1
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
-        x = np.asarray(x, dtype=np.float32)
-        if not self.accepts(x.shape):
-            raise ValueError(f"vq: shape {x.shape} has no last axis divisible by {self.dim}")
-        if not np.isfinite(x).all() or np.abs(x).max() > F16_MAX:
-            raise ValueError("vq: values must be finite and within the float16 range")
+    def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        if np.abs(x).max() > F16_MAX:
+            raise ValueError("vq: values must lie within the float16 range")
         rows = x.reshape(self._n_scales(x.shape), -1)
         # Normalise each row (or the tensor) by its RMS so one codebook fits all rows.
         rms = np.sqrt((rows.astype(np.float64) ** 2).mean(axis=1))
@@ -175,7 +154,7 @@ class VectorCodebook(TensorCodec):
         vectors = (rows / scale[:, None]).astype(np.float32).reshape(-1, self.dim)
         # A vector's error counts in the original units: weight it by its row's scale^2.
         weight = np.repeat(scale**2, rows.shape[1] // self.dim)
-        k = min(2**self.code_bits, len(vectors))
+        k = min(2**self.bits, len(vectors))
         rng = np.random.default_rng(self.seed)
         # Train on a sample, then assign every vector once: the cost is one pass.
         sample = np.sort(rng.choice(len(vectors), size=min(len(vectors), max(self.train, k)), replace=False))
@@ -187,29 +166,19 @@ class VectorCodebook(TensorCodec):
         return Encoded(parts, {"k": k})
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
-        if not self.accepts(tuple(shape)):
+        if not VectorCodebook.accepts(self, tuple(shape)):
             raise FormatError(f"{where}: vq with dim {self.dim} cannot hold a tensor of shape {tuple(shape)}")
         require_keys(params, where, {"k"})
         n_vectors = int(np.prod(shape, dtype=np.int64)) // self.dim
-        k = require_int(params["k"], f"{where}.k", 1, min(2**self.code_bits, n_vectors))
+        k = require_int(params["k"], f"{where}.k", 1, min(2**self.bits, n_vectors))
         return {
             "indices": PartSpec("U8", (bitpack.packed_size(n_vectors, index_bits(k)),)),
             "codebook": PartSpec("F16", (k, self.dim)),
             "scales": PartSpec("F16", (self._n_scales(shape),)),
         }
 
-    def bits(self, params: Any, shape: tuple[int, ...]) -> int:
-        """Exact payload bits of all parts as stored raw."""
-        width = {"U8": 8, "F16": 16}
-        return sum(width[spec.dtype] * int(np.prod(spec.shape))
-                   for spec in self.part_specs(params, shape, "vq").values())
-
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        specs = self.part_specs(params, shape, where)
-        for name, spec in specs.items():
-            if name not in parts or np.shape(parts[name]) != spec.shape:
-                raise FormatError(f"{where}.{name}: expected a part of shape {spec.shape}")
+    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
+                     refs: dict[str, np.ndarray]) -> np.ndarray:
         k = params["k"]
         n_vectors = int(np.prod(shape, dtype=np.int64)) // self.dim
         idx = bitpack.unpack(parts["indices"], index_bits(k), n_vectors, f"{where}.indices")

@@ -1,0 +1,57 @@
+"""Every registered tensor codec is checked by the shared harness, and the contract itself holds."""
+
+import os
+
+import pytest
+
+from rbeformat import UsageError
+from rbeformat.chain import parse_chain
+from rbeformat.codecs import fields
+from rbeformat.codecs.registry import TENSOR_CODECS
+from harness import run_doctests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("name", sorted(TENSOR_CODECS))
+def test_every_codec_runs_the_shared_contract_checks(name):
+    module = TENSOR_CODECS[name].__module__.rsplit(".", 1)[-1]
+    path = os.path.join(HERE, f"test_{module}.py")
+    assert os.path.exists(path), f"codec {name} ({module}.py) has no tests/codecs/test_{module}.py"
+    with open(path) as fh:
+        text = fh.read()
+    assert "check_contract(" in text and TENSOR_CODECS[name].__name__ in text, (
+        f"{path} does not run harness.check_contract on {TENSOR_CODECS[name].__name__}")
+
+
+@pytest.mark.parametrize("name", sorted(TENSOR_CODECS))
+def test_codecs_are_frozen_and_validate_their_fields(name):
+    cls = TENSOR_CODECS[name]
+    declared = [f for f in fields.fields_by_role(cls, *fields.ROLES)]
+    assert all(f.metadata["doc"] for f in declared)
+    codec = parse_chain(f"{name}()", TENSOR_CODECS).codec if name != "normdelta" else cls(base="rbe:base/x")
+    if declared:
+        with pytest.raises(Exception) as caught:
+            setattr(codec, declared[0].name, getattr(codec, declared[0].name))
+        assert type(caught.value).__name__ == "FrozenInstanceError"
+
+
+def test_shared_modules_have_doctests():
+    for module in ("arrays", "fields"):
+        run_doctests(f"rbeformat.codecs.{module}")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("gquant(bits=4, grop=64)", "no setting 'grop'; valid: bits"),
+    ("gquant(bits=4, bits=8)", "'bits' is given twice"),
+    ("", "empty"),
+    ("   ", "empty"),
+    ("vq(bits=2)", "codebook"),
+    ("gquant(bits=4, codes=gquant(bits=8))", "no setting 'codes'"),
+    ("lowrank(rank=4, A=normdelta())", "shares state"),
+    ("normdelta(mode=bits, delta=gquant())", "cannot chain"),
+    ("nosuch(bits=4)", "unknown codec 'nosuch'"),
+])
+def test_bad_chains_are_usage_errors_naming_the_fix(text, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        parse_chain(text, TENSOR_CODECS)
