@@ -13,6 +13,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -89,4 +90,16 @@ def check_contract(codec: TensorCodec, x: np.ndarray, refs: dict | None = None,
     plan = codec.decode_plan(enc.params, x.shape, "t")
     assert plan.parts == codec.part_specs(enc.params, x.shape, "t")
     json.dumps(plan.constants, allow_nan=False)
+    assert f"`{plan.formula}`" in codec_spec_text(codec), f"the codec's spec file does not name {plan.formula}"
     run_doctests(type(codec).__module__)
+
+
+SPEC_CODECS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "spec", "codecs")
+
+
+def codec_spec_text(codec: TensorCodec) -> str:
+    """The specification file of the codec's module (spec/codecs/<module>.md)."""
+    module = type(codec).__module__.rsplit(".", 1)[-1]
+    with open(os.path.join(SPEC_CODECS, f"{module}.md"), encoding="utf-8") as fh:
+        return fh.read()
