@@ -14,10 +14,12 @@ Grammar: ``chain := NAME [ "(" [ item ("," item)* ] ")" ]``, ``item := KEY "=" v
 whole when it is built (``Chain.validate``), before anything is encoded.
 
 >>> from rbeformat.codecs.registry import TENSOR_CODECS
->>> parse_chain("gquant(bits=4, grop=64)", TENSOR_CODECS)
+>>> parse_chain("gquant(bits=4, group=64)", TENSOR_CODECS).text()
+'gquant(bits=4, group=64, mode=sym, scale_dtype=F16)'
+>>> parse_chain("gquant(bits=4, grop=64)", TENSOR_CODECS)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-rbeformat.errors.UsageError: codec chain 'gquant(bits=4, grop=64)': gquant has no setting 'grop'; valid: bits (code bits per value), group (values per scale along the last axis; 0: one scale for the whole tensor), mode (sym: codes centred on zero; asym: with a per-group offset), scale_dtype (dtype of the stored scales and offsets), grid (sym encoder: shrink factors of the largest magnitude tried as scales), trims (asym encoder: fractions trimmed off each end of the range), iterations (encoder: assign/refit rounds); parts: scales, zeros
+rbeformat.errors.UsageError: codec chain 'gquant(bits=4, grop=64)': gquant has no setting 'grop'; valid: bits (code bits per value), group ...
 """
 
 from __future__ import annotations

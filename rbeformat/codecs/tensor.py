@@ -96,9 +96,9 @@ class TensorCodec(ABC):
     # Whether encode refuses NaN and infinities (codecs that pass values through set False).
     finite_only: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:
+        if "name" not in cls.__dict__ or not register:  # register=False: a codec for tests only
             return
         if cls.name in REGISTERED:
             raise RuntimeError(f"tensor codec name {cls.name!r} is used by {REGISTERED[cls.name].__name__} "
