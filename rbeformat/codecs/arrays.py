@@ -34,6 +34,18 @@ def check_shape(shape: Any, where: str) -> tuple[int, ...]:
     return shape
 
 
+def is_matrix(shape: tuple[int, ...]) -> bool:
+    """A non-empty 2-D shape."""
+    return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
+
+
+def matrix_shape(shape: tuple[int, ...], where: str, what: str) -> tuple[int, int]:
+    """(rows, columns) of a non-empty 2-D shape; FormatError naming ``what`` needs it otherwise."""
+    if not is_matrix(tuple(shape)):
+        raise FormatError(f"{where}: {what} needs a non-empty 2-D tensor, found shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
 def float_part(x: np.ndarray, dtype: str) -> np.ndarray:
     """Casts to a stored float dtype ("F16" or "F32"), clamping to its finite range."""
     limit = np.finfo(FLOAT_DTYPES[dtype]).max

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from .arrays import is_matrix, matrix_shape
 from .base import require_int, require_keys
 from .fields import boolean, integer, number, optional, setting
 from .tensor import Encoded, PartSpec, TensorCodec
@@ -46,12 +47,6 @@ from .tensor import Encoded, PartSpec, TensorCodec
 # Rows of the product are computed this many at a time, so decoding a tall
 # matrix never holds more than a block of float64 values besides the output.
 ROW_BLOCK = 4096
-
-
-def _matrix_shape(shape: tuple[int, ...], where: str) -> tuple[int, int]:
-    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-        raise FormatError(f"{where}: lowrank needs a non-empty 2-D tensor, found shape {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class LowRank(TensorCodec):
             raise FormatError(f"{where}: factor_bits goes with bits and only with it")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
+        return is_matrix(shape)
 
     def choose_rank(self, singular_values: np.ndarray, m: int, n: int) -> int:
         """The rank the configuration asks for, in [1, min(m, n)]."""
@@ -114,7 +109,7 @@ class LowRank(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         """32 * (r*(m + n) + [m*n if residual]) bits stored raw."""
-        m, n = _matrix_shape(shape, where)
+        m, n = matrix_shape(shape, where, "lowrank")
         require_keys(params, f"{where}.params", {"rank"})
         r = require_int(params["rank"], f"{where}.params.rank", 1, min(m, n))
         specs = {"A": PartSpec("F32", (m, r)), "B": PartSpec("F32", (r, n))}

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from .arrays import is_matrix, matrix_shape
 from .base import require_int, require_keys
 from .fields import integer, number, optional, setting
 from .tensor import Encoded, PartSpec, TensorCodec
@@ -64,12 +65,6 @@ def dct_basis(n: int, rows: range) -> np.ndarray:
     return scale * basis
 
 
-def _table_shape(shape: tuple[int, ...], where: str, name: str) -> tuple[int, int]:
-    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-        raise FormatError(f"{where}: {name} needs a non-empty 2-D (positions x hidden) tensor, found {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
-
-
 @dataclass(frozen=True)
 class PositionDCT(TensorCodec):
     """The first K DCT-II coefficients along the position axis; see the module docstring."""
@@ -86,7 +81,7 @@ class PositionDCT(TensorCodec):
             raise FormatError(f"{where}: give exactly one of keep, energy")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and shape[0] >= 1 and shape[1] >= 1
+        return is_matrix(shape)
 
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         n = x.shape[0]
@@ -105,7 +100,7 @@ class PositionDCT(TensorCodec):
         return Encoded({"coeffs": coeffs[:keep].astype(np.float32)}, {"keep": keep})
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
-        n, hidden = _table_shape(shape, where, "posdct")
+        n, hidden = matrix_shape(shape, where, "posdct (positions x hidden)")
         require_keys(params, f"{where}.params", {"keep"})
         keep = require_int(params["keep"], f"{where}.params.keep", 1, n)
         return {"coeffs": PartSpec("F32", (keep, hidden))}
@@ -184,7 +179,7 @@ class Sinusoidal(TensorCodec):
         raise NotSinusoidal(f"table is not sinusoidal within {self.tolerance:g}")
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
-        _table_shape(shape, where, "sinusoid")
+        matrix_shape(shape, where, "sinusoid (positions x hidden)")
         if shape[1] % 2:
             raise FormatError(f"{where}: sinusoid needs an even hidden size, found {shape[1]}")
         require_keys(params, f"{where}.params", {"base", "layout"})
