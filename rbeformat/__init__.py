@@ -8,7 +8,7 @@ The public surface follows safetensors' habits:
 4.0
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import (  # noqa: E402
     ChecksumError,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 import zstandard as zstd_codec
 
-from . import __version__
+from ._version import __version__
 from .codecs.base import Codec
 from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
