@@ -40,7 +40,7 @@ class Reader:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True):
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
-        self.chunks_decoded = 0  # chunks read so far; tests use it to check that slices read few
+        self.chunks_decoded = 0  # chunks read so far: shows that a slice reads only the chunks it needs
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         try:
             self._fh = open(self.path, "rb")
@@ -159,8 +159,8 @@ class Reader:
     def _convert(self, array: np.ndarray, dtype: DType):
         """Turns a decoded numpy array into the framework's tensor; numpy needs nothing.
 
-        ``rbeformat.api.safe_open`` overrides it for torch, so that this module
-        never imports a framework.
+        ``safe_open(framework="pt")`` returns a subclass (rbeformat/api.py) that
+        overrides it, so that this module never imports a framework.
         """
         return array
 
