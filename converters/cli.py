@@ -137,8 +137,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _stop_signals_raise():
-        return _run(args)
+    try:
+        with _stop_signals_raise():
+            return _run(args)
+    except Interrupted as exc:  # arrived after the command ended, while its outcome was reported
+        return 128 + exc.signum
 
 
 def _run(args) -> int:

@@ -343,3 +343,27 @@ def test_stop_signal_midway_cleans_up_and_exits_128_plus_signal(big_checkpoint, 
     assert err.decode() == f"rbe: interrupted ({signal.Signals(signum).name})\n"
     assert list(dst.parent.iterdir()) == []  # neither the output nor its .partial
     assert hashlib.sha256(open(src, "rb").read()).hexdigest() == digest
+
+
+@pytest.mark.slow
+def test_sigterm_during_decode_into_an_existing_directory_changes_nothing(big_checkpoint, tmp_path):
+    src, _ = big_checkpoint
+    rbe = str(tmp_path / "big.rbe")
+    assert main(["convert", src, rbe, "--quiet"]) == 0
+    back = tmp_path / "back"
+    back.mkdir()
+    (back / "notes.txt").write_text("my own notes")
+    (back / "big.safetensors").write_bytes(b"an old copy")
+    before = tree_digest(str(back))
+    proc = subprocess.Popen(RBE + ["decode", rbe, str(back), "--force", "--quiet"], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if any(os.path.getsize(p) > 8 << 20 for p in partials(back)):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "decode finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert tree_digest(str(back)) == before and partials(back) == []
