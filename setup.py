@@ -1,9 +1,16 @@
-"""Builds the optional C fast path of the byteplane codec.
+"""Builds the C fast path of the byteplane codec.
 
-Everything else lives in pyproject.toml.  When the extension cannot be built
-the package still works, with the (slower) numpy reference implementation.
+Everything else lives in pyproject.toml.  For users the extension is optional:
+when it cannot be built (no compiler) the package still installs and works, with
+the slower numpy reference implementation.  With RBE_REQUIRE_NATIVE=1 (as CI
+sets it) a failed build fails the install instead; at run time the same
+variable makes ``import rbeformat`` refuse to fall back (rbeformat/_native.py).
 """
+import os
+
 from setuptools import Extension, setup
+
+NATIVE_REQUIRED = os.environ.get("RBE_REQUIRE_NATIVE", "") == "1"
 
 setup(
     ext_modules=[
@@ -11,7 +18,7 @@ setup(
             "rbeformat._planes",
             sources=["rbeformat/_planes.c"],
             extra_compile_args=["-O3"],
-            optional=True,
+            optional=not NATIVE_REQUIRED,
         )
     ]
 )

@@ -1,43 +1,101 @@
 """The ``rbe`` command.
 
-Exit codes (also in ``rbe --help``):
-  0  success
-  1  ``rbe verify`` found damage
-  2  usage error (bad arguments)
-  3  invalid input or invalid / unsupported rbe file
-  4  the output exists and --force was not given
-  130 interrupted
+Exit codes (also in ``rbe --help`` and spec/rbe-v1.md section 11.2):
+  0   success
+  1   ``rbe verify`` found damage
+  2   usage error: bad arguments or option values (a codec chain, a recipe), or an
+      output whose directory does not exist
+  3   invalid input, an invalid or unsupported rbe file, or a system error
+      (unreadable file, disk full, out of memory)
+  4   the output exists and --force was not given
+  70  internal error: a bug in rbe
+  128+N  stopped by signal N: 129 SIGHUP, 130 SIGINT (Ctrl-C), 143 SIGTERM; 141 when
+      the program reading stdout went away (``rbe info | head``)
+
+Every failure is one line on stderr starting ``rbe: error:``, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import struct
 import sys
+import threading
 
-from rbeformat import OutputExistsError, RbeError, Reader
+import zstandard
+
+from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__
 from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.raw import Raw
+from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
 
-EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from .atomic import check_directory_target, check_parent, check_target
 
-EPILOG = """exit codes: 0 success; 1 verify found damage; 2 usage error; 3 invalid input or
-rbe file; 4 output exists (use --force); 130 interrupted"""
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4
+EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program killed by SIGPIPE
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+EPILOG = """exit codes: 0 success; 1 verify found damage; 2 usage error; 3 invalid input or rbe file;
+4 output exists (use --force); 70 internal error (a bug in rbe); 128+N stopped by signal N
+(129 SIGHUP, 130 SIGINT, 143 SIGTERM), 141 stdout closed"""
+
+QUIET_HELP = "no progress bar and no result line (warnings and errors still print)"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised in the main thread so that every output is cleaned up on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad command line in one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"rbe: error: {message} (see '{self.prog} --help')\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+
+
+def zstd_level(text: str) -> int:
+    level = _integer(text)
+    if not 0 <= level <= 22:
+        raise argparse.ArgumentTypeError(f"must be 0 (rbe's preset) or a zstd level 1-22, not {level}")
+    return level
+
+
+def thread_count(text: str) -> int:
+    threads = _integer(text)
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {threads}")
+    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rbe", description="Convert, inspect and verify rbe weight containers.",
-                                     epilog=EPILOG)
+    parser = Parser(prog="rbe", description="Convert, inspect and verify rbe weight containers.", epilog=EPILOG)
+    parser.add_argument("--version", action="version",
+                        version=f"rbe {__version__} (format {FORMAT_MAJOR}.{FORMAT_MINOR})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="safetensors file or HF model directory -> .rbe", epilog=EPILOG)
     p.add_argument("input", help="a .safetensors file or a Hugging Face model directory")
-    p.add_argument("output", help="the .rbe file to write")
+    p.add_argument("output", help="the .rbe file to write (its directory must exist)")
     p.add_argument("--lossless", choices=["byteplane", "raw"], default="byteplane",
                    help="how tensors without a chain are stored: byteplane (compressed, default) or raw "
                         "(uncompressed, mmappable)")
-    p.add_argument("--level", type=int, default=0,
+    p.add_argument("--level", type=zstd_level, default=0,
                    help="zstd level for byteplane planes, 1-22; 0 (default) is rbe's tuned preset")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--codec", dest="chain", metavar="CHAIN",
@@ -47,13 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
-    _common(p, output=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _common(p)
 
     p = sub.add_parser("decode", help=".rbe -> HF model directory, or one .safetensors file", epilog=EPILOG)
     p.add_argument("input", help="the .rbe file")
     p.add_argument("output", help="a directory, or a path ending in .safetensors for a single file")
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
-    _common(p, output=True)
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing directory, replacing only the files the container holds "
+                        "(other files stay and are listed), or overwrite an existing .safetensors file")
+    _common(p)
 
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
@@ -66,43 +128,196 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(p: argparse.ArgumentParser, output: bool) -> None:
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: CPU count)")
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.add_argument("--threads", type=thread_count, default=None, help="worker threads, at least 1 (default: CPU count)")
 
+
+# -- running a command and reporting its failure --------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except OutputExistsError as exc:
-        print(f"rbe: error: {exc}", file=sys.stderr)
-        return EXIT_EXISTS
-    except RbeError as exc:
-        print(f"rbe: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("rbe: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        print(f"rbe: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        with _stop_signals_raise():
+            return _run(args)
+    except Interrupted as exc:  # arrived after the command ended, while its outcome was reported
+        return 128 + exc.signum
 
+
+def _run(args) -> int:
+    try:
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows up here, still inside the handlers below
+        return code
+    except Interrupted as exc:
+        _stderr(f"rbe: interrupted ({exc})")
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        _stderr("rbe: interrupted")
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        code, message = describe_failure(exc, args)
+        _stderr(f"rbe: error: {message}")
+        return code
+
+
+def describe_failure(exc: Exception, args) -> tuple[int, str]:
+    """The exit code and the one-line message for an exception that ends a command."""
+    subject = args.input
+    if isinstance(exc, OutputExistsError):
+        return EXIT_EXISTS, str(exc)
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, RbeError):
+        return EXIT_ERROR, _about(subject, str(exc))
+    if isinstance(exc, MemoryError):
+        return EXIT_ERROR, f"{subject}: out of memory; try --threads 1, or a machine with more memory"
+    if isinstance(exc, zstandard.ZstdError):
+        return EXIT_ERROR, _about(subject, f"zstd: {exc}")
+    if isinstance(exc, OSError):
+        return EXIT_ERROR, _system_error(exc, args)
+    if isinstance(exc, ValueError) and _raised_in_codec(exc):
+        return EXIT_ERROR, _about(subject, str(exc))
+    return EXIT_BUG, (f"internal error, a bug in rbe: {type(exc).__name__}: {exc}; please report it "
+                      f"with the command that caused it")
+
+
+def _about(subject: str, message: str) -> str:
+    """Names the file a message concerns, unless the message already does."""
+    return message if subject in message else f"{subject}: {message}"
+
+
+def _system_error(exc: OSError, args) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        return f"{target}: {reason}"
+    output = getattr(args, "output", None)  # a failed write (disk full) names no file
+    return f"{args.input} -> {output}: {reason}" if output else f"{args.input}: {reason}"
+
+
+def _raised_in_codec(exc: BaseException) -> bool:
+    """A ValueError from a codec is about the data or its settings, not a bug elsewhere."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").startswith(("rbeformat.codecs", "rbeformat.chain")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _stderr(line: str) -> None:
+    print(" ".join(line.split()), file=sys.stderr)  # one line, whatever the message held
+
+
+def _stdout_to_devnull() -> None:
+    """Python's recipe for a closed stdout: later flushes (at exit too) go nowhere, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured)
+        pass
+
+
+@contextlib.contextmanager
+def _stop_signals_raise():
+    """SIGTERM and SIGHUP stop rbe as Ctrl-C does: by an exception that removes partial outputs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; embedded callers keep theirs
+        return
+    previous = {}
+
+    def stop(signum, frame):
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        raise Interrupted(signum)
+
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup and background jobs ignore some on purpose
+            previous[s] = signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+# -- opening inputs -------------------------------------------------------------------
+
+def open_rbe(path: str, **kwargs) -> Reader:
+    """A Reader, or one error that says what the file is when it is not an rbe file."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not an rbe file; to make one: rbe convert {path} out.rbe")
+    try:
+        return Reader(path, **kwargs)
+    except FormatError:
+        if _looks_like_rbe(path):
+            raise
+        raise InputError(_not_rbe(path)) from None
+
+
+def _looks_like_rbe(path: str) -> bool:
+    """An rbe header or footer magic: a damaged rbe file, whose own error says more."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - FOOTER_SIZE))
+            tail = fh.read(len(FOOTER_MAGIC))
+    except OSError:
+        return True
+    return head == MAGIC or tail == FOOTER_MAGIC
+
+
+def _not_rbe(path: str) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        size = os.fstat(fh.fileno()).st_size
+    if not head:
+        return f"{path}: not an rbe file (it is empty)"
+    kind = _file_kind(head, size)
+    if kind == "a safetensors file":
+        return f"{path}: not an rbe file (it looks like {kind}); to make one: rbe convert {path} out.rbe"
+    if kind:
+        return (f"{path}: not an rbe file (it looks like {kind}); rbe converts .safetensors files and "
+                "Hugging Face model directories")
+    return f"{path}: not an rbe file (it starts with {head[:8]!r}; an rbe file starts with {MAGIC!r})"
+
+
+def _file_kind(head: bytes, size: int) -> str | None:
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "a safetensors file"
+    kinds = {b"GGUF": "a GGUF file", b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
+             b"\x93NUMPY": "a numpy .npy file", b"\x89HDF\r\n\x1a\n": "an HDF5 file (a Keras checkpoint?)"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return kind
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (a PyTorch checkpoint?)"
+    return None
+
+
+# -- commands -------------------------------------------------------------------------
 
 def _progress_bar(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
-                file=sys.stderr, leave=False)
+    # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=quiet,
+                file=sys.stderr, leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]")
 
 
 def cmd_convert(args) -> int:
     from .hf import convert, plan_conversion
     from .recipe import lossless_policy, policy_from_codec, policy_from_recipe
+    from .report import larger_than_dense, tensor_rows
 
-    if not 0 <= args.level <= 22:
-        raise RbeError(f"--level must be between 0 and 22, not {args.level}")
+    check_target(args.output, args.force)
+    check_parent(args.output)
     split_gain = 0.0 if args.max_ratio else DEFAULT_SPLIT_GAIN
     codec = Raw() if args.lossless == "raw" else Byteplane(level=args.level, split_gain=split_gain)
     if args.chain:
@@ -111,33 +326,60 @@ def cmd_convert(args) -> int:
         policy = policy_from_recipe(args.recipe)
     else:
         policy = lossless_policy()
-    total = plan_conversion(args.input).total_bytes
-    with _progress_bar(total, args.quiet, "convert") as bar:
+    with _progress_bar(input_tensor_bytes(plan_conversion(args.input)), args.quiet, "convert") as bar:
         convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
                 progress=bar.update)
-    if not args.quiet:
-        with Reader(args.output) as r:
-            print(_summary_line(r), file=sys.stderr)
+    with Reader(args.output) as r:
+        rows = tensor_rows(r)
+        if not args.quiet:
+            _stderr(_summary_line(r))
+    _warn_larger_than_dense(larger_than_dense(rows))
     return EXIT_OK
 
 
-def cmd_decode(args) -> int:
-    from .hf import decode
+def input_tensor_bytes(plan) -> int:
+    """What the writer reports as progress: every tensor's bytes as the input stores them."""
+    return sum(t.end - t.begin for _, st in plan.safetensors for t in st.tensors)
 
-    with Reader(args.input) as r:
-        total = sum(e.blob.items * e.dtype.itemsize for e in r.manifest.tensors.values() if e.blob)
+
+def _warn_larger_than_dense(names: list[str]) -> None:
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    noun = "tensor is" if len(names) == 1 else "tensors are"
+    _stderr(f"rbe: warning: {len(names)} {noun} larger under their codec chain than dense (rank or bits too "
+            f"high for the shape? a --recipe can keep them lossless): {shown}")
+
+
+def cmd_decode(args) -> int:
+    from .hf import decode, decoded_tensor_bytes
+    from .report import human_bytes
+
+    if args.output.endswith(".safetensors"):
+        check_target(args.output, args.force)
+        check_parent(args.output)
+    else:
+        check_directory_target(args.output, args.force)
+    with open_rbe(args.input) as r:
+        total = decoded_tensor_bytes(r)
     with _progress_bar(total, args.quiet, "decode") as bar:
-        decode(args.input, args.output, force=args.force, verify=not args.no_verify, threads=args.threads,
-               progress=bar.update)
+        kept = decode(args.input, args.output, force=args.force, verify=not args.no_verify, threads=args.threads,
+                      progress=bar.update)
+    if kept:
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        noun = "file" if len(kept) == 1 else "files"
+        _stderr(f"rbe: {args.output}: kept {len(kept)} {noun} not in the container: {shown}")
+    if not args.quiet:
+        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors)")
     return EXIT_OK
 
 
 def cmd_verify(args) -> int:
-    with Reader(args.input, verify_checksums=False) as r:
+    with open_rbe(args.input, verify_checksums=False) as r:
         problems = list(r.verify(deep=args.deep))
     for problem in problems:
         if not args.quiet:
-            print(f"rbe: damaged: {problem}", file=sys.stderr)
+            _stderr(f"rbe: damaged: {problem}")
     if problems:
         return EXIT_DAMAGED
     if not args.quiet:
@@ -148,7 +390,7 @@ def cmd_verify(args) -> int:
 def cmd_info(args) -> int:
     from .report import info_json, info_table
 
-    with Reader(args.input, verify_checksums=False) as r:
+    with open_rbe(args.input, verify_checksums=False) as r:
         if args.json:
             print(json.dumps(info_json(r), indent=2))
         else:
@@ -157,10 +399,10 @@ def cmd_info(args) -> int:
 
 
 def _summary_line(r: Reader) -> str:
-    from .report import totals
+    from .report import human_bytes, totals
 
     t = totals(r)
-    return (f"{r.path}: {t['tensor_bytes'] / 1e6:.1f} MB of tensors -> {t['file_bytes'] / 1e6:.1f} MB file, "
+    return (f"{r.path}: {human_bytes(t['tensor_bytes'])} of tensors -> {human_bytes(t['file_bytes'])} file, "
             f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}")
 
 

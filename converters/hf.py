@@ -17,13 +17,13 @@ from typing import Callable
 
 import numpy as np
 
-from rbeformat import ChecksumError, FormatError, InputError, RbeError, Reader, UsageError, Writer
+from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
 from rbeformat.spec import DTYPES
 from rbeformat.values import to_float32
 
-from .atomic import atomic_directory, atomic_file, write_synced
+from .atomic import atomic_directory, atomic_file
 from .recipe import Policy, lossless_policy
 from .safetensors_io import StFile, StTensor, build_header, read_header
 
@@ -191,16 +191,36 @@ def _add_plain_file(w: Writer, rel: str, full: str) -> None:
 
 # -- decoding ---------------------------------------------------------------------------
 
+from .atomic import check_directory_target, check_target  # noqa: E402  (decoding's own checks)
+
+
 def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
-           progress: Progress | None = None) -> None:
-    """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so."""
+           progress: Progress | None = None) -> list[str]:
+    """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so.
+
+    Into an existing directory (only with ``force``) it replaces just the files
+    the container holds and returns the relative paths of the other files
+    there, which it leaves alone.  ``progress`` receives tensor bytes as they
+    are written; they add up to ``decoded_tensor_bytes``.
+    """
+    single = dst.endswith(".safetensors")
+    if single:
+        check_target(dst, force)
+    else:
+        check_directory_target(dst, force)
     with Reader(src, threads=threads) as r:
-        if dst.endswith(".safetensors"):
+        if single:
             with atomic_file(dst, force) as fh:
                 _write_single_safetensors(r, fh, verify, progress)
-        else:
-            with atomic_directory(dst, force) as tmp:
-                _write_directory(r, tmp, verify, progress)
+            return []
+        with atomic_directory(dst, force, _directory_files(r)) as out:
+            _write_directory(r, out, verify, progress)
+        return out.kept()
+
+
+def decoded_tensor_bytes(r: Reader) -> int:
+    """Bytes of tensor data a decode writes: every tensor a user sees, aliases included, densely."""
+    return sum(math.prod(r.entry(name).shape) * r.entry(name).dtype.itemsize for name in r.keys())
 
 
 def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
@@ -253,38 +273,43 @@ def _check_header_matches(r: Reader, header: bytes, names: list[str]) -> None:
         raise FormatError(f"stored safetensors header does not match the tensors ({exc})") from None
 
 
-def _write_directory(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
-    try:
-        _write_entries(r, root, verify, progress)
-    except OSError as exc:
-        raise RbeError(f"cannot write the decoded directory: {exc}") from None
+# A container written by save_file has no safetensors layout: its tensors become this file.
+_MERGED = "model.safetensors"
 
 
-def _write_entries(r: Reader, root: str, verify: bool, progress: Progress | None) -> None:
-    listed = {name for f in r.files().values() for name in f.tensors}
+def _directory_files(r: Reader) -> list[str]:
+    """The relative paths a directory decode writes; refuses a container that cannot be one."""
+    files = r.files()
+    listed = {name for f in files.values() for name in f.tensors}
     unlisted = [name for name in r.keys() if name not in listed]  # keys() omits internal tensors
     if listed and unlisted:
         raise FormatError(f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
                           "decode to a single .safetensors file instead")
-    for path, entry in sorted(r.files().items()):
-        target = os.path.join(root, *path.split("/"))
-        if entry.role == "safetensors-header":
-            header = r.read_file(path)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "xb") as fh:
-                _write_shard(r, header, entry.tensors, fh.write, verify, progress)
-                fh.flush()
-                os.fsync(fh.fileno())
-        else:
-            data = r.read_file(path)
-            if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
-                raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
-            write_synced(target, [data])
-            if progress:
-                progress(len(data))
-    if not any(f.role == "safetensors-header" for f in r.files().values()):
-        # A container written by save_file: emit its tensors as model.safetensors.
+    if listed:
+        return sorted(files)
+    if _MERGED in files:
+        raise FormatError(f"the container's tensors would be written to {_MERGED}, but it also holds a file "
+                          "of that name; decode to a single .safetensors file instead")
+    return sorted(files) + [_MERGED]
+
+
+def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) -> None:
+    files = r.files()
+    for path, entry in sorted(files.items()):
+        with out.create(path) as fh:
+            if entry.role == "safetensors-header":
+                _write_shard(r, r.read_file(path), entry.tensors, fh.write, verify, progress)
+            else:
+                fh.write(_file_bytes(r, path, entry, verify))
+    if not any(f.role == "safetensors-header" for f in files.values()):
         names = r.keys()
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
-        with open(os.path.join(root, "model.safetensors"), "xb") as fh:
+        with out.create(_MERGED) as fh:
             _write_shard(r, header, names, fh.write, verify, progress)
+
+
+def _file_bytes(r: Reader, path: str, entry, verify: bool) -> bytes:
+    data = r.read_file(path)
+    if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
+        raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
+    return data

@@ -2,7 +2,8 @@
 
 Sizes count every stored byte of a tensor's sections; the file total adds the
 header, manifest, embedded files, padding and footer, so the table never claims
-more compression than the file on disk shows.
+more compression than the file on disk shows.  Sizes are printed in decimal
+units (1 MB = 10^6 bytes), as the command's progress bars and summary show them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def tensor_rows(r: Reader) -> list[dict]:
             rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape),
                          "codec": f"alias of {entry.alias_of}", "raw_bytes": raw, "stored_bytes": 0,
                          "ratio": None, "bits_per_weight": 0.0, "internal": entry.internal,
-                         "quality": "exact (alias)"})
+                         "quality": "exact (alias)", "larger_than_dense": False})
             continue
         if entry.transform is not None:
             stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))
@@ -52,8 +53,16 @@ def tensor_rows(r: Reader) -> list[dict]:
                      "codec": codec, "raw_bytes": raw, "stored_bytes": stored,
                      "ratio": raw / stored if stored else None,
                      "bits_per_weight": 8 * stored / n if n else 0.0,
+                     # A codec chain is meant to save space; storing more than the dense
+                     # tensor means its settings (a rank, a bit width) do not fit the shape.
+                     "larger_than_dense": entry.transform is not None and stored > raw,
                      "internal": entry.internal, "quality": quality, **({"stats": stats} if stats else {})})
     return rows
+
+
+def larger_than_dense(rows: list[dict]) -> list[str]:
+    """Names of the tensors a codec chain stores in more bytes than their dense form."""
+    return [row["name"] for row in rows if row["larger_than_dense"]]
 
 
 def _quality(stats: dict) -> str:
@@ -101,8 +110,8 @@ def info_table(r: Reader) -> str:
     rows = tensor_rows(r)
     head = ("tensor", "dtype", "shape", "codec", "stored", "ratio", "bits/w", "quality")
     body = [(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar", row["codec"],
-             _human(row["stored_bytes"]), f"{row['ratio']:.3f}" if row["ratio"] else "-",
-             f"{row['bits_per_weight']:.3f}", row["quality"]) for row in rows]
+             human_bytes(row["stored_bytes"]), f"{row['ratio']:.3f}" if row["ratio"] else "-",
+             f"{row['bits_per_weight']:.3f}", _quality_cell(row)) for row in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[0] = min(widths[0], 60)
     widths[3] = min(widths[3], 60)
@@ -116,15 +125,19 @@ def info_table(r: Reader) -> str:
 
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
     t = totals(r)
-    lines += ["", f"files: {len(r.manifest.files)} embedded ({_human(t['embedded_file_bytes'])} stored)"]
+    lines += ["", f"files: {len(r.manifest.files)} embedded ({human_bytes(t['embedded_file_bytes'])} stored)"]
     for f in sorted(r.manifest.files.values(), key=lambda f: f.path):
-        lines.append(f"  {f.path}  ({f.role}, {_human(f.blob.items)} -> {_human(_stored(f.blob))})")
+        lines.append(f"  {f.path}  ({f.role}, {human_bytes(f.blob.items)} -> {human_bytes(_stored(f.blob))})")
+    larger = larger_than_dense(rows)
+    if larger:
+        lines += ["", f"{_count(len(larger), 'tensor')} marked LARGER THAN DENSE: their codec chain stores more "
+                      "bytes than the dense tensor would take"]
     lines += [
         "",
         f"format {r.version[0]}.{r.version[1]}, written by {r.manifest.producer}",
-        f"{t['tensors']} tensors, {t['weights']:,} weights, {_human(t['tensor_bytes'])} as stored dtypes",
-        f"file {_human(t['file_bytes'])} (tensors {_human(t['tensor_stored_bytes'])}, "
-        f"files {_human(t['embedded_file_bytes'])}, header/manifest/padding {_human(t['overhead_bytes'])})",
+        f"{t['tensors']} tensors, {t['weights']:,} weights, {human_bytes(t['tensor_bytes'])} as stored dtypes",
+        f"file {human_bytes(t['file_bytes'])} (tensors {human_bytes(t['tensor_stored_bytes'])}, "
+        f"files {human_bytes(t['embedded_file_bytes'])}, header/manifest/padding {human_bytes(t['overhead_bytes'])})",
         f"ratio {t['ratio']:.4f} (tensor bytes / file size), {t['bits_per_weight']:.3f} bits per weight "
         f"over the whole file, {t['tensor_bits_per_weight']:.3f} for tensor data alone",
         f"quality: {t['quality']}",
@@ -132,9 +145,18 @@ def info_table(r: Reader) -> str:
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _quality_cell(row: dict) -> str:
+    return f"{row['quality']}; LARGER THAN DENSE" if row["larger_than_dense"] else row["quality"]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as in the progress bars: 1 kB = 1000 bytes, 1 MB = 10^6."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return str(n)

@@ -1,5 +1,6 @@
 """rbe_loaders: load rbe containers into frameworks.
 
 Installed as ``rbe_loaders`` (from the repository's ``loaders/`` folder).
-``rbe_loaders.torch`` turns a container into a torch state dict.
+``rbe_loaders.torch`` saves torch tensors (``save_file``) and loads them back
+(``load_file``, ``load_state_dict``), as ``safetensors.torch`` does.
 """

@@ -1,38 +1,88 @@
-"""Load an rbe container into PyTorch tensors.
+"""rbe containers to and from PyTorch tensors, in the manner of ``safetensors.torch``.
 
->>> from rbe_loaders.torch import load_state_dict   # doctest: +SKIP
->>> state = load_state_dict("model.rbe")
+>>> from rbe_loaders.torch import load_file, load_state_dict, save_file   # doctest: +SKIP
+>>> save_file({"w": torch.ones(2, 2, dtype=torch.bfloat16)}, "w.rbe")
+>>> load_file("w.rbe")["w"].dtype
+torch.bfloat16
+
+Reading goes through ``rbeformat.safe_open(path, framework="pt")``, which holds
+the dtype table (``rbeformat.api.TORCH_DTYPES``); this module adds what needs
+torch at import time: saving torch tensors, and state dicts with tied storage.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from rbeformat import Reader
+from rbeformat import InputError, safe_open
+from rbeformat import save_file as save_arrays
+from rbeformat.api import TORCH_DTYPES
 
-_TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
+_RBE_DTYPES = {getattr(torch, attr): name for name, attr in TORCH_DTYPES.items()}
+# numpy cannot hold these dtypes; they travel as unsigned ints of the same width.
+_BITS_AS = {torch.bfloat16: torch.uint16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+              *, force: bool = True) -> None:
+    """Writes torch ``tensors`` to ``path`` losslessly, as ``safetensors.torch.save_file``.
+
+    Any dtype rbe has (floats down to bf16 and fp8, ints, bool) on any device;
+    a non-contiguous tensor is written as its contiguous copy.  Tensors that
+    share storage need no special care, unlike in safetensors: two names for
+    the same data (a tied embedding) have equal bytes and are stored once, the
+    second as an alias; views of different parts of one storage are each
+    stored with their own bytes.  Loading gives every name its own tensor
+    (``load_state_dict`` ties aliases back together).  An existing file is
+    replaced once the new one is complete (``force=False`` refuses).
+    """
+    if not isinstance(tensors, Mapping):
+        raise InputError(f"save_file takes a dict of name -> torch.Tensor, not {type(tensors).__name__}")
+    arrays, dtypes = {}, {}
+    for name, tensor in tensors.items():
+        arrays[name], dtypes[name] = _as_numpy(name, tensor)
+    save_arrays(arrays, path, metadata, dtypes=dtypes, force=force)
+
+
+def _as_numpy(name, tensor) -> tuple[np.ndarray, str]:
+    """The tensor's bytes as a numpy array on the host, and its rbe dtype name."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    dtype = _RBE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InputError(f"tensor {name!r}: torch dtype {tensor.dtype} has no rbe dtype "
+                         f"(supported: {', '.join(str(d) for d in _RBE_DTYPES)})")
+    if tensor.layout != torch.strided:
+        raise InputError(f"tensor {name!r}: {tensor.layout} tensors cannot be saved; convert it with .to_dense()")
+    try:
+        host = tensor.detach().to("cpu").contiguous()
+    except (RuntimeError, NotImplementedError) as exc:  # a meta tensor has no data to copy
+        raise InputError(f"tensor {name!r}: cannot copy it from {tensor.device} ({exc})") from None
+    bits = _BITS_AS.get(host.dtype)
+    return (host.view(bits) if bits is not None else host).numpy(), dtype
+
+
+def load_file(path: str | os.PathLike, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` on ``device``, each its own tensor, as ``safetensors.torch.load_file``."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(path, framework="pt", device=device) as f:
+        for name in f.keys():
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def load_state_dict(path: str | os.PathLike, device="cpu") -> dict[str, torch.Tensor]:
     """Decodes every tensor; tied tensors share one torch storage, as they do in a model."""
     out: dict[str, torch.Tensor] = {}
-    with Reader(path) as r:
-        for name in r.keys():
-            entry = r.entry(name)
-            if entry.alias_of:
-                continue
-            data = bytearray(r.tensor_bytes(name))
-            t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-            out[name] = t.view(_TORCH_DTYPES[entry.dtype.name]).reshape(entry.shape)
-        for name in r.keys():
-            entry = r.entry(name)
-            if entry.alias_of:
-                out[name] = out[entry.alias_of]
+    with safe_open(path, framework="pt", device=device) as f:
+        by_target: dict[str, torch.Tensor] = {}
+        for name in f.keys():
+            target = f.stored_entry(name).name
+            if target not in by_target:
+                by_target[target] = f.get_tensor(target)
+            out[name] = by_target[target]
     return out

@@ -8,7 +8,7 @@ The public surface follows safetensors' habits:
 4.0
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import (  # noqa: E402
     ChecksumError,
@@ -19,8 +19,8 @@ from .errors import (  # noqa: E402
     UnsupportedError,
     UsageError,
 )
-from .api import load_file, save_file  # noqa: E402
-from .reader import Reader, safe_open  # noqa: E402
+from .api import load_file, safe_open, save_file  # noqa: E402
+from .reader import Reader, TensorSlice  # noqa: E402
 from .writer import Writer  # noqa: E402
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "OutputExistsError",
     "RbeError",
     "Reader",
+    "TensorSlice",
     "UnsupportedError",
     "UsageError",
     "Writer",

@@ -10,6 +10,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from . import _native
 from .errors import ChecksumError, FormatError, UnsupportedError
 from .spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC
 
@@ -20,10 +21,8 @@ MANIFEST_JSON = 0  # UTF-8 JSON as is
 MANIFEST_ZSTD = 1  # one zstd frame (declaring its decoded size) holding the JSON
 
 
-try:  # the C extension computes the same CRC about three times faster (carry-less multiplication)
-    from ._planes import crc32 as _fast_crc32
-except ImportError:  # pragma: no cover - depends on the build
-    _fast_crc32 = None
+# The C extension computes the same CRC about three times faster (carry-less multiplication).
+_fast_crc32 = _native.extension.crc32 if _native.available() else None
 
 
 def crc32(data, crc: int = 0) -> int:

@@ -4,13 +4,17 @@ Opening a file reads the footer and the manifest and checks every byte range
 against the file before anything else happens; tensors are decoded one at a
 time, on demand, their chunks in parallel.
 
->>> with safe_open("model.rbe") as f:                          # doctest: +SKIP
+>>> with Reader("model.rbe") as f:                             # doctest: +SKIP
 ...     w = f.get_tensor("encoder.layer.0.attention.self.query.weight")
+...     rows = f.get_slice("encoder.layer.0.attention.self.query.weight")[:16]
+
+``rbeformat.safe_open`` (in api.py) opens the same reader for numpy or torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +23,12 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
-from .errors import ChecksumError, FormatError, RbeError, UnsupportedError
+from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
 from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
 from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, parse_manifest
 from .values import from_float32, to_float32
 from .codecs.raw import Raw
-from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES
+from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES, DType
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 _PAGE = mmap.PAGESIZE
@@ -36,6 +40,7 @@ class Reader:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True):
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
+        self.chunks_decoded = 0  # chunks read so far: shows that a slice reads only the chunks it needs
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         try:
             self._fh = open(self.path, "rb")
@@ -139,9 +144,38 @@ class Reader:
 
         A tensor stored through a lossy codec chain comes back dense, in its dtype.
         """
+        return self._convert(self._array(name), self.entry(name).dtype)
+
+    def get_slice(self, name: str) -> "TensorSlice":
+        """A lazy view of one tensor, like safetensors' ``get_slice``: index it to decode a part."""
+        self.entry(name)  # an unknown name fails here, not at the first index
+        return TensorSlice(self, name)
+
+    def _array(self, name: str) -> np.ndarray:
         entry = self.entry(name)
         data = self.tensor_bytes(name)
         return np.frombuffer(data, np.dtype(entry.dtype.numpy_storage)).reshape(entry.shape)
+
+    def _convert(self, array: np.ndarray, dtype: DType):
+        """Turns a decoded numpy array into the framework's tensor; numpy needs nothing.
+
+        ``safe_open(framework="pt")`` returns a subclass (rbeformat/api.py) that
+        overrides it, so that this module never imports a framework.
+        """
+        return array
+
+    def _rows(self, name: str, first: int, stop: int) -> np.ndarray:
+        """Rows [first, stop) of a tensor's first axis, decoding only the chunks that hold them.
+
+        A tensor stored through a codec chain is decoded whole and then cut: its
+        rows are not laid out chunk by chunk.  An alias reads its target's chunks.
+        """
+        entry, stored = self.entry(name), self.stored_entry(name)
+        if stored.blob is None:
+            return self._array(name)[first:stop]
+        row = math.prod(entry.shape[1:])
+        data = self._decode_blob(stored.blob, f"tensor {stored.name!r}", first * row, stop * row)
+        return np.frombuffer(data, np.dtype(entry.dtype.numpy_storage)).reshape((stop - first, *entry.shape[1:]))
 
     def tensor_bytes(self, name: str) -> memoryview:
         """The little-endian bytes of one tensor, decoded."""
@@ -162,7 +196,7 @@ class Reader:
             else:
                 values = self._decode_blob(part.blob, pwhere)
             parts[pname] = np.frombuffer(values, np.dtype(part.dtype.numpy_storage)).reshape(part.shape)
-        refs = {ref: to_float32(self.get_tensor(ref), self.entry(ref).dtype.name)
+        refs = {ref: to_float32(self._array(ref), self.entry(ref).dtype.name)
                 for ref in transform.codec.references()}
         try:
             decoded = transform.codec.decode(parts, transform.params, shape, where, refs)
@@ -214,21 +248,30 @@ class Reader:
             self._pool = ThreadPoolExecutor(self.threads)
         return self._pool
 
-    def _decode_blob(self, blob: Blob, where: str) -> np.ndarray:
+    def _decode_blob(self, blob: Blob, where: str, first: int = 0, stop: int | None = None) -> np.ndarray:
+        """The bytes of elements [first, stop) of a blob (all of them by default).
+
+        Chunks are runs of elements, so only the chunks overlapping the range
+        are decoded; the result is cut from them.
+        """
         if blob.codec is None:
             raise UnsupportedError(f"{where}: {blob.unsupported}")
         itemsize = blob.dtype.itemsize
+        stop = blob.items if stop is None else stop
         if isinstance(blob.codec, Raw) and len(blob.chunks) == 1 and not self.verify_checksums:
             c = blob.chunks[0]
-            return np.frombuffer(self._buf, np.uint8, c.length, c.offset)
+            self.chunks_decoded += 1
+            return np.frombuffer(self._buf, np.uint8, (stop - first) * itemsize, c.offset + first * itemsize)
+        selected, span_first, span_stop = _chunks_in_range(blob, first, stop)
         try:
-            out = np.empty(blob.items * itemsize, dtype=np.uint8)
+            out = np.empty((span_stop - span_first) * itemsize, dtype=np.uint8)
         except MemoryError:
-            raise RbeError(f"{where}: not enough memory to decode its {blob.items * itemsize} bytes") from None
+            raise RbeError(f"{where}: not enough memory to decode {(span_stop - span_first) * itemsize} bytes") from None
         jobs, start = [], 0
-        for i, c in enumerate(blob.chunks):
+        for i, c in selected:
             jobs.append((c, out[start : start + c.items * itemsize], f"{where} chunk {i}"))
             start += c.items * itemsize
+        self.chunks_decoded += len(jobs)
 
         def run(job):
             chunk, target, chunk_where = job
@@ -247,7 +290,9 @@ class Reader:
         else:
             for job in jobs:
                 run(job)
-        return out
+        if (span_first, span_stop) == (first, stop):
+            return out
+        return out[(first - span_first) * itemsize : (stop - span_first) * itemsize]
 
     def verify(self, deep: bool = False) -> Iterator[str]:
         """Checks every checksum, padding byte and (with ``deep``) every digest.
@@ -307,8 +352,91 @@ def _inflate_manifest(frame) -> bytes:
     return data
 
 
-def safe_open(path: str | os.PathLike, framework: str = "numpy", **kwargs) -> Reader:
-    """Opens an rbe file lazily, like ``safetensors.safe_open``; numpy only."""
-    if framework not in ("numpy", "np"):
-        raise RbeError(f"framework {framework!r} is not supported by rbeformat; use rbe_loaders for torch")
-    return Reader(path, **kwargs)
+def _chunks_in_range(blob: Blob, first: int, stop: int) -> tuple[list, int, int]:
+    """The (index, chunk) pairs holding elements [first, stop), and the element span they cover."""
+    selected, start, span_first, span_stop = [], 0, first, first
+    for i, chunk in enumerate(blob.chunks):
+        end = start + chunk.items
+        if start < stop and end > first:
+            if not selected:
+                span_first = start
+            span_stop = end
+            selected.append((i, chunk))
+        start = end
+    return selected, span_first, span_stop
+
+
+class TensorSlice:
+    """One tensor of an open file, decoded where it is indexed (``Reader.get_slice``).
+
+    ``sl[a:b]`` on a losslessly stored tensor decodes only the chunks holding
+    rows a..b of the first axis (an alias reads its target's chunks); further
+    indices (ints, slices with any step, ``...``) are applied to those rows.
+    A tensor stored through a codec chain is decoded whole and then cut.  The
+    result is a new array (bf16 as uint16, fp8 as uint8, as ``get_tensor``).
+    """
+
+    def __init__(self, reader: Reader, name: str):
+        self._reader = reader
+        self._name = name
+        self._entry = reader.entry(name)
+
+    def get_shape(self) -> list[int]:
+        return list(self._entry.shape)
+
+    def get_dtype(self) -> str:
+        """The safetensors dtype name (``F32``, ``BF16``, ...)."""
+        return self._entry.dtype.name
+
+    def __getitem__(self, key):
+        where = f"tensor {self._name!r}"
+        index = _full_index(key, self._entry.shape, where)
+        if index:
+            first, stop, local = _row_range(index[0], self._entry.shape[0], where)
+            rows, index = self._reader._rows(self._name, first, stop), (local, *index[1:])
+        else:  # a 0-d tensor
+            rows = self._reader._array(self._name)
+        try:
+            part = rows[index]
+        except (IndexError, TypeError, ValueError) as exc:
+            raise UsageError(f"{where}: invalid index {key!r} for shape {self.get_shape()} ({exc})") from None
+        return self._reader._convert(np.array(part, order="C"), self._entry.dtype)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _full_index(key, shape: tuple[int, ...], where: str) -> tuple:
+    """``key`` as one int or slice per axis: ``...`` expanded, missing axes taken whole."""
+    key = key if isinstance(key, tuple) else (key,)
+    for k in key:
+        if not (k is Ellipsis or isinstance(k, slice) or _is_int(k)):
+            raise UsageError(f"{where}: can index with ints, slices and ... only, not {type(k).__name__}")
+    ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+    if len(ellipses) > 1:
+        raise UsageError(f"{where}: an index can hold only one ...")
+    if ellipses:
+        i = ellipses[0]
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    if len(key) > len(shape):
+        raise UsageError(f"{where}: {len(key)} indices for a tensor of {len(shape)} dimensions")
+    return key + (slice(None),) * (len(shape) - len(key))
+
+
+def _row_range(index, length: int, where: str) -> tuple[int, int, int | slice]:
+    """The rows [first, stop) an axis-0 index touches, and the index to apply to them."""
+    if _is_int(index):
+        row = int(index) + length if index < 0 else int(index)
+        if not 0 <= row < length:
+            raise UsageError(f"{where}: index {index} is out of range for axis 0 of size {length}")
+        return row, row + 1, 0
+    try:
+        rows = range(*index.indices(length))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: invalid slice {index!r} ({exc})") from None
+    if not rows:
+        return 0, 0, slice(0, 0)
+    first, stop = min(rows), max(rows) + 1
+    local_stop = rows.stop - first  # negative only for a negative step running to row `first`
+    return first, stop, slice(rows.start - first, local_stop if local_stop >= 0 else None, rows.step)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 import zstandard as zstd_codec
 
-from . import __version__
+from ._version import __version__
 from .codecs.base import Codec
 from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
@@ -56,6 +56,9 @@ class Writer:
 
     def __init__(self, path: str | os.PathLike, *, force: bool = False, codec: Codec | None = None,
                  threads: int | None = None, progress: Callable[[int], None] | None = None):
+        # ``progress`` gets the bytes of each model tensor as it is consumed (aliases and
+        # transformed tensors included, densely); internal tensors, codec parts and embedded
+        # files are not counted, so the calls add up to the input's tensor bytes.
         self.path = os.fspath(path)
         if os.path.exists(self.path) and not force:
             raise OutputExistsError(f"{self.path}: exists; pass force=True (--force) to overwrite it")
@@ -109,7 +112,7 @@ class Writer:
         return offset, length, crc
 
     def _encode_chunks(self, codec: Codec, dtype_name: str, items: int, read_at: ReadAt,
-                       digest: Any) -> list[dict]:
+                       digest: Any, report: bool = False) -> list[dict]:
         dtype = DTYPES[dtype_name]
         per_chunk = codec.chunk_items(dtype)
         starts = range(0, items, per_chunk)
@@ -126,7 +129,7 @@ class Writer:
             parts, params = fut.result() if self._pool else fut
             offset, length, crc = self._section(parts)
             chunks.append({"offset": offset, "length": length, "crc32": crc, "items": n, "params": params})
-            if self.progress:
+            if report and self.progress:
                 self.progress(n * dtype.itemsize)
 
         for start in starts:
@@ -165,14 +168,14 @@ class Writer:
             if key in self._digests:
                 target = self._digests[key]
                 self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "alias_of": target})
-                if self.progress:
+                if self.progress and not internal:
                     self.progress(items * DTYPES[dtype].itemsize)
                 return target
-            chunks = self._encode_chunks(codec, dtype, items, read_at, None)
+            chunks = self._encode_chunks(codec, dtype, items, read_at, None, report=not internal)
             self._digests[key] = name
         else:
             hasher = hashlib.sha256()
-            chunks = self._encode_chunks(codec, dtype, items, read_at, hasher)
+            chunks = self._encode_chunks(codec, dtype, items, read_at, hasher, report=not internal)
             digest = "sha256:" + hasher.hexdigest()
         self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "digest": digest,
                               "codec": codec.describe(), "chunks": chunks})
@@ -198,6 +201,7 @@ class Writer:
             if key in self._digests:
                 self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape),
                                       "alias_of": self._digests[key]})
+                self._report_dense(dtype, array.shape)
                 return {}
             self._digests[key] = name
         chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
@@ -205,9 +209,12 @@ class Writer:
         node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}")
         stats = error_stats(x, to_float32(from_float32(decoded, dtype), dtype))
         self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
-        if self.progress:
-            self.progress(array.nbytes)
+        self._report_dense(dtype, array.shape)
         return stats
+
+    def _report_dense(self, dtype: str, shape) -> None:
+        if self.progress:
+            self.progress(math.prod(shape) * DTYPES[dtype].itemsize)
 
     def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str) -> tuple[dict, np.ndarray]:
         """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor."""

@@ -75,6 +75,17 @@ def model_dir(tmp_path):
     return str(root), tensors
 
 
+# Fixtures that fetch a real checkpoint; a test using one is a realmodel test by that alone,
+# so the fast tier (-m "not slow and not realmodel") cannot pull in a model by accident.
+REAL_MODEL_FIXTURES = frozenset({"minilm_dir", "smollm2_dir"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realmodel)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     from bench.models import minilm_dir as fetch

@@ -1,9 +1,12 @@
-"""The committed golden files in fixtures/v1/ must keep decoding bit for bit.
+"""The committed golden files of every format version must keep decoding bit for bit.
 
-A reader change that breaks files already written fails here.  The .rbe bytes
-are not compared with a fresh encoding (a newer zstd may compress differently);
-instead encoding is checked to be deterministic within one run, and a fresh
-encoding must decode to the same tensors as the committed file.
+Fixtures are found per version folder (tests/golden.py): every fixtures/v*/
+folder's NAME.expected.json fixtures are checked here, its index.json ones by
+tests/test_fixtures_lossy.py, and every .rbe of every folder must be one or the
+other.  A reader change that breaks files already written fails here.  The .rbe
+bytes are not compared with a fresh encoding (a newer zstd may compress
+differently); instead encoding is checked to be deterministic within one run,
+and a fresh encoding must decode to the same tensors as the committed file.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import sys
 import numpy as np
 import pytest
 
+import golden
 from rbeformat import Reader
+from rbeformat.layout import unpack_header
 from rbe_converters.hf import decode
 from rbe_converters.safetensors_io import read_header
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "fixtures")
+FIXTURES = golden.FIXTURES
 
 
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(ROOT, "fixtures", "make_fixtures.py"))
+    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(FIXTURES, "make_fixtures.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
@@ -34,8 +38,9 @@ def _load_generator():
 
 
 make_fixtures = _load_generator()
-# "set/name": fixtures/v1 (format 1.0) and fixtures/v1.2 (rotations, fields planes)
-NAMES = [f"{group}/{name}" for group, names in make_fixtures.SETS.items() for name in names]
+NAMES = golden.lossless_names()  # "folder/name", e.g. "v1/lossless-f32", "v1.2/lossless-rotl"
+# The formats whose golden files must keep decoding; a newer folder joins by itself.
+REQUIRED_VERSIONS = {"v1", "v1.1", "v1.2"}
 
 
 def sha256(data) -> str:
@@ -43,29 +48,44 @@ def sha256(data) -> str:
 
 
 def rbe_path(name: str) -> str:
-    return os.path.join(FIXTURES, name + ".rbe")
+    return golden.path(name, ".rbe")
 
 
 def expected(name: str) -> dict:
-    with open(os.path.join(FIXTURES, name + ".expected.json")) as fh:
+    with open(golden.path(name, ".expected.json")) as fh:
         return json.load(fh)
 
 
 def expected_tensors(name: str) -> dict[str, tuple[str, tuple, bytes]]:
     """name -> (dtype, shape, bytes) from the .expected.safetensors file."""
-    st = read_header(os.path.join(FIXTURES, name + ".expected.safetensors"))
+    st = read_header(golden.path(name, ".expected.safetensors"))
     with open(st.path, "rb") as fh:
         data = fh.read()[st.data_start :]
     return {t.name: (t.dtype, t.shape, data[t.begin : t.end]) for t in st.tensors}
 
 
-def test_every_fixture_is_committed():
-    found = {f"{group}/{f.removesuffix('.rbe')}" for group in make_fixtures.SETS
-             for f in os.listdir(os.path.join(FIXTURES, group)) if f.endswith(".rbe")}
-    assert found == set(NAMES)
+def test_every_rbe_file_of_every_version_is_checked():
+    """Each .rbe is a lossless fixture (checked here) or a lossy one (test_fixtures_lossy.py):
+    a file that is neither would be skipped silently."""
+    lossless, lossy = set(NAMES), set(golden.lossy_index())
+    assert not lossless & lossy, "a fixture is described both ways"
+    assert sorted(golden.rbe_files()) == sorted(lossless | lossy)
+    folders = {name.split("/")[0] for name in golden.rbe_files()}
+    assert REQUIRED_VERSIONS <= folders <= set(golden.version_folders())
+
+
+def test_every_lossless_fixture_is_complete_and_generated():
+    generated = {f"{group}/{name}" for group, names in make_fixtures.SETS.items() for name in names}
+    assert set(NAMES) == generated  # make_fixtures.py can rewrite every one
     for name in NAMES:
-        for suffix in (".expected.json", ".expected.safetensors"):
-            assert os.path.isfile(os.path.join(FIXTURES, name + suffix)), name + suffix
+        for suffix in (".rbe", ".expected.safetensors"):
+            assert os.path.isfile(golden.path(name, suffix)), name + suffix
+
+
+@pytest.mark.parametrize("name", golden.rbe_files())
+def test_each_file_is_in_the_format_version_of_its_folder(name):
+    with open(rbe_path(name), "rb") as fh:
+        assert unpack_header(fh.read(64)) == golden.folder_version(name.split("/")[0])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,7 +164,7 @@ def test_expected_safetensors_is_readable_by_the_reference_library():
     safetensors = pytest.importorskip("safetensors")
     for name in NAMES:
         tensors = expected_tensors(name)
-        with safetensors.safe_open(os.path.join(FIXTURES, name + ".expected.safetensors"), "np") as f:
+        with safetensors.safe_open(golden.path(name, ".expected.safetensors"), "np") as f:
             assert sorted(f.keys()) == sorted(tensors)
             for tensor, (dtype, shape, data) in tensors.items():
                 if dtype not in ("BF16", "F8_E4M3"):  # numpy has no bfloat16 or fp8

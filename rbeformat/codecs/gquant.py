@@ -217,6 +217,8 @@ class GroupQuant(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
+        if not shape:  # groups run along the last axis
+            raise FormatError(f"{where}.shape: gquant needs a tensor of at least one dimension")
         numel = math.prod(shape)
         specs = {"codes": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
                  "scales": PartSpec(self.scale_dtype, self._scale_shape(shape))}

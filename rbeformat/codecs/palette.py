@@ -222,6 +222,8 @@ class Palette(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
+        if not shape:  # rows and groups run along the last axis
+            raise FormatError(f"{where}.shape: palette needs a tensor of at least one dimension")
         numel = math.prod(shape)
         return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
                 "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.bits))}

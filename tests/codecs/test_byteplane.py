@@ -141,15 +141,31 @@ def test_bad_params_raise_format_error(mutate):
         codec.decode_chunk(memoryview(payload), mutate(params), dtype, memoryview(bytearray(size)), "test")
 
 
-def test_corrupt_payload_raises_format_error():
-    codec, dtype, payload, params, size = _encoded()
+def _damage_magic(payload: bytes, params: dict, start: int) -> tuple[bytes, dict]:
     damaged = bytearray(payload)
-    for i in range(0, len(damaged), 97):
-        damaged[i] ^= 0x5A
-    try:
-        codec.decode_chunk(memoryview(bytes(damaged)), params, dtype, memoryview(bytearray(size)), "test")
-    except FormatError:
-        pass  # raw planes cannot notice damage; the section checksum does
+    damaged[start] ^= 0x5A
+    return bytes(damaged), params
+
+
+def _truncate_frame(payload: bytes, params: dict, start: int) -> tuple[bytes, dict]:
+    planes_ = [list(p) for p in params["planes"]]
+    planes_[-1][1] -= 10  # the plane table stays consistent with the shorter section
+    return payload[:-10], {**params, "planes": planes_}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_damage_magic, "plane 3: not a zstd frame"),
+    (_truncate_frame, "plane 3: corrupt zstd frame"),
+])
+def test_corrupt_payload_raises_format_error(damage, message):
+    """Damage to an entropy-coded plane is caught by its decoder (raw planes cannot notice
+    damage; the section checksum does)."""
+    codec, dtype, payload, params, size = _encoded()
+    assert [m for m, _ in params["planes"]][3] == "zstd"  # the top plane is the one damaged
+    start = sum(n for _, n in params["planes"][:3])
+    damaged, damaged_params = damage(payload, params, start)
+    with pytest.raises(FormatError, match=message):
+        codec.decode_chunk(memoryview(damaged), damaged_params, dtype, memoryview(bytearray(size)), "test")
 
 
 def test_config_roundtrip():

@@ -102,7 +102,7 @@ def test_deterministic_and_bits_exact():
         codec = NormDelta(BASE, mode)
         one, two = codec.encode(vectors[1], {BASE: base}), codec.encode(vectors[1], {BASE: base})
         assert one.parts["delta"].tobytes() == two.parts["delta"].tobytes()
-        assert codec.bits(one.params, (384,)) == one.parts["delta"].nbytes * 8 == 32 * 384
+        assert codec.bit_cost(one.params, (384,)) == one.parts["delta"].nbytes * 8 == 32 * 384
     assert NormDelta(BASE).bits({}, (3, 5)) == 32 * 15
 
 

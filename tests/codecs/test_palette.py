@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
 from rbeformat.codecs.gquant import GroupQuant
@@ -18,20 +19,13 @@ HEAVY = RNG.standard_t(3, (64, 256)).astype(np.float32) * 0.02  # Student t, 3 d
 LLOYD_MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
 
 
-def roundtrip(codec: Palette, x: np.ndarray) -> np.ndarray:
-    enc = codec.encode(x)
-    specs = codec.part_specs(enc.params, x.shape, "t")
-    assert set(specs) == set(enc.parts)
-    for name, spec in specs.items():
-        assert enc.parts[name].shape == spec.shape, name
-        assert enc.parts[name].dtype == {"U8": np.uint8, "F16": np.float16, "F32": np.float32}[spec.dtype], name
-    out = codec.decode(enc.parts, enc.params, x.shape, "t")
-    assert out.dtype == np.float32 and out.shape == x.shape
-    return out
-
-
-def rel_error(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+@pytest.mark.parametrize("codec,bound", [
+    (Palette(4, "tensor"), 0.18),  # measured 0.165
+    (Palette(3, "row"), 0.22),  # measured 0.203
+    (Palette(2, "group", 64, "F32"), 0.36),  # measured 0.334
+], ids=["tensor", "row", "group"])
+def test_contract(codec, bound):
+    check_contract(codec, HEAVY, max_rel_err=bound)
 
 
 @pytest.mark.parametrize("bits", sorted(LLOYD_MAX_MSE))
@@ -39,7 +33,7 @@ def test_one_codebook_reaches_lloyd_max_on_normal_data(bits):
     # 1-D k-means on many samples converges to the Lloyd-Max quantizer; 3% covers
     # sampling and float16 entries.
     x = np.random.default_rng(bits).standard_normal(1 << 16).astype(np.float32)
-    assert rel_error(x, roundtrip(Palette(bits, "tensor"), x)) < 1.03 * LLOYD_MAX_MSE[bits] ** 0.5
+    roundtrip(Palette(bits, "tensor"), x, max_rel_err=1.03 * LLOYD_MAX_MSE[bits] ** 0.5)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -47,10 +41,11 @@ def test_one_codebook_reaches_lloyd_max_on_normal_data(bits):
 def test_codebooks_beat_uniform_grids_of_the_same_size(bits, data):
     # A uniform grid with an optimised scale and offset is one particular codebook
     # of 2**bits entries; k-means must find one at least as good.
-    rows = rel_error(data, roundtrip(Palette(bits, "row"), data))
-    assert rows <= rel_error(data, roundtrip(GroupQuant(bits, 256, "asym", "F32"), data))
-    groups = rel_error(data, roundtrip(Palette(bits, "group", 64), data))
-    assert groups <= rel_error(data, roundtrip(GroupQuant(bits, 64, "asym", "F32"), data))
+    def error(codec):
+        return rel_err(data, roundtrip(codec, data)[1])
+
+    assert error(Palette(bits, "row")) <= error(GroupQuant(bits, 256, "asym", "F32"))
+    assert error(Palette(bits, "group", 64)) <= error(GroupQuant(bits, 64, "asym", "F32"))
 
 
 @pytest.mark.parametrize("bits,scope,group,bound", [
@@ -60,8 +55,8 @@ def test_codebooks_beat_uniform_grids_of_the_same_size(bits, data):
     (2, "row", 0, 0.50), (3, "row", 0, 0.25), (4, "row", 0, 0.12), (4, "group", 64, 0.08),
 ])
 def test_error_bounds_on_heavy_tails(bits, scope, group, bound):
-    assert rel_error(HEAVY, roundtrip(Palette(bits, scope, group), HEAVY)) < bound
-    assert rel_error(NORMAL, roundtrip(Palette(bits, scope, group), NORMAL)) < LLOYD_MAX_MSE[bits] ** 0.5
+    roundtrip(Palette(bits, scope, group), HEAVY, max_rel_err=bound)
+    roundtrip(Palette(bits, scope, group), NORMAL, max_rel_err=LLOYD_MAX_MSE[bits] ** 0.5)
 
 
 @pytest.mark.parametrize("dtype", ["F16", "F32"])
@@ -71,41 +66,53 @@ def test_at_most_2_to_the_bits_distinct_values_come_back_exactly(dtype, bits):
     # Mostly zeros, so several quantile starts coincide.
     x = RNG.choice(values, size=(50, 64), p=None if len(values) < 4 else [0.05, 0.85, 0.05, 0.05])
     for scope, group in [("tensor", 0), ("row", 0), ("group", 16), ("group", 20)]:
-        assert np.array_equal(roundtrip(Palette(bits, scope, group, dtype), x), x)
+        assert np.array_equal(roundtrip(Palette(bits, scope, group, dtype), x)[1], x)
 
 
 @pytest.mark.parametrize("scope,group", [("tensor", 0), ("row", 0), ("group", 16)])
-@pytest.mark.parametrize("shape", [(3, 50), (70,), (2, 3, 40), (5, 16), (0, 32), (4, 0)])
+@pytest.mark.parametrize("shape", [(3, 50), (70,), (2, 3, 40), (5, 16)])
 def test_odd_shapes_and_short_last_groups(scope, group, shape):
     codec = Palette(2, scope, group)
     x = RNG.standard_normal(shape).astype(np.float32)
-    out = roundtrip(codec, x)
-    if x.size:
-        assert rel_error(x, out) < 0.4  # 2 bits: Lloyd-Max gives 0.34 on normal data
+    # 2 bits: Lloyd-Max gives 0.34 on normal data.
+    enc, _ = roundtrip(codec, x, max_rel_err=0.4)  # also checks the bit cost against the stored parts
     rows = int(np.prod(shape[:-1]))
     expected = {"tensor": 1, "row": rows, "group": rows * -(-shape[-1] // 16)}[scope]
-    assert codec.encode(x).parts["codebook"].shape == (expected, 4)
+    assert enc.parts["codebook"].shape == (expected, 4)
+
+
+@pytest.mark.parametrize("scope,group,shape", [("row", 0, (0, 32)), ("group", 16, (0, 32)), ("group", 16, (4, 0))])
+def test_empty_tensors_without_codebooks_round_trip(scope, group, shape):
+    # (A tensor-scope codebook, or one per row of (4, 0), would outweigh the tensor: accepts refuses those.)
+    codec = Palette(2, scope, group)
+    enc, out = roundtrip(codec, np.zeros(shape, np.float32))
+    assert out.shape == shape and enc.parts["codebook"].shape == (0, 4)
 
 
 def test_accepts_only_tensors_larger_than_their_codebooks():
     assert Palette(4, "row").accepts((384, 16)) and not Palette(4, "row").accepts((384, 15))
     assert not Palette(8, "tensor").accepts((255,)) and Palette(8, "tensor").accepts((256,))
-    assert not Palette().accepts(())
+    assert not Palette().accepts(()) and not Palette(1, "tensor").accepts((0, 16))
+    with pytest.raises(ValueError, match=r"shape \(384, 15\)"):
+        Palette(4, "row").encode(np.ones((384, 15), np.float32))
 
 
 @pytest.mark.parametrize("codec", [Palette(), Palette(3, "group", 64, "F32"), Palette(1, "tensor"), Palette(8, "row")])
-def test_config_round_trip_and_exact_bits(codec):
-    assert Palette.from_config(codec.config(), "c").config() == codec.config()
-    for shape in [(64, 256), (3, 300), (384,), (0, 16)]:
-        x = RNG.standard_normal(shape).astype(np.float32)
-        enc = codec.encode(x)
-        assert sum(p.nbytes for p in enc.parts.values()) * 8 == codec.bits(enc.params, shape)
+def test_exact_bit_cost(codec):
+    for shape in [(64, 256), (3, 300), (384,)]:
+        roundtrip(codec, RNG.standard_normal(shape).astype(np.float32))  # bit cost == stored bits
 
 
 def test_bits_per_weight_formula():
     # 4-bit indices + 16 float16 entries per row of 1024.
-    assert Palette(4, "row").bits({}, (1024, 1024)) == 1024 * (1024 * 4 + 16 * 16)
-    assert Palette(3, "group", 100, "F32").bits({}, (2, 250)) == -(-500 * 3 // 8) * 8 + 2 * 3 * 8 * 32
+    assert Palette(4, "row").bit_cost({}, (1024, 1024)) == 1024 * (1024 * 4 + 16 * 16)
+    assert Palette(3, "group", 100, "F32").bit_cost({}, (2, 250)) == -(-500 * 3 // 8) * 8 + 2 * 3 * 8 * 32
+
+
+def test_encoder_settings_are_not_stored():
+    assert Palette(4, "row", iterations=3).config() == Palette(4, "row").config()
+    with pytest.raises(FormatError, match="unexpected key"):
+        Palette.from_config({**Palette().config(), "iterations": 3}, "c")
 
 
 def test_deterministic():
@@ -115,55 +122,54 @@ def test_deterministic():
 
 
 def test_encoder_refuses_non_finite_and_scalars():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="NaN or infinite"):
         Palette().encode(np.array([[1.0, np.inf] * 16], np.float32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"shape \(\)"):
         Palette().encode(np.float32(1.0))
 
 
-@pytest.mark.parametrize("config", [
-    {"bits": 0, "scope": "row", "group": 0, "codebook_dtype": "F16"},
-    {"bits": 9, "scope": "row", "group": 0, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "column", "group": 0, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "row", "group": 64, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "group", "group": 0, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "group", "group": 1 << 30, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F64"},
-    {"bits": True, "scope": "row", "group": 0, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "row", "group": 0},
-    {"bits": 4, "scope": ["row"], "group": 0, "codebook_dtype": "F16"},
-    {"bits": 4, "scope": "row", "group": 0, "codebook_dtype": ["F16"]},
-    {"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F16", "extra": 1},
-    "row",
+@pytest.mark.parametrize("config,key", [
+    ({"bits": 0, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+    ({"bits": 9, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+    ({"bits": 4, "scope": "column", "group": 0, "codebook_dtype": "F16"}, "scope"),
+    ({"bits": 4, "scope": "row", "group": 64, "codebook_dtype": "F16"}, "group"),
+    ({"bits": 4, "scope": "group", "group": 0, "codebook_dtype": "F16"}, "group"),
+    ({"bits": 4, "scope": "group", "group": 1 << 30, "codebook_dtype": "F16"}, "group"),
+    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F64"}, "codebook_dtype"),
+    ({"bits": True, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+    ({"bits": 4, "scope": "row", "group": 0}, "codebook_dtype"),
+    ({"bits": 4, "scope": ["row"], "group": 0, "codebook_dtype": "F16"}, "scope"),
+    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": ["F16"]}, "codebook_dtype"),
+    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F16", "extra": 1}, "extra"),
+    ("row", "expected an object"),
 ])
-def test_bad_config_raises_format_error(config):
-    with pytest.raises(FormatError):
+def test_bad_config_is_a_format_error_naming_the_key(config, key):
+    with pytest.raises(FormatError, match=key):
         Palette.from_config(config, "c")
 
 
 @pytest.mark.parametrize("params", [{"x": 1}, [], None])
 def test_bad_params_raise_format_error(params):
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match=r"t\.params"):
         Palette().part_specs(params, (4, 32), "t")
 
 
 @pytest.mark.parametrize("shape", [(), (4, -1), (4, 32.0), (4, None)])
 def test_bad_shapes_raise_format_error(shape):
-    with pytest.raises(FormatError):
-        Palette().part_specs({}, shape, "t")
+    parts = Palette().encode(NORMAL[:4, :32]).parts
+    with pytest.raises(FormatError, match=r"t\.shape"):
+        Palette().decode(parts, {}, shape, "t")
 
 
 def _hostile_cases():
+    """Damage the shared harness does not try: wrong lengths and a non-finite codebook."""
     p = Palette(3, "group", 64).encode(NORMAL).parts
     return [
         {**p, "indices": p["indices"][:-1]},
-        {**p, "indices": np.concatenate([p["indices"], np.zeros(1, np.uint8)])},
         {**p, "codebook": p["codebook"][:-1]},
         {**p, "codebook": p["codebook"][:, :4]},
         {**p, "codebook": p["codebook"].reshape(-1)},
         {**p, "codebook": np.full_like(p["codebook"], np.nan)},
-        {"indices": p["indices"]},
-        {**p, "extra": p["codebook"]},
     ]
 
 
@@ -193,19 +199,13 @@ def test_random_bytes_decode_to_finite_values():
 def test_any_shape_round_trips_to_codebook_values(shape, bits, scope, scale, seed):
     codec = Palette(bits, *scope, "F32")
     x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-    enc = codec.encode(x)
-    assert sum(p.nbytes for p in enc.parts.values()) * 8 == codec.bits(enc.params, shape)
-    out = codec.decode(enc.parts, enc.params, shape, "t")
-    assert out.shape == x.shape and np.isin(out, enc.parts["codebook"]).all()
+    if not codec.accepts(shape):  # more codebook entries than values
+        with pytest.raises(ValueError, match="cannot encode a tensor of shape"):
+            codec.encode(x)
+        return
+    enc, out = roundtrip(codec, x)  # checks parts, bit cost and output shape
+    assert np.isin(out, enc.parts["codebook"]).all()
     # Every value is within its codebook's range, so no error exceeds the span of the data.
     assert x.size == 0 or np.abs(out - x).max() <= x.max() - x.min()
     if x.size and scope[0] == "tensor":  # k-means never does worse than one entry at the mean
         assert np.linalg.norm(out - x) <= np.linalg.norm(x - x.mean()) * 1.0001
-
-
-def test_doctest():
-    import doctest
-
-    from rbeformat.codecs import palette
-
-    assert doctest.testmod(palette).failed == 0

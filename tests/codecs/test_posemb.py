@@ -102,7 +102,7 @@ def test_posdct_deterministic_bits_and_config():
     for codec in (PositionDCT(keep=5), PositionDCT(energy=0.95)):
         one, two = codec.encode(x), codec.encode(x)
         assert one.params == two.params and one.parts["coeffs"].tobytes() == two.parts["coeffs"].tobytes()
-        assert codec.bits(one.params, x.shape) == one.parts["coeffs"].nbytes * 8 == 32 * one.params["keep"] * 32
+        assert codec.bit_cost(one.params, x.shape) == one.parts["coeffs"].nbytes * 8 == 32 * one.params["keep"] * 32
         assert PositionDCT.from_config(codec.config(), "c") == codec
     for config in [{}, {"keep": 0}, {"keep": 2.5}, {"energy": 0}, {"energy": 2}, {"keep": 3, "energy": 0.5},
                    {"keep": 3, "x": 1}, {"energy": "0.5"}, None]:
@@ -161,7 +161,7 @@ def test_sinusoid_recognises_and_rebuilds_formula_tables(layout, base):
     enc, out = roundtrip(Sinusoidal(), table)
     assert enc.parts == {} and enc.params == {"base": base, "layout": layout}
     assert np.abs(out - table).max() <= 1e-6
-    assert Sinusoidal().bits(enc.params, table.shape) == 0
+    assert Sinusoidal().bit_cost(enc.params, table.shape) == 0
     # The decoder's own table round-trips bit for bit.
     exact = Sinusoidal.table(64, 24, base, layout)
     np.testing.assert_array_equal(roundtrip(Sinusoidal(), exact)[1], exact)

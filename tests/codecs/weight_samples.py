@@ -1,11 +1,12 @@
-"""Synthetic weight matrices and the error measure shared by the codec tests."""
+"""Sample inputs shared by the codec tests: synthetic weights, and arbitrary JSON for readers.
+
+The error measure is ``harness.rel_err``.
+"""
 
 import numpy as np
+from hypothesis import strategies as st
 
-
-def rel_err(x, y):
-    """Relative Frobenius error |x - y| / |x|."""
-    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+from rbeformat import FormatError
 
 
 def normal(shape, seed=0):
@@ -17,3 +18,23 @@ def heavy(shape, seed=0):
     rng = np.random.default_rng(seed)
     rows = np.exp(rng.uniform(np.log(0.01), np.log(1.0), shape[0]))[:, None]
     return (rng.standard_t(3, shape) * rows).astype(np.float32)
+
+
+def wild(shape, seed=1):
+    """Student t with 2 degrees of freedom: infinite variance, a few huge entries."""
+    return np.random.default_rng(seed).standard_t(2, shape).astype(np.float32)
+
+
+# Any JSON value, as a manifest may hold where a reader expects params or a config.
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+
+
+def only_format_errors(*calls):
+    """Runs each call; any exception other than FormatError propagates and fails the test."""
+    for call in calls:
+        try:
+            call()
+        except FormatError:
+            pass
