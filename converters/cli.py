@@ -312,7 +312,7 @@ def _progress_bar(total: int, quiet: bool, desc: str):
 
 
 def cmd_convert(args) -> int:
-    from .hf import convert, plan_conversion
+    from .hf import choose_chains, convert, plan_conversion
     from .recipe import lossless_policy, policy_from_codec, policy_from_recipe
     from .report import larger_than_dense, tensor_rows
 
@@ -320,13 +320,15 @@ def cmd_convert(args) -> int:
     check_parent(args.output)
     split_gain = 0.0 if args.max_ratio else DEFAULT_SPLIT_GAIN
     codec = Raw() if args.lossless == "raw" else Byteplane(level=args.level, split_gain=split_gain)
-    if args.chain:
+    if args.chain is not None:  # an empty --codec "" is an error, not a lossless file
         policy = policy_from_codec(args.chain)
-    elif args.recipe:
+    elif args.recipe is not None:
         policy = policy_from_recipe(args.recipe)
     else:
         policy = lossless_policy()
-    with _progress_bar(input_tensor_bytes(plan_conversion(args.input)), args.quiet, "convert") as bar:
+    plan = plan_conversion(args.input)
+    choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
+    with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
         convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
                 progress=bar.update)
     with Reader(args.output) as r:

@@ -97,7 +97,7 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     policy = policy or lossless_policy()
     if os.path.abspath(dst) == os.path.abspath(src):
         raise InputError("the output must not be the input")
-    alone, groups = _choose_chains(plan, policy)
+    alone, groups = choose_chains(plan, policy)
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         first_metadata = None
@@ -131,7 +131,7 @@ def _load(read_at, t: StTensor) -> np.ndarray:
     return np.frombuffer(read_at(t.begin, t.end - t.begin), storage).reshape(t.shape)
 
 
-def _choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
+def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
     """Each tensor's chain: ({name: chain} for codecs that share nothing, {group: members} for the rest).
 
     A codec that declares shared state (``TensorCodec.shared_group``, e.g. the

@@ -210,3 +210,27 @@ def test_pipe_into_head_prints_no_error(many_tensors_rbe, tmp_path):
 def test_info_json_without_a_pipe_is_complete(many_tensors_rbe, capsys):
     assert main(["info", "--json", many_tensors_rbe]) == 0
     assert len(json.loads(capsys.readouterr().out)["tensors"]) == 1500
+
+
+@pytest.mark.parametrize("chain, says", [
+    ("gquant(bits=4, grop=64)", "gquant has no setting 'grop'; valid: bits (code bits per value)"),
+    ("gquant(bits=4, bits=8)", "'bits' is given twice"),
+    ("", "empty"),
+    ("vq(bits=2)", "vq.bits (codebook size in bits"),
+    ("lowrank(rank=4, A=normdelta())", "shares state across tensors"),
+])
+def test_bad_codec_chains_exit_2_with_one_line_naming_the_fix(model_dir, tmp_path, capsys, chain, says):
+    out = tmp_path / "o.rbe"
+    assert main(["convert", model_dir[0], str(out), "--codec", chain]) == 2
+    assert says in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_codec_that_changes_no_tensor_is_a_usage_error(tmp_path, capsys):
+    from conftest import write_safetensors
+
+    src = tmp_path / "bias.safetensors"
+    write_safetensors(str(src), {"bias": np.zeros(8, np.float32)})
+    assert main(["convert", str(src), str(tmp_path / "o.rbe"), "--codec", "gquant(bits=4, group=32)"]) == 2
+    assert "applies to no tensor" in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["bias.safetensors"]
