@@ -8,6 +8,7 @@ import pytest
 from rbeformat import UsageError
 from rbeformat.chain import parse_chain
 from rbeformat.codecs import fields
+from rbeformat.codecs import registry
 from rbeformat.codecs.registry import TENSOR_CODECS
 from harness import run_doctests
 
@@ -61,3 +62,24 @@ def test_shared_modules_have_doctests():
 def test_bad_chains_are_usage_errors_naming_the_fix(text, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         parse_chain(text, TENSOR_CODECS)
+
+
+def test_retired_names_are_refused_when_read(monkeypatch):
+    from rbeformat import UnsupportedError
+    from rbeformat.codecs.registry import codec_from_record, tensor_codec_from_record
+
+    monkeypatch.setattr(registry, "RESERVED_NAMES", frozenset({"gquant", "zstd"}))
+    record = TENSOR_CODECS["gquant"]().describe()
+    with pytest.raises(UnsupportedError, match="retired"):
+        tensor_codec_from_record(record, "codec")
+    with pytest.raises(UnsupportedError, match="retired"):
+        codec_from_record({"name": "zstd", "must_understand": True, "config": {}}, "codec")
+
+
+def test_a_name_is_registered_once():
+    from rbeformat.codecs.tensor import TensorCodec
+
+    with pytest.raises(RuntimeError, match="'gquant' is used by"):
+        @dataclasses.dataclass(frozen=True)
+        class Impostor(TensorCodec):
+            name = "gquant"
