@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from rbeformat import FormatError
+from rbeformat.codecs.fields import fields_by_role
 from rbeformat.codecs.registry import TENSOR_CODECS, tensor_codec_from_record
 from rbeformat.codecs.tensor import TensorCodec
 from rbeformat.spec import DTYPES
@@ -72,6 +73,20 @@ def assert_hostile_parts_refused(codec: TensorCodec, enc, shape: tuple[int, ...]
         refused({**parts, name: np.zeros(part.size + 1, part.dtype)})
     refused(parts, params=["not", "params"])
     refused(parts, params={**(enc.params if isinstance(enc.params, dict) else {}), "no_such_param": 1})
+
+
+def assert_recorded_settings_ignored(codec: TensorCodec, x: np.ndarray, refs: dict | None = None) -> None:
+    """A config with any value of a recorded encoder setting, or without it, opens and decodes the same."""
+    recorded = [f.name for f in fields_by_role(type(codec), "recorded")]
+    assert recorded, f"{codec.name} records no encoder setting"
+    enc = codec.encode(x, refs)
+    expected = codec.decode(enc.parts, enc.params, x.shape, "t", refs).tobytes()
+    stored = {k: v for k, v in codec.config().items() if k not in recorded}
+    configs = [stored, codec.config()] + [{**stored, name: value} for name in recorded
+                                          for value in (None, -1, 0, 2 ** 40, 0.5, "1", [1], {"a": 1})]
+    for config in configs:
+        reader = type(codec).from_config(config, "c")
+        assert reader.decode(enc.parts, enc.params, x.shape, "t", refs).tobytes() == expected, config
 
 
 def run_doctests(module_name: str) -> None:

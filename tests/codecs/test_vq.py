@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import check_contract, rel_err, roundtrip
+from harness import assert_recorded_settings_ignored, check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
 from rbeformat.codecs.vq import VectorCodebook
@@ -54,7 +54,7 @@ def test_small_tensors_use_fewer_centroids_and_index_bits():
     enc, _ = roundtrip(codec, x, max_rel_err=1e-3)  # one centroid per vector
     # 10 vectors: 10 centroids, so 4-bit indices rather than the 8 that bits allows.
     assert enc.params == {"k": 10} and enc.parts["codebook"].shape == (10, 4)
-    assert enc.parts["indices"].nbytes == bitpack.packed_size(10, 4) < bitpack.packed_size(10, 8)
+    assert enc.parts["indices"].nbytes == bitpack.packed_size(10, 4)
 
 
 def test_shapes_and_accepts():
@@ -105,15 +105,9 @@ def test_config_keys():
 
 def test_recorded_encoder_settings_never_affect_reading():
     """train, iters and seed are written for older readers; any value, or none, reads the same."""
-    x = heavy((16, 32), seed=2)
     writer = VectorCodebook(dim=4, bits=4, train=100, iters=3, seed=7)
-    enc = writer.encode(x)
-    expected = writer.decode(enc.parts, enc.params, x.shape, "t")
-    stored = {"dim": 4, "bits": 4, "scale": "row"}
-    for recorded in ({"train": 100, "iters": 3, "seed": 7}, {"train": 0, "iters": -1, "seed": "0"},
-                     {"train": None, "iters": [1], "seed": {"a": 1}}, {"seed": 2 ** 40}, {}):
-        reader = VectorCodebook.from_config({**stored, **recorded}, "c")
-        assert reader.decode(enc.parts, enc.params, x.shape, "t").tobytes() == expected.tobytes()
+    assert writer.config() == {"dim": 4, "bits": 4, "scale": "row", "train": 100, "iters": 3, "seed": 7}
+    assert_recorded_settings_ignored(writer, heavy((16, 32), seed=2))
     # A user still cannot ask the encoder for an impossible setting.
     with pytest.raises(ValueError, match=r"vq\.train"):
         VectorCodebook(train=0)
