@@ -16,16 +16,15 @@ import numpy as np
 
 from . import bitpack
 
-from .. import _native
-
-_ext = _native.extension  # None on the numpy reference path (see rbeformat._native)
+# The C extension as rbeformat._native loaded it; None on the numpy reference path.
+from .._native import extension as _native
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def has_native() -> bool:
     """Whether the C fast path is in use."""
-    return _ext is not None
+    return _native is not None
 
 
 def _check_rotation(width: int, rotate: int) -> None:
@@ -71,36 +70,36 @@ def ungroup_reference(runs: tuple, context: np.ndarray) -> np.ndarray:
 
 def split(data, width: int, rotate: int) -> np.ndarray:
     """The planes of ``data`` back to back: plane k is bytes [k*n, (k+1)*n)."""
-    if _ext is None:
+    if _native is None:
         return split_reference(data, width, rotate)
     out = np.empty(len(memoryview(data).cast("B")), dtype=np.uint8)
-    _ext.split(data, width, rotate, out)
+    _native.split(data, width, rotate, out)
     return out
 
 
 def join(planes: tuple, width: int, rotate: int, out) -> None:
     """Writes the words rebuilt from ``planes`` (a tuple of buffers) into ``out``."""
-    if _ext is None:
+    if _native is None:
         join_reference(planes, width, rotate, out)
     else:
-        _ext.join(planes, width, rotate, out)
+        _native.join(planes, width, rotate, out)
 
 
 def histogram(context: np.ndarray) -> np.ndarray:
     """How many times each byte value 0..255 occurs in ``context`` (int64)."""
-    if _ext is None:
+    if _native is None:
         return np.bincount(context, minlength=256).astype(np.int64)
     out = np.empty(256, dtype=np.int64)
-    _ext.histogram(context, out)
+    _native.histogram(context, out)
     return out
 
 
 def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     """``values`` reordered stably by ascending ``context`` byte."""
-    if _ext is None:
+    if _native is None:
         return group_reference(values, context)
     out = np.empty_like(values)
-    _ext.group(values, context, out)
+    _native.group(values, context, out)
     return out
 
 
@@ -116,20 +115,20 @@ def split_fields_reference(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.
 
 def split_fields(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
     """The high ``8 - low`` and the low ``low`` bits of every byte, each packed."""
-    if _ext is None:
+    if _native is None:
         return split_fields_reference(plane, low)
     high = np.empty(bitpack.packed_size(len(plane), 8 - low), np.uint8)
     low_values = np.empty(bitpack.packed_size(len(plane), low), np.uint8)
-    _ext.split_fields(np.ascontiguousarray(plane, np.uint8), low, high, low_values)
+    _native.split_fields(np.ascontiguousarray(plane, np.uint8), low, high, low_values)
     return high, low_values
 
 
 def joint_histogram(context: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Counts (256 x 256, int64) of each (context byte, value byte) pair."""
-    if _ext is None:
+    if _native is None:
         return np.bincount(context.astype(np.int64) * 256 + values, minlength=65536).reshape(256, 256)
     out = np.empty(65536, np.int64)
-    _ext.joint_histogram(context, values, out)
+    _native.joint_histogram(context, values, out)
     return out.reshape(256, 256)
 
 
@@ -145,10 +144,10 @@ def join_fields(high, low_stream, low: int, n: int) -> np.ndarray:
         raise ValueError("low must be in [1, 7]")
     if len(high) != bitpack.packed_size(n, 8 - low) or len(low_stream) != bitpack.packed_size(n, low):
         raise ValueError("high and low_stream must hold exactly the packed sizes of n values")
-    if _ext is None:
+    if _native is None:
         return join_fields_reference(high, low_stream, low, n)
     out = np.empty(n, dtype=np.uint8)
-    _ext.join_fields(high, low_stream, low, out)
+    _native.join_fields(high, low_stream, low, out)
     return out
 
 
@@ -158,9 +157,9 @@ SEGMENTS = 4  # contiguous parts of a context that ungroup_planes walks side by 
 def segment_histograms(context: np.ndarray) -> np.ndarray:
     """Byte counts (SEGMENTS x 256, int64) of SEGMENTS contiguous parts of ``context``,
     part s being [s * L, (s + 1) * L) with L = ceil(n / SEGMENTS)."""
-    if _ext is not None:
+    if _native is not None:
         out = np.empty((SEGMENTS, 256), dtype=np.int64)
-        _ext.segment_histograms(context, out)
+        _native.segment_histograms(context, out)
         return out
     step = -(-len(context) // SEGMENTS)
     return np.stack([np.bincount(context[s * step : (s + 1) * step], minlength=256) for s in range(SEGMENTS)]
@@ -169,10 +168,10 @@ def segment_histograms(context: np.ndarray) -> np.ndarray:
 
 def ungroup_planes(runs: list[tuple], context: np.ndarray, segment_counts: np.ndarray) -> list[np.ndarray]:
     """``ungroup`` for several planes grouped by the same context, in one pass."""
-    if _ext is None:  # the counts only speed up the C pass, but both paths refuse wrong ones
+    if _native is None:  # the counts only speed up the C pass, but both paths refuse wrong ones
         if not np.array_equal(segment_counts, segment_histograms(context)):
             raise ValueError("segment counts do not match the context")
         return [ungroup_reference(r, context) for r in runs]
     outs = [np.empty_like(context) for _ in runs]
-    _ext.ungroup_planes(tuple(runs), context, segment_counts, tuple(outs))
+    _native.ungroup_planes(tuple(runs), context, segment_counts, tuple(outs))
     return outs

@@ -1,7 +1,7 @@
 """The C fast path must give exactly the bytes of the numpy reference, and both paths work.
 
 Tests taking ``path`` run twice: on the C extension and on the numpy fallback
-(forced in-process by clearing ``planes._ext``).  Tests taking ``native`` need
+(forced in-process by clearing ``planes._native``).  Tests taking ``native`` need
 the extension: they skip where it was not built, and fail instead when
 RBE_REQUIRE_NATIVE=1 (as in CI).  The subprocess tests at the end check the
 loader itself (rbeformat._native): the fallback when the extension is missing,
@@ -43,7 +43,7 @@ def path(request, monkeypatch):
     if request.param == "native":
         request.getfixturevalue("native")
     else:
-        monkeypatch.setattr(planes, "_ext", None)
+        monkeypatch.setattr(planes, "_native", None)
     return request.param
 
 
