@@ -248,6 +248,7 @@ def test_allocation_failure_is_an_rbe_error(sample, scratch, memory_budget):
 
 # -- damage is detected ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_single_byte_flip_is_detected(sample, tmp_path):
     path = tmp_path / "flip.rbe"
     path.write_bytes(sample)
@@ -403,6 +404,7 @@ def mutate(manifest: dict, data) -> None:
         parent[key] = data.draw(HOSTILE, label="value")
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=examples(400))
 @given(st.data())
 def test_randomly_mutated_manifests_are_harmless(sample, scratch, data):

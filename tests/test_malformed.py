@@ -430,6 +430,7 @@ def test_malformed_file_is_refused(sample, tmp_path, build, stage, error, fragme
             assert any(fragment in problem for problem in r.verify(deep=True))
 
 
+@pytest.mark.slow
 def test_most_compressible_chunks_are_accepted(tmp_path):
     """The expansion bound leaves room for 64 MiB of zeros, the best case of each codec."""
     path = tmp_path / "zeros.rbe"
