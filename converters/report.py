@@ -12,6 +12,7 @@ import math
 import os
 
 from rbeformat import Reader
+from rbeformat.chain import Chain
 from rbeformat.manifest import Transform, blobs_of
 
 
@@ -21,10 +22,12 @@ def _stored(blob) -> int:
 
 def chain_text(transform: Transform) -> str:
     """The codec chain of a transformed tensor, as ``rbe convert --codec`` would take it."""
-    chained = {name: part for name, part in transform.parts.items() if part.transform is not None}
-    items = [f"{k}={v}" for k, v in sorted(transform.codec.config().items()) if k not in chained]
-    items += [f"{name}={chain_text(part.transform)}" for name, part in sorted(chained.items())]
-    return f"{transform.codec.name}({', '.join(items)})"
+    return _chain(transform).text()
+
+
+def _chain(transform: Transform) -> Chain:
+    return Chain(transform.codec, {name: _chain(part.transform) for name, part in transform.parts.items()
+                                   if part.transform is not None})
 
 
 def tensor_rows(r: Reader) -> list[dict]:
