@@ -24,6 +24,7 @@ from .reader import Reader, TensorSlice  # noqa: E402
 from .writer import Writer  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ChecksumError",
     "FormatError",
     "InputError",

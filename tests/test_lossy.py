@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_model_dir, write_safetensors
+from conftest import make_model_dir
 from rbe_converters.cli import main
 from rbe_converters.report import tensor_rows, totals
 from rbeformat import FormatError, RbeError, Reader, UnsupportedError, Writer

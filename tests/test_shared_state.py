@@ -1,6 +1,5 @@
 """Codecs that share state across tensors, and chains checked before encoding, through the converter."""
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
