@@ -250,6 +250,8 @@ class Writer:
         dtype = kwargs.pop("dtype", None) or dtype_of_numpy(array.dtype)
         if dtype is None:
             raise InputError(f"tensor {name!r}: numpy dtype {array.dtype} has no rbe dtype")
+        if dtype not in DTYPES:
+            raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
         if DTYPES[dtype].itemsize != array.dtype.itemsize:
             raise InputError(f"tensor {name!r}: {dtype} needs {DTYPES[dtype].itemsize}-byte items, array has {array.dtype}")
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))

@@ -128,3 +128,9 @@ def test_embedded_files_roundtrip(tmp_path):
             r.read_file("missing")
         with pytest.raises(RbeError):
             r.get_tensor("missing")
+
+
+def test_an_unknown_dtype_name_is_an_input_error(tmp_path):
+    with Writer(tmp_path / "d.rbe", force=True) as w:
+        with pytest.raises(InputError, match="unsupported dtype 'F12'"):
+            w.add_array("x", np.zeros(4, np.float32), dtype="F12")
