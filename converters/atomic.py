@@ -17,7 +17,7 @@ import tempfile
 from typing import Iterator
 
 from rbeformat import OutputExistsError, RbeError, UsageError
-from rbeformat.writer import default_file_mode
+from rbeformat.writer import default_file_mode, fsync_directory
 
 
 def check_parent(path: str) -> None:
@@ -65,7 +65,7 @@ def atomic_file(path: str, force: bool) -> Iterator:
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 @contextlib.contextmanager
@@ -114,7 +114,7 @@ class NewDirectory:
 
     def commit(self) -> None:
         os.rename(self._tmp, self.path)
-        _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
 
     def discard(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -177,7 +177,7 @@ class ExistingDirectory:
             os.replace(tmp, target)
             self._staged.pop(0)
         for directory in {os.path.dirname(target) for target in self._targets()}:
-            _fsync_directory(directory)
+            fsync_directory(directory)
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
@@ -214,17 +214,3 @@ def _writing(target: str) -> Iterator[None]:
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Makes renames durable; some file systems cannot sync a directory, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

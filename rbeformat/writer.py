@@ -339,7 +339,7 @@ class Writer:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self.path)
-            _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+            fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
@@ -394,7 +394,8 @@ def default_file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
+    """Makes renames durable; some file systems cannot sync a directory, which is harmless."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
