@@ -118,3 +118,19 @@ def codec_spec_text(codec: TensorCodec) -> str:
     module = type(codec).__module__.rsplit(".", 1)[-1]
     with open(os.path.join(SPEC_CODECS, f"{module}.md"), encoding="utf-8") as fh:
         return fh.read()
+
+
+def assert_params_refused(codec: TensorCodec, params, shape: tuple[int, ...]) -> None:
+    """Params a file could hold that do not fit the shape: refused by part_specs and by decode."""
+    with pytest.raises(FormatError):
+        codec.part_specs(params, shape, "x")
+    with pytest.raises(FormatError):
+        codec.decode({}, params, shape, "x")
+
+
+def assert_energy_target_met_minimally(energy: float, error: float, kept: int, error_with_one_less) -> None:
+    """An energy target keeps the fewest components whose relative error is within sqrt(1 - energy)."""
+    bound = np.sqrt(1 - energy)
+    assert error <= bound + 1e-5
+    if kept > 1:
+        assert error_with_one_less(kept - 1) > bound - 1e-9

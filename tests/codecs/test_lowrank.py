@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import check_contract, rel_err, roundtrip
+from harness import assert_energy_target_met_minimally, check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs.lowrank import LowRank
 from weight_samples import JSON, normal, only_format_errors, wild
@@ -59,10 +59,7 @@ def test_low_rank_plus_noise_recovers_the_signal():
 def test_energy_target_picks_the_smallest_sufficient_rank(energy):
     w = WILD
     enc, out = roundtrip(LowRank(energy=energy), w)
-    r = enc.params["rank"]
-    assert rel_err(w, out) <= np.sqrt(1 - energy) + 1e-5
-    if r > 1:
-        assert tail_error(w, r - 1) > np.sqrt(1 - energy) - 1e-9
+    assert_energy_target_met_minimally(energy, rel_err(w, out), enc.params["rank"], lambda r: tail_error(w, r))
 
 
 def test_bits_target_fits_the_budget():

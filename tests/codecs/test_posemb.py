@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import assert_recorded_settings_ignored, check_contract, rel_err, roundtrip
+from harness import (assert_energy_target_met_minimally, assert_params_refused, assert_recorded_settings_ignored,
+                     check_contract, rel_err, roundtrip)
 from rbeformat import FormatError
 from rbeformat.codecs.posemb import NotSinusoidal, PositionDCT, Sinusoidal, dct_basis
 from weight_samples import JSON, only_format_errors, wild
@@ -79,10 +80,7 @@ def test_all_coefficients_reconstruct(data):
 def test_energy_target(energy):
     x = heavy_table()
     enc, out = roundtrip(PositionDCT(energy=energy), x)
-    keep = enc.params["keep"]
-    assert rel_err(x, out) <= math.sqrt(1 - energy) + 1e-5
-    if keep > 1:
-        assert dropped_energy(x, keep - 1) > math.sqrt(1 - energy) - 1e-9
+    assert_energy_target_met_minimally(energy, rel_err(x, out), enc.params["keep"], lambda k: dropped_energy(x, k))
 
 
 def test_decode_is_float64_rounded_once():
@@ -232,10 +230,7 @@ def test_sinusoid_recorded_settings_never_affect_reading():
     ({"base": 1e4, "layout": ["halves"]}, (8, 8)),
 ])
 def test_sinusoid_hostile_params_are_format_errors(params, shape):
-    with pytest.raises(FormatError):
-        Sinusoidal().part_specs(params, shape, "x")
-    with pytest.raises(FormatError):
-        Sinusoidal().decode({}, params, shape, "x")
+    assert_params_refused(Sinusoidal(), params, shape)
 
 
 def test_sinusoid_refuses_parts():
