@@ -101,6 +101,8 @@ def check_contract(codec: TensorCodec, x: np.ndarray, refs: dict | None = None,
     """Everything above, on one codec and one sample tensor, plus the codec module's doctests."""
     enc, _ = roundtrip(codec, x, refs, max_rel_err)
     assert_config_roundtrip(codec)
+    if fields_by_role(type(codec), "recorded"):
+        assert_recorded_settings_ignored(codec, x, refs)
     assert_hostile_parts_refused(codec, enc, x.shape, refs)
     plan = codec.decode_plan(enc.params, x.shape, "t")
     assert plan.parts == codec.part_specs(enc.params, x.shape, "t")
