@@ -43,6 +43,7 @@ from .spec import (
 
 if TYPE_CHECKING:
     from .chain import Chain
+    from .codecs.tensor import Calibration
 
 ReadAt = Callable[[int, int], bytes]  # read(offset, size) -> exactly size bytes
 
@@ -182,11 +183,13 @@ class Writer:
         return None
 
     def add_transformed(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
-                        refs: dict[str, np.ndarray] | None = None, dedup: bool = True) -> dict:
+                        refs: dict[str, np.ndarray] | None = None, dedup: bool = True,
+                        calibration: "Calibration | None" = None) -> dict:
         """Adds a tensor encoded by a codec chain (lossy or structural).
 
         ``array`` holds the tensor's values (any float dtype); the chain's codec
-        sees them as float32.  Each part of the codec's output is stored
+        sees them as float32, with ``calibration`` (if given) guiding its
+        encoder.  Each part of the codec's output is stored
         losslessly, or by the chain given for it.  Returns the error statistics
         recorded in the manifest (relative Frobenius error, SNR, max |error|),
         measured on the decoded tensor as a reader will see it.
@@ -206,7 +209,7 @@ class Writer:
             self._digests[key] = name
         chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
         x = to_float32(array, dtype)
-        node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}")
+        node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}", calibration)
         stats = error_stats(x, to_float32(from_float32(decoded, dtype), dtype))
         self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
         self._report_dense(dtype, array.shape)
@@ -216,11 +219,12 @@ class Writer:
         if self.progress:
             self.progress(math.prod(shape) * DTYPES[dtype].itemsize)
 
-    def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str) -> tuple[dict, np.ndarray]:
+    def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str,
+                      calibration: "Calibration | None" = None) -> tuple[dict, np.ndarray]:
         """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor."""
         codec = chain.codec
         try:
-            encoded = codec.encode(x, refs)
+            encoded = codec.encode(x, refs, calibration)
         except ValueError as exc:
             raise InputError(f"{where}: {codec.name} cannot encode it ({exc})") from None
         parts, decoded_parts = {}, {}

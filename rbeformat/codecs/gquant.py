@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack
+from . import bitpack, gptq
 from .arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_part, pack_codes, unpack_codes
 from .base import require_keys
 from .fields import choice, fraction_tuple, integer, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .tensor import Calibration, Encoded, PartSpec, TensorCodec
 
 MODES = ("sym", "asym")
 MIN_GROUP, MAX_GROUP = 16, 256
@@ -192,6 +192,7 @@ class GroupQuant(TensorCodec):
 
     name = "gquant"
     chainable_parts = ("scales", "zeros")
+    calibrations = ("gptq",)
 
     bits: int = setting(4, integer(2, 8), "code bits per value")
     group: int = setting(32, _group_size, "values per scale along the last axis; 0: one scale for the whole tensor")
@@ -250,6 +251,57 @@ class GroupQuant(TensorCodec):
         parts["codes"] = pack_codes(codes, self.bits)
         parts["scales"] = s.reshape(self._scale_shape(x.shape))
         return Encoded(parts=parts, params={})
+
+    def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
+        """GPTQ (see ``gptq``): codes chosen column by column with error feedback.
+
+        Each group's scale (and offset) is fitted as in the plain encoder, on
+        the group's columns as updated when its first column is reached; the
+        whole-tensor group (0) fits its scale once, on the original values.
+        """
+        rows, n, ng = group_layout(x.shape, self.group)
+        if self.group == 0 or x.ndim < 2:
+            raise ValueError("gquant's GPTQ encoder needs groups along the input (last) axis of a matrix")
+        w = x.reshape(rows, n)
+        scales = np.zeros((rows, ng), np.float64)
+        offsets = np.zeros((rows, ng), np.float64)
+        codes = np.zeros((rows, n), np.uint8)
+        stored = {}
+
+        def quantize(j: int, current: np.ndarray) -> np.ndarray:
+            k = j // self.group
+            if j % self.group == 0:
+                block = np.ascontiguousarray(current[:, j : j + self.group], np.float32)
+                fitted = self._fit_groups(block)
+                scales[:, k], offsets[:, k] = fitted
+                stored[k] = fitted
+            s, o = stored[k]
+            column = current[:, j]
+            if self.mode == "sym":
+                h = 2 ** (self.bits - 1)
+                c = np.clip(np.rint(column * _safe_inverse(s)[:, 0]), -h, h - 1) + h
+                codes[:, j] = c
+                return ((c - h).astype(np.float32) * s.astype(np.float32)).astype(np.float64)
+            c = np.clip(np.rint((column - o) * _safe_inverse(s)[:, 0]), 0, 2 ** self.bits - 1)
+            codes[:, j] = c
+            return (c.astype(np.float32) * s.astype(np.float32) + o.astype(np.float32)).astype(np.float64)
+
+        step = max(gptq.BLOCK // self.group, 1) * self.group
+        gptq.compensate(w, calibration.hessian, quantize, block=step)
+        shape = self._scale_shape(x.shape)
+        parts = {"codes": pack_codes(codes, self.bits),
+                 "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)}
+        if self.mode == "asym":
+            parts["zeros"] = offsets.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)
+        return Encoded(parts=parts, params={})
+
+    def _fit_groups(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored scale and offset (zeros in sym mode) of each row of ``block`` (rows, g), as float64."""
+        if self.mode == "sym":
+            s, _ = _fit_sym(block, self.bits, self.grid, self.iterations, self.scale_dtype)
+            return s.astype(np.float64), np.zeros(len(block))
+        s, o, _ = _fit_asym(block, None, self.bits, self.trims, self.iterations, self.scale_dtype)
+        return s.astype(np.float64), o.astype(np.float64)
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

@@ -45,7 +45,7 @@ from ..errors import FormatError
 from . import bitpack
 from .base import require_int, require_keys
 from .fields import number, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .tensor import Calibration, Encoded, PartSpec, TensorCodec
 
 # ---------------------------------------------------------------- sparse
 
@@ -97,6 +97,7 @@ class Sparse(TensorCodec):
 
     name = "sparse"
     chainable_parts = ("values",)
+    calibrations = ("wanda",)
     finite_only = False  # infinities are kept values like any other; NaN has no magnitude order
 
     density: float = setting(0.1, number(0, 1), "fraction of the elements kept, the largest in magnitude")
@@ -111,7 +112,22 @@ class Sparse(TensorCodec):
         n = flat.size
         # At least one value, so the (chainable) values part is never empty.
         k = max(1, min(n, math.floor(self.density * n + 0.5)))
-        indices = top_magnitude(flat, k)
+        return self._encode_kept(flat, top_magnitude(flat, k))
+
+    def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
+        """Wanda: in each row keep the weights of largest |w_ij| * sqrt(E[x_j^2]), the same count per row."""
+        if np.isnan(x).any():
+            raise ValueError("sparse cannot encode NaN values")
+        rows = x.reshape(-1, x.shape[-1])
+        score = np.abs(rows) * _input_norms(calibration, rows.shape[1])
+        per_row = max(1, min(rows.shape[1], math.floor(self.density * rows.shape[1] + 0.5)))
+        kept = np.sort(np.argsort(-score, axis=1, kind="stable")[:, :per_row], axis=1)
+        indices = (kept + np.arange(len(rows))[:, None] * rows.shape[1]).reshape(-1)
+        return self._encode_kept(x.reshape(-1), indices)
+
+    def _encode_kept(self, flat: np.ndarray, indices: np.ndarray) -> Encoded:
+        """The values at the sorted flat ``indices``, with the smaller of the two index structures."""
+        n, k = flat.size, indices.size
         gaps = np.diff(indices, prepend=-1) - 1
         # Smallest index structure wins; on a tie the mask, then the narrower code.
         best: tuple[int, dict[str, Any]] = (bitpack.packed_size(n, 1), {"index": "mask"})
@@ -188,6 +204,13 @@ def _delta_indices(data: np.ndarray, width: int, count: int, n: int, where: str)
     return end[kept] - 1
 
 
+def _input_norms(calibration: Calibration, columns: int) -> np.ndarray:
+    norms = calibration.input_norms
+    if norms.shape != (columns,):
+        raise ValueError(f"calibration for {norms.shape[0]} inputs does not fit a last axis of {columns}")
+    return norms
+
+
 # ---------------------------------------------------------------- nm24
 
 # Pattern number -> the two kept positions of a group of four.
@@ -224,6 +247,7 @@ class NM24(TensorCodec):
 
     name = "nm24"
     chainable_parts = ("values",)
+    calibrations = ("wanda",)
     finite_only = False  # as sparse: infinities are values, NaN is refused
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
@@ -232,8 +256,18 @@ class NM24(TensorCodec):
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         if np.isnan(x).any():
             raise ValueError("nm24 cannot encode NaN values")
+        return self._encode_kept(x, two_of_four(x.reshape(-1, 4)))
+
+    def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
+        """Wanda for 2:4: in each group keep the 2 of largest |w_ij| * sqrt(E[x_j^2])."""
+        if np.isnan(x).any():
+            raise ValueError("nm24 cannot encode NaN values")
+        score = np.abs(x.reshape(-1, x.shape[-1])) * _input_norms(calibration, x.shape[-1])
+        return self._encode_kept(x, two_of_four(score.reshape(-1, 4)))
+
+    def _encode_kept(self, x: np.ndarray, keep: np.ndarray) -> Encoded:
+        """Patterns and values of the kept positions (boolean, one row of 4 per group)."""
         groups = x.reshape(-1, 4)
-        keep = two_of_four(groups)
         bitmask = (keep * np.array([1, 2, 4, 8], np.uint8)).sum(axis=1)
         lookup = np.zeros(16, np.int64)
         for mask, pattern in PATTERN_OF_MASK.items():

@@ -80,6 +80,26 @@ class DecodePlan:
     constants: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What an encoder may know of a tensor's use, measured on calibration data.
+
+    For a Linear weight W (out x in, the input axis last), ``hessian`` is
+    E[x x^T] over the layer's inputs x (in x in).  ``method`` names what the
+    encoder does with it: ``gptq`` (error compensation, see ``gptq``) or
+    ``wanda`` (importance |w| * sqrt(E[x_j^2]) for pruning).  Calibration
+    changes only what the encoder chooses; decoding never sees it.
+    """
+
+    method: str
+    hessian: np.ndarray
+
+    @property
+    def input_norms(self) -> np.ndarray:
+        """sqrt(E[x_j^2]) per input column: how strongly each column of W is used."""
+        return np.sqrt(np.maximum(np.diag(self.hessian), 0.0))
+
+
 REGISTERED: dict[str, type["TensorCodec"]] = {}
 
 
@@ -95,6 +115,8 @@ class TensorCodec(ABC):
     chainable_parts: ClassVar[tuple[str, ...]] = ()
     # Whether encode refuses NaN and infinities (codecs that pass values through set False).
     finite_only: ClassVar[bool] = True
+    # Calibration methods (Calibration.method) the encoder uses; see encode_calibrated.
+    calibrations: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,17 +208,26 @@ class TensorCodec(ABC):
         return DecodePlan(self.formula(params), specs, {**stored, **(params or {})})
 
     # -- encoding and decoding ---------------------------------------------------
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None,
+               calibration: Calibration | None = None) -> Encoded:
         """Encodes a float32 array; ``refs`` holds the decoded referenced tensors.
 
-        Raises ValueError when the codec cannot represent the tensor.
+        With ``calibration`` the encoder chooses its codes for the tensor's
+        use (the method must be one of ``calibrations``).  Raises ValueError
+        when the codec cannot represent the tensor.
         """
         x = np.asarray(x, dtype=np.float32)
         if not self.accepts(tuple(x.shape)):
             raise ValueError(f"{self.name} cannot encode a tensor of shape {tuple(x.shape)}")
         if self.finite_only and not np.isfinite(x).all():
             raise ValueError(f"{self.name} cannot encode NaN or infinite values")
-        encoded = self.encode_array(x, refs or {})
+        if calibration is None:
+            encoded = self.encode_array(x, refs or {})
+        elif calibration.method not in self.calibrations:
+            raise ValueError(f"{self.name} has no {calibration.method!r} encoder "
+                             f"(it has: {', '.join(self.calibrations) or 'none'})")
+        else:
+            encoded = self.encode_calibrated(x, refs or {}, calibration)
         # An encoder bug shows here, not later as a file its own reader refuses.
         check_parts(encoded.parts, self.part_specs(encoded.params, tuple(x.shape), self.name), self.name)
         return encoded
@@ -211,6 +242,10 @@ class TensorCodec(ABC):
         shape = check_shape(shape, f"{where}.shape")
         check_parts(parts, self.part_specs(params, shape, where), where)
         return self.decode_parts(parts, params, shape, where, refs or {})
+
+    def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
+        """Encodes with calibration statistics (for codecs that list methods in ``calibrations``)."""
+        raise NotImplementedError(f"{self.name} has no calibrated encoder")
 
     @abstractmethod
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
