@@ -58,8 +58,10 @@ def test_wanda_keeps_what_the_inputs_use():
     out = decoded(codec, calibration)
     assert (out != 0).sum(axis=1).tolist() == [64] * len(W)  # the same count in every row
     assert (out[:, :32] == W[:, :32]).all()
-    nm = decoded(NM24(), calibration)
-    assert (nm[:, :32] == W[:, :32]).all() and ((nm.reshape(-1, 4) != 0).sum(axis=1) <= 2).all()
+    norms = np.ones(N)
+    norms[::4] = 1e6  # one strongly used input in every group of four
+    nm = decoded(NM24(), Calibration("wanda", np.diag(norms ** 2)))
+    assert (nm[:, ::4] == W[:, ::4]).all() and ((nm.reshape(-1, 4) != 0).sum(axis=1) <= 2).all()
 
 
 def test_wanda_prunes_with_less_output_error_than_magnitude():
