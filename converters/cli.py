@@ -83,6 +83,13 @@ def thread_count(text: str) -> int:
     return threads
 
 
+def window_length(text: str) -> int:
+    tokens = _integer(text)
+    if tokens < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens (one predicted from one), not {tokens}")
+    return tokens
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="rbe", description="Convert, inspect and verify rbe weight containers.", epilog=EPILOG)
     parser.add_argument("--version", action="version",
@@ -125,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--deep", action="store_true", help="also decode everything and check sha256 digests")
     p.add_argument("--quiet", action="store_true", help="print nothing; only the exit code tells")
+
+    p = sub.add_parser("eval", help="quality of compressed .rbe files against the original (needs the hf extra)",
+                       epilog=EPILOG)
+    p.add_argument("input", metavar="ORIGINAL", help="a HF model directory, a .safetensors file in one, or an .rbe")
+    p.add_argument("compressed", metavar="COMPRESSED.rbe", nargs="+", help="rbe files of the same model")
+    p.add_argument("--text", metavar="FILE", help="causal LMs: a UTF-8 text for perplexity (default: the "
+                   "evaluation part of pydoc_data.topics)")
+    p.add_argument("--sentences", metavar="FILE", help="encoders: one sentence per line (default: 256 sentences "
+                   "of the evaluation part of pydoc_data.topics)")
+    p.add_argument("--window", type=window_length, help="causal LMs: tokens per window, at least 2 (default 512)")
+    p.add_argument("--windows", type=thread_count, help="causal LMs: how many windows, at least 1 (default 16, "
+                   "or as many as the text holds)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="OUT.png", help="draw quality against bits per weight into this PNG file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
+    p.add_argument("--threads", type=thread_count, default=None, help="threads for torch and decoding, at least 1 "
+                   "(default: CPU count)")
     return parser
 
 
@@ -408,7 +432,29 @@ def _summary_line(r: Reader) -> str:
             f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}")
 
 
-COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "verify": cmd_verify, "info": cmd_info}
+def cmd_eval(args) -> int:
+    from .evaluate import EvalOptions, check_plot_target, eval_table, evaluate, write_plot
+
+    def concerning(path: str) -> None:  # a failure names the file being worked on
+        args.input = path
+
+    if args.plot:
+        check_plot_target(args.plot, args.force)
+    original = args.input
+    for path in ([] if os.path.isdir(original) or original.endswith(".safetensors") else [original]) + args.compressed:
+        concerning(path)
+        open_rbe(path, verify_checksums=False).close()  # each file is an rbe file before anything loads
+    options = EvalOptions(text=args.text, sentences=args.sentences, window=args.window, windows=args.windows,
+                          threads=args.threads)
+    result = evaluate(original, args.compressed, options, concerning)
+    print(json.dumps(result, indent=2) if args.json else eval_table(result))
+    if args.plot:
+        write_plot(result, args.plot, args.force)
+    return EXIT_OK
+
+
+COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "verify": cmd_verify, "info": cmd_info,
+            "eval": cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,413 @@
+"""``rbe eval``: what compressed files cost in model quality, beside what they save.
+
+The original (a Hugging Face model directory, a .safetensors file inside one,
+or an .rbe file) and every compressed .rbe file are loaded one at a time with
+transformers, in float32 on the CPU, scored by the protocols of
+``rbe_converters.quality`` and freed again, so memory holds one model at a time.
+An .rbe file is first decoded to a temporary directory.  Causal LMs
+(``architectures`` ending in ``ForCausalLM``) are scored by perplexity, every
+other model by its mean-pooled sentence embeddings.  All models use the
+original's tokenizer; a container without config or tokenizer files (one made
+from a lone .safetensors file) borrows the original's.
+
+Each row puts a file's size and ratio beside its bits per weight and the
+quality it measured, so no size is ever read without its cost:
+
+* size: bytes on disk (decimal MB); for a directory or .safetensors original,
+  the bytes of its safetensors files;
+* ratio: the original's safetensors bytes / this file's size (an .rbe file
+  counts everything it holds: tensors, config and tokenizer files, manifest);
+* bits/w: 8 x file size / weights, the weights of every tensor the model has;
+* Linear bits/w: the stored bits of the Linear weights / their count, where a
+  Linear weight is a 2-D tensor named ``*weight`` that is not an embedding
+  table (``embed``, ``wte``, ``wpe`` in its name) or the output head
+  (``lm_head``); for an .rbe file the bytes are those of the tensors' stored
+  sections, as ``rbe info`` counts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+from rbeformat import InputError, Reader, UsageError
+
+from . import quality
+from .atomic import atomic_file, check_parent, check_target
+from .report import human_bytes, tensor_rows, totals
+
+NOT_LINEAR = ("embed", "wte", "wpe", "lm_head")
+
+
+@dataclass
+class EvalOptions:
+    """What the user asked for; None means the protocol's default."""
+
+    text: str | None = None
+    sentences: str | None = None
+    window: int | None = None
+    windows: int | None = None
+    threads: int | None = None
+
+
+def is_linear(name: str, shape) -> bool:
+    """A Linear layer's weight: 2-D, and neither an embedding table nor the output head."""
+    lowered = name.lower()
+    return len(shape) == 2 and lowered.endswith("weight") and not any(word in lowered for word in NOT_LINEAR)
+
+
+# -- sizes ------------------------------------------------------------------------------
+
+@dataclass
+class Sizes:
+    """What a file costs: its bytes, the model's weights, and those of its Linear layers."""
+
+    file_bytes: int
+    weights: int
+    linear_weights: int
+    linear_stored_bytes: int
+    shapes: dict  # tensor name -> shape, to check that files hold the same model
+
+    def row(self, reference_bytes: int) -> dict:
+        return {"file_bytes": self.file_bytes,
+                "ratio": reference_bytes / self.file_bytes if self.file_bytes else None,
+                "bits_per_weight": 8 * self.file_bytes / self.weights if self.weights else None,
+                "linear_bits_per_weight": (8 * self.linear_stored_bytes / self.linear_weights
+                                           if self.linear_weights else None),
+                "weights": self.weights, "linear_weights": self.linear_weights}
+
+
+def safetensors_sizes(src: str) -> Sizes:
+    """Sizes of a model directory or .safetensors file, from the safetensors headers."""
+    from .hf import plan_conversion
+
+    files = [st for _, st in plan_conversion(src).safetensors]
+    tensors = [t for st in files for t in st.tensors]
+    linear = [t for t in tensors if is_linear(t.name, t.shape)]
+    return Sizes(file_bytes=sum(os.path.getsize(st.path) for st in files),
+                 weights=sum(math.prod(t.shape) for t in tensors),
+                 linear_weights=sum(math.prod(t.shape) for t in linear),
+                 linear_stored_bytes=sum(t.end - t.begin for t in linear),
+                 shapes={t.name: tuple(t.shape) for t in tensors})
+
+
+def rbe_sizes(path: str) -> Sizes:
+    """Sizes of an .rbe file: the file on disk and the stored bytes of its Linear weights."""
+    with Reader(path, verify_checksums=False) as r:
+        rows = [row for row in tensor_rows(r) if not row["internal"]]
+        t = totals(r)
+    linear = [row for row in rows if is_linear(row["name"], row["shape"])]
+    return Sizes(file_bytes=t["file_bytes"], weights=t["weights"],
+                 linear_weights=sum(math.prod(row["shape"]) for row in linear),
+                 linear_stored_bytes=sum(row["stored_bytes"] for row in linear),
+                 shapes={row["name"]: tuple(row["shape"]) for row in rows})
+
+
+def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -> None:
+    """A compressed file must hold exactly the original's tensors, shape for shape."""
+    missing = sorted(set(reference.shapes) - set(sizes.shapes))
+    extra = sorted(set(sizes.shapes) - set(reference.shapes))
+    if missing or extra:
+        parts = ([f"{len(missing)} of its tensors missing, e.g. {missing[0]!r}"] if missing else []) + \
+                ([f"{len(extra)} not in it, e.g. {extra[0]!r}"] if extra else [])
+        raise InputError(f"{path}: holds other tensors than {original} ({'; '.join(parts)}); compare files "
+                         "converted from the same model")
+    for name, shape in reference.shapes.items():
+        if sizes.shapes[name] != shape:
+            raise InputError(f"{path}: tensor {name!r} has shape {list(sizes.shapes[name])}, {original} has "
+                             f"{list(shape)}; compare files converted from the same model")
+
+
+# -- model directories --------------------------------------------------------------
+
+def _is_weights_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+
+
+def _link_missing_files(source_dir: str, target_dir: str) -> None:
+    """Gives target_dir the config and tokenizer files of source_dir it lacks (never weights)."""
+    for name in sorted(os.listdir(source_dir)):
+        full = os.path.join(source_dir, name)
+        if os.path.isfile(full) and not _is_weights_file(name) and not os.path.lexists(os.path.join(target_dir, name)):
+            os.symlink(os.path.abspath(full), os.path.join(target_dir, name))
+
+
+def stage_safetensors_file(path: str, workdir: str) -> str:
+    """A model directory holding just this .safetensors file and its directory's other files."""
+    target = os.path.join(workdir, "original")
+    os.makedirs(target)
+    os.symlink(os.path.abspath(path), os.path.join(target, "model.safetensors"))
+    _link_missing_files(os.path.dirname(os.path.abspath(path)), target)
+    return target
+
+
+def decode_to_directory(path: str, target: str, threads: int | None, borrow_from: str | None) -> str:
+    """An .rbe file decoded into a HF directory, with the original's files it does not carry."""
+    from .hf import decode
+
+    decode(path, target, threads=threads)
+    if borrow_from is not None:
+        _link_missing_files(borrow_from, target)
+    return target
+
+
+def safetensors_bytes(model_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+
+
+# -- measures -----------------------------------------------------------------------
+
+class PerplexityMeasure:
+    """Perplexity on consecutive windows of a text (``quality`` module doc)."""
+
+    name = "perplexity"
+
+    def __init__(self, tokenizer, options: EvalOptions):
+        if options.text is None:
+            text, self.source = quality.evaluation_text(), (f"evaluation part of pydoc_data.topics "
+                                                            f"(Python {platform.python_version()})")
+        else:
+            text, self.source = quality.read_text(options.text, "text"), options.text
+        self.sha256 = quality.fingerprint(text)
+        self.window = options.window or quality.DEFAULT_WINDOW
+        ids = quality.token_ids(tokenizer, text)
+        self.tokens = len(ids)
+        count = min(options.windows or quality.DEFAULT_WINDOWS, len(ids) // self.window)
+        if count == 0:
+            raise InputError(f"{options.text or 'the evaluation text'}: holds {len(ids)} tokens, fewer than one "
+                             f"window of {self.window}; give a longer --text or a smaller --window")
+        self.parts = quality.windows(ids, self.window, count)
+        self.reference: float | None = None
+
+    def score(self, model) -> dict:
+        value = quality.perplexity(model, self.parts)
+        if self.reference is None:
+            self.reference = value
+        return {"perplexity": value, "perplexity_change_pct": 100 * (value / self.reference - 1)}
+
+    def protocol(self) -> dict:
+        return {"measure": self.name, "text": self.source, "text_sha256": self.sha256, "tokens": self.tokens,
+                "window": self.window, "windows": len(self.parts), "stride": self.window, "first_token": 0,
+                "labels": "input_ids", "score": "exp of the mean loss over windows"}
+
+    def describe(self) -> str:
+        return (f"perplexity: {len(self.parts)} windows of {self.window} tokens, stride {self.window} (no "
+                f"overlap), from token 0 of {self.tokens:,}; labels = input_ids, exp of the mean loss over "
+                f"windows; text: {self.source}, sha256 {self.sha256}")
+
+
+class EmbeddingMeasure:
+    """Mean cosine and nearest-neighbour agreement of mean-pooled sentence embeddings."""
+
+    name = "embeddings"
+
+    def __init__(self, tokenizer, options: EvalOptions):
+        if options.sentences is None:
+            self.sentences = quality.default_sentences()
+            self.source = (f"{len(self.sentences)} sentences of the evaluation part of pydoc_data.topics "
+                           f"(Python {platform.python_version()})")
+        else:
+            self.sentences, self.source = quality.read_sentences(options.sentences), options.sentences
+        self.sha256 = quality.fingerprint("\n".join(self.sentences))
+        self.tokenizer = tokenizer
+        self.reference = None
+
+    def score(self, model) -> dict:
+        embeddings = quality.sentence_embeddings(model, self.tokenizer, self.sentences)
+        if self.reference is None:
+            self.reference = embeddings
+        cosine = quality.mean_cosine(self.reference, embeddings)
+        agreement = quality.neighbour_agreement(self.reference, embeddings)
+        return {"mean_cosine": cosine, "cosine_change": cosine - 1.0,
+                "nn_agreement": agreement, "nn_agreement_change": agreement - 1.0}
+
+    def protocol(self) -> dict:
+        return {"measure": self.name, "sentences": self.source, "sentences_sha256": self.sha256,
+                "count": len(self.sentences), "pooling": "attention-mask weighted mean of last_hidden_state",
+                "similarity": "cosine"}
+
+    def describe(self) -> str:
+        return (f"embeddings: mean cosine between the original's and each file's embedding of the same sentence, "
+                f"and nearest-neighbour agreement (same nearest other sentence by cosine) over "
+                f"{len(self.sentences)} sentences; attention-mask weighted mean of last_hidden_state; "
+                f"sentences: {self.source}, sha256 {self.sha256}")
+
+
+def choose_measure(config: dict, original: str, options: EvalOptions):
+    """The measure for the model's kind; options meant for the other kind are refused."""
+    if quality.is_causal_lm(config):
+        if options.sentences is not None:
+            raise UsageError(f"--sentences is for encoders; {original} is a causal LM, scored by perplexity on "
+                             "--text")
+        return PerplexityMeasure
+    given = [flag for flag, value in (("--text", options.text), ("--window", options.window),
+                                       ("--windows", options.windows)) if value is not None]
+    if given:
+        verb = "is" if len(given) == 1 else "are"
+        raise UsageError(f"{', '.join(given)} {verb} for causal LMs; {original} is not one (its config names no "
+                         "*ForCausalLM architecture) and is scored by sentence embeddings: use --sentences")
+    return EmbeddingMeasure
+
+
+# -- the run ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers):
+    """No load-time progress bars or warnings between rbe's own lines."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def evaluate(original: str, compressed: list[str], options: EvalOptions,
+             concerning: Callable[[str], None] = lambda path: None) -> dict:
+    """Measures every file; ``concerning`` hears which file a failure from now on is about."""
+    torch, transformers = quality.require_torch()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    with _quiet_transformers(transformers), tempfile.TemporaryDirectory(prefix="rbe-eval-") as workdir:
+        concerning(original)
+        model_dir, reference = _original_directory(original, workdir, options.threads)
+        reference_bytes = safetensors_bytes(model_dir)
+        measure_kind = choose_measure(quality.read_config(model_dir), original, options)
+        causal = measure_kind is PerplexityMeasure
+        tokenizer = quality.load_tokenizer(model_dir)
+        concerning(options.text or options.sentences or original)
+        measure = measure_kind(tokenizer, options)
+        sizes = {}
+        for path in compressed:  # every file is checked before the first model loads
+            concerning(path)
+            sizes[path] = rbe_sizes(path)
+            check_same_model(path, sizes[path], original, reference)
+        concerning(original)
+        rows = [_scored_row(original, "original", reference, model_dir, causal, measure, reference_bytes)]
+        for k, path in enumerate(compressed):
+            concerning(path)
+            target = decode_to_directory(path, os.path.join(workdir, f"compressed-{k}"), options.threads, model_dir)
+            rows.append(_scored_row(path, "compressed", sizes[path], target, causal, measure, reference_bytes))
+            shutil.rmtree(target)
+    return {"measure": measure.name, "protocol": measure.protocol(), "description": measure.describe(),
+            "rows": rows}
+
+
+def _original_directory(original: str, workdir: str, threads: int | None) -> tuple[str, Sizes]:
+    """The original as a model directory, and its sizes."""
+    if os.path.isdir(original):
+        return original, safetensors_sizes(original)
+    if original.endswith(".safetensors"):
+        if not os.path.isfile(original):
+            raise InputError(f"{original}: no such file")
+        return stage_safetensors_file(original, workdir), safetensors_sizes(original)
+    sizes = rbe_sizes(original)
+    return decode_to_directory(original, os.path.join(workdir, "original"), threads, None), sizes
+
+
+def _scored_row(path: str, role: str, sizes: Sizes, model_dir: str, causal: bool, measure, reference_bytes: int):
+    model = quality.load_model(model_dir, causal)
+    try:
+        scores = measure.score(model)
+    finally:
+        del model
+        gc.collect()  # one model in memory at a time
+    return {"file": path, "role": role, **sizes.row(reference_bytes), **scores}
+
+
+# -- output -------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _quality_cells(row: dict, measure: str) -> list[str]:
+    if measure == "perplexity":
+        return [f"{row['perplexity']:.3f}", f"{row['perplexity_change_pct']:+.2f}%"]
+    return [f"{row['mean_cosine']:.4f}", f"{row['cosine_change']:+.4f}", f"{row['nn_agreement']:.3f}",
+            f"{row['nn_agreement_change']:+.3f}"]
+
+
+def eval_table(result: dict) -> str:
+    """One row per file, the original first, and the protocol under it."""
+    measure = result["measure"]
+    quality_head = (["perplexity", "change"] if measure == "perplexity"
+                    else ["mean cosine", "change", "NN agreement", "change"])
+    head = ["file", "size", "ratio", "bits/w", "Linear bits/w"] + quality_head
+    body = [[row["file"] + (" (original)" if row["role"] == "original" else ""),
+             human_bytes(row["file_bytes"]), _fmt(row["ratio"], ".3f"), _fmt(row["bits_per_weight"], ".3f"),
+             _fmt(row["linear_bits_per_weight"], ".3f"), *_quality_cells(row, measure)]
+            for row in result["rows"]]
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+             for cells in [head, ["-" * w for w in widths], *body]]
+    return "\n".join(lines + ["", result["description"],
+                              "size: decimal MB (a directory or .safetensors original: its safetensors files); "
+                              "ratio: the original's safetensors bytes / file size; bits/w: 8 x file size / "
+                              "weights; Linear bits/w: stored bits of the 2-D weights other than embeddings and "
+                              "lm_head / their weights; models run in float32 on the CPU"])
+
+
+def check_plot_target(path: str, force: bool) -> None:
+    """Before any measuring: matplotlib is there and the plot may be written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which rbe's 'bench' extra installs: pip install 'rbe[bench]'") from None
+    check_target(path, force)
+    check_parent(path)
+
+
+def _point_label(row: dict, measure: str) -> str:
+    name = os.path.basename(os.path.normpath(row["file"])) + (" (original)" if row["role"] == "original" else "")
+    if measure == "perplexity":
+        return f"{name}: {row['perplexity']:.2f}"
+    return f"{name}: {row['mean_cosine']:.4f}, NN {row['nn_agreement']:.3f}"
+
+
+def _plot_title(result: dict) -> str:
+    p = result["protocol"]
+    if result["measure"] == "perplexity":
+        return (f"perplexity, {p['windows']} windows of {p['window']} tokens (stride {p['stride']}), "
+                f"text sha256 {p['text_sha256']}")
+    return f"mean cosine and NN agreement of mean-pooled embeddings, {p['count']} sentences, sha256 {p['sentences_sha256']}"
+
+
+def write_plot(result: dict, path: str, force: bool) -> None:
+    """Quality against bits per weight (whole file and Linear layers), one labelled point per file."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    key, label = (("perplexity", "perplexity (lower is better)") if result["measure"] == "perplexity"
+                  else ("mean_cosine", "mean cosine to the original's embeddings"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, x_key, x_label in ((axes[0], "bits_per_weight", "bits per weight, whole file"),
+                               (axes[1], "linear_bits_per_weight", "bits per weight, Linear weights")):
+        for row in result["rows"]:
+            original = row["role"] == "original"
+            ax.scatter(row[x_key], row[key], marker="*" if original else "o", s=180 if original else 50,
+                       color="black" if original else "tab:blue", zorder=3)
+            ax.annotate(_point_label(row, result["measure"]), (row[x_key], row[key]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.set_xlabel(x_label)
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(label)
+    fig.suptitle(_plot_title(result), fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path, force) as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,323 @@
+"""`rbe eval` and the measurement protocols of rbe_converters.quality.
+
+Small randomly initialised Llama and BERT models (built here with transformers,
+with a word-level tokenizer) cover the table, --json, --plot and the errors
+quickly; the real checkpoints check the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from rbe_converters import quality
+from rbe_converters.cli import main
+from rbe_converters.evaluate import is_linear
+from rbeformat import UsageError
+
+
+def run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        return exc.code
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("rbe: error: "), err
+    return err
+
+
+# -- the texts ------------------------------------------------------------------------
+
+def test_calibration_and_evaluation_texts_split_the_topic_text_without_overlap():
+    whole, calibration, evaluation = quality.topic_text(), quality.calibration_text(), quality.evaluation_text()
+    assert calibration + "\n\n" + evaluation == whole  # together: the whole text, each character once
+    assert len(calibration) + 2 + len(evaluation) == len(whole)
+    # The cut is the first paragraph boundary at or after the middle character.
+    middle = len(whole) // 2
+    assert len(calibration) >= middle and "\n\n" not in whole[middle:len(calibration) + 1]
+    assert len(evaluation) > len(whole) // 3
+
+
+def test_default_sentences_come_from_the_evaluation_text():
+    sentences = quality.default_sentences()
+    assert len(sentences) == quality.DEFAULT_SENTENCES == len(set(sentences))
+    evaluation = " ".join(quality.evaluation_text().split())
+    for sentence in sentences:
+        assert 5 <= len(sentence.split()) <= 40 and sentence[-1] in ".!?", sentence
+        assert sentence in evaluation
+    # Spread over the whole part, not its first topics only.
+    assert evaluation.index(sentences[-1]) > len(evaluation) * 0.8
+
+
+def test_sentences_of_skips_headings_and_keeps_each_sentence_once():
+    text = ("Numbers\n*******\n\nThere are three kinds of numbers here. Short one.\n\n"
+            "There are three kinds of numbers here. Each kind has its own literal syntax in the language?")
+    assert quality.sentences_of(text) == ["There are three kinds of numbers here.",
+                                          "Each kind has its own literal syntax in the language?"]
+
+
+def test_windows_are_consecutive_and_refuse_too_few_tokens():
+    ids = list(range(10))
+    assert quality.windows(ids, 4, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError):
+        quality.windows(ids, 4, 3)
+
+
+def test_neighbour_agreement_and_cosine():
+    torch = pytest.importorskip("torch")
+    a = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert quality.nearest_neighbours(a) == [1, 0, 3, 2]
+    swapped = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])  # rows 1 and 2 trade places
+    assert quality.neighbour_agreement(a, swapped) == 0.0
+    assert quality.neighbour_agreement(a, 3 * a) == 1.0
+    assert quality.mean_cosine(a, 3 * a) == pytest.approx(1.0)
+    assert quality.mean_cosine(a, swapped) < 0.9
+
+
+def test_linear_weights_leave_out_embeddings_heads_norms_and_biases():
+    assert is_linear("model.layers.0.self_attn.q_proj.weight", (64, 64))
+    assert is_linear("encoder.layer.0.attention.self.query.weight", (384, 384))
+    assert is_linear("h.0.attn.c_attn.weight", (64, 192))
+    for name, shape in [("model.embed_tokens.weight", (100, 64)), ("lm_head.weight", (100, 64)),
+                        ("transformer.wte.weight", (100, 64)), ("embeddings.position_embeddings.weight", (64, 64)),
+                        ("model.norm.weight", (64,)), ("model.layers.0.mlp.up_proj.bias", (64,))]:
+        assert not is_linear(name, shape), name
+
+
+def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if it were not installed
+    with pytest.raises(UsageError, match=r"rbe\[hf\]"):
+        quality.require_torch()
+
+
+# -- small models built here --------------------------------------------------------
+
+def _tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=64)
+
+
+def _common_words(count: int) -> list[str]:
+    from collections import Counter
+
+    return [w for w, _ in Counter(quality.evaluation_text().split()).most_common(count)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Small Llama and BERT directories, each with a lossless and a 4-bit .rbe file."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = _tokenizer(_common_words(200))
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    built = {
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+        "bert": transformers.BertModel(transformers.BertConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64)),
+    }
+    paths = {}
+    for name, model in built.items():
+        directory = str(root / name)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        lossless, lossy = str(root / f"{name}-lossless.rbe"), str(root / f"{name}-q4.rbe")
+        assert main(["convert", directory, lossless, "--quiet"]) == 0
+        assert main(["convert", directory, lossy, "--quiet", "--codec", "gquant(bits=4, group=32)"]) == 0
+        paths[name] = (directory, lossless, lossy)
+    sentences = root / "sentences.txt"
+    sentences.write_text("\n".join(quality.default_sentences(24)) + "\n")
+    paths["sentences"] = str(sentences)
+    return paths
+
+
+def _eval_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(["eval", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_causal_lm_json_reports_sizes_bits_and_perplexity(tiny, capsys):
+    directory, lossless, lossy = tiny["llama"]
+    result = _eval_json(capsys, [directory, lossless, lossy, "--window", "16", "--windows", "3"])
+    assert result["measure"] == "perplexity"
+    protocol = result["protocol"]
+    assert (protocol["window"], protocol["windows"], protocol["stride"]) == (16, 3, 16)
+    assert protocol["text_sha256"] == quality.fingerprint(quality.evaluation_text())
+    original, same, q4 = result["rows"]
+    assert [r["role"] for r in result["rows"]] == ["original", "compressed", "compressed"]
+    st_bytes = os.path.getsize(os.path.join(directory, "model.safetensors"))
+    assert original["file_bytes"] == st_bytes and original["ratio"] == 1.0
+    assert original["linear_bits_per_weight"] == 32.0
+    for row, path in ((same, lossless), (q4, lossy)):
+        size = os.path.getsize(path)
+        assert row["file_bytes"] == size and row["ratio"] == pytest.approx(st_bytes / size)
+        assert row["bits_per_weight"] == pytest.approx(8 * size / original["weights"])
+    assert same["perplexity"] == original["perplexity"] and same["perplexity_change_pct"] == 0.0
+    assert q4["linear_bits_per_weight"] < 6 < 32 / 1.2 < same["linear_bits_per_weight"] * 1.3
+    assert q4["perplexity_change_pct"] == pytest.approx(100 * (q4["perplexity"] / original["perplexity"] - 1))
+    assert q4["perplexity"] != original["perplexity"]
+
+
+def test_eval_table_prints_every_column_and_the_window_protocol(tiny, capsys):
+    directory, lossless, lossy = tiny["llama"]
+    capsys.readouterr()
+    assert main(["eval", directory, lossy, "--window", "16", "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0].split()
+    for column in ("file", "size", "ratio", "bits/w", "Linear", "perplexity", "change"):
+        assert column in head
+    assert f"{directory} (original)" in out and lossy in out
+    assert "2 windows of 16 tokens, stride 16" in out
+    assert quality.fingerprint(quality.evaluation_text()) in out
+
+
+def test_windows_default_to_as_many_as_the_text_holds(tiny, capsys, tmp_path):
+    directory, lossless, _ = tiny["llama"]
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(_common_words(50)))  # about 50 tokens: 3 windows of 16, not the default 16
+    result = _eval_json(capsys, [directory, lossless, "--text", str(text), "--window", "16"])
+    assert 48 <= result["protocol"]["tokens"] < 64 and result["protocol"]["windows"] == 3
+    assert result["protocol"]["text"] == str(text)
+    assert result["protocol"]["text_sha256"] == quality.fingerprint(text.read_text())
+
+
+def test_eval_encoder_reports_cosine_and_neighbour_agreement(tiny, capsys):
+    directory, lossless, lossy = tiny["bert"]
+    result = _eval_json(capsys, [directory, lossless, lossy, "--sentences", tiny["sentences"]])
+    assert result["measure"] == "embeddings" and result["protocol"]["count"] == 24
+    original, same, q4 = result["rows"]
+    for row in (original, same):
+        assert row["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and row["nn_agreement"] == 1.0
+    assert q4["mean_cosine"] < 1 - 1e-4
+    assert q4["cosine_change"] == pytest.approx(q4["mean_cosine"] - 1.0)
+    assert 0 <= q4["nn_agreement"] <= 1 and "linear_bits_per_weight" in q4
+
+
+def test_eval_plot_writes_a_png(tiny, capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
+    directory, lossless, lossy = tiny["bert"]
+    plot = tmp_path / "q.png"
+    assert main(["eval", directory, lossless, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run(["eval", directory, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 4
+    assert "--force" in one_error_line(capsys)
+
+
+@pytest.mark.slow
+def test_eval_accepts_a_safetensors_file_or_an_rbe_as_the_original(tiny, capsys):
+    directory, lossless, lossy = tiny["llama"]
+    by_dir = _eval_json(capsys, [directory, lossy, "--window", "16", "--windows", "2"])
+    by_file = _eval_json(capsys, [os.path.join(directory, "model.safetensors"), lossy, "--window", "16",
+                                  "--windows", "2"])
+    by_rbe = _eval_json(capsys, [lossless, lossy, "--window", "16", "--windows", "2"])
+    assert by_dir["rows"][0]["perplexity"] == by_file["rows"][0]["perplexity"] == by_rbe["rows"][0]["perplexity"]
+    assert by_dir["rows"][1]["perplexity"] == by_rbe["rows"][1]["perplexity"]
+    assert by_rbe["rows"][0]["file_bytes"] == os.path.getsize(lossless)
+
+
+@pytest.mark.parametrize("case, code, says", [
+    ("missing original", 3, "No such file"),
+    ("missing compressed", 3, "No such file"),
+    ("not an rbe", 3, "not an rbe file"),
+    ("another model", 3, "holds other tensors"),
+    ("text too short", 3, "fewer than one window"),
+    ("window of one token", 2, "--window"),
+    ("sentences for a causal LM", 2, "--sentences is for encoders"),
+    ("text for an encoder", 2, "--text"),
+])
+def test_eval_bad_inputs_are_one_line_errors(tiny, capsys, tmp_path, case, code, says):
+    llama, llama_lossless, _ = tiny["llama"]
+    bert, bert_lossless, _ = tiny["bert"]
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    argv = {
+        "missing original": [str(tmp_path / "nothing"), llama_lossless],
+        "missing compressed": [llama, str(tmp_path / "nothing.rbe")],
+        "not an rbe": [llama, os.path.join(llama, "config.json")],
+        "another model": [llama, bert_lossless],
+        "text too short": [llama, llama_lossless, "--text", str(short)],
+        "window of one token": [llama, llama_lossless, "--window", "1"],
+        "sentences for a causal LM": [llama, llama_lossless, "--sentences", tiny["sentences"]],
+        "text for an encoder": [bert, bert_lossless, "--text", str(short)],
+    }[case]
+    capsys.readouterr()
+    assert run(["eval", *argv]) == code
+    line = one_error_line(capsys)
+    assert says in line, line
+    if case == "another model":
+        assert line.startswith(f"rbe: error: {bert_lossless}: ")  # names the file at fault
+    if case == "text too short":
+        assert str(short) in line
+
+
+# -- real checkpoints ---------------------------------------------------------------
+
+def _plain_perplexity(model_dir: str, tokenizer, window: int, count: int) -> float:
+    """Perplexity written out with transformers alone, as a user would check rbe eval's number."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(quality.evaluation_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    losses = []
+    with torch.no_grad():
+        for k in range(count):
+            chunk = ids[k * window:(k + 1) * window].unsqueeze(0)
+            logits = model(input_ids=chunk).logits[0, :-1]
+            losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:]).item())
+    return math.exp(sum(losses) / count)
+
+
+SMOLLM2_LINEAR_RECIPE = """
+[[rule]]
+match = "model.layers.*_proj.weight"
+ndim = 2
+codec = "gquant(bits=4, group=64, mode=asym)"
+"""
+
+
+@pytest.mark.slow
+def test_eval_perplexity_equals_a_plain_transformers_loop(smollm2_dir, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    recipe, lossy, back = tmp_path / "linear.toml", str(tmp_path / "q.rbe"), str(tmp_path / "back")
+    recipe.write_text(SMOLLM2_LINEAR_RECIPE)
+    assert main(["convert", smollm2_dir, lossy, "--quiet", "--recipe", str(recipe)]) == 0
+    result = _eval_json(capsys, [smollm2_dir, lossy, "--window", "256", "--windows", "2"])
+    assert main(["decode", lossy, back, "--quiet"]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    for row, model_dir in zip(result["rows"], (smollm2_dir, back)):
+        assert row["perplexity"] == pytest.approx(_plain_perplexity(model_dir, tokenizer, 256, 2), rel=1e-3)
+    assert result["rows"][1]["perplexity"] > result["rows"][0]["perplexity"]
+
+
+@pytest.mark.slow
+def test_eval_minilm_cosine_is_one_lossless_and_below_one_at_4_bits(minilm_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    lossless, lossy = str(tmp_path / "m.rbe"), str(tmp_path / "q4.rbe")
+    assert main(["convert", minilm_dir, lossless, "--quiet"]) == 0
+    assert main(["convert", minilm_dir, lossy, "--quiet", "--codec", "gquant(bits=4, group=32)"]) == 0
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(quality.default_sentences(64)) + "\n")
+    result = _eval_json(capsys, [minilm_dir, lossless, lossy, "--sentences", str(sentences)])
+    _, same, q4 = result["rows"]
+    assert same["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and same["nn_agreement"] == 1.0
+    assert q4["mean_cosine"] < 0.999 and q4["nn_agreement"] <= 1.0
+    assert q4["bits_per_weight"] < 5 and q4["ratio"] > 6
