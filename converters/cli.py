@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--codec", dest="chain", metavar="CHAIN",
                         help="a codec chain for every 2-D floating-point tensor, e.g. "
                              "'gquant(bits=4, group=32)'; other tensors stay lossless")
-    choice.add_argument("--recipe", metavar="FILE", help="a TOML recipe mapping tensor-name patterns to chains")
+    choice.add_argument("--recipe", metavar="FILE",
+                        help="a TOML recipe mapping tensor roles and name patterns to chains")
+    choice.add_argument("--preset", metavar="NAME", help="a built-in recipe, e.g. q4 (list them: rbe presets)")
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("presets", help="list the built-in recipes for rbe convert --preset", epilog=EPILOG)
+    p.set_defaults(input="rbe presets")  # what an error message names
 
     p = sub.add_parser("verify", help="check every checksum; non-zero exit names the damage", epilog=EPILOG)
     p.add_argument("input")
@@ -337,7 +342,7 @@ def _progress_bar(total: int, quiet: bool, desc: str):
 
 def cmd_convert(args) -> int:
     from .hf import choose_chains, convert, plan_conversion
-    from .recipe import lossless_policy, policy_from_codec, policy_from_recipe
+    from .recipe import lossless_policy, policy_from_codec, policy_from_preset, policy_from_recipe
     from .report import larger_than_dense, tensor_rows
 
     check_target(args.output, args.force)
@@ -348,6 +353,8 @@ def cmd_convert(args) -> int:
         policy = policy_from_codec(args.chain)
     elif args.recipe is not None:
         policy = policy_from_recipe(args.recipe)
+    elif args.preset is not None:
+        policy = policy_from_preset(args.preset)
     else:
         policy = lossless_policy()
     plan = plan_conversion(args.input)
@@ -424,6 +431,16 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_presets(args) -> int:
+    from .recipe import preset_descriptions
+
+    descriptions = preset_descriptions()
+    width = max(map(len, descriptions))
+    for name, description in descriptions.items():
+        print(f"{name.ljust(width)}  {description}")
+    return EXIT_OK
+
+
 def _summary_line(r: Reader) -> str:
     from .report import human_bytes, totals
 
@@ -454,7 +471,7 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "verify": cmd_verify, "info": cmd_info,
-            "eval": cmd_eval}
+            "presets": cmd_presets, "eval": cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

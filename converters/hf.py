@@ -25,6 +25,7 @@ from rbeformat.values import to_float32
 
 from .atomic import atomic_directory, atomic_file
 from .recipe import Policy, lossless_policy
+from .roles import TensorRole, classify
 from .safetensors_io import StFile, StTensor, build_header, read_header
 
 Progress = Callable[[int], None]
@@ -139,10 +140,11 @@ def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
     converter needs no knowledge of the codec.  Refuses a policy that asks for
     chains but changes no tensor, before anything is written.
     """
+    roles = plan_roles(plan) if policy.uses_roles else {}
     alone, groups = {}, {}
     for _, st in plan.safetensors:
         for t in st.tensors:
-            chain = policy.choose(t.name, t.dtype, t.shape)
+            chain = policy.choose(t.name, t.dtype, t.shape, roles.get(t.name))
             if chain is None:
                 continue
             key = chain.codec.shared_group(t.dtype, tuple(t.shape))
@@ -151,9 +153,34 @@ def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
             else:
                 groups.setdefault((chain.codec.name, t.dtype, tuple(t.shape), key), []).append((st, t, chain))
     if not policy.lossless and not alone and not groups:
-        raise UsageError(f"{plan.root or '.'}: the codec chain or recipe applies to no tensor (a chain takes "
+        raise UsageError(f"{plan.root or '.'}: the codec chain, recipe or preset applies to no tensor (a chain takes "
                          "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written")
     return alone, groups
+
+
+def plan_roles(plan: Plan) -> dict[str, TensorRole]:
+    """Every tensor's role (``roles.classify``), from the headers and the directory's config.json."""
+    tensors = {t.name: (t.dtype, t.shape) for _, st in plan.safetensors for t in st.tensors}
+    return classify(tensors, read_config(plan))
+
+
+def read_config(plan: Plan) -> dict | None:
+    """The model's config.json (None when the input has none); InputError when it is not a JSON object."""
+    import json
+
+    path = next((full for rel, full in plan.others if rel == "config.json"), None)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            config = json.load(fh)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON, which tensor roles need ({str(exc)[:100]})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a JSON object, which tensor roles need")
+    return config
 
 
 def _store_shared(w: Writer, alone: dict, groups: dict) -> dict:

@@ -1,22 +1,48 @@
-"""Which codec chain each tensor gets: ``--codec SPEC`` or a ``--recipe FILE``.
+"""Which codec chain each tensor gets: ``--codec SPEC``, a ``--recipe FILE`` or a ``--preset NAME``.
 
-A recipe is a TOML file of rules tried in order; the first rule whose pattern
-matches a tensor's name (shell-style, ``fnmatch``) and whose optional ``ndim``
-matches decides the chain.  Tensors no rule matches stay lossless, as do
-integer tensors and tensors the chosen codec cannot take (``accepts``)::
+A recipe is a TOML file of rules tried in order; the first rule that matches a
+tensor decides its chain.  A rule selects tensors by name (``match``, a
+shell-style ``fnmatch`` pattern) or by role (``role = "attn_v"`` or ``roles =
+[...]``, see ``converters/roles.py``: token_embedding, position_embedding,
+token_type_embedding, attn_q, attn_k, attn_v, attn_o, attn_qkv, mlp_up,
+mlp_gate, mlp_down, norm_weight, norm_bias, linear_bias, lm_head, linear,
+other), or both, and may narrow the choice with
+
+* ``ndim``: only tensors of that many dimensions;
+* ``layers``: only tensors of those blocks (``[0, 1, -1]``; negative indices
+  count from the last block); tensors outside the blocks never match;
+* ``input_last``: only Linear-like weights whose input axis is (true) or is not
+  (false: GPT-2's transposed Conv1D) the last one, the axis group
+  quantization groups along.
+
+``calibration = "gptq" | "awq" | "wanda"`` asks for a calibration-aware encoder
+for the rule's tensors (``Policy.choose_rule`` hands the rule to the
+converter).  A recipe may carry a one-line top-level ``description``.
+Tensors no rule matches stay lossless, as do integer tensors and tensors the
+chosen codec cannot take (``accepts``)::
+
+    description = "4-bit Linear layers, 6-bit embeddings"
 
     [[rule]]
-    match = "*.embed_tokens.weight"
-    codec = "vq(dim=4, bits=8)"
+    roles = ["token_embedding", "lm_head"]
+    codec = "gquant(bits=6, group=64)"
+
+    [[rule]]
+    roles = ["attn_v", "mlp_down"]
+    layers = [0, -1]
+    codec = "gquant(bits=6, group=64)"
 
     [[rule]]
     match = "*.weight"
     ndim = 2
-    codec = "gquant(bits=4, group=32)"
+    codec = "gquant(bits=4, group=64, mode=asym)"
 
     [[rule]]
-    match = "*norm*.weight"
+    role = "norm_weight"
     codec = "normdelta(mode=bits)"
+
+Built-in presets are such files in ``converters/presets/`` (``rbe presets``
+lists them with their descriptions; ``policy_from_preset``).
 """
 
 from __future__ import annotations
@@ -24,42 +50,88 @@ from __future__ import annotations
 import fnmatch
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 from rbeformat import UsageError
 from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.spec import DTYPES
 
+from .roles import ROLES, TensorRole
+
+CALIBRATIONS = ("gptq", "awq", "wanda")
+RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration")
+TOP_LEVEL_KEYS = ("description", "rule")
+
 
 @dataclass
 class Rule:
-    pattern: str
+    pattern: str | None  # None: any name (the rule selects by role)
     chain: Chain
     ndim: int | None = None
+    roles: frozenset[str] | None = None
+    layers: tuple[int, ...] | None = None
+    input_last: bool | None = None
+    calibration: str | None = None
 
-    def matches(self, name: str, shape: tuple[int, ...]) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern) and (self.ndim is None or len(shape) == self.ndim)
+    @property
+    def uses_roles(self) -> bool:
+        return self.roles is not None or self.layers is not None or self.input_last is not None
+
+    def matches(self, name: str, shape: tuple[int, ...], role: TensorRole | None = None) -> bool:
+        """Whether the rule takes this tensor; a rule that asks about roles takes none without one."""
+        if self.pattern is not None and not fnmatch.fnmatchcase(name, self.pattern):
+            return False
+        if self.ndim is not None and len(shape) != self.ndim:
+            return False
+        if not self.uses_roles:
+            return True
+        if role is None:
+            return False
+        if self.roles is not None and role.role not in self.roles:
+            return False
+        if self.input_last is not None and role.input_last is not self.input_last:
+            return False
+        return self.layers is None or _in_layers(role, self.layers)
+
+
+def _in_layers(role: TensorRole, layers: tuple[int, ...]) -> bool:
+    if role.layer is None or role.num_layers is None:
+        return False
+    return any(role.layer == (i if i >= 0 else role.num_layers + i) for i in layers)
 
 
 @dataclass
 class Policy:
-    """Maps a tensor to its chain (None: lossless)."""
+    """Maps a tensor to its rule and chain (None: lossless)."""
 
     rules: list[Rule]
+    description: str = ""
 
-    def choose(self, name: str, dtype: str, shape: tuple[int, ...]) -> Chain | None:
+    def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
+        """The rule that encodes this tensor, or None when it stays lossless."""
         if not DTYPES[dtype].is_float or dtype.startswith("F8") or dtype == "F64":
             return None
         for rule in self.rules:
-            if rule.matches(name, shape):
+            if rule.matches(name, shape, role):
                 if rule.chain.lossless or not rule.chain.codec.accepts(tuple(shape)):
                     return None
-                return rule.chain
+                return rule
         return None
+
+    def choose(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Chain | None:
+        rule = self.choose_rule(name, dtype, shape, role)
+        return rule.chain if rule is not None else None
 
     @property
     def lossless(self) -> bool:
         return all(r.chain.lossless for r in self.rules)
+
+    @property
+    def uses_roles(self) -> bool:
+        """Whether choosing needs each tensor's role (``roles.classify``)."""
+        return any(r.uses_roles for r in self.rules)
 
 
 def lossless_policy() -> Policy:
@@ -80,19 +152,122 @@ def policy_from_recipe(path: str) -> Policy:
         raise UsageError(f"{path}: cannot read recipe ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
-    rules = []
-    for i, raw in enumerate(doc.get("rule", [])):
-        where = f"{path}: rule {i + 1}"
-        if not isinstance(raw, dict) or not isinstance(raw.get("match"), str) or not isinstance(raw.get("codec"), str):
-            raise UsageError(f"{where}: needs string keys 'match' and 'codec'")
-        unknown = set(raw) - {"match", "codec", "ndim"}
-        if unknown:
-            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
-        ndim = raw.get("ndim")
-        if ndim is not None and (type(ndim) is not int or ndim < 0):
-            raise UsageError(f"{where}: 'ndim' must be a non-negative integer")
-        rules.append(Rule(raw["match"], parse_chain(raw["codec"], TENSOR_CODECS), ndim))
-    unknown = set(doc) - {"rule"}
+    return policy_from_document(doc, path)
+
+
+def policy_from_document(doc: dict, where: str) -> Policy:
+    """The policy of a parsed recipe; ``where`` names it in errors."""
+    unknown = set(doc) - set(TOP_LEVEL_KEYS)
     if unknown:
-        raise UsageError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
-    return Policy(rules)
+        raise UsageError(f"{where}: unknown top-level key(s) {sorted(unknown)} (valid: {', '.join(TOP_LEVEL_KEYS)})")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise UsageError(f"{where}: 'description' must be a string")
+    rules = doc.get("rule", [])
+    if not isinstance(rules, list):
+        raise UsageError(f"{where}: 'rule' must be an array of tables ([[rule]])")
+    return Policy([_rule(raw, f"{where}: rule {i + 1}") for i, raw in enumerate(rules)], description)
+
+
+def _rule(raw, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: must be a table")
+    unknown = set(raw) - set(RULE_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {sorted(unknown)} (valid: {', '.join(RULE_KEYS)})")
+    if not isinstance(raw.get("codec"), str):
+        raise UsageError(f"{where}: needs a string key 'codec'")
+    pattern = raw.get("match")
+    if pattern is not None and not isinstance(pattern, str):
+        raise UsageError(f"{where}: 'match' must be a string pattern")
+    roles = _roles(raw, where)
+    if pattern is None and roles is None:
+        raise UsageError(f"{where}: needs 'match' (a name pattern), 'role' or 'roles' to say which tensors it takes")
+    return Rule(pattern, _chain(raw["codec"], where), _ndim(raw, where), roles, _layers(raw, where),
+                _input_last(raw, where), _calibration(raw, where))
+
+
+def _chain(text: str, where: str) -> Chain:
+    try:
+        return parse_chain(text, TENSOR_CODECS)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _roles(raw: dict, where: str) -> frozenset[str] | None:
+    if "role" in raw and "roles" in raw:
+        raise UsageError(f"{where}: give 'role' or 'roles', not both")
+    if "role" in raw:
+        names = [raw["role"]] if isinstance(raw["role"], str) else None
+        if names is None:
+            raise UsageError(f"{where}: 'role' must be a string, one of {', '.join(ROLES)}")
+    elif "roles" in raw:
+        names = raw["roles"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{where}: 'roles' must be a non-empty list of role names")
+    else:
+        return None
+    unknown = [n for n in names if n not in ROLES]
+    if unknown:
+        raise UsageError(f"{where}: unknown role(s) {unknown} (valid: {', '.join(ROLES)})")
+    return frozenset(names)
+
+
+def _ndim(raw: dict, where: str) -> int | None:
+    ndim = raw.get("ndim")
+    if ndim is not None and (type(ndim) is not int or ndim < 0):
+        raise UsageError(f"{where}: 'ndim' must be a non-negative integer")
+    return ndim
+
+
+def _layers(raw: dict, where: str) -> tuple[int, ...] | None:
+    layers = raw.get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not layers or not all(type(i) is int for i in layers):
+        raise UsageError(f"{where}: 'layers' must be a non-empty list of layer indices (negative: from the end)")
+    return tuple(layers)
+
+
+def _input_last(raw: dict, where: str) -> bool | None:
+    value = raw.get("input_last")
+    if value is not None and not isinstance(value, bool):
+        raise UsageError(f"{where}: 'input_last' must be true or false")
+    return value
+
+
+def _calibration(raw: dict, where: str) -> str | None:
+    value = raw.get("calibration")
+    if value is not None and value not in CALIBRATIONS:
+        raise UsageError(f"{where}: 'calibration' must be one of {', '.join(map(repr, CALIBRATIONS))}, "
+                         f"not {value!r}")
+    return value
+
+
+# -- built-in presets -----------------------------------------------------------------
+
+def _preset_files() -> dict[str, Traversable]:
+    folder = resources.files(__package__).joinpath("presets")
+    return {f.name[: -len(".toml")]: f for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
+def preset_names() -> list[str]:
+    return sorted(_preset_files())
+
+
+def policy_from_preset(name: str) -> Policy:
+    """``--preset NAME``: a recipe shipped with rbe."""
+    files = _preset_files()
+    if name not in files:
+        raise UsageError(f"unknown preset {name!r}; available: {', '.join(sorted(files))}")
+    where = f"preset {name!r}"
+    try:
+        doc = tomllib.loads(files[name].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{where}: cannot read the installed preset ({exc}); reinstall rbe") from None
+    return policy_from_document(doc, where)
+
+
+def preset_descriptions() -> dict[str, str]:
+    """Each preset's one-line description, by name."""
+    return {name: policy_from_preset(name).description for name in preset_names()}

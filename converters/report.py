@@ -8,12 +8,15 @@ units (1 MB = 10^6 bytes), as the command's progress bars and summary show them.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
-from rbeformat import Reader
+from rbeformat import RbeError, Reader
 from rbeformat.chain import Chain
 from rbeformat.manifest import Transform, blobs_of
+
+from .roles import TensorRole, classify
 
 
 def _stored(blob) -> int:
@@ -30,13 +33,32 @@ def _chain(transform: Transform) -> Chain:
                                    if part.transform is not None})
 
 
+def tensor_roles(r: Reader) -> dict[str, TensorRole]:
+    """The role of every model tensor (``roles.classify``), from the names, the shapes and the
+    embedded config.json; internal tensors, which serve codecs, have none."""
+    tensors = {e.name: (e.dtype.name, tuple(e.shape)) for e in r.manifest.tensors.values() if not e.internal}
+    return classify(tensors, _embedded_config(r))
+
+
+def _embedded_config(r: Reader) -> dict | None:
+    if "config.json" not in r.manifest.files:
+        return None
+    try:
+        config = json.loads(r.read_file("config.json"))
+    except (RbeError, UnicodeDecodeError, ValueError, RecursionError):
+        return None  # a damaged config still lets info list the tensors; roles then come from names
+    return config if isinstance(config, dict) else None
+
+
 def tensor_rows(r: Reader) -> list[dict]:
     rows = []
+    roles = tensor_roles(r)
     for entry in r.manifest.tensors.values():
         n = math.prod(entry.shape)
         raw = n * entry.dtype.itemsize
+        role = roles[entry.name].role if entry.name in roles else None
         if entry.alias_of:
-            rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape),
+            rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape), "role": role,
                          "codec": f"alias of {entry.alias_of}", "raw_bytes": raw, "stored_bytes": 0,
                          "ratio": None, "bits_per_weight": 0.0, "internal": entry.internal,
                          "quality": "exact (alias)", "larger_than_dense": False})
@@ -52,7 +74,7 @@ def tensor_rows(r: Reader) -> list[dict]:
             codec = entry.blob.codec_record["name"]
             lossless = entry.blob.codec is not None and entry.blob.codec.lossless
             stats, quality = {}, "lossless (bit-exact)" if lossless else "lossy"
-        rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape),
+        rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape), "role": role,
                      "codec": codec, "raw_bytes": raw, "stored_bytes": stored,
                      "ratio": raw / stored if stored else None,
                      "bits_per_weight": 8 * stored / n if n else 0.0,
@@ -111,19 +133,19 @@ def info_json(r: Reader) -> dict:
 
 def info_table(r: Reader) -> str:
     rows = tensor_rows(r)
-    head = ("tensor", "dtype", "shape", "codec", "stored", "ratio", "bits/w", "quality")
-    body = [(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar", row["codec"],
+    head = ("tensor", "dtype", "shape", "role", "codec", "stored", "ratio", "bits/w", "quality")
+    body = [(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar", row["role"] or "-", row["codec"],
              human_bytes(row["stored_bytes"]), f"{row['ratio']:.3f}" if row["ratio"] else "-",
              f"{row['bits_per_weight']:.3f}", _quality_cell(row)) for row in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[0] = min(widths[0], 60)
-    widths[3] = min(widths[3], 60)
+    widths[4] = min(widths[4], 60)
 
     def fmt(cells):
         out = []
         for i, (cell, w) in enumerate(zip(cells, widths)):
             cell = cell if len(cell) <= w else "..." + cell[-(w - 3):]
-            out.append(cell.ljust(w) if i < 4 or i == 7 else cell.rjust(w))
+            out.append(cell.ljust(w) if i < 5 or i == 8 else cell.rjust(w))
         return "  ".join(out)
 
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]

@@ -100,12 +100,11 @@ def test_bert_masked_lm_head():
     assert roles["cls.predictions.bias"].role == "linear_bias"
 
 
-LLAMA_BLOCK = {"model.layers.{i}.self_attn.q_proj.weight": "attn_q", "model.layers.{i}.self_attn.k_proj.weight": "attn_k",
-               "model.layers.{i}.self_attn.v_proj.weight": "attn_v", "model.layers.{i}.self_attn.o_proj.weight": "attn_o",
-               "model.layers.{i}.mlp.gate_proj.weight": "mlp_gate", "model.layers.{i}.mlp.up_proj.weight": "mlp_up",
-               "model.layers.{i}.mlp.down_proj.weight": "mlp_down",
-               "model.layers.{i}.input_layernorm.weight": "norm_weight",
-               "model.layers.{i}.post_attention_layernorm.weight": "norm_weight"}
+LLAMA_BLOCK = {"model.layers.{i}." + k: v for k, v in {
+    "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+    "self_attn.o_proj.weight": "attn_o", "mlp.gate_proj.weight": "mlp_gate", "mlp.up_proj.weight": "mlp_up",
+    "mlp.down_proj.weight": "mlp_down", "input_layernorm.weight": "norm_weight",
+    "post_attention_layernorm.weight": "norm_weight"}.items()}
 
 
 def _llama_like(config_class, model_class, **extra):
