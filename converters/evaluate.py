@@ -18,11 +18,12 @@ quality it measured, so no size is ever read without its cost:
 * ratio: the original's safetensors bytes / this file's size (an .rbe file
   counts everything it holds: tensors, config and tokenizer files, manifest);
 * bits/w: 8 x file size / weights, the weights of every tensor the model has;
-* Linear bits/w: the stored bits of the Linear weights / their count, where a
-  Linear weight is a 2-D tensor named ``*weight`` that is not an embedding
-  table (``embed``, ``wte``, ``wpe`` in its name) or the output head
-  (``lm_head``); for an .rbe file the bytes are those of the tensors' stored
-  sections, as ``rbe info`` counts them.
+* Linear bits/w: the stored bits of the Linear weights / their count, where
+  the Linear weights are the 2-D tensors whose role (``rbe_converters.roles``,
+  from the original's names, shapes and config) is a projection: attention
+  q / k / v / o, MLP up / gate / down, or another linear layer, never an
+  embedding or the output head; for an .rbe file the bytes are those of the
+  tensors' stored sections, as ``rbe info`` counts them.
 """
 
 from __future__ import annotations
@@ -43,9 +44,6 @@ from . import quality
 from .atomic import atomic_file, check_parent, check_target
 from .report import human_bytes, tensor_rows, totals
 
-NOT_LINEAR = ("embed", "wte", "wpe", "lm_head")
-
-
 @dataclass
 class EvalOptions:
     """What the user asked for; None means the protocol's default."""
@@ -57,31 +55,37 @@ class EvalOptions:
     threads: int | None = None
 
 
-def is_linear(name: str, shape) -> bool:
-    """A Linear layer's weight: 2-D, and neither an embedding table nor the output head."""
-    lowered = name.lower()
-    return len(shape) == 2 and lowered.endswith("weight") and not any(word in lowered for word in NOT_LINEAR)
-
-
 # -- sizes ------------------------------------------------------------------------------
 
 @dataclass
 class Sizes:
-    """What a file costs: its bytes, the model's weights, and those of its Linear layers."""
+    """What a file costs: its bytes, and each tensor's dtype, shape and stored bytes."""
 
     file_bytes: int
-    weights: int
-    linear_weights: int
-    linear_stored_bytes: int
-    shapes: dict  # tensor name -> shape, to check that files hold the same model
+    tensors: dict  # name -> (dtype name, shape, stored bytes)
 
-    def row(self, reference_bytes: int) -> dict:
+    @property
+    def shapes(self) -> dict:
+        return {name: shape for name, (_, shape, _) in self.tensors.items()}
+
+    def row(self, reference_bytes: int, linear: set) -> dict:
+        weights = sum(math.prod(shape) for _, shape, _ in self.tensors.values())
+        linear_weights = sum(math.prod(self.tensors[name][1]) for name in linear)
+        linear_bytes = sum(self.tensors[name][2] for name in linear)
         return {"file_bytes": self.file_bytes,
                 "ratio": reference_bytes / self.file_bytes if self.file_bytes else None,
-                "bits_per_weight": 8 * self.file_bytes / self.weights if self.weights else None,
-                "linear_bits_per_weight": (8 * self.linear_stored_bytes / self.linear_weights
-                                           if self.linear_weights else None),
-                "weights": self.weights, "linear_weights": self.linear_weights}
+                "bits_per_weight": 8 * self.file_bytes / weights if weights else None,
+                "linear_bits_per_weight": 8 * linear_bytes / linear_weights if linear_weights else None,
+                "weights": weights, "linear_weights": linear_weights}
+
+
+def linear_weights(sizes: Sizes, config: dict) -> set:
+    """The Linear layers' weights by tensor role: 2-D, neither embeddings nor the output head."""
+    from .roles import LINEAR_ROLES, classify
+
+    roles = classify({name: (dtype, shape) for name, (dtype, shape, _) in sizes.tensors.items()}, config)
+    return {name for name, role in roles.items()
+            if role.role in LINEAR_ROLES and role.role != "lm_head" and len(sizes.tensors[name][1]) == 2}
 
 
 def safetensors_sizes(src: str) -> Sizes:
@@ -89,25 +93,17 @@ def safetensors_sizes(src: str) -> Sizes:
     from .hf import plan_conversion
 
     files = [st for _, st in plan_conversion(src).safetensors]
-    tensors = [t for st in files for t in st.tensors]
-    linear = [t for t in tensors if is_linear(t.name, t.shape)]
     return Sizes(file_bytes=sum(os.path.getsize(st.path) for st in files),
-                 weights=sum(math.prod(t.shape) for t in tensors),
-                 linear_weights=sum(math.prod(t.shape) for t in linear),
-                 linear_stored_bytes=sum(t.end - t.begin for t in linear),
-                 shapes={t.name: tuple(t.shape) for t in tensors})
+                 tensors={t.name: (t.dtype, tuple(t.shape), t.end - t.begin) for st in files for t in st.tensors})
 
 
 def rbe_sizes(path: str) -> Sizes:
-    """Sizes of an .rbe file: the file on disk and the stored bytes of its Linear weights."""
+    """Sizes of an .rbe file: the file on disk and the stored sections of each tensor."""
     with Reader(path, verify_checksums=False) as r:
         rows = [row for row in tensor_rows(r) if not row["internal"]]
-        t = totals(r)
-    linear = [row for row in rows if is_linear(row["name"], row["shape"])]
-    return Sizes(file_bytes=t["file_bytes"], weights=t["weights"],
-                 linear_weights=sum(math.prod(row["shape"]) for row in linear),
-                 linear_stored_bytes=sum(row["stored_bytes"] for row in linear),
-                 shapes={row["name"]: tuple(row["shape"]) for row in rows})
+        file_bytes = totals(r)["file_bytes"]
+    return Sizes(file_bytes=file_bytes,
+                 tensors={row["name"]: (row["dtype"], tuple(row["shape"]), row["stored_bytes"]) for row in rows})
 
 
 def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -> None:
@@ -282,24 +278,25 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
     with _quiet_transformers(transformers), tempfile.TemporaryDirectory(prefix="rbe-eval-") as workdir:
         concerning(original)
         model_dir, reference = _original_directory(original, workdir, options.threads)
-        reference_bytes = safetensors_bytes(model_dir)
-        measure_kind = choose_measure(quality.read_config(model_dir), original, options)
-        causal = measure_kind is PerplexityMeasure
+        config = quality.read_config(model_dir)
+        measure_kind = choose_measure(config, original, options)
         tokenizer = quality.load_tokenizer(model_dir)
         concerning(options.text or options.sentences or original)
-        measure = measure_kind(tokenizer, options)
+        baseline = _Baseline(measure_kind(tokenizer, options), measure_kind is PerplexityMeasure,
+                             safetensors_bytes(model_dir), linear_weights(reference, config))
         sizes = {}
         for path in compressed:  # every file is checked before the first model loads
             concerning(path)
             sizes[path] = rbe_sizes(path)
             check_same_model(path, sizes[path], original, reference)
         concerning(original)
-        rows = [_scored_row(original, "original", reference, model_dir, causal, measure, reference_bytes)]
+        rows = [baseline.scored_row(original, "original", reference, model_dir)]
         for k, path in enumerate(compressed):
             concerning(path)
             target = decode_to_directory(path, os.path.join(workdir, f"compressed-{k}"), options.threads, model_dir)
-            rows.append(_scored_row(path, "compressed", sizes[path], target, causal, measure, reference_bytes))
+            rows.append(baseline.scored_row(path, "compressed", sizes[path], target))
             shutil.rmtree(target)
+    measure = baseline.measure
     return {"measure": measure.name, "protocol": measure.protocol(), "description": measure.describe(),
             "rows": rows}
 
@@ -316,14 +313,23 @@ def _original_directory(original: str, workdir: str, threads: int | None) -> tup
     return decode_to_directory(original, os.path.join(workdir, "original"), threads, None), sizes
 
 
-def _scored_row(path: str, role: str, sizes: Sizes, model_dir: str, causal: bool, measure, reference_bytes: int):
-    model = quality.load_model(model_dir, causal)
-    try:
-        scores = measure.score(model)
-    finally:
-        del model
-        gc.collect()  # one model in memory at a time
-    return {"file": path, "role": role, **sizes.row(reference_bytes), **scores}
+@dataclass
+class _Baseline:
+    """What every row is measured and compared with: the measure, the original's bytes, its Linear weights."""
+
+    measure: PerplexityMeasure | EmbeddingMeasure
+    causal: bool
+    reference_bytes: int
+    linear: set
+
+    def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str) -> dict:
+        model = quality.load_model(model_dir, self.causal)
+        try:
+            scores = self.measure.score(model)
+        finally:
+            del model
+            gc.collect()  # one model in memory at a time
+        return {"file": path, "role": role, **sizes.row(self.reference_bytes, self.linear), **scores}
 
 
 # -- output -------------------------------------------------------------------------
@@ -355,8 +361,9 @@ def eval_table(result: dict) -> str:
     return "\n".join(lines + ["", result["description"],
                               "size: decimal MB (a directory or .safetensors original: its safetensors files); "
                               "ratio: the original's safetensors bytes / file size; bits/w: 8 x file size / "
-                              "weights; Linear bits/w: stored bits of the 2-D weights other than embeddings and "
-                              "lm_head / their weights; models run in float32 on the CPU"])
+                              "weights; Linear bits/w: stored bits of the Linear weights (by tensor role: attention "
+                              "and MLP projections, not embeddings or lm_head) / their weights; models run in "
+                              "float32 on the CPU"])
 
 
 def check_plot_target(path: str, force: bool) -> None:

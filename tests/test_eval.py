@@ -16,7 +16,7 @@ import pytest
 
 from rbe_converters import quality
 from rbe_converters.cli import main
-from rbe_converters.evaluate import is_linear
+from rbe_converters.evaluate import Sizes, linear_weights
 from rbeformat import UsageError
 
 
@@ -83,13 +83,21 @@ def test_neighbour_agreement_and_cosine():
 
 
 def test_linear_weights_leave_out_embeddings_heads_norms_and_biases():
-    assert is_linear("model.layers.0.self_attn.q_proj.weight", (64, 64))
-    assert is_linear("encoder.layer.0.attention.self.query.weight", (384, 384))
-    assert is_linear("h.0.attn.c_attn.weight", (64, 192))
-    for name, shape in [("model.embed_tokens.weight", (100, 64)), ("lm_head.weight", (100, 64)),
-                        ("transformer.wte.weight", (100, 64)), ("embeddings.position_embeddings.weight", (64, 64)),
-                        ("model.norm.weight", (64,)), ("model.layers.0.mlp.up_proj.bias", (64,))]:
-        assert not is_linear(name, shape), name
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "encoder.layer.0.attention.self.query.weight": (64, 64),
+              "transformer.h.0.attn.c_attn.weight": (64, 192), "model.embed_tokens.weight": (100, 64),
+              "lm_head.weight": (100, 64), "transformer.wte.weight": (100, 64),
+              "embeddings.position_embeddings.weight": (32, 64), "model.norm.weight": (64,),
+              "model.layers.0.mlp.up_proj.bias": (64,)}
+    sizes = Sizes(file_bytes=0, tensors={name: ("F32", shape, 4 * math.prod(shape)) for name, shape in shapes.items()})
+    config = {"hidden_size": 64, "vocab_size": 100, "max_position_embeddings": 32}
+    assert linear_weights(sizes, config) == set(list(shapes)[:3])
+
+
+def test_size_row_counts_the_stored_bytes_of_linear_weights_only():
+    sizes = Sizes(file_bytes=1000, tensors={"a.weight": ("F32", (10, 10), 50), "emb.weight": ("F32", (10, 10), 400)})
+    row = sizes.row(reference_bytes=4000, linear={"a.weight"})
+    assert row["ratio"] == 4.0 and row["bits_per_weight"] == 8 * 1000 / 200
+    assert row["linear_bits_per_weight"] == 4.0 and row["linear_weights"] == 100 and row["weights"] == 200
 
 
 def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
