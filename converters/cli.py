@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--recipe", metavar="FILE",
                         help="a TOML recipe mapping tensor roles and name patterns to chains")
     choice.add_argument("--preset", metavar="NAME", help="a built-in recipe, e.g. q4 (list them: rbe presets)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="text for the rules that calibrate (gptq, wanda): default, the half of Python's "
+                        "pydoc_data.topics that rbe eval never scores")
+    p.add_argument("--calibration-windows", type=thread_count, default=32, metavar="N",
+                   help="windows of 512 tokens of calibration text to run (default 32)")
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
@@ -359,15 +364,32 @@ def cmd_convert(args) -> int:
         policy = lossless_policy()
     plan = plan_conversion(args.input)
     choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
+    calibrations = _calibrations(plan, policy, args)
     with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
         convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
-                progress=bar.update)
+                progress=bar.update, calibrations=calibrations)
     with Reader(args.output) as r:
         rows = tensor_rows(r)
         if not args.quiet:
             _stderr(_summary_line(r))
     _warn_larger_than_dense(larger_than_dense(rows))
     return EXIT_OK
+
+
+def _calibrations(plan, policy, args) -> dict:
+    """Runs the calibration text through the model when the policy's rules ask for it (a bar per window)."""
+    from . import calibrate
+    from .hf import calibrate_for, calibration_methods
+
+    if not calibration_methods(plan, policy):
+        return {}
+    text = calibrate.text_from_file(args.calibration) if args.calibration else calibrate.default_text()
+    text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
+    from tqdm import tqdm
+
+    with tqdm(total=text.windows, unit="window", desc="calibrate", disable=args.quiet, file=sys.stderr,
+              leave=False) as bar:
+        return calibrate_for(plan, policy, text, args.threads, bar.update)
 
 
 def input_tensor_bytes(plan) -> int:

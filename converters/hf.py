@@ -88,22 +88,27 @@ def _walk(root: str):
 
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
             policy: Policy | None = None, threads: int | None = None,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None) -> None:
     """Converts a .safetensors file or a HF model directory into one rbe file.
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
-    (default: everything lossless).
+    (default: everything lossless).  Rules that ask for calibration get the
+    statistics of ``calibrate.collect`` on ``calibration_text`` (default: the
+    calibration half of pydoc's topics), gathered before anything is written
+    (or given as ``calibrations``, from ``calibrate_for``).
     """
     plan = plan_conversion(src)
     policy = policy or lossless_policy()
     if os.path.abspath(dst) == os.path.abspath(src):
         raise InputError("the output must not be the input")
     alone, groups = choose_chains(plan, policy)
+    if calibrations is None:
+        calibrations = calibrate_for(plan, policy, calibration_text, threads)
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         first_metadata = None
         for rel, st in plan.safetensors:
-            _add_safetensors(w, rel, st, chains)
+            _add_safetensors(w, rel, st, chains, calibrations)
             if first_metadata is None:
                 first_metadata = st.metadata
         for rel, full in plan.others:
@@ -111,7 +116,7 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         w.set_metadata(first_metadata or {})
 
 
-def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict) -> None:
+def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations: dict) -> None:
     read_at, close = st.reader()
     try:
         for t in st.tensors:
@@ -120,7 +125,7 @@ def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict) -> None:
                 w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
             else:
                 values = _load(read_at, t)
-                w.add_transformed(t.name, t.dtype, values, chain, refs=refs)
+                w.add_transformed(t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name))
     finally:
         close()
     header = st.header if st.exact else build_header([(t.name, t.dtype, t.shape) for t in st.tensors], st.metadata)
@@ -156,6 +161,33 @@ def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
         raise UsageError(f"{plan.root or '.'}: the codec chain, recipe or preset applies to no tensor (a chain takes "
                          "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written")
     return alone, groups
+
+
+def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
+    """{tensor name: calibration method} for the tensors whose rule asks for one."""
+    if not any(rule.calibration for rule in policy.rules):
+        return {}
+    roles = plan_roles(plan) if policy.uses_roles else {}
+    methods = {}
+    for _, st in plan.safetensors:
+        for t in st.tensors:
+            rule = policy.choose_rule(t.name, t.dtype, t.shape, roles.get(t.name))
+            if rule is not None and rule.calibration:
+                if rule.calibration not in rule.chain.codec.calibrations:
+                    raise UsageError(f"tensor {t.name!r}: {rule.chain.codec.name} has no {rule.calibration!r} "
+                                     f"encoder (it has: {', '.join(rule.chain.codec.calibrations) or 'none'})")
+                methods[t.name] = rule.calibration
+    return methods
+
+
+def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None) -> dict:
+    """The calibration statistics the policy's rules ask for (torch and transformers run the model)."""
+    methods = calibration_methods(plan, policy)
+    if not methods:
+        return {}
+    from . import calibrate
+
+    return calibrate.collect(plan.root, methods, text or calibrate.default_text(), threads, progress)
 
 
 def plan_roles(plan: Plan) -> dict[str, TensorRole]:

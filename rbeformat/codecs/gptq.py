@@ -40,32 +40,46 @@ ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
 
 
 def compensate(w: np.ndarray, hessian: np.ndarray, quantize: ColumnQuantizer, damping: float = DEFAULT_DAMPING,
-               block: int = BLOCK) -> np.ndarray:
-    """Quantizes the columns of ``w`` (rows, n) left to right with error feedback; returns the quantized values.
+               block: int = BLOCK, order: np.ndarray | None = None) -> np.ndarray:
+    """Quantizes the columns of ``w`` (rows, n) one at a time with error feedback; returns the quantized values.
 
     ``quantize(j, current)`` returns column j quantized (rows,), where
-    ``current`` is the matrix as updated so far (it may read the columns from
-    j on, e.g. to fit a group's scale at the group's first column).  ``block``
-    should be a multiple of the quantizer's group so that a group never spans
-    two blocks.
+    ``current`` is the matrix as updated so far, in its own column order (it
+    may read the columns from j on, e.g. to fit a group's scale at the group's
+    first column).  Columns are taken left to right, or in ``order`` (a
+    permutation; the quantizer then may read column j only, and uses scales
+    fitted beforehand).  ``block`` should be a
+    multiple of the quantizer's group so that a group never spans two blocks.
     """
     current = np.array(w, dtype=np.float64)
     n = current.shape[1]
     if hessian.shape != (n, n):
         raise ValueError(f"a Hessian of shape {hessian.shape} does not fit {n} input columns")
-    upper = inverse_cholesky(hessian, damping)
+    permuted = order is not None
+    order = np.asarray(order) if permuted else np.arange(n)
+    upper = inverse_cholesky(np.asarray(hessian)[np.ix_(order, order)] if permuted else hessian, damping)
+    # The columns in the order they are quantized (the matrix itself when unpermuted).
+    work = current[:, order] if permuted else current
     out = np.empty_like(current)
     for start in range(0, n, block):
         stop = min(start + block, n)
         errors = np.empty((current.shape[0], stop - start))
-        for j in range(start, stop):
+        for k in range(start, stop):
+            j = order[k]
+            if permuted:  # only column j of ``current`` is kept up to date
+                current[:, j] = work[:, k]
             q = quantize(j, current)
             out[:, j] = q
-            e = (current[:, j] - q) / upper[j, j]
-            errors[:, j - start] = e
-            current[:, j:stop] -= np.outer(e, upper[j, j:stop])
-        current[:, stop:] -= errors @ upper[start:stop, stop:]
+            e = (work[:, k] - q) / upper[k, k]
+            errors[:, k - start] = e
+            work[:, k:stop] -= np.outer(e, upper[k, k:stop])
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
     return out
+
+
+def activation_order(hessian: np.ndarray) -> np.ndarray:
+    """Columns by decreasing diag(H): the most used inputs first, while most columns can still absorb error."""
+    return np.argsort(-np.diag(hessian), kind="stable")
 
 
 def inverse_cholesky(hessian: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:

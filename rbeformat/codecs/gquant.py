@@ -203,6 +203,9 @@ class GroupQuant(TensorCodec):
     trims: tuple = setting(DEFAULT_TRIMS, fraction_tuple(0, 0.5, False),
                            "asym encoder: fractions trimmed off each end of the range", "encoder")
     iterations: int = setting(DEFAULT_ITERATIONS, integer(0, 100), "encoder: assign/refit rounds", "encoder")
+    gptq_order: str = setting("columns", choice("columns", "activation"),
+                              "GPTQ encoder: columns left to right, each group's scale fitted when reached; or "
+                              "activation: most used inputs first, scales fitted beforehand", "encoder")
 
     def check_settings(self, where: str) -> None:
         if any(t >= 0.5 for t in self.trims):
@@ -255,9 +258,10 @@ class GroupQuant(TensorCodec):
     def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
         """GPTQ (see ``gptq``): codes chosen column by column with error feedback.
 
-        Each group's scale (and offset) is fitted as in the plain encoder, on
-        the group's columns as updated when its first column is reached; the
-        whole-tensor group (0) fits its scale once, on the original values.
+        Each group's scale (and offset) is fitted as in the plain encoder: on
+        the group's columns as updated when its first column is reached, or,
+        with ``gptq_order="activation"``, on the original values before the
+        columns are taken most used first.
         """
         rows, n, ng = group_layout(x.shape, self.group)
         if self.group == 0 or x.ndim < 2:
@@ -266,16 +270,18 @@ class GroupQuant(TensorCodec):
         scales = np.zeros((rows, ng), np.float64)
         offsets = np.zeros((rows, ng), np.float64)
         codes = np.zeros((rows, n), np.uint8)
-        stored = {}
+        static = self.gptq_order == "activation"
+        if static:  # columns come out of order: every scale is fitted on the original values first
+            for k in range(ng):
+                scales[:, k], offsets[:, k] = self._fit_groups(
+                    np.ascontiguousarray(w[:, k * self.group : (k + 1) * self.group]))
 
         def quantize(j: int, current: np.ndarray) -> np.ndarray:
             k = j // self.group
-            if j % self.group == 0:
+            if j % self.group == 0 and not static:
                 block = np.ascontiguousarray(current[:, j : j + self.group], np.float32)
-                fitted = self._fit_groups(block)
-                scales[:, k], offsets[:, k] = fitted
-                stored[k] = fitted
-            s, o = stored[k]
+                scales[:, k], offsets[:, k] = self._fit_groups(block)
+            s, o = scales[:, k], offsets[:, k]
             column = current[:, j]
             if self.mode == "sym":
                 h = 2 ** (self.bits - 1)
@@ -287,7 +293,8 @@ class GroupQuant(TensorCodec):
             return (c.astype(np.float32) * s.astype(np.float32) + o.astype(np.float32)).astype(np.float64)
 
         step = max(gptq.BLOCK // self.group, 1) * self.group
-        gptq.compensate(w, calibration.hessian, quantize, block=step)
+        order = gptq.activation_order(calibration.hessian) if static else None
+        gptq.compensate(w, calibration.hessian, quantize, block=step, order=order)
         shape = self._scale_shape(x.shape)
         parts = {"codes": pack_codes(codes, self.bits),
                  "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)}
