@@ -140,7 +140,7 @@ def _role(name: str, dtype: str, shape: tuple[int, ...], sizes: dict) -> tuple[s
             if role in LINEAR_ROLES:
                 return role, _input_last(role, shape, sizes["hidden"], stored_input_last)
             return role, None
-    if len(shape) == 1 and (_NORM.search(leaf) and param in ("weight", "bias")):
+    if len(shape) == 1 and param in ("weight", "bias") and _NORM.search(leaf):
         return ("norm_weight" if param == "weight" else "norm_bias"), None
     if len(shape) == 1 and param == "bias":
         return "linear_bias", None
