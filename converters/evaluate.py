@@ -44,6 +44,7 @@ from . import quality
 from .atomic import atomic_file, check_parent, check_target
 from .report import human_bytes, tensor_rows, totals
 
+
 @dataclass
 class EvalOptions:
     """What the user asked for; None means the protocol's default."""
@@ -155,7 +156,9 @@ def decode_to_directory(path: str, target: str, threads: int | None, borrow_from
 
 
 def safetensors_bytes(model_dir: str) -> int:
-    return sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    """The bytes of a model directory's safetensors files: what the ratios divide."""
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(model_dir)
+               for n in names if n.endswith(".safetensors"))
 
 
 # -- measures -----------------------------------------------------------------------
@@ -310,6 +313,10 @@ def _original_directory(original: str, workdir: str, threads: int | None) -> tup
             raise InputError(f"{original}: no such file")
         return stage_safetensors_file(original, workdir), safetensors_sizes(original)
     sizes = rbe_sizes(original)
+    with Reader(original, verify_checksums=False) as r:
+        if "config.json" not in r.files():  # made from a lone .safetensors file
+            raise InputError(f"{original}: holds no config.json, so transformers cannot load it; give the model "
+                             "directory (or an .rbe converted from it) as the original")
     return decode_to_directory(original, os.path.join(workdir, "original"), threads, None), sizes
 
 

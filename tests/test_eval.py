@@ -241,6 +241,16 @@ def test_eval_accepts_a_safetensors_file_or_an_rbe_as_the_original(tiny, capsys)
     assert by_rbe["rows"][0]["file_bytes"] == os.path.getsize(lossless)
 
 
+def test_a_container_of_the_weights_alone_borrows_the_originals_config(tiny, capsys, tmp_path):
+    directory, _, _ = tiny["llama"]
+    bare = str(tmp_path / "bare.rbe")  # converted from the .safetensors file: no config, no tokenizer
+    assert main(["convert", os.path.join(directory, "model.safetensors"), bare, "--quiet"]) == 0
+    result = _eval_json(capsys, [directory, bare, "--window", "16", "--windows", "2"])
+    assert result["rows"][1]["perplexity"] == result["rows"][0]["perplexity"]
+    assert run(["eval", bare, bare]) == 3
+    assert "holds no config.json" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("case, code, says", [
     ("missing original", 3, "No such file"),
     ("missing compressed", 3, "No such file"),
