@@ -104,6 +104,7 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     alone, groups = choose_chains(plan, policy)
     if calibrations is None:
         calibrations = calibrate_for(plan, policy, calibration_text, threads)
+    alone.update(mixed_precision(plan, policy, calibrations, set(alone)))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         first_metadata = None
@@ -163,21 +164,45 @@ def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
     return alone, groups
 
 
+def chosen_rules(plan: Plan, policy: Policy) -> dict[str, tuple[StFile, StTensor, object]]:
+    """{tensor name: (file, tensor, rule)} for every tensor a rule encodes."""
+    roles = plan_roles(plan) if policy.uses_roles else {}
+    chosen = {}
+    for _, st in plan.safetensors:
+        for t in st.tensors:
+            rule = policy.choose_rule(t.name, t.dtype, t.shape, roles.get(t.name))
+            if rule is not None:
+                chosen[t.name] = (st, t, rule)
+    return chosen
+
+
 def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
     """{tensor name: calibration method} for the tensors whose rule asks for one."""
     if not any(rule.calibration for rule in policy.rules):
         return {}
-    roles = plan_roles(plan) if policy.uses_roles else {}
     methods = {}
-    for _, st in plan.safetensors:
-        for t in st.tensors:
-            rule = policy.choose_rule(t.name, t.dtype, t.shape, roles.get(t.name))
-            if rule is not None and rule.calibration:
-                if rule.calibration not in rule.chain.codec.calibrations:
-                    raise UsageError(f"tensor {t.name!r}: {rule.chain.codec.name} has no {rule.calibration!r} "
-                                     f"encoder (it has: {', '.join(rule.chain.codec.calibrations) or 'none'})")
-                methods[t.name] = rule.calibration
+    for name, (_, _, rule) in chosen_rules(plan, policy).items():
+        if rule.calibration:
+            for chain in (rule.chain, rule.upgrade):
+                if chain is not None and rule.calibration not in chain.codec.calibrations:
+                    raise UsageError(f"tensor {name!r}: {chain.codec.name} has no {rule.calibration!r} "
+                                     f"encoder (it has: {', '.join(chain.codec.calibrations) or 'none'})")
+            methods[name] = rule.calibration
     return methods
+
+
+def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[str]) -> dict:
+    """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
+    (``converters/mixed.py``); codecs that share state across tensors are never swapped."""
+    if policy.budget_bits is None:
+        return {}
+    from .mixed import candidate, pick
+
+    upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
+                  if entry[2].upgrade is not None and name in names}
+    scored = [candidate(name, to_float32(_read_tensor(st, t), t.dtype), rule.chain, rule.upgrade,
+                        calibrations.get(name)) for name, (st, t, rule) in upgradable.items()]
+    return {name: upgradable[name][2].upgrade for name in pick(scored, policy.budget_bits)}
 
 
 def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None) -> dict:

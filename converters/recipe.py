@@ -15,9 +15,13 @@ other), or both, and may narrow the choice with
   (false: GPT-2's transposed Conv1D) the last one, the axis group
   quantization groups along.
 
-``calibration = "gptq" | "awq" | "wanda"`` asks for a calibration-aware encoder
+``calibration = "gptq" | "wanda"`` asks for a calibration-aware encoder
 for the rule's tensors (``Policy.choose_rule`` hands the rule to the
-converter).  A recipe may carry a one-line top-level ``description``.
+converter).  ``upgrade = "CHAIN"`` names a costlier chain for the rule's
+tensors, and a top-level ``budget_bits`` the average bit cost per weight over
+all tensors of such rules: the tensors where the upgrade removes the most
+output error per extra bit get it (mixed precision, ``converters/mixed.py``).
+A recipe may carry a one-line top-level ``description``.
 Tensors no rule matches stay lossless, as do integer tensors and tensors the
 chosen codec cannot take (``accepts``)::
 
@@ -60,9 +64,9 @@ from rbeformat.spec import DTYPES
 
 from .roles import ROLES, TensorRole
 
-CALIBRATIONS = ("gptq", "awq", "wanda")
-RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration")
-TOP_LEVEL_KEYS = ("description", "rule")
+CALIBRATIONS = ("gptq", "wanda")
+RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
+TOP_LEVEL_KEYS = ("description", "budget_bits", "rule")
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Rule:
     layers: tuple[int, ...] | None = None
     input_last: bool | None = None
     calibration: str | None = None
+    upgrade: Chain | None = None  # the costlier chain mixed precision may give some tensors
 
     @property
     def uses_roles(self) -> bool:
@@ -108,6 +113,7 @@ class Policy:
 
     rules: list[Rule]
     description: str = ""
+    budget_bits: float | None = None  # average bit cost per weight over the tensors of rules with an upgrade
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
         """The rule that encodes this tensor, or None when it stays lossless."""
@@ -166,7 +172,14 @@ def policy_from_document(doc: dict, where: str) -> Policy:
     rules = doc.get("rule", [])
     if not isinstance(rules, list):
         raise UsageError(f"{where}: 'rule' must be an array of tables ([[rule]])")
-    return Policy([_rule(raw, f"{where}: rule {i + 1}") for i, raw in enumerate(rules)], description)
+    parsed = [_rule(raw, f"{where}: rule {i + 1}") for i, raw in enumerate(rules)]
+    budget = doc.get("budget_bits")
+    upgrades = any(r.upgrade is not None for r in parsed)
+    if budget is not None and (type(budget) not in (int, float) or not 0 < budget <= 64):
+        raise UsageError(f"{where}: 'budget_bits' must be a number of bits per weight in (0, 64]")
+    if (budget is None) == upgrades:
+        raise UsageError(f"{where}: 'budget_bits' and rules with 'upgrade' go together")
+    return Policy(parsed, description, None if budget is None else float(budget))
 
 
 def _rule(raw, where: str) -> Rule:
@@ -183,8 +196,11 @@ def _rule(raw, where: str) -> Rule:
     roles = _roles(raw, where)
     if pattern is None and roles is None:
         raise UsageError(f"{where}: needs 'match' (a name pattern), 'role' or 'roles' to say which tensors it takes")
+    upgrade = raw.get("upgrade")
+    if upgrade is not None and not isinstance(upgrade, str):
+        raise UsageError(f"{where}: 'upgrade' must be a codec chain")
     return Rule(pattern, _chain(raw["codec"], where), _ndim(raw, where), roles, _layers(raw, where),
-                _input_last(raw, where), _calibration(raw, where))
+                _input_last(raw, where), _calibration(raw, where), None if upgrade is None else _chain(upgrade, where))
 
 
 def _chain(text: str, where: str) -> Chain:

@@ -89,7 +89,7 @@ def test_input_last_selects_transposed_weights():
 
 def test_choose_rule_exposes_the_rule_and_its_calibration():
     policy = policy_from_document(_doc('role = "mlp_up"\ncodec = "gquant(bits=4, group=64)"\ncalibration = "gptq"',
-                                       'role = "mlp_down"\ncodec = "lossless"\ncalibration = "awq"'), "r")
+                                       'role = "mlp_down"\ncodec = "lossless"\ncalibration = "wanda"'), "r")
     up, down = TensorRole("mlp_up", 0, True, 1), TensorRole("mlp_down", 0, True, 1)
     rule = policy.choose_rule("x.weight", "F32", (128, 64), up)
     assert isinstance(rule, Rule) and rule.calibration == "gptq"
@@ -112,7 +112,7 @@ def test_choose_rule_exposes_the_rule_and_its_calibration():
     ('role = "attn_q"\nlayers = [0, true]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
     ('role = "attn_q"\nlayers = [1.5]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
     ('role = "attn_q"\ninput_last = 1\ncodec = "gquant()"', "'input_last' must be true or false"),
-    ('role = "attn_q"\ncalibration = "hqq"\ncodec = "gquant()"', "'calibration' must be one of 'gptq', 'awq', 'wanda'"),
+    ('role = "attn_q"\ncalibration = "hqq"\ncodec = "gquant()"', "'calibration' must be one of 'gptq', 'wanda'"),
     ('role = "attn_q"\nndim = -1\ncodec = "gquant()"', "'ndim' must be a non-negative integer"),
     ('role = "attn_q"\nlayer = 0\ncodec = "gquant()"', "unknown key(s) ['layer']"),
     ('role = "attn_q"\ncodec = "gquant(bits=9)"', "codec chain"),
