@@ -94,7 +94,8 @@ def _quality(stats: dict) -> str:
     rel, snr = stats.get("rel_error"), stats.get("snr_db")
     if not isinstance(rel, (int, float)) or not isinstance(snr, (int, float, type(None))):
         return "lossy"
-    return f"rel.err {rel:.4f}, SNR {snr:.1f} dB" if snr is not None else f"rel.err {rel:.4f}"
+    # A weight error, not the model's quality (perplexity, embeddings): rbe eval measures that.
+    return f"weight rel.err {rel:.4f}, SNR {snr:.1f} dB" if snr is not None else f"weight rel.err {rel:.4f}"
 
 
 def totals(r: Reader) -> dict:
@@ -119,9 +120,10 @@ def totals(r: Reader) -> dict:
             "bits_per_weight": 8 * size / weights if weights else 0.0,
             "tensor_bits_per_weight": 8 * stored / weights if weights else 0.0,
             "quality": "lossless (bit-exact)" if lossless else (
-                f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; rel.err "
+                f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; weight rel.err "
                 f"mean {sum(r * n for r, n in rels) / max(1, sum(n for _, n in rels)):.4f}, "
-                f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode)")}
+                f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode on the weights; "
+                f"a model's quality is what rbe eval measures)")}
 
 
 def info_json(r: Reader) -> dict:
