@@ -111,8 +111,13 @@ def _load(model_dir: str, threads: int | None):
         config = json.load(fh)
     causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    try:
+        model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{model_dir}: transformers cannot load the model and tokenizer that calibration "
+                         f"runs ({first[:200]})") from None
     return torch, model, tokenizer
 
 

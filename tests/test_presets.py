@@ -182,9 +182,9 @@ def test_a_broken_config_is_an_input_error_only_when_roles_are_needed(tmp_path):
 def test_roles_without_a_config_come_from_names(tmp_path):
     src = _llama_dir(tmp_path / "m", config=None)
     alone, _ = choose_chains(plan_conversion(src), policy_from_preset("q4"))
-    assert "bits=6" in alone["model.layers.0.self_attn.v_proj.weight"].text()
-    assert "bits=4" in alone["model.layers.1.self_attn.q_proj.weight"].text()
-    assert "bits=6" in alone["model.embed_tokens.weight"].text() and "model.norm.weight" not in alone
+    assert "bits=4" in alone["model.layers.0.self_attn.v_proj.weight"].text()
+    assert "gptq_order=activation" in alone["model.layers.1.self_attn.q_proj.weight"].text()
+    assert "bits=4" in alone["model.embed_tokens.weight"].text() and "model.norm.weight" not in alone
 
 
 # -- the presets ------------------------------------------------------------------------
@@ -225,17 +225,15 @@ def test_unknown_preset_lists_the_available_ones():
     assert "unknown preset 'q1'" in str(exc.value) and "q4" in str(exc.value) and "minilm-layerwise" in str(exc.value)
 
 
-def test_q4_gives_more_bits_where_llama_cpp_does():
-    chosen = _chosen(policy_from_preset("q4"), _llama_tensors(), LLAMA_CONFIG)
-    bits = {name: text and int(text.split("bits=")[1].split(",")[0]) for name, text in chosen.items()}
-    assert bits["model.embed_tokens.weight"] == 6
-    assert bits["model.norm.weight"] is None and bits["model.layers.0.input_layernorm.weight"] is None
-    for i in range(LLAMA_LAYERS):  # with 4 layers, [0, 1, -2, -1] is every layer
-        assert bits[f"model.layers.{i}.self_attn.v_proj.weight"] == 6
-        assert bits[f"model.layers.{i}.self_attn.q_proj.weight"] == 4
-    chosen = _chosen(policy_from_preset("q4"), _llama_tensors(8), LLAMA_CONFIG)
-    assert "bits=4" in chosen["model.layers.4.mlp.down_proj.weight"]
-    assert "bits=6" in chosen["model.layers.6.mlp.down_proj.weight"]
+def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
+    policy = policy_from_preset("q4")
+    assert policy.budget_bits == 4.8
+    q = policy.choose_rule("model.layers.0.self_attn.q_proj.weight", "F32", (64, 64),
+                           TensorRole("attn_q", 0, True, LLAMA_LAYERS))
+    assert q.calibration == "gptq" and "bits=4" in q.chain.text() and "bits=6" in q.upgrade.text()
+    chosen = _chosen(policy, _llama_tensors(), LLAMA_CONFIG)
+    assert "bits=4" in chosen["model.embed_tokens.weight"]
+    assert chosen["model.norm.weight"] is None and chosen["model.layers.0.input_layernorm.weight"] is None
 
 
 def test_presets_keep_gpt2_conv1d_weights_off_output_axis_groups():
@@ -265,12 +263,12 @@ def test_rbe_presets_lists_each_with_its_description(capsys):
 def test_convert_with_a_preset_records_roles_in_info(tmp_path, capsys):
     src = _llama_dir(tmp_path / "m")
     out = str(tmp_path / "q.rbe")
-    assert main(["convert", src, out, "--quiet", "--preset", "q4"]) == 0
+    assert main(["convert", src, out, "--quiet", "--preset", "q8"]) == 0
     capsys.readouterr()
     assert main(["info", out, "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["tensors"]}
     assert rows["model.layers.0.self_attn.v_proj.weight"]["role"] == "attn_v"
-    assert rows["model.layers.0.self_attn.v_proj.weight"]["codec"].startswith("gquant(bits=6")
+    assert rows["model.layers.0.self_attn.v_proj.weight"]["codec"].startswith("gquant(bits=8")
     assert rows["model.norm.weight"]["role"] == "norm_weight" and rows["model.norm.weight"]["codec"] == "byteplane"
     assert main(["info", out]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -323,3 +321,12 @@ def test_minilm_layerwise_uses_every_technique(minilm_dir, tmp_path, capsys):
     assert codecs["token_embedding"] == {"vq"}
     for role in ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down"):
         assert codecs[role] == {"gquant"}, role
+
+
+def test_a_calibrated_preset_on_a_model_transformers_cannot_load_is_one_clear_error(tmp_path, capsys):
+    src = _llama_dir(tmp_path / "m")  # its weights do not match a loadable model
+    out = tmp_path / "q.rbe"
+    assert main(["convert", src, str(out), "--quiet", "--preset", "q4"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load the model and tokenizer that calibration runs" in err[0]
+    assert not out.exists()
