@@ -104,6 +104,9 @@ def _load(model_dir: str, threads: int | None):
         raise UsageError("calibration needs torch and transformers: pip install 'rbe[hf]'") from None
     if threads:
         torch.set_num_threads(threads)
+    # rbe reports its own progress and errors; transformers' load reports would bury them.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise InputError(f"{model_dir}: calibration needs a model directory with config.json")
