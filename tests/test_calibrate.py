@@ -1,0 +1,80 @@
+"""Calibration statistics from a model run, and calibrated presets end to end, on a small Llama built here."""
+
+import numpy as np
+import pytest
+
+from rbe_converters import calibrate
+from rbe_converters.cli import main
+from rbeformat import Reader, UsageError
+from test_eval import _common_words, _tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXT = " ".join(_common_words(150)) * 40
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("cal") / "llama")
+    tokenizer = _tokenizer(_common_words(150))
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer
+
+
+def _linear_weights(model):
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+
+
+def test_second_moments_match_the_layers_inputs(llama):
+    directory, model, tokenizer = llama
+    weights = _linear_weights(model)
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=3)
+    stats = calibrate.collect(directory, {name: "gptq" for name in weights}, text)
+    assert set(stats) == set(weights)
+    # Layers that read one input share one matrix.
+    q, k = stats["model.layers.0.self_attn.q_proj.weight"], stats["model.layers.0.self_attn.k_proj.weight"]
+    assert q.hessian is k.hessian and q.method == "gptq"
+    # Independently: the mean of x x^T over the same windows, from a hook of the test's own.
+    seen = []
+    module = dict(model.named_modules())["model.layers.1.mlp.down_proj"]
+    handle = module.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].reshape(-1, 128).double()))
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for i in range(3):
+            model(input_ids=torch.tensor([ids[i * 32 : (i + 1) * 32]]))
+    handle.remove()
+    x = torch.cat(seen).numpy()
+    expected = x.T @ x / len(x)
+    np.testing.assert_allclose(stats["model.layers.1.mlp.down_proj.weight"].hessian, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_only_linear_weights_and_enough_text(llama):
+    directory, _, _ = llama
+    with pytest.raises(UsageError, match="Linear weights only"):
+        calibrate.collect(directory, {"model.embed_tokens.weight": "gptq"}, calibrate.CalibrationText(TEXT, "t"))
+    with pytest.raises(UsageError, match="fewer than one window"):
+        calibrate.collect(directory, {"model.layers.0.mlp.up_proj.weight": "gptq"},
+                          calibrate.CalibrationText("too short", "t", window=32))
+
+
+def test_a_calibrated_mixed_precision_preset_converts_and_decodes(llama, tmp_path, capsys):
+    directory, model, _ = llama
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT)
+    out = str(tmp_path / "q3.rbe")
+    assert main(["convert", directory, out, "--quiet", "--preset", "q3", "--calibration", str(text),
+                 "--calibration-windows", "4"]) == 0
+    with Reader(out) as r:
+        bits = [r.manifest.tensors[name].transform.codec.bits for name in _linear_weights(model)]
+        assert set(bits) <= {3, 4} and 3 in bits  # mixed precision upgraded some, within the budget
+        for name, module in _linear_weights(model).items():
+            decoded = r.get_tensor(name)
+            original = module.weight.detach().numpy()
+            assert decoded.shape == original.shape
+            assert np.linalg.norm(decoded - original) < 0.5 * np.linalg.norm(original)
