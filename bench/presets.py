@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [(p, None) for p in presets]
             if not args.no_anchors:
                 hessians = {n: c.hessian for n, c in run.calibrations.items()} or None
-                jobs += [(None, a) for a in anchors(hessians) if a.quick or not args.quick]
+                jobs += [(None, a) for a in anchors(hessians) if a.quick or not args.quick or a.quantize is None]
             for preset, anchor in jobs:
                 name = preset or anchor.name
                 t0 = time.perf_counter()
