@@ -84,9 +84,8 @@ class Anchor:
     def note(self) -> str:
         if "differ" not in self.checks:
             return ""
-        share = self.checks["differ"] / self.checks["weights"]
-        return (f"{share:.3%} of its weights differ from ORT's RTN at this block size (by up to "
-                f"{self.checks['max_diff_vs_rtn']:.1e})")
+        return (f"{self.checks['differ']:,} of its {self.checks['weights']:,} weights differ from ORT's RTN at "
+                f"this block size (by up to {self.checks['max_diff_vs_rtn']:.1e})")
 
 
 def from_ratedistortion(run_of: Callable) -> Callable:
