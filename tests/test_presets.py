@@ -184,7 +184,7 @@ def test_roles_without_a_config_come_from_names(tmp_path):
     alone, _ = choose_chains(plan_conversion(src), policy_from_preset("q4"))
     assert "bits=4" in alone["model.layers.0.self_attn.v_proj.weight"].text()
     assert "gptq_order=activation" in alone["model.layers.1.self_attn.q_proj.weight"].text()
-    assert "bits=4" in alone["model.embed_tokens.weight"].text() and "model.norm.weight" not in alone
+    assert "bits=6" in alone["model.embed_tokens.weight"].text() and "model.norm.weight" not in alone
 
 
 # -- the presets ------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
                            TensorRole("attn_q", 0, True, LLAMA_LAYERS))
     assert q.calibration == "gptq" and "bits=4" in q.chain.text() and "bits=6" in q.upgrade.text()
     chosen = _chosen(policy, _llama_tensors(), LLAMA_CONFIG)
-    assert "bits=4" in chosen["model.embed_tokens.weight"]
+    assert "bits=6" in chosen["model.embed_tokens.weight"]
     assert chosen["model.norm.weight"] is None and chosen["model.layers.0.input_layernorm.weight"] is None
 
 
