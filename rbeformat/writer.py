@@ -221,7 +221,10 @@ class Writer:
 
     def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str,
                       calibration: "Calibration | None" = None) -> tuple[dict, np.ndarray]:
-        """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor."""
+        """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor.
+
+        A part's chain gets the calibration that ``codec.part_calibration`` derives from ``calibration``.
+        """
         codec = chain.codec
         try:
             encoded = codec.encode(x, refs, calibration)
@@ -233,7 +236,17 @@ class Writer:
             sub = chain.parts.get(pname)
             head = {"dtype": pdtype, "shape": list(arr.shape)}
             if sub is not None and not sub.lossless:
-                node, decoded = self._encode_chain(arr.astype(np.float32), sub, None, f"{where} part {pname}")
+                sub_calibration = None
+                if calibration is not None:
+                    try:
+                        sub_calibration = codec.part_calibration(pname, calibration, encoded)
+                    except ValueError as exc:
+                        raise InputError(f"{where} part {pname}: the calibration does not fit it ({exc})") from None
+                # A part's codec without an encoder for the method encodes it uncalibrated.
+                if sub_calibration is not None and sub_calibration.method not in sub.codec.calibrations:
+                    sub_calibration = None
+                node, decoded = self._encode_chain(arr.astype(np.float32), sub, None, f"{where} part {pname}",
+                                                   sub_calibration)
                 parts[pname] = {**head, **node}
                 decoded_parts[pname] = from_float32(decoded, pdtype).view(arr.dtype).reshape(arr.shape)
             else:

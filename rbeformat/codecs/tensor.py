@@ -247,6 +247,16 @@ class TensorCodec(ABC):
         """Encodes with calibration statistics (for codecs that list methods in ``calibrations``)."""
         raise NotImplementedError(f"{self.name} has no calibrated encoder")
 
+    def part_calibration(self, part: str, calibration: Calibration, encoded: Encoded) -> Calibration | None:
+        """The calibration that the chain of ``part`` may use, given this tensor's ``calibration``.
+
+        None (the default): a part's chain encodes without calibration, since
+        most parts (scales, factors, codes) are not weights applied to the
+        calibration inputs.  A codec whose part is such a weight (the kept
+        slices of a pruned matrix) returns the statistics of that part's inputs.
+        """
+        return None
+
     @abstractmethod
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
