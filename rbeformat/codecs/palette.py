@@ -20,6 +20,13 @@ the quantiles and with density proportional to the cube root of the values'
 density (the asymptotically optimal spacing for squared error), and each
 codebook keeps the one with the lower squared error.  No randomness is involved.
 
+With calibration (``Calibration("gptq", H)``, for a matrix (out, in)) the
+k-means weights each value by how much its input column is used, diag(H),
+and the indices are then chosen by GPTQ error compensation (``gptq``), most
+used columns first, each value going to the nearest entry of its fixed
+codebook after the earlier columns' errors were spread onto it.  The stored
+format and decoding are the same.
+
 >>> codec = Palette(bits=2, scope="row")
 >>> x = np.array([[0.0, 1.0, 2.0, 3.0, 3.1], [5.0, 5.0, -5.0, 0.0, 1.0]], np.float32)
 >>> enc = codec.encode(x)
@@ -38,11 +45,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack
+from . import bitpack, gptq
 from .arrays import FLOAT_DTYPES, check_index_range, float_part, pack_codes, unpack_codes
 from .base import require_keys
 from .fields import choice, integer, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .tensor import Calibration, Encoded, PartSpec, TensorCodec
 
 SCOPES = ("tensor", "row", "group")
 MIN_GROUP, MAX_GROUP = 16, 1 << 20
@@ -78,10 +85,14 @@ def _count_below(sorted_rows: np.ndarray, queries: np.ndarray, strict: bool) -> 
 
 
 def _lloyd(sorted_rows: np.ndarray, prefix: np.ndarray, total_sq: np.ndarray, centroids: np.ndarray,
-           iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs Lloyd's algorithm on sorted rows; returns centroids (S, K) and squared errors (S,)."""
+           iterations: int, mass: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Runs Lloyd's algorithm on sorted rows; returns centroids (S, K) and squared errors (S,).
+
+    ``mass`` (S, L + 1) is the prefix sum of the values' weights when they are
+    weighted (``prefix`` and ``total_sq`` then sum weight * value and weight *
+    value**2); None counts every value once.
+    """
     s, length = sorted_rows.shape
-    row = np.arange(s)[:, None]
     bounds = None
     for _ in range(max(iterations, 1)):
         mids = (centroids[:, :-1] + centroids[:, 1:]) / 2
@@ -90,14 +101,20 @@ def _lloyd(sorted_rows: np.ndarray, prefix: np.ndarray, total_sq: np.ndarray, ce
         if bounds is not None and np.array_equal(new_bounds, bounds):
             break
         bounds = new_bounds
-        sums = prefix[row, bounds[:, 1:]] - prefix[row, bounds[:, :-1]]
-        counts = np.diff(bounds, axis=1)
+        sums, counts = _run_sums(prefix, mass, bounds)
         # An empty cluster keeps its centroid; sorting keeps the midpoints ordered.
-        centroids = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centroids), axis=1)
-    sums = prefix[row, bounds[:, 1:]] - prefix[row, bounds[:, :-1]]
-    counts = np.diff(bounds, axis=1)
-    error = total_sq - (sums * sums / np.maximum(counts, 1)).sum(axis=1)
+        centroids = np.sort(np.divide(sums, counts, out=centroids.copy(), where=counts > 0), axis=1)
+    sums, counts = _run_sums(prefix, mass, bounds)
+    error = total_sq - np.divide(sums * sums, counts, out=np.zeros_like(sums), where=counts > 0).sum(axis=1)
     return centroids, error
+
+
+def _run_sums(prefix: np.ndarray, mass: np.ndarray | None, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster (a run [bounds[k], bounds[k+1]) of sorted values): the (weighted) sum and count."""
+    row = np.arange(len(bounds))[:, None]
+    sums = prefix[row, bounds[:, 1:]] - prefix[row, bounds[:, :-1]]
+    counts = np.diff(bounds, axis=1) if mass is None else mass[row, bounds[:, 1:]] - mass[row, bounds[:, :-1]]
+    return sums, counts
 
 
 def _density_start(sorted_rows: np.ndarray, k: int) -> np.ndarray:
@@ -121,24 +138,54 @@ def _density_start(sorted_rows: np.ndarray, k: int) -> np.ndarray:
     return x0 + frac * (x1 - x0)
 
 
-def fit_codebooks(x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS) -> np.ndarray:
-    """One k-entry codebook (sorted, float64) per row of ``x`` (S, L), by 1-D k-means."""
-    sorted_rows = np.sort(x, axis=1)
-    s, length = sorted_rows.shape
-    prefix = np.zeros((s, length + 1), np.float64)
-    np.cumsum(sorted_rows, axis=1, dtype=np.float64, out=prefix[:, 1:])
-    total_sq = np.einsum("ij,ij->i", sorted_rows, sorted_rows, dtype=np.float64)
-    # Quantiles win for very few entries on heavy tails, the density start elsewhere.
-    quantiles = np.minimum(((np.arange(k) + 0.5) / k * length).astype(np.int64), length - 1)
+def fit_codebooks(x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """One k-entry codebook (sorted, float64) per row of ``x`` (S, L), by 1-D k-means.
+
+    ``weights`` (S, L), positive, makes it weighted k-means: each value's
+    squared error counts that many times (None: once each, the plain encoder).
+    The quantile start is then taken over the weights; the density start is not.
+    """
+    if weights is None:
+        sorted_rows, mass = np.sort(x, axis=1), None
+        weighted = sorted_rows
+    else:
+        order = np.argsort(x, axis=1, kind="stable")
+        sorted_rows = np.take_along_axis(x, order, axis=1)
+        sorted_weights = np.take_along_axis(weights, order, axis=1).astype(np.float64)
+        mass = _prefix(sorted_weights)
+        weighted = sorted_weights * sorted_rows
+    prefix = _prefix(weighted)
+    total_sq = np.einsum("ij,ij->i", weighted, sorted_rows, dtype=np.float64)
     best, best_err = None, None
-    for start in (sorted_rows[:, quantiles].astype(np.float64), _density_start(sorted_rows, k)):
-        c, err = _lloyd(sorted_rows, prefix, total_sq, start, iterations)
+    # Quantiles win for very few entries on heavy tails, the density start elsewhere.
+    for start in (_quantile_start(sorted_rows, k, mass), _density_start(sorted_rows, k)):
+        c, err = _lloyd(sorted_rows, prefix, total_sq, start, iterations, mass)
         if best is None:
             best, best_err = c, err
         else:
             better = err < best_err
             best, best_err = np.where(better[:, None], c, best), np.minimum(err, best_err)
     return _exact_when_few(sorted_rows, k, best)
+
+
+def _prefix(rows: np.ndarray) -> np.ndarray:
+    """Float64 prefix sums of each row, with a leading 0: (S, L + 1)."""
+    out = np.zeros((rows.shape[0], rows.shape[1] + 1), np.float64)
+    np.cumsum(rows, axis=1, dtype=np.float64, out=out[:, 1:])
+    return out
+
+
+def _quantile_start(sorted_rows: np.ndarray, k: int, mass: np.ndarray | None) -> np.ndarray:
+    """Centroids at the quantiles (i + 0.5) / k of each row, weighted by ``mass`` when given."""
+    length = sorted_rows.shape[1]
+    if mass is None:
+        at = np.minimum(((np.arange(k) + 0.5) / k * length).astype(np.int64), length - 1)
+        return sorted_rows[:, at].astype(np.float64)
+    target = (np.arange(k) + 0.5) / k * mass[:, -1:]
+    # The first value whose cumulative weight reaches the target.
+    at = np.minimum(_count_below(mass[:, 1:], target, strict=True), length - 1)
+    return np.take_along_axis(sorted_rows, at, axis=1).astype(np.float64)
 
 
 def _exact_when_few(sorted_rows: np.ndarray, k: int, books: np.ndarray) -> np.ndarray:
@@ -161,6 +208,19 @@ def _exact_when_few(sorted_rows: np.ndarray, k: int, books: np.ndarray) -> np.nd
     books = books.copy()
     books[few] = exact
     return books
+
+
+def column_weights(hessian: np.ndarray, damping: float) -> np.ndarray:
+    """How much each input column's squared error costs: diag(H) + damping * mean(diag H), as GPTQ damps H.
+
+    The damping keeps unused inputs (diag 0) from dropping out of the fit; with
+    no used input at all every column counts the same.
+    """
+    diag = np.maximum(np.diag(np.asarray(hessian, np.float64)), 0.0)
+    if not (diag > 0).any():
+        return np.ones(len(diag))
+    scale = diag[diag > 0].mean()
+    return (diag + damping * scale) / scale
 
 
 def nearest(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
@@ -194,6 +254,7 @@ class Palette(TensorCodec):
     """Scalar codebook quantization with 1-D k-means codebooks; see the module docstring."""
 
     name = "palette"
+    calibrations = ("gptq",)
 
     bits: int = setting(4, integer(1, 8), "index bits: a codebook holds 2**bits values")
     scope: str = setting("row", choice(*SCOPES), "what shares one codebook: the tensor, each row, or each group")
@@ -243,9 +304,23 @@ class Palette(TensorCodec):
         return batches
 
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
+        indices, books = self._fit(x)
+        return self._encoded(indices, books)
+
+    def _encoded(self, indices: np.ndarray, books: np.ndarray) -> Encoded:
+        return Encoded(parts={"indices": pack_codes(indices, self.bits),
+                              "codebook": books.reshape(-1, 2 ** self.bits)}, params={})
+
+    def _fit(self, x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (as the matrix of codebooks: 1 x N or rows x n) and stored codebooks (C', groups, K).
+
+        ``weights``, of x's shape, weights each value's squared error in the k-means.
+        """
         k = 2 ** self.bits
         rows, n = _layout(x.shape)
-        matrix = x.reshape(1, -1) if self.scope == "tensor" else x.reshape(rows, n)
+        shape = (1, -1) if self.scope == "tensor" else (rows, n)
+        matrix = x.reshape(shape)
+        weights = None if weights is None else weights.reshape(shape)
         indices = np.zeros(matrix.shape, np.uint8)
         ng = 1 if self.scope != "group" else -(-n // self.group)
         books = np.zeros((matrix.shape[0], ng, k), FLOAT_DTYPES[self.codebook_dtype])
@@ -255,13 +330,51 @@ class Palette(TensorCodec):
             block = max(1, BLOCK_VALUES // (seg * count))
             for r0 in range(0, matrix.shape[0], block):
                 part = matrix[r0 : r0 + block, start:stop].reshape(-1, seg)
-                stored = float_part(fit_codebooks(part, k, self.iterations), self.codebook_dtype)
+                weight = None if weights is None else weights[r0 : r0 + block, start:stop].reshape(-1, seg)
+                stored = float_part(fit_codebooks(part, k, self.iterations, weight), self.codebook_dtype)
                 idx = nearest(part, stored.astype(np.float32))
                 indices[r0 : r0 + block, start:stop] = idx.reshape(-1, stop - start)
                 books[r0 : r0 + block, column : column + count] = stored.reshape(-1, count, k)
             column += count
-        return Encoded(parts={"indices": pack_codes(indices, self.bits),
-                              "codebook": books.reshape(-1, k)}, params={})
+        return indices, books
+
+    def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:
+        """GPTQ (see ``gptq``): codebooks fitted first, then indices chosen column by column with error feedback.
+
+        The k-means weights each value by its column's use, diag(H) (damped as
+        GPTQ damps H).  The codebooks are then fixed, so the columns are taken
+        most used first (``gptq.activation_order``); each goes to the nearest
+        entry of its codebook as the earlier columns' errors left it.
+        """
+        if x.ndim != 2:
+            raise ValueError("palette's GPTQ encoder needs a matrix (out, in) with the inputs on the last axis")
+        rows, n = x.shape
+        hessian = np.asarray(calibration.hessian)
+        if hessian.shape != (n, n):
+            raise ValueError(f"a Hessian of shape {hessian.shape} does not fit {n} input columns")
+        if x.size == 0:
+            return self.encode_array(x, refs)
+        weights = np.broadcast_to(column_weights(hessian, gptq.DEFAULT_DAMPING), x.shape)
+        _, books = self._fit(x, weights)
+        table = books.astype(np.float32)
+        indices = np.zeros((rows, n), np.uint8)
+
+        def quantize(j: int, current: np.ndarray) -> np.ndarray:
+            book = self._column_books(table, j)
+            column = current[:, j]
+            idx = nearest(column.reshape(len(book), -1), book).reshape(-1)
+            indices[:, j] = idx
+            return np.take_along_axis(book, idx.reshape(len(book), -1).astype(np.intp), axis=1).reshape(-1)
+
+        gptq.compensate(x, hessian, quantize, order=gptq.activation_order(hessian))
+        flat = indices.reshape(1, -1) if self.scope == "tensor" else indices
+        return self._encoded(flat, books)
+
+    def _column_books(self, table: np.ndarray, j: int) -> np.ndarray:
+        """The sorted float32 codebooks that column j's values use: (rows, K), or (1, K) in tensor scope."""
+        if self.scope == "group":
+            return table[:, j // self.group]
+        return table[:, 0]
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

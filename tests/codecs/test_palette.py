@@ -1,4 +1,4 @@
-"""palette: k-means quality, exactness on few values, bit cost, determinism, hostile parts."""
+"""palette: k-means quality, exactness on few values, bit cost, determinism, hostile parts, the GPTQ encoder."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from harness import check_contract, rel_err, roundtrip
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack
+from rbeformat.codecs import bitpack, gptq
 from rbeformat.codecs.gquant import GroupQuant
-from rbeformat.codecs.palette import Palette
-from rbeformat.codecs.tensor import PartSpec
+from rbeformat.codecs.palette import Palette, fit_codebooks
+from rbeformat.codecs.tensor import Calibration, PartSpec
 
 RNG = np.random.default_rng(99)
 NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02
@@ -209,3 +209,84 @@ def test_any_shape_round_trips_to_codebook_values(shape, bits, scope, scale, see
     assert x.size == 0 or np.abs(out - x).max() <= x.max() - x.min()
     if x.size and scope[0] == "tensor":  # k-means never does worse than one entry at the mean
         assert np.linalg.norm(out - x) <= np.linalg.norm(x - x.mean()) * 1.0001
+
+
+# A GPTQ problem: a (64, 128) weight and 2048 inputs mixed by a random matrix,
+# with channels of different strength, so that H is far from diagonal.
+def _gptq_problem():
+    rng = np.random.default_rng(21)
+    mix = rng.standard_normal((128, 128)) / np.sqrt(128) + np.eye(128)
+    x = (mix @ rng.standard_normal((128, 2048))) * np.exp(0.7 * rng.standard_normal(128))[:, None]
+    return (rng.standard_normal((64, 128)) * 0.02).astype(np.float32), x @ x.T / x.shape[1]
+
+
+W, HESSIAN = _gptq_problem()
+GPTQ = Calibration("gptq", HESSIAN)
+
+
+def _output_error(codec, calibration=None):
+    enc = codec.encode(W, calibration=calibration)
+    return gptq.output_error(W, codec.decode(enc.parts, enc.params, W.shape, "w"), HESSIAN)
+
+
+@pytest.mark.parametrize("codec,bound", [
+    # Measured 0.35, 0.45, 0.37, 0.35.  With the compensation disabled (weighted
+    # codebooks, nearest entries) 0.70, 0.81, 0.59, 0.98: each bound would fail.
+    (Palette(4, "row"), 0.5), (Palette(2, "row"), 0.6), (Palette(3, "group", 32), 0.5), (Palette(4, "tensor"), 0.5),
+], ids=["4-row", "2-row", "3-group", "4-tensor"])
+def test_gptq_lowers_the_output_error(codec, bound):
+    assert _output_error(codec, GPTQ) < bound * _output_error(codec)
+
+
+@pytest.mark.parametrize("codec", [Palette(4, "row"), Palette(3, "group", 48), Palette(4, "tensor")])
+def test_gptq_output_is_an_ordinary_palette_tensor(codec):
+    plain, calibrated = codec.encode(W), codec.encode(W, calibration=GPTQ)
+    assert calibrated.params == plain.params == {}
+    assert {k: (v.dtype, v.shape) for k, v in calibrated.parts.items()} == {
+        k: (v.dtype, v.shape) for k, v in plain.parts.items()}
+    out = codec.decode(calibrated.parts, calibrated.params, W.shape, "w")
+    assert out.dtype == np.float32 and np.isin(out, calibrated.parts["codebook"].astype(np.float32)).all()
+
+
+def test_gptq_feeds_back_exactly_the_decoded_values(monkeypatch):
+    # The error GPTQ spreads is the true one only if its quantized columns are what decode gives.
+    seen = []
+    compensate = gptq.compensate
+    monkeypatch.setattr(gptq, "compensate", lambda *a, **k: seen.append(compensate(*a, **k)) or seen[-1])
+    for codec in (Palette(3, "row"), Palette(2, "group", 32, "F32"), Palette(4, "tensor")):
+        enc = codec.encode(W, calibration=GPTQ)
+        assert seen.pop().astype(np.float32).tobytes() == codec.decode(enc.parts, enc.params, W.shape, "w").tobytes()
+
+
+def test_gptq_is_deterministic():
+    codec = Palette(3, "group", 32)
+    a, b = codec.encode(W, calibration=GPTQ), codec.encode(W.copy(), calibration=Calibration("gptq", HESSIAN.copy()))
+    assert all(a.parts[k].tobytes() == b.parts[k].tobytes() for k in a.parts)
+
+
+def test_gptq_needs_a_matrix_and_a_fitting_hessian_and_wanda_is_refused():
+    codec = Palette(4, "row")
+    with pytest.raises(ValueError, match="matrix"):
+        codec.encode(W.reshape(4, 16, 128), calibration=GPTQ)
+    with pytest.raises(ValueError, match="matrix"):
+        Palette(4, "tensor").encode(W.reshape(-1), calibration=GPTQ)
+    with pytest.raises(ValueError, match="does not fit"):
+        codec.encode(W, calibration=Calibration("gptq", np.eye(127)))
+    with pytest.raises(ValueError, match="no 'wanda' encoder"):
+        codec.encode(W, calibration=Calibration("wanda", HESSIAN))
+
+
+def test_weighted_k_means_follows_the_weights():
+    # Four heavily weighted values among many light ones: with four entries the codebook is those four.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 200))
+    weights = np.ones_like(x)
+    heavy_at = rng.choice(200, 4, replace=False)
+    weights[:, heavy_at] = 1e6
+    books = fit_codebooks(x, 4, weights=weights)
+    np.testing.assert_allclose(books, np.sort(x[:, heavy_at], axis=1), atol=1e-3)
+    # Unit weights fit as well as no weights (the same objective, another quantile start).
+    def error(b):
+        return (np.min((x[:, :, None] - b[:, None, :]) ** 2, axis=2)).sum()
+
+    assert error(fit_codebooks(x, 4, weights=np.ones_like(x))) <= 1.01 * error(fit_codebooks(x, 4))
