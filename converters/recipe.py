@@ -21,6 +21,9 @@ converter).  ``upgrade = "CHAIN"`` names a costlier chain for the rule's
 tensors, and a top-level ``budget_bits`` the average bit cost per weight over
 all tensors of such rules: the tensors where the upgrade removes the most
 output error per extra bit get it (mixed precision, ``converters/mixed.py``).
+A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
+attention heads to be pruned, the least important on the calibration text
+first (``converters/heads.py``; the ``slices`` codec stores what is left).
 A recipe may carry a one-line top-level ``description``.
 Tensors no rule matches stay lossless, as do integer tensors and tensors the
 chosen codec cannot take (``accepts``)::
@@ -66,7 +69,7 @@ from .roles import ROLES, TensorRole
 
 CALIBRATIONS = ("gptq", "wanda")
 RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
-TOP_LEVEL_KEYS = ("description", "budget_bits", "rule")
+TOP_LEVEL_KEYS = ("description", "budget_bits", "prune_heads", "rule")
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Policy:
     rules: list[Rule]
     description: str = ""
     budget_bits: float | None = None  # average bit cost per weight over the tensors of rules with an upgrade
+    prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/heads.py)
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
         """The rule that encodes this tensor, or None when it stays lossless."""
@@ -179,7 +183,14 @@ def policy_from_document(doc: dict, where: str) -> Policy:
         raise UsageError(f"{where}: 'budget_bits' must be a number of bits per weight in (0, 64]")
     if (budget is None) == upgrades:
         raise UsageError(f"{where}: 'budget_bits' and rules with 'upgrade' go together")
-    return Policy(parsed, description, None if budget is None else float(budget))
+    return Policy(parsed, description, None if budget is None else float(budget), _prune_heads(doc, where))
+
+
+def _prune_heads(doc: dict, where: str) -> float | None:
+    value = doc.get("prune_heads")
+    if value is not None and (type(value) not in (int, float) or not 0 <= value < 1):
+        raise UsageError(f"{where}: 'prune_heads' must be the fraction of attention heads to prune, in [0, 1)")
+    return None if value is None else float(value)
 
 
 def _rule(raw, where: str) -> Rule:
