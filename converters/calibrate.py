@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -137,11 +138,30 @@ def _linear_modules(model, weights: dict[str, str]) -> dict:
                 by_weight.setdefault(f"{name[len(prefix) + 1:]}.weight", module)
             elif prefix:
                 by_weight.setdefault(f"{prefix}.{name}.weight", module)
+    _add_tied_embeddings(model, by_weight, prefix)
     missing = sorted(set(weights) - set(by_weight))
     if missing:
-        raise UsageError(f"calibration applies to Linear weights only; not a Linear layer's weight: "
+        raise UsageError(f"calibration applies to Linear weights only (and to a token embedding tied to the "
+                         f"output head); not a Linear layer's weight: "
                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     return {name: by_weight[name] for name in weights}
+
+
+def _add_tied_embeddings(model, by_weight: dict, prefix: str) -> None:
+    """Maps an embedding whose weight is also a Linear layer's (a tied output head) to that layer.
+
+    Its values are then calibrated for their use as the head, where an error
+    reaches every logit; a lookup just passes the row on.
+    """
+    import torch
+
+    linears = {id(m.weight): m for m in by_weight.values()}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) in linears:
+            head = linears[id(module.weight)]
+            by_weight.setdefault(f"{name}.weight", head)
+            if prefix and name.startswith(prefix + "."):
+                by_weight.setdefault(f"{name[len(prefix) + 1:]}.weight", head)
 
 
 def _windows(tokenizer, text: CalibrationText, model):
@@ -154,3 +174,152 @@ def _windows(tokenizer, text: CalibrationText, model):
         raise UsageError(f"calibration text ({text.source}) holds {len(ids)} tokens, fewer than one window "
                          f"of {window}")
     return [ids[k * window : (k + 1) * window] for k in range(count)]
+
+
+# -- sequential calibration: block by block, on the inputs the encoded blocks before give ----
+
+Encode = Callable[[str, Calibration], np.ndarray]
+
+
+class _InputsCaught(Exception):
+    """Stops a forward pass once the first block's inputs are caught."""
+
+
+def sequential(model_dir: str, weights: dict[str, str], text: CalibrationText, encode: Encode,
+               before: dict[str, Calibration], threads: int | None = None, progress=None) -> None:
+    """Encodes the named weights block by block, each on the inputs the already encoded model gives.
+
+    GPTQ as published quantizes a model this way: a block's Hessians come from
+    running the calibration windows through the blocks before it *as encoded*,
+    so each layer compensates the errors upstream of it.  Within a block the
+    layers go in the order they run, a stage at a time (q, k and v read one
+    input and form one stage; then o; then gate and up; then down), the block
+    being run again after each stage.  ``encode(name, calibration)`` stores a
+    weight and returns its decoded values, which replace the weight in the
+    running model.  Weights outside the blocks (a token embedding tied to the
+    output head, the head itself) are encoded first with their statistics
+    from ``before`` (``collect`` on the original model).  Memory: the model,
+    every window's hidden states at one block boundary, and one stage's H.
+    """
+    torch, model, tokenizer = _load(model_dir, threads)
+    modules = _linear_modules(model, weights)
+    blocks = _blocks(model)
+    owner = {name: _block_of(blocks, module) for name, module in modules.items()}
+    with torch.no_grad():
+        for name in [n for n in modules if owner[n] is None]:
+            _replace(modules[name], name, encode(name, before[name]), torch)
+        inputs = _block_inputs(model, blocks[0], _windows(tokenizer, text, model), torch)
+        for index, block in enumerate(blocks):
+            pending = [n for n in modules if owner[n] == index]
+            while pending:
+                stage = _next_stage(block, {n: modules[n] for n in pending}, inputs, weights)
+                for name, calibration in stage.items():
+                    _replace(modules[name], name, encode(name, calibration), torch)
+                pending = [n for n in pending if n not in stage]
+            inputs = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in inputs]
+            if progress:
+                progress(1)
+
+
+def sequential_steps(model_dir: str) -> int:
+    """How many progress steps ``sequential`` reports: one per block."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+
+
+def _blocks(model):
+    """The model's stack of blocks: the ModuleList holding the most Linear layers."""
+    import torch
+
+    best, most = None, 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+            if count > most:
+                best, most = module, count
+    if best is None:
+        raise UsageError("sequential calibration needs a model made of a stack of blocks with Linear layers")
+    return best
+
+
+def _block_of(blocks, module) -> int | None:
+    for index, block in enumerate(blocks):
+        if any(m is module for m in block.modules()):
+            return index
+    return None
+
+
+def _replace(module, name: str, decoded: np.ndarray, torch) -> None:
+    weight = module.weight
+    if tuple(decoded.shape) != tuple(weight.shape):
+        raise UsageError(f"{name}: the encoded weight has shape {decoded.shape}, the model's {tuple(weight.shape)}")
+    weight.data.copy_(torch.from_numpy(np.ascontiguousarray(decoded, np.float32)))
+
+
+def _block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:
+    """(positional, keyword) arguments the first block receives, one pair per window."""
+    caught = []
+
+    def catch(module, args, kwargs):
+        caught.append((tuple(args), dict(kwargs)))
+        raise _InputsCaught
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in windows:
+            try:
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+            except _InputsCaught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def _hidden(output):
+    """A block's hidden states: its output, or the first item of the tuple it returns."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(call: tuple[tuple, dict], hidden) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden,) + args[1:], kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[str, Calibration]:
+    """Runs the block on every window; returns the Calibrations of the first layers to run that read one input."""
+    lead: list[str] = []  # the first of ``modules`` to run
+    stage: list[str] = []  # the layers that read the lead's input
+    total, count = [None], [0]
+    seen: dict = {}  # per window: the lead's input, kept alive so its id stays unique
+
+    def hook(name):
+        def accumulate(module, args):
+            if not lead:
+                lead.append(name)
+            if name == lead[0]:
+                seen["input"] = args[0]
+                x = args[0].detach().reshape(-1, module.in_features)
+                product = (x.T @ x).double().numpy()
+                total[0] = product if total[0] is None else total[0] + product
+                count[0] += x.shape[0]
+            elif seen.get("input") is args[0] and name not in stage:
+                stage.append(name)
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for args, kwargs in inputs:
+            seen.clear()
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not lead:
+        raise UsageError(f"calibration: none of {sorted(modules)[:2]} runs when its block runs")
+    hessian = total[0] / count[0]
+    return {name: Calibration(weights[name], hessian) for name in lead + stage}

@@ -364,10 +364,10 @@ def cmd_convert(args) -> int:
         policy = lossless_policy()
     plan = plan_conversion(args.input)
     choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
-    calibrations = _calibrations(plan, policy, args)
+    calibrations, text = _calibrations(plan, policy, args)
     with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
         convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
-                progress=bar.update, calibrations=calibrations)
+                progress=bar.update, calibrations=calibrations, calibration_text=text)
     with Reader(args.output) as r:
         rows = tensor_rows(r)
         if not args.quiet:
@@ -376,20 +376,21 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
-def _calibrations(plan, policy, args) -> dict:
-    """Runs the calibration text through the model when the policy's rules ask for it (a bar per window)."""
+def _calibrations(plan, policy, args) -> tuple[dict, object]:
+    """Runs the calibration text through the model when the policy's rules ask for it (a bar per window);
+    returns the statistics and the text (which the block-by-block encoding runs again)."""
     from . import calibrate
     from .hf import calibrate_for, calibration_methods
 
     if not calibration_methods(plan, policy):
-        return {}
+        return {}, None
     text = calibrate.text_from_file(args.calibration) if args.calibration else calibrate.default_text()
     text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
     from tqdm import tqdm
 
     with tqdm(total=text.windows, unit="window", desc="calibrate", disable=args.quiet, file=sys.stderr,
               leave=False) as bar:
-        return calibrate_for(plan, policy, text, args.threads, bar.update)
+        return calibrate_for(plan, policy, text, args.threads, bar.update), text
 
 
 def input_tensor_bytes(plan) -> int:

@@ -88,14 +88,20 @@ def _walk(root: str):
 
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
             policy: Policy | None = None, threads: int | None = None,
-            progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None) -> None:
+            progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None,
+            sequential: bool = True, blocks_progress: Progress | None = None) -> None:
     """Converts a .safetensors file or a HF model directory into one rbe file.
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
     (default: everything lossless).  Rules that ask for calibration get the
     statistics of ``calibrate.collect`` on ``calibration_text`` (default: the
-    calibration half of pydoc's topics), gathered before anything is written
-    (or given as ``calibrations``, from ``calibrate_for``).
+    calibration half of pydoc's topics), gathered on the original model before
+    anything is written (or given as ``calibrations``, from ``calibrate_for``);
+    mixed precision decides with them.  With ``sequential`` (the default) the
+    calibrated tensors are then encoded block by block, each block's statistics
+    measured on what the blocks before it decode to (``calibrate.sequential``;
+    ``blocks_progress`` is told of each block); without, all from the original
+    model's statistics.
     """
     plan = plan_conversion(src)
     policy = policy or lossless_policy()
@@ -107,9 +113,12 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     alone.update(mixed_precision(plan, policy, calibrations, set(alone)))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
+        done = set()
+        if sequential and calibrations:
+            done = _encode_sequentially(w, plan, chains, calibrations, calibration_text, threads, blocks_progress)
         first_metadata = None
         for rel, st in plan.safetensors:
-            _add_safetensors(w, rel, st, chains, calibrations)
+            _add_safetensors(w, rel, st, chains, calibrations, done)
             if first_metadata is None:
                 first_metadata = st.metadata
         for rel, full in plan.others:
@@ -117,11 +126,33 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         w.set_metadata(first_metadata or {})
 
 
-def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations: dict) -> None:
+def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict, text, threads: int | None,
+                         progress: Progress | None) -> set[str]:
+    """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
+    from . import calibrate
+
+    tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
+    methods = {name: cal.method for name, cal in calibrations.items() if name in chains}
+
+    def encode(name: str, calibration) -> np.ndarray:
+        st, t = tensors[name]
+        chain, refs = chains[name]
+        return w.add_transformed_decoded(name, t.dtype, _read_tensor(st, t), chain, refs=refs,
+                                         calibration=calibration)
+
+    calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, calibrations, threads,
+                         progress)
+    return set(methods)
+
+
+def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations: dict,
+                     done: set[str] = frozenset()) -> None:
     read_at, close = st.reader()
     try:
         for t in st.tensors:
             chain, refs = chains.get(t.name, (None, None))
+            if t.name in done:  # stored already, block by block
+                continue
             if chain is None:
                 w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
             else:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from rbeformat.spec import DTYPES
 
-ROLES = ("token_embedding", "position_embedding", "token_type_embedding",
+ROLES = ("token_embedding", "tied_embedding", "position_embedding", "token_type_embedding",
          "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv",
          "mlp_up", "mlp_gate", "mlp_down",
          "norm_weight", "norm_bias", "linear_bias", "lm_head", "linear", "other")
@@ -107,7 +107,21 @@ def classify(tensors: dict[str, tuple[str, tuple[int, ...]]], config: dict | Non
         role, input_last = _role(name, dtype, tuple(shape), sizes)
         layer = layers[name]
         out[name] = TensorRole(role, layer, input_last, num_layers if layer is not None else None)
-    return out
+    return _mark_tied(out, config if isinstance(config, dict) else {})
+
+
+def _mark_tied(roles: dict[str, TensorRole], config: dict) -> dict[str, TensorRole]:
+    """A causal LM without a stored head whose config ties the head to the embedding: the
+    token embedding is then also the output head (``tied_embedding``), where an error
+    reaches every logit."""
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+    tied = config.get("tie_word_embeddings", True) is True  # transformers' default is to tie
+    embeddings = [name for name, r in roles.items() if r.role == "token_embedding"]
+    if not (causal and tied and len(embeddings) == 1) or any(r.role == "lm_head" for r in roles.values()):
+        return roles
+    name = embeddings[0]
+    roles[name] = TensorRole("tied_embedding", roles[name].layer, True, roles[name].num_layers)
+    return roles
 
 
 def layer_index(name: str) -> int | None:

@@ -194,6 +194,19 @@ class Writer:
         recorded in the manifest (relative Frobenius error, SNR, max |error|),
         measured on the decoded tensor as a reader will see it.
         """
+        return self._add_transformed(name, dtype, array, chain, refs, dedup, calibration)[0]
+
+    def add_transformed_decoded(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
+                                refs: dict[str, np.ndarray] | None = None,
+                                calibration: "Calibration | None" = None) -> np.ndarray:
+        """Like ``add_transformed`` (never an alias); returns the float32 values a reader will decode.
+
+        A converter that encodes a model layer by layer runs the later layers
+        on what the earlier ones decode to.
+        """
+        return self._add_transformed(name, dtype, array, chain, refs, False, calibration)[1]
+
+    def _add_transformed(self, name, dtype, array, chain, refs, dedup, calibration) -> tuple[dict, np.ndarray | None]:
         self._require_open()
         name = self._claim_name(name)
         if dtype not in LOSSY_DTYPES:
@@ -205,15 +218,16 @@ class Writer:
                 self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape),
                                       "alias_of": self._digests[key]})
                 self._report_dense(dtype, array.shape)
-                return {}
+                return {}, None
             self._digests[key] = name
         chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
         x = to_float32(array, dtype)
         node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}", calibration)
-        stats = error_stats(x, to_float32(from_float32(decoded, dtype), dtype))
+        seen = to_float32(from_float32(decoded, dtype), dtype)  # as a reader will see it
+        stats = error_stats(x, seen)
         self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
         self._report_dense(dtype, array.shape)
-        return stats
+        return stats, seen
 
     def _report_dense(self, dtype: str, shape) -> None:
         if self.progress:

@@ -78,3 +78,70 @@ def test_a_calibrated_mixed_precision_preset_converts_and_decodes(llama, tmp_pat
             original = module.weight.detach().numpy()
             assert decoded.shape == original.shape
             assert np.linalg.norm(decoded - original) < 0.5 * np.linalg.norm(original)
+
+
+def _round_to(step):
+    return lambda values: np.round(values / step) * step
+
+
+def test_sequential_encodes_block_by_block_on_what_earlier_blocks_decode_to(llama):
+    directory, model, tokenizer = llama
+    weights = _linear_weights(model)
+    methods = {name: "gptq" for name in weights}
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=3)
+    originals = {name: m.weight.detach().numpy().copy() for name, m in weights.items()}
+    calls, seen = [], {}
+
+    def encode(name, calibration):
+        calls.append(name)
+        seen[name] = calibration
+        return _round_to(0.05)(originals[name]).astype(np.float32)  # a coarse "codec"
+
+    calibrate.sequential(directory, methods, text, encode, before={}, threads=1)
+    assert sorted(calls) == sorted(weights) and len(calls) == len(set(calls))
+    stages = [name.split(".")[-2] for name in calls[:7]]
+    assert stages[:3] == ["q_proj", "k_proj", "v_proj"] and stages[3] == "o_proj"
+    assert stages[4:6] == ["gate_proj", "up_proj"] and stages[6] == "down_proj"
+    assert all(name.startswith("model.layers.0.") for name in calls[:7])
+    # Independently: block 1's q input moments on a model whose block 0 holds the rounded weights.
+    rounded = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for name, module in _linear_weights(rounded).items():
+        if name.startswith("model.layers.0."):
+            module.weight.data.copy_(torch.from_numpy(_round_to(0.05)(originals[name]).astype(np.float32)))
+    got = []
+    layer = dict(rounded.named_modules())["model.layers.1.self_attn.q_proj"]
+    handle = layer.register_forward_pre_hook(lambda m, inputs: got.append(inputs[0].reshape(-1, 64).double()))
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for i in range(3):
+            rounded(input_ids=torch.tensor([ids[i * 32 : (i + 1) * 32]]))
+    handle.remove()
+    x = torch.cat(got).numpy()
+    expected = x.T @ x / len(x)
+    hessian = seen["model.layers.1.self_attn.q_proj.weight"].hessian
+    np.testing.assert_allclose(hessian, expected, rtol=1e-4, atol=1e-7)
+    plain = calibrate.collect(directory, {"model.layers.1.self_attn.q_proj.weight": "gptq"}, text)
+    assert not np.allclose(plain["model.layers.1.self_attn.q_proj.weight"].hessian, expected, rtol=1e-3)
+    assert seen["model.layers.1.self_attn.k_proj.weight"].hessian is hessian  # one stage, one matrix
+
+
+def test_a_tied_embedding_is_calibrated_as_the_output_head(tmp_path):
+    tokenizer = _tokenizer(_common_words(150))
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    directory = str(tmp_path / "tied")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=2)
+    stats = calibrate.collect(directory, {"model.embed_tokens.weight": "gptq"}, text)
+    seen = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].reshape(-1, 32).double()))
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for i in range(2):
+            model(input_ids=torch.tensor([ids[i * 32 : (i + 1) * 32]]))
+    handle.remove()
+    x = torch.cat(seen).numpy()
+    np.testing.assert_allclose(stats["model.embed_tokens.weight"].hessian, x.T @ x / len(x), rtol=1e-4, atol=1e-7)

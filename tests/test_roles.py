@@ -125,6 +125,18 @@ def test_llama_roles():
     assert roles["model.layers.1.mlp.down_proj.weight"].input_last is True
 
 
+def test_a_tied_head_makes_the_token_embedding_a_tied_embedding():
+    transformers = pytest.importorskip("transformers")
+    model = _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, tie_word_embeddings=True)
+    state = {k: v for k, v in _state(model).items() if k != "lm_head.weight"}  # as save_pretrained stores it
+    config = {**model.config.to_dict(), "architectures": ["LlamaForCausalLM"]}  # as save_pretrained writes it
+    assert classify(state, config)["model.embed_tokens.weight"] == TensorRole("tied_embedding", None, True, None)
+    # A stored head, an untied config, or an encoder without a head: a plain token embedding.
+    assert classify(_state(model), config)["model.embed_tokens.weight"].role == "token_embedding"
+    assert classify(state, {**config, "tie_word_embeddings": False})["model.embed_tokens.weight"].role == "token_embedding"
+    assert classify(state, {**config, "architectures": ["LlamaModel"]})["model.embed_tokens.weight"].role == "token_embedding"
+
+
 def test_qwen2_biases_are_linear_biases():
     transformers = pytest.importorskip("transformers")
     roles = _roles(_llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
@@ -197,7 +209,7 @@ def test_smollm2_header_roles(smollm2_dir):
     roles = _header_roles(smollm2_dir)
     counts = {role: sum(r.role == role for r in roles.values()) for role in ROLES}
     assert {k: v for k, v in counts.items() if v} == {
-        "token_embedding": 1, "attn_q": 30, "attn_k": 30, "attn_v": 30, "attn_o": 30, "mlp_gate": 30,
+        "tied_embedding": 1, "attn_q": 30, "attn_k": 30, "attn_v": 30, "attn_o": 30, "mlp_gate": 30,
         "mlp_up": 30, "mlp_down": 30, "norm_weight": 61}
     assert roles["model.layers.29.self_attn.v_proj.weight"] == TensorRole("attn_v", 29, True, 30)
     assert all(r.input_last is True for r in roles.values() if r.role.startswith(("attn_", "mlp_")))

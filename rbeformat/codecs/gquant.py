@@ -106,15 +106,18 @@ def _keep_better(best: list[np.ndarray] | None, new: list[np.ndarray]) -> list[n
 
 
 def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
-             dtype: str) -> tuple[np.ndarray, np.ndarray]:
+             dtype: str, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scales (groups,) and signed codes (groups, g) minimising squared error per group.
 
-    Zero padding needs no mask here: a padded 0 always gets code 0 and so adds
-    nothing to any sum nor to the error.
+    ``weight`` (g,), when given, weighs each position's squared error (an
+    importance per input column, see ``importance``).  Zero padding needs no
+    mask here: a padded 0 always gets code 0 and so adds nothing to any sum
+    nor to the error.
     """
     h = 2 ** (bits - 1)
     peak = w[np.arange(w.shape[0]), np.abs(w).argmax(axis=1)].astype(np.float64)  # signed largest magnitude
-    total = _rowdot(w, w)
+    mw = w if weight is None else w * weight  # the weighted values enter every sum
+    total = _rowdot(mw, w)
     q = np.empty_like(w)  # reused: allocating a fresh array per candidate costs more than the arithmetic
 
     def assign(s):
@@ -123,8 +126,10 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
         return np.clip(q, -h, h - 1, out=q)
 
     def refit(q):
-        # For fixed codes the best scale is <w,q>/<q,q>, leaving error |w|^2 - s<w,q>.
-        wq, qq = _rowdot(w, q), _rowdot(q, q)
+        # For fixed codes the best scale is <w,q>/<q,q>, leaving error |w|^2 - s<w,q>
+        # (inner products weighted by ``weight`` when given).
+        wq = _rowdot(mw, q)
+        qq = _rowdot(q, q) if weight is None else _rowdot(q * weight, q)
         s = np.divide(wq, qq, out=np.zeros_like(wq), where=qq > 0)
         return [s, total - s * wq]
 
@@ -141,23 +146,25 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
 
 
 def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[float, ...], iters: int,
-              dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              dtype: str, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scales, offsets (groups,) and codes (groups, g) minimising squared error per group.
 
     Padded positions (mask 0) hold w = 0 and get their code zeroed before any
-    sum, so they add nothing to the fit.
+    sum, so they add nothing to the fit.  ``weight`` (g,), when given (groups
+    without padding only), weighs each position's squared error.
     """
     top = 2 ** bits - 1
     if mask is None:
         lo, hi = w.min(axis=1), w.max(axis=1)
-        count = np.full(w.shape[0], w.shape[1], np.float64)
+        count = np.full(w.shape[0], w.shape[1] if weight is None else weight.sum(dtype=np.float64), np.float64)
     else:
         lo = np.where(mask > 0, w, np.inf).min(axis=1)
         hi = np.where(mask > 0, w, -np.inf).max(axis=1)
         count = mask.sum(axis=1, dtype=np.float64)
     lo, width = lo.astype(np.float64), (hi - lo).astype(np.float64)
-    sw = w.sum(axis=1, dtype=np.float64)
-    centred = _rowdot(w, w) - sw * sw / count  # error of the best constant
+    mw = w if weight is None else w * weight  # the weighted values enter every sum
+    sw = mw.sum(axis=1, dtype=np.float64)
+    centred = _rowdot(mw, w) - sw * sw / count  # error of the best constant
     q = np.empty_like(w)
 
     def assign(s, o):
@@ -168,8 +175,10 @@ def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[fl
         return q if mask is None else np.multiply(q, mask, out=q)
 
     def refit(q):
-        # Least-squares line value = s * code + o through each group's points.
-        sq, sqq, swq = q.sum(axis=1, dtype=np.float64), _rowdot(q, q), _rowdot(q, w)
+        # Least-squares line value = s * code + o through each group's points (weighted
+        # by ``weight`` when given).
+        mq = q if weight is None else q * weight
+        sq, sqq, swq = mq.sum(axis=1, dtype=np.float64), _rowdot(mq, q), _rowdot(mq, w)
         var = sqq - sq * sq / count
         cov = swq - sw * sq / count
         s = np.divide(cov, var, out=np.zeros_like(cov), where=var > 0)
@@ -184,6 +193,18 @@ def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[fl
         best = _keep_better(best, refit(assign(best[0], best[1])))
     s, o = float_part(best[0], dtype), float_part(best[1], dtype)
     return s, o, assign(s.astype(np.float64), o.astype(np.float64)).copy()
+
+
+def importance(hessian: np.ndarray) -> np.ndarray:
+    """Per input column, the weight of its squared error in a scale fit: E[x_j^2] / mean, floored.
+
+    The output error of a Linear layer weighs column j's error by E[x_j^2]
+    (the diagonal of H, ignoring correlations, which GPTQ then handles); the
+    floor keeps columns that never fire from leaving a group unconstrained.
+    """
+    d = np.maximum(np.diag(np.asarray(hessian, np.float64)), 0.0)
+    mean = d.mean() if d.size and d.mean() > 0 else 1.0
+    return (d / mean + 0.01).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -206,6 +227,9 @@ class GroupQuant(TensorCodec):
     gptq_order: str = setting("columns", choice("columns", "activation"),
                               "GPTQ encoder: columns left to right, each group's scale fitted when reached; or "
                               "activation: most used inputs first, scales fitted beforehand", "encoder")
+    scale_fit: str = setting("importance", choice("importance", "plain"),
+                             "GPTQ encoder: importance: each group's scale fitted to the squared error weighted by "
+                             "its inputs' second moments diag(H); plain: unweighted", "encoder")
 
     def check_settings(self, where: str) -> None:
         if any(t >= 0.5 for t in self.trims):
@@ -271,16 +295,20 @@ class GroupQuant(TensorCodec):
         offsets = np.zeros((rows, ng), np.float64)
         codes = np.zeros((rows, n), np.uint8)
         static = self.gptq_order == "activation"
+        weight = importance(calibration.hessian) if self.scale_fit == "importance" else None
+
+        def fit(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            cols = slice(k * self.group, (k + 1) * self.group)
+            return self._fit_groups(np.ascontiguousarray(block, np.float32), None if weight is None else weight[cols])
+
         if static:  # columns come out of order: every scale is fitted on the original values first
             for k in range(ng):
-                scales[:, k], offsets[:, k] = self._fit_groups(
-                    np.ascontiguousarray(w[:, k * self.group : (k + 1) * self.group]))
+                scales[:, k], offsets[:, k] = fit(w[:, k * self.group : (k + 1) * self.group], k)
 
         def quantize(j: int, current: np.ndarray) -> np.ndarray:
             k = j // self.group
             if j % self.group == 0 and not static:
-                block = np.ascontiguousarray(current[:, j : j + self.group], np.float32)
-                scales[:, k], offsets[:, k] = self._fit_groups(block)
+                scales[:, k], offsets[:, k] = fit(current[:, j : j + self.group], k)
             s, o = scales[:, k], offsets[:, k]
             column = current[:, j]
             if self.mode == "sym":
@@ -302,12 +330,13 @@ class GroupQuant(TensorCodec):
             parts["zeros"] = offsets.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)
         return Encoded(parts=parts, params={})
 
-    def _fit_groups(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stored scale and offset (zeros in sym mode) of each row of ``block`` (rows, g), as float64."""
+    def _fit_groups(self, block: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stored scale and offset (zeros in sym mode) of each row of ``block`` (rows, g), as float64;
+        ``weight`` (g,) weighs each column's squared error."""
         if self.mode == "sym":
-            s, _ = _fit_sym(block, self.bits, self.grid, self.iterations, self.scale_dtype)
+            s, _ = _fit_sym(block, self.bits, self.grid, self.iterations, self.scale_dtype, weight)
             return s.astype(np.float64), np.zeros(len(block))
-        s, o, _ = _fit_asym(block, None, self.bits, self.trims, self.iterations, self.scale_dtype)
+        s, o, _ = _fit_asym(block, None, self.bits, self.trims, self.iterations, self.scale_dtype, weight)
         return s.astype(np.float64), o.astype(np.float64)
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,

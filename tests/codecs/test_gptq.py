@@ -10,7 +10,6 @@ import pytest
 from harness import roundtrip, run_doctests
 from rbeformat.codecs import gptq
 from rbeformat.codecs.gquant import GroupQuant
-from rbeformat.codecs.palette import Palette
 from rbeformat.codecs.sparse import NM24, Sparse
 from rbeformat.codecs.tensor import Calibration
 
@@ -72,7 +71,7 @@ def test_wanda_prunes_with_less_output_error_than_magnitude():
 
 def test_a_codec_without_the_method_refuses_it():
     with pytest.raises(ValueError, match="no 'gptq' encoder"):
-        Palette(bits=4).encode(W, calibration=Calibration("gptq", HESSIAN))
+        Sparse(density=0.5).encode(W, calibration=Calibration("gptq", HESSIAN))
     with pytest.raises(ValueError, match="does not fit"):
         GroupQuant(bits=4, group=64).encode(W, calibration=Calibration("gptq", np.eye(N + 1)))
     with pytest.raises(ValueError, match="does not fit"):
