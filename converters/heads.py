@@ -51,7 +51,8 @@ class Heads:
 
 @dataclass(frozen=True)
 class Layer:
-    """The attention tensors of one block by role (attn_q ... attn_o, attn_qkv), each with its role."""
+    """The attention tensors of one block: role (attn_q ... attn_o, attn_qkv) -> tensor name, and
+    role -> whether the weight's input axis is the last one (False: Conv1D, stored input x output)."""
 
     weights: dict[str, str]
     orientation: dict[str, bool]  # role -> input_last

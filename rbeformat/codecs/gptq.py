@@ -57,7 +57,7 @@ def compensate(w: np.ndarray, hessian: np.ndarray, quantize: ColumnQuantizer, da
         raise ValueError(f"a Hessian of shape {hessian.shape} does not fit {n} input columns")
     permuted = order is not None
     order = np.asarray(order) if permuted else np.arange(n)
-    upper = inverse_cholesky(np.asarray(hessian)[np.ix_(order, order)] if permuted else hessian, damping)
+    upper = _factor(hessian, damping, order if permuted else None)
     # The columns in the order they are quantized (the matrix itself when unpermuted).
     work = current[:, order] if permuted else current
     out = np.empty_like(current)
@@ -75,6 +75,22 @@ def compensate(w: np.ndarray, hessian: np.ndarray, quantize: ColumnQuantizer, da
             work[:, k:stop] -= np.outer(e, upper[k, k:stop])
         work[:, stop:] -= errors @ upper[start:stop, stop:]
     return out
+
+
+# The last factor computed: layers that read one input (q, k and v) share one Hessian.
+_last_factor: list = [None, None]
+
+
+def _factor(hessian: np.ndarray, damping: float, order: np.ndarray | None) -> np.ndarray:
+    """inverse_cholesky of H (permuted by ``order``), reused while the same H comes again."""
+    key = (id(hessian), hessian.shape, damping, None if order is None else order.tobytes())
+    cached_key, cached = _last_factor
+    if cached_key is not None and cached_key[0] is hessian and cached_key[1:] == key[1:]:
+        return cached
+    h = np.asarray(hessian)
+    upper = inverse_cholesky(h[np.ix_(order, order)] if order is not None else h, damping)
+    _last_factor[:] = [(hessian, *key[1:]), upper]
+    return upper
 
 
 def activation_order(hessian: np.ndarray) -> np.ndarray:
@@ -104,4 +120,4 @@ def inverse_cholesky(hessian: np.ndarray, damping: float = DEFAULT_DAMPING) -> n
 def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
     """tr((W - Q) H (W - Q)^T): the mean squared output error on the calibration inputs."""
     d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(hessian, np.float64), d))
+    return float(np.sum((d @ np.asarray(hessian, np.float64)) * d))  # a product, not a triple loop
