@@ -57,7 +57,7 @@ def text_from_file(path: str) -> CalibrationText:
 def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, threads: int | None = None,
             progress=None) -> dict[str, Calibration]:
     """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method)."""
-    torch, model, tokenizer = _load(model_dir, threads)
+    torch, model, tokenizer, causal = _load(model_dir, threads)
     modules = _linear_modules(model, weights)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -81,12 +81,14 @@ def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, thre
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
+        windows = _windows(tokenizer, text, model, causal)
+        step = min(1.0, text.windows / len(windows))  # sentences report their share of the windows
         with torch.no_grad():
-            for ids in _windows(tokenizer, text, model):
+            for ids in windows:
                 shared.clear()
                 model(input_ids=torch.tensor([ids]))
                 if progress:
-                    progress(1)
+                    progress(step)
     finally:
         for handle in handles:
             handle.remove()
@@ -122,7 +124,7 @@ def _load(model_dir: str, threads: int | None):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{model_dir}: transformers cannot load the model and tokenizer that calibration "
                          f"runs ({first[:200]})") from None
-    return torch, model, tokenizer
+    return torch, model, tokenizer, causal
 
 
 def _linear_modules(model, weights: dict[str, str]) -> dict:
@@ -164,16 +166,42 @@ def _add_tied_embeddings(model, by_weight: dict, prefix: str) -> None:
                 by_weight.setdefault(f"{name[len(prefix) + 1:]}.weight", head)
 
 
-def _windows(tokenizer, text: CalibrationText, model):
-    """Up to ``text.windows`` consecutive windows of tokens (shorter for models with fewer positions)."""
+def _windows(tokenizer, text: CalibrationText, model, causal: bool):
+    """What calibration runs the model on: for a causal LM, up to ``text.windows``
+    consecutive windows of tokens (shorter for models with fewer positions); for an
+    encoder, sentences, as encoders are used (see ``_sentences``)."""
     limit = getattr(model.config, "max_position_embeddings", None) or text.window
     window = min(text.window, limit)
+    if not causal:
+        sentences = _sentences(tokenizer, text, window)
+        if sentences:
+            return sentences
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     count = min(text.windows, len(ids) // window)
     if count < 1:
         raise UsageError(f"calibration text ({text.source}) holds {len(ids)} tokens, fewer than one window "
                          f"of {window}")
     return [ids[k * window : (k + 1) * window] for k in range(count)]
+
+
+def _sentences(tokenizer, text: CalibrationText, window: int) -> list[list[int]]:
+    """The text's prose sentences, each with the tokenizer's special tokens, until they hold as
+    many tokens as ``text.windows`` windows would: an encoder embeds short inputs framed by its
+    special tokens, which long windows of running text never show it.  Empty when the text has
+    fewer than 8 sentences (then it is read in windows)."""
+    from .quality import sentences_of
+
+    found = sentences_of(text.text)
+    if len(found) < 8:
+        return []
+    budget, out = text.windows * window, []
+    for sentence in found:
+        ids = tokenizer(sentence, truncation=True, max_length=window)["input_ids"]
+        out.append(ids)
+        budget -= len(ids)
+        if budget <= 0:
+            break
+    return out
 
 
 # -- sequential calibration: block by block, on the inputs the encoded blocks before give ----
@@ -201,14 +229,14 @@ def sequential(model_dir: str, weights: dict[str, str], text: CalibrationText, e
     from ``before`` (``collect`` on the original model).  Memory: the model,
     every window's hidden states at one block boundary, and one stage's H.
     """
-    torch, model, tokenizer = _load(model_dir, threads)
+    torch, model, tokenizer, causal = _load(model_dir, threads)
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     with torch.no_grad():
         for name in [n for n in modules if owner[n] is None]:
             _replace(modules[name], name, encode(name, before[name]), torch)
-        inputs = _block_inputs(model, blocks[0], _windows(tokenizer, text, model), torch)
+        inputs = _block_inputs(model, blocks[0], _windows(tokenizer, text, model, causal), torch)
         for index, block in enumerate(blocks):
             pending = [n for n in modules if owner[n] == index]
             while pending:

@@ -145,3 +145,35 @@ def test_a_tied_embedding_is_calibrated_as_the_output_head(tmp_path):
     handle.remove()
     x = torch.cat(seen).numpy()
     np.testing.assert_allclose(stats["model.embed_tokens.weight"].hessian, x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+
+
+class _Words:
+    """A tokenizer stand-in: one id (below 60) per word, 101 and 102 around a text when asked."""
+
+    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None):
+        ids = [1 + len(word) % 50 for word in text.split()]
+        if truncation:  # as real tokenizers do, the special tokens survive truncation
+            ids = ids[: max_length - 2 * add_special_tokens]
+        return {"input_ids": [101, *ids, 102] if add_special_tokens else ids}
+
+
+class _Config:
+    max_position_embeddings = 64
+
+
+class _Model:
+    config = _Config()
+
+
+def test_an_encoder_calibrates_on_framed_sentences_a_causal_lm_on_windows():
+    from rbe_converters import quality
+
+    text = calibrate.CalibrationText(quality.calibration_text(), "t", window=32, windows=4)
+    sentences = calibrate._windows(_Words(), text, _Model(), causal=False)
+    assert len(sentences) > 3 and all(s[0] == 101 and s[-1] == 102 for s in sentences)
+    assert 4 * 32 <= sum(map(len, sentences)) < 4 * 32 + 32  # as many tokens as the windows, one sentence more
+    windows = calibrate._windows(_Words(), text, _Model(), causal=True)
+    assert len(windows) == 4 and all(len(w) == 32 and 101 not in w for w in windows)
+    # A text without prose sentences is read in windows by an encoder too.
+    code = calibrate.CalibrationText("x = 1\n" * 400, "code", window=32, windows=2)
+    assert calibrate._windows(_Words(), code, _Model(), False) == calibrate._windows(_Words(), code, _Model(), True)
