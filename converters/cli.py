@@ -366,11 +366,13 @@ def cmd_convert(args) -> int:
     choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
     calibrations, text = _calibrations(plan, policy, args)
     with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
-        convert(args.input, args.output, force=args.force, codec=codec, policy=policy, threads=args.threads,
-                progress=bar.update, calibrations=calibrations, calibration_text=text)
+        notes = convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
+                        threads=args.threads, progress=bar.update, calibrations=calibrations, calibration_text=text)
     with Reader(args.output) as r:
         rows = tensor_rows(r)
         if not args.quiet:
+            for note in notes:
+                _stderr(note)
             _stderr(_summary_line(r))
     _warn_larger_than_dense(larger_than_dense(rows))
     return EXIT_OK

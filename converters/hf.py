@@ -21,7 +21,7 @@ from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
 from rbeformat.spec import DTYPES
-from rbeformat.values import to_float32
+from rbeformat.values import from_float32, to_float32
 
 from .atomic import atomic_directory, atomic_file
 from .recipe import Policy, lossless_policy
@@ -89,7 +89,7 @@ def _walk(root: str):
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
             policy: Policy | None = None, threads: int | None = None,
             progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None,
-            sequential: bool = True, blocks_progress: Progress | None = None) -> None:
+            sequential: bool = True, blocks_progress: Progress | None = None) -> list[str]:
     """Converts a .safetensors file or a HF model directory into one rbe file.
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
@@ -101,7 +101,7 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     calibrated tensors are then encoded block by block, each block's statistics
     measured on what the blocks before it decode to (``calibrate.sequential``;
     ``blocks_progress`` is told of each block); without, all from the original
-    model's statistics.
+    model's statistics.  Returns notes for the user (what head pruning removed).
     """
     plan = plan_conversion(src)
     policy = policy or lossless_policy()
@@ -110,24 +110,27 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     alone, groups = choose_chains(plan, policy)
     if calibrations is None:
         calibrations = calibrate_for(plan, policy, calibration_text, threads)
-    alone.update(mixed_precision(plan, policy, calibrations, set(alone)))
+    pruned, pruning = prune_heads(plan, policy, calibrations)
+    alone.update(mixed_precision(plan, policy, calibrations, set(alone), pruned))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         done = set()
         if sequential and calibrations:
-            done = _encode_sequentially(w, plan, chains, calibrations, calibration_text, threads, blocks_progress)
+            done = _encode_sequentially(w, plan, chains, calibrations, calibration_text, threads, blocks_progress,
+                                        pruned)
         first_metadata = None
         for rel, st in plan.safetensors:
-            _add_safetensors(w, rel, st, chains, calibrations, done)
+            _add_safetensors(w, rel, st, chains, calibrations, done, pruned)
             if first_metadata is None:
                 first_metadata = st.metadata
         for rel, full in plan.others:
             _add_plain_file(w, rel, full)
         w.set_metadata(first_metadata or {})
+    return [pruning] if pruning else []
 
 
 def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict, text, threads: int | None,
-                         progress: Progress | None) -> set[str]:
+                         progress: Progress | None, pruned: dict) -> set[str]:
     """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
     from . import calibrate
 
@@ -137,8 +140,8 @@ def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict
     def encode(name: str, calibration) -> np.ndarray:
         st, t = tensors[name]
         chain, refs = chains[name]
-        return w.add_transformed_decoded(name, t.dtype, _read_tensor(st, t), chain, refs=refs,
-                                         calibration=calibration)
+        values = pruned[name] if name in pruned else _read_tensor(st, t)
+        return w.add_transformed_decoded(name, t.dtype, values, chain, refs=refs, calibration=calibration)
 
     calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, calibrations, threads,
                          progress)
@@ -146,7 +149,7 @@ def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict
 
 
 def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations: dict,
-                     done: set[str] = frozenset()) -> None:
+                     done: set[str] = frozenset(), pruned: dict | None = None) -> None:
     read_at, close = st.reader()
     try:
         for t in st.tensors:
@@ -156,7 +159,7 @@ def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations
             if chain is None:
                 w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
             else:
-                values = _load(read_at, t)
+                values = pruned[t.name] if pruned and t.name in pruned else _load(read_at, t)
                 w.add_transformed(t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name))
     finally:
         close()
@@ -222,18 +225,50 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
     return methods
 
 
-def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[str]) -> dict:
+def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[str], pruned: dict | None = None) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
-    (``converters/mixed.py``); codecs that share state across tensors are never swapped."""
+    (``converters/mixed.py``); codecs that share state across tensors are never swapped.
+    ``pruned`` holds the tensors head pruning changed (scored as pruned)."""
     if policy.budget_bits is None:
         return {}
     from .mixed import candidate, pick
 
+    pruned = pruned or {}
     upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
                   if entry[2].upgrade is not None and name in names}
-    scored = [candidate(name, to_float32(_read_tensor(st, t), t.dtype), rule.chain, rule.upgrade,
-                        calibrations.get(name)) for name, (st, t, rule) in upgradable.items()]
+    scored = [candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
+                        rule.chain, rule.upgrade, calibrations.get(name))
+              for name, (st, t, rule) in upgradable.items()]
     return {name: upgradable[name][2].upgrade for name in pick(scored, policy.budget_bits)}
+
+
+def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[str, np.ndarray], str | None]:
+    """The tensors that the policy's ``prune_heads`` changes, in their stored dtype, and a summary
+    line (``converters/heads.py``); ({}, None) without it.  The o-projections' calibration
+    statistics score the heads, so their rule must calibrate."""
+    if not policy.prune_heads:
+        return {}, None
+    from . import heads
+
+    roles = plan_roles(plan)
+    config = read_config(plan) or {}
+    o_weights = [name for name, r in roles.items() if r.role == "attn_o"]
+    missing = [name for name in o_weights if name not in calibrations]
+    if not o_weights or missing:
+        raise UsageError("prune_heads scores heads with the calibration statistics of the attention output "
+                         "projections: give the attn_o rule calibration = \"gptq\""
+                         + (f" (none for {missing[0]})" if missing else " (this model has none)"))
+    tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
+    attention = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "linear_bias"}
+    weights = {name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
+               for name, r in roles.items() if r.role in attention and r.layer is not None}
+    try:
+        chosen = heads.choose_heads(config, roles, calibrations, weights, policy.prune_heads)
+        changed = heads.prune(config, roles, weights, chosen)
+    except ValueError as exc:
+        raise UsageError(f"prune_heads: {exc}") from None
+    stored = {name: from_float32(array, tensors[name][1].dtype) for name, array in changed.items()}
+    return stored, heads.summary(config, chosen)
 
 
 def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None) -> dict:

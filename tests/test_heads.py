@@ -338,3 +338,50 @@ def test_recipe_prune_heads():
 def test_recipe_prune_heads_outside_zero_to_one_is_a_usage_error(value):
     with pytest.raises(UsageError, match="'prune_heads' must be the fraction"):
         policy_from_document({"prune_heads": value, "rule": [{"match": "*", "codec": "gquant()"}]}, "r")
+
+
+def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
+    """End to end: a recipe with prune_heads, calibrated o-projections stored by ``slices``."""
+    from rbe_converters.cli import main
+    from rbeformat import Reader
+    from test_eval import _common_words, _tokenizer
+
+    tokenizer = _tokenizer(_common_words(96))
+    torch.manual_seed(3)
+    model = transformers.BertModel(transformers.BertConfig(
+        num_hidden_layers=LAYERS, max_position_embeddings=64, **{**SIZES, "vocab_size": len(tokenizer)}))
+    directory = str(tmp_path / "bert")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    recipe = tmp_path / "prune.toml"
+    recipe.write_text('prune_heads = 0.25\n\n[[rule]]\nrole = "attn_o"\n'
+                      'codec = "slices(axis=1, values=gquant(bits=8, group=16))"\ncalibration = "gptq"\n\n'
+                      '[[rule]]\nroles = ["attn_q", "attn_k", "attn_v"]\ncodec = "slices(axis=0)"\n')
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(_common_words(96)) * 30)
+    out = str(tmp_path / "pruned.rbe")
+    assert main(["convert", directory, out, "--recipe", str(recipe), "--calibration", str(text),
+                 "--calibration-windows", "4"]) == 0
+    assert "pruned 3 of 12 (25.0%) attention heads" in capsys.readouterr().err
+    zero_heads = 0
+    with Reader(out) as r:
+        for i in range(LAYERS):
+            o = r.get_tensor(f"encoder.layer.{i}.attention.output.dense.weight")
+            q = r.get_tensor(f"encoder.layer.{i}.attention.self.query.weight")
+            assert o.shape == (64, 64) and q.shape == (64, 64)  # the original shapes
+            dead = [h for h in range(4) if not o[:, h * 16:(h + 1) * 16].any()]
+            assert dead == [h for h in range(4) if not q[h * 16:(h + 1) * 16].any()]
+            zero_heads += len(dead)
+            assert r.manifest.tensors[f"encoder.layer.{i}.attention.output.dense.weight"].transform.codec.name == "slices"
+    assert zero_heads == 3
+
+
+def test_prune_heads_needs_calibrated_o_projections(tmp_path):
+    from rbe_converters import hf
+
+    model = _bert()
+    directory = str(tmp_path / "bert")
+    model.save_pretrained(directory)
+    policy = policy_from_document({"prune_heads": 0.25, "rule": [{"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}, "t")
+    with pytest.raises(UsageError, match="calibration"):
+        hf.prune_heads(hf.plan_conversion(directory), policy, {})
