@@ -217,8 +217,8 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
     methods = {}
     for name, (_, _, rule) in chosen_rules(plan, policy).items():
         if rule.calibration:
-            for chain in (rule.chain, rule.upgrade):
-                if chain is not None and rule.calibration not in chain.codec.calibrations:
+            for chain in (rule.chain, *rule.upgrades):
+                if rule.calibration not in chain.codec.calibrations:
                     raise UsageError(f"tensor {name!r}: {chain.codec.name} has no {rule.calibration!r} "
                                      f"encoder (it has: {', '.join(chain.codec.calibrations) or 'none'})")
             methods[name] = rule.calibration
@@ -235,11 +235,11 @@ def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[s
 
     pruned = pruned or {}
     upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
-                  if entry[2].upgrade is not None and name in names}
+                  if entry[2].upgrades and name in names}
     scored = [candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
-                        rule.chain, rule.upgrade, calibrations.get(name))
+                        rule.chain, rule.upgrades, calibrations.get(name))
               for name, (st, t, rule) in upgradable.items()]
-    return {name: upgradable[name][2].upgrade for name in pick(scored, policy.budget_bits)}
+    return {name: upgradable[name][2].upgrades[level - 1] for name, level in pick(scored, policy.budget_bits).items()}
 
 
 def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[str, np.ndarray], str | None]:

@@ -1,17 +1,18 @@
 """Mixed precision: which tensors get a rule's costlier chain, within an average bit budget.
 
-A recipe rule may name an ``upgrade`` chain beside its ``codec``, and the
-recipe a ``budget_bits``: the average bit cost per weight (``bit_cost``, the
+A recipe rule may name an ``upgrade`` chain beside its ``codec`` (or a list
+of ever costlier ones), and the recipe a ``budget_bits``: the average bit cost per weight (``bit_cost``, the
 parts stored raw, an upper bound of what lossless coding then stores) over
 every tensor those rules take.  Each such tensor is scored by how much output
 error the upgrade removes, measured with fast uncalibrated encodes: with
 calibration statistics, E|(W - Q) x|^2 = tr((W - Q) H (W - Q)^T), the error a
 layer adds to its output on the calibration text; without, |W - Q|^2.  The
-tensors that gain most per extra bit get the upgrade, greedily, until the
-budget is spent.  The result is a plain choice of chains per tensor.
+steps that remove the most error per extra stored bit are taken, greedily,
+until the budget is spent (``pick``).  The result is a plain choice of chains
+per tensor.
 
->>> pick([Candidate("a", 100, 4.5, 6.5, 10.0), Candidate("b", 100, 4.5, 6.5, 1.0)], 5.5)
-{'a'}
+>>> pick([Candidate("a", 100, (4.5, 6.5), (11.0, 1.0)), Candidate("b", 100, (4.5, 6.5), (2.0, 1.0))], 5.5)
+{'a': 1}
 """
 
 from __future__ import annotations
@@ -27,39 +28,69 @@ from rbeformat.codecs.tensor import Calibration
 
 @dataclass(frozen=True)
 class Candidate:
-    """One tensor that may get the upgrade: its size, both bit costs per weight, and the error removed."""
+    """One tensor that mixed precision may upgrade: its size, and the bit cost per weight and the
+    error of the rule's chain (level 0) and of each upgrade (levels 1, 2, ...)."""
 
     name: str
     weights: int
-    base_bits: float
-    upgrade_bits: float
-    gain: float
+    bits: tuple[float, ...]
+    errors: tuple[float, ...]
 
 
-def pick(candidates: list[Candidate], budget_bits: float) -> set[str]:
-    """The names that get the upgrade: best gain per extra bit first, while the average stays within budget."""
+def pick(candidates: list[Candidate], budget_bits: float) -> dict[str, int]:
+    """{name: level} for the tensors that get an upgrade, within an average of ``budget_bits``.
+
+    Greedy over every tensor's steps between the levels on the lower convex hull of its
+    (bits, error) points, largest error removed per extra bit first (bits count the
+    tensor's size): the allocation a budgeted choice of one level per tensor makes when
+    each tensor's error falls ever slower as its bits grow.
+    """
     total = sum(c.weights for c in candidates)
-    spent = sum(c.weights * c.base_bits for c in candidates)
+    spent = sum(c.weights * c.bits[0] for c in candidates)
     limit = budget_bits * total
-    chosen = set()
-    ranked = sorted(candidates, key=lambda c: c.gain / max(c.upgrade_bits - c.base_bits, 1e-9), reverse=True)
-    for c in ranked:
-        extra = c.weights * (c.upgrade_bits - c.base_bits)
-        if c.gain > 0 and spent + extra <= limit:
-            chosen.add(c.name)
-            spent += extra
-    return chosen
+    steps = [(gain, order, c, low, high) for c in candidates
+             for order, (low, high, gain) in enumerate(_hull_steps(c))]
+    level: dict[str, int] = {}
+    blocked: set[str] = set()
+    for _, _, c, low, high in sorted(steps, key=lambda s: (-s[0], s[1], s[2].name)):
+        if c.name in blocked or level.get(c.name, 0) != low:
+            continue
+        extra = c.weights * (c.bits[high] - c.bits[low])
+        if spent + extra > limit:
+            blocked.add(c.name)  # its later steps would skip this one
+            continue
+        level[c.name] = high
+        spent += extra
+    return level
 
 
-def candidate(name: str, x: np.ndarray, base: Chain, upgrade: Chain, calibration: Calibration | None) -> Candidate:
-    """Scores one tensor (values as float32) for the upgrade."""
+def _hull_steps(c: Candidate) -> list[tuple[int, int, float]]:
+    """(from level, to level, error removed per extra bit) along the lower convex hull of the levels."""
+    points = sorted(range(len(c.bits)), key=lambda i: c.bits[i])
+    hull = [0]
+    for i in points:
+        if c.bits[i] <= c.bits[hull[-1]] or c.errors[i] >= c.errors[hull[-1]]:
+            continue  # costs no more, or gains nothing over the last kept level
+        while len(hull) > 1 and _slope(c, hull[-2], hull[-1]) <= _slope(c, hull[-1], i):
+            hull.pop()  # the last kept level lies above the line to this one
+        hull.append(i)
+    return [(a, b, _slope(c, a, b)) for a, b in zip(hull, hull[1:])]
+
+
+def _slope(c: Candidate, a: int, b: int) -> float:
+    return (c.errors[a] - c.errors[b]) / (c.weights * (c.bits[b] - c.bits[a]))
+
+
+def candidate(name: str, x: np.ndarray, base: Chain, upgrades: tuple[Chain, ...],
+              calibration: Calibration | None) -> Candidate:
+    """Scores one tensor (values as float32) at the rule's chain and at each upgrade."""
     errors, bits = [], []
-    for chain in (base, upgrade):
+    for chain in (base, *upgrades):
         encoded = chain.codec.encode(x)
         decoded = chain.codec.decode(encoded.parts, encoded.params, x.shape, name)
         errors.append(_error(x, decoded, calibration))
         bits.append(chain.codec.bit_cost(encoded.params, x.shape) / x.size)
-    return Candidate(name, int(x.size), bits[0], bits[1], errors[0] - errors[1])
+    return Candidate(name, int(x.size), tuple(bits), tuple(errors))
 
 
 def _error(x: np.ndarray, decoded: np.ndarray, calibration: Calibration | None) -> float:

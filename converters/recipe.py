@@ -18,7 +18,7 @@ other), or both, and may narrow the choice with
 ``calibration = "gptq" | "wanda"`` asks for a calibration-aware encoder
 for the rule's tensors (``Policy.choose_rule`` hands the rule to the
 converter).  ``upgrade = "CHAIN"`` names a costlier chain for the rule's
-tensors, and a top-level ``budget_bits`` the average bit cost per weight over
+tensors (or ``upgrade = ["CHAIN", ...]`` several, in order of cost), and a top-level ``budget_bits`` the average bit cost per weight over
 all tensors of such rules: the tensors where the upgrade removes the most
 output error per extra bit get it (mixed precision, ``converters/mixed.py``).
 A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
@@ -81,7 +81,7 @@ class Rule:
     layers: tuple[int, ...] | None = None
     input_last: bool | None = None
     calibration: str | None = None
-    upgrade: Chain | None = None  # the costlier chain mixed precision may give some tensors
+    upgrades: tuple[Chain, ...] = ()  # ever costlier chains mixed precision may give some tensors
 
     @property
     def uses_roles(self) -> bool:
@@ -178,7 +178,7 @@ def policy_from_document(doc: dict, where: str) -> Policy:
         raise UsageError(f"{where}: 'rule' must be an array of tables ([[rule]])")
     parsed = [_rule(raw, f"{where}: rule {i + 1}") for i, raw in enumerate(rules)]
     budget = doc.get("budget_bits")
-    upgrades = any(r.upgrade is not None for r in parsed)
+    upgrades = any(r.upgrades for r in parsed)
     if budget is not None and (type(budget) not in (int, float) or not 0 < budget <= 64):
         raise UsageError(f"{where}: 'budget_bits' must be a number of bits per weight in (0, 64]")
     if (budget is None) == upgrades:
@@ -207,11 +207,19 @@ def _rule(raw, where: str) -> Rule:
     roles = _roles(raw, where)
     if pattern is None and roles is None:
         raise UsageError(f"{where}: needs 'match' (a name pattern), 'role' or 'roles' to say which tensors it takes")
-    upgrade = raw.get("upgrade")
-    if upgrade is not None and not isinstance(upgrade, str):
-        raise UsageError(f"{where}: 'upgrade' must be a codec chain")
     return Rule(pattern, _chain(raw["codec"], where), _ndim(raw, where), roles, _layers(raw, where),
-                _input_last(raw, where), _calibration(raw, where), None if upgrade is None else _chain(upgrade, where))
+                _input_last(raw, where), _calibration(raw, where), _upgrades(raw, where))
+
+
+def _upgrades(raw: dict, where: str) -> tuple[Chain, ...]:
+    """``upgrade``: a codec chain, or a list of them in order of cost."""
+    upgrade = raw.get("upgrade")
+    if upgrade is None:
+        return ()
+    chains = [upgrade] if isinstance(upgrade, str) else upgrade
+    if not isinstance(chains, list) or not chains or not all(isinstance(c, str) for c in chains):
+        raise UsageError(f"{where}: 'upgrade' must be a codec chain or a list of codec chains")
+    return tuple(_chain(c, where) for c in chains)
 
 
 def _chain(text: str, where: str) -> Chain:
