@@ -177,3 +177,32 @@ def test_an_encoder_calibrates_on_framed_sentences_a_causal_lm_on_windows():
     # A text without prose sentences is read in windows by an encoder too.
     code = calibrate.CalibrationText("x = 1\n" * 400, "code", window=32, windows=2)
     assert calibrate._windows(_Words(), code, _Model(), False) == calibrate._windows(_Words(), code, _Model(), True)
+
+
+def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
+    """BERT blocks take keyword arguments (the attention mask) caught at the first block."""
+    from rbe_converters import quality
+
+    tokenizer = _tokenizer(_common_words(150))
+    torch.manual_seed(4)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64))
+    directory = str(tmp_path / "bert")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    weights = {f"{n}.weight": "gptq" for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "encoder.layer." in n}
+    text = calibrate.CalibrationText(quality.evaluation_text()[:20000], "test", window=32, windows=2)
+    calls, seen = [], {}
+
+    def encode(name, calibration):
+        calls.append(name)
+        seen[name] = calibration
+        return dict(model.named_parameters())[name].detach().numpy()  # unchanged: stats as collect's
+
+    calibrate.sequential(directory, weights, text, encode, before={})
+    assert sorted(calls) == sorted(weights)
+    plain = calibrate.collect(directory, weights, text)
+    for name in weights:  # nothing changed upstream, so each block sees what the whole model sees
+        np.testing.assert_allclose(seen[name].hessian, plain[name].hessian, rtol=1e-4, atol=1e-6)
