@@ -56,13 +56,65 @@ def text_from_file(path: str) -> CalibrationText:
 
 def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, threads: int | None = None,
             progress=None) -> dict[str, Calibration]:
-    """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method)."""
+    """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method),
+    all at once from whole-model runs (``survey`` holds one block's at a time)."""
     torch, model, tokenizer, causal = _load(model_dir, threads)
     modules = _linear_modules(model, weights)
+    windows = _windows(tokenizer, text, model, causal)
+    with torch.no_grad():
+        return _moments(modules, weights, _model_runs(model, windows, text, torch, progress))
+
+
+def survey(model_dir: str, weights: dict[str, str], text: CalibrationText, visit: Callable[[str, Calibration], None],
+           threads: int | None = None, progress=None) -> dict[str, Calibration]:
+    """The original model's statistics block by block, never more than one block's at a time.
+
+    ``visit(name, calibration)`` is called for each named weight inside the
+    blocks as its block is reached (to score it; nothing is kept).  Returns the
+    Calibrations of the weights outside the blocks (a tied embedding, an output
+    head), which are few and small.  The statistics are those ``collect``
+    gives: every block runs on the original model's hidden states.
+    """
+    torch, model, tokenizer, causal = _load(model_dir, threads)
+    modules = _linear_modules(model, weights)
+    blocks = _blocks(model)
+    owner = {name: _block_of(blocks, module) for name, module in modules.items()}
+    windows = _windows(tokenizer, text, model, causal)
+    outside = {name: module for name, module in modules.items() if owner[name] is None}
+    with torch.no_grad():
+        kept = _moments(outside, weights, _model_runs(model, windows, text, torch, progress)) if outside else {}
+        inputs = _block_inputs(model, blocks[0], windows, torch)
+        for index, block in enumerate(blocks):
+            inside = {name: module for name, module in modules.items() if owner[name] == index}
+            for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
+                visit(name, calibration)
+            inputs = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in inputs]
+    return kept
+
+
+def _model_runs(model, windows, text: CalibrationText, torch, progress):
+    """Runs the model on each window in turn, as it is iterated."""
+    step = min(1.0, text.windows / len(windows))  # sentences report their share of the windows
+    for ids in windows:
+        model(input_ids=torch.tensor([ids]))
+        if progress:
+            progress(step)
+        yield
+
+
+def _block_runs(block, inputs):
+    """Runs one block on each window's caught inputs in turn, as it is iterated."""
+    for args, kwargs in inputs:
+        block(*args, **kwargs)
+        yield
+
+
+def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibration]:
+    """E[x x^T] of each module's input over the runs (one matrix for layers that read one input)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    # Input tensors seen in the current window -> the module that accumulated them.  The
-    # tensor is kept so that its id cannot be reused by another tensor in this window.
+    # Input tensors seen in the current run -> the module that accumulated them.  The
+    # tensor is kept so that its id cannot be reused by another tensor in this run.
     shared: dict[int, tuple[str, object]] = {}
 
     def hook(name):
@@ -81,17 +133,14 @@ def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, thre
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
-        windows = _windows(tokenizer, text, model, causal)
-        step = min(1.0, text.windows / len(windows))  # sentences report their share of the windows
-        with torch.no_grad():
-            for ids in windows:
-                shared.clear()
-                model(input_ids=torch.tensor([ids]))
-                if progress:
-                    progress(step)
+        for _ in runs:
+            shared.clear()
     finally:
         for handle in handles:
             handle.remove()
+    missing = [name for name in modules if name not in sums]
+    if missing:
+        raise UsageError(f"calibration: {missing[0]} never ran on the calibration text")
     means: dict[int, np.ndarray] = {}  # layers that share an input share one matrix
     for name in modules:
         if id(sums[name]) not in means:

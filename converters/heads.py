@@ -151,9 +151,18 @@ def choose_heads(config: dict, roles: dict[str, TensorRole], hessians: dict[str,
     Layers without pruned heads are left out.  Fewer heads are chosen when
     the fraction would leave some layer with none.
     """
+    _check_fraction(fraction)
+    return select_share(head_scores(config, roles, hessians, weights), fraction)
+
+
+def _check_fraction(fraction: float) -> None:
     if not 0 <= fraction < 1:
         raise ValueError(f"the fraction of heads to prune must be in [0, 1), not {fraction!r}")
-    scores = head_scores(config, roles, hessians, weights)
+
+
+def select_share(scores: dict[int, np.ndarray], fraction: float) -> dict[int, list[int]]:
+    """``select`` of ``fraction`` of all heads (rounded), from scores already computed."""
+    _check_fraction(fraction)
     total = sum(len(row) for row in scores.values())
     return select(scores, int(np.floor(fraction * total + 0.5)))
 

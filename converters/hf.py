@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -94,10 +94,11 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
     (default: everything lossless).  Rules that ask for calibration get the
-    statistics of ``calibrate.collect`` on ``calibration_text`` (default: the
-    calibration half of pydoc's topics), gathered on the original model before
-    anything is written (or given as ``calibrations``, from ``calibrate_for``);
-    mixed precision decides with them.  With ``sequential`` (the default) the
+    statistics of the original model on ``calibration_text`` (default: the
+    calibration half of pydoc's topics) before anything is written: a survey
+    block by block that keeps only the decisions of mixed precision and head
+    pruning (``calibrate_for``), or ``calibrations`` given (a ``Statistics``, or
+    ``calibrate.collect``'s dict).  With ``sequential`` (the default) the
     calibrated tensors are then encoded block by block, each block's statistics
     measured on what the blocks before it decode to (``calibrate.sequential``;
     ``blocks_progress`` is told of each block); without, all from the original
@@ -109,18 +110,21 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         raise InputError("the output must not be the input")
     alone, groups = choose_chains(plan, policy)
     if calibrations is None:
-        calibrations = calibrate_for(plan, policy, calibration_text, threads)
-    pruned, pruning = prune_heads(plan, policy, calibrations)
-    alone.update(mixed_precision(plan, policy, calibrations, set(alone), pruned))
+        calibrations = calibrate_for(plan, policy, calibration_text, threads, sequential=sequential)
+    stats = calibrations if isinstance(calibrations, Statistics) else Statistics.of(calibrations)
+    pruned, pruning = prune_heads(plan, policy, stats)
+    alone.update(mixed_precision(plan, policy, stats, set(alone), pruned))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         done = set()
-        if sequential and calibrations:
-            done = _encode_sequentially(w, plan, chains, calibrations, calibration_text, threads, blocks_progress,
-                                        pruned)
+        if sequential and stats.methods:
+            done = _encode_sequentially(w, plan, chains, stats, calibration_text, threads, blocks_progress, pruned)
+        elif stats.methods and set(stats.methods) - set(stats.kept):
+            raise UsageError("the calibration statistics of a survey hold no Hessians for the blocks; "
+                             "encode them sequentially")
         first_metadata = None
         for rel, st in plan.safetensors:
-            _add_safetensors(w, rel, st, chains, calibrations, done, pruned)
+            _add_safetensors(w, rel, st, chains, stats.kept, done, pruned)
             if first_metadata is None:
                 first_metadata = st.metadata
         for rel, full in plan.others:
@@ -129,13 +133,13 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     return [pruning] if pruning else []
 
 
-def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict, text, threads: int | None,
+def _encode_sequentially(w: Writer, plan: Plan, chains: dict, stats: "Statistics", text, threads: int | None,
                          progress: Progress | None, pruned: dict) -> set[str]:
     """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
     from . import calibrate
 
     tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
-    methods = {name: cal.method for name, cal in calibrations.items() if name in chains}
+    methods = {name: method for name, method in stats.methods.items() if name in chains}
 
     def encode(name: str, calibration) -> np.ndarray:
         st, t = tensors[name]
@@ -143,7 +147,7 @@ def _encode_sequentially(w: Writer, plan: Plan, chains: dict, calibrations: dict
         values = pruned[name] if name in pruned else _read_tensor(st, t)
         return w.add_transformed_decoded(name, t.dtype, values, chain, refs=refs, calibration=calibration)
 
-    calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, calibrations, threads,
+    calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, stats.kept, threads,
                          progress)
     return set(methods)
 
@@ -225,10 +229,12 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
     return methods
 
 
-def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[str], pruned: dict | None = None) -> dict:
+def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[str],
+                    pruned: dict | None = None) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
     (``converters/mixed.py``); codecs that share state across tensors are never swapped.
-    ``pruned`` holds the tensors head pruning changed (scored as pruned)."""
+    Scores come from the survey (``stats.candidates``) or are computed here; ``pruned`` holds
+    the tensors head pruning changed (scored here as pruned; a survey scored them before)."""
     if policy.budget_bits is None:
         return {}
     from .mixed import candidate, pick
@@ -236,13 +242,14 @@ def mixed_precision(plan: Plan, policy: Policy, calibrations: dict, names: set[s
     pruned = pruned or {}
     upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
                   if entry[2].upgrades and name in names}
-    scored = [candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
-                        rule.chain, rule.upgrades, calibrations.get(name))
+    scored = [stats.candidates.get(name) or
+              candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
+                        rule.chain, rule.upgrades, stats.kept.get(name))
               for name, (st, t, rule) in upgradable.items()]
     return {name: upgradable[name][2].upgrades[level - 1] for name, level in pick(scored, policy.budget_bits).items()}
 
 
-def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[str, np.ndarray], str | None]:
+def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:
     """The tensors that the policy's ``prune_heads`` changes, in their stored dtype, and a summary
     line (``converters/heads.py``); ({}, None) without it.  The o-projections' calibration
     statistics score the heads, so their rule must calibrate."""
@@ -252,8 +259,9 @@ def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[st
 
     roles = plan_roles(plan)
     config = read_config(plan) or {}
+    stats = stats if isinstance(stats, Statistics) else Statistics.of(stats)
     o_weights = [name for name, r in roles.items() if r.role == "attn_o"]
-    missing = [name for name in o_weights if name not in calibrations]
+    missing = [name for name in o_weights if name not in stats.methods]
     if not o_weights or missing:
         raise UsageError("prune_heads scores heads with the calibration statistics of the attention output "
                          "projections: give the attn_o rule calibration = \"gptq\""
@@ -263,7 +271,8 @@ def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[st
     weights = {name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
                for name, r in roles.items() if r.role in attention and r.layer is not None}
     try:
-        chosen = heads.choose_heads(config, roles, calibrations, weights, policy.prune_heads)
+        scores = stats.head_scores or heads.head_scores(config, roles, stats.kept, weights)
+        chosen = heads.select_share(scores, policy.prune_heads)
         changed = heads.prune(config, roles, weights, chosen)
     except ValueError as exc:
         raise UsageError(f"prune_heads: {exc}") from None
@@ -271,14 +280,76 @@ def prune_heads(plan: Plan, policy: Policy, calibrations: dict) -> tuple[dict[st
     return stored, heads.summary(config, chosen)
 
 
-def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None) -> dict:
-    """The calibration statistics the policy's rules ask for (torch and transformers run the model)."""
+@dataclass
+class Statistics:
+    """What calibration measured on the original model, as the converter keeps it.
+
+    ``methods``: every calibrated tensor's method.  ``kept``: the Calibrations
+    held for encoding: all of them (``calibrate.collect``), or, after a survey,
+    only those of the weights outside the blocks.  A survey (``calibrate.survey``)
+    holds one block's statistics at a time and keeps only the decisions they
+    feed: mixed precision's scores (``candidates``) and each layer's head scores.
+    """
+
+    methods: dict[str, str]
+    kept: dict
+    candidates: dict = field(default_factory=dict)
+    head_scores: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, calibrations: dict) -> "Statistics":
+        """Every tensor's statistics held (``calibrate.collect``): decisions are computed from them."""
+        return cls({name: c.method for name, c in calibrations.items()}, dict(calibrations))
+
+
+def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None,
+                  sequential: bool = True) -> Statistics:
+    """The calibration statistics the policy's rules ask for (torch and transformers run the model).
+
+    For a sequential conversion, a survey: block by block, scoring as it goes,
+    so that memory holds one block's statistics; otherwise every statistic at once.
+    """
     methods = calibration_methods(plan, policy)
     if not methods:
-        return {}
+        return Statistics({}, {})
     from . import calibrate
 
-    return calibrate.collect(plan.root, methods, text or calibrate.default_text(), threads, progress)
+    text = text or calibrate.default_text()
+    if not sequential:
+        return Statistics.of(calibrate.collect(plan.root, methods, text, threads, progress))
+    stats = Statistics(dict(methods), {})
+    stats.kept = calibrate.survey(plan.root, methods, text, _scorer(plan, policy, stats), threads, progress)
+    return stats
+
+
+def _scorer(plan: Plan, policy: Policy, stats: Statistics):
+    """What a survey does with one weight's statistics: mixed precision's and head pruning's scores."""
+    from .mixed import candidate
+
+    chosen = chosen_rules(plan, policy)
+    roles = plan_roles(plan) if policy.prune_heads else {}
+    geometry = None
+    if policy.prune_heads:
+        from . import heads
+
+        geometry = heads.heads_of(read_config(plan) or {})
+
+    def score(name: str, calibration) -> None:
+        st, t, rule = chosen[name]
+        role = roles.get(name)
+        wants_heads = role is not None and role.role == "attn_o" and role.input_last is not False
+        if not (rule.upgrades and policy.budget_bits is not None) and not wants_heads:
+            return
+        x = to_float32(_read_tensor(st, t), t.dtype)
+        if rule.upgrades and policy.budget_bits is not None:
+            stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration)
+        if wants_heads:
+            try:
+                stats.head_scores[role.layer] = heads.layer_scores(x.astype(np.float64), calibration.hessian, geometry)
+            except ValueError as exc:
+                raise UsageError(f"prune_heads: {exc}") from None
+
+    return score
 
 
 def plan_roles(plan: Plan) -> dict[str, TensorRole]:

@@ -206,3 +206,18 @@ def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
     plain = calibrate.collect(directory, weights, text)
     for name in weights:  # nothing changed upstream, so each block sees what the whole model sees
         np.testing.assert_allclose(seen[name].hessian, plain[name].hessian, rtol=1e-4, atol=1e-6)
+
+
+def test_a_survey_gives_collects_statistics_one_block_at_a_time(llama):
+    directory, model, _ = llama
+    weights = {name: "gptq" for name in _linear_weights(model)}
+    weights["lm_head.weight"] = "gptq"  # outside the blocks: kept, not visited
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=3)
+    visited = []
+    kept = calibrate.survey(directory, weights, text, lambda name, c: visited.append((name, c)))
+    assert set(kept) == {"lm_head.weight"} and sorted(n for n, _ in visited) == sorted(set(weights) - set(kept))
+    # Block 0's weights come before block 1's, and each visit sees what collect measures.
+    assert all(n.startswith("model.layers.0.") for n, _ in visited[:7])
+    plain = calibrate.collect(directory, weights, text)
+    for name, calibration in [*visited, *kept.items()]:
+        np.testing.assert_allclose(calibration.hessian, plain[name].hessian, rtol=1e-4, atol=1e-7)
