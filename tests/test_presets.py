@@ -189,7 +189,7 @@ def test_roles_without_a_config_come_from_names(tmp_path):
 
 # -- the presets ------------------------------------------------------------------------
 
-EXPECTED_PRESETS = {"lossless", "q8", "q6", "q5", "q4", "q3", "q2", "seed", "vq", "minilm-layerwise"}
+EXPECTED_PRESETS = {"lossless", "q8", "q6", "q5", "q4", "q4-small", "q3", "q2", "seed", "vq", "minilm-layerwise"}
 
 
 def test_every_preset_file_is_listed_loads_and_describes_itself():
