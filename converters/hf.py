@@ -144,8 +144,10 @@ def _encode_sequentially(w: Writer, plan: Plan, chains: dict, stats: "Statistics
     def encode(name: str, calibration) -> np.ndarray:
         st, t = tensors[name]
         chain, refs = chains[name]
-        values = pruned[name] if name in pruned else _read_tensor(st, t)
-        return w.add_transformed_decoded(name, t.dtype, values, chain, refs=refs, calibration=calibration)
+        original = _read_tensor(st, t)
+        values = pruned.get(name, original)
+        return w.add_transformed_decoded(name, t.dtype, values, chain, refs=refs, calibration=calibration,
+                                         reference=original)
 
     calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, stats.kept, threads,
                          progress)
@@ -163,8 +165,10 @@ def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations
             if chain is None:
                 w.add_tensor(t.name, t.dtype, t.shape, lambda o, n, b=t.begin: read_at(b + o, n))
             else:
-                values = pruned[t.name] if pruned and t.name in pruned else _load(read_at, t)
-                w.add_transformed(t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name))
+                original = _load(read_at, t)
+                values = pruned[t.name] if pruned and t.name in pruned else original
+                w.add_transformed(t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name),
+                                  reference=original)
     finally:
         close()
     header = st.header if st.exact else build_header([(t.name, t.dtype, t.shape) for t in st.tensors], st.metadata)

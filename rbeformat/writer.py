@@ -184,7 +184,7 @@ class Writer:
 
     def add_transformed(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
                         refs: dict[str, np.ndarray] | None = None, dedup: bool = True,
-                        calibration: "Calibration | None" = None) -> dict:
+                        calibration: "Calibration | None" = None, reference: np.ndarray | None = None) -> dict:
         """Adds a tensor encoded by a codec chain (lossy or structural).
 
         ``array`` holds the tensor's values (any float dtype); the chain's codec
@@ -192,21 +192,25 @@ class Writer:
         encoder.  Each part of the codec's output is stored
         losslessly, or by the chain given for it.  Returns the error statistics
         recorded in the manifest (relative Frobenius error, SNR, max |error|),
-        measured on the decoded tensor as a reader will see it.
+        measured on the decoded tensor as a reader will see it, against
+        ``reference`` when given (the values before a step such as pruning that
+        changed ``array``), else against ``array``.
         """
-        return self._add_transformed(name, dtype, array, chain, refs, dedup, calibration)[0]
+        return self._add_transformed(name, dtype, array, chain, refs, dedup, calibration, reference)[0]
 
     def add_transformed_decoded(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
                                 refs: dict[str, np.ndarray] | None = None,
-                                calibration: "Calibration | None" = None) -> np.ndarray:
+                                calibration: "Calibration | None" = None,
+                                reference: np.ndarray | None = None) -> np.ndarray:
         """Like ``add_transformed`` (never an alias); returns the float32 values a reader will decode.
 
         A converter that encodes a model layer by layer runs the later layers
         on what the earlier ones decode to.
         """
-        return self._add_transformed(name, dtype, array, chain, refs, False, calibration)[1]
+        return self._add_transformed(name, dtype, array, chain, refs, False, calibration, reference)[1]
 
-    def _add_transformed(self, name, dtype, array, chain, refs, dedup, calibration) -> tuple[dict, np.ndarray | None]:
+    def _add_transformed(self, name, dtype, array, chain, refs, dedup, calibration,
+                         reference=None) -> tuple[dict, np.ndarray | None]:
         self._require_open()
         name = self._claim_name(name)
         if dtype not in LOSSY_DTYPES:
@@ -224,7 +228,7 @@ class Writer:
         x = to_float32(array, dtype)
         node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}", calibration)
         seen = to_float32(from_float32(decoded, dtype), dtype)  # as a reader will see it
-        stats = error_stats(x, seen)
+        stats = error_stats(x if reference is None else to_float32(reference, dtype), seen)
         self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
         self._report_dense(dtype, array.shape)
         return stats, seen
