@@ -11,6 +11,7 @@ from rbeformat.codecs import bitpack, gptq
 from rbeformat.codecs.gquant import GroupQuant
 from rbeformat.codecs.palette import Palette, fit_codebooks
 from rbeformat.codecs.tensor import Calibration, PartSpec
+from weight_samples import gptq_problem
 
 RNG = np.random.default_rng(99)
 NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02
@@ -211,16 +212,7 @@ def test_any_shape_round_trips_to_codebook_values(shape, bits, scope, scale, see
         assert np.linalg.norm(out - x) <= np.linalg.norm(x - x.mean()) * 1.0001
 
 
-# A GPTQ problem: a (64, 128) weight and 2048 inputs mixed by a random matrix,
-# with channels of different strength, so that H is far from diagonal.
-def _gptq_problem():
-    rng = np.random.default_rng(21)
-    mix = rng.standard_normal((128, 128)) / np.sqrt(128) + np.eye(128)
-    x = (mix @ rng.standard_normal((128, 2048))) * np.exp(0.7 * rng.standard_normal(128))[:, None]
-    return (rng.standard_normal((64, 128)) * 0.02).astype(np.float32), x @ x.T / x.shape[1]
-
-
-W, HESSIAN = _gptq_problem()
+W, HESSIAN = gptq_problem()
 GPTQ = Calibration("gptq", HESSIAN)
 
 

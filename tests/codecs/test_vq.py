@@ -10,7 +10,7 @@ from rbeformat import FormatError
 from rbeformat.codecs import bitpack, gptq
 from rbeformat.codecs.tensor import Calibration
 from rbeformat.codecs.vq import VectorCodebook
-from weight_samples import heavy, normal
+from weight_samples import gptq_problem, heavy, normal
 
 
 @pytest.mark.parametrize("codec,bound", [
@@ -184,16 +184,7 @@ def test_random_part_bytes_decode_or_raise_format_error(k, index_bytes, float_by
     assert y.shape == shape and y.dtype == np.float32
 
 
-# A GPTQ problem: a (64, 128) weight and 2048 inputs mixed by a random matrix,
-# with channels of different strength, so that H is far from diagonal.
-def _gptq_problem():
-    rng = np.random.default_rng(21)
-    mix = rng.standard_normal((128, 128)) / np.sqrt(128) + np.eye(128)
-    x = (mix @ rng.standard_normal((128, 2048))) * np.exp(0.7 * rng.standard_normal(128))[:, None]
-    return (rng.standard_normal((64, 128)) * 0.02).astype(np.float32), x @ x.T / x.shape[1]
-
-
-W, HESSIAN = _gptq_problem()
+W, HESSIAN = gptq_problem()
 GPTQ = Calibration("gptq", HESSIAN)
 
 

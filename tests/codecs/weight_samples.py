@@ -13,6 +13,15 @@ def normal(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def gptq_problem():
+    """A calibrated-encoder problem: a (64, 128) weight and H = E[x x^T] of 2048 inputs mixed by a
+    random matrix, with channels of different strength, so that H is far from diagonal."""
+    rng = np.random.default_rng(21)
+    mix = rng.standard_normal((128, 128)) / np.sqrt(128) + np.eye(128)
+    x = (mix @ rng.standard_normal((128, 2048))) * np.exp(0.7 * rng.standard_normal(128))[:, None]
+    return (rng.standard_normal((64, 128)) * 0.02).astype(np.float32), x @ x.T / x.shape[1]
+
+
 def heavy(shape, seed=0):
     """Student t with 3 degrees of freedom, and rows whose magnitudes span 100x."""
     rng = np.random.default_rng(seed)
