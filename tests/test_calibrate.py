@@ -41,17 +41,23 @@ def test_second_moments_match_the_layers_inputs(llama):
     q, k = stats["model.layers.0.self_attn.q_proj.weight"], stats["model.layers.0.self_attn.k_proj.weight"]
     assert q.hessian is k.hessian and q.method == "gptq"
     # Independently: the mean of x x^T over the same windows, from a hook of the test's own.
+    expected = _input_moments(model, tokenizer, "model.layers.1.mlp.down_proj", windows=3)
+    np.testing.assert_allclose(stats["model.layers.1.mlp.down_proj.weight"].hessian, expected, rtol=1e-4, atol=1e-7)
+
+
+def _input_moments(model, tokenizer, module_name, windows, width=32):
+    """E[x x^T] of a module's input over the first windows of TEXT, measured with a hook here."""
     seen = []
-    module = dict(model.named_modules())["model.layers.1.mlp.down_proj"]
-    handle = module.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].reshape(-1, 128).double()))
+    module = dict(model.named_modules())[module_name]
+    handle = module.register_forward_pre_hook(
+        lambda m, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]).double()))
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        for i in range(3):
-            model(input_ids=torch.tensor([ids[i * 32 : (i + 1) * 32]]))
+        for i in range(windows):
+            model(input_ids=torch.tensor([ids[i * width : (i + 1) * width]]))
     handle.remove()
     x = torch.cat(seen).numpy()
-    expected = x.T @ x / len(x)
-    np.testing.assert_allclose(stats["model.layers.1.mlp.down_proj.weight"].hessian, expected, rtol=1e-4, atol=1e-7)
+    return x.T @ x / len(x)
 
 
 def test_only_linear_weights_and_enough_text(llama):
@@ -108,16 +114,7 @@ def test_sequential_encodes_block_by_block_on_what_earlier_blocks_decode_to(llam
     for name, module in _linear_weights(rounded).items():
         if name.startswith("model.layers.0."):
             module.weight.data.copy_(torch.from_numpy(_round_to(0.05)(originals[name]).astype(np.float32)))
-    got = []
-    layer = dict(rounded.named_modules())["model.layers.1.self_attn.q_proj"]
-    handle = layer.register_forward_pre_hook(lambda m, inputs: got.append(inputs[0].reshape(-1, 64).double()))
-    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        for i in range(3):
-            rounded(input_ids=torch.tensor([ids[i * 32 : (i + 1) * 32]]))
-    handle.remove()
-    x = torch.cat(got).numpy()
-    expected = x.T @ x / len(x)
+    expected = _input_moments(rounded, tokenizer, "model.layers.1.self_attn.q_proj", windows=3)
     hessian = seen["model.layers.1.self_attn.q_proj.weight"].hessian
     np.testing.assert_allclose(hessian, expected, rtol=1e-4, atol=1e-7)
     plain = calibrate.collect(directory, {"model.layers.1.self_attn.q_proj.weight": "gptq"}, text)
