@@ -81,14 +81,20 @@ def survey(model_dir: str, weights: dict[str, str], text: CalibrationText, visit
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     windows = _windows(tokenizer, text, model, causal)
     outside = {name: module for name, module in modules.items() if owner[name] is None}
+    # The progress reported adds up to text.windows: whole-model runs on each window (when
+    # weights lie outside the blocks), then the blocks, about two whole-model runs' work.
+    share = text.windows / ((len(windows) if outside else 0) + 2 * len(windows))
     with torch.no_grad():
-        kept = _moments(outside, weights, _model_runs(model, windows, text, torch, progress)) if outside else {}
+        runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share)))
+        kept = _moments(outside, weights, runs) if outside else {}
         inputs = _block_inputs(model, blocks[0], windows, torch)
         for index, block in enumerate(blocks):
             inside = {name: module for name, module in modules.items() if owner[name] == index}
             for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
                 visit(name, calibration)
             inputs = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in inputs]
+            if progress:
+                progress(share * 2 * len(windows) / len(blocks))
     return kept
 
 

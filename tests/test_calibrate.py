@@ -218,3 +218,12 @@ def test_a_survey_gives_collects_statistics_one_block_at_a_time(llama):
     plain = calibrate.collect(directory, weights, text)
     for name, calibration in [*visited, *kept.items()]:
         np.testing.assert_allclose(calibration.hessian, plain[name].hessian, rtol=1e-4, atol=1e-7)
+
+
+def test_a_surveys_progress_adds_up_to_the_windows(llama):
+    directory, model, _ = llama
+    weights = {name: "gptq" for name in _linear_weights(model)} | {"lm_head.weight": "gptq"}
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=3)
+    steps = []
+    calibrate.survey(directory, weights, text, lambda name, c: None, progress=steps.append)
+    assert len(steps) == 3 + 2 and abs(sum(steps) - 3) < 1e-9  # 3 windows, then 2 blocks
