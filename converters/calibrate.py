@@ -60,7 +60,7 @@ def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, thre
     all at once from whole-model runs (``survey`` holds one block's at a time)."""
     torch, model, tokenizer, causal = _load(model_dir, threads)
     modules = _linear_modules(model, weights)
-    windows = _windows(tokenizer, text, model, causal)
+    windows = _batches(_windows(tokenizer, text, model, causal))
     with torch.no_grad():
         return _moments(modules, weights, _model_runs(model, windows, text, torch, progress))
 
@@ -79,7 +79,7 @@ def survey(model_dir: str, weights: dict[str, str], text: CalibrationText, visit
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
-    windows = _windows(tokenizer, text, model, causal)
+    windows = _batches(_windows(tokenizer, text, model, causal))
     outside = {name: module for name, module in modules.items() if owner[name] is None}
     # The progress reported adds up to text.windows: whole-model runs on each window (when
     # weights lie outside the blocks), then the blocks, about two whole-model runs' work.
@@ -99,10 +99,10 @@ def survey(model_dir: str, weights: dict[str, str], text: CalibrationText, visit
 
 
 def _model_runs(model, windows, text: CalibrationText, torch, progress):
-    """Runs the model on each window in turn, as it is iterated."""
-    step = min(1.0, text.windows / len(windows))  # sentences report their share of the windows
-    for ids in windows:
-        model(input_ids=torch.tensor([ids]))
+    """Runs the model on each batch of windows in turn, as it is iterated."""
+    step = min(1.0, text.windows / len(windows))  # batches of sentences report their share of the windows
+    for batch in windows:
+        model(input_ids=torch.tensor(batch))
         if progress:
             progress(step)
         yield
@@ -239,6 +239,23 @@ def _windows(tokenizer, text: CalibrationText, model, causal: bool):
     return [ids[k * window : (k + 1) * window] for k in range(count)]
 
 
+BATCH = 64
+
+
+def _batches(windows: list[list[int]]) -> list[list[list[int]]]:
+    """The windows in batches of equal length (at most BATCH each), so that no padding enters the
+    statistics: one model call per batch instead of per sentence."""
+    by_length: dict[int, list[list[list[int]]]] = {}
+    out = []
+    for ids in windows:
+        groups = by_length.setdefault(len(ids), [])
+        if not groups or len(groups[-1]) == BATCH:
+            groups.append([])
+            out.append(groups[-1])
+        groups[-1].append(ids)
+    return out
+
+
 def _sentences(tokenizer, text: CalibrationText, window: int) -> list[list[int]]:
     """The text's prose sentences, each with the tokenizer's special tokens, until they hold as
     many tokens as ``text.windows`` windows would: an encoder embeds short inputs framed by its
@@ -291,7 +308,7 @@ def sequential(model_dir: str, weights: dict[str, str], text: CalibrationText, e
     with torch.no_grad():
         for name in [n for n in modules if owner[n] is None]:
             _replace(modules[name], name, encode(name, before[name]), torch)
-        inputs = _block_inputs(model, blocks[0], _windows(tokenizer, text, model, causal), torch)
+        inputs = _block_inputs(model, blocks[0], _batches(_windows(tokenizer, text, model, causal)), torch)
         for index, block in enumerate(blocks):
             pending = [n for n in modules if owner[n] == index]
             while pending:
@@ -342,7 +359,7 @@ def _replace(module, name: str, decoded: np.ndarray, torch) -> None:
 
 
 def _block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:
-    """(positional, keyword) arguments the first block receives, one pair per window."""
+    """(positional, keyword) arguments the first block receives, one pair per batch of windows."""
     caught = []
 
     def catch(module, args, kwargs):
@@ -351,9 +368,9 @@ def _block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:
 
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for ids in windows:
+        for batch in windows:
             try:
-                model(input_ids=torch.tensor([ids]), use_cache=False)
+                model(input_ids=torch.tensor(batch), use_cache=False)
             except _InputsCaught:
                 pass
     finally:

@@ -226,4 +226,12 @@ def test_a_surveys_progress_adds_up_to_the_windows(llama):
     text = calibrate.CalibrationText(TEXT, "test", window=32, windows=3)
     steps = []
     calibrate.survey(directory, weights, text, lambda name, c: None, progress=steps.append)
-    assert len(steps) == 3 + 2 and abs(sum(steps) - 3) < 1e-9  # 3 windows, then 2 blocks
+    assert len(steps) == 1 + 2 and abs(sum(steps) - 3) < 1e-9  # 3 windows in one batch, then 2 blocks
+
+
+def test_windows_are_batched_by_length_without_padding():
+    windows = [[1, 2], [3], [4, 5], [6], [7, 8, 9]] + [[0, 0]] * 70
+    batches = calibrate._batches(windows)
+    assert batches[:3] == [[[1, 2], [4, 5]] + [[0, 0]] * 62, [[3], [6]], [[7, 8, 9]]]
+    assert batches[3] == [[0, 0]] * 8 and len(batches) == 4  # a full batch starts the next one
+    assert sorted(map(tuple, (w for b in batches for w in b))) == sorted(map(tuple, windows))
