@@ -239,17 +239,18 @@ def _windows(tokenizer, text: CalibrationText, model, causal: bool):
     return [ids[k * window : (k + 1) * window] for k in range(count)]
 
 
-BATCH = 64
+BATCH_TOKENS = 512  # per model call: a window of a causal LM alone, or some twenty sentences
 
 
 def _batches(windows: list[list[int]]) -> list[list[list[int]]]:
-    """The windows in batches of equal length (at most BATCH each), so that no padding enters the
-    statistics: one model call per batch instead of per sentence."""
+    """The windows in batches of equal length (at most BATCH_TOKENS tokens each, at least one
+    window), so that no padding enters the statistics: one model call per batch instead of per
+    sentence, and activations (a causal LM's logits) bounded as with one window."""
     by_length: dict[int, list[list[list[int]]]] = {}
     out = []
     for ids in windows:
         groups = by_length.setdefault(len(ids), [])
-        if not groups or len(groups[-1]) == BATCH:
+        if not groups or (len(groups[-1]) + 1) * len(ids) > BATCH_TOKENS:
             groups.append([])
             out.append(groups[-1])
         groups[-1].append(ids)

@@ -230,8 +230,10 @@ def test_a_surveys_progress_adds_up_to_the_windows(llama):
 
 
 def test_windows_are_batched_by_length_without_padding():
-    windows = [[1, 2], [3], [4, 5], [6], [7, 8, 9]] + [[0, 0]] * 70
+    windows = [[1, 2], [3], [4, 5], [6], [7, 8, 9]] + [[0, 0]] * 300
     batches = calibrate._batches(windows)
-    assert batches[:3] == [[[1, 2], [4, 5]] + [[0, 0]] * 62, [[3], [6]], [[7, 8, 9]]]
-    assert batches[3] == [[0, 0]] * 8 and len(batches) == 4  # a full batch starts the next one
+    per = calibrate.BATCH_TOKENS // 2  # two-token windows per batch
+    assert batches[:3] == [[[1, 2], [4, 5]] + [[0, 0]] * (per - 2), [[3], [6]], [[7, 8, 9]]]
+    assert batches[3] == [[0, 0]] * (302 - per) and len(batches) == 4  # a full batch starts the next
     assert sorted(map(tuple, (w for b in batches for w in b))) == sorted(map(tuple, windows))
+    assert calibrate._batches([[0] * 512] * 3) == [[[0] * 512]] * 3  # long windows: one per call
