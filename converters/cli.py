@@ -390,8 +390,10 @@ def _calibrations(plan, policy, args) -> tuple[dict, object]:
     text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
     from tqdm import tqdm
 
+    # Sentences and the block-by-block survey report fractions of windows: show whole ones.
     with tqdm(total=text.windows, unit="window", desc="calibrate", disable=args.quiet, file=sys.stderr,
-              leave=False) as bar:
+              leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows "
+                                      "[{elapsed}<{remaining}]") as bar:
         return calibrate_for(plan, policy, text, args.threads, bar.update), text
 
 
