@@ -264,12 +264,7 @@ def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray
     roles = plan_roles(plan)
     config = read_config(plan) or {}
     stats = stats if isinstance(stats, Statistics) else Statistics.of(stats)
-    o_weights = [name for name, r in roles.items() if r.role == "attn_o"]
-    missing = [name for name in o_weights if name not in stats.methods]
-    if not o_weights or missing:
-        raise UsageError("prune_heads scores heads with the calibration statistics of the attention output "
-                         "projections: give the attn_o rule calibration = \"gptq\""
-                         + (f" (none for {missing[0]})" if missing else " (this model has none)"))
+    _check_prune_heads(roles, stats.methods)
     tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
     attention = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "linear_bias"}
     weights = {name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
@@ -306,6 +301,16 @@ class Statistics:
         return cls({name: c.method for name, c in calibrations.items()}, dict(calibrations))
 
 
+def _check_prune_heads(roles: dict, methods: dict[str, str]) -> None:
+    """prune_heads scores heads with the o-projections' statistics: each must be calibrated."""
+    o_weights = [name for name, r in roles.items() if r.role == "attn_o"]
+    missing = [name for name in o_weights if name not in methods]
+    if not o_weights or missing:
+        raise UsageError("prune_heads scores heads with the calibration statistics of the attention output "
+                         "projections: give the attn_o rule calibration = \"gptq\""
+                         + (f" (none for {missing[0]})" if missing else " (this model has none)"))
+
+
 def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None,
                   sequential: bool = True) -> Statistics:
     """The calibration statistics the policy's rules ask for (torch and transformers run the model).
@@ -314,6 +319,8 @@ def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = N
     so that memory holds one block's statistics; otherwise every statistic at once.
     """
     methods = calibration_methods(plan, policy)
+    if policy.prune_heads:  # refused before the model runs, not after
+        _check_prune_heads(plan_roles(plan), methods)
     if not methods:
         return Statistics({}, {})
     from . import calibrate

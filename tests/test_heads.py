@@ -390,3 +390,21 @@ def test_prune_heads_needs_calibrated_o_projections(tmp_path):
     policy = policy_from_document({"prune_heads": 0.25, "rule": [{"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}, "t")
     with pytest.raises(UsageError, match="calibration"):
         hf.prune_heads(hf.plan_conversion(directory), policy, {})
+
+
+def test_prune_heads_without_calibrated_o_projections_is_refused_before_the_model_runs(tmp_path, monkeypatch):
+    from rbe_converters import calibrate, hf
+
+    model = _bert()
+    directory = str(tmp_path / "bert")
+    model.save_pretrained(directory)
+    doc = {"prune_heads": 0.25, "rule": [{"role": "attn_q", "codec": "gquant(bits=8, group=16)", "calibration": "gptq"},
+                                          {"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(calibrate, "survey", no_run)
+    monkeypatch.setattr(calibrate, "collect", no_run)
+    with pytest.raises(UsageError, match="attn_o rule calibration"):
+        hf.calibrate_for(hf.plan_conversion(directory), policy_from_document(doc, "t"))
