@@ -248,7 +248,7 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
                   if entry[2].upgrades and name in names}
     scored = [stats.candidates.get(name) or
               candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
-                        rule.chain, rule.upgrades, stats.kept.get(name))
+                        rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts)
               for name, (st, t, rule) in upgradable.items()]
     return {name: upgradable[name][2].upgrades[level - 1] for name, level in pick(scored, policy.budget_bits).items()}
 
@@ -353,7 +353,7 @@ def _scorer(plan: Plan, policy: Policy, stats: Statistics):
             return
         x = to_float32(_read_tensor(st, t), t.dtype)
         if rule.upgrades and policy.budget_bits is not None:
-            stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration)
+            stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, policy.budget_counts)
         if wants_heads:
             try:
                 stats.head_scores[role.layer] = heads.layer_scores(x.astype(np.float64), calibration.hessian, geometry)

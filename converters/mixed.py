@@ -24,6 +24,7 @@ import numpy as np
 from rbeformat.chain import Chain
 from rbeformat.codecs import gptq
 from rbeformat.codecs.tensor import Calibration
+from rbeformat.writer import stored_part_bytes
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,24 @@ def _slope(c: Candidate, a: int, b: int) -> float:
 
 
 def candidate(name: str, x: np.ndarray, base: Chain, upgrades: tuple[Chain, ...],
-              calibration: Calibration | None) -> Candidate:
-    """Scores one tensor (values as float32) at the rule's chain and at each upgrade."""
+              calibration: Calibration | None, counts: str = "raw") -> Candidate:
+    """Scores one tensor (values as float32) at the rule's chain and at each upgrade;
+    ``counts`` says how bits are counted (``"raw"`` or ``"stored"``, see the module)."""
     errors, bits = [], []
     for chain in (base, *upgrades):
         encoded = chain.codec.encode(x)
         decoded = chain.codec.decode(encoded.parts, encoded.params, x.shape, name)
         errors.append(_error(x, decoded, calibration))
-        bits.append(chain.codec.bit_cost(encoded.params, x.shape) / x.size)
+        bits.append(_bits(chain, encoded, x.shape, counts) / x.size)
     return Candidate(name, int(x.size), tuple(bits), tuple(errors))
+
+
+def _bits(chain: Chain, encoded, shape: tuple[int, ...], counts: str) -> float:
+    """A chain's bits for one tensor; a part stored by a lossy chain of its own counts raw
+    (its stored size would need that chain's encoder run too)."""
+    if counts == "raw" or any(not sub.lossless for sub in chain.parts.values()):
+        return float(chain.codec.bit_cost(encoded.params, shape))
+    return 8.0 * sum(stored_part_bytes(arr) for arr in encoded.parts.values())
 
 
 def _error(x: np.ndarray, decoded: np.ndarray, calibration: Calibration | None) -> float:

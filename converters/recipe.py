@@ -20,7 +20,9 @@ for the rule's tensors (``Policy.choose_rule`` hands the rule to the
 converter).  ``upgrade = "CHAIN"`` names a costlier chain for the rule's
 tensors (or ``upgrade = ["CHAIN", ...]`` several, in order of cost), and a top-level ``budget_bits`` the average bit cost per weight over
 all tensors of such rules: the tensors where the upgrade removes the most
-output error per extra bit get it (mixed precision, ``converters/mixed.py``).
+output error per extra bit get it (mixed precision, ``converters/mixed.py``); ``budget_counts``
+says how: ``"raw"`` (the default: bit cost with parts stored raw) or ``"stored"`` (the
+bytes lossless coding stores for the parts).
 A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
 attention heads to be pruned, the least important on the calibration text
 first (``converters/heads.py``; the ``slices`` codec stores what is left).
@@ -69,7 +71,8 @@ from .roles import ROLES, TensorRole
 
 CALIBRATIONS = ("gptq", "wanda")
 RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
-TOP_LEVEL_KEYS = ("description", "budget_bits", "prune_heads", "rule")
+TOP_LEVEL_KEYS = ("description", "budget_bits", "budget_counts", "prune_heads", "rule")
+BUDGET_COUNTS = ("raw", "stored")  # converters/mixed.py
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Policy:
     rules: list[Rule]
     description: str = ""
     budget_bits: float | None = None  # average bit cost per weight over the tensors of rules with an upgrade
+    budget_counts: str = "raw"  # how budget_bits counts: "raw" (bit_cost) or "stored" (after lossless coding)
     prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/heads.py)
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
@@ -183,7 +187,12 @@ def policy_from_document(doc: dict, where: str) -> Policy:
         raise UsageError(f"{where}: 'budget_bits' must be a number of bits per weight in (0, 64]")
     if (budget is None) == upgrades:
         raise UsageError(f"{where}: 'budget_bits' and rules with 'upgrade' go together")
-    return Policy(parsed, description, None if budget is None else float(budget), _prune_heads(doc, where))
+    counts = doc.get("budget_counts", "raw")
+    if counts not in BUDGET_COUNTS or (budget is None and "budget_counts" in doc):
+        raise UsageError(f"{where}: 'budget_counts' must be one of {', '.join(map(repr, BUDGET_COUNTS))}, "
+                         "beside a 'budget_bits'")
+    return Policy(parsed, description, budget_bits=None if budget is None else float(budget),
+                  budget_counts=counts, prune_heads=_prune_heads(doc, where))
 
 
 def _prune_heads(doc: dict, where: str) -> float | None:

@@ -275,7 +275,7 @@ class Writer:
 
     def _lossless_blob(self, arr: np.ndarray, dtype: str) -> dict:
         data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        codec = Byteplane().for_dtype(DTYPES[dtype], arr.size)
+        codec = _part_codec(dtype, arr.size)
         hasher = hashlib.sha256()
         chunks = self._encode_chunks(codec, dtype, arr.size, lambda o, n: data[o : o + n], hasher)
         return {"codec": codec.describe(), "digest": "sha256:" + hasher.hexdigest(), "chunks": chunks}
@@ -397,6 +397,27 @@ class Writer:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _part_codec(dtype: str, items: int) -> Byteplane:
+    """The lossless codec of a codec's part (and of other arrays the writer stores whole)."""
+    return Byteplane().for_dtype(DTYPES[dtype], items)
+
+
+def stored_part_bytes(arr: np.ndarray) -> int:
+    """The bytes a writer stores for this codec part: its chunks encoded as ``_lossless_blob`` does.
+
+    Lets an encoder compare chains by what a file will hold (packed 4-bit codes, two to a
+    byte, compress; 3-bit ones straddle bytes and hardly do) rather than by raw bit cost;
+    chunk descriptions in the manifest are not counted.
+    """
+    dtype = dtype_of_numpy(arr.dtype)
+    codec = _part_codec(dtype, arr.size)
+    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    width = DTYPES[dtype].itemsize
+    per_chunk = codec.chunk_items(DTYPES[dtype]) * width
+    return sum(sum(len(p) for p in codec.encode_chunk(data[o : o + per_chunk], DTYPES[dtype])[0])
+               for o in range(0, len(data), per_chunk))
 
 
 def _store_manifest(manifest: bytes) -> tuple[bytes, int]:

@@ -81,3 +81,59 @@ def test_the_noisiest_tensors_get_the_upgrade_and_the_budget_holds(tmp_path):
 def test_bad_mixed_precision_recipes_are_usage_errors(doc, says):
     with pytest.raises(UsageError, match=says):
         policy_from_document(doc, "r")
+
+
+def test_stored_part_bytes_are_what_a_writer_stores(tmp_path):
+    from rbe_converters.evaluate import rbe_sizes
+    from rbeformat.writer import Writer, stored_part_bytes
+
+    rng = np.random.default_rng(3)
+    codes = rng.binomial(15, 0.5, 3 * 1024 * 1024).astype(np.uint8)  # peaked, as GPTQ's codes are
+    packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+    scales = rng.standard_normal(4096).astype(np.float16)
+    with Writer(tmp_path / "p.rbe") as w:
+        w.add_array("packed", packed)
+        w.add_array("scales", scales)
+    stored = rbe_sizes(str(tmp_path / "p.rbe")).tensors
+    assert stored_part_bytes(packed) == stored["packed"][2] < packed.nbytes
+    assert stored_part_bytes(scales) == stored["scales"][2]
+
+
+def test_a_stored_budget_counts_what_the_file_holds(tmp_path):
+    from rbe_converters.evaluate import rbe_sizes
+
+    rng = np.random.default_rng(11)
+    tensors = {f"layer.{i}.weight": (rng.standard_normal((128, 256)) * (1 + i)).astype(np.float32) for i in range(6)}
+    src = tmp_path / "m.safetensors"
+    write_safetensors(str(src), tensors)
+    doc = {"budget_bits": 3.9, "budget_counts": "stored",
+           "rule": [{"match": "*.weight", "codec": "gquant(bits=3, group=64, mode=asym)",
+                     "upgrade": ["gquant(bits=4, group=64, mode=asym)"]}]}
+    policy = policy_from_document(doc, "r")
+    assert policy.budget_counts == "stored"
+    stored_out, raw_out = tmp_path / "stored.rbe", tmp_path / "raw.rbe"
+    convert(str(src), str(stored_out), policy=policy)
+    convert(str(src), str(raw_out), policy=policy_from_document({**doc, "budget_counts": "raw"}, "r"))
+    weights = sum(t.size for t in tensors.values())
+
+    def upgraded_and_bits(path):
+        with Reader(path) as r:
+            up = {n for n in tensors if r.manifest.tensors[n].transform.codec.bits == 4}
+        return up, 8 * sum(rbe_sizes(str(path)).tensors[n][2] for n in tensors) / weights
+
+    stored_up, stored_bits = upgraded_and_bits(stored_out)
+    raw_up, raw_bits = upgraded_and_bits(raw_out)
+    # Raw, an upgrade costs 1 bit per weight (3.5 -> 4.5): two of six fit 3.9.  Stored, 4-bit
+    # codes compress, 3-bit ones hardly: the upgrade costs less, more tensors get it, and what
+    # the file holds stays within the budget.
+    assert len(raw_up) == 2 and raw_bits < 3.9
+    assert len(stored_up) > len(raw_up) and stored_bits <= 3.9
+
+
+def test_budget_counts_must_name_a_way_to_count():
+    doc = {"budget_bits": 4.0, "budget_counts": "bytes",
+           "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]}
+    with pytest.raises(UsageError, match="budget_counts"):
+        policy_from_document(doc, "r")
+    with pytest.raises(UsageError, match="budget_counts"):
+        policy_from_document({"budget_counts": "raw", "rule": [{"match": "*", "codec": "gquant()"}]}, "r")
