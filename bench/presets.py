@@ -1,9 +1,11 @@
 """rbe's built-in presets beside reproduced anchors: size, bits per weight and model quality, one run.
 
 For each model (SmolLM2-135M, all-MiniLM-L6-v2) every built-in preset
-(``rbe_converters.recipe.preset_names()``) is converted to a real .rbe file with
-``hf.convert``, decoded and scored by the protocols of ``rbe_converters.quality``
-(the measures ``rbe eval`` uses); beside them, in the same run, anchors
+(``rbe_converters.recipe.preset_names()``) is converted to a real .rbe file by
+``rbe convert MODEL OUT --preset NAME`` in a child process, exactly as a user
+runs it (calibration included), whose wall time and peak RSS are measured;
+the file is then decoded and scored by the protocols of ``rbe_converters.quality``
+(the measures ``rbe eval`` uses).  Beside them, in the same run, anchors
 quantize the Linear weights of a copy of the dense model: plain round-to-nearest,
 GGUF's quantizers (``gguf`` package), HQQ and ONNX Runtime's
 ``MatMulNBitsQuantizer`` (RTN and GPTQ), each where it is installed.
@@ -12,11 +14,10 @@ GGUF's quantizers (``gguf`` package), HQQ and ONNX Runtime's
     python -m bench.presets --models minilm                  # all-MiniLM-L6-v2 only
     python -m bench.presets --models smollm2 --quick         # 2 presets, 2 windows, fewer anchors
 
-Calibrated presets (rules with ``calibration = "gptq" | "wanda"``) share one set
-of statistics per model: the input second moments of every Linear weight,
-collected once on the calibration text and handed to every conversion (and to
-ONNX Runtime's GPTQ).  Prints one table, writes bench/out/presets.json and
-bench/out/presets.png (``-quick`` added to the names for --quick).
+ONNX Runtime's GPTQ gets the input second moments of every Linear weight,
+collected once on rbe's calibration text.  Prints one table, writes
+bench/out/presets.json and bench/out/presets.png (``-quick`` added to the
+names for --quick).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from rbe_converters.report import tensor_rows
 from rbeformat import Reader
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
-from rbeformat.codecs.tensor import Calibration
 
 from .models import minilm_dir, smollm2_dir
 from .ratedistortion import OUT_DIR, gguf_anchor, hqq_anchor, hqq_version, rtn
@@ -249,6 +249,7 @@ class Row:
     ratio: float | None = None
     scores: dict = field(default_factory=dict)
     encode_s: float | None = None
+    peak_rss: int | None = None  # presets: the conversion's peak RSS in bytes
     exact_share: float | None = None
     calibrated: bool = False
     four_bit_g32: bool = False
@@ -309,7 +310,7 @@ def four_bit_g32(rbe_path: str, linear: set) -> bool:
 class ModelRun:
     """One model: its measure, its dense reference, its Linear weights, shared calibration statistics."""
 
-    def __init__(self, key: str, windows: int, log):
+    def __init__(self, key: str, windows: int, calibration_windows: int | None, log):
         self.key, self.log = key, log
         self.dir = MODELS[key][1]()
         self.config = quality.read_config(self.dir)
@@ -322,7 +323,8 @@ class ModelRun:
         self.linear = linear_weights(self.sizes, self.config)
         self.linear_names = [n for n in self.sizes.tensors if n in self.linear]
         self.dense = quality.load_model(self.dir, self.causal)
-        self.calibrations: dict[str, Calibration] = {}
+        self.calibration_windows = calibration_windows
+        self.hessians: dict[str, np.ndarray] = {}
         self.calibration_record: dict | None = None
 
     def score(self, model) -> dict:
@@ -335,30 +337,29 @@ class ModelRun:
                    exact_share=1.0)
 
     def calibrate(self, text: calibrate.CalibrationText) -> None:
-        """Input second moments of every Linear weight, once; every preset and ORT GPTQ reuse them."""
+        """Input second moments of every Linear weight on rbe's calibration text, for ORT's GPTQ."""
         t0 = time.perf_counter()
-        self.calibrations = calibrate.collect(self.dir, {n: "gptq" for n in self.linear_names}, text)
+        calibrations = calibrate.collect(self.dir, {n: "gptq" for n in self.linear_names}, text)
+        self.hessians = {n: c.hessian for n, c in calibrations.items()}
         ids = self.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         window = min(text.window, getattr(self.dense.config, "max_position_embeddings", None) or text.window)
         self.calibration_record = {"source": text.source, "text_sha256": quality.fingerprint(text.text),
                                    "tokens": len(ids), "window": window,
                                    "windows": min(text.windows, len(ids) // window),
-                                   "weights": len(self.calibrations), "seconds": time.perf_counter() - t0}
+                                   "weights": len(self.hessians), "seconds": time.perf_counter() - t0}
         self.log(f"  calibration: {self.calibration_record['windows']} windows of {window} tokens, "
                  f"{self.calibration_record['seconds']:.1f} s")
 
     def preset_row(self, name: str, workdir: str) -> Row:
-        policy = policy_from_preset(name)
-        plan = hf.plan_conversion(self.dir)
-        methods = hf.calibration_methods(plan, policy)
-        missing = [n for n in methods if n not in self.calibrations]
-        if missing:
-            raise RuntimeError(f"no calibration statistics for {missing[:2]} (not Linear weights of the roles?)")
-        calibrations = {n: Calibration(m, self.calibrations[n].hessian) for n, m in methods.items()}
+        """``rbe convert --preset NAME`` in a child process (wall time, peak RSS), then decoded and scored."""
         path = os.path.join(workdir, f"{name}.rbe")
-        t0 = time.perf_counter()
-        hf.convert(self.dir, path, force=True, policy=policy, calibrations=calibrations)
-        encode_s = time.perf_counter() - t0
+        cmd = rbe_command() + ["convert", self.dir, path, "--preset", name, "--quiet", "--force"]
+        if self.calibration_windows:
+            cmd += ["--calibration-windows", str(self.calibration_windows)]
+        run = run_measured(cmd)
+        if run.returncode != 0:
+            raise RuntimeError(f"rbe convert exited {run.returncode}: {run.stderr.strip()[-300:]}")
+        calibrated = bool(hf.calibration_methods(hf.plan_conversion(self.dir), policy_from_preset(name)))
         sizes = rbe_sizes(path).row(self.reference_bytes, self.linear)
         g32 = four_bit_g32(path, self.linear)
         target = decode_to_directory(path, os.path.join(workdir, "decoded"), None, self.dir)
@@ -371,7 +372,8 @@ class ModelRun:
         del model
         gc.collect()
         return Row(self.key, name, "preset", sizes["linear_bits_per_weight"], sizes["bits_per_weight"],
-                   sizes["file_bytes"], False, sizes["ratio"], scores, encode_s, share, bool(methods), g32)
+                   sizes["file_bytes"], False, sizes["ratio"], scores, encode_s=run.wall_s,
+                   peak_rss=run.peak_rss, exact_share=share, calibrated=calibrated, four_bit_g32=g32)
 
     def anchor_row(self, anchor: Anchor) -> Row:
         import torch
@@ -392,39 +394,22 @@ class ModelRun:
         file_bytes = round(bits / 8 + other_bytes)
         row = Row(self.key, anchor.name, "anchor", bits / n_linear, 8 * file_bytes / weights, file_bytes, True,
                   self.reference_bytes / file_bytes, self.score(model), encode_s,
-                  exact_share(model, self.dense, self.linear_names), four_bit_g32=anchor.four_bit_g32,
+                  exact_share=exact_share(model, self.dense, self.linear_names), four_bit_g32=anchor.four_bit_g32,
                   note=anchor.note())
         del model
         gc.collect()
         return row
 
 
-def heaviest(rows: list[Row]) -> tuple[str, str] | None:
-    """(preset, why) of SmolLM2's slowest calibrated conversion, or its slowest conversion when none calibrates."""
+def heaviest(rows: list[Row]) -> tuple[Row, str] | None:
+    """SmolLM2's slowest calibrated conversion (or its slowest when none calibrates), and why it was taken."""
     mine = [r for r in rows if r.model == "smollm2" and r.kind == "preset" and r.encode_s is not None]
     calibrated = [r for r in mine if r.calibrated]
     if calibrated:
-        return max(calibrated, key=lambda r: r.encode_s).name, "the slowest calibrated preset of this run"
+        return max(calibrated, key=lambda r: r.encode_s), "the slowest calibrated preset of this run"
     if mine:
-        return max(mine, key=lambda r: r.encode_s).name, "no preset of this run calibrates: its slowest preset"
+        return max(mine, key=lambda r: r.encode_s), "no preset of this run calibrates: its slowest preset"
     return None
-
-
-def measure_rss(model_dir: str, preset: str, why: str, workdir: str, log) -> dict:
-    """``rbe convert --preset`` in a fresh child process: peak RSS and wall time (bench.rss's measurement)."""
-    out = os.path.join(workdir, "rss.rbe")
-    cmd = rbe_command() + ["convert", model_dir, out, "--preset", preset, "--quiet", "--force"]
-    log(f"peak RSS: rbe convert SmolLM2 --preset {preset} ({why}) in a child process ...")
-    run = run_measured(cmd)
-    if os.path.exists(out):
-        os.remove(out)
-    record = {"preset": preset, "why": why, "command": "rbe convert MODEL OUT.rbe --preset " + preset + " --quiet",
-              "returncode": run.returncode, "wall_s": run.wall_s, "peak_rss_bytes": run.peak_rss,
-              "peak_anon_bytes": run.peak_anon, "cpu_count": os.cpu_count(),
-              "goal": {"wall_s": GOAL_WALL_S, "peak_rss_bytes": GOAL_RSS_BYTES}}
-    if run.returncode != 0:
-        record["stderr"] = run.stderr[-2000:]
-    return record
 
 
 # -- output -------------------------------------------------------------------------
@@ -433,34 +418,35 @@ def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def cells(r: Row, calibration_s: dict) -> list[str]:
+def cells(r: Row) -> list[str]:
     s = r.scores
     size = "-" if r.file_bytes is None else ("~" if r.estimated_size else "") + f"{r.file_bytes / 1e6:.2f}"
     flags = [f for f, on in (("GRID", r.grid), ("g32", r.apart)) if on]
-    encode = _f(r.encode_s, ".1f") + (f" +{calibration_s[r.model]:.0f}c" if r.calibrated else "")
+    encode = _f(r.encode_s, ".1f") + (" c" if r.calibrated else "")
     return [MODELS[r.model][0], r.name, r.kind, _f(r.linear_bpw, ".3f"), _f(r.file_bpw, ".3f"), size,
             _f(r.ratio, ".2f"), _f(s.get("perplexity"), ".3f"),
             "-" if "perplexity_change_pct" not in s else f"{s['perplexity_change_pct']:+.2f}%",
             _f(s.get("mean_cosine"), ".4f"), _f(s.get("nn_agreement"), ".3f"), encode,
+            "-" if r.peak_rss is None else f"{r.peak_rss / 1e9:.2f}",
             "-" if r.exact_share is None else f"{100 * r.exact_share:.1f}%", " ".join(flags),
             r.note]
 
 
 HEAD = ["model", "row", "kind", "Linear b/w", "file b/w", "size MB", "ratio", "perplexity", "ppl change",
-        "mean cosine", "NN agr.", "encode s", "exact", "flags", "note"]
+        "mean cosine", "NN agr.", "encode s", "RSS GB", "exact", "flags", "note"]
 
 
-def table(rows: list[Row], calibration_s: dict) -> str:
+def table(rows: list[Row]) -> str:
     body, last = [], None
     for r in rows:
         if last is not None and (r.model, r.apart) != last:
             body.append(None)
         last = (r.model, r.apart)
-        body.append(cells(r, calibration_s))
+        body.append(cells(r))
     widths = [max(len(h), *(len(b[i]) for b in body if b)) for i, h in enumerate(HEAD)]
 
     def fmt(c):
-        return "  ".join(v.ljust(w) if i < 3 or i >= 13 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
+        return "  ".join(v.ljust(w) if i < 3 or i >= 14 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
 
     return "\n".join([fmt(HEAD), fmt(["-" * w for w in widths])] + ["" if b is None else fmt(b) for b in body])
 
@@ -575,9 +561,6 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"calibration windows (default {calibrate.DEFAULT_WINDOWS}, --quick "
                              f"{QUICK_CALIBRATION_WINDOWS})")
     parser.add_argument("--no-anchors", action="store_true", help="presets only")
-    parser.add_argument("--rss-preset", help="the preset whose SmolLM2 conversion is measured in a child process "
-                                             "(default: the slowest calibrated one of the run)")
-    parser.add_argument("--no-rss", action="store_true", help="skip the child-process peak RSS measurement")
     parser.add_argument("--out", default=OUT_DIR, help="output folder (default bench/out)")
     args = parser.parse_args(argv)
 
@@ -608,27 +591,22 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     rows: list[Row] = []
-    protocols, calibration, calibration_s = {}, {}, {}
-    rss = None
+    protocols, calibration = {}, {}
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="presets-", dir=args.out)
     started = time.perf_counter()
     try:
         for key in models:
             log(f"{MODELS[key][0]}:")
-            run = ModelRun(key, windows, log)
+            run = ModelRun(key, windows, text.windows if text.windows != calibrate.DEFAULT_WINDOWS else None, log)
             rows.append(run.dense_row())
             protocols[key] = run.measure.protocol()
-            need_calibration = any(hf.calibration_methods(hf.plan_conversion(run.dir), policy_from_preset(p))
-                                   for p in presets)
-            ort_gptq = not args.no_anchors and not args.quick and ort_version() is not None
-            if need_calibration or ort_gptq:
-                run.calibrate(text)
-                calibration[key], calibration_s[key] = run.calibration_record, run.calibration_record["seconds"]
+            if not args.no_anchors and not args.quick and ort_version() is not None:
+                run.calibrate(text)  # for ORT's GPTQ
+                calibration[key] = run.calibration_record
             jobs = [(p, None) for p in presets]
             if not args.no_anchors:
-                hessians = {n: c.hessian for n, c in run.calibrations.items()} or None
-                jobs += [(None, a) for a in anchors(hessians) if a.quick or not args.quick or a.quantize is None]
+                jobs += [(None, a) for a in anchors(run.hessians or None) if a.quick or not args.quick or a.quantize is None]
             for preset, anchor in jobs:
                 name = preset or anchor.name
                 t0 = time.perf_counter()
@@ -643,18 +621,14 @@ def main(argv: list[str] | None = None) -> int:
                     row = Row(key, name, "preset" if preset else "anchor",
                               note=f"not measured: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
                 rows.append(row)
-                log(f"  {name}: {row.note or cells(row, calibration_s)[3:13]} ({time.perf_counter() - t0:.0f} s)")
+                log(f"  {name}: {row.note or cells(row)[3:14]} ({time.perf_counter() - t0:.0f} s)")
             del run
             gc.collect()
-        if "smollm2" in models and not args.no_rss:
-            chosen = (args.rss_preset, "given by --rss-preset") if args.rss_preset else heaviest(rows)
-            if chosen is not None:
-                rss = measure_rss(MODELS["smollm2"][1](), chosen[0], chosen[1], workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = order(rows)
-    print(table(rows, calibration_s))
+    print(table(rows))
     notes = ["",
              "Linear b/w: stored bits of the Linear weights (attention and MLP projections by tensor role, not",
              "embeddings or lm_head) / their count, for presets from the container's stored sections as rbe eval",
@@ -664,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
              "file b/w, size MB (decimal), ratio (fp32 safetensors bytes / size): presets the whole .rbe file;",
              "anchors (~) their Linear payload plus every other tensor as the fp32 file stores it.",
              "exact: share of Linear weights the decoded model holds bit-equal to the original.",
-             "encode s: the conversion (presets: hf.convert; anchors: quantize + dequantize of the Linear weights);",
-             "+Nc: calibrated, with statistics collected once per model in N s and shared by every such row.",
+             "encode s: presets: wall time of `rbe convert MODEL OUT --preset NAME` in a child process, calibration",
+             "included (c: the preset calibrates), RSS GB its peak resident memory; anchors: quantize + dequantize",
+             "of the Linear weights (ORT GPTQ: with statistics collected once, listed below, not counted).",
              "flags: GRID = SmolLM2 row over 30% bit-exact; g32 = SmolLM2 4-bit with 32-wide groups, listed apart.",
              "Models run in float32 on the CPU."]
     for key, p in protocols.items():
@@ -677,16 +652,20 @@ def main(argv: list[str] | None = None) -> int:
                          f"{p['count']} sentences ({p['sentences']}, sha256 {p['sentences_sha256']})")
     for key, c in calibration.items():
         notes.append(f"{MODELS[key][0]} calibration: {c['windows']} windows of {c['window']} tokens of the "
-                     f"{c['source']} (sha256 {c['text_sha256']}), {c['seconds']:.1f} s, once")
+                     f"{c['source']} (sha256 {c['text_sha256']}), {c['seconds']:.1f} s, once, for ORT's GPTQ")
     print("\n".join(notes))
     if "smollm2" in models:
         print("\n" + SMOLLM2_CAVEAT)
-    if rss is not None:
-        ok = rss["returncode"] == 0 and rss["wall_s"] <= GOAL_WALL_S and rss["peak_rss_bytes"] <= GOAL_RSS_BYTES
-        print(f"\nPeak memory and time of `{rss['command']}` on SmolLM2-135M ({rss['why']}), a fresh child process "
-              f"on {rss['cpu_count']} cores: wall {rss['wall_s']:.1f} s ({rss['wall_s'] / 60:.1f} min), peak RSS "
-              f"{rss['peak_rss_bytes'] / 1e9:.2f} GB; goal under 45 min and 8 GB: "
-              f"{'met' if ok else 'NOT met'}" + ("" if rss["returncode"] == 0 else f" (exit {rss['returncode']})"))
+    chosen = heaviest(rows)
+    rss = None
+    if chosen is not None:
+        row, why = chosen
+        ok = row.encode_s <= GOAL_WALL_S and row.peak_rss <= GOAL_RSS_BYTES
+        rss = {"preset": row.name, "why": why, "wall_s": row.encode_s, "peak_rss_bytes": row.peak_rss,
+               "cpu_count": os.cpu_count(), "goal": {"wall_s": GOAL_WALL_S, "peak_rss_bytes": GOAL_RSS_BYTES}}
+        print(f"\nHeaviest conversion: `rbe convert SmolLM2 OUT --preset {row.name}` ({why}), a child process on "
+              f"{os.cpu_count()} cores: wall {row.encode_s:.1f} s ({row.encode_s / 60:.1f} min), peak RSS "
+              f"{row.peak_rss / 1e9:.2f} GB; goal under 45 min and 8 GB: {'met' if ok else 'NOT met'}")
     print("\nGoals (preset rows only; SmolLM2 4-bit g32 and GRID rows never count):")
     print("\n".join(goals(rows)))
 

@@ -88,7 +88,8 @@ def _row(model, name, kind="preset", linear=4.0, file=4.5, change=1.0, exact=0.0
          calibrated=False, ratio=7.0):
     scores = ({"perplexity": 10 + change, "perplexity_change_pct": change} if model == "smollm2"
               else {"mean_cosine": 1 - change / 100, "nn_agreement": 1 - change / 50})
-    return Row(model, name, kind, linear, file, 1000, False, ratio, scores, encode, exact, calibrated, g32)
+    return Row(model, name, kind, linear, file, 1000, False, ratio, scores, encode_s=encode, peak_rss=10 ** 9,
+               exact_share=exact, calibrated=calibrated, four_bit_g32=g32)
 
 
 def test_flags_and_order():
@@ -105,8 +106,8 @@ def test_flags_and_order():
 def test_heaviest_prefers_calibrated_presets():
     rows = [_row("smollm2", "slow", encode=100), _row("smollm2", "cal", encode=50, calibrated=True),
             _row("minilm", "cal2", encode=500, calibrated=True)]
-    assert presets.heaviest(rows)[0] == "cal"
-    assert presets.heaviest(rows[:1])[0] == "slow"
+    assert presets.heaviest(rows)[0].name == "cal"
+    assert presets.heaviest(rows[:1])[0].name == "slow"
     assert presets.heaviest(rows[2:]) is None
 
 
@@ -126,7 +127,7 @@ def test_table_and_plot(tmp_path):
     rows = [_row("smollm2", "dense", kind="dense", linear=32.0), _row("smollm2", "q4"),
             _row("smollm2", "GGUF Q4_0", kind="anchor", g32=True), _row("minilm", "q4"),
             Row("minilm", "GGUF Q4_K", "anchor", note="not measured: no quantizer")]
-    text = presets.table(presets.order(rows), {})
+    text = presets.table(presets.order(rows))
     assert "not measured: no quantizer" in text and "g32" in text
     presets.plot(rows, ["smollm2", "minilm"], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
