@@ -227,7 +227,9 @@ def test_unknown_preset_lists_the_available_ones():
 
 def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
     policy = policy_from_preset("q4")
-    assert policy.budget_bits == 4.8
+    assert policy.budget_bits == 4.8 and policy.budget_counts == "raw"
+    small = policy_from_preset("q4-small")
+    assert (small.budget_bits, small.budget_counts) == (3.91, "stored")  # the file's size is the point
     q = policy.choose_rule("model.layers.0.self_attn.q_proj.weight", "F32", (64, 64),
                            TensorRole("attn_q", 0, True, LLAMA_LAYERS))
     assert q.calibration == "gptq" and "bits=4" in q.chain.text() and [c.codec.bits for c in q.upgrades] == [5, 6]
