@@ -308,9 +308,9 @@ def four_bit_g32(rbe_path: str, linear: set) -> bool:
 
 
 class ModelRun:
-    """One model: its measure, its dense reference, its Linear weights, shared calibration statistics."""
+    """One model: its measure, its dense reference, its Linear weights, the statistics ORT's GPTQ uses."""
 
-    def __init__(self, key: str, windows: int, calibration_windows: int | None, log):
+    def __init__(self, key: str, windows: int, calibration_windows: int, log):
         self.key, self.log = key, log
         self.dir = MODELS[key][1]()
         self.config = quality.read_config(self.dir)
@@ -353,9 +353,8 @@ class ModelRun:
     def preset_row(self, name: str, workdir: str) -> Row:
         """``rbe convert --preset NAME`` in a child process (wall time, peak RSS), then decoded and scored."""
         path = os.path.join(workdir, f"{name}.rbe")
-        cmd = rbe_command() + ["convert", self.dir, path, "--preset", name, "--quiet", "--force"]
-        if self.calibration_windows:
-            cmd += ["--calibration-windows", str(self.calibration_windows)]
+        cmd = rbe_command() + ["convert", self.dir, path, "--preset", name, "--quiet", "--force",
+                               "--calibration-windows", str(self.calibration_windows)]
         run = run_measured(cmd)
         if run.returncode != 0:
             raise RuntimeError(f"rbe convert exited {run.returncode}: {run.stderr.strip()[-300:]}")
@@ -598,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key in models:
             log(f"{MODELS[key][0]}:")
-            run = ModelRun(key, windows, text.windows if text.windows != calibrate.DEFAULT_WINDOWS else None, log)
+            run = ModelRun(key, windows, text.windows, log)
             rows.append(run.dense_row())
             protocols[key] = run.measure.protocol()
             if not args.no_anchors and not args.quick and ort_version() is not None:
