@@ -113,7 +113,7 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         calibrations = calibrate_for(plan, policy, calibration_text, threads, sequential=sequential)
     stats = calibrations if isinstance(calibrations, Statistics) else Statistics.of(calibrations)
     pruned, pruning = prune_heads(plan, policy, stats)
-    alone.update(mixed_precision(plan, policy, stats, set(alone), pruned))
+    alone.update(mixed_precision(plan, policy, stats, set(alone), pruned, calibration_text, threads))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         done = set()
@@ -234,11 +234,13 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
 
 
 def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[str],
-                    pruned: dict | None = None) -> dict:
+                    pruned: dict | None = None, text=None, threads: int | None = None) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
     (``converters/mixed.py``); codecs that share state across tensors are never swapped.
     Scores come from the survey (``stats.candidates``) or are computed here; ``pruned`` holds
-    the tensors head pruning changed (scored here as pruned; a survey scored them before)."""
+    the tensors head pruning changed (scored here as pruned; a survey scored them before).
+    With ``budget_sensitivity = "model"`` each score is the model's drift on ``text`` (the
+    calibration text) with that tensor alone encoded (``converters/sensitivity.py``)."""
     if policy.budget_bits is None:
         return {}
     from .mixed import candidate, pick
@@ -246,9 +248,16 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
     pruned = pruned or {}
     upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
                   if entry[2].upgrades and name in names}
+    probe = None
+    if policy.budget_sensitivity == "model" and upgradable:
+        from . import calibrate
+        from .sensitivity import ModelProbe
+
+        probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
     scored = [stats.candidates.get(name) or
               candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
-                        rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts)
+                        rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts,
+                        (lambda decoded, name=name: probe.drift(name, decoded)) if probe else None)
               for name, (st, t, rule) in upgradable.items()]
     return {name: upgradable[name][2].upgrades[level - 1] for name, level in pick(scored, policy.budget_bits).items()}
 
@@ -326,7 +335,8 @@ def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = N
     from . import calibrate
 
     text = text or calibrate.default_text()
-    if not sequential:
+    if not sequential or (policy.budget_sensitivity == "model" and policy.budget_bits is not None):
+        # The model's drift is measured on calibrated encodes: every Hessian is held at once.
         return Statistics.of(calibrate.collect(plan.root, methods, text, threads, progress))
     stats = Statistics(dict(methods), {})
     stats.kept = calibrate.survey(plan.root, methods, text, _scorer(plan, policy, stats), threads, progress)

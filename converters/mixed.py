@@ -9,7 +9,8 @@ calibration statistics, E|(W - Q) x|^2 = tr((W - Q) H (W - Q)^T), the error a
 layer adds to its output on the calibration text; without, |W - Q|^2.  The
 steps that remove the most error per extra stored bit are taken, greedily,
 until the budget is spent (``pick``).  The result is a plain choice of chains
-per tensor.
+per tensor.  A recipe's ``budget_sensitivity = "model"`` scores the upgrades by
+the drift of the whole model's outputs instead (``converters/sensitivity.py``).
 
 >>> pick([Candidate("a", 100, (4.5, 6.5), (11.0, 1.0)), Candidate("b", 100, (4.5, 6.5), (2.0, 1.0))], 5.5)
 {'a': 1}
@@ -18,6 +19,7 @@ per tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -83,14 +85,21 @@ def _slope(c: Candidate, a: int, b: int) -> float:
 
 
 def candidate(name: str, x: np.ndarray, base: Chain, upgrades: tuple[Chain, ...],
-              calibration: Calibration | None, counts: str = "raw") -> Candidate:
+              calibration: Calibration | None, counts: str = "raw",
+              measure: Callable[[np.ndarray], float] | None = None) -> Candidate:
     """Scores one tensor (values as float32) at the rule's chain and at each upgrade;
-    ``counts`` says how bits are counted (``"raw"`` or ``"stored"``, see the module)."""
+    ``counts`` says how bits are counted (``"raw"`` or ``"stored"``, see the module).
+
+    Without ``measure``, the error is the layer's output error of fast uncalibrated
+    encodes; with it, ``measure(decoded)`` of the encodes the converter will make
+    (calibrated where ``calibration`` is given), e.g. a model's drift
+    (``converters/sensitivity.py``)."""
     errors, bits = [], []
     for chain in (base, *upgrades):
-        encoded = chain.codec.encode(x)
+        calibrated = measure and calibration and calibration.method in chain.codec.calibrations
+        encoded = chain.codec.encode(x, calibration=calibration) if calibrated else chain.codec.encode(x)
         decoded = chain.codec.decode(encoded.parts, encoded.params, x.shape, name)
-        errors.append(_error(x, decoded, calibration))
+        errors.append(measure(decoded) if measure else _error(x, decoded, calibration))
         bits.append(_bits(chain, encoded, x.shape, counts) / x.size)
     return Candidate(name, int(x.size), tuple(bits), tuple(errors))
 

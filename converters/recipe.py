@@ -22,7 +22,10 @@ tensors (or ``upgrade = ["CHAIN", ...]`` several, in order of cost), and a top-l
 all tensors of such rules: the tensors where the upgrade removes the most
 output error per extra bit get it (mixed precision, ``converters/mixed.py``); ``budget_counts``
 says how: ``"raw"`` (the default: bit cost with parts stored raw) or ``"stored"`` (the
-bytes lossless coding stores for the parts).
+bytes lossless coding stores for the parts), and ``budget_sensitivity`` how the error an upgrade
+removes is measured: ``"layer"`` (the default: the layer's own output error on the calibration
+text) or ``"model"`` (how far the whole model's outputs move on the calibration text when that
+tensor alone takes the chain, ``converters/sensitivity.py``).
 A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
 attention heads to be pruned, the least important on the calibration text
 first (``converters/heads.py``; the ``slices`` codec stores what is left).
@@ -71,8 +74,9 @@ from .roles import ROLES, TensorRole
 
 CALIBRATIONS = ("gptq", "wanda")
 RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
-TOP_LEVEL_KEYS = ("description", "budget_bits", "budget_counts", "prune_heads", "rule")
+TOP_LEVEL_KEYS = ("description", "budget_bits", "budget_counts", "budget_sensitivity", "prune_heads", "rule")
 BUDGET_COUNTS = ("raw", "stored")  # converters/mixed.py
+BUDGET_SENSITIVITIES = ("layer", "model")  # converters/mixed.py, converters/sensitivity.py
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Policy:
     description: str = ""
     budget_bits: float | None = None  # average bit cost per weight over the tensors of rules with an upgrade
     budget_counts: str = "raw"  # how budget_bits counts: "raw" (bit_cost) or "stored" (after lossless coding)
+    budget_sensitivity: str = "layer"  # what an upgrade's gain is measured on: the "layer" or the whole "model"
     prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/heads.py)
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
@@ -191,8 +196,12 @@ def policy_from_document(doc: dict, where: str) -> Policy:
     if counts not in BUDGET_COUNTS or (budget is None and "budget_counts" in doc):
         raise UsageError(f"{where}: 'budget_counts' must be one of {', '.join(map(repr, BUDGET_COUNTS))}, "
                          "beside a 'budget_bits'")
+    sensitivity = doc.get("budget_sensitivity", "layer")
+    if sensitivity not in BUDGET_SENSITIVITIES or (budget is None and "budget_sensitivity" in doc):
+        raise UsageError(f"{where}: 'budget_sensitivity' must be one of "
+                         f"{', '.join(map(repr, BUDGET_SENSITIVITIES))}, beside a 'budget_bits'")
     return Policy(parsed, description, budget_bits=None if budget is None else float(budget),
-                  budget_counts=counts, prune_heads=_prune_heads(doc, where))
+                  budget_counts=counts, budget_sensitivity=sensitivity, prune_heads=_prune_heads(doc, where))
 
 
 def _prune_heads(doc: dict, where: str) -> float | None:
