@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"rbe {__version__} (format {FORMAT_MAJOR}.{FORMAT_MINOR})")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="safetensors file or HF model directory -> .rbe", epilog=EPILOG)
-    p.add_argument("input", help="a .safetensors file or a Hugging Face model directory")
+    p = sub.add_parser("convert", help="safetensors file, HF model directory or ONNX model -> .rbe", epilog=EPILOG)
+    p.add_argument("input", help="a .safetensors file, a Hugging Face model directory or an .onnx file")
     p.add_argument("output", help="the .rbe file to write (its directory must exist)")
     p.add_argument("--lossless", choices=["byteplane", "raw"], default="byteplane",
                    help="how tensors without a chain are stored: byteplane (compressed, default) or raw "
@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _common(p)
 
-    p = sub.add_parser("decode", help=".rbe -> HF model directory, or one .safetensors file", epilog=EPILOG)
+    p = sub.add_parser("decode", help=".rbe -> HF model directory, one .safetensors file or an ONNX model",
+                       epilog=EPILOG)
     p.add_argument("input", help="the .rbe file")
-    p.add_argument("output", help="a directory, or a path ending in .safetensors for a single file")
+    p.add_argument("output", help="a directory, a path ending in .safetensors for a single file, or one ending "
+                                  "in .onnx for a container converted from ONNX")
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
     p.add_argument("--force", action="store_true",
                    help="write into an existing directory, replacing only the files the container holds "
@@ -362,12 +364,16 @@ def cmd_convert(args) -> int:
         policy = policy_from_preset(args.preset)
     else:
         policy = lossless_policy()
-    plan = plan_conversion(args.input)
-    choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
-    calibrations, text = _calibrations(plan, policy, args)
-    with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
-        notes = convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
-                        threads=args.threads, progress=bar.update, calibrations=calibrations, calibration_text=text)
+    if os.path.isfile(args.input) and args.input.lower().endswith(".onnx"):
+        notes = _convert_onnx(args, codec, policy)
+    else:
+        plan = plan_conversion(args.input)
+        choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
+        calibrations, text = _calibrations(plan, policy, args)
+        with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
+            notes = convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
+                            threads=args.threads, progress=bar.update, calibrations=calibrations,
+                            calibration_text=text)
     with Reader(args.output) as r:
         rows = tensor_rows(r)
         if not args.quiet:
@@ -376,6 +382,19 @@ def cmd_convert(args) -> int:
             _stderr(_summary_line(r))
     _warn_larger_than_dense(larger_than_dense(rows))
     return EXIT_OK
+
+
+def _convert_onnx(args, codec, policy) -> list[str]:
+    """An .onnx file: its graph and initializers (``converters/onnx_io.py``); no calibration."""
+    from . import onnx_io
+    from .hf import choose_chains
+
+    plan = onnx_io.plan_conversion(args.input)
+    onnx_io.check_policy(plan, policy)
+    choose_chains(plan, policy, plan.roles)  # refused before the bar appears, as for safetensors
+    with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
+        return onnx_io.convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
+                               threads=args.threads, progress=bar.update, plan=plan)
 
 
 def _calibrations(plan, policy, args) -> tuple[dict, object]:
@@ -415,13 +434,16 @@ def cmd_decode(args) -> int:
     from .hf import decode, decoded_tensor_bytes
     from .report import human_bytes
 
-    if args.output.endswith(".safetensors"):
+    onnx = args.output.lower().endswith(".onnx")
+    if args.output.endswith(".safetensors") or onnx:
         check_target(args.output, args.force)
         check_parent(args.output)
     else:
         check_directory_target(args.output, args.force)
     with open_rbe(args.input) as r:
         total = decoded_tensor_bytes(r)
+    if onnx:
+        return _decode_onnx(args, total)
     with _progress_bar(total, args.quiet, "decode") as bar:
         kept = decode(args.input, args.output, force=args.force, verify=not args.no_verify, threads=args.threads,
                       progress=bar.update)
@@ -431,6 +453,20 @@ def cmd_decode(args) -> int:
         _stderr(f"rbe: {args.output}: kept {len(kept)} {noun} not in the container: {shown}")
     if not args.quiet:
         _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors)")
+    return EXIT_OK
+
+
+def _decode_onnx(args, total: int) -> int:
+    """A container converted from ONNX, back to an .onnx file (past 2 GB with a .data file beside it)."""
+    from .onnx_io import decode
+    from .report import human_bytes
+
+    with _progress_bar(total, args.quiet, "decode") as bar:
+        written = decode(args.input, args.output, force=args.force, verify=not args.no_verify,
+                         threads=args.threads, progress=bar.update)
+    if not args.quiet:
+        beside = f", external data in {written[1]}" if len(written) > 1 else ""
+        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors{beside})")
     return EXIT_OK
 
 

@@ -180,15 +180,17 @@ def _load(read_at, t: StTensor) -> np.ndarray:
     return np.frombuffer(read_at(t.begin, t.end - t.begin), storage).reshape(t.shape)
 
 
-def choose_chains(plan: Plan, policy: Policy) -> tuple[dict, dict]:
+def choose_chains(plan: Plan, policy: Policy, roles: dict[str, TensorRole] | None = None) -> tuple[dict, dict]:
     """Each tensor's chain: ({name: chain} for codecs that share nothing, {group: members} for the rest).
 
     A codec that declares shared state (``TensorCodec.shared_group``, e.g. the
     base of ``normdelta``) groups the tensors that share one state; the
     converter needs no knowledge of the codec.  Refuses a policy that asks for
-    chains but changes no tensor, before anything is written.
+    chains but changes no tensor, before anything is written.  ``roles``
+    (default: ``plan_roles``) lets another input format (ONNX) give roles of its own.
     """
-    roles = plan_roles(plan) if policy.uses_roles else {}
+    if roles is None:
+        roles = plan_roles(plan) if policy.uses_roles else {}
     alone, groups = {}, {}
     for _, st in plan.safetensors:
         for t in st.tensors:

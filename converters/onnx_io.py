@@ -1,0 +1,537 @@
+"""ONNX models to rbe and back.
+
+An ONNX file is a protobuf ``ModelProto``: the graph (nodes, inputs, outputs,
+value_info, opsets, metadata) and the weights as the graph's initializers, held
+inline (``raw_data`` or a typed field such as ``float_data``) or in external
+files beside the model.  The container keeps them apart:
+
+* every initializer of the main graph whose element type rbe has (``ONNX_DTYPES``)
+  becomes an rbe tensor of the same name, encoded by the same policy machinery
+  as a Hugging Face checkpoint (``converters/hf.py``), with roles read from the
+  graph (``graph_roles``);
+* the ModelProto with those initializers' data removed (name, dims and type kept)
+  becomes the embedded file ``GRAPH_PATH``, named by the metadata key
+  ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX models").
+
+Decoding puts each tensor back as the initializer's ``raw_data`` (or, past 2 GB,
+into a sibling external data file).  External data is read here, never by onnx,
+and only from paths checked to stay inside the model's folder.
+
+Calibration-aware rules (``calibration = "gptq"``), mixed precision and head
+pruning run the model with transformers, which an ONNX file is not: they are
+refused (``UsageError``) before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rbeformat import FormatError, InputError, Reader, UsageError, Writer
+from rbeformat.codecs.base import Codec
+from rbeformat.manifest import INTERNAL_PREFIX
+from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
+
+from .atomic import atomic_file, check_parent, check_target
+from .hf import Progress, _file_bytes, _read_tensor, _store_shared, _tensor_bytes, choose_chains
+from .recipe import Policy, lossless_policy
+from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
+
+try:
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx import TensorProto
+except ImportError:  # the core works without onnx; only this path needs it
+    raise UsageError("ONNX input and output need the onnx package: pip install 'rbe[onnx]'") from None
+
+GRAPH_KEY = "onnx.graph"  # metadata: the path of the embedded file holding the graph
+SOURCE_KEY = "onnx.source"  # metadata: the input's file name, for people reading `rbe info`
+GRAPH_PATH = "model.onnx-graph"
+INLINE_LIMIT = (2 << 30) - 1  # protobuf cannot serialize a message of 2 GB or more
+EXTERNAL_ALIGNMENT = 4096  # page-aligned external tensors can be memory-mapped by runtimes
+
+ONNX_DTYPES = {TensorProto.FLOAT: "F32", TensorProto.DOUBLE: "F64", TensorProto.FLOAT16: "F16",
+               TensorProto.BFLOAT16: "BF16", TensorProto.FLOAT8E4M3FN: "F8_E4M3", TensorProto.FLOAT8E5M2: "F8_E5M2",
+               TensorProto.INT64: "I64", TensorProto.INT32: "I32", TensorProto.INT16: "I16", TensorProto.INT8: "I8",
+               TensorProto.UINT64: "U64", TensorProto.UINT32: "U32", TensorProto.UINT16: "U16",
+               TensorProto.UINT8: "U8", TensorProto.BOOL: "BOOL"}
+
+# Where each type keeps its values when raw_data is not used (onnx.proto's TensorProto);
+# 16- and 8-bit floats keep their bit patterns in int32_data.
+_TYPED_FIELDS = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
+                 TensorProto.UINT64: "uint64_data", TensorProto.UINT32: "uint64_data"}
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                "external_data")
+
+
+def is_onnx_path(path: str) -> bool:
+    return path.lower().endswith(".onnx")
+
+
+# -- reading an ONNX file ---------------------------------------------------------------
+
+@dataclass
+class Initializer:
+    """One initializer's data, shaped like a safetensors file holding one tensor, so that
+    hf's helpers (``_read_tensor``, ``_store_shared``, ``choose_chains``) read it as they
+    read safetensors: ``.tensors``, ``.reader()``, ``.begin`` / ``.end``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    inline: bytes | None = None  # the little-endian bytes, when the model holds them
+    external: tuple[str, int] | None = None  # (checked real path, offset), when a file beside it does
+    begin: int = 0
+
+    @property
+    def end(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    @property
+    def tensors(self) -> list["Initializer"]:
+        return [self]
+
+    def reader(self):
+        if self.inline is not None:
+            view = memoryview(self.inline)
+            return (lambda o, n: view[o : o + n]), (lambda: None)
+        path, start = self.external
+        fd = os.open(path, os.O_RDONLY)
+
+        def read_at(offset: int, size: int) -> bytes:
+            data = os.pread(fd, size, start + offset)
+            if len(data) != size:
+                raise InputError(f"{path}: expected {size} bytes at {start + offset}, got {len(data)} "
+                                 f"(tensor {self.name!r}; did the file change?)")
+            return data
+
+        return read_at, lambda: os.close(fd)
+
+
+@dataclass
+class OnnxPlan:
+    """What converting an ONNX file reads: its stripped graph and its initializers, validated."""
+
+    root: str  # the model's folder: external data must stay inside it
+    source: str
+    graph: bytes  # the ModelProto without the initializers' data
+    initializers: list[Initializer]
+    roles: dict[str, TensorRole]
+    external_files: set[str] = field(default_factory=set)
+
+    @property
+    def safetensors(self) -> list[tuple[str, Initializer]]:  # what hf.choose_chains iterates
+        return [(init.name, init) for init in self.initializers]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(init.end for init in self.initializers)
+
+
+def plan_conversion(src: str) -> OnnxPlan:
+    """Parses and checks ``src`` and its external data, before any output exists."""
+    model = load_model(src)
+    root = os.path.dirname(os.path.abspath(src))
+    _refuse_external_elsewhere(model, src)
+    initializers = [_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
+    _check_names(initializers, src)
+    roles = graph_roles(model.graph, {init.name: init for init in initializers})
+    for t in model.graph.initializer:
+        if t.data_type in ONNX_DTYPES:
+            for name in _DATA_FIELDS:
+                t.ClearField(name)
+            t.ClearField("data_location")
+    external = {init.external[0] for init in initializers if init.external}
+    return OnnxPlan(root, os.path.basename(src), model.SerializeToString(), initializers, roles, external)
+
+
+def load_model(path: str) -> "onnx.ModelProto":
+    """The ModelProto of an .onnx file, external data untouched; InputError when it is none."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: not an ONNX model (the file is empty)")
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, RecursionError) as exc:
+        raise InputError(f"{path}: not a valid ONNX model (protobuf: {str(exc)[:100] or type(exc).__name__}; "
+                         "truncated or another kind of file?)") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
+    return model
+
+
+def _refuse_external_elsewhere(model, src: str) -> None:
+    """Only the main graph's initializers of a type rbe stores may point at external data:
+    every other tensor (in node attributes, subgraphs, sparse initializers) stays in the graph."""
+    elsewhere = [t for t in model.graph.initializer if t.data_type not in ONNX_DTYPES]
+    elsewhere += [t for sparse in model.graph.sparse_initializer for t in (sparse.values, sparse.indices)]
+    elsewhere += list(_node_tensors(model.graph))
+    for t in elsewhere:
+        if t.data_location == TensorProto.EXTERNAL:
+            raise InputError(f"{src}: tensor {t.name!r:.80} keeps external data outside the main graph's "
+                             "initializers (or has a type rbe does not store), which rbe does not convert")
+
+
+def _node_tensors(graph):
+    """Tensors held by node attributes, and every tensor of subgraphs (If, Loop, Scan bodies)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from sub.initializer
+                yield from (t for sparse in sub.sparse_initializer for t in (sparse.values, sparse.indices))
+                yield from _node_tensors(sub)
+
+
+def _check_names(initializers: list[Initializer], src: str) -> None:
+    seen = set()
+    for init in initializers:
+        if not init.name:
+            raise InputError(f"{src}: an initializer has no name")
+        if init.name.startswith(INTERNAL_PREFIX):
+            raise InputError(f"{src}: initializer {init.name!r} uses the prefix {INTERNAL_PREFIX!r}, which rbe reserves")
+        if init.name in seen:
+            raise InputError(f"{src}: two initializers are named {init.name!r}")
+        seen.add(init.name)
+
+
+def _initializer(t, root: str, src: str) -> Initializer:
+    dtype = ONNX_DTYPES[t.data_type]
+    shape = _shape(t, src)
+    size = math.prod(shape) * DTYPES[dtype].itemsize
+    where = f"{src}: initializer {t.name!r}"
+    if t.data_location == TensorProto.EXTERNAL:
+        return Initializer(t.name, dtype, shape, external=_external(t, root, size, where))
+    if t.HasField("raw_data"):
+        data = t.raw_data
+    else:
+        data = _typed_values(t, dtype, math.prod(shape), where)
+    if len(data) != size:
+        raise InputError(f"{where}: shape {list(shape)} needs {size} bytes of {dtype}, the model holds {len(data)}")
+    return Initializer(t.name, dtype, shape, inline=data)
+
+
+def _shape(t, src: str) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in t.dims)
+    where = f"{src}: initializer {t.name!r}"
+    if len(dims) > MAX_NDIM or any(d < 0 for d in dims):
+        raise InputError(f"{where}: invalid shape {list(dims)} (at most {MAX_NDIM} non-negative dimensions)")
+    if math.prod(dims) > MAX_TENSOR_ELEMENTS:
+        raise InputError(f"{where}: shape {list(dims)} has {math.prod(dims)} elements, over the limit of "
+                         f"{MAX_TENSOR_ELEMENTS}")
+    return dims
+
+
+def _typed_values(t, dtype: str, count: int, where: str) -> bytes:
+    """The little-endian bytes of values kept in a typed field (float_data, int32_data, ...)."""
+    values = getattr(t, _TYPED_FIELDS.get(t.data_type, "int32_data"))
+    if len(values) != count:
+        raise InputError(f"{where}: shape needs {count} values, the model holds {len(values)}")
+    storage = np.dtype(DTYPES[dtype].numpy_storage)
+    wide = np.asarray(values, dtype=storage if storage.kind == "f" else np.int64)
+    return wide.astype(storage).tobytes()
+
+
+def _external(t, root: str, size: int, where: str) -> tuple[str, int]:
+    """(real path, offset) of an initializer's external data, after every check."""
+    info = {entry.key: entry.value for entry in t.external_data}
+    path = _external_path(info.get("location", ""), root, where)
+    offset = _non_negative(info.get("offset", "0"), "offset", where)
+    available = os.path.getsize(path) - offset
+    length = _non_negative(info["length"], "length", where) if "length" in info else available
+    if offset + length > os.path.getsize(path):
+        raise InputError(f"{where}: external data at offset {offset}, length {length} runs past the end of "
+                         f"{info['location']} ({os.path.getsize(path)} bytes)")
+    if length != size:
+        raise InputError(f"{where}: shape {list(t.dims)} needs {size} bytes, the external data holds {length}")
+    return path, offset
+
+
+def _external_path(location: str, root: str, where: str) -> str:
+    if not location:
+        raise InputError(f"{where}: external data without a location")
+    if location.startswith(("/", "\\")) or os.path.isabs(location) or re.match(r"^[A-Za-z]:", location):
+        raise InputError(f"{where}: external data location {location!r:.80} is absolute; it must be relative "
+                         "to the model's folder")
+    if ".." in re.split(r"[\\/]", location) or "\x00" in location:
+        raise InputError(f"{where}: external data location {location!r:.80} contains '..'")
+    real, top = os.path.realpath(os.path.join(root, location)), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise InputError(f"{where}: external data location {location!r:.80} resolves outside the model's folder")
+    if not os.path.isfile(real):
+        raise InputError(f"{where}: external data file {location!r:.80} does not exist or is not a file")
+    return real
+
+
+def _non_negative(text: str, key: str, where: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,19}", text.strip()):
+        raise InputError(f"{where}: external data {key} {text!r:.40} is not a non-negative whole number")
+    return int(text)
+
+
+# -- roles from the graph ---------------------------------------------------------------
+
+_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def graph_roles(graph, initializers: dict[str, Initializer]) -> dict[str, TensorRole]:
+    """Each initializer's role, from the nodes that consume it (names only refine them).
+
+    A MatMul's B input is a Linear weight stored input x output (``input_last``
+    False); Gemm's B follows ``transB``.  A 1-D initializer added to a MatMul's
+    or Gemm's output is its bias, and the bias's name (``...attention.self.query.bias``)
+    names the layer for ``roles.classify`` (attn_q, mlp_up, ...).  Gather's table
+    is an embedding: a position or token-type one when ``classify`` names it so or
+    its name says "pos", else the largest table is the token embedding and a
+    smaller one a position table (under 64 rows: a token-type table).
+    LayerNormalization's scale and bias are norm weights and biases.  Other
+    tensors take their role by name, never a Linear one: no MatMul reads them.
+    """
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            consumers[name].append((node, index))
+    named = classify({n: (i.dtype, i.shape) for n, i in initializers.items()}, None)
+    found: dict[str, tuple[str, bool | None, str]] = {}  # name -> (role, input_last, module name)
+    tables = []
+    for node in graph.node:
+        inputs = list(node.input)
+        if node.op_type in ("MatMul", "Gemm") and len(inputs) > 1 and _is_2d(initializers.get(inputs[1])):
+            _linear(node, inputs, initializers, consumers, found)
+        elif node.op_type == "Gather" and inputs and _is_2d(initializers.get(inputs[0])):
+            tables.append(inputs[0])
+        elif node.op_type in _NORMS:
+            for index, role in ((1, "norm_weight"), (2, "norm_bias")):
+                if len(inputs) > index and inputs[index] in initializers:
+                    found.setdefault(inputs[index], (role, None, inputs[index]))
+    found.update(_embeddings(tables, initializers, named))
+    return _with_layers(initializers, named, found)
+
+
+def _is_2d(init: Initializer | None) -> bool:
+    return init is not None and len(init.shape) == 2
+
+
+def _linear(node, inputs: list[str], initializers: dict, consumers: dict, found: dict) -> None:
+    weight = inputs[1]
+    input_last = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+    bias = inputs[2] if node.op_type == "Gemm" and len(inputs) > 2 else _added_bias(node, initializers, consumers)
+    if bias in initializers and len(initializers[bias].shape) == 1:
+        found[bias] = ("linear_bias", None, bias)
+    module = bias[: -len(".bias")] if bias and bias.endswith(".bias") else weight.rsplit(".", 1)[0]
+    found.setdefault(weight, ("linear", input_last, module))
+
+
+def _added_bias(node, initializers: dict, consumers: dict) -> str | None:
+    """The 1-D initializer an Add applies to this node's output, if one does."""
+    for user, index in consumers.get(node.output[0] if node.output else "", []):
+        if user.op_type == "Add" and len(user.input) == 2:
+            other = user.input[1 - index]
+            if other in initializers and len(initializers[other].shape) == 1:
+                return other
+    return None
+
+
+def _embeddings(tables: list[str], initializers: dict, named: dict) -> dict:
+    found = {}
+    unnamed = []
+    for name in dict.fromkeys(tables):
+        role = named[name].role
+        if role in ("position_embedding", "token_type_embedding", "token_embedding"):
+            found[name] = (role, None, name)
+        elif "pos" in name.lower():
+            found[name] = ("position_embedding", None, name)
+        else:
+            unnamed.append(name)
+    unnamed.sort(key=lambda n: -initializers[n].shape[0])
+    for rank, name in enumerate(unnamed):
+        rows = initializers[name].shape[0]
+        role = "token_embedding" if rank == 0 else ("position_embedding" if rows >= 64 else "token_type_embedding")
+        found[name] = (role, None, name)
+    return found
+
+
+def _with_layers(initializers: dict, named: dict, found: dict) -> dict[str, TensorRole]:
+    layers = {}
+    for name in initializers:
+        module = found[name][2] if name in found else name
+        layers[name] = layer_index(module) if layer_index(module) is not None else layer_index(name)
+    indices = [i for i in layers.values() if i is not None]
+    num_layers = max(indices) + 1 if indices else None
+    roles = {}
+    for name, init in initializers.items():
+        if name in found:
+            role, input_last, module = found[name]
+            if role == "linear":
+                role = _linear_role_by_name(module, init, input_last)
+        else:
+            role, input_last = named[name].role, None
+            if role in LINEAR_ROLES:  # a 2-D tensor no MatMul or Gemm reads is no Linear weight
+                role = "other"
+        layer = layers[name]
+        roles[name] = TensorRole(role, layer, input_last, num_layers if layer is not None else None)
+    return roles
+
+
+def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> str:
+    """attn_q, mlp_down, ... when the module's name is one ``roles.classify`` knows; else linear."""
+    out_in = init.shape if input_last else init.shape[::-1]
+    role = classify({f"{module}.weight": (init.dtype, tuple(out_in))}, None)[f"{module}.weight"].role
+    return role if role in LINEAR_ROLES else "linear"
+
+
+# -- converting -------------------------------------------------------------------------
+
+def check_policy(plan: OnnxPlan, policy: Policy) -> None:
+    """Refuses what needs the model to run under transformers: calibration, mixed precision, head pruning."""
+    if policy.budget_bits is not None or policy.prune_heads:
+        what = "mixed precision (budget_bits)" if policy.budget_bits is not None else "prune_heads"
+        raise UsageError(f"{plan.source}: {what} needs calibration, which runs a Hugging Face model; ONNX input "
+                         "takes recipes without it (e.g. --preset q8, or a --recipe without calibration)")
+    for init in plan.initializers:
+        rule = policy.choose_rule(init.name, init.dtype, init.shape, plan.roles.get(init.name))
+        if rule is not None and rule.calibration:
+            raise UsageError(f"{plan.source}: tensor {init.name!r}: its rule asks for calibration = "
+                             f"{rule.calibration!r}, which runs a Hugging Face model; ONNX input takes rules "
+                             "without calibration (e.g. --preset q8, or a --recipe without it)")
+
+
+def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None, policy: Policy | None = None,
+            threads: int | None = None, progress: Progress | None = None, plan: OnnxPlan | None = None) -> list[str]:
+    """Converts an .onnx file (and its external data) into one rbe file; returns notes (none)."""
+    plan = plan or plan_conversion(src)
+    policy = policy or lossless_policy()
+    _check_not_input(dst, [os.path.abspath(src), *plan.external_files])
+    check_policy(plan, policy)
+    alone, groups = choose_chains(plan, policy, plan.roles)
+    with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
+        chains = _store_shared(w, alone, groups)
+        for init in plan.initializers:
+            _add_initializer(w, init, chains.get(init.name))
+        w.add_file(GRAPH_PATH, plan.graph)
+        w.set_metadata({GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: plan.source})
+    return []
+
+
+def _check_not_input(dst: str, inputs: list[str]) -> None:
+    target = os.path.realpath(dst)
+    if any(os.path.realpath(p) == target for p in inputs):
+        raise UsageError(f"{dst}: is the input (or its external data); choose another output")
+
+
+def _add_initializer(w: Writer, init: Initializer, chosen) -> None:
+    if chosen is None:
+        read_at, close = init.reader()
+        try:
+            w.add_tensor(init.name, init.dtype, init.shape, read_at)
+        finally:
+            close()
+        return
+    chain, refs = chosen
+    values = _read_tensor(init, init)
+    w.add_transformed(init.name, init.dtype, values, chain, refs=refs)
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
+           progress: Progress | None = None, inline_limit: int = INLINE_LIMIT) -> list[str]:
+    """Writes the ONNX model an rbe file carries to ``dst``, every initializer dense.
+
+    Up to ``inline_limit`` bytes of initializers go inline (``raw_data``); past it
+    they go to ``dst`` + ".data" beside it, which the model names as its external data.
+    Returns the paths written.
+    """
+    check_target(dst, force)
+    check_parent(dst)
+    with Reader(src, threads=threads) as r:
+        model = read_graph(r, verify)
+        initializers = [t for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
+        for t in initializers:
+            _check_tensor_matches(r, t)
+        total = sum(math.prod(_dims(t)) * DTYPES[ONNX_DTYPES[t.data_type]].itemsize for t in initializers)
+        if total <= inline_limit:
+            return _write_inline(r, model, initializers, dst, force, verify, progress)
+        return _write_external(r, model, initializers, dst, force, verify, progress)
+
+
+def carries_onnx(r: Reader) -> bool:
+    return GRAPH_KEY in r.metadata()
+
+
+def read_graph(r: Reader, verify: bool = True) -> "onnx.ModelProto":
+    """The stored ModelProto (initializers without data); FormatError when the container has none."""
+    path = r.metadata().get(GRAPH_KEY)
+    if path is None:
+        raise FormatError("holds no ONNX model (it was not converted from an .onnx file); decode it to a "
+                          "directory or a .safetensors file instead")
+    entry = r.files().get(path)
+    if entry is None:
+        raise FormatError(f"metadata {GRAPH_KEY!r} names {path!r:.80}, which the container does not hold")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(_file_bytes(r, path, entry, verify))
+    except (DecodeError, ValueError, RuntimeError, RecursionError):
+        raise FormatError(f"the stored ONNX graph {path!r:.80} is not a valid ModelProto") from None
+    return model
+
+
+def _dims(t) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.dims)
+
+
+def _check_tensor_matches(r: Reader, t) -> None:
+    if t.name not in r.keys():
+        raise FormatError(f"the ONNX graph's initializer {t.name!r:.80} has no tensor in the container")
+    entry = r.entry(t.name)
+    if entry.dtype.name != ONNX_DTYPES[t.data_type] or tuple(entry.shape) != _dims(t):
+        raise FormatError(f"tensor {t.name!r:.80}: {entry.dtype.name} {list(entry.shape)} does not match the "
+                          f"graph's initializer ({ONNX_DTYPES[t.data_type]} {list(_dims(t))})")
+
+
+def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
+    for t in initializers:
+        data = _tensor_bytes(r, t.name, verify)
+        t.raw_data = bytes(data)
+        if progress:
+            progress(len(data))
+    with atomic_file(dst, force) as fh:
+        fh.write(model.SerializeToString())
+    return [dst]
+
+
+def _write_external(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool,
+                    progress) -> list[str]:
+    data_path = dst + ".data"
+    check_target(data_path, force)
+    location = os.path.basename(data_path)
+    with atomic_file(dst, force) as model_fh:
+        with atomic_file(data_path, force) as data_fh:
+            offset = 0
+            for t in initializers:
+                data = _tensor_bytes(r, t.name, verify)
+                pad = -offset % EXTERNAL_ALIGNMENT
+                data_fh.write(b"\0" * pad)
+                offset += pad
+                data_fh.write(data)
+                _point_at(t, location, offset, len(data))
+                offset += len(data)
+                if progress:
+                    progress(len(data))
+            model_fh.write(model.SerializeToString())  # renamed into place after the data file
+    return [dst, data_path]
+
+
+def _point_at(t, location: str, offset: int, length: int) -> None:
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
