@@ -197,7 +197,8 @@ def _check_names(initializers: list[Initializer], src: str) -> None:
         if not init.name:
             raise InputError(f"{src}: an initializer has no name")
         if init.name.startswith(INTERNAL_PREFIX):
-            raise InputError(f"{src}: initializer {init.name!r} uses the prefix {INTERNAL_PREFIX!r}, which rbe reserves")
+            raise InputError(f"{src}: initializer {init.name!r} uses the prefix {INTERNAL_PREFIX!r}, "
+                             "which rbe reserves")
         if init.name in seen:
             raise InputError(f"{src}: two initializers are named {init.name!r}")
         seen.add(init.name)
@@ -289,9 +290,10 @@ def graph_roles(graph, initializers: dict[str, Initializer]) -> dict[str, Tensor
     False); Gemm's B follows ``transB``.  A 1-D initializer added to a MatMul's
     or Gemm's output is its bias, and the bias's name (``...attention.self.query.bias``)
     names the layer for ``roles.classify`` (attn_q, mlp_up, ...).  Gather's table
-    is an embedding: a position or token-type one when ``classify`` names it so or
-    its name says "pos", else the largest table is the token embedding and a
-    smaller one a position table (under 64 rows: a token-type table).
+    is an embedding: the kind ``classify`` names, else a position table when its
+    name says "pos", else a token embedding when a model input indexes it (a
+    token-type table when that input's name says "type"), else a position table
+    (under 64 rows: a token-type table).
     LayerNormalization's scale and bias are norm weights and biases.  Other
     tensors take their role by name, never a Linear one: no MatMul reads them.
     """
@@ -306,13 +308,14 @@ def graph_roles(graph, initializers: dict[str, Initializer]) -> dict[str, Tensor
         inputs = list(node.input)
         if node.op_type in ("MatMul", "Gemm") and len(inputs) > 1 and _is_2d(initializers.get(inputs[1])):
             _linear(node, inputs, initializers, consumers, found)
-        elif node.op_type == "Gather" and inputs and _is_2d(initializers.get(inputs[0])):
-            tables.append(inputs[0])
+        elif node.op_type == "Gather" and len(inputs) > 1 and _is_2d(initializers.get(inputs[0])):
+            tables.append((inputs[0], inputs[1]))
         elif node.op_type in _NORMS:
             for index, role in ((1, "norm_weight"), (2, "norm_bias")):
                 if len(inputs) > index and inputs[index] in initializers:
                     found.setdefault(inputs[index], (role, None, inputs[index]))
-    found.update(_embeddings(tables, initializers, named))
+    graph_inputs = {value.name for value in graph.input} - set(initializers)
+    found.update(_embeddings(tables, graph_inputs, initializers, named))
     return _with_layers(initializers, named, found)
 
 
@@ -340,23 +343,25 @@ def _added_bias(node, initializers: dict, consumers: dict) -> str | None:
     return None
 
 
-def _embeddings(tables: list[str], initializers: dict, named: dict) -> dict:
+def _embeddings(tables: list[tuple[str, str]], graph_inputs: set[str], initializers: dict, named: dict) -> dict:
+    """Roles of Gather tables, given as (table, indices): by name first, then by what indexes them."""
     found = {}
-    unnamed = []
-    for name in dict.fromkeys(tables):
+    for name, indices in tables:
         role = named[name].role
-        if role in ("position_embedding", "token_type_embedding", "token_embedding"):
-            found[name] = (role, None, name)
-        elif "pos" in name.lower():
-            found[name] = ("position_embedding", None, name)
-        else:
-            unnamed.append(name)
-    unnamed.sort(key=lambda n: -initializers[n].shape[0])
-    for rank, name in enumerate(unnamed):
-        rows = initializers[name].shape[0]
-        role = "token_embedding" if rank == 0 else ("position_embedding" if rows >= 64 else "token_type_embedding")
-        found[name] = (role, None, name)
+        if role not in ("position_embedding", "token_type_embedding", "token_embedding"):
+            role = _embedding_by_use(name, indices, graph_inputs, initializers[name].shape[0])
+        found.setdefault(name, (role, None, name))
     return found
+
+
+def _embedding_by_use(name: str, indices: str, graph_inputs: set[str], rows: int) -> str:
+    """A table indexed by a model input holds tokens (or token types, when the input says so);
+    one indexed by computed positions is a position table, or a token-type table when tiny."""
+    if "pos" in name.lower():
+        return "position_embedding"
+    if indices in graph_inputs:
+        return "token_type_embedding" if "type" in indices.lower() else "token_embedding"
+    return "position_embedding" if rows >= 64 else "token_type_embedding"
 
 
 def _with_layers(initializers: dict, named: dict, found: dict) -> dict[str, TensorRole]:

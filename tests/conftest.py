@@ -77,7 +77,7 @@ def model_dir(tmp_path):
 
 # Fixtures that fetch a real checkpoint; a test using one is a realmodel test by that alone,
 # so the fast tier (-m "not slow and not realmodel") cannot pull in a model by accident.
-REAL_MODEL_FIXTURES = frozenset({"minilm_dir", "smollm2_dir"})
+REAL_MODEL_FIXTURES = frozenset({"minilm_dir", "smollm2_dir", "paraphrase_onnx"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -97,5 +97,14 @@ def minilm_dir():
 def smollm2_dir():
     pytest.importorskip("transformers")
     from bench.models import smollm2_dir as fetch
+
+    return fetch()
+
+
+@pytest.fixture(scope="session")
+def paraphrase_onnx():
+    """paraphrase-MiniLM-L3-v2 as an fp32 .onnx file (no tokenizer: its vocabulary is minilm_dir's)."""
+    pytest.importorskip("onnx")
+    from bench.models import paraphrase_onnx as fetch
 
     return fetch()
