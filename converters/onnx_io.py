@@ -460,10 +460,9 @@ def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, thre
     with Reader(src, threads=threads) as r:
         model = read_graph(r, verify)
         initializers = [t for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
-        for t in initializers:
-            _check_tensor_matches(r, t)
+        _check_graph(r, model, initializers)
         total = sum(math.prod(_dims(t)) * DTYPES[ONNX_DTYPES[t.data_type]].itemsize for t in initializers)
-        if total <= inline_limit:
+        if total + model.ByteSize() <= inline_limit:
             return _write_inline(r, model, initializers, dst, force, verify, progress)
         return _write_external(r, model, initializers, dst, force, verify, progress)
 
@@ -491,6 +490,22 @@ def read_graph(r: Reader, verify: bool = True) -> "onnx.ModelProto":
 
 def _dims(t) -> tuple[int, ...]:
     return tuple(int(d) for d in t.dims)
+
+
+def _check_graph(r: Reader, model, initializers: list) -> None:
+    """What a decode trusts in a stored graph: no paths to open, one tensor per initializer."""
+    try:
+        _refuse_external_elsewhere(model, "the stored ONNX graph")
+    except InputError as exc:
+        raise FormatError(str(exc)) from None
+    names = [t.name for t in initializers]
+    if len(set(names)) != len(names):
+        raise FormatError("the stored ONNX graph names an initializer twice")
+    for t in initializers:
+        _check_tensor_matches(r, t)
+        for name in _DATA_FIELDS:  # the decoded tensor is the only data it gets
+            t.ClearField(name)
+        t.ClearField("data_location")
 
 
 def _check_tensor_matches(r: Reader, t) -> None:

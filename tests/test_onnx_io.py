@@ -390,3 +390,20 @@ def _sentence_embeddings(outputs: list[np.ndarray]) -> np.ndarray:
     """The model's pooled output: its one 2-D float output (batch x 384)."""
     (found,) = [o for o in outputs if o.dtype == np.float32 and o.ndim == 2]
     return found.astype(np.float64)
+
+
+def test_a_stored_graph_pointing_at_external_files_is_refused(tmp_path, capsys):
+    """A hostile container's graph must not make the decoded model open paths."""
+    model = tiny_model()
+    src = save(model, tmp_path / "m.onnx")
+    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    graph = onnx.load_model_from_string(Reader(str(tmp_path / "m.rbe")).read_file(onnx_io.GRAPH_PATH))
+    graph.graph.node[0].attribute.append(helper.make_attribute("t", TensorProto(
+        name="c", data_type=TensorProto.STRING, data_location=TensorProto.EXTERNAL)))
+    with Reader(str(tmp_path / "m.rbe")) as r, onnx_io.Writer(str(tmp_path / "bad.rbe")) as w:
+        for name in r.keys():
+            w.add_array(name, r.get_tensor(name))
+        w.add_file(onnx_io.GRAPH_PATH, graph.SerializeToString())
+        w.set_metadata(r.metadata())
+    assert run(["decode", str(tmp_path / "bad.rbe"), str(tmp_path / "x.onnx")]) == 3
+    assert "external data" in one_error(capsys) and not (tmp_path / "x.onnx").exists()
