@@ -65,6 +65,7 @@ ONNX_DTYPES = {TensorProto.FLOAT: "F32", TensorProto.DOUBLE: "F64", TensorProto.
 # 16- and 8-bit floats keep their bit patterns in int32_data.
 _TYPED_FIELDS = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
                  TensorProto.UINT64: "uint64_data", TensorProto.UINT32: "uint64_data"}
+_BIT_PATTERNS = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
                 "external_data")
 
@@ -237,6 +238,8 @@ def _typed_values(t, dtype: str, count: int, where: str) -> bytes:
     if len(values) != count:
         raise InputError(f"{where}: shape needs {count} values, the model holds {len(values)}")
     storage = np.dtype(DTYPES[dtype].numpy_storage)
+    if t.data_type in _BIT_PATTERNS:  # int32_data holds the bits, not the values
+        return np.asarray(values, np.int64).astype(f"<u{storage.itemsize}").tobytes()
     wide = np.asarray(values, dtype=storage if storage.kind == "f" else np.int64)
     return wide.astype(storage).tobytes()
 

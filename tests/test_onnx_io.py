@@ -134,6 +134,16 @@ def test_typed_fields_come_back_as_raw_data(tmp_path):
     assert (tmp_path / "back.onnx").read_bytes() == inline(model).SerializeToString()
 
 
+def test_float16_bit_patterns_in_int32_data(tmp_path):
+    values = np.array([[1.5, -2.0], [65504.0, 2.0 ** -24]], np.float16)
+    t = TensorProto(name="w", data_type=TensorProto.FLOAT16, dims=[2, 2],
+                    int32_data=values.view(np.uint16).astype(np.int32).reshape(-1).tolist())
+    src = _one_initializer(tmp_path, t)
+    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    with Reader(str(tmp_path / "m.rbe")) as r:
+        np.testing.assert_array_equal(r.get_tensor("w").view(np.uint16), values.view(np.uint16))
+
+
 def test_external_data_in_and_out(tmp_path):
     model = tiny_model()
     folder = tmp_path / "in"
