@@ -57,6 +57,9 @@ from .rss import rbe_command, run_measured
 
 MODELS = {"smollm2": ("SmolLM2-135M", smollm2_dir), "minilm": ("all-MiniLM-L6-v2", minilm_dir)}
 QUICK_PRESETS = ("q8", "q4")
+# Presets for sentence-embedding encoders: their end-to-end drift survey runs the model once per
+# tensor and level, which on a causal LM (logits over the vocabulary) is far slower than on an encoder.
+ENCODER_PRESETS = ("encoder-q4", "encoder-q3")
 QUICK_WINDOWS = 2
 QUICK_CALIBRATION_WINDOWS = 4
 EXACT_LIMIT = 0.30  # SmolLM2: a larger share of bit-exact Linear weights means the Q4_1 grid did the work
@@ -612,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if anchor is not None and anchor.quantize is None:
                         row = Row(key, name, "anchor", note=f"not measured: {anchor.unavailable}")
+                    elif preset in ENCODER_PRESETS and run.causal:
+                        row = Row(key, name, "preset", note="not run: a preset for sentence-embedding encoders")
                     elif anchor is not None:
                         row = run.anchor_row(anchor)
                     else:

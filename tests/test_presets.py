@@ -189,7 +189,8 @@ def test_roles_without_a_config_come_from_names(tmp_path):
 
 # -- the presets ------------------------------------------------------------------------
 
-EXPECTED_PRESETS = {"lossless", "q8", "q6", "q5", "q4", "q4-small", "q3", "q2", "seed", "vq", "minilm-layerwise"}
+EXPECTED_PRESETS = {"lossless", "q8", "q6", "q5", "q4", "q4-small", "q3", "q2", "seed", "vq", "minilm-layerwise",
+                    "encoder-q4", "encoder-q3"}
 
 
 def test_every_preset_file_is_listed_loads_and_describes_itself():
@@ -223,6 +224,21 @@ def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(UsageError) as exc:
         policy_from_preset("q1")
     assert "unknown preset 'q1'" in str(exc.value) and "q4" in str(exc.value) and "minilm-layerwise" in str(exc.value)
+
+
+def test_the_encoder_presets_choose_every_embedding_and_linear_level_by_the_models_drift():
+    for name in ("encoder-q4", "encoder-q3"):
+        policy = policy_from_preset(name)
+        assert (policy.budget_counts, policy.budget_sensitivity) == ("stored", "model")
+        v = policy.choose_rule("encoder.layer.0.attention.self.value.weight", "F32", (64, 64),
+                               TensorRole("attn_v", 0, True, 2))
+        assert v.calibration == "gptq" and [c.codec.bits for c in (v.chain, *v.upgrades)] == [2, 3, 4, 5, 6, 8]
+        words = policy.choose_rule("embeddings.word_embeddings.weight", "F32", (1000, 64),
+                                   TensorRole("token_embedding", None, True, 2))
+        assert words.calibration is None and len(words.upgrades) == 5
+        norm = policy.choose_rule("embeddings.LayerNorm.weight", "F32", (64,), TensorRole("norm_weight", None, None, 2))
+        assert norm is None or norm.chain.lossless
+    assert policy_from_preset("encoder-q3").budget_bits < policy_from_preset("encoder-q4").budget_bits
 
 
 def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
