@@ -20,11 +20,13 @@ import numpy as np
 from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
+from rbeformat.codecs.tensor import TensorCodec
+from rbeformat.codecs.transpose import Transpose
 from rbeformat.spec import DTYPES
 from rbeformat.values import from_float32, to_float32
 
 from .atomic import atomic_directory, atomic_file
-from .recipe import Policy, lossless_policy
+from .recipe import Policy, Rule, lossless_policy
 from .roles import TensorRole, classify
 from .safetensors_io import StFile, StTensor, build_header, read_header
 
@@ -194,9 +196,10 @@ def choose_chains(plan: Plan, policy: Policy, roles: dict[str, TensorRole] | Non
     alone, groups = {}, {}
     for _, st in plan.safetensors:
         for t in st.tensors:
-            chain = policy.choose(t.name, t.dtype, t.shape, roles.get(t.name))
-            if chain is None:
+            rule = policy.choose_rule(t.name, t.dtype, t.shape, roles.get(t.name))
+            if rule is None:
                 continue
+            chain = input_axis_grouped(rule.chain, rule, roles.get(t.name))
             key = chain.codec.shared_group(t.dtype, tuple(t.shape))
             if key is None:
                 alone[t.name] = chain
@@ -206,6 +209,32 @@ def choose_chains(plan: Plan, policy: Policy, roles: dict[str, TensorRole] | Non
         raise UsageError(f"{plan.root or '.'}: the codec chain, recipe or preset applies to no tensor (a chain takes "
                          "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written")
     return alone, groups
+
+
+def groups_along_last_axis(codec: TensorCodec) -> bool:
+    """Whether the codec cuts each row (the last axis) into groups, blocks or vectors of its own."""
+    if codec.name == "gquant":
+        return codec.group > 0  # group 0: one scale for the whole tensor, no axis
+    if codec.name == "palette":
+        return codec.scope != "tensor"
+    return codec.name in ("vq", "seed")
+
+
+def needs_transpose(chain: Chain, rule: Rule, role: TensorRole | None) -> bool:
+    """Whether a weight stored input x output should get ``transpose(values=chain)``: its chain
+    groups along the last (output) axis, and its rule did not select it by ``input_last``
+    (a rule that does gets exactly the chain it names)."""
+    return (role is not None and role.input_last is False and rule.input_last is None
+            and not chain.lossless and groups_along_last_axis(chain.codec))
+
+
+def input_axis_grouped(chain: Chain, rule: Rule, role: TensorRole | None) -> Chain:
+    """The chain a tensor gets: wrapped in ``transpose`` where ``needs_transpose`` says, so
+    that the groups run along the weight's input axis, as quantization (and ONNX Runtime's
+    MatMulNBits) wants them."""
+    if not needs_transpose(chain, rule, role):
+        return chain
+    return Chain(Transpose(), {"values": chain})
 
 
 def chosen_rules(plan: Plan, policy: Policy) -> dict[str, tuple[StFile, StTensor, object]]:
@@ -248,6 +277,7 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
     from .mixed import candidate, pick
 
     pruned = pruned or {}
+    roles = plan_roles(plan) if policy.uses_roles else {}
     upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
                   if entry[2].upgrades and name in names}
     probe = None
@@ -256,12 +286,18 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
         from .sensitivity import ModelProbe
 
         probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
-    scored = [stats.candidates.get(name) or
-              candidate(name, to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype),
-                        rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts,
-                        (lambda decoded, name=name: probe.drift(name, decoded)) if probe else None)
-              for name, (st, t, rule) in upgradable.items()]
-    return {name: upgradable[name][2].upgrades[level - 1] for name, level in pick(scored, policy.budget_bits).items()}
+
+    def score(name: str, st, t, rule: Rule):
+        x = to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype)
+        measure = (lambda decoded: probe.drift(name, decoded)) if probe else None
+        if needs_transpose(rule.chain, rule, roles.get(name)):
+            # Scored as the chains will encode it: the transpose's values, measured back in place.
+            x, measure = np.ascontiguousarray(x.T), measure and (lambda decoded: probe.drift(name, decoded.T))
+        return candidate(name, x, rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts, measure)
+
+    scored = [stats.candidates.get(name) or score(name, st, t, rule) for name, (st, t, rule) in upgradable.items()]
+    return {name: input_axis_grouped(upgradable[name][2].upgrades[level - 1], upgradable[name][2], roles.get(name))
+            for name, level in pick(scored, policy.budget_bits).items()}
 
 
 def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:

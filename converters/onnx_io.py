@@ -8,7 +8,9 @@ files beside the model.  The container keeps them apart:
 * every initializer of the main graph whose element type rbe has (``ONNX_DTYPES``)
   becomes an rbe tensor of the same name, encoded by the same policy machinery
   as a Hugging Face checkpoint (``converters/hf.py``), with roles read from the
-  graph (``graph_roles``);
+  graph (``graph_roles``); a MatMul's weight is stored input x output, so a chain
+  that groups along the last axis is stored as ``transpose(values=CHAIN)``, its
+  groups along the input axis (``hf.input_axis_grouped``);
 * the ModelProto with those initializers' data removed (name, dims and type kept)
   becomes the embedded file ``GRAPH_PATH``, named by the metadata key
   ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX models").

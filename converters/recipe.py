@@ -12,8 +12,15 @@ other), or both, and may narrow the choice with
 * ``layers``: only tensors of those blocks (``[0, 1, -1]``; negative indices
   count from the last block); tensors outside the blocks never match;
 * ``input_last``: only Linear-like weights whose input axis is (true) or is not
-  (false: GPT-2's transposed Conv1D) the last one, the axis group
-  quantization groups along.
+  (false: GPT-2's transposed Conv1D, an ONNX MatMul's weight) the last one, the
+  axis group quantization groups along.
+
+A weight stored input x output that a rule *without* ``input_last`` takes, with
+a chain whose codec groups along the last axis (``gquant`` with groups,
+``palette`` by row or group, ``vq``, ``seed``), is stored as
+``transpose(values=CHAIN)`` so that its groups run along the input axis
+(``hf.input_axis_grouped``); a rule with ``input_last = false`` gets exactly
+the chain it names.
 
 ``calibration = "gptq" | "wanda"`` asks for a calibration-aware encoder
 for the rule's tensors (``Policy.choose_rule`` hands the rule to the

@@ -194,6 +194,21 @@ def test_input_last_rules_see_matmul_weights_as_transposed(tmp_path, capsys):
     assert transformed(out) == {"w_gemm"}
 
 
+def test_matmul_weights_are_grouped_along_their_inputs_unless_a_rule_names_input_last(tmp_path):
+    from rbe_converters.report import chain_text
+
+    src = save(tiny_model(), tmp_path / "m.onnx")
+    out = str(tmp_path / "m.rbe")
+    chains = {}
+    for key in ("", "input_last = false\n"):
+        body = f'[[rule]]\nroles = ["linear", "mlp_up"]\n{key}codec = "gquant(bits=4, group=16)"\n'
+        assert run(["convert", src, out, "--recipe", recipe(tmp_path, body), "--force"]) == 0
+        with Reader(out) as r:
+            chains[key] = {n: chain_text(r.stored_entry(n).transform).split("(")[0] for n in transformed(out)}
+    assert chains[""] == {"w_up": "transpose", "w_down": "transpose", "w_gemm": "gquant"}  # Gemm transB: input last
+    assert chains["input_last = false\n"] == {"w_up": "gquant", "w_down": "gquant"}
+
+
 def transformed(path: str) -> set[str]:
     """The tensors a codec chain encodes."""
     with Reader(path) as r:
@@ -387,13 +402,18 @@ def test_real_model_q4_keeps_the_embeddings(paraphrase_onnx, sentence_feeds, tmp
     out = str(tmp_path / "q4.rbe")
     assert run(["convert", paraphrase_onnx, out, "--recipe", recipe(tmp_path, Q4_PLAIN)]) == 0
     assert len(transformed(out)) == 3 * 6 + 2  # every Linear weight, token and position tables
+    with Reader(out) as r:  # MatMul weights (input x output): groups along the input axis
+        transposed = {n for n in transformed(out) if r.stored_entry(n).transform.codec.name == "transpose"}
+    assert len(transposed) == 3 * 6
     assert run(["decode", out, str(tmp_path / "q4.onnx")]) == 0
     want = _sentence_embeddings(ort_outputs(open(paraphrase_onnx, "rb").read(), sentence_feeds))
     got = _sentence_embeddings(ort_outputs((tmp_path / "q4.onnx").read_bytes(), sentence_feeds))
     cosine = float(np.mean(np.sum(want * got, 1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))))
-    print(f"q4 (plain gquant) mean cosine to the fp32 model over 16 sentences: {cosine:.4f}, "
-          f"file {os.path.getsize(out) / 1e6:.1f} MB")
-    assert cosine > 0.95
+    print(f"q4 (plain gquant, groups along the inputs) mean cosine to the fp32 model over 16 sentences: "
+          f"{cosine:.4f}, file {os.path.getsize(out) / 1e6:.1f} MB")
+    # 0.982 measured (0.984 with groups along the outputs: no better for this model's quality,
+    # but the layout ONNX Runtime's MatMulNBits consumes).
+    assert cosine > 0.975
 
 
 def _sentence_embeddings(outputs: list[np.ndarray]) -> np.ndarray:
