@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(other files stay and are listed), or overwrite an existing .safetensors file")
     _common(p)
 
+    p = sub.add_parser("export-onnx", help=".rbe converted from ONNX -> .onnx, dense or with weights kept "
+                       "compressed (--on-the-fly)", epilog=EPILOG)
+    p.add_argument("input", help="an .rbe file converted from an .onnx model")
+    p.add_argument("output", help="the .onnx file to write (past 2 GB with OUTPUT.data beside it)")
+    p.add_argument("--on-the-fly", action="store_true",
+                   help="keep quantized weights compressed, expanded inside the graph as it runs "
+                        "(MatMulNBits, GatherBlockQuantized; other weights dense): any onnxruntime session "
+                        "opens it; prints which form each weight took")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
+    _common(p)
+
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -470,6 +482,56 @@ def _decode_onnx(args, total: int) -> int:
     return EXIT_OK
 
 
+def cmd_export_onnx(args) -> int:
+    """The ONNX model a container carries: dense (as ``rbe decode``), or on the fly (``rbe_loaders.ort``)."""
+    check_target(args.output, args.force)
+    check_parent(args.output)
+    if not args.on_the_fly:
+        with open_rbe(args.input) as r:
+            from .hf import decoded_tensor_bytes
+
+            total = decoded_tensor_bytes(r)
+        return _decode_onnx(args, total)
+    open_rbe(args.input, verify_checksums=False).close()  # one clear error for a file that is not rbe
+    from rbe_loaders.ort import on_the_fly_model  # a loader; imported only for this command
+
+    model, report = on_the_fly_model(args.input)
+    written = _write_onnx(model, args.output, args.force)
+    if not args.quiet:
+        print(report)
+        beside = f", external data in {written[1]}" if len(written) > 1 else ""
+        _stderr(f"{args.output}: written from {args.input} with weights kept compressed{beside}")
+    return EXIT_OK
+
+
+def _write_onnx(model, path: str, force: bool) -> list[str]:
+    """Writes ``model`` atomically: inline below 2 GB, else its initializers' data in PATH.data
+    (each at a multiple of 4096, as ``rbe decode`` writes them).  Returns the paths written."""
+    from onnx.external_data_helper import set_external_data
+
+    from .atomic import atomic_file
+    from .onnx_io import EXTERNAL_ALIGNMENT, INLINE_LIMIT
+
+    if model.ByteSize() <= INLINE_LIMIT:
+        with atomic_file(path, force) as fh:
+            fh.write(model.SerializeToString())
+        return [path]
+    data_path = path + ".data"
+    check_target(data_path, force)
+    with atomic_file(path, force) as model_fh, atomic_file(data_path, force) as data_fh:
+        offset = 0
+        for t in model.graph.initializer:
+            if not t.raw_data:
+                continue
+            pad = -offset % EXTERNAL_ALIGNMENT
+            data_fh.write(b"\0" * pad + t.raw_data)
+            set_external_data(t, os.path.basename(data_path), offset + pad, len(t.raw_data))
+            offset += pad + len(t.raw_data)
+            t.ClearField("raw_data")
+        model_fh.write(model.SerializeToString())  # renamed into place after the data file
+    return [path, data_path]
+
+
 def cmd_verify(args) -> int:
     with open_rbe(args.input, verify_checksums=False) as r:
         problems = list(r.verify(deep=args.deep))
@@ -533,8 +595,8 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "verify": cmd_verify, "info": cmd_info,
-            "presets": cmd_presets, "eval": cmd_eval}
+COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "export-onnx": cmd_export_onnx, "verify": cmd_verify,
+            "info": cmd_info, "presets": cmd_presets, "eval": cmd_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -186,6 +186,28 @@ class Reader:
             return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         return memoryview(self._decode_blob(stored.blob, where))
 
+    def get_part(self, name: str, path: str) -> np.ndarray:
+        """One part of a transformed tensor's codec chain, decoded, in the part's dtype storage.
+
+        ``path`` names the part through the chain, dot-separated (``"codes"``,
+        ``"values.scales"``); a part that another codec encodes comes back as
+        that codec's output.  Runtimes that compute on the codec's own form
+        (packed codes and scales rather than the dense tensor) read it this way.
+        """
+        stored = self.stored_entry(name)
+        where = f"tensor {stored.name!r} part {path}"
+        transform, part = stored.transform, None
+        for step in path.split("."):
+            part = transform.parts.get(step) if transform is not None else None
+            if part is None:
+                raise UsageError(f"{where}: the codec chain has no such part")
+            transform = part.transform
+        if part.transform is not None:
+            values = self._decode_transform(part.transform, part.dtype, part.shape, where)
+        else:
+            values = self._decode_blob(part.blob, where)
+        return np.frombuffer(values, np.dtype(part.dtype.numpy_storage)).reshape(part.shape)
+
     def _decode_transform(self, transform: Transform, dtype, shape, where: str) -> np.ndarray:
         """Decodes parts (recursively), then the codec; returns the values in dtype's storage."""
         parts = {}

@@ -1,0 +1,509 @@
+"""ONNX Runtime sessions whose weights stay compressed.
+
+>>> from rbe_loaders.ort import session                      # doctest: +SKIP
+>>> sess, report = session("model.rbe")                     # prints the report too
+>>> sess.run(None, {"input_ids": ids, "attention_mask": mask})
+
+An rbe file converted from an ONNX model (``rbe convert model.onnx out.rbe``)
+carries the graph; ``on_the_fly_model`` rebuilds it with each weight in the
+cheapest form ONNX Runtime computes on exactly, instead of the dense tensor:
+
+* ``gquant`` Linear weights grouped along their input axis (a MatMul weight
+  stored as ``transpose(values=gquant(...))``, or a ``Gemm`` weight with
+  ``transB=1`` stored as ``gquant``) become ``com.microsoft.MatMulNBits``: 2-bit
+  codes as 2-bit, 3- and 4-bit as 4-bit, 5- to 8-bit as 8-bit (the kernel has
+  those widths; narrower codes fit a wider field unchanged, with their own
+  zero point).  ``sym`` uses integer zero points, exactly; ``asym``'s float
+  offset ``o`` becomes the float zero point ``-o / s`` (2- and 4-bit), or, at
+  8 bits where the kernel takes only integer zero points, codes times scales
+  plus the group sums of the input times the offsets (a small second MatMul).
+* ``gquant`` embedding tables read by ``Gather`` become
+  ``com.microsoft.GatherBlockQuantized`` (the same code widths); ``asym`` adds
+  the gathered offsets, so each row is the reference decode bit for bit.
+* Anything else is decoded to a dense initializer here, at build time, and
+  the report says so: other codecs, other consumers of a weight, group sizes
+  without a power-of-two block of at least 16, weights that are not float32.
+
+The kernels' block is the largest power of two dividing the codec's group
+(scales repeat when it is smaller).  Scales are float32, the kernels' compute
+type.  Nothing here constant-folds back to dense: every expansion reads a
+graph input (activations or indices).
+
+``session(path)`` returns ``(onnxruntime.InferenceSession, Report)``;
+``Report`` lists, per initializer, the form used and the bytes its
+initializers hold.  Only models from ONNX files are supported: a Hugging Face
+checkpoint has no stored graph (UsageError).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rbeformat import Reader, UsageError
+from rbeformat.codecs.arrays import unpack_codes
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError:  # the core works without onnx; only this module needs it
+    raise UsageError("ONNX Runtime sessions need onnx and onnxruntime: pip install 'rbe[ort]'") from None
+
+from rbe_converters import onnx_io
+
+MS_DOMAIN = "com.microsoft"
+PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
+GROUP0_BLOCK = 128  # a per-tensor scale (gquant group 0) repeats over blocks of this size
+MIN_BLOCK = 16  # both kernels take power-of-two blocks from 16 up
+OFFSET_SCALE = 2.0 ** -30  # see _float_zero_points
+
+
+# -- the report -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorForm:
+    name: str
+    form: str
+    resident_bytes: int  # bytes of the initializers the session holds for it
+    dense_bytes: int
+
+
+@dataclass
+class Report:
+    """Per initializer of the rebuilt graph: its form and the bytes it keeps resident."""
+
+    rows: list[TensorForm] = field(default_factory=list)
+
+    def add(self, name: str, form: str, resident_bytes: int, dense_bytes: int) -> None:
+        self.rows.append(TensorForm(name, form, resident_bytes, dense_bytes))
+
+    def form_of(self, name: str) -> str:
+        return next(row.form for row in self.rows if row.name == name)
+
+    def decoded_at_build(self) -> list[str]:
+        """The weights a codec stores that the session holds dense."""
+        return [row.name for row in self.rows if row.form.startswith("dense")]
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(row.resident_bytes for row in self.rows)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(row.dense_bytes for row in self.rows)
+
+    def __str__(self) -> str:
+        width = max([len(row.name) for row in self.rows] + [6])
+        lines = [f"{'tensor'.ljust(width)}  {'resident':>12}  {'dense':>12}  form"]
+        for row in self.rows:
+            lines.append(f"{row.name.ljust(width)}  {row.resident_bytes:>12,}  {row.dense_bytes:>12,}  {row.form}")
+        ratio = self.resident_bytes / self.dense_bytes if self.dense_bytes else 1.0
+        lines.append(f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
+                     f"{ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build")
+        return "\n".join(lines)
+
+
+# -- codes and scales in the kernels' layouts ------------------------------------------
+
+def kernel_bits(bits: int) -> int:
+    """The narrowest kernel width (2, 4 or 8) that holds ``bits``-bit codes unchanged."""
+    return 2 if bits == 2 else 4 if bits <= 4 else 8
+
+
+def block_for_group(group: int) -> int | None:
+    """The largest power-of-two block of at least 16 dividing ``group``; None when there is none."""
+    if group == 0:
+        return GROUP0_BLOCK
+    block = group & -group
+    return block if block >= MIN_BLOCK else None
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (rows, n) as bytes (rows, ceil(n * bits / 8)), each row from a new byte, low bits first."""
+    rows, n = codes.shape
+    per_byte = 8 // bits
+    padded = np.zeros((rows, -(-n // per_byte) * per_byte), np.uint8)
+    padded[:, :n] = codes
+    grouped = padded.reshape(rows, -1, per_byte)
+    out = np.zeros(grouped.shape[:2], np.uint8)
+    for i in range(per_byte):
+        out |= grouped[..., i] << np.uint8(i * bits)
+    return out
+
+
+@dataclass
+class GroupedCodes:
+    """A 2-D ``gquant`` tensor (rows, n) as its codes and per-group floats, grouped along n."""
+
+    bits: int
+    mode: str
+    group: int  # 0: one scale for the whole tensor
+    codes: np.ndarray  # uint8 (rows, n)
+    scales: np.ndarray  # (rows, groups) or (1,) for group 0, in the stored scale dtype
+    offsets: np.ndarray | None  # asym: like scales
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def per_block(self, values: np.ndarray, block: int) -> np.ndarray:
+        """Per-group floats repeated for each ``block`` of the row: (rows, ceil(n / block)) float32."""
+        rows, n = self.shape
+        blocks = -(-n // block)
+        if self.group == 0:
+            return np.full((rows, blocks), np.float32(values.reshape(-1)[0]), np.float32)
+        return values.astype(np.float32)[:, (np.arange(blocks) * block) // self.group]
+
+
+def read_gquant(r: Reader, name: str, prefix: str, transform) -> GroupedCodes:
+    """The parts of the gquant ``transform`` reached by ``prefix`` ("" or "values.") of tensor ``name``."""
+    codec = transform.codec
+    shape = _part_shape(r, name, prefix)
+    codes = unpack_codes(r.get_part(name, prefix + "codes"), codec.bits, math.prod(shape), f"tensor {name!r}")
+    offsets = r.get_part(name, prefix + "zeros") if codec.mode == "asym" else None
+    return GroupedCodes(codec.bits, codec.mode, codec.group, codes.reshape(shape), r.get_part(name, prefix + "scales"),
+                        offsets)
+
+
+def _part_shape(r: Reader, name: str, prefix: str) -> tuple[int, int]:
+    entry = r.stored_entry(name)
+    if not prefix:
+        return tuple(entry.shape)
+    return tuple(entry.transform.parts[prefix.rstrip(".")].shape)
+
+
+# -- MatMulNBits: a Linear weight (N out, K in) grouped along K ------------------------
+#
+# Each weight's initializers are named ``rbe:<weight>:<part>`` (``rbe:`` is reserved: no
+# initializer of a converted model uses it); the nodes reading them, one set per
+# consuming node, are named and connected through ``rbe:<node output>:<step>``.
+
+@dataclass
+class Rewrite:
+    """What replaces one weight: new initializers, and per consuming node the nodes replacing it."""
+
+    form: str
+    initializers: list
+    nodes: dict[int, list]  # position of the consuming node -> its replacement
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(len(t.raw_data) for t in self.initializers)
+
+
+def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, dict, bool]:
+    """MatMulNBits' B, scales and zero points for ``weight`` (N, K) and its attributes; the flag
+    says the offsets are added apart (asym at 8 bits, whose kernel takes no float zero points)."""
+    n_out, k_in = weight.shape
+    bits = kernel_bits(weight.bits)
+    blocks = -(-k_in // block)
+    padded = np.zeros((n_out, blocks * block), np.uint8)
+    padded[:, :k_in] = weight.codes
+    packed = pack_rows(padded.reshape(n_out * blocks, block), bits).reshape(n_out, blocks, block * bits // 8)
+    scales = weight.per_block(weight.scales, block)
+    zero_points = None
+    offsets_apart = weight.mode == "asym" and bits == 8
+    if weight.mode == "sym" and weight.bits != bits:  # the kernel's default zero point is 2**(bits-1)
+        zero_points = pack_rows(np.full((n_out, blocks), 2 ** (weight.bits - 1), np.uint8), bits)
+    elif offsets_apart:  # codes times scales here; offset_nodes add the rest
+        zero_points = np.zeros((n_out, blocks), np.uint8)
+    elif weight.mode == "asym":
+        scales, zero_points = _float_zero_points(scales, weight.per_block(weight.offsets, block))
+    inits = [numpy_helper.from_array(packed, f"{tag}:codes"), numpy_helper.from_array(scales, f"{tag}:scales")]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, f"{tag}:zero_points"))
+    if offsets_apart:
+        inits += _offset_initializers(weight, tag)
+    return inits, {"K": k_in, "N": n_out, "bits": bits, "block_size": block}, offsets_apart
+
+
+def _float_zero_points(scales: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and float zero points z with (c - z) * s = c * s + o, as far as float32 allows.
+
+    A group with scale 0 decodes every code to o: it gets the scale o * 2**-30
+    and the zero point -2**30, since c + 2**30 rounds to 2**30 for any code of
+    up to 6 bits, leaving exactly o.
+    """
+    flat = scales == 0
+    safe = np.where(flat, offsets * np.float32(OFFSET_SCALE), scales).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero_points = np.where(safe == 0, np.float32(0), -offsets / safe).astype(np.float32)
+    return safe, zero_points
+
+
+def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
+    """A (K, groups) 0/1 matrix summing A over each group, and the offsets transposed (groups, N)."""
+    n_out, k_in = weight.shape
+    group = weight.group or k_in
+    groups = -(-k_in // group)
+    membership = (np.arange(k_in)[:, None] // group == np.arange(groups)[None, :]).astype(np.float32)
+    offsets_t = np.ascontiguousarray(weight.offsets.astype(np.float32).reshape(n_out, groups).T)
+    return [numpy_helper.from_array(membership, f"{tag}:groups"), numpy_helper.from_array(offsets_t, f"{tag}:offsets")]
+
+
+def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[str], offsets_apart: bool, a_name: str,
+                       out_name: str) -> list:
+    """Nodes computing out = A @ W.T on the packed codes (``inputs``: MatMulNBits' initializers)."""
+    at = f"rbe:{out_name}"
+    product = f"{at}:product" if offsets_apart else out_name
+    nodes = [helper.make_node("MatMulNBits", [a_name] + inputs, [product], name=f"{at}/matmul", domain=MS_DOMAIN,
+                              **attrs)]
+    if offsets_apart:  # + sum over groups g of (sum of A over g) * offsets[n, g]
+        nodes += [helper.make_node("MatMul", [a_name, f"{tag}:groups"], [f"{at}:group_sums"], name=f"{at}/sums"),
+                  helper.make_node("MatMul", [f"{at}:group_sums", f"{tag}:offsets"], [f"{at}:offset_term"],
+                                   name=f"{at}/offsets"),
+                  helper.make_node("Add", [product, f"{at}:offset_term"], [out_name], name=f"{at}/add_offsets")]
+    return nodes
+
+
+def matmul_form(weight: GroupedCodes, block: int) -> str:
+    bits = kernel_bits(weight.bits)
+    form = f"MatMulNBits {bits}-bit block {block}"
+    if weight.bits != bits:
+        form += f" ({weight.bits}-bit codes)"
+    if weight.mode == "asym":
+        form += ", offsets as a second MatMul" if bits == 8 else ", float zero points"
+    return form
+
+
+def _rewrite_linear(weight: GroupedCodes, block: int, uses: list, name: str) -> Rewrite:
+    tag = f"rbe:{name}"
+    inits, attrs, offsets_apart = matmul_nbits_initializers(weight, block, tag)
+    inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
+    nodes = {}
+    for position, node, _ in uses:
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] != ""
+        out = f"rbe:{node.output[0]}:linear" if has_bias else node.output[0]
+        nodes[position] = matmul_nbits_nodes(tag, attrs, inputs, offsets_apart, node.input[0], out)
+        if has_bias:
+            nodes[position].append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
+                                                    name=f"rbe:{node.output[0]}/bias"))
+    return Rewrite(matmul_form(weight, block), inits, nodes)
+
+
+# -- GatherBlockQuantized: an embedding table (rows, dim) grouped along dim -------------
+
+def gather_bits(weight: GroupedCodes) -> int:
+    """Kernel width for a table: every row must start on a byte, else 8 bits."""
+    bits = kernel_bits(weight.bits)
+    return bits if weight.shape[1] * bits % 8 == 0 else 8
+
+
+def gather_initializers(weight: GroupedCodes, block: int, tag: str) -> list:
+    """Packed codes, float32 scales per block, zero points unless the kernel's default fits, and
+    in asym mode the offsets (in their stored dtype) with each column's group."""
+    rows, dim = weight.shape
+    bits = gather_bits(weight)
+    inits = [numpy_helper.from_array(pack_rows(weight.codes, bits), f"{tag}:codes"),
+             numpy_helper.from_array(weight.per_block(weight.scales, block), f"{tag}:scales")]
+    zero = 0 if weight.mode == "asym" else 2 ** (weight.bits - 1)  # asym: codes times scales, offsets added
+    if zero != 2 ** (bits - 1):  # the kernel's default zero point
+        blocks = -(-dim // block)
+        inits.append(numpy_helper.from_array(pack_rows(np.full((rows, blocks), zero, np.uint8), bits),
+                                             f"{tag}:zero_points"))
+    if weight.mode == "asym" and weight.group == 0:
+        inits.append(numpy_helper.from_array(weight.offsets.astype(np.float32).reshape(1), f"{tag}:offset"))
+    elif weight.mode == "asym":
+        inits += [numpy_helper.from_array(np.ascontiguousarray(weight.offsets), f"{tag}:offsets"),
+                  numpy_helper.from_array(np.arange(dim, dtype=np.int64) // weight.group, f"{tag}:columns")]
+    return inits
+
+
+def gather_nodes(weight: GroupedCodes, block: int, tag: str, inputs: list[str], indices: str, out_name: str) -> list:
+    """Nodes computing out = decoded_table[indices], row for row exactly.
+
+    asym adds each row's offsets, gathered in their stored dtype and then cast
+    (a float16 table takes half the memory and widens exactly), spread over
+    their groups' columns.
+    """
+    at = f"rbe:{out_name}"
+    product = f"{at}:product" if weight.mode == "asym" else out_name
+    nodes = [helper.make_node("GatherBlockQuantized", [inputs[0], indices, *inputs[1:]], [product],
+                              name=f"{at}/gather", domain=MS_DOMAIN, bits=gather_bits(weight), block_size=block,
+                              gather_axis=0, quantize_axis=1)]
+    if weight.mode == "asym" and weight.group == 0:
+        nodes.append(helper.make_node("Add", [product, f"{tag}:offset"], [out_name], name=f"{at}/add_offset"))
+    elif weight.mode == "asym":
+        nodes += [helper.make_node("Gather", [f"{tag}:offsets", indices], [f"{at}:row_offsets"],
+                                   name=f"{at}/offsets", axis=0),
+                  helper.make_node("Cast", [f"{at}:row_offsets"], [f"{at}:row_offsets32"], name=f"{at}/cast",
+                                   to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [f"{at}:row_offsets32", f"{tag}:columns"], [f"{at}:spread"],
+                                   name=f"{at}/spread", axis=-1),
+                  helper.make_node("Add", [product, f"{at}:spread"], [out_name], name=f"{at}/add_offsets")]
+    return nodes
+
+
+def gather_form(weight: GroupedCodes, block: int) -> str:
+    bits = gather_bits(weight)
+    form = f"GatherBlockQuantized {bits}-bit block {block}"
+    if weight.bits != bits:
+        form += f" ({weight.bits}-bit codes)"
+    return form + (", offsets gathered" if weight.mode == "asym" else "")
+
+
+def _rewrite_table(weight: GroupedCodes, block: int, uses: list, name: str) -> Rewrite:
+    tag = f"rbe:{name}"
+    inits = gather_initializers(weight, block, tag)
+    inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
+    nodes = {position: gather_nodes(weight, block, tag, inputs, node.input[1], node.output[0])
+             for position, node, _ in uses}
+    return Rewrite(gather_form(weight, block), inits, nodes)
+
+
+# -- choosing a form per weight ----------------------------------------------------------
+
+def _attribute(node, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _standard(node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _matmul_use(node, index: int) -> bool:
+    return node.op_type == "MatMul" and _standard(node) and index == 1
+
+
+def _gemm_use(node, index: int) -> bool:
+    """Gemm(A, W, C) with W (N, K) as a Linear weight: transB=1, alpha 1, and beta 1 if C is given."""
+    if node.op_type != "Gemm" or not _standard(node) or index != 1:
+        return False
+    has_bias = len(node.input) > 2 and node.input[2] != ""
+    return (_attribute(node, "transB", 0) == 1 and _attribute(node, "transA", 0) == 0
+            and _attribute(node, "alpha", 1.0) == 1.0 and (not has_bias or _attribute(node, "beta", 1.0) == 1.0))
+
+
+def _gather_use(node, index: int) -> bool:
+    return node.op_type == "Gather" and _standard(node) and index == 0 and _attribute(node, "axis", 0) == 0
+
+
+def _gquant_view(r: Reader, name: str):
+    """(transform, part prefix, transposed) of a gquant tensor or of transpose(values=gquant); else None."""
+    transform = r.stored_entry(name).transform
+    if transform.codec.name == "gquant":
+        return transform, "", False
+    values = transform.parts.get("values")
+    if transform.codec.name == "transpose" and values is not None and values.transform is not None \
+            and values.transform.codec.name == "gquant":
+        return values.transform, "values.", True
+    return None
+
+
+def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]]) -> Rewrite | str:
+    """The compressed form of weight ``name`` given the nodes reading it, or why it must be dense."""
+    entry = r.stored_entry(name)
+    view = _gquant_view(r, name)
+    if view is None:
+        return entry.transform.codec.name
+    transform, prefix, transposed = view
+    if entry.dtype.name != "F32" or len(entry.shape) != 2:
+        return f"gquant on {entry.dtype.name} {list(entry.shape)}: mapped only for 2-D float32 weights"
+    block = block_for_group(transform.codec.group)
+    if block is None:
+        return f"gquant group {transform.codec.group} has no power-of-two block of 16 or more"
+    if uses and transposed and all(_matmul_use(node, index) for _, node, index in uses):
+        return _rewrite_linear(read_gquant(r, name, prefix, transform), block, uses, name)
+    if uses and not transposed and all(_gemm_use(node, index) for _, node, index in uses):
+        return _rewrite_linear(read_gquant(r, name, prefix, transform), block, uses, name)
+    if uses and not transposed and all(_gather_use(node, index) for _, node, index in uses):
+        return _rewrite_table(read_gquant(r, name, prefix, transform), block, uses, name)
+    kinds = ", ".join(sorted({node.op_type for _, node, _ in uses})) or "no node"
+    wanted = "a MatMul's B (it is stored transposed)" if transposed else "a Gather table or a Gemm's transB=1 B"
+    return f"gquant; mapped when every reader takes it as {wanted}, here read by {kinds}"
+
+
+# -- building the graph ------------------------------------------------------------------
+
+def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report]:
+    """The ONNX model an rbe file carries, its weights in compressed forms (see the module doc)."""
+    with Reader(path) as r:
+        if not onnx_io.carries_onnx(r):
+            raise UsageError(f"{os.fspath(path)}: holds no ONNX graph (it was not converted from an .onnx file); "
+                             "on-the-fly sessions need the stored graph, which Hugging Face checkpoints do not have "
+                             "yet")
+        model = onnx_io.read_graph(r)
+        mapped = [t for t in model.graph.initializer if t.data_type in onnx_io.ONNX_DTYPES]
+        onnx_io._check_graph(r, model, mapped)  # the decode's checks: no paths to open, names match tensors
+        report = Report()
+        uses = _readers_of(model.graph)
+        replaced, new_inits = {}, []
+        for t in mapped:
+            dense_bytes = math.prod(t.dims) * r.entry(t.name).dtype.itemsize
+            if r.stored_entry(t.name).transform is None:
+                t.raw_data = bytes(r.tensor_bytes(t.name))
+                report.add(t.name, "initializer (lossless)", len(t.raw_data), dense_bytes)
+                continue
+            plan = plan_rewrite(r, t.name, uses.get(t.name, []))
+            if isinstance(plan, str):
+                t.raw_data = bytes(r.tensor_bytes(t.name))
+                report.add(t.name, f"dense (decoded at build: {plan})", len(t.raw_data), dense_bytes)
+                continue
+            replaced.update(plan.nodes)
+            new_inits += plan.initializers
+            report.add(t.name, plan.form, plan.resident_bytes, dense_bytes)
+    _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
+    return model, report
+
+
+def _kept(row: TensorForm) -> bool:
+    return row.form.startswith(("dense", "initializer"))
+
+
+def _readers_of(graph) -> dict[str, list[tuple[int, object, int]]]:
+    """Per tensor name, the (node position, node, input index) of every node reading it."""
+    out: dict[str, list] = {}
+    for position, node in enumerate(graph.node):
+        for index, name in enumerate(node.input):
+            out.setdefault(name, []).append((position, node, index))
+    return out
+
+
+def _apply(model, replaced: dict[int, list], new_inits: list, dropped: set[str]) -> None:
+    graph = model.graph
+    nodes = []
+    for position, node in enumerate(graph.node):
+        nodes.extend(replaced.get(position, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    inputs = [value for value in graph.input if value.name not in dropped]  # IR < 4 lists initializers as inputs
+    del graph.input[:]
+    graph.input.extend(inputs)
+    if replaced and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# -- sessions ----------------------------------------------------------------------------
+
+def session(path: str | os.PathLike, *, quiet: bool = False, **session_kwargs):
+    """``(onnxruntime.InferenceSession, Report)`` for an rbe file converted from ONNX.
+
+    ``session_kwargs`` go to ``InferenceSession`` (``sess_options``,
+    ``providers``; default the CPU provider).  The report is printed to stderr
+    unless ``quiet``.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("ONNX Runtime sessions need onnxruntime: pip install 'rbe[ort]'") from None
+    model, report = on_the_fly_model(path)
+    session_kwargs.setdefault("providers", ["CPUExecutionProvider"])
+    if not quiet:
+        print(report, file=sys.stderr)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return onnxruntime.InferenceSession(model.SerializeToString(), **session_kwargs), report
+    with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
+        model_path = os.path.join(folder, "model.onnx")
+        onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
+        return onnxruntime.InferenceSession(model_path, **session_kwargs), report

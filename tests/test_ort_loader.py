@@ -1,0 +1,250 @@
+"""ONNX Runtime sessions on compressed weights: `rbe_loaders.ort`, `rbe export-onnx --on-the-fly`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from rbe_converters import onnx_io  # noqa: E402
+from rbe_converters.cli import main  # noqa: E402
+from rbe_converters.recipe import policy_from_document  # noqa: E402
+from rbe_loaders import ort as rbe_ort  # noqa: E402
+from rbeformat import Reader, UsageError, save_file  # noqa: E402
+
+ROWS = 5  # activations per call
+VOCAB = 40
+
+
+def linear_model(k_in: int, n_out: int, dim: int, seed: int = 0) -> onnx.ModelProto:
+    """x (ROWS, K) through a MatMul weight (K, N) and a Gemm weight (N, K) with bias; ids through a table."""
+    rng = np.random.default_rng(seed)
+    inits = {"w_matmul": rng.standard_normal((k_in, n_out)).astype(np.float32) * 0.1,
+             "w_gemm": rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1,
+             "b_gemm": rng.standard_normal(n_out).astype(np.float32) * 0.1,
+             "table": rng.standard_normal((VOCAB, dim)).astype(np.float32) * 0.1}
+    inits["table"][3] = 0.0  # a constant row: asym groups of scale 0
+    nodes = [helper.make_node("MatMul", ["x", "w_matmul"], ["y_matmul"]),
+             helper.make_node("Gemm", ["x", "w_gemm", "b_gemm"], ["y_gemm"], transB=1),
+             helper.make_node("Gather", ["table", "ids"], ["rows"])]
+    graph = helper.make_graph(
+        nodes, "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, k_in]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y_matmul", "y_gemm", "rows")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def convert(tmp_path, model: onnx.ModelProto, rules: list[dict]) -> str:
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "m.rbe")
+    with open(src, "wb") as fh:
+        fh.write(model.SerializeToString())
+    onnx_io.convert(src, out, policy=policy_from_document({"rule": rules}, "test recipe"), force=True)
+    return out
+
+
+def gquant(bits: int, group: int, mode: str) -> str:
+    return f"gquant(bits={bits}, group={group}, mode={mode})"
+
+
+def quantized_rules(bits: int, group: int, mode: str, table_bits: int | None = None) -> list[dict]:
+    chain = gquant(bits, group, mode)
+    return [{"match": "w_matmul", "input_last": False, "codec": f"transpose(values={chain})"},
+            {"match": "w_gemm", "codec": chain},
+            {"match": "table", "codec": gquant(table_bits or bits, group, mode)}]
+
+
+def feeds(k_in: int, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((ROWS, k_in)).astype(np.float32),
+            "ids": np.array([[0, 3, 7], [VOCAB - 1, 3, 12]], np.int64)}
+
+
+def reference(path: str, inputs: dict) -> dict[str, np.ndarray]:
+    """The outputs from the numpy reference decode, in float64."""
+    with Reader(path) as r:
+        w = {name: r.get_tensor(name).astype(np.float64) for name in r.keys()}
+    x = inputs["x"].astype(np.float64)
+    return {"y_matmul": x @ w["w_matmul"], "y_gemm": x @ w["w_gemm"].T + w["b_gemm"],
+            "rows": w["table"][inputs["ids"]]}
+
+
+def run_on_the_fly(path: str, inputs: dict) -> tuple[dict[str, np.ndarray], rbe_ort.Report]:
+    session, report = rbe_ort.session(path, quiet=True)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, inputs))), report
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """Max abs error over the output's scale (its largest magnitude)."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# -- each mapping against the reference decode ----------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+@pytest.mark.parametrize("k_in, group", [(64, 32), (100, 32), (72, 16), (90, 48)])
+def test_linear_weights_run_as_matmul_nbits(tmp_path, bits, mode, k_in, group):
+    path = convert(tmp_path, linear_model(k_in, 24, 64), quantized_rules(bits, group, mode))
+    inputs = feeds(k_in)
+    got, report = run_on_the_fly(path, inputs)
+    want = reference(path, inputs)
+    kernel = 2 if bits == 2 else 4 if bits <= 4 else 8
+    block = group & -group
+    for name, output in (("w_matmul", "y_matmul"), ("w_gemm", "y_gemm")):
+        assert report.form_of(name).startswith(f"MatMulNBits {kernel}-bit block {block}"), report.form_of(name)
+        error = relative_error(got[output], want[output])
+        print(f"{bits}-bit {mode} K={k_in} group {group} {name}: max abs error / output scale {error:.2e}")
+        assert error < 2e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+@pytest.mark.parametrize("dim, group", [(64, 32), (96, 32), (100, 16), (72, 0)])
+def test_embedding_tables_run_as_gather_block_quantized_exactly(tmp_path, bits, mode, dim, group):
+    rules = [{"match": "table", "codec": gquant(bits, group, mode)}]
+    path = convert(tmp_path, linear_model(64, 24, dim), rules)
+    inputs = feeds(64)
+    got, report = run_on_the_fly(path, inputs)
+    assert report.form_of("table").startswith("GatherBlockQuantized"), report.form_of("table")
+    np.testing.assert_array_equal(got["rows"], reference(path, inputs)["rows"].astype(np.float32))
+
+
+def test_scale_zero_groups_decode_to_their_offset(tmp_path):
+    model = linear_model(64, 24, 64)
+    w = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w[:, :32] = 0.25  # one constant group per row: scale 0, offset 0.25
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w_gemm"))
+    path = convert(tmp_path, model, quantized_rules(4, 32, "asym"))
+    inputs = feeds(64)
+    got, _ = run_on_the_fly(path, inputs)
+    assert relative_error(got["y_gemm"], reference(path, inputs)["y_gemm"]) < 2e-6
+
+
+# -- what stays dense, and the report -------------------------------------------------------
+
+def test_other_codecs_and_readers_are_decoded_at_build_and_listed(tmp_path):
+    rules = [{"match": "w_gemm", "codec": "lowrank(rank=4)"},
+             {"match": "w_matmul", "input_last": False, "codec": gquant(4, 32, "sym")},  # groups along N
+             {"match": "table", "codec": gquant(4, 20, "sym")}]  # no power-of-two block divides 20
+    path = convert(tmp_path, linear_model(64, 24, 80), rules)
+    inputs = feeds(64)
+    got, report = run_on_the_fly(path, inputs)
+    assert sorted(report.decoded_at_build()) == ["table", "w_gemm", "w_matmul"]
+    assert report.form_of("w_gemm") == "dense (decoded at build: lowrank)"
+    assert "read by MatMul" in report.form_of("w_matmul")
+    assert report.form_of("b_gemm") == "initializer (lossless)"
+    text = str(report)
+    assert "3 decoded at build" in text and "b_gemm" in text
+    want = reference(path, inputs)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_report_counts_resident_bytes_against_dense(tmp_path):
+    path = convert(tmp_path, linear_model(128, 64, 128), quantized_rules(4, 32, "sym"))
+    _, report = run_on_the_fly(path, feeds(128))
+    dense = {row.name: row.dense_bytes for row in report.rows}
+    assert dense == {"w_matmul": 128 * 64 * 4, "w_gemm": 128 * 64 * 4, "b_gemm": 64 * 4, "table": VOCAB * 128 * 4}
+    resident = {row.name: row.resident_bytes for row in report.rows}
+    assert resident["w_gemm"] == 64 * 128 // 2 + 64 * 4 * 4  # 4-bit codes, a float32 scale per 32
+    assert resident["table"] == VOCAB * 64 + VOCAB * 4 * 4
+    assert report.resident_bytes == sum(resident.values()) < 0.2 * report.dense_bytes
+
+
+def test_a_file_without_a_graph_is_refused(tmp_path):
+    path = str(tmp_path / "plain.rbe")
+    save_file({"w": np.ones((4, 4), np.float32)}, path)
+    with pytest.raises(UsageError, match="holds no ONNX graph"):
+        rbe_ort.on_the_fly_model(path)
+
+
+# -- rbe export-onnx ----------------------------------------------------------------------------
+
+def run(argv) -> int:
+    try:
+        return main([*argv, "--quiet"])
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_exported_file_keeps_the_forms_in_a_plain_session(tmp_path):
+    path = convert(tmp_path, linear_model(100, 24, 64), quantized_rules(4, 32, "asym"))
+    out = str(tmp_path / "fly.onnx")
+    assert run(["export-onnx", path, out, "--on-the-fly"]) == 0
+    model = onnx.load_model(out)
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in model.graph.node}
+    assert not {"w_matmul", "w_gemm", "table"} & {t.name for t in model.graph.initializer}
+    inputs = feeds(100)
+    plain = ort.InferenceSession(out)
+    names = [o.name for o in plain.get_outputs()]
+    got, _ = run_on_the_fly(path, inputs)
+    for name, value in zip(names, plain.run(None, inputs)):
+        np.testing.assert_array_equal(value, got[name])
+
+
+def test_export_without_on_the_fly_is_the_dense_decode(tmp_path):
+    path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "sym"))
+    assert run(["export-onnx", path, str(tmp_path / "dense.onnx")]) == 0
+    assert run(["decode", path, str(tmp_path / "decoded.onnx")]) == 0
+    assert (tmp_path / "dense.onnx").read_bytes() == (tmp_path / "decoded.onnx").read_bytes()
+
+
+def test_export_refuses_to_overwrite_and_keeps_the_file(tmp_path, capsys):
+    path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "sym"))
+    out = tmp_path / "fly.onnx"
+    out.write_bytes(b"mine")
+    assert run(["export-onnx", path, str(out), "--on-the-fly"]) == 4
+    assert out.read_bytes() == b"mine"
+    assert "--force" in capsys.readouterr().err
+    assert run(["export-onnx", path, str(out), "--on-the-fly", "--force"]) == 0
+    assert onnx.load_model(str(out)).graph.node
+    assert sorted(os.listdir(tmp_path)) == ["fly.onnx", "m.onnx", "m.rbe"]
+
+
+def test_export_of_a_file_without_a_graph_is_a_usage_error(tmp_path, capsys):
+    path = str(tmp_path / "plain.rbe")
+    save_file({"w": np.ones((4, 4), np.float32)}, path)
+    assert run(["export-onnx", path, str(tmp_path / "x.onnx"), "--on-the-fly"]) == 2
+    assert "holds no ONNX graph" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_past_the_inline_limit_writes_external_data(tmp_path, monkeypatch):
+    path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "sym"))
+    monkeypatch.setattr(onnx_io, "INLINE_LIMIT", 1000)
+    out = str(tmp_path / "fly.onnx")
+    assert run(["export-onnx", path, out, "--on-the-fly"]) == 0
+    assert os.path.getsize(out) < 4000 and os.path.isfile(out + ".data")
+    inputs = feeds(64)
+    got, _ = run_on_the_fly(path, inputs)
+    plain = ort.InferenceSession(out)
+    for output, value in zip(plain.get_outputs(), plain.run(None, inputs)):
+        np.testing.assert_array_equal(value, got[output.name])
+
+
+def test_reader_hands_out_the_parts_of_a_chain(tmp_path):
+    path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "asym"))
+    with Reader(path) as r:
+        scales = r.get_part("w_matmul", "values.scales")
+        assert scales.shape == (24, 2) and scales.dtype == np.float16
+        assert r.get_part("w_gemm", "codes").shape == (24 * 64 // 2,)
+        with pytest.raises(UsageError, match="no such part"):
+            r.get_part("w_matmul", "values.nope")
+        with pytest.raises(UsageError, match="no such part"):
+            r.get_part("b_gemm", "codes")
+
+
+def test_the_loader_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rbe_loaders.ort; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
