@@ -13,10 +13,10 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor:
   ``transB=1`` stored as ``gquant``) become ``com.microsoft.MatMulNBits``: 2-bit
   codes as 2-bit, 3- and 4-bit as 4-bit, 5- to 8-bit as 8-bit (the kernel has
   those widths; narrower codes fit a wider field unchanged, with their own
-  zero point).  ``sym`` uses integer zero points, exactly; ``asym``'s float
-  offset ``o`` becomes the float zero point ``-o / s`` (2- and 4-bit), or, at
-  8 bits where the kernel takes only integer zero points, codes times scales
-  plus the group sums of the input times the offsets (a small second MatMul).
+  zero point).  ``sym`` is exactly the kernel's (c - z) * s; ``asym``'s float
+  offset is added by a small second MatMul on the input's group sums (the
+  kernel's float zero points run several times slower on the CPU).  8-bit
+  kernels compute in float32 several times slower than a dense MatMul.
 * ``gquant`` embedding tables read by ``Gather`` become
   ``com.microsoft.GatherBlockQuantized`` (the same code widths); ``asym`` adds
   the gathered offsets, so each row is the reference decode bit for bit.
@@ -60,7 +60,6 @@ MS_DOMAIN = "com.microsoft"
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
 GROUP0_BLOCK = 128  # a per-tensor scale (gquant group 0) repeats over blocks of this size
 MIN_BLOCK = 16  # both kernels take power-of-two blocks from 16 up
-OFFSET_SCALE = 2.0 ** -30  # see _float_zero_points
 
 
 # -- the report -----------------------------------------------------------------------
@@ -198,52 +197,46 @@ class Rewrite:
 
 def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, dict, bool]:
     """MatMulNBits' B, scales and zero points for ``weight`` (N, K) and its attributes; the flag
-    says the offsets are added apart (asym at 8 bits, whose kernel takes no float zero points)."""
+    says the offsets are added apart (asym: see ``_offset_initializers``).
+
+    The zero point is the codec's centre 2**(bits-1), given only where it is not
+    the kernel's default (codes narrower than the kernel's width).
+    """
     n_out, k_in = weight.shape
     bits = kernel_bits(weight.bits)
     blocks = -(-k_in // block)
     padded = np.zeros((n_out, blocks * block), np.uint8)
     padded[:, :k_in] = weight.codes
     packed = pack_rows(padded.reshape(n_out * blocks, block), bits).reshape(n_out, blocks, block * bits // 8)
-    scales = weight.per_block(weight.scales, block)
-    zero_points = None
-    offsets_apart = weight.mode == "asym" and bits == 8
-    if weight.mode == "sym" and weight.bits != bits:  # the kernel's default zero point is 2**(bits-1)
+    inits = [numpy_helper.from_array(packed, f"{tag}:codes"),
+             numpy_helper.from_array(weight.per_block(weight.scales, block), f"{tag}:scales")]
+    if weight.bits != bits:
         zero_points = pack_rows(np.full((n_out, blocks), 2 ** (weight.bits - 1), np.uint8), bits)
-    elif offsets_apart:  # codes times scales here; offset_nodes add the rest
-        zero_points = np.zeros((n_out, blocks), np.uint8)
-    elif weight.mode == "asym":
-        scales, zero_points = _float_zero_points(scales, weight.per_block(weight.offsets, block))
-    inits = [numpy_helper.from_array(packed, f"{tag}:codes"), numpy_helper.from_array(scales, f"{tag}:scales")]
-    if zero_points is not None:
         inits.append(numpy_helper.from_array(zero_points, f"{tag}:zero_points"))
+    offsets_apart = weight.mode == "asym"
     if offsets_apart:
         inits += _offset_initializers(weight, tag)
     return inits, {"K": k_in, "N": n_out, "bits": bits, "block_size": block}, offsets_apart
 
 
-def _float_zero_points(scales: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scales and float zero points z with (c - z) * s = c * s + o, as far as float32 allows.
-
-    A group with scale 0 decodes every code to o: it gets the scale o * 2**-30
-    and the zero point -2**30, since c + 2**30 rounds to 2**30 for any code of
-    up to 6 bits, leaving exactly o.
-    """
-    flat = scales == 0
-    safe = np.where(flat, offsets * np.float32(OFFSET_SCALE), scales).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero_points = np.where(safe == 0, np.float32(0), -offsets / safe).astype(np.float32)
-    return safe, zero_points
-
-
 def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
-    """A (K, groups) 0/1 matrix summing A over each group, and the offsets transposed (groups, N)."""
+    """For asym: a (K, groups) 0/1 matrix summing A over each group, and u (groups, N).
+
+    An asym weight is c * s + o = (c - z) * s + u with u = o + z * s and z the
+    centre 2**(bits-1): MatMulNBits computes A @ ((c - z) * s).T, and
+    (A @ groups) @ u adds the rest.  The kernel's float zero points would take
+    o directly, but on the CPU they run several times slower than integer ones,
+    and at 8 bits they are refused; centring keeps both terms small, so that
+    their sum loses no more than a rounding.  A group of scale 0 gets u = o.
+    """
     n_out, k_in = weight.shape
     group = weight.group or k_in
     groups = -(-k_in // group)
     membership = (np.arange(k_in)[:, None] // group == np.arange(groups)[None, :]).astype(np.float32)
-    offsets_t = np.ascontiguousarray(weight.offsets.astype(np.float32).reshape(n_out, groups).T)
-    return [numpy_helper.from_array(membership, f"{tag}:groups"), numpy_helper.from_array(offsets_t, f"{tag}:offsets")]
+    centre = 2.0 ** (weight.bits - 1)
+    u = weight.offsets.astype(np.float64) + centre * weight.scales.astype(np.float64)
+    u_t = np.ascontiguousarray(np.broadcast_to(u.reshape(-1, groups), (n_out, groups)).T.astype(np.float32))
+    return [numpy_helper.from_array(membership, f"{tag}:groups"), numpy_helper.from_array(u_t, f"{tag}:offsets")]
 
 
 def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[str], offsets_apart: bool, a_name: str,
@@ -266,9 +259,7 @@ def matmul_form(weight: GroupedCodes, block: int) -> str:
     form = f"MatMulNBits {bits}-bit block {block}"
     if weight.bits != bits:
         form += f" ({weight.bits}-bit codes)"
-    if weight.mode == "asym":
-        form += ", offsets as a second MatMul" if bits == 8 else ", float zero points"
-    return form
+    return form + (", offsets as a group-sum MatMul" if weight.mode == "asym" else "")
 
 
 def _rewrite_linear(weight: GroupedCodes, block: int, uses: list, name: str) -> Rewrite:

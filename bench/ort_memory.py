@@ -1,0 +1,166 @@
+"""Resident weight memory and latency of ONNX Runtime sessions: dense against on the fly.
+
+Converts an fp32 ONNX sentence encoder (paraphrase-MiniLM-L3-v2 by default)
+with ``RECIPE`` (Linear weights 4-bit asym in groups of 32 along the input axis,
+embedding tables 8-bit asym in groups of 64), then writes two models from the
+same .rbe: the dense decode (``rbe export-onnx``) and the on-the-fly graph
+(``rbe export-onnx --on-the-fly``).  Each model is measured in a fresh child
+process that opens it as any program would, ``onnxruntime.InferenceSession(path)``
+with default options:
+
+* resident MB (median of three processes): the process's RSS after the session is created minus its RSS
+  after an empty session (one Identity node) was created, which loads the
+  library and its allocators first;
+* latency: median of 50 batch-1 runs (median of the three medians) of one sentence (one intra-op thread);
+* mean cosine of the pooled sentence embeddings of 16 sentences to the dense
+  model, and to the fp32 original.
+
+    python -m bench.ort_memory                 # prints the table
+    python -m bench.ort_memory --keep DIR      # and keeps the files in DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+RECIPE = {"rule": [
+    {"roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down", "linear"], "input_last": False,
+     "codec": "transpose(values=gquant(bits=4, group=32, mode=asym))"},
+    {"roles": ["token_embedding", "position_embedding"], "codec": "gquant(bits=8, group=64, mode=asym)"},
+]}
+SENTENCES = 16
+RUNS = 50
+REPEATS = 3
+
+# Runs in the child: argv = model path, tokenizer.json, output .npy path.
+CHILD = r"""
+import json, os, sys, time
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from tokenizers import Tokenizer
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def options():
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    return o
+
+empty = helper.make_model(helper.make_graph(
+    [helper.make_node("Identity", ["x"], ["y"])], "empty",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]), opset_imports=[helper.make_opsetid("", 17)])
+keep = ort.InferenceSession(empty.SerializeToString(), options())
+before = rss()
+session = ort.InferenceSession(sys.argv[1], options())
+after = rss()
+tokenizer = Tokenizer.from_file(sys.argv[2])
+tokenizer.enable_padding()
+tokenizer.enable_truncation(128)
+sentences = json.loads(sys.argv[4])
+def feeds(texts):
+    encoded = tokenizer.encode_batch(texts)
+    ids = np.array([e.ids for e in encoded], np.int64)
+    mask = np.array([e.attention_mask for e in encoded], np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+outputs = session.run(None, feeds(sentences))
+pooled = [o for o in outputs if o.dtype == np.float32 and o.ndim == 2][0]
+np.save(sys.argv[3], pooled)
+one = feeds(sentences[:1])
+session.run(None, one)
+times = []
+for _ in range(int(sys.argv[5])):
+    start = time.perf_counter()
+    session.run(None, one)
+    times.append(time.perf_counter() - start)
+print(json.dumps({"resident": after - before, "latency": float(np.median(times)), "rss_after_runs": rss() - before}))
+"""
+
+
+def build(model_path: str, folder: str) -> dict[str, str]:
+    """The .rbe and the dense and on-the-fly .onnx files made from it; returns their paths."""
+    from rbe_converters import onnx_io
+    from rbe_converters.cli import main
+    from rbe_converters.recipe import policy_from_document
+
+    paths = {name: os.path.join(folder, name) for name in ("model.rbe", "dense.onnx", "on-the-fly.onnx")}
+    onnx_io.convert(model_path, paths["model.rbe"], policy=policy_from_document(RECIPE, "bench recipe"), force=True)
+    for target, extra in (("dense.onnx", []), ("on-the-fly.onnx", ["--on-the-fly"])):
+        code = main(["export-onnx", paths["model.rbe"], paths[target], "--force", "--quiet", *extra])
+        if code != 0:
+            raise SystemExit(f"rbe export-onnx {target} failed with exit code {code}")
+    return paths
+
+
+def measure(model_path: str, tokenizer: str, sentences: list[str], folder: str, runs: int = RUNS,
+            repeats: int = REPEATS) -> dict:
+    """Resident bytes and latency of ``model_path`` (medians over ``repeats`` fresh processes:
+    the heap after parsing a model varies by several MB), and its pooled outputs."""
+    out = os.path.join(folder, os.path.basename(model_path) + ".npy")
+    results = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", CHILD, model_path, tokenizer, out, json.dumps(sentences),
+                               str(runs)], check=True, capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {key: float(np.median([r[key] for r in results])) for key in results[0]}
+    result["pooled"] = np.load(out).astype(np.float64)
+    return result
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def table(rows: dict[str, dict]) -> str:
+    dense = rows["dense"]
+    lines = [f"{'session':<12} {'resident MB':>12} {'x dense':>8} {'latency ms':>11} {'x dense':>8} "
+             f"{'cos dense':>10} {'cos fp32':>9}"]
+    for name, row in rows.items():
+        lines.append(f"{name:<12} {row['resident'] / 1e6:>12.1f} {row['resident'] / dense['resident']:>8.3f} "
+                     f"{row['latency'] * 1e3:>11.2f} {row['latency'] / dense['latency']:>8.2f} "
+                     f"{mean_cosine(row['pooled'], dense['pooled']):>10.5f} "
+                     f"{mean_cosine(row['pooled'], rows['fp32']['pooled']):>9.5f}")
+    return "\n".join(lines)
+
+
+def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS) -> dict[str, dict]:
+    from rbe_converters.quality import default_sentences
+
+    sentences = default_sentences(SENTENCES)
+    paths = build(model_path, folder)
+    return {name: measure(path, tokenizer, sentences, folder, runs)
+            for name, path in (("fp32", model_path), ("dense", paths["dense.onnx"]),
+                               ("on-the-fly", paths["on-the-fly.onnx"]))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="an fp32 .onnx sentence encoder (default: paraphrase-MiniLM-L3-v2)")
+    parser.add_argument("--tokenizer", help="its tokenizer.json (default: all-MiniLM-L6-v2's, the same vocabulary)")
+    parser.add_argument("--keep", metavar="DIR", help="write the files into DIR and keep them")
+    parser.add_argument("--runs", type=int, default=RUNS, help="batch-1 runs for the latency median")
+    args = parser.parse_args(argv)
+    from bench.models import minilm_dir, paraphrase_onnx
+
+    model = args.model or paraphrase_onnx()
+    tokenizer = args.tokenizer or os.path.join(minilm_dir(), "tokenizer.json")
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+        print(table(run(model, tokenizer, args.keep, args.runs)))
+        return
+    with tempfile.TemporaryDirectory(prefix="rbe-ort-bench-") as folder:
+        print(table(run(model, tokenizer, folder, args.runs)))
+
+
+if __name__ == "__main__":
+    main()
