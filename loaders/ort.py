@@ -190,10 +190,6 @@ class Rewrite:
     initializers: list
     nodes: dict[int, list]  # position of the consuming node -> its replacement
 
-    @property
-    def resident_bytes(self) -> int:
-        return sum(len(t.raw_data) for t in self.initializers)
-
 
 def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, dict, bool]:
     """MatMulNBits' B, scales and zero points for ``weight`` (N, K) and its attributes; the flag
@@ -236,18 +232,25 @@ def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
     centre = 2.0 ** (weight.bits - 1)
     u = weight.offsets.astype(np.float64) + centre * weight.scales.astype(np.float64)
     u_t = np.ascontiguousarray(np.broadcast_to(u.reshape(-1, groups), (n_out, groups)).T.astype(np.float32))
-    return [numpy_helper.from_array(membership, f"{tag}:groups"), numpy_helper.from_array(u_t, f"{tag}:offsets")]
+    return [numpy_helper.from_array(membership, groups_name(k_in, group)),
+            numpy_helper.from_array(u_t, f"{tag}:offsets")]
 
 
-def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[str], offsets_apart: bool, a_name: str,
+def groups_name(k_in: int, group: int) -> str:
+    """The group-sum matrix depends only on K and the group: weights that share them share it."""
+    return f"rbe:groups:{k_in}:{group}"
+
+
+def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[str], groups: str | None, a_name: str,
                        out_name: str) -> list:
-    """Nodes computing out = A @ W.T on the packed codes (``inputs``: MatMulNBits' initializers)."""
+    """Nodes computing out = A @ W.T on the packed codes (``inputs``: MatMulNBits' initializers;
+    ``groups``: the group-sum matrix's name when offsets are added apart)."""
     at = f"rbe:{out_name}"
-    product = f"{at}:product" if offsets_apart else out_name
+    product = f"{at}:product" if groups else out_name
     nodes = [helper.make_node("MatMulNBits", [a_name] + inputs, [product], name=f"{at}/matmul", domain=MS_DOMAIN,
                               **attrs)]
-    if offsets_apart:  # + sum over groups g of (sum of A over g) * offsets[n, g]
-        nodes += [helper.make_node("MatMul", [a_name, f"{tag}:groups"], [f"{at}:group_sums"], name=f"{at}/sums"),
+    if groups:  # + sum over groups g of (sum of A over g) * u[n, g]
+        nodes += [helper.make_node("MatMul", [a_name, groups], [f"{at}:group_sums"], name=f"{at}/sums"),
                   helper.make_node("MatMul", [f"{at}:group_sums", f"{tag}:offsets"], [f"{at}:offset_term"],
                                    name=f"{at}/offsets"),
                   helper.make_node("Add", [product, f"{at}:offset_term"], [out_name], name=f"{at}/add_offsets")]
@@ -266,11 +269,12 @@ def _rewrite_linear(weight: GroupedCodes, block: int, uses: list, name: str) -> 
     tag = f"rbe:{name}"
     inits, attrs, offsets_apart = matmul_nbits_initializers(weight, block, tag)
     inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
+    groups = groups_name(attrs["K"], weight.group or attrs["K"]) if offsets_apart else None
     nodes = {}
     for position, node, _ in uses:
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] != ""
         out = f"rbe:{node.output[0]}:linear" if has_bias else node.output[0]
-        nodes[position] = matmul_nbits_nodes(tag, attrs, inputs, offsets_apart, node.input[0], out)
+        nodes[position] = matmul_nbits_nodes(tag, attrs, inputs, groups, node.input[0], out)
         if has_bias:
             nodes[position].append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
                                                     name=f"rbe:{node.output[0]}/bias"))
@@ -426,7 +430,7 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
         onnx_io._check_graph(r, model, mapped)  # the decode's checks: no paths to open, names match tensors
         report = Report()
         uses = _readers_of(model.graph)
-        replaced, new_inits = {}, []
+        replaced, new_inits, added = {}, [], set()
         for t in mapped:
             dense_bytes = math.prod(t.dims) * r.entry(t.name).dtype.itemsize
             if r.stored_entry(t.name).transform is None:
@@ -439,8 +443,10 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
                 report.add(t.name, f"dense (decoded at build: {plan})", len(t.raw_data), dense_bytes)
                 continue
             replaced.update(plan.nodes)
-            new_inits += plan.initializers
-            report.add(t.name, plan.form, plan.resident_bytes, dense_bytes)
+            fresh = [init for init in plan.initializers if init.name not in added]  # shared ones count once
+            added.update(init.name for init in fresh)
+            new_inits += fresh
+            report.add(t.name, plan.form, sum(len(init.raw_data) for init in fresh), dense_bytes)
     _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
     return model, report
 

@@ -248,3 +248,47 @@ def test_the_loader_imports_without_torch():
 
     code = "import sys, rbe_loaders.ort; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- the real model: paraphrase-MiniLM-L3-v2 ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sentence_feeds(minilm_dir):
+    """16 sentences through all-MiniLM-L6-v2's tokenizer (the same uncased BERT vocabulary)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from rbe_converters.quality import default_sentences
+
+    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(minilm_dir, "tokenizer.json"))
+    tokenizer.enable_padding()
+    tokenizer.enable_truncation(128)
+    encoded = tokenizer.encode_batch(default_sentences(16))
+    return {"input_ids": np.array([e.ids for e in encoded], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+
+
+def pooled(session, feeds: dict) -> np.ndarray:
+    (found,) = [o for o in session.run(None, feeds) if o.dtype == np.float32 and o.ndim == 2]
+    return found.astype(np.float64)
+
+
+def test_real_model_on_the_fly_matches_its_dense_decode(paraphrase_onnx, sentence_feeds, tmp_path):
+    from bench.ort_memory import RECIPE, mean_cosine
+
+    out = str(tmp_path / "p.rbe")
+    onnx_io.convert(paraphrase_onnx, out, policy=policy_from_document(RECIPE, "bench recipe"))
+    assert run(["export-onnx", out, str(tmp_path / "dense.onnx")]) == 0
+    assert run(["export-onnx", out, str(tmp_path / "fly.onnx"), "--on-the-fly"]) == 0
+    fly = ort.InferenceSession(str(tmp_path / "fly.onnx"))
+    got = pooled(fly, sentence_feeds)
+    dense = pooled(ort.InferenceSession(str(tmp_path / "dense.onnx")), sentence_feeds)
+    original = pooled(ort.InferenceSession(paraphrase_onnx), sentence_feeds)
+    np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+    print(f"on the fly: mean cosine {mean_cosine(got, dense):.6f} to the dense decode, "
+          f"{mean_cosine(got, original):.4f} to the fp32 original")
+    _, report = rbe_ort.on_the_fly_model(out)
+    weights = [row for row in report.rows if row.name.startswith("onnx::MatMul")]
+    assert len(weights) == 18 and all(row.form.startswith("MatMulNBits 4-bit block 32") for row in weights)
+    assert report.form_of("model.0.auto_model.embeddings.word_embeddings.weight").startswith(
+        "GatherBlockQuantized 8-bit block 64")
+    assert not report.decoded_at_build()
+    assert report.resident_bytes < 0.3 * report.dense_bytes
