@@ -402,7 +402,9 @@ def _convert_onnx(args, codec, policy) -> list[str]:
     from .hf import choose_chains
 
     plan = onnx_io.plan_conversion(args.input)
-    onnx_io.check_policy(plan, policy)
+    policy, note = onnx_io.check_policy(plan, policy)
+    if note:  # a changed method, not progress: said even with --quiet
+        _stderr(f"warning: {note}")
     choose_chains(plan, policy, plan.roles)  # refused before the bar appears, as for safetensors
     with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
         return onnx_io.convert(args.input, args.output, force=args.force, codec=codec, policy=policy,

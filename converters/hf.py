@@ -237,9 +237,11 @@ def input_axis_grouped(chain: Chain, rule: Rule, role: TensorRole | None) -> Cha
     return Chain(Transpose(), {"values": chain})
 
 
-def chosen_rules(plan: Plan, policy: Policy) -> dict[str, tuple[StFile, StTensor, object]]:
-    """{tensor name: (file, tensor, rule)} for every tensor a rule encodes."""
-    roles = plan_roles(plan) if policy.uses_roles else {}
+def chosen_rules(plan: Plan, policy: Policy,
+                 roles: dict[str, TensorRole] | None = None) -> dict[str, tuple[StFile, StTensor, object]]:
+    """{tensor name: (file, tensor, rule)} for every tensor a rule encodes (``roles`` as for ``choose_chains``)."""
+    if roles is None:
+        roles = plan_roles(plan) if policy.uses_roles else {}
     chosen = {}
     for _, st in plan.safetensors:
         for t in st.tensors:
@@ -265,20 +267,23 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
 
 
 def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[str],
-                    pruned: dict | None = None, text=None, threads: int | None = None) -> dict:
+                    pruned: dict | None = None, text=None, threads: int | None = None,
+                    roles: dict[str, TensorRole] | None = None) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
     (``converters/mixed.py``); codecs that share state across tensors are never swapped.
     Scores come from the survey (``stats.candidates``) or are computed here; ``pruned`` holds
     the tensors head pruning changed (scored here as pruned; a survey scored them before).
     With ``budget_sensitivity = "model"`` each score is the model's drift on ``text`` (the
-    calibration text) with that tensor alone encoded (``converters/sensitivity.py``)."""
+    calibration text) with that tensor alone encoded (``converters/sensitivity.py``).  ``roles``
+    as for ``choose_chains``."""
     if policy.budget_bits is None:
         return {}
     from .mixed import candidate, pick
 
     pruned = pruned or {}
-    roles = plan_roles(plan) if policy.uses_roles else {}
-    upgradable = {name: entry for name, entry in chosen_rules(plan, policy).items()
+    if roles is None:
+        roles = plan_roles(plan) if policy.uses_roles else {}
+    upgradable = {name: entry for name, entry in chosen_rules(plan, policy, roles).items()
                   if entry[2].upgrades and name in names}
     probe = None
     if policy.budget_sensitivity == "model" and upgradable:

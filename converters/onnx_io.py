@@ -19,13 +19,15 @@ Decoding puts each tensor back as the initializer's ``raw_data`` (or, past 2 GB,
 into a sibling external data file).  External data is read here, never by onnx,
 and only from paths checked to stay inside the model's folder.
 
-Calibration-aware rules (``calibration = "gptq"``), mixed precision and head
-pruning run the model with transformers, which an ONNX file is not: they are
+Calibration-aware rules (``calibration = "gptq"``) run the model with
+transformers, which an ONNX file is not: their chains are encoded without
+calibration, and the converter says so (``check_policy``); head pruning is
 refused (``UsageError``) before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -40,7 +42,8 @@ from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 from .atomic import atomic_file, check_parent, check_target
-from .hf import Progress, _file_bytes, _read_tensor, _store_shared, _tensor_bytes, choose_chains
+from .hf import (Progress, Statistics, _file_bytes, _read_tensor, _store_shared, _tensor_bytes, choose_chains,
+                 mixed_precision)
 from .recipe import Policy, lossless_policy
 from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
 
@@ -400,35 +403,44 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 
 # -- converting -------------------------------------------------------------------------
 
-def check_policy(plan: OnnxPlan, policy: Policy) -> None:
-    """Refuses what needs the model to run under transformers: calibration, mixed precision, head pruning."""
-    if policy.budget_bits is not None or policy.prune_heads:
-        what = "mixed precision (budget_bits)" if policy.budget_bits is not None else "prune_heads"
-        raise UsageError(f"{plan.source}: {what} needs calibration, which runs a Hugging Face model; ONNX input "
-                         "takes recipes without it (e.g. --preset q8, or a --recipe without calibration)")
-    for init in plan.initializers:
-        rule = policy.choose_rule(init.name, init.dtype, init.shape, plan.roles.get(init.name))
-        if rule is not None and rule.calibration:
-            raise UsageError(f"{plan.source}: tensor {init.name!r}: its rule asks for calibration = "
-                             f"{rule.calibration!r}, which runs a Hugging Face model; ONNX input takes rules "
-                             "without calibration (e.g. --preset q8, or a --recipe without it)")
+def check_policy(plan: OnnxPlan, policy: Policy) -> tuple[Policy, str | None]:
+    """The policy an ONNX file is encoded with, and a note for the user.
+
+    Calibration runs the model under transformers, which an ONNX file is not:
+    rules that ask for it encode without it (round to nearest), and mixed
+    precision scores its upgrades by the weight error, as it does without
+    statistics.  Head pruning needs the statistics themselves: refused.
+    """
+    if policy.prune_heads:
+        raise UsageError(f"{plan.source}: prune_heads needs calibration, which runs a Hugging Face model; "
+                         "ONNX input takes recipes without it")
+    calibrated = sorted({rule.calibration for rule in policy.rules if rule.calibration})
+    if not calibrated and policy.budget_sensitivity == "layer":
+        return policy, None
+    rules = [dataclasses.replace(rule, calibration=None) for rule in policy.rules]
+    plain = dataclasses.replace(policy, rules=rules, budget_sensitivity="layer")
+    asked = ", ".join([f"calibration = {c!r}" for c in calibrated]
+                      + (["budget_sensitivity = 'model'"] if policy.budget_sensitivity == "model" else []))
+    return plain, (f"{plan.source}: ONNX input is encoded without calibration ({asked} runs a Hugging Face model): "
+                   "rules round to nearest, mixed precision scores by weight error")
 
 
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None, policy: Policy | None = None,
             threads: int | None = None, progress: Progress | None = None, plan: OnnxPlan | None = None) -> list[str]:
-    """Converts an .onnx file (and its external data) into one rbe file; returns notes (none)."""
+    """Converts an .onnx file (and its external data) into one rbe file; returns notes for the user."""
     plan = plan or plan_conversion(src)
     policy = policy or lossless_policy()
     _check_not_input(dst, [os.path.abspath(src), *plan.external_files])
-    check_policy(plan, policy)
+    policy, note = check_policy(plan, policy)
     alone, groups = choose_chains(plan, policy, plan.roles)
+    alone.update(mixed_precision(plan, policy, Statistics({}, {}), set(alone), roles=plan.roles))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         for init in plan.initializers:
             _add_initializer(w, init, chains.get(init.name))
         w.add_file(GRAPH_PATH, plan.graph)
         w.set_metadata({GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: plan.source})
-    return []
+    return [note] if note else []
 
 
 def _check_not_input(dst: str, inputs: list[str]) -> None:

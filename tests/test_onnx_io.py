@@ -231,11 +231,32 @@ def test_lossy_conversion_decodes_and_runs(tmp_path):
     np.testing.assert_allclose(got, ort_outputs(model.SerializeToString(), tiny_feeds())[0], atol=5e-2)
 
 
-def test_calibrated_rules_are_refused_naming_the_tensor(tmp_path, capsys):
+def test_calibrated_rules_encode_without_calibration_and_say_so(tmp_path, capsys):
     src = save(tiny_model(), tmp_path / "m.onnx")
     body = '[[rule]]\nrole = "mlp_up"\ncodec = "gquant(bits=4, group=16)"\ncalibration = "gptq"\n'
+    assert run(["convert", src, str(tmp_path / "m.rbe"), "--recipe", recipe(tmp_path, body)]) == 0
+    assert "without calibration (calibration = 'gptq'" in capsys.readouterr().err
+    assert transformed(str(tmp_path / "m.rbe")) == {"w_up"}
+
+
+def test_mixed_precision_scores_onnx_weights_by_their_error(tmp_path, capsys):
+    src = save(tiny_model(), tmp_path / "m.onnx")
+    body = ('budget_bits = 5.0\nbudget_sensitivity = "model"\n[[rule]]\nroles = ["mlp_up", "mlp_down", "linear"]\n'
+            'codec = "gquant(bits=2, group=16)"\ncalibration = "gptq"\nupgrade = ["gquant(bits=8, group=16)"]\n')
+    out = str(tmp_path / "m.rbe")
+    assert run(["convert", src, out, "--recipe", recipe(tmp_path, body)]) == 0
+    assert "budget_sensitivity = 'model'" in capsys.readouterr().err
+    with Reader(out) as r:
+        transforms = [r.stored_entry(n).transform for n in transformed(out)]
+        bits = {(t.parts["values"].transform if t.codec.name == "transpose" else t).codec.bits for t in transforms}
+    assert bits == {2, 8}  # the budget bought some upgrades, not all
+
+
+def test_head_pruning_is_refused(tmp_path, capsys):
+    src = save(tiny_model(), tmp_path / "m.onnx")
+    body = 'prune_heads = 0.25\n[[rule]]\nrole = "mlp_up"\ncodec = "gquant(bits=4, group=16)"\n'
     assert run(["convert", src, str(tmp_path / "m.rbe"), "--recipe", recipe(tmp_path, body)]) == 2
-    assert "'w_up'" in one_error(capsys) and not (tmp_path / "m.rbe").exists()
+    assert "prune_heads" in one_error(capsys) and not (tmp_path / "m.rbe").exists()
 
 
 # -- outputs: --force, atomicity, the input untouched ----------------------------------------

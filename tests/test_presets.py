@@ -254,17 +254,27 @@ def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
     assert chosen["model.norm.weight"] is None and chosen["model.layers.0.input_layernorm.weight"] is None
 
 
-def test_presets_keep_gpt2_conv1d_weights_off_output_axis_groups():
+def test_presets_group_gpt2_conv1d_weights_along_their_inputs():
+    """GPT-2 stores its Conv1D weights input x output: a preset's grouped chain reaches them wrapped
+    in transpose, so that its groups run along the input axis as on any Linear weight."""
     transformers = pytest.importorskip("transformers")
+    from rbe_converters.hf import input_axis_grouped
+    from rbeformat.codecs.registry import TENSOR_CODECS
+
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
     model = transformers.GPT2LMHeadModel(config)
     tensors = {n: ("F32", tuple(t.shape)) for n, t in model.state_dict().items()}
     roles = classify(tensors, config.to_dict())
+    conv1d = [n for n in tensors if roles[n].input_last is False]
+    assert len(conv1d) == 4 * 2
     for name in preset_names():
-        chosen = _chosen(policy_from_preset(name), tensors, config.to_dict())
-        for tensor, text in chosen.items():
-            if roles[tensor].input_last is False and text is not None:
-                assert text.startswith("gquant(") and "group=0" in text, (name, tensor, text)
+        policy = policy_from_preset(name)
+        for tensor in conv1d:
+            rule = policy.choose_rule(tensor, *tensors[tensor], roles[tensor])
+            if rule is None or rule.chain.lossless:
+                continue
+            chain = input_axis_grouped(rule.chain, rule, roles[tensor])
+            assert chain.codec.name == "transpose" and chain.parts["values"] is rule.chain, (name, tensor)
 
 
 # -- the command line -------------------------------------------------------------------
