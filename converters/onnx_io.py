@@ -403,41 +403,68 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 
 # -- converting -------------------------------------------------------------------------
 
-def check_policy(plan: OnnxPlan, policy: Policy) -> tuple[Policy, str | None]:
+def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
     """The policy an ONNX file is encoded with, and a note for the user.
 
-    Calibration runs the model under transformers, which an ONNX file is not:
-    rules that ask for it encode without it (round to nearest), and mixed
-    precision scores its upgrades by the weight error, as it does without
-    statistics.  Head pruning needs the statistics themselves: refused.
+    With ``calibrating`` (a tokenizer was given: ``converters/onnx_calibrate.py``)
+    calibrated rules keep their method.  Without, calibration has no model
+    runner: rules that ask for it encode without it (round to nearest), and
+    mixed precision scores its upgrades by the weight error, as it does
+    without statistics.  Either way mixed precision measures layers, not the
+    model's drift (that runs transformers), and head pruning is refused.
     """
     if policy.prune_heads:
         raise UsageError(f"{plan.source}: prune_heads needs calibration, which runs a Hugging Face model; "
                          "ONNX input takes recipes without it")
     calibrated = sorted({rule.calibration for rule in policy.rules if rule.calibration})
-    if not calibrated and policy.budget_sensitivity == "layer":
+    dropped = [] if calibrating else [f"calibration = {c!r}" for c in calibrated]
+    if policy.budget_sensitivity == "model":
+        dropped.append("budget_sensitivity = 'model'")
+    if not dropped:
         return policy, None
-    rules = [dataclasses.replace(rule, calibration=None) for rule in policy.rules]
+    rules = policy.rules if calibrating else [dataclasses.replace(rule, calibration=None) for rule in policy.rules]
     plain = dataclasses.replace(policy, rules=rules, budget_sensitivity="layer")
-    asked = ", ".join([f"calibration = {c!r}" for c in calibrated]
-                      + (["budget_sensitivity = 'model'"] if policy.budget_sensitivity == "model" else []))
-    return plain, (f"{plan.source}: ONNX input is encoded without calibration ({asked} runs a Hugging Face model): "
-                   "rules round to nearest, mixed precision scores by weight error")
+    how = ("mixed precision scores layers" if calibrating else
+           "rules round to nearest, mixed precision scores by weight error; --tokenizer calibrates in ONNX Runtime")
+    return plain, f"{plan.source}: ONNX input is encoded without {', '.join(dropped)} (it runs a Hugging Face model): {how}"
+
+
+def calibration_methods(plan: OnnxPlan, policy: Policy) -> dict[str, str]:
+    """{initializer: method} for the initializers whose rule asks for calibration."""
+    methods = {}
+    for init in plan.initializers:
+        rule = policy.choose_rule(init.name, init.dtype, init.shape, plan.roles.get(init.name))
+        if rule is not None and rule.calibration:
+            methods[init.name] = rule.calibration
+    return methods
+
+
+def filled_model(plan: OnnxPlan) -> onnx.ModelProto:
+    """The model with every initializer's data in place (read from the checked plan): what ONNX
+    Runtime runs for calibration.  It holds all the weights in memory at once."""
+    model = onnx.ModelProto.FromString(plan.graph)
+    by_name = {init.name: init for init in plan.initializers}
+    for t in model.graph.initializer:
+        if t.name in by_name:
+            t.raw_data = np.ascontiguousarray(_read_tensor(by_name[t.name], by_name[t.name])).tobytes()
+    return model
 
 
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None, policy: Policy | None = None,
-            threads: int | None = None, progress: Progress | None = None, plan: OnnxPlan | None = None) -> list[str]:
+            threads: int | None = None, progress: Progress | None = None, plan: OnnxPlan | None = None,
+            calibrations: dict | None = None) -> list[str]:
     """Converts an .onnx file (and its external data) into one rbe file; returns notes for the user."""
     plan = plan or plan_conversion(src)
     policy = policy or lossless_policy()
     _check_not_input(dst, [os.path.abspath(src), *plan.external_files])
-    policy, note = check_policy(plan, policy)
+    policy, note = check_policy(plan, policy, calibrating=calibrations is not None)
+    calibrations = calibrations or {}
     alone, groups = choose_chains(plan, policy, plan.roles)
-    alone.update(mixed_precision(plan, policy, Statistics({}, {}), set(alone), roles=plan.roles))
+    alone.update(mixed_precision(plan, policy, Statistics.of(calibrations), set(alone), roles=plan.roles))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
         chains = _store_shared(w, alone, groups)
         for init in plan.initializers:
-            _add_initializer(w, init, chains.get(init.name))
+            _add_initializer(w, init, chains.get(init.name), calibrations.get(init.name))
         w.add_file(GRAPH_PATH, plan.graph)
         w.set_metadata({GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: plan.source})
     return [note] if note else []
@@ -449,7 +476,7 @@ def _check_not_input(dst: str, inputs: list[str]) -> None:
         raise UsageError(f"{dst}: is the input (or its external data); choose another output")
 
 
-def _add_initializer(w: Writer, init: Initializer, chosen) -> None:
+def _add_initializer(w: Writer, init: Initializer, chosen, calibration=None) -> None:
     if chosen is None:
         read_at, close = init.reader()
         try:
@@ -459,7 +486,7 @@ def _add_initializer(w: Writer, init: Initializer, chosen) -> None:
         return
     chain, refs = chosen
     values = _read_tensor(init, init)
-    w.add_transformed(init.name, init.dtype, values, chain, refs=refs)
+    w.add_transformed(init.name, init.dtype, values, chain, refs=refs, calibration=calibration)
 
 
 # -- decoding ---------------------------------------------------------------------------
