@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
+    p.add_argument("--onnx", action="store_true",
+                   help="model directories: also store the architecture as an ONNX graph (exported with torch) "
+                        "wired to the stored weights, so that ONNX Runtime runs the .rbe without torch "
+                        "(encoders and causal LMs; needs torch, transformers and onnxscript)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _common(p)
 
@@ -377,15 +381,19 @@ def cmd_convert(args) -> int:
     else:
         policy = lossless_policy()
     if os.path.isfile(args.input) and args.input.lower().endswith(".onnx"):
+        if args.onnx:
+            raise UsageError(f"{args.input}: --onnx exports a Hugging Face model; an .onnx input keeps its own graph")
         notes = _convert_onnx(args, codec, policy)
     else:
         plan = plan_conversion(args.input)
         choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
+        graph = _export_graph(plan, args) if args.onnx else None
         calibrations, text = _calibrations(plan, policy, args)
         with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
             notes = convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
                             threads=args.threads, progress=bar.update, calibrations=calibrations,
-                            calibration_text=text)
+                            calibration_text=text, extra=graph.add_to if graph else None)
+        notes += [graph.summary()] if graph else []
     with Reader(args.output) as r:
         rows = tensor_rows(r)
         if not args.quiet:
@@ -409,6 +417,18 @@ def _convert_onnx(args, codec, policy) -> list[str]:
     with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
         return onnx_io.convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
                                threads=args.threads, progress=bar.update, plan=plan)
+
+
+def _export_graph(plan, args):
+    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
+    if os.path.isfile(args.input):
+        raise UsageError(f"{args.input}: --onnx exports a model's architecture, which needs its directory "
+                         "(config.json beside the weights), not a single .safetensors file")
+    from . import onnx_export
+
+    if not args.quiet:
+        _stderr(f"rbe: {args.input}: exporting the architecture to ONNX with torch")
+    return onnx_export.export_graph(plan, args.threads)
 
 
 def _calibrations(plan, policy, args) -> tuple[dict, object]:

@@ -91,7 +91,8 @@ def _walk(root: str):
 def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
             policy: Policy | None = None, threads: int | None = None,
             progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None,
-            sequential: bool = True, blocks_progress: Progress | None = None) -> list[str]:
+            sequential: bool = True, blocks_progress: Progress | None = None,
+            extra: Callable[[Writer], dict[str, str]] | None = None) -> list[str]:
     """Converts a .safetensors file or a HF model directory into one rbe file.
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
@@ -104,7 +105,9 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     calibrated tensors are then encoded block by block, each block's statistics
     measured on what the blocks before it decode to (``calibrate.sequential``;
     ``blocks_progress`` is told of each block); without, all from the original
-    model's statistics.  Returns notes for the user (what head pruning removed).
+    model's statistics.  ``extra`` adds entries of its own after the directory's
+    (an exported ONNX graph, ``onnx_export.ExportedGraph.add_to``) and returns
+    metadata to add.  Returns notes for the user (what head pruning removed).
     """
     plan = plan_conversion(src)
     policy = policy or lossless_policy()
@@ -131,7 +134,10 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
                 first_metadata = st.metadata
         for rel, full in plan.others:
             _add_plain_file(w, rel, full)
-        w.set_metadata(first_metadata or {})
+        metadata = dict(first_metadata or {})
+        if extra is not None:
+            metadata.update(extra(w))
+        w.set_metadata(metadata)
     return [pruning] if pruning else []
 
 
@@ -516,13 +522,31 @@ def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
     return data
 
 
+# An ONNX graph exported at conversion (``rbe convert --onnx``, converters/onnx_export.py) is no part of the
+# HF directory: its files (named by these metadata keys) and its own tensors are left out of a decode.
+EXPORTED_GRAPH_KEYS = ("onnx.graph", "onnx.initializers")
+EXPORTED_TENSOR_PREFIX = "onnx/"
+
+
+def exported_graph_parts(r: Reader) -> tuple[set[str], set[str]]:
+    """(file paths, tensor names) of the exported ONNX graph a container carries beside a HF directory."""
+    metadata = r.metadata()
+    if EXPORTED_GRAPH_KEYS[1] not in metadata:  # an .onnx input's graph is the model itself
+        return set(), set()
+    files = {metadata[key] for key in EXPORTED_GRAPH_KEYS if key in metadata}
+    listed = {name for f in r.files().values() for name in f.tensors}
+    tensors = {name for name in r.keys() if name.startswith(EXPORTED_TENSOR_PREFIX) and name not in listed}
+    return files, tensors
+
+
 def _write_single_safetensors(r: Reader, fh, verify: bool, progress: Progress | None) -> None:
     shards = [f for f in r.files().values() if f.role == "safetensors-header"]
     if len(shards) == 1:
         header = r.read_file(shards[0].path)
         names = shards[0].tensors
     else:
-        names = r.keys()
+        graph_tensors = exported_graph_parts(r)[1]
+        names = [name for name in r.keys() if name not in graph_tensors]
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
     _write_shard(r, header, names, fh.write, verify, progress)
 
@@ -564,9 +588,11 @@ _MERGED = "model.safetensors"
 
 def _directory_files(r: Reader) -> list[str]:
     """The relative paths a directory decode writes; refuses a container that cannot be one."""
-    files = r.files()
+    graph_files, graph_tensors = exported_graph_parts(r)
+    files = {path: f for path, f in r.files().items() if path not in graph_files}
     listed = {name for f in files.values() for name in f.tensors}
-    unlisted = [name for name in r.keys() if name not in listed]  # keys() omits internal tensors
+    # keys() omits internal tensors; an exported graph's own tensors belong to no file either
+    unlisted = [name for name in r.keys() if name not in listed and name not in graph_tensors]
     if listed and unlisted:
         raise FormatError(f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
                           "decode to a single .safetensors file instead")
@@ -579,7 +605,8 @@ def _directory_files(r: Reader) -> list[str]:
 
 
 def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) -> None:
-    files = r.files()
+    graph_files = exported_graph_parts(r)[0]
+    files = {path: f for path, f in r.files().items() if path not in graph_files}
     for path, entry in sorted(files.items()):
         with out.create(path) as fh:
             if entry.role == "safetensors-header":

@@ -5,4 +5,32 @@ Installed as ``rbe_loaders`` (from the repository's ``loaders/`` folder).
 (``load_file``, ``load_state_dict``), as ``safetensors.torch`` does.
 ``rbe_loaders.ort`` opens a container converted from ONNX as an ONNX Runtime
 session whose quantized weights stay compressed (``session``, ``on_the_fly_model``).
+``rbe_loaders.onnx_graph`` reads the ONNX graph a container carries and which tensor
+fills each initializer; ``rbe_loaders.tokenizer(path)`` gives the ``tokenizers.Tokenizer``
+of the container's ``tokenizer.json``.  Importing this package imports no framework.
 """
+
+TOKENIZER_FILE = "tokenizer.json"  # where a Hugging Face directory keeps its fast tokenizer
+
+
+def tokenizer(path):
+    """The ``tokenizers.Tokenizer`` built from the ``tokenizer.json`` embedded in the rbe file at ``path``.
+
+    A model directory's files are embedded under their relative paths (``rbe convert DIR``);
+    UsageError when the container holds no ``tokenizer.json``.
+    """
+    from rbeformat import FormatError, Reader, UsageError
+
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UsageError("rbe_loaders.tokenizer needs the tokenizers package: pip install tokenizers") from None
+    with Reader(path) as r:
+        if TOKENIZER_FILE not in r.files():
+            raise UsageError(f"{path}: holds no {TOKENIZER_FILE} (convert the model's directory with its tokenizer "
+                             "files in it)")
+        data = r.read_file(TOKENIZER_FILE)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises plain Exceptions for JSON it cannot read
+        raise FormatError(f"{path}: the embedded {TOKENIZER_FILE} is not a valid tokenizer ({str(exc)[:100]})") from None

@@ -1,0 +1,182 @@
+"""The ONNX graph a container carries, and which rbe tensor fills each of its initializers.
+
+Two kinds of container carry a graph (spec/rbe-v1.md, "ONNX models" and "ONNX
+graphs exported from Hugging Face checkpoints"):
+
+* one converted from an .onnx file: each initializer is the rbe tensor of the
+  same name (the identity mapping);
+* one converted from a Hugging Face directory with ``rbe convert --onnx``: the
+  embedded JSON file named by ``MAPPING_KEY`` maps each initializer to a stored
+  HF tensor, as is or transposed (a Linear weight, kept output x input by HF,
+  is a MatMul's input x output B), or to a tensor of its own under ``OWN_PREFIX``.
+
+``graph_initializers`` checks the mapping against the graph and the tensors
+before anyone reads data through it; ``stored_graph`` parses the graph, whose
+initializers hold no data.  Only onnx and rbeformat are needed: no torch.
+
+    >>> with Reader("model.rbe") as r:
+    ...     model = stored_graph(r)
+    ...     for init, (tensor, transposed) in graph_initializers(r).items():
+    ...         values = r.get_tensor(tensor).T if transposed else r.get_tensor(tensor)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from rbeformat import ChecksumError, FormatError, Reader
+
+try:
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx import TensorProto
+except ImportError:  # a loader of its own: only ONNX graphs need onnx
+    from rbeformat import UsageError
+
+    raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
+
+GRAPH_KEY = "onnx.graph"  # metadata: the embedded file holding the graph (both kinds)
+MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
+OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
+MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
+
+# The element types whose initializers are rbe tensors, with their rbe dtypes (as converters/onnx_io.py).
+ONNX_DTYPES = {TensorProto.FLOAT: "F32", TensorProto.DOUBLE: "F64", TensorProto.FLOAT16: "F16",
+               TensorProto.BFLOAT16: "BF16", TensorProto.FLOAT8E4M3FN: "F8_E4M3", TensorProto.FLOAT8E5M2: "F8_E5M2",
+               TensorProto.INT64: "I64", TensorProto.INT32: "I32", TensorProto.INT16: "I16", TensorProto.INT8: "I8",
+               TensorProto.UINT64: "U64", TensorProto.UINT32: "U32", TensorProto.UINT16: "U16",
+               TensorProto.UINT8: "U8", TensorProto.BOOL: "BOOL"}
+
+
+def stored_graph(reader: Reader) -> "onnx.ModelProto":
+    """The stored ModelProto, its initializers without data; FormatError when there is none or it is invalid."""
+    path = reader.metadata().get(GRAPH_KEY)
+    if path is None:
+        raise FormatError("holds no ONNX graph (convert an .onnx file, or a Hugging Face directory with --onnx)")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(_embedded_file(reader, path, GRAPH_KEY))
+    except (DecodeError, ValueError, RuntimeError, RecursionError):
+        raise FormatError(f"the stored ONNX graph {path!r:.80} is not a valid ModelProto") from None
+    _refuse_external_data(model.graph)
+    return model
+
+
+def graph_initializers(reader: Reader) -> dict[str, tuple[str, bool]]:
+    """{initializer name: (rbe tensor name, transposed)} for every initializer of an rbe dtype, checked:
+    each names a tensor of the container whose dtype is the initializer's and whose shape is its
+    ``dims`` (reversed, for a transposed 2-D tensor); no initializer is defined twice."""
+    model = stored_graph(reader)
+    initializers = _unique_initializers(model.graph)
+    if MAPPING_KEY in reader.metadata():
+        mapping = _read_mapping(reader)
+        _check_same_names(mapping, initializers)
+    else:  # converted from an .onnx file: each initializer is the tensor of its name
+        mapping = {name: (name, False) for name in initializers}
+    tensors = set(reader.keys())
+    for name, (tensor, transposed) in mapping.items():
+        _check_tensor(reader, tensors, initializers[name], tensor, transposed)
+    return mapping
+
+
+def _embedded_file(reader: Reader, path: str, key: str) -> bytes:
+    entry = reader.files().get(path)
+    if entry is None:
+        raise FormatError(f"metadata {key!r} names {path!r:.80}, which the container does not hold")
+    data = reader.read_file(path)
+    if "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
+        raise ChecksumError(f"file {path!r:.80}: decoded bytes do not match the recorded digest")
+    return data
+
+
+def _refuse_external_data(graph) -> None:
+    """A stored graph points at no file: its tensors' data is in the container or in the graph itself."""
+    for t in _all_tensors(graph):
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            raise FormatError(f"the stored ONNX graph's tensor {t.name!r:.80} points at external data, "
+                              "which a stored graph must not")
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    yield from (t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices))
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+def _unique_initializers(graph) -> dict[str, "onnx.TensorProto"]:
+    """The main graph's initializers of an rbe dtype by name; FormatError for a name used twice."""
+    found = {}
+    for t in graph.initializer:
+        if t.name in found:
+            raise FormatError(f"the stored ONNX graph defines initializer {t.name!r:.80} twice")
+        if t.data_type in ONNX_DTYPES:
+            found[t.name] = t
+    return found
+
+
+def _read_mapping(reader: Reader) -> dict[str, tuple[str, bool]]:
+    """The JSON mapping, parsed and checked for form: an object of {"tensor": str, "transposed": bool}."""
+    path = reader.metadata()[MAPPING_KEY]
+    entry = reader.files().get(path)
+    if entry is not None and entry.blob.items > MAX_MAPPING_BYTES:
+        raise FormatError(f"the initializer mapping {path!r:.80} holds {entry.blob.items} bytes, over the limit of "
+                          f"{MAX_MAPPING_BYTES}")
+    data = _embedded_file(reader, path, MAPPING_KEY)
+    try:
+        obj = json.loads(data, object_pairs_hook=_refuse_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"the initializer mapping {path!r:.80} is not valid JSON ({str(exc)[:100]})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"the initializer mapping {path!r:.80} is not a JSON object")
+    return {name: _mapping_entry(name, value) for name, value in obj.items()}
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {key!r:.80} appears twice")
+        obj[key] = value
+    return obj
+
+
+def _mapping_entry(name: str, value) -> tuple[str, bool]:
+    if (not isinstance(value, dict) or set(value) != {"tensor", "transposed"}
+            or not isinstance(value["tensor"], str) or not isinstance(value["transposed"], bool)):
+        raise FormatError(f"the initializer mapping's entry for {name!r:.80} is not "
+                          '{"tensor": "<name>", "transposed": true|false}')
+    return value["tensor"], value["transposed"]
+
+
+def _check_same_names(mapping: dict, initializers: dict) -> None:
+    unmapped = [name for name in initializers if name not in mapping]
+    if unmapped:
+        raise FormatError(f"the initializer mapping leaves the graph's initializer {unmapped[0]!r:.80} unmapped")
+    unknown = [name for name in mapping if name not in initializers]
+    if unknown:
+        raise FormatError(f"the initializer mapping names {unknown[0]!r:.80}, which is no initializer of the graph")
+
+
+def _check_tensor(reader: Reader, tensors: set[str], init, tensor: str, transposed: bool) -> None:
+    """The tensor exists (no internal ``rbe:`` one), has the initializer's dtype, and its shape after
+    the transpose is the initializer's dims."""
+    if tensor not in tensors:
+        raise FormatError(f"the ONNX graph's initializer {init.name!r:.80} maps to tensor {tensor!r:.80}, "
+                          "which the container does not hold")
+    entry = reader.entry(tensor)
+    dims = tuple(int(d) for d in init.dims)
+    shape = tuple(entry.shape)
+    if transposed and len(shape) != 2:
+        raise FormatError(f"tensor {tensor!r:.80} is {len(shape)}-D; only a matrix can be transposed for "
+                          f"initializer {init.name!r:.80}")
+    if entry.dtype.name != ONNX_DTYPES[init.data_type] or (shape[::-1] if transposed else shape) != dims:
+        form = f"transposed {list(shape[::-1])}" if transposed else f"{list(shape)}"
+        raise FormatError(f"tensor {tensor!r:.80} ({entry.dtype.name} {form}) does not fit the ONNX graph's "
+                          f"initializer {init.name!r:.80} ({ONNX_DTYPES[init.data_type]} {list(dims)})")

@@ -1,0 +1,211 @@
+"""rbe convert --onnx: a Hugging Face model's graph exported with torch, wired to the stored weights, run in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import rbe_loaders  # noqa: E402
+from rbe_converters import hf  # noqa: E402
+from rbe_converters.cli import main  # noqa: E402
+from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph  # noqa: E402
+from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
+from test_eval import _common_words, _tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+TOLERANCE = 1e-4
+
+
+def _perturb(model, seed: int) -> None:
+    """Random values for every parameter: fresh models hold zero biases and unit norms, which
+    the exporter merges into one initializer and any tensor of equal bytes could fill."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def dense_session(path: str) -> "ort.InferenceSession":
+    """An ONNX Runtime session on the stored graph, each initializer filled from the tensor the
+    container maps it to (transposed where flagged)."""
+    with Reader(path) as r:
+        model = stored_graph(r)
+        wiring = graph_initializers(r)
+        for t in model.graph.initializer:
+            if t.name in wiring:
+                tensor, transposed = wiring[t.name]
+                values = r.get_tensor(tensor)
+                t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values.T if transposed else values), t.name))
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def convert(directory: str, out: str, *extra: str) -> str:
+    assert main(["convert", directory, out, "--quiet", "--onnx", "--threads", "1", *extra]) == 0
+    return out
+
+
+# -- encoders ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    directory = str(root / "bert")
+    tokenizer = _tokenizer(_common_words(120))
+    torch.manual_seed(2)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64)).eval()
+    _perturb(model, 3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer, convert(directory, str(root / "bert.rbe"))
+
+
+def _encoder_inputs(vocab: int, batch: int = 3, seq: int = 9) -> dict[str, np.ndarray]:
+    """Shapes other than the export's example (2 x 5), with padding in the mask."""
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": rng.integers(0, 2, (batch, seq))}
+
+
+def _hidden(model, feed: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
+
+
+def test_every_encoder_weight_is_wired_and_linear_weights_are_transposed(bert):
+    directory, model, _, path = bert
+    with Reader(path) as r:
+        wiring = graph_initializers(r)
+        names = set(r.keys())
+    hf_tensors = {name for name in names if not name.startswith(OWN_PREFIX)}
+    wired = {tensor for tensor, _ in wiring.values()}
+    # The pooler is left out of the graph (its output is not one); every other weight is in it.
+    assert wired & hf_tensors == {n for n in hf_tensors if not n.startswith("pooler.")}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n}
+    assert {tensor for tensor, transposed in wiring.values() if transposed} == linear
+    own = [tensor for tensor, _ in wiring.values() if tensor.startswith(OWN_PREFIX)]
+    assert own and all(tensor in names for tensor in own)
+
+
+def test_the_encoder_graph_runs_in_onnx_runtime_as_transformers(bert):
+    _, model, tokenizer, path = bert
+    session = dense_session(path)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    feed = _encoder_inputs(len(tokenizer))
+    (hidden,) = session.run(["last_hidden_state"], feed)
+    diff = np.abs(hidden - _hidden(model, feed)).max()
+    print(f"encoder: max abs diff ORT vs transformers {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+def test_decoding_gives_back_the_directory_without_the_graph(bert, tmp_path):
+    directory, _, _, path = bert
+    out = str(tmp_path / "decoded")
+    assert main(["decode", path, out, "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(directory))
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
+    directory, _, tokenizer, _ = bert
+    path = convert(directory, str(tmp_path / "q8.rbe"), "--preset", "q8")
+    decoded = str(tmp_path / "decoded")
+    assert main(["decode", path, decoded, "--quiet"]) == 0
+    lossy = transformers.BertModel.from_pretrained(decoded).eval()
+    feed = _encoder_inputs(len(tokenizer))
+    (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
+    assert np.abs(hidden - _hidden(lossy, feed)).max() < TOLERANCE  # the graph runs the decoded weights
+    with Reader(path) as r:
+        assert any(r.entry(tensor).transform is not None for tensor, _ in graph_initializers(r).values())
+
+
+def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
+    directory, _, tokenizer, path = bert
+    text = " ".join(_common_words(30)[::3]) + " unheardofword"
+    assert rbe_loaders.tokenizer(path).encode(text).ids == tokenizer(text)["input_ids"]
+    bare = str(tmp_path / "bare.rbe")
+    assert main(["convert", os.path.join(directory, "model.safetensors"), bare, "--quiet"]) == 0
+    with pytest.raises(UsageError, match="tokenizer.json"):
+        rbe_loaders.tokenizer(bare)
+
+
+def test_onnx_is_refused_for_inputs_without_an_architecture(bert, tmp_path, capsys):
+    directory = bert[0]
+    single = os.path.join(directory, "model.safetensors")
+    assert main(["convert", single, str(tmp_path / "a.rbe"), "--onnx", "--quiet"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model_path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph), model_path)
+    assert main(["convert", model_path, str(tmp_path / "b.rbe"), "--onnx", "--quiet"]) == 2
+    assert not os.path.exists(tmp_path / "a.rbe") and not os.path.exists(tmp_path / "b.rbe")
+
+
+# -- hostile mappings -------------------------------------------------------------------
+
+def _container(tmp_path, mapping_text: str, initializers=(("init", [3, 2]),)) -> str:
+    """A container with tensor "w" [2, 3], a graph whose initializers hold no data, and the mapping given."""
+    inits = [TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims) for name, dims in initializers]
+    graph = helper.make_graph([], "g", [], [], initializer=inits)
+    path = str(tmp_path / "hostile.rbe")
+    with Writer(path, force=True) as w:
+        w.add_array("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+        w.add_file("model.onnx-graph", helper.make_model(graph).SerializeToString())
+        w.add_file("map.json", mapping_text.encode())
+        w.set_metadata({"onnx.graph": "model.onnx-graph", MAPPING_KEY: "map.json"})
+    return path
+
+
+def test_a_sound_mapping_is_read(tmp_path):
+    path = _container(tmp_path, json.dumps({"init": {"tensor": "w", "transposed": True}}))
+    with Reader(path) as r:
+        assert graph_initializers(r) == {"init": ("w", True)}
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ('{"init": {"tensor": "missing", "transposed": true}}', "does not hold"),
+    ('{"init": {"tensor": "w", "transposed": false}}', "does not fit"),
+    ('{"init": {"tensor": "w", "transposed": true}, "init": {"tensor": "w", "transposed": true}}', "twice"),
+    ('{"init": {"tensor": "w", "transposed": "yes"}}', "is not"),
+    ('{"init": {"tensor": "w"}}', "is not"),
+    ('{}', "unmapped"),
+    ('{"init": {"tensor": "w", "transposed": true}, "other": {"tensor": "w", "transposed": true}}', "no initializer"),
+    ('["init"]', "not a JSON object"),
+    ('{"init": ', "not valid JSON"),
+])
+def test_a_hostile_mapping_is_refused(tmp_path, mapping, message):
+    path = _container(tmp_path, mapping)
+    with Reader(path) as r, pytest.raises(FormatError, match=message):
+        graph_initializers(r)
+
+
+def test_an_initializer_defined_twice_is_refused(tmp_path):
+    path = _container(tmp_path, json.dumps({"init": {"tensor": "w", "transposed": True}}),
+                      initializers=(("init", [3, 2]), ("init", [3, 2])))
+    with Reader(path) as r, pytest.raises(FormatError, match="twice"):
+        graph_initializers(r)
+
+
+def test_decode_leaves_out_only_the_graphs_parts(bert):
+    path = bert[3]
+    with Reader(path) as r:
+        files, tensors = hf.exported_graph_parts(r)
+        assert files == {r.metadata()["onnx.graph"], r.metadata()[MAPPING_KEY]}
+        assert tensors == {t for t, _ in graph_initializers(r).values() if t.startswith(OWN_PREFIX)}
