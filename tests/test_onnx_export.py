@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import rbe_loaders  # noqa: E402
-from rbe_converters import hf  # noqa: E402
+from rbe_converters import hf, onnx_export  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph  # noqa: E402
 from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
@@ -209,3 +209,104 @@ def test_decode_leaves_out_only_the_graphs_parts(bert):
         files, tensors = hf.exported_graph_parts(r)
         assert files == {r.metadata()["onnx.graph"], r.metadata()[MAPPING_KEY]}
         assert tensors == {t for t, _ in graph_initializers(r).values() if t.startswith(OWN_PREFIX)}
+
+
+# -- causal LMs -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    directory = str(root / "llama")
+    tokenizer = _tokenizer(_common_words(150))
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    _perturb(model, 6)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, convert(directory, str(root / "llama.rbe"))
+
+
+def ort_greedy(session, prompt: list[int], steps: int, config) -> list[int]:
+    """Greedy decoding in ONNX Runtime, the KV cache carried from step to step; the first step's past is empty."""
+    layers, kv_heads, head_dim = onnx_export.cache_geometry(config)
+    past = {name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in onnx_export.cache_names(layers)}
+    ids, done, tokens = np.array([prompt], np.int64), 0, []
+    for _ in range(steps):
+        seq = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, done + seq), np.int64),
+                "position_ids": np.arange(done, done + seq, dtype=np.int64)[None], **past}
+        logits, *present = session.run(None, feed)
+        tokens.append(int(logits[0, -1].argmax()))
+        past = dict(zip(past, present))
+        done += seq
+        ids = np.array([[tokens[-1]]], np.int64)
+    return tokens
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # a random model may pick the end token; keep going as ORT does
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_every_causal_lm_weight_is_wired_the_tied_head_once(llama):
+    _, model, path = llama
+    with Reader(path) as r:
+        wiring = graph_initializers(r)
+        hf_tensors = {name for name in r.keys() if not name.startswith(OWN_PREFIX)}
+    assert "lm_head.weight" not in hf_tensors  # tied: stored once, as the embedding
+    assert {tensor for tensor, _ in wiring.values()} & hf_tensors == hf_tensors
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert {tensor for tensor, transposed in wiring.values() if transposed} - {"model.embed_tokens.weight"} == linear
+
+
+def test_the_causal_lm_graph_takes_a_batch_with_a_past_as_transformers(llama):
+    _, model, path = llama
+    session = dense_session(path)
+    layers, kv_heads, head_dim = onnx_export.cache_geometry(model.config)
+    rng = np.random.default_rng(7)
+    batch, past_len, seq = 3, 4, 6
+    ids = rng.integers(0, model.config.vocab_size, (batch, seq), dtype=np.int64)
+    mask = np.ones((batch, past_len + seq), np.int64)
+    positions = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+    past = [rng.standard_normal((batch, kv_heads, past_len, head_dim)).astype(np.float32) for _ in range(2 * layers)]
+    names = onnx_export.cache_names(layers)
+    logits, *present = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                                          **dict(zip(names, past))})
+    cache = transformers.DynamicCache([(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]))
+                                       for i in range(layers)], config=model.config)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                         position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
+    diff = np.abs(logits - expected.logits.numpy()).max()
+    print(f"causal LM: max abs diff of logits ORT vs transformers {diff:.2e}")
+    assert diff < TOLERANCE
+    assert present[0].shape == (batch, kv_heads, past_len + seq, head_dim)
+    assert np.abs(present[-1] - cache.layers[-1].values.numpy()).max() < TOLERANCE
+
+
+def test_greedy_decoding_with_the_kv_cache_in_onnx_runtime_is_transformers(llama):
+    _, model, path = llama
+    prompt = [5, 17, 42, 8, 99, 3]
+    tokens = ort_greedy(dense_session(path), prompt, 5, model.config)
+    assert tokens == hf_greedy(model, prompt, 5)
+
+
+def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
+    directory, model, _ = llama
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(_common_words(150)) * 20)
+    path = convert(directory, str(tmp_path / "q5.rbe"), "--preset", "q5", "--calibration", str(text),
+                   "--calibration-windows", "2")
+    decoded = str(tmp_path / "decoded")
+    assert main(["decode", path, decoded, "--quiet"]) == 0
+    lossy = transformers.LlamaForCausalLM.from_pretrained(decoded).eval()
+    prompt = [5, 17, 42, 8, 99, 3]
+    assert ort_greedy(dense_session(path), prompt, 5, model.config) == hf_greedy(lossy, prompt, 5)
+    with Reader(path) as r:
+        calibrated = [r.entry(t).transform for t, transposed in graph_initializers(r).values() if transposed]
+        assert calibrated and all(transform is not None for transform in calibrated)
