@@ -310,3 +310,34 @@ def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
     with Reader(path) as r:
         calibrated = [r.entry(t).transform for t, transposed in graph_initializers(r).values() if transposed]
         assert calibrated and all(transform is not None for transform in calibrated)
+
+
+# -- real checkpoints -------------------------------------------------------------------
+
+SENTENCES = ["The container keeps the weights compressed.", "ONNX Runtime runs the graph without torch.",
+             "A short one."]
+
+
+def test_minilm_with_onnx_runs_in_onnx_runtime_as_transformers(minilm_dir, tmp_path):
+    path = convert(minilm_dir, str(tmp_path / "minilm.rbe"))
+    tokenizer = rbe_loaders.tokenizer(path)
+    tokenizer.enable_padding()
+    encodings = tokenizer.encode_batch(SENTENCES)
+    feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], np.int64)}
+    (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
+    model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    diff = np.abs(hidden - _hidden(model, feed)).max()
+    print(f"all-MiniLM-L6-v2: max abs diff ORT vs transformers {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+@pytest.mark.slow  # about 4 minutes on one thread, 3.5 GB at most (the export)
+def test_smollm2_with_onnx_generates_as_transformers(smollm2_dir, tmp_path):
+    path = convert(smollm2_dir, str(tmp_path / "smollm2.rbe"))
+    prompt = rbe_loaders.tokenizer(path).encode("The capital of France is").ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    expected = hf_greedy(model, prompt, 8)
+    del model  # one copy of the weights at a time besides the session's
+    assert ort_greedy(dense_session(path), prompt, 8, transformers.AutoConfig.from_pretrained(smollm2_dir)) == expected
