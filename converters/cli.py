@@ -495,13 +495,27 @@ def _decode_onnx(args, total: int) -> int:
     from .onnx_io import decode
     from .report import human_bytes
 
-    with _progress_bar(total, args.quiet, "decode") as bar:
-        written = decode(args.input, args.output, force=args.force, verify=not args.no_verify,
-                         threads=args.threads, progress=bar.update)
+    with open_rbe(args.input) as r:
+        exported = r.metadata().get("onnx.initializers") is not None
+    if exported:  # a HF directory with its exported graph (rbe convert --onnx): wired by the mapping
+        written = _decode_exported_graph(args)
+    else:
+        with _progress_bar(total, args.quiet, "decode") as bar:
+            written = decode(args.input, args.output, force=args.force, verify=not args.no_verify,
+                             threads=args.threads, progress=bar.update)
     if not args.quiet:
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
         _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors{beside})")
     return EXIT_OK
+
+
+def _decode_exported_graph(args) -> list[str]:
+    """The dense .onnx of a graph exported at conversion, its initializers filled through the mapping."""
+    from .onnx_export import dense_model
+
+    with open_rbe(args.input, verify_checksums=not args.no_verify, threads=args.threads) as r:
+        model = dense_model(r)
+    return _write_onnx(model, args.output, args.force)
 
 
 def cmd_export_onnx(args) -> int:

@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 
 from rbeformat import InputError, UsageError, Writer
-from rbe_loaders.onnx_graph import GRAPH_KEY, MAPPING_KEY, OWN_PREFIX
+from rbe_loaders.onnx_graph import GRAPH_KEY, MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
 
 from . import onnx_io
 from .hf import Plan, _read_tensor, read_config
@@ -215,6 +215,21 @@ def _causal_lm(model):
     inputs = ["input_ids", "attention_mask", "position_ids", *cache_names(layers)]
     outputs = ["logits", *cache_names(layers, "present")]
     return CausalLM(), (ids, mask, positions, past), (inputs, outputs, dynamic)
+
+
+def dense_model(r) -> "onnx.ModelProto":
+    """The stored graph with every initializer's data filled from the tensor the mapping names
+    (checked by ``graph_initializers``), transposed where it says: a plain .onnx model."""
+    import numpy as np
+
+    model = stored_graph(r)
+    wiring = graph_initializers(r)
+    for t in model.graph.initializer:
+        if t.name in wiring:
+            tensor, transposed = wiring[t.name]
+            values = r.get_tensor(tensor)  # bf16 and fp8 come as their bits, which raw_data holds
+            t.raw_data = np.ascontiguousarray(values.T if transposed else values).tobytes()
+    return model
 
 
 # -- wiring the weights -----------------------------------------------------------------

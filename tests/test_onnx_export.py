@@ -121,6 +121,16 @@ def test_decoding_gives_back_the_directory_without_the_graph(bert, tmp_path):
             assert a.read() == b.read(), name
 
 
+def test_decoding_to_onnx_writes_the_dense_wired_model(bert, tmp_path):
+    _, model, tokenizer, path = bert
+    out = str(tmp_path / "bert.onnx")
+    assert main(["decode", path, out, "--quiet"]) == 0
+    onnx.checker.check_model(out)
+    feed = _encoder_inputs(len(tokenizer))
+    (hidden,) = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(["last_hidden_state"], feed)
+    assert np.abs(hidden - _hidden(model, feed)).max() < TOLERANCE
+
+
 def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
     directory, _, tokenizer, _ = bert
     path = convert(directory, str(tmp_path / "q8.rbe"), "--preset", "q8")
