@@ -99,9 +99,13 @@ def safetensors_sizes(src: str) -> Sizes:
 
 
 def rbe_sizes(path: str) -> Sizes:
-    """Sizes of an .rbe file: the file on disk and the stored sections of each tensor."""
+    """Sizes of an .rbe file: the file on disk and the stored sections of each tensor (not the small
+    constants of an exported ONNX graph, which are no tensors of the model; the file size holds them)."""
+    from .hf import exported_graph_parts
+
     with Reader(path, verify_checksums=False) as r:
-        rows = [row for row in tensor_rows(r) if not row["internal"]]
+        _, graph_tensors = exported_graph_parts(r)
+        rows = [row for row in tensor_rows(r) if not row["internal"] and row["name"] not in graph_tensors]
         file_bytes = totals(r)["file_bytes"]
     return Sizes(file_bytes=file_bytes,
                  tensors={row["name"]: (row["dtype"], tuple(row["shape"]), row["stored_bytes"]) for row in rows})
