@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pydoc_data.topics that rbe eval never scores")
     p.add_argument("--calibration-windows", type=thread_count, default=32, metavar="N",
                    help="windows of 512 tokens of calibration text to run (default 32)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help=".onnx input: a tokenizer.json (or a folder holding one) to calibrate with in ONNX "
+                        "Runtime; without it, calibrated rules round to nearest")
     p.add_argument("--max-ratio", action="store_true",
                    help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
                         "(files ~0.1-0.3%% smaller, decode several times slower)")
@@ -384,6 +387,8 @@ def cmd_convert(args) -> int:
         if args.onnx:
             raise UsageError(f"{args.input}: --onnx exports a Hugging Face model; an .onnx input keeps its own graph")
         notes = _convert_onnx(args, codec, policy)
+    elif args.tokenizer is not None:
+        raise UsageError("--tokenizer is for .onnx input (a model directory calibrates with its own tokenizer)")
     else:
         plan = plan_conversion(args.input)
         choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
@@ -405,18 +410,35 @@ def cmd_convert(args) -> int:
 
 
 def _convert_onnx(args, codec, policy) -> list[str]:
-    """An .onnx file: its graph and initializers (``converters/onnx_io.py``); no calibration."""
+    """An .onnx file: its graph and initializers (``converters/onnx_io.py``), calibrated in ONNX Runtime
+    with --tokenizer (``converters/onnx_calibrate.py``)."""
     from . import onnx_io
     from .hf import choose_chains
 
     plan = onnx_io.plan_conversion(args.input)
-    policy, note = onnx_io.check_policy(plan, policy)
+    policy, note = onnx_io.check_policy(plan, policy, calibrating=args.tokenizer is not None)
     if note:  # a changed method, not progress: said even with --quiet
         _stderr(f"warning: {note}")
     choose_chains(plan, policy, plan.roles)  # refused before the bar appears, as for safetensors
+    calibrations = _onnx_calibrations(plan, policy, args) if args.tokenizer else None
     with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
         return onnx_io.convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
-                               threads=args.threads, progress=bar.update, plan=plan)
+                               threads=args.threads, progress=bar.update, plan=plan, calibrations=calibrations)
+
+
+def _onnx_calibrations(plan, policy, args) -> dict:
+    """--tokenizer: the calibrated rules' statistics from ONNX Runtime runs (``onnx_calibrate``)."""
+    from . import calibrate, onnx_calibrate, onnx_io
+
+    methods = onnx_io.calibration_methods(plan, policy)
+    if not methods:
+        return {}
+    tokenizer = onnx_calibrate.load_tokenizer(args.tokenizer)
+    text = calibrate.text_from_file(args.calibration) if args.calibration else calibrate.default_text()
+    text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
+    if not args.quiet:
+        _stderr(f"rbe: {args.input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}")
+    return onnx_calibrate.collect(onnx_io.filled_model(plan), methods, text, tokenizer, args.threads)
 
 
 def _export_graph(plan, args):

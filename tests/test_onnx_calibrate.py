@@ -90,3 +90,32 @@ def test_gptq_on_onnx_lowers_the_output_error_of_rounding(tmp_path):
             errors[label] = sum(np.trace((r.get_tensor(n) - w[n]).T @ stats[n].hessian @ (r.get_tensor(n) - w[n]))
                                 for n in ("w_up", "w_down"))
     assert errors["gptq"] < 0.8 * errors["rounded"]  # 0.46 against 0.71 when written
+
+
+def test_rbe_convert_calibrates_an_onnx_model_given_a_tokenizer(tmp_path, capsys):
+    from rbe_converters.cli import main
+
+    path, vocab = word_tokenizer(tmp_path / "tokenizer.json")
+    model, w = mlp_model(vocab, np.random.default_rng(2))
+    src = str(tmp_path / "m.onnx")
+    onnx.save(model, src)
+    text = tmp_path / "calibration.txt"
+    text.write_text(quality.calibration_text()[:20000])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[rule]]\nroles = ["linear"]\ncodec = "gquant(bits=3, group=16, mode=asym)"\ncalibration = "gptq"\n')
+    common = ["--recipe", str(recipe), "--calibration", str(text), "--calibration-windows", "2", "--quiet"]
+    assert main(["convert", src, str(tmp_path / "c.rbe"), "--tokenizer", path, *common]) == 0
+    assert "warning" not in capsys.readouterr().err  # calibrated: nothing dropped
+    assert main(["convert", src, str(tmp_path / "r.rbe"), *common]) == 0
+    assert "round to nearest" in capsys.readouterr().err
+    with Reader(str(tmp_path / "c.rbe")) as c, Reader(str(tmp_path / "r.rbe")) as r:
+        assert not np.array_equal(c.get_tensor("w_up"), r.get_tensor("w_up"))  # GPTQ chose other codes
+    assert main(["convert", src, str(tmp_path / "x.rbe"), "--tokenizer", str(tmp_path / "none.json"), *common]) == 3
+    assert not (tmp_path / "x.rbe").exists()
+
+
+def test_a_tokenizer_is_refused_for_a_model_directory(model_dir, tmp_path, capsys):
+    from rbe_converters.cli import main
+
+    assert main(["convert", model_dir[0], str(tmp_path / "m.rbe"), "--tokenizer", "t.json", "--quiet"]) == 2
+    assert "--tokenizer is for .onnx input" in capsys.readouterr().err
