@@ -20,6 +20,9 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor:
 * ``gquant`` embedding tables read by ``Gather`` become
   ``com.microsoft.GatherBlockQuantized`` (the same code widths); ``asym`` adds
   the gathered offsets, so each row is the reference decode bit for bit.
+* ``seed`` Linear weights (MatMul or transB=1 Gemm) keep their seeds and codes; standard
+  operators rebuild the matrix at each run from one basis table shared per (S, C, P)
+  (``ort_seed``).
 * Anything else is decoded to a dense initializer here, at build time, and
   the report says so: other codecs, other consumers of a weight, group sizes
   without a power-of-two block of at least 16, weights that are not float32.
@@ -60,6 +63,7 @@ MS_DOMAIN = "com.microsoft"
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
 GROUP0_BLOCK = 128  # a per-tensor scale (gquant group 0) repeats over blocks of this size
 MIN_BLOCK = 16  # both kernels take power-of-two blocks from 16 up
+SHARED_FORM = "shared (read by several weights' nodes)"
 
 
 # -- the report -----------------------------------------------------------------------
@@ -189,6 +193,7 @@ class Rewrite:
     form: str
     initializers: list
     nodes: dict[int, list]  # position of the consuming node -> its replacement
+    shared: list = field(default_factory=list)  # initializers other weights may read too, reported apart
 
 
 def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, dict, bool]:
@@ -396,6 +401,10 @@ def _gquant_view(r: Reader, name: str):
 def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]]) -> Rewrite | str:
     """The compressed form of weight ``name`` given the nodes reading it, or why it must be dense."""
     entry = r.stored_entry(name)
+    from . import ort_seed  # it builds on this module's helpers
+
+    if ort_seed.seed_view(r, name) is not None:
+        return ort_seed.plan_seed(r, name, uses)
     view = _gquant_view(r, name)
     if view is None:
         return entry.transform.codec.name
@@ -447,6 +456,11 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
             added.update(init.name for init in fresh)
             new_inits += fresh
             report.add(t.name, plan.form, sum(len(init.raw_data) for init in fresh), dense_bytes)
+            for init in plan.shared:  # a row of its own, once: the weights' rows hold their own parts
+                if init.name not in added:
+                    added.add(init.name)
+                    new_inits.append(init)
+                    report.add(init.name, SHARED_FORM, len(init.raw_data), 0)
     _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
     return model, report
 
