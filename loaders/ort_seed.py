@@ -16,6 +16,12 @@ below 2**24 units of the block's scale, as in the reference decode, so W is
 the dense decode bit for bit.  W exists only while the node runs.  A table
 larger than the dense weights it serves is not worth holding: those weights
 are decoded to dense at build, and the report says why.
+
+The price is time: W is rebuilt at every run.  Two 1024 x 1024 weights
+(C = 8, P = 3, S = 12) hold 2.5 MiB after ``InferenceSession`` against 16.4 MiB
+dense, but a batch of 5 rows takes about 50 ms on one thread against 0.4 ms
+dense, Einsum (small batched products) taking 44 ms of it; Mul + ReduceSum in
+its place measured no faster.
 """
 
 from __future__ import annotations
