@@ -180,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.add_argument("--threads", type=thread_count, default=None, help="threads for torch and decoding, at least 1 "
                    "(default: CPU count)")
+
+    p = sub.add_parser("run", help="run a .rbe converted with --onnx in ONNX Runtime: an encoder's embedding or a "
+                       "causal LM's greedy continuation (needs the ort extra, no torch)", epilog=EPILOG)
+    p.add_argument("input", metavar="MODEL.rbe", help="an .rbe file converted from a model directory with --onnx")
+    p.add_argument("text", help="the text to embed, or the prompt to continue")
+    p.add_argument("--max-new-tokens", type=thread_count, default=32, metavar="N",
+                   help="causal LMs: tokens to generate at most, at least 1 (default 32)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (an encoder's whole embedding)")
+    p.add_argument("--threads", type=thread_count, default=None, help="ONNX Runtime threads, at least 1 "
+                   "(default: CPU count)")
     return parser
 
 
@@ -653,8 +663,37 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_run(args) -> int:
+    """An encoder's mean-pooled embedding of the text, or a causal LM's greedy continuation of it."""
+    open_rbe(args.input, verify_checksums=False).close()  # one clear error for a file that is not rbe
+    from rbe_loaders import run  # a loader; imported only for this command
+
+    model = run.open_model(args.input, threads=args.threads)
+    if model.causal:
+        tokens = run.generate_ids(model, args.text, args.max_new_tokens)
+        continuation = model.tokenizer.decode(tokens)
+        if args.json:
+            print(json.dumps({"model": args.input, "kind": "causal-lm", "prompt": args.text,
+                              "continuation": continuation, "token_ids": tokens}))
+        else:
+            print(continuation)
+        return EXIT_OK
+    (vector,) = run.embed(model, [args.text])
+    if args.json:
+        print(json.dumps({"model": args.input, "kind": "encoder", "pooling": "mean", "dimension": len(vector),
+                          "embedding": [float(v) for v in vector]}))
+    else:
+        first = " ".join(f"{v:.6f}" for v in vector[:EMBEDDING_PREVIEW])
+        more = " ..." if len(vector) > EMBEDDING_PREVIEW else ""
+        print(f"embedding (mean-pooled, dimension {len(vector)}): {first}{more}")
+    return EXIT_OK
+
+
+EMBEDDING_PREVIEW = 8  # values rbe run prints without --json
+
+
 COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "export-onnx": cmd_export_onnx, "verify": cmd_verify,
-            "info": cmd_info, "presets": cmd_presets, "eval": cmd_eval}
+            "info": cmd_info, "presets": cmd_presets, "eval": cmd_eval, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

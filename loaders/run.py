@@ -1,0 +1,230 @@
+"""Run a Hugging Face model converted with ``rbe convert DIR OUT.rbe --onnx`` in ONNX Runtime, without torch.
+
+>>> from rbe_loaders import run                                   # doctest: +SKIP
+>>> run.embed("minilm.rbe", ["A sentence.", "Another one."])      # (2, 384) mean-pooled vectors
+>>> run.generate("smollm2.rbe", "The capital of France is", 8)    # the greedy continuation
+>>> model = run.open_model("smollm2.rbe")                          # one session for several calls
+>>> logprobs = run.token_logprobs(model.session, ids)             # perplexity: exp(-logprobs.mean())
+
+The session is ``rbe_loaders.ort.session``'s: quantized weights stay compressed.
+``embed`` mean-pools ``last_hidden_state`` over the attention mask, as
+sentence-transformers' mean pooling does; the vectors are not L2-normalised
+(models whose pipeline normalises, such as all-MiniLM-L6-v2, need
+``v / np.linalg.norm(v, axis=1, keepdims=True)`` on top).  ``generate`` is
+greedy, carries the KV cache from step to step and stops at the end-of-sequence
+token(s) of the container's generation_config.json or config.json.
+
+Imports numpy, onnx, onnxruntime, tokenizers and rbe's own packages only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from rbeformat import FormatError, Reader, UsageError
+from rbe_converters.onnx_io import carries_onnx
+from rbe_converters.quality import is_causal_lm
+
+from . import tokenizer as container_tokenizer
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CONVERT_HINT = "convert the model's directory with rbe convert DIR OUT.rbe --onnx"
+PAST_PREFIX = "past."  # the causal graph's cache inputs: past.{i}.key, past.{i}.value
+
+
+@dataclass
+class LoadedModel:
+    """One ONNX Runtime session on a container, with its tokenizer and config, for any number of calls."""
+
+    path: str
+    session: object  # onnxruntime.InferenceSession
+    tokenizer: object  # tokenizers.Tokenizer
+    config: dict
+    eos_ids: frozenset[int]
+
+    @property
+    def causal(self) -> bool:
+        return is_causal_lm(self.config)
+
+
+# -- opening a container ----------------------------------------------------------------
+
+def open_model(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
+    """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
+
+    UsageError for a container without a graph, config.json or tokenizer.json.
+    """
+    path = os.fspath(path)
+    config, generation = _read_configs(path)
+    from .ort import session  # after the checks: building a session is the slow part
+
+    options = _session_options(threads)
+    sess, _ = session(path, quiet=True, **({"sess_options": options} if options else {}))
+    return LoadedModel(path, sess, container_tokenizer(path), config, eos_token_ids(config, generation))
+
+
+def _read_configs(path: str) -> tuple[dict, dict]:
+    """config.json and generation_config.json ({} when absent) of a container that carries a graph."""
+    with Reader(path) as r:
+        if not carries_onnx(r):
+            raise UsageError(f"{path}: holds no ONNX graph to run; {CONVERT_HINT}")
+        files = r.files()
+        if CONFIG_FILE not in files:
+            raise UsageError(f"{path}: holds no {CONFIG_FILE}, so nothing tells what the graph computes; "
+                             f"{CONVERT_HINT}")
+        config = _json_object(path, CONFIG_FILE, r.read_file(CONFIG_FILE))
+        generation = {}
+        if GENERATION_CONFIG_FILE in files:
+            generation = _json_object(path, GENERATION_CONFIG_FILE, r.read_file(GENERATION_CONFIG_FILE))
+    return config, generation
+
+
+def _json_object(path: str, name: str, data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"{path}: the embedded {name} is not valid JSON ({str(exc)[:100]})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: the embedded {name} is not a JSON object")
+    return value
+
+
+def _session_options(threads: int | None):
+    if threads is None:
+        return None
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def eos_token_ids(config: dict, generation: dict) -> frozenset[int]:
+    """The end-of-sequence ids: generation_config.json's when it names any (as transformers reads them), else
+    config.json's (or its text_config's); an int or a list of ints each."""
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for source in (generation, config, text_config):
+        value = source.get("eos_token_id")
+        ids = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+        if ids:
+            return frozenset(ids)
+    return frozenset()
+
+
+def _loaded(model: str | os.PathLike | LoadedModel, causal: bool) -> LoadedModel:
+    """A path opened, or a LoadedModel as is; UsageError when the model is not of the kind asked for."""
+    loaded = model if isinstance(model, LoadedModel) else open_model(model)
+    if loaded.causal != causal:
+        kind = "a causal LM (use generate)" if loaded.causal else "an encoder (use embed)"
+        raise UsageError(f"{loaded.path}: is {kind}")
+    return loaded
+
+
+# -- encoders ---------------------------------------------------------------------------
+
+def embed(model: str | os.PathLike | LoadedModel, texts: list[str]) -> np.ndarray:
+    """One mean-pooled ``last_hidden_state`` row per text (float32, not normalised), padded tokens left out."""
+    loaded = _loaded(model, causal=False)
+    if not texts:
+        raise UsageError("embed needs at least one text")
+    feed = encoder_feed(loaded, list(texts))
+    (hidden,) = loaded.session.run(["last_hidden_state"], feed)
+    return mean_pool(hidden, feed["attention_mask"])
+
+
+def encoder_feed(loaded: LoadedModel, texts: list[str]) -> dict[str, np.ndarray]:
+    """The graph's inputs for a batch of texts, padded to the longest and cut at the model's position limit."""
+    tok = loaded.tokenizer
+    if tok.padding is None:
+        tok.enable_padding(pad_id=_pad_id(loaded))
+    limit = loaded.config.get("max_position_embeddings")
+    if tok.truncation is None and isinstance(limit, int):
+        tok.enable_truncation(limit)  # beyond it the position table has no row
+    encodings = tok.encode_batch(texts)
+    feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
+    if "token_type_ids" in {i.name for i in loaded.session.get_inputs()}:
+        feed["token_type_ids"] = np.array([e.type_ids for e in encodings], np.int64)
+    return feed
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    pad = loaded.config.get("pad_token_id")
+    return pad if isinstance(pad, int) else 0  # masked out either way; any id in range does
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' mean pooling: the sum over unmasked tokens over their count (at least 1e-9)."""
+    weights = mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+# -- causal LMs -------------------------------------------------------------------------
+
+def empty_past(session) -> dict[str, np.ndarray]:
+    """A zero-length KV cache for each ``past.*`` input, its head count and size read from the graph."""
+    past = {}
+    for arg in session.get_inputs():
+        if arg.name.startswith(PAST_PREFIX):
+            _, heads, _, head_dim = arg.shape
+            if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                raise FormatError(f"the graph's {arg.name} has no fixed heads and head size ({arg.shape})")
+            past[arg.name] = np.zeros((1, heads, 0, head_dim), np.float32)
+    return past
+
+
+def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray]):
+    """Runs ``ids`` after ``done`` cached positions; the logits [len(ids), vocab] and the grown cache."""
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, done + len(ids)), np.int64),
+            "position_ids": np.arange(done, done + len(ids), dtype=np.int64)[None], **past}
+    logits, *present = session.run(None, feed)
+    return logits[0], dict(zip(past, present))  # present.{i}.* come in the order of past.{i}.*
+
+
+def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=frozenset()) -> list[int]:
+    """The greedy continuation's ids, the cache carried between steps; ends with an end token when one came
+    (as transformers' generate does)."""
+    if not prompt_ids:
+        raise UsageError("generation needs a prompt of at least one token")
+    past, done, step_ids, tokens = empty_past(session), 0, list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        logits, past = _step(session, step_ids, done, past)
+        done += len(step_ids)
+        tokens.append(int(logits[-1].argmax()))
+        if tokens[-1] in eos_ids:
+            break
+        step_ids = [tokens[-1]]
+    return tokens
+
+
+def generate_ids(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32) -> list[int]:
+    loaded = _loaded(model, causal=True)
+    prompt_ids = loaded.tokenizer.encode(prompt).ids
+    return greedy_ids(loaded.session, prompt_ids, max_new_tokens, loaded.eos_ids)
+
+
+def generate(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32) -> str:
+    """The greedy continuation of ``prompt`` (without it), special tokens left out."""
+    loaded = _loaded(model, causal=True)
+    return loaded.tokenizer.decode(generate_ids(loaded, prompt, max_new_tokens))
+
+
+def token_logprobs(session, ids: list[int]) -> np.ndarray:
+    """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1, one window run at once with an empty cache.
+
+    A perplexity over the window is ``exp(-token_logprobs(session, ids).mean())``.
+    """
+    if len(ids) < 2:
+        raise UsageError("token log-probabilities need a window of at least 2 tokens")
+    logits, _ = _step(session, list(ids), 0, empty_past(session))
+    logits = logits[:-1].astype(np.float64)  # the last position predicts past the window
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return log_softmax[np.arange(len(ids) - 1), np.asarray(ids[1:])]
