@@ -59,6 +59,8 @@ except ImportError:  # the core works without onnx; only this module needs it
 
 from rbe_converters import onnx_io
 
+from .onnx_graph import graph_initializers, stored_graph
+
 MS_DOMAIN = "com.microsoft"
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
 GROUP0_BLOCK = 128  # a per-tensor scale (gquant group 0) repeats over blocks of this size
@@ -348,7 +350,7 @@ def gather_form(weight: GroupedCodes, block: int) -> str:
 
 
 def _rewrite_table(weight: GroupedCodes, block: int, uses: list, name: str) -> Rewrite:
-    tag = f"rbe:{name}"
+    tag = f"rbe:{name}:table"  # a tied embedding is also a MatMul's weight, packed apart under its own tag
     inits = gather_initializers(weight, block, tag)
     inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
     nodes = {position: gather_nodes(weight, block, tag, inputs, node.input[1], node.output[0])
@@ -398,17 +400,21 @@ def _gquant_view(r: Reader, name: str):
     return None
 
 
-def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]]) -> Rewrite | str:
-    """The compressed form of weight ``name`` given the nodes reading it, or why it must be dense."""
+def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]], flipped: bool = False,
+                 readers: dict | None = None) -> Rewrite | str:
+    """The compressed form of weight ``name`` given the nodes reading it, or why it must be dense.
+    ``flipped``: the graph reads the tensor transposed (a Linear weight of a Hugging Face checkpoint,
+    stored output x input, which an exported MatMul reads input x output)."""
     entry = r.stored_entry(name)
     from . import ort_seed  # it builds on this module's helpers
 
     if ort_seed.seed_view(r, name) is not None:
-        return ort_seed.plan_seed(r, name, uses)
+        return ort_seed.plan_seed(r, name, uses, flipped)
     view = _gquant_view(r, name)
     if view is None:
         return entry.transform.codec.name
     transform, prefix, transposed = view
+    transposed = transposed != flipped
     if entry.dtype.name != "F32" or len(entry.shape) != 2:
         return f"gquant on {entry.dtype.name} {list(entry.shape)}: mapped only for 2-D float32 weights"
     block = block_for_group(transform.codec.group)
@@ -420,9 +426,42 @@ def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]]) -> R
         return _rewrite_linear(read_gquant(r, name, prefix, transform), block, uses, name)
     if uses and not transposed and all(_gather_use(node, index) for _, node, index in uses):
         return _rewrite_table(read_gquant(r, name, prefix, transform), block, uses, name)
+    tied = _tied_uses(uses, readers or {}) if not transposed else None
+    if tied is not None:
+        return _rewrite_tied(read_gquant(r, name, prefix, transform), block, *tied, name)
     kinds = ", ".join(sorted({node.op_type for _, node, _ in uses})) or "no node"
     wanted = "a MatMul's B (it is stored transposed)" if transposed else "a Gather table or a Gemm's transB=1 B"
     return f"gquant; mapped when every reader takes it as {wanted}, here read by {kinds}"
+
+
+def _transpose_use(node, index: int) -> bool:
+    return node.op_type == "Transpose" and _standard(node) and _attribute(node, "perm", [1, 0]) in ([1, 0], (1, 0))
+
+
+def _tied_uses(uses: list, readers: dict):
+    """(Gathers, Transposes, the MatMuls reading those) for a table that is also an output head
+    through a Transpose (a tied embedding, as torch exports it); None for any other readers."""
+    gathers = [u for u in uses if _gather_use(u[1], u[2])]
+    through = [u for u in uses if _transpose_use(u[1], u[2])]
+    if not through or len(gathers) + len(through) != len(uses):
+        return None
+    matmuls = [m for _, node, _ in through for m in readers.get(node.output[0], [])]
+    if not matmuls or not all(_matmul_use(node, index) for _, node, index in matmuls):
+        return None
+    return gathers, through, matmuls
+
+
+def _rewrite_tied(weight: GroupedCodes, block: int, gathers: list, through: list, matmuls: list,
+                  name: str) -> Rewrite:
+    """A tied table: its lookups as GatherBlockQuantized, the Transpose and MatMul of the head as
+    one MatMulNBits on the same codes (a table row is a head's output row, grouped along K)."""
+    parts = [_rewrite_linear(weight, block, matmuls, name)]
+    if gathers:
+        parts.append(_rewrite_table(weight, block, gathers, name))
+    nodes = {position: [] for position, _, _ in through}  # the Transpose is no longer needed
+    for part in parts:
+        nodes.update(part.nodes)
+    return Rewrite(" + ".join(part.form for part in parts), [i for part in parts for i in part.initializers], nodes)
 
 
 # -- building the graph ------------------------------------------------------------------
@@ -431,24 +470,24 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
     """The ONNX model an rbe file carries, its weights in compressed forms (see the module doc)."""
     with Reader(path) as r:
         if not onnx_io.carries_onnx(r):
-            raise UsageError(f"{os.fspath(path)}: holds no ONNX graph (it was not converted from an .onnx file); "
-                             "on-the-fly sessions need the stored graph, which Hugging Face checkpoints do not have "
-                             "yet")
-        model = onnx_io.read_graph(r)
-        mapped = [t for t in model.graph.initializer if t.data_type in onnx_io.ONNX_DTYPES]
-        onnx_io._check_graph(r, model, mapped)  # the decode's checks: no paths to open, names match tensors
+            raise UsageError(f"{os.fspath(path)}: holds no ONNX graph: convert an .onnx file, or a Hugging Face "
+                             "directory with rbe convert --onnx")
+        model = stored_graph(r)
+        wiring = graph_initializers(r)  # checked: each names a tensor of the right dtype and shape
+        mapped = [t for t in model.graph.initializer if t.name in wiring]
         report = Report()
         uses = _readers_of(model.graph)
         replaced, new_inits, added = {}, [], set()
         for t in mapped:
-            dense_bytes = math.prod(t.dims) * r.entry(t.name).dtype.itemsize
-            if r.stored_entry(t.name).transform is None:
-                t.raw_data = bytes(r.tensor_bytes(t.name))
+            tensor, flipped = wiring[t.name]
+            dense_bytes = math.prod(t.dims) * r.entry(tensor).dtype.itemsize
+            if r.stored_entry(tensor).transform is None:
+                t.raw_data = _dense_bytes(r, tensor, flipped)
                 report.add(t.name, "initializer (lossless)", len(t.raw_data), dense_bytes)
                 continue
-            plan = plan_rewrite(r, t.name, uses.get(t.name, []))
+            plan = plan_rewrite(r, tensor, uses.get(t.name, []), flipped, uses)
             if isinstance(plan, str):
-                t.raw_data = bytes(r.tensor_bytes(t.name))
+                t.raw_data = _dense_bytes(r, tensor, flipped)
                 report.add(t.name, f"dense (decoded at build: {plan})", len(t.raw_data), dense_bytes)
                 continue
             replaced.update(plan.nodes)
@@ -463,6 +502,13 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
                     report.add(init.name, SHARED_FORM, len(init.raw_data), 0)
     _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
     return model, report
+
+
+def _dense_bytes(r: Reader, tensor: str, flipped: bool) -> bytes:
+    """The initializer's raw data: the decoded tensor, transposed where the graph reads it so."""
+    if not flipped:
+        return bytes(r.tensor_bytes(tensor))
+    return np.ascontiguousarray(r.get_tensor(tensor).T).tobytes()
 
 
 def _kept(row: TensorForm) -> bool:
