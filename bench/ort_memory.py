@@ -17,6 +17,7 @@ with default options:
 
     python -m bench.ort_memory                 # prints the table
     python -m bench.ort_memory --keep DIR      # and keeps the files in DIR
+    python -m bench.ort_memory --rbe q4.rbe [--model fp32.onnx]   # an .rbe made by rbe convert
 """
 
 from __future__ import annotations
@@ -72,9 +73,18 @@ def feeds(texts):
     encoded = tokenizer.encode_batch(texts)
     ids = np.array([e.ids for e in encoded], np.int64)
     mask = np.array([e.attention_mask for e in encoded], np.int64)
-    return {"input_ids": ids, "attention_mask": mask}
-outputs = session.run(None, feeds(sentences))
-pooled = [o for o in outputs if o.dtype == np.float32 and o.ndim == 2][0]
+    wanted = {i.name for i in session.get_inputs()}
+    given = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {name: value for name, value in given.items() if name in wanted}
+def pooled_of(outputs, mask):
+    flat = [o for o in outputs if o.dtype == np.float32 and o.ndim == 2]
+    if flat:  # the model pools itself
+        return flat[0]
+    hidden = [o for o in outputs if o.dtype == np.float32 and o.ndim == 3][0]  # last_hidden_state: mean-pool it
+    weights = mask[..., None].astype(np.float32)
+    return (hidden * weights).sum(1) / weights.sum(1)
+batch = feeds(sentences)
+pooled = pooled_of(session.run(None, batch), batch["attention_mask"])
 np.save(sys.argv[3], pooled)
 one = feeds(sentences[:1])
 session.run(None, one)
@@ -133,14 +143,27 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS) -> dict[str, dict]:
+def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS, rbe: str | None = None) -> dict[str, dict]:
+    """The fp32 model, the dense decode and the on-the-fly graph of ``rbe`` (default: ``model_path``
+    converted with ``RECIPE``), each measured in fresh processes."""
     from rbe_converters.quality import default_sentences
 
     sentences = default_sentences(SENTENCES)
-    paths = build(model_path, folder)
+    paths = exports(rbe, folder) if rbe else build(model_path, folder)
     return {name: measure(path, tokenizer, sentences, folder, runs)
             for name, path in (("fp32", model_path), ("dense", paths["dense.onnx"]),
                                ("on-the-fly", paths["on-the-fly.onnx"]))}
+
+
+def exports(rbe: str, folder: str) -> dict[str, str]:
+    """The dense and on-the-fly .onnx files of an existing .rbe (one converted from .onnx, or with --onnx)."""
+    from rbe_converters.cli import main
+
+    paths = {name: os.path.join(folder, name) for name in ("dense.onnx", "on-the-fly.onnx")}
+    for target, extra in (("dense.onnx", []), ("on-the-fly.onnx", ["--on-the-fly"])):
+        if main(["export-onnx", rbe, paths[target], "--force", "--quiet", *extra]) != 0:
+            raise SystemExit(f"rbe export-onnx {target} failed")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="its tokenizer.json (default: all-MiniLM-L6-v2's, the same vocabulary)")
     parser.add_argument("--keep", metavar="DIR", help="write the files into DIR and keep them")
     parser.add_argument("--runs", type=int, default=RUNS, help="batch-1 runs for the latency median")
+    parser.add_argument("--rbe", help="measure this .rbe (e.g. made with --preset q4) instead of converting --model "
+                                      "with the built-in recipe; --model is then its fp32 original as .onnx")
     args = parser.parse_args(argv)
     from bench.models import minilm_dir, paraphrase_onnx
 
@@ -156,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = args.tokenizer or os.path.join(minilm_dir(), "tokenizer.json")
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
-        print(table(run(model, tokenizer, args.keep, args.runs)))
+        print(table(run(model, tokenizer, args.keep, args.runs, args.rbe)))
         return
     with tempfile.TemporaryDirectory(prefix="rbe-ort-bench-") as folder:
-        print(table(run(model, tokenizer, folder, args.runs)))
+        print(table(run(model, tokenizer, folder, args.runs, args.rbe)))
 
 
 if __name__ == "__main__":
