@@ -85,25 +85,45 @@ def test_rbe_run_prints_an_encoders_embedding(bert, capsys):
 
 # -- causal LMs -------------------------------------------------------------------------
 
+# The tiny random Llama mostly repeats one token; these prompts make it change token once (the cache
+# has to carry the context), and emit the end token (id 2 in its generation_config.json) first.
+CHANGING_PROMPT = [127, 27, 15, 129, 5, 82]
+ENDING_PROMPT = [84, 140, 43, 122, 101, 2]
+
+
+def _prompt_text(loaded, ids: list[int]) -> str:
+    text = loaded.tokenizer.decode(ids)
+    assert loaded.tokenizer.encode(text).ids == ids  # the word-level tokenizer gives the prompt back
+    return text
+
+
 def test_generate_is_transformers_greedy_generate(llama):
     _, model, path = llama
     loaded = run.open_model(path, threads=1)
-    prompt = loaded.tokenizer.encode(PROMPT).ids
-    assert run.greedy_ids(loaded.session, prompt, 8) == hf_greedy(model, prompt, 8)  # no end token
-    eos = sorted(loaded.eos_ids)
-    expected = _hf_generate_with_eos(model, prompt, 8, eos)
-    assert run.generate_ids(loaded, PROMPT, 8) == expected
+    expected = hf_greedy(model, CHANGING_PROMPT, 8)
+    assert len(set(expected)) > 1 and not set(expected) & loaded.eos_ids
+    assert run.greedy_ids(loaded.session, CHANGING_PROMPT, 8) == expected
+    prompt = _prompt_text(loaded, CHANGING_PROMPT)
+    assert run.generate_ids(loaded, prompt, 8) == _hf_generate_with_eos(model, CHANGING_PROMPT, 8, [2]) == expected
     words = [i for i in expected if i not in (0, 1)]  # [PAD] and [UNK] are special: decoding leaves them out
-    assert _ids_of_words(path, run.generate(loaded, PROMPT, 8)) == words
+    assert _ids_of_words(path, run.generate(loaded, prompt, 8)) == words
 
 
-def test_generation_stops_at_an_end_token(llama):
+def test_generation_stops_at_the_configs_end_token_as_transformers(llama):
     _, model, path = llama
     loaded = run.open_model(path, threads=1)
-    prompt = loaded.tokenizer.encode(PROMPT).ids
-    free = run.greedy_ids(loaded.session, prompt, 6)
-    end = free[3]
-    assert run.greedy_ids(loaded.session, prompt, 6, frozenset({end})) == free[:free.index(end) + 1]
+    assert loaded.eos_ids == {2}
+    expected = _hf_generate_with_eos(model, ENDING_PROMPT, 8, [2])
+    assert expected[-1] == 2 and len(expected) < 8 and len(hf_greedy(model, ENDING_PROMPT, 8)) == 8
+    assert run.greedy_ids(loaded.session, ENDING_PROMPT, 8, loaded.eos_ids) == expected
+
+
+def test_generation_stops_at_any_end_token_given(llama):
+    loaded = run.open_model(llama[2], threads=1)
+    free = run.greedy_ids(loaded.session, CHANGING_PROMPT, 8)
+    end = free[-1]  # first reached after a few other tokens
+    stopped = run.greedy_ids(loaded.session, CHANGING_PROMPT, 8, frozenset({end, 12345}))
+    assert stopped == free[:free.index(end) + 1] and 1 < len(stopped) < 8
 
 
 def test_the_end_tokens_come_from_the_containers_config(llama):
@@ -130,11 +150,12 @@ def test_token_logprobs_give_transformers_perplexity(llama):
 
 def test_rbe_run_prints_a_causal_lms_continuation(llama, capsys):
     path = llama[2]
-    assert main(["run", path, PROMPT, "--max-new-tokens", "5", "--threads", "1"]) == 0
-    assert capsys.readouterr().out == run.generate(path, PROMPT, 5) + "\n"
-    assert main(["run", path, PROMPT, "--max-new-tokens", "5", "--json", "--threads", "1"]) == 0
+    prompt = _prompt_text(run.open_model(path), CHANGING_PROMPT)
+    assert main(["run", path, prompt, "--max-new-tokens", "5", "--threads", "1"]) == 0
+    assert capsys.readouterr().out == run.generate(path, prompt, 5) + "\n"
+    assert main(["run", path, prompt, "--max-new-tokens", "5", "--json", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["token_ids"] == run.generate_ids(path, PROMPT, 5) and len(report["token_ids"]) <= 5
+    assert report["token_ids"] == run.generate_ids(path, prompt, 5) and len(report["token_ids"]) == 5
 
 
 # -- refusals and imports ---------------------------------------------------------------
