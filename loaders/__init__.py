@@ -7,7 +7,9 @@ Installed as ``rbe_loaders`` (from the repository's ``loaders/`` folder).
 session whose quantized weights stay compressed (``session``, ``on_the_fly_model``).
 ``rbe_loaders.onnx_graph`` reads the ONNX graph a container carries and which tensor
 fills each initializer; ``rbe_loaders.tokenizer(path)`` gives the ``tokenizers.Tokenizer``
-of the container's ``tokenizer.json``.  Importing this package imports no framework.
+of the container's ``tokenizer.json``; ``rbe_loaders.run`` embeds texts and generates with a
+container converted with ``--onnx`` (``embed``, ``generate``, ``token_logprobs``).  Importing this
+package imports no framework.
 """
 
 TOKENIZER_FILE = "tokenizer.json"  # where a Hugging Face directory keeps its fast tokenizer
