@@ -177,14 +177,14 @@ def _refuse_external_elsewhere(model, src: str) -> None:
     every other tensor (in node attributes, subgraphs, sparse initializers) stays in the graph."""
     elsewhere = [t for t in model.graph.initializer if t.data_type not in ONNX_DTYPES]
     elsewhere += [t for sparse in model.graph.sparse_initializer for t in (sparse.values, sparse.indices)]
-    elsewhere += list(_node_tensors(model.graph))
+    elsewhere += list(node_tensors(model.graph))
     for t in elsewhere:
         if t.data_location == TensorProto.EXTERNAL:
             raise InputError(f"{src}: tensor {t.name!r:.80} keeps external data outside the main graph's "
                              "initializers (or has a type rbe does not store), which rbe does not convert")
 
 
-def _node_tensors(graph):
+def node_tensors(graph):
     """Tensors held by node attributes, and every tensor of subgraphs (If, Loop, Scan bodies)."""
     for node in graph.node:
         for attr in node.attribute:
@@ -192,9 +192,14 @@ def _node_tensors(graph):
                 yield attr.t
             yield from attr.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from sub.initializer
-                yield from (t for sparse in sub.sparse_initializer for t in (sparse.values, sparse.indices))
-                yield from _node_tensors(sub)
+                yield from all_tensors(sub)
+
+
+def all_tensors(graph):
+    """Every tensor of a graph: initializers, sparse initializers' parts, and ``node_tensors``."""
+    yield from graph.initializer
+    yield from (t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices))
+    yield from node_tensors(graph)
 
 
 def _check_names(initializers: list[Initializer], src: str) -> None:

@@ -36,6 +36,8 @@ except ImportError:  # a loader of its own: only ONNX graphs need onnx
 
     raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
 
+from rbe_converters.onnx_io import all_tensors  # noqa: E402  (the converter's walk over every tensor)
+
 GRAPH_KEY = "onnx.graph"  # metadata: the embedded file holding the graph (both kinds)
 MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
 OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
@@ -92,22 +94,10 @@ def _embedded_file(reader: Reader, path: str, key: str) -> bytes:
 
 def _refuse_external_data(graph) -> None:
     """A stored graph points at no file: its tensors' data is in the container or in the graph itself."""
-    for t in _all_tensors(graph):
+    for t in all_tensors(graph):
         if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
             raise FormatError(f"the stored ONNX graph's tensor {t.name!r:.80} points at external data, "
                               "which a stored graph must not")
-
-
-def _all_tensors(graph):
-    yield from graph.initializer
-    yield from (t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices))
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_tensors(sub)
 
 
 def _unique_initializers(graph) -> dict[str, "onnx.TensorProto"]:

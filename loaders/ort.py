@@ -388,16 +388,23 @@ def _gather_use(node, index: int) -> bool:
     return node.op_type == "Gather" and _standard(node) and index == 0 and _attribute(node, "axis", 0) == 0
 
 
-def _gquant_view(r: Reader, name: str):
-    """(transform, part prefix, transposed) of a gquant tensor or of transpose(values=gquant); else None."""
+def codec_view(r: Reader, name: str, codec: str):
+    """(transform, part prefix, transposed) of a tensor stored by ``codec``, or by
+    transpose(values=``codec``); else None."""
     transform = r.stored_entry(name).transform
-    if transform.codec.name == "gquant":
+    if transform is None:
+        return None
+    if transform.codec.name == codec:
         return transform, "", False
     values = transform.parts.get("values")
     if transform.codec.name == "transpose" and values is not None and values.transform is not None \
-            and values.transform.codec.name == "gquant":
+            and values.transform.codec.name == codec:
         return values.transform, "values.", True
     return None
+
+
+def _gquant_view(r: Reader, name: str):
+    return codec_view(r, name, "gquant")
 
 
 def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]], flipped: bool = False,

@@ -39,7 +39,7 @@ from rbeformat.codecs import seed as seed_codec
 from rbeformat.errors import FormatError
 from rbe_converters import onnx_io
 
-from .ort import Rewrite, _gemm_use, _matmul_use, _part_shape
+from .ort import Rewrite, _gemm_use, _matmul_use, _part_shape, codec_view
 
 SEED_MIN_OPSET = 12  # Einsum
 
@@ -191,16 +191,7 @@ def _rewrite_seed(weight: SeedBlocks, codes_hold_wt: bool, uses: list, name: str
 
 def seed_view(r: Reader, name: str):
     """(transform, part prefix, transposed) of a seed tensor or of transpose(values=seed); else None."""
-    transform = r.stored_entry(name).transform
-    if transform is None:
-        return None
-    if transform.codec.name == "seed":
-        return transform, "", False
-    values = transform.parts.get("values")
-    if transform.codec.name == "transpose" and values is not None and values.transform is not None \
-            and values.transform.codec.name == "seed":
-        return values.transform, "values.", True
-    return None
+    return codec_view(r, name, "seed")
 
 
 def _key(codec) -> tuple[int, int, int]:
