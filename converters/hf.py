@@ -51,7 +51,7 @@ def plan_conversion(src: str) -> Plan:
     """Lists and validates what ``src`` holds, before any output is created."""
     if os.path.isfile(src):
         if not src.endswith(".safetensors"):
-            raise InputError(f"{src}: expected a .safetensors file or a model directory")
+            raise InputError(f"{src}: expected a .safetensors file, a model directory or an .onnx file")
         return Plan(os.path.dirname(src), [(os.path.basename(src), read_header(src))], [])
     if not os.path.isdir(src):
         raise InputError(f"{src}: no such file or directory")
