@@ -36,19 +36,12 @@ except ImportError:  # a loader of its own: only ONNX graphs need onnx
 
     raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
 
-from rbe_converters.onnx_io import all_tensors  # noqa: E402  (the converter's walk over every tensor)
+# The converter's walk over every tensor, and the format's keys and stored element types.
+from rbe_converters.onnx_io import GRAPH_KEY, ONNX_DTYPES, all_tensors  # noqa: E402
 
-GRAPH_KEY = "onnx.graph"  # metadata: the embedded file holding the graph (both kinds)
 MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
 OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
 MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
-
-# The element types whose initializers are rbe tensors, with their rbe dtypes (as converters/onnx_io.py).
-ONNX_DTYPES = {TensorProto.FLOAT: "F32", TensorProto.DOUBLE: "F64", TensorProto.FLOAT16: "F16",
-               TensorProto.BFLOAT16: "BF16", TensorProto.FLOAT8E4M3FN: "F8_E4M3", TensorProto.FLOAT8E5M2: "F8_E5M2",
-               TensorProto.INT64: "I64", TensorProto.INT32: "I32", TensorProto.INT16: "I16", TensorProto.INT8: "I8",
-               TensorProto.UINT64: "U64", TensorProto.UINT32: "U32", TensorProto.UINT16: "U16",
-               TensorProto.UINT8: "U8", TensorProto.BOOL: "BOOL"}
 
 
 def stored_graph(reader: Reader) -> "onnx.ModelProto":
