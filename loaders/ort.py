@@ -11,12 +11,13 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor:
 * ``gquant`` Linear weights grouped along their input axis (a MatMul weight
   stored as ``transpose(values=gquant(...))``, or a ``Gemm`` weight with
   ``transB=1`` stored as ``gquant``) become ``com.microsoft.MatMulNBits``: 2-bit
-  codes as 2-bit, 3- and 4-bit as 4-bit, 5- to 8-bit as 8-bit (the kernel has
+  codes as 2-bit, 3- and 4-bit as 4-bit, 8-bit as 8-bit (the kernel has
   those widths; narrower codes fit a wider field unchanged, with their own
-  zero point).  ``sym`` is exactly the kernel's (c - z) * s; ``asym``'s float
-  offset is added by a small second MatMul on the input's group sums (the
-  kernel's float zero points run several times slower on the CPU).  8-bit
-  kernels compute in float32 several times slower than a dense MatMul.
+  zero point), and 5- to 7-bit codes as two 4-bit MatMulNBits on their high
+  and low bits, summed (faster than the 8-bit kernel, same bytes).  ``sym`` is
+  exactly the kernel's (c - z) * s; ``asym``'s float offset is added by a small second MatMul on the input's group sums (the
+  kernel's float zero points run several times slower on the CPU).  The 8-bit
+  kernel computes in float32 several times slower than a dense MatMul.
 * ``gquant`` embedding tables read by ``Gather`` become
   ``com.microsoft.GatherBlockQuantized`` (the same code widths); ``asym`` adds
   the gathered offsets, so each row is the reference decode bit for bit.
@@ -198,28 +199,47 @@ class Rewrite:
     shared: list = field(default_factory=list)  # initializers other weights may read too, reported apart
 
 
-def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, dict, bool]:
-    """MatMulNBits' B, scales and zero points for ``weight`` (N, K) and its attributes; the flag
-    says the offsets are added apart (asym: see ``_offset_initializers``).
-
-    The zero point is the codec's centre 2**(bits-1), given only where it is not
-    the kernel's default (codes narrower than the kernel's width).
-    """
+def matmul_nbits_initializers(weight: GroupedCodes, block: int, tag: str) -> tuple[list, list, dict, bool]:
+    """MatMulNBits' initializers for ``weight`` (N, K): all of them, (bits, input names) of each
+    MatMulNBits (one, or two for split codes: see ``code_planes``), the shared attributes, and a flag
+    saying the offsets are added apart (asym: see ``_offset_initializers``)."""
     n_out, k_in = weight.shape
-    bits = kernel_bits(weight.bits)
     blocks = -(-k_in // block)
-    padded = np.zeros((n_out, blocks * block), np.uint8)
-    padded[:, :k_in] = weight.codes
-    packed = pack_rows(padded.reshape(n_out * blocks, block), bits).reshape(n_out, blocks, block * bits // 8)
-    inits = [numpy_helper.from_array(packed, f"{tag}:codes"),
-             numpy_helper.from_array(weight.per_block(weight.scales, block), f"{tag}:scales")]
-    if weight.bits != bits:
-        zero_points = pack_rows(np.full((n_out, blocks), 2 ** (weight.bits - 1), np.uint8), bits)
-        inits.append(numpy_helper.from_array(zero_points, f"{tag}:zero_points"))
+    inits, inputs = [], []
+    for plane, (codes, bits, scale_factor, zero) in enumerate(code_planes(weight)):
+        at = f"{tag}:{plane}" if plane else tag
+        padded = np.zeros((n_out, blocks * block), np.uint8)
+        padded[:, :k_in] = codes
+        packed = pack_rows(padded.reshape(n_out * blocks, block), bits).reshape(n_out, blocks, block * bits // 8)
+        scales = weight.per_block(weight.scales, block) * np.float32(scale_factor)  # a power of two: exact
+        names = [f"{at}:codes", f"{at}:scales"]
+        inits += [numpy_helper.from_array(packed, names[0]), numpy_helper.from_array(scales, names[1])]
+        if zero != 2 ** (bits - 1):  # the kernel's default zero point
+            names.append(f"{at}:zero_points")
+            inits.append(numpy_helper.from_array(pack_rows(np.full((n_out, blocks), zero, np.uint8), bits), names[2]))
+        inputs.append((bits, names))
     offsets_apart = weight.mode == "asym"
     if offsets_apart:
         inits += _offset_initializers(weight, tag)
-    return inits, {"K": k_in, "N": n_out, "bits": bits, "block_size": block}, offsets_apart
+    return inits, inputs, {"K": k_in, "N": n_out, "block_size": block}, offsets_apart
+
+
+def code_planes(weight: GroupedCodes) -> list[tuple[np.ndarray, int, int, int]]:
+    """(codes, kernel bits, scale factor, zero point) per MatMulNBits computing (c - z) * s.
+
+    2-, 3-, 4- and 8-bit codes are one plane (3-bit in the 4-bit kernel with its
+    own zero point).  5- to 7-bit codes c = h * 2**r + l (r = bits - 4) are two
+    4-bit planes, because the 8-bit kernel computes several times slower on the
+    CPU than two 4-bit ones: (c - z) * s = (h - 8) * (2**r * s) + l * s, since
+    z = 2**(bits - 1) = 8 * 2**r; the same bytes as 8-bit codes.
+    """
+    centre = 2 ** (weight.bits - 1)
+    if weight.bits <= 4 or weight.bits == 8:
+        return [(weight.codes, kernel_bits(weight.bits), 1, centre)]
+    low_bits = weight.bits - 4
+    high = weight.codes >> np.uint8(low_bits)
+    low = weight.codes & np.uint8((1 << low_bits) - 1)
+    return [(high, 4, 2 ** low_bits, 8), (low, 4, 1, 0)]
 
 
 def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
@@ -248,34 +268,39 @@ def groups_name(k_in: int, group: int) -> str:
     return f"rbe:groups:{k_in}:{group}"
 
 
-def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[str], groups: str | None, a_name: str,
+def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[tuple[int, list[str]]], groups: str | None, a_name: str,
                        out_name: str) -> list:
-    """Nodes computing out = A @ W.T on the packed codes (``inputs``: MatMulNBits' initializers;
-    ``groups``: the group-sum matrix's name when offsets are added apart)."""
+    """Nodes computing out = A @ W.T on the packed codes (``inputs``: each MatMulNBits' bits and
+    initializers, their products summed; ``groups``: the group-sum matrix's name when offsets are added apart)."""
     at = f"rbe:{out_name}"
-    product = f"{at}:product" if groups else out_name
-    nodes = [helper.make_node("MatMulNBits", [a_name] + inputs, [product], name=f"{at}/matmul", domain=MS_DOMAIN,
-                              **attrs)]
+    terms = [out_name] if len(inputs) == 1 and not groups else [f"{at}:product{i}" for i in range(len(inputs))]
+    nodes = [helper.make_node("MatMulNBits", [a_name] + names, [term], name=f"{at}/matmul{i or ''}",
+                              domain=MS_DOMAIN, bits=bits, **attrs)
+             for i, ((bits, names), term) in enumerate(zip(inputs, terms))]
     if groups:  # + sum over groups g of (sum of A over g) * u[n, g]
         nodes += [helper.make_node("MatMul", [a_name, groups], [f"{at}:group_sums"], name=f"{at}/sums"),
                   helper.make_node("MatMul", [f"{at}:group_sums", f"{tag}:offsets"], [f"{at}:offset_term"],
-                                   name=f"{at}/offsets"),
-                  helper.make_node("Add", [product, f"{at}:offset_term"], [out_name], name=f"{at}/add_offsets")]
+                                   name=f"{at}/offsets")]
+        terms.append(f"{at}:offset_term")
+    if len(terms) > 1:
+        nodes.append(helper.make_node("Sum", terms, [out_name], name=f"{at}/sum"))
     return nodes
 
 
 def matmul_form(weight: GroupedCodes, block: int) -> str:
-    bits = kernel_bits(weight.bits)
+    planes = code_planes(weight)
+    bits = planes[0][1]
     form = f"MatMulNBits {bits}-bit block {block}"
-    if weight.bits != bits:
+    if len(planes) > 1:
+        form = f"2 x {form} ({weight.bits}-bit codes as high and low 4-bit parts)"
+    elif weight.bits != bits:
         form += f" ({weight.bits}-bit codes)"
     return form + (", offsets as a group-sum MatMul" if weight.mode == "asym" else "")
 
 
 def _rewrite_linear(weight: GroupedCodes, block: int, uses: list, name: str) -> Rewrite:
     tag = f"rbe:{name}"
-    inits, attrs, offsets_apart = matmul_nbits_initializers(weight, block, tag)
-    inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
+    inits, inputs, attrs, offsets_apart = matmul_nbits_initializers(weight, block, tag)
     groups = groups_name(attrs["K"], weight.group or attrs["K"]) if offsets_apart else None
     nodes = {}
     for position, node, _ in uses:

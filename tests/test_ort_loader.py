@@ -88,7 +88,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 # -- each mapping against the reference decode ----------------------------------------------
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("mode", ["sym", "asym"])
 @pytest.mark.parametrize("k_in, group", [(64, 32), (100, 32), (72, 16), (90, 48)])
 def test_linear_weights_run_as_matmul_nbits(tmp_path, bits, mode, k_in, group):
@@ -96,10 +96,12 @@ def test_linear_weights_run_as_matmul_nbits(tmp_path, bits, mode, k_in, group):
     inputs = feeds(k_in)
     got, report = run_on_the_fly(path, inputs)
     want = reference(path, inputs)
-    kernel = 2 if bits == 2 else 4 if bits <= 4 else 8
+    kernel = {2: "MatMulNBits 2-bit", 8: "MatMulNBits 8-bit"}.get(bits, "MatMulNBits 4-bit")
+    if 4 < bits < 8:  # high and low bits in two 4-bit kernels
+        kernel = "2 x " + kernel
     block = group & -group
     for name, output in (("w_matmul", "y_matmul"), ("w_gemm", "y_gemm")):
-        assert report.form_of(name).startswith(f"MatMulNBits {kernel}-bit block {block}"), report.form_of(name)
+        assert report.form_of(name).startswith(f"{kernel} block {block}"), report.form_of(name)
         error = relative_error(got[output], want[output])
         print(f"{bits}-bit {mode} K={k_in} group {group} {name}: max abs error / output scale {error:.2e}")
         assert error < 2e-6
