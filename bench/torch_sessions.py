@@ -14,7 +14,8 @@ Each row is measured in a fresh child process with one torch thread:
 
 * load s: wall time of the load call;
 * resident MB: RSS after the load and one forward, minus RSS before the load
-  (torch and transformers already imported);
+  (torch, transformers and the model's modeling module already imported: that
+  code alone is ~130 MB of RSS, the same for every row, and is not the model's);
 * speed: the median batch-1 forward on one sentence (MiniLM), or tokens/s of
   64 greedy new tokens after a short prompt (SmolLM2);
 * quality against ``fp32 transformers``: mean cosine and nearest-neighbour
@@ -54,6 +55,9 @@ transformers.logging.set_verbosity_error()
 def rss():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+import importlib
+for module in job["modules"]:  # the model's Python code is not its memory: import it before measuring
+    importlib.import_module(module)
 before = rss()
 start = time.perf_counter()
 if job["kind"] == "fly":
@@ -145,6 +149,8 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
                     "prompt": tok.encode(PROMPT, add_special_tokens=False).ids, "new_tokens": NEW_TOKENS}
     else:
         base_job = {"causal": False, "tokenizer": tokenizer_path, "sentences": default_sentences(), "runs": RUNS}
+    model_type = "llama" if causal else "bert"
+    base_job["modules"] = [f"transformers.models.{model_type}.modeling_{model_type}", "transformers.generation"]
     rows, measured = [], {}
     for label, kind, path, shipped in candidates:
         start = time.perf_counter()

@@ -2,7 +2,10 @@
 
 Installed as ``rbe_loaders`` (from the repository's ``loaders/`` folder).
 ``rbe_loaders.torch`` saves torch tensors (``save_file``) and loads them back
-(``load_file``, ``load_state_dict``), as ``safetensors.torch`` does.
+(``load_file``, ``load_state_dict``), as ``safetensors.torch`` does, and loads a
+whole transformers model whose quantized weights stay compressed (``load_model``,
+``save_model``: ``rbe_loaders.torch_model``, with one decoder module per codec in
+``rbe_loaders.torch_codecs``).
 ``rbe_loaders.ort`` opens a container converted from ONNX as an ONNX Runtime
 session whose quantized weights stay compressed (``session``, ``on_the_fly_model``).
 ``rbe_loaders.onnx_graph`` reads the ONNX graph a container carries and which tensor

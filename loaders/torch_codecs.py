@@ -193,6 +193,7 @@ class _Options:
     device: torch.device
     kernel: str  # "int4" or "exact"
     tables: dict | None  # shared seed tables; None: the module's cache
+    lookups: bool = True  # whether rows or the dense tensor will be asked for (else only products)
 
 
 @dataclass(frozen=True)
@@ -484,10 +485,25 @@ class GQuantDecoder(WeightDecoder):
             self.int4_reason = "not asked for"
         else:
             self.int4_reason = int4_unfit_reason(codec, self.shape, site.device)
+        self.exact_parts = True
         if self.int4_reason is None:
             self.int4 = self._int4_kernel(site)
             self._form += (f"; linear: int4 kernel, bf16, group {self.int4.kernel_group}"
                            + (f", {self.bits}-bit codes as 2 planes" if self.int4.planes > 1 else ""))
+            if not site.options.lookups:  # only products are asked for: the kernel's copy is enough
+                self._drop_exact_parts()
+
+    def _drop_exact_parts(self) -> None:
+        """Keeps only the int4 kernel's buffers; ``forward`` and ``rows`` then run the kernel on the
+        identity (bf16, as ``linear``), for the rare caller that wants the dense weight."""
+        for part in ["codes", "scales"] + (["zeros"] if self.mode == "asym" else []):
+            held = getattr(self, part)
+            if isinstance(held, WeightDecoder):
+                delattr(self, part)
+            else:
+                del self._buffers[part]
+        self.exact_parts = False
+        self._form += ", kernel parts only"
 
     def _int4_kernel(self, site: _Site) -> Int4Linear:
         codes = unpack_codes(site.array("codes"), self.bits, self.numel, f"{site.where}.codes").reshape(self.shape)
@@ -501,6 +517,9 @@ class GQuantDecoder(WeightDecoder):
 
     def decode(self) -> torch.Tensor:
         rows, n, ng = self.layout
+        if not self.exact_parts:
+            eye = torch.eye(self.shape[1], device=self.device)
+            return self.int4(eye).t().contiguous()  # x @ W.T at x = I is W.T
         if self.numel == 0:
             return torch.zeros(self.shape, device=self.codes.device)
         c = self._centred(unpack(self.codes, self.bits, self.numel))
@@ -525,6 +544,8 @@ class GQuantDecoder(WeightDecoder):
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         index = _checked_rows(index, self.shape[0]).to(self.device)
+        if not self.exact_parts:
+            return self.decode()[index]
         row_length = self.numel // self.shape[0] if self.shape[0] else 0
         elements = index.reshape(-1, 1) * row_length + torch.arange(row_length, device=index.device)
         c = self._centred(unpack_at(self.codes, self.bits, elements))
@@ -836,12 +857,14 @@ def decode_at_load_reason(reader: Reader, name: str) -> str | None:
 
 
 def build_decoder(reader: Reader, name: str, device="cpu", *, kernel: str = "int4",
-                  tables: dict | None = None) -> WeightDecoder | None:
+                  tables: dict | None = None, lookups: bool = True) -> WeightDecoder | None:
     """The decoder of tensor ``name`` with its buffers on ``device``, or None (see ``decode_at_load_reason``).
 
     ``kernel="int4"`` lets gquant Linear weights run ``linear`` on the CPU int4 kernel where it fits
     (about 0.3% of the output scale off the exact product); ``"exact"`` keeps every path exact.
-    ``tables`` holds the shared seed basis tables (default: a module-level cache).
+    ``tables`` holds the shared seed basis tables (default: a module-level cache).  ``lookups=False``
+    says only ``linear`` / ``matmul`` will be asked for (a Linear weight, not an embedding table):
+    a gquant weight on the int4 kernel then keeps the kernel's buffers alone.
     """
     if kernel not in ("int4", "exact"):
         raise ValueError(f"kernel must be 'int4' or 'exact', not {kernel!r}")
@@ -849,7 +872,7 @@ def build_decoder(reader: Reader, name: str, device="cpu", *, kernel: str = "int
         return None
     stored = reader.stored_entry(name)
     site = _Site(reader, stored.name, "", stored.transform, tuple(stored.shape), stored.dtype.name,
-                 _Options(torch.device(device), kernel, tables))
+                 _Options(torch.device(device), kernel, tables, lookups))
     try:
         return _build(site)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:

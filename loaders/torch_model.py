@@ -214,12 +214,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         report = LoadReport(path, cache_bytes=cache_bytes)
         _fill(model, reader, report, device, dtype, DecodedCache(cache_bytes) if cache_bytes else None, kernel)
         tokenizer = _tokenizer(reader, path, folder, transformers) if with_tokenizer else None
+    _return_freed_memory()
     model.eval()
     model.rbe_report = report
     model.rbe_source = path
     if not quiet:
         print(report)
     return (model, tokenizer) if with_tokenizer else model
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap that decoding at load freed back to the system (glibc keeps it otherwise, and the
+    process's resident memory would count it long after the load)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _transformers():
@@ -287,11 +299,12 @@ def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, c
             if stored is not None:
                 uses.append((module_name, module, reader.stored_entry(stored).name))
     multiplied = {target for _, module, target in uses if isinstance(module, nn.Linear)}
+    looked_up = {target for _, module, target in uses if isinstance(module, nn.Embedding)}
     decoders: dict[str, nn.Module | None] = {}  # stored tensor -> its decoder, shared by tied uses
     for module_name, module, target in uses:
         if target not in decoders:
             # a table only looked up never runs the int4 kernel: do not hold its copy
-            decoders[target] = torch_codecs.build_decoder(reader, target, device,
+            decoders[target] = torch_codecs.build_decoder(reader, target, device, lookups=target in looked_up,
                                                           kernel=kernel if target in multiplied else "exact")
             if decoders[target] is not None:
                 report.add(target, f"on the fly: {decoders[target].form}", decoders[target].resident_bytes(),
