@@ -250,3 +250,17 @@ def test_minilm_q4_embeddings_equal_the_decoded_file(minilm_dir, minilm_q4, kern
     with Reader(minilm_q4) as r:
         lossy = {r.stored_entry(n).name for n in r.keys() if r.stored_entry(n).transform is not None}
     assert set(model.rbe_report.compressed) == lossy  # every quantized tensor is a Linear or an Embedding
+
+
+def test_linear_weights_on_the_int4_kernel_hold_its_buffers_alone(llama_dir, tmp_path):
+    path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)",
+                                                          "gquant(bits=6, group=32, mode=asym)"))
+    fast, exact = load_model(path), load_model(path, kernel="exact")
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert "kernel parts only" in fast.rbe_report.form_of(q_proj)
+    assert "int4" not in exact.rbe_report.form_of(q_proj)
+    # the tied table is looked up too: it keeps its codes beside the kernel's planes
+    assert "kernel parts only" not in fast.rbe_report.form_of("model.embed_tokens.weight")
+    reference = load_state_dict(path)[q_proj]
+    weight = fast.model.layers[0].self_attn.q_proj.weight  # rebuilt by the kernel on the identity
+    assert float((weight - reference).abs().max() / reference.abs().max()) < 2e-2
