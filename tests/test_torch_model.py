@@ -264,3 +264,22 @@ def test_linear_weights_on_the_int4_kernel_hold_its_buffers_alone(llama_dir, tmp
     reference = load_state_dict(path)[q_proj]
     weight = fast.model.layers[0].self_attn.q_proj.weight  # rebuilt by the kernel on the identity
     assert float((weight - reference).abs().max() / reference.abs().max()) < 2e-2
+
+
+def test_smollm2_q4_generates_and_scores_as_the_decoded_file(smollm2_dir, tmp_path):
+    from rbe_converters import quality
+
+    path = _convert(smollm2_dir, tmp_path / "s.rbe", _rules("gquant(bits=4, group=64, mode=asym)",
+                                                            "gquant(bits=6, group=64, mode=asym)"))
+    model, tokenizer = load_model(path, with_tokenizer=True)
+    report = model.rbe_report
+    assert report.resident_bytes < 0.3 * report.dense_bytes
+    encoded = tokenizer("The Python interpreter", return_tensors="pt")
+    out = model.generate(**encoded, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == encoded["input_ids"].shape[1] + 8
+    window = quality.windows(quality.token_ids(tokenizer), 256, 1)
+    ppl = quality.perplexity(model, window)
+    del model
+    reference = quality.perplexity(_decoded_model(smollm2_dir, path, causal=True), window)
+    print(f"SmolLM2 4-bit on the fly: perplexity {ppl:.4f}, decoded {reference:.4f}")
+    assert abs(ppl / reference - 1) < 0.005
