@@ -401,33 +401,43 @@ def table(results: dict[str, list]) -> str:
     for name, rows in results.items():
         base = rows[0][2]
         for label, shipped, row, quality in rows:
-            if "latency" in row:
-                speed, ratio = f"{row['latency'] * 1e3:.2f} ms", row["latency"] / base["latency"]
-            else:
-                speed, ratio = f"{row['tokens_per_s']:.1f} tok/s", row["tokens_per_s"] / base["tokens_per_s"]
+            speed, ratio = speed_of(row, base)
             lines.append(f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f} {row['resident'] / 1e6:>12.1f} "
                          f"{row['resident'] / base['resident']:>7.3f} {speed:>14} {ratio:>7.2f}  {quality}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+def speed_of(row: dict, base: dict) -> tuple[str, float]:
+    """A row's batch-1 latency or tokens/s, and its ratio to the base row's (above 1: slower / faster)."""
+    if "latency" in row:
+        return f"{row['latency'] * 1e3:.2f} ms", row["latency"] / base["latency"]
+    return f"{row['tokens_per_s']:.1f} tok/s", row["tokens_per_s"] / base["tokens_per_s"]
+
+
+def measure_models(argv: list[str] | None, description: str, models: tuple[str, ...], rows_for, prefix: str):
+    """Parses --models / --keep, runs ``rows_for(name, folder)`` per model; the results and the seconds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", default=",".join(models), help=f"comma-separated: {', '.join(models)}")
     parser.add_argument("--keep", metavar="DIR", help="write the files into DIR, keep them and reuse them next time")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in models]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    import onnxruntime
-
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(models)}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rbe-ort-sessions-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         folder = args.keep or scratch
         results = {name: rows_for(name, os.path.join(folder, name)) for name in names}
+    return results, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    results, seconds = measure_models(argv, __doc__.splitlines()[0], MODELS, rows_for, "rbe-ort-sessions-")
+    import onnxruntime
+
     print(f"onnxruntime {onnxruntime.__version__}, CPU, 1 intra-op thread per session; "
           f"{SENTENCES} evaluation sentences / {PPL_WINDOWS} windows of {WINDOW} evaluation tokens; "
-          f"{time.perf_counter() - started:.0f} s")
+          f"{seconds:.0f} s")
     print(table(results))
     return 0
 

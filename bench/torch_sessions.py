@@ -15,7 +15,9 @@ Each row is measured in a fresh child process with one torch thread:
 * load s: wall time of the load call;
 * resident MB: RSS after the load and one forward, minus RSS before the load
   (torch, transformers and the model's modeling module already imported: that
-  code alone is ~130 MB of RSS, the same for every row, and is not the model's);
+  code alone is ~130 MB of RSS, the same for every row, and is not the model's;
+  nor are torch's kernels, mapped in at their first call: a one-layer model of
+  the same architecture and the int4 kernel run once before the measurement);
 * speed: the median batch-1 forward on one sentence (MiniLM), or tokens/s of
   64 greedy new tokens after a short prompt (SmolLM2);
 * quality against ``fp32 transformers``: mean cosine and nearest-neighbour
@@ -31,16 +33,15 @@ Each row is measured in a fresh child process with one torch thread:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from bench.ort_sessions import (CALIBRATION_WINDOWS, NEW_TOKENS, PPL_WINDOWS, PROMPT, RUNS, SENTENCES, WINDOW,
-                                causal_quality, child, default_sentences, encoder_quality, file_bytes, once, rbe)
+                                causal_quality, child, default_sentences, encoder_quality, file_bytes,
+                                measure_models, once, rbe, speed_of)
 
 MODELS = ("smollm2", "minilm")
 PRESETS = ("q4", "q3")
@@ -58,6 +59,19 @@ def rss():
 import importlib
 for module in job["modules"]:  # the model's Python code is not its memory: import it before measuring
     importlib.import_module(module)
+# So is the machine code of torch's kernels, mapped in at their first call: run every kernel once,
+# on a tiny model of the same architecture and on the int4 kernel, before measuring.
+tiny_config = transformers.AutoConfig.for_model(**job["tiny"])
+tiny_auto = transformers.AutoModelForCausalLM if job["causal"] else transformers.AutoModel
+with torch.no_grad():
+    tiny = tiny_auto.from_config(tiny_config).eval()
+    tiny(input_ids=torch.tensor([[1, 2, 3]]))
+    if job["causal"]:
+        tiny.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
+    torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, 32,
+                                               torch.zeros(2, 16, 2, dtype=torch.bfloat16))
+del tiny, packed
 before = rss()
 start = time.perf_counter()
 if job["kind"] == "fly":
@@ -151,6 +165,9 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
         base_job = {"causal": False, "tokenizer": tokenizer_path, "sentences": default_sentences(), "runs": RUNS}
     model_type = "llama" if causal else "bert"
     base_job["modules"] = [f"transformers.models.{model_type}.modeling_{model_type}", "transformers.generation"]
+    base_job["tiny"] = {"model_type": model_type, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+                        **({"num_key_value_heads": 2} if causal else {})}
     rows, measured = [], {}
     for label, kind, path, shipped in candidates:
         start = time.perf_counter()
@@ -177,10 +194,7 @@ def table(results: dict[str, list]) -> str:
     for name, rows in results.items():
         base = rows[0][2]
         for label, shipped, row, quality in rows:
-            if "latency" in row:
-                speed, ratio = f"{row['latency'] * 1e3:.2f} ms", row["latency"] / base["latency"]
-            else:
-                speed, ratio = f"{row['tokens_per_s']:.1f} tok/s", row["tokens_per_s"] / base["tokens_per_s"]
+            speed, ratio = speed_of(row, base)
             lines.append(f"{name:<8} {label:<20} {file_bytes(shipped) / 1e6:>8.1f} {row['load_s']:>7.2f} "
                          f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
                          f"{speed:>14} {ratio:>7.2f}  {quality}")
@@ -188,23 +202,12 @@ def table(results: dict[str, list]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--keep", metavar="DIR", help="write the files into DIR, keep them and reuse them next time")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    results, seconds = measure_models(argv, __doc__.splitlines()[0], MODELS, rows_for, "rbe-torch-sessions-")
     import torch
 
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rbe-torch-sessions-") as scratch:
-        folder = args.keep or scratch
-        results = {name: rows_for(name, os.path.join(folder, name)) for name in names}
     device = "CPU" if not torch.cuda.is_available() else f"CPU (a {torch.cuda.get_device_name()} is present, unused)"
     print(f"torch {torch.__version__}, {device}, 1 thread; {SENTENCES} evaluation sentences / {PPL_WINDOWS} "
-          f"windows of {WINDOW} evaluation tokens; {time.perf_counter() - started:.0f} s")
+          f"windows of {WINDOW} evaluation tokens; {seconds:.0f} s")
     print(table(results))
     return 0
 

@@ -19,7 +19,11 @@ LINEAR = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_gate", "mlp_dow
 EMBEDDINGS = ["token_embedding", "tied_embedding", "position_embedding"]
 
 
-def _save(model, tokenizer, directory):
+def _tiny(tmp_path_factory, name, model_class, config):
+    tokenizer = _tokenizer(_common_words(150))
+    model = model_class(config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, max_position_embeddings=64))
+    directory = str(tmp_path_factory.mktemp("tm") / name)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -27,22 +31,16 @@ def _save(model, tokenizer, directory):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
-    return _save(model, tokenizer, str(tmp_path_factory.mktemp("tm") / "llama"))
+    return _tiny(tmp_path_factory, "llama", transformers.LlamaForCausalLM, lambda **kw: transformers.LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **kw))
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(4)
-    model = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64))
-    return _save(model, tokenizer, str(tmp_path_factory.mktemp("tm") / "bert"))
+    return _tiny(tmp_path_factory, "bert", transformers.BertModel,
+                 lambda **kw: transformers.BertConfig(num_attention_heads=2, **kw))
 
 
 def _rules(linear: str, embedding: str | None = None) -> dict:
