@@ -61,6 +61,7 @@ except ImportError:  # the core works without onnx; only this module needs it
 from rbe_converters import onnx_io
 
 from .onnx_graph import graph_initializers, stored_graph
+from .report import FormReport, TensorForm
 
 MS_DOMAIN = "com.microsoft"
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
@@ -71,47 +72,18 @@ SHARED_FORM = "shared (read by several weights' nodes)"
 
 # -- the report -----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TensorForm:
-    name: str
-    form: str
-    resident_bytes: int  # bytes of the initializers the session holds for it
-    dense_bytes: int
-
-
 @dataclass
-class Report:
+class Report(FormReport):
     """Per initializer of the rebuilt graph: its form and the bytes it keeps resident."""
-
-    rows: list[TensorForm] = field(default_factory=list)
-
-    def add(self, name: str, form: str, resident_bytes: int, dense_bytes: int) -> None:
-        self.rows.append(TensorForm(name, form, resident_bytes, dense_bytes))
-
-    def form_of(self, name: str) -> str:
-        return next(row.form for row in self.rows if row.name == name)
 
     def decoded_at_build(self) -> list[str]:
         """The weights a codec stores that the session holds dense."""
         return [row.name for row in self.rows if row.form.startswith("dense")]
 
-    @property
-    def resident_bytes(self) -> int:
-        return sum(row.resident_bytes for row in self.rows)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(row.dense_bytes for row in self.rows)
-
-    def __str__(self) -> str:
+    def summary(self) -> list[str]:
         width = max([len(row.name) for row in self.rows] + [6])
-        lines = [f"{'tensor'.ljust(width)}  {'resident':>12}  {'dense':>12}  form"]
-        for row in self.rows:
-            lines.append(f"{row.name.ljust(width)}  {row.resident_bytes:>12,}  {row.dense_bytes:>12,}  {row.form}")
-        ratio = self.resident_bytes / self.dense_bytes if self.dense_bytes else 1.0
-        lines.append(f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
-                     f"{ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build")
-        return "\n".join(lines)
+        return [f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
+                f"{self.ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build"]
 
 
 # -- codes and scales in the kernels' layouts ------------------------------------------

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from rbe_converters.atomic import atomic_file
 from rbe_converters.quality import is_causal_lm
 
 from . import torch_codecs
+from .report import FormReport
 
 CONFIG_FILE = "config.json"
 # Files AutoTokenizer reads from a model directory (top level only).
@@ -56,52 +57,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # -- the report -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class LoadedTensor:
-    name: str
-    form: str
-    resident_bytes: int
-    dense_bytes: int
-
-
 @dataclass
-class LoadReport:
+class LoadReport(FormReport):
     """Per stored tensor: how the loaded model holds it, and the bytes it keeps resident."""
 
-    path: str
-    rows: list[LoadedTensor] = field(default_factory=list)
+    path: str = ""
     cache_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, name: str, form: str, resident: int, dense: int) -> None:
-        self.rows.append(LoadedTensor(name, form, resident, dense))
-
-    def form_of(self, name: str) -> str:
-        return next(row.form for row in self.rows if row.name == name)
 
     @property
     def compressed(self) -> list[str]:
         return [row.name for row in self.rows if row.form.startswith("on the fly")]
 
-    @property
-    def resident_bytes(self) -> int:
-        return sum(row.resident_bytes for row in self.rows)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(row.dense_bytes for row in self.rows)
-
-    def __str__(self) -> str:
-        width = max([len(row.name) for row in self.rows] + [6])
-        lines = [f"{'tensor':<{width}}  {'resident':>10}  {'dense':>10}  form"]
-        for row in self.rows:
-            lines.append(f"{row.name:<{width}}  {row.resident_bytes:>10,}  {row.dense_bytes:>10,}  {row.form}")
-        lines.append(f"{len(self.compressed)} of {len(self.rows)} tensors on the fly; weights resident "
-                     f"{self.resident_bytes / 1e6:.1f} MB against {self.dense_bytes / 1e6:.1f} MB dense "
-                     f"({self.resident_bytes / max(self.dense_bytes, 1):.3f}x); decoded-weight cache "
-                     + (f"up to {self.cache_bytes / 1e6:.1f} MB" if self.cache_bytes else "off"))
-        lines += self.notes
-        return "\n".join(lines)
+    def summary(self) -> list[str]:
+        cache = f"up to {self.cache_bytes / 1e6:.1f} MB" if self.cache_bytes else "off"
+        return [f"{len(self.compressed)} of {len(self.rows)} tensors on the fly; weights resident "
+                f"{self.resident_bytes / 1e6:.1f} MB against {self.dense_bytes / 1e6:.1f} MB dense "
+                f"({self.ratio:.3f}x); decoded-weight cache {cache}"]
 
 
 # -- the modules ------------------------------------------------------------------------
@@ -211,7 +182,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         with _parameters_on_meta():
             model = auto.from_config(hf_config, dtype=dtype)
-        report = LoadReport(path, cache_bytes=cache_bytes)
+        report = LoadReport(path=path, cache_bytes=cache_bytes)
         _fill(model, reader, report, device, dtype, DecodedCache(cache_bytes) if cache_bytes else None, kernel)
         tokenizer = _tokenizer(reader, path, folder, transformers) if with_tokenizer else None
     _return_freed_memory()
