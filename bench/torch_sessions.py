@@ -1,8 +1,8 @@
 """rbe's on-the-fly PyTorch models (``rbe_loaders.torch.load_model``) beside dense transformers.
 
 One run, one table.  Per model (SmolLM2-135M, all-MiniLM-L6-v2) and preset
-(``q4`` and the lower ``q3``; SmolLM2 calibrated on ``CALIBRATION_WINDOWS``
-windows):
+(``q4`` and the lower ``q3``, calibrated on ``CALIBRATION_WINDOWS`` = 8 windows
+as in ``bench.ort_sessions``, so that one ``--keep`` folder serves both benches):
 
 * ``fp32 transformers``: ``from_pretrained`` on the fp32 safetensors directory;
 * ``rbe <preset> decoded``: the same .rbe decoded to dense first (``rbe decode``
@@ -130,7 +130,7 @@ print(json.dumps({"load_s": load_s, "resident": resident, "mean_logprob": float(
 def files_for(source: str, folder: str, causal: bool) -> dict[str, str]:
     """Per preset: the .rbe and its dense decode as a directory."""
     files = {}
-    calibrate = ["--calibration-windows", str(CALIBRATION_WINDOWS)] if causal else []
+    calibrate = ["--calibration-windows", str(CALIBRATION_WINDOWS)]  # as bench.ort_sessions: --keep may share files
     for preset in PRESETS:
         packed = once(os.path.join(folder, f"{preset}.rbe"),
                       lambda p: rbe("convert", source, p, "--preset", preset, *calibrate))
