@@ -209,7 +209,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise UsageError("load_model needs transformers: pip install 'rbe[torch]' transformers") from None
+        raise UsageError("load_model needs transformers: pip install 'rbe[hf]'") from None
     transformers.logging.set_verbosity_error()
     return transformers
 
