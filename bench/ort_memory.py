@@ -31,6 +31,8 @@ import tempfile
 
 import numpy as np
 
+from bench.ort_sessions import ORT_OPEN  # the session opened after an empty one, its RSS measured
+
 RECIPE = {"rule": [
     {"roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down", "linear"], "input_last": False,
      "codec": "transpose(values=gquant(bits=4, group=32, mode=asym))"},
@@ -44,27 +46,9 @@ REPEATS = 3
 CHILD = r"""
 import json, os, sys, time
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper
 from tokenizers import Tokenizer
-
-def rss():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-def options():
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = 1
-    return o
-
-empty = helper.make_model(helper.make_graph(
-    [helper.make_node("Identity", ["x"], ["y"])], "empty",
-    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]), opset_imports=[helper.make_opsetid("", 17)])
-keep = ort.InferenceSession(empty.SerializeToString(), options())
-before = rss()
-session = ort.InferenceSession(sys.argv[1], options())
-after = rss()
+job = {"model": sys.argv[1]}
+""" + ORT_OPEN + r"""
 tokenizer = Tokenizer.from_file(sys.argv[2])
 tokenizer.enable_padding()
 tokenizer.enable_truncation(128)
@@ -93,7 +77,7 @@ for _ in range(int(sys.argv[5])):
     start = time.perf_counter()
     session.run(None, one)
     times.append(time.perf_counter() - start)
-print(json.dumps({"resident": after - before, "latency": float(np.median(times)), "rss_after_runs": rss() - before}))
+print(json.dumps({"resident": resident, "latency": float(np.median(times)), "rss_after_runs": rss() - before}))
 """
 
 

@@ -76,7 +76,7 @@ def rss():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 """
 
-_ORT_OPEN = _RSS + r"""
+ORT_OPEN = _RSS + r"""
 import onnxruntime as ort
 from onnx import TensorProto, helper
 def options():
@@ -126,7 +126,7 @@ def timed(run_once):
     return float(np.median(times))
 """
 
-ORT_ENCODER = "import json, sys\njob = json.loads(sys.argv[1])\n" + _ORT_OPEN + _ENCODER_FEEDS + r"""
+ORT_ENCODER = "import json, sys\njob = json.loads(sys.argv[1])\n" + ORT_OPEN + _ENCODER_FEEDS + r"""
 wanted = {i.name for i in session.get_inputs()}
 def run(texts):
     ids, mask = encoded(texts)
@@ -157,7 +157,7 @@ latency = timed(lambda: run(job["sentences"][:1]))
 print(json.dumps({"resident": resident, "latency": latency}))
 """
 
-ORT_CAUSAL = "import json, sys, time\njob = json.loads(sys.argv[1])\n" + _ORT_OPEN + r"""
+ORT_CAUSAL = "import json, sys, time\njob = json.loads(sys.argv[1])\n" + ORT_OPEN + r"""
 import numpy as np
 from rbe_loaders.run import greedy_ids, token_logprobs
 logprobs = [float(token_logprobs(session, w).mean()) for w in job["windows"]]
