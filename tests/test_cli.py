@@ -302,10 +302,18 @@ def big_checkpoint(tmp_path_factory) -> tuple[str, str]:
     return path, hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+def _signals_as_at_a_terminal() -> None:
+    """A run started under nohup or in the background inherits SIGHUP / SIGINT ignored, and rbe keeps
+    them ignored on purpose; the child gets the dispositions of a terminal session instead."""
+    for s in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start_and_wait_for_partial(src: str, dst, *options) -> subprocess.Popen:
     """Starts a conversion and returns once its .partial file holds data and grows."""
     proc = subprocess.Popen(RBE + ["convert", src, str(dst), "--quiet", *options], stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            preexec_fn=_signals_as_at_a_terminal)
     deadline, seen = time.time() + 60, 0
     while time.time() < deadline and proc.poll() is None:
         found = [p for p in dst.parent.iterdir() if p.name.endswith(".partial")]
