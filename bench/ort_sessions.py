@@ -404,16 +404,20 @@ def default_sentences() -> list[str]:
 
 # -- the table --------------------------------------------------------------------------
 
-def table(results: dict[str, list]) -> str:
-    header = (f"{'model':<11} {'session':<20} {'file MB':>8} {'resident MB':>12} {'x fp32':>7} "
-              f"{'speed':>14} {'x fp32':>7}  quality vs fp32 ORT")
+def table(results: dict[str, list], reference: str = "fp32 ORT", load_seconds: bool = False) -> str:
+    """The rows of every model; sizes and speeds against each model's first row (``reference``)."""
+    load = f" {'load s':>7}" if load_seconds else ""
+    header = (f"{'model':<11} {'session':<20} {'file MB':>8}{load} {'resident MB':>12} {'x fp32':>7} "
+              f"{'speed':>14} {'x fp32':>7}  quality vs {reference}")
     lines = [header, "-" * len(header)]
     for name, rows in results.items():
         base = rows[0][2]
         for label, shipped, row, quality in rows:
             speed, ratio = speed_of(row, base)
-            lines.append(f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f} {row['resident'] / 1e6:>12.1f} "
-                         f"{row['resident'] / base['resident']:>7.3f} {speed:>14} {ratio:>7.2f}  {quality}")
+            load = f" {row['load_s']:>7.2f}" if load_seconds else ""
+            lines.append(f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f}{load} "
+                         f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
+                         f"{speed:>14} {ratio:>7.2f}  {quality}")
     return "\n".join(lines)
 
 

@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 from bench.ort_sessions import (CALIBRATION_WINDOWS, NEW_TOKENS, PPL_WINDOWS, PROMPT, RUNS, SENTENCES, WINDOW,
-                                causal_quality, child, default_sentences, encoder_quality, file_bytes,
-                                measure_models, once, rbe, speed_of)
+                                causal_quality, child, default_sentences, encoder_quality,
+                                measure_models, once, rbe, table)
 
 MODELS = ("smollm2", "minilm")
 PRESETS = ("q4", "q3")
@@ -187,20 +187,6 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
     return rows
 
 
-def table(results: dict[str, list]) -> str:
-    header = (f"{'model':<8} {'row':<20} {'file MB':>8} {'load s':>7} {'resident MB':>12} {'x fp32':>7} "
-              f"{'speed':>14} {'x fp32':>7}  quality vs fp32 transformers")
-    lines = [header, "-" * len(header)]
-    for name, rows in results.items():
-        base = rows[0][2]
-        for label, shipped, row, quality in rows:
-            speed, ratio = speed_of(row, base)
-            lines.append(f"{name:<8} {label:<20} {file_bytes(shipped) / 1e6:>8.1f} {row['load_s']:>7.2f} "
-                         f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
-                         f"{speed:>14} {ratio:>7.2f}  {quality}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     results, seconds = measure_models(argv, __doc__.splitlines()[0], MODELS, rows_for, "rbe-torch-sessions-")
     import torch
@@ -208,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "CPU" if not torch.cuda.is_available() else f"CPU (a {torch.cuda.get_device_name()} is present, unused)"
     print(f"torch {torch.__version__}, {device}, 1 thread; {SENTENCES} evaluation sentences / {PPL_WINDOWS} "
           f"windows of {WINDOW} evaluation tokens; {seconds:.0f} s")
-    print(table(results))
+    print(table(results, "fp32 transformers", load_seconds=True))
     return 0
 
 
