@@ -39,11 +39,13 @@ TORCH_DTYPES = {
 
 
 def safe_open(path: str | os.PathLike, framework: str = "np", device="cpu", **options) -> Reader:
-    """Opens an rbe file lazily (mmap and manifest only), like ``safetensors.safe_open``.
+    """Opens an rbe file lazily (the manifest only; tensors are read when asked for), like ``safetensors.safe_open``.
 
     ``framework`` is ``"np"``/``"numpy"`` (arrays; bf16 as uint16, fp8 as
     uint8) or ``"pt"``/``"torch"`` (tensors in their own dtype on ``device``).
-    ``options`` go to ``Reader`` (``threads``, ``verify_checksums``).
+    ``options`` go to ``Reader`` (``threads``, ``verify_checksums``, and
+    ``map_raw``: raw tensors as views of the memory-mapped file, where a file
+    truncated underneath is the caller's risk).
     """
     kind = FRAMEWORKS.get(framework) if isinstance(framework, str) else None
     if kind is None:

@@ -4,6 +4,13 @@ Opening a file reads the footer and the manifest and checks every byte range
 against the file before anything else happens; tensors are decoded one at a
 time, on demand, their chunks in parallel.
 
+Sections are read with positional reads (``os.pread``), not through a memory
+map: a file that shrinks while it is read (another program truncating or
+rewriting it) ends in a ``FormatError`` naming the file, where a mapping would
+kill the process with SIGBUS.  Only ``map_raw=True`` maps the file, to hand out
+raw tensors as read-only views of it without reading them; there a file that
+shrinks underneath is the caller's risk, as with any mmap.
+
 >>> with Reader("model.rbe") as f:                             # doctest: +SKIP
 ...     w = f.get_tensor("encoder.layer.0.attention.self.query.weight")
 ...     rows = f.get_slice("encoder.layer.0.attention.self.query.weight")[:16]
@@ -27,19 +34,29 @@ from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, Usag
 from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
 from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, parse_manifest
 from .values import from_float32, to_float32
+from .codecs.base import require_keys
 from .codecs.raw import Raw
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES, DType
 
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-_PAGE = mmap.PAGESIZE
+_READ_BLOCK = 16 << 20  # verify() reads large sections in blocks of this size
 
 
 class Reader:
-    """An open rbe file.  Use as a context manager, or call close()."""
+    """An open rbe file.  Use as a context manager, or call close().
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True):
+    ``map_raw=True`` returns each single-chunk ``raw`` tensor as a read-only
+    view of the memory-mapped file instead of a copy (its checksum is still
+    checked unless ``verify_checksums=False``, which then reads nothing): if
+    the file is truncated while such a view is alive, touching it raises
+    SIGBUS, which no reader can turn into an error.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True,
+                 map_raw: bool = False):
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
+        self.map_raw = map_raw
+        self._map = None
         self.chunks_decoded = 0  # chunks read so far: shows that a slice reads only the chunks it needs
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         try:
@@ -50,10 +67,9 @@ class Reader:
             size = os.fstat(self._fh.fileno()).st_size
             if size < HEADER_SIZE + FOOTER_SIZE:
                 raise FormatError(f"{self.path}: {size} bytes is too short for an rbe file")
-            self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._buf = memoryview(self._map)
+            self._fd = self._fh.fileno()
             self.size = size
-            self.version = unpack_header(self._buf[:HEADER_SIZE])
+            self.version = unpack_header(self._read(0, HEADER_SIZE))
             self.manifest = self._read_manifest()
             self._check_layout()
         except BaseException:
@@ -63,7 +79,7 @@ class Reader:
 
     # -- opening ---------------------------------------------------------------------
     def _read_manifest(self) -> Manifest:
-        footer = unpack_footer(bytes(self._buf[self.size - FOOTER_SIZE :]))
+        footer = unpack_footer(self._read(self.size - FOOTER_SIZE, FOOTER_SIZE))
         self.footer = footer
         end = self.size - FOOTER_SIZE
         if self.size % ALIGNMENT:
@@ -76,7 +92,7 @@ class Reader:
             raise FormatError("manifest: runs past the footer")
         if end - (footer.manifest_offset + footer.manifest_length) >= ALIGNMENT:
             raise FormatError("manifest: unexplained bytes between the manifest and the footer")
-        raw = self._buf[footer.manifest_offset : footer.manifest_offset + footer.manifest_length]
+        raw = self._read(footer.manifest_offset, footer.manifest_length)
         if crc32(raw) != footer.manifest_crc32:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
         if footer.manifest_encoding == MANIFEST_ZSTD:
@@ -107,9 +123,12 @@ class Reader:
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown()
             self._pool = None
-        if getattr(self, "_buf", None) is not None:
-            self._buf.release()
-            self._buf = None
+        if getattr(self, "_view", None) is not None:
+            try:
+                self._view.release()
+            except BufferError:  # a raw tensor view is still alive; the map closes with it
+                pass
+            self._view = None
         if getattr(self, "_map", None) is not None:
             try:
                 self._map.close()
@@ -241,29 +260,62 @@ class Reader:
             raise RbeError(f"{self.path}: no embedded file {path!r}")
         return self._decode_blob(entry.blob, f"file {path!r}").tobytes()
 
+    # -- reading -------------------------------------------------------------------
+    def _read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the file, read now; FormatError if the file has shrunk."""
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:
+            return data
+        parts, got = [data], len(data)
+        while got < length and data:  # a regular file returns at most ~2 GiB per call
+            data = os.pread(self._fd, length - got, offset + got)
+            parts.append(data)
+            got += len(data)
+        if got < length:
+            self._truncated(offset, length)
+        return b"".join(parts)
+
+    def _read_into(self, offset: int, target: memoryview) -> None:
+        """Fills ``target`` with the file's bytes from ``offset``, with no intermediate copy."""
+        target = memoryview(target).cast("B")
+        got = 0
+        while got < len(target):
+            n = os.preadv(self._fd, [target[got:]], offset + got)
+            if n == 0:
+                self._truncated(offset, len(target))
+            got += n
+
+    def _truncated(self, offset: int, length: int):
+        try:
+            now = f"; it now holds {os.fstat(self._fd).st_size} bytes"
+        except OSError:
+            now = ""
+        raise FormatError(f"{self.path}: file changed or truncated while reading (bytes {offset}..{offset + length} "
+                          f"of the {self.size} it held when opened{now})")
+
+    @property
+    def _buf(self) -> memoryview:
+        """The whole file, memory-mapped on first use: only ``map_raw`` views (and tests) use it."""
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            self._view = memoryview(self._map)
+        return self._view
+
     # -- decoding --------------------------------------------------------------------
     def _payload(self, chunk, where: str) -> memoryview:
-        payload = self._buf[chunk.offset : chunk.offset + chunk.length]
+        payload = self._read(chunk.offset, chunk.length)
         if self.verify_checksums and crc32(payload) != chunk.crc32:
             raise ChecksumError(f"{where}: checksum mismatch at bytes {chunk.offset}..{chunk.offset + chunk.length}")
-        return payload
+        return memoryview(payload)
 
-    def _release(self, first: int, last: int) -> None:
-        """Drops the pages of the file bytes [first, last) from this process's mapping.
-
-        Without it, reading a whole model through the mmap leaves every page of
-        the file resident in the process (RSS grows to the file size), and one
-        large tensor keeps all its compressed pages until it is done.  The
-        pages stay in the OS cache; a later read maps them again.
-        """
-        if _MADV_DONTNEED is None or last - first < 16 * _PAGE:
-            return  # not worth a system call
-        start = first // _PAGE * _PAGE
-        end = min(-(-last // _PAGE) * _PAGE, self.size)
-        try:
-            self._map.madvise(_MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            pass
+    def _raw_chunk(self, chunk, target: memoryview, where: str) -> None:
+        """A raw chunk, read straight into its place in the output (what ``Raw.decode_chunk`` would copy)."""
+        require_keys(chunk.params, f"{where}.params", set())
+        if chunk.length != len(target):
+            raise FormatError(f"{where}: raw chunk holds {chunk.length} bytes, expected {len(target)}")
+        self._read_into(chunk.offset, target)
+        if self.verify_checksums and crc32(target) != chunk.crc32:
+            raise ChecksumError(f"{where}: checksum mismatch at bytes {chunk.offset}..{chunk.offset + chunk.length}")
 
     def _thread_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -280,8 +332,11 @@ class Reader:
             raise UnsupportedError(f"{where}: {blob.unsupported}")
         itemsize = blob.dtype.itemsize
         stop = blob.items if stop is None else stop
-        if isinstance(blob.codec, Raw) and len(blob.chunks) == 1 and not self.verify_checksums:
+        raw = isinstance(blob.codec, Raw)
+        if raw and len(blob.chunks) == 1 and self.map_raw:
             c = blob.chunks[0]
+            if self.verify_checksums and crc32(self._buf[c.offset : c.offset + c.length]) != c.crc32:
+                raise ChecksumError(f"{where} chunk 0: checksum mismatch at bytes {c.offset}..{c.offset + c.length}")
             self.chunks_decoded += 1
             return np.frombuffer(self._buf, np.uint8, (stop - first) * itemsize, c.offset + first * itemsize)
         selected, span_first, span_stop = _chunks_in_range(blob, first, stop)
@@ -298,13 +353,15 @@ class Reader:
         def run(job):
             chunk, target, chunk_where = job
             try:
-                blob.codec.decode_chunk(self._payload(chunk, chunk_where), chunk.params, blob.dtype,
-                                        memoryview(target), chunk_where)
+                if raw:
+                    self._raw_chunk(chunk, memoryview(target), chunk_where)
+                else:
+                    blob.codec.decode_chunk(self._payload(chunk, chunk_where), chunk.params, blob.dtype,
+                                            memoryview(target), chunk_where)
             except RbeError:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
                 raise FormatError(f"{chunk_where}: malformed chunk ({type(exc).__name__}: {exc})") from None
-            self._release(chunk.offset, chunk.offset + chunk.length)  # a page shared with a neighbour just maps again
 
         if len(jobs) > 1 and self.threads > 1:
             for _ in self._thread_pool().map(run, jobs):
@@ -325,7 +382,10 @@ class Reader:
         covered = [(0, HEADER_SIZE)]
         for where, c in self.manifest.chunks():
             covered.append((c.offset, c.offset + c.length))
-            if crc32(self._buf[c.offset : c.offset + c.length]) != c.crc32:
+            crc = 0
+            for block in self._blocks(c.offset, c.offset + c.length):
+                crc = crc32(block, crc)
+            if crc != c.crc32:
                 yield f"{where}: checksum mismatch (bytes {c.offset}..{c.offset + c.length})"
         m0 = self.footer.manifest_offset
         covered.append((m0, m0 + self.footer.manifest_length))
@@ -333,11 +393,16 @@ class Reader:
         covered.sort()
         pos = 0
         for start, end in covered:
-            if start > pos and any(self._buf[pos:start]):
+            if start > pos and any(any(block) for block in self._blocks(pos, start)):
                 yield f"padding: nonzero bytes in [{pos}, {start})"
             pos = max(pos, end)
         if deep:
             yield from self._verify_digests()
+
+    def _blocks(self, first: int, stop: int) -> Iterator[bytes]:
+        """The file's bytes [first, stop), read in blocks of at most ``_READ_BLOCK``."""
+        for offset in range(first, stop, _READ_BLOCK):
+            yield self._read(offset, min(_READ_BLOCK, stop - offset))
 
     def _verify_digests(self) -> Iterator[str]:
         blobs = [(f"tensor {e.name!r}", e.blob) for e in self.manifest.tensors.values() if e.blob]
