@@ -39,6 +39,7 @@ import numpy as np
 from rbeformat import FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.codecs.base import Codec
 from rbeformat.manifest import INTERNAL_PREFIX
+from rbeformat.onnx_safety import check_model, parse_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 from .atomic import atomic_file, check_parent, check_target
@@ -143,7 +144,7 @@ def plan_conversion(src: str) -> OnnxPlan:
     """Parses and checks ``src`` and its external data, before any output exists."""
     model = load_model(src)
     root = os.path.dirname(os.path.abspath(src))
-    _refuse_external_elsewhere(model, src)
+    check_model(model, src, external_types=frozenset(ONNX_DTYPES))  # no other file, operator or opset
     initializers = [_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
     _check_names(initializers, src)
     roles = graph_roles(model.graph, {init.name: init for init in initializers})
@@ -170,36 +171,6 @@ def load_model(path: str) -> "onnx.ModelProto":
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
     return model
-
-
-def _refuse_external_elsewhere(model, src: str) -> None:
-    """Only the main graph's initializers of a type rbe stores may point at external data:
-    every other tensor (in node attributes, subgraphs, sparse initializers) stays in the graph."""
-    elsewhere = [t for t in model.graph.initializer if t.data_type not in ONNX_DTYPES]
-    elsewhere += [t for sparse in model.graph.sparse_initializer for t in (sparse.values, sparse.indices)]
-    elsewhere += list(node_tensors(model.graph))
-    for t in elsewhere:
-        if t.data_location == TensorProto.EXTERNAL:
-            raise InputError(f"{src}: tensor {t.name!r:.80} keeps external data outside the main graph's "
-                             "initializers (or has a type rbe does not store), which rbe does not convert")
-
-
-def node_tensors(graph):
-    """Tensors held by node attributes, and every tensor of subgraphs (If, Loop, Scan bodies)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from all_tensors(sub)
-
-
-def all_tensors(graph):
-    """Every tensor of a graph: initializers, sparse initializers' parts, and ``node_tensors``."""
-    yield from graph.initializer
-    yield from (t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices))
-    yield from node_tensors(graph)
 
 
 def _check_names(initializers: list[Initializer], src: str) -> None:
@@ -529,12 +500,7 @@ def read_graph(r: Reader, verify: bool = True) -> "onnx.ModelProto":
     entry = r.files().get(path)
     if entry is None:
         raise FormatError(f"metadata {GRAPH_KEY!r} names {path!r:.80}, which the container does not hold")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(_file_bytes(r, path, entry, verify))
-    except (DecodeError, ValueError, RuntimeError, RecursionError):
-        raise FormatError(f"the stored ONNX graph {path!r:.80} is not a valid ModelProto") from None
-    return model
+    return parse_model(_file_bytes(r, path, entry, verify), f"{r.path}: the stored ONNX graph {path!r:.80}")
 
 
 def _dims(t) -> tuple[int, ...]:
@@ -542,11 +508,8 @@ def _dims(t) -> tuple[int, ...]:
 
 
 def _check_graph(r: Reader, model, initializers: list) -> None:
-    """What a decode trusts in a stored graph: no paths to open, one tensor per initializer."""
-    try:
-        _refuse_external_elsewhere(model, "the stored ONNX graph")
-    except InputError as exc:
-        raise FormatError(str(exc)) from None
+    """What a decode trusts in a stored graph (``read_graph`` refused file references): one tensor per
+    initializer."""
     names = [t.name for t in initializers]
     if len(set(names)) != len(names):
         raise FormatError("the stored ONNX graph names an initializer twice")

@@ -26,18 +26,17 @@ import hashlib
 import json
 
 from rbeformat import ChecksumError, FormatError, Reader
+from rbeformat.onnx_safety import parse_model
 
 try:
-    import onnx
-    from google.protobuf.message import DecodeError
-    from onnx import TensorProto
+    import onnx  # noqa: F401  (parse_model parses with it)
 except ImportError:  # a loader of its own: only ONNX graphs need onnx
     from rbeformat import UsageError
 
     raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
 
-# The converter's walk over every tensor, and the format's keys and stored element types.
-from rbe_converters.onnx_io import GRAPH_KEY, ONNX_DTYPES, all_tensors  # noqa: E402
+# The format's keys and stored element types.
+from rbe_converters.onnx_io import GRAPH_KEY, ONNX_DTYPES  # noqa: E402
 
 MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
 OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
@@ -49,13 +48,8 @@ def stored_graph(reader: Reader) -> "onnx.ModelProto":
     path = reader.metadata().get(GRAPH_KEY)
     if path is None:
         raise FormatError("holds no ONNX graph (convert an .onnx file, or a Hugging Face directory with --onnx)")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(_embedded_file(reader, path, GRAPH_KEY))
-    except (DecodeError, ValueError, RuntimeError, RecursionError):
-        raise FormatError(f"the stored ONNX graph {path!r:.80} is not a valid ModelProto") from None
-    _refuse_external_data(model.graph)
-    return model
+    # Checked: no file reference, no operator or operator set rbe does not run (rbeformat.onnx_safety).
+    return parse_model(_embedded_file(reader, path, GRAPH_KEY), f"{reader.path}: the stored ONNX graph {path!r:.80}")
 
 
 def graph_initializers(reader: Reader) -> dict[str, tuple[str, bool]]:
@@ -83,14 +77,6 @@ def _embedded_file(reader: Reader, path: str, key: str) -> bytes:
     if "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
         raise ChecksumError(f"file {path!r:.80}: decoded bytes do not match the recorded digest")
     return data
-
-
-def _refuse_external_data(graph) -> None:
-    """A stored graph points at no file: its tensors' data is in the container or in the graph itself."""
-    for t in all_tensors(graph):
-        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
-            raise FormatError(f"the stored ONNX graph's tensor {t.name!r:.80} points at external data, "
-                              "which a stored graph must not")
 
 
 def _unique_initializers(graph) -> dict[str, "onnx.TensorProto"]:
