@@ -6,18 +6,35 @@ whole: only the files being written are, each staged beside its target and
 renamed over it once every file is complete, so whatever else the directory
 holds stays as it was.  That also works where the directory itself cannot be
 renamed (the current directory, a mount point).
+
+Without ``force`` nothing is ever replaced: the final rename fails, and the
+output is discarded with ``OutputExistsError``, if the target appeared after it
+was checked (``rbeformat.publish.rename_noreplace``).
+
+Nothing is written through a symbolic link that rbe did not create.  The path
+the user named (and the directories above it) is taken as typed, but inside an
+output directory every step is taken from an open directory descriptor with
+``O_NOFOLLOW``, and a link found there (``sub`` pointing elsewhere, or a link
+where the container has a file) is refused, never followed or replaced; so is
+a link named as a file output.  Listing the files an existing directory keeps
+does not follow links either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Iterator
 
 from rbeformat import OutputExistsError, RbeError, UsageError
-from rbeformat.writer import default_file_mode, fsync_directory
+from rbeformat.publish import rename_noreplace
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def check_parent(path: str) -> None:
@@ -29,7 +46,10 @@ def check_parent(path: str) -> None:
 
 
 def check_target(path: str, force: bool) -> None:
-    """A file output: refuses an existing one unless forced, and never replaces a directory."""
+    """A file output: refuses an existing one unless forced, and never replaces a directory or a link."""
+    if os.path.islink(path):
+        raise OutputExistsError(_link_refused(path, "replaces no link and writes through none: remove it, or name "
+                                                    "the file it points to"))
     if os.path.isdir(path):
         raise OutputExistsError(f"{path}: is a directory; name the file to write instead")
     if os.path.lexists(path) and not force:
@@ -50,22 +70,27 @@ def check_directory_target(path: str, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str, force: bool) -> Iterator:
-    """Yields a binary file object; on success it replaces ``path``."""
+    """Yields a binary file object; on success it becomes ``path`` (replacing a file there only with ``force``)."""
     check_target(path, force)
     check_parent(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    parent, name = os.path.split(os.path.abspath(path))
+    with _writing(path):
+        dir_fd = os.open(parent, _DIRECTORY)
     try:
-        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    fsync_directory(directory)
+        with _writing(path):
+            tmp, fd = _new_temporary(dir_fd, name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            _publish_file(dir_fd, tmp, name, path, force)
+        except BaseException:
+            _unlink_quietly(tmp, dir_fd)
+            raise
+        _fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -86,38 +111,113 @@ def atomic_directory(path: str, force: bool, files: list[str]) -> Iterator["NewD
     except BaseException:
         out.discard()
         raise
+    finally:
+        out.close()
+
+
+class _Tree:
+    """Directory descriptors below a root descriptor, opened without following links."""
+
+    def __init__(self, path: str, root_fd: int):
+        self.path = path
+        self._fds: dict[str, int] = {"": root_fd}  # relative directory -> descriptor
+        self._made: list[tuple[int, str]] = []  # (parent descriptor, name) of directories made here, outermost first
+
+    def shown(self, rel: str) -> str:
+        return os.path.join(self.path, *rel.split("/")) if rel else self.path
+
+    def directory(self, rel: str, create: bool) -> int:
+        """The descriptor of directory ``rel`` (``a/b``), each component opened with O_NOFOLLOW.
+
+        With ``create``, missing components are made (and remembered, to remove on failure).
+        """
+        if rel in self._fds:
+            return self._fds[rel]
+        head, _, name = rel.rpartition("/")
+        parent = self.directory(head, create)
+        if create:
+            try:
+                os.mkdir(name, 0o777, dir_fd=parent)
+                self._made.append((parent, name))
+            except FileExistsError:
+                pass  # there already: opened below, and refused if it is not a directory
+        try:
+            fd = os.open(name, _DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as exc:
+            raise _not_a_directory(self.shown(rel), name, parent, exc) from None
+        self._fds[rel] = fd
+        return fd
+
+    def remove_made(self) -> None:
+        for parent, name in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty: it holds files already renamed into place
+                os.rmdir(name, dir_fd=parent)
+        self._made.clear()
+
+    def fsync_all(self) -> None:
+        for fd in self._fds.values():
+            _fsync(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
 
 
 class NewDirectory:
-    """A directory built under a temporary name beside ``path``."""
+    """A directory built under a temporary name beside ``path``, renamed into place by ``commit``."""
 
     def __init__(self, path: str):
         self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial",
-                                     dir=parent)
+        parent, self._name = os.path.split(os.path.abspath(path))
+        with _writing(path):
+            self._parent = os.open(parent, _DIRECTORY)
         try:
-            os.chmod(self._tmp, default_file_mode(directory=True))  # mkdtemp's 0700 would outlive the rename
+            with _writing(path):
+                self._tmp = _new_temporary_directory(self._parent, self._name)
+                root = os.open(self._tmp, _DIRECTORY | os.O_NOFOLLOW, dir_fd=self._parent)
         except BaseException:
-            os.rmdir(self._tmp)
+            if getattr(self, "_tmp", None) is not None:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._tmp, dir_fd=self._parent)
+            os.close(self._parent)
             raise
+        self._tree = _Tree(path, root)
 
     @contextlib.contextmanager
     def create(self, rel: str) -> Iterator:
-        target = os.path.join(self._tmp, *rel.split("/"))
+        head, _, name = rel.rpartition("/")
         with _writing(os.path.join(self.path, *rel.split("/"))):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "xb") as fh:
+            fd = os.open(name, _NEW_FILE, 0o666, dir_fd=self._tree.directory(head, create=True))
+            with os.fdopen(fd, "wb") as fh:
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
 
     def commit(self) -> None:
-        os.rename(self._tmp, self.path)
-        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        self._tree.fsync_all()
+        try:
+            rename_noreplace(self._tmp, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent, directory=True)
+        except FileExistsError:
+            raise OutputExistsError(f"{self.path}: appeared while this output was being written (another program "
+                                    "made it) and was left as it is; nothing was written") from None
+        except OSError as exc:
+            raise RbeError(f"{self.path}: cannot rename the finished output into place ({exc.strerror or exc})") from None
+        self._tmp = None
+        _fsync(self._parent)
 
     def discard(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp is not None:
+            self._tree.close()
+            shutil.rmtree(self._tmp, ignore_errors=True, dir_fd=self._parent)
+            self._tmp = None
+
+    def close(self) -> None:
+        self._tree.close()
+        if self._parent is not None:
+            os.close(self._parent)
+            self._parent = None
 
     def kept(self) -> list[str]:
         return []
@@ -129,43 +229,52 @@ class ExistingDirectory:
     def __init__(self, path: str, files: list[str]):
         self.path = path
         self._files = set(files)
-        self._staged: list[tuple[str, str]] = []  # (temporary file, target), not yet renamed
-        self._made: list[str] = []  # directories this output created, outermost first
-        for rel in sorted(self._files):
-            self._check_room(rel)
+        self._staged: list[tuple[int, str, str, str]] = []  # (directory fd, temporary name, name, shown path)
+        self._kept: list[str] = []
+        with _writing(path):
+            root = os.open(path, _DIRECTORY)  # the directory the user named, as they typed it
+        self._tree = _Tree(path, root)
+        try:
+            for rel in sorted(self._files):
+                self._check_room(rel)
+        except BaseException:
+            self._tree.close()
+            raise
 
     def _check_room(self, rel: str) -> None:
-        """Every directory on the way must be one, and the target must not be a directory."""
+        """Every directory on the way must be one (not a link to one), and the target neither a directory nor a link."""
         parts = rel.split("/")
         for depth in range(1, len(parts) + 1):
-            here = os.path.join(self.path, *parts[:depth])
+            here_rel = "/".join(parts[:depth])
+            here = self._tree.shown(here_rel)
+            parent = self._tree.directory("/".join(parts[: depth - 1]), create=False)
+            try:
+                mode = os.stat(parts[depth - 1], dir_fd=parent, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                return  # made when the file is written
+            except OSError as exc:
+                raise RbeError(f"{here}: cannot inspect it ({exc.strerror or exc})") from None
+            if stat.S_ISLNK(mode):
+                raise OutputExistsError(_link_refused(here, "never writes through a link it did not create: remove "
+                                                            "the link or choose another output"))
             last = depth == len(parts)
-            if last and os.path.isdir(here):
+            if last and stat.S_ISDIR(mode):
                 raise OutputExistsError(f"{here}: is a directory where the container has a file; "
                                         "move it away first")
-            if not last and os.path.lexists(here) and not os.path.isdir(here):
+            if not last and not stat.S_ISDIR(mode):
                 raise OutputExistsError(f"{here}: is a file where the container has a directory; "
                                         "move it away first")
-
-    def _make_parents(self, rel: str) -> str:
-        directory = self.path
-        for part in rel.split("/")[:-1]:
-            directory = os.path.join(directory, part)
-            if not os.path.isdir(directory):
-                os.mkdir(directory)
-                self._made.append(directory)
-        return directory
 
     @contextlib.contextmanager
     def create(self, rel: str) -> Iterator:
         if rel not in self._files:
             raise RbeError(f"{rel}: not among the files announced for {self.path}")
-        target = os.path.join(self.path, *rel.split("/"))
+        head, _, name = rel.rpartition("/")
+        target = self._tree.shown(rel)
         with _writing(target):
-            directory = self._make_parents(rel)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial", dir=directory)
-            self._staged.append((tmp, target))
-            os.fchmod(fd, default_file_mode())
+            directory = self._tree.directory(head, create=True)
+            tmp, fd = _new_temporary(directory, name)
+            self._staged.append((directory, tmp, name, target))
             with os.fdopen(fd, "wb") as fh:
                 yield fh
                 fh.flush()
@@ -173,33 +282,109 @@ class ExistingDirectory:
 
     def commit(self) -> None:
         while self._staged:
-            tmp, target = self._staged[0]
-            os.replace(tmp, target)
+            directory, tmp, name, target = self._staged[0]
+            with _writing(target):
+                if stat.S_ISLNK(_lstat_mode(name, directory)):  # a link put there since the check
+                    raise OutputExistsError(_link_refused(target, "never replaces a link it did not create: "
+                                                                  "remove the link or choose another output"))
+                os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
             self._staged.pop(0)
-        for directory in {os.path.dirname(target) for target in self._targets()}:
-            fsync_directory(directory)
+        self._tree.fsync_all()
+        self._kept = self._list_kept()
 
     def discard(self) -> None:
-        for tmp, _ in self._staged:
-            _remove_quietly(tmp)
+        for directory, tmp, _, _ in self._staged:
+            _unlink_quietly(tmp, directory)
         self._staged.clear()
-        for directory in reversed(self._made):
-            with contextlib.suppress(OSError):  # not empty: it holds files already renamed into place
-                os.rmdir(directory)
+        self._tree.remove_made()
 
-    def _targets(self) -> list[str]:
-        return [os.path.join(self.path, *rel.split("/")) for rel in self._files]
+    def close(self) -> None:
+        self._tree.close()
 
     def kept(self) -> list[str]:
-        """Files in the directory that the container does not hold: left as they were."""
+        """Files in the directory that the container does not hold: left as they were (links listed, not followed)."""
+        return list(self._kept)
+
+    def _list_kept(self) -> list[str]:
         found = []
-        for dirpath, dirnames, filenames in os.walk(self.path):
-            dirnames.sort()
-            for name in filenames:
-                rel = os.path.relpath(os.path.join(dirpath, name), self.path).replace(os.sep, "/")
+        root = self._tree.directory("", create=False)
+        for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
+            links = [name for name in dirnames if stat.S_ISLNK(_lstat_mode(name, dir_fd))]  # to a directory
+            dirnames[:] = sorted(set(dirnames) - set(links))
+            for name in filenames + links:
+                rel = os.path.normpath(os.path.join(dirpath, name)).replace(os.sep, "/")
                 if rel not in self._files:
                     found.append(rel)
         return sorted(found)
+
+
+def _new_temporary(dir_fd: int, name: str) -> tuple[str, int]:
+    """A new file ``.NAME.XXXX.partial`` in the directory, created exclusively, never through a link."""
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(4)}.partial"
+        try:
+            return tmp, os.open(tmp, _NEW_FILE, 0o666, dir_fd=dir_fd)  # the umask applies, as for open()
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", name)
+
+
+def _new_temporary_directory(dir_fd: int, name: str) -> str:
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(4)}.partial"
+        try:
+            os.mkdir(tmp, 0o777, dir_fd=dir_fd)  # the umask applies, as for mkdir
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", name)
+
+
+def _publish_file(dir_fd: int, tmp: str, name: str, path: str, force: bool) -> None:
+    with _writing(path):
+        if force:
+            if stat.S_ISLNK(_lstat_mode(name, dir_fd)):  # a link put there since the check
+                raise OutputExistsError(_link_refused(path, "replaces no link: remove it, or name the file it "
+                                                            "points to"))
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        try:
+            rename_noreplace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileExistsError:
+            raise OutputExistsError(f"{path}: appeared while this output was being written (another program "
+                                    "made it) and was left as it is; pass --force to overwrite it") from None
+
+
+def _lstat_mode(name: str, dir_fd: int) -> int:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def _link_refused(path: str, what: str) -> str:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return f"{path}: is a symbolic link{target}; rbe {what}"
+
+
+def _not_a_directory(shown: str, name: str, parent: int, exc: OSError) -> RbeError:
+    """Why a component could not be opened as a directory without following links."""
+    mode = _lstat_mode(name, parent)
+    if stat.S_ISLNK(mode):
+        return OutputExistsError(_link_refused(shown, "never writes through a link it did not create: remove the "
+                                                      "link or choose another output"))
+    if mode and not stat.S_ISDIR(mode):
+        return OutputExistsError(f"{shown}: is a file where the container has a directory; move it away first")
+    return RbeError(f"{shown}: cannot open the directory ({exc.strerror or exc})")
+
+
+def _fsync(fd: int) -> None:
+    """Makes renames durable; some file systems cannot sync a directory, which is harmless."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
 
 
 @contextlib.contextmanager
@@ -211,6 +396,6 @@ def _writing(target: str) -> Iterator[None]:
         raise RbeError(f"{target}: cannot write it ({exc.strerror or exc})") from None
 
 
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)

@@ -28,6 +28,7 @@ from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
+from .publish import rename_noreplace
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
 from .values import error_stats, from_float32, to_float32
 from .spec import (
@@ -61,8 +62,12 @@ class Writer:
         # transformed tensors included, densely); internal tensors, codec parts and embedded
         # files are not counted, so the calls add up to the input's tensor bytes.
         self.path = os.fspath(path)
+        if os.path.islink(self.path):
+            raise OutputExistsError(f"{self.path}: is a symbolic link; rbe replaces no link and writes through "
+                                    "none: remove it, or name the file it points to")
         if os.path.exists(self.path) and not force:
             raise OutputExistsError(f"{self.path}: exists; pass force=True (--force) to overwrite it")
+        self.force = force
         self.codec = codec or Byteplane()
         self.threads = threads or _default_threads()
         self.progress = progress
@@ -373,13 +378,25 @@ class Writer:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            os.replace(self._tmp, self.path)
+            self._publish()
             fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.abort()
             raise
         self._shutdown()
         self._state = "closed"
+
+    def _publish(self) -> None:
+        """Renames the complete file into place; without ``force`` it never replaces a file that
+        appeared at the path after the check in ``__init__`` (another writer's)."""
+        if self.force:
+            os.replace(self._tmp, self.path)
+            return
+        try:
+            rename_noreplace(self._tmp, self.path)
+        except FileExistsError:
+            raise OutputExistsError(f"{self.path}: appeared while this output was being written (another program "
+                                    "made it) and was left as it is; pass force=True (--force) to overwrite it") from None
 
     def abort(self) -> None:
         """Discards the partial file; the destination is left as it was."""
