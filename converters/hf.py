@@ -75,12 +75,23 @@ def plan_conversion(src: str) -> Plan:
 
 
 def _walk(root: str):
-    """(relative POSIX path, absolute path) of every regular file, sorted."""
+    """(relative POSIX path, absolute path) of every regular file, sorted.
+
+    A symbolic link whose target lies outside ``root`` is refused (``links.check_link``; a
+    Hugging Face cache snapshot's links into its blobs are allowed); a link to a directory
+    inside ``root`` is not descended (its files are listed where they are).
+    """
+    from .links import allowed_roots, check_link
+
+    roots = allowed_roots(root)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        for name in dirnames:
+            check_link(os.path.join(dirpath, name), root, roots)
         for name in filenames:
             full = os.path.join(dirpath, name)
+            check_link(full, root, roots)
             if not os.path.isfile(full):
                 continue  # sockets, broken links and the like carry no model data
             rel = os.path.relpath(full, root).replace(os.sep, "/")

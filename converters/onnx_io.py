@@ -43,6 +43,7 @@ from rbeformat.onnx_safety import check_model, parse_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 from .atomic import atomic_file, check_parent, check_target
+from .links import allowed_roots, inside
 from .hf import (Progress, Statistics, _file_bytes, _read_tensor, _store_shared, _tensor_bytes, choose_chains,
                  mixed_precision)
 from .recipe import Policy, lossless_policy
@@ -248,9 +249,10 @@ def _external_path(location: str, root: str, where: str) -> str:
                          "to the model's folder")
     if ".." in re.split(r"[\\/]", location) or "\x00" in location:
         raise InputError(f"{where}: external data location {location!r:.80} contains '..'")
-    real, top = os.path.realpath(os.path.join(root, location)), os.path.realpath(root)
-    if os.path.commonpath([real, top]) != top:
-        raise InputError(f"{where}: external data location {location!r:.80} resolves outside the model's folder")
+    real = os.path.realpath(os.path.join(root, location))
+    if not inside(real, allowed_roots(root)):  # a HF cache snapshot's links into its blobs are allowed
+        raise InputError(f"{where}: external data location {location!r:.80} resolves outside the model's folder "
+                         f"(to {real:.200})")
     if not os.path.isfile(real):
         raise InputError(f"{where}: external data file {location!r:.80} does not exist or is not a file")
     return real
