@@ -401,6 +401,8 @@ def cmd_convert(args) -> int:
         raise UsageError("--tokenizer is for .onnx input (a model directory calibrates with its own tokenizer)")
     else:
         plan = plan_conversion(args.input)
+        if plan.others and not args.quiet:
+            _stderr(_embedding_note(args.input, [rel for rel, _ in plan.others]))
         choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
         graph = _export_graph(plan, args) if args.onnx else None
         calibrations, text = _calibrations(plan, policy, args)
@@ -417,6 +419,12 @@ def cmd_convert(args) -> int:
             _stderr(_summary_line(r))
     _warn_larger_than_dense(larger_than_dense(rows))
     return EXIT_OK
+
+
+def _embedding_note(source: str, files: list[str]) -> str:
+    """What a model directory's conversion embeds besides the weights, so that nothing goes in unseen."""
+    shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    return f"rbe: {source}: embedding {len(files)} file{'s' if len(files) != 1 else ''}: {shown}"
 
 
 def _convert_onnx(args, codec, policy) -> list[str]:
