@@ -15,6 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from . import budget
 from .codecs.base import Codec, require_int, require_keys
 from .codecs.raw import Raw
 from .codecs.registry import codec_from_record, tensor_codec_from_record
@@ -46,6 +49,26 @@ LOSSY_DTYPES = ("F32", "F16", "BF16", "F64")
 # computes its output from parameters, say) is not bounded this way.
 MAX_EXPANSION = {"zstd": 32768, "byteplane": 32768}
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# How deep a manifest's JSON may nest (objects and arrays).  The schema needs
+# about 20 levels (a chain 4 codecs deep, a chunk's params); free content
+# (stats, an unknown codec's config) gets the rest.
+_MAX_JSON_DEPTH = 64
+# A zstd-stored manifest may declare at most this many times its stored length
+# (or _ZSTD_MANIFEST_FLOOR bytes, whichever is more).  Real manifests shrink
+# 2-11x, 60x when most entries are aliases, 145x for 100000 aliases of one
+# tensor; a few KB of hostile zstd would otherwise inflate to the 64 MiB limit.
+_ZSTD_MANIFEST_RATIO = 1024
+_ZSTD_MANIFEST_FLOOR = 1 << 20
+# What Python's json module allocates per JSON value and per object key at
+# most (an empty dict in a list: 72 bytes; a unique key with its dict slot,
+# built through the duplicate-key hook: about 84), and per byte of text (the
+# bytes and the decoded str).  parse_manifest checks the sum with the budget.
+_BYTES_PER_JSON_TOKEN = 96
+_BYTES_PER_JSON_CHAR = 2
+# The scan before parsing reads the text in blocks of this many bytes.
+_SCAN_BLOCK = 1 << 20
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +173,11 @@ class Manifest:
 def check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name:
         raise FormatError(f"{where}: expected a non-empty string")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or "\x00" in name:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{where}: {name!r:.80} is not valid UTF-8 (it holds a lone surrogate)") from None
+    if len(encoded) > MAX_NAME_BYTES or "\x00" in name:
         raise FormatError(f"{where}: name longer than {MAX_NAME_BYTES} bytes or containing NUL")
     return name
 
@@ -300,10 +327,25 @@ def _parse_file(obj: Any, where: str) -> FileEntry:
     return FileEntry(path, role, blob, tensors)
 
 
-def parse_manifest(data: bytes) -> Manifest:
-    """Validates manifest bytes; raises FormatError on anything out of place."""
+def inflate_limit(stored: int) -> int:
+    """The most bytes a zstd-stored manifest of ``stored`` bytes may declare (within MAX_MANIFEST_BYTES)."""
+    return max(_ZSTD_MANIFEST_FLOOR, _ZSTD_MANIFEST_RATIO * stored)
+
+
+def parse_manifest(data: bytes, limit: int | None = None) -> Manifest:
+    """Validates manifest bytes; raises FormatError on anything out of place.
+
+    Before parsing, the text's nesting depth is checked (at most
+    ``_MAX_JSON_DEPTH``), escapes of lone surrogates are refused, and the
+    memory the parse needs is estimated from its values and keys and checked
+    against the memory budget (``limit``, see rbeformat.budget).
+    """
+    data = bytes(data)
+    tokens = _scan_json(data)
+    budget.check(_BYTES_PER_JSON_CHAR * len(data) + _BYTES_PER_JSON_TOKEN * tokens,
+                 f"manifest: parsing {len(data)} bytes of JSON ({tokens} values and keys)", limit)
     try:
-        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_refuse_constant)
+        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"manifest: not valid UTF-8 JSON ({str(exc)[:120]})") from None
     require_keys(obj, "manifest", {"format", "version", "producer", "metadata", "tensors", "files"})
@@ -384,3 +426,50 @@ def dump_manifest(obj: dict) -> bytes:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: an object with two equal keys is refused (5.1), not resolved to the last."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"manifest: an object holds the key {key!r:.80} twice (JSON keys must be unique)")
+    return obj
+
+
+def _scan_json(data: bytes) -> int:
+    """Checks JSON text before it is parsed; returns how many values and keys it can hold at most.
+
+    Outside strings, every value but the first follows a ``,`` or an opening
+    bracket, and every key precedes a ``:``; their count bounds what json
+    allocates.  Nesting deeper than ``_MAX_JSON_DEPTH`` and ``\\u`` escapes of
+    lone surrogates (which no UTF-8 text can hold) are FormatErrors.  Runs in
+    blocks, with a few bytes of memory per byte of one block.
+    """
+    text = data
+    if b"\\" in text:  # escaped backslashes, then escaped quotes, out: every quote left delimits a string
+        text = text.replace(b"\\\\", b"")
+        if _LONE_SURROGATE.search(_SURROGATE_PAIR.sub(b"", text)):
+            raise FormatError("manifest: a string holds a lone surrogate escape (\\ud800-\\udfff unpaired); "
+                              "the manifest must be valid UTF-8")
+        text = text.replace(b'\\"', b"")
+    tokens, depth, deepest, inside = 1, 0, 0, 0
+    for start in range(0, len(text), _SCAN_BLOCK):
+        block = np.frombuffer(text, np.uint8, min(_SCAN_BLOCK, len(text) - start), start)
+        quotes = block == ord('"')
+        outside = ((np.cumsum(quotes, dtype=np.int32) + inside) & 1) == 0  # a closing quote counts as outside
+        inside = (inside + int(np.count_nonzero(quotes))) & 1
+        opens = outside & ((block == ord("[")) | (block == ord("{")))
+        closes = outside & ((block == ord("]")) | (block == ord("}")))
+        tokens += int(np.count_nonzero(opens))
+        tokens += int(np.count_nonzero(outside & ((block == ord(",")) | (block == ord(":")))))
+        if opens.any():
+            level = np.cumsum(opens.view(np.int8) - closes.view(np.int8), dtype=np.int32) + depth
+            deepest = max(deepest, int(level.max()))
+            depth = int(level[-1])
+        else:
+            depth -= int(np.count_nonzero(closes))
+        if deepest > _MAX_JSON_DEPTH:
+            raise FormatError(f"manifest: JSON nested more than {_MAX_JSON_DEPTH} levels deep")
+    return tokens

@@ -30,9 +30,11 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
+from . import budget
 from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
 from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
-from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, parse_manifest
+from .manifest import (Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, inflate_limit,
+                       parse_manifest)
 from .values import from_float32, to_float32
 from .codecs.base import require_keys
 from .codecs.raw import Raw
@@ -49,10 +51,17 @@ class Reader:
     checked unless ``verify_checksums=False``, which then reads nothing): if
     the file is truncated while such a view is alive, touching it raises
     SIGBUS, which no reader can turn into an error.
+
+    ``max_memory`` (bytes) bounds what the file's numbers may make the reader
+    allocate at once: the parsed manifest, one decoded tensor with its parts
+    and the codec's working memory, an embedded file read whole.  Without it,
+    ``rbeformat.budget.container_limit`` applies (the process's ``set_limit``,
+    else a share of the available memory, tied to the file's size).  Going
+    over raises ``budget.MemoryLimitError`` before anything is allocated.
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True,
-                 map_raw: bool = False):
+                 map_raw: bool = False, max_memory: int | None = None):
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
         self.map_raw = map_raw
@@ -69,6 +78,7 @@ class Reader:
                 raise FormatError(f"{self.path}: {size} bytes is too short for an rbe file")
             self._fd = self._fh.fileno()
             self.size = size
+            self.max_memory = budget.container_limit(size, max_memory)
             self.version = unpack_header(self._read(0, HEADER_SIZE))
             self.manifest = self._read_manifest()
             self._check_layout()
@@ -96,8 +106,8 @@ class Reader:
         if crc32(raw) != footer.manifest_crc32:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
         if footer.manifest_encoding == MANIFEST_ZSTD:
-            raw = _inflate_manifest(raw)
-        return parse_manifest(raw)
+            raw = _inflate_manifest(raw, self.max_memory)
+        return parse_manifest(raw, self.max_memory)
 
     def _check_layout(self) -> None:
         """Sections must lie between header and manifest, aligned, and never overlap."""
@@ -422,14 +432,18 @@ class Reader:
                 yield f"{where}: decoded bytes do not match the recorded sha256 digest"
 
 
-def _inflate_manifest(frame) -> bytes:
-    """A zstd-stored manifest, its declared size checked against the cap first."""
+def _inflate_manifest(frame, max_memory: int | None = None) -> bytes:
+    """A zstd-stored manifest, its declared size checked against the caps first."""
     try:
         size = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
         raise FormatError(f"manifest: not a zstd frame ({exc})") from None
     if not 0 <= size <= MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest: declares {size} decoded bytes (limit {MAX_MANIFEST_BYTES}, size required)")
+    if size > inflate_limit(len(frame)):
+        raise FormatError(f"manifest: {len(frame)} bytes of zstd declare {size} decoded bytes, more than a "
+                          f"manifest expands ({inflate_limit(len(frame))} at most)")
+    budget.check(size, "manifest: decompressing it", max_memory)
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:

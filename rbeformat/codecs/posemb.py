@@ -164,10 +164,10 @@ class Sinusoidal(TensorCodec):
                         bases.append(estimate)
         return bases
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None) -> Encoded:
+    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None, calibration=None) -> Encoded:
         if not self.accepts(np.shape(x)):
             raise NotSinusoidal(f"sinusoid needs a 2-D table with an even hidden size, not shape {np.shape(x)}")
-        return super().encode(x, refs)
+        return super().encode(x, refs, calibration)
 
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         with np.errstate(over="ignore"):
