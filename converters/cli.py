@@ -83,6 +83,16 @@ def thread_count(text: str) -> int:
     return threads
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive number of seconds, not {text}")
+    return value
+
+
 def window_length(text: str) -> int:
     tokens = _integer(text)
     if tokens < 2:
@@ -190,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (an encoder's whole embedding)")
     p.add_argument("--threads", type=thread_count, default=None, help="ONNX Runtime threads, at least 1 "
                    "(default: CPU count)")
+    p.add_argument("--timeout", type=seconds, default=RUN_TIMEOUT, metavar="SECONDS",
+                   help=f"stop the graph (building its session included) after this many seconds, exit 3; "
+                        f"0 for no limit (default {RUN_TIMEOUT:g}: a stored graph is a program, and can loop "
+                        "forever); SIGINT and SIGTERM stop it at any time")
     return parser
 
 
@@ -456,7 +470,7 @@ def _onnx_calibrations(plan, policy, args) -> dict:
     text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
     if not args.quiet:
         _stderr(f"rbe: {args.input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}")
-    return onnx_calibrate.collect(onnx_io.filled_model(plan), methods, text, tokenizer, args.threads)
+    return onnx_calibrate.collect(onnx_io.filled_model(plan), methods, text, tokenizer, args.threads, args.input)
 
 
 def _export_graph(plan, args):
@@ -611,14 +625,31 @@ def _write_onnx(model, path: str, force: bool) -> list[str]:
 def cmd_verify(args) -> int:
     with open_rbe(args.input, verify_checksums=False) as r:
         problems = list(r.verify(deep=args.deep))
+        graph = _check_stored_graph(r) if args.deep and not problems else ""
     for problem in problems:
         if not args.quiet:
             _stderr(f"rbe: damaged: {problem}")
     if problems:
         return EXIT_DAMAGED
     if not args.quiet:
-        print(f"{args.input}: OK ({'checksums and digests' if args.deep else 'all checksums'} match)")
+        print(f"{args.input}: OK ({'checksums and digests' if args.deep else 'all checksums'} match{graph})")
     return EXIT_OK
+
+
+def _check_stored_graph(r: Reader) -> str:
+    """--deep on a container carrying an ONNX graph: the graph passes the checks every command that
+    reads it makes (no file reference, operator or opset rbe refuses; initializers wired to tensors of
+    their type and shape), or an error (exit 3).  What the OK line adds."""
+    if "onnx.graph" not in r.metadata():
+        return ""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return "; the stored ONNX graph is not checked without the onnx package"
+    from rbe_loaders.onnx_graph import graph_initializers
+
+    graph_initializers(r)
+    return "; the stored ONNX graph passes rbe's checks"
 
 
 def cmd_info(args) -> int:
@@ -675,18 +706,20 @@ def cmd_run(args) -> int:
     """An encoder's mean-pooled embedding of the text, or a causal LM's greedy continuation of it."""
     open_rbe(args.input, verify_checksums=False).close()  # one clear error for a file that is not rbe
     from rbe_loaders import run  # a loader; imported only for this command
+    from rbe_loaders.ort_guard import Deadline
 
-    model = run.open_model(args.input, threads=args.threads)
+    deadline = Deadline(args.timeout)  # one limit for the session's build and every run
+    model = run.open_model(args.input, threads=args.threads, timeout=deadline)
     if model.causal:
-        tokens = run.generate_ids(model, args.text, args.max_new_tokens)
-        continuation = model.tokenizer.decode(tokens)
+        tokens = run.generate_ids(model, args.text, args.max_new_tokens, timeout=deadline)
+        continuation = run.decode_ids(model, tokens, timeout=deadline)
         if args.json:
             print(json.dumps({"model": args.input, "kind": "causal-lm", "prompt": args.text,
                               "continuation": continuation, "token_ids": tokens}))
         else:
             print(continuation)
         return EXIT_OK
-    (vector,) = run.embed(model, [args.text])
+    (vector,) = run.embed(model, [args.text], timeout=deadline)
     if args.json:
         print(json.dumps({"model": args.input, "kind": "encoder", "pooling": "mean", "dimension": len(vector),
                           "embedding": [float(v) for v in vector]}))
@@ -698,6 +731,7 @@ def cmd_run(args) -> int:
 
 
 EMBEDDING_PREVIEW = 8  # values rbe run prints without --json
+RUN_TIMEOUT = 600.0  # seconds rbe run gives a graph by default
 
 
 COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "export-onnx": cmd_export_onnx, "verify": cmd_verify,

@@ -21,6 +21,7 @@ import numpy as np
 
 from rbeformat import InputError, UsageError
 from rbeformat.codecs.tensor import Calibration
+from rbeformat.onnx_safety import check_model
 
 from .calibrate import CalibrationText, _batches
 
@@ -47,14 +48,19 @@ def load_tokenizer(path: str):
 
 
 def collect(model, methods: dict[str, str], text: CalibrationText, tokenizer,
-            threads: int | None = None) -> dict[str, Calibration]:
+            threads: int | None = None, source: str = "the ONNX model") -> dict[str, Calibration]:
     """{initializer name: Calibration(method, H)} for the MatMul / Gemm weights named in ``methods``.
 
-    ``model`` is the onnx.ModelProto with its initializers filled in.
+    ``model`` is the onnx.ModelProto with its initializers filled in; ``source`` names it in errors.
+    The session runs as a container's does (``rbe_loaders.ort_guard``): no external data, its
+    errors as InputError, a stop signal ends a run.
     """
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from rbe_loaders import ort_guard
+
+    check_model(model, source)  # convert checked the file; its data is inline now
     inputs = _layer_inputs(model.graph, methods)
     graph_inputs = _check_inputs(model.graph)
     extended = type(model)()
@@ -65,14 +71,17 @@ def collect(model, methods: dict[str, str], text: CalibrationText, tokenizer,
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(extended.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = extended.SerializeToString()
+    with ort_guard.session_options(options, quiet=True) as options:
+        session = ort_guard.call(lambda: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]),
+                                 path=source, doing="building a session on the model for calibration")
     wanted = sorted(set(inputs.values()))
     sums: dict[str, np.ndarray] = {}
     count = 0
     for batch in _batches(_sentences(tokenizer, text)):
         ids = np.array(batch, dtype=np.int64)
         feeds = {name: _FEEDS[name](ids).astype(dtype) for name, dtype in graph_inputs.items()}
-        for name, x in zip(wanted, session.run(wanted, feeds)):
+        for name, x in zip(wanted, ort_guard.run(session, wanted, feeds, path=source, doing="calibrating")):
             x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
             sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
         count += ids.size

@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import Reader, UsageError
+from rbeformat import FormatError, Reader, UsageError
 from rbeformat.codecs.arrays import unpack_codes
+from rbeformat.onnx_safety import check_model
 
 try:
     import onnx
@@ -60,6 +61,7 @@ except ImportError:  # the core works without onnx; only this module needs it
 
 from rbe_converters import onnx_io
 
+from . import ort_guard
 from .onnx_graph import graph_initializers, stored_graph
 from .report import FormReport, TensorForm
 
@@ -505,6 +507,8 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report
                     new_inits.append(init)
                     report.add(init.name, SHARED_FORM, len(init.raw_data), 0)
     _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
+    # The rewrite adds only com.microsoft kernels and initializers with their data: checked again all the same.
+    check_model(model, f"{os.fspath(path)}: the graph rebuilt for ONNX Runtime", error=FormatError)
     return model, report
 
 
@@ -547,24 +551,38 @@ def _apply(model, replaced: dict[int, list], new_inits: list, dropped: set[str])
 
 # -- sessions ----------------------------------------------------------------------------
 
-def session(path: str | os.PathLike, *, quiet: bool = False, **session_kwargs):
+def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **session_kwargs):
     """``(onnxruntime.InferenceSession, Report)`` for an rbe file converted from ONNX.
 
     ``session_kwargs`` go to ``InferenceSession`` (``sess_options``,
     ``providers``; default the CPU provider).  The report is printed to stderr
-    unless ``quiet``.
+    unless ``quiet``.  ``timeout``: seconds (or an ``ort_guard.Deadline``) the
+    build may take; a signal or the limit stops waiting for it (``ort_guard.call``).
+    ONNX Runtime's errors come as InputError naming the file.  The session looks
+    for external data in an empty folder of its own (``ort_guard.session_options``;
+    the given ``sess_options`` keep that setting); the stored graph holds none.
     """
     try:
         import onnxruntime
     except ImportError:
         raise UsageError("ONNX Runtime sessions need onnxruntime: pip install 'rbe[ort]'") from None
+    deadline = ort_guard.Deadline.of(timeout)
     model, report = on_the_fly_model(path)
     session_kwargs.setdefault("providers", ["CPUExecutionProvider"])
     if not quiet:
         print(report, file=sys.stderr)
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return onnxruntime.InferenceSession(model.SerializeToString(), **session_kwargs), report
-    with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
-        model_path = os.path.join(folder, "model.onnx")
-        onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
-        return onnxruntime.InferenceSession(model_path, **session_kwargs), report
+    where = os.fspath(path)
+    with ort_guard.session_options(session_kwargs.pop("sess_options", None)) as options:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            data = model.SerializeToString()
+            return _build(lambda: onnxruntime.InferenceSession(data, options, **session_kwargs), where,
+                          deadline), report
+        with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
+            model_path = os.path.join(folder, "model.onnx")
+            onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
+            return _build(lambda: onnxruntime.InferenceSession(model_path, options, **session_kwargs), where,
+                          deadline), report
+
+
+def _build(new_session, path: str, deadline):
+    return ort_guard.call(new_session, path=path, doing="building a session on the stored graph", deadline=deadline)

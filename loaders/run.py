@@ -7,6 +7,11 @@
 >>> logprobs = run.token_logprobs(model.session, ids)             # perplexity: exp(-logprobs.mean())
 
 The session is ``rbe_loaders.ort.session``'s: quantized weights stay compressed.
+Every call into ONNX Runtime and tokenizers runs through ``ort_guard.call``: a
+stop signal ends it (``RunOptions.terminate`` stops even an endless ``Loop``),
+``timeout`` (seconds, or one ``ort_guard.Deadline`` shared by several calls;
+None: no limit) bounds the build and the runs together, and the runtime's
+errors come as InputError naming the container.
 ``embed`` mean-pools ``last_hidden_state`` over the attention mask, as
 sentence-transformers' mean pooling does; the vectors are not L2-normalised
 (models whose pipeline normalises, such as all-MiniLM-L6-v2, need
@@ -29,6 +34,7 @@ from rbeformat import FormatError, Reader, UsageError
 from rbe_converters.onnx_io import carries_onnx
 from rbe_converters.quality import is_causal_lm
 
+from . import ort_guard
 from . import tokenizer as container_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -54,7 +60,7 @@ class LoadedModel:
 
 # -- opening a container ----------------------------------------------------------------
 
-def open_model(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
+def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None) -> LoadedModel:
     """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
 
     UsageError for a container without a graph, config.json or tokenizer.json.
@@ -63,8 +69,7 @@ def open_model(path: str | os.PathLike, threads: int | None = None) -> LoadedMod
     config, generation = _read_configs(path)
     from .ort import session  # after the checks: building a session is the slow part
 
-    options = _session_options(threads)
-    sess, _ = session(path, quiet=True, **({"sess_options": options} if options else {}))
+    sess, _ = session(path, quiet=True, timeout=timeout, sess_options=_session_options(threads))
     return LoadedModel(path, sess, container_tokenizer(path), config, eos_token_ids(config, generation))
 
 
@@ -95,13 +100,14 @@ def _json_object(path: str, name: str, data: bytes) -> dict:
 
 
 def _session_options(threads: int | None):
-    if threads is None:
-        return None
+    """Options without ONNX Runtime's own log lines: its errors come back as one-line InputErrors."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.log_severity_level = ort_guard.QUIET
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return options
 
 
@@ -118,9 +124,9 @@ def eos_token_ids(config: dict, generation: dict) -> frozenset[int]:
     return frozenset()
 
 
-def _loaded(model: str | os.PathLike | LoadedModel, causal: bool) -> LoadedModel:
+def _loaded(model: str | os.PathLike | LoadedModel, causal: bool, deadline=None) -> LoadedModel:
     """A path opened, or a LoadedModel as is; UsageError when the model is not of the kind asked for."""
-    loaded = model if isinstance(model, LoadedModel) else open_model(model)
+    loaded = model if isinstance(model, LoadedModel) else open_model(model, timeout=deadline)
     if loaded.causal != causal:
         kind = "a causal LM (use generate)" if loaded.causal else "an encoder (use embed)"
         raise UsageError(f"{loaded.path}: is {kind}")
@@ -129,25 +135,57 @@ def _loaded(model: str | os.PathLike | LoadedModel, causal: bool) -> LoadedModel
 
 # -- encoders ---------------------------------------------------------------------------
 
-def embed(model: str | os.PathLike | LoadedModel, texts: list[str]) -> np.ndarray:
+def embed(model: str | os.PathLike | LoadedModel, texts: list[str], timeout=None) -> np.ndarray:
     """One mean-pooled ``last_hidden_state`` row per text (float32, not normalised), padded tokens left out."""
-    loaded = _loaded(model, causal=False)
+    deadline = ort_guard.Deadline.of(timeout)
+    loaded = _loaded(model, causal=False, deadline=deadline)
     if not texts:
         raise UsageError("embed needs at least one text")
-    feed = encoder_feed(loaded, list(texts))
-    (hidden,) = loaded.session.run(["last_hidden_state"], feed)
+    feed = encoder_feed(loaded, list(texts), deadline)
+    (hidden,) = run_graph(loaded, ["last_hidden_state"], feed, deadline)
+    if not _is_array(hidden, 3) or hidden.shape[:2] != feed["attention_mask"].shape:
+        raise FormatError(f"{loaded.path}: the graph's last_hidden_state is {_form(hidden)}, not float "
+                          f"[batch, tokens, hidden] for inputs of {list(feed['attention_mask'].shape)}")
     return mean_pool(hidden, feed["attention_mask"])
 
 
-def encoder_feed(loaded: LoadedModel, texts: list[str]) -> dict[str, np.ndarray]:
+def _is_array(value, ndim: int) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == ndim and value.dtype.kind == "f"
+
+
+def _form(value) -> str:
+    return f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def run_graph(loaded: LoadedModel, outputs, feed: dict, deadline=None) -> list:
+    """``loaded.session.run(outputs, feed)``: stoppable, time-limited, its errors as InputError (``ort_guard``)."""
+    return ort_guard.run(loaded.session, outputs, feed, path=loaded.path, deadline=ort_guard.Deadline.of(deadline))
+
+
+def tokenizing(loaded: LoadedModel, fn, deadline=None, doing: str = "tokenizing the text"):
+    """``fn()``, a call into the container's tokenizer, as ``ort_guard.call`` runs it."""
+    return ort_guard.call(fn, path=loaded.path, doing=doing, deadline=ort_guard.Deadline.of(deadline),
+                          source="tokenizers")
+
+
+def decode_ids(loaded: LoadedModel, ids: list[int], timeout=None) -> str:
+    """The text of token ids, special tokens left out, by the container's tokenizer."""
+    return tokenizing(loaded, lambda: loaded.tokenizer.decode(ids), timeout, "decoding token ids")
+
+
+def encoder_feed(loaded: LoadedModel, texts: list[str], deadline=None) -> dict[str, np.ndarray]:
     """The graph's inputs for a batch of texts, padded to the longest and cut at the model's position limit."""
     tok = loaded.tokenizer
-    if tok.padding is None:
-        tok.enable_padding(pad_id=_pad_id(loaded))
-    limit = loaded.config.get("max_position_embeddings")
-    if tok.truncation is None and isinstance(limit, int):
-        tok.enable_truncation(limit)  # beyond it the position table has no row
-    encodings = tok.encode_batch(texts)
+
+    def encode():
+        if tok.padding is None:
+            tok.enable_padding(pad_id=_pad_id(loaded))
+        limit = loaded.config.get("max_position_embeddings")
+        if tok.truncation is None and isinstance(limit, int):
+            tok.enable_truncation(limit)  # beyond it the position table has no row
+        return tok.encode_batch(texts)
+
+    encodings = tokenizing(loaded, encode, deadline)
     feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
     if "token_type_ids" in {i.name for i in loaded.session.get_inputs()}:
@@ -173,29 +211,44 @@ def empty_past(session) -> dict[str, np.ndarray]:
     past = {}
     for arg in session.get_inputs():
         if arg.name.startswith(PAST_PREFIX):
-            _, heads, _, head_dim = arg.shape
-            if not (isinstance(heads, int) and isinstance(head_dim, int)):
-                raise FormatError(f"the graph's {arg.name} has no fixed heads and head size ({arg.shape})")
+            shape = list(arg.shape)
+            heads, head_dim = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
+            if not (isinstance(heads, int) and isinstance(head_dim, int) and heads >= 0 and head_dim >= 0):
+                raise FormatError(f"the graph's {arg.name} is {shape}, not [batch, heads, past, head size] with "
+                                  "fixed heads and head size")
             past[arg.name] = np.zeros((1, heads, 0, head_dim), np.float32)
     return past
 
 
-def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray]):
+def _session_of(model) -> tuple[object, str]:
+    """(session, name for messages) of an InferenceSession or a LoadedModel."""
+    if isinstance(model, LoadedModel):
+        return model.session, model.path
+    return model, "the graph"
+
+
+def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray], path: str = "the graph", deadline=None):
     """Runs ``ids`` after ``done`` cached positions; the logits [len(ids), vocab] and the grown cache."""
     feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, done + len(ids)), np.int64),
             "position_ids": np.arange(done, done + len(ids), dtype=np.int64)[None], **past}
-    logits, *present = session.run(None, feed)
+    outputs = ort_guard.run(session, None, feed, path=path, deadline=deadline)
+    logits, present = (outputs[0], outputs[1:]) if outputs else (np.zeros(0), [])
+    if not _is_array(logits, 3) or logits.shape[:2] != (1, len(ids)) or logits.shape[2] < 1:
+        raise FormatError(f"{path}: the graph's first output is {_form(logits)}, not float logits "
+                          f"[1, {len(ids)}, vocabulary]")
     return logits[0], dict(zip(past, present))  # present.{i}.* come in the order of past.{i}.*
 
 
-def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=frozenset()) -> list[int]:
+def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=frozenset(), timeout=None) -> list[int]:
     """The greedy continuation's ids, the cache carried between steps; ends with an end token when one came
-    (as transformers' generate does)."""
+    (as transformers' generate does).  ``session``: an InferenceSession or a LoadedModel."""
     if not prompt_ids:
         raise UsageError("generation needs a prompt of at least one token")
+    session, path = _session_of(session)
+    deadline = ort_guard.Deadline.of(timeout)
     past, done, step_ids, tokens = empty_past(session), 0, list(prompt_ids), []
     for _ in range(max_new_tokens):
-        logits, past = _step(session, step_ids, done, past)
+        logits, past = _step(session, step_ids, done, past, path, deadline)
         done += len(step_ids)
         tokens.append(int(logits[-1].argmax()))
         if tokens[-1] in eos_ids:
@@ -204,26 +257,31 @@ def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=froz
     return tokens
 
 
-def generate_ids(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32) -> list[int]:
-    loaded = _loaded(model, causal=True)
-    prompt_ids = loaded.tokenizer.encode(prompt).ids
-    return greedy_ids(loaded.session, prompt_ids, max_new_tokens, loaded.eos_ids)
+def generate_ids(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32,
+                 timeout=None) -> list[int]:
+    deadline = ort_guard.Deadline.of(timeout)
+    loaded = _loaded(model, causal=True, deadline=deadline)
+    prompt_ids = tokenizing(loaded, lambda: loaded.tokenizer.encode(prompt).ids, deadline)
+    return greedy_ids(loaded, prompt_ids, max_new_tokens, loaded.eos_ids, deadline)
 
 
-def generate(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32) -> str:
+def generate(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None) -> str:
     """The greedy continuation of ``prompt`` (without it), special tokens left out."""
-    loaded = _loaded(model, causal=True)
-    return loaded.tokenizer.decode(generate_ids(loaded, prompt, max_new_tokens))
+    deadline = ort_guard.Deadline.of(timeout)
+    loaded = _loaded(model, causal=True, deadline=deadline)
+    return decode_ids(loaded, generate_ids(loaded, prompt, max_new_tokens, deadline), deadline)
 
 
-def token_logprobs(session, ids: list[int]) -> np.ndarray:
+def token_logprobs(session, ids: list[int], timeout=None) -> np.ndarray:
     """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1, one window run at once with an empty cache.
 
-    A perplexity over the window is ``exp(-token_logprobs(session, ids).mean())``.
+    ``session``: an InferenceSession or a LoadedModel.  A perplexity over the window is
+    ``exp(-token_logprobs(session, ids).mean())``.
     """
     if len(ids) < 2:
         raise UsageError("token log-probabilities need a window of at least 2 tokens")
-    logits, _ = _step(session, list(ids), 0, empty_past(session))
+    session, path = _session_of(session)
+    logits, _ = _step(session, list(ids), 0, empty_past(session), path, ort_guard.Deadline.of(timeout))
     logits = logits[:-1].astype(np.float64)  # the last position predicts past the window
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

@@ -29,6 +29,8 @@ Only the standard library is imported here: callers hand in a parsed
 
 from __future__ import annotations
 
+from collections import deque
+
 from .errors import FormatError, InputError
 
 # The operator sets a graph may import, with the versions accepted.  ai.onnx 7 is the oldest
@@ -118,16 +120,16 @@ def _refuse_external(t, place: str, where: str, error: type, input_file: bool) -
 def _graphs(model):
     """(graph, where it sits) for the main graph, the training graphs and every subgraph below them,
     and (None, function) for each function body, whose nodes ``_graph_parts`` walks the same way."""
-    stack = [(model.graph, "the main graph", True)]
+    queue = deque([(model.graph, "the main graph", True)])
     for i, info in enumerate(model.training_info):
         for field in ("initialization", "algorithm"):
             if info.HasField(field):
-                stack.append((getattr(info, field), f"training_info[{i}].{field}", False))
-    while stack:
-        graph, place, main = stack.pop()
+                queue.append((getattr(info, field), f"training_info[{i}].{field}", False))
+    while queue:
+        graph, place, main = queue.popleft()
         yield graph, place, main
         for node_place, attr in _node_attributes(graph.node, place):
-            stack.extend((sub, f"{node_place}, attribute {attr.name!r:.40}", False) for sub in _subgraphs(attr))
+            queue.extend((sub, f"{node_place}, attribute {attr.name!r:.40}", False) for sub in _subgraphs(attr))
     for f in model.functions:
         owner = f"function {_qualified(f.domain, f.name)}"
         yield f, owner, False
@@ -140,12 +142,12 @@ def _graphs(model):
 
 
 def _graphs_below(graph, place: str):
-    stack = [(graph, place)]
-    while stack:
-        graph, place = stack.pop()
+    queue = deque([(graph, place)])
+    while queue:
+        graph, place = queue.popleft()
         yield graph, place, False
         for node_place, attr in _node_attributes(graph.node, place):
-            stack.extend((sub, f"{node_place}, attribute {attr.name!r:.40}") for sub in _subgraphs(attr))
+            queue.extend((sub, f"{node_place}, attribute {attr.name!r:.40}") for sub in _subgraphs(attr))
 
 
 def _node_attributes(nodes, place: str):
