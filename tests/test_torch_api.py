@@ -75,11 +75,11 @@ def test_slices_read_only_their_chunks_in_torch_too(tmp_path):
 
 
 def test_a_raw_mapped_tensor_comes_back_writable(tmp_path):
-    # With checksums off, raw tensors are views of the read-only map; torch gets a copy.
+    # With map_raw, raw tensors are views of the read-only map; torch gets a copy.
     w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     with Writer(tmp_path / "r.rbe", codec=Raw()) as writer:
         writer.add_array("w", w.numpy())
-    with safe_open(tmp_path / "r.rbe", framework="pt", verify_checksums=False) as f:
+    with safe_open(tmp_path / "r.rbe", framework="pt", verify_checksums=False, map_raw=True) as f:
         got = f.get_tensor("w")
         got += 1
         assert torch.equal(got, w + 1)
