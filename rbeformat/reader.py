@@ -39,8 +39,20 @@ from .values import from_float32, to_float32
 from .codecs.base import require_keys
 from .codecs.raw import Raw
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES, DType
+from .values import CONVERT_BLOCK
 
 _READ_BLOCK = 16 << 20  # verify() reads large sections in blocks of this size
+# Decoding a compressed chunk holds its stored bytes and up to this many
+# copies of its decoded size (zstd's output; byteplane's planes and split runs).
+_CHUNK_COPIES = 3
+# Memory a decode may hold beyond what the estimates name (small arrays, dicts).
+_DECODE_SLACK = 1 << 20
+# Streaming (iter_file, iter_tensor_bytes, verify) decodes chunks in batches of
+# about this many bytes, a batch's chunks in parallel.
+_STREAM_BYTES = 64 << 20
+# read_file holds an embedded file in memory twice (decoded, then as bytes):
+# it reads files up to this size; iter_file streams any size.
+READ_FILE_CAP = 1 << 30
 
 
 class Reader:
@@ -211,6 +223,7 @@ class Reader:
         stored = self.stored_entry(name)
         where = f"tensor {stored.name!r}"
         if stored.transform is not None:
+            self._check_memory(self.transform_memory(stored.transform, stored.dtype, stored.shape), where)
             values = self._decode_transform(stored.transform, stored.dtype, stored.shape, where)
             return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         return memoryview(self._decode_blob(stored.blob, where))
@@ -232,6 +245,7 @@ class Reader:
                 raise UsageError(f"{where}: the codec chain has no such part")
             transform = part.transform
         if part.transform is not None:
+            self._check_memory(self.transform_memory(part.transform, part.dtype, part.shape), where)
             values = self._decode_transform(part.transform, part.dtype, part.shape, where)
         else:
             values = self._decode_blob(part.blob, where)
@@ -265,10 +279,98 @@ class Reader:
         return dict(self.manifest.files)
 
     def read_file(self, path: str) -> bytes:
+        """An embedded file's bytes, in memory: for files up to ``READ_FILE_CAP`` (configs, tokenizers).
+
+        ``iter_file`` streams a file of any size.
+        """
+        entry = self._file_entry(path)
+        where = f"file {path!r}"
+        if entry.blob.items > READ_FILE_CAP:
+            raise budget.MemoryLimitError(f"{where}: {entry.blob.items} bytes is more than an embedded file read "
+                                          f"into memory may hold ({READ_FILE_CAP}); stream it with iter_file")
+        self._check_memory(entry.blob.items + self.blob_memory(entry.blob), f"{where}: reading it into memory")
+        return self._decode_blob(entry.blob, where).tobytes()
+
+    def iter_file(self, path: str, *, verify: bool = True) -> Iterator[memoryview]:
+        """An embedded file's bytes in order, a batch of decoded chunks at a time, never the whole file.
+
+        With ``verify`` the SHA-256 digest is checked once the last bytes are
+        out: a mismatch raises ChecksumError then, so a caller writing the
+        bytes out must discard what it wrote when the iteration raises.
+        """
+        entry = self._file_entry(path)
+        return self._iter_blob(entry.blob, f"file {path!r}", verify)
+
+    def iter_tensor_bytes(self, name: str, *, verify: bool = False) -> Iterator[memoryview]:
+        """A tensor's little-endian bytes in order: a stored (or aliased) tensor a batch of chunks at a
+        time, a transformed one whole (``tensor_bytes``).  ``verify`` checks a stored tensor's digest
+        at the end, as ``iter_file`` does."""
+        stored = self.stored_entry(name)
+        if stored.blob is None:
+            yield self.tensor_bytes(name)
+            return
+        yield from self._iter_blob(stored.blob, f"tensor {stored.name!r}", verify)
+
+    def _file_entry(self, path: str) -> FileEntry:
         entry = self.manifest.files.get(path)
         if entry is None:
             raise RbeError(f"{self.path}: no embedded file {path!r}")
-        return self._decode_blob(entry.blob, f"file {path!r}").tobytes()
+        return entry
+
+    def _iter_blob(self, blob: Blob, where: str, verify: bool) -> Iterator[memoryview]:
+        hasher = hashlib.sha256() if verify and blob.digest is not None else None
+        start = first = 0
+        for chunk in blob.chunks:
+            start += chunk.items
+            if (start - first) * blob.dtype.itemsize >= _STREAM_BYTES or start == blob.items:
+                data = memoryview(self._decode_blob(blob, where, first, start)).cast("B")
+                if hasher is not None:
+                    hasher.update(data)
+                yield data
+                first = start
+        if hasher is not None and "sha256:" + hasher.hexdigest() != blob.digest:
+            raise ChecksumError(f"{where}: decoded bytes do not match the recorded sha256 digest")
+
+    # -- memory ----------------------------------------------------------------------
+    def _check_memory(self, nbytes: int, where: str) -> None:
+        budget.check(nbytes + _DECODE_SLACK, where, self.max_memory)
+
+    def blob_memory(self, blob: Blob, first: int = 0, stop: int | None = None) -> int:
+        """Bytes that decoding elements [first, stop) of a blob holds at once: the chunks it needs, and
+        for chunks decoded in parallel their stored bytes and the codec's working copies."""
+        stop = blob.items if stop is None else stop
+        selected, span_first, span_stop = _chunks_in_range(blob, first, stop)
+        total = (span_stop - span_first) * blob.dtype.itemsize
+        if selected and not isinstance(blob.codec, Raw):
+            worst = max(c.length + _CHUNK_COPIES * c.items * blob.dtype.itemsize for _, c in selected)
+            total += worst * min(self.threads, len(selected))
+        return total
+
+    def transform_memory(self, transform: Transform, dtype: DType, shape: tuple[int, ...]) -> int:
+        """Bytes that decoding a transformed tensor (or part) holds at once, at its peak.
+
+        Its parts are decoded one after the other and kept; then the tensors
+        the codec reads (a shared base) in float32; then the codec decodes
+        (``TensorCodec.decode_memory``: its working memory and float32
+        result); then the result is converted to ``dtype``.
+        """
+        held = peak = 0
+        for part in transform.parts.values():
+            if part.transform is not None:
+                need = self.transform_memory(part.transform, part.dtype, part.shape)
+            else:
+                need = self.blob_memory(part.blob)
+            peak = max(peak, held + need)
+            held += math.prod(part.shape) * part.dtype.itemsize
+        for ref in transform.codec.references():
+            target = self.manifest.tensors[ref]  # a stored internal tensor: the manifest checked it
+            n = math.prod(target.shape)
+            peak = max(peak, held + self.blob_memory(target.blob) + 8 * n)
+            held += 4 * n
+        n = math.prod(shape)
+        convert = {"F32": 0, "F64": 8 * n, "F16": 2 * n}.get(dtype.name, 2 * n + 16 * min(n, CONVERT_BLOCK))
+        decode = transform.codec.decode_memory(transform.params, tuple(shape))
+        return max(peak, held + decode, held + 4 * n + convert)
 
     # -- reading -------------------------------------------------------------------
     def _read(self, offset: int, length: int) -> bytes:
@@ -343,6 +445,8 @@ class Reader:
         itemsize = blob.dtype.itemsize
         stop = blob.items if stop is None else stop
         raw = isinstance(blob.codec, Raw)
+        if not (raw and len(blob.chunks) == 1 and self.map_raw):
+            self._check_memory(self.blob_memory(blob, first, stop), f"{where}: decoding it")
         if raw and len(blob.chunks) == 1 and self.map_raw:
             c = blob.chunks[0]
             if self.verify_checksums and crc32(self._buf[c.offset : c.offset + c.length]) != c.crc32:
@@ -424,12 +528,10 @@ class Reader:
             if blob.digest is None:
                 continue
             try:
-                data = self._decode_blob(blob, where)
+                for _ in self._iter_blob(blob, where, verify=True):  # a batch of chunks at a time
+                    pass
             except RbeError as exc:
                 yield str(exc)
-                continue
-            if "sha256:" + hashlib.sha256(data).hexdigest() != blob.digest:
-                yield f"{where}: decoded bytes do not match the recorded sha256 digest"
 
 
 def _inflate_manifest(frame, max_memory: int | None = None) -> bytes:

@@ -16,14 +16,23 @@ def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
+# bf16 rounding works on blocks of this many values, so that its uint32
+# temporaries stay small beside the result.
+CONVERT_BLOCK = 1 << 20
+
+
 def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values in the storage of ``dtype`` (bf16 rounded to nearest even)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "BF16":
-        bits = x.view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16
-        nan = np.isnan(x)
-        return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+        out = np.empty(x.shape, np.uint16)
+        source, target = x.reshape(-1), out.reshape(-1)
+        for start in range(0, source.size, CONVERT_BLOCK):
+            block = source[start : start + CONVERT_BLOCK]
+            bits = block.view(np.uint32)
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16
+            target[start : start + CONVERT_BLOCK] = np.where(np.isnan(block), (bits >> 16) | 0x40, rounded)
+        return out
     return x.astype(np.dtype(DTYPES[dtype].numpy_storage))
 
 

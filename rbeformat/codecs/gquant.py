@@ -55,6 +55,10 @@ MIN_GROUP, MAX_GROUP = 16, 256
 DEFAULT_GRID = tuple(np.round(np.linspace(0.5, 1.0, 21), 3).tolist())
 DEFAULT_TRIMS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 DEFAULT_ITERATIONS = 4
+# Decoding writes the float32 result in tiles of about this many elements, so
+# that its temporaries (codes as float32, scales repeated per element) stay
+# small beside the result.
+DECODE_TILE = 1 << 20
 
 
 def group_layout(shape: tuple[int, ...], group: int) -> tuple[int, int, int]:
@@ -345,16 +349,33 @@ class GroupQuant(TensorCodec):
         check_index_range(codes, 2 ** self.bits, f"{where}.codes")
         floats = {name: finite_floats(parts[name], f"{where}.{name}") for name in parts if name != "codes"}
         rows, n, ng = group_layout(shape, self.group)
-        c = codes.astype(np.float32).reshape(rows, n)
-        if self.mode == "sym":
-            c -= np.float32(2 ** (self.bits - 1))
-        out = c * self._expand(floats["scales"], rows, n, ng)
-        if self.mode == "asym":
-            out += self._expand(floats["zeros"], rows, n, ng)
+        codes = codes.reshape(rows, n)
+        scales = floats["scales"].reshape(rows, ng)
+        zeros = floats["zeros"].reshape(rows, ng) if self.mode == "asym" else None
+        out = np.empty((rows, n), np.float32)
+        # Tiles of whole groups: every element gets the same float32 operations as on the whole tensor.
+        width = max(1, min(n, DECODE_TILE) if self.group == 0 else
+                    n if n <= DECODE_TILE else max(1, DECODE_TILE // self.group) * self.group)
+        height = max(1, DECODE_TILE // width)
+        for r in range(0, rows, height):
+            for j in range(0, n, width):
+                c = codes[r : r + height, j : j + width].astype(np.float32)
+                if self.mode == "sym":
+                    c -= np.float32(2 ** (self.bits - 1))
+                tile = c * self._expand_tile(scales[r : r + height], j, c.shape[1])
+                if zeros is not None:
+                    tile += self._expand_tile(zeros[r : r + height], j, c.shape[1])
+                out[r : r + height, j : j + width] = tile
         return out.reshape(shape)
 
-    def _expand(self, per_group: np.ndarray, rows: int, n: int, ng: int) -> np.ndarray:
-        """One value per element: group k of a row covers columns [k*group, (k+1)*group)."""
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        return (4 + (1 if self.bits <= 8 else 4)) * n + 20 * min(n, 2 * DECODE_TILE)
+
+    def _expand_tile(self, per_group: np.ndarray, first: int, width: int) -> np.ndarray:
+        """The values of columns [first, first + width) of rows ``per_group`` (rows, groups), one per element."""
         if self.group == 0:
-            return per_group.reshape(1, 1)
-        return np.repeat(per_group.reshape(rows, ng), self.group, axis=1)[:, :n]
+            return per_group.reshape(-1, 1)[:1]
+        k0 = first // self.group
+        k1 = -(-(first + width) // self.group)
+        return np.repeat(per_group[:, k0:k1], self.group, axis=1)[:, first - k0 * self.group :][:, :width]

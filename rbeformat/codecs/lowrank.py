@@ -117,6 +117,12 @@ class LowRank(TensorCodec):
             specs["residual"] = PartSpec("F32", (m, n))
         return specs
 
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        rows, cols = shape
+        rank = self.part_specs(params, shape, self.name)["A"].shape[1]
+        # B in float64, one block of rows of A and of the product in float64, the float32 result
+        return 8 * rank * cols + 8 * min(rows, ROW_BLOCK) * (rank + cols) + 4 * rows * cols
+
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
         # Stored values may overflow float32 here; that is data, not an error.

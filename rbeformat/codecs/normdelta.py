@@ -29,6 +29,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,9 @@ class NormDelta(TensorCodec):
         """32 bits per element (the base is a tensor of its own and counted there)."""
         require_keys(params, f"{where}.params", set())
         return {"delta": PartSpec("I32" if self.mode == "bits" else "F32", tuple(shape))}
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        return 4 * math.prod(shape)  # base + delta (the base itself is a reference the reader decodes)
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

@@ -376,6 +376,12 @@ class Palette(TensorCodec):
             return table[:, j // self.group]
         return table[:, 0]
 
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        book = math.prod(self.part_specs(params, shape, self.name)["codebook"].shape)
+        # the indices, the codebook in float32, the result, one block's index and value temporaries
+        return (1 if self.bits <= 8 else 4) * n + 4 * book + 4 * n + 32 * min(n, 2 * BLOCK_VALUES)
+
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
         numel = math.prod(shape)

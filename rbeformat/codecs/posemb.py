@@ -54,6 +54,22 @@ from .tensor import Encoded, PartSpec, TensorCodec
 BASIS_BLOCK = 1024
 LAYOUTS = ("interleaved", "halves")
 MAX_BASE = 1e12
+# A position table holds max_positions x hidden values: a few million in real
+# models (8192 x 4096 is 2**25).  Both codecs refuse tables past this many
+# elements (512 MiB of float32) when a file is opened, because neither stores
+# anything that grows with the table (sinusoid stores no parts at all; posdct
+# may keep a single coefficient row), so the file's size cannot bound them.
+MAX_TABLE_ELEMENTS = 1 << 27
+# The formula table is computed in blocks of whole positions holding about
+# this many values (float64 angles, sines and cosines of one block), so that
+# decoding holds little beyond the float32 result.
+TABLE_BLOCK = 1 << 20
+
+
+def check_table_size(shape: tuple[int, ...], where: str, codec: str) -> None:
+    if math.prod(shape) > MAX_TABLE_ELEMENTS:
+        raise FormatError(f"{where}: a {codec} position table of shape {list(shape)} holds {math.prod(shape)} "
+                          f"values, more than the {MAX_TABLE_ELEMENTS} a position table may hold")
 
 
 def dct_basis(n: int, rows: range) -> np.ndarray:
@@ -101,6 +117,7 @@ class PositionDCT(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         n, hidden = matrix_shape(shape, where, "posdct (positions x hidden)")
+        check_table_size(shape, where, "posdct")
         require_keys(params, f"{where}.params", {"keep"})
         keep = require_int(params["keep"], f"{where}.params.keep", 1, n)
         return {"coeffs": PartSpec("F32", (keep, hidden))}
@@ -111,6 +128,11 @@ class PositionDCT(TensorCodec):
         basis = dct_basis(shape[0], range(coeffs.shape[0]))
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the data's
             return (basis.T @ coeffs).astype(np.float32)
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        keep = params["keep"] if isinstance(params, dict) and isinstance(params.get("keep"), int) else shape[0]
+        # the basis (keep x positions) and the product in float64, then the float32 result
+        return 8 * keep * (shape[0] + shape[1]) + 8 * math.prod(shape) + 4 * math.prod(shape)
 
 
 class NotSinusoidal(ValueError):
@@ -137,16 +159,22 @@ class Sinusoidal(TensorCodec):
 
     @staticmethod
     def table(positions: int, hidden: int, base: float, layout: str) -> np.ndarray:
-        """The formula table, float32 (positions x hidden)."""
+        """The formula table, float32 (positions x hidden), computed a block of positions at a time."""
         half = hidden // 2
         inv_freq = np.power(float(base), -(2.0 * np.arange(half)) / hidden)
-        angle = np.arange(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
         out = np.empty((positions, hidden), np.float32)
-        if layout == "interleaved":
-            out[:, 0::2], out[:, 1::2] = np.sin(angle), np.cos(angle)
-        else:
-            out[:, :half], out[:, half:] = np.sin(angle), np.cos(angle)
+        sin, cos = (out[:, 0::2], out[:, 1::2]) if layout == "interleaved" else (out[:, :half], out[:, half:])
+        step = max(1, TABLE_BLOCK // max(hidden, 1))
+        for start in range(0, positions, step):
+            stop = min(positions, start + step)
+            angle = np.arange(start, stop, dtype=np.float64)[:, None] * inv_freq[None, :]
+            sin[start:stop], cos[start:stop] = np.sin(angle), np.cos(angle)
         return out
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        # the result, and one block's angles, sines and cosines in float64
+        step = max(1, TABLE_BLOCK // max(shape[1], 1))
+        return 4 * math.prod(shape) + 3 * 8 * min(shape[0], step) * (shape[1] // 2 + 1)
 
     def _candidate_bases(self, x: np.ndarray) -> list[float]:
         """The configured base, then the integer nearest to the base the table's second frequency implies."""
@@ -180,6 +208,7 @@ class Sinusoidal(TensorCodec):
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         matrix_shape(shape, where, "sinusoid (positions x hidden)")
+        check_table_size(shape, where, "sinusoid")
         if shape[1] % 2:
             raise FormatError(f"{where}: sinusoid needs an even hidden size, found {shape[1]}")
         require_keys(params, f"{where}.params", {"base", "layout"})

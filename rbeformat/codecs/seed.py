@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +220,14 @@ class SeedCodec(TensorCodec):
             "coeffs": PartSpec("U8", (bitpack.packed_size(n * self.rank, self.coef_bits),)),
             "exponents": PartSpec("U8", (bitpack.packed_size(n, self.exp_bits),)),
         }
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        blocks = n // self.block
+        table = 4 * 2**self.seed_bits * self.block * self.rank  # basis_table (cached) and its uint32 source
+        chunk = min(blocks, CHUNK_BLOCKS) * self.block * (4 * self.rank + 24)
+        # seeds and exponents (uint32, int32), coefficients (uint32, int32 twice), the result
+        return 2 * table + chunk + 8 * blocks + 12 * blocks * self.rank + 4 * n
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

@@ -128,6 +128,10 @@ class Slices(TensorCodec):
             raise ValueError(f"calibration for {n} inputs does not fit the {values.shape[1]} kept columns")
         return Calibration(calibration.method, calibration.hessian[np.ix_(kept, kept)])
 
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        # the mask's bits and kept indices, the result
+        return 9 * shape[self.axis] + 4 * math.prod(shape)
+
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
         kept = mask_indices(parts["mask"], shape[self.axis], where)

@@ -166,6 +166,13 @@ class Sparse(TensorCodec):
     def formula(self, params: Any) -> str:
         return f"sparse.{params['index']}"
 
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        kept = math.prod(self.part_specs(params, shape, self.name)["values"].shape)
+        count = params["codes"] if params.get("index") != "mask" else 0
+        # the mask as one byte per element (or the delta stream's int64 temporaries), the indices, the result
+        return (n if count == 0 else 40 * count) + 16 * kept + 4 * n
+
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
         n = math.prod(shape)
@@ -287,6 +294,11 @@ class NM24(TensorCodec):
         blocks = -(-groups // GROUPS_PER_CODE)
         return {"patterns": PartSpec("U8", (bitpack.packed_size(blocks, CODE_BITS),)),
                 "values": PartSpec("F32", (*shape[:-1], shape[-1] // 2))}
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        # int64 pattern digits (two temporaries) and element pairs per group of 4, the result
+        return 8 * (n // 4) * 5 + 4 * n
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

@@ -208,6 +208,17 @@ class TensorCodec(ABC):
         return DecodePlan(self.formula(params), specs, {**stored, **(params or {})})
 
     # -- encoding and decoding ---------------------------------------------------
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        """The most bytes ``decode_parts`` holds at once besides its parts, its float32 result included.
+
+        The reader checks this, with the parts and the conversion to the
+        tensor's dtype, against its memory budget before decoding
+        (rbeformat.budget); ``params`` and ``shape`` have passed
+        ``part_specs``.  Codecs state what their decode allocates; this
+        default allows the result and two temporaries of its size.
+        """
+        return 12 * math.prod(shape)
+
     def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None,
                calibration: Calibration | None = None) -> Encoded:
         """Encodes a float32 array; ``refs`` holds the decoded referenced tensors.

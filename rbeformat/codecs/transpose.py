@@ -28,6 +28,7 @@ handed unchanged to the chain of ``values``, whose last axis is then the input.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ class Transpose(TensorCodec):
     def part_calibration(self, part: str, calibration: Calibration, encoded: Encoded) -> Calibration | None:
         """For ``values`` (output x input): the same input statistics, now along its last axis."""
         return calibration if part == "values" else None
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        return 4 * math.prod(shape)  # the transposed copy
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:

@@ -36,6 +36,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,6 +285,13 @@ class VectorCodebook(TensorCodec):
             "codebook": PartSpec("F16", (k, self.dim)),
             "scales": PartSpec("F16", (self._n_scales(shape),)),
         }
+
+    def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
+        n = math.prod(shape)
+        specs = self.part_specs(params, shape, self.name)
+        small = sum(math.prod(specs[name].shape) for name in ("codebook", "scales"))
+        # the indices (uint32 per vector), codebook and scales in float32 (twice), rows and the scaled result
+        return 8 * (n // self.dim) + 8 * small + 8 * n
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
