@@ -33,9 +33,11 @@ from collections import deque
 
 from .errors import FormatError, InputError
 
-# The operator sets a graph may import, with the versions accepted.  ai.onnx 7 is the oldest
-# opset ONNX Runtime runs; 25 the newest that its oldest release rbe accepts (1.24.3) implements.
-AI_ONNX = (7, 25)
+# The operator sets a graph may import, with the versions accepted.  ai.onnx 7 is the oldest opset
+# ONNX Runtime runs; 28 the newest that onnx 1.23 defines and onnxruntime 1.32 implements (1.24.3, the
+# oldest release rbe accepts, implements 25 and refuses newer graphs itself, in one line).  ai.onnx.ml 5
+# and com.microsoft 1 are the newest of both.
+AI_ONNX = (7, 28)
 OPSET_RANGES = {"": AI_ONNX, "ai.onnx": AI_ONNX, "ai.onnx.ml": (1, 5), "com.microsoft": (1, 1)}
 REFUSED_OPERATORS = {("com.microsoft", "EPContext")}  # its attributes name a file of compiled code
 EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
