@@ -28,7 +28,7 @@ import threading
 
 import zstandard
 
-from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__
+from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__, budget
 from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.raw import Raw
 from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
@@ -67,6 +67,18 @@ def _integer(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+
+
+def memory_size(text: str) -> int:
+    try:
+        return budget.parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+MAX_MEMORY_HELP = ("most memory a file's numbers may make rbe allocate at once (a decoded tensor with its "
+                   "working memory, an embedded file read whole, the manifest): bytes or e.g. 500M, 2G; "
+                   "default: half the available memory, and at most 256 times a container's size (at least 1 GiB)")
 
 
 def zstd_level(text: str) -> int:
@@ -165,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _max_memory(p)
 
     p = sub.add_parser("presets", help="list the built-in recipes for rbe convert --preset", epilog=EPILOG)
     p.set_defaults(input="rbe presets")  # what an error message names
@@ -173,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--deep", action="store_true", help="also decode everything and check sha256 digests")
     p.add_argument("--quiet", action="store_true", help="print nothing; only the exit code tells")
+    _max_memory(p)
 
     p = sub.add_parser("eval", help="quality of compressed .rbe files against the original (needs the hf extra)",
                        epilog=EPILOG)
@@ -190,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.add_argument("--threads", type=thread_count, default=None, help="threads for torch and decoding, at least 1 "
                    "(default: CPU count)")
+    _max_memory(p)
 
     p = sub.add_parser("run", help="run a .rbe converted with --onnx in ONNX Runtime: an encoder's embedding or a "
                        "causal LM's greedy continuation (needs the ort extra, no torch)", epilog=EPILOG)
@@ -204,23 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stop the graph (building its session included) after this many seconds, exit 3; "
                         f"0 for no limit (default {RUN_TIMEOUT:g}: a stored graph is a program, and can loop "
                         "forever); SIGINT and SIGTERM stop it at any time")
+    _max_memory(p)
     return parser
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.add_argument("--threads", type=thread_count, default=None, help="worker threads, at least 1 (default: CPU count)")
+    _max_memory(p)
+
+
+def _max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
 
 
 # -- running a command and reporting its failure --------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = budget.configured_limit()
+    if getattr(args, "max_memory", None) is not None:
+        budget.set_limit(args.max_memory)  # for every Reader and check of this command (rbeformat.budget)
     try:
         with _stop_signals_raise():
             return _run(args)
     except Interrupted as exc:  # arrived after the command ended, while its outcome was reported
         return 128 + exc.signum
+    finally:
+        budget.set_limit(previous)
 
 
 def _run(args) -> int:

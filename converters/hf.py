@@ -8,20 +8,20 @@ byte.  Tensors equal to one already stored become aliases.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, Writer
+from rbeformat import FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
 from rbeformat.codecs.tensor import TensorCodec
 from rbeformat.codecs.transpose import Transpose
+from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 from rbeformat.values import from_float32, to_float32
 
@@ -497,20 +497,22 @@ from .atomic import check_directory_target, check_target  # noqa: E402  (decodin
 
 
 def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
-           progress: Progress | None = None) -> list[str]:
+           progress: Progress | None = None, max_memory: int | None = None) -> list[str]:
     """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so.
 
     Into an existing directory (only with ``force``) it replaces just the files
     the container holds and returns the relative paths of the other files
     there, which it leaves alone.  ``progress`` receives tensor bytes as they
-    are written; they add up to ``decoded_tensor_bytes``.
+    are written; they add up to ``decoded_tensor_bytes``.  Embedded files and
+    stored tensors are written a batch of chunks at a time, never held whole;
+    ``max_memory`` is the Reader's memory limit (rbeformat.budget).
     """
     single = dst.endswith(".safetensors")
     if single:
         check_target(dst, force)
     else:
         check_directory_target(dst, force)
-    with Reader(src, threads=threads) as r:
+    with Reader(src, threads=threads, max_memory=max_memory) as r:
         if single:
             with atomic_file(dst, force) as fh:
                 _write_single_safetensors(r, fh, verify, progress)
@@ -525,12 +527,10 @@ def decoded_tensor_bytes(r: Reader) -> int:
     return sum(math.prod(r.entry(name).shape) * r.entry(name).dtype.itemsize for name in r.keys())
 
 
-def _tensor_bytes(r: Reader, name: str, verify: bool) -> memoryview:
-    data = r.tensor_bytes(name)
-    stored = r.stored_entry(name)
-    if verify and stored.blob is not None and stored.blob.digest and "sha256:" + hashlib.sha256(data).hexdigest() != stored.blob.digest:
-        raise ChecksumError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
-    return data
+def _tensor_bytes(r: Reader, name: str, verify: bool) -> Iterator[memoryview]:
+    """A tensor's bytes in order: a stored one a batch of chunks at a time, its digest checked after the
+    last (ChecksumError, which discards the output being written), a transformed one whole."""
+    return r.iter_tensor_bytes(name, verify=verify)
 
 
 # An ONNX graph exported at conversion (``rbe convert --onnx``, converters/onnx_export.py) is no part of the
@@ -567,18 +567,20 @@ def _write_shard(r: Reader, header: bytes, names: list[str], write, verify: bool
     write(struct.pack("<Q", len(header)))
     write(header)
     for name in names:
-        data = _tensor_bytes(r, name, verify)
-        write(data)
-        if progress:
-            progress(len(data))
+        for data in _tensor_bytes(r, name, verify):
+            write(data)
+            if progress:
+                progress(len(data))
 
 
 def _check_header_matches(r: Reader, header: bytes, names: list[str]) -> None:
     """The stored header must describe exactly the listed tensors, back to back."""
     import json
 
+    check_json_text(header, "stored safetensors header", r.max_memory)
+    hook = unique_keys(lambda key: ValueError(f"the key {key!r:.80} appears twice"))
     try:
-        obj = json.loads(header)
+        obj = json.loads(header, object_pairs_hook=hook)
         obj.pop("__metadata__", None)
         pos = 0
         for name in names:
@@ -623,7 +625,7 @@ def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) ->
             if entry.role == "safetensors-header":
                 _write_shard(r, r.read_file(path), entry.tensors, fh.write, verify, progress)
             else:
-                fh.write(_file_bytes(r, path, entry, verify))
+                _write_file(r, path, fh.write, verify)
     if not any(f.role == "safetensors-header" for f in files.values()):
         names = r.keys()
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
@@ -631,8 +633,8 @@ def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) ->
             _write_shard(r, header, names, fh.write, verify, progress)
 
 
-def _file_bytes(r: Reader, path: str, entry, verify: bool) -> bytes:
-    data = r.read_file(path)
-    if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
-        raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
-    return data
+def _write_file(r: Reader, path: str, write, verify: bool) -> None:
+    """An embedded file, written a batch of chunks at a time while hashed; a digest mismatch after the last
+    raises ChecksumError, which discards the output being written."""
+    for data in r.iter_file(path, verify=verify):
+        write(data)

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from rbeformat import InputError
+from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -64,8 +65,11 @@ def read_header(path: str) -> StFile:
             header = fh.read(n)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    check_json_text(header, f"{path}: header", error=InputError)
+    hook = unique_keys(lambda key: InputError(f"{path}: header holds the key {key!r:.80} twice (JSON keys must be "
+                                              "unique; readers disagree on which one counts)"))
     try:
-        obj = json.loads(header)
+        obj = json.loads(header, object_pairs_hook=hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"{path}: header is not valid JSON ({str(exc)[:100]})") from None
     if not isinstance(obj, dict):

@@ -156,9 +156,18 @@ def container_limit(file_size: int, explicit: int | None = None) -> int:
     return min(default_limit(), max(FILE_FLOOR, FILE_RATIO * file_size))
 
 
-def check(nbytes: int, what: str, limit: int | None = None) -> None:
+def container_reason(file_size: int, explicit: int | None = None) -> str | None:
+    """Why ``container_limit`` is what it is, when the file's size decided it (for error messages)."""
+    if explicit is not None or _configured is not None:
+        return None
+    tie = max(FILE_FLOOR, FILE_RATIO * file_size)
+    return f"the default for a {file_size}-byte file" if tie < default_limit() else None
+
+
+def check(nbytes: int, what: str, limit: int | None = None, reason: str | None = None) -> None:
     """Raises MemoryLimitError (one line: what, how much, the limit) when ``nbytes`` exceeds the limit."""
     allowed = current_limit(limit)
     if nbytes > allowed:
+        why = f", {reason}" if reason else ""
         raise MemoryLimitError(f"{what}: needs {format_size(nbytes)} ({nbytes} bytes), over the memory limit of "
-                               f"{format_size(allowed)} ({allowed} bytes); --max-memory to change")
+                               f"{format_size(allowed)} ({allowed} bytes{why}); --max-memory to change")

@@ -332,20 +332,20 @@ def inflate_limit(stored: int) -> int:
     return max(_ZSTD_MANIFEST_FLOOR, _ZSTD_MANIFEST_RATIO * stored)
 
 
-def parse_manifest(data: bytes, limit: int | None = None) -> Manifest:
+def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = None) -> Manifest:
     """Validates manifest bytes; raises FormatError on anything out of place.
 
     Before parsing, the text's nesting depth is checked (at most
     ``_MAX_JSON_DEPTH``), escapes of lone surrogates are refused, and the
     memory the parse needs is estimated from its values and keys and checked
-    against the memory budget (``limit``, see rbeformat.budget).
+    against the memory budget (``limit``, see rbeformat.budget; ``reason`` says why it is that).
     """
     data = bytes(data)
-    tokens = _scan_json(data)
-    budget.check(_BYTES_PER_JSON_CHAR * len(data) + _BYTES_PER_JSON_TOKEN * tokens,
-                 f"manifest: parsing {len(data)} bytes of JSON ({tokens} values and keys)", limit)
+    check_json_text(data, "manifest", limit, reason=reason)
+    hook = unique_keys(lambda key: FormatError(f"manifest: an object holds the key {key!r:.80} twice "
+                                               "(JSON keys must be unique)"))
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"manifest: not valid UTF-8 JSON ({str(exc)[:120]})") from None
     require_keys(obj, "manifest", {"format", "version", "producer", "metadata", "tensors", "files"})
@@ -428,17 +428,29 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _unique_keys(pairs: list) -> dict:
-    """json's object_pairs_hook: an object with two equal keys is refused (5.1), not resolved to the last."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise FormatError(f"manifest: an object holds the key {key!r:.80} twice (JSON keys must be unique)")
-    return obj
+def unique_keys(error):
+    """A json ``object_pairs_hook`` refusing an object with two equal keys (5.1) instead of keeping the
+    last: it raises ``error(key)``."""
+    def hook(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set = set()
+            raise error(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+    return hook
 
 
-def _scan_json(data: bytes) -> int:
+def check_json_text(data: bytes, what: str, limit: int | None = None, error=FormatError,
+                    reason: str | None = None) -> None:
+    """Checks untrusted JSON text before json.loads: nesting and lone surrogate escapes (``error``,
+    naming ``what``), and the memory the parse needs against the budget (MemoryLimitError)."""
+    tokens = _scan_json(data, what, error)
+    budget.check(_BYTES_PER_JSON_CHAR * len(data) + _BYTES_PER_JSON_TOKEN * tokens,
+                 f"{what}: parsing {len(data)} bytes of JSON ({tokens} values and keys)", limit, reason)
+
+
+def _scan_json(data: bytes, what: str, error) -> int:
     """Checks JSON text before it is parsed; returns how many values and keys it can hold at most.
 
     Outside strings, every value but the first follows a ``,`` or an opening
@@ -451,8 +463,8 @@ def _scan_json(data: bytes) -> int:
     if b"\\" in text:  # escaped backslashes, then escaped quotes, out: every quote left delimits a string
         text = text.replace(b"\\\\", b"")
         if _LONE_SURROGATE.search(_SURROGATE_PAIR.sub(b"", text)):
-            raise FormatError("manifest: a string holds a lone surrogate escape (\\ud800-\\udfff unpaired); "
-                              "the manifest must be valid UTF-8")
+            raise error(f"{what}: a string holds a lone surrogate escape (\\ud800-\\udfff unpaired); "
+                        "JSON text must be valid UTF-8")
         text = text.replace(b'\\"', b"")
     tokens, depth, deepest, inside = 1, 0, 0, 0
     for start in range(0, len(text), _SCAN_BLOCK):
@@ -471,5 +483,5 @@ def _scan_json(data: bytes) -> int:
         else:
             depth -= int(np.count_nonzero(closes))
         if deepest > _MAX_JSON_DEPTH:
-            raise FormatError(f"manifest: JSON nested more than {_MAX_JSON_DEPTH} levels deep")
+            raise error(f"{what}: JSON nested more than {_MAX_JSON_DEPTH} levels deep")
     return tokens

@@ -91,6 +91,7 @@ class Reader:
             self._fd = self._fh.fileno()
             self.size = size
             self.max_memory = budget.container_limit(size, max_memory)
+            self._memory_reason = budget.container_reason(size, max_memory)
             self.version = unpack_header(self._read(0, HEADER_SIZE))
             self.manifest = self._read_manifest()
             self._check_layout()
@@ -119,7 +120,7 @@ class Reader:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
         if footer.manifest_encoding == MANIFEST_ZSTD:
             raw = _inflate_manifest(raw, self.max_memory)
-        return parse_manifest(raw, self.max_memory)
+        return parse_manifest(raw, self.max_memory, self._memory_reason)
 
     def _check_layout(self) -> None:
         """Sections must lie between header and manifest, aligned, and never overlap."""
@@ -333,7 +334,7 @@ class Reader:
 
     # -- memory ----------------------------------------------------------------------
     def _check_memory(self, nbytes: int, where: str) -> None:
-        budget.check(nbytes + _DECODE_SLACK, where, self.max_memory)
+        budget.check(nbytes + _DECODE_SLACK, where, self.max_memory, self._memory_reason)
 
     def blob_memory(self, blob: Blob, first: int = 0, stop: int | None = None) -> int:
         """Bytes that decoding elements [first, stop) of a blob holds at once: the chunks it needs, and

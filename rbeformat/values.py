@@ -33,7 +33,7 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
             rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16
             target[start : start + CONVERT_BLOCK] = np.where(np.isnan(block), (bits >> 16) | 0x40, rounded)
         return out
-    return x.astype(np.dtype(DTYPES[dtype].numpy_storage))
+    return x.astype(np.dtype(DTYPES[dtype].numpy_storage), copy=False)  # float32 itself: no copy
 
 
 def error_stats(x: np.ndarray, y: np.ndarray) -> dict:

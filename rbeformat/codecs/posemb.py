@@ -68,8 +68,8 @@ TABLE_BLOCK = 1 << 20
 
 def check_table_size(shape: tuple[int, ...], where: str, codec: str) -> None:
     if math.prod(shape) > MAX_TABLE_ELEMENTS:
-        raise FormatError(f"{where}: a {codec} position table of shape {list(shape)} holds {math.prod(shape)} "
-                          f"values, more than the {MAX_TABLE_ELEMENTS} a position table may hold")
+        raise FormatError(f"{where.removesuffix('.params')}: a {codec} position table of shape {list(shape)} holds "
+                          f"{math.prod(shape)} values, more than the {MAX_TABLE_ELEMENTS} a position table may hold")
 
 
 def dct_basis(n: int, rows: range) -> np.ndarray:
