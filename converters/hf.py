@@ -8,6 +8,7 @@ byte.  Tensors equal to one already stored become aliases.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from rbeformat import FormatError, InputError, Reader, UsageError, Writer
+from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
 from rbeformat.codecs.tensor import TensorCodec
@@ -631,6 +632,14 @@ def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) ->
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
         with out.create(_MERGED) as fh:
             _write_shard(r, header, names, fh.write, verify, progress)
+
+
+def _file_bytes(r: Reader, path: str, entry, verify: bool) -> bytes:
+    """An embedded file whole, in memory (``Reader.read_file``: capped and budgeted), its digest checked."""
+    data = r.read_file(path)
+    if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
+        raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
+    return data
 
 
 def _write_file(r: Reader, path: str, write, verify: bool) -> None:

@@ -533,10 +533,9 @@ def _check_tensor_matches(r: Reader, t) -> None:
 
 def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
     for t in initializers:
-        data = _tensor_bytes(r, t.name, verify)
-        t.raw_data = bytes(data)
+        t.raw_data = b"".join(_tensor_bytes(r, t.name, verify))
         if progress:
-            progress(len(data))
+            progress(len(t.raw_data))
     with atomic_file(dst, force) as fh:
         fh.write(model.SerializeToString())
     return [dst]
@@ -551,15 +550,17 @@ def _write_external(r: Reader, model, initializers: list, dst: str, force: bool,
         with atomic_file(data_path, force) as data_fh:
             offset = 0
             for t in initializers:
-                data = _tensor_bytes(r, t.name, verify)
                 pad = -offset % EXTERNAL_ALIGNMENT
                 data_fh.write(b"\0" * pad)
                 offset += pad
-                data_fh.write(data)
-                _point_at(t, location, offset, len(data))
-                offset += len(data)
-                if progress:
-                    progress(len(data))
+                length = 0
+                for data in _tensor_bytes(r, t.name, verify):  # a batch of chunks at a time
+                    data_fh.write(data)
+                    length += len(data)
+                    if progress:
+                        progress(len(data))
+                _point_at(t, location, offset, length)
+                offset += length
             model_fh.write(model.SerializeToString())  # renamed into place after the data file
     return [dst, data_path]
 
