@@ -373,7 +373,8 @@ def _tokenizer(reader: Reader, path: str, folder: str, transformers):
         raise UsageError(f"{path}: holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     for name in present:
         with open(os.path.join(folder, name), "wb") as fh:
-            fh.write(reader.read_file(name))
+            for piece in reader.iter_file(name):  # streamed, its digest checked
+                fh.write(piece)
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
