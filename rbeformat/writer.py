@@ -338,6 +338,11 @@ class Writer:
         self._require_open()
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("metadata must map strings to strings")
+        for text in (*metadata, *metadata.values()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a reader refuses its \ud800-style escape in the manifest
+                raise InputError(f"metadata {text!r:.80}: not valid UTF-8 (it holds a lone surrogate)") from None
         self._metadata = dict(metadata)
 
     def _claim_name(self, name: str, internal: bool = False) -> str:
