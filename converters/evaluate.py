@@ -4,7 +4,10 @@ The original (a Hugging Face model directory, a .safetensors file inside one,
 or an .rbe file) and every compressed .rbe file are loaded one at a time with
 transformers, in float32 on the CPU, scored by the protocols of
 ``rbe_converters.quality`` and freed again, so memory holds one model at a time.
-An .rbe file is first decoded to a temporary directory.  Causal LMs
+transformers reads only a temporary folder holding what it needs (config and
+tokenizer files, safetensors weights: an .rbe file's decoded there, a
+directory's linked), never code or pickles, after its config.json passed the
+checks of ``rbe_converters.hf_guard``; nothing from the files runs.  Causal LMs
 (``architectures`` ending in ``ForCausalLM``) are scored by perplexity, every
 other model by its mean-pooled sentence embeddings.  All models use the
 original's tokenizer; a container without config or tokenizer files (one made
@@ -40,7 +43,7 @@ from typing import Callable
 
 from rbeformat import InputError, Reader, UsageError
 
-from . import quality
+from . import hf_guard, quality
 from .atomic import atomic_file, check_parent, check_target
 from .report import human_bytes, tensor_rows, totals
 
@@ -128,35 +131,72 @@ def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -
 
 # -- model directories --------------------------------------------------------------
 
-def _is_weights_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+# What transformers reads is only ever a folder written here (``hf_guard``): the config and tokenizer files
+# and the safetensors weights it would load, under names it loads; never code, never a pickle.
 
+def stage_model_directory(model_dir: str, workdir: str) -> str:
+    """A folder of links to what transformers needs of a model directory, and nothing else."""
+    from . import hf_guard
 
-def _link_missing_files(source_dir: str, target_dir: str) -> None:
-    """Gives target_dir the config and tokenizer files of source_dir it lacks (never weights)."""
-    for name in sorted(os.listdir(source_dir)):
-        full = os.path.join(source_dir, name)
-        if os.path.isfile(full) and not _is_weights_file(name) and not os.path.lexists(os.path.join(target_dir, name)):
-            os.symlink(os.path.abspath(full), os.path.join(target_dir, name))
+    target = os.path.join(workdir, "original")
+    os.makedirs(target)
+    hf_guard.stage_directory(model_dir, target)
+    return target
 
 
 def stage_safetensors_file(path: str, workdir: str) -> str:
-    """A model directory holding just this .safetensors file and its directory's other files."""
+    """A model directory holding just this .safetensors file and its directory's config and tokenizer files."""
+    from . import hf_guard
+
     target = os.path.join(workdir, "original")
     os.makedirs(target)
-    os.symlink(os.path.abspath(path), os.path.join(target, "model.safetensors"))
-    _link_missing_files(os.path.dirname(os.path.abspath(path)), target)
+    os.symlink(os.path.abspath(path), os.path.join(target, hf_guard.WEIGHTS))
+    hf_guard.link_data_files(os.path.dirname(os.path.abspath(path)), target)
     return target
 
 
 def decode_to_directory(path: str, target: str, threads: int | None, borrow_from: str | None) -> str:
-    """An .rbe file decoded into a HF directory, with the original's files it does not carry."""
-    from .hf import decode
+    """What transformers needs of an .rbe file, decoded into a new folder (``hf_guard.write_container_folder``),
+    with the original's config and tokenizer files it does not carry."""
+    from . import hf_guard
 
-    decode(path, target, threads=threads)
+    os.makedirs(target)
+    with Reader(path, threads=threads) as r:
+        hf_guard.write_container_folder(r, target, path)
     if borrow_from is not None:
-        _link_missing_files(borrow_from, target)
+        hf_guard.link_data_files(borrow_from, target)
     return target
+
+
+def check_container_config(path: str) -> None:
+    """A container's own config.json (when it has one) checked against its tensors before any model loads."""
+    from . import hf_guard
+
+    with Reader(path, verify_checksums=False) as r:
+        files = r.files()
+        if hf_guard.CONFIG_FILE not in files:
+            return
+        config = hf_guard.parse_json(r.read_file(hf_guard.CONFIG_FILE), path, hf_guard.CONFIG_FILE)
+        hf_guard.check_config(config, {name: tuple(r.entry(name).shape) for name in r.keys()}, path)
+        if hf_guard.TOKENIZER_CONFIG in files:
+            hf_guard.check_tokenizer_config(
+                hf_guard.parse_json(r.read_file(hf_guard.TOKENIZER_CONFIG), path, hf_guard.TOKENIZER_CONFIG), path)
+
+
+def container_safetensors_bytes(path: str) -> int:
+    """The bytes of the safetensors files ``rbe decode`` writes for a container: what the ratios divide."""
+    from .hf import exported_graph_parts
+    from .safetensors_io import build_header
+
+    with Reader(path, verify_checksums=False) as r:
+        graph_files, graph_tensors = exported_graph_parts(r)
+        shards = [(p, f) for p, f in r.files().items() if f.role == "safetensors-header" and p not in graph_files]
+        dense = lambda names: sum(math.prod(r.entry(n).shape) * r.entry(n).dtype.itemsize for n in names)  # noqa: E731
+        if not shards:  # one model.safetensors of every tensor
+            names = [n for n in r.keys() if n not in graph_tensors]
+            header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
+            return 8 + len(header) + dense(names)
+        return sum(8 + f.blob.items + dense(f.tensors) for _, f in shards)
 
 
 def safetensors_bytes(model_dir: str) -> int:
@@ -187,6 +227,7 @@ class PerplexityMeasure:
             raise InputError(f"{options.text or 'the evaluation text'}: holds {len(ids)} tokens, fewer than one "
                              f"window of {self.window}; give a longer --text or a smaller --window")
         self.parts = quality.windows(ids, self.window, count)
+        self.largest_token_id = max(max(part) for part in self.parts)
         self.reference: float | None = None
 
     def score(self, model) -> dict:
@@ -220,6 +261,8 @@ class EmbeddingMeasure:
             self.sentences, self.source = quality.read_sentences(options.sentences), options.sentences
         self.sha256 = quality.fingerprint("\n".join(self.sentences))
         self.tokenizer = tokenizer
+        self.largest_token_id = max((max(ids, default=0) for ids in tokenizer(self.sentences)["input_ids"]),
+                                    default=0)
         self.reference = None
 
     def score(self, model) -> dict:
@@ -284,18 +327,19 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
         torch.set_num_threads(options.threads)
     with _quiet_transformers(transformers), tempfile.TemporaryDirectory(prefix="rbe-eval-") as workdir:
         concerning(original)
-        model_dir, reference = _original_directory(original, workdir, options.threads)
-        config = quality.read_config(model_dir)
+        model_dir, reference, reference_bytes = _original_directory(original, workdir, options.threads)
+        config = hf_guard.check_folder(model_dir, original)
         measure_kind = choose_measure(config, original, options)
-        tokenizer = quality.load_tokenizer(model_dir)
+        tokenizer = quality.load_tokenizer(model_dir, original)
         concerning(options.text or options.sentences or original)
         baseline = _Baseline(measure_kind(tokenizer, options), measure_kind is PerplexityMeasure,
-                             safetensors_bytes(model_dir), linear_weights(reference, config))
+                             reference_bytes, linear_weights(reference, config))
         sizes = {}
         for path in compressed:  # every file is checked before the first model loads
             concerning(path)
             sizes[path] = rbe_sizes(path)
             check_same_model(path, sizes[path], original, reference)
+            check_container_config(path)
         concerning(original)
         rows = [baseline.scored_row(original, "original", reference, model_dir)]
         for k, path in enumerate(compressed):
@@ -308,20 +352,23 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
             "rows": rows}
 
 
-def _original_directory(original: str, workdir: str, threads: int | None) -> tuple[str, Sizes]:
-    """The original as a model directory, and its sizes."""
+def _original_directory(original: str, workdir: str, threads: int | None) -> tuple[str, Sizes, int]:
+    """The original as a folder transformers may read, its sizes, and its safetensors bytes."""
     if os.path.isdir(original):
-        return original, safetensors_sizes(original)
+        sizes = safetensors_sizes(original)
+        return stage_model_directory(original, workdir), sizes, safetensors_bytes(original)
     if original.endswith(".safetensors"):
         if not os.path.isfile(original):
             raise InputError(f"{original}: no such file")
-        return stage_safetensors_file(original, workdir), safetensors_sizes(original)
+        return stage_safetensors_file(original, workdir), safetensors_sizes(original), os.path.getsize(original)
     sizes = rbe_sizes(original)
     with Reader(original, verify_checksums=False) as r:
         if "config.json" not in r.files():  # made from a lone .safetensors file
             raise InputError(f"{original}: holds no config.json, so transformers cannot load it; give the model "
                              "directory (or an .rbe converted from it) as the original")
-    return decode_to_directory(original, os.path.join(workdir, "original"), threads, None), sizes
+    check_container_config(original)  # before anything is decoded
+    target = decode_to_directory(original, os.path.join(workdir, "original"), threads, None)
+    return target, sizes, container_safetensors_bytes(original)
 
 
 @dataclass
@@ -334,8 +381,12 @@ class _Baseline:
     linear: set
 
     def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str) -> dict:
-        model = quality.load_model(model_dir, self.causal)
+        model = quality.load_model(model_dir, self.causal, path)
         try:
+            rows = model.get_input_embeddings().weight.shape[0]
+            if self.measure.largest_token_id >= rows:  # an index error deep in torch otherwise
+                raise InputError(f"{path}: the tokenizer gives token id {self.measure.largest_token_id}, but the "
+                                 f"model's token embedding has {rows} rows")
             scores = self.measure.score(model)
         finally:
             del model
