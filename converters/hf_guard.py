@@ -421,11 +421,16 @@ def check_folder(folder: str, source: str, shapes: dict[str, tuple] | None = Non
         raise InputError(f"{source}: no {CONFIG_FILE}; a model needs its Hugging Face config to be loaded")
     config = parse_json(_small_file(path, source, CONFIG_FILE), source, CONFIG_FILE)
     check_config(config, folder_shapes(folder) if shapes is None else shapes, source)
-    tokenizer_config = os.path.join(folder, TOKENIZER_CONFIG)
-    if os.path.isfile(tokenizer_config):
-        data = _small_file(tokenizer_config, source, TOKENIZER_CONFIG)
-        check_tokenizer_config(parse_json(data, source, TOKENIZER_CONFIG), source)
+    check_tokenizer_folder(folder, source)
     return config
+
+
+def check_tokenizer_folder(folder: str, source: str) -> None:
+    """The tokenizer_config.json of a folder written or staged here (when it has one) names no code."""
+    path = os.path.join(folder, TOKENIZER_CONFIG)
+    if os.path.isfile(path):
+        check_tokenizer_config(parse_json(_small_file(path, source, TOKENIZER_CONFIG), source, TOKENIZER_CONFIG),
+                               source)
 
 
 def _small_file(path: str, source: str, name: str) -> bytes:

@@ -29,7 +29,6 @@ an .rbe file unchanged.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -42,17 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rbeformat import FormatError, InputError, Reader, UsageError, safe_open
+from rbe_converters import hf_guard
 from rbe_converters.atomic import atomic_file
 from rbe_converters.quality import is_causal_lm
 
 from . import torch_codecs
 from .report import FormReport
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = hf_guard.CONFIG_FILE
 # Files AutoTokenizer reads from a model directory (top level only).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = hf_guard.TOKENIZER_FILES
 
 
 # -- the report -------------------------------------------------------------------------
@@ -163,7 +161,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     decodes every weight in float32 at each forward, equal to the reference
     decoder to float rounding.  A container without config.json is
     a UsageError; a damaged or hostile file fails with the format's error
-    before any module is built.
+    before any module is built.  Nothing from the container runs: only
+    config.json (and the tokenizer files) reach transformers, with
+    ``trust_remote_code=False``; a config.json that names a model type not
+    built into transformers, carries ``auto_map``, or whose sizes the stored
+    tensors do not bear out (``rbe_converters.hf_guard.check_config``) is an
+    InputError, as is a model whose buffers would exceed the memory limit
+    (measured on the meta device first) and any error transformers or
+    tokenizers raise on the container's files.
     """
     transformers = _transformers()
     dtype = dtype or torch.float32
@@ -179,9 +184,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         _check_sound(reader, path)
         config = _write_config(reader, path, folder)
         auto = transformers.AutoModelForCausalLM if is_causal_lm(config) else transformers.AutoModel
-        hf_config = transformers.AutoConfig.from_pretrained(folder)
-        with _parameters_on_meta():
-            model = auto.from_config(hf_config, dtype=dtype)
+        with hf_guard.content_errors(path, CONFIG_FILE):
+            hf_config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
+        _, buffers = hf_guard.model_memory(auto, hf_config, dtype, path)  # parameters come from the file
+        hf_guard.check_memory(buffers, path, f"the buffers of the model its {CONFIG_FILE} describes")
+        with hf_guard.content_errors(path, f"model from its {CONFIG_FILE}"), _parameters_on_meta():
+            model = auto.from_config(hf_config, dtype=dtype, **hf_guard.NO_CODE)
         report = LoadReport(path=path, cache_bytes=cache_bytes)
         _fill(model, reader, report, device, dtype, DecodedCache(cache_bytes) if cache_bytes else None, kernel)
         tokenizer = _tokenizer(reader, path, folder, transformers) if with_tokenizer else None
@@ -227,12 +235,8 @@ def _write_config(reader: Reader, path: str, folder: str) -> dict:
         raise UsageError(f"{path}: holds no {CONFIG_FILE}; load_model needs a container converted from a Hugging "
                          "Face model directory (rbe_loaders.torch.load_state_dict reads the tensors alone)")
     data = reader.read_file(CONFIG_FILE)
-    try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: the embedded {CONFIG_FILE} is not JSON ({exc})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise InputError(f"{path}: the embedded {CONFIG_FILE} names no model_type")
+    config = hf_guard.parse_json(data, path, f"the embedded {CONFIG_FILE}")
+    hf_guard.check_config(config, {name: tuple(reader.entry(name).shape) for name in reader.keys()}, path)
     with open(os.path.join(folder, CONFIG_FILE), "wb") as fh:
         fh.write(data)
     return config
@@ -262,12 +266,17 @@ def _parameters_on_meta():
 def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, cache, kernel: str) -> None:
     """Replaces mapped Linear / Embedding modules and decodes every other parameter and buffer at load."""
     names = _stored_names(model, reader)
+    _check_shapes(model, reader, names, report.path)
     uses = []  # (module name, module, stored tensor)
     for module_name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             weight = f"{module_name}.weight" if module_name else "weight"
             stored = names.get(weight) or _tied_source(model, module_name, names)
             if stored is not None:
+                if tuple(module.weight.shape) != tuple(reader.entry(stored).shape):  # a tied head
+                    raise InputError(f"{report.path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, "
+                                     f"but the model its {CONFIG_FILE} describes needs {list(module.weight.shape)} "
+                                     f"for {weight!r}")
                 uses.append((module_name, module, reader.stored_entry(stored).name))
     multiplied = {target for _, module, target in uses if isinstance(module, nn.Linear)}
     looked_up = {target for _, module, target in uses if isinstance(module, nn.Embedding)}
@@ -307,6 +316,17 @@ def _stored_names(model: nn.Module, reader: Reader) -> dict[str, str]:
                 found[name] = candidate
                 break
     return found
+
+
+def _check_shapes(model: nn.Module, reader: Reader, names: dict[str, str], path: str) -> None:
+    """Every stored tensor the model takes has the shape of the parameter or buffer it fills."""
+    wanted = dict(model.named_parameters(remove_duplicate=False))
+    wanted.update((name, buffer) for name, buffer in model.named_buffers(remove_duplicate=False) if name in names)
+    for name, tensor in wanted.items():
+        stored = names.get(name)
+        if stored is not None and tuple(reader.entry(stored).shape) != tuple(tensor.shape):
+            raise InputError(f"{path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, but the "
+                             f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}")
 
 
 def _tied_source(model: nn.Module, module_name: str, names: dict[str, str]) -> str | None:
@@ -375,7 +395,9 @@ def _tokenizer(reader: Reader, path: str, folder: str, transformers):
         with open(os.path.join(folder, name), "wb") as fh:
             for piece in reader.iter_file(name):  # streamed, its digest checked
                 fh.write(piece)
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    hf_guard.check_tokenizer_folder(folder, path)
+    with hf_guard.content_errors(path, "tokenizer"):
+        return transformers.AutoTokenizer.from_pretrained(folder, **hf_guard.NO_CODE)
 
 
 # -- saving -----------------------------------------------------------------------------
