@@ -38,6 +38,7 @@ import warnings
 from dataclasses import dataclass
 
 from rbeformat import InputError, UsageError, Writer
+from rbeformat.onnx_safety import check_model
 from rbe_loaders.onnx_graph import GRAPH_KEY, MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
 
 from . import onnx_io
@@ -254,6 +255,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
         for field in onnx_io._DATA_FIELDS:
             t.ClearField(field)
         t.ClearField("data_location")
+    check_model(model, f"{plan.root or '.'}: the graph torch exported")  # what every reader of the container checks
     return ExportedGraph(kind, model.SerializeToString(), mapping, own)
 
 

@@ -59,8 +59,9 @@ class Deadline:
 class _Worker:
     """A daemon thread running calls one at a time; idle between them, back in ``_idle`` after each.
 
-    Threads live on rather than one per call: a thread that ends runs onnxruntime's thread-local
-    destructors, and a process exiting meanwhile (right after a stop signal) aborts in them.
+    Threads live on, waiting for the next call, rather than one per call: a thread ending while the
+    process exits (right after a stop signal) aborted it in onnxruntime's teardown (std::terminate,
+    exit 134 instead of 143); an idle worker waits outside onnxruntime and is never woken.
     """
 
     def __init__(self):

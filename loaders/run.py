@@ -63,14 +63,18 @@ class LoadedModel:
 def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None) -> LoadedModel:
     """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
 
-    UsageError for a container without a graph, config.json or tokenizer.json.
+    UsageError for a container without a graph, config.json or tokenizer.json; ``timeout``: seconds
+    (or an ``ort_guard.Deadline``) the session's build may take.
     """
     path = os.fspath(path)
     config, generation = _read_configs(path)
     from .ort import session  # after the checks: building a session is the slow part
 
-    sess, _ = session(path, quiet=True, timeout=timeout, sess_options=_session_options(threads))
-    return LoadedModel(path, sess, container_tokenizer(path), config, eos_token_ids(config, generation))
+    deadline = ort_guard.Deadline.of(timeout)
+    sess, _ = session(path, quiet=True, timeout=deadline, sess_options=_session_options(threads))
+    tokenizer = ort_guard.call(lambda: container_tokenizer(path), path=path, doing="reading the embedded tokenizer",
+                               deadline=deadline, source="tokenizers")
+    return LoadedModel(path, sess, tokenizer, config, eos_token_ids(config, generation))
 
 
 def _read_configs(path: str) -> tuple[dict, dict]:
