@@ -14,7 +14,8 @@ The limit, in order of precedence:
 3. and, for a container opened without an explicit limit, also at most
    ``max(FILE_FLOOR, FILE_RATIO * file size)`` (``container_limit``): a
    legitimate file's largest decode is a small multiple of the file, so a tiny
-   file never gets gigabytes.
+   file never gets gigabytes; parsing its manifest at most
+   ``max(MANIFEST_FLOOR, MANIFEST_RATIO * file size)`` (``manifest_limit``).
 
 >>> parse_size("2G"), parse_size("500M"), parse_size("4096")
 (2147483648, 524288000, 4096)
@@ -36,6 +37,12 @@ DEFAULT_SHARE = 0.5  # of the available memory
 FILE_FLOOR = 1 << 30  # the file-size tie never refuses this much
 FILE_RATIO = 256  # ... nor this many times the file's size
 MIN_DEFAULT = 256 << 20  # a default never below this, however busy the machine
+# Parsing a container's manifest gets, by default, at most
+# max(MANIFEST_FLOOR, MANIFEST_RATIO * file size): a real manifest costs about
+# 18 bytes of memory per byte of JSON and is either stored plain (the file is
+# larger than it) or belongs to a model whose weights dwarf it.
+MANIFEST_FLOOR = 256 << 20
+MANIFEST_RATIO = 32
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
@@ -154,6 +161,13 @@ def container_limit(file_size: int, explicit: int | None = None) -> int:
     if explicit is not None or _configured is not None:
         return current_limit(explicit)
     return min(default_limit(), max(FILE_FLOOR, FILE_RATIO * file_size))
+
+
+def manifest_limit(file_size: int, explicit: int | None = None) -> int:
+    """The limit for parsing the manifest of a container of ``file_size`` bytes (see ``container_limit``)."""
+    if explicit is not None or _configured is not None:
+        return current_limit(explicit)
+    return min(container_limit(file_size), max(MANIFEST_FLOOR, MANIFEST_RATIO * file_size))
 
 
 def container_reason(file_size: int, explicit: int | None = None) -> str | None:

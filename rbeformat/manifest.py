@@ -65,6 +65,15 @@ _ZSTD_MANIFEST_FLOOR = 1 << 20
 # bytes and the decoded str).  parse_manifest checks the sum with the budget.
 _BYTES_PER_JSON_TOKEN = 96
 _BYTES_PER_JSON_CHAR = 2
+# Entries (tensors and files) and chunk records a file may list: at most one
+# per _BYTES_PER_RECORD bytes of the file, or _RECORD_FLOOR.  Each chunk of a
+# known codec occupies at least 64 bytes of the file (aligned, non-empty,
+# sections never overlap), so real files stay far below; aliases, empty
+# tensors and chunks of unknown codecs occupy nothing, and without this a
+# file of a few hundred KB lists a million of them, which takes minutes to
+# validate and list.
+_BYTES_PER_RECORD = 32
+_RECORD_FLOOR = 1 << 16
 # The scan before parsing reads the text in blocks of this many bytes.
 _SCAN_BLOCK = 1 << 20
 _LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -327,18 +336,39 @@ def _parse_file(obj: Any, where: str) -> FileEntry:
     return FileEntry(path, role, blob, tensors)
 
 
+def record_limit(file_size: int) -> int:
+    """The most tensors, files and chunk records together that a file of ``file_size`` bytes may list."""
+    return max(_RECORD_FLOOR, file_size // _BYTES_PER_RECORD)
+
+
+def _count_records(obj: dict) -> int:
+    """Entries and chunk records (those of parts included), counted without validating anything."""
+    stack = [*obj["tensors"], *obj["files"]]
+    count = len(stack)
+    while stack:
+        entry = stack.pop()
+        if isinstance(entry, dict):
+            chunks, parts = entry.get("chunks"), entry.get("parts")
+            count += len(chunks) if isinstance(chunks, list) else 0
+            stack.extend(parts.values() if isinstance(parts, dict) else ())
+    return count
+
+
 def inflate_limit(stored: int) -> int:
     """The most bytes a zstd-stored manifest of ``stored`` bytes may declare (within MAX_MANIFEST_BYTES)."""
     return max(_ZSTD_MANIFEST_FLOOR, _ZSTD_MANIFEST_RATIO * stored)
 
 
-def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = None) -> Manifest:
+def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = None,
+                   file_size: int | None = None) -> Manifest:
     """Validates manifest bytes; raises FormatError on anything out of place.
 
     Before parsing, the text's nesting depth is checked (at most
     ``_MAX_JSON_DEPTH``), escapes of lone surrogates are refused, and the
     memory the parse needs is estimated from its values and keys and checked
     against the memory budget (``limit``, see rbeformat.budget; ``reason`` says why it is that).
+    With ``file_size``, the entries and chunk records are counted before any
+    is validated: at most ``record_limit(file_size)``.
     """
     data = bytes(data)
     check_json_text(data, "manifest", limit, reason=reason)
@@ -362,6 +392,9 @@ def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = N
     for key in ("tensors", "files"):
         if not isinstance(obj[key], list) or len(obj[key]) > MAX_ENTRIES:
             raise FormatError(f"manifest.{key}: expected a list of at most {MAX_ENTRIES} entries")
+    if file_size is not None and _count_records(obj) > record_limit(file_size):
+        raise FormatError(f"manifest: {_count_records(obj)} tensors, files and chunks in a {file_size}-byte file; "
+                          f"a file lists at most one per {_BYTES_PER_RECORD} bytes of its size, or {_RECORD_FLOOR}")
     tensors: dict[str, TensorEntry] = {}
     for i, t in enumerate(obj["tensors"]):
         entry = _parse_tensor(t, f"tensors[{i}]")

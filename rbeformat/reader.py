@@ -90,6 +90,7 @@ class Reader:
                 raise FormatError(f"{self.path}: {size} bytes is too short for an rbe file")
             self._fd = self._fh.fileno()
             self.size = size
+            self._explicit_memory = max_memory
             self.max_memory = budget.container_limit(size, max_memory)
             self._memory_reason = budget.container_reason(size, max_memory)
             self.version = unpack_header(self._read(0, HEADER_SIZE))
@@ -120,7 +121,9 @@ class Reader:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
         if footer.manifest_encoding == MANIFEST_ZSTD:
             raw = _inflate_manifest(raw, self.max_memory)
-        return parse_manifest(raw, self.max_memory, self._memory_reason)
+        limit = budget.manifest_limit(self.size, self._explicit_memory)
+        reason = None if limit == self.max_memory else f"the default for the manifest of a {self.size}-byte file"
+        return parse_manifest(raw, limit, reason or self._memory_reason, self.size)
 
     def _check_layout(self) -> None:
         """Sections must lie between header and manifest, aligned, and never overlap."""
