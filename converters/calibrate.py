@@ -16,8 +16,8 @@ Memory: the model in float32, one window's activations, and the H matrices
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +25,9 @@ import numpy as np
 
 from rbeformat import InputError, UsageError
 from rbeformat.codecs.tensor import Calibration
+
+from . import hf_guard
+from .quality import is_causal_lm
 
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
@@ -165,20 +168,17 @@ def _load(model_dir: str, threads: int | None):
     # rbe reports its own progress and errors; transformers' load reports would bury them.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
         raise InputError(f"{model_dir}: calibration needs a model directory with config.json")
-    with open(config_path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    try:
-        model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{model_dir}: transformers cannot load the model and tokenizer that calibration "
-                         f"runs ({first[:200]})") from None
+    # transformers reads a folder of links to the directory's config, tokenizer and safetensors files alone
+    # (hf_guard): nothing from the directory runs, no pickle is read, and config.json is checked first.
+    with tempfile.TemporaryDirectory(prefix="rbe-calibrate-") as folder:
+        shapes = hf_guard.stage_directory(model_dir, folder)
+        config = hf_guard.check_folder(folder, model_dir, shapes)
+        causal = is_causal_lm(config)
+        cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = hf_guard.load_pretrained(cls, folder, model_dir, dtype=torch.float32).eval()
+        tokenizer = hf_guard.load_tokenizer(folder, model_dir)
     return torch, model, tokenizer, causal
 
 
@@ -326,7 +326,8 @@ def sequential_steps(model_dir: str) -> int:
     """How many progress steps ``sequential`` reports: one per block."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with hf_guard.content_errors(model_dir, hf_guard.CONFIG_FILE):
+        config = transformers.AutoConfig.from_pretrained(model_dir, **hf_guard.NO_CODE)
     return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
 
 
