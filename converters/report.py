@@ -14,7 +14,7 @@ import os
 
 from rbeformat import RbeError, Reader
 from rbeformat.chain import Chain
-from rbeformat.manifest import Transform, blobs_of
+from rbeformat.manifest import Transform, blobs_of, check_json_text
 
 from .roles import TensorRole, classify
 
@@ -44,7 +44,9 @@ def _embedded_config(r: Reader) -> dict | None:
     if "config.json" not in r.manifest.files:
         return None
     try:
-        config = json.loads(r.read_file("config.json"))
+        data = r.read_file("config.json")
+        check_json_text(data, "file 'config.json'", r.max_memory)  # its parse within the memory limit
+        config = json.loads(data)
     except (RbeError, UnicodeDecodeError, ValueError, RecursionError):
         return None  # a damaged config still lets info list the tensors; roles then come from names
     return config if isinstance(config, dict) else None
