@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     UnsupportedError,
     UsageError,
 )
+from .budget import MemoryLimitError  # noqa: E402
 from .api import load_file, safe_open, save_file  # noqa: E402
 from .reader import Reader, TensorSlice  # noqa: E402
 from .writer import Writer  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "ChecksumError",
     "FormatError",
     "InputError",
+    "MemoryLimitError",
     "OutputExistsError",
     "RbeError",
     "Reader",
