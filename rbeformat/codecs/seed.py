@@ -224,10 +224,10 @@ class SeedCodec(TensorCodec):
     def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
         n = math.prod(shape)
         blocks = n // self.block
-        table = 4 * 2**self.seed_bits * self.block * self.rank  # basis_table (cached) and its uint32 source
+        table = 4 * 2**self.seed_bits * self.block * self.rank  # basis_table (cached): its states, a copy, the result
         chunk = min(blocks, CHUNK_BLOCKS) * self.block * (4 * self.rank + 24)
         # seeds and exponents (uint32, int32), coefficients (uint32, int32 twice), the result
-        return 2 * table + chunk + 8 * blocks + 12 * blocks * self.rank + 4 * n
+        return 3 * table + chunk + 8 * blocks + 12 * blocks * self.rank + 4 * n
 
     def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
                      refs: dict[str, np.ndarray]) -> np.ndarray:
