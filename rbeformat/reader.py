@@ -322,6 +322,8 @@ class Reader:
         return entry
 
     def _iter_blob(self, blob: Blob, where: str, verify: bool) -> Iterator[memoryview]:
+        if blob.codec is None:
+            raise UnsupportedError(f"{where}: {blob.unsupported}")
         hasher = hashlib.sha256() if verify and blob.digest is not None else None
         start = first = 0
         for chunk in blob.chunks:

@@ -149,10 +149,14 @@ def test_bad_sizes_are_usage_errors(text, capsys):
     assert "--max-memory" in line
 
 
-def test_the_default_is_a_share_of_the_available_memory_tied_to_small_files():
+def test_the_default_is_a_share_of_the_available_memory_tied_to_small_files(monkeypatch):
     available = budget.available_memory()
     assert available is None or budget.default_limit() <= max(budget.MIN_DEFAULT, available)
-    assert budget.container_limit(512) == min(budget.default_limit(), budget.FILE_FLOOR)
+    monkeypatch.setattr(budget, "default_limit", lambda: 8 << 30)
+    assert budget.container_limit(512) == budget.FILE_FLOOR
+    assert budget.container_limit(16 << 20) == 4 << 30  # 256 times the file
+    assert budget.container_limit(1 << 30) == 8 << 30  # never past the share of available memory
+    assert budget.manifest_limit(512) == budget.MANIFEST_FLOOR
     assert budget.container_limit(512, 5 << 30) == 5 << 30  # an explicit limit is taken as given
     with pytest.raises(MemoryLimitError, match=r"tensor 'w': needs 2\.00 GiB .*--max-memory to change"):
         budget.check(2 << 30, "tensor 'w'", 1 << 30)
