@@ -88,8 +88,9 @@ def smollm2_dir() -> str:
 
     tmp = tempfile.mkdtemp(prefix=".smollm2-fp32.", dir=cache_dir())
     folder, name = os.path.dirname(gguf), os.path.basename(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # transformers refuses to save a model loaded from GGUF until the marker goes.
     model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)

@@ -99,7 +99,8 @@ torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 before = rss()
 auto = transformers.AutoModelForCausalLM if job["causal"] else transformers.AutoModel
-model = auto.from_pretrained(job["model"], dtype=torch.float32).eval()
+model = auto.from_pretrained(job["model"], dtype=torch.float32, trust_remote_code=False,
+                              use_safetensors=True).eval()
 """
 
 _ENCODER_FEEDS = r"""

@@ -79,7 +79,8 @@ if job["kind"] == "fly":
     model = load_model(job["model"])
 else:
     auto = transformers.AutoModelForCausalLM if job["causal"] else transformers.AutoModel
-    model = auto.from_pretrained(job["model"], dtype=torch.float32).eval()
+    model = auto.from_pretrained(job["model"], dtype=torch.float32, trust_remote_code=False,
+                                  use_safetensors=True).eval()
 load_s = time.perf_counter() - start
 """
 

@@ -34,6 +34,7 @@ import inspect
 import io
 import json
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -99,10 +100,18 @@ def export_model(root: str, threads: int | None = None) -> tuple["onnx.ModelProt
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # rbe reports its own progress and errors
-    config = transformers.AutoConfig.from_pretrained(root)
-    kind = model_kind(config)
-    auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
-    model = auto.from_pretrained(root, dtype="auto").eval()  # the stored dtype: initializers match bit for bit
+    from . import hf_guard
+
+    # transformers reads links to the directory's config, tokenizer and safetensors files alone, after
+    # config.json passed hf_guard's checks: nothing from the directory runs, no pickle is read.
+    with tempfile.TemporaryDirectory(prefix="rbe-export-") as folder:
+        hf_guard.check_folder(folder, root, hf_guard.stage_directory(root, folder))
+        with hf_guard.content_errors(root, hf_guard.CONFIG_FILE):
+            config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
+        kind = model_kind(config)
+        auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
+        # the stored dtype: initializers match bit for bit
+        model = hf_guard.load_pretrained(auto, folder, root, dtype="auto").eval()
     module, args, names = (_causal_lm(model) if kind == "causal-lm" else _encoder(model))
     inputs, outputs, dynamic = names
     try:
