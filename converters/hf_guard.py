@@ -258,21 +258,43 @@ def _check_sizes(config: dict, prefix: str, dims: set[int], layers: int, where: 
 
 # -- the memory of the model a config describes -----------------------------------------
 
-def model_memory(auto, hf_config, dtype, source: str) -> tuple[int, int]:
-    """(parameter bytes, buffer bytes) of the model ``auto.from_config`` builds from ``hf_config``.
+def meta_model(auto, hf_config, dtype, source: str):
+    """The model ``auto.from_config`` builds from ``hf_config``, on the meta device: nothing allocated.
 
-    Built on the meta device, so nothing is allocated: every parameter and
-    buffer the config's numbers decide is counted exactly, rope tables and
-    masks included.  Call ``check_config`` first (a huge layer count would make
-    even this slow).
+    Call ``check_config`` first (a huge layer count would make even this slow).
     """
     import torch
 
     with content_errors(source, f"model from its {CONFIG_FILE}"), torch.device("meta"):
-        model = auto.from_config(hf_config, dtype=dtype, **NO_CODE)
+        return auto.from_config(hf_config, dtype=dtype, **NO_CODE)
+
+
+def model_memory(auto, hf_config, dtype, source: str) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) of the model ``auto.from_config`` builds from ``hf_config``: every
+    parameter and buffer the config's numbers decide, rope tables and masks included, counted exactly on
+    the meta device."""
+    return _bytes(meta_model(auto, hf_config, dtype, source))
+
+
+def _bytes(model) -> tuple[int, int]:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return params, buffers
+
+
+def check_shapes(model, shapes: dict[str, tuple], source: str) -> None:
+    """Every stored tensor that fills a parameter or buffer of ``model`` (by name, with or without the base
+    model's prefix) has its shape."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    wanted = dict(model.named_parameters(remove_duplicate=False))
+    wanted.update(model.named_buffers(remove_duplicate=False))
+    for name, tensor in wanted.items():
+        for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if candidate in shapes:
+                if tuple(shapes[candidate]) != tuple(tensor.shape):
+                    raise InputError(f"{source}: tensor {candidate!r} has shape {list(shapes[candidate])}, but the "
+                                     f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}")
+                break
 
 
 def check_memory(nbytes: int, source: str, what: str) -> None:
@@ -443,19 +465,21 @@ def _small_file(path: str, source: str, name: str) -> bytes:
 
 # -- loading --------------------------------------------------------------------------
 
-def load_pretrained(auto, folder: str, source: str, *, check_memory_of: str | None = "float32 model", **kwargs):
-    """``auto.from_pretrained`` on a folder written or staged here (``check_folder`` passed): its model built
-    on the meta device first and its memory checked, then loaded from safetensors, no code run."""
+def load_pretrained(auto, folder: str, source: str, **kwargs):
+    """``auto.from_pretrained`` on a folder written or staged here (``check_folder`` passed): the model
+    built on the meta device first, its memory (parameters in ``dtype``, float32 for "auto", and buffers)
+    checked against the limit and the weights' shapes against it; then loaded from safetensors, no code run."""
     import torch
     import transformers
 
     with content_errors(source, CONFIG_FILE):
         hf_config = transformers.AutoConfig.from_pretrained(folder, **NO_CODE)
-    dtype = kwargs.get("dtype", torch.float32)
-    if check_memory_of is not None:
-        params, buffers = model_memory(auto, hf_config, dtype if isinstance(dtype, torch.dtype) else torch.float32,
-                                       source)
-        check_memory(params + buffers, source, f"the {check_memory_of} its {CONFIG_FILE} describes")
+    dtype = kwargs.get("dtype")
+    model = meta_model(auto, hf_config, dtype if isinstance(dtype, torch.dtype) else torch.float32, source)
+    params, buffers = _bytes(model)
+    check_memory(params + buffers, source, f"the model its {CONFIG_FILE} describes")
+    check_shapes(model, folder_shapes(folder), source)
+    del model
     with content_errors(source, "model"):
         return auto.from_pretrained(folder, config=hf_config, **SAFE_WEIGHTS, **kwargs)
 
