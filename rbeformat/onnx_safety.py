@@ -12,7 +12,8 @@ depth; the bodies and default attributes of the model-local functions
 ``check_model`` refuses, in one line naming the file, the tensor or node and
 where it sits:
 
-* any tensor with external data, except the main graph's initializers of the
+* any tensor with external data (a ``data_location`` other than ``DEFAULT``, or
+  any ``external_data`` entry), except the main graph's initializers of the
   element types an .onnx input may keep beside the model (``external_types``:
   ``rbe convert`` reads those itself, from checked paths, and stores their data
   in the container; a stored graph never has any);
@@ -40,7 +41,7 @@ from .errors import FormatError, InputError
 AI_ONNX = (7, 28)
 OPSET_RANGES = {"": AI_ONNX, "ai.onnx": AI_ONNX, "ai.onnx.ml": (1, 5), "com.microsoft": (1, 1)}
 REFUSED_OPERATORS = {("com.microsoft", "EPContext")}  # its attributes name a file of compiled code
-EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
+DEFAULT_LOCATION = 0  # onnx.TensorProto.DEFAULT: the data is in the tensor (EXTERNAL is 1)
 
 
 def parse_model(data: bytes, where: str, error: type = FormatError):
@@ -108,7 +109,7 @@ def _check_operator(node, place: str, functions: set, where: str, error: type) -
 
 
 def _refuse_external(t, place: str, where: str, error: type, input_file: bool) -> None:
-    if t.data_location != EXTERNAL and not len(t.external_data):
+    if t.data_location == DEFAULT_LOCATION and not len(t.external_data):
         return
     location = next((entry.value for entry in t.external_data if entry.key == "location"), "")
     rule = ("rbe reads external data only for the main graph's initializers of the types it stores" if input_file

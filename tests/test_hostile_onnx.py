@@ -246,6 +246,17 @@ def test_the_messages_say_where_the_tensor_sits(secret_cwd):
         check_model(encoder(*_payload("If branch")), "m.onnx")
 
 
+def test_an_external_location_and_any_external_data_entry_count_as_external():
+    for location, entries in ((TensorProto.EXTERNAL, False), (TensorProto.DEFAULT, True)):
+        t = helper.make_tensor("c", TensorProto.UINT8, [WIDTH], list(range(WIDTH)))
+        t.data_location = location
+        if entries:
+            entry = t.external_data.add()
+            entry.key, entry.value = "location", SECRET_FILE
+        with pytest.raises(InputError, match="external data"):
+            check_model(encoder([helper.make_node("Constant", [], ["payload"], value=t)]), "m.onnx")
+
+
 def test_an_onnx_files_own_initializers_may_keep_their_data_beside_it(secret_cwd, capsys):
     """The feature stays: the main graph's initializers read by rbe itself from checked paths."""
     weights = np.arange(WIDTH, dtype=np.uint8)
