@@ -11,8 +11,9 @@ session whose quantized weights stay compressed (``session``, ``on_the_fly_model
 ``rbe_loaders.onnx_graph`` reads the ONNX graph a container carries and which tensor
 fills each initializer; ``rbe_loaders.tokenizer(path)`` gives the ``tokenizers.Tokenizer``
 of the container's ``tokenizer.json``; ``rbe_loaders.run`` embeds texts and generates with a
-container converted with ``--onnx`` (``embed``, ``generate``, ``token_logprobs``).  Importing this
-package imports no framework.
+container converted with ``--onnx`` (``embed``, ``generate``, ``token_logprobs``), every call into ONNX
+Runtime and tokenizers stoppable, time-limited and failing as rbe errors (``rbe_loaders.ort_guard``).
+Importing this package imports no framework.
 """
 
 TOKENIZER_FILE = "tokenizer.json"  # where a Hugging Face directory keeps its fast tokenizer
