@@ -236,17 +236,38 @@ def _max_memory(p: argparse.ArgumentParser) -> None:
 # -- running a command and reporting its failure --------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit code.  Called as the program (``argv`` None), a command stopped by
+    a signal ends the process as soon as its own cleanup is done (``_end_stopped_process``)."""
     args = build_parser().parse_args(argv)
     previous = budget.configured_limit()
     if getattr(args, "max_memory", None) is not None:
         budget.set_limit(args.max_memory)  # for every Reader and check of this command (rbeformat.budget)
     try:
         with _stop_signals_raise():
-            return _run(args)
+            code = _run(args)
     except Interrupted as exc:  # arrived after the command ended, while its outcome was reported
-        return 128 + exc.signum
+        code = 128 + exc.signum
     finally:
         budget.set_limit(previous)
+    if argv is None and code in STOPPED_CODES:
+        _end_stopped_process(code)
+    return code
+
+
+STOPPED_CODES = frozenset(128 + s for s in STOP_SIGNALS)
+
+
+def _end_stopped_process(code: int) -> None:
+    """Exits now, as the stop signal's default action would, once the unwinding has removed every partial
+    output and the message is out: no waiting at interpreter exit for worker threads still running
+    (a pool's queued work, a torch or transformers loader's copies) or for the teardown of a large heap
+    (a calibrating convert holds the model and its statistics)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe nobody reads
+            pass
+    os._exit(code)
 
 
 def _run(args) -> int:

@@ -307,10 +307,11 @@ def test_a_stop_signal_ends_a_calibrating_convert_within_seconds(tmp_path, signu
     assert proc.poll() is None, "calibration ended before it could be stopped"
     stopped = time.monotonic()
     proc.send_signal(signum)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
     elapsed = time.monotonic() - stopped
     reader.join(5)
-    assert proc.returncode == 128 + signum, bytes(seen)
-    assert elapsed < 5, elapsed
-    assert f"rbe: interrupted ({signal.Signals(signum).name})" in seen.decode(errors="replace")
+    said = seen.decode(errors="replace").replace("\r", "\n")
+    assert proc.returncode == 128 + signum, said
+    assert elapsed < 5, (elapsed, said[-2000:])
+    assert f"rbe: interrupted ({signal.Signals(signum).name})" in said
     assert list(out.iterdir()) == []  # neither the output nor a .partial
