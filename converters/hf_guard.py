@@ -15,10 +15,10 @@ with transformers (``rbe eval``, calibration, ``--onnx`` export,
   (``write_container_folder``, ``stage_directory``);
 * every call passes ``trust_remote_code=False`` (``NO_CODE``), and loading a
   model also ``use_safetensors=True`` (``SAFE_WEIGHTS``);
-* config.json must name a model type transformers has built in and must not
-  carry ``auto_map``; tokenizer_config.json must not carry ``auto_map``
-  either: refused in one line, never a prompt (``check_config``,
-  ``check_tokenizer_config``);
+* config.json must name a model type transformers has built in, must not
+  carry ``auto_map`` nor name a Hub kernel as an ``*_implementation``;
+  tokenizer_config.json must not carry ``auto_map`` either: refused in one
+  line, never a prompt (``check_config``, ``check_tokenizer_config``);
 * config.json's sizes are checked against the tensors the weights declare
   (``check_config``), and the memory of the model it describes is measured by
   building it on the meta device and checked against the memory limit
@@ -115,8 +115,9 @@ def check_config(config: dict, shapes: dict[str, tuple], source: str) -> None:
     """Refuses a config.json that would make transformers run code, or build more than the tensors hold.
 
     ``shapes``: {tensor name: shape} of the weights that go with it.  Checked:
-    ``model_type`` is one transformers has built in and no ``auto_map`` is
-    present (at any depth); every integer is below ``INT_LIMIT``; the sizes
+    ``model_type`` is one transformers has built in, no ``auto_map`` is
+    present (at any depth) and no ``*_implementation`` setting names a Hub
+    repository (a kernel transformers would download and run); every integer is below ``INT_LIMIT``; the sizes
     that decide work and memory are positive integers; ``num_hidden_layers``
     (and the other layer counts) are at most the number of distinct indices
     of a numbered module list in the tensor names; ``hidden_size`` and
@@ -137,6 +138,10 @@ def check_config(config: dict, shapes: dict[str, tuple], source: str) -> None:
     if path is not None:
         raise InputError(f"{where} has {path} (the model's own Python code); rbe never runs code from a model's "
                          "files and loads only models that transformers has built in")
+    kernel = _hub_kernel(config)
+    if kernel is not None:
+        raise InputError(f"{where}: {kernel[0]} names {kernel[1][:80]!r}, code from the Hugging Face Hub; rbe "
+                         "uses transformers' built-in implementations only")
     big = _large_int(config)
     if big is not None:
         raise InputError(f"{where}: {big[0]} is {big[1]}, larger than any model size ({INT_LIMIT})")
@@ -165,6 +170,23 @@ def _find_key(value, key: str, path: str = "") -> str | None:
                 here = f"{where}.{k}" if where else str(k)
                 if k == key:
                     return here
+                stack.append((v, here))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+    return None
+
+
+def _hub_kernel(value) -> tuple[str, str] | None:
+    """(dotted path, value) of the first ``*_implementation`` setting at any depth that names a repository
+    ("org/name", transformers loads such kernels from the Hub), or None."""
+    stack = [(value, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                here = f"{where}.{k}" if where else str(k)
+                if str(k).endswith("_implementation") and isinstance(v, str) and ("/" in v or ":" in v):
+                    return here, v
                 stack.append((v, here))
         elif isinstance(node, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))

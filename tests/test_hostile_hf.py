@@ -156,6 +156,17 @@ def test_rbe_eval_on_a_terminal_answering_y_runs_nothing(models, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
+def test_a_kernel_from_the_hub_is_refused(models, tmp_path, capsys, key):
+    path = craft(tmp_path / "kernel.rbe", models["llama"],
+                 config=config_of(models["llama"], **{key: "kernels-community/evil-attention"}))
+    with pytest.raises(InputError, match="code from the Hugging Face Hub"):
+        load_model(path)
+    capsys.readouterr()
+    assert run(["eval", path, path, "--window", "16", "--windows", "2"]) == 3
+    assert f"{key} names 'kernels-community/evil-attention'" in one_error_line(capsys)
+
+
 # -- pickles: never read ----------------------------------------------------------------
 
 class _Unpickled:
