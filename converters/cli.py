@@ -428,12 +428,17 @@ def _file_kind(head: bytes, size: int) -> str | None:
 
 # -- commands -------------------------------------------------------------------------
 
+BAR_DELAY = 1.0  # seconds
+
+
 def _progress_bar(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
-    # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.
+    # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.  The bar waits
+    # BAR_DELAY seconds before it first draws, so that a refusal found by the checks at the start (a link in
+    # the output, a stored graph naming a file) is the one line on stderr.
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=quiet,
-                file=sys.stderr, leave=False,
+                file=sys.stderr, leave=False, delay=BAR_DELAY,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]")
 
 

@@ -69,6 +69,15 @@ def test_a_linked_directory_inside_the_output_is_refused_not_followed(container,
     assert partials(tmp_path) == []
 
 
+def test_a_refusal_at_the_start_is_the_one_line_on_stderr_even_with_the_progress_bar(container, tmp_path, outside,
+                                                                                     capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside / "config.json", out / "config.json")
+    assert main(["decode", container, str(out), "--force"]) == 4  # no --quiet: the bar has not drawn yet
+    assert "is a symbolic link" in one_error_line(capsys)
+
+
 def test_a_link_where_the_container_has_a_file_is_refused(container, tmp_path, outside, capsys):
     out = tmp_path / "out"
     out.mkdir()
