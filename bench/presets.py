@@ -50,6 +50,7 @@ from rbe_converters.report import tensor_rows
 from rbeformat import Reader
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
+from rbeformat.embedded.config import is_causal_lm
 
 from .models import minilm_dir, smollm2_dir
 from .ratedistortion import OUT_DIR, gguf_anchor, hqq_anchor, hqq_version, rtn
@@ -317,7 +318,7 @@ class ModelRun:
         self.key, self.log = key, log
         self.dir = MODELS[key][1]()
         self.config = quality.read_config(self.dir)
-        self.causal = quality.is_causal_lm(self.config)
+        self.causal = is_causal_lm(self.config)
         self.tokenizer = quality.load_tokenizer(self.dir)
         options = EvalOptions(windows=windows)
         self.measure = (PerplexityMeasure if self.causal else EmbeddingMeasure)(self.tokenizer, options)

@@ -25,9 +25,10 @@ import numpy as np
 
 from rbeformat import InputError, UsageError
 from rbeformat.codecs.tensor import Calibration
+from rbeformat.embedded import hf_guard
+from rbeformat.embedded.config import is_causal_lm
 
-from . import hf_guard
-from .quality import is_causal_lm
+from . import hf_folder
 
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
@@ -173,11 +174,11 @@ def _load(model_dir: str, threads: int | None):
     # transformers reads a folder of links to the directory's config, tokenizer and safetensors files alone
     # (hf_guard): nothing from the directory runs, no pickle is read, and config.json is checked first.
     with tempfile.TemporaryDirectory(prefix="rbe-calibrate-") as folder:
-        shapes = hf_guard.stage_directory(model_dir, folder)
-        config = hf_guard.check_folder(folder, model_dir, shapes)
+        shapes = hf_folder.stage_directory(model_dir, folder)
+        config = hf_folder.check_folder(folder, model_dir, shapes)
         causal = is_causal_lm(config)
         cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = hf_guard.load_pretrained(cls, folder, model_dir, dtype=torch.float32).eval()
+        model = hf_folder.load_pretrained(cls, folder, model_dir, dtype=torch.float32).eval()
         tokenizer = hf_guard.load_tokenizer(folder, model_dir)
     return torch, model, tokenizer, causal
 

@@ -29,11 +29,10 @@ import threading
 import zstandard
 
 from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__, budget
+from rbeformat.atomic import check_directory_target, check_parent, check_target
 from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.raw import Raw
 from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
-
-from .atomic import check_directory_target, check_parent, check_target
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
@@ -651,7 +650,7 @@ def _write_onnx(model, path: str, force: bool) -> list[str]:
     (each at a multiple of 4096, as ``rbe decode`` writes them).  Returns the paths written."""
     from onnx.external_data_helper import set_external_data
 
-    from .atomic import atomic_file
+    from rbeformat.atomic import atomic_file
     from .onnx_io import EXTERNAL_ALIGNMENT, INLINE_LIMIT
 
     if model.ByteSize() <= INLINE_LIMIT:

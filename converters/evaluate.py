@@ -7,7 +7,7 @@ transformers, in float32 on the CPU, scored by the protocols of
 transformers reads only a temporary folder holding what it needs (config and
 tokenizer files, safetensors weights: an .rbe file's decoded there, a
 directory's linked), never code or pickles, after its config.json passed the
-checks of ``rbe_converters.hf_guard``; nothing from the files runs.  Causal LMs
+checks of ``rbeformat.embedded.hf_guard``; nothing from the files runs.  Causal LMs
 (``architectures`` ending in ``ForCausalLM``) are scored by perplexity, every
 other model by its mean-pooled sentence embeddings.  All models use the
 original's tokenizer; a container without config or tokenizer files (one made
@@ -42,9 +42,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rbeformat import InputError, Reader, UsageError
+from rbeformat.atomic import atomic_file, check_parent, check_target
+from rbeformat.embedded import hf_guard
+from rbeformat.embedded.config import is_causal_lm
 
-from . import hf_guard, quality
-from .atomic import atomic_file, check_parent, check_target
+from . import hf_folder, quality
 from .report import human_bytes, tensor_rows, totals
 
 
@@ -136,42 +138,34 @@ def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -
 
 def stage_model_directory(model_dir: str, workdir: str) -> str:
     """A folder of links to what transformers needs of a model directory, and nothing else."""
-    from . import hf_guard
-
     target = os.path.join(workdir, "original")
     os.makedirs(target)
-    hf_guard.stage_directory(model_dir, target)
+    hf_folder.stage_directory(model_dir, target)
     return target
 
 
 def stage_safetensors_file(path: str, workdir: str) -> str:
     """A model directory holding just this .safetensors file and its directory's config and tokenizer files."""
-    from . import hf_guard
-
     target = os.path.join(workdir, "original")
     os.makedirs(target)
     os.symlink(os.path.abspath(path), os.path.join(target, hf_guard.WEIGHTS))
-    hf_guard.link_data_files(os.path.dirname(os.path.abspath(path)), target)
+    hf_folder.link_data_files(os.path.dirname(os.path.abspath(path)), target)
     return target
 
 
 def decode_to_directory(path: str, target: str, threads: int | None, borrow_from: str | None) -> str:
-    """What transformers needs of an .rbe file, decoded into a new folder (``hf_guard.write_container_folder``),
+    """What transformers needs of an .rbe file, decoded into a new folder (``hf_folder.write_container_folder``),
     with the original's config and tokenizer files it does not carry."""
-    from . import hf_guard
-
     os.makedirs(target)
     with Reader(path, threads=threads) as r:
-        hf_guard.write_container_folder(r, target, path)
+        hf_folder.write_container_folder(r, target, path)
     if borrow_from is not None:
-        hf_guard.link_data_files(borrow_from, target)
+        hf_folder.link_data_files(borrow_from, target)
     return target
 
 
 def check_container_config(path: str) -> None:
     """A container's own config.json (when it has one) checked against its tensors before any model loads."""
-    from . import hf_guard
-
     with Reader(path, verify_checksums=False) as r:
         files = r.files()
         if hf_guard.CONFIG_FILE not in files:
@@ -288,7 +282,7 @@ class EmbeddingMeasure:
 
 def choose_measure(config: dict, original: str, options: EvalOptions):
     """The measure for the model's kind; options meant for the other kind are refused."""
-    if quality.is_causal_lm(config):
+    if is_causal_lm(config):
         if options.sentences is not None:
             raise UsageError(f"--sentences is for encoders; {original} is a causal LM, scored by perplexity on "
                              "--text")
@@ -328,7 +322,7 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
     with _quiet_transformers(transformers), tempfile.TemporaryDirectory(prefix="rbe-eval-") as workdir:
         concerning(original)
         model_dir, reference, reference_bytes = _original_directory(original, workdir, options.threads)
-        config = hf_guard.check_folder(model_dir, original)
+        config = hf_folder.check_folder(model_dir, original)
         measure_kind = choose_measure(config, original, options)
         tokenizer = quality.load_tokenizer(model_dir, original)
         concerning(options.text or options.sentences or original)

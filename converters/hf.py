@@ -8,7 +8,6 @@ byte.  Tensors equal to one already stored become aliases.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import struct
@@ -17,7 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, Writer
+from rbeformat import FormatError, InputError, Reader, UsageError, Writer
+from rbeformat.atomic import atomic_directory, atomic_file
 from rbeformat.chain import Chain
 from rbeformat.codecs.base import Codec
 from rbeformat.codecs.tensor import TensorCodec
@@ -26,7 +26,6 @@ from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 from rbeformat.values import from_float32, to_float32
 
-from .atomic import atomic_directory, atomic_file
 from .recipe import Policy, Rule, lossless_policy
 from .roles import TensorRole, classify
 from .safetensors_io import StFile, StTensor, build_header, read_header
@@ -494,7 +493,7 @@ def _add_plain_file(w: Writer, rel: str, full: str) -> None:
 
 # -- decoding ---------------------------------------------------------------------------
 
-from .atomic import check_directory_target, check_target  # noqa: E402  (decoding's own checks)
+from rbeformat.atomic import check_directory_target, check_target  # noqa: E402  (decoding's own checks)
 
 
 def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
@@ -632,14 +631,6 @@ def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) ->
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
         with out.create(_MERGED) as fh:
             _write_shard(r, header, names, fh.write, verify, progress)
-
-
-def _file_bytes(r: Reader, path: str, entry, verify: bool) -> bytes:
-    """An embedded file whole, in memory (``Reader.read_file``: capped and budgeted), its digest checked."""
-    data = r.read_file(path)
-    if verify and "sha256:" + hashlib.sha256(data).hexdigest() != entry.blob.digest:
-        raise ChecksumError(f"file {path!r}: decoded bytes do not match the recorded digest")
-    return data
 
 
 def _write_file(r: Reader, path: str, write, verify: bool) -> None:

@@ -39,8 +39,9 @@ import warnings
 from dataclasses import dataclass
 
 from rbeformat import InputError, UsageError, Writer
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES
 from rbeformat.onnx_safety import check_model
-from rbe_loaders.onnx_graph import GRAPH_KEY, MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
+from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
 
 from . import onnx_io
 from .hf import Plan, _read_tensor, read_config
@@ -68,9 +69,9 @@ class ExportedGraph:
                 w.add_tensor(init.name, init.dtype, init.shape, read_at)
             finally:
                 close()
-        w.add_file(onnx_io.GRAPH_PATH, self.graph)
+        w.add_file(GRAPH_PATH, self.graph)
         w.add_file(MAPPING_PATH, json.dumps(self.mapping, indent=1, sort_keys=True).encode())
-        return {GRAPH_KEY: onnx_io.GRAPH_PATH, MAPPING_KEY: MAPPING_PATH}
+        return {GRAPH_KEY: GRAPH_PATH, MAPPING_KEY: MAPPING_PATH}
 
     def summary(self) -> str:
         transposed = sum(entry["transposed"] for entry in self.mapping.values())
@@ -100,18 +101,20 @@ def export_model(root: str, threads: int | None = None) -> tuple["onnx.ModelProt
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # rbe reports its own progress and errors
-    from . import hf_guard
+    from rbeformat.embedded import hf_guard
+
+    from . import hf_folder
 
     # transformers reads links to the directory's config, tokenizer and safetensors files alone, after
     # config.json passed hf_guard's checks: nothing from the directory runs, no pickle is read.
     with tempfile.TemporaryDirectory(prefix="rbe-export-") as folder:
-        hf_guard.check_folder(folder, root, hf_guard.stage_directory(root, folder))
+        hf_folder.check_folder(folder, root, hf_folder.stage_directory(root, folder))
         with hf_guard.content_errors(root, hf_guard.CONFIG_FILE):
             config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
         kind = model_kind(config)
         auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
         # the stored dtype: initializers match bit for bit
-        model = hf_guard.load_pretrained(auto, folder, root, dtype="auto").eval()
+        model = hf_folder.load_pretrained(auto, folder, root, dtype="auto").eval()
     module, args, names = (_causal_lm(model) if kind == "causal-lm" else _encoder(model))
     inputs, outputs, dynamic = names
     try:
@@ -251,7 +254,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
     by_content, by_name = tensor_index(plan)
     mapping, own = {}, []
     for t in model.graph.initializer:
-        if t.data_type not in onnx_io.ONNX_DTYPES:
+        if t.data_type not in ONNX_DTYPES:
             continue  # strings and the like stay in the graph, data and all (as for ONNX input)
         init = onnx_io._initializer(t, "", "the exported graph")
         key = content_key(init.dtype, init.shape, init.inline)

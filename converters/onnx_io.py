@@ -37,14 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rbeformat import FormatError, InputError, Reader, UsageError, Writer
+from rbeformat.atomic import atomic_file, check_parent, check_target
 from rbeformat.codecs.base import Codec
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES, SOURCE_KEY, read_graph
 from rbeformat.manifest import INTERNAL_PREFIX
-from rbeformat.onnx_safety import check_model, parse_model
+from rbeformat.onnx_safety import check_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
-from .atomic import atomic_file, check_parent, check_target
 from .links import allowed_roots, inside
-from .hf import (Progress, Statistics, _file_bytes, _read_tensor, _store_shared, _tensor_bytes, choose_chains,
+from .hf import (Progress, Statistics, _read_tensor, _store_shared, _tensor_bytes, choose_chains,
                  mixed_precision)
 from .recipe import Policy, lossless_policy
 from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
@@ -56,17 +57,8 @@ try:
 except ImportError:  # the core works without onnx; only this path needs it
     raise UsageError("ONNX input and output need the onnx package: pip install 'rbe[onnx]'") from None
 
-GRAPH_KEY = "onnx.graph"  # metadata: the path of the embedded file holding the graph
-SOURCE_KEY = "onnx.source"  # metadata: the input's file name, for people reading `rbe info`
-GRAPH_PATH = "model.onnx-graph"
 INLINE_LIMIT = (2 << 30) - 1  # protobuf cannot serialize a message of 2 GB or more
 EXTERNAL_ALIGNMENT = 4096  # page-aligned external tensors can be memory-mapped by runtimes
-
-ONNX_DTYPES = {TensorProto.FLOAT: "F32", TensorProto.DOUBLE: "F64", TensorProto.FLOAT16: "F16",
-               TensorProto.BFLOAT16: "BF16", TensorProto.FLOAT8E4M3FN: "F8_E4M3", TensorProto.FLOAT8E5M2: "F8_E5M2",
-               TensorProto.INT64: "I64", TensorProto.INT32: "I32", TensorProto.INT16: "I16", TensorProto.INT8: "I8",
-               TensorProto.UINT64: "U64", TensorProto.UINT32: "U32", TensorProto.UINT16: "U16",
-               TensorProto.UINT8: "U8", TensorProto.BOOL: "BOOL"}
 
 # Where each type keeps its values when raw_data is not used (onnx.proto's TensorProto);
 # 16- and 8-bit floats keep their bit patterns in int32_data.
@@ -487,22 +479,6 @@ def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, thre
         if total + model.ByteSize() <= inline_limit:
             return _write_inline(r, model, initializers, dst, force, verify, progress)
         return _write_external(r, model, initializers, dst, force, verify, progress)
-
-
-def carries_onnx(r: Reader) -> bool:
-    return GRAPH_KEY in r.metadata()
-
-
-def read_graph(r: Reader, verify: bool = True) -> "onnx.ModelProto":
-    """The stored ModelProto (initializers without data); FormatError when the container has none."""
-    path = r.metadata().get(GRAPH_KEY)
-    if path is None:
-        raise FormatError("holds no ONNX model (it was not converted from an .onnx file); decode it to a "
-                          "directory or a .safetensors file instead")
-    entry = r.files().get(path)
-    if entry is None:
-        raise FormatError(f"metadata {GRAPH_KEY!r} names {path!r:.80}, which the container does not hold")
-    return parse_model(_file_bytes(r, path, entry, verify), f"{r.path}: the stored ONNX graph {path!r:.80}")
 
 
 def _dims(t) -> tuple[int, ...]:

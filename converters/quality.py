@@ -231,33 +231,27 @@ def read_config(model_dir: str) -> dict:
     return config
 
 
-def is_causal_lm(config: dict) -> bool:
-    """Causal LMs are scored by perplexity; every other model by its embeddings."""
-    architectures = config.get("architectures") or []
-    return any(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures)
-
-
 def load_model(model_dir: str, causal: bool, source: str | None = None):
     """The model of a HF directory in float32 on the CPU, in eval mode.
 
-    Only as ``rbe_converters.hf_guard`` allows: its config.json checked against
+    Only as ``rbeformat.embedded.hf_guard`` allows: its config.json checked against
     its safetensors weights and the model's memory against the limit first, no
     code from the directory, never a pickle; errors name ``source`` (default:
     the directory).
     """
     torch, transformers = require_torch()
-    from . import hf_guard
+    from . import hf_folder
 
     source = source or model_dir
-    hf_guard.check_folder(model_dir, source)
+    hf_folder.check_folder(model_dir, source)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    return hf_guard.load_pretrained(auto, model_dir, source, dtype=torch.float32).eval()
+    return hf_folder.load_pretrained(auto, model_dir, source, dtype=torch.float32).eval()
 
 
 def load_tokenizer(model_dir: str, source: str | None = None):
     """The tokenizer of a HF directory (no code from it), or one error naming ``source`` (default: the
     directory)."""
     require_torch()
-    from . import hf_guard
+    from rbeformat.embedded import hf_guard
 
     return hf_guard.load_tokenizer(model_dir, source or model_dir)

@@ -36,7 +36,7 @@ except ImportError:  # a loader of its own: only ONNX graphs need onnx
     raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
 
 # The format's keys and stored element types.
-from rbe_converters.onnx_io import GRAPH_KEY, ONNX_DTYPES  # noqa: E402
+from rbeformat.embedded.onnx import GRAPH_KEY, ONNX_DTYPES  # noqa: E402
 
 MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
 OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)

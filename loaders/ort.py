@@ -51,6 +51,7 @@ import numpy as np
 
 from rbeformat import FormatError, Reader, UsageError
 from rbeformat.codecs.arrays import unpack_codes
+from rbeformat.embedded.onnx import carries_onnx
 from rbeformat.onnx_safety import check_model
 
 try:
@@ -58,8 +59,6 @@ try:
     from onnx import TensorProto, helper, numpy_helper
 except ImportError:  # the core works without onnx; only this module needs it
     raise UsageError("ONNX Runtime sessions need onnx and onnxruntime: pip install 'rbe[ort]'") from None
-
-from rbe_converters import onnx_io
 
 from . import ort_guard
 from .onnx_graph import graph_initializers, stored_graph
@@ -475,7 +474,7 @@ def _rewrite_tied(weight: GroupedCodes, block: int, gathers: list, through: list
 def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report]:
     """The ONNX model an rbe file carries, its weights in compressed forms (see the module doc)."""
     with Reader(path) as r:
-        if not onnx_io.carries_onnx(r):
+        if not carries_onnx(r):
             raise UsageError(f"{os.fspath(path)}: holds no ONNX graph: convert an .onnx file, or a Hugging Face "
                              "directory with rbe convert --onnx")
         model = stored_graph(r)

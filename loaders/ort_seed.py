@@ -36,8 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 from rbeformat import Reader
 from rbeformat.codecs import bitpack
 from rbeformat.codecs import seed as seed_codec
+from rbeformat.embedded.onnx import read_graph
 from rbeformat.errors import FormatError
-from rbe_converters import onnx_io
 
 from .ort import Rewrite, _gemm_use, _matmul_use, _part_shape, codec_view
 
@@ -211,7 +211,7 @@ def dense_served(r: Reader) -> dict[tuple[int, int, int], int]:
 
 
 def default_opset(r: Reader) -> int:
-    model = onnx_io.read_graph(r, verify=False)
+    model = read_graph(r, verify=False)
     return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rbeformat import FormatError, Reader, UsageError
-from rbe_converters.onnx_io import carries_onnx
-from rbe_converters.quality import is_causal_lm
+from rbeformat.embedded.config import is_causal_lm
+from rbeformat.embedded.onnx import carries_onnx
 
 from . import ort_guard
 from . import tokenizer as container_tokenizer

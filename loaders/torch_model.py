@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rbeformat import FormatError, InputError, Reader, UsageError, safe_open
-from rbe_converters import hf_guard
-from rbe_converters.atomic import atomic_file
-from rbe_converters.quality import is_causal_lm
+from rbeformat.atomic import atomic_file
+from rbeformat.embedded import hf_guard
+from rbeformat.embedded.config import is_causal_lm
 
 from . import torch_codecs
 from .report import FormReport
@@ -165,7 +165,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     config.json (and the tokenizer files) reach transformers, with
     ``trust_remote_code=False``; a config.json that names a model type not
     built into transformers, carries ``auto_map``, or whose sizes the stored
-    tensors do not bear out (``rbe_converters.hf_guard.check_config``) is an
+    tensors do not bear out (``rbeformat.embedded.hf_guard.check_config``) is an
     InputError, as is a model whose buffers would exceed the memory limit
     (measured on the meta device first) and any error transformers or
     tokenizers raise on the container's files.

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import tree_digest, write_safetensors
-from rbe_converters import atomic, hf
+from rbe_converters import hf
+from rbeformat import atomic
 from rbe_converters.cli import main
 from rbeformat import FormatError, OutputExistsError, Reader, Writer, publish
 from rbeformat.codecs.byteplane import Byteplane

@@ -1,4 +1,4 @@
-"""Hostile Hugging Face content: what rbe hands transformers is data, never code (rbe_converters.hf_guard).
+"""Hostile Hugging Face content: what rbe hands transformers is data, never code (rbeformat.embedded.hf_guard).
 
 Each case is crafted here from a small Llama or BERT built with transformers:
 a config.json naming the model's own Python code (which would write a marker

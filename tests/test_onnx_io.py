@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from rbe_converters import onnx_io  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbeformat import Reader  # noqa: E402
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, SOURCE_KEY  # noqa: E402
 
 SEQ, HIDDEN, VOCAB = 6, 16, 50
 
@@ -115,8 +116,8 @@ def test_graph_entry_has_no_weights_and_metadata_names_it(tmp_path):
     src = save(tiny_model(), tmp_path / "m.onnx")
     onnx_io.convert(src, str(tmp_path / "m.rbe"))
     with Reader(str(tmp_path / "m.rbe")) as r:
-        assert r.metadata() == {onnx_io.GRAPH_KEY: onnx_io.GRAPH_PATH, onnx_io.SOURCE_KEY: "m.onnx"}
-        graph = onnx.load_model_from_string(r.read_file(onnx_io.GRAPH_PATH))
+        assert r.metadata() == {GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: "m.onnx"}
+        graph = onnx.load_model_from_string(r.read_file(GRAPH_PATH))
         assert all(not t.raw_data for t in graph.graph.initializer)
         assert [t.name for t in graph.graph.initializer] == r.keys()
         np.testing.assert_array_equal(r.get_tensor("shape"), [SEQ, HIDDEN])
@@ -448,13 +449,13 @@ def test_a_stored_graph_pointing_at_external_files_is_refused(tmp_path, capsys):
     model = tiny_model()
     src = save(model, tmp_path / "m.onnx")
     onnx_io.convert(src, str(tmp_path / "m.rbe"))
-    graph = onnx.load_model_from_string(Reader(str(tmp_path / "m.rbe")).read_file(onnx_io.GRAPH_PATH))
+    graph = onnx.load_model_from_string(Reader(str(tmp_path / "m.rbe")).read_file(GRAPH_PATH))
     graph.graph.node[0].attribute.append(helper.make_attribute("t", TensorProto(
         name="c", data_type=TensorProto.STRING, data_location=TensorProto.EXTERNAL)))
     with Reader(str(tmp_path / "m.rbe")) as r, onnx_io.Writer(str(tmp_path / "bad.rbe")) as w:
         for name in r.keys():
             w.add_array(name, r.get_tensor(name))
-        w.add_file(onnx_io.GRAPH_PATH, graph.SerializeToString())
+        w.add_file(GRAPH_PATH, graph.SerializeToString())
         w.set_metadata(r.metadata())
     assert run(["decode", str(tmp_path / "bad.rbe"), str(tmp_path / "x.onnx")]) == 3
     assert "external data" in one_error(capsys) and not (tmp_path / "x.onnx").exists()

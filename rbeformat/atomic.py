@@ -30,8 +30,8 @@ import shutil
 import stat
 from typing import Iterator
 
-from rbeformat import OutputExistsError, RbeError, UsageError
-from rbeformat.publish import rename_noreplace
+from .errors import OutputExistsError, RbeError, UsageError
+from .publish import rename_noreplace
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)

@@ -11,8 +11,8 @@ with transformers (``rbe eval``, calibration, ``--onnx`` export,
 * the folder transformers reads holds only data files (``DATA_FILES``: the
   config, the generation config, tokenizer files) and safetensors weights under
   names transformers loads (``model.safetensors``, or shards with an index
-  written by rbe itself): never a .py file, never a pickle
-  (``write_container_folder``, ``stage_directory``);
+  written by rbe itself): never a .py file, never a pickle (the converters'
+  ``hf_folder.write_container_folder`` and ``hf_folder.stage_directory``);
 * every call passes ``trust_remote_code=False`` (``NO_CODE``), and loading a
   model also ``use_safetensors=True`` (``SAFE_WEIGHTS``);
 * config.json must name a model type transformers has built in, must not
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
 
 from rbeformat import InputError, RbeError, budget
 
@@ -67,7 +65,6 @@ POSITIONS = ("max_position_embeddings",)
 POSITIVE = {"num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings"}
 
-_SHARD = re.compile(r"[^/\\]+\.safetensors")
 
 
 # -- errors from transformers, tokenizers and safetensors -------------------------------
@@ -295,10 +292,10 @@ def model_memory(auto, hf_config, dtype, source: str) -> tuple[int, int]:
     """(parameter bytes, buffer bytes) of the model ``auto.from_config`` builds from ``hf_config``: every
     parameter and buffer the config's numbers decide, rope tables and masks included, counted exactly on
     the meta device."""
-    return _bytes(meta_model(auto, hf_config, dtype, source))
+    return model_bytes(meta_model(auto, hf_config, dtype, source))
 
 
-def _bytes(model) -> tuple[int, int]:
+def model_bytes(model) -> tuple[int, int]:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return params, buffers
@@ -324,160 +321,17 @@ def check_memory(nbytes: int, source: str, what: str) -> None:
     budget.check(nbytes, f"{source}: {what}")
 
 
-# -- the folder transformers reads ----------------------------------------------------
-
-def _index(weight_map: dict[str, str], total: int) -> bytes:
-    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
-
-
-def _chosen_shards(shards: list[str], index: dict | None) -> list[str]:
-    """The top-level shards transformers would load: model.safetensors alone, else those an index names
-    (when it names only top-level shards there are), else every top-level shard."""
-    top = [s for s in shards if _SHARD.fullmatch(s)]
-    if WEIGHTS in top:
-        return [WEIGHTS]
-    if index is not None:
-        weight_map = index.get("weight_map")
-        if isinstance(weight_map, dict):
-            named = {v for v in weight_map.values() if isinstance(v, str)}
-            if named and named <= set(top):
-                return sorted(named)
-    return sorted(top)
-
-
-def _read_index(data: bytes | None) -> dict | None:
-    if data is None:
-        return None
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def write_container_folder(reader, folder: str, source: str, *, verify: bool = True) -> dict[str, tuple]:
-    """Writes into the empty ``folder`` what transformers needs of a container, and nothing else.
-
-    The container's data files (``DATA_FILES``, top level) and its weights:
-    the safetensors files transformers would load, byte for byte as ``rbe
-    decode`` writes them, with an index rbe writes when they are not one
-    ``model.safetensors``; a container without a safetensors layout gets one
-    ``model.safetensors`` of all its tensors.  Never a .py file or a pickle.
-    Returns {tensor name: shape} of the weights written.
-    """
-    from .hf import exported_graph_parts, _write_shard
-    from .safetensors_io import build_header
-
-    graph_files, graph_tensors = exported_graph_parts(reader)
-    files = {path: entry for path, entry in reader.files().items() if path not in graph_files}
-    for name in DATA_FILES:
-        entry = files.get(name)
-        if entry is not None and entry.role != "safetensors-header":
-            with open(os.path.join(folder, name), "wb") as fh:
-                for data in reader.iter_file(name, verify=verify):
-                    fh.write(data)
-    shards = [path for path, entry in files.items() if entry.role == "safetensors-header"]
-    index = _read_index(reader.read_file(WEIGHTS_INDEX) if WEIGHTS_INDEX in files else None)
-    chosen = _chosen_shards(shards, index)
-    shapes: dict[str, tuple] = {}
-    if not shards:  # tensors without a safetensors layout (save_file): one model.safetensors, as rbe decode
-        names = [n for n in reader.keys() if n not in graph_tensors]
-        header = build_header([(n, reader.entry(n).dtype.name, reader.entry(n).shape) for n in names],
-                              reader.metadata())
-        with open(os.path.join(folder, WEIGHTS), "wb") as fh:
-            _write_shard(reader, header, names, fh.write, verify, None)
-        return {n: tuple(reader.entry(n).shape) for n in names}
-    if not chosen:
-        raise InputError(f"{source}: holds no .safetensors weights at its top level, where transformers looks "
-                         "for them")
-    weight_map, total = {}, 0
-    for shard in chosen:
-        names = files[shard].tensors
-        with open(os.path.join(folder, shard), "wb") as fh:
-            _write_shard(reader, reader.read_file(shard), names, fh.write, verify, None)
-        for name in names:
-            entry = reader.entry(name)
-            shapes[name] = tuple(entry.shape)
-            weight_map[name] = shard
-            total += math.prod(entry.shape) * entry.dtype.itemsize
-    if chosen != [WEIGHTS]:
-        with open(os.path.join(folder, WEIGHTS_INDEX), "wb") as fh:
-            fh.write(_index(weight_map, total))
-    return shapes
-
-
-def stage_directory(model_dir: str, folder: str) -> dict[str, tuple]:
-    """Fills the empty ``folder`` with links to what transformers needs of a model directory, and nothing
-    else (as ``write_container_folder``: data files, the safetensors weights it would load, an index rbe
-    writes); returns {tensor name: shape} of those weights, from their headers."""
-    from .safetensors_io import read_header
-
-    top = sorted(name for name in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, name)))
-    for name in DATA_FILES:
-        if name in top:
-            os.symlink(os.path.abspath(os.path.join(model_dir, name)), os.path.join(folder, name))
-    shards = [name for name in top if name.endswith(".safetensors")]
-    index = None
-    if WEIGHTS_INDEX in top:
-        with open(os.path.join(model_dir, WEIGHTS_INDEX), "rb") as fh:
-            index = _read_index(fh.read(1 << 26))
-    chosen = _chosen_shards(shards, index)
-    if not chosen:
-        raise InputError(f"{model_dir}: no .safetensors weights at its top level; transformers loads "
-                         f"{WEIGHTS} (rbe never loads pickled weights such as pytorch_model.bin)")
-    shapes, weight_map, total = {}, {}, 0
-    for shard in chosen:
-        full = os.path.join(model_dir, shard)
-        os.symlink(os.path.abspath(full), os.path.join(folder, shard))
-        for t in read_header(full).tensors:
-            shapes[t.name] = tuple(t.shape)
-            weight_map[t.name] = shard
-            total += t.end - t.begin
-    if chosen != [WEIGHTS]:
-        with open(os.path.join(folder, WEIGHTS_INDEX), "wb") as fh:
-            fh.write(_index(weight_map, total))
-    return shapes
-
-
-def link_data_files(source_dir: str, folder: str) -> None:
-    """Gives ``folder`` the data files of ``source_dir`` it lacks (config and tokenizer files; never weights,
-    code or pickles)."""
-    for name in DATA_FILES:
-        full = os.path.join(source_dir, name)
-        if os.path.isfile(full) and not os.path.lexists(os.path.join(folder, name)):
-            os.symlink(os.path.abspath(full), os.path.join(folder, name))
-
-
-def folder_shapes(folder: str) -> dict[str, tuple]:
-    """{tensor name: shape} of the safetensors weights a folder written or staged here holds."""
-    from .safetensors_io import read_header
-
-    names = [WEIGHTS] if os.path.exists(os.path.join(folder, WEIGHTS)) else sorted(
-        n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    return {t.name: tuple(t.shape) for n in names for t in read_header(os.path.join(folder, n)).tensors}
-
-
-def check_folder(folder: str, source: str, shapes: dict[str, tuple] | None = None) -> dict:
-    """Reads and checks the config.json (and tokenizer_config.json) of a folder written or staged here;
-    returns the config."""
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise InputError(f"{source}: no {CONFIG_FILE}; a model needs its Hugging Face config to be loaded")
-    config = parse_json(_small_file(path, source, CONFIG_FILE), source, CONFIG_FILE)
-    check_config(config, folder_shapes(folder) if shapes is None else shapes, source)
-    check_tokenizer_folder(folder, source)
-    return config
-
+# -- the tokenizer folder --------------------------------------------------------------
 
 def check_tokenizer_folder(folder: str, source: str) -> None:
     """The tokenizer_config.json of a folder written or staged here (when it has one) names no code."""
     path = os.path.join(folder, TOKENIZER_CONFIG)
     if os.path.isfile(path):
-        check_tokenizer_config(parse_json(_small_file(path, source, TOKENIZER_CONFIG), source, TOKENIZER_CONFIG),
+        check_tokenizer_config(parse_json(small_file(path, source, TOKENIZER_CONFIG), source, TOKENIZER_CONFIG),
                                source)
 
 
-def _small_file(path: str, source: str, name: str) -> bytes:
+def small_file(path: str, source: str, name: str) -> bytes:
     with open(path, "rb") as fh:
         data = fh.read(JSON_LIMIT + 1)
     if len(data) > JSON_LIMIT:
@@ -486,25 +340,6 @@ def _small_file(path: str, source: str, name: str) -> bytes:
 
 
 # -- loading --------------------------------------------------------------------------
-
-def load_pretrained(auto, folder: str, source: str, **kwargs):
-    """``auto.from_pretrained`` on a folder written or staged here (``check_folder`` passed): the model
-    built on the meta device first, its memory (parameters in ``dtype``, float32 for "auto", and buffers)
-    checked against the limit and the weights' shapes against it; then loaded from safetensors, no code run."""
-    import torch
-    import transformers
-
-    with content_errors(source, CONFIG_FILE):
-        hf_config = transformers.AutoConfig.from_pretrained(folder, **NO_CODE)
-    dtype = kwargs.get("dtype")
-    model = meta_model(auto, hf_config, dtype if isinstance(dtype, torch.dtype) else torch.float32, source)
-    params, buffers = _bytes(model)
-    check_memory(params + buffers, source, f"the model its {CONFIG_FILE} describes")
-    check_shapes(model, folder_shapes(folder), source)
-    del model
-    with content_errors(source, "model"):
-        return auto.from_pretrained(folder, config=hf_config, **SAFE_WEIGHTS, **kwargs)
-
 
 def load_tokenizer(folder: str, source: str):
     """AutoTokenizer on a folder written or staged here, no code run; errors name ``source``."""
