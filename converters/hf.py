@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
@@ -527,12 +527,6 @@ def decoded_tensor_bytes(r: Reader) -> int:
     return sum(math.prod(r.entry(name).shape) * r.entry(name).dtype.itemsize for name in r.keys())
 
 
-def _tensor_bytes(r: Reader, name: str, verify: bool) -> Iterator[memoryview]:
-    """A tensor's bytes in order: a stored one a batch of chunks at a time, its digest checked after the
-    last (ChecksumError, which discards the output being written), a transformed one whole."""
-    return r.iter_tensor_bytes(name, verify=verify)
-
-
 # An ONNX graph exported at conversion (``rbe convert --onnx``, converters/onnx_export.py) is no part of the
 # HF directory: its files (named by these metadata keys) and its own tensors are left out of a decode.
 EXPORTED_GRAPH_KEYS = ("onnx.graph", "onnx.initializers")
@@ -567,7 +561,7 @@ def _write_shard(r: Reader, header: bytes, names: list[str], write, verify: bool
     write(struct.pack("<Q", len(header)))
     write(header)
     for name in names:
-        for data in _tensor_bytes(r, name, verify):
+        for data in r.iter_tensor_bytes(name, verify=verify):
             write(data)
             if progress:
                 progress(len(data))

@@ -45,7 +45,7 @@ from rbeformat.onnx_safety import check_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 from .links import allowed_roots, inside
-from .hf import (Progress, Statistics, _read_tensor, _store_shared, _tensor_bytes, choose_chains,
+from .hf import (Progress, Statistics, _read_tensor, _store_shared, choose_chains,
                  mixed_precision)
 from .recipe import Policy, lossless_policy
 from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
@@ -509,7 +509,7 @@ def _check_tensor_matches(r: Reader, t) -> None:
 
 def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
     for t in initializers:
-        t.raw_data = b"".join(_tensor_bytes(r, t.name, verify))
+        t.raw_data = b"".join(r.iter_tensor_bytes(t.name, verify=verify))
         if progress:
             progress(len(t.raw_data))
     with atomic_file(dst, force) as fh:
@@ -530,7 +530,7 @@ def _write_external(r: Reader, model, initializers: list, dst: str, force: bool,
                 data_fh.write(b"\0" * pad)
                 offset += pad
                 length = 0
-                for data in _tensor_bytes(r, t.name, verify):  # a batch of chunks at a time
+                for data in r.iter_tensor_bytes(t.name, verify=verify):  # a batch of chunks at a time
                     data_fh.write(data)
                     length += len(data)
                     if progress:

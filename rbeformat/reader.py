@@ -149,18 +149,14 @@ class Reader:
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown()
             self._pool = None
-        if getattr(self, "_view", None) is not None:
-            try:
-                self._view.release()
-            except BufferError:  # a raw tensor view is still alive; the map closes with it
-                pass
-            self._view = None
-        if getattr(self, "_map", None) is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a raw tensor view is still alive; the map closes with it
-                pass
-            self._map = None
+        for attribute, close in (("_view", "release"), ("_map", "close")):
+            held = getattr(self, attribute, None)
+            if held is not None:
+                try:
+                    getattr(held, close)()
+                except BufferError:  # a raw tensor view is still alive; the map closes with it
+                    pass
+                setattr(self, attribute, None)
         if getattr(self, "_fh", None) is not None:
             self._fh.close()
             self._fh = None

@@ -165,8 +165,7 @@ def test_decode_from_inside_the_directory_keeps_the_rbe_file(converted, tmp_path
 
 
 def test_a_failed_decode_leaves_the_directory_as_it_was(converted, tmp_path, monkeypatch, capsys):
-    import rbe_converters.hf as hf
-    from rbeformat import ChecksumError
+    from rbeformat import ChecksumError, Reader
 
     _, rbe = converted
     back = tmp_path / "back"
@@ -174,15 +173,15 @@ def test_a_failed_decode_leaves_the_directory_as_it_was(converted, tmp_path, mon
     (back / "notes.txt").write_text("my own notes")
     (back / "config.json").write_text("stale")
     before = tree_digest(str(back))
-    real, calls = hf._tensor_bytes, []
+    real, calls = Reader.iter_tensor_bytes, []
 
-    def failing(r, name, verify):
+    def failing(r, name, verify=False):
         calls.append(name)
         if len(calls) == 4:
             raise ChecksumError(f"tensor {name!r}: decoded bytes do not match the recorded digest")
-        return real(r, name, verify)
+        return real(r, name, verify=verify)
 
-    monkeypatch.setattr(hf, "_tensor_bytes", failing)
+    monkeypatch.setattr(Reader, "iter_tensor_bytes", failing)
     capsys.readouterr()
     assert main(["decode", rbe, str(back), "--force", "--quiet"]) == 3
     assert "do not match" in capsys.readouterr().err
