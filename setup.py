@@ -6,6 +6,7 @@ the slower numpy reference implementation.  With RBE_REQUIRE_NATIVE=1 (as CI
 sets it) a failed build fails the install instead; at run time the same
 variable makes ``import rbeformat`` refuse to fall back (rbeformat/_native.py).
 """
+
 import os
 
 from setuptools import Extension, setup

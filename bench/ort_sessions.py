@@ -76,7 +76,9 @@ def rss():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 """
 
-ORT_OPEN = _RSS + r"""
+ORT_OPEN = (
+    _RSS
+    + r"""
 import onnxruntime as ort
 from onnx import TensorProto, helper
 def options():
@@ -92,8 +94,11 @@ before = rss()
 session = ort.InferenceSession(job["model"], options())
 resident = rss() - before
 """
+)
 
-_TORCH_OPEN = _RSS + r"""
+_TORCH_OPEN = (
+    _RSS
+    + r"""
 import torch, transformers
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -102,6 +107,7 @@ auto = transformers.AutoModelForCausalLM if job["causal"] else transformers.Auto
 model = auto.from_pretrained(job["model"], dtype=torch.float32, trust_remote_code=False,
                               use_safetensors=True).eval()
 """
+)
 
 _ENCODER_FEEDS = r"""
 import time
@@ -127,7 +133,11 @@ def timed(run_once):
     return float(np.median(times))
 """
 
-ORT_ENCODER = "import json, sys\njob = json.loads(sys.argv[1])\n" + ORT_OPEN + _ENCODER_FEEDS + r"""
+ORT_ENCODER = (
+    "import json, sys\njob = json.loads(sys.argv[1])\n"
+    + ORT_OPEN
+    + _ENCODER_FEEDS
+    + r"""
 wanted = {i.name for i in session.get_inputs()}
 def run(texts):
     ids, mask = encoded(texts)
@@ -142,8 +152,13 @@ np.save(job["out"], pooled)
 latency = timed(lambda: run(job["sentences"][:1]))
 print(json.dumps({"resident": resident, "latency": latency}))
 """
+)
 
-TORCH_ENCODER = "import json, sys\njob = json.loads(sys.argv[1])\n" + _TORCH_OPEN + _ENCODER_FEEDS + r"""
+TORCH_ENCODER = (
+    "import json, sys\njob = json.loads(sys.argv[1])\n"
+    + _TORCH_OPEN
+    + _ENCODER_FEEDS
+    + r"""
 def run(texts):
     ids, mask = encoded(texts)
     with torch.no_grad():
@@ -157,8 +172,12 @@ np.save(job["out"], pooled)
 latency = timed(lambda: run(job["sentences"][:1]))
 print(json.dumps({"resident": resident, "latency": latency}))
 """
+)
 
-ORT_CAUSAL = "import json, sys, time\njob = json.loads(sys.argv[1])\n" + ORT_OPEN + r"""
+ORT_CAUSAL = (
+    "import json, sys, time\njob = json.loads(sys.argv[1])\n"
+    + ORT_OPEN
+    + r"""
 import numpy as np
 from rbe_loaders.run import greedy_ids, token_logprobs
 logprobs = [float(token_logprobs(session, w).mean()) for w in job["windows"]]
@@ -169,8 +188,12 @@ seconds = time.perf_counter() - start
 print(json.dumps({"resident": resident, "mean_logprob": float(np.mean(logprobs)),
                   "tokens_per_s": len(tokens) / seconds, "tokens": tokens}))
 """
+)
 
-TORCH_CAUSAL = "import json, sys, time\njob = json.loads(sys.argv[1])\n" + _TORCH_OPEN + r"""
+TORCH_CAUSAL = (
+    "import json, sys, time\njob = json.loads(sys.argv[1])\n"
+    + _TORCH_OPEN
+    + r"""
 import numpy as np
 logprobs = []
 with torch.no_grad():
@@ -189,6 +212,7 @@ tokens = out[0, len(job["prompt"]):].tolist()
 print(json.dumps({"resident": resident, "mean_logprob": float(np.mean(logprobs)),
                   "tokens_per_s": len(tokens) / seconds, "tokens": tokens}))
 """
+)
 
 
 def child(script: str, job: dict) -> dict:
@@ -199,6 +223,7 @@ def child(script: str, job: dict) -> dict:
 
 
 # -- building the files -----------------------------------------------------------------
+
 
 def rbe(*args: str) -> None:
     """Runs the rbe command line in this process; any failure stops the bench."""
@@ -225,15 +250,20 @@ def rbe_files(source: str, folder: str, tokenizer: str | None) -> dict[str, str]
     if onnx_input:
         files["fp32"] = source
     else:
-        lossless = once(os.path.join(folder, "lossless.rbe"),
-                        lambda p: rbe("convert", source, p, "--preset", "lossless", "--onnx"))
+        lossless = once(
+            os.path.join(folder, "lossless.rbe"), lambda p: rbe("convert", source, p, "--preset", "lossless", "--onnx")
+        )
         files["fp32"] = once(os.path.join(folder, "fp32.onnx"), lambda p: rbe("export-onnx", lossless, p))
     for preset in PRESETS:
-        packed = once(os.path.join(folder, f"{preset}.rbe"),
-                      lambda p: rbe("convert", source, p, "--preset", preset, *convert_extra, *calibrate))
+        packed = once(
+            os.path.join(folder, f"{preset}.rbe"),
+            lambda p, preset=preset: rbe("convert", source, p, "--preset", preset, *convert_extra, *calibrate),
+        )
         files[preset] = packed
-        files[f"{preset}-fly"] = once(os.path.join(folder, f"{preset}-fly.onnx"),
-                                      lambda p: rbe("export-onnx", packed, p, "--on-the-fly"))
+        files[f"{preset}-fly"] = once(
+            os.path.join(folder, f"{preset}-fly.onnx"),
+            lambda p, packed=packed: rbe("export-onnx", packed, p, "--on-the-fly"),
+        )
     return files
 
 
@@ -268,17 +298,20 @@ def ort_quantized(fp32: str, path: str, calibration: list[dict] | None) -> str:
 def file_bytes(path: str) -> int:
     """A file, or a directory's weights and files, or an .onnx with its external data beside it."""
     if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
-                   if os.path.isfile(os.path.join(path, n)))
+        return sum(
+            os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))
+        )
     extra = path + ".data" if os.path.exists(path + ".data") else None
     return os.path.getsize(path) + (os.path.getsize(extra) if extra else 0)
 
 
 # -- measuring --------------------------------------------------------------------------
 
+
 def measure_encoder(path: str, tokenizer: str, sentences: list[str], folder: str, torch_model: bool) -> dict:
-    out = os.path.join(folder, "pooled-" + os.path.basename(os.path.normpath(path)) + (".torch" if torch_model else "")
-                       + ".npy")
+    out = os.path.join(
+        folder, "pooled-" + os.path.basename(os.path.normpath(path)) + (".torch" if torch_model else "") + ".npy"
+    )
     job = {"model": path, "tokenizer": tokenizer, "sentences": sentences, "out": out, "runs": RUNS, "causal": False}
     results = [child(TORCH_ENCODER if torch_model else ORT_ENCODER, job) for _ in range(REPEATS)]
     row = {key: float(np.median([r[key] for r in results])) for key in results[0]}
@@ -315,6 +348,7 @@ def causal_quality(row: dict, reference: dict) -> str:
 
 # -- the models -------------------------------------------------------------------------
 
+
 def encoder_calibration(tokenizer_path: str, names: set[str]) -> list[dict]:
     """Feeds of calibration sentences (the half rbe eval never scores) for ORT's GPTQ, one per run
     (no padding: its statistics take every position the model computes)."""
@@ -342,9 +376,12 @@ def causal_calibration(fp32: str, ids: list[int]) -> list[dict]:
     """4 windows of 512 calibration tokens, each run with an empty KV cache."""
     feeds = []
     for k in range(4):
-        window = ids[k * WINDOW:(k + 1) * WINDOW]
-        feed = {"input_ids": np.array([window], np.int64), "attention_mask": np.ones((1, WINDOW), np.int64),
-                "position_ids": np.arange(WINDOW, dtype=np.int64)[None]}
+        window = ids[k * WINDOW : (k + 1) * WINDOW]
+        feed = {
+            "input_ids": np.array([window], np.int64),
+            "attention_mask": np.ones((1, WINDOW), np.int64),
+            "position_ids": np.arange(WINDOW, dtype=np.int64)[None],
+        }
         for arg in graph_inputs(fp32):
             if arg.name.startswith("past."):
                 dims = arg.type.tensor_type.shape.dim
@@ -371,14 +408,16 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
 
         tok = Tokenizer.from_file(tokenizer)
         eval_ids = tok.encode(evaluation_text(), add_special_tokens=False).ids
-        windows = [eval_ids[k * WINDOW:(k + 1) * WINDOW] for k in range(PPL_WINDOWS)]
+        windows = [eval_ids[k * WINDOW : (k + 1) * WINDOW] for k in range(PPL_WINDOWS)]
         prompt = tok.encode(PROMPT, add_special_tokens=False).ids
         calibration = causal_calibration(fp32, tok.encode(calibration_text(), add_special_tokens=False).ids)
     else:
         sentences = default_sentences()
         calibration = encoder_calibration(tokenizer, {i.name for i in graph_inputs(fp32)})
-    candidates += [("ORT RTN 4b b32", ort_quantized(fp32, os.path.join(folder, "ort-rtn.onnx"), None), None),
-                   ("ORT GPTQ 4b b32", ort_quantized(fp32, os.path.join(folder, "ort-gptq.onnx"), calibration), None)]
+    candidates += [
+        ("ORT RTN 4b b32", ort_quantized(fp32, os.path.join(folder, "ort-rtn.onnx"), None), None),
+        ("ORT GPTQ 4b b32", ort_quantized(fp32, os.path.join(folder, "ort-gptq.onnx"), calibration), None),
+    ]
     candidates += [(f"rbe {p} on the fly", files[f"{p}-fly"], files[p]) for p in PRESETS]
     if name != "paraphrase":
         candidates.append(("fp32 PyTorch", source, source))
@@ -405,20 +444,25 @@ def default_sentences() -> list[str]:
 
 # -- the table --------------------------------------------------------------------------
 
+
 def table(results: dict[str, list], reference: str = "fp32 ORT", load_seconds: bool = False) -> str:
     """The rows of every model; sizes and speeds against each model's first row (``reference``)."""
     load = f" {'load s':>7}" if load_seconds else ""
-    header = (f"{'model':<11} {'session':<20} {'file MB':>8}{load} {'resident MB':>12} {'x fp32':>7} "
-              f"{'speed':>14} {'x fp32':>7}  quality vs {reference}")
+    header = (
+        f"{'model':<11} {'session':<20} {'file MB':>8}{load} {'resident MB':>12} {'x fp32':>7} "
+        f"{'speed':>14} {'x fp32':>7}  quality vs {reference}"
+    )
     lines = [header, "-" * len(header)]
     for name, rows in results.items():
         base = rows[0][2]
         for label, shipped, row, quality in rows:
             speed, ratio = speed_of(row, base)
             load = f" {row['load_s']:>7.2f}" if load_seconds else ""
-            lines.append(f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f}{load} "
-                         f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
-                         f"{speed:>14} {ratio:>7.2f}  {quality}")
+            lines.append(
+                f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f}{load} "
+                f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
+                f"{speed:>14} {ratio:>7.2f}  {quality}"
+            )
     return "\n".join(lines)
 
 
@@ -450,9 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     results, seconds = measure_models(argv, __doc__.splitlines()[0], MODELS, rows_for, "rbe-ort-sessions-")
     import onnxruntime
 
-    print(f"onnxruntime {onnxruntime.__version__}, CPU, 1 intra-op thread per session; "
-          f"{SENTENCES} evaluation sentences / {PPL_WINDOWS} windows of {WINDOW} evaluation tokens; "
-          f"{seconds:.0f} s")
+    print(
+        f"onnxruntime {onnxruntime.__version__}, CPU, 1 intra-op thread per session; "
+        f"{SENTENCES} evaluation sentences / {PPL_WINDOWS} windows of {WINDOW} evaluation tokens; "
+        f"{seconds:.0f} s"
+    )
     print(table(results))
     return 0
 

@@ -14,8 +14,17 @@ import argparse
 import sys
 
 from rbe_converters.quality import (
-    DEFAULT_WINDOW, DEFAULT_WINDOWS, calibration_text, evaluation_text, fingerprint, load_model, load_tokenizer,
-    perplexity, read_text, token_ids, windows,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOWS,
+    calibration_text,
+    evaluation_text,
+    fingerprint,
+    load_model,
+    load_tokenizer,
+    perplexity,
+    read_text,
+    token_ids,
+    windows,
 )
 
 
@@ -39,8 +48,10 @@ def main(argv: list[str]) -> int:
     ids = token_ids(load_tokenizer(args.model), text)
     count = min(args.windows, len(ids) // args.window)
     value = perplexity(load_model(args.model, causal=True), windows(ids, args.window, count))
-    print(f"{value:.3f} ({count} windows of {args.window} tokens, stride {args.window}, of {len(ids)} tokens; "
-          f"text {args.text}, sha256 {fingerprint(text)})")
+    print(
+        f"{value:.3f} ({count} windows of {args.window} tokens, stride {args.window}, of {len(ids)} tokens; "
+        f"text {args.text}, sha256 {fingerprint(text)})"
+    )
     return 0
 
 

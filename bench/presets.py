@@ -35,15 +35,21 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from rbe_converters import calibrate, hf, quality
 from rbe_converters.evaluate import (
-    EmbeddingMeasure, EvalOptions, PerplexityMeasure, decode_to_directory, linear_weights, rbe_sizes,
-    safetensors_bytes, safetensors_sizes,
+    EmbeddingMeasure,
+    EvalOptions,
+    PerplexityMeasure,
+    decode_to_directory,
+    linear_weights,
+    rbe_sizes,
+    safetensors_bytes,
+    safetensors_sizes,
 )
 from rbe_converters.recipe import policy_from_preset, preset_names
 from rbe_converters.report import tensor_rows
@@ -70,10 +76,12 @@ SMOLLM2_CAVEAT = (
     "SmolLM2 caveat: its fp32 weights are dequantized from a Q4_1 GGUF, so every 32-wide block of a Linear\n"
     "row lies on a 4-bit grid. A 4-bit quantizer with 32-wide groups (GGUF Q4_0 among the anchors) can\n"
     "reproduce much of it exactly: such rows are listed apart and count toward no goal, and any row whose\n"
-    f"decoded Linear weights are over {EXACT_LIMIT:.0%} bit-equal to the original is flagged GRID.")
+    f"decoded Linear weights are over {EXACT_LIMIT:.0%} bit-equal to the original is flagged GRID."
+)
 
 
 # -- anchors ------------------------------------------------------------------------
+
 
 @dataclass
 class Anchor:
@@ -88,8 +96,10 @@ class Anchor:
     def note(self) -> str:
         if "differ" not in self.checks:
             return ""
-        return (f"{self.checks['differ']:,} of its {self.checks['weights']:,} weights differ from ORT's RTN at "
-                f"this block size (by up to {self.checks['max_diff_vs_rtn']:.1e})")
+        return (
+            f"{self.checks['differ']:,} of its {self.checks['weights']:,} weights differ from ORT's RTN at "
+            f"this block size (by up to {self.checks['max_diff_vs_rtn']:.1e})"
+        )
 
 
 def from_ratedistortion(run_of: Callable) -> Callable:
@@ -112,14 +122,17 @@ def gguf_missing(type_name: str) -> str:
     try:
         quants.quantize(np.zeros((1, block), np.float32), qtype)
     except NotImplementedError:
-        return f"gguf {importlib.metadata.version('gguf')} has no {type_name} quantizer (quants.quantize raises " \
-               "NotImplementedError)"
+        return (
+            f"gguf {importlib.metadata.version('gguf')} has no {type_name} quantizer (quants.quantize raises "
+            "NotImplementedError)"
+        )
     return ""
 
 
 def ort_version() -> str | None:
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401
+
         return importlib.metadata.version("onnxruntime")
     except Exception:  # any import failure means: not usable here
         return None
@@ -174,9 +187,13 @@ def ort_quantize(block: int, hessians: dict | None, checks: dict | None = None) 
         w = np.zeros((width, out_f), np.float32)
         w[:in_f] = x.T
         node = helper.make_node("MatMul", ["X", "W"], ["Y"], name="linear")
-        graph = helper.make_graph([node], "linear", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", width])],
-                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", out_f])],
-                                  [numpy_helper.from_array(w, "W")])
+        graph = helper.make_graph(
+            [node],
+            "linear",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", width])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", out_f])],
+            [numpy_helper.from_array(w, "W")],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         if hessians is None:
             config = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False)
@@ -218,15 +235,31 @@ class _quiet_stdout:
 
 
 def anchors(hessians: dict | None) -> list[Anchor]:
-    out = [Anchor(f"RTN int{b} g{g}", quick=(b, g) == (4, 64), quantize=from_ratedistortion(rtn(b, g, "sym")))
-           for b in (4, 3) for g in (64, 128)]
+    out = [
+        Anchor(f"RTN int{b} g{g}", quick=(b, g) == (4, 64), quantize=from_ratedistortion(rtn(b, g, "sym")))
+        for b in (4, 3)
+        for g in (64, 128)
+    ]
     for t in ("Q4_0", "Q4_K", "Q5_0", "Q8_0"):
         missing = gguf_missing(t)
-        out.append(Anchor(f"GGUF {t}", quick=t in ("Q4_0", "Q8_0"), unavailable=missing, four_bit_g32=t == "Q4_0",
-                          quantize=None if missing else from_ratedistortion(gguf_anchor(t))))
+        out.append(
+            Anchor(
+                f"GGUF {t}",
+                quick=t in ("Q4_0", "Q8_0"),
+                unavailable=missing,
+                four_bit_g32=t == "Q4_0",
+                quantize=None if missing else from_ratedistortion(gguf_anchor(t)),
+            )
+        )
     hqq = hqq_version()
-    out.append(Anchor("HQQ 4b g64", quick=True, quantize=from_ratedistortion(hqq_anchor(4, 64)) if hqq else None,
-                      unavailable="" if hqq else "hqq does not import here"))
+    out.append(
+        Anchor(
+            "HQQ 4b g64",
+            quick=True,
+            quantize=from_ratedistortion(hqq_anchor(4, 64)) if hqq else None,
+            unavailable="" if hqq else "hqq does not import here",
+        )
+    )
     ort_ok = ort_version()
     for kind, block, quick in (("RTN", 128, True), ("RTN", 64, False), ("GPTQ", 128, False)):
         why = "" if ort_ok else "onnxruntime's quantization tools do not import here"
@@ -240,6 +273,7 @@ def anchors(hessians: dict | None) -> list[Anchor]:
 
 
 # -- measuring ----------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -261,8 +295,12 @@ class Row:
 
     @property
     def grid(self) -> bool:
-        return (self.model == "smollm2" and self.kind != "dense" and self.exact_share is not None
-                and self.exact_share > EXACT_LIMIT)
+        return (
+            self.model == "smollm2"
+            and self.kind != "dense"
+            and self.exact_share is not None
+            and self.exact_share > EXACT_LIMIT
+        )
 
     @property
     def apart(self) -> bool:
@@ -336,9 +374,18 @@ class ModelRun:
 
     def dense_row(self) -> Row:
         sizes = self.sizes.row(self.reference_bytes, self.linear)
-        return Row(self.key, "dense fp32 (safetensors)", "dense", sizes["linear_bits_per_weight"],
-                   sizes["bits_per_weight"], sizes["file_bytes"], False, sizes["ratio"], self.score(self.dense),
-                   exact_share=1.0)
+        return Row(
+            self.key,
+            "dense fp32 (safetensors)",
+            "dense",
+            sizes["linear_bits_per_weight"],
+            sizes["bits_per_weight"],
+            sizes["file_bytes"],
+            False,
+            sizes["ratio"],
+            self.score(self.dense),
+            exact_share=1.0,
+        )
 
     def calibrate(self, text: calibrate.CalibrationText) -> None:
         """Input second moments of every Linear weight on rbe's calibration text, for ORT's GPTQ."""
@@ -347,18 +394,34 @@ class ModelRun:
         self.hessians = {n: c.hessian for n, c in calibrations.items()}
         ids = self.tokenizer(text.text, add_special_tokens=False)["input_ids"]
         window = min(text.window, getattr(self.dense.config, "max_position_embeddings", None) or text.window)
-        self.calibration_record = {"source": text.source, "text_sha256": quality.fingerprint(text.text),
-                                   "tokens": len(ids), "window": window,
-                                   "windows": min(text.windows, len(ids) // window),
-                                   "weights": len(self.hessians), "seconds": time.perf_counter() - t0}
-        self.log(f"  calibration: {self.calibration_record['windows']} windows of {window} tokens, "
-                 f"{self.calibration_record['seconds']:.1f} s")
+        self.calibration_record = {
+            "source": text.source,
+            "text_sha256": quality.fingerprint(text.text),
+            "tokens": len(ids),
+            "window": window,
+            "windows": min(text.windows, len(ids) // window),
+            "weights": len(self.hessians),
+            "seconds": time.perf_counter() - t0,
+        }
+        self.log(
+            f"  calibration: {self.calibration_record['windows']} windows of {window} tokens, "
+            f"{self.calibration_record['seconds']:.1f} s"
+        )
 
     def preset_row(self, name: str, workdir: str) -> Row:
         """``rbe convert --preset NAME`` in a child process (wall time, peak RSS), then decoded and scored."""
         path = os.path.join(workdir, f"{name}.rbe")
-        cmd = rbe_command() + ["convert", self.dir, path, "--preset", name, "--quiet", "--force",
-                               "--calibration-windows", str(self.calibration_windows)]
+        cmd = rbe_command() + [
+            "convert",
+            self.dir,
+            path,
+            "--preset",
+            name,
+            "--quiet",
+            "--force",
+            "--calibration-windows",
+            str(self.calibration_windows),
+        ]
         run = run_measured(cmd)
         if run.returncode != 0:
             raise RuntimeError(f"rbe convert exited {run.returncode}: {run.stderr.strip()[-300:]}")
@@ -374,9 +437,22 @@ class ModelRun:
             shutil.rmtree(target)
         del model
         gc.collect()
-        return Row(self.key, name, "preset", sizes["linear_bits_per_weight"], sizes["bits_per_weight"],
-                   sizes["file_bytes"], False, sizes["ratio"], scores, encode_s=run.wall_s,
-                   peak_rss=run.peak_rss, exact_share=share, calibrated=calibrated, four_bit_g32=g32)
+        return Row(
+            self.key,
+            name,
+            "preset",
+            sizes["linear_bits_per_weight"],
+            sizes["bits_per_weight"],
+            sizes["file_bytes"],
+            False,
+            sizes["ratio"],
+            scores,
+            encode_s=run.wall_s,
+            peak_rss=run.peak_rss,
+            exact_share=share,
+            calibrated=calibrated,
+            four_bit_g32=g32,
+        )
 
     def anchor_row(self, anchor: Anchor) -> Row:
         import torch
@@ -395,10 +471,21 @@ class ModelRun:
         other_bytes = sum(stored for n, (_, _, stored) in self.sizes.tensors.items() if n not in self.linear)
         weights = sum(math.prod(shape) for _, shape, _ in self.sizes.tensors.values())
         file_bytes = round(bits / 8 + other_bytes)
-        row = Row(self.key, anchor.name, "anchor", bits / n_linear, 8 * file_bytes / weights, file_bytes, True,
-                  self.reference_bytes / file_bytes, self.score(model), encode_s,
-                  exact_share=exact_share(model, self.dense, self.linear_names), four_bit_g32=anchor.four_bit_g32,
-                  note=anchor.note())
+        row = Row(
+            self.key,
+            anchor.name,
+            "anchor",
+            bits / n_linear,
+            8 * file_bytes / weights,
+            file_bytes,
+            True,
+            self.reference_bytes / file_bytes,
+            self.score(model),
+            encode_s,
+            exact_share=exact_share(model, self.dense, self.linear_names),
+            four_bit_g32=anchor.four_bit_g32,
+            note=anchor.note(),
+        )
         del model
         gc.collect()
         return row
@@ -417,6 +504,7 @@ def heaviest(rows: list[Row]) -> tuple[Row, str] | None:
 
 # -- output -------------------------------------------------------------------------
 
+
 def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -426,17 +514,44 @@ def cells(r: Row) -> list[str]:
     size = "-" if r.file_bytes is None else ("~" if r.estimated_size else "") + f"{r.file_bytes / 1e6:.2f}"
     flags = [f for f, on in (("GRID", r.grid), ("g32", r.apart)) if on]
     encode = _f(r.encode_s, ".1f") + (" c" if r.calibrated else "")
-    return [MODELS[r.model][0], r.name, r.kind, _f(r.linear_bpw, ".3f"), _f(r.file_bpw, ".3f"), size,
-            _f(r.ratio, ".2f"), _f(s.get("perplexity"), ".3f"),
-            "-" if "perplexity_change_pct" not in s else f"{s['perplexity_change_pct']:+.2f}%",
-            _f(s.get("mean_cosine"), ".4f"), _f(s.get("nn_agreement"), ".3f"), encode,
-            "-" if r.peak_rss is None else f"{r.peak_rss / 1e9:.2f}",
-            "-" if r.exact_share is None else f"{100 * r.exact_share:.1f}%", " ".join(flags),
-            r.note]
+    return [
+        MODELS[r.model][0],
+        r.name,
+        r.kind,
+        _f(r.linear_bpw, ".3f"),
+        _f(r.file_bpw, ".3f"),
+        size,
+        _f(r.ratio, ".2f"),
+        _f(s.get("perplexity"), ".3f"),
+        "-" if "perplexity_change_pct" not in s else f"{s['perplexity_change_pct']:+.2f}%",
+        _f(s.get("mean_cosine"), ".4f"),
+        _f(s.get("nn_agreement"), ".3f"),
+        encode,
+        "-" if r.peak_rss is None else f"{r.peak_rss / 1e9:.2f}",
+        "-" if r.exact_share is None else f"{100 * r.exact_share:.1f}%",
+        " ".join(flags),
+        r.note,
+    ]
 
 
-HEAD = ["model", "row", "kind", "Linear b/w", "file b/w", "size MB", "ratio", "perplexity", "ppl change",
-        "mean cosine", "NN agr.", "encode s", "RSS GB", "exact", "flags", "note"]
+HEAD = [
+    "model",
+    "row",
+    "kind",
+    "Linear b/w",
+    "file b/w",
+    "size MB",
+    "ratio",
+    "perplexity",
+    "ppl change",
+    "mean cosine",
+    "NN agr.",
+    "encode s",
+    "RSS GB",
+    "exact",
+    "flags",
+    "note",
+]
 
 
 def table(rows: list[Row]) -> str:
@@ -456,9 +571,17 @@ def table(rows: list[Row]) -> str:
 
 def order(rows: list[Row]) -> list[Row]:
     """Per model: dense, then the counted rows by Linear bits, then SmolLM2's 4-bit g32 rows, then the unmeasured."""
+
     def key(r: Row):
-        return (list(MODELS).index(r.model), r.kind != "dense", not r.measured, r.apart,
-                r.linear_bpw if r.linear_bpw is not None else math.inf, r.name)
+        return (
+            list(MODELS).index(r.model),
+            r.kind != "dense",
+            not r.measured,
+            r.apart,
+            r.linear_bpw if r.linear_bpw is not None else math.inf,
+            r.name,
+        )
+
     return sorted(rows, key=key)
 
 
@@ -474,24 +597,39 @@ def goals(rows: list[Row]) -> list[str]:
     if any(r.model == "smollm2" for r in rows):
         for limit, target in ((4.5, 5), (3.5, 25), (2.5, 100)):
             b = best([r for r in smol if r.linear_bpw <= limit], lambda r: r.scores["perplexity_change_pct"])
-            got = "no preset" if b is None else (f"{b.name}: {b.linear_bpw:.3f} b/w, "
-                                                 f"{b.scores['perplexity_change_pct']:+.2f}%")
+            got = (
+                "no preset"
+                if b is None
+                else (f"{b.name}: {b.linear_bpw:.3f} b/w, {b.scores['perplexity_change_pct']:+.2f}%")
+            )
             ok = b is not None and b.scores["perplexity_change_pct"] <= target
-            lines.append(f"  SmolLM2 Linear <= {limit} b/w at <= +{target}% perplexity: {got} -> "
-                         f"{'met' if ok else 'not met'}")
+            lines.append(
+                f"  SmolLM2 Linear <= {limit} b/w at <= +{target}% perplexity: {got} -> {'met' if ok else 'not met'}"
+            )
         fits = [r for r in smol if r.scores["perplexity_change_pct"] <= 8]
         b = max(fits, key=lambda r: r.ratio) if fits else None
-        got = "no preset within +8%" if b is None else (f"{b.name}: ratio {b.ratio:.2f}, "
-                                                       f"{b.scores['perplexity_change_pct']:+.2f}%")
-        lines.append(f"  SmolLM2 whole file >= 8x smaller at <= +8% perplexity: best ratio {got} -> "
-                     f"{'met' if b is not None and b.ratio >= 8 else 'not met'}")
+        got = (
+            "no preset within +8%"
+            if b is None
+            else (f"{b.name}: ratio {b.ratio:.2f}, {b.scores['perplexity_change_pct']:+.2f}%")
+        )
+        lines.append(
+            f"  SmolLM2 whole file >= 8x smaller at <= +8% perplexity: best ratio {got} -> "
+            f"{'met' if b is not None and b.ratio >= 8 else 'not met'}"
+        )
     mini = [r for r in counted if r.model == "minilm"]
     if any(r.model == "minilm" for r in rows):
         for limit, cos, nn in ((4.5, 0.995, 0.95), (3.5, 0.98, None)):
             cands = [r for r in mini if r.file_bpw <= limit]
             b = best(cands, lambda r: -r.scores["mean_cosine"])
-            got = "no preset" if b is None else (f"{b.name}: {b.file_bpw:.3f} b/w, cosine "
-                                                 f"{b.scores['mean_cosine']:.4f}, NN {b.scores['nn_agreement']:.3f}")
+            got = (
+                "no preset"
+                if b is None
+                else (
+                    f"{b.name}: {b.file_bpw:.3f} b/w, cosine "
+                    f"{b.scores['mean_cosine']:.4f}, NN {b.scores['nn_agreement']:.3f}"
+                )
+            )
             ok = any(r.scores["mean_cosine"] >= cos and (nn is None or r.scores["nn_agreement"] >= nn) for r in cands)
             want = f"cosine >= {cos}" + (f" and NN >= {nn}" if nn else "")
             lines.append(f"  MiniLM whole file <= {limit} b/w with {want}: best {got} -> {'met' if ok else 'not met'}")
@@ -507,12 +645,20 @@ def plot(rows: list[Row], models: list[str], path: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(8 * len(models), 6), squeeze=False)
     for ax, key in zip(axes[0], models):
         mine = [r for r in rows if r.model == key and r.measured]
-        metric, label = (("perplexity", "perplexity (lower is better)") if key == "smollm2"
-                         else ("mean_cosine", "mean cosine to the dense model's embeddings"))
+        metric, label = (
+            ("perplexity", "perplexity (lower is better)")
+            if key == "smollm2"
+            else ("mean_cosine", "mean cosine to the dense model's embeddings")
+        )
         dense = next((r for r in mine if r.kind == "dense"), None)
         if dense is not None:
-            ax.axhline(dense.scores[metric], color="black", linestyle="--", linewidth=1,
-                       label=f"dense fp32: {dense.scores[metric]:.4g} (32 b/w)")
+            ax.axhline(
+                dense.scores[metric],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"dense fp32: {dense.scores[metric]:.4g} (32 b/w)",
+            )
         for kind, marker, colour in (("preset", "o", "tab:blue"), ("anchor", "s", "tab:orange")):
             pts = [r for r in mine if r.kind == kind]
             for apart in (False, True):
@@ -520,11 +666,25 @@ def plot(rows: list[Row], models: list[str], path: str) -> None:
                 if not sel:
                     continue
                 what = f"{kind}s" + (" (4-bit g32 or >30% bit-exact: not counted)" if apart else "")
-                ax.scatter([r.linear_bpw for r in sel], [r.scores[metric] for r in sel], marker=marker, s=45,
-                           facecolors="none" if apart else colour, edgecolors=colour, label=what, zorder=3)
+                ax.scatter(
+                    [r.linear_bpw for r in sel],
+                    [r.scores[metric] for r in sel],
+                    marker=marker,
+                    s=45,
+                    facecolors="none" if apart else colour,
+                    edgecolors=colour,
+                    label=what,
+                    zorder=3,
+                )
             for r in pts:
-                ax.annotate(r.name, (r.linear_bpw, r.scores[metric]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=colour)
+                ax.annotate(
+                    r.name,
+                    (r.linear_bpw, r.scores[metric]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=colour,
+                )
         if key == "smollm2":
             ax.set_yscale("log")
         ax.set_xlabel("bits per weight, Linear weights (stored bytes; anchors: their format's payload)")
@@ -544,25 +704,35 @@ def environment() -> dict:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            **versions}
+    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(), **versions}
 
 
 # -- main ---------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.presets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,minilm", help="comma-separated: smollm2, minilm")
-    parser.add_argument("--presets", help="comma-separated preset names (default: every built-in preset; "
-                                          f"--quick: {', '.join(QUICK_PRESETS)})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_WINDOWS} perplexity windows, {QUICK_CALIBRATION_WINDOWS} calibration windows, "
-                             "2 presets, the quick anchors")
-    parser.add_argument("--windows", type=int, help=f"perplexity windows of 512 tokens (default "
-                                                    f"{quality.DEFAULT_WINDOWS}, --quick {QUICK_WINDOWS})")
-    parser.add_argument("--calibration-windows", type=int,
-                        help=f"calibration windows (default {calibrate.DEFAULT_WINDOWS}, --quick "
-                             f"{QUICK_CALIBRATION_WINDOWS})")
+    parser.add_argument(
+        "--presets",
+        help=f"comma-separated preset names (default: every built-in preset; --quick: {', '.join(QUICK_PRESETS)})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_WINDOWS} perplexity windows, {QUICK_CALIBRATION_WINDOWS} calibration windows, "
+        "2 presets, the quick anchors",
+    )
+    parser.add_argument(
+        "--windows",
+        type=int,
+        help=f"perplexity windows of 512 tokens (default {quality.DEFAULT_WINDOWS}, --quick {QUICK_WINDOWS})",
+    )
+    parser.add_argument(
+        "--calibration-windows",
+        type=int,
+        help=f"calibration windows (default {calibrate.DEFAULT_WINDOWS}, --quick {QUICK_CALIBRATION_WINDOWS})",
+    )
     parser.add_argument("--no-anchors", action="store_true", help="presets only")
     parser.add_argument("--out", default=OUT_DIR, help="output folder (default bench/out)")
     args = parser.parse_args(argv)
@@ -583,9 +753,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset(s) {unknown}; built in: {', '.join(available)}")
     windows = args.windows or (QUICK_WINDOWS if args.quick else quality.DEFAULT_WINDOWS)
     default_text = calibrate.default_text()
-    text = calibrate.CalibrationText(default_text.text, default_text.source, calibrate.DEFAULT_WINDOW,
-                                     args.calibration_windows
-                                     or (QUICK_CALIBRATION_WINDOWS if args.quick else calibrate.DEFAULT_WINDOWS))
+    text = calibrate.CalibrationText(
+        default_text.text,
+        default_text.source,
+        calibrate.DEFAULT_WINDOW,
+        args.calibration_windows or (QUICK_CALIBRATION_WINDOWS if args.quick else calibrate.DEFAULT_WINDOWS),
+    )
     import torch
     import transformers
 
@@ -609,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
                 calibration[key] = run.calibration_record
             jobs = [(p, None) for p in presets]
             if not args.no_anchors:
-                jobs += [(None, a) for a in anchors(run.hessians or None) if a.quick or not args.quick or a.quantize is None]
+                jobs += [
+                    (None, a) for a in anchors(run.hessians or None) if a.quick or not args.quick or a.quantize is None
+                ]
             for preset, anchor in jobs:
                 name = preset or anchor.name
                 t0 = time.perf_counter()
@@ -623,8 +798,12 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         row = run.preset_row(preset, workdir)
                 except Exception as exc:  # a preset that does not apply is a result to report
-                    row = Row(key, name, "preset" if preset else "anchor",
-                              note=f"not measured: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+                    row = Row(
+                        key,
+                        name,
+                        "preset" if preset else "anchor",
+                        note=f"not measured: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}",
+                    )
                 rows.append(row)
                 log(f"  {name}: {row.note or cells(row)[3:14]} ({time.perf_counter() - t0:.0f} s)")
             del run
@@ -634,30 +813,38 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = order(rows)
     print(table(rows))
-    notes = ["",
-             "Linear b/w: stored bits of the Linear weights (attention and MLP projections by tensor role, not",
-             "embeddings or lm_head) / their count, for presets from the container's stored sections as rbe eval",
-             "counts them; anchors quantize only those weights and count their format's payload (RTN: codes +",
-             "fp16 scale per group; GGUF: block bytes, Q4_0 4.5, Q5_0 5.5, Q8_0 8.5; HQQ: codes + fp16 scale and",
-             "zero per group; ORT: its initializers, codes + fp32 scales + 4-bit zero points).",
-             "file b/w, size MB (decimal), ratio (fp32 safetensors bytes / size): presets the whole .rbe file;",
-             "anchors (~) their Linear payload plus every other tensor as the fp32 file stores it.",
-             "exact: share of Linear weights the decoded model holds bit-equal to the original.",
-             "encode s: presets: wall time of `rbe convert MODEL OUT --preset NAME` in a child process, calibration",
-             "included (c: the preset calibrates), RSS GB its peak resident memory; anchors: quantize + dequantize",
-             "of the Linear weights (ORT GPTQ: with statistics collected once, listed below, not counted).",
-             "flags: GRID = SmolLM2 row over 30% bit-exact; g32 = SmolLM2 4-bit with 32-wide groups, listed apart.",
-             "Models run in float32 on the CPU."]
+    notes = [
+        "",
+        "Linear b/w: stored bits of the Linear weights (attention and MLP projections by tensor role, not",
+        "embeddings or lm_head) / their count, for presets from the container's stored sections as rbe eval",
+        "counts them; anchors quantize only those weights and count their format's payload (RTN: codes +",
+        "fp16 scale per group; GGUF: block bytes, Q4_0 4.5, Q5_0 5.5, Q8_0 8.5; HQQ: codes + fp16 scale and",
+        "zero per group; ORT: its initializers, codes + fp32 scales + 4-bit zero points).",
+        "file b/w, size MB (decimal), ratio (fp32 safetensors bytes / size): presets the whole .rbe file;",
+        "anchors (~) their Linear payload plus every other tensor as the fp32 file stores it.",
+        "exact: share of Linear weights the decoded model holds bit-equal to the original.",
+        "encode s: presets: wall time of `rbe convert MODEL OUT --preset NAME` in a child process, calibration",
+        "included (c: the preset calibrates), RSS GB its peak resident memory; anchors: quantize + dequantize",
+        "of the Linear weights (ORT GPTQ: with statistics collected once, listed below, not counted).",
+        "flags: GRID = SmolLM2 row over 30% bit-exact; g32 = SmolLM2 4-bit with 32-wide groups, listed apart.",
+        "Models run in float32 on the CPU.",
+    ]
     for key, p in protocols.items():
         if p["measure"] == "perplexity":
-            notes.append(f"{MODELS[key][0]}: perplexity, {p['windows']} windows of {p['window']} tokens (stride "
-                         f"{p['stride']}) from token 0 of the {p['text']} (sha256 {p['text_sha256']})")
+            notes.append(
+                f"{MODELS[key][0]}: perplexity, {p['windows']} windows of {p['window']} tokens (stride "
+                f"{p['stride']}) from token 0 of the {p['text']} (sha256 {p['text_sha256']})"
+            )
         else:
-            notes.append(f"{MODELS[key][0]}: mean cosine and nearest-neighbour agreement of mean-pooled embeddings, "
-                         f"{p['count']} sentences ({p['sentences']}, sha256 {p['sentences_sha256']})")
+            notes.append(
+                f"{MODELS[key][0]}: mean cosine and nearest-neighbour agreement of mean-pooled embeddings, "
+                f"{p['count']} sentences ({p['sentences']}, sha256 {p['sentences_sha256']})"
+            )
     for key, c in calibration.items():
-        notes.append(f"{MODELS[key][0]} calibration: {c['windows']} windows of {c['window']} tokens of the "
-                     f"{c['source']} (sha256 {c['text_sha256']}), {c['seconds']:.1f} s, once, for ORT's GPTQ")
+        notes.append(
+            f"{MODELS[key][0]} calibration: {c['windows']} windows of {c['window']} tokens of the "
+            f"{c['source']} (sha256 {c['text_sha256']}), {c['seconds']:.1f} s, once, for ORT's GPTQ"
+        )
     print("\n".join(notes))
     if "smollm2" in models:
         print("\n" + SMOLLM2_CAVEAT)
@@ -666,11 +853,19 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is not None:
         row, why = chosen
         ok = row.encode_s <= GOAL_WALL_S and row.peak_rss <= GOAL_RSS_BYTES
-        rss = {"preset": row.name, "why": why, "wall_s": row.encode_s, "peak_rss_bytes": row.peak_rss,
-               "cpu_count": os.cpu_count(), "goal": {"wall_s": GOAL_WALL_S, "peak_rss_bytes": GOAL_RSS_BYTES}}
-        print(f"\nHeaviest conversion: `rbe convert SmolLM2 OUT --preset {row.name}` ({why}), a child process on "
-              f"{os.cpu_count()} cores: wall {row.encode_s:.1f} s ({row.encode_s / 60:.1f} min), peak RSS "
-              f"{row.peak_rss / 1e9:.2f} GB; goal under 45 min and 8 GB: {'met' if ok else 'NOT met'}")
+        rss = {
+            "preset": row.name,
+            "why": why,
+            "wall_s": row.encode_s,
+            "peak_rss_bytes": row.peak_rss,
+            "cpu_count": os.cpu_count(),
+            "goal": {"wall_s": GOAL_WALL_S, "peak_rss_bytes": GOAL_RSS_BYTES},
+        }
+        print(
+            f"\nHeaviest conversion: `rbe convert SmolLM2 OUT --preset {row.name}` ({why}), a child process on "
+            f"{os.cpu_count()} cores: wall {row.encode_s:.1f} s ({row.encode_s / 60:.1f} min), peak RSS "
+            f"{row.peak_rss / 1e9:.2f} GB; goal under 45 min and 8 GB: {'met' if ok else 'NOT met'}"
+        )
     print("\nGoals (preset rows only; SmolLM2 4-bit g32 and GRID rows never count):")
     print("\n".join(goals(rows)))
 
@@ -679,10 +874,23 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, models, png)
     path = os.path.join(args.out, f"presets{suffix}.json")
     with open(path, "w") as fh:
-        json.dump({"environment": environment(), "quick": args.quick, "presets": presets, "protocols": protocols,
-                   "calibration": calibration, "peak_rss": rss, "wall_s": time.perf_counter() - started,
-                   "rows": [{**row.__dict__, "model_name": MODELS[row.model][0], "grid": row.grid,
-                             "apart": row.apart} for row in rows]}, fh, indent=1)
+        json.dump(
+            {
+                "environment": environment(),
+                "quick": args.quick,
+                "presets": presets,
+                "protocols": protocols,
+                "calibration": calibration,
+                "peak_rss": rss,
+                "wall_s": time.perf_counter() - started,
+                "rows": [
+                    {**row.__dict__, "model_name": MODELS[row.model][0], "grid": row.grid, "apart": row.apart}
+                    for row in rows
+                ],
+            },
+            fh,
+            indent=1,
+        )
     log(f"wrote {os.path.relpath(path)} and {os.path.relpath(png)} ({time.perf_counter() - started:.0f} s)")
     return 0
 

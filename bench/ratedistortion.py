@@ -33,8 +33,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -60,7 +60,8 @@ SMOLLM2_CAVEAT = (
     "asymmetric method with 32-wide groups (rbe gquant 4b asym g32, RTN asym 4b g32, GGUF Q4_1)\n"
     "reproduces them almost exactly: an artefact of the source, not a property of the codec.\n"
     "Compare 4-bit methods at other group sizes here, and treat MiniLM (genuine fp32) as the fair\n"
-    "test of 4-bit methods.")
+    "test of 4-bit methods."
+)
 
 
 # -- data -------------------------------------------------------------------------------
@@ -71,8 +72,14 @@ LAYER = re.compile(r"\.layers?\.(\d+)\.")
 def is_linear(name: str, shape: tuple[int, ...]) -> bool:
     """2-D projection weights of attention and MLP blocks (no embeddings, norms, biases, head)."""
     low = name.lower()
-    return (len(shape) == 2 and low.endswith(".weight") and "embed" not in low and "norm" not in low
-            and "lm_head" not in low and LAYER.search(name) is not None)
+    return (
+        len(shape) == 2
+        and low.endswith(".weight")
+        and "embed" not in low
+        and "norm" not in low
+        and "lm_head" not in low
+        and LAYER.search(name) is not None
+    )
 
 
 def load_linear(model_dir: str) -> list[tuple[str, np.ndarray]]:
@@ -94,6 +101,7 @@ def layer_of(name: str) -> int:
 
 
 # -- methods ----------------------------------------------------------------------------
+
 
 @dataclass
 class Method:
@@ -120,9 +128,13 @@ class Result:
         names = list(self.per_tensor) if names is None else [n for n in names if n in self.per_tensor]
         bits, raw, err2, norm2, count = (sum(self.per_tensor[n][i] for n in names) for i in range(5))
         rel = math.sqrt(err2 / norm2) if norm2 else float("nan")
-        return {"bpw": bits / count if count else float("nan"), "raw_bpw": raw / count if count else float("nan"),
-                "rel_error": rel,
-                "snr_db": -20 * math.log10(rel) if rel > 0 else float("inf"), "weights": count}
+        return {
+            "bpw": bits / count if count else float("nan"),
+            "raw_bpw": raw / count if count else float("nan"),
+            "rel_error": rel,
+            "snr_db": -20 * math.log10(rel) if rel > 0 else float("inf"),
+            "weights": count,
+        }
 
 
 def gquant_settings(quick: bool) -> list[Method]:
@@ -132,35 +144,59 @@ def gquant_settings(quick: bool) -> list[Method]:
     out = []
     for bits, group, mode in grid:
         extra = "" if mode == "sym" else ", mode=asym"
-        out.append(Method(f"rbe gquant {mode}", "rbe gquant", f"{bits}b {mode} g{group}",
-                          quick=(bits, group, mode) in must,
-                          chain=f"gquant(bits={bits}, group={group}{extra})"))
+        out.append(
+            Method(
+                f"rbe gquant {mode}",
+                "rbe gquant",
+                f"{bits}b {mode} g{group}",
+                quick=(bits, group, mode) in must,
+                chain=f"gquant(bits={bits}, group={group}{extra})",
+            )
+        )
     dq = "gquant(bits=8, group=0)"
-    for bits, group, mode, quick in ((4, 32, "sym", True), (4, 64, "asym", False), (3, 64, "asym", False),
-                                     (2, 32, "asym", False)):
+    for bits, group, mode, quick in (
+        (4, 32, "sym", True),
+        (4, 64, "asym", False),
+        (3, 64, "asym", False),
+        (2, 32, "asym", False),
+    ):
         side = f"scales={dq}" if mode == "sym" else f"mode=asym, scales={dq}, zeros={dq}"
-        out.append(Method("rbe gquant dq", "rbe gquant+dq", f"{bits}b {mode} g{group} dq8",
-                          quick=quick, chain=f"gquant(bits={bits}, group={group}, {side})"))
+        out.append(
+            Method(
+                "rbe gquant dq",
+                "rbe gquant+dq",
+                f"{bits}b {mode} g{group} dq8",
+                quick=quick,
+                chain=f"gquant(bits={bits}, group={group}, {side})",
+            )
+        )
     return out
 
 
 def other_rbe_settings() -> list[Method]:
     out = []
     for bits, quick in ((2, True), (3, False), (4, True)):
-        out.append(Method("rbe palette", "rbe palette", f"{bits}b row", quick=quick,
-                          chain=f"palette(bits={bits}, scope=row)"))
+        out.append(
+            Method("rbe palette", "rbe palette", f"{bits}b row", quick=quick, chain=f"palette(bits={bits}, scope=row)")
+        )
     for bits in (3, 4, 5, 6):
         out.append(Method("rbe palette", "rbe palette", f"{bits}b tensor", chain=f"palette(bits={bits}, scope=tensor)"))
     for dim, bits, quick in ((8, 12, False), (4, 8, True), (4, 10, False), (2, 6, False), (2, 8, True)):
-        out.append(Method("rbe vq", "rbe vq", f"d{dim} k{2 ** bits}", quick=quick,
-                          chain=f"vq(dim={dim}, bits={bits})"))
+        out.append(Method("rbe vq", "rbe vq", f"d{dim} k{2**bits}", quick=quick, chain=f"vq(dim={dim}, bits={bits})"))
     for text, setting, quick in seed_settings():
         out.append(Method("rbe seed", "rbe seed", setting, quick=quick, chain=text))
     q4 = "gquant(bits=4, group=64, mode=asym)"
     for rank_bits, res_bits, quick in ((0.5, 2, True), (0.5, 3, False)):
-        out.append(Method("rbe lowrank+res", "rbe lowrank+res", f"{rank_bits} bpw factors + {res_bits}b residual",
-                          quick=quick, chain=f"lowrank(bits={rank_bits}, factor_bits=4.5, A={q4}, B={q4}, "
-                                             f"residual=gquant(bits={res_bits}, group=64, mode=asym))"))
+        out.append(
+            Method(
+                "rbe lowrank+res",
+                "rbe lowrank+res",
+                f"{rank_bits} bpw factors + {res_bits}b residual",
+                quick=quick,
+                chain=f"lowrank(bits={rank_bits}, factor_bits=4.5, A={q4}, B={q4}, "
+                f"residual=gquant(bits={res_bits}, group=64, mode=asym))",
+            )
+        )
     return out
 
 
@@ -173,12 +209,18 @@ def seed_settings() -> list[tuple[str, str, bool]]:
     out = []
     for block, rank, coef, quick in ((8, 3, 4, False), (12, 4, 4, True), (16, 4, 3, False)):
         bpw = (16 + rank * coef + 4) / block
-        out.append((f"seed(block={block}, rank={rank}, coef_bits={coef}, exp_bits=4, seed_bits=16)",
-                    f"{bpw:g} bpw C{block} P{rank} Q{coef}", quick))
+        out.append(
+            (
+                f"seed(block={block}, rank={rank}, coef_bits={coef}, exp_bits=4, seed_bits=16)",
+                f"{bpw:g} bpw C{block} P{rank} Q{coef}",
+                quick,
+            )
+        )
     return out
 
 
 # -- anchors (numpy, not rbe) -------------------------------------------------------------
+
 
 def _groups(x: np.ndarray, group: int | None) -> tuple[np.ndarray, int, int]:
     """(rows * groups, g) view, edge-padded so a short last group keeps its own min/max."""
@@ -204,7 +246,7 @@ def rtn(bits: int, group: int | None, mode: str) -> Callable:
             q = np.clip(np.rint(w * inv), -top - 1, top).astype(np.int8)
             m = None
         else:
-            top = 2 ** bits - 1
+            top = 2**bits - 1
             m = w.min(axis=1).astype(np.float16).astype(np.float32)
             s = ((w.max(axis=1) - m) / top).astype(np.float16).astype(np.float32)
             inv = np.divide(1, s, out=np.zeros_like(s), where=s > 0)[:, None]
@@ -244,8 +286,15 @@ def hqq_anchor(bits: int, group: int) -> Callable:
 
     def run(x: np.ndarray):
         t0 = time.perf_counter()
-        wq, meta = Quantizer.quantize(torch.from_numpy(x), nbits=bits, group_size=group, axis=1, device="cpu",
-                                      compute_dtype=torch.float32, bitpack=False)
+        wq, meta = Quantizer.quantize(
+            torch.from_numpy(x),
+            nbits=bits,
+            group_size=group,
+            axis=1,
+            device="cpu",
+            compute_dtype=torch.float32,
+            bitpack=False,
+        )
         # Scales and zeros are stored as fp16 (HQQ's default compute dtype), codes as bits-bit integers.
         meta["scale"] = meta["scale"].half().float()
         meta["zero"] = meta["zero"].half().float()
@@ -263,6 +312,7 @@ def hqq_anchor(bits: int, group: int) -> Callable:
 def hqq_version() -> str | None:
     try:
         import hqq.core.quantize  # noqa: F401
+
         return importlib.metadata.version("hqq")
     except Exception:  # any import failure means: not usable here
         return None
@@ -275,7 +325,9 @@ def anchor_settings() -> list[Method]:
             for group in (32, 64, 128, None):
                 g = "row" if group is None else f"g{group}"
                 quick = (bits, group) in ((4, 32), (4, 64), (3, 64), (2, 64))
-                out.append(Method(f"RTN {mode}", f"RTN {mode}", f"{bits}b {g}", quick=quick, run=rtn(bits, group, mode)))
+                out.append(
+                    Method(f"RTN {mode}", f"RTN {mode}", f"{bits}b {g}", quick=quick, run=rtn(bits, group, mode))
+                )
     for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         out.append(Method("GGUF", "GGUF", t, quick=t in ("Q4_0", "Q5_0", "Q8_0"), run=gguf_anchor(t)))
     if hqq_version():
@@ -285,6 +337,7 @@ def anchor_settings() -> list[Method]:
 
 
 # -- running ------------------------------------------------------------------------------
+
 
 def _instrument(chain, clock: dict) -> None:
     """Times every encode and decode call of the chain's codecs (the writer decodes to measure error)."""
@@ -300,6 +353,7 @@ def _instrument(chain, clock: dict) -> None:
                 return fn(*args, **kwargs)
             finally:
                 clock[key] += time.perf_counter() - t0
+
         return call
 
     codec.encode, codec.decode = timed(encode, "encode"), timed(decode, "decode")
@@ -307,8 +361,9 @@ def _instrument(chain, clock: dict) -> None:
         _instrument(part, clock)
 
 
-def run_rbe(result: Result, tensors: list[tuple[str, np.ndarray]], workdir: str, budget_s: float,
-            limit_s: float) -> None:
+def run_rbe(
+    result: Result, tensors: list[tuple[str, np.ndarray]], workdir: str, budget_s: float, limit_s: float
+) -> None:
     """Writes the tensors through the chain into a container, then reads them back.
 
     The first layer goes first; if all the tensors are projected to take longer than
@@ -331,8 +386,10 @@ def run_rbe(result: Result, tensors: list[tuple[str, np.ndarray]], workdir: str,
                 projected = (time.perf_counter() - t0) * total / sum(x.size for _, x in first)
                 if projected > budget_s:
                     group = [(n, x) for n, x in group if layer_of(n) in subset_layers]
-                    result.note = (f"layers {','.join(map(str, subset_layers))} only (all layers: "
-                                   f"~{projected / 60:.0f} min projected)")
+                    result.note = (
+                        f"layers {','.join(map(str, subset_layers))} only (all layers: "
+                        f"~{projected / 60:.0f} min projected)"
+                    )
             for name, x in group:
                 if time.perf_counter() - t0 > limit_s:
                     result.note = f"stopped after {len(done)} tensors: over {limit_s:.0f} s"
@@ -421,8 +478,9 @@ def run_model(key: str, quick: bool, budget_s: float, limit_s: float, log) -> li
             except Exception as exc:  # a failing codec is a result to report, not a reason to stop
                 result.error = f"{type(exc).__name__}: {exc}"
                 result.per_tensor.clear()
-            status = result.error or (f"{result.aggregate()['bpw']:.3f} bpw, rel.err "
-                                      f"{result.aggregate()['rel_error']:.4f} {result.note}")
+            status = result.error or (
+                f"{result.aggregate()['bpw']:.3f} bpw, rel.err {result.aggregate()['rel_error']:.4f} {result.note}"
+            )
             log(f"  {method.label} {method.setting}: {status} ({time.perf_counter() - t0:.1f} s)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -431,27 +489,56 @@ def run_model(key: str, quick: bool, budget_s: float, limit_s: float, log) -> li
 
 # -- output -------------------------------------------------------------------------------
 
+
 def row_of(result: Result) -> dict:
     agg = result.aggregate()
     mb = agg["weights"] * 4 / 1e6
-    return {"model": MODELS[result.model][0], "key": result.model, "family": result.method.family,
-            "method": result.method.label, "setting": result.method.setting, "chain": result.method.chain,
-            **agg, "encode_mb_s": mb / result.encode_s if result.encode_s else None,
-            "decode_mb_s": mb / result.decode_s if result.decode_s else None,
-            "tensors": len(result.per_tensor), "note": result.note}
+    return {
+        "model": MODELS[result.model][0],
+        "key": result.model,
+        "family": result.method.family,
+        "method": result.method.label,
+        "setting": result.method.setting,
+        "chain": result.method.chain,
+        **agg,
+        "encode_mb_s": mb / result.encode_s if result.encode_s else None,
+        "decode_mb_s": mb / result.decode_s if result.decode_s else None,
+        "tensors": len(result.per_tensor),
+        "note": result.note,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = ("model", "method", "setting", "bits/weight", "rel. error", "SNR dB", "encode MB/s", "decode MB/s", "raw b/w")
+    head = (
+        "model",
+        "method",
+        "setting",
+        "bits/weight",
+        "rel. error",
+        "SNR dB",
+        "encode MB/s",
+        "decode MB/s",
+        "raw b/w",
+    )
     body, last = [], None
     for r in rows:
         if last is not None and r["model"] != last:
             body.append(None)
         last = r["model"]
         setting = r["setting"] + (" *" if r["note"] else "")
-        body.append((r["model"], r["method"], setting, f"{r['bpw']:.3f}", f"{r['rel_error']:.4f}",
-                     f"{r['snr_db']:.1f}", _speed(r["encode_mb_s"]), _speed(r["decode_mb_s"]),
-                     f"{r['raw_bpw']:.3f}"))
+        body.append(
+            (
+                r["model"],
+                r["method"],
+                setting,
+                f"{r['bpw']:.3f}",
+                f"{r['rel_error']:.4f}",
+                f"{r['snr_db']:.1f}",
+                _speed(r["encode_mb_s"]),
+                _speed(r["decode_mb_s"]),
+                f"{r['raw_bpw']:.3f}",
+            )
+        )
     widths = [max(len(h), *(len(b[i]) for b in body if b)) for i, h in enumerate(head)]
 
     def fmt(cells):
@@ -483,8 +570,11 @@ def comparisons(results: list[Result]) -> list[str]:
     if mini:
         lines.append("MiniLM, rbe against GGUF at the same budget:")
         for budget, gtype in ((4.5, "Q4_0"), (5.5, "Q5_0")):
-            rbe = [r for r in mini if r.method.family.startswith("rbe") and r.aggregate()["bpw"] <= budget + 1e-9
-                   and not r.note]
+            rbe = [
+                r
+                for r in mini
+                if r.method.family.startswith("rbe") and r.aggregate()["bpw"] <= budget + 1e-9 and not r.note
+            ]
             anchor = [r for r in mini if r.method.family == "GGUF" and r.method.setting == gtype]
             if not rbe or not anchor:
                 lines.append(f"  <= {budget} bpw: missing rows (rbe: {len(rbe)}, {gtype}: {len(anchor)})")
@@ -492,13 +582,18 @@ def comparisons(results: list[Result]) -> list[str]:
             best = min(rbe, key=lambda r: r.aggregate()["rel_error"])
             e1, e2 = best.aggregate()["rel_error"], anchor[0].aggregate()["rel_error"]
             verdict = "rbe lower" if e1 < e2 else "rbe NOT lower"
-            lines.append(f"  <= {budget} bpw: best rbe {desc(best)} vs {desc(anchor[0])}: "
-                         f"{verdict} ({e1 / e2:.2f}x the error)")
+            lines.append(
+                f"  <= {budget} bpw: best rbe {desc(best)} vs {desc(anchor[0])}: {verdict} ({e1 / e2:.2f}x the error)"
+            )
     for key, rs in by_model.items():
-        low = sorted((r for r in rs if r.method.family in VECTOR_FAMILIES and r.aggregate()["bpw"] < 2.5),
-                     key=lambda r: r.aggregate()["bpw"])
-        lines.append(f"{MODELS[key][0]}, below 2.5 bpw: vq/seed against scalar quantizers at no more bits "
-                     "(each on the same tensors):")
+        low = sorted(
+            (r for r in rs if r.method.family in VECTOR_FAMILIES and r.aggregate()["bpw"] < 2.5),
+            key=lambda r: r.aggregate()["bpw"],
+        )
+        lines.append(
+            f"{MODELS[key][0]}, below 2.5 bpw: vq/seed against scalar quantizers at no more bits "
+            "(each on the same tensors):"
+        )
         if not low:
             lines.append("  no vq or seed row below 2.5 bpw")
             continue
@@ -517,8 +612,10 @@ def comparisons(results: list[Result]) -> list[str]:
                 other = best_at(cands, names, a["bpw"])
                 if other is not None:
                     e2 = other.aggregate(names)["rel_error"]
-                    lines.append(f"    {what} at <= {a['bpw']:.4f} bpw: {desc(other, names)}: its error "
-                                 f"{a['rel_error'] / e2:.2f}x, {'lower' if a['rel_error'] < e2 else 'NOT lower'}")
+                    lines.append(
+                        f"    {what} at <= {a['bpw']:.4f} bpw: {desc(other, names)}: its error "
+                        f"{a['rel_error'] / e2:.2f}x, {'lower' if a['rel_error'] < e2 else 'NOT lower'}"
+                    )
                     continue
                 cheapest = min(cands, key=lambda c: c.aggregate(names)["bpw"], default=None)
                 text = f"    {what} at <= {a['bpw']:.4f} bpw: none"
@@ -527,8 +624,10 @@ def comparisons(results: list[Result]) -> list[str]:
                 up = best_at(cands, names, 2.5)
                 if up is not None:
                     e2 = up.aggregate(names)["rel_error"]
-                    text += (f"; best up to 2.5 bpw: {desc(up, names)}: its error {a['rel_error'] / e2:.2f}x "
-                             f"at {up.aggregate(names)['bpw'] - a['bpw']:.3f} fewer bits")
+                    text += (
+                        f"; best up to 2.5 bpw: {desc(up, names)}: its error {a['rel_error'] / e2:.2f}x "
+                        f"at {up.aggregate(names)['bpw'] - a['bpw']:.3f} fewer bits"
+                    )
                 lines.append(text)
     return lines
 
@@ -560,8 +659,11 @@ def plot(rows: list[dict], key: str, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (all stored bytes, side streams included)")
     ax.set_ylabel("relative error  sqrt(sum |W - W^|^2 / sum |W|^2)")
-    ax.set_title(f"{MODELS[key][0]}: rate-distortion on Linear weights "
-                 "(lines: lower envelope of each family; faint: every setting)", fontsize=10)
+    ax.set_title(
+        f"{MODELS[key][0]}: rate-distortion on Linear weights "
+        "(lines: lower envelope of each family; faint: every setting)",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     foot = []
@@ -585,21 +687,47 @@ def environment(threads: int) -> dict:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu_count": os.cpu_count(), "threads": threads, "machine": platform.machine(),
-            "python": platform.python_version(), "decode_repeats": DECODE_REPEATS,
-            "subset_layer_stride": SUBSET_LAYER_STRIDE, "rbe_tensor_codecs": sorted(TENSOR_CODECS), **versions}
+    return {
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "decode_repeats": DECODE_REPEATS,
+        "subset_layer_stride": SUBSET_LAYER_STRIDE,
+        "rbe_tensor_codecs": sorted(TENSOR_CODECS),
+        **versions,
+    }
 
 
 def save(path: str, results: list[Result], rows: list[dict], env: dict) -> None:
     """The table's rows, plus every measurement per tensor (so the report can be rebuilt)."""
-    measured = [{"model": r.model, "family": r.method.family, "method": r.method.label, "setting": r.method.setting,
-                 "chain": r.method.chain, "encode_s": r.encode_s, "decode_s": r.decode_s, "note": r.note,
-                 "error": r.error, "per_tensor": {n: list(v) for n, v in r.per_tensor.items()}} for r in results]
+    measured = [
+        {
+            "model": r.model,
+            "family": r.method.family,
+            "method": r.method.label,
+            "setting": r.method.setting,
+            "chain": r.method.chain,
+            "encode_s": r.encode_s,
+            "decode_s": r.decode_s,
+            "note": r.note,
+            "error": r.error,
+            "per_tensor": {n: list(v) for n, v in r.per_tensor.items()},
+        }
+        for r in results
+    ]
     with open(path, "w") as fh:
-        json.dump({"environment": env, "rows": rows, "not_measured": [m for m in measured if m["error"]],
-                   "measurements": measured,
-                   "per_tensor_fields": ["stored_bits", "raw_bits", "squared_error", "squared_norm", "weights"]},
-                  fh, indent=1)
+        json.dump(
+            {
+                "environment": env,
+                "rows": rows,
+                "not_measured": [m for m in measured if m["error"]],
+                "measurements": measured,
+                "per_tensor_fields": ["stored_bits", "raw_bits", "squared_error", "squared_norm", "weights"],
+            },
+            fh,
+            indent=1,
+        )
 
 
 def load(path: str) -> tuple[list[Result], dict]:
@@ -607,9 +735,15 @@ def load(path: str) -> tuple[list[Result], dict]:
         data = json.load(fh)
     results = []
     for m in data["measurements"]:
-        r = Result(m["model"], Method(m["family"], m["method"], m["setting"], chain=m["chain"]),
-                   {n: tuple(v) for n, v in m["per_tensor"].items()}, m["encode_s"], m["decode_s"], m["note"],
-                   m["error"])
+        r = Result(
+            m["model"],
+            Method(m["family"], m["method"], m["setting"], chain=m["chain"]),
+            {n: tuple(v) for n, v in m["per_tensor"].items()},
+            m["encode_s"],
+            m["decode_s"],
+            m["note"],
+            m["error"],
+        )
         results.append(r)
     return results, data["environment"]
 
@@ -619,19 +753,24 @@ def report(results: list[Result], models: list[str], env: dict, suffix: str, log
     good = [r for r in results if not r.error and r.per_tensor]
     rows = sorted((row_of(r) for r in good), key=lambda r: (list(MODELS).index(r["key"]), r["bpw"], r["rel_error"]))
     print(table(rows))
-    notes = ["", "bits/weight: every stored byte of every part (codes, scales, codebooks, indices), after rbe's",
-             "lossless packing of the parts, per Linear weight; anchors count their raw payload (fp16 scales).",
-             "raw b/w: the same before the lossless packing (packed codes and fp16/fp32 side streams as the codec",
-             "hands them over); the gap to bits/weight is what entropy coding of the parts saves.",
-             "rel. error: sqrt(sum |W - W^|^2 / sum |W|^2) over all Linear weights; SNR dB = -20 log10(rel. error).",
-             "encode/decode MB/s: MB (10^6 bytes) of fp32 weights per second; rbe encode is writing the container",
-             "less the writer's own verification decode, rbe decode is Reader.get_tensor (best of "
-             f"{env['decode_repeats']} passes)."]
+    notes = [
+        "",
+        "bits/weight: every stored byte of every part (codes, scales, codebooks, indices), after rbe's",
+        "lossless packing of the parts, per Linear weight; anchors count their raw payload (fp16 scales).",
+        "raw b/w: the same before the lossless packing (packed codes and fp16/fp32 side streams as the codec",
+        "hands them over); the gap to bits/weight is what entropy coding of the parts saves.",
+        "rel. error: sqrt(sum |W - W^|^2 / sum |W|^2) over all Linear weights; SNR dB = -20 log10(rel. error).",
+        "encode/decode MB/s: MB (10^6 bytes) of fp32 weights per second; rbe encode is writing the container",
+        "less the writer's own verification decode, rbe decode is Reader.get_tensor (best of "
+        f"{env['decode_repeats']} passes).",
+    ]
     noted = [r for r in rows if r["note"]]
     if noted:
-        notes.append(f"* measured on part of the weights; the row aggregates only those (an rbe setting projected "
-                     f"to encode all weights in more than {env['budget_s']:.0f} s continues after the first layer on "
-                     f"every {env['subset_layer_stride']}th layer only):")
+        notes.append(
+            f"* measured on part of the weights; the row aggregates only those (an rbe setting projected "
+            f"to encode all weights in more than {env['budget_s']:.0f} s continues after the first layer on "
+            f"every {env['subset_layer_stride']}th layer only):"
+        )
         notes += [f"  {r['model']} {r['method']} {r['setting']}: {r['note']}, {r['weights']:,} weights" for r in noted]
     if not env.get("hqq"):
         notes.append("HQQ not installable here: no HQQ rows.")
@@ -656,13 +795,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer settings")
     parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
-    parser.add_argument("--budget-s", type=float, default=900,
-                        help="an rbe setting projected to encode all weights for longer runs on every "
-                             f"{SUBSET_LAYER_STRIDE}th layer only")
-    parser.add_argument("--limit-s", type=float, default=1800,
-                        help="stop a method's encoding after this many seconds and report it as too slow")
-    parser.add_argument("--from-json", metavar="PATH",
-                        help="measure nothing: rebuild the table, comparisons and plots from a saved run")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=900,
+        help="an rbe setting projected to encode all weights for longer runs on every "
+        f"{SUBSET_LAYER_STRIDE}th layer only",
+    )
+    parser.add_argument(
+        "--limit-s",
+        type=float,
+        default=1800,
+        help="stop a method's encoding after this many seconds and report it as too slow",
+    )
+    parser.add_argument(
+        "--from-json", metavar="PATH", help="measure nothing: rebuild the table, comparisons and plots from a saved run"
+    )
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -680,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, min(8, os.cpu_count() or 1))
     try:
         import torch
+
         torch.set_num_threads(threads)
     except ImportError:
         pass

@@ -46,6 +46,7 @@ MiB = 2**20
 
 # -- the synthetic checkpoint -----------------------------------------------------------
 
+
 @dataclass
 class Spec:
     name: str
@@ -68,12 +69,14 @@ def llama_shapes(size_bytes: float) -> tuple[dict, list[Spec]]:
 
     def layer(i: int, dtype: str) -> list[Spec]:
         p = f"model.layers.{i}."
-        return [Spec(p + "input_layernorm.weight", dtype, (hidden,)),
-                *[Spec(p + f"self_attn.{x}_proj.weight", dtype, (hidden, hidden)) for x in "qkvo"],
-                Spec(p + "post_attention_layernorm.weight", dtype, (hidden,)),
-                Spec(p + "mlp.gate_proj.weight", dtype, (ffn, hidden)),
-                Spec(p + "mlp.up_proj.weight", dtype, (ffn, hidden)),
-                Spec(p + "mlp.down_proj.weight", dtype, (hidden, ffn))]
+        return [
+            Spec(p + "input_layernorm.weight", dtype, (hidden,)),
+            *[Spec(p + f"self_attn.{x}_proj.weight", dtype, (hidden, hidden)) for x in "qkvo"],
+            Spec(p + "post_attention_layernorm.weight", dtype, (hidden,)),
+            Spec(p + "mlp.gate_proj.weight", dtype, (ffn, hidden)),
+            Spec(p + "mlp.up_proj.weight", dtype, (ffn, hidden)),
+            Spec(p + "mlp.down_proj.weight", dtype, (hidden, ffn)),
+        ]
 
     ends = [Spec("model.norm.weight", "F32", (hidden,)), Spec("lm_head.weight", "F32", (VOCAB, hidden))]
     layers = 1
@@ -84,10 +87,20 @@ def llama_shapes(size_bytes: float) -> tuple[dict, list[Spec]]:
         if sum(s.nbytes for s in specs) >= size_bytes:
             break
         layers += 1
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 128),
-              "num_key_value_heads": max(1, hidden // 128), "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
-              "torch_dtype": "float32", "tie_word_embeddings": False, "_note": "synthetic weights for a benchmark"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 128),
+        "num_key_value_heads": max(1, hidden // 128),
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-5,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+        "_note": "synthetic weights for a benchmark",
+    }
     return config, specs
 
 
@@ -151,6 +164,7 @@ def _write_json(path: str, obj) -> None:
 
 
 # -- measuring a child process ----------------------------------------------------------
+
 
 @dataclass
 class ChildRun:
@@ -238,6 +252,7 @@ def rbe_command() -> list[str]:
 
 # -- checking ---------------------------------------------------------------------------
 
+
 def sha256_file(path: str, block: int = 8 * MiB) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -261,35 +276,74 @@ def dir_bytes(root: str) -> int:
 
 # -- report -----------------------------------------------------------------------------
 
-COLUMNS = ["step", "input GB", "largest tensor MiB", "peak RSS MiB", "anon MiB", "file-backed MiB",
-           "bound MiB", "within bound", "wall s", "MB/s"]
+COLUMNS = [
+    "step",
+    "input GB",
+    "largest tensor MiB",
+    "peak RSS MiB",
+    "anon MiB",
+    "file-backed MiB",
+    "bound MiB",
+    "within bound",
+    "wall s",
+    "MB/s",
+]
 
 
-def row(step: str, input_bytes: int, largest: int, peak: int, anon: int | None, file: int | None,
-        bound: float | None, wall: float, hwm: int | None = None) -> dict:
-    return {"step": step, "input_bytes": input_bytes, "largest_tensor_bytes": largest, "peak_rss_bytes": peak,
-            "peak_anon_bytes": anon, "peak_file_bytes": file, "sampled_hwm_bytes": hwm, "bound_bytes": bound,
-            "within_bound": None if bound is None else peak <= bound, "wall_s": wall,
-            "MBps": input_bytes / 1e6 / wall}
+def row(
+    step: str,
+    input_bytes: int,
+    largest: int,
+    peak: int,
+    anon: int | None,
+    file: int | None,
+    bound: float | None,
+    wall: float,
+    hwm: int | None = None,
+) -> dict:
+    return {
+        "step": step,
+        "input_bytes": input_bytes,
+        "largest_tensor_bytes": largest,
+        "peak_rss_bytes": peak,
+        "peak_anon_bytes": anon,
+        "peak_file_bytes": file,
+        "sampled_hwm_bytes": hwm,
+        "bound_bytes": bound,
+        "within_bound": None if bound is None else peak <= bound,
+        "wall_s": wall,
+        "MBps": input_bytes / 1e6 / wall,
+    }
 
 
 def _cells(r: dict) -> list[str]:
     mib = lambda v: "-" if v is None else f"{v / MiB:.0f}"  # noqa: E731
     within = {None: "-", True: "yes", False: "NO"}[r["within_bound"]]
-    return [r["step"], f"{r['input_bytes'] / 1e9:.2f}", mib(r["largest_tensor_bytes"]), mib(r["peak_rss_bytes"]),
-            mib(r["peak_anon_bytes"]), mib(r["peak_file_bytes"]), mib(r["bound_bytes"]), within,
-            f"{r['wall_s']:.1f}", f"{r['MBps']:.1f}"]
+    return [
+        r["step"],
+        f"{r['input_bytes'] / 1e9:.2f}",
+        mib(r["largest_tensor_bytes"]),
+        mib(r["peak_rss_bytes"]),
+        mib(r["peak_anon_bytes"]),
+        mib(r["peak_file_bytes"]),
+        mib(r["bound_bytes"]),
+        within,
+        f"{r['wall_s']:.1f}",
+        f"{r['MBps']:.1f}",
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
     cells = [_cells(r) for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(COLUMNS)]
     fmt = lambda vals: "  ".join(  # noqa: E731
-        f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(vals, widths)))
+        f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(vals, widths))
+    )
     return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths]), *(fmt(c) for c in cells)])
 
 
 # -- main -------------------------------------------------------------------------------
+
 
 def run(args) -> int:
     workdir = os.path.abspath(args.workdir)
@@ -313,21 +367,46 @@ def run(args) -> int:
         bound = 2 * largest + OVERHEAD_BYTES
         self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rows.append(row("generate (this script)", total, largest, self_peak, None, None, 1024 * MiB, gen_wall))
-        print(f"checkpoint: {len(specs)} tensors, {total / 1e9:.2f} GB in {SHARDS} shards, largest tensor "
-              f"{largest / MiB:.0f} MiB", file=sys.stderr)
+        print(
+            f"checkpoint: {len(specs)} tensors, {total / 1e9:.2f} GB in {SHARDS} shards, largest tensor "
+            f"{largest / MiB:.0f} MiB",
+            file=sys.stderr,
+        )
 
-        extra = (["--level", str(args.level)] if args.level is not None else [])
-        extra += (["--threads", str(args.threads)] if args.threads else [])
-        for step, cmd in (("rbe convert", [*rbe_command(), "convert", ckpt, rbe_file, "--quiet", *extra]),
-                          ("rbe decode", [*rbe_command(), "decode", rbe_file, decoded, "--quiet",
-                                          *(["--threads", str(args.threads)] if args.threads else [])])):
+        extra = ["--level", str(args.level)] if args.level is not None else []
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        for step, cmd in (
+            ("rbe convert", [*rbe_command(), "convert", ckpt, rbe_file, "--quiet", *extra]),
+            (
+                "rbe decode",
+                [
+                    *rbe_command(),
+                    "decode",
+                    rbe_file,
+                    decoded,
+                    "--quiet",
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                ],
+            ),
+        ):
             print(f"running {step} ...", file=sys.stderr, flush=True)
             child = run_measured(cmd)
             if child.returncode != 0:
                 print(child.stderr, file=sys.stderr)
                 raise SystemExit(f"{step} failed with exit code {child.returncode}")
-            rows.append(row(step, total, largest, child.peak_rss, child.peak_anon, child.peak_file, bound,
-                            child.wall_s, child.peak_hwm))
+            rows.append(
+                row(
+                    step,
+                    total,
+                    largest,
+                    child.peak_rss,
+                    child.peak_anon,
+                    child.peak_file,
+                    bound,
+                    child.wall_s,
+                    child.peak_hwm,
+                )
+            )
 
         print("comparing sha256 of every file ...", file=sys.stderr, flush=True)
         before, after = tree_digests(ckpt), tree_digests(decoded)
@@ -340,15 +419,30 @@ def run(args) -> int:
             _rmdir_if_empty(workdir)
 
     print(format_table(rows))
-    print(f"\nrevision {revision}; container {container / 1e9:.3f} GB (ratio {total / container:.4f}); "
-          f"decoded files byte-identical: {'yes' if identical else 'NO'} ({len(before)} files)")
-    print(f"bound = 2 x largest tensor + {OVERHEAD_BYTES / 1e6:.0f} MB; peak RSS = maxrss from GNU time "
-          "(sampled VmHWM without it); anon / file-backed = largest RssAnon / RssFile sampled every 20 ms")
+    print(
+        f"\nrevision {revision}; container {container / 1e9:.3f} GB (ratio {total / container:.4f}); "
+        f"decoded files byte-identical: {'yes' if identical else 'NO'} ({len(before)} files)"
+    )
+    print(
+        f"bound = 2 x largest tensor + {OVERHEAD_BYTES / 1e6:.0f} MB; peak RSS = maxrss from GNU time "
+        "(sampled VmHWM without it); anon / file-backed = largest RssAnon / RssFile sampled every 20 ms"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
-        json.dump({"revision": revision, "rows": rows, "container_bytes": container, "identical": identical,
-                   "files": len(before), "cpu_count": os.cpu_count(), "level": args.level,
-                   "threads": args.threads}, fh, indent=2)
+        json.dump(
+            {
+                "revision": revision,
+                "rows": rows,
+                "container_bytes": container,
+                "identical": identical,
+                "files": len(before),
+                "cpu_count": os.cpu_count(),
+                "level": args.level,
+                "threads": args.threads,
+            },
+            fh,
+            indent=2,
+        )
     ok = identical and all(r["within_bound"] is not False for r in rows)
     return 0 if ok else 1
 
@@ -370,8 +464,11 @@ def _rmdir_if_empty(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=4.2, help="minimum checkpoint size in GB (default 4.2)")
-    parser.add_argument("--workdir", default=os.path.join(OUT_DIR, "rss-work"),
-                        help="where the checkpoint, container and decoded copy go (default bench/out/rss-work)")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(OUT_DIR, "rss-work"),
+        help="where the checkpoint, container and decoded copy go (default bench/out/rss-work)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--json", default=os.path.join(OUT_DIR, "rss.json"), help="where the rows go")
     parser.add_argument("--level", type=int, default=None, help="passed to rbe convert --level")

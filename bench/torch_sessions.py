@@ -39,9 +39,23 @@ import time
 
 import numpy as np
 
-from bench.ort_sessions import (CALIBRATION_WINDOWS, NEW_TOKENS, PPL_WINDOWS, PROMPT, RUNS, SENTENCES, WINDOW,
-                                causal_quality, child, default_sentences, encoder_quality,
-                                measure_models, once, rbe, table)
+from bench.ort_sessions import (
+    CALIBRATION_WINDOWS,
+    NEW_TOKENS,
+    PPL_WINDOWS,
+    PROMPT,
+    RUNS,
+    SENTENCES,
+    WINDOW,
+    causal_quality,
+    child,
+    default_sentences,
+    encoder_quality,
+    measure_models,
+    once,
+    rbe,
+    table,
+)
 
 MODELS = ("smollm2", "minilm")
 PRESETS = ("q4", "q3")
@@ -84,7 +98,9 @@ else:
 load_s = time.perf_counter() - start
 """
 
-ENCODER = _OPEN + r"""
+ENCODER = (
+    _OPEN
+    + r"""
 from tokenizers import Tokenizer
 tokenizer = Tokenizer.from_file(job["tokenizer"])
 tokenizer.enable_padding()
@@ -108,8 +124,11 @@ for _ in range(job["runs"]):
     times.append(time.perf_counter() - start)
 print(json.dumps({"load_s": load_s, "resident": resident, "latency": float(np.median(times))}))
 """
+)
 
-CAUSAL = _OPEN + r"""
+CAUSAL = (
+    _OPEN
+    + r"""
 with torch.no_grad():
     prompt = torch.tensor([job["prompt"]])
     greedy = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
@@ -126,6 +145,7 @@ tokens = out[0, len(job["prompt"]):].tolist()
 print(json.dumps({"load_s": load_s, "resident": resident, "mean_logprob": float(np.mean(logprobs)),
                   "tokens_per_s": len(tokens) / seconds, "tokens": tokens}))
 """
+)
 
 
 def files_for(source: str, folder: str, causal: bool) -> dict[str, str]:
@@ -133,11 +153,14 @@ def files_for(source: str, folder: str, causal: bool) -> dict[str, str]:
     files = {}
     calibrate = ["--calibration-windows", str(CALIBRATION_WINDOWS)]  # as bench.ort_sessions: --keep may share files
     for preset in PRESETS:
-        packed = once(os.path.join(folder, f"{preset}.rbe"),
-                      lambda p: rbe("convert", source, p, "--preset", preset, *calibrate))
+        packed = once(
+            os.path.join(folder, f"{preset}.rbe"),
+            lambda p, preset=preset: rbe("convert", source, p, "--preset", preset, *calibrate),
+        )
         files[preset] = packed
-        files[f"{preset}-decoded"] = once(os.path.join(folder, f"{preset}-decoded"),
-                                          lambda p: rbe("decode", packed, p))
+        files[f"{preset}-decoded"] = once(
+            os.path.join(folder, f"{preset}-decoded"), lambda p, packed=packed: rbe("decode", packed, p)
+        )
     return files
 
 
@@ -151,8 +174,10 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
     files = files_for(source, folder, causal)
     candidates = [("fp32 transformers", "hf", source, source)]
     for preset in PRESETS:
-        candidates += [(f"rbe {preset} decoded", "hf", files[f"{preset}-decoded"], files[preset]),
-                       (f"rbe {preset} on the fly", "fly", files[preset], files[preset])]
+        candidates += [
+            (f"rbe {preset} decoded", "hf", files[f"{preset}-decoded"], files[preset]),
+            (f"rbe {preset} on the fly", "fly", files[preset], files[preset]),
+        ]
     if causal:
         from tokenizers import Tokenizer
 
@@ -160,20 +185,35 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
 
         tok = Tokenizer.from_file(tokenizer_path)
         ids = tok.encode(evaluation_text(), add_special_tokens=False).ids
-        base_job = {"causal": True, "windows": [ids[k * WINDOW:(k + 1) * WINDOW] for k in range(PPL_WINDOWS)],
-                    "prompt": tok.encode(PROMPT, add_special_tokens=False).ids, "new_tokens": NEW_TOKENS}
+        base_job = {
+            "causal": True,
+            "windows": [ids[k * WINDOW : (k + 1) * WINDOW] for k in range(PPL_WINDOWS)],
+            "prompt": tok.encode(PROMPT, add_special_tokens=False).ids,
+            "new_tokens": NEW_TOKENS,
+        }
     else:
         base_job = {"causal": False, "tokenizer": tokenizer_path, "sentences": default_sentences(), "runs": RUNS}
     model_type = "llama" if causal else "bert"
     base_job["modules"] = [f"transformers.models.{model_type}.modeling_{model_type}", "transformers.generation"]
-    base_job["tiny"] = {"model_type": model_type, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
-                        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
-                        **({"num_key_value_heads": 2} if causal else {})}
+    base_job["tiny"] = {
+        "model_type": model_type,
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        **({"num_key_value_heads": 2} if causal else {}),
+    }
     rows, measured = [], {}
     for label, kind, path, shipped in candidates:
         start = time.perf_counter()
-        job = {**base_job, "kind": kind, "model": path,
-               "out": os.path.join(folder, f"pooled-{label.replace(' ', '-')}.npy")}
+        job = {
+            **base_job,
+            "kind": kind,
+            "model": path,
+            "out": os.path.join(folder, f"pooled-{label.replace(' ', '-')}.npy"),
+        }
         row = child(CAUSAL if causal else ENCODER, job)
         if not causal:
             row["pooled"] = np.load(job["out"]).astype(np.float64)
@@ -193,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "CPU" if not torch.cuda.is_available() else f"CPU (a {torch.cuda.get_device_name()} is present, unused)"
-    print(f"torch {torch.__version__}, {device}, 1 thread; {SENTENCES} evaluation sentences / {PPL_WINDOWS} "
-          f"windows of {WINDOW} evaluation tokens; {seconds:.0f} s")
+    print(
+        f"torch {torch.__version__}, {device}, 1 thread; {SENTENCES} evaluation sentences / {PPL_WINDOWS} "
+        f"windows of {WINDOW} evaluation tokens; {seconds:.0f} s"
+    )
     print(table(results, "fp32 transformers", load_seconds=True))
     return 0
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -58,8 +58,9 @@ def text_from_file(path: str) -> CalibrationText:
         raise UsageError(f"{path}: cannot read the calibration text ({exc})") from None
 
 
-def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, threads: int | None = None,
-            progress=None) -> dict[str, Calibration]:
+def collect(
+    model_dir: str, weights: dict[str, str], text: CalibrationText, threads: int | None = None, progress=None
+) -> dict[str, Calibration]:
     """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method),
     all at once from whole-model runs (``survey`` holds one block's at a time)."""
     torch, model, tokenizer, causal = _load(model_dir, threads)
@@ -69,8 +70,14 @@ def collect(model_dir: str, weights: dict[str, str], text: CalibrationText, thre
         return _moments(modules, weights, _model_runs(model, windows, text, torch, progress))
 
 
-def survey(model_dir: str, weights: dict[str, str], text: CalibrationText, visit: Callable[[str, Calibration], None],
-           threads: int | None = None, progress=None) -> dict[str, Calibration]:
+def survey(
+    model_dir: str,
+    weights: dict[str, str],
+    text: CalibrationText,
+    visit: Callable[[str, Calibration], None],
+    threads: int | None = None,
+    progress=None,
+) -> dict[str, Calibration]:
     """The original model's statistics block by block, never more than one block's at a time.
 
     ``visit(name, calibration)`` is called for each named weight inside the
@@ -139,6 +146,7 @@ def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibrat
             product = (x.T @ x).double().numpy()
             sums[name] = sums[name] + product if name in sums else product
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return accumulate
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
@@ -193,15 +201,17 @@ def _linear_modules(model, weights: dict[str, str]) -> dict:
         if isinstance(module, torch.nn.Linear):
             by_weight[f"{name}.weight"] = module
             if prefix and name.startswith(prefix + "."):
-                by_weight.setdefault(f"{name[len(prefix) + 1:]}.weight", module)
+                by_weight.setdefault(f"{name[len(prefix) + 1 :]}.weight", module)
             elif prefix:
                 by_weight.setdefault(f"{prefix}.{name}.weight", module)
     _add_tied_embeddings(model, by_weight, prefix)
     missing = sorted(set(weights) - set(by_weight))
     if missing:
-        raise UsageError(f"calibration applies to Linear weights only (and to a token embedding tied to the "
-                         f"output head); not a Linear layer's weight: "
-                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise UsageError(
+            f"calibration applies to Linear weights only (and to a token embedding tied to the "
+            f"output head); not a Linear layer's weight: "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
     return {name: by_weight[name] for name in weights}
 
 
@@ -219,7 +229,7 @@ def _add_tied_embeddings(model, by_weight: dict, prefix: str) -> None:
             head = linears[id(module.weight)]
             by_weight.setdefault(f"{name}.weight", head)
             if prefix and name.startswith(prefix + "."):
-                by_weight.setdefault(f"{name[len(prefix) + 1:]}.weight", head)
+                by_weight.setdefault(f"{name[len(prefix) + 1 :]}.weight", head)
 
 
 def _windows(tokenizer, text: CalibrationText, model, causal: bool):
@@ -235,8 +245,7 @@ def _windows(tokenizer, text: CalibrationText, model, causal: bool):
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     count = min(text.windows, len(ids) // window)
     if count < 1:
-        raise UsageError(f"calibration text ({text.source}) holds {len(ids)} tokens, fewer than one window "
-                         f"of {window}")
+        raise UsageError(f"calibration text ({text.source}) holds {len(ids)} tokens, fewer than one window of {window}")
     return [ids[k * window : (k + 1) * window] for k in range(count)]
 
 
@@ -287,8 +296,15 @@ class _InputsCaught(Exception):
     """Stops a forward pass once the first block's inputs are caught."""
 
 
-def sequential(model_dir: str, weights: dict[str, str], text: CalibrationText, encode: Encode,
-               before: dict[str, Calibration], threads: int | None = None, progress=None) -> None:
+def sequential(
+    model_dir: str,
+    weights: dict[str, str],
+    text: CalibrationText,
+    encode: Encode,
+    before: dict[str, Calibration],
+    threads: int | None = None,
+    progress=None,
+) -> None:
     """Encodes the named weights block by block, each on the inputs the already encoded model gives.
 
     GPTQ as published quantizes a model this way: a block's Hessians come from
@@ -412,6 +428,7 @@ def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[s
                 count[0] += x.shape[0]
             elif seen.get("input") is args[0] and name not in stage:
                 stage.append(name)
+
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]

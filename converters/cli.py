@@ -75,9 +75,11 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-MAX_MEMORY_HELP = ("most memory a file's numbers may make rbe allocate at once (a decoded tensor with its "
-                   "working memory, an embedded file read whole, the manifest): bytes or e.g. 500M, 2G; "
-                   "default: half the available memory, and at most 256 times a container's size (at least 1 GiB)")
+MAX_MEMORY_HELP = (
+    "most memory a file's numbers may make rbe allocate at once (a decoded tensor with its "
+    "working memory, an embedded file read whole, the manifest): bytes or e.g. 500M, 2G; "
+    "default: half the available memory, and at most 256 times a container's size (at least 1 GiB)"
+)
 
 
 def zstd_level(text: str) -> int:
@@ -113,62 +115,105 @@ def window_length(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="rbe", description="Convert, inspect and verify rbe weight containers.", epilog=EPILOG)
-    parser.add_argument("--version", action="version",
-                        version=f"rbe {__version__} (format {FORMAT_MAJOR}.{FORMAT_MINOR})")
+    parser.add_argument(
+        "--version", action="version", version=f"rbe {__version__} (format {FORMAT_MAJOR}.{FORMAT_MINOR})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="safetensors file, HF model directory or ONNX model -> .rbe", epilog=EPILOG)
     p.add_argument("input", help="a .safetensors file, a Hugging Face model directory or an .onnx file")
     p.add_argument("output", help="the .rbe file to write (its directory must exist)")
-    p.add_argument("--lossless", choices=["byteplane", "raw"], default="byteplane",
-                   help="how tensors without a chain are stored: byteplane (compressed, default) or raw "
-                        "(uncompressed, mmappable)")
-    p.add_argument("--level", type=zstd_level, default=0,
-                   help="zstd level for byteplane planes, 1-22; 0 (default) is rbe's tuned preset")
+    p.add_argument(
+        "--lossless",
+        choices=["byteplane", "raw"],
+        default="byteplane",
+        help="how tensors without a chain are stored: byteplane (compressed, default) or raw (uncompressed, mmappable)",
+    )
+    p.add_argument(
+        "--level",
+        type=zstd_level,
+        default=0,
+        help="zstd level for byteplane planes, 1-22; 0 (default) is rbe's tuned preset",
+    )
     choice = p.add_mutually_exclusive_group()
-    choice.add_argument("--codec", dest="chain", metavar="CHAIN",
-                        help="a codec chain for every 2-D floating-point tensor, e.g. "
-                             "'gquant(bits=4, group=32)'; other tensors stay lossless")
-    choice.add_argument("--recipe", metavar="FILE",
-                        help="a TOML recipe mapping tensor roles and name patterns to chains")
+    choice.add_argument(
+        "--codec",
+        dest="chain",
+        metavar="CHAIN",
+        help="a codec chain for every 2-D floating-point tensor, e.g. "
+        "'gquant(bits=4, group=32)'; other tensors stay lossless",
+    )
+    choice.add_argument(
+        "--recipe", metavar="FILE", help="a TOML recipe mapping tensor roles and name patterns to chains"
+    )
     choice.add_argument("--preset", metavar="NAME", help="a built-in recipe, e.g. q4 (list them: rbe presets)")
-    p.add_argument("--calibration", metavar="FILE",
-                   help="text for the rules that calibrate (gptq, wanda): default, the half of Python's "
-                        "pydoc_data.topics that rbe eval never scores")
-    p.add_argument("--calibration-windows", type=thread_count, default=32, metavar="N",
-                   help="windows of 512 tokens of calibration text to run (default 32)")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help=".onnx input: a tokenizer.json (or a folder holding one) to calibrate with in ONNX "
-                        "Runtime; without it, calibrated rules round to nearest")
-    p.add_argument("--max-ratio", action="store_true",
-                   help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
-                        "(files ~0.1-0.3%% smaller, decode several times slower)")
-    p.add_argument("--onnx", action="store_true",
-                   help="model directories: also store the architecture as an ONNX graph (exported with torch) "
-                        "wired to the stored weights, so that ONNX Runtime runs the .rbe without torch "
-                        "(encoders and causal LMs; needs torch, transformers and onnxscript)")
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="text for the rules that calibrate (gptq, wanda): default, the half of Python's "
+        "pydoc_data.topics that rbe eval never scores",
+    )
+    p.add_argument(
+        "--calibration-windows",
+        type=thread_count,
+        default=32,
+        metavar="N",
+        help="windows of 512 tokens of calibration text to run (default 32)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help=".onnx input: a tokenizer.json (or a folder holding one) to calibrate with in ONNX "
+        "Runtime; without it, calibrated rules round to nearest",
+    )
+    p.add_argument(
+        "--max-ratio",
+        action="store_true",
+        help="byteplane: condition mantissa bytes on the exponent wherever it saves anything "
+        "(files ~0.1-0.3%% smaller, decode several times slower)",
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="model directories: also store the architecture as an ONNX graph (exported with torch) "
+        "wired to the stored weights, so that ONNX Runtime runs the .rbe without torch "
+        "(encoders and causal LMs; needs torch, transformers and onnxscript)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _common(p)
 
-    p = sub.add_parser("decode", help=".rbe -> HF model directory, one .safetensors file or an ONNX model",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "decode", help=".rbe -> HF model directory, one .safetensors file or an ONNX model", epilog=EPILOG
+    )
     p.add_argument("input", help="the .rbe file")
-    p.add_argument("output", help="a directory, a path ending in .safetensors for a single file, or one ending "
-                                  "in .onnx for a container converted from ONNX")
+    p.add_argument(
+        "output",
+        help="a directory, a path ending in .safetensors for a single file, or one ending "
+        "in .onnx for a container converted from ONNX",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
-    p.add_argument("--force", action="store_true",
-                   help="write into an existing directory, replacing only the files the container holds "
-                        "(other files stay and are listed), or overwrite an existing .safetensors file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing directory, replacing only the files the container holds "
+        "(other files stay and are listed), or overwrite an existing .safetensors file",
+    )
     _common(p)
 
-    p = sub.add_parser("export-onnx", help=".rbe converted from ONNX -> .onnx, dense or with weights kept "
-                       "compressed (--on-the-fly)", epilog=EPILOG)
+    p = sub.add_parser(
+        "export-onnx",
+        help=".rbe converted from ONNX -> .onnx, dense or with weights kept compressed (--on-the-fly)",
+        epilog=EPILOG,
+    )
     p.add_argument("input", help="an .rbe file converted from an .onnx model")
     p.add_argument("output", help="the .onnx file to write (past 2 GB with OUTPUT.data beside it)")
-    p.add_argument("--on-the-fly", action="store_true",
-                   help="keep quantized weights compressed, expanded inside the graph as it runs "
-                        "(MatMulNBits, GatherBlockQuantized; other weights dense): any onnxruntime session "
-                        "opens it; prints which form each weight took")
+    p.add_argument(
+        "--on-the-fly",
+        action="store_true",
+        help="keep quantized weights compressed, expanded inside the graph as it runs "
+        "(MatMulNBits, GatherBlockQuantized; other weights dense): any onnxruntime session "
+        "opens it; prints which form each weight took",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
     _common(p)
@@ -187,37 +232,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print nothing; only the exit code tells")
     _max_memory(p)
 
-    p = sub.add_parser("eval", help="quality of compressed .rbe files against the original (needs the hf extra)",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "eval", help="quality of compressed .rbe files against the original (needs the hf extra)", epilog=EPILOG
+    )
     p.add_argument("input", metavar="ORIGINAL", help="a HF model directory, a .safetensors file in one, or an .rbe")
     p.add_argument("compressed", metavar="COMPRESSED.rbe", nargs="+", help="rbe files of the same model")
-    p.add_argument("--text", metavar="FILE", help="causal LMs: a UTF-8 text for perplexity (default: the "
-                   "evaluation part of pydoc_data.topics)")
-    p.add_argument("--sentences", metavar="FILE", help="encoders: one sentence per line (default: 256 sentences "
-                   "of the evaluation part of pydoc_data.topics)")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="causal LMs: a UTF-8 text for perplexity (default: the evaluation part of pydoc_data.topics)",
+    )
+    p.add_argument(
+        "--sentences",
+        metavar="FILE",
+        help="encoders: one sentence per line (default: 256 sentences of the evaluation part of pydoc_data.topics)",
+    )
     p.add_argument("--window", type=window_length, help="causal LMs: tokens per window, at least 2 (default 512)")
-    p.add_argument("--windows", type=thread_count, help="causal LMs: how many windows, at least 1 (default 16, "
-                   "or as many as the text holds)")
+    p.add_argument(
+        "--windows",
+        type=thread_count,
+        help="causal LMs: how many windows, at least 1 (default 16, or as many as the text holds)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="OUT.png", help="draw quality against bits per weight into this PNG file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
-    p.add_argument("--threads", type=thread_count, default=None, help="threads for torch and decoding, at least 1 "
-                   "(default: CPU count)")
+    p.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        help="threads for torch and decoding, at least 1 (default: CPU count)",
+    )
     _max_memory(p)
 
-    p = sub.add_parser("run", help="run a .rbe converted with --onnx in ONNX Runtime: an encoder's embedding or a "
-                       "causal LM's greedy continuation (needs the ort extra, no torch)", epilog=EPILOG)
+    p = sub.add_parser(
+        "run",
+        help="run a .rbe converted with --onnx in ONNX Runtime: an encoder's embedding or a "
+        "causal LM's greedy continuation (needs the ort extra, no torch)",
+        epilog=EPILOG,
+    )
     p.add_argument("input", metavar="MODEL.rbe", help="an .rbe file converted from a model directory with --onnx")
     p.add_argument("text", help="the text to embed, or the prompt to continue")
-    p.add_argument("--max-new-tokens", type=thread_count, default=32, metavar="N",
-                   help="causal LMs: tokens to generate at most, at least 1 (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=thread_count,
+        default=32,
+        metavar="N",
+        help="causal LMs: tokens to generate at most, at least 1 (default 32)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output (an encoder's whole embedding)")
-    p.add_argument("--threads", type=thread_count, default=None, help="ONNX Runtime threads, at least 1 "
-                   "(default: CPU count)")
-    p.add_argument("--timeout", type=seconds, default=RUN_TIMEOUT, metavar="SECONDS",
-                   help=f"stop the graph (building its session included) after this many seconds, exit 3; "
-                        f"0 for no limit (default {RUN_TIMEOUT:g}: a stored graph is a program, and can loop "
-                        "forever); SIGINT and SIGTERM stop it at any time")
+    p.add_argument(
+        "--threads", type=thread_count, default=None, help="ONNX Runtime threads, at least 1 (default: CPU count)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=seconds,
+        default=RUN_TIMEOUT,
+        metavar="SECONDS",
+        help=f"stop the graph (building its session included) after this many seconds, exit 3; "
+        f"0 for no limit (default {RUN_TIMEOUT:g}: a stored graph is a program, and can loop "
+        "forever); SIGINT and SIGTERM stop it at any time",
+    )
     _max_memory(p)
     return parser
 
@@ -233,6 +307,7 @@ def _max_memory(p: argparse.ArgumentParser) -> None:
 
 
 # -- running a command and reporting its failure --------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit code.  Called as the program (``argv`` None), a command stopped by
@@ -306,8 +381,9 @@ def describe_failure(exc: Exception, args) -> tuple[int, str]:
         return EXIT_ERROR, _system_error(exc, args)
     if isinstance(exc, ValueError) and _raised_in_codec(exc):
         return EXIT_ERROR, _about(subject, str(exc))
-    return EXIT_BUG, (f"internal error, a bug in rbe: {type(exc).__name__}: {exc}; please report it "
-                      f"with the command that caused it")
+    return EXIT_BUG, (
+        f"internal error, a bug in rbe: {type(exc).__name__}: {exc}; please report it with the command that caused it"
+    )
 
 
 def _about(subject: str, message: str) -> str:
@@ -372,6 +448,7 @@ def _stop_signals_raise():
 
 # -- opening inputs -------------------------------------------------------------------
 
+
 def open_rbe(path: str, **kwargs) -> Reader:
     """A Reader, or one error that says what the file is when it is not an rbe file."""
     if os.path.isdir(path):
@@ -407,16 +484,22 @@ def _not_rbe(path: str) -> str:
     if kind == "a safetensors file":
         return f"{path}: not an rbe file (it looks like {kind}); to make one: rbe convert {path} out.rbe"
     if kind:
-        return (f"{path}: not an rbe file (it looks like {kind}); rbe converts .safetensors files and "
-                "Hugging Face model directories")
+        return (
+            f"{path}: not an rbe file (it looks like {kind}); rbe converts .safetensors files and "
+            "Hugging Face model directories"
+        )
     return f"{path}: not an rbe file (it starts with {head[:8]!r}; an rbe file starts with {MAGIC!r})"
 
 
 def _file_kind(head: bytes, size: int) -> str | None:
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "a safetensors file"
-    kinds = {b"GGUF": "a GGUF file", b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
-             b"\x93NUMPY": "a numpy .npy file", b"\x89HDF\r\n\x1a\n": "an HDF5 file (a Keras checkpoint?)"}
+    kinds = {
+        b"GGUF": "a GGUF file",
+        b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
+        b"\x93NUMPY": "a numpy .npy file",
+        b"\x89HDF\r\n\x1a\n": "an HDF5 file (a Keras checkpoint?)",
+    }
     for magic, kind in kinds.items():
         if head.startswith(magic):
             return kind
@@ -436,9 +519,18 @@ def _progress_bar(total: int, quiet: bool, desc: str):
     # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.  The bar waits
     # BAR_DELAY seconds before it first draws, so that a refusal found by the checks at the start (a link in
     # the output, a stored graph naming a file) is the one line on stderr.
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=quiet,
-                file=sys.stderr, leave=False, delay=BAR_DELAY,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]")
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=quiet,
+        file=sys.stderr,
+        leave=False,
+        delay=BAR_DELAY,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]",
+    )
 
 
 def cmd_convert(args) -> int:
@@ -472,9 +564,18 @@ def cmd_convert(args) -> int:
         graph = _export_graph(plan, args) if args.onnx else None
         calibrations, text = _calibrations(plan, policy, args)
         with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
-            notes = convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
-                            threads=args.threads, progress=bar.update, calibrations=calibrations,
-                            calibration_text=text, extra=graph.add_to if graph else None)
+            notes = convert(
+                args.input,
+                args.output,
+                force=args.force,
+                codec=codec,
+                policy=policy,
+                threads=args.threads,
+                progress=bar.update,
+                calibrations=calibrations,
+                calibration_text=text,
+                extra=graph.add_to if graph else None,
+            )
         notes += [graph.summary()] if graph else []
     with Reader(args.output) as r:
         rows = tensor_rows(r)
@@ -505,8 +606,17 @@ def _convert_onnx(args, codec, policy) -> list[str]:
     choose_chains(plan, policy, plan.roles)  # refused before the bar appears, as for safetensors
     calibrations = _onnx_calibrations(plan, policy, args) if args.tokenizer else None
     with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
-        return onnx_io.convert(args.input, args.output, force=args.force, codec=codec, policy=policy,
-                               threads=args.threads, progress=bar.update, plan=plan, calibrations=calibrations)
+        return onnx_io.convert(
+            args.input,
+            args.output,
+            force=args.force,
+            codec=codec,
+            policy=policy,
+            threads=args.threads,
+            progress=bar.update,
+            plan=plan,
+            calibrations=calibrations,
+        )
 
 
 def _onnx_calibrations(plan, policy, args) -> dict:
@@ -527,8 +637,10 @@ def _onnx_calibrations(plan, policy, args) -> dict:
 def _export_graph(plan, args):
     """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
     if os.path.isfile(args.input):
-        raise UsageError(f"{args.input}: --onnx exports a model's architecture, which needs its directory "
-                         "(config.json beside the weights), not a single .safetensors file")
+        raise UsageError(
+            f"{args.input}: --onnx exports a model's architecture, which needs its directory "
+            "(config.json beside the weights), not a single .safetensors file"
+        )
     from . import onnx_export
 
     if not args.quiet:
@@ -549,9 +661,15 @@ def _calibrations(plan, policy, args) -> tuple[dict, object]:
     from tqdm import tqdm
 
     # Sentences and the block-by-block survey report fractions of windows: show whole ones.
-    with tqdm(total=text.windows, unit="window", desc="calibrate", disable=args.quiet, file=sys.stderr,
-              leave=False, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows "
-                                      "[{elapsed}<{remaining}]") as bar:
+    with tqdm(
+        total=text.windows,
+        unit="window",
+        desc="calibrate",
+        disable=args.quiet,
+        file=sys.stderr,
+        leave=False,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows [{elapsed}<{remaining}]",
+    ) as bar:
         return calibrate_for(plan, policy, text, args.threads, bar.update), text
 
 
@@ -565,8 +683,10 @@ def _warn_larger_than_dense(names: list[str]) -> None:
         return
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     noun = "tensor is" if len(names) == 1 else "tensors are"
-    _stderr(f"rbe: warning: {len(names)} {noun} larger under their codec chain than dense (rank or bits too "
-            f"high for the shape? a --recipe can keep them lossless): {shown}")
+    _stderr(
+        f"rbe: warning: {len(names)} {noun} larger under their codec chain than dense (rank or bits too "
+        f"high for the shape? a --recipe can keep them lossless): {shown}"
+    )
 
 
 def cmd_decode(args) -> int:
@@ -584,8 +704,14 @@ def cmd_decode(args) -> int:
     if onnx:
         return _decode_onnx(args, total)
     with _progress_bar(total, args.quiet, "decode") as bar:
-        kept = decode(args.input, args.output, force=args.force, verify=not args.no_verify, threads=args.threads,
-                      progress=bar.update)
+        kept = decode(
+            args.input,
+            args.output,
+            force=args.force,
+            verify=not args.no_verify,
+            threads=args.threads,
+            progress=bar.update,
+        )
     if kept:
         shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         noun = "file" if len(kept) == 1 else "files"
@@ -606,8 +732,14 @@ def _decode_onnx(args, total: int) -> int:
         written = _decode_exported_graph(args)
     else:
         with _progress_bar(total, args.quiet, "decode") as bar:
-            written = decode(args.input, args.output, force=args.force, verify=not args.no_verify,
-                             threads=args.threads, progress=bar.update)
+            written = decode(
+                args.input,
+                args.output,
+                force=args.force,
+                verify=not args.no_verify,
+                threads=args.threads,
+                progress=bar.update,
+            )
     if not args.quiet:
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
         _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors{beside})")
@@ -651,6 +783,7 @@ def _write_onnx(model, path: str, force: bool) -> list[str]:
     from onnx.external_data_helper import set_external_data
 
     from rbeformat.atomic import atomic_file
+
     from .onnx_io import EXTERNAL_ALIGNMENT, INLINE_LIMIT
 
     if model.ByteSize() <= INLINE_LIMIT:
@@ -728,8 +861,10 @@ def _summary_line(r: Reader) -> str:
     from .report import human_bytes, totals
 
     t = totals(r)
-    return (f"{r.path}: {human_bytes(t['tensor_bytes'])} of tensors -> {human_bytes(t['file_bytes'])} file, "
-            f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}")
+    return (
+        f"{r.path}: {human_bytes(t['tensor_bytes'])} of tensors -> {human_bytes(t['file_bytes'])} file, "
+        f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}"
+    )
 
 
 def cmd_eval(args) -> int:
@@ -744,8 +879,9 @@ def cmd_eval(args) -> int:
     for path in ([] if os.path.isdir(original) or original.endswith(".safetensors") else [original]) + args.compressed:
         concerning(path)
         open_rbe(path, verify_checksums=False).close()  # each file is an rbe file before anything loads
-    options = EvalOptions(text=args.text, sentences=args.sentences, window=args.window, windows=args.windows,
-                          threads=args.threads)
+    options = EvalOptions(
+        text=args.text, sentences=args.sentences, window=args.window, windows=args.windows, threads=args.threads
+    )
     result = evaluate(original, args.compressed, options, concerning)
     print(json.dumps(result, indent=2) if args.json else eval_table(result))
     if args.plot:
@@ -765,15 +901,33 @@ def cmd_run(args) -> int:
         tokens = run.generate_ids(model, args.text, args.max_new_tokens, timeout=deadline)
         continuation = run.decode_ids(model, tokens, timeout=deadline)
         if args.json:
-            print(json.dumps({"model": args.input, "kind": "causal-lm", "prompt": args.text,
-                              "continuation": continuation, "token_ids": tokens}))
+            print(
+                json.dumps(
+                    {
+                        "model": args.input,
+                        "kind": "causal-lm",
+                        "prompt": args.text,
+                        "continuation": continuation,
+                        "token_ids": tokens,
+                    }
+                )
+            )
         else:
             print(continuation)
         return EXIT_OK
     (vector,) = run.embed(model, [args.text], timeout=deadline)
     if args.json:
-        print(json.dumps({"model": args.input, "kind": "encoder", "pooling": "mean", "dimension": len(vector),
-                          "embedding": [float(v) for v in vector]}))
+        print(
+            json.dumps(
+                {
+                    "model": args.input,
+                    "kind": "encoder",
+                    "pooling": "mean",
+                    "dimension": len(vector),
+                    "embedding": [float(v) for v in vector],
+                }
+            )
+        )
     else:
         first = " ".join(f"{v:.6f}" for v in vector[:EMBEDDING_PREVIEW])
         more = " ..." if len(vector) > EMBEDDING_PREVIEW else ""
@@ -785,8 +939,16 @@ EMBEDDING_PREVIEW = 8  # values rbe run prints without --json
 RUN_TIMEOUT = 600.0  # seconds rbe run gives a graph by default
 
 
-COMMANDS = {"convert": cmd_convert, "decode": cmd_decode, "export-onnx": cmd_export_onnx, "verify": cmd_verify,
-            "info": cmd_info, "presets": cmd_presets, "eval": cmd_eval, "run": cmd_run}
+COMMANDS = {
+    "convert": cmd_convert,
+    "decode": cmd_decode,
+    "export-onnx": cmd_export_onnx,
+    "verify": cmd_verify,
+    "info": cmd_info,
+    "presets": cmd_presets,
+    "eval": cmd_eval,
+    "run": cmd_run,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,8 +38,8 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rbeformat import InputError, Reader, UsageError
 from rbeformat.atomic import atomic_file, check_parent, check_target
@@ -63,6 +63,7 @@ class EvalOptions:
 
 # -- sizes ------------------------------------------------------------------------------
 
+
 @dataclass
 class Sizes:
     """What a file costs: its bytes, and each tensor's dtype, shape and stored bytes."""
@@ -78,11 +79,14 @@ class Sizes:
         weights = sum(math.prod(shape) for _, shape, _ in self.tensors.values())
         linear_weights = sum(math.prod(self.tensors[name][1]) for name in linear)
         linear_bytes = sum(self.tensors[name][2] for name in linear)
-        return {"file_bytes": self.file_bytes,
-                "ratio": reference_bytes / self.file_bytes if self.file_bytes else None,
-                "bits_per_weight": 8 * self.file_bytes / weights if weights else None,
-                "linear_bits_per_weight": 8 * linear_bytes / linear_weights if linear_weights else None,
-                "weights": weights, "linear_weights": linear_weights}
+        return {
+            "file_bytes": self.file_bytes,
+            "ratio": reference_bytes / self.file_bytes if self.file_bytes else None,
+            "bits_per_weight": 8 * self.file_bytes / weights if weights else None,
+            "linear_bits_per_weight": 8 * linear_bytes / linear_weights if linear_weights else None,
+            "weights": weights,
+            "linear_weights": linear_weights,
+        }
 
 
 def linear_weights(sizes: Sizes, config: dict) -> set:
@@ -90,8 +94,11 @@ def linear_weights(sizes: Sizes, config: dict) -> set:
     from .roles import LINEAR_ROLES, classify
 
     roles = classify({name: (dtype, shape) for name, (dtype, shape, _) in sizes.tensors.items()}, config)
-    return {name for name, role in roles.items()
-            if role.role in LINEAR_ROLES and role.role != "lm_head" and len(sizes.tensors[name][1]) == 2}
+    return {
+        name
+        for name, role in roles.items()
+        if role.role in LINEAR_ROLES and role.role != "lm_head" and len(sizes.tensors[name][1]) == 2
+    }
 
 
 def safetensors_sizes(src: str) -> Sizes:
@@ -99,8 +106,10 @@ def safetensors_sizes(src: str) -> Sizes:
     from .hf import plan_conversion
 
     files = [st for _, st in plan_conversion(src).safetensors]
-    return Sizes(file_bytes=sum(os.path.getsize(st.path) for st in files),
-                 tensors={t.name: (t.dtype, tuple(t.shape), t.end - t.begin) for st in files for t in st.tensors})
+    return Sizes(
+        file_bytes=sum(os.path.getsize(st.path) for st in files),
+        tensors={t.name: (t.dtype, tuple(t.shape), t.end - t.begin) for st in files for t in st.tensors},
+    )
 
 
 def rbe_sizes(path: str) -> Sizes:
@@ -112,8 +121,10 @@ def rbe_sizes(path: str) -> Sizes:
         _, graph_tensors = exported_graph_parts(r)
         rows = [row for row in tensor_rows(r) if not row["internal"] and row["name"] not in graph_tensors]
         file_bytes = totals(r)["file_bytes"]
-    return Sizes(file_bytes=file_bytes,
-                 tensors={row["name"]: (row["dtype"], tuple(row["shape"]), row["stored_bytes"]) for row in rows})
+    return Sizes(
+        file_bytes=file_bytes,
+        tensors={row["name"]: (row["dtype"], tuple(row["shape"]), row["stored_bytes"]) for row in rows},
+    )
 
 
 def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -> None:
@@ -121,20 +132,26 @@ def check_same_model(path: str, sizes: Sizes, original: str, reference: Sizes) -
     missing = sorted(set(reference.shapes) - set(sizes.shapes))
     extra = sorted(set(sizes.shapes) - set(reference.shapes))
     if missing or extra:
-        parts = ([f"{len(missing)} of its tensors missing, e.g. {missing[0]!r}"] if missing else []) + \
-                ([f"{len(extra)} not in it, e.g. {extra[0]!r}"] if extra else [])
-        raise InputError(f"{path}: holds other tensors than {original} ({'; '.join(parts)}); compare files "
-                         "converted from the same model")
+        parts = ([f"{len(missing)} of its tensors missing, e.g. {missing[0]!r}"] if missing else []) + (
+            [f"{len(extra)} not in it, e.g. {extra[0]!r}"] if extra else []
+        )
+        raise InputError(
+            f"{path}: holds other tensors than {original} ({'; '.join(parts)}); compare files "
+            "converted from the same model"
+        )
     for name, shape in reference.shapes.items():
         if sizes.shapes[name] != shape:
-            raise InputError(f"{path}: tensor {name!r} has shape {list(sizes.shapes[name])}, {original} has "
-                             f"{list(shape)}; compare files converted from the same model")
+            raise InputError(
+                f"{path}: tensor {name!r} has shape {list(sizes.shapes[name])}, {original} has "
+                f"{list(shape)}; compare files converted from the same model"
+            )
 
 
 # -- model directories --------------------------------------------------------------
 
 # What transformers reads is only ever a folder written here (``hf_guard``): the config and tokenizer files
 # and the safetensors weights it would load, under names it loads; never code, never a pickle.
+
 
 def stage_model_directory(model_dir: str, workdir: str) -> str:
     """A folder of links to what transformers needs of a model directory, and nothing else."""
@@ -174,7 +191,8 @@ def check_container_config(path: str) -> None:
         hf_guard.check_config(config, {name: tuple(r.entry(name).shape) for name in r.keys()}, path)
         if hf_guard.TOKENIZER_CONFIG in files:
             hf_guard.check_tokenizer_config(
-                hf_guard.parse_json(r.read_file(hf_guard.TOKENIZER_CONFIG), path, hf_guard.TOKENIZER_CONFIG), path)
+                hf_guard.parse_json(r.read_file(hf_guard.TOKENIZER_CONFIG), path, hf_guard.TOKENIZER_CONFIG), path
+            )
 
 
 def container_safetensors_bytes(path: str) -> int:
@@ -195,11 +213,16 @@ def container_safetensors_bytes(path: str) -> int:
 
 def safetensors_bytes(model_dir: str) -> int:
     """The bytes of a model directory's safetensors files: what the ratios divide."""
-    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(model_dir)
-               for n in names if n.endswith(".safetensors"))
+    return sum(
+        os.path.getsize(os.path.join(d, n))
+        for d, _, names in os.walk(model_dir)
+        for n in names
+        if n.endswith(".safetensors")
+    )
 
 
 # -- measures -----------------------------------------------------------------------
+
 
 class PerplexityMeasure:
     """Perplexity on consecutive windows of a text (``quality`` module doc)."""
@@ -208,8 +231,10 @@ class PerplexityMeasure:
 
     def __init__(self, tokenizer, options: EvalOptions):
         if options.text is None:
-            text, self.source = quality.evaluation_text(), (f"evaluation part of pydoc_data.topics "
-                                                            f"(Python {platform.python_version()})")
+            text, self.source = (
+                quality.evaluation_text(),
+                (f"evaluation part of pydoc_data.topics (Python {platform.python_version()})"),
+            )
         else:
             text, self.source = quality.read_text(options.text, "text"), options.text
         self.sha256 = quality.fingerprint(text)
@@ -218,8 +243,10 @@ class PerplexityMeasure:
         self.tokens = len(ids)
         count = min(options.windows or quality.DEFAULT_WINDOWS, len(ids) // self.window)
         if count == 0:
-            raise InputError(f"{options.text or 'the evaluation text'}: holds {len(ids)} tokens, fewer than one "
-                             f"window of {self.window}; give a longer --text or a smaller --window")
+            raise InputError(
+                f"{options.text or 'the evaluation text'}: holds {len(ids)} tokens, fewer than one "
+                f"window of {self.window}; give a longer --text or a smaller --window"
+            )
         self.parts = quality.windows(ids, self.window, count)
         self.largest_token_id = max(max(part) for part in self.parts)
         self.reference: float | None = None
@@ -231,14 +258,25 @@ class PerplexityMeasure:
         return {"perplexity": value, "perplexity_change_pct": 100 * (value / self.reference - 1)}
 
     def protocol(self) -> dict:
-        return {"measure": self.name, "text": self.source, "text_sha256": self.sha256, "tokens": self.tokens,
-                "window": self.window, "windows": len(self.parts), "stride": self.window, "first_token": 0,
-                "labels": "input_ids", "score": "exp of the mean loss over windows"}
+        return {
+            "measure": self.name,
+            "text": self.source,
+            "text_sha256": self.sha256,
+            "tokens": self.tokens,
+            "window": self.window,
+            "windows": len(self.parts),
+            "stride": self.window,
+            "first_token": 0,
+            "labels": "input_ids",
+            "score": "exp of the mean loss over windows",
+        }
 
     def describe(self) -> str:
-        return (f"perplexity: {len(self.parts)} windows of {self.window} tokens, stride {self.window} (no "
-                f"overlap), from token 0 of {self.tokens:,}; labels = input_ids, exp of the mean loss over "
-                f"windows; text: {self.source}, sha256 {self.sha256}")
+        return (
+            f"perplexity: {len(self.parts)} windows of {self.window} tokens, stride {self.window} (no "
+            f"overlap), from token 0 of {self.tokens:,}; labels = input_ids, exp of the mean loss over "
+            f"windows; text: {self.source}, sha256 {self.sha256}"
+        )
 
 
 class EmbeddingMeasure:
@@ -249,14 +287,15 @@ class EmbeddingMeasure:
     def __init__(self, tokenizer, options: EvalOptions):
         if options.sentences is None:
             self.sentences = quality.default_sentences()
-            self.source = (f"{len(self.sentences)} sentences of the evaluation part of pydoc_data.topics "
-                           f"(Python {platform.python_version()})")
+            self.source = (
+                f"{len(self.sentences)} sentences of the evaluation part of pydoc_data.topics "
+                f"(Python {platform.python_version()})"
+            )
         else:
             self.sentences, self.source = quality.read_sentences(options.sentences), options.sentences
         self.sha256 = quality.fingerprint("\n".join(self.sentences))
         self.tokenizer = tokenizer
-        self.largest_token_id = max((max(ids, default=0) for ids in tokenizer(self.sentences)["input_ids"]),
-                                    default=0)
+        self.largest_token_id = max((max(ids, default=0) for ids in tokenizer(self.sentences)["input_ids"]), default=0)
         self.reference = None
 
     def score(self, model) -> dict:
@@ -265,38 +304,54 @@ class EmbeddingMeasure:
             self.reference = embeddings
         cosine = quality.mean_cosine(self.reference, embeddings)
         agreement = quality.neighbour_agreement(self.reference, embeddings)
-        return {"mean_cosine": cosine, "cosine_change": cosine - 1.0,
-                "nn_agreement": agreement, "nn_agreement_change": agreement - 1.0}
+        return {
+            "mean_cosine": cosine,
+            "cosine_change": cosine - 1.0,
+            "nn_agreement": agreement,
+            "nn_agreement_change": agreement - 1.0,
+        }
 
     def protocol(self) -> dict:
-        return {"measure": self.name, "sentences": self.source, "sentences_sha256": self.sha256,
-                "count": len(self.sentences), "pooling": "attention-mask weighted mean of last_hidden_state",
-                "similarity": "cosine"}
+        return {
+            "measure": self.name,
+            "sentences": self.source,
+            "sentences_sha256": self.sha256,
+            "count": len(self.sentences),
+            "pooling": "attention-mask weighted mean of last_hidden_state",
+            "similarity": "cosine",
+        }
 
     def describe(self) -> str:
-        return (f"embeddings: mean cosine between the original's and each file's embedding of the same sentence, "
-                f"and nearest-neighbour agreement (same nearest other sentence by cosine) over "
-                f"{len(self.sentences)} sentences; attention-mask weighted mean of last_hidden_state; "
-                f"sentences: {self.source}, sha256 {self.sha256}")
+        return (
+            f"embeddings: mean cosine between the original's and each file's embedding of the same sentence, "
+            f"and nearest-neighbour agreement (same nearest other sentence by cosine) over "
+            f"{len(self.sentences)} sentences; attention-mask weighted mean of last_hidden_state; "
+            f"sentences: {self.source}, sha256 {self.sha256}"
+        )
 
 
 def choose_measure(config: dict, original: str, options: EvalOptions):
     """The measure for the model's kind; options meant for the other kind are refused."""
     if is_causal_lm(config):
         if options.sentences is not None:
-            raise UsageError(f"--sentences is for encoders; {original} is a causal LM, scored by perplexity on "
-                             "--text")
+            raise UsageError(f"--sentences is for encoders; {original} is a causal LM, scored by perplexity on --text")
         return PerplexityMeasure
-    given = [flag for flag, value in (("--text", options.text), ("--window", options.window),
-                                       ("--windows", options.windows)) if value is not None]
+    given = [
+        flag
+        for flag, value in (("--text", options.text), ("--window", options.window), ("--windows", options.windows))
+        if value is not None
+    ]
     if given:
         verb = "is" if len(given) == 1 else "are"
-        raise UsageError(f"{', '.join(given)} {verb} for causal LMs; {original} is not one (its config names no "
-                         "*ForCausalLM architecture) and is scored by sentence embeddings: use --sentences")
+        raise UsageError(
+            f"{', '.join(given)} {verb} for causal LMs; {original} is not one (its config names no "
+            "*ForCausalLM architecture) and is scored by sentence embeddings: use --sentences"
+        )
     return EmbeddingMeasure
 
 
 # -- the run ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _quiet_transformers(transformers):
@@ -313,8 +368,9 @@ def _quiet_transformers(transformers):
             logging.enable_progress_bar()
 
 
-def evaluate(original: str, compressed: list[str], options: EvalOptions,
-             concerning: Callable[[str], None] = lambda path: None) -> dict:
+def evaluate(
+    original: str, compressed: list[str], options: EvalOptions, concerning: Callable[[str], None] = lambda path: None
+) -> dict:
     """Measures every file; ``concerning`` hears which file a failure from now on is about."""
     torch, transformers = quality.require_torch()
     if options.threads:
@@ -326,8 +382,12 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
         measure_kind = choose_measure(config, original, options)
         tokenizer = quality.load_tokenizer(model_dir, original)
         concerning(options.text or options.sentences or original)
-        baseline = _Baseline(measure_kind(tokenizer, options), measure_kind is PerplexityMeasure,
-                             reference_bytes, linear_weights(reference, config))
+        baseline = _Baseline(
+            measure_kind(tokenizer, options),
+            measure_kind is PerplexityMeasure,
+            reference_bytes,
+            linear_weights(reference, config),
+        )
         sizes = {}
         for path in compressed:  # every file is checked before the first model loads
             concerning(path)
@@ -342,8 +402,7 @@ def evaluate(original: str, compressed: list[str], options: EvalOptions,
             rows.append(baseline.scored_row(path, "compressed", sizes[path], target))
             shutil.rmtree(target)
     measure = baseline.measure
-    return {"measure": measure.name, "protocol": measure.protocol(), "description": measure.describe(),
-            "rows": rows}
+    return {"measure": measure.name, "protocol": measure.protocol(), "description": measure.describe(), "rows": rows}
 
 
 def _original_directory(original: str, workdir: str, threads: int | None) -> tuple[str, Sizes, int]:
@@ -358,8 +417,10 @@ def _original_directory(original: str, workdir: str, threads: int | None) -> tup
     sizes = rbe_sizes(original)
     with Reader(original, verify_checksums=False) as r:
         if "config.json" not in r.files():  # made from a lone .safetensors file
-            raise InputError(f"{original}: holds no config.json, so transformers cannot load it; give the model "
-                             "directory (or an .rbe converted from it) as the original")
+            raise InputError(
+                f"{original}: holds no config.json, so transformers cannot load it; give the model "
+                "directory (or an .rbe converted from it) as the original"
+            )
     check_container_config(original)  # before anything is decoded
     target = decode_to_directory(original, os.path.join(workdir, "original"), threads, None)
     return target, sizes, container_safetensors_bytes(original)
@@ -379,8 +440,10 @@ class _Baseline:
         try:
             rows = model.get_input_embeddings().weight.shape[0]
             if self.measure.largest_token_id >= rows:  # an index error deep in torch otherwise
-                raise InputError(f"{path}: the tokenizer gives token id {self.measure.largest_token_id}, but the "
-                                 f"model's token embedding has {rows} rows")
+                raise InputError(
+                    f"{path}: the tokenizer gives token id {self.measure.largest_token_id}, but the "
+                    f"model's token embedding has {rows} rows"
+                )
             scores = self.measure.score(model)
         finally:
             del model
@@ -390,6 +453,7 @@ class _Baseline:
 
 # -- output -------------------------------------------------------------------------
 
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -397,29 +461,49 @@ def _fmt(value, spec: str) -> str:
 def _quality_cells(row: dict, measure: str) -> list[str]:
     if measure == "perplexity":
         return [f"{row['perplexity']:.3f}", f"{row['perplexity_change_pct']:+.2f}%"]
-    return [f"{row['mean_cosine']:.4f}", f"{row['cosine_change']:+.4f}", f"{row['nn_agreement']:.3f}",
-            f"{row['nn_agreement_change']:+.3f}"]
+    return [
+        f"{row['mean_cosine']:.4f}",
+        f"{row['cosine_change']:+.4f}",
+        f"{row['nn_agreement']:.3f}",
+        f"{row['nn_agreement_change']:+.3f}",
+    ]
 
 
 def eval_table(result: dict) -> str:
     """One row per file, the original first, and the protocol under it."""
     measure = result["measure"]
-    quality_head = (["perplexity", "change"] if measure == "perplexity"
-                    else ["mean cosine", "change", "NN agreement", "change"])
+    quality_head = (
+        ["perplexity", "change"] if measure == "perplexity" else ["mean cosine", "change", "NN agreement", "change"]
+    )
     head = ["file", "size", "ratio", "bits/w", "Linear bits/w"] + quality_head
-    body = [[row["file"] + (" (original)" if row["role"] == "original" else ""),
-             human_bytes(row["file_bytes"]), _fmt(row["ratio"], ".3f"), _fmt(row["bits_per_weight"], ".3f"),
-             _fmt(row["linear_bits_per_weight"], ".3f"), *_quality_cells(row, measure)]
-            for row in result["rows"]]
+    body = [
+        [
+            row["file"] + (" (original)" if row["role"] == "original" else ""),
+            human_bytes(row["file_bytes"]),
+            _fmt(row["ratio"], ".3f"),
+            _fmt(row["bits_per_weight"], ".3f"),
+            _fmt(row["linear_bits_per_weight"], ".3f"),
+            *_quality_cells(row, measure),
+        ]
+        for row in result["rows"]
+    ]
     widths = [max(len(head[i]), *(len(b[i]) for b in body)) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-             for cells in [head, ["-" * w for w in widths], *body]]
-    return "\n".join(lines + ["", result["description"],
-                              "size: decimal MB (a directory or .safetensors original: its safetensors files); "
-                              "ratio: the original's safetensors bytes / file size; bits/w: 8 x file size / "
-                              "weights; Linear bits/w: stored bits of the Linear weights (by tensor role: attention "
-                              "and MLP projections, not embeddings or lm_head) / their weights; models run in "
-                              "float32 on the CPU"])
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        for cells in [head, ["-" * w for w in widths], *body]
+    ]
+    return "\n".join(
+        lines
+        + [
+            "",
+            result["description"],
+            "size: decimal MB (a directory or .safetensors original: its safetensors files); "
+            "ratio: the original's safetensors bytes / file size; bits/w: 8 x file size / "
+            "weights; Linear bits/w: stored bits of the Linear weights (by tensor role: attention "
+            "and MLP projections, not embeddings or lm_head) / their weights; models run in "
+            "float32 on the CPU",
+        ]
+    )
 
 
 def check_plot_target(path: str, force: bool) -> None:
@@ -427,7 +511,9 @@ def check_plot_target(path: str, force: bool) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--plot needs matplotlib, which rbe's 'bench' extra installs: pip install 'rbe[bench]'") from None
+        raise UsageError(
+            "--plot needs matplotlib, which rbe's 'bench' extra installs: pip install 'rbe[bench]'"
+        ) from None
     check_target(path, force)
     check_parent(path)
 
@@ -442,8 +528,10 @@ def _point_label(row: dict, measure: str) -> str:
 def _plot_title(result: dict) -> str:
     p = result["protocol"]
     if result["measure"] == "perplexity":
-        return (f"perplexity, {p['windows']} windows of {p['window']} tokens (stride {p['stride']}), "
-                f"text sha256 {p['text_sha256']}")
+        return (
+            f"perplexity, {p['windows']} windows of {p['window']} tokens (stride {p['stride']}), "
+            f"text sha256 {p['text_sha256']}"
+        )
     return f"mean cosine and NN agreement of mean-pooled embeddings, {p['count']} sentences, sha256 {p['sentences_sha256']}"
 
 
@@ -454,17 +542,33 @@ def write_plot(result: dict, path: str, force: bool) -> None:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    key, label = (("perplexity", "perplexity (lower is better)") if result["measure"] == "perplexity"
-                  else ("mean_cosine", "mean cosine to the original's embeddings"))
+    key, label = (
+        ("perplexity", "perplexity (lower is better)")
+        if result["measure"] == "perplexity"
+        else ("mean_cosine", "mean cosine to the original's embeddings")
+    )
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    for ax, x_key, x_label in ((axes[0], "bits_per_weight", "bits per weight, whole file"),
-                               (axes[1], "linear_bits_per_weight", "bits per weight, Linear weights")):
+    for ax, x_key, x_label in (
+        (axes[0], "bits_per_weight", "bits per weight, whole file"),
+        (axes[1], "linear_bits_per_weight", "bits per weight, Linear weights"),
+    ):
         for row in result["rows"]:
             original = row["role"] == "original"
-            ax.scatter(row[x_key], row[key], marker="*" if original else "o", s=180 if original else 50,
-                       color="black" if original else "tab:blue", zorder=3)
-            ax.annotate(_point_label(row, result["measure"]), (row[x_key], row[key]),
-                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+            ax.scatter(
+                row[x_key],
+                row[key],
+                marker="*" if original else "o",
+                s=180 if original else 50,
+                color="black" if original else "tab:blue",
+                zorder=3,
+            )
+            ax.annotate(
+                _point_label(row, result["measure"]),
+                (row[x_key], row[key]),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
         ax.set_xlabel(x_label)
         ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)

@@ -92,6 +92,7 @@ def attention_layers(roles: dict[str, TensorRole]) -> dict[int, Layer]:
 
 # -- importance ----------------------------------------------------------------------
 
+
 def _o_matrix(layer: Layer, weights: dict[str, np.ndarray]) -> np.ndarray:
     """W_o as (out, in), whatever its storage (Conv1D stores input x output)."""
     w = np.asarray(weights[layer.o], np.float64)
@@ -102,18 +103,21 @@ def layer_scores(w_o: np.ndarray, hessian: np.ndarray, geometry: Heads) -> np.nd
     """Each head's output energy tr(W_S H_SS W_S^T) over the layer's tr(W H W^T)."""
     inputs = geometry.heads * geometry.head_dim
     if w_o.shape[1] != inputs or hessian.shape != (inputs, inputs):
-        raise ValueError(f"an o-projection of {w_o.shape} with a Hessian of {hessian.shape} does not fit "
-                         f"{geometry.heads} heads of {geometry.head_dim}")
+        raise ValueError(
+            f"an o-projection of {w_o.shape} with a Hessian of {hessian.shape} does not fit "
+            f"{geometry.heads} heads of {geometry.head_dim}"
+        )
     # tr(W_S H_SS W_S^T) = sum over S x S of (W^T W) * H, elementwise.
     energy = (w_o.T @ w_o) * np.asarray(hessian, np.float64)
     d = geometry.head_dim
-    per_head = np.array([energy[h * d:(h + 1) * d, h * d:(h + 1) * d].sum() for h in range(geometry.heads)])
+    per_head = np.array([energy[h * d : (h + 1) * d, h * d : (h + 1) * d].sum() for h in range(geometry.heads)])
     total = energy.sum()
     return per_head / total if total > 0 else np.zeros(geometry.heads)
 
 
-def head_scores(config: dict, roles: dict[str, TensorRole], hessians: dict[str, Any],
-                weights: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+def head_scores(
+    config: dict, roles: dict[str, TensorRole], hessians: dict[str, Any], weights: dict[str, np.ndarray]
+) -> dict[int, np.ndarray]:
     """Block index -> the normalised score of each of its heads.
 
     ``hessians`` maps each o-projection weight's name to E[x x^T] of its input
@@ -144,8 +148,13 @@ def select(scores: dict[int, np.ndarray], count: int) -> dict[int, list[int]]:
     return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
 
 
-def choose_heads(config: dict, roles: dict[str, TensorRole], hessians: dict[str, Any],
-                 weights: dict[str, np.ndarray], fraction: float) -> dict[int, list[int]]:
+def choose_heads(
+    config: dict,
+    roles: dict[str, TensorRole],
+    hessians: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    fraction: float,
+) -> dict[int, list[int]]:
     """Block index -> the heads to prune: ``fraction`` of all heads (rounded), lowest scores first.
 
     Layers without pruned heads are left out.  Fewer heads are chosen when
@@ -168,6 +177,7 @@ def select_share(scores: dict[int, np.ndarray], fraction: float) -> dict[int, li
 
 
 # -- the pruned tensors --------------------------------------------------------------
+
 
 def _head_span(head: int, head_dim: int, offset: int = 0) -> slice:
     return slice(offset + head * head_dim, offset + (head + 1) * head_dim)
@@ -221,8 +231,11 @@ def _fused_spans(geometry: Heads, spans: dict[str, list[slice]]) -> list[slice]:
 
 
 def _prune_layer(layer: Layer, geometry: Heads, heads: list[int], weights: dict[str, np.ndarray]) -> dict:
-    out = {layer.o: _zero_inputs(weights[layer.o], [_head_span(h, geometry.head_dim) for h in heads],
-                                 layer.orientation["attn_o"])}
+    out = {
+        layer.o: _zero_inputs(
+            weights[layer.o], [_head_span(h, geometry.head_dim) for h in heads], layer.orientation["attn_o"]
+        )
+    }
     spans = _output_spans(geometry, heads)
     targets = [(role, spans[role]) for role in QKV if role in layer.weights]
     if "attn_qkv" in layer.weights:
@@ -238,8 +251,9 @@ def _prune_layer(layer: Layer, geometry: Heads, heads: list[int], weights: dict[
     return out
 
 
-def prune(config: dict, roles: dict[str, TensorRole], weights: dict[str, np.ndarray],
-          pruned: dict[int, list[int]]) -> dict[str, np.ndarray]:
+def prune(
+    config: dict, roles: dict[str, TensorRole], weights: dict[str, np.ndarray], pruned: dict[int, list[int]]
+) -> dict[str, np.ndarray]:
     """Tensor name -> its pruned float32 copy, for the tensors that change (see the module docstring)."""
     geometry = heads_of(config)
     layers = attention_layers(roles)
@@ -250,8 +264,9 @@ def prune(config: dict, roles: dict[str, TensorRole], weights: dict[str, np.ndar
         if index not in layers:
             raise ValueError(f"block {index} has no attention o-projection")
         if not all(type(h) is int and 0 <= h < geometry.heads for h in heads) or len(set(heads)) == geometry.heads:
-            raise ValueError(f"block {index}: heads {heads} must be distinct indices below {geometry.heads}, "
-                             "and not all of them")
+            raise ValueError(
+                f"block {index}: heads {heads} must be distinct indices below {geometry.heads}, and not all of them"
+            )
         out.update(_prune_layer(layers[index], geometry, sorted(set(heads)), weights))
     return out
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -99,11 +99,21 @@ def _walk(root: str):
     return sorted(found)
 
 
-def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None,
-            policy: Policy | None = None, threads: int | None = None,
-            progress: Progress | None = None, calibration_text=None, calibrations: dict | None = None,
-            sequential: bool = True, blocks_progress: Progress | None = None,
-            extra: Callable[[Writer], dict[str, str]] | None = None) -> list[str]:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    force: bool = False,
+    codec: Codec | None = None,
+    policy: Policy | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    calibration_text=None,
+    calibrations: dict | None = None,
+    sequential: bool = True,
+    blocks_progress: Progress | None = None,
+    extra: Callable[[Writer], dict[str, str]] | None = None,
+) -> list[str]:
     """Converts a .safetensors file or a HF model directory into one rbe file.
 
     ``codec`` is the lossless codec; ``policy`` picks a codec chain per tensor
@@ -136,8 +146,9 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
         if sequential and stats.methods:
             done = _encode_sequentially(w, plan, chains, stats, calibration_text, threads, blocks_progress, pruned)
         elif stats.methods and set(stats.methods) - set(stats.kept):
-            raise UsageError("the calibration statistics of a survey hold no Hessians for the blocks; "
-                             "encode them sequentially")
+            raise UsageError(
+                "the calibration statistics of a survey hold no Hessians for the blocks; encode them sequentially"
+            )
         first_metadata = None
         for rel, st in plan.safetensors:
             _add_safetensors(w, rel, st, chains, stats.kept, done, pruned)
@@ -152,8 +163,16 @@ def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = No
     return [pruning] if pruning else []
 
 
-def _encode_sequentially(w: Writer, plan: Plan, chains: dict, stats: "Statistics", text, threads: int | None,
-                         progress: Progress | None, pruned: dict) -> set[str]:
+def _encode_sequentially(
+    w: Writer,
+    plan: Plan,
+    chains: dict,
+    stats: Statistics,
+    text,
+    threads: int | None,
+    progress: Progress | None,
+    pruned: dict,
+) -> set[str]:
     """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
     from . import calibrate
 
@@ -165,16 +184,23 @@ def _encode_sequentially(w: Writer, plan: Plan, chains: dict, stats: "Statistics
         chain, refs = chains[name]
         original = _read_tensor(st, t)
         values = pruned.get(name, original)
-        return w.add_transformed_decoded(name, t.dtype, values, chain, refs=refs, calibration=calibration,
-                                         reference=original)
+        return w.add_transformed_decoded(
+            name, t.dtype, values, chain, refs=refs, calibration=calibration, reference=original
+        )
 
-    calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, stats.kept, threads,
-                         progress)
+    calibrate.sequential(plan.root, methods, text or calibrate.default_text(), encode, stats.kept, threads, progress)
     return set(methods)
 
 
-def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations: dict,
-                     done: set[str] = frozenset(), pruned: dict | None = None) -> None:
+def _add_safetensors(
+    w: Writer,
+    rel: str,
+    st: StFile,
+    chains: dict,
+    calibrations: dict,
+    done: set[str] = frozenset(),
+    pruned: dict | None = None,
+) -> None:
     read_at, close = st.reader()
     try:
         for t in st.tensors:
@@ -186,8 +212,9 @@ def _add_safetensors(w: Writer, rel: str, st: StFile, chains: dict, calibrations
             else:
                 original = _load(read_at, t)
                 values = pruned[t.name] if pruned and t.name in pruned else original
-                w.add_transformed(t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name),
-                                  reference=original)
+                w.add_transformed(
+                    t.name, t.dtype, values, chain, refs=refs, calibration=calibrations.get(t.name), reference=original
+                )
     finally:
         close()
     header = st.header if st.exact else build_header([(t.name, t.dtype, t.shape) for t in st.tensors], st.metadata)
@@ -223,8 +250,10 @@ def choose_chains(plan: Plan, policy: Policy, roles: dict[str, TensorRole] | Non
             else:
                 groups.setdefault((chain.codec.name, t.dtype, tuple(t.shape), key), []).append((st, t, chain))
     if not policy.lossless and not alone and not groups:
-        raise UsageError(f"{plan.root or '.'}: the codec chain, recipe or preset applies to no tensor (a chain takes "
-                         "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written")
+        raise UsageError(
+            f"{plan.root or '.'}: the codec chain, recipe or preset applies to no tensor (a chain takes "
+            "floating-point tensors its codec accepts; --codec takes the 2-D ones); nothing written"
+        )
     return alone, groups
 
 
@@ -241,8 +270,13 @@ def needs_transpose(chain: Chain, rule: Rule, role: TensorRole | None) -> bool:
     """Whether a weight stored input x output should get ``transpose(values=chain)``: its chain
     groups along the last (output) axis, and its rule did not select it by ``input_last``
     (a rule that does gets exactly the chain it names)."""
-    return (role is not None and role.input_last is False and rule.input_last is None
-            and not chain.lossless and groups_along_last_axis(chain.codec))
+    return (
+        role is not None
+        and role.input_last is False
+        and rule.input_last is None
+        and not chain.lossless
+        and groups_along_last_axis(chain.codec)
+    )
 
 
 def input_axis_grouped(chain: Chain, rule: Rule, role: TensorRole | None) -> Chain:
@@ -254,8 +288,9 @@ def input_axis_grouped(chain: Chain, rule: Rule, role: TensorRole | None) -> Cha
     return Chain(Transpose(), {"values": chain})
 
 
-def chosen_rules(plan: Plan, policy: Policy,
-                 roles: dict[str, TensorRole] | None = None) -> dict[str, tuple[StFile, StTensor, object]]:
+def chosen_rules(
+    plan: Plan, policy: Policy, roles: dict[str, TensorRole] | None = None
+) -> dict[str, tuple[StFile, StTensor, object]]:
     """{tensor name: (file, tensor, rule)} for every tensor a rule encodes (``roles`` as for ``choose_chains``)."""
     if roles is None:
         roles = plan_roles(plan) if policy.uses_roles else {}
@@ -277,15 +312,24 @@ def calibration_methods(plan: Plan, policy: Policy) -> dict[str, str]:
         if rule.calibration:
             for chain in (rule.chain, *rule.upgrades):
                 if rule.calibration not in chain.codec.calibrations:
-                    raise UsageError(f"tensor {name!r}: {chain.codec.name} has no {rule.calibration!r} "
-                                     f"encoder (it has: {', '.join(chain.codec.calibrations) or 'none'})")
+                    raise UsageError(
+                        f"tensor {name!r}: {chain.codec.name} has no {rule.calibration!r} "
+                        f"encoder (it has: {', '.join(chain.codec.calibrations) or 'none'})"
+                    )
             methods[name] = rule.calibration
     return methods
 
 
-def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[str],
-                    pruned: dict | None = None, text=None, threads: int | None = None,
-                    roles: dict[str, TensorRole] | None = None) -> dict:
+def mixed_precision(
+    plan: Plan,
+    policy: Policy,
+    stats: Statistics,
+    names: set[str],
+    pruned: dict | None = None,
+    text=None,
+    threads: int | None = None,
+    roles: dict[str, TensorRole] | None = None,
+) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
     (``converters/mixed.py``); codecs that share state across tensors are never swapped.
     Scores come from the survey (``stats.candidates``) or are computed here; ``pruned`` holds
@@ -300,8 +344,9 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
     pruned = pruned or {}
     if roles is None:
         roles = plan_roles(plan) if policy.uses_roles else {}
-    upgradable = {name: entry for name, entry in chosen_rules(plan, policy, roles).items()
-                  if entry[2].upgrades and name in names}
+    upgradable = {
+        name: entry for name, entry in chosen_rules(plan, policy, roles).items() if entry[2].upgrades and name in names
+    }
     probe = None
     if policy.budget_sensitivity == "model" and upgradable:
         from . import calibrate
@@ -318,8 +363,10 @@ def mixed_precision(plan: Plan, policy: Policy, stats: "Statistics", names: set[
         return candidate(name, x, rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts, measure)
 
     scored = [stats.candidates.get(name) or score(name, st, t, rule) for name, (st, t, rule) in upgradable.items()]
-    return {name: input_axis_grouped(upgradable[name][2].upgrades[level - 1], upgradable[name][2], roles.get(name))
-            for name, level in pick(scored, policy.budget_bits).items()}
+    return {
+        name: input_axis_grouped(upgradable[name][2].upgrades[level - 1], upgradable[name][2], roles.get(name))
+        for name, level in pick(scored, policy.budget_bits).items()
+    }
 
 
 def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:
@@ -336,8 +383,11 @@ def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray
     _check_prune_heads(roles, stats.methods)
     tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
     attention = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "linear_bias"}
-    weights = {name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
-               for name, r in roles.items() if r.role in attention and r.layer is not None}
+    weights = {
+        name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
+        for name, r in roles.items()
+        if r.role in attention and r.layer is not None
+    }
     try:
         scores = stats.head_scores or heads.head_scores(config, roles, stats.kept, weights)
         chosen = heads.select_share(scores, policy.prune_heads)
@@ -365,7 +415,7 @@ class Statistics:
     head_scores: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, calibrations: dict) -> "Statistics":
+    def of(cls, calibrations: dict) -> Statistics:
         """Every tensor's statistics held (``calibrate.collect``): decisions are computed from them."""
         return cls({name: c.method for name, c in calibrations.items()}, dict(calibrations))
 
@@ -375,13 +425,16 @@ def _check_prune_heads(roles: dict, methods: dict[str, str]) -> None:
     o_weights = [name for name, r in roles.items() if r.role == "attn_o"]
     missing = [name for name in o_weights if name not in methods]
     if not o_weights or missing:
-        raise UsageError("prune_heads scores heads with the calibration statistics of the attention output "
-                         "projections: give the attn_o rule calibration = \"gptq\""
-                         + (f" (none for {missing[0]})" if missing else " (this model has none)"))
+        raise UsageError(
+            "prune_heads scores heads with the calibration statistics of the attention output "
+            'projections: give the attn_o rule calibration = "gptq"'
+            + (f" (none for {missing[0]})" if missing else " (this model has none)")
+        )
 
 
-def calibrate_for(plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None,
-                  sequential: bool = True) -> Statistics:
+def calibrate_for(
+    plan: Plan, policy: Policy, text=None, threads: int | None = None, progress=None, sequential: bool = True
+) -> Statistics:
     """The calibration statistics the policy's rules ask for (torch and transformers run the model).
 
     For a sequential conversion, a survey: block by block, scoring as it goes,
@@ -496,8 +549,16 @@ def _add_plain_file(w: Writer, rel: str, full: str) -> None:
 from rbeformat.atomic import check_directory_target, check_target  # noqa: E402  (decoding's own checks)
 
 
-def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
-           progress: Progress | None = None, max_memory: int | None = None) -> list[str]:
+def decode(
+    src: str,
+    dst: str,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    max_memory: int | None = None,
+) -> list[str]:
     """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so.
 
     Into an existing directory (only with ``force``) it replaces just the files
@@ -580,7 +641,11 @@ def _check_header_matches(r: Reader, header: bytes, names: list[str]) -> None:
         for name in names:
             entry, info = r.entry(name), obj.pop(name)
             size = math.prod(entry.shape) * entry.dtype.itemsize
-            if info["dtype"] != entry.dtype.name or tuple(info["shape"]) != entry.shape or info["data_offsets"] != [pos, pos + size]:
+            if (
+                info["dtype"] != entry.dtype.name
+                or tuple(info["shape"]) != entry.shape
+                or info["data_offsets"] != [pos, pos + size]
+            ):
                 raise ValueError(name)
             pos += size
         if obj:
@@ -601,13 +666,17 @@ def _directory_files(r: Reader) -> list[str]:
     # keys() omits internal tensors; an exported graph's own tensors belong to no file either
     unlisted = [name for name in r.keys() if name not in listed and name not in graph_tensors]
     if listed and unlisted:
-        raise FormatError(f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
-                          "decode to a single .safetensors file instead")
+        raise FormatError(
+            f"tensors {unlisted[:3]} belong to no safetensors file of the directory; "
+            "decode to a single .safetensors file instead"
+        )
     if listed:
         return sorted(files)
     if _MERGED in files:
-        raise FormatError(f"the container's tensors would be written to {_MERGED}, but it also holds a file "
-                          "of that name; decode to a single .safetensors file instead")
+        raise FormatError(
+            f"the container's tensors would be written to {_MERGED}, but it also holds a file "
+            "of that name; decode to a single .safetensors file instead"
+        )
     return sorted(files) + [_MERGED]
 
 

@@ -16,14 +16,29 @@ import os
 import re
 
 from rbeformat import InputError
-from rbeformat.embedded.hf_guard import (CONFIG_FILE, DATA_FILES, NO_CODE, SAFE_WEIGHTS, WEIGHTS, WEIGHTS_INDEX,
-                                         check_config, check_memory, check_shapes, check_tokenizer_folder,
-                                         content_errors, meta_model, model_bytes, parse_json, small_file)
+from rbeformat.embedded.hf_guard import (
+    CONFIG_FILE,
+    DATA_FILES,
+    NO_CODE,
+    SAFE_WEIGHTS,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    check_config,
+    check_memory,
+    check_shapes,
+    check_tokenizer_folder,
+    content_errors,
+    meta_model,
+    model_bytes,
+    parse_json,
+    small_file,
+)
 
 _SHARD = re.compile(r"[^/\\]+\.safetensors")
 
 
 # -- the folder transformers reads ----------------------------------------------------
+
 
 def _index(weight_map: dict[str, str], total: int) -> bytes:
     return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
@@ -64,7 +79,7 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
     ``model.safetensors`` of all its tensors.  Never a .py file or a pickle.
     Returns {tensor name: shape} of the weights written.
     """
-    from .hf import exported_graph_parts, _write_shard
+    from .hf import _write_shard, exported_graph_parts
     from .safetensors_io import build_header
 
     graph_files, graph_tensors = exported_graph_parts(reader)
@@ -81,14 +96,14 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
     shapes: dict[str, tuple] = {}
     if not shards:  # tensors without a safetensors layout (save_file): one model.safetensors, as rbe decode
         names = [n for n in reader.keys() if n not in graph_tensors]
-        header = build_header([(n, reader.entry(n).dtype.name, reader.entry(n).shape) for n in names],
-                              reader.metadata())
+        header = build_header(
+            [(n, reader.entry(n).dtype.name, reader.entry(n).shape) for n in names], reader.metadata()
+        )
         with open(os.path.join(folder, WEIGHTS), "wb") as fh:
             _write_shard(reader, header, names, fh.write, verify, None)
         return {n: tuple(reader.entry(n).shape) for n in names}
     if not chosen:
-        raise InputError(f"{source}: holds no .safetensors weights at its top level, where transformers looks "
-                         "for them")
+        raise InputError(f"{source}: holds no .safetensors weights at its top level, where transformers looks for them")
     weight_map, total = {}, 0
     for shard in chosen:
         names = files[shard].tensors
@@ -122,8 +137,10 @@ def stage_directory(model_dir: str, folder: str) -> dict[str, tuple]:
             index = _read_index(fh.read(1 << 26))
     chosen = _chosen_shards(shards, index)
     if not chosen:
-        raise InputError(f"{model_dir}: no .safetensors weights at its top level; transformers loads "
-                         f"{WEIGHTS} (rbe never loads pickled weights such as pytorch_model.bin)")
+        raise InputError(
+            f"{model_dir}: no .safetensors weights at its top level; transformers loads "
+            f"{WEIGHTS} (rbe never loads pickled weights such as pytorch_model.bin)"
+        )
     shapes, weight_map, total = {}, {}, 0
     for shard in chosen:
         full = os.path.join(model_dir, shard)
@@ -151,8 +168,11 @@ def folder_shapes(folder: str) -> dict[str, tuple]:
     """{tensor name: shape} of the safetensors weights a folder written or staged here holds."""
     from .safetensors_io import read_header
 
-    names = [WEIGHTS] if os.path.exists(os.path.join(folder, WEIGHTS)) else sorted(
-        n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    names = (
+        [WEIGHTS]
+        if os.path.exists(os.path.join(folder, WEIGHTS))
+        else sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    )
     return {t.name: tuple(t.shape) for n in names for t in read_header(os.path.join(folder, n)).tensors}
 
 
@@ -169,6 +189,7 @@ def check_folder(folder: str, source: str, shapes: dict[str, tuple] | None = Non
 
 
 # -- loading --------------------------------------------------------------------------
+
 
 def load_pretrained(auto, folder: str, source: str, **kwargs):
     """``auto.from_pretrained`` on a folder written or staged here (``check_folder`` passed): the model

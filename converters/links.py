@@ -53,5 +53,7 @@ def check_link(path: str, folder: str, roots: list[str] | None = None) -> None:
     except OSError:
         target = real
     shown = target if target == real else f"{target}, that is {real}"
-    raise InputError(f"{path}: is a symbolic link to {shown}, outside {folder}; rbe embeds only what the folder "
-                     "holds: copy the file in, or remove the link")
+    raise InputError(
+        f"{path}: is a symbolic link to {shown}, outside {folder}; rbe embeds only what the folder "
+        "holds: copy the file in, or remove the link"
+    )

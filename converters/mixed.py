@@ -18,8 +18,8 @@ the drift of the whole model's outputs instead (``converters/sensitivity.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -51,8 +51,7 @@ def pick(candidates: list[Candidate], budget_bits: float) -> dict[str, int]:
     total = sum(c.weights for c in candidates)
     spent = sum(c.weights * c.bits[0] for c in candidates)
     limit = budget_bits * total
-    steps = [(gain, order, c, low, high) for c in candidates
-             for order, (low, high, gain) in enumerate(_hull_steps(c))]
+    steps = [(gain, order, c, low, high) for c in candidates for order, (low, high, gain) in enumerate(_hull_steps(c))]
     level: dict[str, int] = {}
     blocked: set[str] = set()
     for _, _, c, low, high in sorted(steps, key=lambda s: (-s[0], s[1], s[2].name)):
@@ -84,9 +83,15 @@ def _slope(c: Candidate, a: int, b: int) -> float:
     return (c.errors[a] - c.errors[b]) / (c.weights * (c.bits[b] - c.bits[a]))
 
 
-def candidate(name: str, x: np.ndarray, base: Chain, upgrades: tuple[Chain, ...],
-              calibration: Calibration | None, counts: str = "raw",
-              measure: Callable[[np.ndarray], float] | None = None) -> Candidate:
+def candidate(
+    name: str,
+    x: np.ndarray,
+    base: Chain,
+    upgrades: tuple[Chain, ...],
+    calibration: Calibration | None,
+    counts: str = "raw",
+    measure: Callable[[np.ndarray], float] | None = None,
+) -> Candidate:
     """Scores one tensor (values as float32) at the rule's chain and at each upgrade;
     ``counts`` says how bits are counted (``"raw"`` or ``"stored"``, see the module).
 

@@ -47,8 +47,14 @@ def load_tokenizer(path: str):
         raise InputError(f"{file}: not a tokenizer.json the tokenizers package reads ({str(exc)[:160]})") from None
 
 
-def collect(model, methods: dict[str, str], text: CalibrationText, tokenizer,
-            threads: int | None = None, source: str = "the ONNX model") -> dict[str, Calibration]:
+def collect(
+    model,
+    methods: dict[str, str],
+    text: CalibrationText,
+    tokenizer,
+    threads: int | None = None,
+    source: str = "the ONNX model",
+) -> dict[str, Calibration]:
     """{initializer name: Calibration(method, H)} for the MatMul / Gemm weights named in ``methods``.
 
     ``model`` is the onnx.ModelProto with its initializers filled in; ``source`` names it in errors.
@@ -73,8 +79,11 @@ def collect(model, methods: dict[str, str], text: CalibrationText, tokenizer,
         options.intra_op_num_threads = threads
     data = extended.SerializeToString()
     with ort_guard.session_options(options, quiet=True) as options:
-        session = ort_guard.call(lambda: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]),
-                                 path=source, doing="building a session on the model for calibration")
+        session = ort_guard.call(
+            lambda: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]),
+            path=source,
+            doing="building a session on the model for calibration",
+        )
     wanted = sorted(set(inputs.values()))
     sums: dict[str, np.ndarray] = {}
     count = 0
@@ -115,8 +124,10 @@ def _check_inputs(graph) -> dict[str, type]:
         if value.name in initializers:
             continue
         if value.name not in _FEEDS:
-            raise UsageError(f"calibration feeds sentences (input_ids, attention_mask, token_type_ids, "
-                             f"position_ids); this graph also wants {value.name!r}")
+            raise UsageError(
+                f"calibration feeds sentences (input_ids, attention_mask, token_type_ids, "
+                f"position_ids); this graph also wants {value.name!r}"
+            )
         elem = value.type.tensor_type.elem_type
         out[value.name] = np.int32 if elem == TensorProto.INT32 else np.int64
     if "input_ids" not in out:

@@ -37,14 +37,18 @@ import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
 from rbeformat import InputError, UsageError, Writer
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES
 from rbeformat.onnx_safety import check_model
-from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
 
 from . import onnx_io
 from .hf import Plan, _read_tensor, read_config
+
+if TYPE_CHECKING:
+    import onnx
 
 MAPPING_PATH = "model.onnx-initializers.json"
 WRAPPED = "model"  # the attribute holding the HF model in the export wrappers: a prefix of initializer names
@@ -75,22 +79,27 @@ class ExportedGraph:
 
     def summary(self) -> str:
         transposed = sum(entry["transposed"] for entry in self.mapping.values())
-        return (f"ONNX graph ({self.kind}): {len(self.mapping)} initializers, {len(self.mapping) - len(self.own)} "
-                f"wired to the HF tensors ({transposed} transposed), {len(self.own)} stored as {OWN_PREFIX}...")
+        return (
+            f"ONNX graph ({self.kind}): {len(self.mapping)} initializers, {len(self.mapping) - len(self.own)} "
+            f"wired to the HF tensors ({transposed} transposed), {len(self.own)} stored as {OWN_PREFIX}..."
+        )
 
 
 def export_graph(plan: Plan, threads: int | None = None) -> ExportedGraph:
     """Exports the model of a HF directory and wires its initializers to the directory's tensors."""
     if read_config(plan) is None:
-        raise UsageError(f"{plan.root or '.'}: --onnx exports the model's architecture, which needs a model "
-                         "directory with its config.json")
+        raise UsageError(
+            f"{plan.root or '.'}: --onnx exports the model's architecture, which needs a model "
+            "directory with its config.json"
+        )
     model, kind = export_model(plan.root, threads)
     return wire(model, plan, kind)
 
 
 # -- exporting --------------------------------------------------------------------------
 
-def export_model(root: str, threads: int | None = None) -> tuple["onnx.ModelProto", str]:
+
+def export_model(root: str, threads: int | None = None) -> tuple[onnx.ModelProto, str]:
     """The ONNX graph of the HF model in ``root`` (with its weights) and its kind."""
     try:
         import onnxscript  # noqa: F401  (torch's exporter writes the graph with it)
@@ -115,28 +124,41 @@ def export_model(root: str, threads: int | None = None) -> tuple["onnx.ModelProt
         auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
         # the stored dtype: initializers match bit for bit
         model = hf_folder.load_pretrained(auto, folder, root, dtype="auto").eval()
-    module, args, names = (_causal_lm(model) if kind == "causal-lm" else _encoder(model))
+    module, args, names = _causal_lm(model) if kind == "causal-lm" else _encoder(model)
     inputs, outputs, dynamic = names
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
-                                        dynamic_shapes=dynamic, verbose=False)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter fails in many ways, each about this architecture
-        raise InputError(f"{root}: torch.onnx.export could not export this {kind} "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise InputError(
+            f"{root}: torch.onnx.export could not export this {kind} ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     return program.model_proto, kind
 
 
 def model_kind(config) -> str:
-    """"causal-lm" for a decoder-only LM, "encoder" for an encoder (BERT-like); UsageError for others."""
+    """ "causal-lm" for a decoder-only LM, "encoder" for an encoder (BERT-like); UsageError for others."""
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False):
         raise UsageError(f"--onnx exports encoders and causal LMs, not encoder-decoder models ({config.model_type})")
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "causal-lm"
-    if any(a.endswith(("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"))
-           for a in architectures) or not architectures:
+    if (
+        any(
+            a.endswith(("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"))
+            for a in architectures
+        )
+        or not architectures
+    ):
         return "encoder"
     raise UsageError(f"--onnx exports encoders and causal LMs; {architectures[0]} is neither")
 
@@ -211,8 +233,13 @@ def _causal_lm(model):
 
         def forward(self, input_ids, attention_mask, position_ids, past):
             cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
-            out = getattr(self, WRAPPED)(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, use_cache=True, **{cache_argument: cache})
+            out = getattr(self, WRAPPED)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_argument: cache},
+            )
             present = out.cache if "cache" in out else out.past_key_values
             return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
@@ -223,14 +250,18 @@ def _causal_lm(model):
     past = [torch.randn(EXAMPLE_BATCH, kv_heads, EXAMPLE_PAST, head_dim, dtype=dtype) for _ in range(2 * layers)]
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-               "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len}] * (2 * layers)}
+    dynamic = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": [{0: batch, 2: past_len}] * (2 * layers),
+    }
     inputs = ["input_ids", "attention_mask", "position_ids", *cache_names(layers)]
     outputs = ["logits", *cache_names(layers, "present")]
     return CausalLM(), (ids, mask, positions, past), (inputs, outputs, dynamic)
 
 
-def dense_model(r) -> "onnx.ModelProto":
+def dense_model(r) -> onnx.ModelProto:
     """The stored graph with every initializer's data filled from the tensor the mapping names
     (checked by ``graph_initializers``), transposed where it says: a plain .onnx model."""
     import numpy as np
@@ -246,6 +277,7 @@ def dense_model(r) -> "onnx.ModelProto":
 
 
 # -- wiring the weights -----------------------------------------------------------------
+
 
 def wire(model, plan: Plan, kind: str) -> ExportedGraph:
     """Maps each initializer to the HF tensor it equals (as is or transposed) or to a constant of its
@@ -306,5 +338,7 @@ def _refuse_prefix_in_use(plan: Plan) -> None:
     for _, st in plan.safetensors:
         for t in st.tensors:
             if t.name.startswith(OWN_PREFIX):
-                raise InputError(f"tensor {t.name!r} uses the prefix {OWN_PREFIX!r}, which --onnx keeps for the "
-                                 "graph's own constants; convert without --onnx")
+                raise InputError(
+                    f"tensor {t.name!r} uses the prefix {OWN_PREFIX!r}, which --onnx keeps for the "
+                    "graph's own constants; convert without --onnx"
+                )

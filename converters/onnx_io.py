@@ -44,9 +44,8 @@ from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.onnx_safety import check_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
+from .hf import Progress, Statistics, _read_tensor, _store_shared, choose_chains, mixed_precision
 from .links import allowed_roots, inside
-from .hf import (Progress, Statistics, _read_tensor, _store_shared, choose_chains,
-                 mixed_precision)
 from .recipe import Policy, lossless_policy
 from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
 
@@ -62,11 +61,24 @@ EXTERNAL_ALIGNMENT = 4096  # page-aligned external tensors can be memory-mapped 
 
 # Where each type keeps its values when raw_data is not used (onnx.proto's TensorProto);
 # 16- and 8-bit floats keep their bit patterns in int32_data.
-_TYPED_FIELDS = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data", TensorProto.INT64: "int64_data",
-                 TensorProto.UINT64: "uint64_data", TensorProto.UINT32: "uint64_data"}
+_TYPED_FIELDS = {
+    TensorProto.FLOAT: "float_data",
+    TensorProto.DOUBLE: "double_data",
+    TensorProto.INT64: "int64_data",
+    TensorProto.UINT64: "uint64_data",
+    TensorProto.UINT32: "uint64_data",
+}
 _BIT_PATTERNS = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
-_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
-                "external_data")
+_DATA_FIELDS = (
+    "raw_data",
+    "float_data",
+    "int32_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+    "string_data",
+    "external_data",
+)
 
 
 def is_onnx_path(path: str) -> bool:
@@ -74,6 +86,7 @@ def is_onnx_path(path: str) -> bool:
 
 
 # -- reading an ONNX file ---------------------------------------------------------------
+
 
 @dataclass
 class Initializer:
@@ -93,7 +106,7 @@ class Initializer:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
     @property
-    def tensors(self) -> list["Initializer"]:
+    def tensors(self) -> list[Initializer]:
         return [self]
 
     def reader(self):
@@ -106,8 +119,10 @@ class Initializer:
         def read_at(offset: int, size: int) -> bytes:
             data = os.pread(fd, size, start + offset)
             if len(data) != size:
-                raise InputError(f"{path}: expected {size} bytes at {start + offset}, got {len(data)} "
-                                 f"(tensor {self.name!r}; did the file change?)")
+                raise InputError(
+                    f"{path}: expected {size} bytes at {start + offset}, got {len(data)} "
+                    f"(tensor {self.name!r}; did the file change?)"
+                )
             return data
 
         return read_at, lambda: os.close(fd)
@@ -150,7 +165,7 @@ def plan_conversion(src: str) -> OnnxPlan:
     return OnnxPlan(root, os.path.basename(src), model.SerializeToString(), initializers, roles, external)
 
 
-def load_model(path: str) -> "onnx.ModelProto":
+def load_model(path: str) -> onnx.ModelProto:
     """The ModelProto of an .onnx file, external data untouched; InputError when it is none."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
@@ -159,8 +174,10 @@ def load_model(path: str) -> "onnx.ModelProto":
     try:
         model = onnx.load_model(path, load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, RecursionError) as exc:
-        raise InputError(f"{path}: not a valid ONNX model (protobuf: {str(exc)[:100] or type(exc).__name__}; "
-                         "truncated or another kind of file?)") from None
+        raise InputError(
+            f"{path}: not a valid ONNX model (protobuf: {str(exc)[:100] or type(exc).__name__}; "
+            "truncated or another kind of file?)"
+        ) from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or no IR version)")
     return model
@@ -172,8 +189,9 @@ def _check_names(initializers: list[Initializer], src: str) -> None:
         if not init.name:
             raise InputError(f"{src}: an initializer has no name")
         if init.name.startswith(INTERNAL_PREFIX):
-            raise InputError(f"{src}: initializer {init.name!r} uses the prefix {INTERNAL_PREFIX!r}, "
-                             "which rbe reserves")
+            raise InputError(
+                f"{src}: initializer {init.name!r} uses the prefix {INTERNAL_PREFIX!r}, which rbe reserves"
+            )
         if init.name in seen:
             raise InputError(f"{src}: two initializers are named {init.name!r}")
         seen.add(init.name)
@@ -201,8 +219,9 @@ def _shape(t, src: str) -> tuple[int, ...]:
     if len(dims) > MAX_NDIM or any(d < 0 for d in dims):
         raise InputError(f"{where}: invalid shape {list(dims)} (at most {MAX_NDIM} non-negative dimensions)")
     if math.prod(dims) > MAX_TENSOR_ELEMENTS:
-        raise InputError(f"{where}: shape {list(dims)} has {math.prod(dims)} elements, over the limit of "
-                         f"{MAX_TENSOR_ELEMENTS}")
+        raise InputError(
+            f"{where}: shape {list(dims)} has {math.prod(dims)} elements, over the limit of {MAX_TENSOR_ELEMENTS}"
+        )
     return dims
 
 
@@ -226,8 +245,10 @@ def _external(t, root: str, size: int, where: str) -> tuple[str, int]:
     available = os.path.getsize(path) - offset
     length = _non_negative(info["length"], "length", where) if "length" in info else available
     if offset + length > os.path.getsize(path):
-        raise InputError(f"{where}: external data at offset {offset}, length {length} runs past the end of "
-                         f"{info['location']} ({os.path.getsize(path)} bytes)")
+        raise InputError(
+            f"{where}: external data at offset {offset}, length {length} runs past the end of "
+            f"{info['location']} ({os.path.getsize(path)} bytes)"
+        )
     if length != size:
         raise InputError(f"{where}: shape {list(t.dims)} needs {size} bytes, the external data holds {length}")
     return path, offset
@@ -237,14 +258,16 @@ def _external_path(location: str, root: str, where: str) -> str:
     if not location:
         raise InputError(f"{where}: external data without a location")
     if location.startswith(("/", "\\")) or os.path.isabs(location) or re.match(r"^[A-Za-z]:", location):
-        raise InputError(f"{where}: external data location {location!r:.80} is absolute; it must be relative "
-                         "to the model's folder")
+        raise InputError(
+            f"{where}: external data location {location!r:.80} is absolute; it must be relative to the model's folder"
+        )
     if ".." in re.split(r"[\\/]", location) or "\x00" in location:
         raise InputError(f"{where}: external data location {location!r:.80} contains '..'")
     real = os.path.realpath(os.path.join(root, location))
     if not inside(real, allowed_roots(root)):  # a HF cache snapshot's links into its blobs are allowed
-        raise InputError(f"{where}: external data location {location!r:.80} resolves outside the model's folder "
-                         f"(to {real:.200})")
+        raise InputError(
+            f"{where}: external data location {location!r:.80} resolves outside the model's folder (to {real:.200})"
+        )
     if not os.path.isfile(real):
         raise InputError(f"{where}: external data file {location!r:.80} does not exist or is not a file")
     return real
@@ -373,6 +396,7 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 
 # -- converting -------------------------------------------------------------------------
 
+
 def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
     """The policy an ONNX file is encoded with, and a note for the user.
 
@@ -384,8 +408,10 @@ def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> t
     model's drift (that runs transformers), and head pruning is refused.
     """
     if policy.prune_heads:
-        raise UsageError(f"{plan.source}: prune_heads needs calibration, which runs a Hugging Face model; "
-                         "ONNX input takes recipes without it")
+        raise UsageError(
+            f"{plan.source}: prune_heads needs calibration, which runs a Hugging Face model; "
+            "ONNX input takes recipes without it"
+        )
     calibrated = sorted({rule.calibration for rule in policy.rules if rule.calibration})
     dropped = [] if calibrating else [f"calibration = {c!r}" for c in calibrated]
     if policy.budget_sensitivity == "model":
@@ -394,9 +420,15 @@ def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> t
         return policy, None
     rules = policy.rules if calibrating else [dataclasses.replace(rule, calibration=None) for rule in policy.rules]
     plain = dataclasses.replace(policy, rules=rules, budget_sensitivity="layer")
-    how = ("mixed precision scores layers" if calibrating else
-           "rules round to nearest, mixed precision scores by weight error; --tokenizer calibrates in ONNX Runtime")
-    return plain, f"{plan.source}: ONNX input is encoded without {', '.join(dropped)} (it runs a Hugging Face model): {how}"
+    how = (
+        "mixed precision scores layers"
+        if calibrating
+        else "rules round to nearest, mixed precision scores by weight error; --tokenizer calibrates in ONNX Runtime"
+    )
+    return (
+        plain,
+        f"{plan.source}: ONNX input is encoded without {', '.join(dropped)} (it runs a Hugging Face model): {how}",
+    )
 
 
 def calibration_methods(plan: OnnxPlan, policy: Policy) -> dict[str, str]:
@@ -420,9 +452,18 @@ def filled_model(plan: OnnxPlan) -> onnx.ModelProto:
     return model
 
 
-def convert(src: str, dst: str, *, force: bool = False, codec: Codec | None = None, policy: Policy | None = None,
-            threads: int | None = None, progress: Progress | None = None, plan: OnnxPlan | None = None,
-            calibrations: dict | None = None) -> list[str]:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    force: bool = False,
+    codec: Codec | None = None,
+    policy: Policy | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    plan: OnnxPlan | None = None,
+    calibrations: dict | None = None,
+) -> list[str]:
     """Converts an .onnx file (and its external data) into one rbe file; returns notes for the user."""
     plan = plan or plan_conversion(src)
     policy = policy or lossless_policy()
@@ -461,8 +502,17 @@ def _add_initializer(w: Writer, init: Initializer, chosen, calibration=None) -> 
 
 # -- decoding ---------------------------------------------------------------------------
 
-def decode(src: str, dst: str, *, force: bool = False, verify: bool = True, threads: int | None = None,
-           progress: Progress | None = None, inline_limit: int = INLINE_LIMIT) -> list[str]:
+
+def decode(
+    src: str,
+    dst: str,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    inline_limit: int = INLINE_LIMIT,
+) -> list[str]:
     """Writes the ONNX model an rbe file carries to ``dst``, every initializer dense.
 
     Up to ``inline_limit`` bytes of initializers go inline (``raw_data``); past it
@@ -503,8 +553,10 @@ def _check_tensor_matches(r: Reader, t) -> None:
         raise FormatError(f"the ONNX graph's initializer {t.name!r:.80} has no tensor in the container")
     entry = r.entry(t.name)
     if entry.dtype.name != ONNX_DTYPES[t.data_type] or tuple(entry.shape) != _dims(t):
-        raise FormatError(f"tensor {t.name!r:.80}: {entry.dtype.name} {list(entry.shape)} does not match the "
-                          f"graph's initializer ({ONNX_DTYPES[t.data_type]} {list(_dims(t))})")
+        raise FormatError(
+            f"tensor {t.name!r:.80}: {entry.dtype.name} {list(entry.shape)} does not match the "
+            f"graph's initializer ({ONNX_DTYPES[t.data_type]} {list(_dims(t))})"
+        )
 
 
 def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
@@ -517,8 +569,7 @@ def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, v
     return [dst]
 
 
-def _write_external(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool,
-                    progress) -> list[str]:
+def _write_external(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
     data_path = dst + ".data"
     check_target(data_path, force)
     location = os.path.basename(data_path)

@@ -56,18 +56,22 @@ PARAGRAPH = "\n\n"
 
 # -- optional dependencies ----------------------------------------------------------
 
+
 def require_torch():
     """torch and transformers, or one error that names the extra that installs them."""
     try:
         import torch
         import transformers
     except ImportError as exc:
-        raise UsageError(f"measuring model quality needs torch and transformers ({exc.name} is not installed); "
-                         "install rbe's 'hf' extra: pip install 'rbe[hf]'") from None
+        raise UsageError(
+            f"measuring model quality needs torch and transformers ({exc.name} is not installed); "
+            "install rbe's 'hf' extra: pip install 'rbe[hf]'"
+        ) from None
     return torch, transformers
 
 
 # -- texts --------------------------------------------------------------------------
+
 
 @functools.cache
 def topic_text() -> str:
@@ -85,13 +89,13 @@ def _cut(text: str) -> int:
 def calibration_text() -> str:
     """The first part of the topic text: what calibration-aware encoders may read."""
     text = topic_text()
-    return text[:_cut(text)]
+    return text[: _cut(text)]
 
 
 def evaluation_text() -> str:
     """The second part of the topic text, disjoint from ``calibration_text()``."""
     text = topic_text()
-    return text[_cut(text) + len(PARAGRAPH):]
+    return text[_cut(text) + len(PARAGRAPH) :]
 
 
 def fingerprint(text: str) -> str:
@@ -113,6 +117,7 @@ def read_text(path: str, what: str) -> str:
 
 
 # -- perplexity ---------------------------------------------------------------------
+
 
 def token_ids(tokenizer, text: str | None = None) -> list[int]:
     """A text (by default the evaluation text) as the model's tokens, no special tokens added."""
@@ -170,8 +175,9 @@ def read_sentences(path: str) -> list[str]:
     """A sentence file: one sentence per line; blank lines are skipped."""
     sentences = [line.strip() for line in read_text(path, "sentences").splitlines() if line.strip()]
     if len(sentences) < 2:
-        raise InputError(f"{path}: holds {len(sentences)} sentence(s); nearest-neighbour agreement needs at "
-                         "least 2, one per line")
+        raise InputError(
+            f"{path}: holds {len(sentences)} sentence(s); nearest-neighbour agreement needs at least 2, one per line"
+        )
     return sentences
 
 
@@ -183,8 +189,9 @@ def sentence_embeddings(model, tokenizer, sentences: list[str], batch: int = EMB
     rows = []
     with torch.no_grad():
         for first in range(0, len(sentences), batch):
-            encoded = tokenizer(sentences[first:first + batch], padding=True, truncation=True, max_length=limit,
-                                return_tensors="pt")
+            encoded = tokenizer(
+                sentences[first : first + batch], padding=True, truncation=True, max_length=limit, return_tensors="pt"
+            )
             hidden = model(**encoded).last_hidden_state
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             rows.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
@@ -215,6 +222,7 @@ def neighbour_agreement(a, b) -> float:
 
 
 # -- models -------------------------------------------------------------------------
+
 
 def read_config(model_dir: str) -> dict:
     """A model directory's config.json, or one error naming it."""

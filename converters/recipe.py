@@ -201,14 +201,23 @@ def policy_from_document(doc: dict, where: str) -> Policy:
         raise UsageError(f"{where}: 'budget_bits' and rules with 'upgrade' go together")
     counts = doc.get("budget_counts", "raw")
     if counts not in BUDGET_COUNTS or (budget is None and "budget_counts" in doc):
-        raise UsageError(f"{where}: 'budget_counts' must be one of {', '.join(map(repr, BUDGET_COUNTS))}, "
-                         "beside a 'budget_bits'")
+        raise UsageError(
+            f"{where}: 'budget_counts' must be one of {', '.join(map(repr, BUDGET_COUNTS))}, beside a 'budget_bits'"
+        )
     sensitivity = doc.get("budget_sensitivity", "layer")
     if sensitivity not in BUDGET_SENSITIVITIES or (budget is None and "budget_sensitivity" in doc):
-        raise UsageError(f"{where}: 'budget_sensitivity' must be one of "
-                         f"{', '.join(map(repr, BUDGET_SENSITIVITIES))}, beside a 'budget_bits'")
-    return Policy(parsed, description, budget_bits=None if budget is None else float(budget),
-                  budget_counts=counts, budget_sensitivity=sensitivity, prune_heads=_prune_heads(doc, where))
+        raise UsageError(
+            f"{where}: 'budget_sensitivity' must be one of "
+            f"{', '.join(map(repr, BUDGET_SENSITIVITIES))}, beside a 'budget_bits'"
+        )
+    return Policy(
+        parsed,
+        description,
+        budget_bits=None if budget is None else float(budget),
+        budget_counts=counts,
+        budget_sensitivity=sensitivity,
+        prune_heads=_prune_heads(doc, where),
+    )
 
 
 def _prune_heads(doc: dict, where: str) -> float | None:
@@ -232,8 +241,16 @@ def _rule(raw, where: str) -> Rule:
     roles = _roles(raw, where)
     if pattern is None and roles is None:
         raise UsageError(f"{where}: needs 'match' (a name pattern), 'role' or 'roles' to say which tensors it takes")
-    return Rule(pattern, _chain(raw["codec"], where), _ndim(raw, where), roles, _layers(raw, where),
-                _input_last(raw, where), _calibration(raw, where), _upgrades(raw, where))
+    return Rule(
+        pattern,
+        _chain(raw["codec"], where),
+        _ndim(raw, where),
+        roles,
+        _layers(raw, where),
+        _input_last(raw, where),
+        _calibration(raw, where),
+        _upgrades(raw, where),
+    )
 
 
 def _upgrades(raw: dict, where: str) -> tuple[Chain, ...]:
@@ -299,12 +316,12 @@ def _input_last(raw: dict, where: str) -> bool | None:
 def _calibration(raw: dict, where: str) -> str | None:
     value = raw.get("calibration")
     if value is not None and value not in CALIBRATIONS:
-        raise UsageError(f"{where}: 'calibration' must be one of {', '.join(map(repr, CALIBRATIONS))}, "
-                         f"not {value!r}")
+        raise UsageError(f"{where}: 'calibration' must be one of {', '.join(map(repr, CALIBRATIONS))}, not {value!r}")
     return value
 
 
 # -- built-in presets -----------------------------------------------------------------
+
 
 def _preset_files() -> dict[str, Traversable]:
     folder = resources.files(__package__).joinpath("presets")

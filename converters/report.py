@@ -29,8 +29,10 @@ def chain_text(transform: Transform) -> str:
 
 
 def _chain(transform: Transform) -> Chain:
-    return Chain(transform.codec, {name: _chain(part.transform) for name, part in transform.parts.items()
-                                   if part.transform is not None})
+    return Chain(
+        transform.codec,
+        {name: _chain(part.transform) for name, part in transform.parts.items() if part.transform is not None},
+    )
 
 
 def tensor_roles(r: Reader) -> dict[str, TensorRole]:
@@ -60,10 +62,22 @@ def tensor_rows(r: Reader) -> list[dict]:
         raw = n * entry.dtype.itemsize
         role = roles[entry.name].role if entry.name in roles else None
         if entry.alias_of:
-            rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape), "role": role,
-                         "codec": f"alias of {entry.alias_of}", "raw_bytes": raw, "stored_bytes": 0,
-                         "ratio": None, "bits_per_weight": 0.0, "internal": entry.internal,
-                         "quality": "exact (alias)", "larger_than_dense": False})
+            rows.append(
+                {
+                    "name": entry.name,
+                    "dtype": entry.dtype.name,
+                    "shape": list(entry.shape),
+                    "role": role,
+                    "codec": f"alias of {entry.alias_of}",
+                    "raw_bytes": raw,
+                    "stored_bytes": 0,
+                    "ratio": None,
+                    "bits_per_weight": 0.0,
+                    "internal": entry.internal,
+                    "quality": "exact (alias)",
+                    "larger_than_dense": False,
+                }
+            )
             continue
         if entry.transform is not None:
             stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))
@@ -76,14 +90,25 @@ def tensor_rows(r: Reader) -> list[dict]:
             codec = entry.blob.codec_record["name"]
             lossless = entry.blob.codec is not None and entry.blob.codec.lossless
             stats, quality = {}, "lossless (bit-exact)" if lossless else "lossy"
-        rows.append({"name": entry.name, "dtype": entry.dtype.name, "shape": list(entry.shape), "role": role,
-                     "codec": codec, "raw_bytes": raw, "stored_bytes": stored,
-                     "ratio": raw / stored if stored else None,
-                     "bits_per_weight": 8 * stored / n if n else 0.0,
-                     # A codec chain is meant to save space; storing more than the dense
-                     # tensor means its settings (a rank, a bit width) do not fit the shape.
-                     "larger_than_dense": entry.transform is not None and stored > raw,
-                     "internal": entry.internal, "quality": quality, **({"stats": stats} if stats else {})})
+        rows.append(
+            {
+                "name": entry.name,
+                "dtype": entry.dtype.name,
+                "shape": list(entry.shape),
+                "role": role,
+                "codec": codec,
+                "raw_bytes": raw,
+                "stored_bytes": stored,
+                "ratio": raw / stored if stored else None,
+                "bits_per_weight": 8 * stored / n if n else 0.0,
+                # A codec chain is meant to save space; storing more than the dense
+                # tensor means its settings (a rank, a bit width) do not fit the shape.
+                "larger_than_dense": entry.transform is not None and stored > raw,
+                "internal": entry.internal,
+                "quality": quality,
+                **({"stats": stats} if stats else {}),
+            }
+        )
     return rows
 
 
@@ -113,34 +138,65 @@ def totals(r: Reader) -> dict:
     lossy_weights = sum(math.prod(row["shape"]) for row in lossy)
     # The weighted rel. error of all lossy tensors: sqrt(sum err^2 / sum x^2) needs norms; we
     # report the worst tensor and the weight-averaged one, both measured at encode time.
-    rels = [(row["stats"]["rel_error"], math.prod(row["shape"])) for row in lossy
-            if isinstance(row.get("stats", {}).get("rel_error"), (int, float))]
-    return {"tensors": len(rows), "weights": weights, "tensor_bytes": tensor_bytes,
-            "tensor_stored_bytes": stored, "embedded_file_bytes": files, "file_bytes": size,
-            "overhead_bytes": size - stored - files,
-            "ratio": tensor_bytes / size if size else 0.0,
-            "bits_per_weight": 8 * size / weights if weights else 0.0,
-            "tensor_bits_per_weight": 8 * stored / weights if weights else 0.0,
-            "quality": "lossless (bit-exact)" if lossless else (
-                f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; weight rel.err "
-                f"mean {sum(r * n for r, n in rels) / max(1, sum(n for _, n in rels)):.4f}, "
-                f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode on the weights; "
-                f"a model's quality is what rbe eval measures)")}
+    rels = [
+        (row["stats"]["rel_error"], math.prod(row["shape"]))
+        for row in lossy
+        if isinstance(row.get("stats", {}).get("rel_error"), (int, float))
+    ]
+    return {
+        "tensors": len(rows),
+        "weights": weights,
+        "tensor_bytes": tensor_bytes,
+        "tensor_stored_bytes": stored,
+        "embedded_file_bytes": files,
+        "file_bytes": size,
+        "overhead_bytes": size - stored - files,
+        "ratio": tensor_bytes / size if size else 0.0,
+        "bits_per_weight": 8 * size / weights if weights else 0.0,
+        "tensor_bits_per_weight": 8 * stored / weights if weights else 0.0,
+        "quality": "lossless (bit-exact)"
+        if lossless
+        else (
+            f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; weight rel.err "
+            f"mean {sum(r * n for r, n in rels) / max(1, sum(n for _, n in rels)):.4f}, "
+            f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode on the weights; "
+            f"a model's quality is what rbe eval measures)"
+        ),
+    }
 
 
 def info_json(r: Reader) -> dict:
-    return {"file": r.path, "version": list(r.version), "producer": r.manifest.producer,
-            "metadata": r.metadata(), "totals": totals(r), "tensors": tensor_rows(r),
-            "files": [{"path": f.path, "role": f.role, "size": f.blob.items, "stored_bytes": _stored(f.blob)}
-                      for f in r.manifest.files.values()]}
+    return {
+        "file": r.path,
+        "version": list(r.version),
+        "producer": r.manifest.producer,
+        "metadata": r.metadata(),
+        "totals": totals(r),
+        "tensors": tensor_rows(r),
+        "files": [
+            {"path": f.path, "role": f.role, "size": f.blob.items, "stored_bytes": _stored(f.blob)}
+            for f in r.manifest.files.values()
+        ],
+    }
 
 
 def info_table(r: Reader) -> str:
     rows = tensor_rows(r)
     head = ("tensor", "dtype", "shape", "role", "codec", "stored", "ratio", "bits/w", "quality")
-    body = [(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar", row["role"] or "-", row["codec"],
-             human_bytes(row["stored_bytes"]), f"{row['ratio']:.3f}" if row["ratio"] else "-",
-             f"{row['bits_per_weight']:.3f}", _quality_cell(row)) for row in rows]
+    body = [
+        (
+            row["name"],
+            row["dtype"],
+            "x".join(map(str, row["shape"])) or "scalar",
+            row["role"] or "-",
+            row["codec"],
+            human_bytes(row["stored_bytes"]),
+            f"{row['ratio']:.3f}" if row["ratio"] else "-",
+            f"{row['bits_per_weight']:.3f}",
+            _quality_cell(row),
+        )
+        for row in rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[0] = min(widths[0], 60)
     widths[4] = min(widths[4], 60)
@@ -148,7 +204,7 @@ def info_table(r: Reader) -> str:
     def fmt(cells):
         out = []
         for i, (cell, w) in enumerate(zip(cells, widths)):
-            cell = cell if len(cell) <= w else "..." + cell[-(w - 3):]
+            cell = cell if len(cell) <= w else "..." + cell[-(w - 3) :]
             out.append(cell.ljust(w) if i < 5 or i == 8 else cell.rjust(w))
         return "  ".join(out)
 
@@ -159,8 +215,11 @@ def info_table(r: Reader) -> str:
         lines.append(f"  {f.path}  ({f.role}, {human_bytes(f.blob.items)} -> {human_bytes(_stored(f.blob))})")
     larger = larger_than_dense(rows)
     if larger:
-        lines += ["", f"{_count(len(larger), 'tensor')} marked LARGER THAN DENSE: their codec chain stores more "
-                      "bytes than the dense tensor would take"]
+        lines += [
+            "",
+            f"{_count(len(larger), 'tensor')} marked LARGER THAN DENSE: their codec chain stores more "
+            "bytes than the dense tensor would take",
+        ]
     lines += [
         "",
         f"format {r.version[0]}.{r.version[1]}, written by {r.manifest.producer}",

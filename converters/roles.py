@@ -34,14 +34,31 @@ from dataclasses import dataclass
 
 from rbeformat.spec import DTYPES
 
-ROLES = ("token_embedding", "tied_embedding", "position_embedding", "token_type_embedding",
-         "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv",
-         "mlp_up", "mlp_gate", "mlp_down",
-         "norm_weight", "norm_bias", "linear_bias", "lm_head", "linear", "other")
+ROLES = (
+    "token_embedding",
+    "tied_embedding",
+    "position_embedding",
+    "token_type_embedding",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "attn_qkv",
+    "mlp_up",
+    "mlp_gate",
+    "mlp_down",
+    "norm_weight",
+    "norm_bias",
+    "linear_bias",
+    "lm_head",
+    "linear",
+    "other",
+)
 
 # Roles of weights used as y = x W^T (or x W for Conv1D): the ones with an input axis.
-LINEAR_ROLES = frozenset({"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_up", "mlp_gate", "mlp_down",
-                          "lm_head", "linear"})
+LINEAR_ROLES = frozenset(
+    {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_up", "mlp_gate", "mlp_down", "lm_head", "linear"}
+)
 # Which side of these weights has the model's hidden size: it tells the input axis apart
 # from the output axis whenever exactly one axis has that size.
 _INPUT_IS_HIDDEN = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_up", "mlp_gate", "lm_head"})
@@ -62,34 +79,43 @@ class TensorRole:
 
 # Module-path suffixes of Linear layers, longest first; "#" stands for a layer index.
 # The flag is the storage convention: True for nn.Linear (out x in), False for Conv1D.
-_LINEAR_SUFFIXES: list[tuple[tuple[str, ...], str, bool]] = sorted([
-    # BERT family
-    (("attention", "self", "query"), "attn_q", True),
-    (("attention", "self", "key"), "attn_k", True),
-    (("attention", "self", "value"), "attn_v", True),
-    (("attention", "output", "dense"), "attn_o", True),
-    (("#", "intermediate", "dense"), "mlp_up", True),
-    (("#", "output", "dense"), "mlp_down", True),
-    # Llama family (Mistral, Qwen, ...)
-    (("q_proj",), "attn_q", True),
-    (("k_proj",), "attn_k", True),
-    (("v_proj",), "attn_v", True),
-    (("o_proj",), "attn_o", True),
-    (("qkv_proj",), "attn_qkv", True),
-    (("gate_proj",), "mlp_gate", True),
-    (("up_proj",), "mlp_up", True),
-    (("down_proj",), "mlp_down", True),
-    # GPT-2 family: transformers' Conv1D stores input x output
-    (("attn", "c_attn"), "attn_qkv", False),
-    (("attn", "c_proj"), "attn_o", False),
-    (("mlp", "c_fc"), "mlp_up", False),
-    (("mlp", "c_proj"), "mlp_down", False),
-], key=lambda entry: -len(entry[0]))
+_LINEAR_SUFFIXES: list[tuple[tuple[str, ...], str, bool]] = sorted(
+    [
+        # BERT family
+        (("attention", "self", "query"), "attn_q", True),
+        (("attention", "self", "key"), "attn_k", True),
+        (("attention", "self", "value"), "attn_v", True),
+        (("attention", "output", "dense"), "attn_o", True),
+        (("#", "intermediate", "dense"), "mlp_up", True),
+        (("#", "output", "dense"), "mlp_down", True),
+        # Llama family (Mistral, Qwen, ...)
+        (("q_proj",), "attn_q", True),
+        (("k_proj",), "attn_k", True),
+        (("v_proj",), "attn_v", True),
+        (("o_proj",), "attn_o", True),
+        (("qkv_proj",), "attn_qkv", True),
+        (("gate_proj",), "mlp_gate", True),
+        (("up_proj",), "mlp_up", True),
+        (("down_proj",), "mlp_down", True),
+        # GPT-2 family: transformers' Conv1D stores input x output
+        (("attn", "c_attn"), "attn_qkv", False),
+        (("attn", "c_proj"), "attn_o", False),
+        (("mlp", "c_fc"), "mlp_up", False),
+        (("mlp", "c_proj"), "mlp_down", False),
+    ],
+    key=lambda entry: -len(entry[0]),
+)
 
-_EMBEDDINGS = {"embed_tokens": "token_embedding", "word_embeddings": "token_embedding", "wte": "token_embedding",
-               "tok_embeddings": "token_embedding", "position_embeddings": "position_embedding",
-               "wpe": "position_embedding", "embed_positions": "position_embedding",
-               "token_type_embeddings": "token_type_embedding"}
+_EMBEDDINGS = {
+    "embed_tokens": "token_embedding",
+    "word_embeddings": "token_embedding",
+    "wte": "token_embedding",
+    "tok_embeddings": "token_embedding",
+    "position_embeddings": "position_embedding",
+    "wpe": "position_embedding",
+    "embed_positions": "position_embedding",
+    "token_type_embeddings": "token_type_embedding",
+}
 _LM_HEADS = {"lm_head", "embed_out"}
 _LM_HEAD_PARENTS = {"predictions", "lm_head"}  # BERT's cls.predictions.decoder, RoBERTa's lm_head.decoder
 _NORM = re.compile(r"norm|^ln(_\w+)?$", re.IGNORECASE)  # LayerNorm, input_layernorm, norm, ln_1, ln_f
@@ -132,13 +158,16 @@ def layer_index(name: str) -> int | None:
 
 def _sizes(config: dict) -> dict[str, int | None]:
     """The sizes the shapes are compared with, under the names the families use."""
+
     def first(*keys):
         values = [config.get(k) for k in keys]
         return next((v for v in values if type(v) is int and v > 0), None)
 
-    return {"hidden": first("hidden_size", "n_embd", "d_model", "dim"),
-            "vocab": first("vocab_size", "n_vocab"),
-            "positions": first("max_position_embeddings", "n_positions", "n_ctx")}
+    return {
+        "hidden": first("hidden_size", "n_embd", "d_model", "dim"),
+        "vocab": first("vocab_size", "n_vocab"),
+        "positions": first("max_position_embeddings", "n_positions", "n_ctx"),
+    }
 
 
 def _role(name: str, dtype: str, shape: tuple[int, ...], sizes: dict) -> tuple[str, bool | None]:
@@ -176,7 +205,7 @@ def _named_weight(modules: list[str], leaf: str) -> tuple[str, bool] | None:
 def _ends_with(modules: list[str], suffix: tuple[str, ...]) -> bool:
     if len(modules) < len(suffix):
         return False
-    tail = modules[len(modules) - len(suffix):]
+    tail = modules[len(modules) - len(suffix) :]
     return all(part.isdigit() if want == "#" else part == want for part, want in zip(tail, suffix))
 
 

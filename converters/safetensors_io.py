@@ -66,8 +66,12 @@ def read_header(path: str) -> StFile:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     check_json_text(header, f"{path}: header", error=InputError)
-    hook = unique_keys(lambda key: InputError(f"{path}: header holds the key {key!r:.80} twice (JSON keys must be "
-                                              "unique; readers disagree on which one counts)"))
+    hook = unique_keys(
+        lambda key: InputError(
+            f"{path}: header holds the key {key!r:.80} twice (JSON keys must be "
+            "unique; readers disagree on which one counts)"
+        )
+    )
     try:
         obj = json.loads(header, object_pairs_hook=hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -107,8 +111,10 @@ def _parse_entry(path: str, name: str, info, data_len: int) -> StTensor:
     if not 0 <= begin <= end <= data_len:
         raise InputError(f"{where}: data_offsets {offsets} lie outside the {data_len}-byte data area")
     if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise InputError(f"{where}: data_offsets span {end - begin} bytes, shape {shape} needs "
-                         f"{math.prod(shape) * DTYPES[dtype].itemsize}")
+        raise InputError(
+            f"{where}: data_offsets span {end - begin} bytes, shape {shape} needs "
+            f"{math.prod(shape) * DTYPES[dtype].itemsize}"
+        )
     return StTensor(name, dtype, tuple(shape), begin, end)
 
 

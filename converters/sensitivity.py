@@ -49,17 +49,24 @@ class ModelProbe:
         """The drift of the model's outputs when tensor ``name`` alone takes the values ``decoded``."""
         parameter = self.parameters.get(name)
         if parameter is None:
-            raise UsageError(f"budget_sensitivity = \"model\": {name} is not a parameter of the model "
-                             "transformers builds from this directory")
+            raise UsageError(
+                f'budget_sensitivity = "model": {name} is not a parameter of the model '
+                "transformers builds from this directory"
+            )
         if tuple(parameter.shape) != tuple(decoded.shape):
-            raise UsageError(f"budget_sensitivity = \"model\": {name} has shape {tuple(decoded.shape)} in the "
-                             f"checkpoint but {tuple(parameter.shape)} in the model")
+            raise UsageError(
+                f'budget_sensitivity = "model": {name} has shape {tuple(decoded.shape)} in the '
+                f"checkpoint but {tuple(parameter.shape)} in the model"
+            )
         original = parameter.data
         parameter.data = self.torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32))
         try:
             with self.torch.no_grad():
-                return float(np.mean([self._compare(ref, self._outputs(batch))
-                                      for ref, batch in zip(self.reference, self.batches)]))
+                return float(
+                    np.mean(
+                        [self._compare(ref, self._outputs(batch)) for ref, batch in zip(self.reference, self.batches)]
+                    )
+                )
         finally:
             parameter.data = original
 
@@ -94,7 +101,7 @@ def _parameters_by_name(model) -> dict:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         found[name] = parameter
         if prefix and name.startswith(prefix + "."):
-            found.setdefault(name[len(prefix) + 1:], parameter)
+            found.setdefault(name[len(prefix) + 1 :], parameter)
         elif prefix:
             found.setdefault(f"{prefix}.{name}", parameter)
     return found

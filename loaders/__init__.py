@@ -33,10 +33,13 @@ def tokenizer(path):
         raise UsageError("rbe_loaders.tokenizer needs the tokenizers package: pip install tokenizers") from None
     with Reader(path) as r:
         if TOKENIZER_FILE not in r.files():
-            raise UsageError(f"{path}: holds no {TOKENIZER_FILE} (convert the model's directory with its tokenizer "
-                             "files in it)")
+            raise UsageError(
+                f"{path}: holds no {TOKENIZER_FILE} (convert the model's directory with its tokenizer files in it)"
+            )
         data = r.read_file(TOKENIZER_FILE)
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exceptions for JSON it cannot read
-        raise FormatError(f"{path}: the embedded {TOKENIZER_FILE} is not a valid tokenizer ({str(exc)[:100]})") from None
+        raise FormatError(
+            f"{path}: the embedded {TOKENIZER_FILE} is not a valid tokenizer ({str(exc)[:100]})"
+        ) from None

@@ -43,7 +43,7 @@ OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equal
 MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
 
 
-def stored_graph(reader: Reader) -> "onnx.ModelProto":
+def stored_graph(reader: Reader) -> onnx.ModelProto:
     """The stored ModelProto, its initializers without data; FormatError when there is none or it is invalid."""
     path = reader.metadata().get(GRAPH_KEY)
     if path is None:
@@ -79,7 +79,7 @@ def _embedded_file(reader: Reader, path: str, key: str) -> bytes:
     return data
 
 
-def _unique_initializers(graph) -> dict[str, "onnx.TensorProto"]:
+def _unique_initializers(graph) -> dict[str, onnx.TensorProto]:
     """The main graph's initializers of an rbe dtype by name; FormatError for a name used twice."""
     found = {}
     for t in graph.initializer:
@@ -95,8 +95,10 @@ def _read_mapping(reader: Reader) -> dict[str, tuple[str, bool]]:
     path = reader.metadata()[MAPPING_KEY]
     entry = reader.files().get(path)
     if entry is not None and entry.blob.items > MAX_MAPPING_BYTES:
-        raise FormatError(f"the initializer mapping {path!r:.80} holds {entry.blob.items} bytes, over the limit of "
-                          f"{MAX_MAPPING_BYTES}")
+        raise FormatError(
+            f"the initializer mapping {path!r:.80} holds {entry.blob.items} bytes, over the limit of "
+            f"{MAX_MAPPING_BYTES}"
+        )
     data = _embedded_file(reader, path, MAPPING_KEY)
     try:
         obj = json.loads(data, object_pairs_hook=_refuse_duplicate_keys)
@@ -117,10 +119,15 @@ def _refuse_duplicate_keys(pairs: list) -> dict:
 
 
 def _mapping_entry(name: str, value) -> tuple[str, bool]:
-    if (not isinstance(value, dict) or set(value) != {"tensor", "transposed"}
-            or not isinstance(value["tensor"], str) or not isinstance(value["transposed"], bool)):
-        raise FormatError(f"the initializer mapping's entry for {name!r:.80} is not "
-                          '{"tensor": "<name>", "transposed": true|false}')
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"tensor", "transposed"}
+        or not isinstance(value["tensor"], str)
+        or not isinstance(value["transposed"], bool)
+    ):
+        raise FormatError(
+            f'the initializer mapping\'s entry for {name!r:.80} is not {{"tensor": "<name>", "transposed": true|false}}'
+        )
     return value["tensor"], value["transposed"]
 
 
@@ -137,15 +144,21 @@ def _check_tensor(reader: Reader, tensors: set[str], init, tensor: str, transpos
     """The tensor exists (no internal ``rbe:`` one), has the initializer's dtype, and its shape after
     the transpose is the initializer's dims."""
     if tensor not in tensors:
-        raise FormatError(f"the ONNX graph's initializer {init.name!r:.80} maps to tensor {tensor!r:.80}, "
-                          "which the container does not hold")
+        raise FormatError(
+            f"the ONNX graph's initializer {init.name!r:.80} maps to tensor {tensor!r:.80}, "
+            "which the container does not hold"
+        )
     entry = reader.entry(tensor)
     dims = tuple(int(d) for d in init.dims)
     shape = tuple(entry.shape)
     if transposed and len(shape) != 2:
-        raise FormatError(f"tensor {tensor!r:.80} is {len(shape)}-D; only a matrix can be transposed for "
-                          f"initializer {init.name!r:.80}")
+        raise FormatError(
+            f"tensor {tensor!r:.80} is {len(shape)}-D; only a matrix can be transposed for "
+            f"initializer {init.name!r:.80}"
+        )
     if entry.dtype.name != ONNX_DTYPES[init.data_type] or (shape[::-1] if transposed else shape) != dims:
         form = f"transposed {list(shape[::-1])}" if transposed else f"{list(shape)}"
-        raise FormatError(f"tensor {tensor!r:.80} ({entry.dtype.name} {form}) does not fit the ONNX graph's "
-                          f"initializer {init.name!r:.80} ({ONNX_DTYPES[init.data_type]} {list(dims)})")
+        raise FormatError(
+            f"tensor {tensor!r:.80} ({entry.dtype.name} {form}) does not fit the ONNX graph's "
+            f"initializer {init.name!r:.80} ({ONNX_DTYPES[init.data_type]} {list(dims)})"
+        )

@@ -73,6 +73,7 @@ SHARED_FORM = "shared (read by several weights' nodes)"
 
 # -- the report -----------------------------------------------------------------------
 
+
 @dataclass
 class Report(FormReport):
     """Per initializer of the rebuilt graph: its form and the bytes it keeps resident."""
@@ -83,11 +84,14 @@ class Report(FormReport):
 
     def summary(self) -> list[str]:
         width = max([len(row.name) for row in self.rows] + [6])
-        return [f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
-                f"{self.ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build"]
+        return [
+            f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
+            f"{self.ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build"
+        ]
 
 
 # -- codes and scales in the kernels' layouts ------------------------------------------
+
 
 def kernel_bits(bits: int) -> int:
     """The narrowest kernel width (2, 4 or 8) that holds ``bits``-bit codes unchanged."""
@@ -145,8 +149,9 @@ def read_gquant(r: Reader, name: str, prefix: str, transform) -> GroupedCodes:
     shape = _part_shape(r, name, prefix)
     codes = unpack_codes(r.get_part(name, prefix + "codes"), codec.bits, math.prod(shape), f"tensor {name!r}")
     offsets = r.get_part(name, prefix + "zeros") if codec.mode == "asym" else None
-    return GroupedCodes(codec.bits, codec.mode, codec.group, codes.reshape(shape), r.get_part(name, prefix + "scales"),
-                        offsets)
+    return GroupedCodes(
+        codec.bits, codec.mode, codec.group, codes.reshape(shape), r.get_part(name, prefix + "scales"), offsets
+    )
 
 
 def _part_shape(r: Reader, name: str, prefix: str) -> tuple[int, int]:
@@ -161,6 +166,7 @@ def _part_shape(r: Reader, name: str, prefix: str) -> tuple[int, int]:
 # Each weight's initializers are named ``rbe:<weight>:<part>`` (``rbe:`` is reserved: no
 # initializer of a converted model uses it); the nodes reading them, one set per
 # consuming node, are named and connected through ``rbe:<node output>:<step>``.
+
 
 @dataclass
 class Rewrite:
@@ -212,7 +218,7 @@ def code_planes(weight: GroupedCodes) -> list[tuple[np.ndarray, int, int, int]]:
     low_bits = weight.bits - 4
     high = weight.codes >> np.uint8(low_bits)
     low = weight.codes & np.uint8((1 << low_bits) - 1)
-    return [(high, 4, 2 ** low_bits, 8), (low, 4, 1, 0)]
+    return [(high, 4, 2**low_bits, 8), (low, 4, 1, 0)]
 
 
 def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
@@ -232,8 +238,10 @@ def _offset_initializers(weight: GroupedCodes, tag: str) -> list:
     centre = 2.0 ** (weight.bits - 1)
     u = weight.offsets.astype(np.float64) + centre * weight.scales.astype(np.float64)
     u_t = np.ascontiguousarray(np.broadcast_to(u.reshape(-1, groups), (n_out, groups)).T.astype(np.float32))
-    return [numpy_helper.from_array(membership, groups_name(k_in, group)),
-            numpy_helper.from_array(u_t, f"{tag}:offsets")]
+    return [
+        numpy_helper.from_array(membership, groups_name(k_in, group)),
+        numpy_helper.from_array(u_t, f"{tag}:offsets"),
+    ]
 
 
 def groups_name(k_in: int, group: int) -> str:
@@ -241,19 +249,26 @@ def groups_name(k_in: int, group: int) -> str:
     return f"rbe:groups:{k_in}:{group}"
 
 
-def matmul_nbits_nodes(tag: str, attrs: dict, inputs: list[tuple[int, list[str]]], groups: str | None, a_name: str,
-                       out_name: str) -> list:
+def matmul_nbits_nodes(
+    tag: str, attrs: dict, inputs: list[tuple[int, list[str]]], groups: str | None, a_name: str, out_name: str
+) -> list:
     """Nodes computing out = A @ W.T on the packed codes (``inputs``: each MatMulNBits' bits and
     initializers, their products summed; ``groups``: the group-sum matrix's name when offsets are added apart)."""
     at = f"rbe:{out_name}"
     terms = [out_name] if len(inputs) == 1 and not groups else [f"{at}:product{i}" for i in range(len(inputs))]
-    nodes = [helper.make_node("MatMulNBits", [a_name] + names, [term], name=f"{at}/matmul{i or ''}",
-                              domain=MS_DOMAIN, bits=bits, **attrs)
-             for i, ((bits, names), term) in enumerate(zip(inputs, terms))]
+    nodes = [
+        helper.make_node(
+            "MatMulNBits", [a_name] + names, [term], name=f"{at}/matmul{i or ''}", domain=MS_DOMAIN, bits=bits, **attrs
+        )
+        for i, ((bits, names), term) in enumerate(zip(inputs, terms))
+    ]
     if groups:  # + sum over groups g of (sum of A over g) * u[n, g]
-        nodes += [helper.make_node("MatMul", [a_name, groups], [f"{at}:group_sums"], name=f"{at}/sums"),
-                  helper.make_node("MatMul", [f"{at}:group_sums", f"{tag}:offsets"], [f"{at}:offset_term"],
-                                   name=f"{at}/offsets")]
+        nodes += [
+            helper.make_node("MatMul", [a_name, groups], [f"{at}:group_sums"], name=f"{at}/sums"),
+            helper.make_node(
+                "MatMul", [f"{at}:group_sums", f"{tag}:offsets"], [f"{at}:offset_term"], name=f"{at}/offsets"
+            ),
+        ]
         terms.append(f"{at}:offset_term")
     if len(terms) > 1:
         nodes.append(helper.make_node("Sum", terms, [out_name], name=f"{at}/sum"))
@@ -281,12 +296,14 @@ def _rewrite_linear(weight: GroupedCodes, block: int, uses: list, name: str) -> 
         out = f"rbe:{node.output[0]}:linear" if has_bias else node.output[0]
         nodes[position] = matmul_nbits_nodes(tag, attrs, inputs, groups, node.input[0], out)
         if has_bias:
-            nodes[position].append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
-                                                    name=f"rbe:{node.output[0]}/bias"))
+            nodes[position].append(
+                helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"rbe:{node.output[0]}/bias")
+            )
     return Rewrite(matmul_form(weight, block), inits, nodes)
 
 
 # -- GatherBlockQuantized: an embedding table (rows, dim) grouped along dim -------------
+
 
 def gather_bits(weight: GroupedCodes) -> int:
     """Kernel width for a table: every row must start on a byte, else 8 bits."""
@@ -299,18 +316,23 @@ def gather_initializers(weight: GroupedCodes, block: int, tag: str) -> list:
     in asym mode the offsets (in their stored dtype) with each column's group."""
     rows, dim = weight.shape
     bits = gather_bits(weight)
-    inits = [numpy_helper.from_array(pack_rows(weight.codes, bits), f"{tag}:codes"),
-             numpy_helper.from_array(weight.per_block(weight.scales, block), f"{tag}:scales")]
+    inits = [
+        numpy_helper.from_array(pack_rows(weight.codes, bits), f"{tag}:codes"),
+        numpy_helper.from_array(weight.per_block(weight.scales, block), f"{tag}:scales"),
+    ]
     zero = 0 if weight.mode == "asym" else 2 ** (weight.bits - 1)  # asym: codes times scales, offsets added
     if zero != 2 ** (bits - 1):  # the kernel's default zero point
         blocks = -(-dim // block)
-        inits.append(numpy_helper.from_array(pack_rows(np.full((rows, blocks), zero, np.uint8), bits),
-                                             f"{tag}:zero_points"))
+        inits.append(
+            numpy_helper.from_array(pack_rows(np.full((rows, blocks), zero, np.uint8), bits), f"{tag}:zero_points")
+        )
     if weight.mode == "asym" and weight.group == 0:
         inits.append(numpy_helper.from_array(weight.offsets.astype(np.float32).reshape(1), f"{tag}:offset"))
     elif weight.mode == "asym":
-        inits += [numpy_helper.from_array(np.ascontiguousarray(weight.offsets), f"{tag}:offsets"),
-                  numpy_helper.from_array(np.arange(dim, dtype=np.int64) // weight.group, f"{tag}:columns")]
+        inits += [
+            numpy_helper.from_array(np.ascontiguousarray(weight.offsets), f"{tag}:offsets"),
+            numpy_helper.from_array(np.arange(dim, dtype=np.int64) // weight.group, f"{tag}:columns"),
+        ]
     return inits
 
 
@@ -323,19 +345,34 @@ def gather_nodes(weight: GroupedCodes, block: int, tag: str, inputs: list[str], 
     """
     at = f"rbe:{out_name}"
     product = f"{at}:product" if weight.mode == "asym" else out_name
-    nodes = [helper.make_node("GatherBlockQuantized", [inputs[0], indices, *inputs[1:]], [product],
-                              name=f"{at}/gather", domain=MS_DOMAIN, bits=gather_bits(weight), block_size=block,
-                              gather_axis=0, quantize_axis=1)]
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            [inputs[0], indices, *inputs[1:]],
+            [product],
+            name=f"{at}/gather",
+            domain=MS_DOMAIN,
+            bits=gather_bits(weight),
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+    ]
     if weight.mode == "asym" and weight.group == 0:
         nodes.append(helper.make_node("Add", [product, f"{tag}:offset"], [out_name], name=f"{at}/add_offset"))
     elif weight.mode == "asym":
-        nodes += [helper.make_node("Gather", [f"{tag}:offsets", indices], [f"{at}:row_offsets"],
-                                   name=f"{at}/offsets", axis=0),
-                  helper.make_node("Cast", [f"{at}:row_offsets"], [f"{at}:row_offsets32"], name=f"{at}/cast",
-                                   to=TensorProto.FLOAT),
-                  helper.make_node("Gather", [f"{at}:row_offsets32", f"{tag}:columns"], [f"{at}:spread"],
-                                   name=f"{at}/spread", axis=-1),
-                  helper.make_node("Add", [product, f"{at}:spread"], [out_name], name=f"{at}/add_offsets")]
+        nodes += [
+            helper.make_node(
+                "Gather", [f"{tag}:offsets", indices], [f"{at}:row_offsets"], name=f"{at}/offsets", axis=0
+            ),
+            helper.make_node(
+                "Cast", [f"{at}:row_offsets"], [f"{at}:row_offsets32"], name=f"{at}/cast", to=TensorProto.FLOAT
+            ),
+            helper.make_node(
+                "Gather", [f"{at}:row_offsets32", f"{tag}:columns"], [f"{at}:spread"], name=f"{at}/spread", axis=-1
+            ),
+            helper.make_node("Add", [product, f"{at}:spread"], [out_name], name=f"{at}/add_offsets"),
+        ]
     return nodes
 
 
@@ -351,12 +388,14 @@ def _rewrite_table(weight: GroupedCodes, block: int, uses: list, name: str) -> R
     tag = f"rbe:{name}:table"  # a tied embedding is also a MatMul's weight, packed apart under its own tag
     inits = gather_initializers(weight, block, tag)
     inputs = [t.name for t in inits if t.name.endswith((":codes", ":scales", ":zero_points"))]
-    nodes = {position: gather_nodes(weight, block, tag, inputs, node.input[1], node.output[0])
-             for position, node, _ in uses}
+    nodes = {
+        position: gather_nodes(weight, block, tag, inputs, node.input[1], node.output[0]) for position, node, _ in uses
+    }
     return Rewrite(gather_form(weight, block), inits, nodes)
 
 
 # -- choosing a form per weight ----------------------------------------------------------
+
 
 def _attribute(node, name: str, default):
     for attr in node.attribute:
@@ -378,8 +417,12 @@ def _gemm_use(node, index: int) -> bool:
     if node.op_type != "Gemm" or not _standard(node) or index != 1:
         return False
     has_bias = len(node.input) > 2 and node.input[2] != ""
-    return (_attribute(node, "transB", 0) == 1 and _attribute(node, "transA", 0) == 0
-            and _attribute(node, "alpha", 1.0) == 1.0 and (not has_bias or _attribute(node, "beta", 1.0) == 1.0))
+    return (
+        _attribute(node, "transB", 0) == 1
+        and _attribute(node, "transA", 0) == 0
+        and _attribute(node, "alpha", 1.0) == 1.0
+        and (not has_bias or _attribute(node, "beta", 1.0) == 1.0)
+    )
 
 
 def _gather_use(node, index: int) -> bool:
@@ -395,8 +438,12 @@ def codec_view(r: Reader, name: str, codec: str):
     if transform.codec.name == codec:
         return transform, "", False
     values = transform.parts.get("values")
-    if transform.codec.name == "transpose" and values is not None and values.transform is not None \
-            and values.transform.codec.name == codec:
+    if (
+        transform.codec.name == "transpose"
+        and values is not None
+        and values.transform is not None
+        and values.transform.codec.name == codec
+    ):
         return values.transform, "values.", True
     return None
 
@@ -405,8 +452,9 @@ def _gquant_view(r: Reader, name: str):
     return codec_view(r, name, "gquant")
 
 
-def plan_rewrite(r: Reader, name: str, uses: list[tuple[int, object, int]], flipped: bool = False,
-                 readers: dict | None = None) -> Rewrite | str:
+def plan_rewrite(
+    r: Reader, name: str, uses: list[tuple[int, object, int]], flipped: bool = False, readers: dict | None = None
+) -> Rewrite | str:
     """The compressed form of weight ``name`` given the nodes reading it, or why it must be dense.
     ``flipped``: the graph reads the tensor transposed (a Linear weight of a Hugging Face checkpoint,
     stored output x input, which an exported MatMul reads input x output)."""
@@ -456,8 +504,7 @@ def _tied_uses(uses: list, readers: dict):
     return gathers, through, matmuls
 
 
-def _rewrite_tied(weight: GroupedCodes, block: int, gathers: list, through: list, matmuls: list,
-                  name: str) -> Rewrite:
+def _rewrite_tied(weight: GroupedCodes, block: int, gathers: list, through: list, matmuls: list, name: str) -> Rewrite:
     """A tied table: its lookups as GatherBlockQuantized, the Transpose and MatMul of the head as
     one MatMulNBits on the same codes (a table row is a head's output row, grouped along K)."""
     parts = [_rewrite_linear(weight, block, matmuls, name)]
@@ -471,12 +518,15 @@ def _rewrite_tied(weight: GroupedCodes, block: int, gathers: list, through: list
 
 # -- building the graph ------------------------------------------------------------------
 
-def on_the_fly_model(path: str | os.PathLike) -> tuple["onnx.ModelProto", Report]:
+
+def on_the_fly_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
     """The ONNX model an rbe file carries, its weights in compressed forms (see the module doc)."""
     with Reader(path) as r:
         if not carries_onnx(r):
-            raise UsageError(f"{os.fspath(path)}: holds no ONNX graph: convert an .onnx file, or a Hugging Face "
-                             "directory with rbe convert --onnx")
+            raise UsageError(
+                f"{os.fspath(path)}: holds no ONNX graph: convert an .onnx file, or a Hugging Face "
+                "directory with rbe convert --onnx"
+            )
         model = stored_graph(r)
         wiring = graph_initializers(r)  # checked: each names a tensor of the right dtype and shape
         mapped = [t for t in model.graph.initializer if t.name in wiring]
@@ -550,6 +600,7 @@ def _apply(model, replaced: dict[int, list], new_inits: list, dropped: set[str])
 
 # -- sessions ----------------------------------------------------------------------------
 
+
 def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **session_kwargs):
     """``(onnxruntime.InferenceSession, Report)`` for an rbe file converted from ONNX.
 
@@ -574,13 +625,15 @@ def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **ses
     with ort_guard.session_options(session_kwargs.pop("sess_options", None)) as options:
         if model.ByteSize() < PROTOBUF_LIMIT:
             data = model.SerializeToString()
-            return _build(lambda: onnxruntime.InferenceSession(data, options, **session_kwargs), where,
-                          deadline), report
+            return _build(
+                lambda: onnxruntime.InferenceSession(data, options, **session_kwargs), where, deadline
+            ), report
         with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
             model_path = os.path.join(folder, "model.onnx")
             onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
-            return _build(lambda: onnxruntime.InferenceSession(model_path, options, **session_kwargs), where,
-                          deadline), report
+            return _build(
+                lambda: onnxruntime.InferenceSession(model_path, options, **session_kwargs), where, deadline
+            ), report
 
 
 def _build(new_session, path: str, deadline):

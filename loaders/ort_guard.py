@@ -49,7 +49,7 @@ class Deadline:
         self._at = None if self.seconds is None else time.monotonic() + self.seconds
 
     @classmethod
-    def of(cls, timeout: "float | Deadline | None") -> "Deadline":
+    def of(cls, timeout: float | Deadline | None) -> Deadline:
         return timeout if isinstance(timeout, Deadline) else cls(timeout)
 
     def left(self) -> float | None:
@@ -95,8 +95,7 @@ def _submit(fn) -> tuple[dict, threading.Event]:
     return box, done
 
 
-def call(fn, *, path: str, doing: str, deadline: Deadline | None = None, run_options=None,
-         source: str = "onnxruntime"):
+def call(fn, *, path: str, doing: str, deadline: Deadline | None = None, run_options=None, source: str = "onnxruntime"):
     """``fn()`` in a worker thread; its result, or its exception as described in the module doc.
 
     ``doing``: what the call does, for messages ("running the stored graph");
@@ -108,8 +107,10 @@ def call(fn, *, path: str, doing: str, deadline: Deadline | None = None, run_opt
         while not done.is_set():
             left = deadline.left() if deadline is not None else None
             if left is not None and left <= 0:
-                raise InputError(f"{path}: the time limit of {deadline.seconds:g} s ran out while {doing}, which "
-                                 "was stopped (rbe run --timeout sets the limit, 0 for none)")
+                raise InputError(
+                    f"{path}: the time limit of {deadline.seconds:g} s ran out while {doing}, which "
+                    "was stopped (rbe run --timeout sets the limit, 0 for none)"
+                )
             done.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
     except BaseException:  # a stop signal, Ctrl-C or the time limit
         _stop(done, run_options)
@@ -135,8 +136,11 @@ def describe(exc: BaseException, path: str, doing: str, source: str = "onnxrunti
     if isinstance(exc, RbeError) or not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
         return None
     if source == "tokenizers":
-        if type(exc) is Exception or type(exc).__name__ == "PanicException" or isinstance(exc, (OverflowError,
-                                                                                                ValueError)):
+        if (
+            type(exc) is Exception
+            or type(exc).__name__ == "PanicException"
+            or isinstance(exc, (OverflowError, ValueError))
+        ):
             return InputError(f"{path}: the embedded tokenizer failed while {doing}: {first_line(exc)}")
         return None
     from_runtime = type(exc).__module__.startswith("onnxruntime") or isinstance(exc, (MemoryError, SystemError))
@@ -144,11 +148,14 @@ def describe(exc: BaseException, path: str, doing: str, source: str = "onnxrunti
         return None
     message = first_line(exc)
     if isinstance(exc, MemoryError) or "allocate" in message.lower():
-        detail = message[message.lower().find("failed to allocate"):] if "failed to allocate" in message.lower() \
+        detail = (
+            message[message.lower().find("failed to allocate") :]
+            if "failed to allocate" in message.lower()
             else message
+        )
         return InputError(f"{path}: ONNX Runtime could not allocate memory while {doing} ({detail})")
     building = "building a session on "
-    verb = f"refused {doing[len(building):]}" if doing.startswith(building) else f"failed while {doing}"
+    verb = f"refused {doing[len(building) :]}" if doing.startswith(building) else f"failed while {doing}"
     return InputError(f"{path}: ONNX Runtime {verb}: {message}")
 
 
@@ -167,6 +174,7 @@ def first_line(exc: BaseException, limit: int = 240) -> str:
 
 
 # -- sessions ----------------------------------------------------------------------------
+
 
 @contextmanager
 def session_options(options=None, *, quiet: bool = False):
@@ -198,9 +206,17 @@ def run_options(quiet: bool = True):
     return options
 
 
-def run(session, outputs, feed: dict, *, path: str, deadline: Deadline | None = None,
-        doing: str = "running the stored graph"):
+def run(
+    session,
+    outputs,
+    feed: dict,
+    *,
+    path: str,
+    deadline: Deadline | None = None,
+    doing: str = "running the stored graph",
+):
     """``session.run(outputs, feed)``, stoppable and time-limited (``call``)."""
     options = run_options()
-    return call(lambda: session.run(outputs, feed, options), path=path, doing=doing, deadline=deadline,
-                run_options=options)
+    return call(
+        lambda: session.run(outputs, feed, options), path=path, doing=doing, deadline=deadline, run_options=options
+    )

@@ -79,10 +79,17 @@ def read_seed(r: Reader, name: str, prefix: str, transform) -> SeedBlocks:
     coeffs = unpacked("coeffs", codec.coef_bits, blocks * codec.rank)
     exponents = unpacked("exponents", codec.exp_bits, blocks)
     grid = (rows, cols // codec.block)
-    return SeedBlocks(codec.block, codec.rank, codec.seed_bits, codec.coef_bits, codec.exp_bits,
-                      transform.params["exp_bias"], seeds.astype(np.uint16).reshape(grid),
-                      coeffs.astype(np.uint8).reshape(*grid, codec.rank),
-                      exponents.astype(np.uint8).reshape(*grid, 1))
+    return SeedBlocks(
+        codec.block,
+        codec.rank,
+        codec.seed_bits,
+        codec.coef_bits,
+        codec.exp_bits,
+        transform.params["exp_bias"],
+        seeds.astype(np.uint16).reshape(grid),
+        coeffs.astype(np.uint8).reshape(*grid, codec.rank),
+        exponents.astype(np.uint8).reshape(*grid, 1),
+    )
 
 
 def seed_table_name(key: tuple[int, int, int]) -> str:
@@ -105,16 +112,20 @@ def seed_initializers(weight: SeedBlocks, shape_kn: tuple[int, int], tag: str) -
     shared ones (the basis table, the coefficient centre, two int64 constants)."""
     shift = weight.exp_bias + weight.seed_bits - 1
     scales = np.ldexp(np.float32(1), np.arange(2**weight.exp_bits) - shift).astype(np.float32)
-    own = [numpy_helper.from_array(weight.seeds, f"{tag}:seeds"),
-           numpy_helper.from_array(weight.coeffs, f"{tag}:coeffs"),
-           numpy_helper.from_array(weight.exponents, f"{tag}:exponents"),
-           numpy_helper.from_array(scales, f"{tag}:scales"),
-           numpy_helper.from_array(np.array(shape_kn, np.int64), f"{tag}:shape")]
+    own = [
+        numpy_helper.from_array(weight.seeds, f"{tag}:seeds"),
+        numpy_helper.from_array(weight.coeffs, f"{tag}:coeffs"),
+        numpy_helper.from_array(weight.exponents, f"{tag}:exponents"),
+        numpy_helper.from_array(scales, f"{tag}:scales"),
+        numpy_helper.from_array(np.array(shape_kn, np.int64), f"{tag}:shape"),
+    ]
     centre = f"rbe:seed_centre:{weight.coef_bits}"
-    shared = [seed_table(weight.table_key),
-              numpy_helper.from_array(np.array(2.0 ** (weight.coef_bits - 1), np.float32), centre),
-              numpy_helper.from_array(np.array(0, np.int64), "rbe:int64:0"),
-              numpy_helper.from_array(np.array([1], np.int64), "rbe:int64:[1]")]
+    shared = [
+        seed_table(weight.table_key),
+        numpy_helper.from_array(np.array(2.0 ** (weight.coef_bits - 1), np.float32), centre),
+        numpy_helper.from_array(np.array(0, np.int64), "rbe:int64:0"),
+        numpy_helper.from_array(np.array([1], np.int64), "rbe:int64:[1]"),
+    ]
     return own, shared
 
 
@@ -126,13 +137,14 @@ def input_ones_nodes(a_name: str, at: str) -> list:
     dense matrix resident.  Expanding each code initializer by this [1], which
     no folder can know before a run, keeps the decode in the graph.
     """
-    return [helper.make_node("Flatten", [a_name], [f"{at}:flat"], name=f"{at}/flat", axis=0),
-            helper.make_node("Gather", [f"{at}:flat", "rbe:int64:0"], [f"{at}:first"], name=f"{at}/first",
-                             axis=1),
-            helper.make_node("IsNaN", [f"{at}:first"], [f"{at}:nan"], name=f"{at}/nan"),
-            helper.make_node("Cast", [f"{at}:nan"], [f"{at}:nan64"], name=f"{at}/nan64", to=TensorProto.INT64),
-            helper.make_node("Mul", [f"{at}:nan64", "rbe:int64:0"], [f"{at}:zero"], name=f"{at}/zero"),
-            helper.make_node("Add", [f"{at}:zero", "rbe:int64:[1]"], [f"{at}:ones"], name=f"{at}/ones")]
+    return [
+        helper.make_node("Flatten", [a_name], [f"{at}:flat"], name=f"{at}/flat", axis=0),
+        helper.make_node("Gather", [f"{at}:flat", "rbe:int64:0"], [f"{at}:first"], name=f"{at}/first", axis=1),
+        helper.make_node("IsNaN", [f"{at}:first"], [f"{at}:nan"], name=f"{at}/nan"),
+        helper.make_node("Cast", [f"{at}:nan"], [f"{at}:nan64"], name=f"{at}/nan64", to=TensorProto.INT64),
+        helper.make_node("Mul", [f"{at}:nan64", "rbe:int64:0"], [f"{at}:zero"], name=f"{at}/zero"),
+        helper.make_node("Add", [f"{at}:zero", "rbe:int64:[1]"], [f"{at}:ones"], name=f"{at}/ones"),
+    ]
 
 
 def seed_nodes(weight: SeedBlocks, codes_hold_wt: bool, tag: str, a_name: str, out_name: str) -> list:
@@ -143,28 +155,36 @@ def seed_nodes(weight: SeedBlocks, codes_hold_wt: bool, tag: str, a_name: str, o
     at = f"rbe:{out_name}"
     nodes = input_ones_nodes(a_name, at)
     for part in ("seeds", "coeffs", "exponents"):
-        nodes.append(helper.make_node("Expand", [f"{tag}:{part}", f"{at}:ones"], [f"{at}:{part}"],
-                                      name=f"{at}/{part}"))
+        nodes.append(helper.make_node("Expand", [f"{tag}:{part}", f"{at}:ones"], [f"{at}:{part}"], name=f"{at}/{part}"))
     # rows r, blocks b: basis (r, b, C, P), coefficients times their scale (r, b, P)
     equation = "rbcp,rbp->bcr" if codes_hold_wt else "rbcp,rbp->rbc"
     nodes += [
         helper.make_node("Cast", [f"{at}:seeds"], [f"{at}:seeds64"], name=f"{at}/seeds64", to=TensorProto.INT64),
-        helper.make_node("Gather", [seed_table_name(weight.table_key), f"{at}:seeds64"], [f"{at}:basis_int"],
-                         name=f"{at}/basis", axis=0),
-        helper.make_node("Cast", [f"{at}:basis_int"], [f"{at}:basis"], name=f"{at}/basis_float",
-                         to=TensorProto.FLOAT),
-        helper.make_node("Cast", [f"{at}:exponents"], [f"{at}:exponents64"], name=f"{at}/exponents64",
-                         to=TensorProto.INT64),
-        helper.make_node("Gather", [f"{tag}:scales", f"{at}:exponents64"], [f"{at}:block_scales"],
-                         name=f"{at}/block_scales", axis=0),
+        helper.make_node(
+            "Gather",
+            [seed_table_name(weight.table_key), f"{at}:seeds64"],
+            [f"{at}:basis_int"],
+            name=f"{at}/basis",
+            axis=0,
+        ),
+        helper.make_node("Cast", [f"{at}:basis_int"], [f"{at}:basis"], name=f"{at}/basis_float", to=TensorProto.FLOAT),
+        helper.make_node(
+            "Cast", [f"{at}:exponents"], [f"{at}:exponents64"], name=f"{at}/exponents64", to=TensorProto.INT64
+        ),
+        helper.make_node(
+            "Gather", [f"{tag}:scales", f"{at}:exponents64"], [f"{at}:block_scales"], name=f"{at}/block_scales", axis=0
+        ),
         helper.make_node("Cast", [f"{at}:coeffs"], [f"{at}:codes"], name=f"{at}/codes", to=TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{at}:codes", f"rbe:seed_centre:{weight.coef_bits}"], [f"{at}:q"],
-                         name=f"{at}/centre"),
+        helper.make_node(
+            "Sub", [f"{at}:codes", f"rbe:seed_centre:{weight.coef_bits}"], [f"{at}:q"], name=f"{at}/centre"
+        ),
         helper.make_node("Mul", [f"{at}:q", f"{at}:block_scales"], [f"{at}:scaled"], name=f"{at}/scale"),
-        helper.make_node("Einsum", [f"{at}:basis", f"{at}:scaled"], [f"{at}:blocks"], name=f"{at}/einsum",
-                         equation=equation),
+        helper.make_node(
+            "Einsum", [f"{at}:basis", f"{at}:scaled"], [f"{at}:blocks"], name=f"{at}/einsum", equation=equation
+        ),
         helper.make_node("Reshape", [f"{at}:blocks", f"{tag}:shape"], [f"{at}:weight"], name=f"{at}/weight"),
-        helper.make_node("MatMul", [a_name, f"{at}:weight"], [out_name], name=f"{at}/matmul")]
+        helper.make_node("MatMul", [a_name, f"{at}:weight"], [out_name], name=f"{at}/matmul"),
+    ]
     return nodes
 
 
@@ -184,8 +204,9 @@ def _rewrite_seed(weight: SeedBlocks, codes_hold_wt: bool, uses: list, name: str
         out = f"rbe:{node.output[0]}:linear" if has_bias else node.output[0]
         nodes[position] = seed_nodes(weight, codes_hold_wt, tag, node.input[0], out)
         if has_bias:
-            nodes[position].append(helper.make_node("Add", [out, node.input[2]], [node.output[0]],
-                                                    name=f"rbe:{node.output[0]}/bias"))
+            nodes[position].append(
+                helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=f"rbe:{node.output[0]}/bias")
+            )
     return Rewrite(seed_form(weight.table_key), own, nodes, shared)
 
 
@@ -242,8 +263,10 @@ def plan_seed(r: Reader, name: str, uses: list, flipped: bool = False) -> Rewrit
         return f"seed needs Einsum (opset {SEED_MIN_OPSET}); the graph has opset {opset}"
     table, dense = seed_table_bytes(key), served.get(key, 0)
     if table > dense:
-        return (f"seed: the shared basis table (S={key[0]}, C={key[1]}, P={key[2]}) takes {table:,} bytes, "
-                f"more than the {dense:,} dense bytes of the weights it would serve")
+        return (
+            f"seed: the shared basis table (S={key[0]}, C={key[1]}, P={key[2]}) takes {table:,} bytes, "
+            f"more than the {dense:,} dense bytes of the weights it would serve"
+        )
     matmul = bool(uses) and all(_matmul_use(node, index) for _, node, index in uses)
     gemm = bool(uses) and all(_gemm_use(node, index) for _, node, index in uses)
     if matmul or gemm:

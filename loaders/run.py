@@ -60,6 +60,7 @@ class LoadedModel:
 
 # -- opening a container ----------------------------------------------------------------
 
+
 def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None) -> LoadedModel:
     """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
 
@@ -72,8 +73,13 @@ def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None
 
     deadline = ort_guard.Deadline.of(timeout)
     sess, _ = session(path, quiet=True, timeout=deadline, sess_options=_session_options(threads))
-    tokenizer = ort_guard.call(lambda: container_tokenizer(path), path=path, doing="reading the embedded tokenizer",
-                               deadline=deadline, source="tokenizers")
+    tokenizer = ort_guard.call(
+        lambda: container_tokenizer(path),
+        path=path,
+        doing="reading the embedded tokenizer",
+        deadline=deadline,
+        source="tokenizers",
+    )
     return LoadedModel(path, sess, tokenizer, config, eos_token_ids(config, generation))
 
 
@@ -84,8 +90,9 @@ def _read_configs(path: str) -> tuple[dict, dict]:
             raise UsageError(f"{path}: holds no ONNX graph to run; {CONVERT_HINT}")
         files = r.files()
         if CONFIG_FILE not in files:
-            raise UsageError(f"{path}: holds no {CONFIG_FILE}, so nothing tells what the graph computes; "
-                             f"{CONVERT_HINT}")
+            raise UsageError(
+                f"{path}: holds no {CONFIG_FILE}, so nothing tells what the graph computes; {CONVERT_HINT}"
+            )
         config = _json_object(path, CONFIG_FILE, r.read_file(CONFIG_FILE))
         generation = {}
         if GENERATION_CONFIG_FILE in files:
@@ -139,6 +146,7 @@ def _loaded(model: str | os.PathLike | LoadedModel, causal: bool, deadline=None)
 
 # -- encoders ---------------------------------------------------------------------------
 
+
 def embed(model: str | os.PathLike | LoadedModel, texts: list[str], timeout=None) -> np.ndarray:
     """One mean-pooled ``last_hidden_state`` row per text (float32, not normalised), padded tokens left out."""
     deadline = ort_guard.Deadline.of(timeout)
@@ -148,8 +156,10 @@ def embed(model: str | os.PathLike | LoadedModel, texts: list[str], timeout=None
     feed = encoder_feed(loaded, list(texts), deadline)
     (hidden,) = run_graph(loaded, ["last_hidden_state"], feed, deadline)
     if not _is_array(hidden, 3) or hidden.shape[:2] != feed["attention_mask"].shape:
-        raise FormatError(f"{loaded.path}: the graph's last_hidden_state is {_form(hidden)}, not float "
-                          f"[batch, tokens, hidden] for inputs of {list(feed['attention_mask'].shape)}")
+        raise FormatError(
+            f"{loaded.path}: the graph's last_hidden_state is {_form(hidden)}, not float "
+            f"[batch, tokens, hidden] for inputs of {list(feed['attention_mask'].shape)}"
+        )
     return mean_pool(hidden, feed["attention_mask"])
 
 
@@ -168,8 +178,9 @@ def run_graph(loaded: LoadedModel, outputs, feed: dict, deadline=None) -> list:
 
 def tokenizing(loaded: LoadedModel, fn, deadline=None, doing: str = "tokenizing the text"):
     """``fn()``, a call into the container's tokenizer, as ``ort_guard.call`` runs it."""
-    return ort_guard.call(fn, path=loaded.path, doing=doing, deadline=ort_guard.Deadline.of(deadline),
-                          source="tokenizers")
+    return ort_guard.call(
+        fn, path=loaded.path, doing=doing, deadline=ort_guard.Deadline.of(deadline), source="tokenizers"
+    )
 
 
 def decode_ids(loaded: LoadedModel, ids: list[int], timeout=None) -> str:
@@ -190,8 +201,10 @@ def encoder_feed(loaded: LoadedModel, texts: list[str], deadline=None) -> dict[s
         return tok.encode_batch(texts)
 
     encodings = tokenizing(loaded, encode, deadline)
-    feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
+    feed = {
+        "input_ids": np.array([e.ids for e in encodings], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+    }
     if "token_type_ids" in {i.name for i in loaded.session.get_inputs()}:
         feed["token_type_ids"] = np.array([e.type_ids for e in encodings], np.int64)
     return feed
@@ -210,6 +223,7 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 # -- causal LMs -------------------------------------------------------------------------
 
+
 def empty_past(session) -> dict[str, np.ndarray]:
     """A zero-length KV cache for each ``past.*`` input, its head count and size read from the graph."""
     past = {}
@@ -218,8 +232,10 @@ def empty_past(session) -> dict[str, np.ndarray]:
             shape = list(arg.shape)
             heads, head_dim = (shape[1], shape[3]) if len(shape) == 4 else (None, None)
             if not (isinstance(heads, int) and isinstance(head_dim, int) and heads >= 0 and head_dim >= 0):
-                raise FormatError(f"the graph's {arg.name} is {shape}, not [batch, heads, past, head size] with "
-                                  "fixed heads and head size")
+                raise FormatError(
+                    f"the graph's {arg.name} is {shape}, not [batch, heads, past, head size] with "
+                    "fixed heads and head size"
+                )
             past[arg.name] = np.zeros((1, heads, 0, head_dim), np.float32)
     return past
 
@@ -233,13 +249,18 @@ def _session_of(model) -> tuple[object, str]:
 
 def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray], path: str = "the graph", deadline=None):
     """Runs ``ids`` after ``done`` cached positions; the logits [len(ids), vocab] and the grown cache."""
-    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, done + len(ids)), np.int64),
-            "position_ids": np.arange(done, done + len(ids), dtype=np.int64)[None], **past}
+    feed = {
+        "input_ids": np.array([ids], np.int64),
+        "attention_mask": np.ones((1, done + len(ids)), np.int64),
+        "position_ids": np.arange(done, done + len(ids), dtype=np.int64)[None],
+        **past,
+    }
     outputs = ort_guard.run(session, None, feed, path=path, deadline=deadline)
     logits, present = (outputs[0], outputs[1:]) if outputs else (np.zeros(0), [])
     if not _is_array(logits, 3) or logits.shape[:2] != (1, len(ids)) or logits.shape[2] < 1:
-        raise FormatError(f"{path}: the graph's first output is {_form(logits)}, not float logits "
-                          f"[1, {len(ids)}, vocabulary]")
+        raise FormatError(
+            f"{path}: the graph's first output is {_form(logits)}, not float logits [1, {len(ids)}, vocabulary]"
+        )
     return logits[0], dict(zip(past, present))  # present.{i}.* come in the order of past.{i}.*
 
 
@@ -261,8 +282,9 @@ def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=froz
     return tokens
 
 
-def generate_ids(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32,
-                 timeout=None) -> list[int]:
+def generate_ids(
+    model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None
+) -> list[int]:
     deadline = ort_guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=True, deadline=deadline)
     prompt_ids = tokenizing(loaded, lambda: loaded.tokenizer.encode(prompt).ids, deadline)

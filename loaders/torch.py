@@ -27,8 +27,13 @@ _RBE_DTYPES = {getattr(torch, attr): name for name, attr in TORCH_DTYPES.items()
 _BITS_AS = {torch.bfloat16: torch.uint16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-              *, force: bool = True) -> None:
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    force: bool = True,
+) -> None:
     """Writes torch ``tensors`` to ``path`` losslessly, as ``safetensors.torch.save_file``.
 
     Any dtype rbe has (floats down to bf16 and fp8, ints, bool) on any device;
@@ -54,8 +59,10 @@ def _as_numpy(name, tensor) -> tuple[np.ndarray, str]:
         raise InputError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
     dtype = _RBE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise InputError(f"tensor {name!r}: torch dtype {tensor.dtype} has no rbe dtype "
-                         f"(supported: {', '.join(str(d) for d in _RBE_DTYPES)})")
+        raise InputError(
+            f"tensor {name!r}: torch dtype {tensor.dtype} has no rbe dtype "
+            f"(supported: {', '.join(str(d) for d in _RBE_DTYPES)})"
+        )
     if tensor.layout != torch.strided:
         raise InputError(f"tensor {name!r}: {tensor.layout} tensors cannot be saved; convert it with .to_dense()")
     try:

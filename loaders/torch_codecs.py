@@ -101,8 +101,8 @@ product.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -121,11 +121,13 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # the int4 kernel's group sizes, largest fir
 KERNEL_ROWS = 16  # the int4 kernel packs output rows in multiples of this
 MAX_GATHER_BITS = 25  # unpack_at reads a 4-byte window: a value of up to 25 bits at any bit offset
 PAD_BYTES = 4  # zero bytes after every packed buffer, for that window
-_INT4_OPS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
-    hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+_INT4_OPS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+)
 
 
 # -- packed codes ------------------------------------------------------------------------
+
 
 def padded_packed(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """A packed stream (``bitpack``) padded with zero bytes to whole 8-value words, plus PAD_BYTES."""
@@ -188,6 +190,7 @@ def _check_finite(value: torch.Tensor, where: str) -> None:
 
 # -- where a codec sits in a chain -------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Options:
     device: torch.device
@@ -235,15 +238,22 @@ class _Site:
     def packed(self, part: str, bits: int, count: int) -> torch.Tensor:
         return torch.from_numpy(padded_packed(self.array(part), bits, count)).to(self.device)
 
-    def child(self, part: str, linear_use: bool) -> "_Site | None":
+    def child(self, part: str, linear_use: bool) -> _Site | None:
         p = self.transform.parts[part]
         if p.transform is None:
             return None
-        return replace(self, prefix=f"{self.prefix}{part}.", transform=p.transform, shape=tuple(p.shape),
-                       dtype=p.dtype.name, linear_use=linear_use and self.linear_use)
+        return replace(
+            self,
+            prefix=f"{self.prefix}{part}.",
+            transform=p.transform,
+            shape=tuple(p.shape),
+            dtype=p.dtype.name,
+            linear_use=linear_use and self.linear_use,
+        )
 
 
 # -- the decoder base --------------------------------------------------------------------
+
 
 class WeightDecoder(torch.nn.Module):
     """One stored tensor as its codec parts, rebuilt with torch ops (see the module docstring)."""
@@ -269,8 +279,11 @@ class WeightDecoder(torch.nn.Module):
             self._part_forms[part] = child.form
         else:
             self.register_buffer(part, site.stored(part))
-            self._part_forms[part] = (f"decoded at build from {child_site.codec.name}" if child_site is not None
-                                      else f"stored {site.transform.parts[part].dtype.name}")
+            self._part_forms[part] = (
+                f"decoded at build from {child_site.codec.name}"
+                if child_site is not None
+                else f"stored {site.transform.parts[part].dtype.name}"
+            )
         if finite:  # as the reference refuses them at every decode; buffers never change
             _check_finite(self.value(part), f"{site.where}.{part}")
 
@@ -366,6 +379,7 @@ def _checked_rows(index: torch.Tensor, length: int) -> torch.Tensor:
 
 # -- gquant ------------------------------------------------------------------------------
 
+
 def _kernel_group(group: int, k_in: int) -> int | None:
     """The int4 kernel group for a gquant group: one dividing it (any for group 0), K padded least."""
     candidates = [g for g in KERNEL_GROUPS if group == 0 or group % g == 0]
@@ -393,8 +407,9 @@ def int4_kernel_fits(codec, shape: tuple[int, ...], device="cpu") -> bool:
     return int4_unfit_reason(codec, shape, device) is None
 
 
-def int4_planes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int,
-                mode: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def int4_planes(
+    codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, mode: str
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(4-bit codes q, scale, zero) per int4 matmul, w being the sum of (q - 8) * scale + zero.
 
     ``scales`` and ``zeros`` are per kernel group, float64, of one shape; see the module docstring.
@@ -419,8 +434,16 @@ def int4_planes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
 class Int4Linear(torch.nn.Module):
     """x @ W.T on torch's CPU int4 kernel for a gquant weight W (N, K); see the module docstring."""
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits: int, mode: str,
-                 group: int, device="cpu"):
+    def __init__(
+        self,
+        codes: np.ndarray,
+        scales: np.ndarray,
+        zeros: np.ndarray | None,
+        bits: int,
+        mode: str,
+        group: int,
+        device="cpu",
+    ):
         """``codes`` (N, K) uint8; ``scales``/``zeros`` (N, groups) or (1,) for group 0, as the float32
         values the reference decode uses."""
         super().__init__()
@@ -434,8 +457,11 @@ class Int4Linear(torch.nn.Module):
         padded_out = -(-n_out // KERNEL_ROWS) * KERNEL_ROWS
         # Each kernel group lies in one gquant group: its first column's.
         starts = np.arange(self.padded_in // kg) * kg
-        per_block = (lambda v: np.full((n_out, len(starts)), v.reshape(-1)[0], np.float64)) if group == 0 else \
-            (lambda v: v.astype(np.float64).reshape(n_out, -1)[:, starts // group])
+        per_block = (
+            (lambda v: np.full((n_out, len(starts)), v.reshape(-1)[0], np.float64))
+            if group == 0
+            else (lambda v: v.astype(np.float64).reshape(n_out, -1)[:, starts // group])
+        )
         block_zeros = per_block(zeros) if zeros is not None else None
         planes = int4_planes(codes, per_block(scales), block_zeros, bits, mode)
         self.planes = len(planes)
@@ -455,14 +481,14 @@ class Int4Linear(torch.nn.Module):
             a = F.pad(a, (0, self.padded_in - self.in_features))
         out = None
         for i in range(self.planes):
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, getattr(self, f"packed{i}"), self.kernel_group,
-                                                           getattr(self, f"scales_and_zeros{i}"))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                a, getattr(self, f"packed{i}"), self.kernel_group, getattr(self, f"scales_and_zeros{i}")
+            )
             out = y.float() if out is None else out + y.float()
         return out[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"{self.out_features} x {self.in_features}, kernel group {self.kernel_group}, "
-                f"{self.planes} plane(s)")
+        return f"{self.out_features} x {self.in_features}, kernel group {self.kernel_group}, {self.planes} plane(s)"
 
 
 class GQuantDecoder(WeightDecoder):
@@ -488,8 +514,9 @@ class GQuantDecoder(WeightDecoder):
         self.exact_parts = True
         if self.int4_reason is None:
             self.int4 = self._int4_kernel(site)
-            self._form += (f"; linear: int4 kernel, bf16, group {self.int4.kernel_group}"
-                           + (f", {self.bits}-bit codes as 2 planes" if self.int4.planes > 1 else ""))
+            self._form += f"; linear: int4 kernel, bf16, group {self.int4.kernel_group}" + (
+                f", {self.bits}-bit codes as 2 planes" if self.int4.planes > 1 else ""
+            )
             if not site.options.lookups:  # only products are asked for: the kernel's copy is enough
                 self._drop_exact_parts()
 
@@ -508,8 +535,7 @@ class GQuantDecoder(WeightDecoder):
     def _int4_kernel(self, site: _Site) -> Int4Linear:
         codes = unpack_codes(site.array("codes"), self.bits, self.numel, f"{site.where}.codes").reshape(self.shape)
         floats = {p: self.value(p).cpu().numpy() for p in ("scales", "zeros") if p in self._part_forms}
-        return Int4Linear(codes, floats["scales"], floats.get("zeros"), self.bits, self.mode, self.group,
-                          site.device)
+        return Int4Linear(codes, floats["scales"], floats.get("zeros"), self.bits, self.mode, self.group, site.device)
 
     def _centred(self, codes: torch.Tensor) -> torch.Tensor:
         c = codes.float()
@@ -570,6 +596,7 @@ class GQuantDecoder(WeightDecoder):
 
 # -- transpose -----------------------------------------------------------------------------
 
+
 class TransposeDecoder(WeightDecoder):
     """W stored as V = W.T: x @ W.T = x @ V and x @ W = x @ V.T go to V's decoder."""
 
@@ -592,6 +619,7 @@ class TransposeDecoder(WeightDecoder):
 
 
 # -- lowrank ----------------------------------------------------------------------------------
+
 
 class LowRankDecoder(WeightDecoder):
     """W = float32(A @ B, summed in float64) (+ R); products run as two thin matmuls."""
@@ -631,6 +659,7 @@ class LowRankDecoder(WeightDecoder):
 
 # -- palette ------------------------------------------------------------------------------
 
+
 class PaletteDecoder(WeightDecoder):
     """value = codebook[k][index], codebook k of the tensor, the row, or the row's group."""
 
@@ -662,6 +691,7 @@ class PaletteDecoder(WeightDecoder):
 
 # -- vq -------------------------------------------------------------------------------------
 
+
 class VQDecoder(WeightDecoder):
     """W[r, j*dim + i] = codebook[idx[r, j], i] * scales[r]."""
 
@@ -674,8 +704,9 @@ class VQDecoder(WeightDecoder):
         raw = site.array("indices")
         idx = bitpack.unpack(raw, self.index_bits, self.vectors, f"{site.where}.indices")
         check_index_range(idx, self.k, f"{site.where}.indices")  # k need not be a power of two
-        self.register_buffer("indices", torch.from_numpy(padded_packed(raw, self.index_bits,
-                                                                       self.vectors)).to(site.device))
+        self.register_buffer(
+            "indices", torch.from_numpy(padded_packed(raw, self.index_bits, self.vectors)).to(site.device)
+        )
         self.hold(site, "codebook")
         self.hold(site, "scales")  # stored inf and NaN are data here, as in the reference
 
@@ -688,6 +719,7 @@ class VQDecoder(WeightDecoder):
 
 # -- sparse and nm24 --------------------------------------------------------------------------
 
+
 class SparseDecoder(WeightDecoder):
     """Zeros, then the kept values at the positions a bit mask or a delta code stream gives."""
 
@@ -695,8 +727,9 @@ class SparseDecoder(WeightDecoder):
         self.numel = math.prod(site.shape)
         params = site.params
         self.count, self.index = params["count"], params["index"]
-        super().__init__(site, f"sparse {params['count']} of {self.numel} kept ({params['index']}), "
-                               "scattered per forward")
+        super().__init__(
+            site, f"sparse {params['count']} of {self.numel} kept ({params['index']}), scattered per forward"
+        )
         raw = site.array(self.index)
         if self.index == "mask":  # the reference's checks: padding bits, then the count
             kept = sparse_codec._mask_indices(raw, self.numel, site.where)
@@ -740,16 +773,19 @@ class NM24Decoder(WeightDecoder):
         raw = site.array("patterns")
         codes = bitpack.unpack(raw, sparse_codec.CODE_BITS, self.blocks, f"{site.where} patterns").astype(np.int64)
         if codes.size and int(codes.max()) >= sparse_codec.CODE_LIMIT:
-            raise FormatError(f"{site.where}: pattern code {int(codes.max())} is not below 6**5 = "
-                              f"{sparse_codec.CODE_LIMIT}")
+            raise FormatError(
+                f"{site.where}: pattern code {int(codes.max())} is not below 6**5 = {sparse_codec.CODE_LIMIT}"
+            )
         digits = (codes[:, None] // sparse_codec.DIGIT_WEIGHTS % 6).reshape(-1)
-        if digits[self.groups:].any():
+        if digits[self.groups :].any():
             raise FormatError(f"{site.where}: padding groups of the last pattern code must have pattern 0")
-        self.register_buffer("patterns", torch.from_numpy(padded_packed(raw, sparse_codec.CODE_BITS,
-                                                                        self.blocks)).to(site.device))
+        self.register_buffer(
+            "patterns", torch.from_numpy(padded_packed(raw, sparse_codec.CODE_BITS, self.blocks)).to(site.device)
+        )
         self.register_buffer("pairs", torch.from_numpy(sparse_codec.PAIRS.copy()).to(site.device), persistent=False)
-        self.register_buffer("digit_weights", torch.from_numpy(sparse_codec.DIGIT_WEIGHTS.copy()).to(site.device),
-                             persistent=False)
+        self.register_buffer(
+            "digit_weights", torch.from_numpy(sparse_codec.DIGIT_WEIGHTS.copy()).to(site.device), persistent=False
+        )
         self.hold(site, "values")
 
     def decode(self) -> torch.Tensor:
@@ -783,8 +819,11 @@ class SeedDecoder(WeightDecoder):
         codec = site.codec
         self.block, self.rank, self.seed_bits = codec.block, codec.rank, codec.seed_bits
         self.coef_bits, self.exp_bits = codec.coef_bits, codec.exp_bits
-        super().__init__(site, f"seed S={codec.seed_bits} C={codec.block} P={codec.rank} Q={codec.coef_bits}: "
-                               "shared basis table, gathered per forward")
+        super().__init__(
+            site,
+            f"seed S={codec.seed_bits} C={codec.block} P={codec.rank} Q={codec.coef_bits}: "
+            "shared basis table, gathered per forward",
+        )
         self.blocks = math.prod(site.shape) // codec.block
         seeds = bitpack.unpack(site.array("seeds"), codec.seed_bits, self.blocks, f"{site.where}.seeds")
         if self.blocks and int(seeds.min()) == 0:
@@ -856,8 +895,9 @@ def decode_at_load_reason(reader: Reader, name: str) -> str | None:
     return _unmapped(transform.codec)
 
 
-def build_decoder(reader: Reader, name: str, device="cpu", *, kernel: str = "int4",
-                  tables: dict | None = None, lookups: bool = True) -> WeightDecoder | None:
+def build_decoder(
+    reader: Reader, name: str, device="cpu", *, kernel: str = "int4", tables: dict | None = None, lookups: bool = True
+) -> WeightDecoder | None:
     """The decoder of tensor ``name`` with its buffers on ``device``, or None (see ``decode_at_load_reason``).
 
     ``kernel="int4"`` lets gquant Linear weights run ``linear`` on the CPU int4 kernel where it fits
@@ -871,10 +911,18 @@ def build_decoder(reader: Reader, name: str, device="cpu", *, kernel: str = "int
     if decode_at_load_reason(reader, name) is not None:
         return None
     stored = reader.stored_entry(name)
-    site = _Site(reader, stored.name, "", stored.transform, tuple(stored.shape), stored.dtype.name,
-                 _Options(torch.device(device), kernel, tables, lookups))
+    site = _Site(
+        reader,
+        stored.name,
+        "",
+        stored.transform,
+        tuple(stored.shape),
+        stored.dtype.name,
+        _Options(torch.device(device), kernel, tables, lookups),
+    )
     try:
         return _build(site)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
-        raise FormatError(f"{site.where}: malformed {stored.transform.codec.name} data "
-                          f"({type(exc).__name__}: {exc})") from None
+        raise FormatError(
+            f"{site.where}: malformed {stored.transform.codec.name} data ({type(exc).__name__}: {exc})"
+        ) from None

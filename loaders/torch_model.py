@@ -55,6 +55,7 @@ TOKENIZER_FILES = hf_guard.TOKENIZER_FILES
 
 # -- the report -------------------------------------------------------------------------
 
+
 @dataclass
 class LoadReport(FormReport):
     """Per stored tensor: how the loaded model holds it, and the bytes it keeps resident."""
@@ -68,12 +69,15 @@ class LoadReport(FormReport):
 
     def summary(self) -> list[str]:
         cache = f"up to {self.cache_bytes / 1e6:.1f} MB" if self.cache_bytes else "off"
-        return [f"{len(self.compressed)} of {len(self.rows)} tensors on the fly; weights resident "
-                f"{self.resident_bytes / 1e6:.1f} MB against {self.dense_bytes / 1e6:.1f} MB dense "
-                f"({self.ratio:.3f}x); decoded-weight cache {cache}"]
+        return [
+            f"{len(self.compressed)} of {len(self.rows)} tensors on the fly; weights resident "
+            f"{self.resident_bytes / 1e6:.1f} MB against {self.dense_bytes / 1e6:.1f} MB dense "
+            f"({self.ratio:.3f}x); decoded-weight cache {cache}"
+        ]
 
 
 # -- the modules ------------------------------------------------------------------------
+
 
 class DecodedCache:
     """Decoded weights kept between forwards, least recently used dropped first, up to ``limit`` bytes."""
@@ -148,8 +152,17 @@ class CompressedEmbedding(nn.Module):
 
 # -- loading ----------------------------------------------------------------------------
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
-               with_tokenizer: bool = False, cache_bytes: int = 0, kernel: str = "int4", quiet: bool = True):
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    with_tokenizer: bool = False,
+    cache_bytes: int = 0,
+    kernel: str = "int4",
+    quiet: bool = True,
+):
     """The container's model with its compressed weights decoded on the fly (see the module doc).
 
     ``dtype`` (default float32) is the dtype of the tensors decoded at load and
@@ -232,8 +245,10 @@ def _check_sound(reader: Reader, path: str) -> None:
 
 def _write_config(reader: Reader, path: str, folder: str) -> dict:
     if CONFIG_FILE not in reader.files():
-        raise UsageError(f"{path}: holds no {CONFIG_FILE}; load_model needs a container converted from a Hugging "
-                         "Face model directory (rbe_loaders.torch.load_state_dict reads the tensors alone)")
+        raise UsageError(
+            f"{path}: holds no {CONFIG_FILE}; load_model needs a container converted from a Hugging "
+            "Face model directory (rbe_loaders.torch.load_state_dict reads the tensors alone)"
+        )
     data = reader.read_file(CONFIG_FILE)
     config = hf_guard.parse_json(data, path, f"the embedded {CONFIG_FILE}")
     hf_guard.check_config(config, {name: tuple(reader.entry(name).shape) for name in reader.keys()}, path)
@@ -274,9 +289,11 @@ def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, c
             stored = names.get(weight) or _tied_source(model, module_name, names)
             if stored is not None:
                 if tuple(module.weight.shape) != tuple(reader.entry(stored).shape):  # a tied head
-                    raise InputError(f"{report.path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, "
-                                     f"but the model its {CONFIG_FILE} describes needs {list(module.weight.shape)} "
-                                     f"for {weight!r}")
+                    raise InputError(
+                        f"{report.path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, "
+                        f"but the model its {CONFIG_FILE} describes needs {list(module.weight.shape)} "
+                        f"for {weight!r}"
+                    )
                 uses.append((module_name, module, reader.stored_entry(stored).name))
     multiplied = {target for _, module, target in uses if isinstance(module, nn.Linear)}
     looked_up = {target for _, module, target in uses if isinstance(module, nn.Embedding)}
@@ -284,11 +301,16 @@ def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, c
     for module_name, module, target in uses:
         if target not in decoders:
             # a table only looked up never runs the int4 kernel: do not hold its copy
-            decoders[target] = torch_codecs.build_decoder(reader, target, device, lookups=target in looked_up,
-                                                          kernel=kernel if target in multiplied else "exact")
+            decoders[target] = torch_codecs.build_decoder(
+                reader, target, device, lookups=target in looked_up, kernel=kernel if target in multiplied else "exact"
+            )
             if decoders[target] is not None:
-                report.add(target, f"on the fly: {decoders[target].form}", decoders[target].resident_bytes(),
-                           _dense_bytes(reader, target))
+                report.add(
+                    target,
+                    f"on the fly: {decoders[target].form}",
+                    decoders[target].resident_bytes(),
+                    _dense_bytes(reader, target),
+                )
         decoder = decoders[target]
         if decoder is None:
             continue
@@ -325,8 +347,10 @@ def _check_shapes(model: nn.Module, reader: Reader, names: dict[str, str], path:
     for name, tensor in wanted.items():
         stored = names.get(name)
         if stored is not None and tuple(reader.entry(stored).shape) != tuple(tensor.shape):
-            raise InputError(f"{path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, but the "
-                             f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}")
+            raise InputError(
+                f"{path}: tensor {stored!r} has shape {list(reader.entry(stored).shape)}, but the "
+                f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}"
+            )
 
 
 def _tied_source(model: nn.Module, module_name: str, names: dict[str, str]) -> str | None:
@@ -357,8 +381,9 @@ def _decoded(reader: Reader, name: str, device, dtype) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _decode_the_rest(model: nn.Module, reader: Reader, names: dict[str, str], report: LoadReport,
-                     device, dtype) -> None:
+def _decode_the_rest(
+    model: nn.Module, reader: Reader, names: dict[str, str], report: LoadReport, device, dtype
+) -> None:
     """Every parameter still on meta (and persistent buffer in the file) from the container, decoded once."""
     done: dict[str, torch.Tensor] = {}  # stored tensor -> decoded, so tied parameters share one tensor
     for module_name, module in model.named_modules():
@@ -375,8 +400,12 @@ def _decode_the_rest(model: nn.Module, reader: Reader, names: dict[str, str], re
             if target not in done:
                 done[target] = _decoded(reader, target, device, dtype)
                 reason = torch_codecs.decode_at_load_reason(reader, target)
-                report.add(target, "decoded at load" + (f" ({reason})" if reason else ""),
-                           done[target].numel() * done[target].element_size(), _dense_bytes(reader, target))
+                report.add(
+                    target,
+                    "decoded at load" + (f" ({reason})" if reason else ""),
+                    done[target].numel() * done[target].element_size(),
+                    _dense_bytes(reader, target),
+                )
             module._parameters[pname] = nn.Parameter(done[target], requires_grad=False)
         for bname, buffer in list(module._buffers.items()):
             full = f"{module_name}.{bname}" if module_name else bname
@@ -402,6 +431,7 @@ def _tokenizer(reader: Reader, path: str, folder: str, transformers):
 
 # -- saving -----------------------------------------------------------------------------
 
+
 def save_model(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> None:
     """Writes a model that ``load_model`` returned back to ``path`` as the .rbe it came from.
 
@@ -416,8 +446,10 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, force: bool = False
         raise UsageError("save_model takes a model returned by load_model")
     changed = _changed_tensors(model, source)
     if changed:
-        raise UsageError(f"the model's tensors differ from {source}: {', '.join(changed[:5])}"
-                         f"{' ...' if len(changed) > 5 else ''}; convert its saved checkpoint with rbe convert")
+        raise UsageError(
+            f"the model's tensors differ from {source}: {', '.join(changed[:5])}"
+            f"{' ...' if len(changed) > 5 else ''}; convert its saved checkpoint with rbe convert"
+        )
     with open(source, "rb") as src, atomic_file(os.fspath(path), force) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     with Reader(path) as check:  # the copy must verify as the source did

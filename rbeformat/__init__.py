@@ -9,7 +9,8 @@ The public surface follows safetensors' habits:
 """
 
 from ._version import __version__
-
+from .api import load_file, safe_open, save_file  # noqa: E402
+from .budget import MemoryLimitError  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError,
     FormatError,
@@ -19,8 +20,6 @@ from .errors import (  # noqa: E402
     UnsupportedError,
     UsageError,
 )
-from .budget import MemoryLimitError  # noqa: E402
-from .api import load_file, safe_open, save_file  # noqa: E402
 from .reader import Reader, TensorSlice  # noqa: E402
 from .writer import Writer  # noqa: E402
 

@@ -31,10 +31,21 @@ FRAMEWORKS = {"np": "numpy", "numpy": "numpy", "pt": "torch", "torch": "torch"}
 # The torch dtype (an attribute of the torch module) for each rbe dtype; numpy
 # has no bf16 or fp8, so those arrive from the reader as uint bits and are viewed.
 TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -80,8 +91,10 @@ def _import_torch():
     try:
         import torch
     except ImportError:
-        raise UsageError("framework 'pt' needs torch, which is not installed: "
-                         "pip install torch, or rbe's hf extra (pip install 'rbe[hf]')") from None
+        raise UsageError(
+            "framework 'pt' needs torch, which is not installed: "
+            "pip install torch, or rbe's hf extra (pip install 'rbe[hf]')"
+        ) from None
     return torch
 
 
@@ -96,8 +109,15 @@ def _torch_device(torch, device):
     return parsed
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-              *, dtypes: Mapping[str, str] | None = None, codec: Codec | None = None, force: bool = True) -> None:
+def save_file(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    dtypes: Mapping[str, str] | None = None,
+    codec: Codec | None = None,
+    force: bool = True,
+) -> None:
     """Writes numpy ``tensors`` to ``path``, losslessly unless ``codec`` says otherwise.
 
     As ``safetensors.numpy.save_file`` does, an existing file is replaced
@@ -142,8 +162,10 @@ def _check_arrays(tensors, dtypes: dict[str, str]) -> None:
 
 def _not_an_array(name: str, value) -> str:
     if type(value).__module__.split(".")[0] == "torch":
-        return (f"tensor {name!r} is a torch tensor; rbeformat.save_file takes numpy arrays, "
-                "save torch tensors with rbe_loaders.torch.save_file")
+        return (
+            f"tensor {name!r} is a torch tensor; rbeformat.save_file takes numpy arrays, "
+            "save torch tensors with rbe_loaders.torch.save_file"
+        )
     return f"tensor {name!r}: expected a numpy array, got {type(value).__name__} (wrap it in numpy.asarray)"
 
 

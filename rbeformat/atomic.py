@@ -28,7 +28,7 @@ import os
 import secrets
 import shutil
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import OutputExistsError, RbeError, UsageError
 from .publish import rename_noreplace
@@ -48,8 +48,9 @@ def check_parent(path: str) -> None:
 def check_target(path: str, force: bool) -> None:
     """A file output: refuses an existing one unless forced, and never replaces a directory or a link."""
     if os.path.islink(path):
-        raise OutputExistsError(_link_refused(path, "replaces no link and writes through none: remove it, or name "
-                                                    "the file it points to"))
+        raise OutputExistsError(
+            _link_refused(path, "replaces no link and writes through none: remove it, or name the file it points to")
+        )
     if os.path.isdir(path):
         raise OutputExistsError(f"{path}: is a directory; name the file to write instead")
     if os.path.lexists(path) and not force:
@@ -60,8 +61,9 @@ def check_directory_target(path: str, force: bool) -> None:
     """A directory output: a new one, or an existing directory when forced."""
     if os.path.isdir(path):
         if not force:
-            raise OutputExistsError(f"{path}: exists; pass --force to replace the files the container holds "
-                                    "(other files in it are kept)")
+            raise OutputExistsError(
+                f"{path}: exists; pass --force to replace the files the container holds (other files in it are kept)"
+            )
         return
     if os.path.lexists(path):
         raise OutputExistsError(f"{path}: exists and is not a directory; remove it or choose another output")
@@ -94,7 +96,7 @@ def atomic_file(path: str, force: bool) -> Iterator:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str, force: bool, files: list[str]) -> Iterator["NewDirectory | ExistingDirectory"]:
+def atomic_directory(path: str, force: bool, files: list[str]) -> Iterator[NewDirectory | ExistingDirectory]:
     """Yields a directory output for the relative POSIX ``files`` it will hold.
 
     A new directory is built under a temporary name and renamed into place; into
@@ -200,10 +202,14 @@ class NewDirectory:
         try:
             rename_noreplace(self._tmp, self._name, src_dir_fd=self._parent, dst_dir_fd=self._parent, directory=True)
         except FileExistsError:
-            raise OutputExistsError(f"{self.path}: appeared while this output was being written (another program "
-                                    "made it) and was left as it is; nothing was written") from None
+            raise OutputExistsError(
+                f"{self.path}: appeared while this output was being written (another program "
+                "made it) and was left as it is; nothing was written"
+            ) from None
         except OSError as exc:
-            raise RbeError(f"{self.path}: cannot rename the finished output into place ({exc.strerror or exc})") from None
+            raise RbeError(
+                f"{self.path}: cannot rename the finished output into place ({exc.strerror or exc})"
+            ) from None
         self._tmp = None
         _fsync(self._parent)
 
@@ -255,15 +261,16 @@ class ExistingDirectory:
             except OSError as exc:
                 raise RbeError(f"{here}: cannot inspect it ({exc.strerror or exc})") from None
             if stat.S_ISLNK(mode):
-                raise OutputExistsError(_link_refused(here, "never writes through a link it did not create: remove "
-                                                            "the link or choose another output"))
+                raise OutputExistsError(
+                    _link_refused(
+                        here, "never writes through a link it did not create: remove the link or choose another output"
+                    )
+                )
             last = depth == len(parts)
             if last and stat.S_ISDIR(mode):
-                raise OutputExistsError(f"{here}: is a directory where the container has a file; "
-                                        "move it away first")
+                raise OutputExistsError(f"{here}: is a directory where the container has a file; move it away first")
             if not last and not stat.S_ISDIR(mode):
-                raise OutputExistsError(f"{here}: is a file where the container has a directory; "
-                                        "move it away first")
+                raise OutputExistsError(f"{here}: is a file where the container has a directory; move it away first")
 
     @contextlib.contextmanager
     def create(self, rel: str) -> Iterator:
@@ -285,8 +292,11 @@ class ExistingDirectory:
             directory, tmp, name, target = self._staged[0]
             with _writing(target):
                 if stat.S_ISLNK(_lstat_mode(name, directory)):  # a link put there since the check
-                    raise OutputExistsError(_link_refused(target, "never replaces a link it did not create: "
-                                                                  "remove the link or choose another output"))
+                    raise OutputExistsError(
+                        _link_refused(
+                            target, "never replaces a link it did not create: remove the link or choose another output"
+                        )
+                    )
                 os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
             self._staged.pop(0)
         self._tree.fsync_all()
@@ -344,15 +354,18 @@ def _publish_file(dir_fd: int, tmp: str, name: str, path: str, force: bool) -> N
     with _writing(path):
         if force:
             if stat.S_ISLNK(_lstat_mode(name, dir_fd)):  # a link put there since the check
-                raise OutputExistsError(_link_refused(path, "replaces no link: remove it, or name the file it "
-                                                            "points to"))
+                raise OutputExistsError(
+                    _link_refused(path, "replaces no link: remove it, or name the file it points to")
+                )
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return
         try:
             rename_noreplace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileExistsError:
-            raise OutputExistsError(f"{path}: appeared while this output was being written (another program "
-                                    "made it) and was left as it is; pass --force to overwrite it") from None
+            raise OutputExistsError(
+                f"{path}: appeared while this output was being written (another program "
+                "made it) and was left as it is; pass --force to overwrite it"
+            ) from None
 
 
 def _lstat_mode(name: str, dir_fd: int) -> int:
@@ -374,8 +387,11 @@ def _not_a_directory(shown: str, name: str, parent: int, exc: OSError) -> RbeErr
     """Why a component could not be opened as a directory without following links."""
     mode = _lstat_mode(name, parent)
     if stat.S_ISLNK(mode):
-        return OutputExistsError(_link_refused(shown, "never writes through a link it did not create: remove the "
-                                                      "link or choose another output"))
+        return OutputExistsError(
+            _link_refused(
+                shown, "never writes through a link it did not create: remove the link or choose another output"
+            )
+        )
     if mode and not stat.S_ISDIR(mode):
         return OutputExistsError(f"{shown}: is a file where the container has a directory; move it away first")
     return RbeError(f"{shown}: cannot open the directory ({exc.strerror or exc})")

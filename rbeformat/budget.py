@@ -183,5 +183,7 @@ def check(nbytes: int, what: str, limit: int | None = None, reason: str | None =
     allowed = current_limit(limit)
     if nbytes > allowed:
         why = f", {reason}" if reason else ""
-        raise MemoryLimitError(f"{what}: needs {format_size(nbytes)} ({nbytes} bytes), over the memory limit of "
-                               f"{format_size(allowed)} ({allowed} bytes{why}); --max-memory to change")
+        raise MemoryLimitError(
+            f"{what}: needs {format_size(nbytes)} ({nbytes} bytes), over the memory limit of "
+            f"{format_size(allowed)} ({allowed} bytes{why}); --max-memory to change"
+        )

@@ -33,8 +33,10 @@ from .codecs.tensor import TensorCodec
 from .errors import UsageError
 
 LOSSLESS = "lossless"
-_TOKEN = re.compile(r'\s*(?:(?P<num>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_.]*)'
-                    r'|(?P<str>"[^"]*")|(?P<punct>[(),=]))')
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_.]*)"
+    r'|(?P<str>"[^"]*")|(?P<punct>[(),=]))'
+)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Chain:
     """A tensor codec and the chains of its parts (None codec = lossless)."""
 
     codec: TensorCodec | None
-    parts: dict[str, "Chain"] = field(default_factory=dict)
+    parts: dict[str, Chain] = field(default_factory=dict)
 
     @property
     def lossless(self) -> bool:
@@ -55,7 +57,7 @@ class Chain:
         items += [f"{k}={c.text()}" for k, c in sorted(self.parts.items())]
         return f"{self.codec.name}({', '.join(items)})"
 
-    def validate(self, where: str = "codec chain", top: bool = True) -> "Chain":
+    def validate(self, where: str = "codec chain", top: bool = True) -> Chain:
         """Checks the whole chain before any encoding: parts exist and may be chained,
         and codecs that share state across tensors stand only at the top."""
         if self.codec is None:
@@ -68,8 +70,10 @@ class Chain:
         extra = set(self.parts) - set(codec.chainable())
         if extra:
             allowed = ", ".join(codec.chainable()) or "none"
-            raise UsageError(f"{where}: {codec.name} cannot chain part(s) {sorted(extra)} in this configuration "
-                             f"(chainable: {allowed})")
+            raise UsageError(
+                f"{where}: {codec.name} cannot chain part(s) {sorted(extra)} in this configuration "
+                f"(chainable: {allowed})"
+            )
         for name, sub in self.parts.items():
             sub.validate(f"{where} part {name}", top=False)
         return self
@@ -113,8 +117,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 def parse_chain(text: str, registry: dict[str, type[TensorCodec]]) -> Chain:
     """Parses chain text against the tensor codecs in ``registry``; UsageError on any mistake."""
     if not isinstance(text, str) or not text.strip():
-        raise UsageError(f"codec chain {text!r}: empty; name a codec, e.g. 'gquant(bits=4, group=64)', "
-                         f"or '{LOSSLESS}'")
+        raise UsageError(f"codec chain {text!r}: empty; name a codec, e.g. 'gquant(bits=4, group=64)', or '{LOSSLESS}'")
     tokens = _tokens(text)
     chain, pos = _parse(tokens, 0, registry, text)
     if pos != len(tokens):
@@ -131,8 +134,9 @@ def _parse(tokens, pos, registry, text) -> tuple[Chain, int]:
         return Chain(None), pos
     cls = registry.get(name)
     if cls is None:
-        raise UsageError(f"codec chain {text!r}: unknown codec {name!r} "
-                         f"(known: {LOSSLESS}, {', '.join(sorted(registry))})")
+        raise UsageError(
+            f"codec chain {text!r}: unknown codec {name!r} (known: {LOSSLESS}, {', '.join(sorted(registry))})"
+        )
     settings: dict[str, Any] = {}
     parts: dict[str, Chain] = {}
     if pos < len(tokens) and tokens[pos][1] == "(":
@@ -167,8 +171,10 @@ def _check_key(cls: type[TensorCodec], key: str, settings: dict, parts: dict, te
     """Refuses unknown and repeated keys, listing what the codec takes."""
     valid = {f.name for f in dataclasses.fields(cls)} | set(cls.chainable_parts)
     if key not in valid:
-        raise UsageError(f"codec chain {text!r}: {cls.name} has no setting {key!r}; valid: {cls.settings_help()}"
-                         f"; parts: {', '.join(cls.chainable_parts) or 'none'}")
+        raise UsageError(
+            f"codec chain {text!r}: {cls.name} has no setting {key!r}; valid: {cls.settings_help()}"
+            f"; parts: {', '.join(cls.chainable_parts) or 'none'}"
+        )
     if key in settings or key in parts:
         raise UsageError(f"codec chain {text!r}: {cls.name}: {key!r} is given twice")
 

@@ -109,7 +109,7 @@ class Transform:
     codec: TensorCodec
     codec_record: dict
     params: Any
-    parts: dict[str, "Part"]
+    parts: dict[str, Part]
 
 
 @dataclass
@@ -237,8 +237,10 @@ def _parse_chunks(value: Any, where: str, dtype: DType, items: int, codec: Codec
         elif decoded > MAX_CHUNK_DECODED_BYTES:
             raise FormatError(f"{cw}.items: chunk decodes to {decoded} bytes, over the {MAX_CHUNK_DECODED_BYTES} limit")
         elif expansion is not None and decoded > expansion * length:
-            raise FormatError(f"{cw}: {length} stored bytes cannot decode to {decoded} bytes "
-                              f"(a {codec.name} chunk expands at most {expansion}-fold)")
+            raise FormatError(
+                f"{cw}: {length} stored bytes cannot decode to {decoded} bytes "
+                f"(a {codec.name} chunk expands at most {expansion}-fold)"
+            )
         chunks.append(Chunk(offset, length, require_int(c["crc32"], f"{cw}.crc32", 0, 0xFFFFFFFF), n, c["params"]))
         total += n
     if total != items:
@@ -359,8 +361,9 @@ def inflate_limit(stored: int) -> int:
     return max(_ZSTD_MANIFEST_FLOOR, _ZSTD_MANIFEST_RATIO * stored)
 
 
-def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = None,
-                   file_size: int | None = None) -> Manifest:
+def parse_manifest(
+    data: bytes, limit: int | None = None, reason: str | None = None, file_size: int | None = None
+) -> Manifest:
     """Validates manifest bytes; raises FormatError on anything out of place.
 
     Before parsing, the text's nesting depth is checked (at most
@@ -372,8 +375,9 @@ def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = N
     """
     data = bytes(data)
     check_json_text(data, "manifest", limit, reason=reason)
-    hook = unique_keys(lambda key: FormatError(f"manifest: an object holds the key {key!r:.80} twice "
-                                               "(JSON keys must be unique)"))
+    hook = unique_keys(
+        lambda key: FormatError(f"manifest: an object holds the key {key!r:.80} twice (JSON keys must be unique)")
+    )
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=hook)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -393,8 +397,10 @@ def parse_manifest(data: bytes, limit: int | None = None, reason: str | None = N
         if not isinstance(obj[key], list) or len(obj[key]) > MAX_ENTRIES:
             raise FormatError(f"manifest.{key}: expected a list of at most {MAX_ENTRIES} entries")
     if file_size is not None and _count_records(obj) > record_limit(file_size):
-        raise FormatError(f"manifest: {_count_records(obj)} tensors, files and chunks in a {file_size}-byte file; "
-                          f"a file lists at most one per {_BYTES_PER_RECORD} bytes of its size, or {_RECORD_FLOOR}")
+        raise FormatError(
+            f"manifest: {_count_records(obj)} tensors, files and chunks in a {file_size}-byte file; "
+            f"a file lists at most one per {_BYTES_PER_RECORD} bytes of its size, or {_RECORD_FLOOR}"
+        )
     tensors: dict[str, TensorEntry] = {}
     for i, t in enumerate(obj["tensors"]):
         entry = _parse_tensor(t, f"tensors[{i}]")
@@ -448,8 +454,10 @@ def _check_codec_references(entry: TensorEntry, tensors: dict[str, TensorEntry])
         for ref in transform.codec.references():
             target = tensors.get(ref)
             if target is None or target.blob is None or not target.internal or target.dtype.name not in LOSSY_DTYPES:
-                raise FormatError(f"tensor {entry.name!r:.80}: its codec reads {ref!r:.80}, which is not a stored "
-                                  f"floating-point internal ('{INTERNAL_PREFIX}') tensor")
+                raise FormatError(
+                    f"tensor {entry.name!r:.80}: its codec reads {ref!r:.80}, which is not a stored "
+                    f"floating-point internal ('{INTERNAL_PREFIX}') tensor"
+                )
 
 
 def dump_manifest(obj: dict) -> bytes:
@@ -464,6 +472,7 @@ def _refuse_constant(name: str):
 def unique_keys(error):
     """A json ``object_pairs_hook`` refusing an object with two equal keys (5.1) instead of keeping the
     last: it raises ``error(key)``."""
+
     def hook(pairs: list) -> dict:
         obj = dict(pairs)
         if len(obj) != len(pairs):
@@ -474,13 +483,18 @@ def unique_keys(error):
     return hook
 
 
-def check_json_text(data: bytes, what: str, limit: int | None = None, error=FormatError,
-                    reason: str | None = None) -> None:
+def check_json_text(
+    data: bytes, what: str, limit: int | None = None, error=FormatError, reason: str | None = None
+) -> None:
     """Checks untrusted JSON text before json.loads: nesting and lone surrogate escapes (``error``,
     naming ``what``), and the memory the parse needs against the budget (MemoryLimitError)."""
     tokens = _scan_json(data, what, error)
-    budget.check(_BYTES_PER_JSON_CHAR * len(data) + _BYTES_PER_JSON_TOKEN * tokens,
-                 f"{what}: parsing {len(data)} bytes of JSON ({tokens} values and keys)", limit, reason)
+    budget.check(
+        _BYTES_PER_JSON_CHAR * len(data) + _BYTES_PER_JSON_TOKEN * tokens,
+        f"{what}: parsing {len(data)} bytes of JSON ({tokens} values and keys)",
+        limit,
+        reason,
+    )
 
 
 def _scan_json(data: bytes, what: str, error) -> int:
@@ -496,8 +510,10 @@ def _scan_json(data: bytes, what: str, error) -> int:
     if b"\\" in text:  # escaped backslashes, then escaped quotes, out: every quote left delimits a string
         text = text.replace(b"\\\\", b"")
         if _LONE_SURROGATE.search(_SURROGATE_PAIR.sub(b"", text)):
-            raise error(f"{what}: a string holds a lone surrogate escape (\\ud800-\\udfff unpaired); "
-                        "JSON text must be valid UTF-8")
+            raise error(
+                f"{what}: a string holds a lone surrogate escape (\\ud800-\\udfff unpaired); "
+                "JSON text must be valid UTF-8"
+            )
         text = text.replace(b'\\"', b"")
     tokens, depth, deepest, inside = 1, 0, 0, 0
     for start in range(0, len(text), _SCAN_BLOCK):

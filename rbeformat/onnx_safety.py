@@ -86,11 +86,15 @@ def _check_opsets(imports, local_domains: set[str], where: str, owner: str, erro
         if domain in OPSET_RANGES:
             low, high = OPSET_RANGES[domain]
             if not low <= opset.version <= high:
-                raise error(f"{where}: {owner} imports operator set {domain or 'ai.onnx'!r} version "
-                            f"{opset.version}; rbe accepts versions {low} to {high}")
+                raise error(
+                    f"{where}: {owner} imports operator set {domain or 'ai.onnx'!r} version "
+                    f"{opset.version}; rbe accepts versions {low} to {high}"
+                )
         elif domain not in local_domains:
-            raise error(f"{where}: {owner} imports operator set {domain!r:.80}, which rbe does not run "
-                        f"(it accepts {_accepted()} and the model's own functions)")
+            raise error(
+                f"{where}: {owner} imports operator set {domain!r:.80}, which rbe does not run "
+                f"(it accepts {_accepted()} and the model's own functions)"
+            )
 
 
 def _accepted() -> str:
@@ -100,25 +104,29 @@ def _accepted() -> str:
 def _check_operator(node, place: str, functions: set, where: str, error: type) -> None:
     key = (node.domain, node.op_type)
     if key in REFUSED_OPERATORS:
-        raise error(f"{where}: {place} is {_qualified(*key)}, which names a file of compiled code; "
-                    "rbe refuses it")
+        raise error(f"{where}: {place} is {_qualified(*key)}, which names a file of compiled code; rbe refuses it")
     if node.domain not in OPSET_RANGES and key not in functions:
-        raise error(f"{where}: {place} runs operator {node.op_type!r:.80} of domain {node.domain!r:.80}, which "
-                    f"rbe does not run (it accepts {_accepted()}, the standard domain and the model's own "
-                    "functions)")
+        raise error(
+            f"{where}: {place} runs operator {node.op_type!r:.80} of domain {node.domain!r:.80}, which "
+            f"rbe does not run (it accepts {_accepted()}, the standard domain and the model's own "
+            "functions)"
+        )
 
 
 def _refuse_external(t, place: str, where: str, error: type, input_file: bool) -> None:
     if t.data_location == DEFAULT_LOCATION and not len(t.external_data):
         return
     location = next((entry.value for entry in t.external_data if entry.key == "location"), "")
-    rule = ("rbe reads external data only for the main graph's initializers of the types it stores" if input_file
-            else "a graph rbe stores, writes or runs must hold no file reference")
-    raise error(f"{where}: tensor {t.name!r:.80} ({place}) points at external data "
-                f"(location {location!r:.80}); {rule}")
+    rule = (
+        "rbe reads external data only for the main graph's initializers of the types it stores"
+        if input_file
+        else "a graph rbe stores, writes or runs must hold no file reference"
+    )
+    raise error(f"{where}: tensor {t.name!r:.80} ({place}) points at external data (location {location!r:.80}); {rule}")
 
 
 # -- walking every tensor and node ------------------------------------------------------
+
 
 def _graphs(model):
     """(graph, where it sits) for the main graph, the training graphs and every subgraph below them,

@@ -29,8 +29,13 @@ import sys
 AT_FDCWD = -100  # Linux's "relative to the current directory"
 RENAME_NOREPLACE = 1
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
-_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EMLINK,
-                  errno.ENOSYS}
+_NO_HARD_LINKS = {
+    errno.EPERM,
+    errno.EOPNOTSUPP,
+    getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+    errno.EMLINK,
+    errno.ENOSYS,
+}
 
 
 def _load_renameat2():
@@ -48,8 +53,9 @@ def _load_renameat2():
 _RENAMEAT2 = _load_renameat2()
 
 
-def rename_noreplace(src: str, dst: str, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None,
-                     directory: bool = False) -> None:
+def rename_noreplace(
+    src: str, dst: str, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None, directory: bool = False
+) -> None:
     """Renames ``src`` to ``dst`` unless ``dst`` exists (``FileExistsError`` then; ``src`` is left).
 
     ``src_dir_fd`` and ``dst_dir_fd`` are directory descriptors the names are

@@ -24,22 +24,20 @@ import hashlib
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import zstandard
 
 from . import budget
-from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
-from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
-from .manifest import (Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, inflate_limit,
-                       parse_manifest)
-from .values import from_float32, to_float32
 from .codecs.base import require_keys
 from .codecs.raw import Raw
+from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
+from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
+from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, inflate_limit, parse_manifest
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES, DType
-from .values import CONVERT_BLOCK
+from .values import CONVERT_BLOCK, from_float32, to_float32
 
 _READ_BLOCK = 16 << 20  # verify() reads large sections in blocks of this size
 # Decoding a compressed chunk holds its stored bytes and up to this many
@@ -72,8 +70,15 @@ class Reader:
     over raises ``budget.MemoryLimitError`` before anything is allocated.
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, verify_checksums: bool = True,
-                 map_raw: bool = False, max_memory: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        verify_checksums: bool = True,
+        map_raw: bool = False,
+        max_memory: int | None = None,
+    ):
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
         self.map_raw = map_raw
@@ -134,12 +139,12 @@ class Reader:
                 raise FormatError(f"{where}: bytes [{c.offset}, {c.offset + c.length}) lie outside the data area")
             spans.append((c.offset, c.offset + c.length, where))
         spans.sort()
-        for (s0, e0, w0), (s1, e1, w1) in zip(spans, spans[1:]):
+        for (_, e0, w0), (s1, _, w1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise FormatError(f"{w1}: overlaps {w0}")
 
     # -- context manager -------------------------------------------------------------
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,7 +192,7 @@ class Reader:
         """
         return self._convert(self._array(name), self.entry(name).dtype)
 
-    def get_slice(self, name: str) -> "TensorSlice":
+    def get_slice(self, name: str) -> TensorSlice:
         """A lazy view of one tensor, like safetensors' ``get_slice``: index it to decode a part."""
         self.entry(name)  # an unknown name fails here, not at the first index
         return TensorSlice(self, name)
@@ -261,8 +266,7 @@ class Reader:
             else:
                 values = self._decode_blob(part.blob, pwhere)
             parts[pname] = np.frombuffer(values, np.dtype(part.dtype.numpy_storage)).reshape(part.shape)
-        refs = {ref: to_float32(self._array(ref), self.entry(ref).dtype.name)
-                for ref in transform.codec.references()}
+        refs = {ref: to_float32(self._array(ref), self.entry(ref).dtype.name) for ref in transform.codec.references()}
         try:
             decoded = transform.codec.decode(parts, transform.params, shape, where, refs)
             if decoded.shape != tuple(shape):
@@ -286,8 +290,10 @@ class Reader:
         entry = self._file_entry(path)
         where = f"file {path!r}"
         if entry.blob.items > READ_FILE_CAP:
-            raise budget.MemoryLimitError(f"{where}: {entry.blob.items} bytes is more than an embedded file read "
-                                          f"into memory may hold ({READ_FILE_CAP}); stream it with iter_file")
+            raise budget.MemoryLimitError(
+                f"{where}: {entry.blob.items} bytes is more than an embedded file read "
+                f"into memory may hold ({READ_FILE_CAP}); stream it with iter_file"
+            )
         self._check_memory(entry.blob.items + self.blob_memory(entry.blob), f"{where}: reading it into memory")
         return self._decode_blob(entry.blob, where).tobytes()
 
@@ -404,8 +410,10 @@ class Reader:
             now = f"; it now holds {os.fstat(self._fd).st_size} bytes"
         except OSError:
             now = ""
-        raise FormatError(f"{self.path}: file changed or truncated while reading (bytes {offset}..{offset + length} "
-                          f"of the {self.size} it held when opened{now})")
+        raise FormatError(
+            f"{self.path}: file changed or truncated while reading (bytes {offset}..{offset + length} "
+            f"of the {self.size} it held when opened{now})"
+        )
 
     @property
     def _buf(self) -> memoryview:
@@ -459,7 +467,9 @@ class Reader:
         try:
             out = np.empty((span_stop - span_first) * itemsize, dtype=np.uint8)
         except MemoryError:
-            raise RbeError(f"{where}: not enough memory to decode {(span_stop - span_first) * itemsize} bytes") from None
+            raise RbeError(
+                f"{where}: not enough memory to decode {(span_stop - span_first) * itemsize} bytes"
+            ) from None
         jobs, start = [], 0
         for i, c in selected:
             jobs.append((c, out[start : start + c.items * itemsize], f"{where} chunk {i}"))
@@ -472,8 +482,9 @@ class Reader:
                 if raw:
                     self._raw_chunk(chunk, memoryview(target), chunk_where)
                 else:
-                    blob.codec.decode_chunk(self._payload(chunk, chunk_where), chunk.params, blob.dtype,
-                                            memoryview(target), chunk_where)
+                    blob.codec.decode_chunk(
+                        self._payload(chunk, chunk_where), chunk.params, blob.dtype, memoryview(target), chunk_where
+                    )
             except RbeError:
                 raise
             except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
@@ -545,8 +556,10 @@ def _inflate_manifest(frame, max_memory: int | None = None) -> bytes:
     if not 0 <= size <= MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest: declares {size} decoded bytes (limit {MAX_MANIFEST_BYTES}, size required)")
     if size > inflate_limit(len(frame)):
-        raise FormatError(f"manifest: {len(frame)} bytes of zstd declare {size} decoded bytes, more than a "
-                          f"manifest expands ({inflate_limit(len(frame))} at most)")
+        raise FormatError(
+            f"manifest: {len(frame)} bytes of zstd declare {size} decoded bytes, more than a "
+            f"manifest expands ({inflate_limit(len(frame))} at most)"
+        )
     budget.check(size, "manifest: decompressing it", max_memory)
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)

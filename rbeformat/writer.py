@@ -16,8 +16,9 @@ import math
 import os
 import tempfile
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zstandard as zstd_codec
@@ -28,9 +29,8 @@ from .codecs.byteplane import Byteplane
 from .codecs.zstd import Zstd
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
-from .publish import rename_noreplace
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
-from .values import error_stats, from_float32, to_float32
+from .publish import rename_noreplace
 from .spec import (
     ALIGNMENT,
     DTYPES,
@@ -41,6 +41,7 @@ from .spec import (
     align_up,
     dtype_of_numpy,
 )
+from .values import error_stats, from_float32, to_float32
 
 if TYPE_CHECKING:
     from .chain import Chain
@@ -56,15 +57,24 @@ def _default_threads() -> int:
 class Writer:
     """Writes an rbe file.  States: open -> closed (committed) or aborted."""
 
-    def __init__(self, path: str | os.PathLike, *, force: bool = False, codec: Codec | None = None,
-                 threads: int | None = None, progress: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        force: bool = False,
+        codec: Codec | None = None,
+        threads: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ):
         # ``progress`` gets the bytes of each model tensor as it is consumed (aliases and
         # transformed tensors included, densely); internal tensors, codec parts and embedded
         # files are not counted, so the calls add up to the input's tensor bytes.
         self.path = os.fspath(path)
         if os.path.islink(self.path):
-            raise OutputExistsError(f"{self.path}: is a symbolic link; rbe replaces no link and writes through "
-                                    "none: remove it, or name the file it points to")
+            raise OutputExistsError(
+                f"{self.path}: is a symbolic link; rbe replaces no link and writes through "
+                "none: remove it, or name the file it points to"
+            )
         if os.path.exists(self.path) and not force:
             raise OutputExistsError(f"{self.path}: exists; pass force=True (--force) to overwrite it")
         self.force = force
@@ -87,7 +97,7 @@ class Writer:
         self._write(pack_header())
 
     # -- context manager -------------------------------------------------------------
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -117,8 +127,9 @@ class Writer:
             self._write(part)
         return offset, length, crc
 
-    def _encode_chunks(self, codec: Codec, dtype_name: str, items: int, read_at: ReadAt,
-                       digest: Any, report: bool = False) -> list[dict]:
+    def _encode_chunks(
+        self, codec: Codec, dtype_name: str, items: int, read_at: ReadAt, digest: Any, report: bool = False
+    ) -> list[dict]:
         dtype = DTYPES[dtype_name]
         per_chunk = codec.chunk_items(dtype)
         starts = range(0, items, per_chunk)
@@ -152,8 +163,17 @@ class Writer:
         return chunks
 
     # -- entries ---------------------------------------------------------------------
-    def add_tensor(self, name: str, dtype: str, shape: Iterable[int], read_at: ReadAt, *,
-                   codec: Codec | None = None, dedup: bool = True, internal: bool = False) -> str | None:
+    def add_tensor(
+        self,
+        name: str,
+        dtype: str,
+        shape: Iterable[int],
+        read_at: ReadAt,
+        *,
+        codec: Codec | None = None,
+        dedup: bool = True,
+        internal: bool = False,
+    ) -> str | None:
         """Adds a tensor whose little-endian bytes ``read_at(offset, size)`` returns.
 
         With ``dedup`` a tensor equal (dtype, shape, bytes) to one already written
@@ -183,13 +203,30 @@ class Writer:
             hasher = hashlib.sha256()
             chunks = self._encode_chunks(codec, dtype, items, read_at, hasher, report=not internal)
             digest = "sha256:" + hasher.hexdigest()
-        self._tensors.append({"name": name, "dtype": dtype, "shape": shape, "digest": digest,
-                              "codec": codec.describe(), "chunks": chunks})
+        self._tensors.append(
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": shape,
+                "digest": digest,
+                "codec": codec.describe(),
+                "chunks": chunks,
+            }
+        )
         return None
 
-    def add_transformed(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
-                        refs: dict[str, np.ndarray] | None = None, dedup: bool = True,
-                        calibration: "Calibration | None" = None, reference: np.ndarray | None = None) -> dict:
+    def add_transformed(
+        self,
+        name: str,
+        dtype: str,
+        array: np.ndarray,
+        chain: Chain,
+        *,
+        refs: dict[str, np.ndarray] | None = None,
+        dedup: bool = True,
+        calibration: Calibration | None = None,
+        reference: np.ndarray | None = None,
+    ) -> dict:
         """Adds a tensor encoded by a codec chain (lossy or structural).
 
         ``array`` holds the tensor's values (any float dtype); the chain's codec
@@ -203,10 +240,17 @@ class Writer:
         """
         return self._add_transformed(name, dtype, array, chain, refs, dedup, calibration, reference)[0]
 
-    def add_transformed_decoded(self, name: str, dtype: str, array: np.ndarray, chain: "Chain", *,
-                                refs: dict[str, np.ndarray] | None = None,
-                                calibration: "Calibration | None" = None,
-                                reference: np.ndarray | None = None) -> np.ndarray:
+    def add_transformed_decoded(
+        self,
+        name: str,
+        dtype: str,
+        array: np.ndarray,
+        chain: Chain,
+        *,
+        refs: dict[str, np.ndarray] | None = None,
+        calibration: Calibration | None = None,
+        reference: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Like ``add_transformed`` (never an alias); returns the float32 values a reader will decode.
 
         A converter that encodes a model layer by layer runs the later layers
@@ -214,8 +258,9 @@ class Writer:
         """
         return self._add_transformed(name, dtype, array, chain, refs, False, calibration, reference)[1]
 
-    def _add_transformed(self, name, dtype, array, chain, refs, dedup, calibration,
-                         reference=None) -> tuple[dict, np.ndarray | None]:
+    def _add_transformed(
+        self, name, dtype, array, chain, refs, dedup, calibration, reference=None
+    ) -> tuple[dict, np.ndarray | None]:
         self._require_open()
         name = self._claim_name(name)
         if dtype not in LOSSY_DTYPES:
@@ -224,8 +269,9 @@ class Writer:
             stored = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
             key = (dtype, tuple(array.shape), "sha256:" + hashlib.sha256(stored).hexdigest(), chain.text())
             if key in self._digests:
-                self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape),
-                                      "alias_of": self._digests[key]})
+                self._tensors.append(
+                    {"name": name, "dtype": dtype, "shape": list(array.shape), "alias_of": self._digests[key]}
+                )
                 self._report_dense(dtype, array.shape)
                 return {}, None
             self._digests[key] = name
@@ -242,8 +288,9 @@ class Writer:
         if self.progress:
             self.progress(math.prod(shape) * DTYPES[dtype].itemsize)
 
-    def _encode_chain(self, x: np.ndarray, chain: "Chain", refs, where: str,
-                      calibration: "Calibration | None" = None) -> tuple[dict, np.ndarray]:
+    def _encode_chain(
+        self, x: np.ndarray, chain: Chain, refs, where: str, calibration: Calibration | None = None
+    ) -> tuple[dict, np.ndarray]:
         """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor.
 
         A part's chain gets the calibration that ``codec.part_calibration`` derives from ``calibration``.
@@ -268,8 +315,9 @@ class Writer:
                 # A part's codec without an encoder for the method encodes it uncalibrated.
                 if sub_calibration is not None and sub_calibration.method not in sub.codec.calibrations:
                     sub_calibration = None
-                node, decoded = self._encode_chain(arr.astype(np.float32), sub, None, f"{where} part {pname}",
-                                                   sub_calibration)
+                node, decoded = self._encode_chain(
+                    arr.astype(np.float32), sub, None, f"{where} part {pname}", sub_calibration
+                )
                 parts[pname] = {**head, **node}
                 decoded_parts[pname] = from_float32(decoded, pdtype).view(arr.dtype).reshape(arr.shape)
             else:
@@ -293,12 +341,22 @@ class Writer:
         if dtype not in DTYPES:
             raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
         if DTYPES[dtype].itemsize != array.dtype.itemsize:
-            raise InputError(f"tensor {name!r}: {dtype} needs {DTYPES[dtype].itemsize}-byte items, array has {array.dtype}")
+            raise InputError(
+                f"tensor {name!r}: {dtype} needs {DTYPES[dtype].itemsize}-byte items, array has {array.dtype}"
+            )
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         return self.add_tensor(name, dtype, array.shape, lambda o, n: data[o : o + n], **kwargs)
 
-    def add_file(self, path: str, data: bytes | None = None, *, read_at: ReadAt | None = None,
-                 size: int | None = None, role: str = "file", tensors: list[str] | None = None) -> None:
+    def add_file(
+        self,
+        path: str,
+        data: bytes | None = None,
+        *,
+        read_at: ReadAt | None = None,
+        size: int | None = None,
+        role: str = "file",
+        tensors: list[str] | None = None,
+    ) -> None:
         """Embeds a file (a config, a tokenizer) under its path relative to the model.
 
         Pass the bytes, or ``read_at`` and ``size`` to stream a large file.
@@ -318,8 +376,14 @@ class Writer:
         hasher = hashlib.sha256()
         codec = Zstd()
         chunks = self._encode_chunks(codec, "U8", size, read_at, hasher)
-        entry = {"path": path, "role": role, "size": size, "digest": "sha256:" + hasher.hexdigest(),
-                 "codec": codec.describe(), "chunks": chunks}
+        entry = {
+            "path": path,
+            "role": role,
+            "size": size,
+            "digest": "sha256:" + hasher.hexdigest(),
+            "codec": codec.describe(),
+            "chunks": chunks,
+        }
         if tensors is not None:
             entry["tensors"] = list(tensors)
         self._files.append(entry)
@@ -361,14 +425,16 @@ class Writer:
     def close(self) -> None:
         """Writes the manifest and footer, syncs, and renames into place."""
         self._require_open()
-        manifest = dump_manifest({
-            "format": "rbe",
-            "version": [FORMAT_MAJOR, FORMAT_MINOR],
-            "producer": f"rbe {__version__}",
-            "metadata": self._metadata,
-            "tensors": self._tensors,
-            "files": self._files,
-        })
+        manifest = dump_manifest(
+            {
+                "format": "rbe",
+                "version": [FORMAT_MAJOR, FORMAT_MINOR],
+                "producer": f"rbe {__version__}",
+                "metadata": self._metadata,
+                "tensors": self._tensors,
+                "files": self._files,
+            }
+        )
         if len(manifest) > MAX_MANIFEST_BYTES:
             self.abort()
             raise InputError(f"manifest of {len(manifest)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit")
@@ -400,8 +466,10 @@ class Writer:
         try:
             rename_noreplace(self._tmp, self.path)
         except FileExistsError:
-            raise OutputExistsError(f"{self.path}: appeared while this output was being written (another program "
-                                    "made it) and was left as it is; pass force=True (--force) to overwrite it") from None
+            raise OutputExistsError(
+                f"{self.path}: appeared while this output was being written (another program "
+                "made it) and was left as it is; pass force=True (--force) to overwrite it"
+            ) from None
 
     def abort(self) -> None:
         """Discards the partial file; the destination is left as it was."""
@@ -438,8 +506,10 @@ def stored_part_bytes(arr: np.ndarray) -> int:
     data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     width = DTYPES[dtype].itemsize
     per_chunk = codec.chunk_items(DTYPES[dtype]) * width
-    return sum(sum(len(p) for p in codec.encode_chunk(data[o : o + per_chunk], DTYPES[dtype])[0])
-               for o in range(0, len(data), per_chunk))
+    return sum(
+        sum(len(p) for p in codec.encode_chunk(data[o : o + per_chunk], DTYPES[dtype])[0])
+        for o in range(0, len(data), per_chunk)
+    )
 
 
 def _store_manifest(manifest: bytes) -> tuple[bytes, int]:

@@ -14,16 +14,18 @@ if ROOT not in sys.path:  # `bench.models` holds the real-model cache logic
     sys.path.insert(0, ROOT)
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None,
-                      dtypes: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None, dtypes: dict[str, str] | None = None
+) -> None:
     """A safetensors file written by hand (bf16 passes as uint16 with dtypes={name: "BF16"})."""
     from rbe_converters.safetensors_io import build_header
     from rbeformat.spec import dtype_of_numpy
 
     names = list(tensors)
     dtypes = dtypes or {}
-    header = build_header([(n, dtypes.get(n) or dtype_of_numpy(tensors[n].dtype), tensors[n].shape) for n in names],
-                          metadata or {})
+    header = build_header(
+        [(n, dtypes.get(n) or dtype_of_numpy(tensors[n].dtype), tensors[n].shape) for n in names], metadata or {}
+    )
     with open(path, "wb") as fh:
         fh.write(len(header).to_bytes(8, "little"))
         fh.write(header)
@@ -65,7 +67,7 @@ def make_model_dir(root: str, seed: int = 0, shards: int = 2) -> dict[str, np.nd
     return tensors
 
 
-from bench.demo import tree_digest  # noqa: E402  (sha256 of every file, by relative path)
+from bench.demo import tree_digest  # noqa: E402,F401  (sha256 of every file, by relative path; tests import it from here)
 
 
 @pytest.fixture

@@ -35,8 +35,9 @@ def folder_version(folder: str) -> tuple[int, int]:
 
 def version_folders() -> list[str]:
     """The version folders under fixtures/, oldest first."""
-    folders = [f for f in os.listdir(FIXTURES)
-               if _VERSION_FOLDER.fullmatch(f) and os.path.isdir(os.path.join(FIXTURES, f))]
+    folders = [
+        f for f in os.listdir(FIXTURES) if _VERSION_FOLDER.fullmatch(f) and os.path.isdir(os.path.join(FIXTURES, f))
+    ]
     return sorted(folders, key=folder_version)
 
 
@@ -47,18 +48,26 @@ def path(name: str, suffix: str) -> str:
 
 def rbe_files() -> list[str]:
     """Every committed .rbe file, as "folder/NAME"."""
-    return [f"{folder}/{f.removesuffix('.rbe')}" for folder in version_folders()
-            for f in sorted(os.listdir(os.path.join(FIXTURES, folder))) if f.endswith(".rbe")]
+    return [
+        f"{folder}/{f.removesuffix('.rbe')}"
+        for folder in version_folders()
+        for f in sorted(os.listdir(os.path.join(FIXTURES, folder)))
+        if f.endswith(".rbe")
+    ]
 
 
 def lossless_names() -> list[str]:
     """The fixtures described by a NAME.expected.json, as "folder/NAME"."""
-    return [f"{folder}/{f.removesuffix('.expected.json')}" for folder in version_folders()
-            for f in sorted(os.listdir(os.path.join(FIXTURES, folder))) if f.endswith(".expected.json")]
+    return [
+        f"{folder}/{f.removesuffix('.expected.json')}"
+        for folder in version_folders()
+        for f in sorted(os.listdir(os.path.join(FIXTURES, folder)))
+        if f.endswith(".expected.json")
+    ]
 
 
 def lossy_index() -> dict[str, dict]:
-    """"folder/NAME" -> its index.json entry, over every folder that has an index.json."""
+    """ "folder/NAME" -> its index.json entry, over every folder that has an index.json."""
     entries = {}
     for folder in version_folders():
         index = os.path.join(FIXTURES, folder, "index.json")

@@ -9,8 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from rbeformat import (InputError, OutputExistsError, RbeError, Reader, UsageError, Writer, load_file, safe_open,
-                       save_file)
+from rbeformat import (
+    InputError,
+    OutputExistsError,
+    RbeError,
+    Reader,
+    UsageError,
+    Writer,
+    load_file,
+    safe_open,
+    save_file,
+)
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.byteplane import Byteplane
 from rbeformat.codecs.registry import TENSOR_CODECS
@@ -54,9 +63,22 @@ def test_unknown_framework_lists_the_valid_ones(grid_file):
 
 
 INDEXES = [
-    slice(2, 7), slice(None), slice(58, 120), (slice(58, 120), slice(3, 9)), 3, -1, (5, 6), (-300, -70),
-    (Ellipsis, 0), (Ellipsis,), (slice(None, None, -2),), (slice(250, 30, -7), slice(None, None, 3)),
-    slice(5, 5), slice(280, 1000), slice(-10, None), (slice(1, 299, 17), Ellipsis, slice(-4, None)),
+    slice(2, 7),
+    slice(None),
+    slice(58, 120),
+    (slice(58, 120), slice(3, 9)),
+    3,
+    -1,
+    (5, 6),
+    (-300, -70),
+    (Ellipsis, 0),
+    (Ellipsis,),
+    (slice(None, None, -2),),
+    (slice(250, 30, -7), slice(None, None, 3)),
+    slice(5, 5),
+    slice(280, 1000),
+    slice(-10, None),
+    (slice(1, 299, 17), Ellipsis, slice(-4, None)),
     np.int64(42),
 ]
 
@@ -81,8 +103,10 @@ def test_slice_shape_dtype_and_bits(grid_file):
         assert scalar.get_shape() == [] and scalar[...].shape == () and scalar[()] == 2.5
 
 
-@pytest.mark.parametrize("key", [(1, 2, 3), None, [1, 2], 300, -301, slice(0, 4, 0), (Ellipsis, Ellipsis),
-                                 slice("a", 3), (slice(None), 70), True])
+@pytest.mark.parametrize(
+    "key",
+    [(1, 2, 3), None, [1, 2], 300, -301, slice(0, 4, 0), (Ellipsis, Ellipsis), slice("a", 3), (slice(None), 70), True],
+)
 def test_bad_slice_indexes_are_usage_errors(grid_file, key):
     with safe_open(grid_file) as f:
         with pytest.raises(UsageError):
@@ -118,8 +142,13 @@ def test_a_row_range_decodes_only_the_chunks_holding_it(tmp_path, monkeypatch):
     with safe_open(tmp_path / "big.rbe") as f:
         chunks = f.stored_entry("w").blob.chunks
         assert len(chunks) >= 3
-        for name, rows in [("w", (0, 1)), ("w", (800, 900)), ("w", (1000, 1500)), ("tied", (2400, 2500)),
-                           ("w", (2499, 2500))]:
+        for name, rows in [
+            ("w", (0, 1)),
+            ("w", (800, 900)),
+            ("w", (1000, 1500)),
+            ("tied", (2400, 2500)),
+            ("w", (2499, 2500)),
+        ]:
             decoded.clear()
             before = f.chunks_decoded
             part = f.get_slice(name)[rows[0] : rows[1], 7:]
@@ -162,8 +191,9 @@ def test_framework_pt_without_torch_says_how_to_install_it(grid_file):
         "except rbeformat.UsageError as exc:\n"
         "    print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(grid_file)], check=True, cwd=ROOT,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(grid_file)], check=True, cwd=ROOT, capture_output=True, text=True
+    ).stdout
     assert "needs torch" in out and "pip install torch" in out and "rbe[hf]" in out
 
 
@@ -179,13 +209,16 @@ def test_save_file_keeps_bf16_through_dtypes(tmp_path):
     assert loaded["b"].tobytes() == bits.tobytes() and loaded["b"].dtype == np.uint16
 
 
-@pytest.mark.parametrize("tensors, error, message", [
-    ({"a": [1.0, 2.0]}, InputError, "expected a numpy array, got list"),
-    ({"a": 3.0}, InputError, "expected a numpy array, got float"),
-    ({1: np.ones(2)}, InputError, "names must be strings"),
-    ([("a", np.ones(2))], InputError, "dict of name -> numpy array"),
-    ({"a": np.ones(2, object)}, InputError, "has no rbe dtype"),
-])
+@pytest.mark.parametrize(
+    "tensors, error, message",
+    [
+        ({"a": [1.0, 2.0]}, InputError, "expected a numpy array, got list"),
+        ({"a": 3.0}, InputError, "expected a numpy array, got float"),
+        ({1: np.ones(2)}, InputError, "names must be strings"),
+        ([("a", np.ones(2))], InputError, "dict of name -> numpy array"),
+        ({"a": np.ones(2, object)}, InputError, "has no rbe dtype"),
+    ],
+)
 def test_save_file_rejects_what_is_not_numpy(tmp_path, tensors, error, message):
     with pytest.raises(error, match=message):
         save_file(tensors, tmp_path / "x.rbe")

@@ -13,8 +13,10 @@ from rbeformat.codecs.registry import TENSOR_CODECS
 
 
 def _ort():
-    pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer",
-                        reason="ONNX Runtime's quantization tools are in the bench extra")
+    pytest.importorskip(
+        "onnxruntime.quantization.matmul_nbits_quantizer",
+        reason="ONNX Runtime's quantization tools are in the bench extra",
+    )
 
 
 @pytest.mark.parametrize("shape, block", [((8, 576), 128), ((8, 576), 64), ((4, 384), 128), ((6, 1536), 64)])
@@ -26,7 +28,7 @@ def test_ort_rtn_bits_are_its_initializers_and_its_values_a_4bit_grid(shape, blo
     assert y.shape == x.shape and np.linalg.norm(y - x) / np.linalg.norm(x) < 0.15
     for row in y:
         for start in range(0, shape[1], block):
-            assert len(np.unique(row[start:start + block])) <= 16
+            assert len(np.unique(row[start : start + block])) <= 16
 
 
 def test_ort_gptq_pads_odd_block_counts_and_with_identity_inputs_is_rtn():
@@ -84,12 +86,40 @@ def test_parameter_and_exact_share():
     assert presets.exact_share(other, dense, ["fc.weight"]) == pytest.approx(6 / 8)
 
 
-def _row(model, name, kind="preset", linear=4.0, file=4.5, change=1.0, exact=0.0, g32=False, encode=1.0,
-         calibrated=False, ratio=7.0):
-    scores = ({"perplexity": 10 + change, "perplexity_change_pct": change} if model == "smollm2"
-              else {"mean_cosine": 1 - change / 100, "nn_agreement": 1 - change / 50})
-    return Row(model, name, kind, linear, file, 1000, False, ratio, scores, encode_s=encode, peak_rss=10 ** 9,
-               exact_share=exact, calibrated=calibrated, four_bit_g32=g32)
+def _row(
+    model,
+    name,
+    kind="preset",
+    linear=4.0,
+    file=4.5,
+    change=1.0,
+    exact=0.0,
+    g32=False,
+    encode=1.0,
+    calibrated=False,
+    ratio=7.0,
+):
+    scores = (
+        {"perplexity": 10 + change, "perplexity_change_pct": change}
+        if model == "smollm2"
+        else {"mean_cosine": 1 - change / 100, "nn_agreement": 1 - change / 50}
+    )
+    return Row(
+        model,
+        name,
+        kind,
+        linear,
+        file,
+        1000,
+        False,
+        ratio,
+        scores,
+        encode_s=encode,
+        peak_rss=10**9,
+        exact_share=exact,
+        calibrated=calibrated,
+        four_bit_g32=g32,
+    )
 
 
 def test_flags_and_order():
@@ -98,24 +128,36 @@ def test_flags_and_order():
     assert grid.grid and not grid.apart and apart.apart and not apart.grid
     assert not _row("minilm", "c", exact=0.5, g32=True).grid | _row("minilm", "c", g32=True).apart
     assert not _row("smollm2", "dense", kind="dense", exact=1.0).grid
-    rows = presets.order([apart, _row("minilm", "m"), grid, _row("smollm2", "dense", kind="dense", linear=32),
-                          Row("smollm2", "x", "anchor", note="not measured")])
+    rows = presets.order(
+        [
+            apart,
+            _row("minilm", "m"),
+            grid,
+            _row("smollm2", "dense", kind="dense", linear=32),
+            Row("smollm2", "x", "anchor", note="not measured"),
+        ]
+    )
     assert [r.name for r in rows] == ["dense", "a", "b", "x", "m"]
 
 
 def test_heaviest_prefers_calibrated_presets():
-    rows = [_row("smollm2", "slow", encode=100), _row("smollm2", "cal", encode=50, calibrated=True),
-            _row("minilm", "cal2", encode=500, calibrated=True)]
+    rows = [
+        _row("smollm2", "slow", encode=100),
+        _row("smollm2", "cal", encode=50, calibrated=True),
+        _row("minilm", "cal2", encode=500, calibrated=True),
+    ]
     assert presets.heaviest(rows)[0].name == "cal"
     assert presets.heaviest(rows[:1])[0].name == "slow"
     assert presets.heaviest(rows[2:]) is None
 
 
 def test_goals_skip_rows_that_do_not_count():
-    rows = [_row("smollm2", "g32", linear=4.25, change=0.1, g32=True),
-            _row("smollm2", "grid", linear=4.25, change=0.2, exact=0.9),
-            _row("smollm2", "q4", linear=4.4, change=3.0, ratio=8.5),
-            _row("smollm2", "anchor", kind="anchor", linear=3.0, change=1.0)]
+    rows = [
+        _row("smollm2", "g32", linear=4.25, change=0.1, g32=True),
+        _row("smollm2", "grid", linear=4.25, change=0.2, exact=0.9),
+        _row("smollm2", "q4", linear=4.4, change=3.0, ratio=8.5),
+        _row("smollm2", "anchor", kind="anchor", linear=3.0, change=1.0),
+    ]
     lines = presets.goals(rows)
     assert "q4: 4.400 b/w, +3.00% -> met" in lines[0]
     assert "no preset -> not met" in lines[1]
@@ -124,9 +166,13 @@ def test_goals_skip_rows_that_do_not_count():
 
 def test_table_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [_row("smollm2", "dense", kind="dense", linear=32.0), _row("smollm2", "q4"),
-            _row("smollm2", "GGUF Q4_0", kind="anchor", g32=True), _row("minilm", "q4"),
-            Row("minilm", "GGUF Q4_K", "anchor", note="not measured: no quantizer")]
+    rows = [
+        _row("smollm2", "dense", kind="dense", linear=32.0),
+        _row("smollm2", "q4"),
+        _row("smollm2", "GGUF Q4_0", kind="anchor", g32=True),
+        _row("minilm", "q4"),
+        Row("minilm", "GGUF Q4_K", "anchor", note="not measured: no quantizer"),
+    ]
     text = presets.table(presets.order(rows))
     assert "not measured: no quantizer" in text and "g32" in text
     presets.plot(rows, ["smollm2", "minilm"], str(tmp_path / "p.png"))

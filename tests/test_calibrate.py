@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from test_eval import _common_words, _tokenizer
 
 from rbe_converters import calibrate
 from rbe_converters.cli import main
 from rbeformat import Reader, UsageError
-from test_eval import _common_words, _tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,9 +19,18 @@ def llama(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("cal") / "llama")
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, model, tokenizer
@@ -50,7 +59,8 @@ def _input_moments(model, tokenizer, module_name, windows, width=32):
     seen = []
     module = dict(model.named_modules())[module_name]
     handle = module.register_forward_pre_hook(
-        lambda m, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]).double()))
+        lambda m, inputs: seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]).double())
+    )
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         for i in range(windows):
@@ -65,8 +75,11 @@ def test_only_linear_weights_and_enough_text(llama):
     with pytest.raises(UsageError, match="Linear weights only"):
         calibrate.collect(directory, {"model.embed_tokens.weight": "gptq"}, calibrate.CalibrationText(TEXT, "t"))
     with pytest.raises(UsageError, match="fewer than one window"):
-        calibrate.collect(directory, {"model.layers.0.mlp.up_proj.weight": "gptq"},
-                          calibrate.CalibrationText("too short", "t", window=32))
+        calibrate.collect(
+            directory,
+            {"model.layers.0.mlp.up_proj.weight": "gptq"},
+            calibrate.CalibrationText("too short", "t", window=32),
+        )
 
 
 def test_a_calibrated_mixed_precision_preset_converts_and_decodes(llama, tmp_path, capsys):
@@ -74,8 +87,23 @@ def test_a_calibrated_mixed_precision_preset_converts_and_decodes(llama, tmp_pat
     text = tmp_path / "calibration.txt"
     text.write_text(TEXT)
     out = str(tmp_path / "q3.rbe")
-    assert main(["convert", directory, out, "--quiet", "--preset", "q3", "--calibration", str(text),
-                 "--calibration-windows", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                directory,
+                out,
+                "--quiet",
+                "--preset",
+                "q3",
+                "--calibration",
+                str(text),
+                "--calibration-windows",
+                "4",
+            ]
+        )
+        == 0
+    )
     with Reader(out) as r:
         bits = [r.manifest.tensors[name].transform.codec.bits for name in _linear_weights(model)]
         assert set(bits) <= {3, 4} and 3 in bits  # mixed precision upgraded some, within the budget
@@ -125,9 +153,18 @@ def test_sequential_encodes_block_by_block_on_what_earlier_blocks_decode_to(llam
 def test_a_tied_embedding_is_calibrated_as_the_output_head(tmp_path):
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(2)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
     directory = str(tmp_path / "tied")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -182,14 +219,24 @@ def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
 
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(4)
-    model = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64))
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     directory = str(tmp_path / "bert")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    weights = {f"{n}.weight": "gptq" for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "encoder.layer." in n}
+    weights = {
+        f"{n}.weight": "gptq"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "encoder.layer." in n
+    }
     text = calibrate.CalibrationText(quality.evaluation_text()[:20000], "test", window=32, windows=2)
     calls, seen = [], {}
 

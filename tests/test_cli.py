@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import tree_digest, write_safetensors
+
 from rbe_converters.cli import main
 
 RBE = [sys.executable, "-m", "rbe_converters.cli"]
@@ -100,6 +100,7 @@ def test_bad_safetensors_input_is_refused_cleanly(tmp_path, capsys):
 
 
 # -- decoding into a directory that exists --------------------------------------------
+
 
 @pytest.fixture
 def converted(model_dir, tmp_path):
@@ -214,6 +215,7 @@ def test_single_file_decode_over_a_file_and_onto_a_directory(converted, tmp_path
 
 # -- what convert and decode print ----------------------------------------------------
 
+
 class RecordingBar:
     def __init__(self, total):
         self.total, self.done = total, 0
@@ -231,11 +233,14 @@ class RecordingBar:
 bars: list[RecordingBar] = []
 
 
-@pytest.mark.parametrize("options", [
-    [],
-    ["--codec", "gquant(bits=4, group=32)"],  # transformed tensors, and a transformed alias (lm_head)
-    ["--recipe", "normdelta"],  # an internal base tensor that is not the model's
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--codec", "gquant(bits=4, group=32)"],  # transformed tensors, and a transformed alias (lm_head)
+        ["--recipe", "normdelta"],  # an internal base tensor that is not the model's
+    ],
+)
 def test_progress_ends_at_its_total(model_dir, tmp_path, monkeypatch, options):
     import math
 
@@ -292,6 +297,7 @@ def test_a_chain_larger_than_dense_warns_and_is_marked(model_dir, tmp_path, caps
 
 # -- signals ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory) -> tuple[str, str]:
     """150 MiB of random float32, so that a conversion runs long enough to be stopped midway."""
@@ -310,9 +316,12 @@ def _signals_as_at_a_terminal() -> None:
 
 def start_and_wait_for_partial(src: str, dst, *options) -> subprocess.Popen:
     """Starts a conversion and returns once its .partial file holds data and grows."""
-    proc = subprocess.Popen(RBE + ["convert", src, str(dst), "--quiet", *options], stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                            preexec_fn=_signals_as_at_a_terminal)
+    proc = subprocess.Popen(
+        RBE + ["convert", src, str(dst), "--quiet", *options],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        preexec_fn=_signals_as_at_a_terminal,
+    )
     deadline, seen = time.time() + 60, 0
     while time.time() < deadline and proc.poll() is None:
         found = [p for p in dst.parent.iterdir() if p.name.endswith(".partial")]
@@ -362,8 +371,11 @@ def test_sigterm_during_decode_into_an_existing_directory_changes_nothing(big_ch
     (back / "notes.txt").write_text("my own notes")
     (back / "big.safetensors").write_bytes(b"an old copy")
     before = tree_digest(str(back))
-    proc = subprocess.Popen(RBE + ["decode", rbe, str(back), "--force", "--quiet"], stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.Popen(
+        RBE + ["decode", rbe, str(back), "--force", "--quiet"],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if any(os.path.getsize(p) > 8 << 20 for p in partials(back)):

@@ -46,14 +46,17 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"rbe {__version__} (format {FORMAT_MAJOR}.{FORMAT_MINOR})\n"
 
 
-@pytest.mark.parametrize("extra, named", [
-    (["--level", "99"], "--level"),
-    (["--level", "-1"], "--level"),
-    (["--level", "four"], "--level"),
-    (["--threads", "0"], "--threads"),
-    (["--threads", "-3"], "--threads"),
-    (["--lossless", "gzip"], "--lossless"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--level", "99"], "--level"),
+        (["--level", "-1"], "--level"),
+        (["--level", "four"], "--level"),
+        (["--threads", "0"], "--threads"),
+        (["--threads", "-3"], "--threads"),
+        (["--lossless", "gzip"], "--lossless"),
+    ],
+)
 def test_bad_option_values_are_usage_errors(model_dir, tmp_path, capsys, extra, named):
     out = tmp_path / "m.rbe"
     assert run(["convert", model_dir[0], str(out), *extra]) == 2
@@ -108,13 +111,16 @@ def test_a_safetensors_file_is_named_with_the_fix(model_dir, capsys):
         assert f"rbe convert {shard} out.rbe" in err
 
 
-@pytest.mark.parametrize("content, says", [
-    (b"", "it is empty"),
-    (b"GGUF\x03\x00\x00\x00" + bytes(200), "GGUF"),
-    (b"PK\x03\x04" + bytes(200), "zip archive"),
-    (b"\x80\x02}q\x00" + bytes(200), "pickle"),
-    (b"hello world, certainly not weights" * 10, "it starts with b'hello wo'"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"", "it is empty"),
+        (b"GGUF\x03\x00\x00\x00" + bytes(200), "GGUF"),
+        (b"PK\x03\x04" + bytes(200), "zip archive"),
+        (b"\x80\x02}q\x00" + bytes(200), "pickle"),
+        (b"hello world, certainly not weights" * 10, "it starts with b'hello wo'"),
+    ],
+)
 def test_other_files_say_what_they_look_like(tmp_path, capsys, content, says):
     path = tmp_path / "weights.bin"
     path.write_bytes(content)
@@ -146,16 +152,25 @@ def _raise_codec_value_error(args):
     GroupQuant(bits=99)
 
 
-@pytest.mark.parametrize("raiser, code, says", [
-    (_raise_codec_value_error, 3, "gquant.bits (code bits per value): expected an integer in [2, 8]"),
-    (lambda args: (_ for _ in ()).throw(MemoryError()), 3, "out of memory"),
-    (lambda args: (_ for _ in ()).throw(zstandard.ZstdError("frame is corrupt")), 3, "zstd: frame is corrupt"),
-    (lambda args: (_ for _ in ()).throw(PermissionError(13, "Permission denied", "/x/y")), 3,
-     "/x/y: Permission denied"),
-    (lambda args: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")), 70,
-     "bug in rbe: RuntimeError: boom second line"),
-    (lambda args: int("not a number"), 70, "bug in rbe: ValueError"),  # not from a codec: a bug
-])
+@pytest.mark.parametrize(
+    "raiser, code, says",
+    [
+        (_raise_codec_value_error, 3, "gquant.bits (code bits per value): expected an integer in [2, 8]"),
+        (lambda args: (_ for _ in ()).throw(MemoryError()), 3, "out of memory"),
+        (lambda args: (_ for _ in ()).throw(zstandard.ZstdError("frame is corrupt")), 3, "zstd: frame is corrupt"),
+        (
+            lambda args: (_ for _ in ()).throw(PermissionError(13, "Permission denied", "/x/y")),
+            3,
+            "/x/y: Permission denied",
+        ),
+        (
+            lambda args: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")),
+            70,
+            "bug in rbe: RuntimeError: boom second line",
+        ),
+        (lambda args: int("not a number"), 70, "bug in rbe: ValueError"),  # not from a codec: a bug
+    ],
+)
 def test_every_exception_is_one_line(monkeypatch, rbe_file, capsys, raiser, code, says):
     monkeypatch.setitem(cli.COMMANDS, "info", raiser)
     assert main(["info", rbe_file]) == code
@@ -169,11 +184,12 @@ def test_every_exception_is_one_line(monkeypatch, rbe_file, capsys, raiser, code
 
 def test_unexpected_exception_in_a_subprocess_has_no_traceback(tmp_path):
     # A real process: nothing reaches Python's default excepthook.
-    script = ("import sys\nfrom rbe_converters import cli\n"
-              "cli.COMMANDS['info'] = lambda args: 1 / 0\n"
-              "sys.exit(cli.main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", script, "info", "x.rbe"], capture_output=True, text=True,
-                          cwd=tmp_path)
+    script = (
+        "import sys\nfrom rbe_converters import cli\n"
+        "cli.COMMANDS['info'] = lambda args: 1 / 0\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, "info", "x.rbe"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 70
     assert proc.stderr.count("\n") == 1 and "ZeroDivisionError" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -212,13 +228,16 @@ def test_info_json_without_a_pipe_is_complete(many_tensors_rbe, capsys):
     assert len(json.loads(capsys.readouterr().out)["tensors"]) == 1500
 
 
-@pytest.mark.parametrize("chain, says", [
-    ("gquant(bits=4, grop=64)", "gquant has no setting 'grop'; valid: bits (code bits per value)"),
-    ("gquant(bits=4, bits=8)", "'bits' is given twice"),
-    ("", "empty"),
-    ("vq(bits=2)", "vq.bits (codebook size in bits"),
-    ("lowrank(rank=4, A=normdelta())", "shares state across tensors"),
-])
+@pytest.mark.parametrize(
+    "chain, says",
+    [
+        ("gquant(bits=4, grop=64)", "gquant has no setting 'grop'; valid: bits (code bits per value)"),
+        ("gquant(bits=4, bits=8)", "'bits' is given twice"),
+        ("", "empty"),
+        ("vq(bits=2)", "vq.bits (codebook size in bits"),
+        ("lowrank(rank=4, A=normdelta())", "shares state across tensors"),
+    ],
+)
 def test_bad_codec_chains_exit_2_with_one_line_naming_the_fix(model_dir, tmp_path, capsys, chain, says):
     out = tmp_path / "o.rbe"
     assert main(["convert", model_dir[0], str(out), "--codec", chain]) == 2

@@ -5,8 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from rbeformat import (InputError, OutputExistsError, RbeError, Reader, Writer, load_file, safe_open,
-                       save_file)
+from rbeformat import InputError, OutputExistsError, RbeError, Reader, Writer, load_file, safe_open, save_file
 from rbeformat.codecs.byteplane import Byteplane
 from rbeformat.codecs.raw import Raw
 

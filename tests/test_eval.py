@@ -36,13 +36,14 @@ def one_error_line(capsys) -> str:
 
 # -- the texts ------------------------------------------------------------------------
 
+
 def test_calibration_and_evaluation_texts_split_the_topic_text_without_overlap():
     whole, calibration, evaluation = quality.topic_text(), quality.calibration_text(), quality.evaluation_text()
     assert calibration + "\n\n" + evaluation == whole  # together: the whole text, each character once
     assert len(calibration) + 2 + len(evaluation) == len(whole)
     # The cut is the first paragraph boundary at or after the middle character.
     middle = len(whole) // 2
-    assert len(calibration) >= middle and "\n\n" not in whole[middle:len(calibration) + 1]
+    assert len(calibration) >= middle and "\n\n" not in whole[middle : len(calibration) + 1]
     assert len(evaluation) > len(whole) // 3
 
 
@@ -58,10 +59,14 @@ def test_default_sentences_come_from_the_evaluation_text():
 
 
 def test_sentences_of_skips_headings_and_keeps_each_sentence_once():
-    text = ("Numbers\n*******\n\nThere are three kinds of numbers here. Short one.\n\n"
-            "There are three kinds of numbers here. Each kind has its own literal syntax in the language?")
-    assert quality.sentences_of(text) == ["There are three kinds of numbers here.",
-                                          "Each kind has its own literal syntax in the language?"]
+    text = (
+        "Numbers\n*******\n\nThere are three kinds of numbers here. Short one.\n\n"
+        "There are three kinds of numbers here. Each kind has its own literal syntax in the language?"
+    )
+    assert quality.sentences_of(text) == [
+        "There are three kinds of numbers here.",
+        "Each kind has its own literal syntax in the language?",
+    ]
 
 
 def test_windows_are_consecutive_and_refuse_too_few_tokens():
@@ -83,11 +88,17 @@ def test_neighbour_agreement_and_cosine():
 
 
 def test_linear_weights_leave_out_embeddings_heads_norms_and_biases():
-    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "encoder.layer.0.attention.self.query.weight": (64, 64),
-              "transformer.h.0.attn.c_attn.weight": (64, 192), "model.embed_tokens.weight": (100, 64),
-              "lm_head.weight": (100, 64), "transformer.wte.weight": (100, 64),
-              "embeddings.position_embeddings.weight": (32, 64), "model.norm.weight": (64,),
-              "model.layers.0.mlp.up_proj.bias": (64,)}
+    shapes = {
+        "model.layers.0.self_attn.q_proj.weight": (64, 64),
+        "encoder.layer.0.attention.self.query.weight": (64, 64),
+        "transformer.h.0.attn.c_attn.weight": (64, 192),
+        "model.embed_tokens.weight": (100, 64),
+        "lm_head.weight": (100, 64),
+        "transformer.wte.weight": (100, 64),
+        "embeddings.position_embeddings.weight": (32, 64),
+        "model.norm.weight": (64,),
+        "model.layers.0.mlp.up_proj.bias": (64,),
+    }
     sizes = Sizes(file_bytes=0, tensors={name: ("F32", shape, 4 * math.prod(shape)) for name, shape in shapes.items()})
     config = {"hidden_size": 64, "vocab_size": 100, "max_position_embeddings": 32}
     assert linear_weights(sizes, config) == set(list(shapes)[:3])
@@ -107,6 +118,7 @@ def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
 
 
 # -- small models built here --------------------------------------------------------
+
 
 def _tokenizer(words: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -134,12 +146,28 @@ def tiny(tmp_path_factory):
     vocab = len(tokenizer)
     torch.manual_seed(0)
     built = {
-        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
-        "bert": transformers.BertModel(transformers.BertConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64)),
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            )
+        ),
+        "bert": transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        ),
     }
     paths = {}
     for name, model in built.items():
@@ -233,8 +261,9 @@ def test_eval_plot_writes_a_png(tiny, capsys, tmp_path):
 def test_eval_accepts_a_safetensors_file_or_an_rbe_as_the_original(tiny, capsys):
     directory, lossless, lossy = tiny["llama"]
     by_dir = _eval_json(capsys, [directory, lossy, "--window", "16", "--windows", "2"])
-    by_file = _eval_json(capsys, [os.path.join(directory, "model.safetensors"), lossy, "--window", "16",
-                                  "--windows", "2"])
+    by_file = _eval_json(
+        capsys, [os.path.join(directory, "model.safetensors"), lossy, "--window", "16", "--windows", "2"]
+    )
     by_rbe = _eval_json(capsys, [lossless, lossy, "--window", "16", "--windows", "2"])
     assert by_dir["rows"][0]["perplexity"] == by_file["rows"][0]["perplexity"] == by_rbe["rows"][0]["perplexity"]
     assert by_dir["rows"][1]["perplexity"] == by_rbe["rows"][1]["perplexity"]
@@ -251,16 +280,19 @@ def test_a_container_of_the_weights_alone_borrows_the_originals_config(tiny, cap
     assert "holds no config.json" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("case, code, says", [
-    ("missing original", 3, "No such file"),
-    ("missing compressed", 3, "No such file"),
-    ("not an rbe", 3, "not an rbe file"),
-    ("another model", 3, "holds other tensors"),
-    ("text too short", 3, "fewer than one window"),
-    ("window of one token", 2, "--window"),
-    ("sentences for a causal LM", 2, "--sentences is for encoders"),
-    ("text for an encoder", 2, "--text"),
-])
+@pytest.mark.parametrize(
+    "case, code, says",
+    [
+        ("missing original", 3, "No such file"),
+        ("missing compressed", 3, "No such file"),
+        ("not an rbe", 3, "not an rbe file"),
+        ("another model", 3, "holds other tensors"),
+        ("text too short", 3, "fewer than one window"),
+        ("window of one token", 2, "--window"),
+        ("sentences for a causal LM", 2, "--sentences is for encoders"),
+        ("text for an encoder", 2, "--text"),
+    ],
+)
 def test_eval_bad_inputs_are_one_line_errors(tiny, capsys, tmp_path, case, code, says):
     llama, llama_lossless, _ = tiny["llama"]
     bert, bert_lossless, _ = tiny["bert"]
@@ -288,6 +320,7 @@ def test_eval_bad_inputs_are_one_line_errors(tiny, capsys, tmp_path, case, code,
 
 # -- real checkpoints ---------------------------------------------------------------
 
+
 def _plain_perplexity(model_dir: str, tokenizer, window: int, count: int) -> float:
     """Perplexity written out with transformers alone, as a user would check rbe eval's number."""
     import torch
@@ -298,7 +331,7 @@ def _plain_perplexity(model_dir: str, tokenizer, window: int, count: int) -> flo
     losses = []
     with torch.no_grad():
         for k in range(count):
-            chunk = ids[k * window:(k + 1) * window].unsqueeze(0)
+            chunk = ids[k * window : (k + 1) * window].unsqueeze(0)
             logits = model(input_ids=chunk).logits[0, :-1]
             losses.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:]).item())
     return math.exp(sum(losses) / count)

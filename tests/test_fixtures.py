@@ -17,14 +17,14 @@ import json
 import os
 import sys
 
+import golden
 import numpy as np
 import pytest
 
-import golden
-from rbeformat import Reader
-from rbeformat.layout import unpack_header
 from rbe_converters.hf import decode
 from rbe_converters.safetensors_io import read_header
+from rbeformat import Reader
+from rbeformat.layout import unpack_header
 
 FIXTURES = golden.FIXTURES
 
@@ -103,8 +103,11 @@ def test_expected_files_agree(name):
     table = expected(name)["tensors"]
     assert sorted(tensors) == sorted(table)
     for tensor, (dtype, shape, data) in tensors.items():
-        assert (dtype, list(shape), sha256(data)) == (table[tensor]["dtype"], table[tensor]["shape"],
-                                                       table[tensor]["sha256"])
+        assert (dtype, list(shape), sha256(data)) == (
+            table[tensor]["dtype"],
+            table[tensor]["shape"],
+            table[tensor]["sha256"],
+        )
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -166,7 +169,7 @@ def test_expected_safetensors_is_readable_by_the_reference_library():
         tensors = expected_tensors(name)
         with safetensors.safe_open(golden.path(name, ".expected.safetensors"), "np") as f:
             assert sorted(f.keys()) == sorted(tensors)
-            for tensor, (dtype, shape, data) in tensors.items():
+            for tensor, (dtype, _, data) in tensors.items():
                 if dtype not in ("BF16", "F8_E4M3"):  # numpy has no bfloat16 or fp8
                     assert f.get_tensor(tensor).tobytes() == data
 

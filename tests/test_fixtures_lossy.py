@@ -6,10 +6,10 @@ names its files, so a new version folder is checked with no edit here.
 
 import hashlib
 
+import golden
 import numpy as np
 import pytest
 
-import golden
 from rbeformat import Reader
 
 INDEX = golden.lossy_index()  # "folder/name" -> chain, digests, relative error

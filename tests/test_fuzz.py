@@ -26,8 +26,6 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from rbe_converters.cli import main as cli_main
 from rbe_craft import (
     RawJson,
     append_section,
@@ -39,6 +37,8 @@ from rbe_craft import (
     write_sample,
     zstd_frame,
 )
+
+from rbe_converters.cli import main as cli_main
 from rbeformat import RbeError, Reader
 from rbeformat.codecs.byteplane import METHODS
 from rbeformat.layout import crc32
@@ -59,6 +59,7 @@ FUZZ = settings(deadline=None, max_examples=examples(150), suppress_health_check
 
 
 # -- harness ---------------------------------------------------------------------------
+
 
 def _address_space_in_use() -> int | None:
     try:
@@ -118,7 +119,8 @@ def check_error(exc: RbeError) -> None:
     """An RbeError is fine unless it hides an allocation beyond the budget."""
     message = str(exc)
     assert "MemoryError" not in message and "not enough memory" not in message, (
-        f"the reader tried an absurd allocation: {message}")
+        f"the reader tried an absurd allocation: {message}"
+    )
 
 
 def attempt(fn, *args):
@@ -145,7 +147,7 @@ def exercise(path) -> None:
     """Opens and reads ``path`` every way; anything but an RbeError propagates."""
     with time_limit(SECONDS_PER_CASE):
         for verify_checksums in (True, False):
-            reader = attempt(lambda: Reader(path, verify_checksums=verify_checksums, threads=2))
+            reader = attempt(lambda checks=verify_checksums: Reader(path, verify_checksums=checks, threads=2))
             if reader is not None:
                 with reader:
                     read_everything(reader)
@@ -163,7 +165,8 @@ def detected(path) -> bool:
 def _chunks(manifest: dict) -> list[dict]:
     """Every chunk record of a (sound) manifest."""
     return [c for t in manifest["tensors"] for c in t.get("chunks", [])] + [
-        c for f in manifest["files"] for c in f["chunks"]]
+        c for f in manifest["files"] for c in f["chunks"]
+    ]
 
 
 class SampleBytes(bytes):
@@ -193,6 +196,7 @@ def scratch(tmp_path_factory):
 
 
 # -- the sample and the harness work ---------------------------------------------------
+
 
 def padding(r: Reader) -> list[tuple[int, int]]:
     """The [start, end) ranges of a file that no header, section, manifest or footer covers."""
@@ -238,9 +242,16 @@ def test_allocation_failure_is_an_rbe_error(sample, scratch, memory_budget):
     for _ in range(40):  # 2.5 GiB in all, beyond the headroom
         area, offset = append_section(area, frame)
         chunks.append({"offset": offset, "length": len(frame), "crc32": crc32(frame), "items": 1 << 26, "params": {}})
-    manifest["tensors"].append({"name": "zeros", "dtype": "U8", "shape": [40 << 26], "digest": None,
-                                "codec": {"name": "zstd", "must_understand": True, "config": {"chunk_items": 1 << 26}},
-                                "chunks": chunks})
+    manifest["tensors"].append(
+        {
+            "name": "zeros",
+            "dtype": "U8",
+            "shape": [40 << 26],
+            "digest": None,
+            "codec": {"name": "zstd", "must_understand": True, "config": {"chunk_items": 1 << 26}},
+            "chunks": chunks,
+        }
+    )
     # A limit past the address-space cap: the allocation itself fails (the budget refuses it sooner otherwise).
     with Reader(scratch(assemble(area, manifest)), max_memory=1 << 40) as r:
         with pytest.raises(RbeError, match="not enough memory"):
@@ -248,6 +259,7 @@ def test_allocation_failure_is_an_rbe_error(sample, scratch, memory_budget):
 
 
 # -- damage is detected ----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_every_single_byte_flip_is_detected(sample, tmp_path):
@@ -267,14 +279,17 @@ def test_every_single_byte_flip_is_detected(sample, tmp_path):
     assert not detected(path)  # the loop restored every byte
 
 
-@pytest.mark.parametrize("where, offset_of, code, named", [
-    ("tensor chunk", lambda r: r.entry("a.f32").blob.chunks[1].offset + 7, 1, "tensor 'a.f32' chunk 1"),
-    ("embedded file", lambda r: r.files()["config.json"].blob.chunks[0].offset, 1, "file 'config.json' chunk 0"),
-    ("padding", lambda r: padding(r)[0][0], 1, "padding"),
-    ("manifest", lambda r: r.footer.manifest_offset + 5, 3, "manifest: checksum mismatch"),
-    ("header", lambda r: 3, 3, "header"),
-    ("footer", lambda r: r.size - 20, 3, "footer"),
-])
+@pytest.mark.parametrize(
+    "where, offset_of, code, named",
+    [
+        ("tensor chunk", lambda r: r.entry("a.f32").blob.chunks[1].offset + 7, 1, "tensor 'a.f32' chunk 1"),
+        ("embedded file", lambda r: r.files()["config.json"].blob.chunks[0].offset, 1, "file 'config.json' chunk 0"),
+        ("padding", lambda r: padding(r)[0][0], 1, "padding"),
+        ("manifest", lambda r: r.footer.manifest_offset + 5, 3, "manifest: checksum mismatch"),
+        ("header", lambda r: 3, 3, "header"),
+        ("footer", lambda r: r.size - 20, 3, "footer"),
+    ],
+)
 def test_cli_verify_names_the_damage(sample, tmp_path, capsys, where, offset_of, code, named):
     path = tmp_path / "damaged.rbe"
     path.write_bytes(sample)
@@ -335,11 +350,68 @@ def test_damaged_payloads_with_valid_checksums_are_harmless(sample, scratch, dat
 # -- hostile manifests -----------------------------------------------------------------
 
 SPECIAL_VALUES = [
-    -1, 0, 1, 63, 64, 65, 4095, 4096, 2**31, 2**32 - 1, 2**32, 2**40, 2**40 + 1, 2**62, 2**63 - 1, 2**63, 2**64,
-    -(2**63), 10**30, True, False, None, 0.5, 1.0, -0.0, 1e308, math.inf, -math.inf, math.nan,
-    "", ".", "..", "../x", "a/../b", "/abs", "a\\b", "C:x", "a//b", "x" * 5000, "\x00", "\ud800", "é",
-    "F32", "BF16", "Q4_K", "split", "raw", "zstd", "byteplane", "rotl1", "file", "safetensors-header",
-    "sha256:" + "0" * 64, [], {}, [1, 2], [[]], [-1], [2**63], {"name": "x"}, ["raw", 1], ["split", 2**40],
+    -1,
+    0,
+    1,
+    63,
+    64,
+    65,
+    4095,
+    4096,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**40,
+    2**40 + 1,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64,
+    -(2**63),
+    10**30,
+    True,
+    False,
+    None,
+    0.5,
+    1.0,
+    -0.0,
+    1e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+    "",
+    ".",
+    "..",
+    "../x",
+    "a/../b",
+    "/abs",
+    "a\\b",
+    "C:x",
+    "a//b",
+    "x" * 5000,
+    "\x00",
+    "\ud800",
+    "é",
+    "F32",
+    "BF16",
+    "Q4_K",
+    "split",
+    "raw",
+    "zstd",
+    "byteplane",
+    "rotl1",
+    "file",
+    "safetensors-header",
+    "sha256:" + "0" * 64,
+    [],
+    {},
+    [1, 2],
+    [[]],
+    [-1],
+    [2**63],
+    {"name": "x"},
+    ["raw", 1],
+    ["split", 2**40],
 ]
 
 
@@ -350,8 +422,11 @@ def nested(depth: int, kind: str) -> RawJson:
 
 
 # Depths around the interpreter's recursion limit, where json parses but repr() may not.
-NESTING = st.builds(nested, st.one_of(st.integers(1, 3000), st.sampled_from([900, 980, 995, 1000, 10**5])),
-                    st.sampled_from(["list", "dict"]))
+NESTING = st.builds(
+    nested,
+    st.one_of(st.integers(1, 3000), st.sampled_from([900, 980, 995, 1000, 10**5])),
+    st.sampled_from(["list", "dict"]),
+)
 
 HOSTILE = st.one_of(
     st.sampled_from(SPECIAL_VALUES).map(copy.deepcopy),  # edits must not change the shared originals
@@ -392,8 +467,9 @@ def mutate(manifest: dict, data) -> None:
     elif op == "delete" and isinstance(parent, dict):
         del parent[key]
     elif op == "add_key" and isinstance(value, dict):
-        value[data.draw(st.sampled_from(["extra", "alias_of", "stats", "tensors", "must_understand"]))] = (
-            data.draw(HOSTILE))
+        value[data.draw(st.sampled_from(["extra", "alias_of", "stats", "tensors", "must_understand"]))] = data.draw(
+            HOSTILE
+        )
     elif op == "duplicate" and isinstance(value, list) and value:
         value.append(copy.deepcopy(data.draw(st.sampled_from(value))))
     elif op == "swap":
@@ -417,8 +493,12 @@ def test_randomly_mutated_manifests_are_harmless(sample, scratch, data):
 
 # Targeted edits: each aims at one check of the reader, with drawn parameters.
 
-SIZES = st.one_of(st.sampled_from([-1, 0, 1, 2**31, 2**32, 2**40, 2**40 + 1, 2**62, 2**63, 2**64, 10**20]),
-                  st.integers(-(2**65), 2**65), st.booleans(), st.floats())
+SIZES = st.one_of(
+    st.sampled_from([-1, 0, 1, 2**31, 2**32, 2**40, 2**40 + 1, 2**62, 2**63, 2**64, 10**20]),
+    st.integers(-(2**65), 2**65),
+    st.booleans(),
+    st.floats(),
+)
 
 
 def t_shape(area, manifest, data):
@@ -438,8 +518,11 @@ def t_chunk_geometry(area, manifest, data):
     chunks = _chunks(manifest)
     chunk, other = data.draw(st.sampled_from(chunks)), data.draw(st.sampled_from(chunks))
     end = len(area)
-    chunk["offset"] = data.draw(st.sampled_from([other["offset"], other["offset"] + 64, other["offset"] + 1,
-                                                 end, end - 64, end + 64, 0, 64, 2**62]))
+    chunk["offset"] = data.draw(
+        st.sampled_from(
+            [other["offset"], other["offset"] + 64, other["offset"] + 1, end, end - 64, end + 64, 0, 64, 2**62]
+        )
+    )
     chunk["length"] = data.draw(st.sampled_from([chunk["length"], 0, other["length"], end, end + 1]))
     return area
 
@@ -462,8 +545,15 @@ def t_codec(area, manifest, data):
     holder["codec"] = {
         "name": data.draw(st.sampled_from(["byteplane", "raw", "zstd", "future-codec", "", 7])),
         "must_understand": data.draw(st.sampled_from([True, False, 0, 1, None, "false"])),
-        "config": data.draw(st.one_of(st.just({}), st.fixed_dictionaries(
-            {"transform": st.sampled_from(["none", "rotl1", "rotl3", 1]), "chunk_items": SIZES}), HOSTILE)),
+        "config": data.draw(
+            st.one_of(
+                st.just({}),
+                st.fixed_dictionaries(
+                    {"transform": st.sampled_from(["none", "rotl1", "rotl3", 1]), "chunk_items": SIZES}
+                ),
+                HOSTILE,
+            )
+        ),
     }
     return area
 
@@ -473,8 +563,11 @@ def t_planes(area, manifest, data):
     chunk = data.draw(st.sampled_from([c for c in _chunks(manifest) if "planes" in c["params"]]))
     method = st.one_of(st.sampled_from(METHODS), HOSTILE)
     length = st.one_of(st.integers(0, chunk["length"] + 2), SIZES)
-    chunk["params"]["planes"] = data.draw(st.lists(st.one_of(st.lists(st.one_of(method, length), max_size=3),
-                                                              st.tuples(method, length).map(list)), max_size=9))
+    chunk["params"]["planes"] = data.draw(
+        st.lists(
+            st.one_of(st.lists(st.one_of(method, length), max_size=3), st.tuples(method, length).map(list)), max_size=9
+        )
+    )
     return area
 
 
@@ -483,8 +576,9 @@ def t_split_table(area, manifest, data):
     chunk = tensor(manifest, "c.grid")["chunks"][0]
     payload = bytearray(area[chunk["offset"] : chunk["offset"] + chunk["length"]])
     entries = data.draw(st.integers(1, 64))
-    table = data.draw(st.lists(st.one_of(st.integers(0, 300), st.integers(0, 2**32 - 1)),
-                               min_size=entries, max_size=entries))
+    table = data.draw(
+        st.lists(st.one_of(st.integers(0, 300), st.integers(0, 2**32 - 1)), min_size=entries, max_size=entries)
+    )
     payload[: 4 * entries] = struct.pack(f"<{entries}I", *table)
     return replace_payload(area, chunk, bytes(payload))
 
@@ -492,13 +586,13 @@ def t_split_table(area, manifest, data):
 def t_zstd_frame(area, manifest, data):
     """An embedded file whose frame declares a content size other than the manifest's (a bomb)."""
     f = file_entry(manifest, "config.json")
-    declared = data.draw(st.one_of(st.sampled_from([f["size"], f["size"] + 1, 2**26 + 1, 2**40, 2**64 - 1]),
-                                   st.integers(0, 2**64 - 1)))
+    declared = data.draw(
+        st.one_of(st.sampled_from([f["size"], f["size"] + 1, 2**26 + 1, 2**40, 2**64 - 1]), st.integers(0, 2**64 - 1))
+    )
     body = data.draw(st.binary(max_size=200))
     frame = zstd_frame(declared, body, data.draw(st.booleans()), data.draw(st.integers(0, 255)))
     area, offset = append_section(area, frame)
-    f["chunks"] = [{"offset": offset, "length": len(frame), "crc32": crc32(frame), "items": f["size"],
-                    "params": {}}]
+    f["chunks"] = [{"offset": offset, "length": len(frame), "crc32": crc32(frame), "items": f["size"], "params": {}}]
     return area
 
 
@@ -514,25 +608,57 @@ def t_alias(area, manifest, data):
 
 def t_paths(area, manifest, data):
     f = data.draw(st.sampled_from(manifest["files"]))
-    f["path"] = data.draw(st.one_of(st.sampled_from(
-        ["../evil", "/etc/passwd", "a\\b", "C:/x", "a/./b", "a//b", "a/", ".", "config.json", "x" * 2000,
-         "sub/notes.txt", "ok/../../x"]), st.text(max_size=30)))
+    f["path"] = data.draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "../evil",
+                    "/etc/passwd",
+                    "a\\b",
+                    "C:/x",
+                    "a/./b",
+                    "a//b",
+                    "a/",
+                    ".",
+                    "config.json",
+                    "x" * 2000,
+                    "sub/notes.txt",
+                    "ok/../../x",
+                ]
+            ),
+            st.text(max_size=30),
+        )
+    )
     f["role"] = data.draw(st.sampled_from(["file", "file", "safetensors-header", "other", 3]))
     if f["role"] == "safetensors-header":
-        f["tensors"] = data.draw(st.lists(st.sampled_from([t["name"] for t in manifest["tensors"]] + ["nope"]),
-                                          max_size=4))
+        f["tensors"] = data.draw(
+            st.lists(st.sampled_from([t["name"] for t in manifest["tensors"]] + ["nope"]), max_size=4)
+        )
     return area
 
 
 def t_names(area, manifest, data):
     t = data.draw(st.sampled_from(manifest["tensors"]))
-    t["name"] = data.draw(st.one_of(st.sampled_from(["a.f32", "", "x" * 1025, "\x00", "\ud800", "é" * 600]),
-                                    st.text(max_size=20)))
+    t["name"] = data.draw(
+        st.one_of(st.sampled_from(["a.f32", "", "x" * 1025, "\x00", "\ud800", "é" * 600]), st.text(max_size=20))
+    )
     return area
 
 
-TARGETED = [t_shape, t_chunk_field, t_chunk_geometry, t_file_size, t_dtype, t_codec, t_planes, t_split_table,
-            t_zstd_frame, t_alias, t_paths, t_names]
+TARGETED = [
+    t_shape,
+    t_chunk_field,
+    t_chunk_geometry,
+    t_file_size,
+    t_dtype,
+    t_codec,
+    t_planes,
+    t_split_table,
+    t_zstd_frame,
+    t_alias,
+    t_paths,
+    t_names,
+]
 
 
 @pytest.mark.parametrize("edit", TARGETED, ids=[f.__name__[2:] for f in TARGETED])

@@ -67,8 +67,9 @@ def _weights(model) -> dict[str, np.ndarray]:
 
 def _roles(model):
     dtypes = {torch.float32: "F32", torch.int64: "I64"}
-    return classify({n: (dtypes[t.dtype], tuple(t.shape)) for n, t in model.state_dict().items()},
-                    model.config.to_dict())
+    return classify(
+        {n: (dtypes[t.dtype], tuple(t.shape)) for n, t in model.state_dict().items()}, model.config.to_dict()
+    )
 
 
 def _o_names(model) -> list[str]:
@@ -85,8 +86,10 @@ def _o_inputs(model, ids) -> dict[str, np.ndarray]:
     found: dict[str, list[np.ndarray]] = {}
     handles = []
     for name in _o_names(model):
+
         def hook(module, inputs, name=name):
             found.setdefault(name, []).append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().numpy())
+
         handles.append(modules[name[: -len(".weight")]].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -143,8 +146,10 @@ def test_scores_are_each_heads_share_of_the_o_projection_output_energy(build):
     for index, x in ((i, _o_inputs(model, ids)[layers[i].o]) for i in scores):
         w = _weights(model)[layers[index].o].astype(np.float64)
         total = np.mean(np.sum((x @ w.T) ** 2, axis=1))
-        direct = [np.mean(np.sum((x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T) ** 2, axis=1)) / total
-                  for h in range(4)]
+        direct = [
+            np.mean(np.sum((x[:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T) ** 2, axis=1)) / total
+            for h in range(4)
+        ]
         np.testing.assert_allclose(scores[index], direct, rtol=1e-6)
 
 
@@ -165,8 +170,9 @@ def test_calibrations_from_collect_are_accepted(bert):
     config, roles, weights = bert.config.to_dict(), _roles(bert), _weights(bert)
     hessians = _hessians(bert, _ids(3))
     wrapped = {n: Calibration("gptq", h) for n, h in hessians.items()}
-    assert heads.choose_heads(config, roles, wrapped, weights, 0.25) == \
-        heads.choose_heads(config, roles, hessians, weights, 0.25)
+    assert heads.choose_heads(config, roles, wrapped, weights, 0.25) == heads.choose_heads(
+        config, roles, hessians, weights, 0.25
+    )
     with pytest.raises(ValueError, match="no calibration Hessian"):
         heads.head_scores(config, roles, dict(list(hessians.items())[1:]), weights)
 
@@ -224,8 +230,9 @@ def test_bert_zeroes_the_o_columns_and_the_q_k_v_rows_and_biases(bert):
         for h in range(4):
             span = slice(16 * h, 16 * (h + 1))
             o = out[block + "output.dense.weight"][:, span]
-            rows = [out[f"{block}self.{p}.{kind}"][span] for p in ("query", "key", "value")
-                    for kind in ("weight", "bias")]
+            rows = [
+                out[f"{block}self.{p}.{kind}"][span] for p in ("query", "key", "value") for kind in ("weight", "bias")
+            ]
             if h in chosen:
                 assert not o.any() and not any(r.any() for r in rows)
             else:
@@ -239,8 +246,12 @@ def test_gqa_zeroes_k_and_v_only_for_a_wholly_pruned_group(llama):
     geometry = heads.heads_of(llama.config.to_dict())
     assert (geometry.heads, geometry.kv_heads, geometry.head_dim) == (4, 2, 16)
     out = heads.prune(llama.config.to_dict(), _roles(llama), weights, {0: [0], 1: [2, 3]})
-    assert set(out) == {"layers.0.self_attn.o_proj.weight", "layers.1.self_attn.o_proj.weight",
-                        "layers.1.self_attn.k_proj.weight", "layers.1.self_attn.v_proj.weight"}
+    assert set(out) == {
+        "layers.0.self_attn.o_proj.weight",
+        "layers.1.self_attn.o_proj.weight",
+        "layers.1.self_attn.k_proj.weight",
+        "layers.1.self_attn.v_proj.weight",
+    }
     o = "layers.0.self_attn.o_proj.weight"
     assert not out[o][:, :16].any() and np.array_equal(out[o][:, 16:], weights[o][:, 16:])
     assert not out["layers.1.self_attn.o_proj.weight"][:, 32:].any()
@@ -250,8 +261,11 @@ def test_gqa_zeroes_k_and_v_only_for_a_wholly_pruned_group(llama):
         assert np.array_equal(w[:16], weights[f"layers.1.self_attn.{p}_proj.weight"][:16])
 
 
-@pytest.mark.parametrize("build,pruned", [(_bert, {0: [1], 2: [0, 3]}), (_llama, {0: [0], 1: [2, 3], 2: [1]}),
-                                          (_gpt2, {1: [0, 2], 2: [3]})], ids=["bert", "llama", "gpt2"])
+@pytest.mark.parametrize(
+    "build,pruned",
+    [(_bert, {0: [1], 2: [0, 3]}), (_llama, {0: [0], 1: [2, 3], 2: [1]}), (_gpt2, {1: [0, 2], 2: [3]})],
+    ids=["bert", "llama", "gpt2"],
+)
 def test_pruning_changes_nothing_but_what_the_o_columns_remove(build, pruned):
     """The q, k, v rows a pruned head alone reads can go: the output is that of zeroing its o-columns."""
     model = build()
@@ -342,26 +356,46 @@ def test_recipe_prune_heads_outside_zero_to_one_is_a_usage_error(value):
 
 def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
     """End to end: a recipe with prune_heads, calibrated o-projections stored by ``slices``."""
+    from test_eval import _common_words, _tokenizer
+
     from rbe_converters.cli import main
     from rbeformat import Reader
-    from test_eval import _common_words, _tokenizer
 
     tokenizer = _tokenizer(_common_words(96))
     torch.manual_seed(3)
-    model = transformers.BertModel(transformers.BertConfig(
-        num_hidden_layers=LAYERS, max_position_embeddings=64, **{**SIZES, "vocab_size": len(tokenizer)}))
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            num_hidden_layers=LAYERS, max_position_embeddings=64, **{**SIZES, "vocab_size": len(tokenizer)}
+        )
+    )
     directory = str(tmp_path / "bert")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     recipe = tmp_path / "prune.toml"
-    recipe.write_text('prune_heads = 0.25\n\n[[rule]]\nrole = "attn_o"\n'
-                      'codec = "slices(axis=1, values=gquant(bits=8, group=16))"\ncalibration = "gptq"\n\n'
-                      '[[rule]]\nroles = ["attn_q", "attn_k", "attn_v"]\ncodec = "slices(axis=0)"\n')
+    recipe.write_text(
+        'prune_heads = 0.25\n\n[[rule]]\nrole = "attn_o"\n'
+        'codec = "slices(axis=1, values=gquant(bits=8, group=16))"\ncalibration = "gptq"\n\n'
+        '[[rule]]\nroles = ["attn_q", "attn_k", "attn_v"]\ncodec = "slices(axis=0)"\n'
+    )
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join(_common_words(96)) * 30)
     out = str(tmp_path / "pruned.rbe")
-    assert main(["convert", directory, out, "--recipe", str(recipe), "--calibration", str(text),
-                 "--calibration-windows", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                directory,
+                out,
+                "--recipe",
+                str(recipe),
+                "--calibration",
+                str(text),
+                "--calibration-windows",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "pruned 3 of 12 (25.0%) attention heads" in capsys.readouterr().err
     zero_heads = 0
     with Reader(out) as r:
@@ -369,8 +403,8 @@ def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
             o = r.get_tensor(f"encoder.layer.{i}.attention.output.dense.weight")
             q = r.get_tensor(f"encoder.layer.{i}.attention.self.query.weight")
             assert o.shape == (64, 64) and q.shape == (64, 64)  # the original shapes
-            dead = [h for h in range(4) if not o[:, h * 16:(h + 1) * 16].any()]
-            assert dead == [h for h in range(4) if not q[h * 16:(h + 1) * 16].any()]
+            dead = [h for h in range(4) if not o[:, h * 16 : (h + 1) * 16].any()]
+            assert dead == [h for h in range(4) if not q[h * 16 : (h + 1) * 16].any()]
             zero_heads += len(dead)
             entry = r.manifest.tensors[f"encoder.layer.{i}.attention.output.dense.weight"]
             assert entry.transform.codec.name == "slices"
@@ -387,7 +421,9 @@ def test_prune_heads_needs_calibrated_o_projections(tmp_path):
     model = _bert()
     directory = str(tmp_path / "bert")
     model.save_pretrained(directory)
-    policy = policy_from_document({"prune_heads": 0.25, "rule": [{"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}, "t")
+    policy = policy_from_document(
+        {"prune_heads": 0.25, "rule": [{"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}, "t"
+    )
     with pytest.raises(UsageError, match="calibration"):
         hf.prune_heads(hf.plan_conversion(directory), policy, {})
 
@@ -398,8 +434,13 @@ def test_prune_heads_without_calibrated_o_projections_is_refused_before_the_mode
     model = _bert()
     directory = str(tmp_path / "bert")
     model.save_pretrained(directory)
-    doc = {"prune_heads": 0.25, "rule": [{"role": "attn_q", "codec": "gquant(bits=8, group=16)", "calibration": "gptq"},
-                                          {"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}
+    doc = {
+        "prune_heads": 0.25,
+        "rule": [
+            {"role": "attn_q", "codec": "gquant(bits=8, group=16)", "calibration": "gptq"},
+            {"role": "attn_o", "codec": "gquant(bits=8, group=16)"},
+        ],
+    }
 
     def no_run(*args, **kwargs):
         raise AssertionError("the model ran")

@@ -11,12 +11,11 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tree_digest, write_safetensors
+
 from rbe_converters import hf
-from rbeformat import atomic
 from rbe_converters.cli import main
-from rbeformat import FormatError, OutputExistsError, Reader, Writer, publish
+from rbeformat import FormatError, OutputExistsError, Reader, Writer, atomic, publish
 from rbeformat.codecs.byteplane import Byteplane
 from rbeformat.codecs.raw import Raw
 
@@ -57,6 +56,7 @@ def outside(tmp_path):
 
 # -- decode --force into a directory holding links -------------------------------------------------
 
+
 def test_a_linked_directory_inside_the_output_is_refused_not_followed(container, tmp_path, outside, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -70,8 +70,9 @@ def test_a_linked_directory_inside_the_output_is_refused_not_followed(container,
     assert partials(tmp_path) == []
 
 
-def test_a_refusal_at_the_start_is_the_one_line_on_stderr_even_with_the_progress_bar(container, tmp_path, outside,
-                                                                                     capsys):
+def test_a_refusal_at_the_start_is_the_one_line_on_stderr_even_with_the_progress_bar(
+    container, tmp_path, outside, capsys
+):
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(outside / "config.json", out / "config.json")
@@ -147,9 +148,9 @@ def test_the_output_path_as_typed_may_go_through_a_link(container, model_dir, tm
 
 # -- a link as a file output -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["decode", "convert"])
-def test_a_link_as_the_output_file_is_refused_even_with_force(command, container, model_dir, tmp_path, outside,
-                                                              capsys):
+def test_a_link_as_the_output_file_is_refused_even_with_force(command, container, model_dir, tmp_path, outside, capsys):
     victim = outside / "authorized_keys"
     before = digest(victim)
     link = tmp_path / ("x.safetensors" if command == "decode" else "x.rbe")
@@ -168,6 +169,7 @@ def test_writer_refuses_a_link(tmp_path, outside):
 
 
 # -- two outputs racing for one path --------------------------------------------------------------
+
 
 def test_two_writers_racing_without_force_the_second_loses(tmp_path):
     path = tmp_path / "w.rbe"
@@ -272,6 +274,7 @@ def test_a_new_directory_loses_the_race(container, tmp_path, capsys, monkeypatch
 
 # -- convert DIR: links that leave the directory ---------------------------------------------------
 
+
 def small_model(folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(str(folder / "model.safetensors"), {"w": np.arange(16, dtype=np.float32).reshape(4, 4)})
@@ -345,7 +348,7 @@ def test_a_cache_snapshot_may_not_link_outside_its_own_blobs(tmp_path, outside, 
 
 
 def test_onnx_external_data_may_link_into_a_cache_snapshots_blobs(tmp_path, capsys):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     repo = tmp_path / "hub" / "models--org--onnx"
@@ -357,8 +360,13 @@ def test_onnx_external_data_may_link_into_a_cache_snapshots_blobs(tmp_path, caps
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4, 4], data_location=TensorProto.EXTERNAL)
     entry = t.external_data.add()
     entry.key, entry.value = "location", "model.onnx_data"
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [t])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [t],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (snapshot / "model.onnx").write_bytes(model.SerializeToString())
     assert main(["convert", str(snapshot / "model.onnx"), str(tmp_path / "m.rbe"), "--quiet"]) == 0
@@ -371,6 +379,7 @@ def test_onnx_external_data_may_link_into_a_cache_snapshots_blobs(tmp_path, caps
 
 
 # -- an input that shrinks while it is decoded -----------------------------------------------------
+
 
 def big_container(path, codec) -> None:
     rng = np.random.default_rng(3)

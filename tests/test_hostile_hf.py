@@ -21,11 +21,11 @@ import threading
 import time
 
 import pytest
+from test_eval import _common_words, _tokenizer, one_error_line, run
 
 from rbe_converters.cli import main
 from rbe_converters.safetensors_io import read_header
 from rbeformat import InputError, Writer, budget
-from test_eval import _common_words, _tokenizer, one_error_line, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -43,12 +43,28 @@ def models(tmp_path_factory):
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(5)
     built = {
-        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
-        "bert": transformers.BertModel(transformers.BertConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64)),
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            )
+        ),
+        "bert": transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        ),
     }
     paths = {}
     for name, model in built.items():
@@ -58,13 +74,22 @@ def models(tmp_path_factory):
     return paths
 
 
-def craft(path, model_dir: str, *, config: dict | None = None, files: dict[str, bytes] | None = None,
-          shard: str = "model.safetensors") -> str:
+def craft(
+    path,
+    model_dir: str,
+    *,
+    config: dict | None = None,
+    files: dict[str, bytes] | None = None,
+    shard: str = "model.safetensors",
+) -> str:
     """A container of the directory's tensors (its safetensors file stored as ``shard``) and files, the
     config replaced by ``config`` and ``files`` added or replaced: what a hostile writer could make."""
     st = read_header(os.path.join(model_dir, "model.safetensors"))
-    own = {n: open(os.path.join(model_dir, n), "rb").read() for n in sorted(os.listdir(model_dir))
-           if not n.endswith(".safetensors")}
+    own = {
+        n: open(os.path.join(model_dir, n), "rb").read()
+        for n in sorted(os.listdir(model_dir))
+        if not n.endswith(".safetensors")
+    }
     if config is not None:
         own["config.json"] = json.dumps(config).encode()
     own.update(files or {})
@@ -101,23 +126,32 @@ def answers_yes(monkeypatch):
 
 # -- code: never run, never asked about ---------------------------------------------------
 
+
 def _remote_code_case(case: str, model_dir: str, marker) -> dict:
     code = {"evil.py": marker_code(marker), "tokenization_evil.py": marker_code(marker)}
     if case == "unknown model_type":
-        config = config_of(model_dir, model_type="evil-llama", architectures=["EvilForCausalLM"],
-                           auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+        config = config_of(
+            model_dir,
+            model_type="evil-llama",
+            architectures=["EvilForCausalLM"],
+            auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+        )
         return {"config": config, "files": code}
     if case == "auto_map on a built-in type":
         return {"config": config_of(model_dir, auto_map={"AutoModelForCausalLM": "evil.EvilModel"}), "files": code}
     tokenizer_config = json.loads(open(os.path.join(model_dir, "tokenizer_config.json")).read())
-    tokenizer_config.update(tokenizer_class="EvilTokenizer",
-                            auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    tokenizer_config.update(
+        tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    )
     return {"files": {**code, "tokenizer_config.json": json.dumps(tokenizer_config).encode()}}
 
 
 REMOTE_CASES = ["unknown model_type", "auto_map on a built-in type", "tokenizer auto_map"]
-SAYS = {"unknown model_type": "not built into transformers", "auto_map on a built-in type": "auto_map",
-        "tokenizer auto_map": "tokenizer_config.json has auto_map"}
+SAYS = {
+    "unknown model_type": "not built into transformers",
+    "auto_map on a built-in type": "auto_map",
+    "tokenizer auto_map": "tokenizer_config.json has auto_map",
+}
 
 
 @pytest.mark.parametrize("case", REMOTE_CASES)
@@ -146,10 +180,12 @@ def test_a_containers_code_never_runs_in_rbe_eval(models, tmp_path, capsys, answ
 def test_rbe_eval_on_a_terminal_answering_y_runs_nothing(models, tmp_path):
     """The command line with stdin open and "y" waiting on it: refused in one line, no prompt, no marker."""
     marker = tmp_path / "MARKER"
-    path = craft(tmp_path / "evil.rbe", models["llama"],
-                 **_remote_code_case("unknown model_type", models["llama"], marker))
-    done = subprocess.run(RBE + ["eval", path, path], input="y\n" * 8, capture_output=True, text=True, env=ENV,
-                          timeout=300)
+    path = craft(
+        tmp_path / "evil.rbe", models["llama"], **_remote_code_case("unknown model_type", models["llama"], marker)
+    )
+    done = subprocess.run(
+        RBE + ["eval", path, path], input="y\n" * 8, capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert done.returncode == 3, done.stderr
     assert done.stderr.count("\n") == 1 and "not built into transformers" in done.stderr, done.stderr
     assert "[y/N]" not in done.stdout + done.stderr
@@ -158,8 +194,11 @@ def test_rbe_eval_on_a_terminal_answering_y_runs_nothing(models, tmp_path):
 
 @pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
 def test_a_kernel_from_the_hub_is_refused(models, tmp_path, capsys, key):
-    path = craft(tmp_path / "kernel.rbe", models["llama"],
-                 config=config_of(models["llama"], **{key: "kernels-community/evil-attention"}))
+    path = craft(
+        tmp_path / "kernel.rbe",
+        models["llama"],
+        config=config_of(models["llama"], **{key: "kernels-community/evil-attention"}),
+    )
     with pytest.raises(InputError, match="code from the Hugging Face Hub"):
         load_model(path)
     capsys.readouterr()
@@ -168,6 +207,7 @@ def test_a_kernel_from_the_hub_is_refused(models, tmp_path, capsys, key):
 
 
 # -- pickles: never read ----------------------------------------------------------------
+
 
 class _Unpickled:
     """Unpickling this runs code: it writes the marker file."""
@@ -185,8 +225,9 @@ def test_a_pickle_beside_oddly_named_shards_is_never_read(models, tmp_path, caps
     loads = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or pytest.fail("torch.load was called"))
     # shards transformers does not find by name, and the pickle it would fall back to
-    path = craft(tmp_path / "odd.rbe", models["llama"], shard="weights.safetensors",
-                 files={"pytorch_model.bin": bin_file})
+    path = craft(
+        tmp_path / "odd.rbe", models["llama"], shard="weights.safetensors", files={"pytorch_model.bin": bin_file}
+    )
     directory = tmp_path / "odd"
     directory.mkdir()
     for name in os.listdir(models["llama"]):
@@ -205,6 +246,7 @@ def test_a_pickle_beside_oddly_named_shards_is_never_read(models, tmp_path, caps
 
 # -- sizes: checked against the tensors before any module is built -------------------------
 
+
 def test_a_million_layers_are_refused_at_once(models, tmp_path, capsys):
     path = craft(tmp_path / "deep.rbe", models["llama"], config=config_of(models["llama"], num_hidden_layers=10**6))
     start = time.monotonic()
@@ -219,21 +261,24 @@ def test_a_million_layers_are_refused_at_once(models, tmp_path, capsys):
         assert "num_hidden_layers is 1000000" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("model, changes, says", [
-    ("llama", {"hidden_size": 10**9}, "hidden_size is 1000000000, which no stored tensor has"),
-    ("llama", {"intermediate_size": 10**7}, "intermediate_size is 10000000, larger than every stored"),
-    ("llama", {"vocab_size": 10**6}, "vocab_size is 1000000"),
-    ("llama", {"max_position_embeddings": 10**12}, "max_position_embeddings is 1000000000000, larger than any"),
-    ("llama", {"max_position_embeddings": 1 << 25}, "max_position_embeddings is 33554432, more than"),
-    ("llama", {"num_attention_heads": 0}, "num_attention_heads is 0; it must be at least 1"),
-    ("llama", {"num_key_value_heads": -2}, "num_key_value_heads is -2"),
-    ("llama", {"hidden_size": 64.5}, "hidden_size is 64.5, not a whole number"),
-    ("llama", {"num_hidden_layers": "2"}, "num_hidden_layers is \"2\", not a whole number"),
-    ("llama", {"rope_scaling": {"factor": 1 << 40}}, "rope_scaling.factor is 1099511627776"),
-    ("bert", {"max_position_embeddings": 128}, "needs [128, 64] for"),  # passes the bounds; the shapes differ
-    ("bert", {"text_config": {"model_type": "bert", "hidden_size": 10**8}}, "text_config.hidden_size"),
-    ("llama", {"hidden_act": "no-such-activation"}, "transformers cannot load its model"),
-])
+@pytest.mark.parametrize(
+    "model, changes, says",
+    [
+        ("llama", {"hidden_size": 10**9}, "hidden_size is 1000000000, which no stored tensor has"),
+        ("llama", {"intermediate_size": 10**7}, "intermediate_size is 10000000, larger than every stored"),
+        ("llama", {"vocab_size": 10**6}, "vocab_size is 1000000"),
+        ("llama", {"max_position_embeddings": 10**12}, "max_position_embeddings is 1000000000000, larger than any"),
+        ("llama", {"max_position_embeddings": 1 << 25}, "max_position_embeddings is 33554432, more than"),
+        ("llama", {"num_attention_heads": 0}, "num_attention_heads is 0; it must be at least 1"),
+        ("llama", {"num_key_value_heads": -2}, "num_key_value_heads is -2"),
+        ("llama", {"hidden_size": 64.5}, "hidden_size is 64.5, not a whole number"),
+        ("llama", {"num_hidden_layers": "2"}, 'num_hidden_layers is "2", not a whole number'),
+        ("llama", {"rope_scaling": {"factor": 1 << 40}}, "rope_scaling.factor is 1099511627776"),
+        ("bert", {"max_position_embeddings": 128}, "needs [128, 64] for"),  # passes the bounds; the shapes differ
+        ("bert", {"text_config": {"model_type": "bert", "hidden_size": 10**8}}, "text_config.hidden_size"),
+        ("llama", {"hidden_act": "no-such-activation"}, "transformers cannot load its model"),
+    ],
+)
 def test_sizes_the_tensors_do_not_bear_out_are_one_line_errors(models, tmp_path, capsys, model, changes, says):
     path = craft(tmp_path / "sized.rbe", models[model], config=config_of(models[model], **changes))
     with pytest.raises(InputError) as caught:
@@ -252,8 +297,9 @@ def test_sizes_the_tensors_do_not_bear_out_are_one_line_errors(models, tmp_path,
 def test_the_models_memory_is_measured_before_it_is_built(models, tmp_path, capsys):
     """BERT with 2^24 positions passes the bounds (a rope model may have that many), but its position table
     and buffers would take gigabytes: measured on the meta device, refused against the limit."""
-    path = craft(tmp_path / "wide.rbe", models["bert"], config=config_of(models["bert"],
-                                                                         max_position_embeddings=1 << 24))
+    path = craft(
+        tmp_path / "wide.rbe", models["bert"], config=config_of(models["bert"], max_position_embeddings=1 << 24)
+    )
     capsys.readouterr()
     assert run(["eval", path, path, "--max-memory", "512M"]) == 3
     line = one_error_line(capsys)
@@ -268,9 +314,15 @@ def test_the_models_memory_is_measured_before_it_is_built(models, tmp_path, caps
 
 # -- tokenizers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, data", [("tokenizer.json", b"{not json"),
-                                        ("tokenizer.json", b'{"model": {"type": "NoSuchModel"}}'),
-                                        ("tokenizer_config.json", b"[1, 2")])
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("tokenizer.json", b"{not json"),
+        ("tokenizer.json", b'{"model": {"type": "NoSuchModel"}}'),
+        ("tokenizer_config.json", b"[1, 2"),
+    ],
+)
 def test_a_broken_tokenizer_is_a_one_line_error(models, tmp_path, capsys, name, data):
     path = craft(tmp_path / "tok.rbe", models["llama"], files={name: data})
     with pytest.raises(InputError) as caught:
@@ -283,6 +335,7 @@ def test_a_broken_tokenizer_is_a_one_line_error(models, tmp_path, capsys, name, 
 
 # -- stopping a calibrating conversion ---------------------------------------------------
 
+
 def _signals_as_at_a_terminal() -> None:
     for s in (signal.SIGHUP, signal.SIGINT):
         signal.signal(s, signal.SIG_DFL)
@@ -293,15 +346,27 @@ def test_a_stop_signal_ends_a_calibrating_convert_within_seconds(tmp_path, signu
     directory = str(tmp_path / "llama")
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(6)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False)).save_pretrained(directory)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.Popen(RBE + ["convert", directory, str(out / "q4.rbe"), "--preset", "q4"], env=ENV,
-                            stderr=subprocess.PIPE, preexec_fn=_signals_as_at_a_terminal)
+    proc = subprocess.Popen(
+        RBE + ["convert", directory, str(out / "q4.rbe"), "--preset", "q4"],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        preexec_fn=_signals_as_at_a_terminal,
+    )
     seen = bytearray()
     started = threading.Event()
 

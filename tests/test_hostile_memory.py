@@ -22,8 +22,8 @@ import tracemalloc
 import numpy as np
 import pytest
 import zstandard
-
 from rbe_craft import RawJson, append_section, assemble, serialise, split_file
+
 from rbe_converters.cli import build_parser, main
 from rbeformat import FormatError, InputError, MemoryLimitError, Reader, Writer, budget
 from rbeformat.chain import parse_chain
@@ -43,13 +43,15 @@ LOWRANK = {"name": "lowrank", "must_understand": True, "config": {"rank": 1, "re
 
 # -- crafting ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> bytes:
     """A small sound file: one 8 x 6 sinusoid table."""
     path = tmp_path_factory.mktemp("base") / "base.rbe"
     with Writer(path, force=True, threads=1) as w:
-        w.add_transformed("pos", "F32", Sinusoidal.table(8, 6, 10000.0, "interleaved"),
-                          parse_chain("sinusoid", REGISTERED))
+        w.add_transformed(
+            "pos", "F32", Sinusoidal.table(8, 6, 10000.0, "interleaved"), parse_chain("sinusoid", REGISTERED)
+        )
     return path.read_bytes()
 
 
@@ -64,11 +66,21 @@ def zero_blob(area: bytes, nbytes: int, itemsize: int = 1) -> tuple[bytes, dict]
         if n not in _frames:
             _frames[n] = zstandard.ZstdCompressor(level=19).compress(bytes(n))
         area, offset = append_section(area, _frames[n])
-        chunks.append({"offset": offset, "length": len(_frames[n]), "crc32": crc32(_frames[n]),
-                       "items": n // itemsize, "params": {}})
+        chunks.append(
+            {
+                "offset": offset,
+                "length": len(_frames[n]),
+                "crc32": crc32(_frames[n]),
+                "items": n // itemsize,
+                "params": {},
+            }
+        )
         left -= n
-    return area, {"codec": {"name": "zstd", "must_understand": True, "config": {"chunk_items": CHUNK // itemsize}},
-                  "digest": None, "chunks": chunks}
+    return area, {
+        "codec": {"name": "zstd", "must_understand": True, "config": {"chunk_items": CHUNK // itemsize}},
+        "digest": None,
+        "chunks": chunks,
+    }
 
 
 def zeros_digest(nbytes: int) -> str:
@@ -87,8 +99,9 @@ def transformed(base: bytes, shape, codec: dict, params: dict, parts: dict, dtyp
     for name, (pdtype, pshape, itemsize) in parts.items():
         area, blob = zero_blob(area, math.prod(pshape) * itemsize, itemsize)
         stored[name] = {"dtype": pdtype, "shape": list(pshape), **blob}
-    manifest["tensors"] = [{"name": "w", "dtype": dtype, "shape": list(shape), "codec": codec, "params": params,
-                            "parts": stored}]
+    manifest["tensors"] = [
+        {"name": "w", "dtype": dtype, "shape": list(shape), "codec": codec, "params": params, "parts": stored}
+    ]
     return assemble(area, manifest)
 
 
@@ -127,12 +140,13 @@ def child_peak(tmp_path, code: str) -> tuple[int, str]:
 
     The peak is the child's own VmHWM: ru_maxrss also counts the memory of the process it was forked
     from (Linux records the forked copy's high-water mark at exec), here the whole test session."""
-    script = (f"import resource, sys\n{code}\n"
-              "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
-              "print('PEAK', int(hwm[0]) * 1024 if hwm else "
-              "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300)
+    script = (
+        f"import resource, sys\n{code}\n"
+        "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+        "print('PEAK', int(hwm[0]) * 1024 if hwm else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout.rsplit("PEAK", 1)[1])
     return peak, proc.stdout
@@ -140,8 +154,19 @@ def child_peak(tmp_path, code: str) -> tuple[int, str]:
 
 # -- the budget module -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [("4096", 4096), ("2G", 2 << 30), ("500M", 500 << 20), ("1.5g", 3 << 29),
-                                         ("64KiB", 64 << 10), ("1T", 1 << 40), (" 3 GB", 3 << 30)])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("4096", 4096),
+        ("2G", 2 << 30),
+        ("500M", 500 << 20),
+        ("1.5g", 3 << 29),
+        ("64KiB", 64 << 10),
+        ("1T", 1 << 40),
+        (" 3 GB", 3 << 30),
+    ],
+)
 def test_sizes_parse(text, value):
     assert budget.parse_size(text) == value
 
@@ -167,8 +192,18 @@ def test_the_default_is_a_share_of_the_available_memory_tied_to_small_files(monk
         budget.check(2 << 30, "tensor 'w'", 1 << 30)
 
 
-@pytest.mark.parametrize("command", [["convert", "a", "b.rbe"], ["decode", "a.rbe", "b"], ["export-onnx", "a", "b"],
-                                     ["info", "a"], ["verify", "a"], ["eval", "a", "b.rbe"], ["run", "a", "t"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "a", "b.rbe"],
+        ["decode", "a.rbe", "b"],
+        ["export-onnx", "a", "b"],
+        ["info", "a"],
+        ["verify", "a"],
+        ["eval", "a", "b.rbe"],
+        ["run", "a", "t"],
+    ],
+)
 def test_every_command_that_reads_files_takes_max_memory(command):
     assert build_parser().parse_args(command + ["--max-memory", "2G"]).max_memory == 2 << 30
 
@@ -181,10 +216,14 @@ def test_max_memory_lasts_for_its_command_only(tmp_path, base, capsys):
 
 # -- transformed tensors -------------------------------------------------------------------
 
+
 def test_a_sinusoid_table_past_any_real_one_is_refused_when_opened(tmp_path, base, capsys):
     # 512 bytes of file for 1 GiB of float32 (it took 4.1 GB of memory to decode)
-    path = write(tmp_path, "sin.rbe", transformed(base, (1 << 15, 1 << 13), SINUSOID,
-                                                  {"base": 10000.0, "layout": "interleaved"}, {}))
+    path = write(
+        tmp_path,
+        "sin.rbe",
+        transformed(base, (1 << 15, 1 << 13), SINUSOID, {"base": 10000.0, "layout": "interleaved"}, {}),
+    )
     assert os.path.getsize(path) <= 512
     line = one_line_error(capsys, ["decode", path, str(tmp_path / "out.safetensors"), "--quiet"])
     assert f"more than the {MAX_TABLE_ELEMENTS} a position table may hold" in line
@@ -210,10 +249,14 @@ def test_a_sinusoid_table_over_the_limit_is_refused_and_decodes_with_enough(tmp_
 
 def test_a_sinusoid_decodes_in_about_its_own_size(tmp_path, base):
     shape = (8192, 4096)  # 128 MiB of float32: the whole-table decode held 4 times that
-    path = write(tmp_path, "sin.rbe", transformed(base, shape, SINUSOID, {"base": 10000.0, "layout": "interleaved"}, {}))
+    path = write(
+        tmp_path, "sin.rbe", transformed(base, shape, SINUSOID, {"base": 10000.0, "layout": "interleaved"}, {})
+    )
     opened, _ = child_peak(tmp_path, f"from rbeformat import Reader\nr = Reader({path!r})")
-    decoded, out = child_peak(tmp_path, f"from rbeformat import Reader\nr = Reader({path!r})\n"
-                                        "print('SUM', float(r.get_tensor('w')[::97, ::89].sum()))")
+    decoded, out = child_peak(
+        tmp_path,
+        f"from rbeformat import Reader\nr = Reader({path!r})\nprint('SUM', float(r.get_tensor('w')[::97, ::89].sum()))",
+    )
     assert decoded - opened < 1.5 * 4 * math.prod(shape), (opened, decoded)
 
 
@@ -257,12 +300,16 @@ def _transformed_tensors(paths):
                     yield path, name
 
 
-LOSSY_FIXTURES = sorted(glob.glob(os.path.join(FIXTURES, "v1.1", "*.rbe")) +
-                        glob.glob(os.path.join(FIXTURES, "v1.2", "*.rbe")))
+LOSSY_FIXTURES = sorted(
+    glob.glob(os.path.join(FIXTURES, "v1.1", "*.rbe")) + glob.glob(os.path.join(FIXTURES, "v1.2", "*.rbe"))
+)
 
 
-@pytest.mark.parametrize("path, name", list(_transformed_tensors(LOSSY_FIXTURES)),
-                         ids=lambda v: os.path.basename(v) if str(v).endswith(".rbe") else str(v))
+@pytest.mark.parametrize(
+    "path, name",
+    list(_transformed_tensors(LOSSY_FIXTURES)),
+    ids=lambda v: os.path.basename(v) if str(v).endswith(".rbe") else str(v),
+)
 def test_the_estimate_covers_what_decoding_a_fixture_allocates(path, name):
     from rbeformat.reader import _DECODE_SLACK
 
@@ -272,9 +319,21 @@ def test_the_estimate_covers_what_decoding_a_fixture_allocates(path, name):
         assert _decode_peak(r, name) <= estimate
 
 
-CHAINS = ["gquant(bits=4, group=32)", "gquant(bits=3, group=64, mode=asym)", "gquant(bits=8, group=0)",
-          "lowrank(rank=8)", "palette(bits=3)", "vq(dim=4, bits=6)", "sparse(density=0.25)", "sparse(density=0.02)",
-          "nm24", "slices(axis=1)", "transpose", "posdct(keep=16)", "gquant(bits=4, group=32, scales=gquant(bits=8, group=0))"]
+CHAINS = [
+    "gquant(bits=4, group=32)",
+    "gquant(bits=3, group=64, mode=asym)",
+    "gquant(bits=8, group=0)",
+    "lowrank(rank=8)",
+    "palette(bits=3)",
+    "vq(dim=4, bits=6)",
+    "sparse(density=0.25)",
+    "sparse(density=0.02)",
+    "nm24",
+    "slices(axis=1)",
+    "transpose",
+    "posdct(keep=16)",
+    "gquant(bits=4, group=32, scales=gquant(bits=8, group=0))",
+]
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
@@ -292,10 +351,13 @@ def test_the_estimate_covers_what_decoding_allocates(tmp_path, chain, dtype):
         entry = r.stored_entry("w")
         estimate = r.transform_memory(entry.transform, entry.dtype, entry.shape) + _DECODE_SLACK
         peak = _decode_peak(r, "w")
-    assert peak <= estimate, f"{chain}: decoding held {peak / x.size:.2f} bytes per value, estimated {estimate / x.size:.2f}"
+    assert peak <= estimate, (
+        f"{chain}: decoding held {peak / x.size:.2f} bytes per value, estimated {estimate / x.size:.2f}"
+    )
 
 
 # -- manifests -------------------------------------------------------------------------
+
 
 def test_a_zstd_manifest_bomb_is_refused_at_once(tmp_path, base, capsys):
     _, manifest = split_file(base)
@@ -321,8 +383,9 @@ def test_a_manifest_too_costly_to_parse_is_refused_before_parsing(tmp_path, base
 
 def test_more_entries_than_a_file_can_hold_are_refused_before_validation(tmp_path, base, capsys):
     _, manifest = split_file(base)
-    manifest["tensors"] += [{"name": f"a{i}", "dtype": "F32", "shape": [8, 6], "alias_of": "pos"}
-                            for i in range(70_000)]
+    manifest["tensors"] += [
+        {"name": f"a{i}", "dtype": "F32", "shape": [8, 6], "alias_of": "pos"} for i in range(70_000)
+    ]
     path = write(tmp_path, "aliases.rbe", zstd_manifest(base, manifest))
     start = time.monotonic()
     line = one_line_error(capsys, ["info", path])
@@ -363,17 +426,18 @@ def test_a_lone_surrogate_anywhere_in_the_manifest_is_refused(tmp_path, base, ca
 def test_names_must_be_valid_utf8():
     with pytest.raises(FormatError, match="not valid UTF-8"):
         check_name("bad\udc80name", "tensors[0].name")
-    assert check_name("emoji \U0001F600", "tensors[0].name")  # a surrogate pair in JSON is one character
+    assert check_name("emoji \U0001f600", "tensors[0].name")  # a surrogate pair in JSON is one character
 
 
 def test_a_surrogate_pair_escape_is_accepted(tmp_path, base):
     area, manifest = split_file(base)
     text = serialise(manifest).replace(b'"name":"pos"', b'"name":"pos\\ud83d\\ude00"')
     with Reader(write(tmp_path, "pair.rbe", assemble(area, text))) as r:
-        assert r.keys() == ["pos\U0001F600"]
+        assert r.keys() == ["pos\U0001f600"]
 
 
 # -- embedded files and stored tensors -----------------------------------------------------
+
 
 def _big_file_container(base: bytes, nbytes: int, *, as_tensor: bool = False) -> bytes:
     area, manifest = split_file(base)
@@ -392,13 +456,15 @@ def test_a_large_embedded_file_or_tensor_streams_to_disk(tmp_path, base, as_tens
     path = write(tmp_path, "big.rbe", _big_file_container(base, nbytes, as_tensor=as_tensor))
     assert os.path.getsize(path) < 32 << 10
     out = str(tmp_path / ("out.safetensors" if as_tensor else "out"))
-    peak, _ = child_peak(tmp_path, "from rbe_converters.cli import main\n"
-                                   f"assert main(['decode', {path!r}, {out!r}, '--quiet']) == 0")
+    peak, _ = child_peak(
+        tmp_path, f"from rbe_converters.cli import main\nassert main(['decode', {path!r}, {out!r}, '--quiet']) == 0"
+    )
     written = os.path.getsize(out if as_tensor else os.path.join(out, "big.bin"))
     assert written >= nbytes
     assert peak < 400 * MiB, f"decode peaked at {peak / MiB:.0f} MiB"
-    peak, _ = child_peak(tmp_path, "from rbe_converters.cli import main\n"
-                                   f"assert main(['verify', '--deep', {path!r}, '--quiet']) == 0")
+    peak, _ = child_peak(
+        tmp_path, f"from rbe_converters.cli import main\nassert main(['verify', '--deep', {path!r}, '--quiet']) == 0"
+    )
     assert peak < 400 * MiB, f"verify --deep peaked at {peak / MiB:.0f} MiB"
 
 
@@ -424,6 +490,7 @@ def test_reading_a_large_embedded_file_into_memory_is_refused(tmp_path, base):
 
 # -- safetensors headers ---------------------------------------------------------------------
 
+
 def _safetensors(path, header: bytes, data: bytes) -> str:
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(header)) + header + data)
@@ -432,7 +499,7 @@ def _safetensors(path, header: bytes, data: bytes) -> str:
 
 def test_a_safetensors_header_with_a_duplicate_key_is_refused(tmp_path, capsys):
     entry = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
-    header = ('{"w":' + entry + ',"w":' + entry + '}').encode()
+    header = ('{"w":' + entry + ',"w":' + entry + "}").encode()
     path = _safetensors(tmp_path / "dup.safetensors", header + b" " * (-len(header) % 8), bytes(8))
     line = one_line_error(capsys, ["convert", path, str(tmp_path / "out.rbe"), "--quiet"])
     assert "header holds the key 'w' twice" in line and "dup.safetensors" in line
@@ -460,10 +527,14 @@ def test_a_stored_safetensors_header_with_a_duplicate_key_is_refused(tmp_path, c
     doubled = header.replace(b'"a":', b'"a":' + json.dumps(obj["a"]).encode() + b',"a":', 1)
     doubled += b" " * (-len(doubled) % 8)
     area, offset = append_section(area, doubled)  # the stored header, as one raw chunk
-    header_entry.update(size=len(doubled), digest=None,
-                        codec={"name": "raw", "must_understand": True, "config": {}},
-                        chunks=[{"offset": offset, "length": len(doubled), "crc32": crc32(doubled),
-                                 "items": len(doubled), "params": {}}])
+    header_entry.update(
+        size=len(doubled),
+        digest=None,
+        codec={"name": "raw", "must_understand": True, "config": {}},
+        chunks=[
+            {"offset": offset, "length": len(doubled), "crc32": crc32(doubled), "items": len(doubled), "params": {}}
+        ],
+    )
     bad = write(tmp_path, "bad.rbe", assemble(area, manifest))
     line = one_line_error(capsys, ["decode", bad, str(tmp_path / "out.safetensors"), "--quiet"])
     assert "the key 'a' appears twice" in line

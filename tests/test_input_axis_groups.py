@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import write_safetensors
+
 from rbe_converters import hf
 from rbe_converters.recipe import policy_from_document
 from rbe_converters.report import chain_text
@@ -24,16 +24,19 @@ def rule_for(**raw):
     return policy_from_document({"rule": [raw]}, "r").rules[0]
 
 
-@pytest.mark.parametrize("text,wrapped", [
-    ("gquant(bits=4, group=32, mode=asym)", True),
-    ("gquant(bits=8, group=0)", False),  # one scale for the tensor: no axis to group along
-    ("palette(bits=3, scope=row)", True),
-    ("palette(bits=3, scope=tensor)", False),
-    ("vq(dim=4, bits=6)", True),
-    ("seed()", True),
-    ("lowrank(rank=4)", False),
-    ("sparse(density=0.5)", False),
-])
+@pytest.mark.parametrize(
+    "text,wrapped",
+    [
+        ("gquant(bits=4, group=32, mode=asym)", True),
+        ("gquant(bits=8, group=0)", False),  # one scale for the tensor: no axis to group along
+        ("palette(bits=3, scope=row)", True),
+        ("palette(bits=3, scope=tensor)", False),
+        ("vq(dim=4, bits=6)", True),
+        ("seed()", True),
+        ("lowrank(rank=4)", False),
+        ("sparse(density=0.5)", False),
+    ],
+)
 def test_which_chains_are_wrapped(text, wrapped):
     rule = rule_for(role="attn_qkv", codec=text)
     chosen = hf.input_axis_grouped(rule.chain, rule, CONV1D)
@@ -59,10 +62,12 @@ def gpt2_dir(root) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     # Each output column has a scale of its own, 30x apart: groups along the outputs mix them.
     column_scale = np.exp(rng.uniform(np.log(0.003), np.log(0.1), 3 * HIDDEN)).astype(np.float32)
-    tensors = {"transformer.h.0.attn.c_attn.weight": rng.standard_normal((HIDDEN, 3 * HIDDEN)).astype(np.float32)
-               * column_scale,
-               "transformer.h.0.mlp.c_fc.weight": (rng.standard_normal((HIDDEN, 4 * HIDDEN)) * 0.02).astype(np.float32),
-               "transformer.wte.weight": (rng.standard_normal((100, HIDDEN)) * 0.02).astype(np.float32)}
+    tensors = {
+        "transformer.h.0.attn.c_attn.weight": rng.standard_normal((HIDDEN, 3 * HIDDEN)).astype(np.float32)
+        * column_scale,
+        "transformer.h.0.mlp.c_fc.weight": (rng.standard_normal((HIDDEN, 4 * HIDDEN)) * 0.02).astype(np.float32),
+        "transformer.wte.weight": (rng.standard_normal((100, HIDDEN)) * 0.02).astype(np.float32),
+    }
     root.mkdir()
     write_safetensors(str(root / "model.safetensors"), tensors)
     (root / "config.json").write_text(json.dumps({"n_embd": HIDDEN, "vocab_size": 100, "model_type": "gpt2"}))
@@ -111,8 +116,11 @@ def column_errors(x: np.ndarray, decoded: np.ndarray) -> float:
 
 def test_mixed_precision_upgrades_are_grouped_along_the_inputs_too(tmp_path):
     gpt2_dir(tmp_path / "gpt2")
-    rule = {"roles": ["attn_qkv", "mlp_up"], "codec": "gquant(bits=3, group=32, mode=asym)",
-            "upgrade": "gquant(bits=6, group=32, mode=asym)"}
+    rule = {
+        "roles": ["attn_qkv", "mlp_up"],
+        "codec": "gquant(bits=3, group=32, mode=asym)",
+        "upgrade": "gquant(bits=6, group=32, mode=asym)",
+    }
     # 4 bits raw per weight at 3 bits (asym, F16 scales and offsets per 32), 7 at 6 bits: 5.5 on
     # average buys the upgrade for c_attn (12288 weights, 5.29) but not for c_fc (16384, 5.71).
     chains, _ = convert(tmp_path / "gpt2", tmp_path / "m.rbe", rule, budget=5.5)

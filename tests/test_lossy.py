@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import make_model_dir
+
 from rbe_converters.cli import main
 from rbe_converters.report import tensor_rows, totals
 from rbeformat import FormatError, RbeError, Reader, UnsupportedError, Writer
@@ -130,6 +130,7 @@ def test_hostile_lowrank_rank_and_chain_depth(tmp_path):
 
     def absurd_rank(m):
         _tensor(m)["params"]["rank"] = 10**9
+
     _rewrite_manifest(path, absurd_rank)
     with pytest.raises(FormatError):
         Reader(path)
@@ -154,11 +155,15 @@ def test_cli_codec_and_recipe_on_a_model_directory(tmp_path, capsys):
 
     first = load_file(str(back / "model-00001-of-00002.safetensors"))
     assert np.array_equal(first["layer.0.bias"], tensors["layer.0.bias"])  # 1-D: lossless
-    err = np.linalg.norm(first["layer.0.weight"] - tensors["layer.0.weight"]) / np.linalg.norm(tensors["layer.0.weight"])
+    err = np.linalg.norm(first["layer.0.weight"] - tensors["layer.0.weight"]) / np.linalg.norm(
+        tensors["layer.0.weight"]
+    )
     assert 0 < err < 0.15
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[rule]]\nmatch = "norm.weight"\ncodec = "normdelta(mode=bits)"\n'
-                      '[[rule]]\nmatch = "layer.*.weight"\nndim = 2\ncodec = "gquant(bits=8, group=64)"\n')
+    recipe.write_text(
+        '[[rule]]\nmatch = "norm.weight"\ncodec = "normdelta(mode=bits)"\n'
+        '[[rule]]\nmatch = "layer.*.weight"\nndim = 2\ncodec = "gquant(bits=8, group=64)"\n'
+    )
     assert main(["convert", str(src), str(tmp_path / "r.rbe"), "--quiet", "--recipe", str(recipe)]) == 0
     capsys.readouterr()
     assert main(["info", str(tmp_path / "r.rbe")]) == 0

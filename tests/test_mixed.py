@@ -4,8 +4,8 @@ import doctest
 
 import numpy as np
 import pytest
-
 from conftest import write_safetensors
+
 from rbe_converters import mixed
 from rbe_converters.hf import convert
 from rbe_converters.recipe import policy_from_document
@@ -13,8 +13,11 @@ from rbeformat import Reader, UsageError
 
 
 def _recipe(budget, extra=""):
-    doc = {"rule": [{"match": "*.weight", "ndim": 2, "codec": "gquant(bits=3, group=64)",
-                     "upgrade": "gquant(bits=6, group=64)"}]}
+    doc = {
+        "rule": [
+            {"match": "*.weight", "ndim": 2, "codec": "gquant(bits=3, group=64)", "upgrade": "gquant(bits=6, group=64)"}
+        ]
+    }
     if budget is not None:
         doc["budget_bits"] = budget
     return doc
@@ -22,8 +25,11 @@ def _recipe(budget, extra=""):
 
 def test_pick_spends_the_budget_on_the_best_gain_per_bit():
     assert doctest.testmod(mixed).failed == 0
-    c = [mixed.Candidate("big", 1000, (4.0, 6.0), (101.0, 1.0)), mixed.Candidate("small", 10, (4.0, 8.0), (6.0, 1.0)),
-         mixed.Candidate("useless", 10, (4.0, 6.0), (1.0, 1.0))]
+    c = [
+        mixed.Candidate("big", 1000, (4.0, 6.0), (101.0, 1.0)),
+        mixed.Candidate("small", 10, (4.0, 8.0), (6.0, 1.0)),
+        mixed.Candidate("useless", 10, (4.0, 6.0), (1.0, 1.0)),
+    ]
     assert mixed.pick(c, 4.0) == {}
     assert mixed.pick(c, 4.05) == {"small": 1}  # 5 / 40 bits of gain per extra bit beats 100 / 2000
     assert mixed.pick(c, 6.1) == {"big": 1, "small": 1}  # never a tensor the upgrade does not help
@@ -46,19 +52,25 @@ def test_pick_climbs_a_ladder_of_upgrades_along_its_convex_hull():
 
 
 def test_an_upgrade_list_in_a_recipe_is_a_ladder():
-    doc = {"budget_bits": 4.0, "rule": [{"match": "*", "codec": "gquant(bits=3, group=64)",
-                                         "upgrade": ["gquant(bits=4, group=64)", "gquant(bits=6, group=64)"]}]}
+    doc = {
+        "budget_bits": 4.0,
+        "rule": [
+            {
+                "match": "*",
+                "codec": "gquant(bits=3, group=64)",
+                "upgrade": ["gquant(bits=4, group=64)", "gquant(bits=6, group=64)"],
+            }
+        ],
+    }
     rule = policy_from_document(doc, "r").rules[0]
     assert [c.codec.bits for c in rule.upgrades] == [4, 6]
     with pytest.raises(UsageError, match="list of codec chains"):
         policy_from_document({**doc, "rule": [{**doc["rule"][0], "upgrade": []}]}, "r")
 
 
-
 def test_the_noisiest_tensors_get_the_upgrade_and_the_budget_holds(tmp_path):
     rng = np.random.default_rng(5)
-    tensors = {f"layer.{i}.weight": (rng.standard_t(2 + i, (64, 128)) * (1 + i)).astype(np.float32)
-               for i in range(6)}
+    tensors = {f"layer.{i}.weight": (rng.standard_t(2 + i, (64, 128)) * (1 + i)).astype(np.float32) for i in range(6)}
     src = tmp_path / "m.safetensors"
     write_safetensors(str(src), tensors)
     out = tmp_path / "m.rbe"
@@ -72,12 +84,21 @@ def test_the_noisiest_tensors_get_the_upgrade_and_the_budget_holds(tmp_path):
     assert upgraded == {"layer.4.weight", "layer.5.weight"}
 
 
-@pytest.mark.parametrize("doc,says", [
-    ({"rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]}, "go together"),
-    ({"budget_bits": 4.0, "rule": [{"match": "*", "codec": "gquant()"}]}, "go together"),
-    ({"budget_bits": -1, "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]}, "budget_bits"),
-    ({"budget_bits": 4.0, "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=99)"}]}, "gquant.bits"),
-])
+@pytest.mark.parametrize(
+    "doc,says",
+    [
+        ({"rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]}, "go together"),
+        ({"budget_bits": 4.0, "rule": [{"match": "*", "codec": "gquant()"}]}, "go together"),
+        (
+            {"budget_bits": -1, "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]},
+            "budget_bits",
+        ),
+        (
+            {"budget_bits": 4.0, "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=99)"}]},
+            "gquant.bits",
+        ),
+    ],
+)
 def test_bad_mixed_precision_recipes_are_usage_errors(doc, says):
     with pytest.raises(UsageError, match=says):
         policy_from_document(doc, "r")
@@ -106,9 +127,17 @@ def test_a_stored_budget_counts_what_the_file_holds(tmp_path):
     tensors = {f"layer.{i}.weight": (rng.standard_normal((128, 256)) * (1 + i)).astype(np.float32) for i in range(6)}
     src = tmp_path / "m.safetensors"
     write_safetensors(str(src), tensors)
-    doc = {"budget_bits": 3.9, "budget_counts": "stored",
-           "rule": [{"match": "*.weight", "codec": "gquant(bits=3, group=64, mode=asym)",
-                     "upgrade": ["gquant(bits=4, group=64, mode=asym)"]}]}
+    doc = {
+        "budget_bits": 3.9,
+        "budget_counts": "stored",
+        "rule": [
+            {
+                "match": "*.weight",
+                "codec": "gquant(bits=3, group=64, mode=asym)",
+                "upgrade": ["gquant(bits=4, group=64, mode=asym)"],
+            }
+        ],
+    }
     policy = policy_from_document(doc, "r")
     assert policy.budget_counts == "stored"
     stored_out, raw_out = tmp_path / "stored.rbe", tmp_path / "raw.rbe"
@@ -131,8 +160,11 @@ def test_a_stored_budget_counts_what_the_file_holds(tmp_path):
 
 
 def test_budget_counts_must_name_a_way_to_count():
-    doc = {"budget_bits": 4.0, "budget_counts": "bytes",
-           "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}]}
+    doc = {
+        "budget_bits": 4.0,
+        "budget_counts": "bytes",
+        "rule": [{"match": "*", "codec": "gquant()", "upgrade": "gquant(bits=6)"}],
+    }
     with pytest.raises(UsageError, match="budget_counts"):
         policy_from_document(doc, "r")
     with pytest.raises(UsageError, match="budget_counts"):

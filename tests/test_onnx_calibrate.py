@@ -22,8 +22,9 @@ def word_tokenizer(path):
     from collections import Counter
 
     words = [w for w, _ in Counter(quality.evaluation_text().split()).most_common(200)]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])},
-                                                           unk_token="[UNK]"))
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path))
     return str(path), len(words) + 1
@@ -31,16 +32,24 @@ def word_tokenizer(path):
 
 def mlp_model(vocab: int, rng) -> tuple[onnx.ModelProto, dict]:
     """input_ids (batch x length, both dynamic) -> table -> MatMul -> Relu -> MatMul."""
-    weights = {"table": rng.standard_normal((vocab, HIDDEN)).astype(np.float32),
-               "w_up": (rng.standard_normal((HIDDEN, INNER)) * 0.3).astype(np.float32),
-               "w_down": (rng.standard_normal((INNER, HIDDEN)) * 0.3).astype(np.float32)}
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"]),
-             helper.make_node("MatMul", ["h", "w_up"], ["up"]),
-             helper.make_node("Relu", ["up"], ["act"]),
-             helper.make_node("MatMul", ["act", "w_down"], ["out"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "n"])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "n", HIDDEN])],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    weights = {
+        "table": rng.standard_normal((vocab, HIDDEN)).astype(np.float32),
+        "w_up": (rng.standard_normal((HIDDEN, INNER)) * 0.3).astype(np.float32),
+        "w_down": (rng.standard_normal((INNER, HIDDEN)) * 0.3).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w_up"], ["up"]),
+        helper.make_node("Relu", ["up"], ["act"]),
+        helper.make_node("MatMul", ["act", "w_down"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "n"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "n", HIDDEN])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), weights
 
 
@@ -74,21 +83,31 @@ def test_gptq_on_onnx_lowers_the_output_error_of_rounding(tmp_path):
     model, w = mlp_model(vocab, np.random.default_rng(1))
     src = tmp_path / "m.onnx"
     onnx.save(model, str(src))
-    doc = {"rule": [{"roles": ["linear", "mlp_up", "mlp_down"], "codec": "gquant(bits=3, group=16, mode=asym)",
-                     "calibration": "gptq"}]}
+    doc = {
+        "rule": [
+            {
+                "roles": ["linear", "mlp_up", "mlp_down"],
+                "codec": "gquant(bits=3, group=16, mode=asym)",
+                "calibration": "gptq",
+            }
+        ]
+    }
     policy = policy_from_document(doc, "r")
     plan = onnx_io.plan_conversion(str(src))
     text = CalibrationText(quality.calibration_text()[:20000], "test", window=32, windows=4)
-    stats = onnx_calibrate.collect(onnx_io.filled_model(plan), onnx_io.calibration_methods(plan, policy), text,
-                                   onnx_calibrate.load_tokenizer(path))
+    stats = onnx_calibrate.collect(
+        onnx_io.filled_model(plan), onnx_io.calibration_methods(plan, policy), text, onnx_calibrate.load_tokenizer(path)
+    )
     errors = {}
     for label, calibrations in (("gptq", stats), ("rounded", None)):
         out = str(tmp_path / f"{label}.rbe")
         notes = onnx_io.convert(str(src), out, policy=policy, calibrations=calibrations)
         assert bool(notes) == (calibrations is None)  # rounding says it dropped the calibration
         with Reader(out) as r:
-            errors[label] = sum(np.trace((r.get_tensor(n) - w[n]).T @ stats[n].hessian @ (r.get_tensor(n) - w[n]))
-                                for n in ("w_up", "w_down"))
+            errors[label] = sum(
+                np.trace((r.get_tensor(n) - w[n]).T @ stats[n].hessian @ (r.get_tensor(n) - w[n]))
+                for n in ("w_up", "w_down")
+            )
     assert errors["gptq"] < 0.8 * errors["rounded"]  # 0.46 against 0.71 when written
 
 
@@ -102,7 +121,9 @@ def test_rbe_convert_calibrates_an_onnx_model_given_a_tokenizer(tmp_path, capsys
     text = tmp_path / "calibration.txt"
     text.write_text(quality.calibration_text()[:20000])
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[rule]]\nroles = ["linear"]\ncodec = "gquant(bits=3, group=16, mode=asym)"\ncalibration = "gptq"\n')
+    recipe.write_text(
+        '[[rule]]\nroles = ["linear"]\ncodec = "gquant(bits=3, group=16, mode=asym)"\ncalibration = "gptq"\n'
+    )
     common = ["--recipe", str(recipe), "--calibration", str(text), "--calibration-windows", "2", "--quiet"]
     assert main(["convert", src, str(tmp_path / "c.rbe"), "--tokenizer", path, *common]) == 0
     assert "warning" not in capsys.readouterr().err  # calibrated: nothing dropped

@@ -14,13 +14,13 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from test_eval import _common_words, _tokenizer  # noqa: E402
 
 import rbe_loaders  # noqa: E402
 from rbe_converters import hf, onnx_export  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph  # noqa: E402
 from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
-from test_eval import _common_words, _tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 TOLERANCE = 1e-4
@@ -35,7 +35,7 @@ def _perturb(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
-def dense_session(path: str) -> "ort.InferenceSession":
+def dense_session(path: str) -> ort.InferenceSession:
     """An ONNX Runtime session on the stored graph, each initializer filled from the tensor the
     container maps it to (transposed where flagged)."""
     with Reader(path) as r:
@@ -56,15 +56,23 @@ def convert(directory: str, out: str, *extra: str) -> str:
 
 # -- encoders ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
     directory = str(root / "bert")
     tokenizer = _tokenizer(_common_words(120))
     torch.manual_seed(2)
-    model = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64)).eval()
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).eval()
     _perturb(model, 3)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -159,9 +167,12 @@ def test_onnx_is_refused_for_inputs_without_an_architecture(bert, tmp_path, caps
     single = os.path.join(directory, "model.safetensors")
     assert main(["convert", single, str(tmp_path / "a.rbe"), "--onnx", "--quiet"]) == 2
     assert "config.json" in capsys.readouterr().err
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model_path = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph), model_path)
     assert main(["convert", model_path, str(tmp_path / "b.rbe"), "--onnx", "--quiet"]) == 2
@@ -169,6 +180,7 @@ def test_onnx_is_refused_for_inputs_without_an_architecture(bert, tmp_path, caps
 
 
 # -- hostile mappings -------------------------------------------------------------------
+
 
 def _container(tmp_path, mapping_text: str, initializers=(("init", [3, 2]),)) -> str:
     """A container with tensor "w" [2, 3], a graph whose initializers hold no data, and the mapping given."""
@@ -189,17 +201,23 @@ def test_a_sound_mapping_is_read(tmp_path):
         assert graph_initializers(r) == {"init": ("w", True)}
 
 
-@pytest.mark.parametrize("mapping, message", [
-    ('{"init": {"tensor": "missing", "transposed": true}}', "does not hold"),
-    ('{"init": {"tensor": "w", "transposed": false}}', "does not fit"),
-    ('{"init": {"tensor": "w", "transposed": true}, "init": {"tensor": "w", "transposed": true}}', "twice"),
-    ('{"init": {"tensor": "w", "transposed": "yes"}}', "is not"),
-    ('{"init": {"tensor": "w"}}', "is not"),
-    ('{}', "unmapped"),
-    ('{"init": {"tensor": "w", "transposed": true}, "other": {"tensor": "w", "transposed": true}}', "no initializer"),
-    ('["init"]', "not a JSON object"),
-    ('{"init": ', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ('{"init": {"tensor": "missing", "transposed": true}}', "does not hold"),
+        ('{"init": {"tensor": "w", "transposed": false}}', "does not fit"),
+        ('{"init": {"tensor": "w", "transposed": true}, "init": {"tensor": "w", "transposed": true}}', "twice"),
+        ('{"init": {"tensor": "w", "transposed": "yes"}}', "is not"),
+        ('{"init": {"tensor": "w"}}', "is not"),
+        ("{}", "unmapped"),
+        (
+            '{"init": {"tensor": "w", "transposed": true}, "other": {"tensor": "w", "transposed": true}}',
+            "no initializer",
+        ),
+        ('["init"]', "not a JSON object"),
+        ('{"init": ', "not valid JSON"),
+    ],
+)
 def test_a_hostile_mapping_is_refused(tmp_path, mapping, message):
     path = _container(tmp_path, mapping)
     with Reader(path) as r, pytest.raises(FormatError, match=message):
@@ -207,8 +225,11 @@ def test_a_hostile_mapping_is_refused(tmp_path, mapping, message):
 
 
 def test_an_initializer_defined_twice_is_refused(tmp_path):
-    path = _container(tmp_path, json.dumps({"init": {"tensor": "w", "transposed": True}}),
-                      initializers=(("init", [3, 2]), ("init", [3, 2])))
+    path = _container(
+        tmp_path,
+        json.dumps({"init": {"tensor": "w", "transposed": True}}),
+        initializers=(("init", [3, 2]), ("init", [3, 2])),
+    )
     with Reader(path) as r, pytest.raises(FormatError, match="twice"):
         graph_initializers(r)
 
@@ -223,15 +244,25 @@ def test_decode_leaves_out_only_the_graphs_parts(bert):
 
 # -- causal LMs -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     directory = str(root / "llama")
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(5)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     _perturb(model, 6)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -245,8 +276,12 @@ def ort_greedy(session, prompt: list[int], steps: int, config) -> list[int]:
     ids, done, tokens = np.array([prompt], np.int64), 0, []
     for _ in range(steps):
         seq = ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, done + seq), np.int64),
-                "position_ids": np.arange(done, done + seq, dtype=np.int64)[None], **past}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, done + seq), np.int64),
+            "position_ids": np.arange(done, done + seq, dtype=np.int64)[None],
+            **past,
+        }
         logits, *present = session.run(None, feed)
         tokens.append(int(logits[0, -1].argmax()))
         past = dict(zip(past, present))
@@ -260,7 +295,7 @@ def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_every_causal_lm_weight_is_wired_the_tied_head_once(llama):
@@ -285,13 +320,20 @@ def test_the_causal_lm_graph_takes_a_batch_with_a_past_as_transformers(llama):
     positions = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
     past = [rng.standard_normal((batch, kv_heads, past_len, head_dim)).astype(np.float32) for _ in range(2 * layers)]
     names = onnx_export.cache_names(layers)
-    logits, *present = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                                          **dict(zip(names, past))})
-    cache = transformers.DynamicCache([(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1]))
-                                       for i in range(layers)], config=model.config)
+    logits, *present = session.run(
+        None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **dict(zip(names, past))}
+    )
+    cache = transformers.DynamicCache(
+        [(torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1])) for i in range(layers)], config=model.config
+    )
     with torch.no_grad():
-        expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                         position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
+        expected = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+            past_key_values=cache,
+            use_cache=True,
+        )
     diff = np.abs(logits - expected.logits.numpy()).max()
     print(f"causal LM: max abs diff of logits ORT vs transformers {diff:.2e}")
     assert diff < TOLERANCE
@@ -310,8 +352,9 @@ def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
     directory, model, _ = llama
     text = tmp_path / "calibration.txt"
     text.write_text(" ".join(_common_words(150)) * 20)
-    path = convert(directory, str(tmp_path / "q5.rbe"), "--preset", "q5", "--calibration", str(text),
-                   "--calibration-windows", "2")
+    path = convert(
+        directory, str(tmp_path / "q5.rbe"), "--preset", "q5", "--calibration", str(text), "--calibration-windows", "2"
+    )
     decoded = str(tmp_path / "decoded")
     assert main(["decode", path, decoded, "--quiet"]) == 0
     lossy = transformers.LlamaForCausalLM.from_pretrained(decoded).eval()
@@ -324,8 +367,11 @@ def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
 
 # -- real checkpoints -------------------------------------------------------------------
 
-SENTENCES = ["The container keeps the weights compressed.", "ONNX Runtime runs the graph without torch.",
-             "A short one."]
+SENTENCES = [
+    "The container keeps the weights compressed.",
+    "ONNX Runtime runs the graph without torch.",
+    "A short one.",
+]
 
 
 def test_minilm_with_onnx_runs_in_onnx_runtime_as_transformers(minilm_dir, tmp_path):
@@ -333,9 +379,11 @@ def test_minilm_with_onnx_runs_in_onnx_runtime_as_transformers(minilm_dir, tmp_p
     tokenizer = rbe_loaders.tokenizer(path)
     tokenizer.enable_padding()
     encodings = tokenizer.encode_batch(SENTENCES)
-    feed = {"input_ids": np.array([e.ids for e in encodings], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], np.int64)}
+    feed = {
+        "input_ids": np.array([e.ids for e in encodings], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], np.int64),
+    }
     (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
     model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
     diff = np.abs(hidden - _hidden(model, feed)).max()

@@ -26,11 +26,20 @@ def tiny_model(rng=None) -> onnx.ModelProto:
     def f32(*shape):
         return (rng.standard_normal(shape) * 0.1).astype(np.float32)
 
-    inits = {"tok_table": f32(VOCAB, HIDDEN), "table_b": f32(64, HIDDEN), "pos_ids": np.arange(SEQ, dtype=np.int64),
-             "ln_scale": 1 + f32(HIDDEN), "ln_bias": f32(HIDDEN),
-             "w_up": f32(HIDDEN, 32), "layers.0.mlp.up_proj.bias": f32(32),
-             "w_down": f32(32, HIDDEN), "b_down": f32(HIDDEN),
-             "shape": np.array([SEQ, HIDDEN], np.int64), "w_gemm": f32(8, HIDDEN), "c_gemm": f32(8)}
+    inits = {
+        "tok_table": f32(VOCAB, HIDDEN),
+        "table_b": f32(64, HIDDEN),
+        "pos_ids": np.arange(SEQ, dtype=np.int64),
+        "ln_scale": 1 + f32(HIDDEN),
+        "ln_bias": f32(HIDDEN),
+        "w_up": f32(HIDDEN, 32),
+        "layers.0.mlp.up_proj.bias": f32(32),
+        "w_down": f32(32, HIDDEN),
+        "b_down": f32(HIDDEN),
+        "shape": np.array([SEQ, HIDDEN], np.int64),
+        "w_gemm": f32(8, HIDDEN),
+        "c_gemm": f32(8),
+    }
     nodes = [
         helper.make_node("Gather", ["tok_table", "input_ids"], ["tok"]),
         helper.make_node("Gather", ["table_b", "pos_ids"], ["pos"]),
@@ -45,12 +54,21 @@ def tiny_model(rng=None) -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "w_gemm", "c_gemm"], ["out"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, SEQ])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, SEQ])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [SEQ, 8])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
-        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, SEQ, HIDDEN])], doc_string="a test")
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="rbe-tests",
-                              producer_version="1", ir_version=8)
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, SEQ, HIDDEN])],
+        doc_string="a test",
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17)],
+        producer_name="rbe-tests",
+        producer_version="1",
+        ir_version=8,
+    )
     helper.set_model_props(model, {"purpose": "roundtrip"})
     return model
 
@@ -99,6 +117,7 @@ def tiny_feeds() -> dict:
 
 # -- lossless round trips ------------------------------------------------------------------
 
+
 def test_roundtrip_is_the_same_model_and_runs_the_same(tmp_path):
     model = tiny_model()
     src = save(model, tmp_path / "m.onnx")
@@ -108,8 +127,9 @@ def test_roundtrip_is_the_same_model_and_runs_the_same(tmp_path):
     assert back == model.SerializeToString()  # raw_data in, raw_data out: byte for byte
     restored = onnx.load_model_from_string(back)
     assert restored.metadata_props[0].key == "purpose" and restored.graph.value_info[0].name == "h"
-    np.testing.assert_array_equal(ort_outputs(back, tiny_feeds())[0],
-                                  ort_outputs(model.SerializeToString(), tiny_feeds())[0])
+    np.testing.assert_array_equal(
+        ort_outputs(back, tiny_feeds())[0], ort_outputs(model.SerializeToString(), tiny_feeds())[0]
+    )
 
 
 def test_graph_entry_has_no_weights_and_metadata_names_it(tmp_path):
@@ -136,9 +156,13 @@ def test_typed_fields_come_back_as_raw_data(tmp_path):
 
 
 def test_float16_bit_patterns_in_int32_data(tmp_path):
-    values = np.array([[1.5, -2.0], [65504.0, 2.0 ** -24]], np.float16)
-    t = TensorProto(name="w", data_type=TensorProto.FLOAT16, dims=[2, 2],
-                    int32_data=values.view(np.uint16).astype(np.int32).reshape(-1).tolist())
+    values = np.array([[1.5, -2.0], [65504.0, 2.0**-24]], np.float16)
+    t = TensorProto(
+        name="w",
+        data_type=TensorProto.FLOAT16,
+        dims=[2, 2],
+        int32_data=values.view(np.uint16).astype(np.int32).reshape(-1).tolist(),
+    )
     src = _one_initializer(tmp_path, t)
     onnx_io.convert(src, str(tmp_path / "m.rbe"))
     with Reader(str(tmp_path / "m.rbe")) as r:
@@ -149,8 +173,14 @@ def test_external_data_in_and_out(tmp_path):
     model = tiny_model()
     folder = tmp_path / "in"
     folder.mkdir()
-    onnx.save_model(tiny_model(), str(folder / "m.onnx"), save_as_external_data=True,  # it moves the data
-                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        tiny_model(),
+        str(folder / "m.onnx"),
+        save_as_external_data=True,  # it moves the data
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert run(["convert", str(folder / "m.onnx"), str(tmp_path / "m.rbe")]) == 0
     onnx_io.decode(str(tmp_path / "m.rbe"), str(tmp_path / "dense.onnx"))
     assert (tmp_path / "dense.onnx").read_bytes() == model.SerializeToString()
@@ -160,22 +190,33 @@ def test_external_data_in_and_out(tmp_path):
     split = onnx.load_model(str(tmp_path / "split.onnx"), load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in split.graph.initializer)
     assert inline(split, str(tmp_path)).SerializeToString() == model.SerializeToString()
-    np.testing.assert_array_equal(ort_outputs(inline(split, str(tmp_path)).SerializeToString(), tiny_feeds())[0],
-                                  ort_outputs(model.SerializeToString(), tiny_feeds())[0])
+    np.testing.assert_array_equal(
+        ort_outputs(inline(split, str(tmp_path)).SerializeToString(), tiny_feeds())[0],
+        ort_outputs(model.SerializeToString(), tiny_feeds())[0],
+    )
 
 
 # -- roles ------------------------------------------------------------------------------------
+
 
 def test_roles_come_from_the_graph(tmp_path):
     roles = onnx_io.plan_conversion(save(tiny_model(), tmp_path / "m.onnx")).roles
     assert roles["w_up"].layer == 0 and roles["layers.0.mlp.up_proj.bias"].num_layers == 1
     got = {name: (r.role, r.input_last) for name, r in roles.items()}
-    assert got == {"tok_table": ("token_embedding", None), "table_b": ("position_embedding", None),
-                   "pos_ids": ("other", None), "ln_scale": ("norm_weight", None), "ln_bias": ("norm_bias", None),
-                   "w_up": ("mlp_up", False),  # named by its bias; MatMul's B is input x output
-                   "layers.0.mlp.up_proj.bias": ("linear_bias", None), "w_down": ("linear", False),
-                   "b_down": ("linear_bias", None), "shape": ("other", None),
-                   "w_gemm": ("linear", True), "c_gemm": ("linear_bias", None)}
+    assert got == {
+        "tok_table": ("token_embedding", None),
+        "table_b": ("position_embedding", None),
+        "pos_ids": ("other", None),
+        "ln_scale": ("norm_weight", None),
+        "ln_bias": ("norm_bias", None),
+        "w_up": ("mlp_up", False),  # named by its bias; MatMul's B is input x output
+        "layers.0.mlp.up_proj.bias": ("linear_bias", None),
+        "w_down": ("linear", False),
+        "b_down": ("linear_bias", None),
+        "shape": ("other", None),
+        "w_gemm": ("linear", True),
+        "c_gemm": ("linear_bias", None),
+    }
 
 
 def recipe(tmp_path, body: str) -> str:
@@ -242,8 +283,10 @@ def test_calibrated_rules_encode_without_calibration_and_say_so(tmp_path, capsys
 
 def test_mixed_precision_scores_onnx_weights_by_their_error(tmp_path, capsys):
     src = save(tiny_model(), tmp_path / "m.onnx")
-    body = ('budget_bits = 5.0\nbudget_sensitivity = "model"\n[[rule]]\nroles = ["mlp_up", "mlp_down", "linear"]\n'
-            'codec = "gquant(bits=2, group=16)"\ncalibration = "gptq"\nupgrade = ["gquant(bits=8, group=16)"]\n')
+    body = (
+        'budget_bits = 5.0\nbudget_sensitivity = "model"\n[[rule]]\nroles = ["mlp_up", "mlp_down", "linear"]\n'
+        'codec = "gquant(bits=2, group=16)"\ncalibration = "gptq"\nupgrade = ["gquant(bits=8, group=16)"]\n'
+    )
     out = str(tmp_path / "m.rbe")
     assert run(["convert", src, out, "--recipe", recipe(tmp_path, body)]) == 0
     assert "budget_sensitivity = 'model'" in capsys.readouterr().err
@@ -261,6 +304,7 @@ def test_head_pruning_is_refused(tmp_path, capsys):
 
 
 # -- outputs: --force, atomicity, the input untouched ----------------------------------------
+
 
 def test_existing_outputs_need_force(tmp_path, capsys):
     src = save(tiny_model(), tmp_path / "m.onnx")
@@ -280,8 +324,9 @@ def test_existing_outputs_need_force(tmp_path, capsys):
 def test_output_must_not_be_the_input_or_its_external_data(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
-    onnx.save_model(tiny_model(), str(folder / "m.onnx"), save_as_external_data=True, location="w.bin",
-                    size_threshold=0)
+    onnx.save_model(
+        tiny_model(), str(folder / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
     before = (folder / "w.bin").read_bytes()
     assert run(["convert", str(folder / "m.onnx"), str(folder / "w.bin"), "--force"]) == 2
     assert "input" in one_error(capsys) and (folder / "w.bin").read_bytes() == before
@@ -310,6 +355,7 @@ def test_a_container_without_a_graph_is_refused(model_dir, tmp_path, capsys):
 
 # -- hostile inputs ---------------------------------------------------------------------------
 
+
 def external_model(folder, location: str, dims=(4, 4), offset=None, length=None) -> str:
     """A model whose one initializer points at external data as given (written verbatim)."""
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=list(dims), data_location=TensorProto.EXTERNAL)
@@ -321,8 +367,13 @@ def external_model(folder, location: str, dims=(4, 4), offset=None, length=None)
 
 
 def _one_initializer(folder, t) -> str:
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [t])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [t],
+    )
     return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "m.onnx")
 
 
@@ -358,16 +409,34 @@ def _hostile(kind: str, folder, outside) -> str:
         return inline_model(folder, (4, 4), bytes(60))
     good = tiny_model().SerializeToString()
     path = folder / "m.onnx"
-    path.write_bytes({"truncated": good[: len(good) // 2], "text": b"just some text, not a model\n",
-                      "empty": b"", "json": b'{"graph": {}}'}[kind])
+    path.write_bytes(
+        {
+            "truncated": good[: len(good) // 2],
+            "text": b"just some text, not a model\n",
+            "empty": b"",
+            "json": b'{"graph": {}}',
+        }[kind]
+    )
     return str(path)
 
 
-HOSTILE = {"absolute": "absolute", "dotdot": "'..'", "symlink": "outside the model's folder",
-           "missing": "does not exist", "offset": "past the end", "length": "past the end",
-           "mismatch": "needs 64 bytes", "bad-offset": "not a non-negative", "overflow": "over the limit",
-           "negative": "invalid shape", "short-raw": "needs 64 bytes", "truncated": "ONNX model",
-           "text": "ONNX model", "empty": "ONNX model", "json": "ONNX model"}
+HOSTILE = {
+    "absolute": "absolute",
+    "dotdot": "'..'",
+    "symlink": "outside the model's folder",
+    "missing": "does not exist",
+    "offset": "past the end",
+    "length": "past the end",
+    "mismatch": "needs 64 bytes",
+    "bad-offset": "not a non-negative",
+    "overflow": "over the limit",
+    "negative": "invalid shape",
+    "short-raw": "needs 64 bytes",
+    "truncated": "ONNX model",
+    "text": "ONNX model",
+    "empty": "ONNX model",
+    "json": "ONNX model",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
@@ -385,6 +454,7 @@ def test_hostile_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys, kin
 
 # -- the real model: paraphrase-MiniLM-L3-v2 in fp32 -------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sentence_feeds(minilm_dir):
     """16 sentences tokenized with all-MiniLM-L6-v2's tokenizer (the same uncased BERT vocabulary)."""
@@ -393,8 +463,10 @@ def sentence_feeds(minilm_dir):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
     encoded = tokenizer(default_sentences(16), padding=True, truncation=True, max_length=128, return_tensors="np")
-    return {"input_ids": encoded["input_ids"].astype(np.int64),
-            "attention_mask": encoded["attention_mask"].astype(np.int64)}
+    return {
+        "input_ids": encoded["input_ids"].astype(np.int64),
+        "attention_mask": encoded["attention_mask"].astype(np.int64),
+    }
 
 
 def test_real_model_roundtrip_is_bit_exact(paraphrase_onnx, sentence_feeds, tmp_path):
@@ -431,8 +503,10 @@ def test_real_model_q4_keeps_the_embeddings(paraphrase_onnx, sentence_feeds, tmp
     want = _sentence_embeddings(ort_outputs(open(paraphrase_onnx, "rb").read(), sentence_feeds))
     got = _sentence_embeddings(ort_outputs((tmp_path / "q4.onnx").read_bytes(), sentence_feeds))
     cosine = float(np.mean(np.sum(want * got, 1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))))
-    print(f"q4 (plain gquant, groups along the inputs) mean cosine to the fp32 model over 16 sentences: "
-          f"{cosine:.4f}, file {os.path.getsize(out) / 1e6:.1f} MB")
+    print(
+        f"q4 (plain gquant, groups along the inputs) mean cosine to the fp32 model over 16 sentences: "
+        f"{cosine:.4f}, file {os.path.getsize(out) / 1e6:.1f} MB"
+    )
     # 0.982 measured (0.984 with groups along the outputs: no better for this model's quality,
     # but the layout ONNX Runtime's MatMulNBits consumes).
     assert cosine > 0.975
@@ -450,8 +524,11 @@ def test_a_stored_graph_pointing_at_external_files_is_refused(tmp_path, capsys):
     src = save(model, tmp_path / "m.onnx")
     onnx_io.convert(src, str(tmp_path / "m.rbe"))
     graph = onnx.load_model_from_string(Reader(str(tmp_path / "m.rbe")).read_file(GRAPH_PATH))
-    graph.graph.node[0].attribute.append(helper.make_attribute("t", TensorProto(
-        name="c", data_type=TensorProto.STRING, data_location=TensorProto.EXTERNAL)))
+    graph.graph.node[0].attribute.append(
+        helper.make_attribute(
+            "t", TensorProto(name="c", data_type=TensorProto.STRING, data_location=TensorProto.EXTERNAL)
+        )
+    )
     with Reader(str(tmp_path / "m.rbe")) as r, onnx_io.Writer(str(tmp_path / "bad.rbe")) as w:
         for name in r.keys():
             w.add_array(name, r.get_tensor(name))

@@ -8,9 +8,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
+from test_onnx_export import _encoder_inputs, _hidden, bert, hf_greedy, llama, ort_greedy  # noqa: E402,F401
+
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders import ort as rbe_ort  # noqa: E402
-from test_onnx_export import _encoder_inputs, _hidden, bert, hf_greedy, llama, ort_greedy  # noqa: E402,F401
 
 # Linear weights and embeddings at 4 bits: every form the loader has for gquant.
 Q4 = """[[rule]]

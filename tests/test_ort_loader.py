@@ -24,20 +24,28 @@ VOCAB = 40
 def linear_model(k_in: int, n_out: int, dim: int, seed: int = 0) -> onnx.ModelProto:
     """x (ROWS, K) through a MatMul weight (K, N) and a Gemm weight (N, K) with bias; ids through a table."""
     rng = np.random.default_rng(seed)
-    inits = {"w_matmul": rng.standard_normal((k_in, n_out)).astype(np.float32) * 0.1,
-             "w_gemm": rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1,
-             "b_gemm": rng.standard_normal(n_out).astype(np.float32) * 0.1,
-             "table": rng.standard_normal((VOCAB, dim)).astype(np.float32) * 0.1}
+    inits = {
+        "w_matmul": rng.standard_normal((k_in, n_out)).astype(np.float32) * 0.1,
+        "w_gemm": rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1,
+        "b_gemm": rng.standard_normal(n_out).astype(np.float32) * 0.1,
+        "table": rng.standard_normal((VOCAB, dim)).astype(np.float32) * 0.1,
+    }
     inits["table"][3] = 0.0  # a constant row: asym groups of scale 0
-    nodes = [helper.make_node("MatMul", ["x", "w_matmul"], ["y_matmul"]),
-             helper.make_node("Gemm", ["x", "w_gemm", "b_gemm"], ["y_gemm"], transB=1),
-             helper.make_node("Gather", ["table", "ids"], ["rows"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_matmul"], ["y_matmul"]),
+        helper.make_node("Gemm", ["x", "w_gemm", "b_gemm"], ["y_gemm"], transB=1),
+        helper.make_node("Gather", ["table", "ids"], ["rows"]),
+    ]
     graph = helper.make_graph(
-        nodes, "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, k_in]),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        nodes,
+        "linear",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, k_in]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]),
+        ],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y_matmul", "y_gemm", "rows")],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -55,15 +63,19 @@ def gquant(bits: int, group: int, mode: str) -> str:
 
 def quantized_rules(bits: int, group: int, mode: str, table_bits: int | None = None) -> list[dict]:
     chain = gquant(bits, group, mode)
-    return [{"match": "w_matmul", "input_last": False, "codec": f"transpose(values={chain})"},
-            {"match": "w_gemm", "codec": chain},
-            {"match": "table", "codec": gquant(table_bits or bits, group, mode)}]
+    return [
+        {"match": "w_matmul", "input_last": False, "codec": f"transpose(values={chain})"},
+        {"match": "w_gemm", "codec": chain},
+        {"match": "table", "codec": gquant(table_bits or bits, group, mode)},
+    ]
 
 
 def feeds(k_in: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((ROWS, k_in)).astype(np.float32),
-            "ids": np.array([[0, 3, 7], [VOCAB - 1, 3, 12]], np.int64)}
+    return {
+        "x": rng.standard_normal((ROWS, k_in)).astype(np.float32),
+        "ids": np.array([[0, 3, 7], [VOCAB - 1, 3, 12]], np.int64),
+    }
 
 
 def reference(path: str, inputs: dict) -> dict[str, np.ndarray]:
@@ -71,8 +83,7 @@ def reference(path: str, inputs: dict) -> dict[str, np.ndarray]:
     with Reader(path) as r:
         w = {name: r.get_tensor(name).astype(np.float64) for name in r.keys()}
     x = inputs["x"].astype(np.float64)
-    return {"y_matmul": x @ w["w_matmul"], "y_gemm": x @ w["w_gemm"].T + w["b_gemm"],
-            "rows": w["table"][inputs["ids"]]}
+    return {"y_matmul": x @ w["w_matmul"], "y_gemm": x @ w["w_gemm"].T + w["b_gemm"], "rows": w["table"][inputs["ids"]]}
 
 
 def run_on_the_fly(path: str, inputs: dict) -> tuple[dict[str, np.ndarray], rbe_ort.Report]:
@@ -87,6 +98,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 # -- each mapping against the reference decode ----------------------------------------------
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("mode", ["sym", "asym"])
@@ -132,10 +144,13 @@ def test_scale_zero_groups_decode_to_their_offset(tmp_path):
 
 # -- what stays dense, and the report -------------------------------------------------------
 
+
 def test_other_codecs_and_readers_are_decoded_at_build_and_listed(tmp_path):
-    rules = [{"match": "w_gemm", "codec": "lowrank(rank=4)"},
-             {"match": "w_matmul", "input_last": False, "codec": gquant(4, 32, "sym")},  # groups along N
-             {"match": "table", "codec": gquant(4, 20, "sym")}]  # no power-of-two block divides 20
+    rules = [
+        {"match": "w_gemm", "codec": "lowrank(rank=4)"},
+        {"match": "w_matmul", "input_last": False, "codec": gquant(4, 32, "sym")},  # groups along N
+        {"match": "table", "codec": gquant(4, 20, "sym")},
+    ]  # no power-of-two block divides 20
     path = convert(tmp_path, linear_model(64, 24, 80), rules)
     inputs = feeds(64)
     got, report = run_on_the_fly(path, inputs)
@@ -169,6 +184,7 @@ def test_a_file_without_a_graph_is_refused(tmp_path):
 
 
 # -- rbe export-onnx ----------------------------------------------------------------------------
+
 
 def run(argv) -> int:
     try:
@@ -254,6 +270,7 @@ def test_the_loader_imports_without_torch():
 
 # -- the real model: paraphrase-MiniLM-L3-v2 ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sentence_feeds(minilm_dir):
     """16 sentences through all-MiniLM-L6-v2's tokenizer (the same uncased BERT vocabulary)."""
@@ -264,8 +281,10 @@ def sentence_feeds(minilm_dir):
     tokenizer.enable_padding()
     tokenizer.enable_truncation(128)
     encoded = tokenizer.encode_batch(default_sentences(16))
-    return {"input_ids": np.array([e.ids for e in encoded], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    return {
+        "input_ids": np.array([e.ids for e in encoded], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encoded], np.int64),
+    }
 
 
 def pooled(session, feeds: dict) -> np.ndarray:
@@ -285,12 +304,15 @@ def test_real_model_on_the_fly_matches_its_dense_decode(paraphrase_onnx, sentenc
     dense = pooled(ort.InferenceSession(str(tmp_path / "dense.onnx")), sentence_feeds)
     original = pooled(ort.InferenceSession(paraphrase_onnx), sentence_feeds)
     np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
-    print(f"on the fly: mean cosine {mean_cosine(got, dense):.6f} to the dense decode, "
-          f"{mean_cosine(got, original):.4f} to the fp32 original")
+    print(
+        f"on the fly: mean cosine {mean_cosine(got, dense):.6f} to the dense decode, "
+        f"{mean_cosine(got, original):.4f} to the fp32 original"
+    )
     _, report = rbe_ort.on_the_fly_model(out)
     weights = [row for row in report.rows if row.name.startswith("onnx::MatMul")]
     assert len(weights) == 18 and all(row.form.startswith("MatMulNBits 4-bit block 32") for row in weights)
     assert report.form_of("model.0.auto_model.embeddings.word_embeddings.weight").startswith(
-        "GatherBlockQuantized 8-bit block 64")
+        "GatherBlockQuantized 8-bit block 64"
+    )
     assert not report.decoded_at_build()
     assert report.resident_bytes < 0.3 * report.dense_bytes

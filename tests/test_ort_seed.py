@@ -27,20 +27,27 @@ def seed(block: int, rank: int, seed_bits: int, coef_bits: int = 4) -> str:
 def matmul_model(k_in: int, n_out: int, opset: int = 17, seed_value: int = 0) -> onnx.ModelProto:
     """x (ROWS, K) through a MatMul weight (K, N) and a Gemm weight (N, K, transB=1) with a bias."""
     rng = np.random.default_rng(seed_value)
-    inits = {"w_matmul": rng.standard_normal((k_in, n_out)).astype(np.float32) * 0.1,
-             "w_gemm": rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1,
-             "b_gemm": rng.standard_normal(n_out).astype(np.float32)}
-    nodes = [helper.make_node("MatMul", ["x", "w_matmul"], ["y_matmul"]),
-             helper.make_node("Gemm", ["x", "w_gemm", "b_gemm"], ["y_gemm"], transB=1)]
+    inits = {
+        "w_matmul": rng.standard_normal((k_in, n_out)).astype(np.float32) * 0.1,
+        "w_gemm": rng.standard_normal((n_out, k_in)).astype(np.float32) * 0.1,
+        "b_gemm": rng.standard_normal(n_out).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_matmul"], ["y_matmul"]),
+        helper.make_node("Gemm", ["x", "w_gemm", "b_gemm"], ["y_gemm"], transB=1),
+    ]
     graph = helper.make_graph(
-        nodes, "seeded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, k_in])],
+        nodes,
+        "seeded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, k_in])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y_matmul", "y_gemm")],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def toml_rules(rules: list[dict]) -> str:
-    return "".join(f"[[rule]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in rules)
+    return "".join("[[rule]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in rules)
 
 
 def convert(tmp_path, model: onnx.ModelProto, rules: list[dict]) -> str:
@@ -54,8 +61,10 @@ def convert(tmp_path, model: onnx.ModelProto, rules: list[dict]) -> str:
 
 def seed_rules(chain: str, gemm_chain: str | None = None) -> list[dict]:
     """The MatMul weight grouped along its input axis; the Gemm weight (N, K) has it last already."""
-    return [{"match": "w_matmul", "input_last": False, "codec": f"transpose(values={chain})"},
-            {"match": "w_gemm", "codec": gemm_chain or chain}]
+    return [
+        {"match": "w_matmul", "input_last": False, "codec": f"transpose(values={chain})"},
+        {"match": "w_gemm", "codec": gemm_chain or chain},
+    ]
 
 
 def reference(path: str, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -93,8 +102,10 @@ def test_seed_weights_run_on_a_shared_basis_table(tmp_path, block, rank, seed_bi
     for name, output in (("w_matmul", "y_matmul"), ("w_gemm", "y_gemm")):
         assert report.form_of(name) == form
         error = relative_error(got[output], want[output])
-        print(f"C={block} P={rank} S={seed_bits} {name}: max abs error {np.abs(got[output] - want[output]).max():.2e}, "
-              f"over the output scale {error:.2e}")
+        print(
+            f"C={block} P={rank} S={seed_bits} {name}: max abs error {np.abs(got[output] - want[output]).max():.2e}, "
+            f"over the output scale {error:.2e}"
+        )
         assert error < 2e-6
     assert not report.decoded_at_build()
 
@@ -151,7 +162,9 @@ def test_a_table_larger_than_the_weights_it_serves_is_dense(tmp_path):
 def test_an_opset_without_einsum_is_dense(tmp_path):
     path = convert(tmp_path, matmul_model(64, 32, opset=11), seed_rules(seed(8, 3, 8)))
     _, report = rbe_ort.on_the_fly_model(path)
-    assert report.form_of("w_matmul") == "dense (decoded at build: seed needs Einsum (opset 12); the graph has opset 11)"
+    assert (
+        report.form_of("w_matmul") == "dense (decoded at build: seed needs Einsum (opset 12); the graph has opset 11)"
+    )
 
 
 def test_exported_file_runs_in_a_plain_session(tmp_path):
@@ -194,8 +207,10 @@ def test_runtime_does_not_fold_the_weights_back_to_dense(tmp_path):
     model, report = rbe_ort.on_the_fly_model(path)
     held = initializer_bytes_after_optimization(model, tmp_path)
     folded = initializer_bytes_after_optimization(without_the_input_dependency(model), tmp_path)
-    print(f"initializers after ONNX Runtime's optimizations: {held:,} bytes (report {report.resident_bytes:,}, "
-          f"dense {report.dense_bytes:,}); {folded:,} without the input dependency")
+    print(
+        f"initializers after ONNX Runtime's optimizations: {held:,} bytes (report {report.resident_bytes:,}, "
+        f"dense {report.dense_bytes:,}); {folded:,} without the input dependency"
+    )
     assert report.resident_bytes < 0.25 * report.dense_bytes
     assert held <= report.resident_bytes + 1024  # optimizers may add a few small constants
     assert folded > report.dense_bytes  # what the dependency prevents: the decode folded at session creation

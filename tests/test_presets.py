@@ -8,12 +8,20 @@ import tomllib
 
 import numpy as np
 import pytest
-
 from conftest import write_safetensors
+
 from rbe_converters.cli import main
 from rbe_converters.hf import choose_chains, plan_conversion, plan_roles
-from rbe_converters.recipe import (CALIBRATIONS, Policy, Rule, policy_from_document, policy_from_preset,
-                                   policy_from_recipe, preset_descriptions, preset_names)
+from rbe_converters.recipe import (
+    CALIBRATIONS,
+    Policy,
+    Rule,
+    policy_from_document,
+    policy_from_preset,
+    policy_from_recipe,
+    preset_descriptions,
+    preset_names,
+)
 from rbe_converters.roles import ROLES, TensorRole, classify
 from rbeformat import InputError, UsageError
 from rbeformat.chain import Chain
@@ -31,11 +39,13 @@ def _llama_tensors(layers: int = LLAMA_LAYERS) -> dict[str, tuple[str, tuple[int
     tensors = {"model.embed_tokens.weight": ("F32", (256, 64)), "model.norm.weight": ("F32", (64,))}
     for i in range(layers):
         block = f"model.layers.{i}."
-        tensors |= {block + "self_attn.q_proj.weight": ("F32", (64, 64)),
-                    block + "self_attn.v_proj.weight": ("F32", (32, 64)),
-                    block + "mlp.down_proj.weight": ("F32", (64, 128)),
-                    block + "mlp.up_proj.weight": ("F32", (128, 64)),
-                    block + "input_layernorm.weight": ("F32", (64,))}
+        tensors |= {
+            block + "self_attn.q_proj.weight": ("F32", (64, 64)),
+            block + "self_attn.v_proj.weight": ("F32", (32, 64)),
+            block + "mlp.down_proj.weight": ("F32", (64, 128)),
+            block + "mlp.up_proj.weight": ("F32", (128, 64)),
+            block + "input_layernorm.weight": ("F32", (64,)),
+        }
     return tensors
 
 
@@ -53,11 +63,16 @@ def _chosen(policy: Policy, tensors: dict, config: dict | None) -> dict[str, str
 
 # -- rules by role and layer ----------------------------------------------------------
 
+
 def test_rules_select_by_role_layers_and_pattern():
-    policy = policy_from_document(_doc(
-        'roles = ["attn_v", "mlp_down"]\nlayers = [0, -1]\ncodec = "gquant(bits=8, group=64)"',
-        'role = "attn_v"\nmatch = "*.layers.2.*"\ncodec = "gquant(bits=6, group=64)"',
-        'match = "*_proj.weight"\ncodec = "gquant(bits=4, group=64)"'), "r")
+    policy = policy_from_document(
+        _doc(
+            'roles = ["attn_v", "mlp_down"]\nlayers = [0, -1]\ncodec = "gquant(bits=8, group=64)"',
+            'role = "attn_v"\nmatch = "*.layers.2.*"\ncodec = "gquant(bits=6, group=64)"',
+            'match = "*_proj.weight"\ncodec = "gquant(bits=4, group=64)"',
+        ),
+        "r",
+    )
     chosen = _chosen(policy, _llama_tensors(), LLAMA_CONFIG)
     for i in range(LLAMA_LAYERS):
         v, down = chosen[f"model.layers.{i}.self_attn.v_proj.weight"], chosen[f"model.layers.{i}.mlp.down_proj.weight"]
@@ -79,8 +94,13 @@ def test_a_rule_about_roles_takes_no_tensor_without_a_role():
 
 
 def test_input_last_selects_transposed_weights():
-    policy = policy_from_document(_doc('match = "*"\ninput_last = false\ncodec = "gquant(bits=8, group=0)"',
-                                       'match = "*"\nndim = 2\ncodec = "gquant(bits=4, group=64)"'), "r")
+    policy = policy_from_document(
+        _doc(
+            'match = "*"\ninput_last = false\ncodec = "gquant(bits=8, group=0)"',
+            'match = "*"\nndim = 2\ncodec = "gquant(bits=4, group=64)"',
+        ),
+        "r",
+    )
     gpt2 = {"transformer.h.0.attn.c_attn.weight": ("F32", (64, 192)), "transformer.wte.weight": ("F32", (100, 64))}
     chosen = _chosen(policy, gpt2, {"n_embd": 64, "vocab_size": 100})
     assert "group=0" in chosen["transformer.h.0.attn.c_attn.weight"]
@@ -88,8 +108,13 @@ def test_input_last_selects_transposed_weights():
 
 
 def test_choose_rule_exposes_the_rule_and_its_calibration():
-    policy = policy_from_document(_doc('role = "mlp_up"\ncodec = "gquant(bits=4, group=64)"\ncalibration = "gptq"',
-                                       'role = "mlp_down"\ncodec = "lossless"\ncalibration = "wanda"'), "r")
+    policy = policy_from_document(
+        _doc(
+            'role = "mlp_up"\ncodec = "gquant(bits=4, group=64)"\ncalibration = "gptq"',
+            'role = "mlp_down"\ncodec = "lossless"\ncalibration = "wanda"',
+        ),
+        "r",
+    )
     up, down = TensorRole("mlp_up", 0, True, 1), TensorRole("mlp_down", 0, True, 1)
     rule = policy.choose_rule("x.weight", "F32", (128, 64), up)
     assert isinstance(rule, Rule) and rule.calibration == "gptq"
@@ -99,33 +124,41 @@ def test_choose_rule_exposes_the_rule_and_its_calibration():
     assert policy.choose_rule("x.weight", "F32", (128, 64), None) is None
 
 
-@pytest.mark.parametrize("rule, message", [
-    ('codec = "gquant()"', "needs 'match'"),
-    ('match = "*"', "needs a string key 'codec'"),
-    ('match = 3\ncodec = "gquant()"', "'match' must be a string"),
-    ('role = "attention"\ncodec = "gquant()"', "unknown role(s) ['attention']"),
-    ('roles = []\ncodec = "gquant()"', "'roles' must be a non-empty list"),
-    ('roles = "attn_q"\ncodec = "gquant()"', "'roles' must be a non-empty list"),
-    ('role = ["attn_q"]\ncodec = "gquant()"', "'role' must be a string"),
-    ('role = "attn_q"\nroles = ["attn_k"]\ncodec = "gquant()"', "not both"),
-    ('role = "attn_q"\nlayers = []\ncodec = "gquant()"', "'layers' must be a non-empty list"),
-    ('role = "attn_q"\nlayers = [0, true]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
-    ('role = "attn_q"\nlayers = [1.5]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
-    ('role = "attn_q"\ninput_last = 1\ncodec = "gquant()"', "'input_last' must be true or false"),
-    ('role = "attn_q"\ncalibration = "hqq"\ncodec = "gquant()"', "'calibration' must be one of 'gptq', 'wanda'"),
-    ('role = "attn_q"\nndim = -1\ncodec = "gquant()"', "'ndim' must be a non-negative integer"),
-    ('role = "attn_q"\nlayer = 0\ncodec = "gquant()"', "unknown key(s) ['layer']"),
-    ('role = "attn_q"\ncodec = "gquant(bits=9)"', "codec chain"),
-])
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ('codec = "gquant()"', "needs 'match'"),
+        ('match = "*"', "needs a string key 'codec'"),
+        ('match = 3\ncodec = "gquant()"', "'match' must be a string"),
+        ('role = "attention"\ncodec = "gquant()"', "unknown role(s) ['attention']"),
+        ('roles = []\ncodec = "gquant()"', "'roles' must be a non-empty list"),
+        ('roles = "attn_q"\ncodec = "gquant()"', "'roles' must be a non-empty list"),
+        ('role = ["attn_q"]\ncodec = "gquant()"', "'role' must be a string"),
+        ('role = "attn_q"\nroles = ["attn_k"]\ncodec = "gquant()"', "not both"),
+        ('role = "attn_q"\nlayers = []\ncodec = "gquant()"', "'layers' must be a non-empty list"),
+        ('role = "attn_q"\nlayers = [0, true]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
+        ('role = "attn_q"\nlayers = [1.5]\ncodec = "gquant()"', "'layers' must be a non-empty list"),
+        ('role = "attn_q"\ninput_last = 1\ncodec = "gquant()"', "'input_last' must be true or false"),
+        ('role = "attn_q"\ncalibration = "hqq"\ncodec = "gquant()"', "'calibration' must be one of 'gptq', 'wanda'"),
+        ('role = "attn_q"\nndim = -1\ncodec = "gquant()"', "'ndim' must be a non-negative integer"),
+        ('role = "attn_q"\nlayer = 0\ncodec = "gquant()"', "unknown key(s) ['layer']"),
+        ('role = "attn_q"\ncodec = "gquant(bits=9)"', "codec chain"),
+    ],
+)
 def test_bad_rules_are_usage_errors(rule, message):
     with pytest.raises(UsageError) as exc:
         policy_from_document(_doc(rule), "r.toml")
     assert message in str(exc.value) and "r.toml: rule 1" in str(exc.value)
 
 
-@pytest.mark.parametrize("top, message", [('description = 3\n', "'description' must be a string"),
-                                          ('name = "x"\n', "unknown top-level key(s) ['name']"),
-                                          ('rule = 3\n', "'rule' must be an array of tables")])
+@pytest.mark.parametrize(
+    "top, message",
+    [
+        ("description = 3\n", "'description' must be a string"),
+        ('name = "x"\n', "unknown top-level key(s) ['name']"),
+        ("rule = 3\n", "'rule' must be an array of tables"),
+    ],
+)
 def test_bad_top_level_keys_are_usage_errors(top, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         policy_from_document(tomllib.loads(top), "r.toml")
@@ -146,10 +179,12 @@ def test_a_recipe_file_with_a_description_and_roles(tmp_path):
 
 # -- the converter computes roles --------------------------------------------------------
 
+
 def _llama_dir(root, config: str | None = json.dumps(LLAMA_CONFIG)) -> str:
     rng = np.random.default_rng(0)
-    arrays = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32)
-              for name, (_, shape) in _llama_tensors().items()}
+    arrays = {
+        name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, (_, shape) in _llama_tensors().items()
+    }
     os.makedirs(root)
     write_safetensors(os.path.join(root, "model.safetensors"), arrays, {"format": "pt"})
     if config is not None:
@@ -189,8 +224,21 @@ def test_roles_without_a_config_come_from_names(tmp_path):
 
 # -- the presets ------------------------------------------------------------------------
 
-EXPECTED_PRESETS = {"lossless", "q8", "q6", "q5", "q4", "q4-small", "q3", "q2", "seed", "vq", "minilm-layerwise",
-                    "encoder-q4", "encoder-q3"}
+EXPECTED_PRESETS = {
+    "lossless",
+    "q8",
+    "q6",
+    "q5",
+    "q4",
+    "q4-small",
+    "q3",
+    "q2",
+    "seed",
+    "vq",
+    "minilm-layerwise",
+    "encoder-q4",
+    "encoder-q3",
+}
 
 
 def test_every_preset_file_is_listed_loads_and_describes_itself():
@@ -230,11 +278,13 @@ def test_the_encoder_presets_choose_every_embedding_and_linear_level_by_the_mode
     for name in ("encoder-q4", "encoder-q3"):
         policy = policy_from_preset(name)
         assert (policy.budget_counts, policy.budget_sensitivity) == ("stored", "model")
-        v = policy.choose_rule("encoder.layer.0.attention.self.value.weight", "F32", (64, 64),
-                               TensorRole("attn_v", 0, True, 2))
+        v = policy.choose_rule(
+            "encoder.layer.0.attention.self.value.weight", "F32", (64, 64), TensorRole("attn_v", 0, True, 2)
+        )
         assert v.calibration == "gptq" and [c.codec.bits for c in (v.chain, *v.upgrades)] == [2, 3, 4, 5, 6, 8]
-        words = policy.choose_rule("embeddings.word_embeddings.weight", "F32", (1000, 64),
-                                   TensorRole("token_embedding", None, True, 2))
+        words = policy.choose_rule(
+            "embeddings.word_embeddings.weight", "F32", (1000, 64), TensorRole("token_embedding", None, True, 2)
+        )
         assert words.calibration is None and len(words.upgrades) == 5
         norm = policy.choose_rule("embeddings.LayerNorm.weight", "F32", (64,), TensorRole("norm_weight", None, None, 2))
         assert norm is None or norm.chain.lossless
@@ -246,8 +296,9 @@ def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
     assert policy.budget_bits == 4.8 and policy.budget_counts == "raw"
     small = policy_from_preset("q4-small")
     assert (small.budget_bits, small.budget_counts) == (3.91, "stored")  # the file's size is the point
-    q = policy.choose_rule("model.layers.0.self_attn.q_proj.weight", "F32", (64, 64),
-                           TensorRole("attn_q", 0, True, LLAMA_LAYERS))
+    q = policy.choose_rule(
+        "model.layers.0.self_attn.q_proj.weight", "F32", (64, 64), TensorRole("attn_q", 0, True, LLAMA_LAYERS)
+    )
     assert q.calibration == "gptq" and "bits=4" in q.chain.text() and [c.codec.bits for c in q.upgrades] == [5, 6]
     chosen = _chosen(policy, _llama_tensors(), LLAMA_CONFIG)
     assert "bits=6" in chosen["model.embed_tokens.weight"]
@@ -259,7 +310,6 @@ def test_presets_group_gpt2_conv1d_weights_along_their_inputs():
     in transpose, so that its groups run along the input axis as on any Linear weight."""
     transformers = pytest.importorskip("transformers")
     from rbe_converters.hf import input_axis_grouped
-    from rbeformat.codecs.registry import TENSOR_CODECS
 
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
     model = transformers.GPT2LMHeadModel(config)
@@ -278,6 +328,7 @@ def test_presets_group_gpt2_conv1d_weights_along_their_inputs():
 
 
 # -- the command line -------------------------------------------------------------------
+
 
 def test_rbe_presets_lists_each_with_its_description(capsys):
     assert main(["presets"]) == 0
@@ -332,6 +383,7 @@ def test_info_roles_of_internal_tensors_and_damaged_configs(tmp_path, capsys):
 
 
 # -- the real models --------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_minilm_layerwise_uses_every_technique(minilm_dir, tmp_path, capsys):

@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from conftest import tree_digest
+
 from rbe_converters.cli import main
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
@@ -52,7 +52,7 @@ def test_smollm2_roundtrip_and_generation(smollm2_dir, tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=8, do_sample=False)
-    text = tok.decode(generated[0][ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(generated[0][ids.shape[1] :], skip_special_tokens=True)
     assert text.strip(), "the decoded model generated nothing"
 
 
@@ -111,4 +111,4 @@ def test_lossy_smollm2_perplexity_and_generation(smollm2_dir, tmp_path):
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         generated = lossy.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert tok.decode(generated[0][prompt.shape[1]:], skip_special_tokens=True).strip()
+    assert tok.decode(generated[0][prompt.shape[1] :], skip_special_tokens=True).strip()

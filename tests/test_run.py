@@ -15,12 +15,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from test_eval import _common_words  # noqa: E402
+from test_onnx_export import bert, convert, hf_greedy, llama  # noqa: E402,F401  (fixtures)
+
 import rbe_loaders  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders import run  # noqa: E402
 from rbeformat import UsageError  # noqa: E402
-from test_eval import _common_words  # noqa: E402
-from test_onnx_export import bert, convert, hf_greedy, llama  # noqa: E402,F401  (fixtures)
 
 TOLERANCE = 1e-4
 WORDS = _common_words(120)
@@ -38,9 +39,10 @@ def _hf_mean_pooled(model, tokenizer, texts: list[str]) -> np.ndarray:
 
 def _hf_generate_with_eos(model, prompt: list[int], steps: int, eos: list[int]) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def _ids_of_words(path: str, text: str) -> list[int]:
@@ -50,6 +52,7 @@ def _ids_of_words(path: str, text: str) -> list[int]:
 
 
 # -- encoders ---------------------------------------------------------------------------
+
 
 def test_embed_is_transformers_mean_pooling(bert):
     _, model, tokenizer, path = bert
@@ -123,7 +126,7 @@ def test_generation_stops_at_any_end_token_given(llama):
     free = run.greedy_ids(loaded.session, CHANGING_PROMPT, 8)
     end = free[-1]  # first reached after a few other tokens
     stopped = run.greedy_ids(loaded.session, CHANGING_PROMPT, 8, frozenset({end, 12345}))
-    assert stopped == free[:free.index(end) + 1] and 1 < len(stopped) < 8
+    assert stopped == free[: free.index(end) + 1] and 1 < len(stopped) < 8
 
 
 def test_the_end_tokens_come_from_the_containers_config(llama):
@@ -160,6 +163,7 @@ def test_rbe_run_prints_a_causal_lms_continuation(llama, capsys):
 
 # -- refusals and imports ---------------------------------------------------------------
 
+
 def test_a_container_without_a_graph_is_refused(bert, tmp_path, capsys):
     directory = bert[0]
     bare = str(tmp_path / "bare.rbe")
@@ -187,13 +191,15 @@ def test_running_imports_neither_torch_nor_transformers(bert, llama):
         f"assert run.embed({bert[3]!r}, ['a text']).shape == (1, 32)\n"
         f"assert run.generate({llama[2]!r}, {PROMPT!r}, 2) is not None\n"
         f"assert main(['run', {llama[2]!r}, {PROMPT!r}, '--max-new-tokens', '2', '--threads', '1']) == 0\n"
-        "print('LEAKED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+        "print('LEAKED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "LEAKED []" in done.stdout
 
 
 # -- real checkpoints -------------------------------------------------------------------
+
 
 def test_minilm_embeddings_are_transformers_mean_pooling(minilm_dir, tmp_path):
     path = convert(minilm_dir, str(tmp_path / "minilm.rbe"))

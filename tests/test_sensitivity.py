@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from test_eval import _common_words, _tokenizer
 
 from rbe_converters import calibrate, quality
 from rbe_converters.hf import convert
 from rbe_converters.recipe import policy_from_document
 from rbeformat import Reader, UsageError
-from test_eval import _common_words, _tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,9 +23,16 @@ def _save(model, tokenizer, directory):
 def bert(tmp_path_factory):
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(5)
-    model = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64))
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     return _save(model, tokenizer, str(tmp_path_factory.mktemp("sens") / "bert")), model
 
 
@@ -33,9 +40,18 @@ def bert(tmp_path_factory):
 def llama(tmp_path_factory):
     tokenizer = _tokenizer(_common_words(150))
     torch.manual_seed(6)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
     return _save(model, tokenizer, str(tmp_path_factory.mktemp("sens") / "llama")), model
 
 
@@ -52,7 +68,9 @@ def _probe(directory):
 def test_drift_is_zero_for_the_original_values_and_grows_with_the_change(which, request):
     directory, model = request.getfixturevalue(which)
     probe = _probe(directory)
-    name = "encoder.layer.0.attention.self.value.weight" if which == "bert" else "model.layers.0.self_attn.v_proj.weight"
+    name = (
+        "encoder.layer.0.attention.self.value.weight" if which == "bert" else "model.layers.0.self_attn.v_proj.weight"
+    )
     original = dict(model.named_parameters())[name].detach().numpy().copy()
     noise = np.random.default_rng(0).standard_normal(original.shape).astype(np.float32) * original.std()
     assert probe.drift(name, original) == pytest.approx(0.0, abs=1e-6)
@@ -82,10 +100,18 @@ def test_drift_refuses_a_name_or_shape_the_model_does_not_have(bert):
 
 
 def _recipe(budget, sensitivity):
-    return {"budget_bits": budget, "budget_sensitivity": sensitivity, "rule": [
-        {"roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down"],
-         "codec": "gquant(bits=2, group=32, mode=asym)", "calibration": "gptq",
-         "upgrade": ["gquant(bits=8, group=32, mode=asym)"]}]}
+    return {
+        "budget_bits": budget,
+        "budget_sensitivity": sensitivity,
+        "rule": [
+            {
+                "roles": ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_up", "mlp_down"],
+                "codec": "gquant(bits=2, group=32, mode=asym)",
+                "calibration": "gptq",
+                "upgrade": ["gquant(bits=8, group=32, mode=asym)"],
+            }
+        ],
+    }
 
 
 def test_model_sensitivity_upgrades_what_moves_the_outputs_and_not_the_unused_pooler(bert, tmp_path):
@@ -99,8 +125,11 @@ def test_model_sensitivity_upgrades_what_moves_the_outputs_and_not_the_unused_po
     out = str(tmp_path / "m.rbe")
     convert(directory, out, policy=policy, calibration_text=TEXT, threads=1)
     with Reader(out) as r:
-        bits = {name: t.transform.codec.bits for name, t in r.manifest.tensors.items()
-                if t.transform is not None and hasattr(t.transform.codec, "bits")}
+        bits = {
+            name: t.transform.codec.bits
+            for name, t in r.manifest.tensors.items()
+            if t.transform is not None and hasattr(t.transform.codec, "bits")
+        }
     assert bits["pooler.dense.weight"] == 2  # no drift of the last hidden state: never upgraded
     assert 8 in bits.values() and 2 in bits.values()
 
@@ -111,8 +140,13 @@ def test_model_sensitivity_lowers_the_drift_the_layer_measure_leaves(bert, tmp_p
     drift = {}
     for sensitivity in ("layer", "model"):
         out = str(tmp_path / f"{sensitivity}.rbe")
-        convert(directory, out, policy=policy_from_document(_recipe(3.5, sensitivity), "r"),
-                calibration_text=TEXT, threads=1)
+        convert(
+            directory,
+            out,
+            policy=policy_from_document(_recipe(3.5, sensitivity), "r"),
+            calibration_text=TEXT,
+            threads=1,
+        )
         with Reader(out) as r:
             drift[sensitivity] = _drift_of_all(probe, r)
     assert drift["model"] < drift["layer"]  # 2.7e-6 against 3.4e-6 when written
@@ -120,8 +154,11 @@ def test_model_sensitivity_lowers_the_drift_the_layer_measure_leaves(bert, tmp_p
 
 def _drift_of_all(probe, reader):
     """The probe's drift with every encoded tensor in place at once."""
-    decoded = {name: reader.get_tensor(name).astype(np.float32) for name, t in reader.manifest.tensors.items()
-               if t.transform is not None and name in probe.parameters}
+    decoded = {
+        name: reader.get_tensor(name).astype(np.float32)
+        for name, t in reader.manifest.tensors.items()
+        if t.transform is not None and name in probe.parameters
+    }
     *others, last = decoded
     originals = {name: probe.parameters[name].data for name in others}
     try:

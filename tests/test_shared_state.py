@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from conftest import write_safetensors
+
 from rbe_converters.hf import convert
 from rbe_converters.recipe import Policy, Rule, policy_from_codec
 from rbeformat import Reader, UsageError, Writer
@@ -76,15 +76,22 @@ def test_a_shared_state_codec_cannot_encode_a_part(rowmean_registered):
 
 
 def test_a_chain_is_checked_before_the_encoder_runs(tmp_path, monkeypatch):
-    bad = Chain(parse_chain("gquant(bits=4, group=32)", registry.TENSOR_CODECS).codec,
-                {"codes": parse_chain("gquant(bits=8, group=0)", registry.TENSOR_CODECS)})
+    bad = Chain(
+        parse_chain("gquant(bits=4, group=32)", registry.TENSOR_CODECS).codec,
+        {"codes": parse_chain("gquant(bits=8, group=0)", registry.TENSOR_CODECS)},
+    )
     monkeypatch.setattr(type(bad.codec), "encode_array", lambda *a: pytest.fail("encoded before the check"))
     with Writer(tmp_path / "x.rbe", force=True) as w, pytest.raises(UsageError, match="cannot chain"):
         w.add_transformed("w", "F32", np.zeros((4, 32), np.float32), bad)
 
 
-@pytest.mark.parametrize("policy", [policy_from_codec("gquant(bits=4, group=32)"),
-                                    Policy([Rule("no.such.tensor", parse_chain("gquant()", registry.TENSOR_CODECS))])])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        policy_from_codec("gquant(bits=4, group=32)"),
+        Policy([Rule("no.such.tensor", parse_chain("gquant()", registry.TENSOR_CODECS))]),
+    ],
+)
 def test_a_policy_that_changes_no_tensor_is_refused_and_writes_nothing(tmp_path, policy):
     src = tmp_path / "v.safetensors"
     write_safetensors(str(src), {"bias": np.zeros(7, np.float32), "ids": np.arange(5)})

@@ -73,9 +73,7 @@ def _public_constants() -> dict[str, int | bytes]:
     return {
         name: value
         for name, value in vars(spec).items()
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", name)
-        and isinstance(value, (int, bytes))
-        and not isinstance(value, bool)
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and isinstance(value, (int, bytes)) and not isinstance(value, bool)
     }
 
 
@@ -187,7 +185,8 @@ def test_tensor_codec_registry_lists_every_codec():
     names = [r["Name"] for r in TENSOR_CODEC_ROWS]
     assert len(names) == len(set(names)), "a tensor codec is listed twice"
     assert set(names) == set(TENSOR_CODECS), (
-        f"spec lists {sorted(names)}, rbeformat.codecs.registry.TENSOR_CODECS has {sorted(TENSOR_CODECS)}")
+        f"spec lists {sorted(names)}, rbeformat.codecs.registry.TENSOR_CODECS has {sorted(TENSOR_CODECS)}"
+    )
     assert not set(names) & set(CODECS), "a name is used by both a blob codec and a tensor codec"
 
 
@@ -197,7 +196,8 @@ def test_tensor_codec_row_matches_code(row):
     assert cls is not None, f"{row['Name']} is not in TENSOR_CODECS"
     assert row["Module"] == cls.__module__.replace(".", "/") + ".py", f"{row['Name']} is defined in {cls.__module__}"
     assert _cell_names(row["Chainable parts"]) == list(cls.chainable_parts), (
-        f"{row['Name']}: spec says {row['Chainable parts']!r}, code has {cls.chainable_parts}")
+        f"{row['Name']}: spec says {row['Chainable parts']!r}, code has {cls.chainable_parts}"
+    )
     if row["Lossless"] in ("yes", "no"):
         assert cls.lossless == (row["Lossless"] == "yes"), row["Name"]
     else:  # lossless only in some configuration: the class as such is not
@@ -238,8 +238,7 @@ def test_byteplane_example_decodes(implementation, block, monkeypatch):
     if implementation == "numpy reference":
         monkeypatch.setattr(planes, "_native", None)
     fields = dict(
-        (k.strip(), v.strip())
-        for k, v in (line.split(":", 1) for line in _block(block).splitlines() if ":" in line)
+        (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in _block(block).splitlines() if ":" in line)
     )
     dtype = spec.DTYPES[fields["dtype"]]
     expected = _hex(fields["decoded"])
@@ -250,11 +249,17 @@ def test_byteplane_example_decodes(implementation, block, monkeypatch):
         values = values.astype(dtype.numpy_storage)
     assert values.tobytes() == expected
     codec = codec_from_record(
-        {"name": "byteplane", "must_understand": True,
-         "config": {"transform": fields["transform"], "chunk_items": len(values)}}, "example")
+        {
+            "name": "byteplane",
+            "must_understand": True,
+            "config": {"transform": fields["transform"], "chunk_items": len(values)},
+        },
+        "example",
+    )
     out = bytearray(len(expected))
-    codec.decode_chunk(memoryview(_hex(fields["section"])), json.loads(fields["params"]), dtype,
-                       memoryview(out), "example")
+    codec.decode_chunk(
+        memoryview(_hex(fields["section"])), json.loads(fields["params"]), dtype, memoryview(out), "example"
+    )
     assert bytes(out) == expected
 
 
@@ -283,7 +288,9 @@ def test_transformed_example_is_a_valid_manifest():
 def test_transformed_example_is_what_the_writer_writes(tmp_path):
     base = np.array([1.0, 0.5, -2.0, 0.25], np.float32)
     x = np.array([1.0625, 0.5, -2.125, 0.25], np.float32)
-    chain = Chain(NormDelta("rbe:base/F32/4", "float"), {"delta": parse_chain("gquant(bits=4, group=0)", TENSOR_CODECS)})
+    chain = Chain(
+        NormDelta("rbe:base/F32/4", "float"), {"delta": parse_chain("gquant(bits=4, group=0)", TENSOR_CODECS)}
+    )
     path = tmp_path / "transformed.rbe"
     with Writer(path, threads=1) as w:
         w.add_array("rbe:base/F32/4", base, dedup=False, internal=True)

@@ -15,23 +15,32 @@ from rbeformat.codecs.byteplane import Byteplane  # noqa: E402
 from rbeformat.codecs.raw import Raw  # noqa: E402
 
 
-def bits(t: "torch.Tensor") -> list:
+def bits(t: torch.Tensor) -> list:
     """Comparable values: the raw bits for one-byte floats, which have no exact equality in torch."""
     return t.view(torch.uint8).tolist() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t.tolist()
 
 
-def every_dtype() -> dict[str, "torch.Tensor"]:
+def every_dtype() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g)
     return {
-        "f64": x.double(), "f32": x, "f16": x.half(), "bf16": x.bfloat16(),
-        "e4m3": x.to(torch.float8_e4m3fn), "e5m2": x.to(torch.float8_e5m2),
-        "i64": torch.arange(-3, 3), "i32": torch.arange(4, dtype=torch.int32), "i16": torch.tensor([-7], dtype=torch.int16),
-        "i8": torch.tensor([-128, 127], dtype=torch.int8), "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "f64": x.double(),
+        "f32": x,
+        "f16": x.half(),
+        "bf16": x.bfloat16(),
+        "e4m3": x.to(torch.float8_e4m3fn),
+        "e5m2": x.to(torch.float8_e5m2),
+        "i64": torch.arange(-3, 3),
+        "i32": torch.arange(4, dtype=torch.int32),
+        "i16": torch.tensor([-7], dtype=torch.int16),
+        "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
         "u16": torch.tensor([65535], dtype=torch.int32).to(torch.uint16),
-        "u32": torch.tensor([7], dtype=torch.int64).to(torch.uint32), "u64": torch.tensor([9]).to(torch.uint64),
+        "u32": torch.tensor([7], dtype=torch.int64).to(torch.uint32),
+        "u64": torch.tensor([9]).to(torch.uint64),
         "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
     }
 
 
@@ -108,12 +117,15 @@ def test_save_file_takes_grad_tensors_and_keeps_inputs(tmp_path):
     assert torch.equal(load_file(tmp_path / "g.rbe")["p"], before) and torch.equal(p.detach(), before)
 
 
-@pytest.mark.parametrize("value, message", [
-    (np.ones(2, np.float32), "expected a torch.Tensor, got ndarray"),
-    (torch.zeros(2, dtype=torch.complex64), "complex64 has no rbe dtype"),
-    (torch.zeros(3, 3).to_sparse(), "sparse"),
-    (torch.empty(2, device="meta"), "cannot copy it from meta"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (np.ones(2, np.float32), "expected a torch.Tensor, got ndarray"),
+        (torch.zeros(2, dtype=torch.complex64), "complex64 has no rbe dtype"),
+        (torch.zeros(3, 3).to_sparse(), "sparse"),
+        (torch.empty(2, device="meta"), "cannot copy it from meta"),
+    ],
+)
 def test_save_file_rejects_what_it_cannot_store(tmp_path, value, message):
     with pytest.raises(InputError, match=message):
         save_file({"x": value}, tmp_path / "x.rbe")

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rbe_craft import append_section, assemble, split_file, tensor  # noqa: E402
+
 from rbe_loaders import torch_codecs as tc  # noqa: E402
 from rbeformat import FormatError, Reader, Writer  # noqa: E402
 from rbeformat.chain import Chain, parse_chain  # noqa: E402
@@ -55,8 +56,16 @@ def relative_error(got: torch.Tensor, want: np.ndarray) -> float:
     return float(np.abs(got.double().numpy() - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def check(r: Reader, name: str, *, kernel="int4", exact=True, linear_tolerance=EXACT_TOLERANCE,
-          matmul_tolerance=EXACT_TOLERANCE, compressed=True) -> tc.WeightDecoder:
+def check(
+    r: Reader,
+    name: str,
+    *,
+    kernel="int4",
+    exact=True,
+    linear_tolerance=EXACT_TOLERANCE,
+    matmul_tolerance=EXACT_TOLERANCE,
+    compressed=True,
+) -> tc.WeightDecoder:
     """forward, rows, linear and matmul of the decoder against the reference decode; returns the decoder."""
     want = reference(r, name)
     dec = tc.build_decoder(r, name, kernel=kernel)
@@ -70,8 +79,9 @@ def check(r: Reader, name: str, *, kernel="int4", exact=True, linear_tolerance=E
     first = want.shape[0]
     index = torch.tensor([[0, first - 1], [first // 2, 0]])
     rows = dec.rows(index)
-    np.testing.assert_allclose(rows.numpy(), want[index.numpy()], rtol=0 if exact else 1e-6,
-                               atol=0 if exact else 1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(
+        rows.numpy(), want[index.numpy()], rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6 * np.abs(want).max()
+    )
     np.testing.assert_array_equal(dec.rows(torch.tensor([-1])).numpy(), rows[0, 1:].numpy())
     if want.ndim == 2:
         rng = np.random.default_rng(5)
@@ -87,6 +97,7 @@ def check(r: Reader, name: str, *, kernel="int4", exact=True, linear_tolerance=E
 
 # -- packed codes ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bits", list(range(1, 17)) + [21, 25])
 def test_unpacking_matches_bitpack(bits):
     from rbeformat.codecs import bitpack
@@ -98,8 +109,9 @@ def test_unpacking_matches_bitpack(bits):
         if bits <= 16:
             np.testing.assert_array_equal(tc.unpack(packed, bits, count).long().numpy(), values)
         positions = rng.integers(0, max(count, 1), (3, 5)) if count else np.zeros((0,), np.int64)
-        np.testing.assert_array_equal(tc.unpack_at(packed, bits, torch.from_numpy(positions)).numpy(),
-                                      values[positions])
+        np.testing.assert_array_equal(
+            tc.unpack_at(packed, bits, torch.from_numpy(positions)).numpy(), values[positions]
+        )
 
 
 # -- gquant ---------------------------------------------------------------------------------------
@@ -118,10 +130,12 @@ GQUANT_CASES = {  # name: (shape, group, scale dtype, fits the int4 kernel)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("mode", ["sym", "asym"])
 def test_gquant_decodes_exactly_and_runs_the_int4_kernel_where_it_fits(tmp_path, bits, mode):
-    tensors = {name: (weights(shape, i), f"gquant(bits={bits}, group={group}, mode={mode}, scale_dtype={sd})", "F32")
-               for i, (name, (shape, group, sd, _)) in enumerate(GQUANT_CASES.items())}
+    tensors = {
+        name: (weights(shape, i), f"gquant(bits={bits}, group={group}, mode={mode}, scale_dtype={sd})", "F32")
+        for i, (name, (shape, group, sd, _)) in enumerate(GQUANT_CASES.items())
+    }
     with Reader(write(tmp_path / "g.rbe", tensors)) as r:
-        for name, (shape, group, _, fits) in GQUANT_CASES.items():
+        for name, (shape, _, _, fits) in GQUANT_CASES.items():
             dec = check(r, name, linear_tolerance=INT4_TOLERANCE if fits else EXACT_TOLERANCE)
             assert (dec.int4 is not None) == fits, (name, dec.int4_reason)
             assert ("int4 kernel" in dec.form) == fits
@@ -158,8 +172,10 @@ def test_int4_fit_rules():
 def test_narrow_tensors_come_back_rounded_as_the_reader_rounds_them(tmp_path, dtype):
     array = weights((32, 64))
     stored = array.astype(np.float16) if dtype == "F16" else (array.view(np.uint32) >> 16).astype(np.uint16)
-    path = write(tmp_path / "n.rbe", {"q": (stored, "gquant(bits=5, group=32, mode=asym)", dtype),
-                                      "l": (stored, "lowrank(rank=8)", dtype)})
+    path = write(
+        tmp_path / "n.rbe",
+        {"q": (stored, "gquant(bits=5, group=32, mode=asym)", dtype), "l": (stored, "lowrank(rank=8)", dtype)},
+    )
     with Reader(path) as r:
         check(r, "q", kernel="exact")
         check(r, "l", exact=False)
@@ -177,11 +193,17 @@ def test_chained_scales_and_zeros_are_child_decoders(tmp_path):
 
 # -- transpose and lowrank ------------------------------------------------------------------------
 
+
 def test_transpose_of_gquant_runs_matmul_on_the_int4_kernel(tmp_path):
     # A MatMul weight B (K=64 in, N=48 out) stored as values = B.T (N, K), grouped along its input axis.
-    path = write(tmp_path / "t.rbe", {"b": (weights((64, 48)), "transpose(values=gquant(bits=4, group=32))", "F32"),
-                                      "plain": (weights((24, 40)), "transpose", "F32"),
-                                      "p": (weights((40, 64)), "transpose(values=palette(bits=4))", "F32")})
+    path = write(
+        tmp_path / "t.rbe",
+        {
+            "b": (weights((64, 48)), "transpose(values=gquant(bits=4, group=32))", "F32"),
+            "plain": (weights((24, 40)), "transpose", "F32"),
+            "p": (weights((40, 64)), "transpose(values=palette(bits=4))", "F32"),
+        },
+    )
     with Reader(path) as r:
         dec = check(r, "b", matmul_tolerance=INT4_TOLERANCE)
         assert dec.values.int4 is not None and dec.form.startswith("transpose of [gquant 4-bit g32 sym")
@@ -190,18 +212,25 @@ def test_transpose_of_gquant_runs_matmul_on_the_int4_kernel(tmp_path):
         check(r, "p")
 
 
-@pytest.mark.parametrize("text, kernel_used", [
-    ("lowrank(rank=8)", False),
-    ("lowrank(rank=32, A=gquant(bits=4, group=32), B=gquant(bits=4, group=32))", True),
-    ("lowrank(rank=8, A=gquant(bits=6, group=16, mode=asym), B=palette(bits=4, scope=row), "
-     "residual=nm24(values=gquant(bits=8, group=32)))", False),
-    ("lowrank(rank=8, A=posdct(keep=16), residual=sparse(density=0.2))", False),
-])
+@pytest.mark.parametrize(
+    "text, kernel_used",
+    [
+        ("lowrank(rank=8)", False),
+        ("lowrank(rank=32, A=gquant(bits=4, group=32), B=gquant(bits=4, group=32))", True),
+        (
+            "lowrank(rank=8, A=gquant(bits=6, group=16, mode=asym), B=palette(bits=4, scope=row), "
+            "residual=nm24(values=gquant(bits=8, group=32)))",
+            False,
+        ),
+        ("lowrank(rank=8, A=posdct(keep=16), residual=sparse(density=0.2))", False),
+    ],
+)
 def test_lowrank_runs_linear_as_two_matmuls(tmp_path, text, kernel_used):
     with Reader(single(tmp_path, text, (64, 96), seed=3)) as r:
         tolerance = 3 * INT4_TOLERANCE if kernel_used else EXACT_TOLERANCE
-        dec = check(r, "w", exact=False, linear_tolerance=tolerance,
-                    compressed="residual" not in text or "gquant" in text)
+        dec = check(
+            r, "w", exact=False, linear_tolerance=tolerance, compressed="residual" not in text or "gquant" in text
+        )
         if kernel_used:
             assert dec.A.int4 is not None and dec.B.int4 is not None
             check(r, "w", exact=False, kernel="exact")
@@ -211,19 +240,30 @@ def test_lowrank_runs_linear_as_two_matmuls(tmp_path, text, kernel_used):
 
 # -- palette, vq, sparse, nm24 ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["palette(bits=1, scope=tensor)", "palette(bits=4, scope=tensor)",
-                                  "palette(bits=8, scope=tensor, codebook_dtype=F32)",
-                                  "palette(bits=3, scope=row)", "palette(bits=2, scope=group, group=16)"])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "palette(bits=1, scope=tensor)",
+        "palette(bits=4, scope=tensor)",
+        "palette(bits=8, scope=tensor, codebook_dtype=F32)",
+        "palette(bits=3, scope=row)",
+        "palette(bits=2, scope=group, group=16)",
+    ],
+)
 def test_palette(tmp_path, text):
     with Reader(single(tmp_path, text, (24, 40), seed=4)) as r:  # rows of 40: groups of 16, 16 and 8
         check(r, "w")
 
 
-@pytest.mark.parametrize("text, shape", [
-    ("vq(dim=4, bits=4)", (24, 64)),
-    ("vq(dim=8, bits=10, scale=tensor)", (64, 128)),  # 1024 centroids: 10-bit indices
-    ("vq(dim=4, bits=6, codebook=gquant(bits=8, group=0), scales=gquant(bits=8, group=0))", (32, 64)),
-])
+@pytest.mark.parametrize(
+    "text, shape",
+    [
+        ("vq(dim=4, bits=4)", (24, 64)),
+        ("vq(dim=8, bits=10, scale=tensor)", (64, 128)),  # 1024 centroids: 10-bit indices
+        ("vq(dim=4, bits=6, codebook=gquant(bits=8, group=0), scales=gquant(bits=8, group=0))", (32, 64)),
+    ],
+)
 def test_vq(tmp_path, text, shape):
     with Reader(single(tmp_path, text, shape, seed=5)) as r:
         dec = check(r, "w")
@@ -231,8 +271,14 @@ def test_vq(tmp_path, text, shape):
             assert isinstance(dec.codebook, tc.GQuantDecoder) and isinstance(dec.scales, tc.GQuantDecoder)
 
 
-@pytest.mark.parametrize("text, index", [("sparse(density=0.5)", "mask"), ("sparse(density=0.02)", "deltas"),
-                                         ("sparse(density=0.3, values=gquant(bits=8, group=32))", None)])
+@pytest.mark.parametrize(
+    "text, index",
+    [
+        ("sparse(density=0.5)", "mask"),
+        ("sparse(density=0.02)", "deltas"),
+        ("sparse(density=0.3, values=gquant(bits=8, group=32))", None),
+    ],
+)
 def test_sparse(tmp_path, text, index, monkeypatch):
     with Reader(single(tmp_path, text, (32, 64), seed=6)) as r:
         if index is not None:
@@ -244,8 +290,9 @@ def test_sparse(tmp_path, text, index, monkeypatch):
             assert dec.index == "mask" and not hasattr(dec, "deltas")
 
 
-@pytest.mark.parametrize("text, shape", [("nm24", (16, 40)), ("nm24", (3, 12)),
-                                         ("nm24(values=gquant(bits=4, group=16))", (32, 64))])
+@pytest.mark.parametrize(
+    "text, shape", [("nm24", (16, 40)), ("nm24", (3, 12)), ("nm24(values=gquant(bits=4, group=16))", (32, 64))]
+)
 def test_nm24(tmp_path, text, shape):
     with Reader(single(tmp_path, text, shape, seed=7)) as r:
         check(r, "w", compressed="gquant" in text)
@@ -253,12 +300,16 @@ def test_nm24(tmp_path, text, shape):
 
 # -- seed -------------------------------------------------------------------------------------------
 
+
 def test_seed_decodes_exactly_from_one_shared_table_per_setting(tmp_path):
-    path = write(tmp_path / "s.rbe", {
-        "a": (weights((16, 64), 1), "seed(block=8, rank=3, seed_bits=12)", "F32"),
-        "b": (weights((8, 32), 2), "seed(block=8, rank=3, seed_bits=12)", "F32"),
-        "c": (weights((8, 48), 3), "seed(block=4, rank=2, seed_bits=8, coef_bits=3, exp_bits=5)", "F32"),
-    })
+    path = write(
+        tmp_path / "s.rbe",
+        {
+            "a": (weights((16, 64), 1), "seed(block=8, rank=3, seed_bits=12)", "F32"),
+            "b": (weights((8, 32), 2), "seed(block=8, rank=3, seed_bits=12)", "F32"),
+            "c": (weights((8, 48), 3), "seed(block=4, rank=2, seed_bits=8, coef_bits=3, exp_bits=5)", "F32"),
+        },
+    )
     tables: dict = {}
     with Reader(path) as r:
         for name in "abc":
@@ -271,6 +322,7 @@ def test_seed_decodes_exactly_from_one_shared_table_per_setting(tmp_path):
 
 # -- what gets no decoder ---------------------------------------------------------------------------
 
+
 def test_plain_and_unmapped_tensors_get_no_decoder(tmp_path):
     base = np.array([1.0, 0.5, -2.0, 0.25], np.float32)
     smooth = np.cos(np.outer(np.arange(64) / 64, [1.0, 2.0, 3.0])).astype(np.float32)
@@ -279,11 +331,15 @@ def test_plain_and_unmapped_tensors_get_no_decoder(tmp_path):
         w.add_array("plain", weights((4, 4)))
         w.add_transformed("pos", "F32", smooth, parse_chain("posdct(keep=8)", TENSOR_CODECS))
         w.add_array("rbe:base/F32/4", base, dedup=False, internal=True)
-        w.add_transformed("ln", "F32", base + 0.0625, Chain(NormDelta("rbe:base/F32/4", "float"), {}),
-                          refs={"rbe:base/F32/4": base})
+        w.add_transformed(
+            "ln", "F32", base + 0.0625, Chain(NormDelta("rbe:base/F32/4", "float"), {}), refs={"rbe:base/F32/4": base}
+        )
     with Reader(path) as r:
-        for name, reason in (("plain", "stored losslessly"), ("pos", "posdct has no torch mapping"),
-                             ("ln", "normdelta reads other tensors (rbe:base/F32/4)")):
+        for name, reason in (
+            ("plain", "stored losslessly"),
+            ("pos", "posdct has no torch mapping"),
+            ("ln", "normdelta reads other tensors (rbe:base/F32/4)"),
+        ):
             assert tc.build_decoder(r, name) is None
             assert tc.decode_at_load_reason(r, name) == reason
         with pytest.raises(ValueError, match="kernel"):
@@ -292,15 +348,18 @@ def test_plain_and_unmapped_tensors_get_no_decoder(tmp_path):
 
 # -- malformed parts ----------------------------------------------------------------------------------
 
+
 def with_part(path, name: str, part: str, payload: bytes) -> str:
     """A copy of the file whose ``part`` of tensor ``name`` holds ``payload`` (stored raw, same length)."""
     area, manifest = split_file(open(path, "rb").read())
     area, offset = append_section(area, payload)
     entry = tensor(manifest, name)["parts"][part]
     items = len(payload) // DTYPES[entry["dtype"]].itemsize
-    entry.update(codec=Raw().describe(), digest="sha256:" + hashlib.sha256(payload).hexdigest(),
-                 chunks=[{"offset": offset, "length": len(payload), "crc32": crc32(payload), "items": items,
-                          "params": {}}])
+    entry.update(
+        codec=Raw().describe(),
+        digest="sha256:" + hashlib.sha256(payload).hexdigest(),
+        chunks=[{"offset": offset, "length": len(payload), "crc32": crc32(payload), "items": items, "params": {}}],
+    )
     out = str(path) + ".bad.rbe"
     with open(out, "wb") as fh:
         fh.write(assemble(area, manifest))
@@ -317,13 +376,24 @@ def bad_values(path, part: str, bits: int, count: int, edit) -> str:
     return with_part(path, "w", part, bitpack.pack(values, bits).tobytes())
 
 
-@pytest.mark.parametrize("text, shape, part, bits, count, edit, message", [
-    # 6 vectors: k = 6 centroids with 3-bit indices, so index 7 is past the codebook.
-    ("vq(dim=4, bits=4)", (3, 8), "indices", 3, 6, lambda v: v.__setitem__(2, 7), "index 7 out of range"),
-    ("seed(block=8, rank=3, seed_bits=8)", (2, 16), "seeds", 8, 4, lambda v: v.__setitem__(1, 0), "seed 0 is invalid"),
-    ("nm24", (2, 8), "patterns", 13, 1, lambda v: v.__setitem__(0, 7776), "not below 6\\*\\*5"),
-    ("nm24", (2, 8), "patterns", 13, 1, lambda v: v.__setitem__(0, 6**4), "padding groups"),
-])
+@pytest.mark.parametrize(
+    "text, shape, part, bits, count, edit, message",
+    [
+        # 6 vectors: k = 6 centroids with 3-bit indices, so index 7 is past the codebook.
+        ("vq(dim=4, bits=4)", (3, 8), "indices", 3, 6, lambda v: v.__setitem__(2, 7), "index 7 out of range"),
+        (
+            "seed(block=8, rank=3, seed_bits=8)",
+            (2, 16),
+            "seeds",
+            8,
+            4,
+            lambda v: v.__setitem__(1, 0),
+            "seed 0 is invalid",
+        ),
+        ("nm24", (2, 8), "patterns", 13, 1, lambda v: v.__setitem__(0, 7776), "not below 6\\*\\*5"),
+        ("nm24", (2, 8), "patterns", 13, 1, lambda v: v.__setitem__(0, 6**4), "padding groups"),
+    ],
+)
 def test_out_of_range_indices_raise_format_error(tmp_path, text, shape, part, bits, count, edit, message):
     path = bad_values(single(tmp_path, text, shape), part, bits, count, edit)
     with Reader(path) as r:

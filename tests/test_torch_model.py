@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from test_eval import _common_words, _tokenizer
 
 from rbe_converters.hf import convert
 from rbe_converters.recipe import policy_from_document
-from rbeformat import FormatError, OutputExistsError, Reader, RbeError, UsageError
-from test_eval import _common_words, _tokenizer
+from rbeformat import FormatError, OutputExistsError, RbeError, Reader, UsageError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,8 +21,15 @@ EMBEDDINGS = ["token_embedding", "tied_embedding", "position_embedding"]
 
 def _tiny(tmp_path_factory, name, model_class, config):
     tokenizer = _tokenizer(_common_words(150))
-    model = model_class(config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, max_position_embeddings=64))
+    model = model_class(
+        config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+        )
+    )
     directory = str(tmp_path_factory.mktemp("tm") / name)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -32,15 +39,25 @@ def _tiny(tmp_path_factory, name, model_class, config):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     torch.manual_seed(3)
-    return _tiny(tmp_path_factory, "llama", transformers.LlamaForCausalLM, lambda **kw: transformers.LlamaConfig(
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **kw))
+    return _tiny(
+        tmp_path_factory,
+        "llama",
+        transformers.LlamaForCausalLM,
+        lambda **kw: transformers.LlamaConfig(
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **kw
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     torch.manual_seed(4)
-    return _tiny(tmp_path_factory, "bert", transformers.BertModel,
-                 lambda **kw: transformers.BertConfig(num_attention_heads=2, **kw))
+    return _tiny(
+        tmp_path_factory,
+        "bert",
+        transformers.BertModel,
+        lambda **kw: transformers.BertConfig(num_attention_heads=2, **kw),
+    )
 
 
 def _rules(linear: str, embedding: str | None = None) -> dict:
@@ -70,11 +87,14 @@ def _ids(vocab, length=12, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(2, vocab, (1, length)))
 
 
-@pytest.mark.parametrize("linear, embedding", [
-    ("gquant(bits=4, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
-    ("gquant(bits=3, group=64, mode=sym)", None),
-    ("gquant(bits=6, group=32, mode=asym)", "gquant(bits=8, group=64, mode=asym)"),
-])
+@pytest.mark.parametrize(
+    "linear, embedding",
+    [
+        ("gquant(bits=4, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
+        ("gquant(bits=3, group=64, mode=sym)", None),
+        ("gquant(bits=6, group=32, mode=asym)", "gquant(bits=8, group=64, mode=asym)"),
+    ],
+)
 def test_causal_lm_logits_equal_the_decoded_model(llama_dir, tmp_path, linear, embedding):
     path = _convert(llama_dir, tmp_path / "m.rbe", _rules(linear, embedding))
     model = load_model(path)
@@ -92,8 +112,11 @@ def test_causal_lm_logits_equal_the_decoded_model(llama_dir, tmp_path, linear, e
 
 
 def test_a_tied_head_shares_the_embedding_parts(llama_dir, tmp_path):
-    path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)",
-                                                          "gquant(bits=4, group=32, mode=asym)"))
+    path = _convert(
+        llama_dir,
+        tmp_path / "m.rbe",
+        _rules("gquant(bits=4, group=32, mode=asym)", "gquant(bits=4, group=32, mode=asym)"),
+    )
     model = load_model(path)
     assert model.lm_head.decoder is model.model.embed_tokens.decoder
     names = [row.name for row in model.rbe_report.rows]
@@ -101,8 +124,11 @@ def test_a_tied_head_shares_the_embedding_parts(llama_dir, tmp_path):
 
 
 def test_no_parameter_of_a_compressed_module_is_dense(llama_dir, tmp_path):
-    path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)",
-                                                          "gquant(bits=6, group=32, mode=asym)"))
+    path = _convert(
+        llama_dir,
+        tmp_path / "m.rbe",
+        _rules("gquant(bits=4, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
+    )
     model = load_model(path)
     dense = {name for name, p in model.named_parameters() if p.dim() == 2}
     assert not dense, dense  # every 2-D weight is held as parts
@@ -119,8 +145,11 @@ def test_generate_runs_on_the_compressed_model(llama_dir, tmp_path):
 
 
 def test_encoder_hidden_states_equal_the_decoded_model(bert_dir, tmp_path):
-    path = _convert(bert_dir, tmp_path / "b.rbe", _rules("gquant(bits=5, group=32, mode=asym)",
-                                                         "gquant(bits=6, group=32, mode=asym)"))
+    path = _convert(
+        bert_dir,
+        tmp_path / "b.rbe",
+        _rules("gquant(bits=5, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
+    )
     model = load_model(path)
     assert isinstance(model, transformers.BertModel)
     reference = _decoded_model(bert_dir, path, causal=False)
@@ -184,8 +213,11 @@ def test_a_damaged_file_fails_with_the_format_error_before_any_module(llama_dir,
     path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)"))
     data = open(path, "rb").read()
     built = []
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
-                        lambda *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError("built")))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_config",
+        lambda *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError("built")),
+    )
     cut = str(tmp_path / "cut.rbe")
     with open(cut, "wb") as fh:
         fh.write(data[: len(data) // 2])
@@ -211,8 +243,11 @@ def test_cuda_needs_a_cuda_device(llama_dir, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_matches_cpu(llama_dir, tmp_path):
-    path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)",
-                                                          "gquant(bits=6, group=32, mode=asym)"))
+    path = _convert(
+        llama_dir,
+        tmp_path / "m.rbe",
+        _rules("gquant(bits=4, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
+    )
     cpu, gpu = load_model(path), load_model(path, device="cuda")
     print("GPU:", torch.cuda.get_device_name())
     ids = _ids(cpu.config.vocab_size)
@@ -224,7 +259,9 @@ def test_cuda_matches_cpu(llama_dir, tmp_path):
 @pytest.fixture(scope="module")
 def minilm_q4(minilm_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("minilm") / "m.rbe"
-    return _convert(minilm_dir, path, _rules("gquant(bits=4, group=64, mode=asym)", "gquant(bits=6, group=64, mode=asym)"))
+    return _convert(
+        minilm_dir, path, _rules("gquant(bits=4, group=64, mode=asym)", "gquant(bits=6, group=64, mode=asym)")
+    )
 
 
 @pytest.mark.parametrize("kernel", ["exact", "int4"])
@@ -239,8 +276,10 @@ def test_minilm_q4_embeddings_equal_the_decoded_file(minilm_dir, minilm_q4, kern
         want = quality.sentence_embeddings(reference, tokenizer, sentences)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
     error = float((got - want).abs().max() / want.abs().max())
-    print(f"MiniLM q4 on the fly ({kernel}) against decoded: min cosine {float(cos.min()):.7f}, "
-          f"max abs error / scale {error:.2e}")
+    print(
+        f"MiniLM q4 on the fly ({kernel}) against decoded: min cosine {float(cos.min()):.7f}, "
+        f"max abs error / scale {error:.2e}"
+    )
     if kernel == "exact":
         assert error < 1e-5  # float rounding: the same decoded weights, another order of sums
     else:
@@ -251,8 +290,11 @@ def test_minilm_q4_embeddings_equal_the_decoded_file(minilm_dir, minilm_q4, kern
 
 
 def test_linear_weights_on_the_int4_kernel_hold_its_buffers_alone(llama_dir, tmp_path):
-    path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)",
-                                                          "gquant(bits=6, group=32, mode=asym)"))
+    path = _convert(
+        llama_dir,
+        tmp_path / "m.rbe",
+        _rules("gquant(bits=4, group=32, mode=asym)", "gquant(bits=6, group=32, mode=asym)"),
+    )
     fast, exact = load_model(path), load_model(path, kernel="exact")
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert "kernel parts only" in fast.rbe_report.form_of(q_proj)
@@ -267,8 +309,11 @@ def test_linear_weights_on_the_int4_kernel_hold_its_buffers_alone(llama_dir, tmp
 def test_smollm2_q4_generates_and_scores_as_the_decoded_file(smollm2_dir, tmp_path):
     from rbe_converters import quality
 
-    path = _convert(smollm2_dir, tmp_path / "s.rbe", _rules("gquant(bits=4, group=64, mode=asym)",
-                                                            "gquant(bits=6, group=64, mode=asym)"))
+    path = _convert(
+        smollm2_dir,
+        tmp_path / "s.rbe",
+        _rules("gquant(bits=4, group=64, mode=asym)", "gquant(bits=6, group=64, mode=asym)"),
+    )
     model, tokenizer = load_model(path, with_tokenizer=True)
     report = model.rbe_report
     assert report.resident_bytes < 0.3 * report.dense_bytes

@@ -25,8 +25,11 @@ PACK_BLOCK = 1 << 20
 
 def check_shape(shape: Any, where: str) -> tuple[int, ...]:
     """A shape (tuple or list) of 0 to MAX_NDIM non-negative ints and at most MAX_TENSOR_ELEMENTS, as a tuple."""
-    if (not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM
-            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise FormatError(f"{where}: expected a shape of at most {MAX_NDIM} dimensions, found {shape!r:.80}")
     shape = tuple(int(d) for d in shape)
     if math.prod(shape) > MAX_TENSOR_ELEMENTS:
@@ -82,8 +85,9 @@ def unpack_codes(data: np.ndarray, bits: int, count: int, where: str) -> np.ndar
     """bitpack.unpack, a block at a time (see pack_codes); uint8 values for widths up to 8."""
     data = np.asarray(data, dtype=np.uint8).reshape(-1)
     if data.size != bitpack.packed_size(count, bits):
-        raise FormatError(f"{where}: {data.size} bytes, expected {bitpack.packed_size(count, bits)} for "
-                          f"{count} values of {bits} bits")
+        raise FormatError(
+            f"{where}: {data.size} bytes, expected {bitpack.packed_size(count, bits)} for {count} values of {bits} bits"
+        )
     out = np.empty(count, np.uint8 if bits <= 8 else np.uint32)
     step = PACK_BLOCK * bits // 8
     for i in range(0, count, PACK_BLOCK):

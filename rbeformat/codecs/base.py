@@ -30,10 +30,10 @@ class Codec(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Codec":
+    def from_config(cls, config: dict[str, Any], where: str) -> Codec:
         """Builds the codec from a manifest configuration, validating every field."""
 
-    def for_dtype(self, dtype: DType, items: int | None = None) -> "Codec":
+    def for_dtype(self, dtype: DType, items: int | None = None) -> Codec:
         """The codec as configured for a tensor of ``dtype`` and ``items`` elements
         (None: unknown); most codecs return themselves."""
         return self
@@ -51,9 +51,7 @@ class Codec(ABC):
         """
 
     @abstractmethod
-    def decode_chunk(
-        self, payload: memoryview, params: Any, dtype: DType, out: memoryview, where: str
-    ) -> None:
+    def decode_chunk(self, payload: memoryview, params: Any, dtype: DType, out: memoryview, where: str) -> None:
         """Decodes one chunk into ``out`` (exactly items * itemsize bytes).
 
         Must validate ``params`` against ``payload`` before trusting either and

@@ -36,8 +36,11 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
         return v.astype(f"<u{bits // 8}").view(np.uint8)
     if bits < 8:
         return _pack_small(v.astype(np.uint64), bits)
-    return np.concatenate([_pack_generic(v[i : i + _BLOCK], bits) for i in range(0, max(v.size, 1), _BLOCK)]
-                          ) if v.size > _BLOCK else _pack_generic(v, bits)
+    return (
+        np.concatenate([_pack_generic(v[i : i + _BLOCK], bits) for i in range(0, max(v.size, 1), _BLOCK)])
+        if v.size > _BLOCK
+        else _pack_generic(v, bits)
+    )
 
 
 def _pack_small(v: np.ndarray, bits: int) -> np.ndarray:
@@ -62,8 +65,9 @@ def unpack(data: np.ndarray, bits: int, count: int, where: str = "packed values"
     """The inverse of ``pack``; ``data`` must hold exactly packed_size(count, bits) bytes."""
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     if data.size != packed_size(count, bits):
-        raise FormatError(f"{where}: {data.size} bytes, expected {packed_size(count, bits)} for "
-                          f"{count} values of {bits} bits")
+        raise FormatError(
+            f"{where}: {data.size} bytes, expected {packed_size(count, bits)} for {count} values of {bits} bits"
+        )
     if bits in (8, 16, 32):
         return data.view(f"<u{bits // 8}").astype(np.uint32)
     if bits < 8:

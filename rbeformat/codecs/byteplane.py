@@ -45,8 +45,8 @@ import numpy as np
 from ..errors import FormatError
 from ..spec import DTYPES, MAX_CHUNK_DECODED_BYTES, DType  # noqa: F401 (DTYPES used by the doctest)
 from . import planes
-from .bitpack import packed_size
 from .base import Codec, require_int, require_keys
+from .bitpack import packed_size
 from .zstd import PLANES, pack, unpack
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -183,7 +183,6 @@ def _split_runs(stored: memoryview, sizes: list[int], where: str) -> tuple:
     return tuple(runs)
 
 
-
 def balanced_chunk_items(itemsize: int, items: int | None) -> int:
     """Elements per chunk: at most 4 MiB, and all chunks of a tensor of ``items``
     elements (None: unknown) of nearly equal size, which balances threads."""
@@ -199,8 +198,13 @@ class Byteplane(Codec):
     name = "byteplane"
     lossless = True
 
-    def __init__(self, transform: str | None = None, chunk_items: int | None = None, level: int = PLANES,
-                 split_gain: float = DEFAULT_SPLIT_GAIN):
+    def __init__(
+        self,
+        transform: str | None = None,
+        chunk_items: int | None = None,
+        level: int = PLANES,
+        split_gain: float = DEFAULT_SPLIT_GAIN,
+    ):
         # transform None: chosen by for_dtype ("rotl" for floats, "none" otherwise).
         if transform is not None and transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}")
@@ -209,15 +213,16 @@ class Byteplane(Codec):
         self.level = level
         self.split_gain = split_gain
 
-    def for_dtype(self, dtype: DType, items: int | None = None) -> "Byteplane":
+    def for_dtype(self, dtype: DType, items: int | None = None) -> Byteplane:
         """The codec bound to ``dtype``: per-chunk rotation for floats.
 
         Unless set, chunks hold at most 4 MiB and a tensor of ``items``
         elements is cut into chunks of nearly equal size.
         """
         transform = self.transform or ("rotl" if dtype.is_float else "none")
-        return Byteplane(transform, self.items or balanced_chunk_items(dtype.itemsize, items), self.level,
-                         self.split_gain)
+        return Byteplane(
+            transform, self.items or balanced_chunk_items(dtype.itemsize, items), self.level, self.split_gain
+        )
 
     def config(self) -> dict[str, Any]:
         return {"transform": self.transform, "chunk_items": self.items}
@@ -226,7 +231,7 @@ class Byteplane(Codec):
         return self.items or max(1, DEFAULT_CHUNK_BYTES // dtype.itemsize)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Byteplane":
+    def from_config(cls, config: dict[str, Any], where: str) -> Byteplane:
         require_keys(config, where, {"transform", "chunk_items"})
         if config["transform"] not in TRANSFORMS:
             raise FormatError(f"{where}.transform: expected one of {TRANSFORMS}, found {config['transform']!r:.40}")

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import FormatError
 from ..spec import MAX_NAME_BYTES
@@ -67,8 +68,7 @@ def number(low: float, high: float, low_open: bool = True) -> Check:
     def check(value: Any, where: str) -> float:
         found = as_number(value)
         if found is None or found > high or found < low or (low_open and found == low):
-            raise FormatError(f"{where}: expected a finite number in {bracket}{low:g}, {high:g}], "
-                              f"found {value!r:.80}")
+            raise FormatError(f"{where}: expected a finite number in {bracket}{low:g}, {high:g}], found {value!r:.80}")
         return found
 
     return check

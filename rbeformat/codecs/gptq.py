@@ -28,7 +28,7 @@ True
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,8 +39,14 @@ DEFAULT_DAMPING = 0.01
 ColumnQuantizer = Callable[[int, np.ndarray], np.ndarray]
 
 
-def compensate(w: np.ndarray, hessian: np.ndarray, quantize: ColumnQuantizer, damping: float = DEFAULT_DAMPING,
-               block: int = BLOCK, order: np.ndarray | None = None) -> np.ndarray:
+def compensate(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    quantize: ColumnQuantizer,
+    damping: float = DEFAULT_DAMPING,
+    block: int = BLOCK,
+    order: np.ndarray | None = None,
+) -> np.ndarray:
     """Quantizes the columns of ``w`` (rows, n) one at a time with error feedback; returns the quantized values.
 
     ``quantize(j, current)`` returns column j quantized (rows,), where

@@ -109,8 +109,9 @@ def _keep_better(best: list[np.ndarray] | None, new: list[np.ndarray]) -> list[n
     return [np.where(better, a, b) for a, b in zip(new, best)]
 
 
-def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
-             dtype: str, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _fit_sym(
+    w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int, dtype: str, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Scales (groups,) and signed codes (groups, g) minimising squared error per group.
 
     ``weight`` (g,), when given, weighs each position's squared error (an
@@ -149,15 +150,22 @@ def _fit_sym(w: np.ndarray, bits: int, grid: tuple[float, ...], iters: int,
     return stored, assign(stored.astype(np.float64)).copy()
 
 
-def _fit_asym(w: np.ndarray, mask: np.ndarray | None, bits: int, trims: tuple[float, ...], iters: int,
-              dtype: str, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_asym(
+    w: np.ndarray,
+    mask: np.ndarray | None,
+    bits: int,
+    trims: tuple[float, ...],
+    iters: int,
+    dtype: str,
+    weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scales, offsets (groups,) and codes (groups, g) minimising squared error per group.
 
     Padded positions (mask 0) hold w = 0 and get their code zeroed before any
     sum, so they add nothing to the fit.  ``weight`` (g,), when given (groups
     without padding only), weighs each position's squared error.
     """
-    top = 2 ** bits - 1
+    top = 2**bits - 1
     if mask is None:
         lo, hi = w.min(axis=1), w.max(axis=1)
         count = np.full(w.shape[0], w.shape[1] if weight is None else weight.sum(dtype=np.float64), np.float64)
@@ -223,17 +231,33 @@ class GroupQuant(TensorCodec):
     group: int = setting(32, _group_size, "values per scale along the last axis; 0: one scale for the whole tensor")
     mode: str = setting("sym", choice(*MODES), "sym: codes centred on zero; asym: with a per-group offset")
     scale_dtype: str = setting("F16", choice(*FLOAT_DTYPES), "dtype of the stored scales and offsets")
-    grid: tuple = setting(DEFAULT_GRID, fraction_tuple(0, 1, True),
-                          "sym encoder: shrink factors of the largest magnitude tried as scales", "encoder")
-    trims: tuple = setting(DEFAULT_TRIMS, fraction_tuple(0, 0.5, False),
-                           "asym encoder: fractions trimmed off each end of the range", "encoder")
+    grid: tuple = setting(
+        DEFAULT_GRID,
+        fraction_tuple(0, 1, True),
+        "sym encoder: shrink factors of the largest magnitude tried as scales",
+        "encoder",
+    )
+    trims: tuple = setting(
+        DEFAULT_TRIMS,
+        fraction_tuple(0, 0.5, False),
+        "asym encoder: fractions trimmed off each end of the range",
+        "encoder",
+    )
     iterations: int = setting(DEFAULT_ITERATIONS, integer(0, 100), "encoder: assign/refit rounds", "encoder")
-    gptq_order: str = setting("columns", choice("columns", "activation"),
-                              "GPTQ encoder: columns left to right, each group's scale fitted when reached; or "
-                              "activation: most used inputs first, scales fitted beforehand", "encoder")
-    scale_fit: str = setting("importance", choice("importance", "plain"),
-                             "GPTQ encoder: importance: each group's scale fitted to the squared error weighted by "
-                             "its inputs' second moments diag(H); plain: unweighted", "encoder")
+    gptq_order: str = setting(
+        "columns",
+        choice("columns", "activation"),
+        "GPTQ encoder: columns left to right, each group's scale fitted when reached; or "
+        "activation: most used inputs first, scales fitted beforehand",
+        "encoder",
+    )
+    scale_fit: str = setting(
+        "importance",
+        choice("importance", "plain"),
+        "GPTQ encoder: importance: each group's scale fitted to the squared error weighted by "
+        "its inputs' second moments diag(H); plain: unweighted",
+        "encoder",
+    )
 
     def check_settings(self, where: str) -> None:
         if any(t >= 0.5 for t in self.trims):
@@ -252,8 +276,10 @@ class GroupQuant(TensorCodec):
         if not shape:  # groups run along the last axis
             raise FormatError(f"{where}.shape: gquant needs a tensor of at least one dimension")
         numel = math.prod(shape)
-        specs = {"codes": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
-                 "scales": PartSpec(self.scale_dtype, self._scale_shape(shape))}
+        specs = {
+            "codes": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
+            "scales": PartSpec(self.scale_dtype, self._scale_shape(shape)),
+        }
         if self.mode == "asym":
             specs["zeros"] = PartSpec(self.scale_dtype, self._scale_shape(shape))
         return specs
@@ -320,7 +346,7 @@ class GroupQuant(TensorCodec):
                 c = np.clip(np.rint(column * _safe_inverse(s)[:, 0]), -h, h - 1) + h
                 codes[:, j] = c
                 return ((c - h).astype(np.float32) * s.astype(np.float32)).astype(np.float64)
-            c = np.clip(np.rint((column - o) * _safe_inverse(s)[:, 0]), 0, 2 ** self.bits - 1)
+            c = np.clip(np.rint((column - o) * _safe_inverse(s)[:, 0]), 0, 2**self.bits - 1)
             codes[:, j] = c
             return (c.astype(np.float32) * s.astype(np.float32) + o.astype(np.float32)).astype(np.float64)
 
@@ -328,8 +354,10 @@ class GroupQuant(TensorCodec):
         order = gptq.activation_order(calibration.hessian) if static else None
         gptq.compensate(w, calibration.hessian, quantize, block=step, order=order)
         shape = self._scale_shape(x.shape)
-        parts = {"codes": pack_codes(codes, self.bits),
-                 "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)}
+        parts = {
+            "codes": pack_codes(codes, self.bits),
+            "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape),
+        }
         if self.mode == "asym":
             parts["zeros"] = offsets.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)
         return Encoded(parts=parts, params={})
@@ -343,10 +371,11 @@ class GroupQuant(TensorCodec):
         s, o, _ = _fit_asym(block, None, self.bits, self.trims, self.iterations, self.scale_dtype, weight)
         return s.astype(np.float64), o.astype(np.float64)
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         codes = unpack_codes(parts["codes"], self.bits, math.prod(shape), f"{where}.codes")
-        check_index_range(codes, 2 ** self.bits, f"{where}.codes")
+        check_index_range(codes, 2**self.bits, f"{where}.codes")
         floats = {name: finite_floats(parts[name], f"{where}.{name}") for name in parts if name != "codes"}
         rows, n, ng = group_layout(shape, self.group)
         codes = codes.reshape(rows, n)
@@ -354,8 +383,14 @@ class GroupQuant(TensorCodec):
         zeros = floats["zeros"].reshape(rows, ng) if self.mode == "asym" else None
         out = np.empty((rows, n), np.float32)
         # Tiles of whole groups: every element gets the same float32 operations as on the whole tensor.
-        width = max(1, min(n, DECODE_TILE) if self.group == 0 else
-                    n if n <= DECODE_TILE else max(1, DECODE_TILE // self.group) * self.group)
+        width = max(
+            1,
+            min(n, DECODE_TILE)
+            if self.group == 0
+            else n
+            if n <= DECODE_TILE
+            else max(1, DECODE_TILE // self.group) * self.group,
+        )
         height = max(1, DECODE_TILE // width)
         for r in range(0, rows, height):
             for j in range(0, n, width):

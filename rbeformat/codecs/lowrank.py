@@ -57,7 +57,9 @@ class LowRank(TensorCodec):
     chainable_parts = ("A", "B", "residual")
 
     rank: int | None = setting(None, optional(integer(1, 1 << 31)), "a fixed rank")
-    energy: float | None = setting(None, optional(number(0, 1)), "the smallest rank keeping this fraction of sum(s_k^2)")
+    energy: float | None = setting(
+        None, optional(number(0, 1)), "the smallest rank keeping this fraction of sum(s_k^2)"
+    )
     bits: float | None = setting(None, optional(number(0, 64)), "the largest rank within this many bits per weight")
     factor_bits: float | None = setting(None, optional(number(0, 64)), "bits per factor element, for bits")
     residual: bool = setting(False, boolean, "also store the exact remainder W - A B")
@@ -123,8 +125,9 @@ class LowRank(TensorCodec):
         # B in float64, one block of rows of A and of the product in float64, the float32 result
         return 8 * rank * cols + 8 * min(rows, ROW_BLOCK) * (rank + cols) + 4 * rows * cols
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         # Stored values may overflow float32 here; that is data, not an error.
         with np.errstate(over="ignore", invalid="ignore"):
             out = product(parts["A"], parts["B"])

@@ -96,7 +96,7 @@ class NormDelta(TensorCodec):
     def build_shared(self, members: list[np.ndarray], dtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         return {f"{BASE_PREFIX}{dtype}/{'x'.join(map(str, shape))}": shared_base(members)}
 
-    def bind_shared(self, names: list[str]) -> "NormDelta":
+    def bind_shared(self, names: list[str]) -> NormDelta:
         (base,) = names
         return self.with_settings(base=base)
 
@@ -132,8 +132,9 @@ class NormDelta(TensorCodec):
     def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
         return 4 * math.prod(shape)  # base + delta (the base itself is a reference the reader decodes)
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         base = self._base(refs, shape, where)
         delta = np.require(parts["delta"], requirements="C")
         if self.mode == "bits":

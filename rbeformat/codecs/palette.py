@@ -84,8 +84,14 @@ def _count_below(sorted_rows: np.ndarray, queries: np.ndarray, strict: bool) -> 
     return lo
 
 
-def _lloyd(sorted_rows: np.ndarray, prefix: np.ndarray, total_sq: np.ndarray, centroids: np.ndarray,
-           iterations: int, mass: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _lloyd(
+    sorted_rows: np.ndarray,
+    prefix: np.ndarray,
+    total_sq: np.ndarray,
+    centroids: np.ndarray,
+    iterations: int,
+    mass: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Runs Lloyd's algorithm on sorted rows; returns centroids (S, K) and squared errors (S,).
 
     ``mass`` (S, L + 1) is the prefix sum of the values' weights when they are
@@ -138,8 +144,9 @@ def _density_start(sorted_rows: np.ndarray, k: int) -> np.ndarray:
     return x0 + frac * (x1 - x0)
 
 
-def fit_codebooks(x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS,
-                  weights: np.ndarray | None = None) -> np.ndarray:
+def fit_codebooks(
+    x: np.ndarray, k: int, iterations: int = DEFAULT_ITERATIONS, weights: np.ndarray | None = None
+) -> np.ndarray:
     """One k-entry codebook (sorted, float64) per row of ``x`` (S, L), by 1-D k-means.
 
     ``weights`` (S, L), positive, makes it weighted k-means: each value's
@@ -264,8 +271,10 @@ class Palette(TensorCodec):
 
     def check_settings(self, where: str) -> None:
         if self.scope == "group" and self.group < MIN_GROUP:
-            raise FormatError(f"{where}.group: expected an integer in [{MIN_GROUP}, {MAX_GROUP}] for scope "
-                              f"'group', found {self.group}")
+            raise FormatError(
+                f"{where}.group: expected an integer in [{MIN_GROUP}, {MAX_GROUP}] for scope "
+                f"'group', found {self.group}"
+            )
         if self.scope != "group" and self.group != 0:
             raise FormatError(f"{where}.group: must be 0 unless scope is 'group', found {self.group}")
 
@@ -279,15 +288,17 @@ class Palette(TensorCodec):
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Any tensor of at least one dimension whose codebooks are smaller than the tensor itself."""
-        return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2 ** self.bits <= math.prod(shape)
+        return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2**self.bits <= math.prod(shape)
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
         if not shape:  # rows and groups run along the last axis
             raise FormatError(f"{where}.shape: palette needs a tensor of at least one dimension")
         numel = math.prod(shape)
-        return {"indices": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
-                "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2 ** self.bits))}
+        return {
+            "indices": PartSpec("U8", (bitpack.packed_size(numel, self.bits),)),
+            "codebook": PartSpec(self.codebook_dtype, (self._codebooks(shape), 2**self.bits)),
+        }
 
     def _batches(self, rows: int, n: int) -> list[tuple[int, int, int]]:
         """Column ranges [start, stop) of equal-length segments, with segment length.
@@ -308,15 +319,16 @@ class Palette(TensorCodec):
         return self._encoded(indices, books)
 
     def _encoded(self, indices: np.ndarray, books: np.ndarray) -> Encoded:
-        return Encoded(parts={"indices": pack_codes(indices, self.bits),
-                              "codebook": books.reshape(-1, 2 ** self.bits)}, params={})
+        return Encoded(
+            parts={"indices": pack_codes(indices, self.bits), "codebook": books.reshape(-1, 2**self.bits)}, params={}
+        )
 
     def _fit(self, x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Indices (as the matrix of codebooks: 1 x N or rows x n) and stored codebooks (C', groups, K).
 
         ``weights``, of x's shape, weights each value's squared error in the k-means.
         """
-        k = 2 ** self.bits
+        k = 2**self.bits
         rows, n = _layout(x.shape)
         shape = (1, -1) if self.scope == "tensor" else (rows, n)
         matrix = x.reshape(shape)
@@ -325,7 +337,7 @@ class Palette(TensorCodec):
         ng = 1 if self.scope != "group" else -(-n // self.group)
         books = np.zeros((matrix.shape[0], ng, k), FLOAT_DTYPES[self.codebook_dtype])
         column = 0
-        for start, stop, seg in (self._batches(*matrix.shape) if x.size else []):
+        for start, stop, seg in self._batches(*matrix.shape) if x.size else []:
             count = (stop - start) // seg
             block = max(1, BLOCK_VALUES // (seg * count))
             for r0 in range(0, matrix.shape[0], block):
@@ -382,10 +394,11 @@ class Palette(TensorCodec):
         # the indices, the codebook in float32, the result, one block's index and value temporaries
         return (1 if self.bits <= 8 else 4) * n + 4 * book + 4 * n + 32 * min(n, 2 * BLOCK_VALUES)
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         numel = math.prod(shape)
-        k = 2 ** self.bits
+        k = 2**self.bits
         idx = unpack_codes(parts["indices"], self.bits, numel, f"{where}.indices")
         check_index_range(idx, k, f"{where}.indices")
         book = np.asarray(parts["codebook"]).astype(np.float32)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import bitpack
-
 # The C extension as rbeformat._native loaded it; None on the numpy reference path.
 from .._native import extension as _native
+from . import bitpack
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -162,8 +161,9 @@ def segment_histograms(context: np.ndarray) -> np.ndarray:
         _native.segment_histograms(context, out)
         return out
     step = -(-len(context) // SEGMENTS)
-    return np.stack([np.bincount(context[s * step : (s + 1) * step], minlength=256) for s in range(SEGMENTS)]
-                    ).astype(np.int64)
+    return np.stack([np.bincount(context[s * step : (s + 1) * step], minlength=256) for s in range(SEGMENTS)]).astype(
+        np.int64
+    )
 
 
 def ungroup_planes(runs: list[tuple], context: np.ndarray, segment_counts: np.ndarray) -> list[np.ndarray]:

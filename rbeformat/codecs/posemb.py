@@ -68,8 +68,10 @@ TABLE_BLOCK = 1 << 20
 
 def check_table_size(shape: tuple[int, ...], where: str, codec: str) -> None:
     if math.prod(shape) > MAX_TABLE_ELEMENTS:
-        raise FormatError(f"{where.removesuffix('.params')}: a {codec} position table of shape {list(shape)} holds "
-                          f"{math.prod(shape)} values, more than the {MAX_TABLE_ELEMENTS} a position table may hold")
+        raise FormatError(
+            f"{where.removesuffix('.params')}: a {codec} position table of shape {list(shape)} holds "
+            f"{math.prod(shape)} values, more than the {MAX_TABLE_ELEMENTS} a position table may hold"
+        )
 
 
 def dct_basis(n: int, rows: range) -> np.ndarray:
@@ -89,8 +91,9 @@ class PositionDCT(TensorCodec):
     chainable_parts = ("coeffs",)
 
     keep: int | None = setting(None, optional(integer(1, 1 << 31)), "DCT coefficients kept along the positions")
-    energy: float | None = setting(None, optional(number(0, 1)),
-                                   "keep the fewest coefficients holding this fraction of the energy")
+    energy: float | None = setting(
+        None, optional(number(0, 1)), "keep the fewest coefficients holding this fraction of the energy"
+    )
 
     def check_settings(self, where: str) -> None:
         if (self.keep is None) == (self.energy is None):
@@ -102,13 +105,14 @@ class PositionDCT(TensorCodec):
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         n = x.shape[0]
         table = np.asarray(x, dtype=np.float64)
-        coeffs = np.concatenate([dct_basis(n, range(s, min(n, s + BASIS_BLOCK))) @ table
-                                 for s in range(0, n, BASIS_BLOCK)])
+        coeffs = np.concatenate(
+            [dct_basis(n, range(s, min(n, s + BASIS_BLOCK))) @ table for s in range(0, n, BASIS_BLOCK)]
+        )
         if self.keep is not None:
             keep = min(self.keep, n)
         else:
             # Orthonormal: the kept energy fraction is 1 - (relative error)**2.
-            cumulative = np.cumsum((coeffs ** 2).sum(axis=1))
+            cumulative = np.cumsum((coeffs**2).sum(axis=1))
             if cumulative[-1] == 0:
                 keep = 1
             else:
@@ -122,8 +126,9 @@ class PositionDCT(TensorCodec):
         keep = require_int(params["keep"], f"{where}.params.keep", 1, n)
         return {"coeffs": PartSpec("F32", (keep, hidden))}
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         coeffs = parts["coeffs"].astype(np.float64)
         basis = dct_basis(shape[0], range(coeffs.shape[0]))
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the data's
@@ -150,8 +155,9 @@ class Sinusoidal(TensorCodec):
     name = "sinusoid"
     finite_only = False  # a table that is not the formula is refused with NotSinusoidal instead
 
-    tolerance: float = setting(1e-6, number(0, 1e300, False), "largest |error| accepted against the formula",
-                               "recorded")
+    tolerance: float = setting(
+        1e-6, number(0, 1e300, False), "largest |error| accepted against the formula", "recorded"
+    )
     base: float = setting(10000.0, number(1, MAX_BASE, False), "the formula's base tried first", "recorded")
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
@@ -220,6 +226,7 @@ class Sinusoidal(TensorCodec):
     def formula(self, params: Any) -> str:
         return f"sinusoid.{params['layout']}"
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         return self.table(shape[0], shape[1], float(params["base"]), params["layout"])

@@ -23,7 +23,7 @@ class Raw(Codec):
         return {}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Raw":
+    def from_config(cls, config: dict[str, Any], where: str) -> Raw:
         require_keys(config, where, set())
         return cls()
 

@@ -60,8 +60,10 @@ def _known(record: Any, where: str, registry: dict[str, type]) -> type:
     cls = registry.get(name)
     if cls is None:
         kind = "tensor codec" if registry is TENSOR_CODECS else "codec"
-        raise UnsupportedError(f"{where}: {kind} {name!r:.40} is not known to this reader "
-                               f"(known: {sorted(registry)}); upgrade rbe to read this tensor")
+        raise UnsupportedError(
+            f"{where}: {kind} {name!r:.40} is not known to this reader "
+            f"(known: {sorted(registry)}); upgrade rbe to read this tensor"
+        )
     return cls
 
 

@@ -229,8 +229,9 @@ class SeedCodec(TensorCodec):
         # seeds and exponents (uint32, int32), coefficients (uint32, int32 twice), the result
         return 3 * table + chunk + 8 * blocks + 12 * blocks * self.rank + 4 * n
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         n = int(np.prod(shape, dtype=np.int64)) // self.block
         seeds = bitpack.unpack(parts["seeds"], self.seed_bits, n, f"{where}.seeds")
         if n and int(seeds.min()) == 0:
@@ -242,7 +243,7 @@ class SeedCodec(TensorCodec):
         table = basis_table(self.block, self.rank, self.seed_bits)
         out = np.empty((n, self.block), dtype=np.float32)
         for i in range(0, n, CHUNK_BLOCKS):
-            basis = table[seeds[i:i + CHUNK_BLOCKS]]  # (n, C, P) int32
-            m = np.einsum("bcp,bp->bc", basis, q[i:i + CHUNK_BLOCKS])  # exact: |m| < 2**24
-            out[i:i + CHUNK_BLOCKS] = np.ldexp(m.astype(np.float32), shift[i:i + CHUNK_BLOCKS, None])
+            basis = table[seeds[i : i + CHUNK_BLOCKS]]  # (n, C, P) int32
+            m = np.einsum("bcp,bp->bc", basis, q[i : i + CHUNK_BLOCKS])  # exact: |m| < 2**24
+            out[i : i + CHUNK_BLOCKS] = np.ldexp(m.astype(np.float32), shift[i : i + CHUNK_BLOCKS, None])
         return out.reshape(shape)

@@ -77,8 +77,10 @@ class Slices(TensorCodec):
 
     def _slice_count(self, shape: tuple[int, ...], where: str) -> int:
         if not self.accepts(shape):
-            raise FormatError(f"{where}: slices(axis={self.axis}) needs a non-empty tensor of more than "
-                              f"{self.axis} dimensions, found shape {tuple(shape)}")
+            raise FormatError(
+                f"{where}: slices(axis={self.axis}) needs a non-empty tensor of more than "
+                f"{self.axis} dimensions, found shape {tuple(shape)}"
+            )
         return shape[self.axis]
 
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
@@ -132,8 +134,9 @@ class Slices(TensorCodec):
         # the mask's bits and kept indices, the result
         return 9 * shape[self.axis] + 4 * math.prod(shape)
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         kept = mask_indices(parts["mask"], shape[self.axis], where)
         if kept.size != params["count"]:
             raise FormatError(f"{where}: mask keeps {kept.size} slices, params.count says {params['count']}")

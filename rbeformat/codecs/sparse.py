@@ -151,7 +151,7 @@ class Sparse(TensorCodec):
         n = _flat_size(shape, where)
         p = f"{where}.params"
         if not isinstance(params, dict) or params.get("index") not in ("mask", "deltas"):
-            raise FormatError(f"{p}.index: expected \"mask\" or \"deltas\"")
+            raise FormatError(f'{p}.index: expected "mask" or "deltas"')
         if params["index"] == "mask":
             require_keys(params, p, {"count", "index"})
             k = require_int(params["count"], f"{p}.count", 0, n)
@@ -173,8 +173,9 @@ class Sparse(TensorCodec):
         # the mask as one byte per element (or the delta stream's int64 temporaries), the indices, the result
         return (n if count == 0 else 40 * count) + 16 * kept + 4 * n
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         n = math.prod(shape)
         if params["index"] == "mask":
             indices = _mask_indices(parts["mask"], n, where)
@@ -225,14 +226,15 @@ PAIRS = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], np.int64)
 PATTERN_OF_MASK = {int((1 << i) | (1 << j)): p for p, (i, j) in enumerate(PAIRS)}
 GROUPS_PER_CODE = 5
 CODE_BITS = 13
-CODE_LIMIT = 6 ** GROUPS_PER_CODE  # 7776
+CODE_LIMIT = 6**GROUPS_PER_CODE  # 7776
 DIGIT_WEIGHTS = 6 ** np.arange(GROUPS_PER_CODE, dtype=np.int64)
 
 
 def _groups(shape: tuple[int, ...], where: str) -> int:
     if len(shape) < 1 or shape[-1] < 4 or shape[-1] % 4 or math.prod(shape) < 1:
-        raise FormatError(f"{where}: nm24 needs a last axis that is a positive multiple of 4, "
-                          f"found shape {tuple(shape)}")
+        raise FormatError(
+            f"{where}: nm24 needs a last axis that is a positive multiple of 4, found shape {tuple(shape)}"
+        )
     return math.prod(shape) // 4
 
 
@@ -292,16 +294,19 @@ class NM24(TensorCodec):
         require_keys(params, f"{where}.params", set())
         groups = _groups(shape, where)
         blocks = -(-groups // GROUPS_PER_CODE)
-        return {"patterns": PartSpec("U8", (bitpack.packed_size(blocks, CODE_BITS),)),
-                "values": PartSpec("F32", (*shape[:-1], shape[-1] // 2))}
+        return {
+            "patterns": PartSpec("U8", (bitpack.packed_size(blocks, CODE_BITS),)),
+            "values": PartSpec("F32", (*shape[:-1], shape[-1] // 2)),
+        }
 
     def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
         n = math.prod(shape)
         # int64 pattern digits (two temporaries) and element pairs per group of 4, the result
         return 8 * (n // 4) * 5 + 4 * n
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         groups = _groups(shape, where)
         blocks = -(-groups // GROUPS_PER_CODE)
         codes = bitpack.unpack(parts["patterns"], CODE_BITS, blocks, f"{where} patterns").astype(np.int64)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Hashable
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class Calibration:
         return np.sqrt(np.maximum(np.diag(self.hessian), 0.0))
 
 
-REGISTERED: dict[str, type["TensorCodec"]] = {}
+REGISTERED: dict[str, type[TensorCodec]] = {}
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,9 @@ class TensorCodec(ABC):
         if "name" not in cls.__dict__ or not register:  # register=False: a codec for tests only
             return
         if cls.name in REGISTERED:
-            raise RuntimeError(f"tensor codec name {cls.name!r} is used by {REGISTERED[cls.name].__name__} "
-                               f"and {cls.__name__}")
+            raise RuntimeError(
+                f"tensor codec name {cls.name!r} is used by {REGISTERED[cls.name].__name__} and {cls.__name__}"
+            )
         REGISTERED[cls.name] = cls
 
     def __post_init__(self) -> None:
@@ -137,17 +139,20 @@ class TensorCodec(ABC):
         except FormatError as exc:
             raise ValueError(str(exc)) from None
 
-    def check_settings(self, where: str) -> None:
+    def check_settings(self, where: str) -> None:  # noqa: B027 (a hook: most codecs have no such rules)
         """Rules between settings (FormatError); each field was checked on its own already."""
 
     # -- configuration -----------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The JSON-able configuration stored in the manifest (absent optional settings left out)."""
-        return {f.name: getattr(self, f.name) for f in fields_by_role(type(self), "stored", "recorded")
-                if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields_by_role(type(self), "stored", "recorded")
+            if getattr(self, f.name) is not None
+        }
 
     @classmethod
-    def from_config(cls, config: Any, where: str) -> "TensorCodec":
+    def from_config(cls, config: Any, where: str) -> TensorCodec:
         """Builds the codec from a manifest configuration, validating every stored field.
 
         Recorded encoder settings are accepted whatever their value and left
@@ -219,8 +224,9 @@ class TensorCodec(ABC):
         """
         return 12 * math.prod(shape)
 
-    def encode(self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None,
-               calibration: Calibration | None = None) -> Encoded:
+    def encode(
+        self, x: np.ndarray, refs: dict[str, np.ndarray] | None = None, calibration: Calibration | None = None
+    ) -> Encoded:
         """Encodes a float32 array; ``refs`` holds the decoded referenced tensors.
 
         With ``calibration`` the encoder chooses its codes for the tensor's
@@ -235,8 +241,9 @@ class TensorCodec(ABC):
         if calibration is None:
             encoded = self.encode_array(x, refs or {})
         elif calibration.method not in self.calibrations:
-            raise ValueError(f"{self.name} has no {calibration.method!r} encoder "
-                             f"(it has: {', '.join(self.calibrations) or 'none'})")
+            raise ValueError(
+                f"{self.name} has no {calibration.method!r} encoder (it has: {', '.join(self.calibrations) or 'none'})"
+            )
         else:
             encoded = self.encode_calibrated(x, refs or {}, calibration)
         # An encoder bug shows here, not later as a file its own reader refuses.
@@ -247,8 +254,14 @@ class TensorCodec(ABC):
     def encode_array(self, x: np.ndarray, refs: dict[str, np.ndarray]) -> Encoded:
         """Encodes a float32 array the codec accepts (finite, when finite_only)."""
 
-    def decode(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-               refs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def decode(
+        self,
+        parts: dict[str, np.ndarray],
+        params: Any,
+        shape: tuple[int, ...],
+        where: str,
+        refs: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """Rebuilds the float32 tensor; FormatError (never another exception) on bad input."""
         shape = check_shape(shape, f"{where}.shape")
         check_parts(parts, self.part_specs(params, shape, where), where)
@@ -269,8 +282,9 @@ class TensorCodec(ABC):
         return None
 
     @abstractmethod
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         """Rebuilds the tensor from parts already checked against part_specs.
 
         Must raise FormatError when the values in the parts are inconsistent,
@@ -297,11 +311,11 @@ class TensorCodec(ABC):
         """The shared state of one group: internal tensor name (``rbe:...``) -> float32 array."""
         raise NotImplementedError(f"{self.name} shares no state")
 
-    def bind_shared(self, names: list[str]) -> "TensorCodec":
+    def bind_shared(self, names: list[str]) -> TensorCodec:
         """This codec referring to the stored shared tensors ``names`` (as build_shared named them)."""
         raise NotImplementedError(f"{self.name} shares no state")
 
-    def with_settings(self, **changes: Any) -> "TensorCodec":
+    def with_settings(self, **changes: Any) -> TensorCodec:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -69,8 +69,10 @@ class Transpose(TensorCodec):
         """
         inputs = x.shape[0]
         if calibration.hessian.shape != (inputs, inputs):
-            raise ValueError(f"calibration of shape {calibration.hessian.shape} does not fit a matrix stored "
-                             f"input x output with {inputs} inputs")
+            raise ValueError(
+                f"calibration of shape {calibration.hessian.shape} does not fit a matrix stored "
+                f"input x output with {inputs} inputs"
+            )
         return self.encode_array(x, refs)
 
     def part_calibration(self, part: str, calibration: Calibration, encoded: Encoded) -> Calibration | None:
@@ -80,6 +82,7 @@ class Transpose(TensorCodec):
     def decode_memory(self, params: Any, shape: tuple[int, ...]) -> int:
         return 4 * math.prod(shape)  # the transposed copy
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         return np.ascontiguousarray(parts["values"].T)

@@ -218,8 +218,7 @@ class VectorCodebook(TensorCodec):
         scales = self._refit_scales(x, hessian, codebook.astype(np.float32)[idx].reshape(x.shape), scales)
         return self._encoded(idx, codebook, scales)
 
-    def _compensated(self, w: np.ndarray, hessian: np.ndarray, codebook: np.ndarray,
-                     scales: np.ndarray) -> np.ndarray:
+    def _compensated(self, w: np.ndarray, hessian: np.ndarray, codebook: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """Codeword indices (rows, n / dim) chosen by ``gptq.compensate``; scales (rows,) float32 as stored."""
         idx = np.zeros((w.shape[0], w.shape[1] // self.dim), np.int64)
         inverse = np.divide(1.0, scales, out=np.zeros(scales.shape), where=scales != 0)
@@ -230,8 +229,9 @@ class VectorCodebook(TensorCodec):
             if j % self.dim == 0:  # the vector's first column: choose its codeword
                 v = j // self.dim
                 target = current[:, j : j + self.dim] * inverse[:, None]
-                idx[:, v] = nearest((target @ metrics[v]).astype(np.float32),
-                                    (codebook @ metrics[v]).astype(np.float32))
+                idx[:, v] = nearest(
+                    (target @ metrics[v]).astype(np.float32), (codebook @ metrics[v]).astype(np.float32)
+                )
                 # Exactly what decode computes: one float32 product per value.
                 chosen[:] = codebook[idx[:, v]] * scales[:, None]
             return chosen[:, j % self.dim].astype(np.float64)
@@ -253,8 +253,7 @@ class VectorCodebook(TensorCodec):
         upper = gptq.inverse_cholesky(hessian, gptq.DEFAULT_DAMPING)
         return [np.linalg.inv(upper[j : j + self.dim, j : j + self.dim]) for j in range(0, len(upper), self.dim)]
 
-    def _refit_scales(self, w: np.ndarray, hessian: np.ndarray, approx: np.ndarray,
-                      scales: np.ndarray) -> np.ndarray:
+    def _refit_scales(self, w: np.ndarray, hessian: np.ndarray, approx: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """Scales minimising tr((W - s A) H (W - s A)^T) for the chosen codewords A, where that is lower.
 
         The output error of a scale group is a parabola in its scale s:
@@ -293,8 +292,9 @@ class VectorCodebook(TensorCodec):
         # the indices (uint32 per vector), codebook and scales in float32 (twice), rows and the scaled result
         return 8 * (n // self.dim) + 8 * small + 8 * n
 
-    def decode_parts(self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str,
-                     refs: dict[str, np.ndarray]) -> np.ndarray:
+    def decode_parts(
+        self, parts: dict[str, np.ndarray], params: Any, shape: tuple[int, ...], where: str, refs: dict[str, np.ndarray]
+    ) -> np.ndarray:
         k = params["k"]
         n_vectors = int(np.prod(shape, dtype=np.int64)) // self.dim
         idx = bitpack.unpack(parts["indices"], index_bits(k), n_vectors, f"{where}.indices")

@@ -41,8 +41,15 @@ _local = threading.local()
 def _params(level: int) -> zstandard.ZstdCompressionParameters:
     if level == PLANES:
         return zstandard.ZstdCompressionParameters(
-            window_log=17, chain_log=6, hash_log=6, search_log=1, min_match=6, target_length=8,
-            strategy=zstandard.STRATEGY_BTULTRA, write_content_size=1)
+            window_log=17,
+            chain_log=6,
+            hash_log=6,
+            search_log=1,
+            min_match=6,
+            target_length=8,
+            strategy=zstandard.STRATEGY_BTULTRA,
+            write_content_size=1,
+        )
     return zstandard.ZstdCompressionParameters.from_level(level, write_content_size=1)
 
 
@@ -103,7 +110,7 @@ class Zstd(Codec):
         return {"chunk_items": self.chunk_bytes}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "Zstd":
+    def from_config(cls, config: dict[str, Any], where: str) -> Zstd:
         require_keys(config, where, {"chunk_items"})
         from ..spec import MAX_CHUNK_DECODED_BYTES
 

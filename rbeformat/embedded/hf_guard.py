@@ -38,9 +38,20 @@ from rbeformat import InputError, RbeError, budget
 CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # Files AutoTokenizer reads from a model directory (top level only).
-TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 # Everything rbe lets transformers read besides the weights.
 DATA_FILES = (CONFIG_FILE, "generation_config.json", *TOKENIZER_FILES)
 WEIGHTS = "model.safetensors"
@@ -54,20 +65,41 @@ JSON_LIMIT = 16 << 20  # config.json and tokenizer_config.json: no model's is ne
 MAX_POSITIONS = 1 << 24  # max_position_embeddings above this is refused unless a stored table has as many rows
 
 # config.json sizes (transformers' canonical names; a config class's attribute_map gives other spellings).
-LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers", "encoder_layers",
-                "decoder_layers")
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers", "encoder_layers", "decoder_layers")
 STORED_SIZES = ("hidden_size", "vocab_size")  # each must be a dimension of a stored tensor
-BOUNDED_SIZES = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "moe_intermediate_size", "num_experts", "num_local_experts", "n_routed_experts", "n_inner", "d_ff",
-                 "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads",
-                 "decoder_attention_heads", "type_vocab_size")
+BOUNDED_SIZES = (
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "n_inner",
+    "d_ff",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "type_vocab_size",
+)
 POSITIONS = ("max_position_embeddings",)
-POSITIVE = {"num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings"}
-
+POSITIVE = {
+    "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+}
 
 
 # -- errors from transformers, tokenizers and safetensors -------------------------------
+
 
 @contextlib.contextmanager
 def content_errors(source: str, what: str):
@@ -90,6 +122,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # -- config.json --------------------------------------------------------------------
+
 
 def parse_json(data: bytes, source: str, name: str) -> dict:
     """A JSON object from a model's file, or one InputError naming it."""
@@ -129,16 +162,22 @@ def check_config(config: dict, shapes: dict[str, tuple], source: str) -> None:
     if not isinstance(model_type, str) or not model_type:
         raise InputError(f"{where} names no model_type; rbe loads only models that transformers has built in")
     if model_type not in native_model_types():
-        raise InputError(f"{where}: model_type {model_type[:80]!r} is not built into transformers; it would need "
-                         "the model's own Python code, which rbe never runs")
+        raise InputError(
+            f"{where}: model_type {model_type[:80]!r} is not built into transformers; it would need "
+            "the model's own Python code, which rbe never runs"
+        )
     path = _find_key(config, "auto_map")
     if path is not None:
-        raise InputError(f"{where} has {path} (the model's own Python code); rbe never runs code from a model's "
-                         "files and loads only models that transformers has built in")
+        raise InputError(
+            f"{where} has {path} (the model's own Python code); rbe never runs code from a model's "
+            "files and loads only models that transformers has built in"
+        )
     kernel = _hub_kernel(config)
     if kernel is not None:
-        raise InputError(f"{where}: {kernel[0]} names {kernel[1][:80]!r}, code from the Hugging Face Hub; rbe "
-                         "uses transformers' built-in implementations only")
+        raise InputError(
+            f"{where}: {kernel[0]} names {kernel[1][:80]!r}, code from the Hugging Face Hub; rbe "
+            "uses transformers' built-in implementations only"
+        )
     big = _large_int(config)
     if big is not None:
         raise InputError(f"{where}: {big[0]} is {big[1]}, larger than any model size ({INT_LIMIT})")
@@ -153,8 +192,10 @@ def check_config(config: dict, shapes: dict[str, tuple], source: str) -> None:
 def check_tokenizer_config(config: dict, source: str) -> None:
     path = _find_key(config, "auto_map")
     if path is not None:
-        raise InputError(f"{source}: {TOKENIZER_CONFIG} has {path} (the tokenizer's own Python code); rbe never "
-                         "runs code from a model's files")
+        raise InputError(
+            f"{source}: {TOKENIZER_CONFIG} has {path} (the tokenizer's own Python code); rbe never "
+            "runs code from a model's files"
+        )
 
 
 def _find_key(value, key: str, path: str = "") -> str | None:
@@ -212,8 +253,9 @@ def _sub_configs(config: dict):
         prefix, node = stack.pop()
         yield prefix, node
         for key, value in node.items():
-            if isinstance(value, dict) and ("model_type" in value or (
-                    str(key).endswith("_config") and key != "quantization_config")):
+            if isinstance(value, dict) and (
+                "model_type" in value or (str(key).endswith("_config") and key != "quantization_config")
+            ):
                 stack.append((f"{prefix}{key}.", value))
 
 
@@ -260,22 +302,28 @@ def _check_sizes(config: dict, prefix: str, dims: set[int], layers: int, where: 
 
     for name, key, value in fields(LAYER_COUNTS):
         if size(name, key, value) > layers:
-            raise InputError(f"{where}: {prefix}{key} is {value}, but the tensors hold "
-                             f"{'at most ' + str(layers) if layers else 'no'} numbered layers")
+            raise InputError(
+                f"{where}: {prefix}{key} is {value}, but the tensors hold "
+                f"{'at most ' + str(layers) if layers else 'no'} numbered layers"
+            )
     for name, key, value in fields(STORED_SIZES):
         if size(name, key, value) not in dims:
             raise InputError(f"{where}: {prefix}{key} is {value}, which no stored tensor has as a dimension")
     for name, key, value in fields(BOUNDED_SIZES):
         if size(name, key, value) > largest:
-            raise InputError(f"{where}: {prefix}{key} is {value}, larger than every stored tensor's dimensions "
-                             f"(at most {largest})")
+            raise InputError(
+                f"{where}: {prefix}{key} is {value}, larger than every stored tensor's dimensions (at most {largest})"
+            )
     for name, key, value in fields(POSITIONS):
         if size(name, key, value) > MAX_POSITIONS and value not in dims:
-            raise InputError(f"{where}: {prefix}{key} is {value}, more than {MAX_POSITIONS} positions and no "
-                             "stored table has that many rows")
+            raise InputError(
+                f"{where}: {prefix}{key} is {value}, more than {MAX_POSITIONS} positions and no "
+                "stored table has that many rows"
+            )
 
 
 # -- the memory of the model a config describes -----------------------------------------
+
 
 def meta_model(auto, hf_config, dtype, source: str):
     """The model ``auto.from_config`` builds from ``hf_config``, on the meta device: nothing allocated.
@@ -311,8 +359,10 @@ def check_shapes(model, shapes: dict[str, tuple], source: str) -> None:
         for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
             if candidate in shapes:
                 if tuple(shapes[candidate]) != tuple(tensor.shape):
-                    raise InputError(f"{source}: tensor {candidate!r} has shape {list(shapes[candidate])}, but the "
-                                     f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}")
+                    raise InputError(
+                        f"{source}: tensor {candidate!r} has shape {list(shapes[candidate])}, but the "
+                        f"model its {CONFIG_FILE} describes needs {list(tensor.shape)} for {name!r}"
+                    )
                 break
 
 
@@ -323,12 +373,12 @@ def check_memory(nbytes: int, source: str, what: str) -> None:
 
 # -- the tokenizer folder --------------------------------------------------------------
 
+
 def check_tokenizer_folder(folder: str, source: str) -> None:
     """The tokenizer_config.json of a folder written or staged here (when it has one) names no code."""
     path = os.path.join(folder, TOKENIZER_CONFIG)
     if os.path.isfile(path):
-        check_tokenizer_config(parse_json(small_file(path, source, TOKENIZER_CONFIG), source, TOKENIZER_CONFIG),
-                               source)
+        check_tokenizer_config(parse_json(small_file(path, source, TOKENIZER_CONFIG), source, TOKENIZER_CONFIG), source)
 
 
 def small_file(path: str, source: str, name: str) -> bytes:
@@ -340,6 +390,7 @@ def small_file(path: str, source: str, name: str) -> bytes:
 
 
 # -- loading --------------------------------------------------------------------------
+
 
 def load_tokenizer(folder: str, source: str):
     """AutoTokenizer on a folder written or staged here, no code run; errors name ``source``."""

@@ -21,23 +21,52 @@ GRAPH_PATH = "model.onnx-graph"
 
 # onnx.proto's TensorProto.DataType numbers of the element types rbe has, with rbe's dtype names.
 FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16 = (
-    1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 16)
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    9,
+    10,
+    11,
+    12,
+    13,
+    16,
+)
 FLOAT8E4M3FN, FLOAT8E5M2 = 17, 19
-ONNX_DTYPES = {FLOAT: "F32", DOUBLE: "F64", FLOAT16: "F16", BFLOAT16: "BF16", FLOAT8E4M3FN: "F8_E4M3",
-               FLOAT8E5M2: "F8_E5M2", INT64: "I64", INT32: "I32", INT16: "I16", INT8: "I8", UINT64: "U64",
-               UINT32: "U32", UINT16: "U16", UINT8: "U8", BOOL: "BOOL"}
+ONNX_DTYPES = {
+    FLOAT: "F32",
+    DOUBLE: "F64",
+    FLOAT16: "F16",
+    BFLOAT16: "BF16",
+    FLOAT8E4M3FN: "F8_E4M3",
+    FLOAT8E5M2: "F8_E5M2",
+    INT64: "I64",
+    INT32: "I32",
+    INT16: "I16",
+    INT8: "I8",
+    UINT64: "U64",
+    UINT32: "U32",
+    UINT16: "U16",
+    UINT8: "U8",
+    BOOL: "BOOL",
+}
 
 
 def carries_onnx(r) -> bool:
     return GRAPH_KEY in r.metadata()
 
 
-def read_graph(r, verify: bool = True) -> "onnx.ModelProto":  # noqa: F821  (onnx is imported when called)
+def read_graph(r, verify: bool = True) -> onnx.ModelProto:  # noqa: F821  (onnx is imported when called)
     """The stored ModelProto (initializers without data); FormatError when the container has none."""
     path = r.metadata().get(GRAPH_KEY)
     if path is None:
-        raise FormatError("holds no ONNX model (it was not converted from an .onnx file); decode it to a "
-                          "directory or a .safetensors file instead")
+        raise FormatError(
+            "holds no ONNX model (it was not converted from an .onnx file); decode it to a "
+            "directory or a .safetensors file instead"
+        )
     entry = r.files().get(path)
     if entry is None:
         raise FormatError(f"metadata {GRAPH_KEY!r} names {path!r:.80}, which the container does not hold")

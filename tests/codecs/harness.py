@@ -82,8 +82,9 @@ def assert_recorded_settings_ignored(codec: TensorCodec, x: np.ndarray, refs: di
     enc = codec.encode(x, refs)
     expected = codec.decode(enc.parts, enc.params, x.shape, "t", refs).tobytes()
     stored = {k: v for k, v in codec.config().items() if k not in recorded}
-    configs = [stored, codec.config()] + [{**stored, name: value} for name in recorded
-                                          for value in (None, -1, 0, 2 ** 40, 0.5, "1", [1], {"a": 1})]
+    configs = [stored, codec.config()] + [
+        {**stored, name: value} for name in recorded for value in (None, -1, 0, 2**40, 0.5, "1", [1], {"a": 1})
+    ]
     for config in configs:
         reader = type(codec).from_config(config, "c")
         assert reader.decode(enc.parts, enc.params, x.shape, "t", refs).tobytes() == expected, config
@@ -96,8 +97,9 @@ def run_doctests(module_name: str) -> None:
     assert result.failed == 0, f"{module_name}: {result.failed} doctest(s) failed"
 
 
-def check_contract(codec: TensorCodec, x: np.ndarray, refs: dict | None = None,
-                   max_rel_err: float | None = None) -> None:
+def check_contract(
+    codec: TensorCodec, x: np.ndarray, refs: dict | None = None, max_rel_err: float | None = None
+) -> None:
     """Everything above, on one codec and one sample tensor, plus the codec module's doctests."""
     enc, _ = roundtrip(codec, x, refs, max_rel_err)
     assert_config_roundtrip(codec)
@@ -111,8 +113,9 @@ def check_contract(codec: TensorCodec, x: np.ndarray, refs: dict | None = None,
     run_doctests(type(codec).__module__)
 
 
-SPEC_CODECS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "spec", "codecs")
+SPEC_CODECS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "spec", "codecs"
+)
 
 
 def codec_spec_text(codec: TensorCodec) -> str:

@@ -96,14 +96,17 @@ def test_fields_roundtrip_matches_reference(low, n):
     assert planes.join_fields_reference(high, low_values, low, n).tobytes() == plane.tobytes()
 
 
-@pytest.mark.parametrize("damage", [
-    lambda b: b[:0],
-    lambda b: bytes([0]) + b[1:],
-    lambda b: bytes([8]) + b[1:],
-    lambda b: b[:40],
-    lambda b: b + b"x",
-    lambda b: b[:-1],
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[:0],
+        lambda b: bytes([0]) + b[1:],
+        lambda b: bytes([8]) + b[1:],
+        lambda b: b[:40],
+        lambda b: b + b"x",
+        lambda b: b[:-1],
+    ],
+)
 def test_malformed_fields_plane_raises_format_error(damage):
     plane = np.full(1000, 0b01010101, np.uint8)
     plane[::7] = 0b11111101
@@ -120,21 +123,24 @@ def _encoded(n=8192):
     return codec, dtype, b"".join(parts), params, len(w)
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda p: {**p, "planes": p["planes"][:3]},
-    lambda p: {**p, "planes": [["lz4", n] for _, n in p["planes"]]},
-    lambda p: {**p, "planes": [[m, n + 1] for m, n in p["planes"]]},
-    lambda p: {**p, "planes": [[m, -1] for m, _ in p["planes"]]},
-    lambda p: {**p, "planes": p["planes"][:3] + [["split", p["planes"][3][1]]]},
-    lambda p: {**p, "planes": [["raw", n] for _, n in p["planes"]]},
-    lambda p: {**p, "extra": 1},
-    lambda p: {"planes": p["planes"]},
-    lambda p: {**p, "rotate": -1},
-    lambda p: {**p, "rotate": 32},
-    lambda p: {**p, "rotate": "3"},
-    lambda p: {**p, "rotate": 3.0},
-    lambda p: [],
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: {**p, "planes": p["planes"][:3]},
+        lambda p: {**p, "planes": [["lz4", n] for _, n in p["planes"]]},
+        lambda p: {**p, "planes": [[m, n + 1] for m, n in p["planes"]]},
+        lambda p: {**p, "planes": [[m, -1] for m, _ in p["planes"]]},
+        lambda p: {**p, "planes": p["planes"][:3] + [["split", p["planes"][3][1]]]},
+        lambda p: {**p, "planes": [["raw", n] for _, n in p["planes"]]},
+        lambda p: {**p, "extra": 1},
+        lambda p: {"planes": p["planes"]},
+        lambda p: {**p, "rotate": -1},
+        lambda p: {**p, "rotate": 32},
+        lambda p: {**p, "rotate": "3"},
+        lambda p: {**p, "rotate": 3.0},
+        lambda p: [],
+    ],
+)
 def test_bad_params_raise_format_error(mutate):
     codec, dtype, payload, params, size = _encoded()
     with pytest.raises(FormatError):
@@ -153,10 +159,13 @@ def _truncate_frame(payload: bytes, params: dict, start: int) -> tuple[bytes, di
     return payload[:-10], {**params, "planes": planes_}
 
 
-@pytest.mark.parametrize("damage,message", [
-    (_damage_magic, "plane 3: not a zstd frame"),
-    (_truncate_frame, "plane 3: corrupt zstd frame"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_damage_magic, "plane 3: not a zstd frame"),
+        (_truncate_frame, "plane 3: corrupt zstd frame"),
+    ],
+)
 def test_corrupt_payload_raises_format_error(damage, message):
     """Damage to an entropy-coded plane is caught by its decoder (raw planes cannot notice
     damage; the section checksum does)."""

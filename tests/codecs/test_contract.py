@@ -4,13 +4,12 @@ import dataclasses
 import os
 
 import pytest
+from harness import run_doctests
 
 from rbeformat import UsageError
 from rbeformat.chain import parse_chain
-from rbeformat.codecs import fields
-from rbeformat.codecs import registry
+from rbeformat.codecs import fields, registry
 from rbeformat.codecs.registry import TENSOR_CODECS
-from harness import run_doctests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,7 +22,8 @@ def test_every_codec_runs_the_shared_contract_checks(name):
     with open(path) as fh:
         text = fh.read()
     assert "check_contract(" in text and TENSOR_CODECS[name].__name__ in text, (
-        f"{path} does not run harness.check_contract on {TENSOR_CODECS[name].__name__}")
+        f"{path} does not run harness.check_contract on {TENSOR_CODECS[name].__name__}"
+    )
 
 
 # A valid chain per codec whose defaults alone are not a complete configuration.
@@ -48,17 +48,20 @@ def test_shared_modules_have_doctests():
         run_doctests(module)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("gquant(bits=4, grop=64)", "no setting 'grop'; valid: bits"),
-    ("gquant(bits=4, bits=8)", "'bits' is given twice"),
-    ("", "empty"),
-    ("   ", "empty"),
-    ("vq(bits=2)", "codebook"),
-    ("gquant(bits=4, codes=gquant(bits=8))", "no setting 'codes'"),
-    ("lowrank(rank=4, A=normdelta())", "shares state"),
-    ("normdelta(mode=bits, delta=gquant())", "cannot chain"),
-    ("nosuch(bits=4)", "unknown codec 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("gquant(bits=4, grop=64)", "no setting 'grop'; valid: bits"),
+        ("gquant(bits=4, bits=8)", "'bits' is given twice"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("vq(bits=2)", "codebook"),
+        ("gquant(bits=4, codes=gquant(bits=8))", "no setting 'codes'"),
+        ("lowrank(rank=4, A=normdelta())", "shares state"),
+        ("normdelta(mode=bits, delta=gquant())", "cannot chain"),
+        ("nosuch(bits=4)", "unknown codec 'nosuch'"),
+    ],
+)
 def test_bad_chains_are_usage_errors_naming_the_fix(text, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         parse_chain(text, TENSOR_CODECS)
@@ -80,6 +83,7 @@ def test_a_name_is_registered_once():
     from rbeformat.codecs.tensor import TensorCodec
 
     with pytest.raises(RuntimeError, match="'gquant' is used by"):
+
         @dataclasses.dataclass(frozen=True)
         class Impostor(TensorCodec):
             name = "gquant"

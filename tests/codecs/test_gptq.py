@@ -6,8 +6,8 @@ plain decoder, so each test decodes through codec.decode.
 
 import numpy as np
 import pytest
-
 from harness import roundtrip, run_doctests
+
 from rbeformat.codecs import gptq
 from rbeformat.codecs.gquant import GroupQuant
 from rbeformat.codecs.sparse import NM24, Sparse
@@ -52,21 +52,23 @@ def test_gptq_output_is_an_ordinary_gquant_tensor():
 def test_wanda_keeps_what_the_inputs_use():
     norms = np.ones(N)
     norms[:32] = 1e6  # inputs used a million times more: their weights must be kept
-    calibration = Calibration("wanda", np.diag(norms ** 2))
+    calibration = Calibration("wanda", np.diag(norms**2))
     codec = Sparse(density=0.25)
     out = decoded(codec, calibration)
     assert (out != 0).sum(axis=1).tolist() == [64] * len(W)  # the same count in every row
     assert (out[:, :32] == W[:, :32]).all()
     norms = np.ones(N)
     norms[::4] = 1e6  # one strongly used input in every group of four
-    nm = decoded(NM24(), Calibration("wanda", np.diag(norms ** 2)))
+    nm = decoded(NM24(), Calibration("wanda", np.diag(norms**2)))
     assert (nm[:, ::4] == W[:, ::4]).all() and ((nm.reshape(-1, 4) != 0).sum(axis=1) <= 2).all()
 
 
 def test_wanda_prunes_with_less_output_error_than_magnitude():
     calibration = Calibration("wanda", HESSIAN)
     for codec in (Sparse(density=0.5), NM24()):
-        assert gptq.output_error(W, decoded(codec, calibration), HESSIAN) < gptq.output_error(W, decoded(codec), HESSIAN)
+        assert gptq.output_error(W, decoded(codec, calibration), HESSIAN) < gptq.output_error(
+            W, decoded(codec), HESSIAN
+        )
 
 
 def test_a_codec_without_the_method_refuses_it():
@@ -88,5 +90,6 @@ def test_activation_order_lowers_the_error_further_and_decodes_the_same_way():
     calibration = Calibration("gptq", HESSIAN)
     # Measured: 0.29 against 0.44 on these inputs (plain encoder 0.72).
     assert gptq.output_error(W, decoded(activation, calibration), HESSIAN) < 0.8 * gptq.output_error(
-        W, decoded(columns, calibration), HESSIAN)
+        W, decoded(columns, calibration), HESSIAN
+    )
     assert activation.config() == columns.config()  # an encoder setting: not stored

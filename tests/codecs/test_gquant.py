@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from harness import check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
 from rbeformat.codecs.gquant import GroupQuant
@@ -19,12 +19,16 @@ BIAS = (np.random.default_rng(2).standard_normal(384) * 0.1).astype(np.float32)
 SCALES = GroupQuant(4, 32, "sym").encode(HEAVY).parts["scales"].astype(np.float32)
 
 
-@pytest.mark.parametrize("codec,x,bound", [
-    (GroupQuant(4, 32, "sym"), HEAVY, 0.14),  # measured 0.127
-    (GroupQuant(3, 64, "asym", "F32"), HEAVY, 0.26),  # measured 0.239
-    (GroupQuant(8, 0, "sym", "F32"), BIAS, 0.0075),  # measured 0.0065
-    (GroupQuant(8, 16, "asym"), SCALES, 0.003),  # measured 0.0026: double quantization of scales
-], ids=["sym4", "asym3-f32", "int8-tensor", "asym8-on-scales"])
+@pytest.mark.parametrize(
+    "codec,x,bound",
+    [
+        (GroupQuant(4, 32, "sym"), HEAVY, 0.14),  # measured 0.127
+        (GroupQuant(3, 64, "asym", "F32"), HEAVY, 0.26),  # measured 0.239
+        (GroupQuant(8, 0, "sym", "F32"), BIAS, 0.0075),  # measured 0.0065
+        (GroupQuant(8, 16, "asym"), SCALES, 0.003),  # measured 0.0026: double quantization of scales
+    ],
+    ids=["sym4", "asym3-f32", "int8-tensor", "asym8-on-scales"],
+)
 def test_contract(codec, x, bound):
     check_contract(codec, x, max_rel_err=bound)
 
@@ -44,13 +48,19 @@ def rtn_absmax(x: np.ndarray, bits: int, group: int) -> np.ndarray:
 # 1.2 / (2**bits - 1) of sigma; 64 values span ~4.8 sigma (1.4).  The bounds add
 # ~15% for sampling and float16 scales.  Student t groups span more (~2x).
 @pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("mode,group,normal_c,heavy_c", [
-    ("sym", 32, 1.4, 2.3), ("asym", 32, 1.3, 1.6), ("sym", 64, 1.65, 2.9), ("asym", 64, 1.5, 2.1),
-])
+@pytest.mark.parametrize(
+    "mode,group,normal_c,heavy_c",
+    [
+        ("sym", 32, 1.4, 2.3),
+        ("asym", 32, 1.3, 1.6),
+        ("sym", 64, 1.65, 2.9),
+        ("asym", 64, 1.5, 2.1),
+    ],
+)
 def test_error_bounds(bits, mode, group, normal_c, heavy_c):
     codec = GroupQuant(bits, group, mode)
-    roundtrip(codec, NORMAL, max_rel_err=normal_c / (2 ** bits - 1))
-    roundtrip(codec, HEAVY, max_rel_err=heavy_c / (2 ** bits - 1))
+    roundtrip(codec, NORMAL, max_rel_err=normal_c / (2**bits - 1))
+    roundtrip(codec, HEAVY, max_rel_err=heavy_c / (2**bits - 1))
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5])
@@ -133,20 +143,23 @@ def test_encoder_refuses_non_finite_and_scalars():
     assert not GroupQuant().accepts(())
 
 
-@pytest.mark.parametrize("config,key", [
-    ({"bits": 1, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
-    ({"bits": 9, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
-    ({"bits": 4, "group": 8, "mode": "sym", "scale_dtype": "F16"}, "group"),
-    ({"bits": 4, "group": 512, "mode": "sym", "scale_dtype": "F16"}, "group"),
-    ({"bits": 4, "group": 32, "mode": "nf", "scale_dtype": "F16"}, "mode"),
-    ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "BF16"}, "scale_dtype"),
-    ({"bits": 4.0, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
-    ({"bits": 4, "group": 32, "mode": "sym"}, "scale_dtype"),
-    ({"bits": 4, "group": 32, "mode": ["sym"], "scale_dtype": "F16"}, "mode"),
-    ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": {"F16": 1}}, "scale_dtype"),
-    ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "F16", "extra": 1}, "extra"),
-    ([], "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,key",
+    [
+        ({"bits": 1, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
+        ({"bits": 9, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
+        ({"bits": 4, "group": 8, "mode": "sym", "scale_dtype": "F16"}, "group"),
+        ({"bits": 4, "group": 512, "mode": "sym", "scale_dtype": "F16"}, "group"),
+        ({"bits": 4, "group": 32, "mode": "nf", "scale_dtype": "F16"}, "mode"),
+        ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "BF16"}, "scale_dtype"),
+        ({"bits": 4.0, "group": 32, "mode": "sym", "scale_dtype": "F16"}, "bits"),
+        ({"bits": 4, "group": 32, "mode": "sym"}, "scale_dtype"),
+        ({"bits": 4, "group": 32, "mode": ["sym"], "scale_dtype": "F16"}, "mode"),
+        ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": {"F16": 1}}, "scale_dtype"),
+        ({"bits": 4, "group": 32, "mode": "sym", "scale_dtype": "F16", "extra": 1}, "extra"),
+        ([], "expected an object"),
+    ],
+)
 def test_bad_config_is_a_format_error_naming_the_key(config, key):
     with pytest.raises(FormatError, match=key):
         GroupQuant.from_config(config, "c")
@@ -193,15 +206,22 @@ def test_random_bytes_decode_to_finite_values_or_format_error():
     assert specs["codes"] == PartSpec("U8", (bitpack.packed_size(200, 3),))
     rng = np.random.default_rng(7)
     for _ in range(20):
-        parts = {"codes": rng.integers(0, 256, specs["codes"].shape, dtype=np.uint8),
-                 "scales": rng.standard_normal(specs["scales"].shape).astype(np.float16)}
+        parts = {
+            "codes": rng.integers(0, 256, specs["codes"].shape, dtype=np.uint8),
+            "scales": rng.standard_normal(specs["scales"].shape).astype(np.float16),
+        }
         assert np.isfinite(codec.decode(parts, {}, shape, "t")).all()
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
-       bits=st.integers(2, 8), group=st.sampled_from([0, 16, 17, 32, 256]), mode=st.sampled_from(["sym", "asym"]),
-       scale=st.floats(1e-6, 1e4), seed=st.integers(0, 2 ** 16))
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
+    bits=st.integers(2, 8),
+    group=st.sampled_from([0, 16, 17, 32, 256]),
+    mode=st.sampled_from(["sym", "asym"]),
+    scale=st.floats(1e-6, 1e4),
+    seed=st.integers(0, 2**16),
+)
 def test_any_shape_round_trips_within_the_grid_step(shape, bits, group, mode, scale, seed):
     codec = GroupQuant(bits, group, mode, "F32")
     x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
@@ -210,4 +230,4 @@ def test_any_shape_round_trips_within_the_grid_step(shape, bits, group, mode, sc
     # group: a loose bound that still catches a wrong scale, offset or layout.
     assert x.size == 0 or np.abs(out - x).max() <= 2.01 * np.abs(x).max()
     if x.size >= 16 and group:
-        assert rel_err(x, out) < 3.0 / (2 ** bits - 1)
+        assert rel_err(x, out) < 3.0 / (2**bits - 1)

@@ -2,23 +2,27 @@
 
 import numpy as np
 import pytest
+from harness import assert_energy_target_met_minimally, check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, normal, only_format_errors, wild
 
-from harness import assert_energy_target_met_minimally, check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs.lowrank import LowRank
-from weight_samples import JSON, normal, only_format_errors, wild
 
 NORMAL = normal((96, 64))
 WILD = wild((96, 64))
 
 
-@pytest.mark.parametrize("codec,bound", [
-    (LowRank(rank=8), 0.60),  # measured 0.588, the Eckart-Young optimum
-    (LowRank(energy=0.9, residual=True), 1e-7),  # measured 7e-9: the residual restores the rest
-    (LowRank(bits=2.0, factor_bits=4.0), 0.43),  # measured 0.419 (rank 19)
-], ids=["rank", "energy-residual", "bits"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        (LowRank(rank=8), 0.60),  # measured 0.588, the Eckart-Young optimum
+        (LowRank(energy=0.9, residual=True), 1e-7),  # measured 7e-9: the residual restores the rest
+        (LowRank(bits=2.0, factor_bits=4.0), 0.43),  # measured 0.419 (rank 19)
+    ],
+    ids=["rank", "energy-residual", "bits"],
+)
 def test_contract(codec, bound):
     check_contract(codec, WILD, max_rel_err=bound)
 
@@ -26,7 +30,7 @@ def test_contract(codec, bound):
 def tail_error(w, r):
     """Eckart-Young: the best rank-r error is the norm of the dropped singular values."""
     s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
-    return float(np.sqrt((s[r:] ** 2).sum() / (s ** 2).sum()))
+    return float(np.sqrt((s[r:] ** 2).sum() / (s**2).sum()))
 
 
 @pytest.mark.parametrize("w", [NORMAL, WILD], ids=["normal", "wild"])
@@ -90,7 +94,7 @@ def test_decode_rounds_a_float64_sum():
 def test_factors_are_balanced_and_sign_canonical():
     enc, _ = roundtrip(LowRank(rank=6), WILD)
     a, b = enc.parts["A"].astype(np.float64), enc.parts["B"].astype(np.float64)
-    np.testing.assert_allclose((a ** 2).sum(axis=0), (b ** 2).sum(axis=1), rtol=1e-4)
+    np.testing.assert_allclose((a**2).sum(axis=0), (b**2).sum(axis=1), rtol=1e-4)
     rows = np.arange(6)
     assert (b[rows, np.abs(b).argmax(axis=1)] > 0).all()
 
@@ -116,21 +120,35 @@ def test_zero_matrix():
 
 def test_config_holds_only_the_settings_given():
     assert LowRank(rank=3).config() == {"rank": 3, "residual": False}
-    assert LowRank(bits=1.5, factor_bits=4, residual=True).config() == {"bits": 1.5, "factor_bits": 4.0,
-                                                                         "residual": True}
+    assert LowRank(bits=1.5, factor_bits=4, residual=True).config() == {
+        "bits": 1.5,
+        "factor_bits": 4.0,
+        "residual": True,
+    }
 
 
-@pytest.mark.parametrize("config,message", [
-    ({}, "missing key"), ({"rank": 3}, "missing key"), ({"residual": False}, "exactly one of"),
-    ({"rank": 0, "residual": False}, "rank"), ({"rank": 2.0, "residual": False}, "rank"),
-    ({"rank": True, "residual": False}, "rank"), ({"rank": 3, "energy": 0.5, "residual": False}, "exactly one of"),
-    ({"energy": 0.0, "residual": False}, "energy"), ({"energy": 1.5, "residual": False}, "energy"),
-    ({"energy": "1", "residual": False}, "energy"), ({"bits": 4, "residual": False}, "factor_bits"),
-    ({"energy": 0.5, "factor_bits": 4, "residual": False}, "factor_bits"),
-    ({"bits": -1, "factor_bits": 4, "residual": False}, "bits"), ({"rank": 3, "residual": 1}, "residual"),
-    ({"rank": 3, "residual": False, "x": 1}, "unexpected key"),
-    ({"energy": float("nan"), "residual": False}, "energy"), ("rank", "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({}, "missing key"),
+        ({"rank": 3}, "missing key"),
+        ({"residual": False}, "exactly one of"),
+        ({"rank": 0, "residual": False}, "rank"),
+        ({"rank": 2.0, "residual": False}, "rank"),
+        ({"rank": True, "residual": False}, "rank"),
+        ({"rank": 3, "energy": 0.5, "residual": False}, "exactly one of"),
+        ({"energy": 0.0, "residual": False}, "energy"),
+        ({"energy": 1.5, "residual": False}, "energy"),
+        ({"energy": "1", "residual": False}, "energy"),
+        ({"bits": 4, "residual": False}, "factor_bits"),
+        ({"energy": 0.5, "factor_bits": 4, "residual": False}, "factor_bits"),
+        ({"bits": -1, "factor_bits": 4, "residual": False}, "bits"),
+        ({"rank": 3, "residual": 1}, "residual"),
+        ({"rank": 3, "residual": False, "x": 1}, "unexpected key"),
+        ({"energy": float("nan"), "residual": False}, "energy"),
+        ("rank", "expected an object"),
+    ],
+)
 def test_bad_config_is_a_format_error_naming_the_problem(config, message):
     with pytest.raises(FormatError, match=message):
         LowRank.from_config(config, "c")
@@ -152,11 +170,24 @@ def test_accepts_only_matrices():
         LowRank(rank=2).encode(np.array([[np.nan, 1.0]], np.float32))
 
 
-@pytest.mark.parametrize("params,shape", [
-    ({"rank": 0}, (8, 6)), ({"rank": 7}, (8, 6)), ({"rank": 1 << 40}, (8, 6)), ({"rank": "2"}, (8, 6)),
-    ({"rank": 2.0}, (8, 6)), ({"rank": True}, (8, 6)), ({}, (8, 6)), ({"rank": 2, "extra": 1}, (8, 6)),
-    (None, (8, 6)), ([2], (8, 6)), ({"rank": 2}, (48,)), ({"rank": 2}, (2, 4, 6)), ({"rank": 1}, (0, 6)),
-])
+@pytest.mark.parametrize(
+    "params,shape",
+    [
+        ({"rank": 0}, (8, 6)),
+        ({"rank": 7}, (8, 6)),
+        ({"rank": 1 << 40}, (8, 6)),
+        ({"rank": "2"}, (8, 6)),
+        ({"rank": 2.0}, (8, 6)),
+        ({"rank": True}, (8, 6)),
+        ({}, (8, 6)),
+        ({"rank": 2, "extra": 1}, (8, 6)),
+        (None, (8, 6)),
+        ([2], (8, 6)),
+        ({"rank": 2}, (48,)),
+        ({"rank": 2}, (2, 4, 6)),
+        ({"rank": 1}, (0, 6)),
+    ],
+)
 def test_hostile_params_are_format_errors(params, shape):
     codec = LowRank(rank=2, residual=True)
     with pytest.raises(FormatError):
@@ -186,8 +217,14 @@ def test_hostile_parts_are_format_errors():
 
 
 @settings(max_examples=300, deadline=None)
-@given(params=JSON | st.fixed_dictionaries({"rank": JSON}), config=JSON | st.fixed_dictionaries(
-    {"residual": JSON}, optional={"rank": JSON, "energy": JSON, "bits": JSON, "factor_bits": JSON}))
+@given(
+    params=JSON | st.fixed_dictionaries({"rank": JSON}),
+    config=JSON
+    | st.fixed_dictionaries(
+        {"residual": JSON}, optional={"rank": JSON, "energy": JSON, "bits": JSON, "factor_bits": JSON}
+    ),
+)
 def test_any_json_params_and_config_raise_only_format_errors(params, config):
-    only_format_errors(lambda: LowRank(rank=2).part_specs(params, (6, 5), "w"),
-                       lambda: LowRank.from_config(config, "c"))
+    only_format_errors(
+        lambda: LowRank(rank=2).part_specs(params, (6, 5), "w"), lambda: LowRank.from_config(config, "c")
+    )

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
+from harness import check_contract, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, only_format_errors
 
-from harness import check_contract, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs.normdelta import NormDelta, shared_base
-from weight_samples import JSON, only_format_errors
 
 BASE = "encoder.norm.base"
 
@@ -20,10 +20,13 @@ def layers(count=6, size=384, seed=0):
     return [(common + 0.02 * rng.standard_normal(size)).astype(np.float32) for _ in range(count)]
 
 
-@pytest.mark.parametrize("mode,statistic,bound", [
-    ("bits", "median", 0.0),  # lossless
-    ("float", "mean", 1e-7),  # one float32 rounding at most; measured 0.0 on this sample
-])
+@pytest.mark.parametrize(
+    "mode,statistic,bound",
+    [
+        ("bits", "median", 0.0),  # lossless
+        ("float", "mean", 1e-7),  # one float32 rounding at most; measured 0.0 on this sample
+    ],
+)
 def test_contract(mode, statistic, bound):
     vectors = layers()
     base = shared_base(vectors, statistic)
@@ -32,8 +35,8 @@ def test_contract(mode, statistic, bound):
 
 def test_bits_mode_is_bit_exact_for_every_pattern():
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 2 ** 32, 4096, dtype=np.uint32).view(np.float32)  # NaNs, infinities, subnormals, all
-    base = rng.integers(0, 2 ** 32, 4096, dtype=np.uint32).view(np.float32)
+    x = rng.integers(0, 2**32, 4096, dtype=np.uint32).view(np.float32)  # NaNs, infinities, subnormals, all
+    base = rng.integers(0, 2**32, 4096, dtype=np.uint32).view(np.float32)
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38], np.float32)
     for xs, bs in ((x, base), (special, special[::-1].copy()), (x[:7], special)):
         enc, out = roundtrip(NormDelta(BASE, "bits"), xs, {BASE: bs})
@@ -48,7 +51,7 @@ def test_bits_mode_deltas_are_small_near_the_base():
     # The lower median is one layer's value at each position: 384 zero deltas in all.
     assert sum(int((d == 0).sum()) for d in deltas) == 384
     # Within +-10% of the base, the bit patterns differ by far less than 2**23 (one binade).
-    assert max(int(np.abs(d).max()) for d in deltas) < 2 ** 23
+    assert max(int(np.abs(d).max()) for d in deltas) < 2**23
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -105,12 +108,20 @@ def test_deterministic_and_bits_exact():
     assert NormDelta(BASE).bit_cost({}, (3, 5)) == 32 * 15
 
 
-@pytest.mark.parametrize("config,message", [
-    ({}, "missing key"), ({"base": BASE}, "missing key"), ({"mode": "bits"}, "missing key"),
-    ({"base": "", "mode": "bits"}, "c.base"), ({"base": 3, "mode": "bits"}, "c.base"),
-    ({"base": "n" * 2000, "mode": "bits"}, "c.base"), ({"base": BASE, "mode": "int"}, "c.mode"),
-    ({"base": BASE, "mode": "bits", "x": 0}, "unexpected key"), (None, "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({}, "missing key"),
+        ({"base": BASE}, "missing key"),
+        ({"mode": "bits"}, "missing key"),
+        ({"base": "", "mode": "bits"}, "c.base"),
+        ({"base": 3, "mode": "bits"}, "c.base"),
+        ({"base": "n" * 2000, "mode": "bits"}, "c.base"),
+        ({"base": BASE, "mode": "int"}, "c.mode"),
+        ({"base": BASE, "mode": "bits", "x": 0}, "unexpected key"),
+        (None, "expected an object"),
+    ],
+)
 def test_bad_configs_are_format_errors(config, message):
     with pytest.raises(FormatError, match=message):
         NormDelta.from_config(config, "c")
@@ -154,5 +165,6 @@ def test_other_shapes():
 @settings(max_examples=300, deadline=None)
 @given(params=JSON, config=JSON | st.fixed_dictionaries({"base": JSON | st.text(), "mode": JSON | st.just("bits")}))
 def test_any_json_params_and_config_raise_only_format_errors(params, config):
-    only_format_errors(lambda: NormDelta(BASE).part_specs(params, (4,), "x"),
-                       lambda: NormDelta.from_config(config, "c"))
+    only_format_errors(
+        lambda: NormDelta(BASE).part_specs(params, (4,), "x"), lambda: NormDelta.from_config(config, "c")
+    )

@@ -2,16 +2,16 @@
 
 import numpy as np
 import pytest
+from harness import check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import gptq_problem
 
-from harness import check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack, gptq
 from rbeformat.codecs.gquant import GroupQuant
 from rbeformat.codecs.palette import Palette, fit_codebooks
 from rbeformat.codecs.tensor import Calibration, PartSpec
-from weight_samples import gptq_problem
 
 RNG = np.random.default_rng(99)
 NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02
@@ -20,11 +20,15 @@ HEAVY = RNG.standard_t(3, (64, 256)).astype(np.float32) * 0.02  # Student t, 3 d
 LLOYD_MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
 
 
-@pytest.mark.parametrize("codec,bound", [
-    (Palette(4, "tensor"), 0.18),  # measured 0.165
-    (Palette(3, "row"), 0.22),  # measured 0.203
-    (Palette(2, "group", 64, "F32"), 0.36),  # measured 0.334
-], ids=["tensor", "row", "group"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        (Palette(4, "tensor"), 0.18),  # measured 0.165
+        (Palette(3, "row"), 0.22),  # measured 0.203
+        (Palette(2, "group", 64, "F32"), 0.36),  # measured 0.334
+    ],
+    ids=["tensor", "row", "group"],
+)
 def test_contract(codec, bound):
     check_contract(codec, HEAVY, max_rel_err=bound)
 
@@ -49,12 +53,18 @@ def test_codebooks_beat_uniform_grids_of_the_same_size(bits, data):
     assert error(Palette(bits, "group", 64)) <= error(GroupQuant(bits, 64, "asym", "F32"))
 
 
-@pytest.mark.parametrize("bits,scope,group,bound", [
-    # Per-row codebooks of 256 normal values fit slightly better than Lloyd-Max
-    # (which is for the whole distribution); heavy tails need more (measured
-    # 0.44, 0.22, 0.10 for 2, 3, 4 bits).
-    (2, "row", 0, 0.50), (3, "row", 0, 0.25), (4, "row", 0, 0.12), (4, "group", 64, 0.08),
-])
+@pytest.mark.parametrize(
+    "bits,scope,group,bound",
+    [
+        # Per-row codebooks of 256 normal values fit slightly better than Lloyd-Max
+        # (which is for the whole distribution); heavy tails need more (measured
+        # 0.44, 0.22, 0.10 for 2, 3, 4 bits).
+        (2, "row", 0, 0.50),
+        (3, "row", 0, 0.25),
+        (4, "row", 0, 0.12),
+        (4, "group", 64, 0.08),
+    ],
+)
 def test_error_bounds_on_heavy_tails(bits, scope, group, bound):
     roundtrip(Palette(bits, scope, group), HEAVY, max_rel_err=bound)
     roundtrip(Palette(bits, scope, group), NORMAL, max_rel_err=LLOYD_MAX_MSE[bits] ** 0.5)
@@ -63,7 +73,7 @@ def test_error_bounds_on_heavy_tails(bits, scope, group, bound):
 @pytest.mark.parametrize("dtype", ["F16", "F32"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_at_most_2_to_the_bits_distinct_values_come_back_exactly(dtype, bits):
-    values = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)[: 2 ** bits]
+    values = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)[: 2**bits]
     # Mostly zeros, so several quantile starts coincide.
     x = RNG.choice(values, size=(50, 64), p=None if len(values) < 4 else [0.05, 0.85, 0.05, 0.05])
     for scope, group in [("tensor", 0), ("row", 0), ("group", 16), ("group", 20)]:
@@ -129,21 +139,24 @@ def test_encoder_refuses_non_finite_and_scalars():
         Palette().encode(np.float32(1.0))
 
 
-@pytest.mark.parametrize("config,key", [
-    ({"bits": 0, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
-    ({"bits": 9, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
-    ({"bits": 4, "scope": "column", "group": 0, "codebook_dtype": "F16"}, "scope"),
-    ({"bits": 4, "scope": "row", "group": 64, "codebook_dtype": "F16"}, "group"),
-    ({"bits": 4, "scope": "group", "group": 0, "codebook_dtype": "F16"}, "group"),
-    ({"bits": 4, "scope": "group", "group": 1 << 30, "codebook_dtype": "F16"}, "group"),
-    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F64"}, "codebook_dtype"),
-    ({"bits": True, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
-    ({"bits": 4, "scope": "row", "group": 0}, "codebook_dtype"),
-    ({"bits": 4, "scope": ["row"], "group": 0, "codebook_dtype": "F16"}, "scope"),
-    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": ["F16"]}, "codebook_dtype"),
-    ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F16", "extra": 1}, "extra"),
-    ("row", "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,key",
+    [
+        ({"bits": 0, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+        ({"bits": 9, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+        ({"bits": 4, "scope": "column", "group": 0, "codebook_dtype": "F16"}, "scope"),
+        ({"bits": 4, "scope": "row", "group": 64, "codebook_dtype": "F16"}, "group"),
+        ({"bits": 4, "scope": "group", "group": 0, "codebook_dtype": "F16"}, "group"),
+        ({"bits": 4, "scope": "group", "group": 1 << 30, "codebook_dtype": "F16"}, "group"),
+        ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F64"}, "codebook_dtype"),
+        ({"bits": True, "scope": "row", "group": 0, "codebook_dtype": "F16"}, "bits"),
+        ({"bits": 4, "scope": "row", "group": 0}, "codebook_dtype"),
+        ({"bits": 4, "scope": ["row"], "group": 0, "codebook_dtype": "F16"}, "scope"),
+        ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": ["F16"]}, "codebook_dtype"),
+        ({"bits": 4, "scope": "row", "group": 0, "codebook_dtype": "F16", "extra": 1}, "extra"),
+        ("row", "expected an object"),
+    ],
+)
 def test_bad_config_is_a_format_error_naming_the_key(config, key):
     with pytest.raises(FormatError, match=key):
         Palette.from_config(config, "c")
@@ -187,16 +200,22 @@ def test_random_bytes_decode_to_finite_values():
     assert specs == {"indices": PartSpec("U8", (bitpack.packed_size(200, 3),)), "codebook": PartSpec("F16", (15, 8))}
     rng = np.random.default_rng(7)
     for _ in range(20):
-        parts = {"indices": rng.integers(0, 256, specs["indices"].shape, dtype=np.uint8),
-                 "codebook": rng.standard_normal((15, 8)).astype(np.float16)}
+        parts = {
+            "indices": rng.integers(0, 256, specs["indices"].shape, dtype=np.uint8),
+            "codebook": rng.standard_normal((15, 8)).astype(np.float16),
+        }
         out = codec.decode(parts, {}, shape, "t")
         assert np.isfinite(out).all() and np.isin(out.astype(np.float16), parts["codebook"]).all()
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple), bits=st.integers(1, 8),
-       scope=st.sampled_from([("tensor", 0), ("row", 0), ("group", 16), ("group", 23)]),
-       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2 ** 16))
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
+    bits=st.integers(1, 8),
+    scope=st.sampled_from([("tensor", 0), ("row", 0), ("group", 16), ("group", 23)]),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
 def test_any_shape_round_trips_to_codebook_values(shape, bits, scope, scale, seed):
     codec = Palette(bits, *scope, "F32")
     x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
@@ -221,11 +240,18 @@ def _output_error(codec, calibration=None):
     return gptq.output_error(W, codec.decode(enc.parts, enc.params, W.shape, "w"), HESSIAN)
 
 
-@pytest.mark.parametrize("codec,bound", [
-    # Measured 0.35, 0.45, 0.37, 0.35.  With the compensation disabled (weighted
-    # codebooks, nearest entries) 0.70, 0.81, 0.59, 0.98: each bound would fail.
-    (Palette(4, "row"), 0.5), (Palette(2, "row"), 0.6), (Palette(3, "group", 32), 0.5), (Palette(4, "tensor"), 0.5),
-], ids=["4-row", "2-row", "3-group", "4-tensor"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        # Measured 0.35, 0.45, 0.37, 0.35.  With the compensation disabled (weighted
+        # codebooks, nearest entries) 0.70, 0.81, 0.59, 0.98: each bound would fail.
+        (Palette(4, "row"), 0.5),
+        (Palette(2, "row"), 0.6),
+        (Palette(3, "group", 32), 0.5),
+        (Palette(4, "tensor"), 0.5),
+    ],
+    ids=["4-row", "2-row", "3-group", "4-tensor"],
+)
 def test_gptq_lowers_the_output_error(codec, bound):
     assert _output_error(codec, GPTQ) < bound * _output_error(codec)
 
@@ -235,7 +261,8 @@ def test_gptq_output_is_an_ordinary_palette_tensor(codec):
     plain, calibrated = codec.encode(W), codec.encode(W, calibration=GPTQ)
     assert calibrated.params == plain.params == {}
     assert {k: (v.dtype, v.shape) for k, v in calibrated.parts.items()} == {
-        k: (v.dtype, v.shape) for k, v in plain.parts.items()}
+        k: (v.dtype, v.shape) for k, v in plain.parts.items()
+    }
     out = codec.decode(calibrated.parts, calibrated.params, W.shape, "w")
     assert out.dtype == np.float32 and np.isin(out, calibrated.parts["codebook"].astype(np.float32)).all()
 
@@ -277,6 +304,7 @@ def test_weighted_k_means_follows_the_weights():
     weights[:, heavy_at] = 1e6
     books = fit_codebooks(x, 4, weights=weights)
     np.testing.assert_allclose(books, np.sort(x[:, heavy_at], axis=1), atol=1e-3)
+
     # Unit weights fit as well as no weights (the same objective, another quantile start).
     def error(b):
         return (np.min((x[:, :, None] - b[:, None, :]) ** 2, axis=2)).sum()

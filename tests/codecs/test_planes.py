@@ -104,11 +104,14 @@ def test_group_ungroup_match_reference(path, n):
     assert planes.ungroup_reference(runs, context).tobytes() == values.tobytes()
 
 
-@pytest.mark.parametrize("runs", [
-    (np.zeros(1, np.uint8), np.zeros(1, np.uint8)),  # too short
-    (np.zeros(2, np.uint8),),  # one run missing
-    (np.zeros(1, np.uint8), np.zeros(2, np.uint8)),  # right total, wrong split between values
-])
+@pytest.mark.parametrize(
+    "runs",
+    [
+        (np.zeros(1, np.uint8), np.zeros(1, np.uint8)),  # too short
+        (np.zeros(2, np.uint8),),  # one run missing
+        (np.zeros(1, np.uint8), np.zeros(2, np.uint8)),  # right total, wrong split between values
+    ],
+)
 def test_ungroup_rejects_runs_of_wrong_length(path, runs):
     context = np.array([1, 1, 2], np.uint8)
     with pytest.raises(ValueError):
@@ -141,7 +144,12 @@ def test_join_fields_matches_reference_with_and_without_bit_deposit(native, depo
     assert joined.tobytes() == planes.join_fields_reference(high, low_values, low, n).tobytes() == plane.tobytes()
 
 
-_WRONG_FIELD_SIZES = [(bytes(2), bytes(1), 2), (bytes(3), bytes(2), 2), (bytes(3), bytes(1), 0), (bytes(4), bytes(0), 8)]
+_WRONG_FIELD_SIZES = [
+    (bytes(2), bytes(1), 2),
+    (bytes(3), bytes(2), 2),
+    (bytes(3), bytes(1), 0),
+    (bytes(4), bytes(0), 8),
+]
 
 
 def test_join_fields_refuses_wrong_sizes(path):
@@ -237,11 +245,13 @@ def test_layout_crc32_uses_the_extension_when_loaded():
 
 # -- the loader, in fresh interpreters ---------------------------------------------------------
 
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter with the native variables set only as given."""
     clean = {k: v for k, v in os.environ.items() if k not in (_native.REQUIRE_VARIABLE, _native.DISABLE_VARIABLE)}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 # Hides the extension from the import system, as a build without a compiler would.
@@ -249,9 +259,11 @@ _HIDE_EXTENSION = "import sys; sys.modules['rbeformat._planes'] = None\n"
 
 
 def test_missing_extension_falls_back_and_says_why():
-    run = _python(_HIDE_EXTENSION + "import rbeformat\nfrom rbeformat import _native\n"
-                  "from rbeformat.codecs import planes\n"
-                  "print(_native.available(), planes.has_native(), _native.missing_reason)")
+    run = _python(
+        _HIDE_EXTENSION + "import rbeformat\nfrom rbeformat import _native\n"
+        "from rbeformat.codecs import planes\n"
+        "print(_native.available(), planes.has_native(), _native.missing_reason)"
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("False False ModuleNotFoundError: import of rbeformat._planes halted")
 
@@ -265,8 +277,11 @@ def test_required_extension_that_is_missing_fails_the_import():
 
 
 def test_disabling_wins_over_requiring():
-    run = _python("from rbeformat import _native; print(_native.available(), _native.missing_reason)",
-                  RBE_REQUIRE_NATIVE="1", RBE_DISABLE_NATIVE="1")
+    run = _python(
+        "from rbeformat import _native; print(_native.available(), _native.missing_reason)",
+        RBE_REQUIRE_NATIVE="1",
+        RBE_DISABLE_NATIVE="1",
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False disabled by RBE_DISABLE_NATIVE=1"
 
@@ -304,10 +319,13 @@ def byteplane_and_crc_digests() -> dict:
 
 def test_numpy_path_gives_the_native_bytes_in_a_fresh_interpreter(native):
     here = os.path.dirname(os.path.abspath(__file__))
-    run = _python(f"import json, sys\nsys.path.insert(0, {here!r})\n"
-                  "from rbeformat import _native\nassert not _native.available()\n"
-                  "from test_planes import byteplane_and_crc_digests\n"
-                  "print(json.dumps(byteplane_and_crc_digests()))", RBE_DISABLE_NATIVE="1")
+    run = _python(
+        f"import json, sys\nsys.path.insert(0, {here!r})\n"
+        "from rbeformat import _native\nassert not _native.available()\n"
+        "from test_planes import byteplane_and_crc_digests\n"
+        "print(json.dumps(byteplane_and_crc_digests()))",
+        RBE_DISABLE_NATIVE="1",
+    )
     assert run.returncode == 0, run.stderr
     expected = byteplane_and_crc_digests()
     assert {"split", "fields", "zstd", "raw"} <= set(expected["methods"])  # every plane decoder ran

@@ -4,14 +4,20 @@ import math
 
 import numpy as np
 import pytest
+from harness import (
+    assert_energy_target_met_minimally,
+    assert_params_refused,
+    assert_recorded_settings_ignored,
+    check_contract,
+    rel_err,
+    roundtrip,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, only_format_errors, wild
 
-from harness import (assert_energy_target_met_minimally, assert_params_refused, assert_recorded_settings_ignored,
-                     check_contract, rel_err, roundtrip)
 from rbeformat import FormatError
 from rbeformat.codecs.posemb import NotSinusoidal, PositionDCT, Sinusoidal, dct_basis
-from weight_samples import JSON, only_format_errors, wild
 
 
 def learned_table(positions=128, hidden=32, seed=0):
@@ -32,13 +38,17 @@ def dropped_energy(x, keep):
     naive = np.array([[math.cos(math.pi * (2 * p + 1) * k / (2 * n)) for p in range(n)] for k in range(n)])
     naive *= np.where(np.arange(n) == 0, math.sqrt(1 / n), math.sqrt(2 / n))[:, None]
     coeffs = naive @ x.astype(np.float64)
-    return float(np.sqrt((coeffs[keep:] ** 2).sum() / (coeffs ** 2).sum()))
+    return float(np.sqrt((coeffs[keep:] ** 2).sum() / (coeffs**2).sum()))
 
 
-@pytest.mark.parametrize("codec,bound", [
-    (PositionDCT(keep=8), 0.17),  # measured 0.152
-    (PositionDCT(energy=0.99), 0.1 + 1e-6),  # sqrt(1 - energy) by Parseval; measured 0.09999 (17 kept)
-], ids=["keep", "energy"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        (PositionDCT(keep=8), 0.17),  # measured 0.152
+        (PositionDCT(energy=0.99), 0.1 + 1e-6),  # sqrt(1 - energy) by Parseval; measured 0.09999 (17 kept)
+    ],
+    ids=["keep", "energy"],
+)
 def test_posdct_contract(codec, bound):
     check_contract(codec, learned_table(), max_rel_err=bound)
 
@@ -98,19 +108,38 @@ def test_posdct_deterministic_bits_and_config():
         assert one.params == two.params and one.parts["coeffs"].tobytes() == two.parts["coeffs"].tobytes()
         assert codec.bit_cost(one.params, x.shape) == one.parts["coeffs"].nbytes * 8 == 32 * one.params["keep"] * 32
     assert PositionDCT(keep=5).config() == {"keep": 5} and PositionDCT(energy=0.95).config() == {"energy": 0.95}
-    for config, message in [({}, "exactly one of"), ({"keep": 0}, "c.keep"), ({"keep": 2.5}, "c.keep"),
-                            ({"energy": 0}, "c.energy"), ({"energy": 2}, "c.energy"),
-                            ({"keep": 3, "energy": 0.5}, "exactly one of"), ({"keep": 3, "x": 1}, "unexpected key"),
-                            ({"energy": "0.5"}, "c.energy"), (None, "expected an object")]:
+    for config, message in [
+        ({}, "exactly one of"),
+        ({"keep": 0}, "c.keep"),
+        ({"keep": 2.5}, "c.keep"),
+        ({"energy": 0}, "c.energy"),
+        ({"energy": 2}, "c.energy"),
+        ({"keep": 3, "energy": 0.5}, "exactly one of"),
+        ({"keep": 3, "x": 1}, "unexpected key"),
+        ({"energy": "0.5"}, "c.energy"),
+        (None, "expected an object"),
+    ]:
         with pytest.raises(FormatError, match=message):
             PositionDCT.from_config(config, "c")
 
 
-@pytest.mark.parametrize("params,shape", [
-    ({"keep": 0}, (16, 4)), ({"keep": 17}, (16, 4)), ({"keep": 1 << 40}, (16, 4)), ({"keep": "3"}, (16, 4)),
-    ({"keep": True}, (16, 4)), ({}, (16, 4)), ({"keep": 2, "x": 0}, (16, 4)), (None, (16, 4)),
-    ({"keep": 2}, (16,)), ({"keep": 2}, (4, 4, 4)), ({"keep": 1}, (0, 4)), ({"keep": 1}, (4, 0)),
-])
+@pytest.mark.parametrize(
+    "params,shape",
+    [
+        ({"keep": 0}, (16, 4)),
+        ({"keep": 17}, (16, 4)),
+        ({"keep": 1 << 40}, (16, 4)),
+        ({"keep": "3"}, (16, 4)),
+        ({"keep": True}, (16, 4)),
+        ({}, (16, 4)),
+        ({"keep": 2, "x": 0}, (16, 4)),
+        (None, (16, 4)),
+        ({"keep": 2}, (16,)),
+        ({"keep": 2}, (4, 4, 4)),
+        ({"keep": 1}, (0, 4)),
+        ({"keep": 1}, (4, 0)),
+    ],
+)
 def test_posdct_hostile_params_are_format_errors(params, shape):
     with pytest.raises(FormatError):
         PositionDCT(keep=2).part_specs(params, shape, "x")
@@ -121,8 +150,13 @@ def test_posdct_hostile_params_are_format_errors(params, shape):
 def test_posdct_hostile_parts_are_format_errors():
     codec = PositionDCT(keep=3)
     enc = codec.encode(learned_table(16, 4))
-    for parts in ({"coeffs": enc.parts["coeffs"][:2]}, {"coeffs": enc.parts["coeffs"].astype(np.float16)},
-                  {}, {**enc.parts, "x": enc.parts["coeffs"]}, {"coeffs": enc.parts["coeffs"].T.copy()}):
+    for parts in (
+        {"coeffs": enc.parts["coeffs"][:2]},
+        {"coeffs": enc.parts["coeffs"].astype(np.float16)},
+        {},
+        {**enc.parts, "x": enc.parts["coeffs"]},
+        {"coeffs": enc.parts["coeffs"].T.copy()},
+    ):
         with pytest.raises(FormatError):
             codec.decode(parts, enc.params, (16, 4), "x")
 
@@ -220,15 +254,25 @@ def test_sinusoid_recorded_settings_never_affect_reading():
         Sinusoidal(base=0.5)
 
 
-@pytest.mark.parametrize("params,shape", [
-    ({"base": 1e4, "layout": "interleaved"}, (8, 7)), ({"base": 1e4, "layout": "interleaved"}, (8,)),
-    ({"base": 1e4, "layout": "interleaved"}, (0, 8)), ({"base": 0, "layout": "halves"}, (8, 8)),
-    ({"base": -5.0, "layout": "halves"}, (8, 8)), ({"base": float("nan"), "layout": "halves"}, (8, 8)),
-    ({"base": float("inf"), "layout": "halves"}, (8, 8)), ({"base": True, "layout": "halves"}, (8, 8)),
-    ({"base": "1e4", "layout": "halves"}, (8, 8)), ({"base": 1e4, "layout": "rows"}, (8, 8)),
-    ({"base": 1e4}, (8, 8)), ({"base": 1e4, "layout": "halves", "x": 1}, (8, 8)), (None, (8, 8)),
-    ({"base": 1e4, "layout": ["halves"]}, (8, 8)),
-])
+@pytest.mark.parametrize(
+    "params,shape",
+    [
+        ({"base": 1e4, "layout": "interleaved"}, (8, 7)),
+        ({"base": 1e4, "layout": "interleaved"}, (8,)),
+        ({"base": 1e4, "layout": "interleaved"}, (0, 8)),
+        ({"base": 0, "layout": "halves"}, (8, 8)),
+        ({"base": -5.0, "layout": "halves"}, (8, 8)),
+        ({"base": float("nan"), "layout": "halves"}, (8, 8)),
+        ({"base": float("inf"), "layout": "halves"}, (8, 8)),
+        ({"base": True, "layout": "halves"}, (8, 8)),
+        ({"base": "1e4", "layout": "halves"}, (8, 8)),
+        ({"base": 1e4, "layout": "rows"}, (8, 8)),
+        ({"base": 1e4}, (8, 8)),
+        ({"base": 1e4, "layout": "halves", "x": 1}, (8, 8)),
+        (None, (8, 8)),
+        ({"base": 1e4, "layout": ["halves"]}, (8, 8)),
+    ],
+)
 def test_sinusoid_hostile_params_are_format_errors(params, shape):
     assert_params_refused(Sinusoidal(), params, shape)
 
@@ -239,10 +283,14 @@ def test_sinusoid_refuses_parts():
 
 
 @settings(max_examples=300, deadline=None)
-@given(params=JSON | st.fixed_dictionaries({}, optional={"keep": JSON, "base": JSON, "layout": JSON}),
-       config=JSON | st.fixed_dictionaries({}, optional={"keep": JSON, "energy": JSON, "tolerance": JSON, "base": JSON}))
+@given(
+    params=JSON | st.fixed_dictionaries({}, optional={"keep": JSON, "base": JSON, "layout": JSON}),
+    config=JSON | st.fixed_dictionaries({}, optional={"keep": JSON, "energy": JSON, "tolerance": JSON, "base": JSON}),
+)
 def test_any_json_params_and_config_raise_only_format_errors(params, config):
-    only_format_errors(lambda: PositionDCT(keep=2).part_specs(params, (16, 4), "x"),
-                       lambda: PositionDCT.from_config(config, "c"),
-                       lambda: Sinusoidal().part_specs(params, (16, 4), "x"),
-                       lambda: Sinusoidal.from_config(config, "c"))
+    only_format_errors(
+        lambda: PositionDCT(keep=2).part_specs(params, (16, 4), "x"),
+        lambda: PositionDCT.from_config(config, "c"),
+        lambda: Sinusoidal().part_specs(params, (16, 4), "x"),
+        lambda: Sinusoidal.from_config(config, "c"),
+    )

@@ -2,21 +2,37 @@
 
 import numpy as np
 import pytest
+from harness import assert_recorded_settings_ignored, check_contract, roundtrip, run_doctests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import heavy, normal
 
-from harness import assert_recorded_settings_ignored, check_contract, roundtrip, run_doctests
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack, lfsr
 from rbeformat.codecs.seed import SeedCodec, basis_table
-from weight_samples import heavy, normal
 
 # Test vectors of spec/codecs/seed.md.
 SEED1_STATES = [32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128, 64]
-SEED1_U = [[-6143, -27583, -5253], [6033, 23611, 20051], [-17793, -11652, 5695], [21958, 5281, -6216],
-           [-28260, 14148, 4551], [8960, -9544, -6764], [-21649, 30082, -7682], [7857, -25026, -32121]]
-SEED12345_U = [[21425, -29770, 2160], [22305, 24244, 25658], [5778, -23216, 2436], [-26983, 20824, 8623],
-               [30972, 9755, 11886], [-4789, -5926, 5297], [6062, -21491, -1041], [6582, 10272, -26003]]
+SEED1_U = [
+    [-6143, -27583, -5253],
+    [6033, 23611, 20051],
+    [-17793, -11652, 5695],
+    [21958, 5281, -6216],
+    [-28260, 14148, 4551],
+    [8960, -9544, -6764],
+    [-21649, 30082, -7682],
+    [7857, -25026, -32121],
+]
+SEED12345_U = [
+    [21425, -29770, 2160],
+    [22305, 24244, 25658],
+    [5778, -23216, 2436],
+    [-26983, 20824, 8623],
+    [30972, 9755, 11886],
+    [-4789, -5926, 5297],
+    [6062, -21491, -1041],
+    [6582, 10272, -26003],
+]
 
 
 def reference_step(x, bits):
@@ -50,10 +66,14 @@ def reference_decode(codec, parts, params, shape):
     return out.astype(np.float32).reshape(shape)
 
 
-@pytest.mark.parametrize("codec,bound", [
-    (SeedCodec(seed_bits=10), 0.26),  # measured 0.235
-    (SeedCodec(block=4, rank=2, coef_bits=3, seed_bits=10), 0.105),  # measured 0.092
-], ids=["default-10-bit-seeds", "block4-rank2"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        (SeedCodec(seed_bits=10), 0.26),  # measured 0.235
+        (SeedCodec(block=4, rank=2, coef_bits=3, seed_bits=10), 0.105),  # measured 0.092
+    ],
+    ids=["default-10-bit-seeds", "block4-rank2"],
+)
 def test_contract(codec, bound):
     check_contract(codec, heavy((16, 64)), max_rel_err=bound)
 
@@ -87,11 +107,14 @@ def test_vectorised_table_matches_reference_steps(bits):
 # the best of 2**16 - 1 random 8x3 bases leaves ~9% of a Gaussian block's norm;
 # 4-bit coefficients with a power-of-two scale add the rest.  Fewer seeds
 # (seed_bits 10) or more weights per seed (block 12) leave more.
-@pytest.mark.parametrize("config,bound", [
-    ({}, 0.125),
-    ({"block": 12, "rank": 4}, 0.235),
-    ({"block": 8, "rank": 3, "seed_bits": 10}, 0.25),
-])
+@pytest.mark.parametrize(
+    "config,bound",
+    [
+        ({}, 0.125),
+        ({"block": 12, "rank": 4}, 0.235),
+        ({"block": 8, "rank": 3, "seed_bits": 10}, 0.25),
+    ],
+)
 def test_normal_error_bound(config, bound):
     roundtrip(SeedCodec(**config), normal((32, 96)), max_rel_err=bound)
 
@@ -108,8 +131,9 @@ def test_bits_equal_stored_parts_and_formula():
     x = normal((5, 48))
     enc, _ = roundtrip(codec, x)  # parts as declared, bit cost == stored bits
     n = x.size // 16
-    assert codec.bit_cost(enc.params, x.shape) == 8 * (bitpack.packed_size(n, 12) + bitpack.packed_size(3 * n, 4)
-                                                       + bitpack.packed_size(n, 4))
+    assert codec.bit_cost(enc.params, x.shape) == 8 * (
+        bitpack.packed_size(n, 12) + bitpack.packed_size(3 * n, 4) + bitpack.packed_size(n, 4)
+    )
 
 
 def test_zero_blocks_shapes_and_values():
@@ -133,8 +157,18 @@ def test_deterministic():
 
 def test_config_validation():
     good = SeedCodec(block=12, rank=4, coef_bits=5, exp_bits=3, seed_bits=14).config()
-    for key, value in [("block", 1), ("block", 33), ("rank", 0), ("rank", 13), ("coef_bits", 1),
-                       ("coef_bits", 9), ("exp_bits", 0), ("seed_bits", 7), ("seed_bits", 17), ("block", "8")]:
+    for key, value in [
+        ("block", 1),
+        ("block", 33),
+        ("rank", 0),
+        ("rank", 13),
+        ("coef_bits", 1),
+        ("coef_bits", 9),
+        ("exp_bits", 0),
+        ("seed_bits", 7),
+        ("seed_bits", 17),
+        ("block", "8"),
+    ]:
         with pytest.raises(FormatError, match=key):
             SeedCodec.from_config({**good, key: value}, "c")
     with pytest.raises(FormatError, match="2\\*\\*24"):  # 8 * 2**(16 + 8 - 2) products could round
@@ -161,8 +195,18 @@ def _encoded():
     return codec, x.shape, codec.encode(x)
 
 
-@pytest.mark.parametrize("params", [None, {}, {"exp_bias": "3"}, {"exp_bias": 3.0}, {"exp_bias": 1000},
-                                    {"exp_bias": -1000}, {"exp_bias": 3, "more": 1}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {},
+        {"exp_bias": "3"},
+        {"exp_bias": 3.0},
+        {"exp_bias": 1000},
+        {"exp_bias": -1000},
+        {"exp_bias": 3, "more": 1},
+    ],
+)
 def test_hostile_params(params):
     codec, shape, _ = _encoded()
     with pytest.raises(FormatError):
@@ -182,12 +226,16 @@ def test_hostile_parts():
         codec.part_specs(enc.params, (4, 30), "t")
     # Any other stored value is a valid code: extreme ones decode to finite floats.
     low, high = codec._bias_range()
-    parts = {"seeds": bitpack.pack(np.full(16, 1023), 10), "coeffs": np.full(24, 0xFF, np.uint8),
-             "exponents": np.full(8, 0xFF, np.uint8)}
+    parts = {
+        "seeds": bitpack.pack(np.full(16, 1023), 10),
+        "coeffs": np.full(24, 0xFF, np.uint8),
+        "exponents": np.full(8, 0xFF, np.uint8),
+    }
     for bias in (low, high):
         y = codec.decode(parts, {"exp_bias": bias}, shape, "t")
-        assert np.isfinite(y).all() and y.tobytes() == reference_decode(codec, parts, {"exp_bias": bias},
-                                                                         shape).tobytes()
+        assert (
+            np.isfinite(y).all() and y.tobytes() == reference_decode(codec, parts, {"exp_bias": bias}, shape).tobytes()
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,8 +243,11 @@ def test_hostile_parts():
 def test_random_part_bytes_decode_or_raise_format_error(data, bias):
     codec = SeedCodec(block=8, rank=3, seed_bits=12)
     shape = (2, 24)  # 6 blocks: 9 seed bytes, 9 coefficient bytes, 3 exponent bytes
-    parts = {"seeds": np.frombuffer(data[:9], np.uint8), "coeffs": np.frombuffer(data[9:18], np.uint8),
-             "exponents": np.frombuffer(data[18:21], np.uint8)}
+    parts = {
+        "seeds": np.frombuffer(data[:9], np.uint8),
+        "coeffs": np.frombuffer(data[9:18], np.uint8),
+        "exponents": np.frombuffer(data[18:21], np.uint8),
+    }
     try:
         y = codec.decode(parts, {"exp_bias": bias}, shape, "t")
     except FormatError:

@@ -4,17 +4,17 @@ import math
 
 import numpy as np
 import pytest
+from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, normal, only_format_errors, wild
 
-from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from rbeformat import FormatError, InputError, Reader, Writer
 from rbeformat.chain import parse_chain
 from rbeformat.codecs import gptq
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.codecs.slices import Slices
 from rbeformat.codecs.tensor import Calibration
-from weight_samples import JSON, normal, only_format_errors, wild
 
 
 def pruned(shape, axis, dropped, data=normal):
@@ -30,19 +30,31 @@ def chain(text):
     return parse_chain(text, TENSOR_CODECS)
 
 
-@pytest.mark.parametrize("axis,shape,dropped", [
-    (0, (64, 48), range(8, 24)), (1, (64, 48), [0, 5, 47]), (1, (3, 13, 8), [0, 4, 5, 12]),
-    (2, (2, 3, 9), []),
-], ids=["rows", "columns", "3d-padding", "nothing-dropped"])
+@pytest.mark.parametrize(
+    "axis,shape,dropped",
+    [
+        (0, (64, 48), range(8, 24)),
+        (1, (64, 48), [0, 5, 47]),
+        (1, (3, 13, 8), [0, 4, 5, 12]),
+        (2, (2, 3, 9), []),
+    ],
+    ids=["rows", "columns", "3d-padding", "nothing-dropped"],
+)
 def test_contract(axis, shape, dropped):
     check_contract(Slices(axis=axis), pruned(shape, axis, dropped, wild), max_rel_err=0.0)
 
 
 @pytest.mark.parametrize("data", [normal, wild])
-@pytest.mark.parametrize("axis,shape,dropped", [
-    (0, (16, 8), [0, 1, 15]), (1, (16, 8), [3]), (0, (9,), [2, 8]), (2, (2, 3, 17), range(0, 17, 2)),
-    (1, (4, 64, 2), range(8, 64)),
-])
+@pytest.mark.parametrize(
+    "axis,shape,dropped",
+    [
+        (0, (16, 8), [0, 1, 15]),
+        (1, (16, 8), [3]),
+        (0, (9,), [2, 8]),
+        (2, (2, 3, 17), range(0, 17, 2)),
+        (1, (4, 64, 2), range(8, 64)),
+    ],
+)
 def test_round_trip_keeps_exactly_the_nonzero_slices(data, axis, shape, dropped):
     x = pruned(shape, axis, dropped, data)
     enc, out = roundtrip(Slices(axis=axis), x)
@@ -120,22 +132,43 @@ def test_accepts_and_settings():
     assert Slices(axis=3).config() == {"axis": 3}
 
 
-@pytest.mark.parametrize("config,message", [
-    ({}, "missing key"), ({"axis": -1}, "c.axis"), ({"axis": 8}, "c.axis"), ({"axis": 1.0}, "c.axis"),
-    ({"axis": True}, "c.axis"), ({"axis": "0"}, "c.axis"), ({"axis": 0, "x": 1}, "unexpected key"),
-    (None, "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({}, "missing key"),
+        ({"axis": -1}, "c.axis"),
+        ({"axis": 8}, "c.axis"),
+        ({"axis": 1.0}, "c.axis"),
+        ({"axis": True}, "c.axis"),
+        ({"axis": "0"}, "c.axis"),
+        ({"axis": 0, "x": 1}, "unexpected key"),
+        (None, "expected an object"),
+    ],
+)
 def test_bad_configs_are_format_errors(config, message):
     with pytest.raises(FormatError, match=message):
         Slices.from_config(config, "c")
 
 
-@pytest.mark.parametrize("params,shape", [
-    (None, (4, 10)), ([], (4, 10)), ({}, (4, 10)), ({"count": -1}, (4, 10)), ({"count": 11}, (4, 10)),
-    ({"count": 3.0}, (4, 10)), ({"count": True}, (4, 10)), ({"count": "3"}, (4, 10)), ({"count": 1 << 60}, (4, 10)),
-    ({"count": 3, "index": "mask"}, (4, 10)), ({"count": 0}, (10,)), ({"count": 0}, ()), ({"count": 0}, (0, 4)),
-    ({"count": 0}, (4, 0)),
-])
+@pytest.mark.parametrize(
+    "params,shape",
+    [
+        (None, (4, 10)),
+        ([], (4, 10)),
+        ({}, (4, 10)),
+        ({"count": -1}, (4, 10)),
+        ({"count": 11}, (4, 10)),
+        ({"count": 3.0}, (4, 10)),
+        ({"count": True}, (4, 10)),
+        ({"count": "3"}, (4, 10)),
+        ({"count": 1 << 60}, (4, 10)),
+        ({"count": 3, "index": "mask"}, (4, 10)),
+        ({"count": 0}, (10,)),
+        ({"count": 0}, ()),
+        ({"count": 0}, (0, 4)),
+        ({"count": 0}, (4, 0)),
+    ],
+)
 def test_hostile_params_and_shapes_are_format_errors(params, shape):
     assert_params_refused(Slices(axis=1), params, shape)
 
@@ -148,19 +181,23 @@ def test_hostile_parts_are_format_errors():
             codec.decode({"mask": np.array(mask, np.uint8), "values": values}, {"count": 3}, shape, "x")
     good = {"mask": np.array([0b111, 0], np.uint8), "values": values}
     assert codec.decode(good, {"count": 3}, shape, "x")[:, :3].tolist() == [[1, 1, 1]] * 2
-    for bad in ({**good, "values": np.ones((3, 2), np.float32)}, {**good, "values": np.ones(6, np.float32)},
-                {**good, "mask": np.zeros(1, np.uint8)}, {**good, "mask": np.zeros(2, np.int8)}):
+    for bad in (
+        {**good, "values": np.ones((3, 2), np.float32)},
+        {**good, "values": np.ones(6, np.float32)},
+        {**good, "mask": np.zeros(1, np.uint8)},
+        {**good, "mask": np.zeros(2, np.int8)},
+    ):
         with pytest.raises(FormatError):
             codec.decode(bad, {"count": 3}, shape, "x")
 
 
 def test_random_masks_never_crash():
     rng = np.random.default_rng(5)
-    for trial in range(300):
+    for _ in range(300):
         axis = int(rng.integers(0, 3))
         shape = tuple(int(d) for d in rng.integers(1, 12, axis + 1))
         n, k = shape[axis], int(rng.integers(0, shape[axis] + 1))
-        values = np.ones(shape[:axis] + (k,) + shape[axis + 1:], np.float32)
+        values = np.ones(shape[:axis] + (k,) + shape[axis + 1 :], np.float32)
         mask = rng.integers(0, 256, math.ceil(n / 8), dtype=np.uint8)
         try:
             out = Slices(axis=axis).decode({"mask": mask, "values": values}, {"count": k}, shape, "x")
@@ -170,8 +207,10 @@ def test_random_masks_never_crash():
 
 
 @settings(max_examples=300, deadline=None)
-@given(params=JSON | st.fixed_dictionaries({}, optional={"count": JSON}),
-       config=JSON | st.fixed_dictionaries({"axis": JSON}))
+@given(
+    params=JSON | st.fixed_dictionaries({}, optional={"count": JSON}),
+    config=JSON | st.fixed_dictionaries({"axis": JSON}),
+)
 def test_any_json_params_and_config_raise_only_format_errors(params, config):
     only_format_errors(lambda: Slices(axis=1).part_specs(params, (6, 5), "x"), lambda: Slices.from_config(config, "c"))
 
@@ -199,7 +238,9 @@ def test_chained_gquant_quantizes_only_the_kept_slices(tmp_path, axis):
     kept = np.delete(x, dropped, axis=axis)
     codec = TENSOR_CODECS["gquant"](bits=4, group=64)
     enc = codec.encode(kept)
-    np.testing.assert_array_equal(np.delete(out, dropped, axis=axis), codec.decode(enc.parts, enc.params, kept.shape, "k"))
+    np.testing.assert_array_equal(
+        np.delete(out, dropped, axis=axis), codec.decode(enc.parts, enc.params, kept.shape, "k")
+    )
 
 
 RNG = np.random.default_rng(11)

@@ -4,23 +4,27 @@ import math
 
 import numpy as np
 import pytest
+from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, normal, only_format_errors, wild
 
-from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack
 from rbeformat.codecs.sparse import NM24, Sparse, _delta_indices, delta_codes
-from weight_samples import JSON, normal, only_format_errors, wild
 
 SHAPE = (64, 48)
 
 
-@pytest.mark.parametrize("codec,params,bound", [
-    (Sparse(0.5), {"count": 1536, "index": "mask"}, 0.09),  # measured 0.0826
-    (Sparse(0.02), {"count": 61, "index": "deltas", "width": 7, "codes": 66}, 0.43),  # measured 0.414
-    (NM24(), {}, 0.14),  # measured 0.126
-], ids=["sparse-mask", "sparse-deltas", "nm24"])
+@pytest.mark.parametrize(
+    "codec,params,bound",
+    [
+        (Sparse(0.5), {"count": 1536, "index": "mask"}, 0.09),  # measured 0.0826
+        (Sparse(0.02), {"count": 61, "index": "deltas", "width": 7, "codes": 66}, 0.43),  # measured 0.414
+        (NM24(), {}, 0.14),  # measured 0.126
+    ],
+    ids=["sparse-mask", "sparse-deltas", "nm24"],
+)
 def test_contract(codec, params, bound):
     x = wild(SHAPE)
     assert codec.encode(x).params == params  # the case covers the index structure it names
@@ -43,7 +47,7 @@ def test_sparse_keeps_exactly_the_largest(data, density):
         assert np.abs(x[kept]).min() >= np.abs(x[~kept]).max()
     # The error is exactly the norm of the dropped values, the best any k-sparse tensor can do.
     dropped = np.sort(np.abs(x).reshape(-1).astype(np.float64))[: x.size - k]
-    assert rel_err(x, out) == pytest.approx(np.sqrt((dropped ** 2).sum()) / np.linalg.norm(x), rel=1e-6, abs=1e-12)
+    assert rel_err(x, out) == pytest.approx(np.sqrt((dropped**2).sum()) / np.linalg.norm(x), rel=1e-6, abs=1e-12)
 
 
 def test_sparse_picks_the_smaller_index_structure():
@@ -88,7 +92,7 @@ def test_delta_codes_round_trip_with_escapes(width):
     indices[0] = 0
     indices[-1] = n - 1
     codes = delta_codes(indices, width)
-    assert len(codes) == 60 + sum(g // (2 ** width - 1) for g in np.diff(indices, prepend=-1) - 1)
+    assert len(codes) == 60 + sum(g // (2**width - 1) for g in np.diff(indices, prepend=-1) - 1)
     data = bitpack.pack(codes, width)
     np.testing.assert_array_equal(_delta_indices(data, width, len(codes), n, "x"), indices)
 
@@ -112,26 +116,45 @@ def test_sparse_mask_is_bitpack_width_one():
     assert enc.parts["mask"].tobytes() == bitpack.pack(mask, 1).tobytes()
 
 
-@pytest.mark.parametrize("config,message", [
-    ({}, "missing key"), ({"density": 0}, "c.density"), ({"density": 1.01}, "c.density"),
-    ({"density": "0.5"}, "c.density"), ({"density": True}, "c.density"), ({"density": float("nan")}, "c.density"),
-    ({"density": float("inf")}, "c.density"), ({"density": 0.5, "x": 1}, "unexpected key"),
-    (None, "expected an object"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({}, "missing key"),
+        ({"density": 0}, "c.density"),
+        ({"density": 1.01}, "c.density"),
+        ({"density": "0.5"}, "c.density"),
+        ({"density": True}, "c.density"),
+        ({"density": float("nan")}, "c.density"),
+        ({"density": float("inf")}, "c.density"),
+        ({"density": 0.5, "x": 1}, "unexpected key"),
+        (None, "expected an object"),
+    ],
+)
 def test_sparse_bad_configs_are_format_errors(config, message):
     with pytest.raises(FormatError, match=message):
         Sparse.from_config(config, "c")
 
 
-@pytest.mark.parametrize("params", [
-    None, {}, {"count": 3}, {"index": "mask"}, {"count": 3, "index": "bits"},
-    {"count": -1, "index": "mask"}, {"count": 101, "index": "mask"}, {"count": 3.0, "index": "mask"},
-    {"count": 3, "index": "mask", "width": 2},
-    {"count": 3, "index": "deltas", "width": 2}, {"count": 3, "index": "deltas", "width": 0, "codes": 3},
-    {"count": 3, "index": "deltas", "width": 8, "codes": 3},  # wider than 100 (7 bits) needs
-    {"count": 3, "index": "deltas", "width": 2, "codes": 2}, {"count": 3, "index": "deltas", "width": 2, "codes": 101},
-    {"count": 3, "index": "deltas", "width": 2, "codes": 1 << 50},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {},
+        {"count": 3},
+        {"index": "mask"},
+        {"count": 3, "index": "bits"},
+        {"count": -1, "index": "mask"},
+        {"count": 101, "index": "mask"},
+        {"count": 3.0, "index": "mask"},
+        {"count": 3, "index": "mask", "width": 2},
+        {"count": 3, "index": "deltas", "width": 2},
+        {"count": 3, "index": "deltas", "width": 0, "codes": 3},
+        {"count": 3, "index": "deltas", "width": 8, "codes": 3},  # wider than 100 (7 bits) needs
+        {"count": 3, "index": "deltas", "width": 2, "codes": 2},
+        {"count": 3, "index": "deltas", "width": 2, "codes": 101},
+        {"count": 3, "index": "deltas", "width": 2, "codes": 1 << 50},
+    ],
+)
 def test_sparse_hostile_params_are_format_errors(params):
     with pytest.raises(FormatError):
         Sparse(0.5).part_specs(params, (10, 10), "x")
@@ -145,8 +168,9 @@ def test_sparse_hostile_parts_are_format_errors():
     # Mask: too few / too many bits set, padding bits set.
     for mask in ([0b00000011, 0], [0b00001111, 0], [0b00000111, 0b00000100]):
         with pytest.raises(FormatError):
-            codec.decode({"values": values, "mask": np.array(mask, np.uint8)},
-                         {"count": 3, "index": "mask"}, (10,), "x")
+            codec.decode(
+                {"values": values, "mask": np.array(mask, np.uint8)}, {"count": 3, "index": "mask"}, (10,), "x"
+            )
     deltas = {"count": 2, "index": "deltas", "width": 2, "codes": 3}
     for codes in ([0, 0, 3], [3, 3, 3], [3, 3, 0], [0, 2, 2]):  # trailing escape, too few kept, past the end
         with pytest.raises(FormatError):
@@ -160,7 +184,7 @@ def test_sparse_hostile_parts_are_format_errors():
 def test_sparse_random_delta_streams_never_crash():
     rng = np.random.default_rng(3)
     codec = Sparse(0.5)
-    for trial in range(300):
+    for _ in range(300):
         n, width = int(rng.integers(1, 60)), int(rng.integers(1, 7))
         width = min(width, n.bit_length())
         codes = int(rng.integers(0, n + 1))
@@ -191,7 +215,7 @@ def test_nm24_keeps_two_largest_of_four(data, shape):
     assert (np.where(kept, mag, np.inf).min(axis=1) >= np.where(kept, -np.inf, mag).max(axis=1)).all()
     # The error is exactly that of dropping the two smallest of each group.
     two_smallest = np.sort(mag.astype(np.float64), axis=1)[:, :2]
-    assert rel_err(x, out) == pytest.approx(np.sqrt((two_smallest ** 2).sum()) / np.linalg.norm(x), rel=1e-6)
+    assert rel_err(x, out) == pytest.approx(np.sqrt((two_smallest**2).sum()) / np.linalg.norm(x), rel=1e-6)
 
 
 def test_nm24_rel_error_on_gaussian_data():
@@ -244,8 +268,9 @@ def test_nm24_config_and_shape_checks():
         NM24().encode(np.full((1, 4), np.nan, np.float32))
 
 
-@pytest.mark.parametrize("params,shape", [({}, (3, 6)), ({}, (4, 2)), ({}, ()), ({}, (0, 4)), ({"a": 1}, (2, 4)),
-                                          (None, (2, 4))])
+@pytest.mark.parametrize(
+    "params,shape", [({}, (3, 6)), ({}, (4, 2)), ({}, ()), ({}, (0, 4)), ({"a": 1}, (2, 4)), (None, (2, 4))]
+)
 def test_nm24_hostile_params_are_format_errors(params, shape):
     assert_params_refused(NM24(), params, shape)
 
@@ -265,11 +290,13 @@ def test_nm24_hostile_parts_are_format_errors():
 
 def test_nm24_random_pattern_bytes_never_crash():
     rng = np.random.default_rng(4)
-    for trial in range(300):
+    for _ in range(300):
         shape = (int(rng.integers(1, 4)), 4 * int(rng.integers(1, 9)))
         size = NM24().part_specs({}, shape, "x")["patterns"].shape[0]
-        parts = {"patterns": rng.integers(0, 256, size, dtype=np.uint8),
-                 "values": rng.standard_normal((shape[0], shape[1] // 2)).astype(np.float32)}
+        parts = {
+            "patterns": rng.integers(0, 256, size, dtype=np.uint8),
+            "values": rng.standard_normal((shape[0], shape[1] // 2)).astype(np.float32),
+        }
         try:
             out = NM24().decode(parts, {}, shape, "x")
         except FormatError:
@@ -283,5 +310,9 @@ KEYS = {"count": JSON, "index": st.sampled_from(["mask", "deltas"]) | JSON, "wid
 @settings(max_examples=300, deadline=None)
 @given(params=JSON | st.fixed_dictionaries({}, optional=KEYS), config=JSON | st.fixed_dictionaries({"density": JSON}))
 def test_any_json_params_and_config_raise_only_format_errors(params, config):
-    only_format_errors(lambda: Sparse(0.5).part_specs(params, (6, 5), "x"), lambda: Sparse.from_config(config, "c"),
-                       lambda: NM24().part_specs(params, (6, 8), "x"), lambda: NM24.from_config(config, "c"))
+    only_format_errors(
+        lambda: Sparse(0.5).part_specs(params, (6, 5), "x"),
+        lambda: Sparse.from_config(config, "c"),
+        lambda: NM24().part_specs(params, (6, 8), "x"),
+        lambda: NM24.from_config(config, "c"),
+    )

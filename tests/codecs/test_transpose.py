@@ -2,17 +2,17 @@
 
 import numpy as np
 import pytest
+from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import JSON, gptq_problem, normal, only_format_errors, wild
 
-from harness import assert_params_refused, check_contract, rel_err, roundtrip
 from rbeformat import FormatError, InputError, Reader, Writer
 from rbeformat.chain import parse_chain
 from rbeformat.codecs import gptq
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.codecs.tensor import Calibration
 from rbeformat.codecs.transpose import Transpose
-from weight_samples import JSON, gptq_problem, normal, only_format_errors, wild
 
 CHAIN = "transpose(values=gquant(bits=4, group=32, mode=asym))"
 
@@ -68,11 +68,14 @@ def test_chain_text_parses_and_prints_back():
     assert chain("transpose").text() == "transpose()"
 
 
-@pytest.mark.parametrize("text,message", [
-    ("transpose(axis=1)", "no setting 'axis'"),
-    ("transpose(codes=gquant())", "no setting 'codes'"),
-    ("transpose(values=normdelta())", "shares state"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("transpose(axis=1)", "no setting 'axis'"),
+        ("transpose(codes=gquant())", "no setting 'codes'"),
+        ("transpose(values=normdelta())", "shares state"),
+    ],
+)
 def test_bad_chains_are_usage_errors(text, message):
     from rbeformat import UsageError
 
@@ -105,12 +108,16 @@ def test_hostile_values_shape_is_a_format_error():
         Transpose().decode(enc.parts, {}, (24,), "t")
 
 
-@pytest.mark.parametrize("edit", [
-    lambda t: t["parts"]["values"].__setitem__("shape", [6, 4]),  # the same 24 values, untransposed
-    lambda t: t.__setitem__("shape", [3, 8]),  # a tensor shape the stored values do not fit
-    lambda t: t.__setitem__("shape", [24]),
-    lambda t: t.__setitem__("params", {"axes": [1, 0]}),
-], ids=["values-shape", "tensor-shape", "not-a-matrix", "params"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t["parts"]["values"].__setitem__("shape", [6, 4]),  # the same 24 values, untransposed
+        lambda t: t.__setitem__("shape", [3, 8]),  # a tensor shape the stored values do not fit
+        lambda t: t.__setitem__("shape", [24]),
+        lambda t: t.__setitem__("params", {"axes": [1, 0]}),
+    ],
+    ids=["values-shape", "tensor-shape", "not-a-matrix", "params"],
+)
 def test_a_hostile_file_is_refused_with_a_format_error(tmp_path, edit):
     from rbe_craft import assemble, split_file
 
@@ -129,8 +136,10 @@ def test_a_hostile_file_is_refused_with_a_format_error(tmp_path, edit):
 @given(params=JSON, rows=st.integers(0, 3), cols=st.integers(0, 3))
 def test_any_params_and_parts_give_format_errors_only(params, rows, cols):
     parts = {"values": np.zeros((cols, rows), np.float32)}
-    only_format_errors(lambda: Transpose().decode(parts, params, (rows, cols), "t"),
-                       lambda: Transpose().decode(parts, {}, (rows, cols, 1), "t"))
+    only_format_errors(
+        lambda: Transpose().decode(parts, params, (rows, cols), "t"),
+        lambda: Transpose().decode(parts, {}, (rows, cols, 1), "t"),
+    )
 
 
 def test_calibration_passes_unchanged_to_the_values_chain():

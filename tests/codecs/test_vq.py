@@ -2,21 +2,25 @@
 
 import numpy as np
 import pytest
+from harness import assert_recorded_settings_ignored, check_contract, rel_err, roundtrip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weight_samples import gptq_problem, heavy, normal
 
-from harness import assert_recorded_settings_ignored, check_contract, rel_err, roundtrip
 from rbeformat import FormatError
 from rbeformat.codecs import bitpack, gptq
 from rbeformat.codecs.tensor import Calibration
 from rbeformat.codecs.vq import VectorCodebook
-from weight_samples import gptq_problem, heavy, normal
 
 
-@pytest.mark.parametrize("codec,bound", [
-    (VectorCodebook(dim=4, bits=6), 0.36),  # measured 0.324
-    (VectorCodebook(dim=2, bits=4, scale="tensor"), 0.43),  # measured 0.394
-], ids=["row-scale", "tensor-scale"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        (VectorCodebook(dim=4, bits=6), 0.36),  # measured 0.324
+        (VectorCodebook(dim=2, bits=4, scale="tensor"), 0.43),  # measured 0.394
+    ],
+    ids=["row-scale", "tensor-scale"],
+)
 def test_contract(codec, bound):
     check_contract(codec, heavy((64, 128)), max_rel_err=bound)
 
@@ -87,8 +91,9 @@ def test_deterministic():
     assert all(a.parts[k].tobytes() == b.parts[k].tobytes() for k in a.parts)
 
 
-@pytest.mark.parametrize("key,value", [("dim", 1), ("dim", 9), ("bits", 3), ("bits", 17), ("bits", 8.0),
-                                       ("scale", "col"), ("scale", None)])
+@pytest.mark.parametrize(
+    "key,value", [("dim", 1), ("dim", 9), ("bits", 3), ("bits", 17), ("bits", 8.0), ("scale", "col"), ("scale", None)]
+)
 def test_bad_stored_setting_is_a_format_error_naming_it(key, value):
     good = VectorCodebook(dim=8, bits=12, scale="tensor").config()
     with pytest.raises(FormatError, match=rf"c\.{key}"):
@@ -121,8 +126,9 @@ def _encoded():
     return codec, x.shape, enc
 
 
-@pytest.mark.parametrize("params", [None, [], {}, {"k": 0}, {"k": 17}, {"k": 129}, {"k": "5"}, {"k": 5.0},
-                                    {"k": 5, "x": 1}, {"k": True}])
+@pytest.mark.parametrize(
+    "params", [None, [], {}, {"k": 0}, {"k": 17}, {"k": 129}, {"k": "5"}, {"k": 5.0}, {"k": 5, "x": 1}, {"k": True}]
+)
 def test_hostile_params(params):
     codec, shape, _ = _encoded()
     with pytest.raises(FormatError):
@@ -148,8 +154,11 @@ def test_hostile_parts():
             codec.decode(parts, enc.params, shape, "t")
     # An index past the end of a smaller codebook: k = 5 stores 3-bit indices up to 7.
     idx = np.full(shape[0] * shape[1] // 4, 6, np.uint8)
-    parts = {"indices": bitpack.pack(idx, 3), "codebook": np.zeros((5, 4), np.float16),
-             "scales": np.ones(16, np.float16)}
+    parts = {
+        "indices": bitpack.pack(idx, 3),
+        "codebook": np.zeros((5, 4), np.float16),
+        "scales": np.ones(16, np.float16),
+    }
     with pytest.raises(FormatError, match="out of range"):
         codec.decode(parts, {"k": 5}, shape, "t")
 
@@ -174,9 +183,11 @@ def test_random_part_bytes_decode_or_raise_format_error(k, index_bytes, float_by
     shape = (4, 16)
     specs = codec.part_specs({"k": k}, shape, "t")
     n_index = specs["indices"].shape[0]
-    parts = {"indices": np.frombuffer(index_bytes[:n_index], np.uint8),
-             "codebook": np.frombuffer(float_bytes[: 8 * k], np.float16).reshape(k, 4),
-             "scales": np.frombuffer(float_bytes[128:136], np.float16)}
+    parts = {
+        "indices": np.frombuffer(index_bytes[:n_index], np.uint8),
+        "codebook": np.frombuffer(float_bytes[: 8 * k], np.float16).reshape(k, 4),
+        "scales": np.frombuffer(float_bytes[128:136], np.float16),
+    }
     try:
         y = codec.decode(parts, {"k": k}, shape, "t")
     except FormatError:
@@ -193,12 +204,17 @@ def _output_error(codec, x=W, calibration=None):
     return gptq.output_error(x, codec.decode(enc.parts, enc.params, x.shape, "w"), HESSIAN)
 
 
-@pytest.mark.parametrize("codec,bound", [
-    # Measured 0.42, 0.52, 0.51.  With the compensation disabled (weighted
-    # k-means and refitted scales only) 0.55, 0.75, 0.65: each bound would fail.
-    (VectorCodebook(dim=4, bits=8), 0.5), (VectorCodebook(dim=2, bits=4), 0.65),
-    (VectorCodebook(dim=4, bits=8, scale="tensor"), 0.6),
-], ids=["4x8-row", "2x4-row", "4x8-tensor"])
+@pytest.mark.parametrize(
+    "codec,bound",
+    [
+        # Measured 0.42, 0.52, 0.51.  With the compensation disabled (weighted
+        # k-means and refitted scales only) 0.55, 0.75, 0.65: each bound would fail.
+        (VectorCodebook(dim=4, bits=8), 0.5),
+        (VectorCodebook(dim=2, bits=4), 0.65),
+        (VectorCodebook(dim=4, bits=8, scale="tensor"), 0.6),
+    ],
+    ids=["4x8-row", "2x4-row", "4x8-tensor"],
+)
 def test_gptq_lowers_the_output_error(codec, bound):
     assert _output_error(codec, calibration=GPTQ) < bound * _output_error(codec)
 
@@ -215,7 +231,8 @@ def test_gptq_output_is_an_ordinary_vq_tensor(codec):
     plain, calibrated = codec.encode(W), codec.encode(W, calibration=GPTQ)
     assert calibrated.params == plain.params
     assert {k: (v.dtype, v.shape) for k, v in calibrated.parts.items()} == {
-        k: (v.dtype, v.shape) for k, v in plain.parts.items()}
+        k: (v.dtype, v.shape) for k, v in plain.parts.items()
+    }
     out = codec.decode(calibrated.parts, calibrated.params, W.shape, "w")
     assert out.dtype == np.float32 and out.shape == W.shape and np.isfinite(out).all()
 
