@@ -35,8 +35,8 @@ import zstandard
 
 from rbe_converters.safetensors_io import read_header
 from rbeformat import Reader, Writer
-from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
-from rbeformat.codecs.zstd import PLANES
+from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
+from rbeformat.codecs.blob.zstd import PLANES
 from rbeformat.spec import DTYPES
 
 from .models import minilm_dir, smollm2_dir

@@ -1,6 +1,6 @@
 """Calibration statistics for the encoders: each Linear layer's input second moments.
 
-A calibration-aware encoder (``rbeformat.codecs.gptq``, Wanda pruning) needs,
+A calibration-aware encoder (``rbeformat.codecs.encoders.gptq``, Wanda pruning) needs,
 for a Linear weight W (out x in), H = E[x x^T] over the inputs x the layer
 sees on representative text.  This module loads the model with transformers
 (the ``hf`` extra), runs the calibration text through it in windows, and
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rbeformat import InputError, UsageError
-from rbeformat.codecs.tensor import Calibration
+from rbeformat.codecs.core.tensor import Calibration
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 

@@ -30,8 +30,8 @@ import zstandard
 
 from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__, budget
 from rbeformat.atomic import check_directory_target, check_parent, check_target
-from rbeformat.codecs.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
-from rbeformat.codecs.raw import Raw
+from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
+from rbeformat.codecs.blob.raw import Raw
 from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4

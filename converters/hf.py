@@ -19,8 +19,8 @@ import numpy as np
 from rbeformat import FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.atomic import atomic_directory, atomic_file
 from rbeformat.chain import Chain
-from rbeformat.codecs.base import Codec
-from rbeformat.codecs.tensor import TensorCodec
+from rbeformat.codecs.core.base import Codec
+from rbeformat.codecs.core.tensor import TensorCodec
 from rbeformat.codecs.transpose import Transpose
 from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rbeformat.chain import Chain
-from rbeformat.codecs import gptq
-from rbeformat.codecs.tensor import Calibration
+from rbeformat.codecs.core.tensor import Calibration
+from rbeformat.codecs.encoders import gptq
 from rbeformat.writer import stored_part_bytes
 
 

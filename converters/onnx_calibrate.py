@@ -1,6 +1,6 @@
 """Calibration statistics of an ONNX model, from ONNX Runtime runs over the calibration text.
 
-GPTQ (``rbeformat/codecs/gptq.py``) needs, for each weight W of a MatMul
+GPTQ (``rbeformat/codecs/encoders/gptq.py``) needs, for each weight W of a MatMul
 y = x W (or a Gemm), the second moments H = E[x x^T] of the layer's input x.
 An ONNX file carries no tokenizer, so the user names one (``--tokenizer``): the
 calibration text's sentences are tokenized with it, as an encoder is used
@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from rbeformat import InputError, UsageError
-from rbeformat.codecs.tensor import Calibration
+from rbeformat.codecs.core.tensor import Calibration
 from rbeformat.onnx_safety import check_model
 
 from .calibrate import CalibrationText, _batches

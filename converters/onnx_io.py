@@ -38,7 +38,7 @@ import numpy as np
 
 from rbeformat import FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.atomic import atomic_file, check_parent, check_target
-from rbeformat.codecs.base import Codec
+from rbeformat.codecs.core.base import Codec
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES, SOURCE_KEY, read_graph
 from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.onnx_safety import check_model

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rbeformat import FormatError, Reader, UsageError
-from rbeformat.codecs.arrays import unpack_codes
+from rbeformat.codecs.util.arrays import unpack_codes
 from rbeformat.embedded.onnx import carries_onnx
 from rbeformat.onnx_safety import check_model
 

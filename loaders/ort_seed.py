@@ -34,8 +34,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from rbeformat import Reader
-from rbeformat.codecs import bitpack
 from rbeformat.codecs import seed as seed_codec
+from rbeformat.codecs.util import bitpack
 from rbeformat.embedded.onnx import read_graph
 from rbeformat.errors import FormatError
 

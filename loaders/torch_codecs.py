@@ -109,11 +109,11 @@ import torch
 import torch.nn.functional as F
 
 from rbeformat import FormatError, Reader
-from rbeformat.codecs import bitpack
 from rbeformat.codecs import seed as seed_codec
 from rbeformat.codecs import sparse as sparse_codec
-from rbeformat.codecs.arrays import check_index_range, unpack_codes
 from rbeformat.codecs.gquant import group_layout
+from rbeformat.codecs.util import bitpack
+from rbeformat.codecs.util.arrays import check_index_range, unpack_codes
 from rbeformat.codecs.vq import index_bits
 from rbeformat.manifest import Transform
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .codecs.base import Codec
+from .codecs.core.base import Codec
 from .errors import InputError, RbeError, UsageError
 from .reader import Reader
 from .spec import DTYPES, DType

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codecs.tensor import TensorCodec
+from .codecs.core.tensor import TensorCodec
 from .errors import UsageError
 
 LOSSLESS = "lossless"

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from . import budget
-from .codecs.base import Codec, require_int, require_keys
-from .codecs.raw import Raw
+from .codecs.blob.raw import Raw
+from .codecs.core.base import Codec, require_int, require_keys
+from .codecs.core.tensor import TensorCodec
 from .codecs.registry import codec_from_record, tensor_codec_from_record
-from .codecs.tensor import TensorCodec
 from .errors import FormatError, UnsupportedError
 from .spec import (
     ALIGNMENT,

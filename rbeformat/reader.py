@@ -31,8 +31,8 @@ import numpy as np
 import zstandard
 
 from . import budget
-from .codecs.base import require_keys
-from .codecs.raw import Raw
+from .codecs.blob.raw import Raw
+from .codecs.core.base import require_keys
 from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
 from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
 from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, inflate_limit, parse_manifest

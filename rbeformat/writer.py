@@ -24,9 +24,9 @@ import numpy as np
 import zstandard as zstd_codec
 
 from ._version import __version__
-from .codecs.base import Codec
-from .codecs.byteplane import Byteplane
-from .codecs.zstd import Zstd
+from .codecs.blob.byteplane import Byteplane
+from .codecs.blob.zstd import Zstd
+from .codecs.core.base import Codec
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
@@ -45,7 +45,7 @@ from .values import error_stats, from_float32, to_float32
 
 if TYPE_CHECKING:
     from .chain import Chain
-    from .codecs.tensor import Calibration
+    from .codecs.core.tensor import Calibration
 
 ReadAt = Callable[[int, int], bytes]  # read(offset, size) -> exactly size bytes
 

@@ -15,8 +15,8 @@ import numpy as np
 import zstandard
 
 from rbeformat import Writer
-from rbeformat.codecs.byteplane import Byteplane
-from rbeformat.codecs.raw import Raw
+from rbeformat.codecs.blob.byteplane import Byteplane
+from rbeformat.codecs.blob.raw import Raw
 from rbeformat.layout import crc32, pack_footer
 from rbeformat.spec import FOOTER_SIZE, HEADER_SIZE, align_up
 

@@ -21,7 +21,7 @@ from rbeformat import (
     save_file,
 )
 from rbeformat.chain import parse_chain
-from rbeformat.codecs.byteplane import Byteplane
+from rbeformat.codecs.blob.byteplane import Byteplane
 from rbeformat.codecs.registry import TENSOR_CODECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

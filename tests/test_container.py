@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from rbeformat import InputError, OutputExistsError, RbeError, Reader, Writer, load_file, safe_open, save_file
-from rbeformat.codecs.byteplane import Byteplane
-from rbeformat.codecs.raw import Raw
+from rbeformat.codecs.blob.byteplane import Byteplane
+from rbeformat.codecs.blob.raw import Raw
 
 
 def sample(seed=0):

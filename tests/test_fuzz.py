@@ -40,7 +40,7 @@ from rbe_craft import (
 
 from rbe_converters.cli import main as cli_main
 from rbeformat import RbeError, Reader
-from rbeformat.codecs.byteplane import METHODS
+from rbeformat.codecs.blob.byteplane import METHODS
 from rbeformat.layout import crc32
 from rbeformat.spec import DTYPES, FOOTER_SIZE, HEADER_SIZE
 

@@ -165,7 +165,7 @@ def test_scores_are_normalised_per_layer(bert):
 
 
 def test_calibrations_from_collect_are_accepted(bert):
-    from rbeformat.codecs.tensor import Calibration
+    from rbeformat.codecs.core.tensor import Calibration
 
     config, roles, weights = bert.config.to_dict(), _roles(bert), _weights(bert)
     hessians = _hessians(bert, _ids(3))

@@ -16,8 +16,8 @@ from conftest import tree_digest, write_safetensors
 from rbe_converters import hf
 from rbe_converters.cli import main
 from rbeformat import FormatError, OutputExistsError, Reader, Writer, atomic, publish
-from rbeformat.codecs.byteplane import Byteplane
-from rbeformat.codecs.raw import Raw
+from rbeformat.codecs.blob.byteplane import Byteplane
+from rbeformat.codecs.blob.raw import Raw
 
 
 def one_error_line(capsys) -> str:

@@ -27,8 +27,8 @@ from rbe_craft import RawJson, append_section, assemble, serialise, split_file
 from rbe_converters.cli import build_parser, main
 from rbeformat import FormatError, InputError, MemoryLimitError, Reader, Writer, budget
 from rbeformat.chain import parse_chain
+from rbeformat.codecs.core.tensor import REGISTERED
 from rbeformat.codecs.posemb import MAX_TABLE_ELEMENTS, Sinusoidal
-from rbeformat.codecs.tensor import REGISTERED
 from rbeformat.layout import MANIFEST_ZSTD, crc32, pack_footer
 from rbeformat.manifest import check_name, parse_manifest
 from rbeformat.spec import align_up

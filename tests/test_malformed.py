@@ -28,8 +28,8 @@ from rbe_craft import (
 )
 
 from rbeformat import ChecksumError, FormatError, RbeError, Reader, UnsupportedError, Writer
-from rbeformat.codecs.byteplane import Byteplane
-from rbeformat.codecs.zstd import Zstd
+from rbeformat.codecs.blob.byteplane import Byteplane
+from rbeformat.codecs.blob.zstd import Zstd
 from rbeformat.layout import crc32
 from rbeformat.spec import FOOTER_SIZE, FORMAT_MINOR, MAX_MANIFEST_BYTES
 

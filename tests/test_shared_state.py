@@ -11,8 +11,8 @@ from rbe_converters.recipe import Policy, Rule, policy_from_codec
 from rbeformat import Reader, UsageError, Writer
 from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs import registry
-from rbeformat.codecs.fields import setting, tensor_name
-from rbeformat.codecs.tensor import Encoded, PartSpec, TensorCodec
+from rbeformat.codecs.core.fields import setting, tensor_name
+from rbeformat.codecs.core.tensor import Encoded, PartSpec, TensorCodec
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ import rbeformat.manifest as manifest
 import rbeformat.spec as spec
 from rbeformat import Reader, Writer
 from rbeformat.chain import Chain, parse_chain
-from rbeformat.codecs import bitpack, planes
-from rbeformat.codecs.byteplane import Byteplane
+from rbeformat.codecs.blob import planes
+from rbeformat.codecs.blob.byteplane import Byteplane
 from rbeformat.codecs.normdelta import NormDelta
 from rbeformat.codecs.registry import CODECS, RESERVED_NAMES, TENSOR_CODECS, codec_from_record
+from rbeformat.codecs.util import bitpack
 from rbeformat.layout import pack_header
 from rbeformat.values import from_float32
 

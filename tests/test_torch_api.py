@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 from rbe_loaders.torch import load_file, load_state_dict, save_file  # noqa: E402
 from rbeformat import InputError, Reader, UsageError, Writer, safe_open  # noqa: E402
-from rbeformat.codecs.byteplane import Byteplane  # noqa: E402
-from rbeformat.codecs.raw import Raw  # noqa: E402
+from rbeformat.codecs.blob.byteplane import Byteplane  # noqa: E402
+from rbeformat.codecs.blob.raw import Raw  # noqa: E402
 
 
 def bits(t: torch.Tensor) -> list:

@@ -15,8 +15,8 @@ from rbe_craft import append_section, assemble, split_file, tensor  # noqa: E402
 from rbe_loaders import torch_codecs as tc  # noqa: E402
 from rbeformat import FormatError, Reader, Writer  # noqa: E402
 from rbeformat.chain import Chain, parse_chain  # noqa: E402
+from rbeformat.codecs.blob.raw import Raw  # noqa: E402
 from rbeformat.codecs.normdelta import NormDelta  # noqa: E402
-from rbeformat.codecs.raw import Raw  # noqa: E402
 from rbeformat.codecs.registry import TENSOR_CODECS  # noqa: E402
 from rbeformat.layout import crc32  # noqa: E402
 from rbeformat.spec import DTYPES  # noqa: E402
@@ -100,7 +100,7 @@ def check(
 
 @pytest.mark.parametrize("bits", list(range(1, 17)) + [21, 25])
 def test_unpacking_matches_bitpack(bits):
-    from rbeformat.codecs import bitpack
+    from rbeformat.codecs.util import bitpack
 
     rng = np.random.default_rng(bits)
     for count in (0, 1, 7, 8, 9, 101):
@@ -368,7 +368,7 @@ def with_part(path, name: str, part: str, payload: bytes) -> str:
 
 def bad_values(path, part: str, bits: int, count: int, edit) -> str:
     """The file with part ``part`` (``count`` values of ``bits`` bits) unpacked, edited and packed again."""
-    from rbeformat.codecs import bitpack
+    from rbeformat.codecs.util import bitpack
 
     with Reader(path) as r:
         values = bitpack.unpack(r.get_part("w", part), bits, count).astype(np.int64)

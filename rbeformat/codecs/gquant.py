@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack, gptq
-from .arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_part, pack_codes, unpack_codes
-from .base import require_keys
-from .fields import choice, fraction_tuple, integer, setting
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .core.base import require_keys
+from .core.fields import choice, fraction_tuple, integer, setting
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .encoders import gptq
+from .util import bitpack
+from .util.arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_part, pack_codes, unpack_codes
 
 MODES = ("sym", "asym")
 MIN_GROUP, MAX_GROUP = 16, 256

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .arrays import is_matrix, matrix_shape
-from .base import require_int, require_keys
-from .fields import boolean, integer, number, optional, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .core.base import require_int, require_keys
+from .core.fields import boolean, integer, number, optional, setting
+from .core.tensor import Encoded, PartSpec, TensorCodec
+from .util.arrays import is_matrix, matrix_shape
 
 # Rows of the product are computed this many at a time, so decoding a tall
 # matrix never holds more than a block of float64 values besides the output.

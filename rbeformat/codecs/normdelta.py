@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .base import require_keys
-from .fields import choice, setting, tensor_name
-from .tensor import Encoded, PartSpec, TensorCodec
+from .core.base import require_keys
+from .core.fields import choice, setting, tensor_name
+from .core.tensor import Encoded, PartSpec, TensorCodec
 
 MODES = ("bits", "float")
 # Internal tensors holding shared bases are named rbe:base/<dtype>/<shape>.

@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack, gptq
-from .arrays import FLOAT_DTYPES, check_index_range, float_part, pack_codes, unpack_codes
-from .base import require_keys
-from .fields import choice, integer, setting
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .core.base import require_keys
+from .core.fields import choice, integer, setting
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .encoders import gptq
+from .util import bitpack
+from .util.arrays import FLOAT_DTYPES, check_index_range, float_part, pack_codes, unpack_codes
 
 SCOPES = ("tensor", "row", "group")
 MIN_GROUP, MAX_GROUP = 16, 1 << 20

@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .arrays import is_matrix, matrix_shape
-from .base import require_int, require_keys
-from .fields import integer, number, optional, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .core.base import require_int, require_keys
+from .core.fields import integer, number, optional, setting
+from .core.tensor import Encoded, PartSpec, TensorCodec
+from .util.arrays import is_matrix, matrix_shape
 
 # Basis rows are built this many at a time when encoding, to bound memory.
 BASIS_BLOCK = 1024

@@ -5,8 +5,8 @@ its name reserved here so that it is never reused for something else.
 
 Blob codecs are listed here by hand.  Tensor codecs register themselves when
 their class is defined (``TensorCodec.__init_subclass__``), and this module
-imports every module of the ``rbeformat.codecs`` package, so a new codec is
-one new file.  An import that fails fails loudly: a codec never silently
+imports every plain module of the ``rbeformat.codecs`` package, so a new codec is
+one new file there.  An import that fails fails loudly: a codec never silently
 vanishes from a reader.
 """
 
@@ -17,11 +17,11 @@ import pkgutil
 from typing import Any
 
 from ..errors import FormatError, UnsupportedError
-from .base import Codec, require_keys
-from .byteplane import Byteplane
-from .raw import Raw
-from .tensor import REGISTERED, TensorCodec
-from .zstd import Zstd
+from .blob.byteplane import Byteplane
+from .blob.raw import Raw
+from .blob.zstd import Zstd
+from .core.base import Codec, require_keys
+from .core.tensor import REGISTERED, TensorCodec
 
 CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (Byteplane, Raw, Zstd)}
 # Names of retired codecs, in either registry: never reused, refused when read.
@@ -30,7 +30,9 @@ RESERVED_NAMES: frozenset[str] = frozenset()
 
 def _import_codec_modules() -> None:
     package = importlib.import_module(__package__)
-    for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+    # Tensor codecs are the plain modules of the package; its sub-packages hold the contracts
+    # (core), the helpers (util, encoders) and the blob codecs, listed above by hand.
+    for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg):
         if not module.startswith("_") and module != "registry":
             importlib.import_module(f"{__package__}.{module}")
 

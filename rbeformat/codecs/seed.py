@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack, lfsr
-from .base import require_int, require_keys
-from .fields import integer, setting
-from .tensor import Encoded, PartSpec, TensorCodec
+from .core.base import require_int, require_keys
+from .core.fields import integer, setting
+from .core.tensor import Encoded, PartSpec, TensorCodec
+from .util import bitpack, lfsr
 
 # One search step scores this many (block, seed) pairs at once (64 MiB of float32).
 SCORE_ENTRIES = 1 << 24

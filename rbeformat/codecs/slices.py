@@ -32,10 +32,10 @@ import numpy as np
 
 from ..errors import FormatError
 from ..spec import MAX_NDIM
-from . import bitpack
-from .base import require_int, require_keys
-from .fields import integer, setting
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .core.base import require_int, require_keys
+from .core.fields import integer, setting
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .util import bitpack
 
 
 def kept_slices(x: np.ndarray, axis: int) -> np.ndarray:

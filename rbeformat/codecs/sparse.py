@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack
-from .base import require_int, require_keys
-from .fields import number, setting
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .core.base import require_int, require_keys
+from .core.fields import number, setting
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .util import bitpack
 
 # ---------------------------------------------------------------- sparse
 

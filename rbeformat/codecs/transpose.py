@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import is_matrix, matrix_shape
-from .base import require_keys
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .core.base import require_keys
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .util.arrays import is_matrix, matrix_shape
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from . import bitpack, gptq
-from .arrays import check_index_range
-from .base import require_int, require_keys
-from .fields import choice, integer, setting
+from .core.base import require_int, require_keys
+from .core.fields import choice, integer, setting
+from .core.tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .encoders import gptq
 from .palette import column_weights
-from .tensor import Calibration, Encoded, PartSpec, TensorCodec
+from .util import bitpack
+from .util.arrays import check_index_range
 
 SCALE_MODES = ("row", "tensor")
 F16_MAX = 65504.0

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from rbeformat import FormatError
-from rbeformat.codecs.fields import fields_by_role
+from rbeformat.codecs.core.fields import fields_by_role
+from rbeformat.codecs.core.tensor import TensorCodec
 from rbeformat.codecs.registry import TENSOR_CODECS, tensor_codec_from_record
-from rbeformat.codecs.tensor import TensorCodec
 from rbeformat.spec import DTYPES
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from rbeformat import FormatError
-from rbeformat.codecs import planes
-from rbeformat.codecs.byteplane import Byteplane, _decode_fields, _encode_fields
+from rbeformat.codecs.blob import planes
+from rbeformat.codecs.blob.byteplane import Byteplane, _decode_fields, _encode_fields
 from rbeformat.spec import DTYPES
 
 
@@ -201,7 +201,8 @@ def test_chunks_of_a_tensor_have_nearly_equal_sizes():
 def test_doctests():
     import doctest
 
-    from rbeformat.codecs import bitpack, byteplane, zstd
+    from rbeformat.codecs.blob import byteplane, zstd
+    from rbeformat.codecs.util import bitpack
 
     for module in (byteplane, bitpack, zstd):
         assert doctest.testmod(module).failed == 0, module.__name__

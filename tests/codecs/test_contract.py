@@ -8,7 +8,8 @@ from harness import run_doctests
 
 from rbeformat import UsageError
 from rbeformat.chain import parse_chain
-from rbeformat.codecs import fields, registry
+from rbeformat.codecs import registry
+from rbeformat.codecs.core import fields
 from rbeformat.codecs.registry import TENSOR_CODECS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +45,7 @@ def test_codecs_are_frozen_and_validate_each_field_by_name(name):
 
 
 def test_shared_modules_have_doctests():
-    for module in ("rbeformat.codecs.arrays", "rbeformat.codecs.fields", "rbeformat.chain"):
+    for module in ("rbeformat.codecs.util.arrays", "rbeformat.codecs.core.fields", "rbeformat.chain"):
         run_doctests(module)
 
 
@@ -80,7 +81,7 @@ def test_retired_names_are_refused_when_read(monkeypatch):
 
 
 def test_a_name_is_registered_once():
-    from rbeformat.codecs.tensor import TensorCodec
+    from rbeformat.codecs.core.tensor import TensorCodec
 
     with pytest.raises(RuntimeError, match="'gquant' is used by"):
 

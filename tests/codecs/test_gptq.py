@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from harness import roundtrip, run_doctests
 
-from rbeformat.codecs import gptq
+from rbeformat.codecs.core.tensor import Calibration
+from rbeformat.codecs.encoders import gptq
 from rbeformat.codecs.gquant import GroupQuant
 from rbeformat.codecs.sparse import NM24, Sparse
-from rbeformat.codecs.tensor import Calibration
 
 RNG = np.random.default_rng(11)
 N = 256
@@ -81,7 +81,7 @@ def test_a_codec_without_the_method_refuses_it():
 
 
 def test_gptq_module_doctest():
-    run_doctests("rbeformat.codecs.gptq")
+    run_doctests("rbeformat.codecs.encoders.gptq")
 
 
 def test_activation_order_lowers_the_error_further_and_decodes_the_same_way():

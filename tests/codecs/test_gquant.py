@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack
+from rbeformat.codecs.core.tensor import PartSpec
 from rbeformat.codecs.gquant import GroupQuant
-from rbeformat.codecs.tensor import PartSpec
+from rbeformat.codecs.util import bitpack
 
 RNG = np.random.default_rng(1234)
 NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02

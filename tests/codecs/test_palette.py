@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 from weight_samples import gptq_problem
 
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack, gptq
+from rbeformat.codecs.core.tensor import Calibration, PartSpec
+from rbeformat.codecs.encoders import gptq
 from rbeformat.codecs.gquant import GroupQuant
 from rbeformat.codecs.palette import Palette, fit_codebooks
-from rbeformat.codecs.tensor import Calibration, PartSpec
+from rbeformat.codecs.util import bitpack
 
 RNG = np.random.default_rng(99)
 NORMAL = RNG.standard_normal((64, 256)).astype(np.float32) * 0.02

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from rbeformat import _native, layout
-from rbeformat.codecs import planes
+from rbeformat.codecs.blob import planes
 from rbeformat.spec import DTYPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,7 +261,7 @@ _HIDE_EXTENSION = "import sys; sys.modules['rbeformat._planes'] = None\n"
 def test_missing_extension_falls_back_and_says_why():
     run = _python(
         _HIDE_EXTENSION + "import rbeformat\nfrom rbeformat import _native\n"
-        "from rbeformat.codecs import planes\n"
+        "from rbeformat.codecs.blob import planes\n"
         "print(_native.available(), planes.has_native(), _native.missing_reason)"
     )
     assert run.returncode == 0, run.stderr
@@ -291,7 +291,7 @@ def byteplane_and_crc_digests() -> dict:
 
     Both paths must give the same: the C functions produce the reference's bytes, and the
     encoder's choices depend only on those bytes and on histograms."""
-    from rbeformat.codecs.byteplane import Byteplane
+    from rbeformat.codecs.blob.byteplane import Byteplane
 
     rng = np.random.default_rng(11)
     weights = (rng.standard_normal(40000) * 0.02).astype(np.float32)

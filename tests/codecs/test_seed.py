@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from weight_samples import heavy, normal
 
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack, lfsr
 from rbeformat.codecs.seed import SeedCodec, basis_table
+from rbeformat.codecs.util import bitpack, lfsr
 
 # Test vectors of spec/codecs/seed.md.
 SEED1_STATES = [32768, 16384, 8192, 4096, 2048, 1024, 512, 256, 128, 64]
@@ -79,7 +79,7 @@ def test_contract(codec, bound):
 
 
 def test_lfsr_doctests():
-    run_doctests("rbeformat.codecs.lfsr")
+    run_doctests("rbeformat.codecs.util.lfsr")
 
 
 @pytest.mark.parametrize("bits", sorted(lfsr.TAPS))

@@ -11,10 +11,10 @@ from weight_samples import JSON, normal, only_format_errors, wild
 
 from rbeformat import FormatError, InputError, Reader, Writer
 from rbeformat.chain import parse_chain
-from rbeformat.codecs import gptq
+from rbeformat.codecs.core.tensor import Calibration
+from rbeformat.codecs.encoders import gptq
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.codecs.slices import Slices
-from rbeformat.codecs.tensor import Calibration
 
 
 def pruned(shape, axis, dropped, data=normal):

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from weight_samples import JSON, normal, only_format_errors, wild
 
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack
 from rbeformat.codecs.sparse import NM24, Sparse, _delta_indices, delta_codes
+from rbeformat.codecs.util import bitpack
 
 SHAPE = (64, 48)
 

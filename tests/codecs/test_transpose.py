@@ -9,9 +9,9 @@ from weight_samples import JSON, gptq_problem, normal, only_format_errors, wild
 
 from rbeformat import FormatError, InputError, Reader, Writer
 from rbeformat.chain import parse_chain
-from rbeformat.codecs import gptq
+from rbeformat.codecs.core.tensor import Calibration
+from rbeformat.codecs.encoders import gptq
 from rbeformat.codecs.registry import TENSOR_CODECS
-from rbeformat.codecs.tensor import Calibration
 from rbeformat.codecs.transpose import Transpose
 
 CHAIN = "transpose(values=gquant(bits=4, group=32, mode=asym))"

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from weight_samples import gptq_problem, heavy, normal
 
 from rbeformat import FormatError
-from rbeformat.codecs import bitpack, gptq
-from rbeformat.codecs.tensor import Calibration
+from rbeformat.codecs.core.tensor import Calibration
+from rbeformat.codecs.encoders import gptq
+from rbeformat.codecs.util import bitpack
 from rbeformat.codecs.vq import VectorCodebook
 
 

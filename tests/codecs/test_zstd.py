@@ -4,7 +4,7 @@ import pytest
 import zstandard
 
 from rbeformat import FormatError
-from rbeformat.codecs.zstd import PLANES, pack, unpack
+from rbeformat.codecs.blob.zstd import PLANES, pack, unpack
 
 
 def test_pack_keeps_incompressible_data_raw():

@@ -36,8 +36,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import FormatError
-from ..spec import MAX_NAME_BYTES
+from ...errors import FormatError
+from ...spec import MAX_NAME_BYTES
 
 Check = Callable[[Any, str], Any]
 ROLES = ("stored", "encoder", "recorded")

@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import FormatError
-from ..spec import DTYPES
-from .arrays import check_shape
+from ...errors import FormatError
+from ...spec import DTYPES
+from ..util.arrays import check_shape
 from .base import require_keys
 from .fields import ROLES, describe_settings, fields_by_role
 

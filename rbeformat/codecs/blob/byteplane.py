@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
-from ..spec import DTYPES, MAX_CHUNK_DECODED_BYTES, DType  # noqa: F401 (DTYPES used by the doctest)
+from ...errors import FormatError
+from ...spec import DTYPES, MAX_CHUNK_DECODED_BYTES, DType  # noqa: F401 (DTYPES used by the doctest)
+from ..core.base import Codec, require_int, require_keys
+from ..util.bitpack import packed_size
 from . import planes
-from .base import Codec, require_int, require_keys
-from .bitpack import packed_size
 from .zstd import PLANES, pack, unpack
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024

@@ -24,9 +24,9 @@ from typing import Any
 
 import zstandard
 
-from ..errors import FormatError
-from ..spec import DType
-from .base import Codec, require_int, require_keys
+from ...errors import FormatError
+from ...spec import DType
+from ..core.base import Codec, require_int, require_keys
 
 DEFAULT_LEVEL = 19
 FILE_CHUNK_BYTES = 4 * 1024 * 1024
@@ -112,7 +112,7 @@ class Zstd(Codec):
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str) -> Zstd:
         require_keys(config, where, {"chunk_items"})
-        from ..spec import MAX_CHUNK_DECODED_BYTES
+        from ...spec import MAX_CHUNK_DECODED_BYTES
 
         return cls(require_int(config["chunk_items"], f"{where}.chunk_items", 1, MAX_CHUNK_DECODED_BYTES))
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
-from ..spec import MAX_NDIM, MAX_TENSOR_ELEMENTS
+from ...errors import FormatError
+from ...spec import MAX_NDIM, MAX_TENSOR_ELEMENTS
 from . import bitpack
 
 # Float dtypes a codec may store its scales, codebooks or offsets in.

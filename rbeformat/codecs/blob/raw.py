@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import FormatError
-from ..spec import MAX_TENSOR_ELEMENTS, DType
-from .base import Codec, require_keys
+from ...errors import FormatError
+from ...spec import MAX_TENSOR_ELEMENTS, DType
+from ..core.base import Codec, require_keys
 
 
 class Raw(Codec):

@@ -12,8 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from ..errors import FormatError
-from ..spec import DType
+from ...errors import FormatError
+from ...spec import DType
 
 
 class Codec(ABC):

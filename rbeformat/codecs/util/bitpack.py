@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import FormatError
+from ...errors import FormatError
 
 
 def packed_size(count: int, bits: int) -> int:

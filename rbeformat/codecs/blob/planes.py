@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 # The C extension as rbeformat._native loaded it; None on the numpy reference path.
-from .._native import extension as _native
-from . import bitpack
+from ..._native import extension as _native
+from ..util import bitpack
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 

@@ -1,0 +1,1 @@
+"""Helpers the codecs share: bit packing (``bitpack``), part checks (``arrays``), the seed generator (``lfsr``)."""
