@@ -4,7 +4,7 @@ Everything else lives in pyproject.toml.  For users the extension is optional:
 when it cannot be built (no compiler) the package still installs and works, with
 the slower numpy reference implementation.  With RBE_REQUIRE_NATIVE=1 (as CI
 sets it) a failed build fails the install instead; at run time the same
-variable makes ``import rbeformat`` refuse to fall back (rbeformat/_native.py).
+variable makes ``import rbeformat`` refuse to fall back (rbeformat/native.py).
 """
 
 import os

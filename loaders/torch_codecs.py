@@ -732,9 +732,9 @@ class SparseDecoder(WeightDecoder):
         )
         raw = site.array(self.index)
         if self.index == "mask":  # the reference's checks: padding bits, then the count
-            kept = sparse_codec._mask_indices(raw, self.numel, site.where)
+            kept = sparse_codec.mask_indices(raw, self.numel, site.where)
         else:
-            kept = sparse_codec._delta_indices(raw, params["width"], params["codes"], self.numel, site.where)
+            kept = sparse_codec.delta_indices(raw, params["width"], params["codes"], self.numel, site.where)
         if kept.size != self.count:
             raise FormatError(f"{site.where}: index structure names {kept.size} elements, values holds {self.count}")
         if self.index == "deltas" and params["width"] <= MAX_GATHER_BITS:

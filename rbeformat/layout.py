@@ -10,7 +10,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from . import _native
+from . import native
 from .errors import ChecksumError, FormatError, UnsupportedError
 from .spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, HEADER_SIZE, MAGIC
 
@@ -22,13 +22,13 @@ MANIFEST_ZSTD = 1  # one zstd frame (declaring its decoded size) holding the JSO
 
 
 # The C extension computes the same CRC about three times faster (carry-less multiplication).
-_fast_crc32 = _native.extension.crc32 if _native.available() else None
+native_crc32 = native.extension.crc32 if native.available() else None
 
 
 def crc32(data, crc: int = 0) -> int:
     """CRC-32 (ISO-HDLC, as zlib and PNG compute it), continued from ``crc``."""
-    if _fast_crc32 is not None:
-        return _fast_crc32(data, crc)
+    if native_crc32 is not None:
+        return native_crc32(data, crc)
     return zlib.crc32(data, crc) & 0xFFFFFFFF
 
 

@@ -50,7 +50,7 @@ def _load_renameat2():
     return function
 
 
-_RENAMEAT2 = _load_renameat2()
+RENAMEAT2 = _load_renameat2()
 
 
 def rename_noreplace(
@@ -62,10 +62,10 @@ def rename_noreplace(
     relative to, as for ``os.replace``; ``directory`` says that ``src`` is a
     directory (it picks the fallback where renameat2 is missing).
     """
-    if _RENAMEAT2 is not None:
+    if RENAMEAT2 is not None:
         old = AT_FDCWD if src_dir_fd is None else src_dir_fd
         new = AT_FDCWD if dst_dir_fd is None else dst_dir_fd
-        if _RENAMEAT2(old, os.fsencode(src), new, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+        if RENAMEAT2(old, os.fsencode(src), new, os.fsencode(dst), RENAME_NOREPLACE) == 0:
             return
         code = ctypes.get_errno()
         if code == errno.EEXIST:

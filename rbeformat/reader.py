@@ -44,7 +44,7 @@ _READ_BLOCK = 16 << 20  # verify() reads large sections in blocks of this size
 # copies of its decoded size (zstd's output; byteplane's planes and split runs).
 _CHUNK_COPIES = 3
 # Memory a decode may hold beyond what the estimates name (small arrays, dicts).
-_DECODE_SLACK = 1 << 20
+DECODE_SLACK = 1 << 20
 # Streaming (iter_file, iter_tensor_bytes, verify) decodes chunks in batches of
 # about this many bytes, a batch's chunks in parallel.
 _STREAM_BYTES = 64 << 20
@@ -125,7 +125,7 @@ class Reader:
         if crc32(raw) != footer.manifest_crc32:
             raise ChecksumError("manifest: checksum mismatch; the file is damaged")
         if footer.manifest_encoding == MANIFEST_ZSTD:
-            raw = _inflate_manifest(raw, self.max_memory)
+            raw = inflate_manifest(raw, self.max_memory)
         limit = budget.manifest_limit(self.size, self._explicit_memory)
         reason = None if limit == self.max_memory else f"the default for the manifest of a {self.size}-byte file"
         return parse_manifest(raw, limit, reason or self._memory_reason, self.size)
@@ -341,7 +341,7 @@ class Reader:
 
     # -- memory ----------------------------------------------------------------------
     def _check_memory(self, nbytes: int, where: str) -> None:
-        budget.check(nbytes + _DECODE_SLACK, where, self.max_memory, self._memory_reason)
+        budget.check(nbytes + DECODE_SLACK, where, self.max_memory, self._memory_reason)
 
     def blob_memory(self, blob: Blob, first: int = 0, stop: int | None = None) -> int:
         """Bytes that decoding elements [first, stop) of a blob holds at once: the chunks it needs, and
@@ -547,7 +547,7 @@ class Reader:
                 yield str(exc)
 
 
-def _inflate_manifest(frame, max_memory: int | None = None) -> bytes:
+def inflate_manifest(frame, max_memory: int | None = None) -> bytes:
     """A zstd-stored manifest, its declared size checked against the caps first."""
     try:
         size = zstandard.frame_content_size(frame)

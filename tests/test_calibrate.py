@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_eval import _common_words, _tokenizer
+from test_eval import common_words, word_tokenizer
 
 from rbe_converters import calibrate
 from rbe_converters.cli import main
@@ -11,13 +11,13 @@ from rbeformat import Reader, UsageError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TEXT = " ".join(_common_words(150)) * 40
+TEXT = " ".join(common_words(150)) * 40
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("cal") / "llama")
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -151,7 +151,7 @@ def test_sequential_encodes_block_by_block_on_what_earlier_blocks_decode_to(llam
 
 
 def test_a_tied_embedding_is_calibrated_as_the_output_head(tmp_path):
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(2)
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -217,7 +217,7 @@ def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
     """BERT blocks take keyword arguments (the attention mask) caught at the first block."""
     from rbe_converters import quality
 
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(4)
     model = transformers.BertModel(
         transformers.BertConfig(

@@ -120,7 +120,7 @@ def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
 # -- small models built here --------------------------------------------------------
 
 
-def _tokenizer(words: list[str]):
+def word_tokenizer(words: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -130,7 +130,7 @@ def _tokenizer(words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=64)
 
 
-def _common_words(count: int) -> list[str]:
+def common_words(count: int) -> list[str]:
     from collections import Counter
 
     return [w for w, _ in Counter(quality.evaluation_text().split()).most_common(count)]
@@ -142,7 +142,7 @@ def tiny(tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = _tokenizer(_common_words(200))
+    tokenizer = word_tokenizer(common_words(200))
     vocab = len(tokenizer)
     torch.manual_seed(0)
     built = {
@@ -228,7 +228,7 @@ def test_eval_table_prints_every_column_and_the_window_protocol(tiny, capsys):
 def test_windows_default_to_as_many_as_the_text_holds(tiny, capsys, tmp_path):
     directory, lossless, _ = tiny["llama"]
     text = tmp_path / "short.txt"
-    text.write_text(" ".join(_common_words(50)))  # about 50 tokens: 3 windows of 16, not the default 16
+    text.write_text(" ".join(common_words(50)))  # about 50 tokens: 3 windows of 16, not the default 16
     result = _eval_json(capsys, [directory, lossless, "--text", str(text), "--window", "16"])
     assert 48 <= result["protocol"]["tokens"] < 64 and result["protocol"]["windows"] == 3
     assert result["protocol"]["text"] == str(text)

@@ -356,12 +356,12 @@ def test_recipe_prune_heads_outside_zero_to_one_is_a_usage_error(value):
 
 def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
     """End to end: a recipe with prune_heads, calibrated o-projections stored by ``slices``."""
-    from test_eval import _common_words, _tokenizer
+    from test_eval import common_words, word_tokenizer
 
     from rbe_converters.cli import main
     from rbeformat import Reader
 
-    tokenizer = _tokenizer(_common_words(96))
+    tokenizer = word_tokenizer(common_words(96))
     torch.manual_seed(3)
     model = transformers.BertModel(
         transformers.BertConfig(
@@ -378,7 +378,7 @@ def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
         '[[rule]]\nroles = ["attn_q", "attn_k", "attn_v"]\ncodec = "slices(axis=0)"\n'
     )
     text = tmp_path / "calibration.txt"
-    text.write_text(" ".join(_common_words(96)) * 30)
+    text.write_text(" ".join(common_words(96)) * 30)
     out = str(tmp_path / "pruned.rbe")
     assert (
         main(

@@ -199,10 +199,10 @@ def test_with_force_the_last_writer_wins(tmp_path):
 @pytest.fixture(params=["renameat2", "fallback"])
 def publishing(request, monkeypatch):
     """Each way of publishing without replacing: renameat2, and the fallbacks where it is missing."""
-    if request.param == "renameat2" and publish._RENAMEAT2 is None:
+    if request.param == "renameat2" and publish.RENAMEAT2 is None:
         pytest.skip("renameat2 is not available here")
     if request.param == "fallback":
-        monkeypatch.setattr(publish, "_RENAMEAT2", None)
+        monkeypatch.setattr(publish, "RENAMEAT2", None)
     return request.param
 
 
@@ -231,7 +231,7 @@ def test_a_file_output_loses_the_race(tmp_path, publishing):
 
 
 def test_a_file_output_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
-    monkeypatch.setattr(publish, "_RENAMEAT2", None)
+    monkeypatch.setattr(publish, "RENAMEAT2", None)
 
     def no_links(*args, **kwargs):
         raise PermissionError(1, "Operation not permitted")

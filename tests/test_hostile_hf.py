@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from test_eval import _common_words, _tokenizer, one_error_line, run
+from test_eval import common_words, one_error_line, run, word_tokenizer
 
 from rbe_converters.cli import main
 from rbe_converters.safetensors_io import read_header
@@ -40,7 +40,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 def models(tmp_path_factory):
     """Small Llama and BERT model directories."""
     root = tmp_path_factory.mktemp("hostile")
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(5)
     built = {
         "llama": transformers.LlamaForCausalLM(
@@ -344,7 +344,7 @@ def _signals_as_at_a_terminal() -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_ends_a_calibrating_convert_within_seconds(tmp_path, signum):
     directory = str(tmp_path / "llama")
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(6)
     transformers.LlamaForCausalLM(
         transformers.LlamaConfig(

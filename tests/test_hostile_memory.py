@@ -311,11 +311,11 @@ LOSSY_FIXTURES = sorted(
     ids=lambda v: os.path.basename(v) if str(v).endswith(".rbe") else str(v),
 )
 def test_the_estimate_covers_what_decoding_a_fixture_allocates(path, name):
-    from rbeformat.reader import _DECODE_SLACK
+    from rbeformat.reader import DECODE_SLACK
 
     with Reader(path) as r:
         entry = r.stored_entry(name)
-        estimate = r.transform_memory(entry.transform, entry.dtype, entry.shape) + _DECODE_SLACK
+        estimate = r.transform_memory(entry.transform, entry.dtype, entry.shape) + DECODE_SLACK
         assert _decode_peak(r, name) <= estimate
 
 
@@ -340,7 +340,7 @@ CHAINS = [
 @pytest.mark.parametrize("chain", CHAINS)
 def test_the_estimate_covers_what_decoding_allocates(tmp_path, chain, dtype):
     """Large enough (2^20 values) that the codecs' blocks and tiles matter; the reader's check is never under."""
-    from rbeformat.reader import _DECODE_SLACK
+    from rbeformat.reader import DECODE_SLACK
 
     x = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     path = tmp_path / "m.rbe"
@@ -349,7 +349,7 @@ def test_the_estimate_covers_what_decoding_allocates(tmp_path, chain, dtype):
         w.add_transformed("w", dtype, array, parse_chain(chain, REGISTERED))
     with Reader(path, threads=1) as r:
         entry = r.stored_entry("w")
-        estimate = r.transform_memory(entry.transform, entry.dtype, entry.shape) + _DECODE_SLACK
+        estimate = r.transform_memory(entry.transform, entry.dtype, entry.shape) + DECODE_SLACK
         peak = _decode_peak(r, "w")
     assert peak <= estimate, (
         f"{chain}: decoding held {peak / x.size:.2f} bytes per value, estimated {estimate / x.size:.2f}"

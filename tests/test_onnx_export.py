@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from test_eval import _common_words, _tokenizer  # noqa: E402
+from test_eval import common_words, word_tokenizer  # noqa: E402
 
 import rbe_loaders  # noqa: E402
 from rbe_converters import hf, onnx_export  # noqa: E402
@@ -61,7 +61,7 @@ def convert(directory: str, out: str, *extra: str) -> str:
 def bert(tmp_path_factory):
     root = tmp_path_factory.mktemp("bert")
     directory = str(root / "bert")
-    tokenizer = _tokenizer(_common_words(120))
+    tokenizer = word_tokenizer(common_words(120))
     torch.manual_seed(2)
     model = transformers.BertModel(
         transformers.BertConfig(
@@ -79,7 +79,7 @@ def bert(tmp_path_factory):
     return directory, model, tokenizer, convert(directory, str(root / "bert.rbe"))
 
 
-def _encoder_inputs(vocab: int, batch: int = 3, seq: int = 9) -> dict[str, np.ndarray]:
+def encoder_inputs(vocab: int, batch: int = 3, seq: int = 9) -> dict[str, np.ndarray]:
     """Shapes other than the export's example (2 x 5), with padding in the mask."""
     rng = np.random.default_rng(4)
     ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
@@ -88,7 +88,7 @@ def _encoder_inputs(vocab: int, batch: int = 3, seq: int = 9) -> dict[str, np.nd
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": rng.integers(0, 2, (batch, seq))}
 
 
-def _hidden(model, feed: dict[str, np.ndarray]) -> np.ndarray:
+def torch_hidden(model, feed: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
 
@@ -112,9 +112,9 @@ def test_the_encoder_graph_runs_in_onnx_runtime_as_transformers(bert):
     _, model, tokenizer, path = bert
     session = dense_session(path)
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
-    feed = _encoder_inputs(len(tokenizer))
+    feed = encoder_inputs(len(tokenizer))
     (hidden,) = session.run(["last_hidden_state"], feed)
-    diff = np.abs(hidden - _hidden(model, feed)).max()
+    diff = np.abs(hidden - torch_hidden(model, feed)).max()
     print(f"encoder: max abs diff ORT vs transformers {diff:.2e}")
     assert diff < TOLERANCE
 
@@ -134,9 +134,9 @@ def test_decoding_to_onnx_writes_the_dense_wired_model(bert, tmp_path):
     out = str(tmp_path / "bert.onnx")
     assert main(["decode", path, out, "--quiet"]) == 0
     onnx.checker.check_model(out)
-    feed = _encoder_inputs(len(tokenizer))
+    feed = encoder_inputs(len(tokenizer))
     (hidden,) = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(["last_hidden_state"], feed)
-    assert np.abs(hidden - _hidden(model, feed)).max() < TOLERANCE
+    assert np.abs(hidden - torch_hidden(model, feed)).max() < TOLERANCE
 
 
 def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
@@ -145,16 +145,16 @@ def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
     decoded = str(tmp_path / "decoded")
     assert main(["decode", path, decoded, "--quiet"]) == 0
     lossy = transformers.BertModel.from_pretrained(decoded).eval()
-    feed = _encoder_inputs(len(tokenizer))
+    feed = encoder_inputs(len(tokenizer))
     (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
-    assert np.abs(hidden - _hidden(lossy, feed)).max() < TOLERANCE  # the graph runs the decoded weights
+    assert np.abs(hidden - torch_hidden(lossy, feed)).max() < TOLERANCE  # the graph runs the decoded weights
     with Reader(path) as r:
         assert any(r.entry(tensor).transform is not None for tensor, _ in graph_initializers(r).values())
 
 
 def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
     directory, _, tokenizer, path = bert
-    text = " ".join(_common_words(30)[::3]) + " unheardofword"
+    text = " ".join(common_words(30)[::3]) + " unheardofword"
     assert rbe_loaders.tokenizer(path).encode(text).ids == tokenizer(text)["input_ids"]
     bare = str(tmp_path / "bare.rbe")
     assert main(["convert", os.path.join(directory, "model.safetensors"), bare, "--quiet"]) == 0
@@ -249,7 +249,7 @@ def test_decode_leaves_out_only_the_graphs_parts(bert):
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
     directory = str(root / "llama")
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(5)
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -351,7 +351,7 @@ def test_greedy_decoding_with_the_kv_cache_in_onnx_runtime_is_transformers(llama
 def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
     directory, model, _ = llama
     text = tmp_path / "calibration.txt"
-    text.write_text(" ".join(_common_words(150)) * 20)
+    text.write_text(" ".join(common_words(150)) * 20)
     path = convert(
         directory, str(tmp_path / "q5.rbe"), "--preset", "q5", "--calibration", str(text), "--calibration-windows", "2"
     )
@@ -386,7 +386,7 @@ def test_minilm_with_onnx_runs_in_onnx_runtime_as_transformers(minilm_dir, tmp_p
     }
     (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
     model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
-    diff = np.abs(hidden - _hidden(model, feed)).max()
+    diff = np.abs(hidden - torch_hidden(model, feed)).max()
     print(f"all-MiniLM-L6-v2: max abs diff ORT vs transformers {diff:.2e}")
     assert diff < TOLERANCE
 

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from test_onnx_export import _encoder_inputs, _hidden, bert, hf_greedy, llama, ort_greedy  # noqa: E402,F401
+from test_onnx_export import bert, encoder_inputs, hf_greedy, llama, ort_greedy, torch_hidden  # noqa: E402,F401
 
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders import ort as rbe_ort  # noqa: E402
@@ -46,9 +46,9 @@ def test_an_encoders_linear_weights_run_as_matmulnbits_and_match_the_decoded_mod
     assert sum(f.startswith("GatherBlockQuantized 4-bit") for f in forms.values()) == 2  # words, positions
     assert not report.decoded_at_build()
     lossy = transformers.BertModel.from_pretrained(decoded).eval()
-    feed = _encoder_inputs(lossy.config.vocab_size)
+    feed = encoder_inputs(lossy.config.vocab_size)
     got = session.run(["last_hidden_state"], {i.name: feed[i.name] for i in session.get_inputs()})[0]
-    np.testing.assert_allclose(got, _hidden(lossy, feed), atol=1e-4)
+    np.testing.assert_allclose(got, torch_hidden(lossy, feed), atol=1e-4)
     assert report.resident_bytes < 0.5 * report.dense_bytes
 
 

@@ -5,7 +5,7 @@ import os
 import tomllib
 
 import rbeformat
-from rbeformat import _version
+import rbeformat._version as version_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ def test_version_has_one_source():
     project = _pyproject()
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "rbeformat._version.__version__"}
-    assert rbeformat.__version__ == _version.__version__
+    assert rbeformat.__version__ == version_module.__version__
 
 
 def test_installed_metadata_has_the_version():

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from test_eval import _common_words  # noqa: E402
+from test_eval import common_words  # noqa: E402
 from test_onnx_export import bert, convert, hf_greedy, llama  # noqa: E402,F401  (fixtures)
 
 import rbe_loaders  # noqa: E402
@@ -24,7 +24,7 @@ from rbe_loaders import run  # noqa: E402
 from rbeformat import UsageError  # noqa: E402
 
 TOLERANCE = 1e-4
-WORDS = _common_words(120)
+WORDS = common_words(120)
 TEXTS = [" ".join(WORDS[:12]), " ".join(WORDS[20:23]) + " unheardofword", WORDS[50]]  # of different lengths
 PROMPT = " ".join(WORDS[3:9])
 

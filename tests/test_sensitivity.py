@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_eval import _common_words, _tokenizer
+from test_eval import common_words, word_tokenizer
 
 from rbe_converters import calibrate, quality
 from rbe_converters.hf import convert
@@ -21,7 +21,7 @@ def _save(model, tokenizer, directory):
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(5)
     model = transformers.BertModel(
         transformers.BertConfig(
@@ -38,7 +38,7 @@ def bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(6)
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(

@@ -237,7 +237,7 @@ def test_header_example_is_the_header():
 @pytest.mark.parametrize("implementation", ["numpy reference", "default"])
 def test_byteplane_example_decodes(implementation, block, monkeypatch):
     if implementation == "numpy reference":
-        monkeypatch.setattr(planes, "_native", None)
+        monkeypatch.setattr(planes, "kernels", None)
     fields = dict(
         (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in _block(block).splitlines() if ":" in line)
     )

@@ -18,7 +18,7 @@ import pytest
 
 from rbeformat import Reader, save_file
 from rbeformat.layout import MANIFEST_JSON, MANIFEST_ZSTD
-from rbeformat.reader import _inflate_manifest
+from rbeformat.reader import inflate_manifest
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "rbe-v1.md"
 
@@ -40,7 +40,7 @@ def stored_manifest(path) -> tuple[int, str]:
     with Reader(path) as r:
         footer = r.footer
         raw = bytes(r._buf[footer.manifest_offset : footer.manifest_offset + footer.manifest_length])
-    text = _inflate_manifest(raw) if footer.manifest_encoding == MANIFEST_ZSTD else raw
+    text = inflate_manifest(raw) if footer.manifest_encoding == MANIFEST_ZSTD else raw
     return footer.manifest_encoding, text.decode("utf-8")
 
 

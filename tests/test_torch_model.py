@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from test_eval import _common_words, _tokenizer
+from test_eval import common_words, word_tokenizer
 
 from rbe_converters.hf import convert
 from rbe_converters.recipe import policy_from_document
@@ -20,7 +20,7 @@ EMBEDDINGS = ["token_embedding", "tied_embedding", "position_embedding"]
 
 
 def _tiny(tmp_path_factory, name, model_class, config):
-    tokenizer = _tokenizer(_common_words(150))
+    tokenizer = word_tokenizer(common_words(150))
     model = model_class(
         config(
             vocab_size=len(tokenizer),

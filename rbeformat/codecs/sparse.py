@@ -178,9 +178,9 @@ class Sparse(TensorCodec):
     ) -> np.ndarray:
         n = math.prod(shape)
         if params["index"] == "mask":
-            indices = _mask_indices(parts["mask"], n, where)
+            indices = mask_indices(parts["mask"], n, where)
         else:
-            indices = _delta_indices(parts["deltas"], params["width"], params["codes"], n, where)
+            indices = delta_indices(parts["deltas"], params["width"], params["codes"], n, where)
         values = parts["values"]
         if indices.size != values.size:
             raise FormatError(f"{where}: index structure names {indices.size} elements, values holds {values.size}")
@@ -189,14 +189,14 @@ class Sparse(TensorCodec):
         return out.reshape(shape)
 
 
-def _mask_indices(mask: np.ndarray, n: int, where: str) -> np.ndarray:
+def mask_indices(mask: np.ndarray, n: int, where: str) -> np.ndarray:
     bits = np.unpackbits(mask, bitorder="little")
     if bits[n:].any():
         raise FormatError(f"{where}: mask padding bits past element {n} must be zero")
     return np.flatnonzero(bits[:n])
 
 
-def _delta_indices(data: np.ndarray, width: int, count: int, n: int, where: str) -> np.ndarray:
+def delta_indices(data: np.ndarray, width: int, count: int, n: int, where: str) -> np.ndarray:
     codes = bitpack.unpack(data, width, count, f"{where} deltas").astype(np.int64)
     escape = (1 << width) - 1
     if count and codes[-1] == escape:

@@ -5,7 +5,7 @@ import pytest
 
 from rbeformat import FormatError
 from rbeformat.codecs.blob import planes
-from rbeformat.codecs.blob.byteplane import Byteplane, _decode_fields, _encode_fields
+from rbeformat.codecs.blob.byteplane import Byteplane, decode_fields, encode_fields
 from rbeformat.spec import DTYPES
 
 
@@ -89,9 +89,9 @@ def test_every_rotation_roundtrips(dtype):
 def test_fields_roundtrip_matches_reference(low, n):
     rng = np.random.default_rng(low * 1000 + n)
     plane = ((rng.integers(0, 256, n) & ~((1 << low) - 1)) | (rng.random(n) < 0.01)).astype(np.uint8)
-    stored = memoryview(_encode_fields(plane, low, 0))
+    stored = memoryview(encode_fields(plane, low, 0))
     assert stored[0] == low
-    assert _decode_fields(stored, n, "t").tobytes() == plane.tobytes()
+    assert decode_fields(stored, n, "t").tobytes() == plane.tobytes()
     high, low_values = planes.split_fields(plane, low)
     assert planes.join_fields_reference(high, low_values, low, n).tobytes() == plane.tobytes()
 
@@ -110,9 +110,9 @@ def test_fields_roundtrip_matches_reference(low, n):
 def test_malformed_fields_plane_raises_format_error(damage):
     plane = np.full(1000, 0b01010101, np.uint8)
     plane[::7] = 0b11111101
-    stored = _encode_fields(plane, 2, 0)
+    stored = encode_fields(plane, 2, 0)
     with pytest.raises(FormatError):
-        _decode_fields(memoryview(damage(stored)), 1000, "t")
+        decode_fields(memoryview(damage(stored)), 1000, "t")
 
 
 def _encoded(n=8192):

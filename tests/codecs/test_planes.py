@@ -1,10 +1,10 @@
 """The C fast path must give exactly the bytes of the numpy reference, and both paths work.
 
 Tests taking ``path`` run twice: on the C extension and on the numpy fallback
-(forced in-process by clearing ``planes._native``).  Tests taking ``native`` need
+(forced in-process by clearing ``planes.kernels``).  Tests taking ``native`` need
 the extension: they skip where it was not built, and fail instead when
 RBE_REQUIRE_NATIVE=1 (as in CI).  The subprocess tests at the end check the
-loader itself (rbeformat._native): the fallback when the extension is missing,
+loader itself (rbeformat.native): the fallback when the extension is missing,
 the refusal to fall back when it is required, and a whole byteplane round trip
 and CRC with the extension disabled giving the native bytes.
 """
@@ -19,7 +19,8 @@ import zlib
 import numpy as np
 import pytest
 
-from rbeformat import _native, layout
+from rbeformat import layout
+from rbeformat import native as loader
 from rbeformat.codecs.blob import planes
 from rbeformat.spec import DTYPES
 
@@ -29,12 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture
 def native():
     """The C extension; a skip where it is not built, a failure where it is required."""
-    if _native.extension is None:
-        message = f"C extension not loaded: {_native.missing_reason}"
-        if _native.required():
+    if loader.extension is None:
+        message = f"C extension not loaded: {loader.missing_reason}"
+        if loader.required():
             pytest.fail(message)
         pytest.skip(message)
-    return _native.extension
+    return loader.extension
 
 
 @pytest.fixture(params=["native", "numpy"])
@@ -43,7 +44,7 @@ def path(request, monkeypatch):
     if request.param == "native":
         request.getfixturevalue("native")
     else:
-        monkeypatch.setattr(planes, "_native", None)
+        monkeypatch.setattr(planes, "kernels", None)
     return request.param
 
 
@@ -239,7 +240,7 @@ def test_crc32_matches_zlib_on_both_native_paths(native, clmul):
 
 
 def test_layout_crc32_uses_the_extension_when_loaded():
-    assert (layout._fast_crc32 is not None) == _native.available()
+    assert (layout.native_crc32 is not None) == loader.available()
     assert layout.crc32(b"123456789") == 0xCBF43926  # the CRC-32/ISO-HDLC check value
 
 
@@ -248,7 +249,7 @@ def test_layout_crc32_uses_the_extension_when_loaded():
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter with the native variables set only as given."""
-    clean = {k: v for k, v in os.environ.items() if k not in (_native.REQUIRE_VARIABLE, _native.DISABLE_VARIABLE)}
+    clean = {k: v for k, v in os.environ.items() if k not in (loader.REQUIRE_VARIABLE, loader.DISABLE_VARIABLE)}
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120
     )
@@ -260,9 +261,9 @@ _HIDE_EXTENSION = "import sys; sys.modules['rbeformat._planes'] = None\n"
 
 def test_missing_extension_falls_back_and_says_why():
     run = _python(
-        _HIDE_EXTENSION + "import rbeformat\nfrom rbeformat import _native\n"
+        _HIDE_EXTENSION + "import rbeformat\nfrom rbeformat import native\n"
         "from rbeformat.codecs.blob import planes\n"
-        "print(_native.available(), planes.has_native(), _native.missing_reason)"
+        "print(native.available(), planes.has_native(), native.missing_reason)"
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("False False ModuleNotFoundError: import of rbeformat._planes halted")
@@ -278,7 +279,7 @@ def test_required_extension_that_is_missing_fails_the_import():
 
 def test_disabling_wins_over_requiring():
     run = _python(
-        "from rbeformat import _native; print(_native.available(), _native.missing_reason)",
+        "from rbeformat import native; print(native.available(), native.missing_reason)",
         RBE_REQUIRE_NATIVE="1",
         RBE_DISABLE_NATIVE="1",
     )
@@ -321,7 +322,7 @@ def test_numpy_path_gives_the_native_bytes_in_a_fresh_interpreter(native):
     here = os.path.dirname(os.path.abspath(__file__))
     run = _python(
         f"import json, sys\nsys.path.insert(0, {here!r})\n"
-        "from rbeformat import _native\nassert not _native.available()\n"
+        "from rbeformat import native\nassert not native.available()\n"
         "from test_planes import byteplane_and_crc_digests\n"
         "print(json.dumps(byteplane_and_crc_digests()))",
         RBE_DISABLE_NATIVE="1",

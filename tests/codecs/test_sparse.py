@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from weight_samples import JSON, normal, only_format_errors, wild
 
 from rbeformat import FormatError
-from rbeformat.codecs.sparse import NM24, Sparse, _delta_indices, delta_codes
+from rbeformat.codecs.sparse import NM24, Sparse, delta_codes, delta_indices
 from rbeformat.codecs.util import bitpack
 
 SHAPE = (64, 48)
@@ -94,7 +94,7 @@ def test_delta_codes_round_trip_with_escapes(width):
     codes = delta_codes(indices, width)
     assert len(codes) == 60 + sum(g // (2**width - 1) for g in np.diff(indices, prepend=-1) - 1)
     data = bitpack.pack(codes, width)
-    np.testing.assert_array_equal(_delta_indices(data, width, len(codes), n, "x"), indices)
+    np.testing.assert_array_equal(delta_indices(data, width, len(codes), n, "x"), indices)
 
 
 def test_sparse_deterministic_and_bits_exact():

@@ -152,12 +152,12 @@ def _constant_low_bits(counts: np.ndarray, n: int) -> int:
     return best
 
 
-def _encode_fields(plane: np.ndarray, low: int, level: int) -> bytes:
+def encode_fields(plane: np.ndarray, low: int, level: int) -> bytes:
     high, low_values = planes.split_fields(plane, low)
     return bytes([low]) + high.tobytes() + pack(low_values, level)
 
 
-def _decode_fields(stored: memoryview, n: int, where: str) -> np.ndarray:
+def decode_fields(stored: memoryview, n: int, where: str) -> np.ndarray:
     if len(stored) < 1 or not 1 <= stored[0] <= 7:
         raise FormatError(f"{where}: a fields plane starts with its low bit count, 1 to 7")
     low = stored[0]
@@ -278,7 +278,7 @@ class Byteplane(Codec):
         if low:
             # Near-constant low bits (the high exponent bits after a rotation)
             # cost almost nothing this way, and decode far faster than zstd.
-            candidates.append(("fields", _encode_fields(plane, low, self.level)))
+            candidates.append(("fields", encode_fields(plane, low, self.level)))
         # Candidates are in order of decoding speed; a slower one must save
         # DECODE_SLACK of the plane to be taken.  Ties keep output deterministic.
         if frame is not None:
@@ -315,7 +315,7 @@ class Byteplane(Codec):
         for k in range(width):
             method, plane_where = methods[k][0], f"{where} plane {k}"
             if method == "fields":
-                decoded[k] = _decode_fields(stored[k], n, plane_where)
+                decoded[k] = decode_fields(stored[k], n, plane_where)
             elif method != "split":
                 decoded[k] = unpack(stored[k], n, plane_where)
         split = [k for k in range(width) if methods[k][0] == "split"]

@@ -7,15 +7,15 @@ sort of a byte plane by a context plane; ``ungroup`` undoes it from the groups
 (one buffer per context value present).  ``join_fields`` rebuilds a plane from
 its high and low bit fields, each packed as in ``bitpack``.  The numpy
 functions define the results; the C versions in ``rbeformat._planes`` must give
-the same bytes and are used when ``rbeformat._native`` loaded them.
+the same bytes and are used when ``rbeformat.native`` loaded them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# The C extension as rbeformat._native loaded it; None on the numpy reference path.
-from ..._native import extension as _native
+# The C extension as rbeformat.native loaded it; None on the numpy reference path.
+from ...native import extension as kernels
 from ..util import bitpack
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -23,7 +23,7 @@ _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def has_native() -> bool:
     """Whether the C fast path is in use."""
-    return _native is not None
+    return kernels is not None
 
 
 def _check_rotation(width: int, rotate: int) -> None:
@@ -69,36 +69,36 @@ def ungroup_reference(runs: tuple, context: np.ndarray) -> np.ndarray:
 
 def split(data, width: int, rotate: int) -> np.ndarray:
     """The planes of ``data`` back to back: plane k is bytes [k*n, (k+1)*n)."""
-    if _native is None:
+    if kernels is None:
         return split_reference(data, width, rotate)
     out = np.empty(len(memoryview(data).cast("B")), dtype=np.uint8)
-    _native.split(data, width, rotate, out)
+    kernels.split(data, width, rotate, out)
     return out
 
 
 def join(planes: tuple, width: int, rotate: int, out) -> None:
     """Writes the words rebuilt from ``planes`` (a tuple of buffers) into ``out``."""
-    if _native is None:
+    if kernels is None:
         join_reference(planes, width, rotate, out)
     else:
-        _native.join(planes, width, rotate, out)
+        kernels.join(planes, width, rotate, out)
 
 
 def histogram(context: np.ndarray) -> np.ndarray:
     """How many times each byte value 0..255 occurs in ``context`` (int64)."""
-    if _native is None:
+    if kernels is None:
         return np.bincount(context, minlength=256).astype(np.int64)
     out = np.empty(256, dtype=np.int64)
-    _native.histogram(context, out)
+    kernels.histogram(context, out)
     return out
 
 
 def group(values: np.ndarray, context: np.ndarray) -> np.ndarray:
     """``values`` reordered stably by ascending ``context`` byte."""
-    if _native is None:
+    if kernels is None:
         return group_reference(values, context)
     out = np.empty_like(values)
-    _native.group(values, context, out)
+    kernels.group(values, context, out)
     return out
 
 
@@ -114,20 +114,20 @@ def split_fields_reference(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.
 
 def split_fields(plane: np.ndarray, low: int) -> tuple[np.ndarray, np.ndarray]:
     """The high ``8 - low`` and the low ``low`` bits of every byte, each packed."""
-    if _native is None:
+    if kernels is None:
         return split_fields_reference(plane, low)
     high = np.empty(bitpack.packed_size(len(plane), 8 - low), np.uint8)
     low_values = np.empty(bitpack.packed_size(len(plane), low), np.uint8)
-    _native.split_fields(np.ascontiguousarray(plane, np.uint8), low, high, low_values)
+    kernels.split_fields(np.ascontiguousarray(plane, np.uint8), low, high, low_values)
     return high, low_values
 
 
 def joint_histogram(context: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Counts (256 x 256, int64) of each (context byte, value byte) pair."""
-    if _native is None:
+    if kernels is None:
         return np.bincount(context.astype(np.int64) * 256 + values, minlength=65536).reshape(256, 256)
     out = np.empty(65536, np.int64)
-    _native.joint_histogram(context, values, out)
+    kernels.joint_histogram(context, values, out)
     return out.reshape(256, 256)
 
 
@@ -143,10 +143,10 @@ def join_fields(high, low_stream, low: int, n: int) -> np.ndarray:
         raise ValueError("low must be in [1, 7]")
     if len(high) != bitpack.packed_size(n, 8 - low) or len(low_stream) != bitpack.packed_size(n, low):
         raise ValueError("high and low_stream must hold exactly the packed sizes of n values")
-    if _native is None:
+    if kernels is None:
         return join_fields_reference(high, low_stream, low, n)
     out = np.empty(n, dtype=np.uint8)
-    _native.join_fields(high, low_stream, low, out)
+    kernels.join_fields(high, low_stream, low, out)
     return out
 
 
@@ -156,9 +156,9 @@ SEGMENTS = 4  # contiguous parts of a context that ungroup_planes walks side by 
 def segment_histograms(context: np.ndarray) -> np.ndarray:
     """Byte counts (SEGMENTS x 256, int64) of SEGMENTS contiguous parts of ``context``,
     part s being [s * L, (s + 1) * L) with L = ceil(n / SEGMENTS)."""
-    if _native is not None:
+    if kernels is not None:
         out = np.empty((SEGMENTS, 256), dtype=np.int64)
-        _native.segment_histograms(context, out)
+        kernels.segment_histograms(context, out)
         return out
     step = -(-len(context) // SEGMENTS)
     return np.stack([np.bincount(context[s * step : (s + 1) * step], minlength=256) for s in range(SEGMENTS)]).astype(
@@ -168,10 +168,10 @@ def segment_histograms(context: np.ndarray) -> np.ndarray:
 
 def ungroup_planes(runs: list[tuple], context: np.ndarray, segment_counts: np.ndarray) -> list[np.ndarray]:
     """``ungroup`` for several planes grouped by the same context, in one pass."""
-    if _native is None:  # the counts only speed up the C pass, but both paths refuse wrong ones
+    if kernels is None:  # the counts only speed up the C pass, but both paths refuse wrong ones
         if not np.array_equal(segment_counts, segment_histograms(context)):
             raise ValueError("segment counts do not match the context")
         return [ungroup_reference(r, context) for r in runs]
     outs = [np.empty_like(context) for _ in runs]
-    _native.ungroup_planes(tuple(runs), context, segment_counts, tuple(outs))
+    kernels.ungroup_planes(tuple(runs), context, segment_counts, tuple(outs))
     return outs
