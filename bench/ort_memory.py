@@ -94,7 +94,7 @@ def build(model_path: str, folder: str) -> dict[str, str]:
     """The .rbe and the dense and on-the-fly .onnx files made from it; returns their paths."""
     from rbe_converters import onnx_io
     from rbe_converters.cli import main
-    from rbe_converters.recipe import policy_from_document
+    from rbe_converters.compress.recipe import policy_from_document
 
     paths = {name: os.path.join(folder, name) for name in ("model.rbe", "dense.onnx", "on-the-fly.onnx")}
     onnx_io.convert(model_path, paths["model.rbe"], policy=policy_from_document(RECIPE, "bench recipe"), force=True)
@@ -148,7 +148,7 @@ def table(rows: dict[str, dict]) -> str:
 def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS, rbe: str | None = None) -> dict[str, dict]:
     """The fp32 model, the dense decode and the on-the-fly graph of ``rbe`` (default: ``model_path``
     converted with ``RECIPE``), each measured in fresh processes."""
-    from rbe_converters.quality import default_sentences
+    from rbe_converters.evaluate.quality import default_sentences
 
     sentences = default_sentences(SENTENCES)
     paths = exports(rbe, folder) if rbe else build(model_path, folder)

@@ -354,7 +354,7 @@ def encoder_calibration(tokenizer_path: str, names: set[str]) -> list[dict]:
     (no padding: its statistics take every position the model computes)."""
     from tokenizers import Tokenizer
 
-    from rbe_converters.quality import calibration_text, sentences_of
+    from rbe_converters.evaluate.quality import calibration_text, sentences_of
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
     tokenizer.enable_truncation(128)
@@ -404,7 +404,7 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
     if causal:
         from tokenizers import Tokenizer
 
-        from rbe_converters.quality import calibration_text, evaluation_text
+        from rbe_converters.evaluate.quality import calibration_text, evaluation_text
 
         tok = Tokenizer.from_file(tokenizer)
         eval_ids = tok.encode(evaluation_text(), add_special_tokens=False).ids
@@ -437,7 +437,7 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
 
 
 def default_sentences() -> list[str]:
-    from rbe_converters.quality import default_sentences as spread
+    from rbe_converters.evaluate.quality import default_sentences as spread
 
     return spread(SENTENCES)
 

@@ -1,6 +1,6 @@
-"""Perplexity of a causal language model directory, by the protocol of ``rbe_converters.quality``.
+"""Perplexity of a causal language model directory, by the protocol of ``rbe_converters.evaluate.quality``.
 
-The texts, windows and scoring live in ``rbe_converters.quality`` so that
+The texts, windows and scoring live in ``rbe_converters.evaluate.quality`` so that
 ``rbe eval``, the benches and the tests measure the same way; this is a
 command-line wrapper for a bare model directory.  By default it scores the
 evaluation part of the topic text, never the calibration part.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rbe_converters.quality import (
+from rbe_converters.evaluate.quality import (
     DEFAULT_WINDOW,
     DEFAULT_WINDOWS,
     calibration_text,

@@ -1,10 +1,10 @@
 """rbe's built-in presets beside reproduced anchors: size, bits per weight and model quality, one run.
 
 For each model (SmolLM2-135M, all-MiniLM-L6-v2) every built-in preset
-(``rbe_converters.recipe.preset_names()``) is converted to a real .rbe file by
+(``rbe_converters.compress.recipe.preset_names()``) is converted to a real .rbe file by
 ``rbe convert MODEL OUT --preset NAME`` in a child process, exactly as a user
 runs it (calibration included), whose wall time and peak RSS are measured;
-the file is then decoded and scored by the protocols of ``rbe_converters.quality``
+the file is then decoded and scored by the protocols of ``rbe_converters.evaluate.quality``
 (the measures ``rbe eval`` uses).  Beside them, in the same run, anchors
 quantize the Linear weights of a copy of the dense model: plain round-to-nearest,
 GGUF's quantizers (``gguf`` package), HQQ and ONNX Runtime's
@@ -40,8 +40,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbe_converters import calibrate, hf, quality
-from rbe_converters.evaluate import (
+from rbe_converters import hf
+from rbe_converters.compress.calibrate import torch as calibrate
+from rbe_converters.compress.recipe import policy_from_preset, preset_names
+from rbe_converters.evaluate import quality
+from rbe_converters.evaluate.eval import (
     EmbeddingMeasure,
     EvalOptions,
     PerplexityMeasure,
@@ -51,8 +54,7 @@ from rbe_converters.evaluate import (
     safetensors_bytes,
     safetensors_sizes,
 )
-from rbe_converters.recipe import policy_from_preset, preset_names
-from rbe_converters.report import tensor_rows
+from rbe_converters.evaluate.report import tensor_rows
 from rbeformat import Reader
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS

@@ -181,7 +181,7 @@ def rows_for(name: str, folder: str) -> list[tuple[str, str, dict, str]]:
     if causal:
         from tokenizers import Tokenizer
 
-        from rbe_converters.quality import evaluation_text
+        from rbe_converters.evaluate.quality import evaluation_text
 
         tok = Tokenizer.from_file(tokenizer_path)
         ids = tok.encode(evaluation_text(), add_special_tokens=False).ids

@@ -534,9 +534,9 @@ def _progress_bar(total: int, quiet: bool, desc: str):
 
 
 def cmd_convert(args) -> int:
+    from .compress.recipe import lossless_policy, policy_from_codec, policy_from_preset, policy_from_recipe
+    from .evaluate.report import larger_than_dense, tensor_rows
     from .hf import choose_chains, convert, plan_conversion
-    from .recipe import lossless_policy, policy_from_codec, policy_from_preset, policy_from_recipe
-    from .report import larger_than_dense, tensor_rows
 
     check_target(args.output, args.force)
     check_parent(args.output)
@@ -595,7 +595,7 @@ def _embedding_note(source: str, files: list[str]) -> str:
 
 def _convert_onnx(args, codec, policy) -> list[str]:
     """An .onnx file: its graph and initializers (``converters/onnx_io.py``), calibrated in ONNX Runtime
-    with --tokenizer (``converters/onnx_calibrate.py``)."""
+    with --tokenizer (``converters/compress/calibrate/ort.py``)."""
     from . import onnx_io
     from .hf import choose_chains
 
@@ -621,7 +621,9 @@ def _convert_onnx(args, codec, policy) -> list[str]:
 
 def _onnx_calibrations(plan, policy, args) -> dict:
     """--tokenizer: the calibrated rules' statistics from ONNX Runtime runs (``onnx_calibrate``)."""
-    from . import calibrate, onnx_calibrate, onnx_io
+    from . import onnx_io
+    from .compress.calibrate import ort as onnx_calibrate
+    from .compress.calibrate import torch as calibrate
 
     methods = onnx_io.calibration_methods(plan, policy)
     if not methods:
@@ -651,7 +653,7 @@ def _export_graph(plan, args):
 def _calibrations(plan, policy, args) -> tuple[dict, object]:
     """Runs the calibration text through the model when the policy's rules ask for it (a bar per window);
     returns the statistics and the text (which the block-by-block encoding runs again)."""
-    from . import calibrate
+    from .compress.calibrate import torch as calibrate
     from .hf import calibrate_for, calibration_methods
 
     if not calibration_methods(plan, policy):
@@ -690,8 +692,8 @@ def _warn_larger_than_dense(names: list[str]) -> None:
 
 
 def cmd_decode(args) -> int:
+    from .evaluate.report import human_bytes
     from .hf import decode, decoded_tensor_bytes
-    from .report import human_bytes
 
     onnx = args.output.lower().endswith(".onnx")
     if args.output.endswith(".safetensors") or onnx:
@@ -723,8 +725,8 @@ def cmd_decode(args) -> int:
 
 def _decode_onnx(args, total: int) -> int:
     """A container converted from ONNX, back to an .onnx file (past 2 GB with a .data file beside it)."""
+    from .evaluate.report import human_bytes
     from .onnx_io import decode
-    from .report import human_bytes
 
     with open_rbe(args.input) as r:
         exported = r.metadata().get("onnx.initializers") is not None
@@ -837,7 +839,7 @@ def _check_stored_graph(r: Reader) -> str:
 
 
 def cmd_info(args) -> int:
-    from .report import info_json, info_table
+    from .evaluate.report import info_json, info_table
 
     with open_rbe(args.input, verify_checksums=False) as r:
         if args.json:
@@ -848,7 +850,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .recipe import preset_descriptions
+    from .compress.recipe import preset_descriptions
 
     descriptions = preset_descriptions()
     width = max(map(len, descriptions))
@@ -858,7 +860,7 @@ def cmd_presets(args) -> int:
 
 
 def _summary_line(r: Reader) -> str:
-    from .report import human_bytes, totals
+    from .evaluate.report import human_bytes, totals
 
     t = totals(r)
     return (
@@ -868,7 +870,7 @@ def _summary_line(r: Reader) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import EvalOptions, check_plot_target, eval_table, evaluate, write_plot
+    from .evaluate.eval import EvalOptions, check_plot_target, eval_table, evaluate, write_plot
 
     def concerning(path: str) -> None:  # a failure names the file being worked on
         args.input = path

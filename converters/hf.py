@@ -20,14 +20,13 @@ from rbeformat import FormatError, InputError, Reader, UsageError, Writer
 from rbeformat.atomic import atomic_directory, atomic_file
 from rbeformat.chain import Chain
 from rbeformat.codecs.core.base import Codec
-from rbeformat.codecs.core.tensor import TensorCodec
 from rbeformat.codecs.transpose import Transpose
 from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 from rbeformat.values import from_float32, to_float32
 
-from .recipe import Policy, Rule, lossless_policy
-from .roles import TensorRole, classify
+from .compress.recipe import Policy, Rule, lossless_policy
+from .compress.roles import TensorRole, classify
 from .safetensors_io import StFile, StTensor, build_header, read_header
 
 Progress = Callable[[int], None]
@@ -174,7 +173,7 @@ def _encode_sequentially(
     pruned: dict,
 ) -> set[str]:
     """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
-    from . import calibrate
+    from .compress.calibrate import torch as calibrate
 
     tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
     methods = {name: method for name, method in stats.methods.items() if name in chains}
@@ -257,15 +256,6 @@ def choose_chains(plan: Plan, policy: Policy, roles: dict[str, TensorRole] | Non
     return alone, groups
 
 
-def groups_along_last_axis(codec: TensorCodec) -> bool:
-    """Whether the codec cuts each row (the last axis) into groups, blocks or vectors of its own."""
-    if codec.name == "gquant":
-        return codec.group > 0  # group 0: one scale for the whole tensor, no axis
-    if codec.name == "palette":
-        return codec.scope != "tensor"
-    return codec.name in ("vq", "seed")
-
-
 def needs_transpose(chain: Chain, rule: Rule, role: TensorRole | None) -> bool:
     """Whether a weight stored input x output should get ``transpose(values=chain)``: its chain
     groups along the last (output) axis, and its rule did not select it by ``input_last``
@@ -275,7 +265,7 @@ def needs_transpose(chain: Chain, rule: Rule, role: TensorRole | None) -> bool:
         and role.input_last is False
         and rule.input_last is None
         and not chain.lossless
-        and groups_along_last_axis(chain.codec)
+        and chain.codec.groups_last_axis()
     )
 
 
@@ -331,15 +321,15 @@ def mixed_precision(
     roles: dict[str, TensorRole] | None = None,
 ) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
-    (``converters/mixed.py``); codecs that share state across tensors are never swapped.
+    (``converters/compress/mixed.py``); codecs that share state across tensors are never swapped.
     Scores come from the survey (``stats.candidates``) or are computed here; ``pruned`` holds
     the tensors head pruning changed (scored here as pruned; a survey scored them before).
     With ``budget_sensitivity = "model"`` each score is the model's drift on ``text`` (the
-    calibration text) with that tensor alone encoded (``converters/sensitivity.py``).  ``roles``
+    calibration text) with that tensor alone encoded (``converters/compress/sensitivity.py``).  ``roles``
     as for ``choose_chains``."""
     if policy.budget_bits is None:
         return {}
-    from .mixed import candidate, pick
+    from .compress.mixed import candidate, pick
 
     pruned = pruned or {}
     if roles is None:
@@ -349,8 +339,8 @@ def mixed_precision(
     }
     probe = None
     if policy.budget_sensitivity == "model" and upgradable:
-        from . import calibrate
-        from .sensitivity import ModelProbe
+        from .compress.calibrate import torch as calibrate
+        from .compress.sensitivity import ModelProbe
 
         probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
 
@@ -371,11 +361,11 @@ def mixed_precision(
 
 def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:
     """The tensors that the policy's ``prune_heads`` changes, in their stored dtype, and a summary
-    line (``converters/heads.py``); ({}, None) without it.  The o-projections' calibration
+    line (``converters/compress/heads.py``); ({}, None) without it.  The o-projections' calibration
     statistics score the heads, so their rule must calibrate."""
     if not policy.prune_heads:
         return {}, None
-    from . import heads
+    from .compress import heads
 
     roles = plan_roles(plan)
     config = read_config(plan) or {}
@@ -445,7 +435,7 @@ def calibrate_for(
         _check_prune_heads(plan_roles(plan), methods)
     if not methods:
         return Statistics({}, {})
-    from . import calibrate
+    from .compress.calibrate import torch as calibrate
 
     text = text or calibrate.default_text()
     if not sequential or (policy.budget_sensitivity == "model" and policy.budget_bits is not None):
@@ -458,13 +448,13 @@ def calibrate_for(
 
 def _scorer(plan: Plan, policy: Policy, stats: Statistics):
     """What a survey does with one weight's statistics: mixed precision's and head pruning's scores."""
-    from .mixed import candidate
+    from .compress.mixed import candidate
 
     chosen = chosen_rules(plan, policy)
     roles = plan_roles(plan) if policy.prune_heads else {}
     geometry = None
     if policy.prune_heads:
-        from . import heads
+        from .compress import heads
 
         geometry = heads.heads_of(read_config(plan) or {})
 

@@ -44,10 +44,10 @@ from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.onnx_safety import check_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
+from .compress.recipe import Policy, lossless_policy
+from .compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
 from .hf import Progress, Statistics, _read_tensor, _store_shared, choose_chains, mixed_precision
 from .links import allowed_roots, inside
-from .recipe import Policy, lossless_policy
-from .roles import LINEAR_ROLES, TensorRole, classify, layer_index
 
 try:
     import onnx
@@ -400,7 +400,7 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
     """The policy an ONNX file is encoded with, and a note for the user.
 
-    With ``calibrating`` (a tokenizer was given: ``converters/onnx_calibrate.py``)
+    With ``calibrating`` (a tokenizer was given: ``converters/compress/calibrate/ort.py``)
     calibrated rules keep their method.  Without, calibration has no model
     runner: rules that ask for it encode without it (round to nearest), and
     mixed precision scores its upgrades by the weight error, as it does

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from test_eval import common_words, word_tokenizer
 
-from rbe_converters import calibrate
 from rbe_converters.cli import main
+from rbe_converters.compress.calibrate import torch as calibrate
 from rbeformat import Reader, UsageError
 
 torch = pytest.importorskip("torch")
@@ -200,22 +200,24 @@ class _Model:
 
 
 def test_an_encoder_calibrates_on_framed_sentences_a_causal_lm_on_windows():
-    from rbe_converters import quality
+    from rbe_converters.evaluate import quality
 
     text = calibrate.CalibrationText(quality.calibration_text(), "t", window=32, windows=4)
-    sentences = calibrate._windows(_Words(), text, _Model(), causal=False)
+    sentences = calibrate.calibration_windows(_Words(), text, _Model(), causal=False)
     assert len(sentences) > 3 and all(s[0] == 101 and s[-1] == 102 for s in sentences)
     assert 4 * 32 <= sum(map(len, sentences)) < 4 * 32 + 32  # as many tokens as the windows, one sentence more
-    windows = calibrate._windows(_Words(), text, _Model(), causal=True)
+    windows = calibrate.calibration_windows(_Words(), text, _Model(), causal=True)
     assert len(windows) == 4 and all(len(w) == 32 and 101 not in w for w in windows)
     # A text without prose sentences is read in windows by an encoder too.
     code = calibrate.CalibrationText("x = 1\n" * 400, "code", window=32, windows=2)
-    assert calibrate._windows(_Words(), code, _Model(), False) == calibrate._windows(_Words(), code, _Model(), True)
+    assert calibrate.calibration_windows(_Words(), code, _Model(), False) == calibrate.calibration_windows(
+        _Words(), code, _Model(), True
+    )
 
 
 def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
     """BERT blocks take keyword arguments (the attention mask) caught at the first block."""
-    from rbe_converters import quality
+    from rbe_converters.evaluate import quality
 
     tokenizer = word_tokenizer(common_words(150))
     torch.manual_seed(4)
@@ -278,9 +280,9 @@ def test_a_surveys_progress_adds_up_to_the_windows(llama):
 
 def test_windows_are_batched_by_length_without_padding():
     windows = [[1, 2], [3], [4, 5], [6], [7, 8, 9]] + [[0, 0]] * 300
-    batches = calibrate._batches(windows)
+    batches = calibrate.batches_of(windows)
     per = calibrate.BATCH_TOKENS // 2  # two-token windows per batch
     assert batches[:3] == [[[1, 2], [4, 5]] + [[0, 0]] * (per - 2), [[3], [6]], [[7, 8, 9]]]
     assert batches[3] == [[0, 0]] * (302 - per) and len(batches) == 4  # a full batch starts the next
     assert sorted(map(tuple, (w for b in batches for w in b))) == sorted(map(tuple, windows))
-    assert calibrate._batches([[0] * 512] * 3) == [[[0] * 512]] * 3  # long windows: one per call
+    assert calibrate.batches_of([[0] * 512] * 3) == [[[0] * 512]] * 3  # long windows: one per call

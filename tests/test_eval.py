@@ -1,4 +1,4 @@
-"""`rbe eval` and the measurement protocols of rbe_converters.quality.
+"""`rbe eval` and the measurement protocols of rbe_converters.evaluate.quality.
 
 Small randomly initialised Llama and BERT models (built here with transformers,
 with a word-level tokenizer) cover the table, --json, --plot and the errors
@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from rbe_converters import quality
 from rbe_converters.cli import main
-from rbe_converters.evaluate import Sizes, linear_weights
+from rbe_converters.evaluate import quality
+from rbe_converters.evaluate.eval import Sizes, linear_weights
 from rbeformat import UsageError
 
 

@@ -1,4 +1,4 @@
-"""Attention-head pruning (converters/heads.py) on small randomly initialised BERT, Llama and GPT-2 models."""
+"""Attention-head pruning (converters/compress/heads.py) on small randomly initialised BERT, Llama and GPT-2 models."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 
-from rbe_converters import heads
-from rbe_converters.recipe import policy_from_document
-from rbe_converters.roles import classify
+from rbe_converters.compress import heads
+from rbe_converters.compress.recipe import policy_from_document
+from rbe_converters.compress.roles import classify
 from rbeformat import UsageError
 
 torch = pytest.importorskip("torch")
@@ -429,7 +429,8 @@ def test_prune_heads_needs_calibrated_o_projections(tmp_path):
 
 
 def test_prune_heads_without_calibrated_o_projections_is_refused_before_the_model_runs(tmp_path, monkeypatch):
-    from rbe_converters import calibrate, hf
+    from rbe_converters import hf
+    from rbe_converters.compress.calibrate import torch as calibrate
 
     model = _bert()
     directory = str(tmp_path / "bert")

@@ -9,9 +9,9 @@ import pytest
 from conftest import write_safetensors
 
 from rbe_converters import hf
-from rbe_converters.recipe import policy_from_document
-from rbe_converters.report import chain_text
-from rbe_converters.roles import TensorRole
+from rbe_converters.compress.recipe import policy_from_document
+from rbe_converters.compress.roles import TensorRole
+from rbe_converters.evaluate.report import chain_text
 from rbeformat import Reader
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS

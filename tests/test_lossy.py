@@ -8,7 +8,7 @@ import pytest
 from conftest import make_model_dir
 
 from rbe_converters.cli import main
-from rbe_converters.report import tensor_rows, totals
+from rbe_converters.evaluate.report import tensor_rows, totals
 from rbeformat import FormatError, RbeError, Reader, UnsupportedError, Writer
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS

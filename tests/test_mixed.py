@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import write_safetensors
 
-from rbe_converters import mixed
+from rbe_converters.compress import mixed
+from rbe_converters.compress.recipe import policy_from_document
 from rbe_converters.hf import convert
-from rbe_converters.recipe import policy_from_document
 from rbeformat import Reader, UsageError
 
 
@@ -38,9 +38,9 @@ def test_pick_spends_the_budget_on_the_best_gain_per_bit():
 def test_pick_climbs_a_ladder_of_upgrades_along_its_convex_hull():
     # Level 1 gains little for its bits; level 2 lies below the line from 0 to 1: the hull skips 1.
     skip = mixed.Candidate("skip", 100, (3.0, 3.5, 4.0), (100.0, 95.0, 20.0))
-    assert mixed._hull_steps(skip) == [(0, 2, 80.0 / 100)]
+    assert mixed.hull_steps(skip) == [(0, 2, 80.0 / 100)]
     steady = mixed.Candidate("steady", 100, (2.0, 3.0, 4.0), (100.0, 40.0, 25.0))
-    assert [s[:2] for s in mixed._hull_steps(steady)] == [(0, 1), (1, 2)]
+    assert [s[:2] for s in mixed.hull_steps(steady)] == [(0, 1), (1, 2)]
     both = [skip, steady]
     average = (3.0 + 2.0) / 2
     assert mixed.pick(both, average) == {}
@@ -105,7 +105,7 @@ def test_bad_mixed_precision_recipes_are_usage_errors(doc, says):
 
 
 def test_stored_part_bytes_are_what_a_writer_stores(tmp_path):
-    from rbe_converters.evaluate import rbe_sizes
+    from rbe_converters.evaluate.eval import rbe_sizes
     from rbeformat.writer import Writer, stored_part_bytes
 
     rng = np.random.default_rng(3)
@@ -121,7 +121,7 @@ def test_stored_part_bytes_are_what_a_writer_stores(tmp_path):
 
 
 def test_a_stored_budget_counts_what_the_file_holds(tmp_path):
-    from rbe_converters.evaluate import rbe_sizes
+    from rbe_converters.evaluate.eval import rbe_sizes
 
     rng = np.random.default_rng(11)
     tensors = {f"layer.{i}.weight": (rng.standard_normal((128, 256)) * (1 + i)).astype(np.float32) for i in range(6)}

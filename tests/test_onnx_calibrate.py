@@ -9,9 +9,11 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rbe_converters import onnx_calibrate, onnx_io, quality  # noqa: E402
-from rbe_converters.calibrate import CalibrationText  # noqa: E402
-from rbe_converters.recipe import policy_from_document  # noqa: E402
+from rbe_converters import onnx_io  # noqa: E402
+from rbe_converters.compress.calibrate import ort as onnx_calibrate  # noqa: E402
+from rbe_converters.compress.calibrate.torch import CalibrationText  # noqa: E402
+from rbe_converters.compress.recipe import policy_from_document  # noqa: E402
+from rbe_converters.evaluate import quality  # noqa: E402
 from rbeformat import Reader, UsageError  # noqa: E402
 
 HIDDEN, INNER = 16, 32
@@ -59,7 +61,7 @@ def test_moments_are_those_of_each_layers_input(tmp_path):
     text = CalibrationText(quality.evaluation_text()[:8000], "test", window=32, windows=2)
     tok = onnx_calibrate.load_tokenizer(str(tmp_path))  # a folder holding tokenizer.json works too
     stats = onnx_calibrate.collect(model, {"w_up": "gptq", "w_down": "gptq"}, text, tok)
-    ids = np.concatenate([np.array(s) for s in onnx_calibrate._sentences(tok, text)])
+    ids = np.concatenate([np.array(s) for s in onnx_calibrate.sentence_ids(tok, text)])
     h = w["table"][ids].astype(np.float64)
     act = np.maximum(h @ w["w_up"], 0)
     np.testing.assert_allclose(stats["w_up"].hessian, h.T @ h / len(ids), rtol=1e-5, atol=1e-6)

@@ -237,7 +237,7 @@ def test_input_last_rules_see_matmul_weights_as_transposed(tmp_path, capsys):
 
 
 def test_matmul_weights_are_grouped_along_their_inputs_unless_a_rule_names_input_last(tmp_path):
-    from rbe_converters.report import chain_text
+    from rbe_converters.evaluate.report import chain_text
 
     src = save(tiny_model(), tmp_path / "m.onnx")
     out = str(tmp_path / "m.rbe")
@@ -459,7 +459,7 @@ def test_hostile_inputs_fail_in_one_line_and_write_nothing(tmp_path, capsys, kin
 def sentence_feeds(minilm_dir):
     """16 sentences tokenized with all-MiniLM-L6-v2's tokenizer (the same uncased BERT vocabulary)."""
     transformers = pytest.importorskip("transformers")
-    from rbe_converters.quality import default_sentences
+    from rbe_converters.evaluate.quality import default_sentences
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
     encoded = tokenizer(default_sentences(16), padding=True, truncation=True, max_length=128, return_tensors="np")

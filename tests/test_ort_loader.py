@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rbe_converters import onnx_io  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
-from rbe_converters.recipe import policy_from_document  # noqa: E402
+from rbe_converters.compress.recipe import policy_from_document  # noqa: E402
 from rbe_loaders import ort as rbe_ort  # noqa: E402
 from rbeformat import Reader, UsageError, save_file  # noqa: E402
 
@@ -275,7 +275,7 @@ def test_the_loader_imports_without_torch():
 def sentence_feeds(minilm_dir):
     """16 sentences through all-MiniLM-L6-v2's tokenizer (the same uncased BERT vocabulary)."""
     tokenizers = pytest.importorskip("tokenizers")
-    from rbe_converters.quality import default_sentences
+    from rbe_converters.evaluate.quality import default_sentences
 
     tokenizer = tokenizers.Tokenizer.from_file(os.path.join(minilm_dir, "tokenizer.json"))
     tokenizer.enable_padding()

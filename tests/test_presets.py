@@ -11,8 +11,7 @@ import pytest
 from conftest import write_safetensors
 
 from rbe_converters.cli import main
-from rbe_converters.hf import choose_chains, plan_conversion, plan_roles
-from rbe_converters.recipe import (
+from rbe_converters.compress.recipe import (
     CALIBRATIONS,
     Policy,
     Rule,
@@ -22,12 +21,13 @@ from rbe_converters.recipe import (
     preset_descriptions,
     preset_names,
 )
-from rbe_converters.roles import ROLES, TensorRole, classify
+from rbe_converters.compress.roles import ROLES, TensorRole, classify
+from rbe_converters.hf import choose_chains, plan_conversion, plan_roles
 from rbeformat import InputError, UsageError
 from rbeformat.chain import Chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = os.path.join(ROOT, "converters", "presets")
+PRESETS = os.path.join(ROOT, "converters", "compress", "presets")
 LLAMA_LAYERS = 4
 
 

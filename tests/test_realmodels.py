@@ -81,7 +81,7 @@ codec = "gquant(bits=4, group=64, mode=asym)"
 """
 # 64-wide groups on purpose: SmolLM2 comes from a Q4_1 GGUF file, so its weights lie on a
 # 4-bit grid per 32-wide block and 32-wide groups would reproduce them almost exactly.
-# Perplexity on the first 4 windows of 512 tokens of the evaluation text (rbe_converters.quality;
+# Perplexity on the first 4 windows of 512 tokens of the evaluation text (rbe_converters.evaluate.quality;
 # `rbe eval --window 512 --windows 4` prints the same), measured at dense 10.68, lossy 13.59
 # (x1.272, torch 2.13 on CPU, Python 3.11.7); the bound leaves room for platform and library
 # differences.
@@ -91,7 +91,7 @@ SMOLLM2_PERPLEXITY_BOUND = 1.4
 def test_lossy_smollm2_perplexity_and_generation(smollm2_dir, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from rbe_converters.quality import evaluation_text, perplexity, token_ids, windows
+    from rbe_converters.evaluate.quality import evaluation_text, perplexity, token_ids, windows
 
     recipe, out, back = tmp_path / "linear.toml", str(tmp_path / "q.rbe"), str(tmp_path / "back")
     recipe.write_text(SMOLLM2_LINEAR_RECIPE)

@@ -1,4 +1,4 @@
-"""Tensor roles (converters/roles.py) on small randomly initialised models and the real checkpoints."""
+"""Tensor roles (converters/compress/roles.py) on small randomly initialised models and the real checkpoints."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from rbe_converters.roles import ROLES, TensorRole, classify, layer_index
+from rbe_converters.compress.roles import ROLES, TensorRole, classify, layer_index
 from rbe_converters.safetensors_io import read_header
 
 TINY = dict(vocab=100, hidden=64, inter=128, layers=2, heads=4, positions=32)

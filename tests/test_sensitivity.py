@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from test_eval import common_words, word_tokenizer
 
-from rbe_converters import calibrate, quality
+from rbe_converters.compress.calibrate import torch as calibrate
+from rbe_converters.compress.recipe import policy_from_document
+from rbe_converters.evaluate import quality
 from rbe_converters.hf import convert
-from rbe_converters.recipe import policy_from_document
 from rbeformat import Reader, UsageError
 
 torch = pytest.importorskip("torch")
@@ -59,7 +60,7 @@ TEXT = calibrate.CalibrationText(quality.evaluation_text()[:20000], "test", wind
 
 
 def _probe(directory):
-    from rbe_converters.sensitivity import ModelProbe
+    from rbe_converters.compress.sensitivity import ModelProbe
 
     return ModelProbe(directory, TEXT, threads=1)
 

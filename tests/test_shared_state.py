@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import write_safetensors
 
+from rbe_converters.compress.recipe import Policy, Rule, policy_from_codec
 from rbe_converters.hf import convert
-from rbe_converters.recipe import Policy, Rule, policy_from_codec
 from rbeformat import Reader, UsageError, Writer
 from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs import registry

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_eval import common_words, word_tokenizer
 
+from rbe_converters.compress.recipe import policy_from_document
 from rbe_converters.hf import convert
-from rbe_converters.recipe import policy_from_document
 from rbeformat import FormatError, OutputExistsError, RbeError, Reader, UsageError
 
 torch = pytest.importorskip("torch")
@@ -266,7 +266,7 @@ def minilm_q4(minilm_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("kernel", ["exact", "int4"])
 def test_minilm_q4_embeddings_equal_the_decoded_file(minilm_dir, minilm_q4, kernel):
-    from rbe_converters import quality
+    from rbe_converters.evaluate import quality
 
     model, tokenizer = load_model(minilm_q4, with_tokenizer=True, kernel=kernel)
     reference = _decoded_model(minilm_dir, minilm_q4, causal=False)
@@ -307,7 +307,7 @@ def test_linear_weights_on_the_int4_kernel_hold_its_buffers_alone(llama_dir, tmp
 
 
 def test_smollm2_q4_generates_and_scores_as_the_decoded_file(smollm2_dir, tmp_path):
-    from rbe_converters import quality
+    from rbe_converters.evaluate import quality
 
     path = _convert(
         smollm2_dir,

@@ -272,6 +272,9 @@ class GroupQuant(TensorCodec):
             return (1,)
         return shape[:-1] + (-(-shape[-1] // self.group),)
 
+    def groups_last_axis(self) -> bool:
+        return self.group > 0  # group 0: one scale for the whole tensor, no axis
+
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
         if not shape:  # groups run along the last axis

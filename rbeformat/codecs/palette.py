@@ -291,6 +291,9 @@ class Palette(TensorCodec):
         """Any tensor of at least one dimension whose codebooks are smaller than the tensor itself."""
         return len(shape) >= 1 and self._codebooks(tuple(shape)) * 2**self.bits <= math.prod(shape)
 
+    def groups_last_axis(self) -> bool:
+        return self.scope != "tensor"
+
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         require_keys(params, f"{where}.params", set())
         if not shape:  # rows and groups run along the last axis

@@ -209,6 +209,9 @@ class SeedCodec(TensorCodec):
             exps[better] = k[rows, pick][better] + bias
         return seeds, coefs.astype(np.int64), exps
 
+    def groups_last_axis(self) -> bool:
+        return True  # blocks of consecutive values along a row
+
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         if not self.accepts(tuple(shape)):
             raise FormatError(f"{where}: seed with block {self.block} cannot hold a tensor of shape {tuple(shape)}")

@@ -274,6 +274,9 @@ class VectorCodebook(TensorCodec):
 
         return np.where(cost(new) < cost(scales), new, scales)
 
+    def groups_last_axis(self) -> bool:
+        return True  # vectors of dim consecutive values along a row
+
     def part_specs(self, params: Any, shape: tuple[int, ...], where: str) -> dict[str, PartSpec]:
         if not VectorCodebook.accepts(self, tuple(shape)):
             raise FormatError(f"{where}: vq with dim {self.dim} cannot hold a tensor of shape {tuple(shape)}")

@@ -189,6 +189,13 @@ class TensorCodec(ABC):
         """Whether this codec can encode a tensor of this shape (recipes skip others)."""
         return len(shape) >= 1 and math.prod(shape) > 0
 
+    def groups_last_axis(self) -> bool:
+        """Whether the codec cuts each row (the last axis) into groups, blocks or vectors of its own.
+
+        A converter reads it to store a weight kept input x output transposed, so that the
+        groups run along its input axis (``transpose(values=...)``); decoding never does."""
+        return False
+
     def references(self) -> list[str]:
         """Names of other tensors this codec reads (e.g. a shared base vector)."""
         return []

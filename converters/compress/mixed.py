@@ -10,7 +10,7 @@ layer adds to its output on the calibration text; without, |W - Q|^2.  The
 steps that remove the most error per extra stored bit are taken, greedily,
 until the budget is spent (``pick``).  The result is a plain choice of chains
 per tensor.  A recipe's ``budget_sensitivity = "model"`` scores the upgrades by
-the drift of the whole model's outputs instead (``converters/sensitivity.py``).
+the drift of the whole model's outputs instead (``converters/compress/sensitivity.py``).
 
 >>> pick([Candidate("a", 100, (4.5, 6.5), (11.0, 1.0)), Candidate("b", 100, (4.5, 6.5), (2.0, 1.0))], 5.5)
 {'a': 1}
@@ -51,7 +51,7 @@ def pick(candidates: list[Candidate], budget_bits: float) -> dict[str, int]:
     total = sum(c.weights for c in candidates)
     spent = sum(c.weights * c.bits[0] for c in candidates)
     limit = budget_bits * total
-    steps = [(gain, order, c, low, high) for c in candidates for order, (low, high, gain) in enumerate(_hull_steps(c))]
+    steps = [(gain, order, c, low, high) for c in candidates for order, (low, high, gain) in enumerate(hull_steps(c))]
     level: dict[str, int] = {}
     blocked: set[str] = set()
     for _, _, c, low, high in sorted(steps, key=lambda s: (-s[0], s[1], s[2].name)):
@@ -66,7 +66,7 @@ def pick(candidates: list[Candidate], budget_bits: float) -> dict[str, int]:
     return level
 
 
-def _hull_steps(c: Candidate) -> list[tuple[int, int, float]]:
+def hull_steps(c: Candidate) -> list[tuple[int, int, float]]:
     """(from level, to level, error removed per extra bit) along the lower convex hull of the levels."""
     points = sorted(range(len(c.bits)), key=lambda i: c.bits[i])
     hull = [0]
@@ -98,7 +98,7 @@ def candidate(
     Without ``measure``, the error is the layer's output error of fast uncalibrated
     encodes; with it, ``measure(decoded)`` of the encodes the converter will make
     (calibrated where ``calibration`` is given), e.g. a model's drift
-    (``converters/sensitivity.py``)."""
+    (``converters/compress/sensitivity.py``)."""
     errors, bits = [], []
     for chain in (base, *upgrades):
         calibrated = measure and calibration and calibration.method in chain.codec.calibrations

@@ -6,7 +6,7 @@ sees on representative text.  This module loads the model with transformers
 (the ``hf`` extra), runs the calibration text through it in windows, and
 accumulates H for the requested weights with forward hooks; nothing is
 stored but the H matrices (layers that read the same input, such as q, k and
-v, share one).  The text is ``rbe_converters.quality.calibration_text()`` by
+v, share one).  The text is ``rbe_converters.evaluate.quality.calibration_text()`` by
 default, the half of CPython's ``pydoc_data.topics`` that evaluation never
 uses, or a file the user gives.
 
@@ -28,7 +28,7 @@ from rbeformat.codecs.core.tensor import Calibration
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
-from . import hf_folder
+from ... import hf_folder
 
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
@@ -45,7 +45,7 @@ class CalibrationText:
 
 
 def default_text() -> CalibrationText:
-    from .quality import calibration_text
+    from ...evaluate.quality import calibration_text
 
     return CalibrationText(calibration_text(), "pydoc_data.topics, calibration half")
 
@@ -63,9 +63,9 @@ def collect(
 ) -> dict[str, Calibration]:
     """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method),
     all at once from whole-model runs (``survey`` holds one block's at a time)."""
-    torch, model, tokenizer, causal = _load(model_dir, threads)
+    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
     modules = _linear_modules(model, weights)
-    windows = _batches(_windows(tokenizer, text, model, causal))
+    windows = batches_of(calibration_windows(tokenizer, text, model, causal))
     with torch.no_grad():
         return _moments(modules, weights, _model_runs(model, windows, text, torch, progress))
 
@@ -86,11 +86,11 @@ def survey(
     head), which are few and small.  The statistics are those ``collect``
     gives: every block runs on the original model's hidden states.
     """
-    torch, model, tokenizer, causal = _load(model_dir, threads)
+    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
-    windows = _batches(_windows(tokenizer, text, model, causal))
+    windows = batches_of(calibration_windows(tokenizer, text, model, causal))
     outside = {name: module for name, module in modules.items() if owner[name] is None}
     # The progress reported adds up to text.windows: whole-model runs on each window (when
     # weights lie outside the blocks), then the blocks, about two whole-model runs' work.
@@ -166,7 +166,7 @@ def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibrat
     return {name: Calibration(weights[name], means[id(sums[name])]) for name in modules}
 
 
-def _load(model_dir: str, threads: int | None):
+def load_for_calibration(model_dir: str, threads: int | None):
     try:
         import torch
         import transformers
@@ -232,7 +232,7 @@ def _add_tied_embeddings(model, by_weight: dict, prefix: str) -> None:
                 by_weight.setdefault(f"{name[len(prefix) + 1 :]}.weight", head)
 
 
-def _windows(tokenizer, text: CalibrationText, model, causal: bool):
+def calibration_windows(tokenizer, text: CalibrationText, model, causal: bool):
     """What calibration runs the model on: for a causal LM, up to ``text.windows``
     consecutive windows of tokens (shorter for models with fewer positions); for an
     encoder, sentences, as encoders are used (see ``_sentences``)."""
@@ -252,7 +252,7 @@ def _windows(tokenizer, text: CalibrationText, model, causal: bool):
 BATCH_TOKENS = 512  # per model call: a window of a causal LM alone, or some twenty sentences
 
 
-def _batches(windows: list[list[int]]) -> list[list[list[int]]]:
+def batches_of(windows: list[list[int]]) -> list[list[list[int]]]:
     """The windows in batches of equal length (at most BATCH_TOKENS tokens each, at least one
     window), so that no padding enters the statistics: one model call per batch instead of per
     sentence, and activations (a causal LM's logits) bounded as with one window."""
@@ -272,7 +272,7 @@ def _sentences(tokenizer, text: CalibrationText, window: int) -> list[list[int]]
     many tokens as ``text.windows`` windows would: an encoder embeds short inputs framed by its
     special tokens, which long windows of running text never show it.  Empty when the text has
     fewer than 8 sentences (then it is read in windows)."""
-    from .quality import sentences_of
+    from ...evaluate.quality import sentences_of
 
     found = sentences_of(text.text)
     if len(found) < 8:
@@ -319,14 +319,14 @@ def sequential(
     from ``before`` (``collect`` on the original model).  Memory: the model,
     every window's hidden states at one block boundary, and one stage's H.
     """
-    torch, model, tokenizer, causal = _load(model_dir, threads)
+    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     with torch.no_grad():
         for name in [n for n in modules if owner[n] is None]:
             _replace(modules[name], name, encode(name, before[name]), torch)
-        inputs = _block_inputs(model, blocks[0], _batches(_windows(tokenizer, text, model, causal)), torch)
+        inputs = _block_inputs(model, blocks[0], batches_of(calibration_windows(tokenizer, text, model, causal)), torch)
         for index, block in enumerate(blocks):
             pending = [n for n in modules if owner[n] == index]
             while pending:

@@ -4,7 +4,7 @@ GPTQ (``rbeformat/codecs/encoders/gptq.py``) needs, for each weight W of a MatMu
 y = x W (or a Gemm), the second moments H = E[x x^T] of the layer's input x.
 An ONNX file carries no tokenizer, so the user names one (``--tokenizer``): the
 calibration text's sentences are tokenized with it, as an encoder is used
-(``calibrate._sentences``), and run through the model in ONNX Runtime with each
+(``torch.py`` cuts an encoder's text the same way), and run through the model in ONNX Runtime with each
 calibrated MatMul's input added to the graph's outputs.  H is accumulated in
 float64 over every token; layers that read one input (q, k, v) share one H.
 
@@ -23,7 +23,7 @@ from rbeformat import InputError, UsageError
 from rbeformat.codecs.core.tensor import Calibration
 from rbeformat.onnx_safety import check_model
 
-from .calibrate import CalibrationText, _batches
+from .torch import CalibrationText, batches_of
 
 # What each graph input is fed for a batch of token ids (batch x length).
 _FEEDS = {
@@ -87,7 +87,7 @@ def collect(
     wanted = sorted(set(inputs.values()))
     sums: dict[str, np.ndarray] = {}
     count = 0
-    for batch in _batches(_sentences(tokenizer, text)):
+    for batch in batches_of(sentence_ids(tokenizer, text)):
         ids = np.array(batch, dtype=np.int64)
         feeds = {name: _FEEDS[name](ids).astype(dtype) for name, dtype in graph_inputs.items()}
         for name, x in zip(wanted, ort_guard.run(session, wanted, feeds, path=source, doing="calibrating")):
@@ -135,10 +135,10 @@ def _check_inputs(graph) -> dict[str, type]:
     return out
 
 
-def _sentences(tokenizer, text: CalibrationText) -> list[list[int]]:
+def sentence_ids(tokenizer, text: CalibrationText) -> list[list[int]]:
     """The text's sentences as token ids with the tokenizer's special tokens, until they hold as
-    many tokens as ``text.windows`` windows would (as ``calibrate._sentences`` does)."""
-    from .quality import sentences_of
+    many tokens as ``text.windows`` windows would (as ``torch.py`` does for encoders)."""
+    from ...evaluate.quality import sentences_of
 
     budget, out = text.windows * text.window, []
     for sentence in sentences_of(text.text):

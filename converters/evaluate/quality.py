@@ -248,7 +248,7 @@ def load_model(model_dir: str, causal: bool, source: str | None = None):
     the directory).
     """
     torch, transformers = require_torch()
-    from . import hf_folder
+    from .. import hf_folder
 
     source = source or model_dir
     hf_folder.check_folder(model_dir, source)

@@ -3,7 +3,7 @@
 A recipe is a TOML file of rules tried in order; the first rule that matches a
 tensor decides its chain.  A rule selects tensors by name (``match``, a
 shell-style ``fnmatch`` pattern) or by role (``role = "attn_v"`` or ``roles =
-[...]``, see ``converters/roles.py``: token_embedding, position_embedding,
+[...]``, see ``converters/compress/roles.py``: token_embedding, position_embedding,
 token_type_embedding, attn_q, attn_k, attn_v, attn_o, attn_qkv, mlp_up,
 mlp_gate, mlp_down, norm_weight, norm_bias, linear_bias, lm_head, linear,
 other), or both, and may narrow the choice with
@@ -27,15 +27,15 @@ for the rule's tensors (``Policy.choose_rule`` hands the rule to the
 converter).  ``upgrade = "CHAIN"`` names a costlier chain for the rule's
 tensors (or ``upgrade = ["CHAIN", ...]`` several, in order of cost), and a top-level ``budget_bits`` the average bit cost per weight over
 all tensors of such rules: the tensors where the upgrade removes the most
-output error per extra bit get it (mixed precision, ``converters/mixed.py``); ``budget_counts``
+output error per extra bit get it (mixed precision, ``converters/compress/mixed.py``); ``budget_counts``
 says how: ``"raw"`` (the default: bit cost with parts stored raw) or ``"stored"`` (the
 bytes lossless coding stores for the parts), and ``budget_sensitivity`` how the error an upgrade
 removes is measured: ``"layer"`` (the default: the layer's own output error on the calibration
 text) or ``"model"`` (how far the whole model's outputs move on the calibration text when that
-tensor alone takes the chain, ``converters/sensitivity.py``).
+tensor alone takes the chain, ``converters/compress/sensitivity.py``).
 A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
 attention heads to be pruned, the least important on the calibration text
-first (``converters/heads.py``; the ``slices`` codec stores what is left).
+first (``converters/compress/heads.py``; the ``slices`` codec stores what is left).
 A recipe may carry a one-line top-level ``description``.
 Tensors no rule matches stay lossless, as do integer tensors and tensors the
 chosen codec cannot take (``accepts``)::
@@ -60,7 +60,7 @@ chosen codec cannot take (``accepts``)::
     role = "norm_weight"
     codec = "normdelta(mode=bits)"
 
-Built-in presets are such files in ``converters/presets/`` (``rbe presets``
+Built-in presets are such files in ``converters/compress/presets/`` (``rbe presets``
 lists them with their descriptions; ``policy_from_preset``).
 """
 
@@ -82,8 +82,8 @@ from .roles import ROLES, TensorRole
 CALIBRATIONS = ("gptq", "wanda")
 RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
 TOP_LEVEL_KEYS = ("description", "budget_bits", "budget_counts", "budget_sensitivity", "prune_heads", "rule")
-BUDGET_COUNTS = ("raw", "stored")  # converters/mixed.py
-BUDGET_SENSITIVITIES = ("layer", "model")  # converters/mixed.py, converters/sensitivity.py
+BUDGET_COUNTS = ("raw", "stored")  # converters/compress/mixed.py
+BUDGET_SENSITIVITIES = ("layer", "model")  # converters/compress/mixed.py, converters/compress/sensitivity.py
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Policy:
     budget_bits: float | None = None  # average bit cost per weight over the tensors of rules with an upgrade
     budget_counts: str = "raw"  # how budget_bits counts: "raw" (bit_cost) or "stored" (after lossless coding)
     budget_sensitivity: str = "layer"  # what an upgrade's gain is measured on: the "layer" or the whole "model"
-    prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/heads.py)
+    prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/compress/heads.py)
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
         """The rule that encodes this tensor, or None when it stays lossless."""

@@ -16,7 +16,7 @@ from rbeformat import RbeError, Reader
 from rbeformat.chain import Chain
 from rbeformat.manifest import Transform, blobs_of, check_json_text
 
-from .roles import TensorRole, classify
+from ..compress.roles import TensorRole, classify
 
 
 def _stored(blob) -> int:

@@ -3,7 +3,7 @@
 The original (a Hugging Face model directory, a .safetensors file inside one,
 or an .rbe file) and every compressed .rbe file are loaded one at a time with
 transformers, in float32 on the CPU, scored by the protocols of
-``rbe_converters.quality`` and freed again, so memory holds one model at a time.
+``rbe_converters.evaluate.quality`` and freed again, so memory holds one model at a time.
 transformers reads only a temporary folder holding what it needs (config and
 tokenizer files, safetensors weights: an .rbe file's decoded there, a
 directory's linked), never code or pickles, after its config.json passed the
@@ -22,7 +22,7 @@ quality it measured, so no size is ever read without its cost:
   counts everything it holds: tensors, config and tokenizer files, manifest);
 * bits/w: 8 x file size / weights, the weights of every tensor the model has;
 * Linear bits/w: the stored bits of the Linear weights / their count, where
-  the Linear weights are the 2-D tensors whose role (``rbe_converters.roles``,
+  the Linear weights are the 2-D tensors whose role (``rbe_converters.compress.roles``,
   from the original's names, shapes and config) is a projection: attention
   q / k / v / o, MLP up / gate / down, or another linear layer, never an
   embedding or the output head; for an .rbe file the bytes are those of the
@@ -46,7 +46,8 @@ from rbeformat.atomic import atomic_file, check_parent, check_target
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
-from . import hf_folder, quality
+from .. import hf_folder
+from . import quality
 from .report import human_bytes, tensor_rows, totals
 
 
@@ -91,7 +92,7 @@ class Sizes:
 
 def linear_weights(sizes: Sizes, config: dict) -> set:
     """The Linear layers' weights by tensor role: 2-D, neither embeddings nor the output head."""
-    from .roles import LINEAR_ROLES, classify
+    from ..compress.roles import LINEAR_ROLES, classify
 
     roles = classify({name: (dtype, shape) for name, (dtype, shape, _) in sizes.tensors.items()}, config)
     return {
@@ -103,7 +104,7 @@ def linear_weights(sizes: Sizes, config: dict) -> set:
 
 def safetensors_sizes(src: str) -> Sizes:
     """Sizes of a model directory or .safetensors file, from the safetensors headers."""
-    from .hf import plan_conversion
+    from ..hf import plan_conversion
 
     files = [st for _, st in plan_conversion(src).safetensors]
     return Sizes(
@@ -115,7 +116,7 @@ def safetensors_sizes(src: str) -> Sizes:
 def rbe_sizes(path: str) -> Sizes:
     """Sizes of an .rbe file: the file on disk and the stored sections of each tensor (not the small
     constants of an exported ONNX graph, which are no tensors of the model; the file size holds them)."""
-    from .hf import exported_graph_parts
+    from ..hf import exported_graph_parts
 
     with Reader(path, verify_checksums=False) as r:
         _, graph_tensors = exported_graph_parts(r)
@@ -197,8 +198,8 @@ def check_container_config(path: str) -> None:
 
 def container_safetensors_bytes(path: str) -> int:
     """The bytes of the safetensors files ``rbe decode`` writes for a container: what the ratios divide."""
-    from .hf import exported_graph_parts
-    from .safetensors_io import build_header
+    from ..hf import exported_graph_parts
+    from ..safetensors_io import build_header
 
     with Reader(path, verify_checksums=False) as r:
         graph_files, graph_tensors = exported_graph_parts(r)

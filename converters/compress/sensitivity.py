@@ -1,6 +1,6 @@
 """How far one tensor's encoding moves the whole model's outputs (mixed precision's ``"model"`` measure).
 
-The layer measure of ``converters/mixed.py`` scores an upgrade by the error
+The layer measure of ``converters/compress/mixed.py`` scores an upgrade by the error
 it removes from the layer's own output.  Layers differ in how much of that
 error reaches the model's output: a value projection's error passes through
 every later block, a query's is damped by the softmax.  This measure runs the
@@ -36,11 +36,11 @@ class ModelProbe:
     """The original model, its outputs on a probe of the calibration text, and each tensor's drift."""
 
     def __init__(self, model_dir: str, text, threads: int | None = None):
-        from . import calibrate
+        from .calibrate import torch as calibrate
 
-        self.torch, self.model, tokenizer, self.causal = calibrate._load(model_dir, threads)
-        windows = calibrate._windows(tokenizer, text, self.model, self.causal)
-        self.batches = calibrate._batches(_first_tokens(windows, CAUSAL_TOKENS if self.causal else ENCODER_TOKENS))
+        self.torch, self.model, tokenizer, self.causal = calibrate.load_for_calibration(model_dir, threads)
+        windows = calibrate.calibration_windows(tokenizer, text, self.model, self.causal)
+        self.batches = calibrate.batches_of(_first_tokens(windows, CAUSAL_TOKENS if self.causal else ENCODER_TOKENS))
         self.parameters = _parameters_by_name(self.model)
         with self.torch.no_grad():
             self.reference = [self._outputs(batch) for batch in self.batches]
