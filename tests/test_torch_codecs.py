@@ -1,4 +1,4 @@
-"""rbe_loaders.torch_codecs: codec parts kept compressed in torch, decoded at each use, against the numpy reference."""
+"""rbe_loaders.torch.decoders: codec parts kept compressed in torch, decoded at each use, against the numpy reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from rbe_craft import append_section, assemble, split_file, tensor  # noqa: E402
 
-from rbe_loaders import torch_codecs as tc  # noqa: E402
+from rbe_loaders.torch import decoders as tc  # noqa: E402
 from rbeformat import FormatError, Reader, Writer  # noqa: E402
 from rbeformat.chain import Chain, parse_chain  # noqa: E402
 from rbeformat.codecs.blob.raw import Raw  # noqa: E402

@@ -96,14 +96,14 @@ def load_state_dict(path: str | os.PathLike, device="cpu") -> dict[str, torch.Te
 
 
 def load_model(path: str | os.PathLike, *args, **kwargs):
-    """The container's transformers model, its quantized weights decoded on the fly (``rbe_loaders.torch_model``)."""
-    from .torch_model import load_model as load
+    """The container's transformers model, its quantized weights decoded on the fly (``rbe_loaders.torch.model``)."""
+    from .model import load_model as load
 
     return load(path, *args, **kwargs)
 
 
 def save_model(model, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Writes a model ``load_model`` returned back to an .rbe file, unchanged (``rbe_loaders.torch_model``)."""
-    from .torch_model import save_model as save
+    """Writes a model ``load_model`` returned back to an .rbe file, unchanged (``rbe_loaders.torch.model``)."""
+    from .model import save_model as save
 
     save(model, path, force=force)

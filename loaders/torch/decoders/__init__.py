@@ -1,6 +1,6 @@
 """Stored tensors rebuilt by torch at each use, from their codec parts kept compressed in memory.
 
->>> from rbe_loaders.torch_codecs import build_decoder, decode_at_load_reason   # doctest: +SKIP
+>>> from rbe_loaders.torch.decoders import build_decoder, decode_at_load_reason   # doctest: +SKIP
 >>> with Reader("model.rbe") as r:
 ...     dec = build_decoder(r, "model.layers.0.mlp.up_proj.weight")  # None: decode it at load
 ...     y = dec.linear(x)               # x @ W.T, W never held
