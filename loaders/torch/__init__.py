@@ -8,6 +8,18 @@ torch.bfloat16
 Reading goes through ``rbeformat.safe_open(path, framework="pt")``, which holds
 the dtype table (``rbeformat.api.TORCH_DTYPES``); this module adds what needs
 torch at import time: saving torch tensors, and state dicts with tied storage.
+
+The package's other modules are imported on first use.  ``load_model`` and
+``save_model`` come from ``rbe_loaders.torch.model``, which builds a
+transformers model whose Linear and Embedding weights stay compressed, each
+rebuilt at every use by a decoder of ``rbe_loaders.torch.decoders``: one
+module per codec there (``gquant``, ``transpose``, ``lowrank``, ``palette``,
+``vq``, ``sparse``, ``seed``, on the shared ``base``), and one table,
+``decoders.DECODERS``, keyed by the decode formula a codec declares
+(``TensorCodec.formula(params)``: ``gquant.sym``, ``sparse.mask``, ``seed``,
+...).  A tensor whose formula has no row is decoded once, at load.  Giving a
+new codec a torch mapping is one new decoder module and one table row per
+formula it declares.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ otherwise) with its parameters on the meta device, so no dense copy of the
 weights is ever allocated, then fills it:
 
 * every ``nn.Linear`` and ``nn.Embedding`` whose stored tensor has a codec
-  chain that ``rbe_loaders.torch.decoders`` maps becomes a module holding the
-  codec's parts (packed codes, scales, factors, ...), decoded at each forward
+  chain that ``rbe_loaders.torch.decoders`` maps (its top codec's formula has
+  a row in ``decoders.DECODERS``) becomes a module holding the codec's parts
+  (packed codes, scales, factors, ...), decoded at each forward
   (``CompressedLinear``: ``x @ W.T`` from the parts; ``CompressedEmbedding``:
   only the looked-up rows);
 * a head tied to the token embedding shares that embedding's parts;
