@@ -199,8 +199,8 @@ class WeightDecoder(torch.nn.Module):
         self.shape = tuple(site.shape)
         self.stored_dtype = site.dtype
         self.where = site.where
-        self._form = form
-        self._part_forms: dict[str, str] = {}
+        self.own_form = form  # its line in ``form``; a subclass may add to it
+        self.part_forms: dict[str, str] = {}  # part -> how it is held (a child decoder's form, ...)
 
     # -- parts: a buffer in its stored dtype, or a child decoder --------------------------
     def hold(self, site: Site, part: str, finite: bool = False, linear_use: bool = False) -> None:
@@ -212,10 +212,10 @@ class WeightDecoder(torch.nn.Module):
         child = site.options.build(child_site) if child_site is not None else None
         if child is not None:
             self.add_module(part, child)
-            self._part_forms[part] = child.form
+            self.part_forms[part] = child.form
         else:
             self.register_buffer(part, site.stored(part))
-            self._part_forms[part] = (
+            self.part_forms[part] = (
                 f"decoded at build from {child_site.codec.name}"
                 if child_site is not None
                 else f"stored {site.transform.parts[part].dtype.name}"
@@ -278,8 +278,8 @@ class WeightDecoder(torch.nn.Module):
     # -- the report -------------------------------------------------------------------------
     @property
     def form(self) -> str:
-        parts = "; ".join(f"{k}: {v}" for k, v in self._part_forms.items() if not v.startswith("stored "))
-        return f"{self._form} [{parts}]" if parts else self._form
+        parts = "; ".join(f"{k}: {v}" for k, v in self.part_forms.items() if not v.startswith("stored "))
+        return f"{self.own_form} [{parts}]" if parts else self.own_form
 
     def resident_bytes(self) -> int:
         """Bytes of its buffers and sub-decoders (a shared table is counted by ``decoders.shared_bytes``)."""

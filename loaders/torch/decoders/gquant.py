@@ -197,7 +197,7 @@ class GQuantDecoder(WeightDecoder):
         self.exact_parts = True
         if self.int4_reason is None:
             self.int4 = self._int4_kernel(site)
-            self._form += f"; linear: int4 kernel, bf16, group {self.int4.kernel_group}" + (
+            self.own_form += f"; linear: int4 kernel, bf16, group {self.int4.kernel_group}" + (
                 f", {self.bits}-bit codes as 2 planes" if self.int4.planes > 1 else ""
             )
             if not site.options.lookups:  # only products are asked for: the kernel's copy is enough
@@ -213,11 +213,11 @@ class GQuantDecoder(WeightDecoder):
             else:
                 del self._buffers[part]
         self.exact_parts = False
-        self._form += ", kernel parts only"
+        self.own_form += ", kernel parts only"
 
     def _int4_kernel(self, site: Site) -> Int4Linear:
         codes = unpack_codes(site.array("codes"), self.bits, self.numel, f"{site.where}.codes").reshape(self.shape)
-        floats = {p: self.value(p).cpu().numpy() for p in ("scales", "zeros") if p in self._part_forms}
+        floats = {p: self.value(p).cpu().numpy() for p in ("scales", "zeros") if p in self.part_forms}
         return Int4Linear(codes, floats["scales"], floats.get("zeros"), self.bits, self.mode, self.group, site.device)
 
     def _centred(self, codes: torch.Tensor) -> torch.Tensor:

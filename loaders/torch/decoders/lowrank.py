@@ -13,7 +13,7 @@ class LowRankDecoder(WeightDecoder):
     def __init__(self, site: Site):
         super().__init__(site, f"lowrank rank {site.params['rank']}")
         if self.products_exact:
-            self._form += ", linear as two matmuls"
+            self.own_form += ", linear as two matmuls"
         self.has_residual = site.codec.residual
         for part in ("A", "B") + (("residual",) if self.has_residual else ()):
             self.hold(site, part, linear_use=self.products_exact)

@@ -16,7 +16,7 @@ class TransposeDecoder(WeightDecoder):
 
     @property
     def form(self) -> str:
-        return f"transpose of [{self._part_forms['values']}]"
+        return f"transpose of [{self.part_forms['values']}]"
 
     def decode(self) -> torch.Tensor:
         return self.value("values").t().contiguous()
