@@ -1,4 +1,4 @@
-"""``seed``: each block of C values P coefficients on the basis u(seed) of its seed, times a power of two.
+"""``seed``: each block of C values rebuilt from its seed's basis u(seed) and P coefficients, times a power of two.
 
 The basis u(s) of every seed comes from one table per (S, C, P) and device (``seed_table``),
 shared by every decoder that reads it and counted once (``shared_tensors``).
