@@ -1,4 +1,4 @@
-"""rbe_loaders.torch_codecs: codec parts kept compressed in torch, decoded at each use, against the numpy reference."""
+"""rbe_loaders.torch.decoders: codec parts kept compressed in torch, decoded at each use, against the numpy reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ torch = pytest.importorskip("torch")
 
 from rbe_craft import append_section, assemble, split_file, tensor  # noqa: E402
 
-from rbe_loaders import torch_codecs as tc  # noqa: E402
+from rbe_loaders.torch import decoders as tc  # noqa: E402
+from rbe_loaders.torch.decoders import base as tc_base  # noqa: E402
+from rbe_loaders.torch.decoders import gquant as tc_gquant  # noqa: E402
+from rbe_loaders.torch.decoders import sparse as tc_sparse  # noqa: E402
 from rbeformat import FormatError, Reader, Writer  # noqa: E402
 from rbeformat.chain import Chain, parse_chain  # noqa: E402
 from rbeformat.codecs.blob.raw import Raw  # noqa: E402
@@ -65,7 +68,7 @@ def check(
     linear_tolerance=EXACT_TOLERANCE,
     matmul_tolerance=EXACT_TOLERANCE,
     compressed=True,
-) -> tc.WeightDecoder:
+) -> tc_base.WeightDecoder:
     """forward, rows, linear and matmul of the decoder against the reference decode; returns the decoder."""
     want = reference(r, name)
     dec = tc.build_decoder(r, name, kernel=kernel)
@@ -105,12 +108,12 @@ def test_unpacking_matches_bitpack(bits):
     rng = np.random.default_rng(bits)
     for count in (0, 1, 7, 8, 9, 101):
         values = rng.integers(0, 2**bits, count)
-        packed = torch.from_numpy(tc.padded_packed(bitpack.pack(values, bits), bits, count))
+        packed = torch.from_numpy(tc_base.padded_packed(bitpack.pack(values, bits), bits, count))
         if bits <= 16:
-            np.testing.assert_array_equal(tc.unpack(packed, bits, count).long().numpy(), values)
+            np.testing.assert_array_equal(tc_base.unpack(packed, bits, count).long().numpy(), values)
         positions = rng.integers(0, max(count, 1), (3, 5)) if count else np.zeros((0,), np.int64)
         np.testing.assert_array_equal(
-            tc.unpack_at(packed, bits, torch.from_numpy(positions)).numpy(), values[positions]
+            tc_base.unpack_at(packed, bits, torch.from_numpy(positions)).numpy(), values[positions]
         )
 
 
@@ -161,11 +164,15 @@ def test_int4_kernel_error_is_within_its_documented_size(tmp_path):
 
 def test_int4_fit_rules():
     codec = TENSOR_CODECS["gquant"](bits=4, group=96)
-    assert tc.int4_kernel_fits(codec, (16, 192))  # kernel group 32 inside each group of 96
-    assert tc.int4_unfit_reason(codec, (16, 192), "meta").startswith("the int4 kernel runs on the CPU")
-    assert "not a non-empty matrix" in tc.int4_unfit_reason(codec, (16, 0))
-    assert not tc.int4_kernel_fits(TENSOR_CODECS["gquant"](bits=4, group=48), (16, 96))
-    assert tc._kernel_group(0, 72) == 32 and tc._kernel_group(256, 64) == 64 and tc._kernel_group(128, 512) == 128
+    assert tc_gquant.int4_kernel_fits(codec, (16, 192))  # kernel group 32 inside each group of 96
+    assert tc_gquant.int4_unfit_reason(codec, (16, 192), "meta").startswith("the int4 kernel runs on the CPU")
+    assert "not a non-empty matrix" in tc_gquant.int4_unfit_reason(codec, (16, 0))
+    assert not tc_gquant.int4_kernel_fits(TENSOR_CODECS["gquant"](bits=4, group=48), (16, 96))
+    assert (
+        tc_gquant.int4_kernel_group(0, 72) == 32
+        and tc_gquant.int4_kernel_group(256, 64) == 64
+        and tc_gquant.int4_kernel_group(128, 512) == 128
+    )
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16"])
@@ -185,7 +192,7 @@ def test_chained_scales_and_zeros_are_child_decoders(tmp_path):
     text = "gquant(bits=4, group=32, mode=asym, scales=gquant(bits=8, group=0), zeros=gquant(bits=8, group=32))"
     with Reader(single(tmp_path, text, (32, 96))) as r:
         dec = check(r, "w", linear_tolerance=INT4_TOLERANCE)
-        assert isinstance(dec.scales, tc.GQuantDecoder) and isinstance(dec.zeros, tc.GQuantDecoder)
+        assert isinstance(dec.scales, tc_gquant.GQuantDecoder) and isinstance(dec.zeros, tc_gquant.GQuantDecoder)
         assert "scales: gquant 8-bit g0 sym" in dec.form and dec.int4 is not None
         # Scales are never a Linear weight: no int4 kernel built for them.
         assert dec.zeros.int4 is None and dec.zeros.int4_reason == "not read as a Linear weight"
@@ -268,7 +275,7 @@ def test_vq(tmp_path, text, shape):
     with Reader(single(tmp_path, text, shape, seed=5)) as r:
         dec = check(r, "w")
         if "codebook=" in text:
-            assert isinstance(dec.codebook, tc.GQuantDecoder) and isinstance(dec.scales, tc.GQuantDecoder)
+            assert isinstance(dec.codebook, tc_gquant.GQuantDecoder) and isinstance(dec.scales, tc_gquant.GQuantDecoder)
 
 
 @pytest.mark.parametrize(
@@ -285,7 +292,7 @@ def test_sparse(tmp_path, text, index, monkeypatch):
             assert r.stored_entry("w").transform.params["index"] == index
         check(r, "w", compressed="0.5" not in text)
         if index == "deltas":  # codes wider than unpack_at reads are held as a mask instead
-            monkeypatch.setattr(tc, "MAX_GATHER_BITS", 1)
+            monkeypatch.setattr(tc_sparse, "MAX_GATHER_BITS", 1)
             dec = check(r, "w")
             assert dec.index == "mask" and not hasattr(dec, "deltas")
 

@@ -8,6 +8,18 @@ torch.bfloat16
 Reading goes through ``rbeformat.safe_open(path, framework="pt")``, which holds
 the dtype table (``rbeformat.api.TORCH_DTYPES``); this module adds what needs
 torch at import time: saving torch tensors, and state dicts with tied storage.
+
+The package's other modules are imported on first use.  ``load_model`` and
+``save_model`` come from ``rbe_loaders.torch.model``, which builds a
+transformers model whose Linear and Embedding weights stay compressed, each
+rebuilt at every use by a decoder of ``rbe_loaders.torch.decoders``: one
+module per codec there (``gquant``, ``transpose``, ``lowrank``, ``palette``,
+``vq``, ``sparse``, ``seed``, on the shared ``base``), and one table,
+``decoders.DECODERS``, keyed by the decode formula a codec declares
+(``TensorCodec.formula(params)``: ``gquant.sym``, ``sparse.mask``, ``seed``,
+...).  A tensor whose formula has no row is decoded once, at load.  Giving a
+new codec a torch mapping is one new decoder module and one table row per
+formula it declares.
 """
 
 from __future__ import annotations
@@ -96,14 +108,14 @@ def load_state_dict(path: str | os.PathLike, device="cpu") -> dict[str, torch.Te
 
 
 def load_model(path: str | os.PathLike, *args, **kwargs):
-    """The container's transformers model, its quantized weights decoded on the fly (``rbe_loaders.torch_model``)."""
-    from .torch_model import load_model as load
+    """The container's transformers model, its quantized weights decoded on the fly (``rbe_loaders.torch.model``)."""
+    from .model import load_model as load
 
     return load(path, *args, **kwargs)
 
 
 def save_model(model, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Writes a model ``load_model`` returned back to an .rbe file, unchanged (``rbe_loaders.torch_model``)."""
-    from .torch_model import save_model as save
+    """Writes a model ``load_model`` returned back to an .rbe file, unchanged (``rbe_loaders.torch.model``)."""
+    from .model import save_model as save
 
     save(model, path, force=force)

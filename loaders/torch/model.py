@@ -11,8 +11,9 @@ otherwise) with its parameters on the meta device, so no dense copy of the
 weights is ever allocated, then fills it:
 
 * every ``nn.Linear`` and ``nn.Embedding`` whose stored tensor has a codec
-  chain that ``rbe_loaders.torch_codecs`` maps becomes a module holding the
-  codec's parts (packed codes, scales, factors, ...), decoded at each forward
+  chain that ``rbe_loaders.torch.decoders`` maps (its top codec's formula has
+  a row in ``decoders.DECODERS``) becomes a module holding the codec's parts
+  (packed codes, scales, factors, ...), decoded at each forward
   (``CompressedLinear``: ``x @ W.T`` from the parts; ``CompressedEmbedding``:
   only the looked-up rows);
 * a head tied to the token embedding shares that embedding's parts;
@@ -45,8 +46,8 @@ from rbeformat.atomic import atomic_file
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
-from . import torch_codecs
-from .report import FormReport
+from ..report import FormReport
+from .decoders import build_decoder, decode_at_load_reason, shared_bytes
 
 CONFIG_FILE = hf_guard.CONFIG_FILE
 # Files AutoTokenizer reads from a model directory (top level only).
@@ -301,7 +302,7 @@ def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, c
     for module_name, module, target in uses:
         if target not in decoders:
             # a table only looked up never runs the int4 kernel: do not hold its copy
-            decoders[target] = torch_codecs.build_decoder(
+            decoders[target] = build_decoder(
                 reader, target, device, lookups=target in looked_up, kernel=kernel if target in multiplied else "exact"
             )
             if decoders[target] is not None:
@@ -320,7 +321,7 @@ def _fill(model: nn.Module, reader: Reader, report: LoadReport, device, dtype, c
         else:
             replacement = CompressedEmbedding(decoder, module.padding_idx, dtype)
         _set_module(model, module_name, replacement)
-    shared = torch_codecs.shared_bytes([d for d in decoders.values() if d is not None])
+    shared = shared_bytes([d for d in decoders.values() if d is not None])
     if shared:
         report.add("(shared seed basis tables)", "on the fly: read by the seed decoders", shared, 0)
     _decode_the_rest(model, reader, names, report, device, dtype)
@@ -399,7 +400,7 @@ def _decode_the_rest(
             target = reader.stored_entry(stored).name
             if target not in done:
                 done[target] = _decoded(reader, target, device, dtype)
-                reason = torch_codecs.decode_at_load_reason(reader, target)
+                reason = decode_at_load_reason(reader, target)
                 report.add(
                     target,
                     "decoded at load" + (f" ({reason})" if reason else ""),
