@@ -64,7 +64,7 @@ def collect(
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from rbe_loaders import ort_guard
+    from rbe_loaders.ort import guard as ort_guard
 
     check_model(model, source)  # convert checked the file; its data is inline now
     inputs = _layer_inputs(model.graph, methods)

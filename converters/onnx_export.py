@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rbe_loaders.onnx_graph import graph_initializers, stored_graph
+from rbe_loaders.ort.graph import graph_initializers, stored_graph
 from rbeformat import InputError, UsageError, Writer
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model

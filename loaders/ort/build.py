@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions whose weights stay compressed.
+"""ONNX Runtime sessions whose weights stay compressed (``rbe_loaders.ort``'s public API).
 
 >>> from rbe_loaders.ort import session                      # doctest: +SKIP
 >>> sess, report = session("model.rbe")                     # prints the report too
@@ -23,7 +23,7 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor:
   the gathered offsets, so each row is the reference decode bit for bit.
 * ``seed`` Linear weights (MatMul or transB=1 Gemm) keep their seeds and codes; standard
   operators rebuild the matrix at each run from one basis table shared per (S, C, P)
-  (``ort_seed``).
+  (``seed``).
 * Anything else is decoded to a dense initializer here, at build time, and
   the report says so: other codecs, other consumers of a weight, group sizes
   without a power-of-two block of at least 16, weights that are not float32.
@@ -60,9 +60,9 @@ try:
 except ImportError:  # the core works without onnx; only this module needs it
     raise UsageError("ONNX Runtime sessions need onnx and onnxruntime: pip install 'rbe[ort]'") from None
 
-from . import ort_guard
-from .onnx_graph import graph_initializers, stored_graph
-from .report import FormReport, TensorForm
+from ..report import FormReport, TensorForm
+from . import guard
+from .graph import graph_initializers, stored_graph
 
 MS_DOMAIN = "com.microsoft"
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
@@ -459,10 +459,10 @@ def plan_rewrite(
     ``flipped``: the graph reads the tensor transposed (a Linear weight of a Hugging Face checkpoint,
     stored output x input, which an exported MatMul reads input x output)."""
     entry = r.stored_entry(name)
-    from . import ort_seed  # it builds on this module's helpers
+    from . import seed  # it builds on this module's helpers
 
-    if ort_seed.seed_view(r, name) is not None:
-        return ort_seed.plan_seed(r, name, uses, flipped)
+    if seed.seed_view(r, name) is not None:
+        return seed.plan_seed(r, name, uses, flipped)
     view = _gquant_view(r, name)
     if view is None:
         return entry.transform.codec.name
@@ -606,23 +606,23 @@ def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **ses
 
     ``session_kwargs`` go to ``InferenceSession`` (``sess_options``,
     ``providers``; default the CPU provider).  The report is printed to stderr
-    unless ``quiet``.  ``timeout``: seconds (or an ``ort_guard.Deadline``) the
-    build may take; a signal or the limit stops waiting for it (``ort_guard.call``).
+    unless ``quiet``.  ``timeout``: seconds (or a ``guard.Deadline``) the
+    build may take; a signal or the limit stops waiting for it (``guard.call``).
     ONNX Runtime's errors come as InputError naming the file.  The session looks
-    for external data in an empty folder of its own (``ort_guard.session_options``;
+    for external data in an empty folder of its own (``guard.session_options``;
     the given ``sess_options`` keep that setting); the stored graph holds none.
     """
     try:
         import onnxruntime
     except ImportError:
         raise UsageError("ONNX Runtime sessions need onnxruntime: pip install 'rbe[ort]'") from None
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     model, report = on_the_fly_model(path)
     session_kwargs.setdefault("providers", ["CPUExecutionProvider"])
     if not quiet:
         print(report, file=sys.stderr)
     where = os.fspath(path)
-    with ort_guard.session_options(session_kwargs.pop("sess_options", None)) as options:
+    with guard.session_options(session_kwargs.pop("sess_options", None)) as options:
         if model.ByteSize() < PROTOBUF_LIMIT:
             data = model.SerializeToString()
             return _build(
@@ -637,4 +637,4 @@ def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **ses
 
 
 def _build(new_session, path: str, deadline):
-    return ort_guard.call(new_session, path=path, doing="building a session on the stored graph", deadline=deadline)
+    return guard.call(new_session, path=path, doing="building a session on the stored graph", deadline=deadline)

@@ -39,7 +39,7 @@ from rbeformat.codecs.util import bitpack
 from rbeformat.embedded.onnx import read_graph
 from rbeformat.errors import FormatError
 
-from .ort import Rewrite, _gemm_use, _matmul_use, _part_shape, codec_view
+from .build import Rewrite, _gemm_use, _matmul_use, _part_shape, codec_view
 
 SEED_MIN_OPSET = 12  # Einsum
 
