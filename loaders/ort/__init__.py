@@ -10,7 +10,8 @@ form ONNX Runtime computes on exactly.  The modules of the package:
 
 * ``build``: the rebuilt graph (``on_the_fly_model``), the session on it
   (``session``) and the report of the form each initializer took;
-* ``seed``: what replaces a seed-coded weight (``build`` the gquant ones);
+* ``rewriters``: what replaces a compressed weight, one module per codec,
+  chosen by the decode formula the codec declares (see ``rewriters``);
 * ``graph``: the stored graph, and which tensor fills each of its initializers;
 * ``guard``: calls into ONNX Runtime and tokenizers, stoppable and time-limited;
 * ``run``: ``embed``, ``generate`` and ``token_logprobs`` on a container
