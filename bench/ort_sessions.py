@@ -179,7 +179,7 @@ ORT_CAUSAL = (
     + ORT_OPEN
     + r"""
 import numpy as np
-from rbe_loaders.run import greedy_ids, token_logprobs
+from rbe_loaders.ort.run import greedy_ids, token_logprobs
 logprobs = [float(token_logprobs(session, w).mean()) for w in job["windows"]]
 greedy_ids(session, job["prompt"], 2)  # warm-up
 start = time.perf_counter()

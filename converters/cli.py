@@ -832,7 +832,7 @@ def _check_stored_graph(r: Reader) -> str:
         import onnx  # noqa: F401
     except ImportError:
         return "; the stored ONNX graph is not checked without the onnx package"
-    from rbe_loaders.onnx_graph import graph_initializers
+    from rbe_loaders.ort.graph import graph_initializers
 
     graph_initializers(r)
     return "; the stored ONNX graph passes rbe's checks"
@@ -894,8 +894,8 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     """An encoder's mean-pooled embedding of the text, or a causal LM's greedy continuation of it."""
     open_rbe(args.input, verify_checksums=False).close()  # one clear error for a file that is not rbe
-    from rbe_loaders import run  # a loader; imported only for this command
-    from rbe_loaders.ort_guard import Deadline
+    from rbe_loaders.ort import run  # a loader; imported only for this command
+    from rbe_loaders.ort.guard import Deadline
 
     deadline = Deadline(args.timeout)  # one limit for the session's build and every run
     model = run.open_model(args.input, threads=args.threads, timeout=deadline)

@@ -39,9 +39,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph
+from rbe_loaders.ort.graph import graph_initializers, stored_graph
 from rbeformat import InputError, UsageError, Writer
-from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
 
 from . import onnx_io

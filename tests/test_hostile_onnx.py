@@ -21,10 +21,10 @@ tokenizers = pytest.importorskip("tokenizers")
 from onnx import TensorProto, helper  # noqa: E402
 
 from rbe_converters.cli import main  # noqa: E402
-from rbe_loaders import ort_guard, run  # noqa: E402
-from rbe_loaders.onnx_graph import MAPPING_KEY  # noqa: E402
+from rbe_loaders.ort import guard as ort_guard  # noqa: E402
+from rbe_loaders.ort import run  # noqa: E402
 from rbeformat import FormatError, InputError, Reader, Writer  # noqa: E402
-from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH  # noqa: E402
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY  # noqa: E402
 from rbeformat.onnx_safety import check_model  # noqa: E402
 
 RBE = [sys.executable, "-m", "rbe_converters.cli"]

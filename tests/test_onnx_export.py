@@ -19,8 +19,9 @@ from test_eval import common_words, word_tokenizer  # noqa: E402
 import rbe_loaders  # noqa: E402
 from rbe_converters import hf, onnx_export  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
-from rbe_loaders.onnx_graph import MAPPING_KEY, OWN_PREFIX, graph_initializers, stored_graph  # noqa: E402
+from rbe_loaders.ort.graph import graph_initializers, stored_graph  # noqa: E402
 from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
+from rbeformat.embedded.onnx import MAPPING_KEY, OWN_PREFIX  # noqa: E402
 
 torch.set_num_threads(1)
 TOLERANCE = 1e-4

@@ -1,4 +1,4 @@
-"""Seed-coded Linear weights on the fly in ONNX Runtime: `rbe_loaders.ort_seed`."""
+"""Seed-coded Linear weights on the fly in ONNX Runtime: `rbe_loaders.ort.rewriters.seed`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""rbe_loaders.run and rbe run: embeddings and greedy generation from a --onnx container in ONNX Runtime."""
+"""rbe_loaders.ort.run and rbe run: embeddings and greedy generation from a --onnx container in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from test_onnx_export import bert, convert, hf_greedy, llama  # noqa: E402,F401 
 
 import rbe_loaders  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
-from rbe_loaders import run  # noqa: E402
+from rbe_loaders.ort import run  # noqa: E402
 from rbeformat import UsageError  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -186,7 +186,7 @@ def test_the_wrong_kind_of_model_is_refused(bert, llama):
 def test_running_imports_neither_torch_nor_transformers(bert, llama):
     script = (
         "import sys\n"
-        "from rbe_loaders import run\n"
+        "from rbe_loaders.ort import run\n"
         "from rbe_converters.cli import main\n"
         f"assert run.embed({bert[3]!r}, ['a text']).shape == (1, 32)\n"
         f"assert run.generate({llama[2]!r}, {PROMPT!r}, 2) is not None\n"

@@ -3,7 +3,10 @@
 A container converted from an .onnx file (or exported with ``--onnx``) holds
 the ModelProto, its initializers' data removed, as the embedded file
 ``GRAPH_PATH``, named by the metadata key ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX
-models").  onnx is imported only by ``read_graph`` (through
+models").  One exported with ``--onnx`` also holds the embedded JSON file named
+by ``MAPPING_KEY``, which maps each initializer to a stored tensor, or to a
+tensor of the graph alone under ``OWN_PREFIX`` (read by
+``rbe_loaders.ort.graph``).  onnx is imported only by ``read_graph`` (through
 ``rbeformat.onnx_safety.parse_model``); element types are onnx.proto's
 ``TensorProto.DataType`` numbers.
 """
@@ -18,6 +21,8 @@ from ..onnx_safety import parse_model
 GRAPH_KEY = "onnx.graph"  # metadata: the path of the embedded file holding the graph
 SOURCE_KEY = "onnx.source"  # metadata: the input's file name, for people reading `rbe info`
 GRAPH_PATH = "model.onnx-graph"
+MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
+OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
 
 # onnx.proto's TensorProto.DataType numbers of the element types rbe has, with rbe's dtype names.
 FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16 = (

@@ -58,13 +58,13 @@ def collect(
     """{initializer name: Calibration(method, H)} for the MatMul / Gemm weights named in ``methods``.
 
     ``model`` is the onnx.ModelProto with its initializers filled in; ``source`` names it in errors.
-    The session runs as a container's does (``rbe_loaders.ort_guard``): no external data, its
+    The session runs as a container's does (``rbe_loaders.ort.guard``): no external data, its
     errors as InputError, a stop signal ends a run.
     """
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from rbe_loaders import ort_guard
+    from rbe_loaders.ort import guard as ort_guard
 
     check_model(model, source)  # convert checked the file; its data is inline now
     inputs = _layer_inputs(model.graph, methods)

@@ -1,15 +1,15 @@
 """Run a Hugging Face model converted with ``rbe convert DIR OUT.rbe --onnx`` in ONNX Runtime, without torch.
 
->>> from rbe_loaders import run                                   # doctest: +SKIP
+>>> from rbe_loaders.ort import run                               # doctest: +SKIP
 >>> run.embed("minilm.rbe", ["A sentence.", "Another one."])      # (2, 384) mean-pooled vectors
 >>> run.generate("smollm2.rbe", "The capital of France is", 8)    # the greedy continuation
 >>> model = run.open_model("smollm2.rbe")                          # one session for several calls
 >>> logprobs = run.token_logprobs(model.session, ids)             # perplexity: exp(-logprobs.mean())
 
 The session is ``rbe_loaders.ort.session``'s: quantized weights stay compressed.
-Every call into ONNX Runtime and tokenizers runs through ``ort_guard.call``: a
+Every call into ONNX Runtime and tokenizers runs through ``guard.call``: a
 stop signal ends it (``RunOptions.terminate`` stops even an endless ``Loop``),
-``timeout`` (seconds, or one ``ort_guard.Deadline`` shared by several calls;
+``timeout`` (seconds, or one ``guard.Deadline`` shared by several calls;
 None: no limit) bounds the build and the runs together, and the runtime's
 errors come as InputError naming the container.
 ``embed`` mean-pools ``last_hidden_state`` over the attention mask, as
@@ -34,8 +34,8 @@ from rbeformat import FormatError, Reader, UsageError
 from rbeformat.embedded.config import is_causal_lm
 from rbeformat.embedded.onnx import carries_onnx
 
-from . import ort_guard
-from . import tokenizer as container_tokenizer
+from .. import tokenizer as container_tokenizer
+from . import guard
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -65,15 +65,15 @@ def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None
     """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
 
     UsageError for a container without a graph, config.json or tokenizer.json; ``timeout``: seconds
-    (or an ``ort_guard.Deadline``) the session's build may take.
+    (or a ``guard.Deadline``) the session's build may take.
     """
     path = os.fspath(path)
     config, generation = _read_configs(path)
-    from .ort import session  # after the checks: building a session is the slow part
+    from .build import session  # after the checks: building a session is the slow part
 
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     sess, _ = session(path, quiet=True, timeout=deadline, sess_options=_session_options(threads))
-    tokenizer = ort_guard.call(
+    tokenizer = guard.call(
         lambda: container_tokenizer(path),
         path=path,
         doing="reading the embedded tokenizer",
@@ -115,7 +115,7 @@ def _session_options(threads: int | None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = ort_guard.QUIET
+    options.log_severity_level = guard.QUIET
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -149,7 +149,7 @@ def _loaded(model: str | os.PathLike | LoadedModel, causal: bool, deadline=None)
 
 def embed(model: str | os.PathLike | LoadedModel, texts: list[str], timeout=None) -> np.ndarray:
     """One mean-pooled ``last_hidden_state`` row per text (float32, not normalised), padded tokens left out."""
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=False, deadline=deadline)
     if not texts:
         raise UsageError("embed needs at least one text")
@@ -172,15 +172,13 @@ def _form(value) -> str:
 
 
 def run_graph(loaded: LoadedModel, outputs, feed: dict, deadline=None) -> list:
-    """``loaded.session.run(outputs, feed)``: stoppable, time-limited, its errors as InputError (``ort_guard``)."""
-    return ort_guard.run(loaded.session, outputs, feed, path=loaded.path, deadline=ort_guard.Deadline.of(deadline))
+    """``loaded.session.run(outputs, feed)``: stoppable, time-limited, its errors as InputError (``guard``)."""
+    return guard.run(loaded.session, outputs, feed, path=loaded.path, deadline=guard.Deadline.of(deadline))
 
 
 def tokenizing(loaded: LoadedModel, fn, deadline=None, doing: str = "tokenizing the text"):
-    """``fn()``, a call into the container's tokenizer, as ``ort_guard.call`` runs it."""
-    return ort_guard.call(
-        fn, path=loaded.path, doing=doing, deadline=ort_guard.Deadline.of(deadline), source="tokenizers"
-    )
+    """``fn()``, a call into the container's tokenizer, as ``guard.call`` runs it."""
+    return guard.call(fn, path=loaded.path, doing=doing, deadline=guard.Deadline.of(deadline), source="tokenizers")
 
 
 def decode_ids(loaded: LoadedModel, ids: list[int], timeout=None) -> str:
@@ -255,7 +253,7 @@ def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray], path:
         "position_ids": np.arange(done, done + len(ids), dtype=np.int64)[None],
         **past,
     }
-    outputs = ort_guard.run(session, None, feed, path=path, deadline=deadline)
+    outputs = guard.run(session, None, feed, path=path, deadline=deadline)
     logits, present = (outputs[0], outputs[1:]) if outputs else (np.zeros(0), [])
     if not _is_array(logits, 3) or logits.shape[:2] != (1, len(ids)) or logits.shape[2] < 1:
         raise FormatError(
@@ -270,7 +268,7 @@ def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=froz
     if not prompt_ids:
         raise UsageError("generation needs a prompt of at least one token")
     session, path = _session_of(session)
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     past, done, step_ids, tokens = empty_past(session), 0, list(prompt_ids), []
     for _ in range(max_new_tokens):
         logits, past = _step(session, step_ids, done, past, path, deadline)
@@ -285,7 +283,7 @@ def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=froz
 def generate_ids(
     model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None
 ) -> list[int]:
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=True, deadline=deadline)
     prompt_ids = tokenizing(loaded, lambda: loaded.tokenizer.encode(prompt).ids, deadline)
     return greedy_ids(loaded, prompt_ids, max_new_tokens, loaded.eos_ids, deadline)
@@ -293,7 +291,7 @@ def generate_ids(
 
 def generate(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None) -> str:
     """The greedy continuation of ``prompt`` (without it), special tokens left out."""
-    deadline = ort_guard.Deadline.of(timeout)
+    deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=True, deadline=deadline)
     return decode_ids(loaded, generate_ids(loaded, prompt, max_new_tokens, deadline), deadline)
 
@@ -307,7 +305,7 @@ def token_logprobs(session, ids: list[int], timeout=None) -> np.ndarray:
     if len(ids) < 2:
         raise UsageError("token log-probabilities need a window of at least 2 tokens")
     session, path = _session_of(session)
-    logits, _ = _step(session, list(ids), 0, empty_past(session), path, ort_guard.Deadline.of(timeout))
+    logits, _ = _step(session, list(ids), 0, empty_past(session), path, guard.Deadline.of(timeout))
     logits = logits[:-1].astype(np.float64)  # the last position predicts past the window
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

@@ -8,7 +8,8 @@ graphs exported from Hugging Face checkpoints"):
 * one converted from a Hugging Face directory with ``rbe convert --onnx``: the
   embedded JSON file named by ``MAPPING_KEY`` maps each initializer to a stored
   HF tensor, as is or transposed (a Linear weight, kept output x input by HF,
-  is a MatMul's input x output B), or to a tensor of its own under ``OWN_PREFIX``.
+  is a MatMul's input x output B), or to a tensor of its own under ``OWN_PREFIX``
+  (both keys in ``rbeformat.embedded.onnx``).
 
 ``graph_initializers`` checks the mapping against the graph and the tensors
 before anyone reads data through it; ``stored_graph`` parses the graph, whose
@@ -36,10 +37,8 @@ except ImportError:  # a loader of its own: only ONNX graphs need onnx
     raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
 
 # The format's keys and stored element types.
-from rbeformat.embedded.onnx import GRAPH_KEY, ONNX_DTYPES  # noqa: E402
+from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES  # noqa: E402
 
-MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
-OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
 MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
 
 

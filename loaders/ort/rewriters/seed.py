@@ -1,6 +1,7 @@
 """Seed-coded Linear weights in ONNX Runtime, their codes kept compressed.
 
-A ``seed`` block is u(s) (C x P integers, a fixed function of its seed s; see
+Formula ``seed`` (spec/codecs/seed.md), for MatMul weights and ``transB=1`` Gemm
+weights.  A ``seed`` block is u(s) (C x P integers, a fixed function of its seed s; see
 ``rbeformat.codecs.seed``) times P coefficients scaled by a power of two.  One
 int16 table holding u(s) for every seed the width S allows is shared by every
 weight of the same (S, C, P); each weight keeps only its seeds (uint16),
@@ -39,7 +40,8 @@ from rbeformat.codecs.util import bitpack
 from rbeformat.embedded.onnx import read_graph
 from rbeformat.errors import FormatError
 
-from .ort import Rewrite, _gemm_use, _matmul_use, _part_shape, codec_view
+from .base import CodecView, Peers, Rewrite, part_shape
+from .uses import gemm_use, matmul_use
 
 SEED_MIN_OPSET = 12  # Einsum
 
@@ -66,7 +68,7 @@ class SeedBlocks:
 def read_seed(r: Reader, name: str, prefix: str, transform) -> SeedBlocks:
     """The parts of the seed ``transform`` reached by ``prefix`` of tensor ``name``, unpacked."""
     codec = transform.codec
-    rows, cols = _part_shape(r, name, prefix)
+    rows, cols = part_shape(r, name, prefix)
     blocks = rows * cols // codec.block
     where = f"tensor {name!r}"
 
@@ -210,23 +212,18 @@ def _rewrite_seed(weight: SeedBlocks, codes_hold_wt: bool, uses: list, name: str
     return Rewrite(seed_form(weight.table_key), own, nodes, shared)
 
 
-def seed_view(r: Reader, name: str):
-    """(transform, part prefix, transposed) of a seed tensor or of transpose(values=seed); else None."""
-    return codec_view(r, name, "seed")
-
-
 def _key(codec) -> tuple[int, int, int]:
     return codec.seed_bits, codec.block, codec.rank
 
 
-def dense_served(r: Reader) -> dict[tuple[int, int, int], int]:
-    """Per basis table (S, C, P), the dense bytes of the file's seed-coded tensors."""
+def dense_served(r: Reader, peers: Peers) -> dict[tuple[int, int, int], int]:
+    """Per basis table (S, C, P), the dense bytes of the file's seed-coded tensors (those ``peers`` sees)."""
     served: dict[tuple[int, int, int], int] = {}
     for stored in {r.stored_entry(name).name for name in r.keys()}:
-        view = seed_view(r, stored)
+        view = peers(r, stored)
         if view is not None:
             entry = r.stored_entry(stored)
-            key = _key(view[0].codec)
+            key = _key(view.transform.codec)
             served[key] = served.get(key, 0) + math.prod(entry.shape) * entry.dtype.itemsize
     return served
 
@@ -239,26 +236,30 @@ def default_opset(r: Reader) -> int:
 _facts: dict = {}  # one file's (opset, tables served), read once for all its weights
 
 
-def file_facts(r: Reader) -> tuple[int, dict]:
+def file_facts(r: Reader, peers: Peers) -> tuple[int, dict]:
     stat = os.stat(r.path)
     key = (r.path, stat.st_mtime_ns, stat.st_size)
     if key not in _facts:
         _facts.clear()
-        _facts[key] = default_opset(r), dense_served(r)
+        _facts[key] = default_opset(r), dense_served(r, peers)
     return _facts[key]
 
 
-def plan_seed(r: Reader, name: str, uses: list, flipped: bool = False) -> Rewrite | str:
-    """The shared-table form of seed weight ``name``, or why it must be dense.
+def plan_seed(
+    r: Reader, name: str, view: CodecView, uses: list, flipped: bool, readers: dict, peers: Peers
+) -> Rewrite | str:
+    """The shared-table form of seed weight ``name``, or why it must be dense (the table's rewriter
+    for ``seed``; see ``rewriters``).
 
-    ``flipped``: the graph's initializer is the tensor transposed.
+    ``flipped``: the graph's initializer is the tensor transposed; ``peers``: the file's other
+    seed-coded tensors, whose dense bytes a shared table serves.
     """
     entry = r.stored_entry(name)
-    transform, prefix, transposed = seed_view(r, name)
+    transform, prefix, transposed = view.transform, view.prefix, view.transposed
     key = _key(transform.codec)
     if entry.dtype.name != "F32" or len(entry.shape) != 2:
         return f"seed on {entry.dtype.name} {list(entry.shape)}: mapped only for 2-D float32 weights"
-    opset, served = file_facts(r)
+    opset, served = file_facts(r, peers)
     if opset < SEED_MIN_OPSET:
         return f"seed needs Einsum (opset {SEED_MIN_OPSET}); the graph has opset {opset}"
     table, dense = seed_table_bytes(key), served.get(key, 0)
@@ -267,8 +268,8 @@ def plan_seed(r: Reader, name: str, uses: list, flipped: bool = False) -> Rewrit
             f"seed: the shared basis table (S={key[0]}, C={key[1]}, P={key[2]}) takes {table:,} bytes, "
             f"more than the {dense:,} dense bytes of the weights it would serve"
         )
-    matmul = bool(uses) and all(_matmul_use(node, index) for _, node, index in uses)
-    gemm = bool(uses) and all(_gemm_use(node, index) for _, node, index in uses)
+    matmul = bool(uses) and all(matmul_use(node, index) for _, node, index in uses)
+    gemm = bool(uses) and all(gemm_use(node, index) for _, node, index in uses)
     if matmul or gemm:
         # A MatMul computes A @ B, a transB=1 Gemm A @ B.T; transpose(values=...) and a flipped
         # initializer each transpose what the codes hold.

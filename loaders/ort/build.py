@@ -1,0 +1,202 @@
+"""ONNX Runtime sessions whose weights stay compressed (``rbe_loaders.ort``'s public API).
+
+>>> from rbe_loaders.ort import session                      # doctest: +SKIP
+>>> sess, report = session("model.rbe")                     # prints the report too
+>>> sess.run(None, {"input_ids": ids, "attention_mask": mask})
+
+An rbe file converted from an ONNX model (``rbe convert model.onnx out.rbe``)
+carries the graph; ``on_the_fly_model`` rebuilds it with each weight in the
+cheapest form ONNX Runtime computes on exactly, instead of the dense tensor
+(``rewriters``: one module per codec, chosen by the decode formula it declares):
+
+* ``gquant`` Linear weights (a MatMul's B stored transposed, or a ``transB=1``
+  Gemm's B) become ``com.microsoft.MatMulNBits``, embedding tables read by
+  ``Gather`` ``com.microsoft.GatherBlockQuantized``, a tied embedding both
+  (``rewriters.gquant``).
+* ``seed`` Linear weights (MatMul or transB=1 Gemm) keep their seeds and codes; standard
+  operators rebuild the matrix at each run from one basis table shared per (S, C, P)
+  (``rewriters.seed``).
+* Anything else is decoded to a dense initializer here, at build time, and
+  the report says so: other codecs, other consumers of a weight, group sizes
+  without a power-of-two block of at least 16, weights that are not float32.
+
+Nothing here constant-folds back to dense: every expansion reads a graph
+input (activations or indices).
+
+``session(path)`` returns ``(onnxruntime.InferenceSession, Report)``;
+``Report`` lists, per initializer, the form used and the bytes its
+initializers hold.  Only models from ONNX files are supported: a Hugging Face
+checkpoint has no stored graph (UsageError).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from rbeformat import FormatError, Reader, UsageError
+from rbeformat.embedded.onnx import carries_onnx
+from rbeformat.onnx_safety import check_model
+
+try:
+    import onnx
+    from onnx import helper
+except ImportError:  # the core works without onnx; only this module needs it
+    raise UsageError("ONNX Runtime sessions need onnx and onnxruntime: pip install 'rbe[ort]'") from None
+
+from ..report import FormReport, TensorForm
+from . import guard
+from .graph import graph_initializers, stored_graph
+from .rewriters import plan_rewrite
+from .rewriters.base import MS_DOMAIN
+
+PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
+SHARED_FORM = "shared (read by several weights' nodes)"
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+@dataclass
+class Report(FormReport):
+    """Per initializer of the rebuilt graph: its form and the bytes it keeps resident."""
+
+    def decoded_at_build(self) -> list[str]:
+        """The weights a codec stores that the session holds dense."""
+        return [row.name for row in self.rows if row.form.startswith("dense")]
+
+    def summary(self) -> list[str]:
+        width = max([len(row.name) for row in self.rows] + [6])
+        return [
+            f"{'total'.ljust(width)}  {self.resident_bytes:>12,}  {self.dense_bytes:>12,}  "
+            f"{self.ratio:.3f}x of dense; {len(self.decoded_at_build())} decoded at build"
+        ]
+
+
+# -- building the graph ------------------------------------------------------------------
+
+
+def on_the_fly_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
+    """The ONNX model an rbe file carries, its weights in compressed forms (see the module doc)."""
+    with Reader(path) as r:
+        if not carries_onnx(r):
+            raise UsageError(
+                f"{os.fspath(path)}: holds no ONNX graph: convert an .onnx file, or a Hugging Face "
+                "directory with rbe convert --onnx"
+            )
+        model = stored_graph(r)
+        wiring = graph_initializers(r)  # checked: each names a tensor of the right dtype and shape
+        mapped = [t for t in model.graph.initializer if t.name in wiring]
+        report = Report()
+        uses = _readers_of(model.graph)
+        replaced, new_inits, added = {}, [], set()
+        for t in mapped:
+            tensor, flipped = wiring[t.name]
+            dense_bytes = math.prod(t.dims) * r.entry(tensor).dtype.itemsize
+            if r.stored_entry(tensor).transform is None:
+                t.raw_data = _dense_bytes(r, tensor, flipped)
+                report.add(t.name, "initializer (lossless)", len(t.raw_data), dense_bytes)
+                continue
+            plan = plan_rewrite(r, tensor, uses.get(t.name, []), flipped, uses)
+            if isinstance(plan, str):
+                t.raw_data = _dense_bytes(r, tensor, flipped)
+                report.add(t.name, f"dense (decoded at build: {plan})", len(t.raw_data), dense_bytes)
+                continue
+            replaced.update(plan.nodes)
+            fresh = [init for init in plan.initializers if init.name not in added]  # shared ones count once
+            added.update(init.name for init in fresh)
+            new_inits += fresh
+            report.add(t.name, plan.form, sum(len(init.raw_data) for init in fresh), dense_bytes)
+            for init in plan.shared:  # a row of its own, once: the weights' rows hold their own parts
+                if init.name not in added:
+                    added.add(init.name)
+                    new_inits.append(init)
+                    report.add(init.name, SHARED_FORM, len(init.raw_data), 0)
+    _apply(model, replaced, new_inits, {row.name for row in report.rows if not _kept(row)})
+    # The rewrite adds only com.microsoft kernels and initializers with their data: checked again all the same.
+    check_model(model, f"{os.fspath(path)}: the graph rebuilt for ONNX Runtime", error=FormatError)
+    return model, report
+
+
+def _dense_bytes(r: Reader, tensor: str, flipped: bool) -> bytes:
+    """The initializer's raw data: the decoded tensor, transposed where the graph reads it so."""
+    if not flipped:
+        return bytes(r.tensor_bytes(tensor))
+    return np.ascontiguousarray(r.get_tensor(tensor).T).tobytes()
+
+
+def _kept(row: TensorForm) -> bool:
+    return row.form.startswith(("dense", "initializer"))
+
+
+def _readers_of(graph) -> dict[str, list[tuple[int, object, int]]]:
+    """Per tensor name, the (node position, node, input index) of every node reading it."""
+    out: dict[str, list] = {}
+    for position, node in enumerate(graph.node):
+        for index, name in enumerate(node.input):
+            out.setdefault(name, []).append((position, node, index))
+    return out
+
+
+def _apply(model, replaced: dict[int, list], new_inits: list, dropped: set[str]) -> None:
+    graph = model.graph
+    nodes = []
+    for position, node in enumerate(graph.node):
+        nodes.extend(replaced.get(position, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    inputs = [value for value in graph.input if value.name not in dropped]  # IR < 4 lists initializers as inputs
+    del graph.input[:]
+    graph.input.extend(inputs)
+    if replaced and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# -- sessions ----------------------------------------------------------------------------
+
+
+def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **session_kwargs):
+    """``(onnxruntime.InferenceSession, Report)`` for an rbe file converted from ONNX.
+
+    ``session_kwargs`` go to ``InferenceSession`` (``sess_options``,
+    ``providers``; default the CPU provider).  The report is printed to stderr
+    unless ``quiet``.  ``timeout``: seconds (or a ``guard.Deadline``) the
+    build may take; a signal or the limit stops waiting for it (``guard.call``).
+    ONNX Runtime's errors come as InputError naming the file.  The session looks
+    for external data in an empty folder of its own (``guard.session_options``;
+    the given ``sess_options`` keep that setting); the stored graph holds none.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("ONNX Runtime sessions need onnxruntime: pip install 'rbe[ort]'") from None
+    deadline = guard.Deadline.of(timeout)
+    model, report = on_the_fly_model(path)
+    session_kwargs.setdefault("providers", ["CPUExecutionProvider"])
+    if not quiet:
+        print(report, file=sys.stderr)
+    where = os.fspath(path)
+    with guard.session_options(session_kwargs.pop("sess_options", None)) as options:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            data = model.SerializeToString()
+            return _build(
+                lambda: onnxruntime.InferenceSession(data, options, **session_kwargs), where, deadline
+            ), report
+        with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
+            model_path = os.path.join(folder, "model.onnx")
+            onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
+            return _build(
+                lambda: onnxruntime.InferenceSession(model_path, options, **session_kwargs), where, deadline
+            ), report
+
+
+def _build(new_session, path: str, deadline):
+    return guard.call(new_session, path=path, doing="building a session on the stored graph", deadline=deadline)
