@@ -1,18 +1,19 @@
-"""rbe_loaders: load rbe containers into frameworks.
+"""rbe_loaders: load rbe containers into frameworks; imports only ``rbeformat`` of this project.
 
 Installed as ``rbe_loaders`` (from the repository's ``loaders/`` folder).
 ``rbe_loaders.torch`` saves torch tensors (``save_file``) and loads them back
 (``load_file``, ``load_state_dict``), as ``safetensors.torch`` does, and loads a
 whole transformers model whose quantized weights stay compressed (``load_model``,
-``save_model``: ``rbe_loaders.torch_model``, with one decoder module per codec in
-``rbe_loaders.torch_codecs``).
+``save_model``: ``rbe_loaders.torch.model``, with one decoder module per codec in
+``rbe_loaders.torch.decoders``, chosen by the decode formula the codec declares).
 ``rbe_loaders.ort`` opens a container converted from ONNX as an ONNX Runtime
-session whose quantized weights stay compressed (``session``, ``on_the_fly_model``).
-``rbe_loaders.onnx_graph`` reads the ONNX graph a container carries and which tensor
+session whose quantized weights stay compressed (``session``, ``on_the_fly_model``;
+one rewriter module per codec in ``rbe_loaders.ort.rewriters``, chosen the same way).
+``rbe_loaders.ort.graph`` reads the ONNX graph a container carries and which tensor
 fills each initializer; ``rbe_loaders.tokenizer(path)`` gives the ``tokenizers.Tokenizer``
-of the container's ``tokenizer.json``; ``rbe_loaders.run`` embeds texts and generates with a
+of the container's ``tokenizer.json``; ``rbe_loaders.ort.run`` embeds texts and generates with a
 container converted with ``--onnx`` (``embed``, ``generate``, ``token_logprobs``), every call into ONNX
-Runtime and tokenizers stoppable, time-limited and failing as rbe errors (``rbe_loaders.ort_guard``).
+Runtime and tokenizers stoppable, time-limited and failing as rbe errors (``rbe_loaders.ort.guard``).
 Importing this package imports no framework.
 """
 
