@@ -69,6 +69,9 @@ def make_model_dir(root: str, seed: int = 0, shards: int = 2) -> dict[str, np.nd
 
 from bench.demo import tree_digest  # noqa: E402,F401  (sha256 of every file, by relative path; tests import it from here)
 
+# The small transformers models (fixtures ``bert`` and ``llama``) every test folder may ask for.
+pytest_plugins = ["tiny_models"]
+
 
 @pytest.fixture
 def model_dir(tmp_path):

@@ -13,26 +13,12 @@ import os
 import sys
 
 import pytest
+from tiny_models import common_words, one_error_line, run, word_tokenizer  # noqa: F401  (shared with other test modules)
 
 from rbe_converters.cli import main
 from rbe_converters.evaluate import quality
 from rbe_converters.evaluate.eval import Sizes, linear_weights
 from rbeformat import UsageError
-
-
-def run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        return exc.code
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.count("\n") == 1 and err.startswith("rbe: error: "), err
-    return err
-
 
 # -- the texts ------------------------------------------------------------------------
 
@@ -118,22 +104,6 @@ def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
 
 
 # -- small models built here --------------------------------------------------------
-
-
-def word_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_max_length=64)
-
-
-def common_words(count: int) -> list[str]:
-    from collections import Counter
-
-    return [w for w, _ in Counter(quality.evaluation_text().split()).most_common(count)]
 
 
 @pytest.fixture(scope="module")

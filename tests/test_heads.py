@@ -356,7 +356,7 @@ def test_recipe_prune_heads_outside_zero_to_one_is_a_usage_error(value):
 
 def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
     """End to end: a recipe with prune_heads, calibrated o-projections stored by ``slices``."""
-    from test_eval import common_words, word_tokenizer
+    from tiny_models import common_words, word_tokenizer
 
     from rbe_converters.cli import main
     from rbeformat import Reader

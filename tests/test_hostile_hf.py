@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from test_eval import common_words, one_error_line, run, word_tokenizer
+from tiny_models import common_words, one_error_line, run, word_tokenizer
 
 from rbe_converters.cli import main
 from rbe_converters.safetensors_io import read_header

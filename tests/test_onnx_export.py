@@ -14,7 +14,14 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from test_eval import common_words, word_tokenizer  # noqa: E402
+from tiny_models import (  # noqa: E402
+    common_words,
+    convert,
+    encoder_inputs,
+    hf_greedy,
+    ort_greedy,
+    torch_hidden,
+)
 
 import rbe_loaders  # noqa: E402
 from rbe_converters import hf, onnx_export  # noqa: E402
@@ -25,15 +32,6 @@ from rbeformat.embedded.onnx import MAPPING_KEY, OWN_PREFIX  # noqa: E402
 
 torch.set_num_threads(1)
 TOLERANCE = 1e-4
-
-
-def _perturb(model, seed: int) -> None:
-    """Random values for every parameter: fresh models hold zero biases and unit norms, which
-    the exporter merges into one initializer and any tensor of equal bytes could fill."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
 def dense_session(path: str) -> ort.InferenceSession:
@@ -50,48 +48,7 @@ def dense_session(path: str) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def convert(directory: str, out: str, *extra: str) -> str:
-    assert main(["convert", directory, out, "--quiet", "--onnx", "--threads", "1", *extra]) == 0
-    return out
-
-
 # -- encoders ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bert")
-    directory = str(root / "bert")
-    tokenizer = word_tokenizer(common_words(120))
-    torch.manual_seed(2)
-    model = transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    ).eval()
-    _perturb(model, 3)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory, model, tokenizer, convert(directory, str(root / "bert.rbe"))
-
-
-def encoder_inputs(vocab: int, batch: int = 3, seq: int = 9) -> dict[str, np.ndarray]:
-    """Shapes other than the export's example (2 x 5), with padding in the mask."""
-    rng = np.random.default_rng(4)
-    ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), np.int64)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": rng.integers(0, 2, (batch, seq))}
-
-
-def torch_hidden(model, feed: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
 
 
 def test_every_encoder_weight_is_wired_and_linear_weights_are_transposed(bert):
@@ -244,59 +201,6 @@ def test_decode_leaves_out_only_the_graphs_parts(bert):
 
 
 # -- causal LMs -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama")
-    directory = str(root / "llama")
-    tokenizer = word_tokenizer(common_words(150))
-    torch.manual_seed(5)
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    ).eval()
-    _perturb(model, 6)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory, model, convert(directory, str(root / "llama.rbe"))
-
-
-def ort_greedy(session, prompt: list[int], steps: int, config) -> list[int]:
-    """Greedy decoding in ONNX Runtime, the KV cache carried from step to step; the first step's past is empty."""
-    layers, kv_heads, head_dim = onnx_export.cache_geometry(config)
-    past = {name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in onnx_export.cache_names(layers)}
-    ids, done, tokens = np.array([prompt], np.int64), 0, []
-    for _ in range(steps):
-        seq = ids.shape[1]
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, done + seq), np.int64),
-            "position_ids": np.arange(done, done + seq, dtype=np.int64)[None],
-            **past,
-        }
-        logits, *present = session.run(None, feed)
-        tokens.append(int(logits[0, -1].argmax()))
-        past = dict(zip(past, present))
-        done += seq
-        ids = np.array([[tokens[-1]]], np.int64)
-    return tokens
-
-
-def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    model.generation_config.eos_token_id = None  # a random model may pick the end token; keep going as ORT does
-    model.generation_config.pad_token_id = 0
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)
-    return out[0, len(prompt) :].tolist()
 
 
 def test_every_causal_lm_weight_is_wired_the_tied_head_once(llama):

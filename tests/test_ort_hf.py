@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from test_onnx_export import bert, encoder_inputs, hf_greedy, llama, ort_greedy, torch_hidden  # noqa: E402,F401
+from tiny_models import encoder_inputs, hf_greedy, ort_greedy, torch_hidden  # noqa: E402
 
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders import ort as rbe_ort  # noqa: E402

@@ -15,8 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from test_eval import common_words  # noqa: E402
-from test_onnx_export import bert, convert, hf_greedy, llama  # noqa: E402,F401  (fixtures)
+from tiny_models import common_words, convert, hf_greedy  # noqa: E402
 
 import rbe_loaders  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_eval import common_words, word_tokenizer
+from tiny_models import common_words, word_tokenizer
 
 from rbe_converters.compress.calibrate import torch as calibrate
 from rbe_converters.compress.recipe import policy_from_document

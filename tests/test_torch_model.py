@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from test_eval import common_words, word_tokenizer
+from tiny_models import common_words, word_tokenizer
 
 from rbe_converters.compress.recipe import policy_from_document
 from rbe_converters.hf import convert
