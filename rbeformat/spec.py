@@ -1,7 +1,7 @@
 """Constants of the rbe v1 container, as stated in spec/rbe-v1.md.
 
 This module is pure data: the byte layout's fixed numbers, the limits a reader
-enforces, and the dtype table.  tests/test_spec_constants.py checks that the
+enforces, and the dtype table.  tests/rbeformat/test_spec_constants.py checks that the
 specification document states the same values.
 """
 

@@ -5,13 +5,13 @@ of two kinds, told apart by what sits beside the .rbe file:
 
 * lossless: ``NAME.rbe`` with ``NAME.expected.json`` (digests) and
   ``NAME.expected.safetensors`` (the tensors that went in), checked by
-  tests/test_fixtures.py;
+  tests/rbeformat/test_fixtures.py;
 * lossy: an ``index.json`` naming each ``NAME`` (chain, digests, error), with
   ``NAME.rbe`` and ``NAME.expected.safetensors``, checked by
-  tests/test_fixtures_lossy.py.
+  tests/rbeformat/test_fixtures_lossy.py.
 
 A new version folder is picked up by both test files with no edit to either;
-tests/test_fixtures.py checks that every .rbe of every folder is one of the two.
+tests/rbeformat/test_fixtures.py checks that every .rbe of every folder is one of the two.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from rbeformat.chain import parse_chain
 from rbeformat.codecs.blob.byteplane import Byteplane
 from rbeformat.codecs.registry import TENSOR_CODECS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from rbeformat import Reader, save_file
 from rbeformat.layout import MANIFEST_JSON, MANIFEST_ZSTD
 from rbeformat.reader import inflate_manifest
 
-SPEC = Path(__file__).resolve().parent.parent / "spec" / "rbe-v1.md"
+SPEC = Path(__file__).resolve().parents[2] / "spec" / "rbe-v1.md"
 
 
 def oneliner() -> list[str]:

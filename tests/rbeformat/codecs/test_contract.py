@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_every_codec_runs_the_shared_contract_checks(name):
     module = TENSOR_CODECS[name].__module__.rsplit(".", 1)[-1]
     path = os.path.join(HERE, f"test_{module}.py")
-    assert os.path.exists(path), f"codec {name} ({module}.py) has no tests/codecs/test_{module}.py"
+    assert os.path.exists(path), f"codec {name} ({module}.py) has no tests/rbeformat/codecs/test_{module}.py"
     with open(path) as fh:
         text = fh.read()
     assert "check_contract(" in text and TENSOR_CODECS[name].__name__ in text, (

@@ -3,7 +3,7 @@
 ``roundtrip`` encodes, checks the parts against the codec's declaration and
 the bit cost against the stored bytes, and decodes; ``assert_config_roundtrip``
 and ``assert_hostile_parts_refused`` check what a reader relies on.
-``tests/codecs/test_contract.py`` runs all of them, plus each codec module's
+``tests/rbeformat/codecs/test_contract.py`` runs all of them, plus each codec module's
 doctests, on every registered codec; a codec's own test file adds what is
 specific to it (error bounds, encoder choices, special values).
 """
@@ -114,7 +114,7 @@ def check_contract(
 
 
 SPEC_CODECS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "spec", "codecs"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "spec", "codecs"
 )
 
 

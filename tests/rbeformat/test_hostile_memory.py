@@ -33,7 +33,7 @@ from rbeformat.layout import MANIFEST_ZSTD, crc32, pack_footer
 from rbeformat.manifest import check_name, parse_manifest
 from rbeformat.spec import align_up
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "fixtures")
 MiB = 1 << 20
 CHUNK = 64 * MiB

@@ -27,7 +27,7 @@ from rbeformat.codecs.util import bitpack
 from rbeformat.layout import pack_header
 from rbeformat.values import from_float32
 
-SPEC = Path(__file__).resolve().parent.parent / "spec" / "rbe-v1.md"
+SPEC = Path(__file__).resolve().parents[2] / "spec" / "rbe-v1.md"
 
 
 def _block(marker: str) -> str:

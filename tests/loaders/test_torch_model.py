@@ -235,7 +235,7 @@ def test_a_damaged_file_fails_with_the_format_error_before_any_module(llama_dir,
 
 def test_cuda_needs_a_cuda_device(llama_dir, tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: tests/test_torch_model.py::test_cuda_matches_cpu covers it")
+        pytest.skip("a CUDA device is present: tests/loaders/test_torch_model.py::test_cuda_matches_cpu covers it")
     path = _convert(llama_dir, tmp_path / "m.rbe", _rules("gquant(bits=4, group=32, mode=asym)"))
     with pytest.raises(UsageError, match="CUDA"):
         load_model(path, device="cuda")

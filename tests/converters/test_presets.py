@@ -26,7 +26,7 @@ from rbe_converters.hf import choose_chains, plan_conversion, plan_roles
 from rbeformat import InputError, UsageError
 from rbeformat.chain import Chain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESETS = os.path.join(ROOT, "converters", "compress", "presets")
 LLAMA_LAYERS = 4
 

@@ -24,7 +24,7 @@ from rbeformat import native as loader
 from rbeformat.codecs.blob import planes
 from rbeformat.spec import DTYPES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture

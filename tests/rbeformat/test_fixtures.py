@@ -2,7 +2,7 @@
 
 Fixtures are found per version folder (tests/golden.py): every fixtures/v*/
 folder's NAME.expected.json fixtures are checked here, its index.json ones by
-tests/test_fixtures_lossy.py, and every .rbe of every folder must be one or the
+tests/rbeformat/test_fixtures_lossy.py, and every .rbe of every folder must be one or the
 other.  A reader change that breaks files already written fails here.  The .rbe
 bytes are not compared with a fresh encoding (a newer zstd may compress
 differently); instead encoding is checked to be deterministic within one run,
