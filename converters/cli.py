@@ -32,12 +32,19 @@ from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Read
 from rbeformat.atomic import check_directory_target, check_parent, check_target
 from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.blob.raw import Raw
+from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY
 from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program killed by SIGPIPE
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# --lossless: how tensors without a chain are stored, by option value (the first is the default)
+LOSSLESS_CODECS = {
+    "byteplane": lambda level, split_gain: Byteplane(level=level, split_gain=split_gain),
+    "raw": lambda level, split_gain: Raw(),
+}
 
 EPILOG = """exit codes: 0 success; 1 verify found damage; 2 usage error; 3 invalid input or rbe file;
 4 output exists (use --force); 70 internal error (a bug in rbe); 128+N stopped by signal N
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the .rbe file to write (its directory must exist)")
     p.add_argument(
         "--lossless",
-        choices=["byteplane", "raw"],
+        choices=list(LOSSLESS_CODECS),
         default="byteplane",
         help="how tensors without a chain are stored: byteplane (compressed, default) or raw (uncompressed, mmappable)",
     )
@@ -541,7 +548,7 @@ def cmd_convert(args) -> int:
     check_target(args.output, args.force)
     check_parent(args.output)
     split_gain = 0.0 if args.max_ratio else DEFAULT_SPLIT_GAIN
-    codec = Raw() if args.lossless == "raw" else Byteplane(level=args.level, split_gain=split_gain)
+    codec = LOSSLESS_CODECS[args.lossless](level=args.level, split_gain=split_gain)
     if args.chain is not None:  # an empty --codec "" is an error, not a lossless file
         policy = policy_from_codec(args.chain)
     elif args.recipe is not None:
@@ -729,7 +736,7 @@ def _decode_onnx(args, total: int) -> int:
     from .onnx_io import decode
 
     with open_rbe(args.input) as r:
-        exported = r.metadata().get("onnx.initializers") is not None
+        exported = r.metadata().get(MAPPING_KEY) is not None
     if exported:  # a HF directory with its exported graph (rbe convert --onnx): wired by the mapping
         written = _decode_exported_graph(args)
     else:
@@ -826,7 +833,7 @@ def _check_stored_graph(r: Reader) -> str:
     """--deep on a container carrying an ONNX graph: the graph passes the checks every command that
     reads it makes (no file reference, operator or opset rbe refuses; initializers wired to tensors of
     their type and shape), or an error (exit 3).  What the OK line adds."""
-    if "onnx.graph" not in r.metadata():
+    if GRAPH_KEY not in r.metadata():
         return ""
     try:
         import onnx  # noqa: F401

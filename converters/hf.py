@@ -21,6 +21,7 @@ from rbeformat.atomic import atomic_directory, atomic_file
 from rbeformat.chain import Chain
 from rbeformat.codecs.core.base import Codec
 from rbeformat.codecs.transpose import Transpose
+from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, OWN_PREFIX
 from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 from rbeformat.values import from_float32, to_float32
@@ -140,7 +141,7 @@ def convert(
     pruned, pruning = prune_heads(plan, policy, stats)
     alone.update(mixed_precision(plan, policy, stats, set(alone), pruned, calibration_text, threads))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
-        chains = _store_shared(w, alone, groups)
+        chains = store_shared(w, alone, groups)
         done = set()
         if sequential and stats.methods:
             done = _encode_sequentially(w, plan, chains, stats, calibration_text, threads, blocks_progress, pruned)
@@ -181,7 +182,7 @@ def _encode_sequentially(
     def encode(name: str, calibration) -> np.ndarray:
         st, t = tensors[name]
         chain, refs = chains[name]
-        original = _read_tensor(st, t)
+        original = read_tensor(st, t)
         values = pruned.get(name, original)
         return w.add_transformed_decoded(
             name, t.dtype, values, chain, refs=refs, calibration=calibration, reference=original
@@ -345,7 +346,7 @@ def mixed_precision(
         probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
 
     def score(name: str, st, t, rule: Rule):
-        x = to_float32(pruned[name] if name in pruned else _read_tensor(st, t), t.dtype)
+        x = to_float32(pruned[name] if name in pruned else read_tensor(st, t), t.dtype)
         measure = (lambda decoded: probe.drift(name, decoded)) if probe else None
         if needs_transpose(rule.chain, rule, roles.get(name)):
             # Scored as the chains will encode it: the transpose's values, measured back in place.
@@ -374,7 +375,7 @@ def prune_heads(plan: Plan, policy: Policy, stats) -> tuple[dict[str, np.ndarray
     tensors = {t.name: (st, t) for _, st in plan.safetensors for t in st.tensors}
     attention = {"attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "linear_bias"}
     weights = {
-        name: to_float32(_read_tensor(*tensors[name]), tensors[name][1].dtype)
+        name: to_float32(read_tensor(*tensors[name]), tensors[name][1].dtype)
         for name, r in roles.items()
         if r.role in attention and r.layer is not None
     }
@@ -464,7 +465,7 @@ def _scorer(plan: Plan, policy: Policy, stats: Statistics):
         wants_heads = role is not None and role.role == "attn_o" and role.input_last is not False
         if not (rule.upgrades and policy.budget_bits is not None) and not wants_heads:
             return
-        x = to_float32(_read_tensor(st, t), t.dtype)
+        x = to_float32(read_tensor(st, t), t.dtype)
         if rule.upgrades and policy.budget_bits is not None:
             stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, policy.budget_counts)
         if wants_heads:
@@ -501,14 +502,14 @@ def read_config(plan: Plan) -> dict | None:
     return config
 
 
-def _store_shared(w: Writer, alone: dict, groups: dict) -> dict:
+def store_shared(w: Writer, alone: dict, groups: dict) -> dict:
     """Stores each group's shared state as internal tensors, first; returns {name: (chain, refs)}.
 
     The members of a group are loaded together, once, to build their state.
     """
     chosen = {name: (chain, None) for name, chain in alone.items()}
     for (_, dtype, shape, _), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        values = [to_float32(_read_tensor(st, t), dtype) for st, t, _ in members]
+        values = [to_float32(read_tensor(st, t), dtype) for st, t, _ in members]
         shared = members[0][2].codec.build_shared(values, dtype, shape)
         for name, array in shared.items():
             w.add_array(name, np.ascontiguousarray(array, np.float32), dedup=False, internal=True)
@@ -517,7 +518,7 @@ def _store_shared(w: Writer, alone: dict, groups: dict) -> dict:
     return chosen
 
 
-def _read_tensor(st: StFile, t: StTensor) -> np.ndarray:
+def read_tensor(st: StFile, t: StTensor) -> np.ndarray:
     read_at, close = st.reader()
     try:
         return _load(read_at, t)
@@ -569,7 +570,7 @@ def decode(
                 _write_single_safetensors(r, fh, verify, progress)
             return []
         with atomic_directory(dst, force, _directory_files(r)) as out:
-            _write_directory(r, out, verify, progress)
+            write_directory(r, out, verify, progress)
         return out.kept()
 
 
@@ -580,18 +581,17 @@ def decoded_tensor_bytes(r: Reader) -> int:
 
 # An ONNX graph exported at conversion (``rbe convert --onnx``, converters/onnx_export.py) is no part of the
 # HF directory: its files (named by these metadata keys) and its own tensors are left out of a decode.
-EXPORTED_GRAPH_KEYS = ("onnx.graph", "onnx.initializers")
-EXPORTED_TENSOR_PREFIX = "onnx/"
+EXPORTED_GRAPH_KEYS = (GRAPH_KEY, MAPPING_KEY)
 
 
 def exported_graph_parts(r: Reader) -> tuple[set[str], set[str]]:
     """(file paths, tensor names) of the exported ONNX graph a container carries beside a HF directory."""
     metadata = r.metadata()
-    if EXPORTED_GRAPH_KEYS[1] not in metadata:  # an .onnx input's graph is the model itself
+    if MAPPING_KEY not in metadata:  # an .onnx input's graph is the model itself
         return set(), set()
     files = {metadata[key] for key in EXPORTED_GRAPH_KEYS if key in metadata}
     listed = {name for f in r.files().values() for name in f.tensors}
-    tensors = {name for name in r.keys() if name.startswith(EXPORTED_TENSOR_PREFIX) and name not in listed}
+    tensors = {name for name in r.keys() if name.startswith(OWN_PREFIX) and name not in listed}
     return files, tensors
 
 
@@ -604,10 +604,10 @@ def _write_single_safetensors(r: Reader, fh, verify: bool, progress: Progress | 
         graph_tensors = exported_graph_parts(r)[1]
         names = [name for name in r.keys() if name not in graph_tensors]
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
-    _write_shard(r, header, names, fh.write, verify, progress)
+    write_shard(r, header, names, fh.write, verify, progress)
 
 
-def _write_shard(r: Reader, header: bytes, names: list[str], write, verify: bool, progress) -> None:
+def write_shard(r: Reader, header: bytes, names: list[str], write, verify: bool, progress) -> None:
     _check_header_matches(r, header, names)
     write(struct.pack("<Q", len(header)))
     write(header)
@@ -670,20 +670,20 @@ def _directory_files(r: Reader) -> list[str]:
     return sorted(files) + [_MERGED]
 
 
-def _write_directory(r: Reader, out, verify: bool, progress: Progress | None) -> None:
+def write_directory(r: Reader, out, verify: bool, progress: Progress | None) -> None:
     graph_files = exported_graph_parts(r)[0]
     files = {path: f for path, f in r.files().items() if path not in graph_files}
     for path, entry in sorted(files.items()):
         with out.create(path) as fh:
             if entry.role == "safetensors-header":
-                _write_shard(r, r.read_file(path), entry.tensors, fh.write, verify, progress)
+                write_shard(r, r.read_file(path), entry.tensors, fh.write, verify, progress)
             else:
                 _write_file(r, path, fh.write, verify)
     if not any(f.role == "safetensors-header" for f in files.values()):
         names = r.keys()
         header = build_header([(n, r.entry(n).dtype.name, r.entry(n).shape) for n in names], r.metadata())
         with out.create(_MERGED) as fh:
-            _write_shard(r, header, names, fh.write, verify, progress)
+            write_shard(r, header, names, fh.write, verify, progress)
 
 
 def _write_file(r: Reader, path: str, write, verify: bool) -> None:

@@ -41,16 +41,15 @@ from typing import TYPE_CHECKING
 
 from rbe_loaders.ort.graph import graph_initializers, stored_graph
 from rbeformat import InputError, UsageError, Writer
-from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, MAPPING_PATH, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
 
 from . import onnx_io
-from .hf import Plan, _read_tensor, read_config
+from .hf import Plan, read_config, read_tensor
 
 if TYPE_CHECKING:
     import onnx
 
-MAPPING_PATH = "model.onnx-initializers.json"
 WRAPPED = "model"  # the attribute holding the HF model in the export wrappers: a prefix of initializer names
 # Example sizes for the export: at least 2 each, or the exporter fixes the dimension to its value.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 5, 3
@@ -288,7 +287,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
     for t in model.graph.initializer:
         if t.data_type not in ONNX_DTYPES:
             continue  # strings and the like stay in the graph, data and all (as for ONNX input)
-        init = onnx_io._initializer(t, "", "the exported graph")
+        init = onnx_io.read_initializer(t, "", "the exported graph")
         key = content_key(init.dtype, init.shape, init.inline)
         found = _same_named(t.name, key, by_name) or by_content.get(key)
         if found is None:
@@ -296,7 +295,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
             own.append(init)
             found = (init.name, False)
         mapping[t.name] = {"tensor": found[0], "transposed": found[1]}
-        for field in onnx_io._DATA_FIELDS:
+        for field in onnx_io.DATA_FIELDS:
             t.ClearField(field)
         t.ClearField("data_location")
     check_model(model, f"{plan.root or '.'}: the graph torch exported")  # what every reader of the container checks
@@ -315,7 +314,7 @@ def tensor_index(plan: Plan) -> tuple[dict, dict]:
     by_content, by_name = {}, {}
     for _, st in plan.safetensors:
         for t in st.tensors:
-            values = _read_tensor(st, t)
+            values = read_tensor(st, t)
             key = content_key(t.dtype, t.shape, values.tobytes())
             by_name[t.name] = key
             by_content.setdefault(key, (t.name, False))

@@ -46,7 +46,7 @@ from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
 from .compress.recipe import Policy, lossless_policy
 from .compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
-from .hf import Progress, Statistics, _read_tensor, _store_shared, choose_chains, mixed_precision
+from .hf import Progress, Statistics, choose_chains, mixed_precision, read_tensor, store_shared
 from .links import allowed_roots, inside
 
 try:
@@ -69,7 +69,7 @@ _TYPED_FIELDS = {
     TensorProto.UINT32: "uint64_data",
 }
 _BIT_PATTERNS = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
-_DATA_FIELDS = (
+DATA_FIELDS = (
     "raw_data",
     "float_data",
     "int32_data",
@@ -91,7 +91,7 @@ def is_onnx_path(path: str) -> bool:
 @dataclass
 class Initializer:
     """One initializer's data, shaped like a safetensors file holding one tensor, so that
-    hf's helpers (``_read_tensor``, ``_store_shared``, ``choose_chains``) read it as they
+    hf's helpers (``read_tensor``, ``store_shared``, ``choose_chains``) read it as they
     read safetensors: ``.tensors``, ``.reader()``, ``.begin`` / ``.end``."""
 
     name: str
@@ -153,12 +153,12 @@ def plan_conversion(src: str) -> OnnxPlan:
     model = load_model(src)
     root = os.path.dirname(os.path.abspath(src))
     check_model(model, src, external_types=frozenset(ONNX_DTYPES))  # no other file, operator or opset
-    initializers = [_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
+    initializers = [read_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
     _check_names(initializers, src)
     roles = graph_roles(model.graph, {init.name: init for init in initializers})
     for t in model.graph.initializer:
         if t.data_type in ONNX_DTYPES:
-            for name in _DATA_FIELDS:
+            for name in DATA_FIELDS:
                 t.ClearField(name)
             t.ClearField("data_location")
     external = {init.external[0] for init in initializers if init.external}
@@ -197,7 +197,7 @@ def _check_names(initializers: list[Initializer], src: str) -> None:
         seen.add(init.name)
 
 
-def _initializer(t, root: str, src: str) -> Initializer:
+def read_initializer(t, root: str, src: str) -> Initializer:
     dtype = ONNX_DTYPES[t.data_type]
     shape = _shape(t, src)
     size = math.prod(shape) * DTYPES[dtype].itemsize
@@ -448,7 +448,7 @@ def filled_model(plan: OnnxPlan) -> onnx.ModelProto:
     by_name = {init.name: init for init in plan.initializers}
     for t in model.graph.initializer:
         if t.name in by_name:
-            t.raw_data = np.ascontiguousarray(_read_tensor(by_name[t.name], by_name[t.name])).tobytes()
+            t.raw_data = np.ascontiguousarray(read_tensor(by_name[t.name], by_name[t.name])).tobytes()
     return model
 
 
@@ -473,7 +473,7 @@ def convert(
     alone, groups = choose_chains(plan, policy, plan.roles)
     alone.update(mixed_precision(plan, policy, Statistics.of(calibrations), set(alone), roles=plan.roles))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
-        chains = _store_shared(w, alone, groups)
+        chains = store_shared(w, alone, groups)
         for init in plan.initializers:
             _add_initializer(w, init, chains.get(init.name), calibrations.get(init.name))
         w.add_file(GRAPH_PATH, plan.graph)
@@ -496,7 +496,7 @@ def _add_initializer(w: Writer, init: Initializer, chosen, calibration=None) -> 
             close()
         return
     chain, refs = chosen
-    values = _read_tensor(init, init)
+    values = read_tensor(init, init)
     w.add_transformed(init.name, init.dtype, values, chain, refs=refs, calibration=calibration)
 
 
@@ -543,7 +543,7 @@ def _check_graph(r: Reader, model, initializers: list) -> None:
         raise FormatError("the stored ONNX graph names an initializer twice")
     for t in initializers:
         _check_tensor_matches(r, t)
-        for name in _DATA_FIELDS:  # the decoded tensor is the only data it gets
+        for name in DATA_FIELDS:  # the decoded tensor is the only data it gets
             t.ClearField(name)
         t.ClearField("data_location")
 
@@ -586,13 +586,13 @@ def _write_external(r: Reader, model, initializers: list, dst: str, force: bool,
                     length += len(data)
                     if progress:
                         progress(len(data))
-                _point_at(t, location, offset, length)
+                point_at(t, location, offset, length)
                 offset += length
             model_fh.write(model.SerializeToString())  # renamed into place after the data file
     return [dst, data_path]
 
 
-def _point_at(t, location: str, offset: int, length: int) -> None:
+def point_at(t, location: str, offset: int, length: int) -> None:
     t.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = t.external_data.add()

@@ -341,7 +341,7 @@ def test_failed_decode_leaves_nothing(tmp_path, capsys, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_io, "_point_at", fail)
+    monkeypatch.setattr(onnx_io, "point_at", fail)
     with pytest.raises(OSError):
         onnx_io.decode(str(tmp_path / "m.rbe"), str(out_dir / "x.onnx"), inline_limit=0)
     assert os.listdir(out_dir) == []
