@@ -79,7 +79,7 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
     ``model.safetensors`` of all its tensors.  Never a .py file or a pickle.
     Returns {tensor name: shape} of the weights written.
     """
-    from .hf import exported_graph_parts, write_shard
+    from .decode import exported_graph_parts, write_shard
     from .safetensors_io import build_header
 
     graph_files, graph_tensors = exported_graph_parts(reader)
