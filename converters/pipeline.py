@@ -34,8 +34,7 @@ from rbeformat.values import to_float32
 
 from .compress.plan import Statistics, calibrate_for, calibration_methods, choose_chains, mixed_precision, prune_heads
 from .compress.recipe import Policy, lossless_policy
-from .sources import TensorSource, is_onnx_input, open_source
-from .sources.safetensors import load
+from .sources import TensorSource, is_onnx_input, load, open_source
 
 Progress = Callable[[int], None]
 

@@ -15,6 +15,7 @@ conversion pipeline (``converters/pipeline.py``) and the chain choice
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from rbeformat import Writer
+from rbeformat.spec import DTYPES
 
 from ..compress.recipe import Policy
 from ..compress.roles import TensorRole
@@ -75,6 +77,12 @@ class TensorSource(Protocol):
 
     def add_entries(self, w: Writer, add_tensor: AddTensor) -> dict[str, str]:
         """Passes every tensor to ``add_tensor`` in order, adds the source's own entries; returns the metadata."""
+
+
+def load(read_at: ReadAt, t: Tensor) -> np.ndarray:
+    """A tensor's values from a ``read_at`` over its own bytes (offset 0 is its first byte)."""
+    storage = np.dtype(DTYPES[t.dtype].numpy_storage)
+    return np.frombuffer(read_at(0, math.prod(t.shape) * DTYPES[t.dtype].itemsize), storage).reshape(t.shape)
 
 
 def is_onnx_path(path: str) -> bool:

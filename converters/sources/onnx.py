@@ -46,7 +46,7 @@ from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 from ..compress.recipe import Policy
 from ..compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
 from ..links import allowed_roots, inside
-from . import AddTensor
+from . import AddTensor, load
 
 try:
     import onnx
@@ -151,8 +151,7 @@ class OnnxSource:
         init = self.tensor(name)
         read_at, close = init.reader()
         try:
-            storage = np.dtype(DTYPES[init.dtype].numpy_storage)
-            return np.frombuffer(read_at(0, init.size), storage).reshape(init.shape)
+            return load(read_at, init)
         finally:
             close()
 

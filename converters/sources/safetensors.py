@@ -11,7 +11,6 @@ folder are refused by ``converters/links.py``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -179,12 +178,6 @@ def _add_plain_file(w: Writer, rel: str, full: str) -> None:
         w.add_file(rel, read_at=lambda o, n: os.pread(fd, n, o), size=size)
     finally:
         os.close(fd)
-
-
-def load(read_at, t) -> np.ndarray:
-    """A tensor's values from a ``read_at`` over its own bytes (offset 0 is its first byte)."""
-    storage = np.dtype(DTYPES[t.dtype].numpy_storage)
-    return np.frombuffer(read_at(0, math.prod(t.shape) * DTYPES[t.dtype].itemsize), storage).reshape(t.shape)
 
 
 def read_tensor(st: StFile, t: StTensor) -> np.ndarray:
