@@ -3,7 +3,8 @@
     python -m bench.demo [--workdir DIR]
 
 Fetches the model (once) into the project's model cache, converts the whole
-Hugging Face directory with ``rbe convert``, decodes it with ``rbe decode``,
+Hugging Face directory as ``rbe convert`` does (``rbe_converters.pipeline.convert_model``),
+decodes it as ``rbe decode`` does (``rbe_converters.decode.decode_to``),
 checks every file of the decoded directory against the original by sha256,
 and prints ``rbe info``'s table.
 """
@@ -18,7 +19,10 @@ import tempfile
 import time
 
 from bench.models import minilm_dir
-from rbe_converters.cli import main as rbe
+from rbe_converters.decode import decode_to
+from rbe_converters.evaluate.report import human_bytes, info_table, summary_line
+from rbe_converters.pipeline import ConvertOptions, StderrReporter, convert_model
+from rbeformat import Reader
 
 
 def tree_digest(root: str) -> dict[str, str]:
@@ -35,18 +39,21 @@ def run(workdir: str) -> int:
     src = minilm_dir()
     out, back = os.path.join(workdir, "all-MiniLM-L6-v2.rbe"), os.path.join(workdir, "decoded")
     t0 = time.perf_counter()
-    if rbe(["convert", src, out, "--force"]) != 0:
-        return 1
+    result = convert_model(src, out, ConvertOptions(force=True), StderrReporter())
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    print(summary_line(result.path, result.totals), file=sys.stderr)
     t1 = time.perf_counter()
-    if rbe(["decode", out, back, "--force"]) != 0:
-        return 1
+    decoded = decode_to(out, back, force=True)
+    print(f"{back}: decoded from {out} ({human_bytes(decoded.total)} of tensors)", file=sys.stderr)
     t2 = time.perf_counter()
     original, decoded = tree_digest(src), tree_digest(back)
     if original != decoded:
         bad = sorted(k for k in original.keys() | decoded.keys() if original.get(k) != decoded.get(k))
         print(f"MISMATCH in {bad}", file=sys.stderr)
         return 1
-    rbe(["info", out])
+    with Reader(out, verify_checksums=False) as r:
+        print(info_table(r))
     print()
     print(
         f"convert {t1 - t0:.1f} s, decode {t2 - t1:.1f} s; "

@@ -92,16 +92,14 @@ print(json.dumps({"resident": resident, "latency": float(np.median(times)), "rss
 
 def build(model_path: str, folder: str) -> dict[str, str]:
     """The .rbe and the dense and on-the-fly .onnx files made from it; returns their paths."""
-    from rbe_converters import onnx_io
-    from rbe_converters.cli import main
     from rbe_converters.compress.recipe import policy_from_document
+    from rbe_converters.decode import decode_onnx_to, export_on_the_fly
+    from rbe_converters.pipeline import convert
 
     paths = {name: os.path.join(folder, name) for name in ("model.rbe", "dense.onnx", "on-the-fly.onnx")}
-    onnx_io.convert(model_path, paths["model.rbe"], policy=policy_from_document(RECIPE, "bench recipe"), force=True)
-    for target, extra in (("dense.onnx", []), ("on-the-fly.onnx", ["--on-the-fly"])):
-        code = main(["export-onnx", paths["model.rbe"], paths[target], "--force", "--quiet", *extra])
-        if code != 0:
-            raise SystemExit(f"rbe export-onnx {target} failed with exit code {code}")
+    convert(model_path, paths["model.rbe"], policy=policy_from_document(RECIPE, "bench recipe"), force=True)
+    decode_onnx_to(paths["model.rbe"], paths["dense.onnx"], force=True)
+    export_on_the_fly(paths["model.rbe"], paths["on-the-fly.onnx"], force=True)
     return paths
 
 
@@ -164,12 +162,11 @@ def run(model_path: str, tokenizer: str, folder: str, runs: int = RUNS, rbe: str
 
 def exports(rbe: str, folder: str) -> dict[str, str]:
     """The dense and on-the-fly .onnx files of an existing .rbe (one converted from .onnx, or with --onnx)."""
-    from rbe_converters.cli import main
+    from rbe_converters.decode import decode_onnx_to, export_on_the_fly
 
     paths = {name: os.path.join(folder, name) for name in ("dense.onnx", "on-the-fly.onnx")}
-    for target, extra in (("dense.onnx", []), ("on-the-fly.onnx", ["--on-the-fly"])):
-        if main(["export-onnx", rbe, paths[target], "--force", "--quiet", *extra]) != 0:
-            raise SystemExit(f"rbe export-onnx {target} failed")
+    decode_onnx_to(rbe, paths["dense.onnx"], force=True)
+    export_on_the_fly(rbe, paths["on-the-fly.onnx"], force=True)
     return paths
 
 

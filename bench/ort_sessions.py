@@ -225,13 +225,35 @@ def child(script: str, job: dict) -> dict:
 # -- building the files -----------------------------------------------------------------
 
 
-def rbe(*args: str) -> None:
-    """Runs the rbe command line in this process; any failure stops the bench."""
-    from rbe_converters.cli import main
+def rbe_convert(source: str, path: str, **options) -> None:
+    """``rbe convert SOURCE PATH --force --quiet`` with ``options`` (``ConvertOptions``'s fields), in this
+    process through the library; its warnings still print, any failure stops the bench."""
+    from rbe_converters.pipeline import ConvertOptions, Reporter, convert_model
 
-    code = main([*args, "--force", "--quiet"])
-    if code != 0:
-        raise SystemExit(f"rbe {' '.join(args)} failed with exit code {code}")
+    class Warnings(Reporter):
+        def warning(self, line: str) -> None:
+            print(line, file=sys.stderr)
+
+    result = convert_model(source, path, ConvertOptions(force=True, **options), Warnings())
+    if result.larger_than_dense:
+        print(f"rbe: warning: larger under their codec chain than dense: {result.larger_than_dense}", file=sys.stderr)
+
+
+def rbe_export_onnx(container: str, path: str, on_the_fly: bool = False) -> None:
+    """``rbe export-onnx CONTAINER PATH [--on-the-fly] --force``, through the library."""
+    from rbe_converters.decode import decode_onnx_to, export_on_the_fly
+
+    if on_the_fly:
+        export_on_the_fly(container, path, force=True)
+    else:
+        decode_onnx_to(container, path, force=True)
+
+
+def rbe_decode(container: str, path: str) -> None:
+    """``rbe decode CONTAINER PATH --force``, through the library."""
+    from rbe_converters.decode import decode_to
+
+    decode_to(container, path, force=True)
 
 
 def once(path: str, make) -> str:
@@ -245,24 +267,24 @@ def rbe_files(source: str, folder: str, tokenizer: str | None) -> dict[str, str]
     """The dense fp32 graph and the on-the-fly graphs of rbe's presets, for an .onnx file or an HF directory."""
     files = {}
     onnx_input = source.endswith(".onnx")
-    convert_extra = ["--tokenizer", tokenizer] if onnx_input else ["--onnx"]
-    calibrate = ["--calibration-windows", str(ONNX_CALIBRATION_WINDOWS if onnx_input else CALIBRATION_WINDOWS)]
+    convert_extra = {"tokenizer": tokenizer} if onnx_input else {"onnx": True}
+    calibrate = {"calibration_windows": ONNX_CALIBRATION_WINDOWS if onnx_input else CALIBRATION_WINDOWS}
     if onnx_input:
         files["fp32"] = source
     else:
         lossless = once(
-            os.path.join(folder, "lossless.rbe"), lambda p: rbe("convert", source, p, "--preset", "lossless", "--onnx")
+            os.path.join(folder, "lossless.rbe"), lambda p: rbe_convert(source, p, preset="lossless", onnx=True)
         )
-        files["fp32"] = once(os.path.join(folder, "fp32.onnx"), lambda p: rbe("export-onnx", lossless, p))
+        files["fp32"] = once(os.path.join(folder, "fp32.onnx"), lambda p: rbe_export_onnx(lossless, p))
     for preset in PRESETS:
         packed = once(
             os.path.join(folder, f"{preset}.rbe"),
-            lambda p, preset=preset: rbe("convert", source, p, "--preset", preset, *convert_extra, *calibrate),
+            lambda p, preset=preset: rbe_convert(source, p, preset=preset, **convert_extra, **calibrate),
         )
         files[preset] = packed
         files[f"{preset}-fly"] = once(
             os.path.join(folder, f"{preset}-fly.onnx"),
-            lambda p, packed=packed: rbe("export-onnx", packed, p, "--on-the-fly"),
+            lambda p, packed=packed: rbe_export_onnx(packed, p, on_the_fly=True),
         )
     return files
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbe_converters import hf
 from rbe_converters.compress.calibrate import torch as calibrate
+from rbe_converters.compress.plan import calibration_methods
 from rbe_converters.compress.recipe import policy_from_preset, preset_names
 from rbe_converters.evaluate import quality
 from rbe_converters.evaluate.eval import (
@@ -55,6 +55,7 @@ from rbe_converters.evaluate.eval import (
     safetensors_sizes,
 )
 from rbe_converters.evaluate.report import tensor_rows
+from rbe_converters.sources import open_source
 from rbeformat import Reader
 from rbeformat.chain import parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
@@ -62,7 +63,7 @@ from rbeformat.embedded.config import is_causal_lm
 
 from .models import minilm_dir, smollm2_dir
 from .ratedistortion import OUT_DIR, gguf_anchor, hqq_anchor, hqq_version, rtn
-from .rss import rbe_command, run_measured
+from .rss import library_command, run_measured
 
 MODELS = {"smollm2": ("SmolLM2-135M", smollm2_dir), "minilm": ("all-MiniLM-L6-v2", minilm_dir)}
 QUICK_PRESETS = ("q8", "q4")
@@ -411,23 +412,16 @@ class ModelRun:
         )
 
     def preset_row(self, name: str, workdir: str) -> Row:
-        """``rbe convert --preset NAME`` in a child process (wall time, peak RSS), then decoded and scored."""
+        """``rbe convert --preset NAME`` (``pipeline.convert_model``) in a child process (wall time, peak RSS),
+        then decoded and scored."""
         path = os.path.join(workdir, f"{name}.rbe")
-        cmd = rbe_command() + [
-            "convert",
-            self.dir,
-            path,
-            "--preset",
-            name,
-            "--quiet",
-            "--force",
-            "--calibration-windows",
-            str(self.calibration_windows),
-        ]
+        cmd = library_command(
+            "convert", self.dir, path, preset=name, force=True, calibration_windows=self.calibration_windows
+        )
         run = run_measured(cmd)
         if run.returncode != 0:
             raise RuntimeError(f"rbe convert exited {run.returncode}: {run.stderr.strip()[-300:]}")
-        calibrated = bool(hf.calibration_methods(hf.plan_conversion(self.dir), policy_from_preset(name)))
+        calibrated = bool(calibration_methods(open_source(self.dir), policy_from_preset(name)))
         sizes = rbe_sizes(path).row(self.reference_bytes, self.linear)
         g32 = four_bit_g32(path, self.linear)
         target = decode_to_directory(path, os.path.join(workdir, "decoded"), None, self.dir)

@@ -2,10 +2,12 @@
 
 Builds a synthetic Llama-shaped checkpoint (sharded safetensors with an index
 and a config.json; float32 weights drawn from N(0, 0.02), the last layer in
-bf16; the largest tensor, the embedding, about 512 MiB), converts it with the
-``rbe`` command, decodes it back and checks every file is byte-identical.
-Each command runs as a child process whose peak resident set is measured, so
-the numbers are the command's own and not this script's.
+bf16; the largest tensor, the embedding, about 512 MiB), converts it as
+``rbe convert`` does (``rbe_converters.pipeline.convert_model``), decodes it back
+as ``rbe decode`` does (``rbe_converters.decode.decode_to``) and checks every
+file is byte-identical.  Each step runs as a child Python process calling the
+library function, whose peak resident set is measured, so the numbers are the
+step's own and not this script's.
 
     python -m bench.rss                       # about 4.7 GB
     python -m bench.rss --size-gb 0.3 --keep  # small, and keep the files
@@ -242,12 +244,23 @@ def run_measured(cmd: list[str]) -> ChildRun:
     return ChildRun(proc.returncode, wall, peak, peaks["RssAnon:"], peaks["RssFile:"], peaks["VmHWM:"], stderr)
 
 
-def rbe_command() -> list[str]:
-    """The venv's ``rbe`` script, beside the running interpreter."""
-    script = os.path.join(os.path.dirname(sys.executable), "rbe")
-    if os.path.exists(script):
-        return [script]
-    return [sys.executable, "-c", "import sys; from rbe_converters.cli import main; sys.exit(main())"]
+# A child process running one library step: ``convert`` (``pipeline.convert_model``) or ``decode``
+# (``decode.decode_to``), with its options as JSON; a failure exits non-zero with the traceback on stderr.
+LIBRARY_STEP = """
+import json, sys
+step, src, dst, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+if step == "convert":
+    from rbe_converters.pipeline import ConvertOptions, convert_model
+    convert_model(src, dst, ConvertOptions(**options))
+else:
+    from rbe_converters.decode import decode_to
+    decode_to(src, dst, **options)
+"""
+
+
+def library_command(step: str, src: str, dst: str, **options) -> list[str]:
+    """The command line of a child Python that runs ``step`` (convert or decode) from ``src`` to ``dst``."""
+    return [sys.executable, "-c", LIBRARY_STEP, step, src, dst, json.dumps(options)]
 
 
 # -- checking ---------------------------------------------------------------------------
@@ -373,21 +386,11 @@ def run(args) -> int:
             file=sys.stderr,
         )
 
-        extra = ["--level", str(args.level)] if args.level is not None else []
-        extra += ["--threads", str(args.threads)] if args.threads else []
+        threads = {"threads": args.threads} if args.threads else {}
+        level = {"level": args.level} if args.level is not None else {}
         for step, cmd in (
-            ("rbe convert", [*rbe_command(), "convert", ckpt, rbe_file, "--quiet", *extra]),
-            (
-                "rbe decode",
-                [
-                    *rbe_command(),
-                    "decode",
-                    rbe_file,
-                    decoded,
-                    "--quiet",
-                    *(["--threads", str(args.threads)] if args.threads else []),
-                ],
-            ),
+            ("rbe convert", library_command("convert", ckpt, rbe_file, **level, **threads)),
+            ("rbe decode", library_command("decode", rbe_file, decoded, **threads)),
         ):
             print(f"running {step} ...", file=sys.stderr, flush=True)
             child = run_measured(cmd)

@@ -53,7 +53,8 @@ from bench.ort_sessions import (
     encoder_quality,
     measure_models,
     once,
-    rbe,
+    rbe_convert,
+    rbe_decode,
     table,
 )
 
@@ -151,15 +152,15 @@ print(json.dumps({"load_s": load_s, "resident": resident, "mean_logprob": float(
 def files_for(source: str, folder: str, causal: bool) -> dict[str, str]:
     """Per preset: the .rbe and its dense decode as a directory."""
     files = {}
-    calibrate = ["--calibration-windows", str(CALIBRATION_WINDOWS)]  # as bench.ort_sessions: --keep may share files
+    calibrate = {"calibration_windows": CALIBRATION_WINDOWS}  # as bench.ort_sessions: --keep may share files
     for preset in PRESETS:
         packed = once(
             os.path.join(folder, f"{preset}.rbe"),
-            lambda p, preset=preset: rbe("convert", source, p, "--preset", preset, *calibrate),
+            lambda p, preset=preset: rbe_convert(source, p, preset=preset, **calibrate),
         )
         files[preset] = packed
         files[f"{preset}-decoded"] = once(
-            os.path.join(folder, f"{preset}-decoded"), lambda p, packed=packed: rbe("decode", packed, p)
+            os.path.join(folder, f"{preset}-decoded"), lambda p, packed=packed: rbe_decode(packed, p)
         )
     return files
 

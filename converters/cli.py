@@ -22,17 +22,17 @@ import contextlib
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 
 import zstandard
 
-from rbeformat import FormatError, InputError, OutputExistsError, RbeError, Reader, UsageError, __version__, budget
-from rbeformat.atomic import check_directory_target, check_parent, check_target
-from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
-from rbeformat.codecs.blob.raw import Raw
-from rbeformat.spec import FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, FORMAT_MINOR, MAGIC
+from rbeformat import OutputExistsError, RbeError, Reader, UsageError, __version__, budget
+from rbeformat.embedded.onnx import GRAPH_KEY
+from rbeformat.spec import FORMAT_MAJOR, FORMAT_MINOR
+
+from .inputs import open_rbe
+from .pipeline import LOSSLESS_CODECS
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the .rbe file to write (its directory must exist)")
     p.add_argument(
         "--lossless",
-        choices=["byteplane", "raw"],
+        choices=list(LOSSLESS_CODECS),
         default="byteplane",
         help="how tensors without a chain are stored: byteplane (compressed, default) or raw (uncompressed, mmappable)",
     )
@@ -446,74 +446,12 @@ def _stop_signals_raise():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-# -- opening inputs -------------------------------------------------------------------
-
-
-def open_rbe(path: str, **kwargs) -> Reader:
-    """A Reader, or one error that says what the file is when it is not an rbe file."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not an rbe file; to make one: rbe convert {path} out.rbe")
-    try:
-        return Reader(path, **kwargs)
-    except FormatError:
-        if _looks_like_rbe(path):
-            raise
-        raise InputError(_not_rbe(path)) from None
-
-
-def _looks_like_rbe(path: str) -> bool:
-    """An rbe header or footer magic: a damaged rbe file, whose own error says more."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(MAGIC))
-            size = os.fstat(fh.fileno()).st_size
-            fh.seek(max(0, size - FOOTER_SIZE))
-            tail = fh.read(len(FOOTER_MAGIC))
-    except OSError:
-        return True
-    return head == MAGIC or tail == FOOTER_MAGIC
-
-
-def _not_rbe(path: str) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-        size = os.fstat(fh.fileno()).st_size
-    if not head:
-        return f"{path}: not an rbe file (it is empty)"
-    kind = _file_kind(head, size)
-    if kind == "a safetensors file":
-        return f"{path}: not an rbe file (it looks like {kind}); to make one: rbe convert {path} out.rbe"
-    if kind:
-        return (
-            f"{path}: not an rbe file (it looks like {kind}); rbe converts .safetensors files and "
-            "Hugging Face model directories"
-        )
-    return f"{path}: not an rbe file (it starts with {head[:8]!r}; an rbe file starts with {MAGIC!r})"
-
-
-def _file_kind(head: bytes, size: int) -> str | None:
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return "a safetensors file"
-    kinds = {
-        b"GGUF": "a GGUF file",
-        b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
-        b"\x93NUMPY": "a numpy .npy file",
-        b"\x89HDF\r\n\x1a\n": "an HDF5 file (a Keras checkpoint?)",
-    }
-    for magic, kind in kinds.items():
-        if head.startswith(magic):
-            return kind
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "a Python pickle (a PyTorch checkpoint?)"
-    return None
-
-
 # -- commands -------------------------------------------------------------------------
 
 BAR_DELAY = 1.0  # seconds
 
 
-def _progress_bar(total: int, quiet: bool, desc: str):
+def progress_bar(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
     # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.  The bar waits
@@ -534,150 +472,61 @@ def _progress_bar(total: int, quiet: bool, desc: str):
 
 
 def cmd_convert(args) -> int:
-    from .compress.recipe import lossless_policy, policy_from_codec, policy_from_preset, policy_from_recipe
-    from .evaluate.report import larger_than_dense, tensor_rows
-    from .hf import choose_chains, convert, plan_conversion
+    from .evaluate.report import summary_line
+    from .pipeline import ConvertOptions, convert_model
 
-    check_target(args.output, args.force)
-    check_parent(args.output)
-    split_gain = 0.0 if args.max_ratio else DEFAULT_SPLIT_GAIN
-    codec = Raw() if args.lossless == "raw" else Byteplane(level=args.level, split_gain=split_gain)
-    if args.chain is not None:  # an empty --codec "" is an error, not a lossless file
-        policy = policy_from_codec(args.chain)
-    elif args.recipe is not None:
-        policy = policy_from_recipe(args.recipe)
-    elif args.preset is not None:
-        policy = policy_from_preset(args.preset)
-    else:
-        policy = lossless_policy()
-    if os.path.isfile(args.input) and args.input.lower().endswith(".onnx"):
-        if args.onnx:
-            raise UsageError(f"{args.input}: --onnx exports a Hugging Face model; an .onnx input keeps its own graph")
-        notes = _convert_onnx(args, codec, policy)
-    elif args.tokenizer is not None:
-        raise UsageError("--tokenizer is for .onnx input (a model directory calibrates with its own tokenizer)")
-    else:
-        plan = plan_conversion(args.input)
-        if plan.others and not args.quiet:
-            _stderr(_embedding_note(args.input, [rel for rel, _ in plan.others]))
-        choose_chains(plan, policy)  # a policy that changes no tensor is refused before the bar appears
-        graph = _export_graph(plan, args) if args.onnx else None
-        calibrations, text = _calibrations(plan, policy, args)
-        with _progress_bar(input_tensor_bytes(plan), args.quiet, "convert") as bar:
-            notes = convert(
-                args.input,
-                args.output,
-                force=args.force,
-                codec=codec,
-                policy=policy,
-                threads=args.threads,
-                progress=bar.update,
-                calibrations=calibrations,
-                calibration_text=text,
-                extra=graph.add_to if graph else None,
-            )
-        notes += [graph.summary()] if graph else []
-    with Reader(args.output) as r:
-        rows = tensor_rows(r)
-        if not args.quiet:
-            for note in notes:
-                _stderr(note)
-            _stderr(_summary_line(r))
-    _warn_larger_than_dense(larger_than_dense(rows))
+    options = ConvertOptions(
+        force=args.force,
+        lossless=args.lossless,
+        level=args.level,
+        max_ratio=args.max_ratio,
+        chain=args.chain,
+        recipe=args.recipe,
+        preset=args.preset,
+        calibration=args.calibration,
+        calibration_windows=args.calibration_windows,
+        tokenizer=args.tokenizer,
+        onnx=args.onnx,
+        threads=args.threads,
+    )
+    result = convert_model(args.input, args.output, options, _Reporter(args.quiet))
+    if not args.quiet:
+        for note in result.notes:
+            _stderr(note)
+        _stderr(summary_line(result.path, result.totals))
+    _warn_larger_than_dense(result.larger_than_dense)
     return EXIT_OK
 
 
-def _embedding_note(source: str, files: list[str]) -> str:
-    """What a model directory's conversion embeds besides the weights, so that nothing goes in unseen."""
-    shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
-    return f"rbe: {source}: embedding {len(files)} file{'s' if len(files) != 1 else ''}: {shown}"
+class _Reporter:
+    """What ``rbe convert`` shows on stderr: lines and bars, none with --quiet but the warnings."""
 
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
 
-def _convert_onnx(args, codec, policy) -> list[str]:
-    """An .onnx file: its graph and initializers (``converters/onnx_io.py``), calibrated in ONNX Runtime
-    with --tokenizer (``converters/compress/calibrate/ort.py``)."""
-    from . import onnx_io
-    from .hf import choose_chains
+    def info(self, line: str) -> None:
+        if not self.quiet:
+            _stderr(line)
 
-    plan = onnx_io.plan_conversion(args.input)
-    policy, note = onnx_io.check_policy(plan, policy, calibrating=args.tokenizer is not None)
-    if note:  # a changed method, not progress: said even with --quiet
-        _stderr(f"warning: {note}")
-    choose_chains(plan, policy, plan.roles)  # refused before the bar appears, as for safetensors
-    calibrations = _onnx_calibrations(plan, policy, args) if args.tokenizer else None
-    with _progress_bar(plan.tensor_bytes, args.quiet, "convert") as bar:
-        return onnx_io.convert(
-            args.input,
-            args.output,
-            force=args.force,
-            codec=codec,
-            policy=policy,
-            threads=args.threads,
-            progress=bar.update,
-            plan=plan,
-            calibrations=calibrations,
+    def warning(self, line: str) -> None:
+        _stderr(line)
+
+    def bar(self, total: int, desc: str):
+        return progress_bar(total, self.quiet, desc)
+
+    def windows_bar(self, total: int):
+        from tqdm import tqdm
+
+        # Sentences and the block-by-block survey report fractions of windows: show whole ones.
+        return tqdm(
+            total=total,
+            unit="window",
+            desc="calibrate",
+            disable=self.quiet,
+            file=sys.stderr,
+            leave=False,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows [{elapsed}<{remaining}]",
         )
-
-
-def _onnx_calibrations(plan, policy, args) -> dict:
-    """--tokenizer: the calibrated rules' statistics from ONNX Runtime runs (``onnx_calibrate``)."""
-    from . import onnx_io
-    from .compress.calibrate import ort as onnx_calibrate
-    from .compress.calibrate import torch as calibrate
-
-    methods = onnx_io.calibration_methods(plan, policy)
-    if not methods:
-        return {}
-    tokenizer = onnx_calibrate.load_tokenizer(args.tokenizer)
-    text = calibrate.text_from_file(args.calibration) if args.calibration else calibrate.default_text()
-    text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
-    if not args.quiet:
-        _stderr(f"rbe: {args.input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}")
-    return onnx_calibrate.collect(onnx_io.filled_model(plan), methods, text, tokenizer, args.threads, args.input)
-
-
-def _export_graph(plan, args):
-    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
-    if os.path.isfile(args.input):
-        raise UsageError(
-            f"{args.input}: --onnx exports a model's architecture, which needs its directory "
-            "(config.json beside the weights), not a single .safetensors file"
-        )
-    from . import onnx_export
-
-    if not args.quiet:
-        _stderr(f"rbe: {args.input}: exporting the architecture to ONNX with torch")
-    return onnx_export.export_graph(plan, args.threads)
-
-
-def _calibrations(plan, policy, args) -> tuple[dict, object]:
-    """Runs the calibration text through the model when the policy's rules ask for it (a bar per window);
-    returns the statistics and the text (which the block-by-block encoding runs again)."""
-    from .compress.calibrate import torch as calibrate
-    from .hf import calibrate_for, calibration_methods
-
-    if not calibration_methods(plan, policy):
-        return {}, None
-    text = calibrate.text_from_file(args.calibration) if args.calibration else calibrate.default_text()
-    text = calibrate.CalibrationText(text.text, text.source, text.window, args.calibration_windows)
-    from tqdm import tqdm
-
-    # Sentences and the block-by-block survey report fractions of windows: show whole ones.
-    with tqdm(
-        total=text.windows,
-        unit="window",
-        desc="calibrate",
-        disable=args.quiet,
-        file=sys.stderr,
-        leave=False,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows [{elapsed}<{remaining}]",
-    ) as bar:
-        return calibrate_for(plan, policy, text, args.threads, bar.update), text
-
-
-def input_tensor_bytes(plan) -> int:
-    """What the writer reports as progress: every tensor's bytes as the input stores them."""
-    return sum(t.end - t.begin for _, st in plan.safetensors for t in st.tensors)
 
 
 def _warn_larger_than_dense(names: list[str]) -> None:
@@ -692,120 +541,63 @@ def _warn_larger_than_dense(names: list[str]) -> None:
 
 
 def cmd_decode(args) -> int:
-    from .evaluate.report import human_bytes
-    from .hf import decode, decoded_tensor_bytes
+    from .decode import decode_to
 
-    onnx = args.output.lower().endswith(".onnx")
-    if args.output.endswith(".safetensors") or onnx:
-        check_target(args.output, args.force)
-        check_parent(args.output)
-    else:
-        check_directory_target(args.output, args.force)
-    with open_rbe(args.input) as r:
-        total = decoded_tensor_bytes(r)
-    if onnx:
-        return _decode_onnx(args, total)
-    with _progress_bar(total, args.quiet, "decode") as bar:
-        kept = decode(
-            args.input,
-            args.output,
-            force=args.force,
-            verify=not args.no_verify,
-            threads=args.threads,
-            progress=bar.update,
-        )
+    decoded = decode_to(
+        args.input,
+        args.output,
+        force=args.force,
+        verify=not args.no_verify,
+        threads=args.threads,
+        bar=lambda total: progress_bar(total, args.quiet, "decode"),
+    )
+    if args.output.lower().endswith(".onnx"):
+        _decoded_onnx_line(args, decoded)
+        return EXIT_OK
+    kept = decoded.kept
     if kept:
         shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
         noun = "file" if len(kept) == 1 else "files"
         _stderr(f"rbe: {args.output}: kept {len(kept)} {noun} not in the container: {shown}")
     if not args.quiet:
-        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors)")
+        from .evaluate.report import human_bytes
+
+        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors)")
     return EXIT_OK
 
 
-def _decode_onnx(args, total: int) -> int:
-    """A container converted from ONNX, back to an .onnx file (past 2 GB with a .data file beside it)."""
-    from .evaluate.report import human_bytes
-    from .onnx_io import decode
-
-    with open_rbe(args.input) as r:
-        exported = r.metadata().get("onnx.initializers") is not None
-    if exported:  # a HF directory with its exported graph (rbe convert --onnx): wired by the mapping
-        written = _decode_exported_graph(args)
-    else:
-        with _progress_bar(total, args.quiet, "decode") as bar:
-            written = decode(
-                args.input,
-                args.output,
-                force=args.force,
-                verify=not args.no_verify,
-                threads=args.threads,
-                progress=bar.update,
-            )
+def _decoded_onnx_line(args, decoded) -> None:
     if not args.quiet:
+        from .evaluate.report import human_bytes
+
+        written = decoded.written
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
-        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(total)} of tensors{beside})")
-    return EXIT_OK
-
-
-def _decode_exported_graph(args) -> list[str]:
-    """The dense .onnx of a graph exported at conversion, its initializers filled through the mapping."""
-    from .onnx_export import dense_model
-
-    with open_rbe(args.input, verify_checksums=not args.no_verify, threads=args.threads) as r:
-        model = dense_model(r)
-    return _write_onnx(model, args.output, args.force)
+        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors{beside})")
 
 
 def cmd_export_onnx(args) -> int:
     """The ONNX model a container carries: dense (as ``rbe decode``), or on the fly (``rbe_loaders.ort``)."""
-    check_target(args.output, args.force)
-    check_parent(args.output)
     if not args.on_the_fly:
-        with open_rbe(args.input) as r:
-            from .hf import decoded_tensor_bytes
+        from .decode import decode_onnx_to
 
-            total = decoded_tensor_bytes(r)
-        return _decode_onnx(args, total)
-    open_rbe(args.input, verify_checksums=False).close()  # one clear error for a file that is not rbe
-    from rbe_loaders.ort import on_the_fly_model  # a loader; imported only for this command
+        decoded = decode_onnx_to(
+            args.input,
+            args.output,
+            force=args.force,
+            verify=not args.no_verify,
+            threads=args.threads,
+            bar=lambda total: progress_bar(total, args.quiet, "decode"),
+        )
+        _decoded_onnx_line(args, decoded)
+        return EXIT_OK
+    from .decode import export_on_the_fly
 
-    model, report = on_the_fly_model(args.input)
-    written = _write_onnx(model, args.output, args.force)
+    written, report = export_on_the_fly(args.input, args.output, force=args.force)
     if not args.quiet:
         print(report)
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
         _stderr(f"{args.output}: written from {args.input} with weights kept compressed{beside}")
     return EXIT_OK
-
-
-def _write_onnx(model, path: str, force: bool) -> list[str]:
-    """Writes ``model`` atomically: inline below 2 GB, else its initializers' data in PATH.data
-    (each at a multiple of 4096, as ``rbe decode`` writes them).  Returns the paths written."""
-    from onnx.external_data_helper import set_external_data
-
-    from rbeformat.atomic import atomic_file
-
-    from .onnx_io import EXTERNAL_ALIGNMENT, INLINE_LIMIT
-
-    if model.ByteSize() <= INLINE_LIMIT:
-        with atomic_file(path, force) as fh:
-            fh.write(model.SerializeToString())
-        return [path]
-    data_path = path + ".data"
-    check_target(data_path, force)
-    with atomic_file(path, force) as model_fh, atomic_file(data_path, force) as data_fh:
-        offset = 0
-        for t in model.graph.initializer:
-            if not t.raw_data:
-                continue
-            pad = -offset % EXTERNAL_ALIGNMENT
-            data_fh.write(b"\0" * pad + t.raw_data)
-            set_external_data(t, os.path.basename(data_path), offset + pad, len(t.raw_data))
-            offset += pad + len(t.raw_data)
-            t.ClearField("raw_data")
-        model_fh.write(model.SerializeToString())  # renamed into place after the data file
-    return [path, data_path]
 
 
 def cmd_verify(args) -> int:
@@ -826,7 +618,7 @@ def _check_stored_graph(r: Reader) -> str:
     """--deep on a container carrying an ONNX graph: the graph passes the checks every command that
     reads it makes (no file reference, operator or opset rbe refuses; initializers wired to tensors of
     their type and shape), or an error (exit 3).  What the OK line adds."""
-    if "onnx.graph" not in r.metadata():
+    if GRAPH_KEY not in r.metadata():
         return ""
     try:
         import onnx  # noqa: F401
@@ -857,16 +649,6 @@ def cmd_presets(args) -> int:
     for name, description in descriptions.items():
         print(f"{name.ljust(width)}  {description}")
     return EXIT_OK
-
-
-def _summary_line(r: Reader) -> str:
-    from .evaluate.report import human_bytes, totals
-
-    t = totals(r)
-    return (
-        f"{r.path}: {human_bytes(t['tensor_bytes'])} of tensors -> {human_bytes(t['file_bytes'])} file, "
-        f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}"
-    )
 
 
 def cmd_eval(args) -> int:

@@ -79,7 +79,7 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
     ``model.safetensors`` of all its tensors.  Never a .py file or a pickle.
     Returns {tensor name: shape} of the weights written.
     """
-    from .hf import _write_shard, exported_graph_parts
+    from .decode import exported_graph_parts, write_shard
     from .safetensors_io import build_header
 
     graph_files, graph_tensors = exported_graph_parts(reader)
@@ -100,7 +100,7 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
             [(n, reader.entry(n).dtype.name, reader.entry(n).shape) for n in names], reader.metadata()
         )
         with open(os.path.join(folder, WEIGHTS), "wb") as fh:
-            _write_shard(reader, header, names, fh.write, verify, None)
+            write_shard(reader, header, names, fh.write, verify, None)
         return {n: tuple(reader.entry(n).shape) for n in names}
     if not chosen:
         raise InputError(f"{source}: holds no .safetensors weights at its top level, where transformers looks for them")
@@ -108,7 +108,7 @@ def write_container_folder(reader, folder: str, source: str, *, verify: bool = T
     for shard in chosen:
         names = files[shard].tensors
         with open(os.path.join(folder, shard), "wb") as fh:
-            _write_shard(reader, reader.read_file(shard), names, fh.write, verify, None)
+            write_shard(reader, reader.read_file(shard), names, fh.write, verify, None)
         for name in names:
             entry = reader.entry(name)
             shapes[name] = tuple(entry.shape)

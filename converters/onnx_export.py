@@ -4,7 +4,7 @@ torch's exporter (``torch.onnx.export(..., dynamo=True)``) writes the graph with
 the weights as initializers: embeddings, norms and biases under their HF names,
 each Linear weight as a new initializer (``val_N``) holding W^T, the B of a
 MatMul.  The container keeps one copy of the weights, the HF tensors as the
-normal conversion stores them (``hf.convert``), and wires the graph to them:
+normal conversion stores them (``pipeline.convert``), and wires the graph to them:
 
 * each initializer equal bit for bit to a stored HF tensor, as is or transposed,
   maps to it (the HF tensor of the same name first, then any whose bytes match;
@@ -41,16 +41,16 @@ from typing import TYPE_CHECKING
 
 from rbe_loaders.ort.graph import graph_initializers, stored_graph
 from rbeformat import InputError, UsageError, Writer
-from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, MAPPING_PATH, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
 
-from . import onnx_io
-from .hf import Plan, _read_tensor, read_config
+from .sources.onnx import DATA_FIELDS, Initializer, read_initializer
 
 if TYPE_CHECKING:
     import onnx
 
-MAPPING_PATH = "model.onnx-initializers.json"
+    from .sources import TensorSource
+
 WRAPPED = "model"  # the attribute holding the HF model in the export wrappers: a prefix of initializer names
 # Example sizes for the export: at least 2 each, or the exporter fixes the dimension to its value.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 5, 3
@@ -63,7 +63,7 @@ class ExportedGraph:
     kind: str  # "encoder" or "causal-lm"
     graph: bytes
     mapping: dict[str, dict]
-    own: list[onnx_io.Initializer]  # named OWN_PREFIX + the initializer's name
+    own: list[Initializer]  # named OWN_PREFIX + the initializer's name
 
     def add_to(self, w: Writer) -> dict[str, str]:
         """Writes the graph, the mapping and the own constants; returns the metadata that names them."""
@@ -85,9 +85,9 @@ class ExportedGraph:
         )
 
 
-def export_graph(plan: Plan, threads: int | None = None) -> ExportedGraph:
+def export_graph(plan: TensorSource, threads: int | None = None) -> ExportedGraph:
     """Exports the model of a HF directory and wires its initializers to the directory's tensors."""
-    if read_config(plan) is None:
+    if plan.config() is None:
         raise UsageError(
             f"{plan.root or '.'}: --onnx exports the model's architecture, which needs a model "
             "directory with its config.json"
@@ -279,7 +279,7 @@ def dense_model(r) -> onnx.ModelProto:
 # -- wiring the weights -----------------------------------------------------------------
 
 
-def wire(model, plan: Plan, kind: str) -> ExportedGraph:
+def wire(model, plan: TensorSource, kind: str) -> ExportedGraph:
     """Maps each initializer to the HF tensor it equals (as is or transposed) or to a constant of its
     own, and strips the initializers' data from the graph."""
     _refuse_prefix_in_use(plan)
@@ -288,7 +288,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
     for t in model.graph.initializer:
         if t.data_type not in ONNX_DTYPES:
             continue  # strings and the like stay in the graph, data and all (as for ONNX input)
-        init = onnx_io._initializer(t, "", "the exported graph")
+        init = read_initializer(t, "", "the exported graph")
         key = content_key(init.dtype, init.shape, init.inline)
         found = _same_named(t.name, key, by_name) or by_content.get(key)
         if found is None:
@@ -296,7 +296,7 @@ def wire(model, plan: Plan, kind: str) -> ExportedGraph:
             own.append(init)
             found = (init.name, False)
         mapping[t.name] = {"tensor": found[0], "transposed": found[1]}
-        for field in onnx_io._DATA_FIELDS:
+        for field in DATA_FIELDS:
             t.ClearField(field)
         t.ClearField("data_location")
     check_model(model, f"{plan.root or '.'}: the graph torch exported")  # what every reader of the container checks
@@ -307,21 +307,20 @@ def content_key(dtype: str, shape, data) -> tuple:
     return dtype, tuple(shape), hashlib.sha256(data).digest()
 
 
-def tensor_index(plan: Plan) -> tuple[dict, dict]:
+def tensor_index(plan: TensorSource) -> tuple[dict, dict]:
     """({content key: (tensor, transposed)}, {tensor: its content key}) over every HF tensor and the
     transpose of every matrix; the first tensor with given content keeps it (tied weights count once)."""
     import numpy as np
 
     by_content, by_name = {}, {}
-    for _, st in plan.safetensors:
-        for t in st.tensors:
-            values = _read_tensor(st, t)
-            key = content_key(t.dtype, t.shape, values.tobytes())
-            by_name[t.name] = key
-            by_content.setdefault(key, (t.name, False))
-            if values.ndim == 2:
-                flipped = np.ascontiguousarray(values.T)
-                by_content.setdefault(content_key(t.dtype, flipped.shape, flipped.tobytes()), (t.name, True))
+    for t in plan.tensors:
+        values = plan.read(t.name)
+        key = content_key(t.dtype, t.shape, values.tobytes())
+        by_name[t.name] = key
+        by_content.setdefault(key, (t.name, False))
+        if values.ndim == 2:
+            flipped = np.ascontiguousarray(values.T)
+            by_content.setdefault(content_key(t.dtype, flipped.shape, flipped.tobytes()), (t.name, True))
     return by_content, by_name
 
 
@@ -334,11 +333,10 @@ def _same_named(name: str, key: tuple, by_name: dict) -> tuple[str, bool] | None
     return None
 
 
-def _refuse_prefix_in_use(plan: Plan) -> None:
-    for _, st in plan.safetensors:
-        for t in st.tensors:
-            if t.name.startswith(OWN_PREFIX):
-                raise InputError(
-                    f"tensor {t.name!r} uses the prefix {OWN_PREFIX!r}, which --onnx keeps for the "
-                    "graph's own constants; convert without --onnx"
-                )
+def _refuse_prefix_in_use(plan: TensorSource) -> None:
+    for t in plan.tensors:
+        if t.name.startswith(OWN_PREFIX):
+            raise InputError(
+                f"tensor {t.name!r} uses the prefix {OWN_PREFIX!r}, which --onnx keeps for the "
+                "graph's own constants; convert without --onnx"
+            )

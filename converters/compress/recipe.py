@@ -19,7 +19,7 @@ A weight stored input x output that a rule *without* ``input_last`` takes, with
 a chain whose codec groups along the last axis (``gquant`` with groups,
 ``palette`` by row or group, ``vq``, ``seed``), is stored as
 ``transpose(values=CHAIN)`` so that its groups run along the input axis
-(``hf.input_axis_grouped``); a rule with ``input_last = false`` gets exactly
+(``compress.plan.input_axis_grouped``); a rule with ``input_last = false`` gets exactly
 the chain it names.
 
 ``calibration = "gptq" | "wanda"`` asks for a calibration-aware encoder

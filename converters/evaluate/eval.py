@@ -104,7 +104,7 @@ def linear_weights(sizes: Sizes, config: dict) -> set:
 
 def safetensors_sizes(src: str) -> Sizes:
     """Sizes of a model directory or .safetensors file, from the safetensors headers."""
-    from ..hf import plan_conversion
+    from ..sources.safetensors import plan_conversion
 
     files = [st for _, st in plan_conversion(src).safetensors]
     return Sizes(
@@ -116,7 +116,7 @@ def safetensors_sizes(src: str) -> Sizes:
 def rbe_sizes(path: str) -> Sizes:
     """Sizes of an .rbe file: the file on disk and the stored sections of each tensor (not the small
     constants of an exported ONNX graph, which are no tensors of the model; the file size holds them)."""
-    from ..hf import exported_graph_parts
+    from ..decode import exported_graph_parts
 
     with Reader(path, verify_checksums=False) as r:
         _, graph_tensors = exported_graph_parts(r)
@@ -198,7 +198,7 @@ def check_container_config(path: str) -> None:
 
 def container_safetensors_bytes(path: str) -> int:
     """The bytes of the safetensors files ``rbe decode`` writes for a container: what the ratios divide."""
-    from ..hf import exported_graph_parts
+    from ..decode import exported_graph_parts
     from ..safetensors_io import build_header
 
     with Reader(path, verify_checksums=False) as r:

@@ -241,6 +241,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def summary_line(path: str, t: dict) -> str:
+    """``rbe convert``'s result line for the container at ``path`` with ``totals`` ``t``."""
+    return (
+        f"{path}: {human_bytes(t['tensor_bytes'])} of tensors -> {human_bytes(t['file_bytes'])} file, "
+        f"ratio {t['ratio']:.4f}, {t['bits_per_weight']:.3f} bits per weight, quality: {t['quality']}"
+    )
+
+
 def human_bytes(n: float) -> str:
     """Decimal units, as in the progress bars: 1 kB = 1000 bytes, 1 MB = 10^6."""
     for unit in ("B", "kB", "MB", "GB"):

@@ -22,6 +22,7 @@ GRAPH_KEY = "onnx.graph"  # metadata: the path of the embedded file holding the 
 SOURCE_KEY = "onnx.source"  # metadata: the input's file name, for people reading `rbe info`
 GRAPH_PATH = "model.onnx-graph"
 MAPPING_KEY = "onnx.initializers"  # metadata: the embedded JSON mapping initializers to tensors
+MAPPING_PATH = "model.onnx-initializers.json"  # where rbe convert --onnx stores that mapping
 OWN_PREFIX = "onnx/"  # tensors of the graph alone (constants no HF tensor equals)
 
 # onnx.proto's TensorProto.DataType numbers of the element types rbe has, with rbe's dtype names.

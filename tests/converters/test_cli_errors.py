@@ -79,9 +79,9 @@ def test_usage_error_from_a_command_exits_2(monkeypatch, rbe_file, capsys):
 
 
 def test_missing_output_directory_is_named_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
-    import rbe_converters.hf as hf
+    import rbe_converters.sources.safetensors as source
 
-    monkeypatch.setattr(hf, "plan_conversion", lambda src: pytest.fail("work started"))
+    monkeypatch.setattr(source, "plan_conversion", lambda src: pytest.fail("work started"))
     target = os.path.join(str(tmp_path), "missing_dir", "a.rbe")
     assert main(["convert", model_dir[0], target, "--quiet"]) == 2
     err = one_error_line(capsys)

@@ -416,7 +416,8 @@ def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
 
 
 def test_prune_heads_needs_calibrated_o_projections(tmp_path):
-    from rbe_converters import hf
+    from rbe_converters.compress import plan
+    from rbe_converters.sources.safetensors import plan_conversion
 
     model = _bert()
     directory = str(tmp_path / "bert")
@@ -425,12 +426,13 @@ def test_prune_heads_needs_calibrated_o_projections(tmp_path):
         {"prune_heads": 0.25, "rule": [{"role": "attn_o", "codec": "gquant(bits=8, group=16)"}]}, "t"
     )
     with pytest.raises(UsageError, match="calibration"):
-        hf.prune_heads(hf.plan_conversion(directory), policy, {})
+        plan.prune_heads(plan_conversion(directory), policy, {})
 
 
 def test_prune_heads_without_calibrated_o_projections_is_refused_before_the_model_runs(tmp_path, monkeypatch):
-    from rbe_converters import hf
+    from rbe_converters.compress import plan
     from rbe_converters.compress.calibrate import torch as calibrate
+    from rbe_converters.sources.safetensors import plan_conversion
 
     model = _bert()
     directory = str(tmp_path / "bert")
@@ -449,4 +451,4 @@ def test_prune_heads_without_calibrated_o_projections_is_refused_before_the_mode
     monkeypatch.setattr(calibrate, "survey", no_run)
     monkeypatch.setattr(calibrate, "collect", no_run)
     with pytest.raises(UsageError, match="attn_o rule calibration"):
-        hf.calibrate_for(hf.plan_conversion(directory), policy_from_document(doc, "t"))
+        plan.calibrate_for(plan_conversion(directory), policy_from_document(doc, "t"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tree_digest, write_safetensors
 
-from rbe_converters import hf
+from rbe_converters import decode
 from rbe_converters.cli import main
 from rbeformat import FormatError, OutputExistsError, Reader, Writer, atomic, publish
 from rbeformat.codecs.blob.byteplane import Byteplane
@@ -251,7 +251,7 @@ def test_a_file_output_without_hard_links_still_never_replaces(tmp_path, monkeyp
 @pytest.mark.parametrize("theirs", ["empty directory", "directory", "file"])
 def test_a_new_directory_loses_the_race(container, tmp_path, capsys, monkeypatch, publishing, theirs):
     out = tmp_path / "out"
-    original = hf._write_directory
+    original = decode.write_directory
 
     def other_program_meanwhile(r, target, verify, progress):
         original(r, target, verify, progress)
@@ -262,7 +262,7 @@ def test_a_new_directory_loses_the_race(container, tmp_path, capsys, monkeypatch
             if theirs == "directory":
                 (out / "theirs.txt").write_bytes(b"theirs")
 
-    monkeypatch.setattr(hf, "_write_directory", other_program_meanwhile)
+    monkeypatch.setattr(decode, "write_directory", other_program_meanwhile)
     assert main(["decode", container, str(out), "--quiet"]) == 4
     assert f"{out}: appeared while this output was being written" in one_error_line(capsys)
     if theirs == "file":
@@ -394,13 +394,13 @@ def big_container(path, codec) -> None:
 def test_decode_of_a_file_truncated_underneath_is_one_error(tmp_path, capsys, monkeypatch, codec, output):
     src = tmp_path / "t.rbe"
     big_container(src, codec)
-    original = hf._write_shard
+    original = decode.write_shard
 
     def truncate_first(r, *args):
         os.truncate(src, 4096)  # the reader opened the whole file; now most of it is gone
         return original(r, *args)
 
-    monkeypatch.setattr(hf, "_write_shard", truncate_first)
+    monkeypatch.setattr(decode, "write_shard", truncate_first)
     out = tmp_path / ("out" if output == "directory" else "out.safetensors")
     assert main(["decode", str(src), str(out), "--quiet"]) == 3
     err = one_error_line(capsys)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import write_safetensors
 
-from rbe_converters import hf
+from rbe_converters import pipeline
+from rbe_converters.compress import plan
 from rbe_converters.compress.recipe import policy_from_document
 from rbe_converters.compress.roles import TensorRole
 from rbe_converters.evaluate.report import chain_text
@@ -39,19 +40,19 @@ def rule_for(**raw):
 )
 def test_which_chains_are_wrapped(text, wrapped):
     rule = rule_for(role="attn_qkv", codec=text)
-    chosen = hf.input_axis_grouped(rule.chain, rule, CONV1D)
+    chosen = plan.input_axis_grouped(rule.chain, rule, CONV1D)
     if wrapped:
         assert chosen.codec.name == "transpose" and chosen.parts["values"] is rule.chain
         assert chosen.text() == f"transpose(values={rule.chain.text()})"
     else:
         assert chosen is rule.chain
-    assert hf.input_axis_grouped(rule.chain, rule, LINEAR) is rule.chain  # input last already
-    assert hf.input_axis_grouped(rule.chain, rule, None) is rule.chain
+    assert plan.input_axis_grouped(rule.chain, rule, LINEAR) is rule.chain  # input last already
+    assert plan.input_axis_grouped(rule.chain, rule, None) is rule.chain
 
 
 def test_a_rule_that_names_input_last_gets_exactly_its_chain():
     rule = rule_for(match="*", input_last=False, codec="gquant(bits=4, group=32)")
-    assert hf.input_axis_grouped(rule.chain, rule, CONV1D) is rule.chain
+    assert plan.input_axis_grouped(rule.chain, rule, CONV1D) is rule.chain
 
 
 # A GPT-2-like checkpoint: Conv1D weights stored input x output, named as transformers names them.
@@ -84,7 +85,7 @@ def convert(src, dst, *rules: str, budget: float | None = None):
     doc = {"rule": [dict(r) for r in rules]}
     if budget is not None:
         doc["budget_bits"] = budget
-    hf.convert(str(src), str(dst), policy=policy_from_document(doc, "r"))
+    pipeline.convert(str(src), str(dst), policy=policy_from_document(doc, "r"))
     return chains_and_errors(dst)
 
 

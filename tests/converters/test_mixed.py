@@ -8,7 +8,7 @@ from conftest import write_safetensors
 
 from rbe_converters.compress import mixed
 from rbe_converters.compress.recipe import policy_from_document
-from rbe_converters.hf import convert
+from rbe_converters.pipeline import convert
 from rbeformat import Reader, UsageError
 
 

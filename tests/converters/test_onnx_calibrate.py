@@ -9,11 +9,13 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rbe_converters import onnx_io  # noqa: E402
+from rbe_converters import pipeline  # noqa: E402
 from rbe_converters.compress.calibrate import ort as onnx_calibrate  # noqa: E402
 from rbe_converters.compress.calibrate.torch import CalibrationText  # noqa: E402
+from rbe_converters.compress.plan import calibration_methods  # noqa: E402
 from rbe_converters.compress.recipe import policy_from_document  # noqa: E402
 from rbe_converters.evaluate import quality  # noqa: E402
+from rbe_converters.sources import onnx as onnx_source  # noqa: E402
 from rbeformat import Reader, UsageError  # noqa: E402
 
 HIDDEN, INNER = 16, 32
@@ -95,15 +97,15 @@ def test_gptq_on_onnx_lowers_the_output_error_of_rounding(tmp_path):
         ]
     }
     policy = policy_from_document(doc, "r")
-    plan = onnx_io.plan_conversion(str(src))
+    plan = onnx_source.plan_conversion(str(src))
     text = CalibrationText(quality.calibration_text()[:20000], "test", window=32, windows=4)
     stats = onnx_calibrate.collect(
-        onnx_io.filled_model(plan), onnx_io.calibration_methods(plan, policy), text, onnx_calibrate.load_tokenizer(path)
+        onnx_source.filled_model(plan), calibration_methods(plan, policy), text, onnx_calibrate.load_tokenizer(path)
     )
     errors = {}
     for label, calibrations in (("gptq", stats), ("rounded", None)):
         out = str(tmp_path / f"{label}.rbe")
-        notes = onnx_io.convert(str(src), out, policy=policy, calibrations=calibrations)
+        notes = pipeline.convert(str(src), out, policy=policy, calibrations=calibrations)
         assert bool(notes) == (calibrations is None)  # rounding says it dropped the calibration
         with Reader(out) as r:
             errors[label] = sum(

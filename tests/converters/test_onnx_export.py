@@ -24,7 +24,7 @@ from tiny_models import (  # noqa: E402
 )
 
 import rbe_loaders  # noqa: E402
-from rbe_converters import hf, onnx_export  # noqa: E402
+from rbe_converters import decode, onnx_export  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbe_loaders.ort.graph import graph_initializers, stored_graph  # noqa: E402
 from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
@@ -195,7 +195,7 @@ def test_an_initializer_defined_twice_is_refused(tmp_path):
 def test_decode_leaves_out_only_the_graphs_parts(bert):
     path = bert[3]
     with Reader(path) as r:
-        files, tensors = hf.exported_graph_parts(r)
+        files, tensors = decode.exported_graph_parts(r)
         assert files == {r.metadata()["onnx.graph"], r.metadata()[MAPPING_KEY]}
         assert tensors == {t for t, _ in graph_initializers(r).values() if t.startswith(OWN_PREFIX)}
 

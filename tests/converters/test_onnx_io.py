@@ -11,9 +11,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rbe_converters import onnx_io  # noqa: E402
+from rbe_converters import decode, pipeline  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
-from rbeformat import Reader  # noqa: E402
+from rbe_converters.sources import onnx as onnx_source  # noqa: E402
+from rbeformat import Reader, Writer  # noqa: E402
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, SOURCE_KEY  # noqa: E402
 
 SEQ, HIDDEN, VOCAB = 6, 16, 50
@@ -134,7 +135,7 @@ def test_roundtrip_is_the_same_model_and_runs_the_same(tmp_path):
 
 def test_graph_entry_has_no_weights_and_metadata_names_it(tmp_path):
     src = save(tiny_model(), tmp_path / "m.onnx")
-    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    pipeline.convert(src, str(tmp_path / "m.rbe"))
     with Reader(str(tmp_path / "m.rbe")) as r:
         assert r.metadata() == {GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: "m.onnx"}
         graph = onnx.load_model_from_string(r.read_file(GRAPH_PATH))
@@ -150,8 +151,8 @@ def test_typed_fields_come_back_as_raw_data(tmp_path):
         t.ClearField("raw_data")
         (t.float_data if t.data_type == TensorProto.FLOAT else t.int64_data).extend(values.reshape(-1).tolist())
     src = save(model, tmp_path / "m.onnx")
-    onnx_io.convert(src, str(tmp_path / "m.rbe"))
-    onnx_io.decode(str(tmp_path / "m.rbe"), str(tmp_path / "back.onnx"))
+    pipeline.convert(src, str(tmp_path / "m.rbe"))
+    decode.decode_onnx(str(tmp_path / "m.rbe"), str(tmp_path / "back.onnx"))
     assert (tmp_path / "back.onnx").read_bytes() == inline(model).SerializeToString()
 
 
@@ -164,7 +165,7 @@ def test_float16_bit_patterns_in_int32_data(tmp_path):
         int32_data=values.view(np.uint16).astype(np.int32).reshape(-1).tolist(),
     )
     src = _one_initializer(tmp_path, t)
-    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    pipeline.convert(src, str(tmp_path / "m.rbe"))
     with Reader(str(tmp_path / "m.rbe")) as r:
         np.testing.assert_array_equal(r.get_tensor("w").view(np.uint16), values.view(np.uint16))
 
@@ -182,10 +183,10 @@ def test_external_data_in_and_out(tmp_path):
         size_threshold=0,
     )
     assert run(["convert", str(folder / "m.onnx"), str(tmp_path / "m.rbe")]) == 0
-    onnx_io.decode(str(tmp_path / "m.rbe"), str(tmp_path / "dense.onnx"))
+    decode.decode_onnx(str(tmp_path / "m.rbe"), str(tmp_path / "dense.onnx"))
     assert (tmp_path / "dense.onnx").read_bytes() == model.SerializeToString()
     # Past the inline limit the tensors go to a sibling file that the model names.
-    written = onnx_io.decode(str(tmp_path / "m.rbe"), str(tmp_path / "split.onnx"), inline_limit=0)
+    written = decode.decode_onnx(str(tmp_path / "m.rbe"), str(tmp_path / "split.onnx"), inline_limit=0)
     assert written == [str(tmp_path / "split.onnx"), str(tmp_path / "split.onnx.data")]
     split = onnx.load_model(str(tmp_path / "split.onnx"), load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in split.graph.initializer)
@@ -200,7 +201,7 @@ def test_external_data_in_and_out(tmp_path):
 
 
 def test_roles_come_from_the_graph(tmp_path):
-    roles = onnx_io.plan_conversion(save(tiny_model(), tmp_path / "m.onnx")).roles
+    roles = onnx_source.plan_conversion(save(tiny_model(), tmp_path / "m.onnx")).roles
     assert roles["w_up"].layer == 0 and roles["layers.0.mlp.up_proj.bias"].num_layers == 1
     got = {name: (r.role, r.input_last) for name, r in roles.items()}
     assert got == {
@@ -261,7 +262,7 @@ def test_lossy_conversion_decodes_and_runs(tmp_path):
     model = tiny_model()
     src = save(model, tmp_path / "m.onnx")
     assert run(["convert", src, str(tmp_path / "q.rbe"), "--codec", "gquant(bits=8, group=16)"]) == 0
-    onnx_io.decode(str(tmp_path / "q.rbe"), str(tmp_path / "q.onnx"))
+    decode.decode_onnx(str(tmp_path / "q.rbe"), str(tmp_path / "q.onnx"))
     decoded = onnx.load_model(str(tmp_path / "q.onnx"))
     assert [n.SerializeToString() for n in decoded.graph.node] == [n.SerializeToString() for n in model.graph.node]
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -334,16 +335,16 @@ def test_output_must_not_be_the_input_or_its_external_data(tmp_path, capsys):
 
 def test_failed_decode_leaves_nothing(tmp_path, capsys, monkeypatch):
     src = save(tiny_model(), tmp_path / "m.onnx")
-    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    pipeline.convert(src, str(tmp_path / "m.rbe"))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_io, "_point_at", fail)
+    monkeypatch.setattr(decode, "point_at", fail)
     with pytest.raises(OSError):
-        onnx_io.decode(str(tmp_path / "m.rbe"), str(out_dir / "x.onnx"), inline_limit=0)
+        decode.decode_onnx(str(tmp_path / "m.rbe"), str(out_dir / "x.onnx"), inline_limit=0)
     assert os.listdir(out_dir) == []
 
 
@@ -522,14 +523,14 @@ def test_a_stored_graph_pointing_at_external_files_is_refused(tmp_path, capsys):
     """A hostile container's graph must not make the decoded model open paths."""
     model = tiny_model()
     src = save(model, tmp_path / "m.onnx")
-    onnx_io.convert(src, str(tmp_path / "m.rbe"))
+    pipeline.convert(src, str(tmp_path / "m.rbe"))
     graph = onnx.load_model_from_string(Reader(str(tmp_path / "m.rbe")).read_file(GRAPH_PATH))
     graph.graph.node[0].attribute.append(
         helper.make_attribute(
             "t", TensorProto(name="c", data_type=TensorProto.STRING, data_location=TensorProto.EXTERNAL)
         )
     )
-    with Reader(str(tmp_path / "m.rbe")) as r, onnx_io.Writer(str(tmp_path / "bad.rbe")) as w:
+    with Reader(str(tmp_path / "m.rbe")) as r, Writer(str(tmp_path / "bad.rbe")) as w:
         for name in r.keys():
             w.add_array(name, r.get_tensor(name))
         w.add_file(GRAPH_PATH, graph.SerializeToString())

@@ -11,6 +11,7 @@ import pytest
 from conftest import write_safetensors
 
 from rbe_converters.cli import main
+from rbe_converters.compress.plan import choose_chains, plan_roles
 from rbe_converters.compress.recipe import (
     CALIBRATIONS,
     Policy,
@@ -22,7 +23,7 @@ from rbe_converters.compress.recipe import (
     preset_names,
 )
 from rbe_converters.compress.roles import ROLES, TensorRole, classify
-from rbe_converters.hf import choose_chains, plan_conversion, plan_roles
+from rbe_converters.sources.safetensors import plan_conversion
 from rbeformat import InputError, UsageError
 from rbeformat.chain import Chain
 
@@ -309,7 +310,7 @@ def test_presets_group_gpt2_conv1d_weights_along_their_inputs():
     """GPT-2 stores its Conv1D weights input x output: a preset's grouped chain reaches them wrapped
     in transpose, so that its groups run along the input axis as on any Linear weight."""
     transformers = pytest.importorskip("transformers")
-    from rbe_converters.hf import input_axis_grouped
+    from rbe_converters.compress.plan import input_axis_grouped
 
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
     model = transformers.GPT2LMHeadModel(config)

@@ -7,7 +7,7 @@ from tiny_models import common_words, word_tokenizer
 from rbe_converters.compress.calibrate import torch as calibrate
 from rbe_converters.compress.recipe import policy_from_document
 from rbe_converters.evaluate import quality
-from rbe_converters.hf import convert
+from rbe_converters.pipeline import convert
 from rbeformat import Reader, UsageError
 
 torch = pytest.importorskip("torch")

@@ -11,7 +11,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rbe_converters import onnx_io  # noqa: E402
+from rbe_converters import decode, pipeline  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
 from rbe_converters.compress.recipe import policy_from_document  # noqa: E402
 from rbe_loaders import ort as rbe_ort  # noqa: E402
@@ -53,7 +53,7 @@ def convert(tmp_path, model: onnx.ModelProto, rules: list[dict]) -> str:
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "m.rbe")
     with open(src, "wb") as fh:
         fh.write(model.SerializeToString())
-    onnx_io.convert(src, out, policy=policy_from_document({"rule": rules}, "test recipe"), force=True)
+    pipeline.convert(src, out, policy=policy_from_document({"rule": rules}, "test recipe"), force=True)
     return out
 
 
@@ -237,7 +237,7 @@ def test_export_of_a_file_without_a_graph_is_a_usage_error(tmp_path, capsys):
 
 def test_export_past_the_inline_limit_writes_external_data(tmp_path, monkeypatch):
     path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "sym"))
-    monkeypatch.setattr(onnx_io, "INLINE_LIMIT", 1000)
+    monkeypatch.setattr(decode, "INLINE_LIMIT", 1000)
     out = str(tmp_path / "fly.onnx")
     assert run(["export-onnx", path, out, "--on-the-fly"]) == 0
     assert os.path.getsize(out) < 4000 and os.path.isfile(out + ".data")
@@ -296,7 +296,7 @@ def test_real_model_on_the_fly_matches_its_dense_decode(paraphrase_onnx, sentenc
     from bench.ort_memory import RECIPE, mean_cosine
 
     out = str(tmp_path / "p.rbe")
-    onnx_io.convert(paraphrase_onnx, out, policy=policy_from_document(RECIPE, "bench recipe"))
+    pipeline.convert(paraphrase_onnx, out, policy=policy_from_document(RECIPE, "bench recipe"))
     assert run(["export-onnx", out, str(tmp_path / "dense.onnx")]) == 0
     assert run(["export-onnx", out, str(tmp_path / "fly.onnx"), "--on-the-fly"]) == 0
     fly = ort.InferenceSession(str(tmp_path / "fly.onnx"))

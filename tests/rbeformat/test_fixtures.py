@@ -21,7 +21,7 @@ import golden
 import numpy as np
 import pytest
 
-from rbe_converters.hf import decode
+from rbe_converters.decode import decode
 from rbe_converters.safetensors_io import read_header
 from rbeformat import Reader
 from rbeformat.layout import unpack_header

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_safetensors
 
 from rbe_converters.compress.recipe import Policy, Rule, policy_from_codec
-from rbe_converters.hf import convert
+from rbe_converters.pipeline import convert
 from rbeformat import Reader, UsageError, Writer
 from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs import registry

@@ -1,4 +1,4 @@
-"""ONNX models to rbe and back.
+"""An .onnx file, as a tensor source.
 
 An ONNX file is a protobuf ``ModelProto``: the graph (nodes, inputs, outputs,
 value_info, opsets, metadata) and the weights as the graph's initializers, held
@@ -6,23 +6,24 @@ inline (``raw_data`` or a typed field such as ``float_data``) or in external
 files beside the model.  The container keeps them apart:
 
 * every initializer of the main graph whose element type rbe has (``ONNX_DTYPES``)
-  becomes an rbe tensor of the same name, encoded by the same policy machinery
-  as a Hugging Face checkpoint (``converters/hf.py``), with roles read from the
+  becomes an rbe tensor of the same name, encoded by the same pipeline as a
+  Hugging Face checkpoint (``converters/pipeline.py``), with roles read from the
   graph (``graph_roles``); a MatMul's weight is stored input x output, so a chain
   that groups along the last axis is stored as ``transpose(values=CHAIN)``, its
-  groups along the input axis (``hf.input_axis_grouped``);
+  groups along the input axis (``compress.plan.input_axis_grouped``);
 * the ModelProto with those initializers' data removed (name, dims and type kept)
   becomes the embedded file ``GRAPH_PATH``, named by the metadata key
   ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX models").
 
-Decoding puts each tensor back as the initializer's ``raw_data`` (or, past 2 GB,
-into a sibling external data file).  External data is read here, never by onnx,
-and only from paths checked to stay inside the model's folder.
+Decoding back to an .onnx file is ``converters/decode.py``'s.  External data is
+read here, never by onnx, and only from paths checked to stay inside the model's
+folder.
 
 Calibration-aware rules (``calibration = "gptq"``) run the model with
 transformers, which an ONNX file is not: their chains are encoded without
-calibration, and the converter says so (``check_policy``); head pruning is
-refused (``UsageError``) before anything is written.
+calibration unless a tokenizer lets ONNX Runtime run it
+(``converters/compress/calibrate/ort.py``), and the converter says so
+(``check_policy``); head pruning is refused (``UsageError``) before anything is written.
 """
 
 from __future__ import annotations
@@ -36,18 +37,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import FormatError, InputError, Reader, UsageError, Writer
-from rbeformat.atomic import atomic_file, check_parent, check_target
-from rbeformat.codecs.core.base import Codec
-from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES, SOURCE_KEY, read_graph
+from rbeformat import InputError, UsageError, Writer
+from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES, SOURCE_KEY
 from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.onnx_safety import check_model
 from rbeformat.spec import DTYPES, MAX_NDIM, MAX_TENSOR_ELEMENTS
 
-from .compress.recipe import Policy, lossless_policy
-from .compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
-from .hf import Progress, Statistics, _read_tensor, _store_shared, choose_chains, mixed_precision
-from .links import allowed_roots, inside
+from ..compress.recipe import Policy
+from ..compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
+from ..links import allowed_roots, inside
+from . import AddTensor, load
 
 try:
     import onnx
@@ -56,8 +55,6 @@ try:
 except ImportError:  # the core works without onnx; only this path needs it
     raise UsageError("ONNX input and output need the onnx package: pip install 'rbe[onnx]'") from None
 
-INLINE_LIMIT = (2 << 30) - 1  # protobuf cannot serialize a message of 2 GB or more
-EXTERNAL_ALIGNMENT = 4096  # page-aligned external tensors can be memory-mapped by runtimes
 
 # Where each type keeps its values when raw_data is not used (onnx.proto's TensorProto);
 # 16- and 8-bit floats keep their bit patterns in int32_data.
@@ -69,7 +66,7 @@ _TYPED_FIELDS = {
     TensorProto.UINT32: "uint64_data",
 }
 _BIT_PATTERNS = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
-_DATA_FIELDS = (
+DATA_FIELDS = (
     "raw_data",
     "float_data",
     "int32_data",
@@ -81,35 +78,25 @@ _DATA_FIELDS = (
 )
 
 
-def is_onnx_path(path: str) -> bool:
-    return path.lower().endswith(".onnx")
-
-
 # -- reading an ONNX file ---------------------------------------------------------------
 
 
 @dataclass
 class Initializer:
-    """One initializer's data, shaped like a safetensors file holding one tensor, so that
-    hf's helpers (``_read_tensor``, ``_store_shared``, ``choose_chains``) read it as they
-    read safetensors: ``.tensors``, ``.reader()``, ``.begin`` / ``.end``."""
+    """One initializer: its name, dtype and shape, and where its little-endian bytes are."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     inline: bytes | None = None  # the little-endian bytes, when the model holds them
     external: tuple[str, int] | None = None  # (checked real path, offset), when a file beside it does
-    begin: int = 0
 
     @property
-    def end(self) -> int:
+    def size(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
-    @property
-    def tensors(self) -> list[Initializer]:
-        return [self]
-
     def reader(self):
+        """(``read_at(offset, size)`` over the initializer's bytes, close)."""
         if self.inline is not None:
             view = memoryview(self.inline)
             return (lambda o, n: view[o : o + n]), (lambda: None)
@@ -129,7 +116,7 @@ class Initializer:
 
 
 @dataclass
-class OnnxPlan:
+class OnnxSource:
     """What converting an ONNX file reads: its stripped graph and its initializers, validated."""
 
     root: str  # the model's folder: external data must stay inside it
@@ -138,31 +125,77 @@ class OnnxPlan:
     initializers: list[Initializer]
     roles: dict[str, TensorRole]
     external_files: set[str] = field(default_factory=set)
+    path: str = ""  # the input as given
+    transformers_model = False
+    roles_from_graph = True
+    _by_name: dict = field(default_factory=dict, repr=False)
 
     @property
-    def safetensors(self) -> list[tuple[str, Initializer]]:  # what hf.choose_chains iterates
-        return [(init.name, init) for init in self.initializers]
+    def label(self) -> str:
+        return self.path or self.source
+
+    @property
+    def tensors(self) -> list[Initializer]:
+        return self.initializers
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(init.end for init in self.initializers)
+        return sum(init.size for init in self.initializers)
+
+    def tensor(self, name: str) -> Initializer:
+        if not self._by_name:
+            self._by_name.update((init.name, init) for init in self.initializers)
+        return self._by_name[name]
+
+    def read(self, name: str) -> np.ndarray:
+        init = self.tensor(name)
+        read_at, close = init.reader()
+        try:
+            return load(read_at, init)
+        finally:
+            close()
+
+    def config(self) -> dict | None:
+        return None
+
+    def embedded_files(self) -> list[str]:
+        return []  # the graph is the model itself
+
+    def check_output(self, destination: str) -> None:
+        target = os.path.realpath(destination)
+        if any(os.path.realpath(p) == target for p in [os.path.abspath(self.path), *self.external_files]):
+            raise UsageError(f"{destination}: is the input (or its external data); choose another output")
+
+    def check_policy(self, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
+        return check_policy(self, policy, calibrating)
+
+    def add_entries(self, w: Writer, add_tensor: AddTensor) -> dict[str, str]:
+        """Every initializer, then the stripped graph; the metadata that names it."""
+        for init in self.initializers:
+            read_at, close = init.reader()
+            try:
+                add_tensor(init, read_at)
+            finally:
+                close()
+        w.add_file(GRAPH_PATH, self.graph)
+        return {GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: self.source}
 
 
-def plan_conversion(src: str) -> OnnxPlan:
+def plan_conversion(src: str) -> OnnxSource:
     """Parses and checks ``src`` and its external data, before any output exists."""
     model = load_model(src)
     root = os.path.dirname(os.path.abspath(src))
     check_model(model, src, external_types=frozenset(ONNX_DTYPES))  # no other file, operator or opset
-    initializers = [_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
+    initializers = [read_initializer(t, root, src) for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
     _check_names(initializers, src)
     roles = graph_roles(model.graph, {init.name: init for init in initializers})
     for t in model.graph.initializer:
         if t.data_type in ONNX_DTYPES:
-            for name in _DATA_FIELDS:
+            for name in DATA_FIELDS:
                 t.ClearField(name)
             t.ClearField("data_location")
     external = {init.external[0] for init in initializers if init.external}
-    return OnnxPlan(root, os.path.basename(src), model.SerializeToString(), initializers, roles, external)
+    return OnnxSource(root, os.path.basename(src), model.SerializeToString(), initializers, roles, external, src)
 
 
 def load_model(path: str) -> onnx.ModelProto:
@@ -197,7 +230,7 @@ def _check_names(initializers: list[Initializer], src: str) -> None:
         seen.add(init.name)
 
 
-def _initializer(t, root: str, src: str) -> Initializer:
+def read_initializer(t, root: str, src: str) -> Initializer:
     dtype = ONNX_DTYPES[t.data_type]
     shape = _shape(t, src)
     size = math.prod(shape) * DTYPES[dtype].itemsize
@@ -394,10 +427,10 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
     return role if role in LINEAR_ROLES else "linear"
 
 
-# -- converting -------------------------------------------------------------------------
+# -- what the conversion may do ---------------------------------------------------------
 
 
-def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
+def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
     """The policy an ONNX file is encoded with, and a note for the user.
 
     With ``calibrating`` (a tokenizer was given: ``converters/compress/calibrate/ort.py``)
@@ -431,169 +464,12 @@ def check_policy(plan: OnnxPlan, policy: Policy, calibrating: bool = False) -> t
     )
 
 
-def calibration_methods(plan: OnnxPlan, policy: Policy) -> dict[str, str]:
-    """{initializer: method} for the initializers whose rule asks for calibration."""
-    methods = {}
-    for init in plan.initializers:
-        rule = policy.choose_rule(init.name, init.dtype, init.shape, plan.roles.get(init.name))
-        if rule is not None and rule.calibration:
-            methods[init.name] = rule.calibration
-    return methods
-
-
-def filled_model(plan: OnnxPlan) -> onnx.ModelProto:
+def filled_model(plan: OnnxSource) -> onnx.ModelProto:
     """The model with every initializer's data in place (read from the checked plan): what ONNX
     Runtime runs for calibration.  It holds all the weights in memory at once."""
     model = onnx.ModelProto.FromString(plan.graph)
     by_name = {init.name: init for init in plan.initializers}
     for t in model.graph.initializer:
         if t.name in by_name:
-            t.raw_data = np.ascontiguousarray(_read_tensor(by_name[t.name], by_name[t.name])).tobytes()
+            t.raw_data = np.ascontiguousarray(plan.read(t.name)).tobytes()
     return model
-
-
-def convert(
-    src: str,
-    dst: str,
-    *,
-    force: bool = False,
-    codec: Codec | None = None,
-    policy: Policy | None = None,
-    threads: int | None = None,
-    progress: Progress | None = None,
-    plan: OnnxPlan | None = None,
-    calibrations: dict | None = None,
-) -> list[str]:
-    """Converts an .onnx file (and its external data) into one rbe file; returns notes for the user."""
-    plan = plan or plan_conversion(src)
-    policy = policy or lossless_policy()
-    _check_not_input(dst, [os.path.abspath(src), *plan.external_files])
-    policy, note = check_policy(plan, policy, calibrating=calibrations is not None)
-    calibrations = calibrations or {}
-    alone, groups = choose_chains(plan, policy, plan.roles)
-    alone.update(mixed_precision(plan, policy, Statistics.of(calibrations), set(alone), roles=plan.roles))
-    with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
-        chains = _store_shared(w, alone, groups)
-        for init in plan.initializers:
-            _add_initializer(w, init, chains.get(init.name), calibrations.get(init.name))
-        w.add_file(GRAPH_PATH, plan.graph)
-        w.set_metadata({GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: plan.source})
-    return [note] if note else []
-
-
-def _check_not_input(dst: str, inputs: list[str]) -> None:
-    target = os.path.realpath(dst)
-    if any(os.path.realpath(p) == target for p in inputs):
-        raise UsageError(f"{dst}: is the input (or its external data); choose another output")
-
-
-def _add_initializer(w: Writer, init: Initializer, chosen, calibration=None) -> None:
-    if chosen is None:
-        read_at, close = init.reader()
-        try:
-            w.add_tensor(init.name, init.dtype, init.shape, read_at)
-        finally:
-            close()
-        return
-    chain, refs = chosen
-    values = _read_tensor(init, init)
-    w.add_transformed(init.name, init.dtype, values, chain, refs=refs, calibration=calibration)
-
-
-# -- decoding ---------------------------------------------------------------------------
-
-
-def decode(
-    src: str,
-    dst: str,
-    *,
-    force: bool = False,
-    verify: bool = True,
-    threads: int | None = None,
-    progress: Progress | None = None,
-    inline_limit: int = INLINE_LIMIT,
-) -> list[str]:
-    """Writes the ONNX model an rbe file carries to ``dst``, every initializer dense.
-
-    Up to ``inline_limit`` bytes of initializers go inline (``raw_data``); past it
-    they go to ``dst`` + ".data" beside it, which the model names as its external data.
-    Returns the paths written.
-    """
-    check_target(dst, force)
-    check_parent(dst)
-    with Reader(src, threads=threads) as r:
-        model = read_graph(r, verify)
-        initializers = [t for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
-        _check_graph(r, model, initializers)
-        total = sum(math.prod(_dims(t)) * DTYPES[ONNX_DTYPES[t.data_type]].itemsize for t in initializers)
-        if total + model.ByteSize() <= inline_limit:
-            return _write_inline(r, model, initializers, dst, force, verify, progress)
-        return _write_external(r, model, initializers, dst, force, verify, progress)
-
-
-def _dims(t) -> tuple[int, ...]:
-    return tuple(int(d) for d in t.dims)
-
-
-def _check_graph(r: Reader, model, initializers: list) -> None:
-    """What a decode trusts in a stored graph (``read_graph`` refused file references): one tensor per
-    initializer."""
-    names = [t.name for t in initializers]
-    if len(set(names)) != len(names):
-        raise FormatError("the stored ONNX graph names an initializer twice")
-    for t in initializers:
-        _check_tensor_matches(r, t)
-        for name in _DATA_FIELDS:  # the decoded tensor is the only data it gets
-            t.ClearField(name)
-        t.ClearField("data_location")
-
-
-def _check_tensor_matches(r: Reader, t) -> None:
-    if t.name not in r.keys():
-        raise FormatError(f"the ONNX graph's initializer {t.name!r:.80} has no tensor in the container")
-    entry = r.entry(t.name)
-    if entry.dtype.name != ONNX_DTYPES[t.data_type] or tuple(entry.shape) != _dims(t):
-        raise FormatError(
-            f"tensor {t.name!r:.80}: {entry.dtype.name} {list(entry.shape)} does not match the "
-            f"graph's initializer ({ONNX_DTYPES[t.data_type]} {list(_dims(t))})"
-        )
-
-
-def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
-    for t in initializers:
-        t.raw_data = b"".join(r.iter_tensor_bytes(t.name, verify=verify))
-        if progress:
-            progress(len(t.raw_data))
-    with atomic_file(dst, force) as fh:
-        fh.write(model.SerializeToString())
-    return [dst]
-
-
-def _write_external(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
-    data_path = dst + ".data"
-    check_target(data_path, force)
-    location = os.path.basename(data_path)
-    with atomic_file(dst, force) as model_fh:
-        with atomic_file(data_path, force) as data_fh:
-            offset = 0
-            for t in initializers:
-                pad = -offset % EXTERNAL_ALIGNMENT
-                data_fh.write(b"\0" * pad)
-                offset += pad
-                length = 0
-                for data in r.iter_tensor_bytes(t.name, verify=verify):  # a batch of chunks at a time
-                    data_fh.write(data)
-                    length += len(data)
-                    if progress:
-                        progress(len(data))
-                _point_at(t, location, offset, length)
-                offset += length
-            model_fh.write(model.SerializeToString())  # renamed into place after the data file
-    return [dst, data_path]
-
-
-def _point_at(t, location: str, offset: int, length: int) -> None:
-    t.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
