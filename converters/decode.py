@@ -101,10 +101,9 @@ def decode_onnx_to(
     check_parent(dst)
     with open_rbe(src) as r:
         total = decoded_tensor_bytes(r)
+        exported = r.metadata().get(MAPPING_KEY) is not None
     from .sources import onnx  # noqa: F401  (one clear error without the onnx package)
 
-    with open_rbe(src) as r:
-        exported = r.metadata().get(MAPPING_KEY) is not None
     if exported:  # a HF directory with its exported graph (rbe convert --onnx): wired by the mapping
         from .onnx_export import dense_model
 
