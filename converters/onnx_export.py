@@ -142,7 +142,30 @@ def export_model(root: str, threads: int | None = None) -> tuple[onnx.ModelProto
         raise InputError(
             f"{root}: torch.onnx.export could not export this {kind} ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
-    return program.model_proto, kind
+    model_proto = program.model_proto
+    _drop_stack_traces(model_proto)
+    return model_proto, kind
+
+
+# The exporter records, on every node, the Python stack that made it: absolute paths of the converting
+# machine's files and line numbers of torch, transformers and rbe.  A container must not carry them,
+# and its bytes must not depend on where or with which library versions' line numbers it was made.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(model) -> None:
+    graphs = [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs:
+        graph = graphs.pop()
+        nodes += graph.node
+        for node in graph.node:
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    for node in nodes:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 def model_kind(config) -> str:

@@ -304,3 +304,16 @@ def test_smollm2_with_onnx_generates_as_transformers(smollm2_dir, tmp_path):
     expected = hf_greedy(model, prompt, 8)
     del model  # one copy of the weights at a time besides the session's
     assert ort_greedy(dense_session(path), prompt, 8, transformers.AutoConfig.from_pretrained(smollm2_dir)) == expected
+
+
+def test_the_stored_graph_carries_no_path_of_the_converting_machine(bert):
+    """The exporter's per-node stack traces name this machine's files; they are dropped."""
+    import sys
+
+    _, _, _, path = bert
+    with Reader(path) as r:
+        model = stored_graph(r)
+    assert not [p for n in model.graph.node for p in n.metadata_props if p.key == onnx_export.STACK_TRACE_KEY]
+    data = model.SerializeToString()
+    for place in (os.path.dirname(onnx_export.__file__), sys.prefix, os.path.dirname(os.__file__)):
+        assert place.encode() not in data
