@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(encoders and causal LMs; needs torch, transformers and onnxscript)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with an interrupted calibrated conversion of the same input and options from its last "
+        "finished block (the state kept beside the output, in .OUTPUT.resume); refused when they differ",
+    )
     _common(p)
 
     p = sub.add_parser(
@@ -454,6 +460,11 @@ BAR_DELAY = 1.0  # seconds
 def progress_bar(total: int, quiet: bool, desc: str):
     from tqdm import tqdm
 
+    from .progress import LineProgress
+
+    if not quiet and not sys.stderr.isatty():  # a log: plain lines, not a bar's frames
+        return LineProgress(total, desc, "MB", count_format="{n:.1f}/{total:.1f}", scale=1e6)
+
     # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.  The bar waits
     # BAR_DELAY seconds before it first draws, so that a refusal found by the checks at the start (a link in
     # the output, a stored graph naming a file) is the one line on stderr.
@@ -488,6 +499,7 @@ def cmd_convert(args) -> int:
         tokenizer=args.tokenizer,
         onnx=args.onnx,
         threads=args.threads,
+        resume=args.resume,
     )
     result = convert_model(args.input, args.output, options, _Reporter(args.quiet))
     if not args.quiet:
@@ -515,18 +527,15 @@ class _Reporter:
         return progress_bar(total, self.quiet, desc)
 
     def windows_bar(self, total: int):
-        from tqdm import tqdm
+        from .progress import progress
 
         # Sentences and the block-by-block survey report fractions of windows: show whole ones.
-        return tqdm(
-            total=total,
-            unit="window",
-            desc="calibrate",
-            disable=self.quiet,
-            file=sys.stderr,
-            leave=False,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} windows [{elapsed}<{remaining}]",
-        )
+        return progress(total, "calibrate", "windows", self.quiet)
+
+    def blocks_bar(self, total: int):
+        from .progress import progress
+
+        return progress(total, "encode", "blocks", self.quiet)
 
 
 def _warn_larger_than_dense(names: list[str]) -> None:

@@ -79,9 +79,10 @@ def convert(
     calibration_text=None,
     calibrations: dict | None = None,
     sequential: bool = True,
-    blocks_progress: Progress | None = None,
+    blocks_progress=None,
     extra: Callable[[Writer], dict[str, str]] | None = None,
     plan: TensorSource | None = None,
+    resume=None,
 ) -> list[str]:
     """Converts a tensor source (or the path of one: ``sources.open_source``) into one rbe file.
 
@@ -96,11 +97,14 @@ def convert(
     With ``sequential`` (the default) a model transformers loads has its
     calibrated tensors encoded block by block, each block's statistics measured
     on what the blocks before it decode to (``calibrate.sequential``;
-    ``blocks_progress`` is told of each block); otherwise all from the original
+    ``blocks_progress``, a bar's ``update(n)`` and ``label(text)``, is told of each block and
+    stage); otherwise all from the original
     model's statistics.  ``extra`` adds entries of its own after the source's
     (an exported ONNX graph, ``onnx_export.ExportedGraph.add_to``) and returns
-    metadata to add.  Returns notes for the user (a changed policy, what head
-    pruning removed).
+    metadata to add.  ``resume`` (a ``resume.ResumeState``) keeps a checkpoint
+    after each block encoded sequentially, and goes on from the last one it
+    holds.  Returns notes for the user (a changed policy, what head pruning
+    removed).
     """
     source = plan if plan is not None else src if not isinstance(src, str) else open_source(src)
     policy = policy or lossless_policy()
@@ -113,10 +117,15 @@ def convert(
     pruned, pruning = prune_heads(source, policy, stats)
     alone.update(mixed_precision(source, policy, stats, set(alone), pruned, calibration_text, threads))
     with Writer(dst, force=force, codec=codec, threads=threads, progress=progress) as w:
+        checkpoint = resume.load_block() if resume is not None else None
+        if checkpoint is not None:
+            w.resume(checkpoint[1])
         chains = store_shared(w, source, alone, groups)
         done = set()
         if sequential and stats.methods and source.transformers_model:
-            done = _encode_sequentially(w, source, chains, stats, calibration_text, threads, blocks_progress, pruned)
+            done = _encode_sequentially(
+                w, source, chains, stats, calibration_text, threads, blocks_progress, pruned, resume, checkpoint
+            )
         elif stats.methods and set(stats.methods) - set(stats.kept):
             raise UsageError(
                 "the calibration statistics of a survey hold no Hessians for the blocks; encode them sequentially"
@@ -139,6 +148,8 @@ def convert(
         if extra is not None:
             metadata.update(extra(w))
         w.set_metadata(metadata)
+    if resume is not None:
+        resume.clear()
     return [note for note in (note, pruning) if note]
 
 
@@ -152,7 +163,8 @@ def store_shared(w: Writer, source: TensorSource, alone: dict, groups: dict) -> 
         values = [to_float32(source.read(t.name), dtype) for t, _ in members]
         shared = members[0][1].codec.build_shared(values, dtype, shape)
         for name, array in shared.items():
-            w.add_array(name, np.ascontiguousarray(array, np.float32), dedup=False, internal=True)
+            if not w.has(name):  # a resumed conversion wrote it before
+                w.add_array(name, np.ascontiguousarray(array, np.float32), dedup=False, internal=True)
         for t, chain in members:
             chosen[t.name] = (Chain(chain.codec.bind_shared(list(shared)), chain.parts), shared)
     return chosen
@@ -165,10 +177,14 @@ def _encode_sequentially(
     stats: Statistics,
     text,
     threads: int | None,
-    progress: Progress | None,
+    progress,
     pruned: dict,
+    resume=None,
+    checkpoint=None,
 ) -> set[str]:
-    """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names."""
+    """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names.
+    With ``resume``, a checkpoint after each block; from ``checkpoint`` (block, writer, hidden states)
+    the blocks after it."""
     from .compress.calibrate import torch as calibrate
 
     methods = {name: method for name, method in stats.methods.items() if name in chains}
@@ -182,7 +198,17 @@ def _encode_sequentially(
             name, t.dtype, values, chain, refs=refs, calibration=calibration, reference=original
         )
 
-    calibrate.sequential(source.root, methods, text or calibrate.default_text(), encode, stats.kept, threads, progress)
+    after_block = None
+    if resume is not None:
+
+        def after_block(index: int, hidden: list) -> None:
+            resume.save_block(index, w.checkpoint(), hidden)
+
+    start, hidden = (checkpoint[0] + 1, checkpoint[2]) if checkpoint is not None else (0, None)
+    if progress and start:
+        progress.update(start)
+    text = text or calibrate.default_text()
+    calibrate.sequential(source.root, methods, text, encode, stats.kept, threads, progress, start, hidden, after_block)
     return set(methods)
 
 
@@ -206,9 +232,15 @@ class Reporter:
         """A context manager whose ``update(n)`` counts (fractions of) ``total`` calibration windows."""
         return _NoBar()
 
+    def blocks_bar(self, total: int):
+        """A context manager whose ``update(n)`` counts blocks encoded of ``total`` and whose ``label(text)``
+        says what runs now (block by block encoding)."""
+        return _NoBar()
+
 
 class StderrReporter(Reporter):
-    """Lines and warnings on stderr, no bars: for a script that converts and wants to see what happens."""
+    """Lines and warnings on stderr, progress as plain lines (``progress.LineProgress``), never a bar:
+    for a script that converts and wants to see what happens, or a log."""
 
     def info(self, line: str) -> None:
         print(line, file=sys.stderr)
@@ -216,12 +248,30 @@ class StderrReporter(Reporter):
     def warning(self, line: str) -> None:
         print(line, file=sys.stderr)
 
+    def bar(self, total: int, desc: str):
+        from .progress import LineProgress
+
+        return LineProgress(total, desc, "MB", count_format="{n:.1f}/{total:.1f}", scale=1e6)
+
+    def windows_bar(self, total: int):
+        from .progress import LineProgress
+
+        return LineProgress(total, "calibrate", "windows")
+
+    def blocks_bar(self, total: int):
+        from .progress import LineProgress
+
+        return LineProgress(total, "encode", "blocks")
+
 
 class _NoBar(contextlib.nullcontext):
     def __enter__(self):
         return self
 
     def update(self, n: float = 1) -> None:
+        pass
+
+    def label(self, text: str) -> None:
         pass
 
 
@@ -241,6 +291,7 @@ class ConvertOptions:
     tokenizer: str | None = None  # .onnx input: calibrate in ONNX Runtime with it
     onnx: bool = False  # model directories: also store the architecture as an ONNX graph
     threads: int | None = None
+    resume: bool = False  # go on from the state an interrupted calibrated conversion left
 
 
 @dataclass
@@ -287,8 +338,18 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         reporter.info(embedding_note(input, files))
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
-    calibrations, text = _calibrations(source, policy, options, reporter)
-    with reporter.bar(source.tensor_bytes, "convert") as bar:
+    state = _resume_state(input, output, source, policy, options)
+    if state is not None and state.start(options.resume):
+        reporter.info(f"rbe: {output}: resuming the interrupted conversion")
+        calibrations, text = state.load_statistics(), calibration_text(options)
+    else:
+        if options.resume:
+            reporter.info(f"rbe: {output}: no interrupted conversion to resume; starting")
+        calibrations, text = _calibrations(source, policy, options, reporter)
+        if state is not None:
+            state.save_statistics(calibrations)
+    blocks = _sequential_blocks(source, calibrations, input)
+    with reporter.bar(source.tensor_bytes, "convert") as bar, reporter.blocks_bar(blocks) as blocks_bar:
         notes = convert(
             input,
             output,
@@ -300,9 +361,41 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
             progress=bar.update,
             calibrations=calibrations,
             calibration_text=text,
+            blocks_progress=blocks_bar if blocks else None,
             extra=graph.add_to if graph else None,
+            resume=state,
         )
     return notes + ([graph.summary()] if graph else [])
+
+
+def _resume_state(input: str, output: str, source, policy, options: ConvertOptions):
+    """The resume state (``resume.py``) of a conversion encoded block by block; None for others, which
+    have no blocks to go on from."""
+    import dataclasses
+    import os
+
+    from .resume import ResumeState, fingerprint
+
+    if not calibration_methods(source, policy) or not source.transformers_model:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("force", "resume")}
+    files = {rel: st.path for rel, st in source.safetensors}
+    files.update(dict(source.others))
+    if options.calibration:
+        files["--calibration"] = options.calibration
+    if os.path.isfile(input):
+        files = {os.path.basename(input): input}
+    return ResumeState(output, fingerprint(settings, files))
+
+
+def _sequential_blocks(source, calibrations, input: str) -> int:
+    """How many blocks the block by block encoding goes through (0 when nothing is calibrated)."""
+    methods = calibrations.methods if hasattr(calibrations, "methods") else calibrations
+    if not methods or not source.transformers_model:
+        return 0
+    from .compress.calibrate import torch as calibrate
+
+    return calibrate.sequential_steps(source.root)
 
 
 def embedding_note(source: str, files: list[str]) -> str:
@@ -378,4 +471,4 @@ def _calibrations(source, policy, options: ConvertOptions, reporter: Reporter) -
         return {}, None
     text = calibration_text(options)
     with reporter.windows_bar(text.windows) as bar:
-        return calibrate_for(source, policy, text, options.threads, bar.update), text
+        return calibrate_for(source, policy, text, options.threads, bar.update, label=bar.label), text

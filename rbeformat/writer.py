@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -94,7 +95,59 @@ class Writer:
         self._metadata: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._state = "open"
+        self.keep_partial = False  # abort() leaves the partial file for a resume (``checkpoint``)
         self._write(pack_header())
+
+    # -- resuming --------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """What ``resume`` needs to go on from here: the partial file's name and length, synced to
+        disk, and the entries written so far.  From now on an abort leaves the partial file."""
+        self._require_open()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.keep_partial = True
+        return {
+            "partial": os.path.basename(self._tmp),
+            "length": self._pos,
+            "tensors": self._tensors,
+            "files": self._files,
+            "names": sorted(self._names),
+            "paths": sorted(self._paths),
+            "digests": [[key[0], list(key[1]), *key[2:], name] for key, name in self._digests.items()],
+        }
+
+    def resume(self, state: dict) -> None:
+        """Continues the partial file a ``checkpoint`` described, in place of the new one this writer
+        began (removed): cut back to the checkpoint's length, its entries restored.  InputError when
+        the partial file is missing, shorter, or not a plain file of this output's."""
+        self._require_open()
+        name = state.get("partial")
+        prefix = f".{os.path.basename(self.path)}."
+        if not (isinstance(name, str) and name.startswith(prefix) and name.endswith(".partial") and "/" not in name):
+            raise InputError(f"{self.path}: the resume state names no partial file of this output")
+        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        length = state.get("length")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot reopen the partial file to resume ({exc.strerror})") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or not isinstance(length, int) or not 0 < length <= info.st_size:
+            os.close(fd)
+            raise InputError(f"{path}: the partial file is not the one the resume state describes")
+        self._file.close()
+        os.unlink(self._tmp)
+        os.ftruncate(fd, length)
+        os.lseek(fd, length, os.SEEK_SET)
+        self._file, self._tmp, self._pos = os.fdopen(fd, "wb"), path, length
+        self._tensors, self._files = list(state["tensors"]), list(state["files"])
+        self._names, self._paths = set(state["names"]), set(state["paths"])
+        self._digests = {(k[0], tuple(k[1]), *k[2:-1]): k[-1] for k in state["digests"]}
+        self.keep_partial = True
+
+    def has(self, name: str) -> bool:
+        """Whether a tensor of this name is written (resumed conversions skip it)."""
+        return name in self._names
 
     # -- context manager -------------------------------------------------------------
     def __enter__(self) -> Writer:
@@ -480,7 +533,7 @@ class Writer:
         try:
             self._file.close()
         finally:
-            if os.path.exists(self._tmp):
+            if os.path.exists(self._tmp) and not self.keep_partial:
                 os.unlink(self._tmp)
 
     def _shutdown(self) -> None:

@@ -220,12 +220,19 @@ def _check_prune_heads(roles: dict, methods: dict[str, str]) -> None:
 
 
 def calibrate_for(
-    plan: TensorSource, policy: Policy, text=None, threads: int | None = None, progress=None, sequential: bool = True
+    plan: TensorSource,
+    policy: Policy,
+    text=None,
+    threads: int | None = None,
+    progress=None,
+    sequential: bool = True,
+    label=None,
 ) -> Statistics:
     """The calibration statistics the policy's rules ask for (torch and transformers run the model).
 
     For a sequential conversion, a survey: block by block, scoring as it goes,
     so that memory holds one block's statistics; otherwise every statistic at once.
+    ``progress(n)`` counts windows' worth of work; ``label(text)`` says where the survey is.
     """
     methods = calibration_methods(plan, policy)
     if policy.prune_heads:  # refused before the model runs, not after
@@ -239,7 +246,7 @@ def calibrate_for(
         # The model's drift is measured on calibrated encodes: every Hessian is held at once.
         return Statistics.of(calibrate.collect(plan.root, methods, text, threads, progress))
     stats = Statistics(dict(methods), {})
-    stats.kept = calibrate.survey(plan.root, methods, text, _scorer(plan, policy, stats), threads, progress)
+    stats.kept = calibrate.survey(plan.root, methods, text, _scorer(plan, policy, stats), threads, progress, label)
     return stats
 
 

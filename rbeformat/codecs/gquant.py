@@ -50,6 +50,9 @@ from .util.arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_p
 
 MODES = ("sym", "asym")
 MIN_GROUP, MAX_GROUP = 16, 256
+# GPTQ takes a matrix whose float64 copy is larger than this in slices of rows.
+GPTQ_SLICE_BYTES = 256 * 2**20
+
 # Encoder search (not stored): sym tries scales peak * r / 2**(bits-1) for these
 # shrink factors r, mapping the peak to either end of the code grid; asym trims
 # each end of the group's [min, max] range by these fractions of its width.
@@ -328,6 +331,24 @@ class GroupQuant(TensorCodec):
         scales = np.zeros((rows, ng), np.float64)
         offsets = np.zeros((rows, ng), np.float64)
         codes = np.zeros((rows, n), np.uint8)
+        # Rows are independent under GPTQ (each row's error moves along its own columns): a large
+        # matrix (an output head) is taken in slices of rows, so that GPTQ's float64 copies stay small.
+        step = rows if rows * n * 8 <= GPTQ_SLICE_BYTES else max(1, GPTQ_SLICE_BYTES // (n * 8))
+        for start in range(0, rows, step):
+            part = slice(start, min(start + step, rows))
+            self._gptq_rows(w[part], calibration, scales[part], offsets[part], codes[part])
+        shape = self._scale_shape(x.shape)
+        parts = {
+            "codes": pack_codes(codes, self.bits),
+            "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape),
+        }
+        if self.mode == "asym":
+            parts["zeros"] = offsets.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)
+        return Encoded(parts=parts, params={})
+
+    def _gptq_rows(self, w, calibration: Calibration, scales, offsets, codes) -> None:
+        """GPTQ on the rows ``w``, filling their ``scales``, ``offsets`` and ``codes`` (views)."""
+        ng = scales.shape[1]
         static = self.gptq_order == "activation"
         weight = importance(calibration.hessian) if self.scale_fit == "importance" else None
 
@@ -357,14 +378,6 @@ class GroupQuant(TensorCodec):
         step = max(gptq.BLOCK // self.group, 1) * self.group
         order = gptq.activation_order(calibration.hessian) if static else None
         gptq.compensate(w, calibration.hessian, quantize, block=step, order=order)
-        shape = self._scale_shape(x.shape)
-        parts = {
-            "codes": pack_codes(codes, self.bits),
-            "scales": scales.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape),
-        }
-        if self.mode == "asym":
-            parts["zeros"] = offsets.astype(FLOAT_DTYPES[self.scale_dtype]).reshape(shape)
-        return Encoded(parts=parts, params={})
 
     def _fit_groups(self, block: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stored scale and offset (zeros in sym mode) of each row of ``block`` (rows, g), as float64;

@@ -16,6 +16,7 @@ Memory: the model in float32, one window's activations, and the H matrices
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
 from ... import hf_folder
+from . import stream
 
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
@@ -62,12 +64,10 @@ def collect(
     model_dir: str, weights: dict[str, str], text: CalibrationText, threads: int | None = None, progress=None
 ) -> dict[str, Calibration]:
     """{weight name: Calibration(method, H)} for the Linear weights named in ``weights`` (name -> method),
-    all at once from whole-model runs (``survey`` holds one block's at a time)."""
-    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
-    modules = _linear_modules(model, weights)
-    windows = batches_of(calibration_windows(tokenizer, text, model, causal))
-    with torch.no_grad():
-        return _moments(modules, weights, _model_runs(model, windows, text, torch, progress))
+    all held at once (``survey`` gives them one block at a time, and computes these)."""
+    inside: dict[str, Calibration] = {}
+    outside = survey(model_dir, weights, text, inside.__setitem__, threads, progress)
+    return {name: inside[name] if name in inside else outside[name] for name in weights}
 
 
 def survey(
@@ -77,36 +77,87 @@ def survey(
     visit: Callable[[str, Calibration], None],
     threads: int | None = None,
     progress=None,
+    label: Callable[[str], None] | None = None,
 ) -> dict[str, Calibration]:
     """The original model's statistics block by block, never more than one block's at a time.
 
     ``visit(name, calibration)`` is called for each named weight inside the
     blocks as its block is reached (to score it; nothing is kept).  Returns the
     Calibrations of the weights outside the blocks (a tied embedding, an output
-    head), which are few and small.  The statistics are those ``collect``
-    gives: every block runs on the original model's hidden states.
+    head), which are few and small, from the final hidden states.  The model is
+    streamed (``stream.py``): its embeddings, then one block at a time, then what
+    follows the blocks hold their weights only while they run.  ``progress(n)``
+    counts windows' worth of work, ``label(text)`` says which block and weight
+    is reached.
     """
-    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
+    label = label or (lambda text: None)
+    torch, streamed, tokenizer, causal = stream.open_streamed(model_dir, threads)
+    model = streamed.model
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     windows = batches_of(calibration_windows(tokenizer, text, model, causal))
     outside = {name: module for name, module in modules.items() if owner[name] is None}
-    # The progress reported adds up to text.windows: whole-model runs on each window (when
-    # weights lie outside the blocks), then the blocks, about two whole-model runs' work.
+    # The progress reported adds up to text.windows: the blocks, about two whole-model runs' work,
+    # then a run of what follows the blocks on each window (when weights lie outside the blocks).
     share = text.windows / ((len(windows) if outside else 0) + 2 * len(windows))
     with torch.no_grad():
-        runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share)))
-        kept = _moments(outside, weights, runs) if outside else {}
-        inputs = _block_inputs(model, blocks[0], windows, torch)
+        with streamed.loaded(streamed.front(blocks)):
+            inputs = _block_inputs(model, blocks[0], windows, torch)
         for index, block in enumerate(blocks):
             inside = {name: module for name, module in modules.items() if owner[name] == index}
-            for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
-                visit(name, calibration)
-            inputs = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in inputs]
+            where = f"block {index + 1}/{len(blocks)}"
+            with streamed.loaded(streamed.slots([block])):
+                if inside:
+                    label(f"{where}: running it")
+                    for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
+                        label(f"{where}: scoring {_short(name)}")
+                        visit(name, calibration)
+                inputs, as_tuple = _run_block(block, inputs)
             if progress:
                 progress(share * 2 * len(windows) / len(blocks))
-    return kept
+        if not outside:
+            return {}
+        label("after the blocks: " + ", ".join(outside))
+        with streamed.loaded(streamed.outside(blocks)), _blocks_pass_on(blocks, inputs, as_tuple):
+            runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share)))
+            return _moments(outside, weights, runs)
+
+
+def _run_block(block, inputs) -> tuple[list, bool]:
+    """The next block's inputs: each window's call with the block's output as its hidden states; and
+    whether the block returns a tuple (so that ``_blocks_pass_on`` returns what it did)."""
+    out, as_tuple = [], False
+    for call in inputs:
+        output = block(*call[0], **call[1])
+        as_tuple = isinstance(output, (tuple, list))
+        out.append(_with_hidden(call, _hidden(output)))
+    return out, as_tuple
+
+
+@contextlib.contextmanager
+def _blocks_pass_on(blocks, finals, as_tuple: bool):
+    """For the ``with`` body, the first block returns the final hidden states of ``finals`` (one call per
+    model run, in order) and the others return their input: a model run then computes what follows the
+    blocks (final norm, head, pooler) with no block's weights in memory."""
+
+    def shaped(hidden):
+        return (hidden,) if as_tuple else hidden
+
+    queue = iter(finals)
+    try:
+        blocks[0].forward = lambda *args, **kwargs: shaped(_hidden_of(next(queue)))
+        for block in list(blocks)[1:]:
+            block.forward = lambda *args, **kwargs: shaped(_hidden_of((args, kwargs)))
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _hidden_of(call: tuple[tuple, dict]):
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _model_runs(model, windows, text: CalibrationText, torch, progress):
@@ -304,6 +355,9 @@ def sequential(
     before: dict[str, Calibration],
     threads: int | None = None,
     progress=None,
+    start: int = 0,
+    hidden: list[np.ndarray] | None = None,
+    after_block: Callable[[int, list[np.ndarray]], None] | None = None,
 ) -> None:
     """Encodes the named weights block by block, each on the inputs the already encoded model gives.
 
@@ -318,25 +372,67 @@ def sequential(
     output head, the head itself) are encoded first with their statistics
     from ``before`` (``collect`` on the original model).  Memory: the model,
     every window's hidden states at one block boundary, and one stage's H.
+
+    ``after_block(index, hidden)`` is told of each block encoded, with the
+    hidden states the next block reads; a resumed conversion passes them back
+    as ``hidden`` with ``start`` the block to go on from (the weights outside
+    the blocks and the blocks before ``start`` are then written already).
     """
-    torch, model, tokenizer, causal = load_for_calibration(model_dir, threads)
+    torch, streamed, tokenizer, causal = stream.open_streamed(model_dir, threads)
+    model = streamed.model
     modules = _linear_modules(model, weights)
     blocks = _blocks(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
+    front = streamed.front(blocks)
+    read_in_front = {id(module._parameters[name]) for module, name in front}
     with torch.no_grad():
-        for name in [n for n in modules if owner[n] is None]:
-            _replace(modules[name], name, encode(name, before[name]), torch)
-        inputs = _block_inputs(model, blocks[0], batches_of(calibration_windows(tokenizer, text, model, causal)), torch)
-        for index, block in enumerate(blocks):
-            pending = [n for n in modules if owner[n] == index]
-            while pending:
-                stage = _next_stage(block, {n: modules[n] for n in pending}, inputs, weights)
-                for name, calibration in stage.items():
-                    _replace(modules[name], name, encode(name, calibration), torch)
-                pending = [n for n in pending if n not in stage]
-            inputs = [_with_hidden(call, _hidden(block(*call[0], **call[1]))) for call in inputs]
+        for name in [n for n in modules if owner[n] is None and start == 0]:
             if progress:
-                progress(1)
+                progress.label(f"encoding {name}")
+            decoded = _checked(name, encode(name, before[name]), modules[name].weight)
+            if id(modules[name].weight) in read_in_front:  # a tied embedding: the blocks read it encoded
+                streamed.overrides[id(modules[name].weight)] = np.ascontiguousarray(decoded, np.float32)
+        windows = batches_of(calibration_windows(tokenizer, text, model, causal))
+        with streamed.loaded(front):
+            inputs = _block_inputs(model, blocks[0], windows, torch)
+        streamed.overrides.clear()
+        if hidden is not None:
+            inputs = _resumed_inputs(inputs, hidden, torch)
+        for index, block in enumerate(blocks):
+            if index < start:
+                continue
+            with streamed.loaded(streamed.slots([block])):
+                pending = [n for n in modules if owner[n] == index]
+                where = f"block {index + 1}/{len(blocks)}"
+                while pending:
+                    if progress:
+                        progress.label(f"{where}: running it")
+                    stage = _next_stage(block, {n: modules[n] for n in pending}, inputs, weights)
+                    if progress:
+                        progress.label(f"{where}: encoding {', '.join(_short(n) for n in stage)}")
+                    for name, calibration in stage.items():
+                        _replace(modules[name], name, encode(name, calibration), torch)
+                    pending = [n for n in pending if n not in stage]
+                inputs, _ = _run_block(block, inputs)
+            if after_block:
+                after_block(index, [_hidden_of(call).numpy() for call in inputs])
+            if progress:
+                progress.update(1)
+
+
+def _resumed_inputs(inputs: list, hidden: list[np.ndarray], torch) -> list:
+    """The first block's calls (masks, positions) with the hidden states a resumed conversion saved."""
+    if len(hidden) != len(inputs) or any(
+        tuple(h.shape) != tuple(_hidden_of(call).shape) or h.dtype != np.float32 for call, h in zip(inputs, hidden)
+    ):
+        raise UsageError("--resume: the saved hidden states do not fit this model's calibration windows")
+    return [_with_hidden(call, torch.from_numpy(h)) for call, h in zip(inputs, hidden)]
+
+
+def _short(name: str) -> str:
+    """A weight's name within its block, for progress: ``self_attn.q_proj`` of ``model.layers.3.self_attn.q_proj.weight``."""
+    parts = name.removesuffix(".weight").split(".")
+    return ".".join(parts[-2:])
 
 
 def sequential_steps(model_dir: str) -> int:
@@ -354,7 +450,7 @@ def _blocks(model):
 
     best, most = None, 0
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1:
             count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
             if count > most:
                 best, most = module, count
@@ -371,10 +467,14 @@ def _block_of(blocks, module) -> int | None:
 
 
 def _replace(module, name: str, decoded: np.ndarray, torch) -> None:
-    weight = module.weight
+    decoded = _checked(name, decoded, module.weight)
+    module.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(decoded, np.float32)))
+
+
+def _checked(name: str, decoded: np.ndarray, weight) -> np.ndarray:
     if tuple(decoded.shape) != tuple(weight.shape):
         raise UsageError(f"{name}: the encoded weight has shape {decoded.shape}, the model's {tuple(weight.shape)}")
-    weight.data.copy_(torch.from_numpy(np.ascontiguousarray(decoded, np.float32)))
+    return decoded
 
 
 def _block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:

@@ -93,3 +93,18 @@ def test_activation_order_lowers_the_error_further_and_decodes_the_same_way():
         W, decoded(columns, calibration), HESSIAN
     )
     assert activation.config() == columns.config()  # an encoder setting: not stored
+
+
+@pytest.mark.parametrize("order", ["activation", "columns"])
+def test_gquant_gptq_on_slices_of_rows_picks_the_codes_of_the_whole_matrix(monkeypatch, order):
+    # A large matrix (an output head) is taken in slices of rows to bound GPTQ's float64 copies;
+    # rows are independent under GPTQ, so the codes and scales must not change.
+    from rbeformat.codecs import gquant
+
+    codec = GroupQuant(bits=4, group=64, mode="asym", gptq_order=order)
+    whole = codec.encode(W, calibration=Calibration("gptq", HESSIAN))
+    monkeypatch.setattr(gquant, "GPTQ_SLICE_BYTES", N * 8 * 7)  # 7 rows a slice, the last one shorter
+    sliced = codec.encode(W, calibration=Calibration("gptq", HESSIAN))
+    assert sorted(sliced.parts) == sorted(whole.parts)
+    for name in whole.parts:
+        np.testing.assert_array_equal(sliced.parts[name], whole.parts[name])

@@ -1,0 +1,249 @@
+"""Conversions of checkpoints larger than memory: peak RSS and time, block by block.
+
+Builds Llama-shaped bf16 checkpoints with random weights (transformers'
+``LlamaConfig`` and its own initialization, written block by block in shards
+with an index, SmolLM2's tokenizer beside them), then converts each with
+``rbe_converters.pipeline.convert_model`` in a child Python whose peak resident
+set (``getrusage``, the kernel's own high-water mark, not a sample) and time
+are measured, optionally inside a memory cap (a cgroup v1 memory limit, where
+the machine allows creating one).  Quality on random weights means nothing and
+is not reported.
+
+    python -m bench.scale --sizes 0.8b                 # make and convert the 0.8 B checkpoint
+    python -m bench.scale --sizes 2.9b --cap-gib 4     # inside a 4 GiB memory cap
+    python -m bench.scale --make-only --sizes 2.9b,6.7b
+
+Sizes (hidden / layers / MLP / heads / kv heads / vocabulary):
+
+- ``0.8b``: 2048 / 12 / 5632 / 16 / 16 / 49152, untied, 0.82 B
+- ``2.9b``: 3072 / 28 / 8192 / 24 / 8 / 49152, tied (Llama-3.2-3B's shapes), 2.97 B
+- ``2.9b-14``: the same with 14 layers, for the check that peak memory does not grow with depth
+- ``6.7b``: 4096 / 32 / 11008 / 32 / 32 / 49152, untied (Llama-2-7B's shapes with SmolLM2's
+  vocabulary, so that its tokenizer's ids are valid), 6.88 B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .models import cache_dir, smollm2_dir
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "scale")
+SHARD_BYTES = 2 * 2**30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    mlp: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    def parameters(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        block = attention + 3 * self.hidden * self.mlp + 2 * self.hidden
+        return self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+SIZES = {
+    "0.8b": Shape(2048, 12, 5632, 16, 16, 49152, tied=False),
+    "2.9b": Shape(3072, 28, 8192, 24, 8, 49152, tied=True),
+    "2.9b-14": Shape(3072, 14, 8192, 24, 8, 49152, tied=True),
+    "6.7b": Shape(4096, 32, 11008, 32, 32, 49152, tied=False),
+}
+
+
+def llama_config(shape: Shape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=shape.mlp,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def make_checkpoint(shape: Shape, folder: str, seed: int = 0) -> str:
+    """Writes a bf16 Llama checkpoint of ``shape`` into ``folder`` (kept when complete), one
+    module group at a time, so that making it needs about one shard of memory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    done = folder + ".complete"  # beside the folder: a file inside it would be converted with the model
+    if os.path.exists(done):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    config = llama_config(shape)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    groups = [model.model.embed_tokens, *model.model.layers, model.model.norm]
+    if not shape.tied:
+        groups.append(model.lm_head)
+    names = {id(module): name for name, module in model.named_modules()}
+    shards: list[dict] = [{}]
+    for index, module in enumerate(groups):
+        torch.manual_seed(seed * 100003 + index)
+        module.to_empty(device="cpu")
+        module.to(torch.bfloat16)
+        for sub in module.modules():
+            model._init_weights(sub)
+        prefix = names[id(module)]
+        for key, value in module.state_dict().items():
+            shards[-1][f"{prefix}.{key}"] = value.contiguous()
+        if sum(v.numel() * 2 for v in shards[-1].values()) >= SHARD_BYTES:
+            _write_shard(shards, folder, save_file)
+            shards.append({})
+        module.to("meta")
+    if shards[-1]:
+        _write_shard(shards, folder, save_file)
+    _write_index(shards, folder)
+    config.dtype = "bfloat16"
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(smollm2_dir(), name), os.path.join(folder, name))
+    open(done, "w").close()
+    return folder
+
+
+def _shard_name(index: int) -> str:
+    return f"model-{index + 1:05d}.safetensors"
+
+
+def _write_shard(shards: list[dict], folder: str, save_file) -> None:
+    save_file(shards[-1], os.path.join(folder, _shard_name(len(shards) - 1)), metadata={"format": "pt"})
+    shards[-1] = {name: None for name in shards[-1]}  # names kept for the index, values released
+
+
+def _write_index(shards: list[dict], folder: str) -> None:
+    count = len(shards)
+    weight_map = {}
+    for index, shard in enumerate(shards):
+        final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        os.replace(os.path.join(folder, _shard_name(index)), os.path.join(folder, final))
+        weight_map.update({name: final for name in shard})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh, indent=1)
+
+
+def checkpoint_dir(size: str) -> str:
+    return os.path.join(cache_dir(), "scale", f"llama-{size}-bf16")
+
+
+# -- measured conversions -----------------------------------------------------------------
+
+CHILD = """
+import json, resource, sys, time
+from rbe_converters.pipeline import ConvertOptions, StderrReporter, convert_model
+options = ConvertOptions(**json.loads(sys.argv[3]))
+start = time.perf_counter()
+result = convert_model(sys.argv[1], sys.argv[2], options, StderrReporter())
+print(json.dumps({"seconds": time.perf_counter() - start, "file_bytes": result.totals["file_bytes"],
+                  "bits_per_weight": result.totals["bits_per_weight"]}))
+"""
+
+
+def run_capped(argv: list[str], cap_gib: float | None, log_path: str) -> tuple[int, float, str]:
+    """Runs ``argv`` (inside a cgroup v1 memory cap of ``cap_gib`` when given); returns
+    (exit code, peak RSS in bytes of the child and its children, stdout)."""
+    cgroup = _make_cgroup(cap_gib) if cap_gib else None
+
+    def enter_cgroup():
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+
+    with open(log_path, "w") as log, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=log, text=True, preexec_fn=enter_cgroup)
+        # wait4: this child's own peak (its ru_maxrss), not the largest of every child so far
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        stdout = out.read()
+    if cgroup:
+        os.rmdir(cgroup)
+    return proc.returncode, usage.ru_maxrss * 1024, stdout
+
+
+def _make_cgroup(cap_gib: float) -> str:
+    root = "/sys/fs/cgroup/memory"
+    if not os.path.isdir(root):
+        raise SystemExit("no cgroup v1 memory controller here: run without --cap-gib, or cap the job another way")
+    path = os.path.join(root, f"rbe-scale-{os.getpid()}-{time.monotonic_ns()}")
+    os.mkdir(path)
+    with open(os.path.join(path, "memory.limit_in_bytes"), "w") as fh:
+        fh.write(str(int(cap_gib * 2**30)))
+    return path
+
+
+JOBS = {
+    "lossless": {},
+    "q8": {"preset": "q8"},
+    "q4": {"preset": "q4", "calibration_windows": 2},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.8b", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--jobs", default="q4", help=f"comma-separated, of {', '.join(JOBS)}")
+    parser.add_argument("--cap-gib", type=float, default=None, help="run each conversion inside this memory cap")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--make-only", action="store_true", help="only make the checkpoints")
+    args = parser.parse_args(argv)
+    os.makedirs(OUT_DIR, exist_ok=True)
+    rows = []
+    for size in args.sizes.split(","):
+        shape = SIZES[size]
+        start = time.perf_counter()
+        folder = make_checkpoint(shape, checkpoint_dir(size))
+        print(f"{size}: {shape.parameters() / 1e9:.2f} B parameters in {folder} ({time.perf_counter() - start:.0f} s)")
+        if args.make_only:
+            continue
+        for job in args.jobs.split(","):
+            options = dict(JOBS[job], force=True, threads=args.threads)
+            out = os.path.join(OUT_DIR, f"{size}-{job}.rbe")
+            log = os.path.join(OUT_DIR, f"{size}-{job}.log")
+            code, peak, stdout = run_capped(
+                [sys.executable, "-c", CHILD, folder, out, json.dumps(options)], args.cap_gib, log
+            )
+            result = json.loads(stdout.strip().splitlines()[-1]) if code == 0 else {}
+            rows.append((size, job, code, peak, result))
+            print(_row(*rows[-1]), flush=True)
+    if rows:
+        print("\n| checkpoint | job | exit | peak RSS | time | file | bits/weight |\n|---|---|---|---|---|---|---|")
+        for row in rows:
+            print(_row(*row))
+
+
+def _row(size: str, job: str, code: int, peak: float, result: dict) -> str:
+    if not result:
+        return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | - | - | - |"
+    minutes, size_gb, bits = result["seconds"] / 60, result["file_bytes"] / 1e9, result["bits_per_weight"]
+    return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {minutes:.1f} min | {size_gb:.2f} GB | {bits:.2f} |"
+
+
+if __name__ == "__main__":
+    main()

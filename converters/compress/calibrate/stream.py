@@ -1,0 +1,172 @@
+"""A transformers model that holds the weights of one part at a time.
+
+Calibration runs a model on text, but never needs all of it at once: the
+embeddings run, then each block in turn, then the final norm and the head.
+``open_streamed`` builds the model from its config.json on the meta device
+(no parameter allocated), makes its buffers (rope tables, position ids) as
+transformers does after a load, and ``StreamedModel.loaded(part)`` fills the
+parameters of that part from the checkpoint's tensors, in float32, for as long
+as the part runs; they go back to the meta device afterwards.  Peak memory is
+then the largest part in float32 beside the calibration's own state, whatever
+the number of blocks.
+
+Each tensor is read in its stored dtype (bf16 as its bits) and widened only
+for the part that runs: the model's arithmetic is float32, as it was when the
+whole model was loaded in float32, so the statistics are the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import numpy as np
+
+from rbeformat import UsageError
+from rbeformat.embedded import hf_guard
+from rbeformat.embedded.config import is_causal_lm
+from rbeformat.values import to_float32
+
+from ... import hf_folder
+
+
+class StreamedModel:
+    """A model on the meta device whose parts are filled from ``source`` while they run.
+
+    ``overrides`` holds values that replace a tensor's stored ones (an encoded
+    tied embedding, which the blocks must see as encoded).
+    """
+
+    def __init__(self, model, source, torch):
+        self.model = model
+        self.source = source
+        self.torch = torch
+        self.tensor_of = _stored_names(model, {t.name for t in source.tensors})
+        self.overrides: dict[int, np.ndarray] = {}
+
+    @contextlib.contextmanager
+    def loaded(self, slots: list[tuple[object, str]]):
+        """Fills the parameters at ``slots`` ((module, parameter name) pairs) for the ``with`` body."""
+        torch = self.torch
+        filled = []
+        try:
+            for module, name in slots:
+                meta = module._parameters[name]
+                values = self.values_of(meta)
+                module._parameters[name] = torch.nn.Parameter(torch.from_numpy(values), requires_grad=False)
+                filled.append((module, name, meta))
+            yield
+        finally:
+            for module, name, meta in reversed(filled):
+                module._parameters[name] = meta
+
+    def values_of(self, parameter) -> np.ndarray:
+        """A parameter's float32 values: its override, or its stored tensor widened."""
+        if id(parameter) in self.overrides:
+            return self.overrides[id(parameter)]
+        name = self.tensor_of[id(parameter)]
+        values = np.ascontiguousarray(to_float32(self.source.read(name), self.source.tensor(name).dtype))
+        return values if values.flags.writeable else values.copy()  # sequential encoding writes into it
+
+    def slots(self, modules) -> list[tuple[object, str]]:
+        """Every (module, parameter name) inside ``modules``, each once."""
+        out, seen = [], set()
+        for top in modules:
+            for module in top.modules():
+                for name, parameter in module._parameters.items():
+                    if parameter is not None and (id(module), name) not in seen:
+                        seen.add((id(module), name))
+                        out.append((module, name))
+        return out
+
+    def outside(self, blocks) -> list[tuple[object, str]]:
+        """The parameters outside the stack of blocks: embeddings, final norm, head, pooler."""
+        inside = {id(m) for m in blocks.modules()}
+        return [(m, n) for m, n in self.slots([self.model]) if id(m) not in inside]
+
+    def front(self, blocks) -> list[tuple[object, str]]:
+        """The parameters outside the blocks that run before them: all but the output head's
+        (a tied head's weight is filled where the embedding reads it)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return [(m, n) for m, n in self.outside(blocks) if m is not head]
+
+
+def _stored_names(model, stored: set[str]) -> dict[int, str]:
+    """{id of each parameter: the checkpoint tensor that fills it}, by name with or without the base
+    model's prefix (a tied parameter is filled from whichever of its names the checkpoint holds)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    found: dict[int, str] = {}
+    names: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), name)
+        for candidate in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if candidate in stored and id(parameter) not in found:
+                found[id(parameter)] = candidate
+    missing = [names[key] for key in names if key not in found]
+    if missing:
+        raise UsageError(
+            f"calibration: the checkpoint holds no tensor for the model's parameter {missing[0]!r} "
+            f"({len(missing)} missing); rbe calibrates models whose tensors carry transformers' names"
+        )
+    return found
+
+
+def open_streamed(model_dir: str, threads: int | None):
+    """(torch, StreamedModel, tokenizer, causal) for the model directory, no weight loaded yet.
+
+    As ``load_for_calibration``: transformers reads links to the directory's
+    config and tokenizer files alone, config.json checked first, no code run.
+    """
+    torch, transformers = _imports(threads)
+    from ...sources.safetensors import plan_conversion
+
+    if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
+        from rbeformat import InputError
+
+        raise InputError(f"{model_dir}: calibration needs a model directory with config.json")
+    with tempfile.TemporaryDirectory(prefix="rbe-calibrate-") as folder:
+        shapes = hf_folder.stage_directory(model_dir, folder)
+        config = hf_folder.check_folder(folder, model_dir, shapes)
+        causal = is_causal_lm(config)
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        with hf_guard.content_errors(model_dir, hf_guard.CONFIG_FILE):
+            hf_config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
+        model = hf_guard.meta_model(auto, hf_config, torch.float32, model_dir)
+        hf_guard.check_shapes(model, shapes, model_dir)
+        tokenizer = hf_guard.load_tokenizer(folder, model_dir)
+    _make_buffers(model, torch)
+    return torch, StreamedModel(model.eval(), plan_conversion(model_dir), torch), tokenizer, causal
+
+
+def _make_buffers(model, torch) -> None:
+    """Gives every buffer real memory and the values transformers gives it after a load
+    (``_init_weights`` of the module that owns it: rope frequencies, position ids)."""
+    owners = []
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.empty_like(buffer, device="cpu")
+                owners.append(module)
+    for module in {id(m): m for m in owners}.values():
+        if not any(p is not None for p in module._parameters.values()):  # nothing on the meta device to touch
+            model._init_weights(module)
+        else:
+            raise UsageError(
+                f"calibration: {type(module).__name__} holds both parameters and buffers; rbe cannot "
+                "stream its model block by block"
+            )
+
+
+def _imports(threads: int | None):
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise UsageError("calibration needs torch and transformers: pip install 'rbe[hf]'") from None
+    if threads:
+        torch.set_num_threads(threads)
+    # rbe reports its own progress and errors; transformers' load reports would bury them.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return torch, transformers

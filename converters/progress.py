@@ -1,0 +1,116 @@
+"""Progress on stderr: a bar on a terminal, plain lines in a log.
+
+A conversion of hours must never look hung, and a log must not fill with a
+bar's frames.  ``progress(total, desc, unit)`` gives a tqdm bar when stderr is
+a terminal, otherwise ``LineProgress``: a line at most every ``LINE_SECONDS``,
+when something moves on, with the count, the elapsed time and an
+estimate of what is left.  Both take ``update(n)`` and ``label(text)`` (what
+runs now, e.g. "block 3/28: mlp_down").
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+LINE_SECONDS = 10.0
+BAR_DELAY = 1.0  # seconds before a bar first draws: a refusal found at the start stays the one line
+
+
+def progress(total: float, desc: str, unit: str, quiet: bool = False, count_format: str = "{n:.0f}/{total:.0f}"):
+    """A bar (terminal) or ``LineProgress`` (log) over ``total`` ``unit``s; silent when ``quiet``."""
+    if quiet:
+        return LineProgress(total, desc, unit, silent=True)
+    if sys.stderr.isatty():
+        return _Bar(total, desc, unit, count_format)
+    return LineProgress(total, desc, unit, count_format=count_format)
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class LineProgress:
+    """Progress as plain lines on stderr (none when ``silent``), each with an estimate from the average rate so far."""
+
+    def __init__(
+        self,
+        total: float,
+        desc: str,
+        unit: str,
+        silent: bool = False,
+        count_format: str = "{n:.0f}/{total:.0f}",
+        scale: float = 1.0,
+    ):
+        self.total, self.desc, self.unit, self.silent = total, desc, unit, silent
+        self.count_format, self.scale = count_format, scale
+        self.n = 0.0
+        self.text = ""
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= LINE_SECONDS:
+            self._line()
+
+    def label(self, text: str) -> None:
+        self.text = text
+        if time.monotonic() - self.last >= LINE_SECONDS:
+            self._line()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        count = self.count_format.format(n=self.n / self.scale, total=self.total / self.scale)
+        out = f"rbe: {self.desc}: {count} {self.unit}"
+        if self.text:
+            out += f", {self.text}"
+        out += f", {clock(elapsed)} elapsed"
+        if 0 < self.n < self.total:
+            out += f", about {clock(elapsed / self.n * (self.total - self.n))} left"
+        return out
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        if not self.silent:
+            print(self.line(), file=sys.stderr, flush=True)
+
+
+class _Bar:
+    """tqdm's bar with ``label`` shown after the counts."""
+
+    def __init__(self, total: float, desc: str, unit: str, count_format: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            file=sys.stderr,
+            leave=False,
+            delay=BAR_DELAY,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+            + count_format
+            + " "
+            + unit
+            + " [{elapsed}<{remaining}]{postfix}",
+        )
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, n: float = 1) -> None:
+        self.bar.update(n)
+
+    def label(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=True)

@@ -1,0 +1,183 @@
+"""What an interrupted conversion leaves to go on from: ``rbe convert ... --resume``.
+
+A calibrated conversion of a large model runs for hours; a signal, a crash or
+a power cut must not cost it all.  Beside the output, in the folder
+``.NAME.resume``, the conversion keeps:
+
+* ``key.json``: what the state belongs to: rbe's version, the options, and each
+  input file's name, size and modification time (``fingerprint``).  A resume
+  with any of them different is refused (exit 2).
+* ``statistics.json`` and ``kept-N.npy``: the survey's results (mixed precision's
+  scores, head scores, the Hessians of the weights outside the blocks), so a
+  resume never surveys again.
+* ``block.json`` and ``hidden-N.npy``: after each block encoded, the writer's
+  checkpoint (``Writer.checkpoint``: its partial file's name and length and the
+  entries so far) and the hidden states the next block reads.
+
+Every file is replaced atomically, the block's hidden states before the JSON
+that names them; arrays are read back with ``allow_pickle=False``.  The
+output itself stays atomic: until the last step nothing is at its path, and
+the state is removed once the output is in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+
+from rbeformat import InputError, UsageError, __version__
+from rbeformat.codecs.core.tensor import Calibration
+
+STATE_VERSION = 1
+
+
+def state_dir(output: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.resume")
+
+
+def fingerprint(options: dict, files: dict[str, str]) -> dict:
+    """What a resume must find unchanged: the version, the options and each input file's size and
+    modification time (``files``: {name as the input lists it: its path})."""
+    stats = []
+    for name, path in sorted(files.items()):
+        info = os.stat(path)
+        stats.append([name, info.st_size, info.st_mtime_ns])
+    return {"state": STATE_VERSION, "rbe": __version__, "options": options, "files": stats}
+
+
+class ResumeState:
+    """The state folder of one output (``state_dir``) for a conversion with key ``key`` (``fingerprint``)."""
+
+    def __init__(self, output: str, key: dict):
+        self.output = output
+        self.folder = state_dir(output)
+        self.key = key
+
+    # -- starting ----------------------------------------------------------------------
+    def start(self, resume: bool) -> bool:
+        """Prepares the folder; returns whether there is progress to resume.  With ``resume``, a state
+        of another input or other options is refused (UsageError); without it, any state is cleared."""
+        if os.path.islink(self.folder):
+            raise InputError(f"{self.folder}: is a symbolic link; rbe keeps its resume state in a folder of its own")
+        found = self._read("key.json") if os.path.isdir(self.folder) else None
+        if not resume or found is None:
+            self.clear()
+            os.makedirs(self.folder)
+            self._write_json("key.json", self.key)
+            return False
+        if found != self.key:
+            raise UsageError(
+                f"{self.output}: --resume: the interrupted conversion had another input or other options "
+                f"({_difference(found, self.key)}); run without --resume to start again"
+            )
+        return os.path.exists(os.path.join(self.folder, "statistics.json"))
+
+    def clear(self) -> None:
+        """Removes the state and the partial file its last checkpoint names."""
+        if not os.path.isdir(self.folder) or os.path.islink(self.folder):
+            return
+        block = self._read("block.json")
+        partial = block.get("writer", {}).get("partial") if isinstance(block, dict) else None
+        if isinstance(partial, str) and partial.startswith(f".{os.path.basename(self.output)}.") and "/" not in partial:
+            path = os.path.join(os.path.dirname(self.folder), partial)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+        shutil.rmtree(self.folder)
+
+    # -- the survey's results -----------------------------------------------------------
+    def save_statistics(self, stats) -> None:
+        kept = sorted(stats.kept)
+        for index, name in enumerate(kept):
+            self._write_array(f"kept-{index}.npy", stats.kept[name].hessian)
+        self._write_json(
+            "statistics.json",
+            {
+                "methods": stats.methods,
+                "kept": [[name, stats.kept[name].method] for name in kept],
+                "candidates": {name: dataclasses.asdict(c) for name, c in stats.candidates.items()},
+                "head_scores": {str(layer): np.asarray(s).tolist() for layer, s in stats.head_scores.items()},
+            },
+        )
+
+    def load_statistics(self):
+        from .compress.mixed import Candidate
+        from .compress.plan import Statistics
+
+        data = self._read("statistics.json")
+        if not isinstance(data, dict):
+            raise InputError(f"{self.folder}: statistics.json is damaged; run without --resume")
+        kept = {
+            name: Calibration(method, self._read_array(f"kept-{index}.npy"))
+            for index, (name, method) in enumerate(data["kept"])
+        }
+        candidates = {
+            name: Candidate(c["name"], c["weights"], tuple(c["bits"]), tuple(c["errors"]))
+            for name, c in data["candidates"].items()
+        }
+        head_scores = {int(layer): np.asarray(s) for layer, s in data["head_scores"].items()}
+        return Statistics(dict(data["methods"]), kept, candidates, head_scores)
+
+    # -- blocks --------------------------------------------------------------------------
+    def save_block(self, index: int, writer_state: dict, hidden: list[np.ndarray]) -> None:
+        """After block ``index`` is written: the writer's checkpoint and the next block's hidden states."""
+        for k, array in enumerate(hidden):
+            self._write_array(f"hidden-{index % 2}-{k}.npy", array)  # two sets: the last good one survives
+        self._write_json("block.json", {"block": index, "writer": writer_state, "hidden": len(hidden)})
+
+    def load_block(self) -> tuple[int, dict, list[np.ndarray]] | None:
+        """(last block written, the writer's checkpoint, the next block's hidden states), or None."""
+        data = self._read("block.json")
+        if data is None:
+            return None
+        index = data["block"]
+        return index, data["writer"], [self._read_array(f"hidden-{index % 2}-{k}.npy") for k in range(data["hidden"])]
+
+    # -- files ---------------------------------------------------------------------------
+    def _read(self, name: str):
+        path = os.path.join(self.folder, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            raise InputError(f"{path}: damaged resume state; run without --resume to start again") from None
+
+    def _read_array(self, name: str) -> np.ndarray:
+        path = os.path.join(self.folder, name)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: damaged resume state ({exc}); run without --resume to start again") from None
+
+    def _write_json(self, name: str, obj) -> None:
+        self._replace(name, json.dumps(obj, sort_keys=True).encode())
+
+    def _write_array(self, name: str, array: np.ndarray) -> None:
+        tmp = os.path.join(self.folder, f".{name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(self.folder, name))
+
+    def _replace(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.folder, f".{name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(self.folder, name))
+
+
+def _difference(found: dict, wanted: dict) -> str:
+    for field in ("rbe", "options", "files", "state"):
+        if found.get(field) != wanted.get(field):
+            return {"rbe": "another rbe version", "options": "other options", "files": "other input files"}.get(
+                field, "another state format"
+            )
+    return "a different key"

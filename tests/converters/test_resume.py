@@ -1,0 +1,114 @@
+"""``rbe convert --resume``: an interrupted calibrated conversion goes on from its last finished block."""
+
+import hashlib
+import os
+
+import pytest
+from tiny_models import common_words, word_tokenizer
+
+from rbe_converters import resume
+from rbe_converters.pipeline import ConvertOptions, convert_model
+from rbeformat import UsageError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXT = " ".join(common_words(150)) * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    directory = str(root / "llama")
+    tokenizer = word_tokenizer(common_words(150))
+    torch.manual_seed(11)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    ).to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    text = root / "calibration.txt"
+    text.write_text(TEXT)
+    return directory, str(text)
+
+
+def _options(text: str, **changes) -> ConvertOptions:
+    return ConvertOptions(
+        **{"preset": "q4", "calibration": text, "calibration_windows": 2, "threads": 1, "force": True, **changes}
+    )
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, block: int) -> None:
+    save = resume.ResumeState.save_block
+
+    def save_then_stop(self, index, writer_state, hidden):
+        save(self, index, writer_state, hidden)
+        if index == block:
+            raise _Stop
+
+    monkeypatch.setattr(resume.ResumeState, "save_block", save_then_stop)
+
+
+def test_a_resumed_conversion_writes_the_bytes_of_an_uninterrupted_one(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    whole = str(tmp_path / "whole.rbe")
+    convert_model(directory, whole, _options(text))
+    assert not os.path.exists(resume.state_dir(whole))  # removed on success
+
+    out = str(tmp_path / "out.rbe")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    assert not os.path.exists(out)  # nothing at the output path while interrupted
+    partials = [n for n in os.listdir(tmp_path) if n.startswith(".out.rbe.") and n.endswith(".partial")]
+    assert len(partials) == 1 and os.path.isdir(resume.state_dir(out))
+
+    surveyed, saved = [], []
+    save = resume.ResumeState.save_block
+    monkeypatch.setattr("rbe_converters.pipeline._calibrations", lambda *a: surveyed.append(1))
+    monkeypatch.setattr(resume.ResumeState, "save_block", lambda self, i, *a: saved.append(i) or save(self, i, *a))
+    convert_model(directory, out, _options(text, resume=True))
+    assert not surveyed and saved == [2, 3]  # no survey again; the blocks after the last one saved
+    assert _sha(out) == _sha(whole)
+    assert not os.path.exists(resume.state_dir(out))
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 0)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    with pytest.raises(UsageError, match="other options"):
+        convert_model(directory, out, _options(text, calibration_windows=1, resume=True))
+    assert os.path.isdir(resume.state_dir(out))  # a refusal keeps the state
+    convert_model(directory, out, _options(text))  # without --resume: from the start, the old state cleared
+    assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_resume_with_nothing_to_resume_converts(model_dir, tmp_path):
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    convert_model(directory, out, _options(text, resume=True))
+    assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
