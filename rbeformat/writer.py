@@ -42,7 +42,7 @@ from .spec import (
     align_up,
     dtype_of_numpy,
 )
-from .values import error_stats, from_float32, to_float32
+from .values import as_stored, from_float32, stored_error_stats, to_float32
 
 if TYPE_CHECKING:
     from .chain import Chain
@@ -331,11 +331,11 @@ class Writer:
         chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
         x = to_float32(array, dtype)
         node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}", calibration)
-        seen = to_float32(from_float32(decoded, dtype), dtype)  # as a reader will see it
-        stats = error_stats(x if reference is None else to_float32(reference, dtype), seen)
+        del x  # a large tensor's float32 copy is not kept beside the statistics' blocks
+        stats = stored_error_stats(array if reference is None else reference, decoded, dtype)  # as a reader sees it
         self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
         self._report_dense(dtype, array.shape)
-        return stats, seen
+        return stats, as_stored(decoded, dtype)
 
     def _report_dense(self, dtype: str, shape) -> None:
         if self.progress:

@@ -253,7 +253,16 @@ class PerplexityMeasure:
         self.reference: float | None = None
 
     def score(self, model) -> dict:
-        value = quality.perplexity(model, self.parts)
+        return self.scored(quality.perplexity(model, self.parts))
+
+    def score_streamed(self, model_dir: str, label: str) -> dict:
+        """The score of the model in ``model_dir`` computed block by block (``calibrate.stream.perplexity``):
+        memory holds one block's weights and every window's hidden states, whatever the model's size."""
+        from ..compress.calibrate import stream
+
+        return self.scored(stream.perplexity(model_dir, self.parts, self.largest_token_id, label))
+
+    def scored(self, value: float) -> dict:
         if self.reference is None:
             self.reference = value
         return {"perplexity": value, "perplexity_change_pct": 100 * (value / self.reference - 1)}
@@ -437,6 +446,9 @@ class _Baseline:
     linear: set
 
     def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str) -> dict:
+        if self.causal:  # a causal LM may be larger than memory: scored block by block
+            scores = self.measure.score_streamed(model_dir, path)
+            return {"file": path, "role": role, **sizes.row(self.reference_bytes, self.linear), **scores}
         model = quality.load_model(model_dir, self.causal, path)
         try:
             rows = model.get_input_embeddings().weight.shape[0]

@@ -149,3 +149,18 @@ def test_a_parameter_with_no_stored_tensor_is_refused(tmp_path):
     assert json.load(open(os.path.join(directory, "config.json")))["num_hidden_layers"] == 3
     with pytest.raises(UsageError, match="no tensor for the model's parameter 'model.layers.1.mlp.up_proj.weight'"):
         stream.open_streamed(directory, 1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_perplexity_is_the_whole_models(tmp_path, tied):
+    from rbe_converters.evaluate import quality
+
+    directory = str(tmp_path / "llama")
+    _save_llama(directory, torch.bfloat16, tied=tied)
+    whole = quality.load_model(directory, True)
+    ids = word_tokenizer(common_words(150))(TEXT, add_special_tokens=False)["input_ids"]
+    parts = quality.windows(ids, 32, 3)
+    expected = quality.perplexity(whole, parts)
+    assert stream.perplexity(directory, parts, max(map(max, parts)), directory) == expected
+    with pytest.raises(Exception, match="token id 10000, but the model's token embedding has"):
+        stream.perplexity(directory, parts, 10_000, directory)

@@ -18,6 +18,7 @@ whole model was loaded in float32, so the statistics are the same numbers.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 
@@ -119,7 +120,6 @@ def open_streamed(model_dir: str, threads: int | None):
     config and tokenizer files alone, config.json checked first, no code run.
     """
     torch, transformers = _imports(threads)
-    from ...sources.safetensors import plan_conversion
 
     if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
         from rbeformat import InputError
@@ -135,8 +135,34 @@ def open_streamed(model_dir: str, threads: int | None):
         model = hf_guard.meta_model(auto, hf_config, torch.float32, model_dir)
         hf_guard.check_shapes(model, shapes, model_dir)
         tokenizer = hf_guard.load_tokenizer(folder, model_dir)
+        tensors = CheckpointTensors(model_dir, sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")))
     _make_buffers(model, torch)
-    return torch, StreamedModel(model.eval(), plan_conversion(model_dir), torch), tokenizer, causal
+    return torch, StreamedModel(model.eval(), tensors, torch), tokenizer, causal
+
+
+class CheckpointTensors:
+    """The tensors of the safetensors files ``shards`` of ``model_dir`` (those transformers would load), read
+    one at a time by name."""
+
+    def __init__(self, model_dir: str, shards: list[str]):
+        from ...safetensors_io import read_header
+
+        self._by_name = {}
+        for shard in shards:
+            st = read_header(os.path.join(model_dir, shard))
+            self._by_name.update({t.name: (st, t) for t in st.tensors})
+
+    @property
+    def tensors(self) -> list:
+        return [t for _, t in self._by_name.values()]
+
+    def tensor(self, name: str):
+        return self._by_name[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        from ...sources.safetensors import read_tensor
+
+        return read_tensor(*self._by_name[name])
 
 
 def _make_buffers(model, torch) -> None:
@@ -170,3 +196,129 @@ def _imports(threads: int | None):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return torch, transformers
+
+
+# -- running a model part by part ------------------------------------------------------
+
+
+class InputsCaught(Exception):
+    """Stops a forward pass once the first block's inputs are caught."""
+
+
+def run_block(block, inputs) -> tuple[list, bool]:
+    """The next block's inputs: each window's call with the block's output as its hidden states; and
+    whether the block returns a tuple (so that ``blocks_pass_on`` returns what it did)."""
+    out, as_tuple = [], False
+    for call in inputs:
+        output = block(*call[0], **call[1])
+        as_tuple = isinstance(output, (tuple, list))
+        out.append(with_hidden(call, hidden(output)))
+    return out, as_tuple
+
+
+@contextlib.contextmanager
+def blocks_pass_on(blocks, finals, as_tuple: bool):
+    """For the ``with`` body, the first block returns the final hidden states of ``finals`` (one call per
+    model run, in order) and the others return their input: a model run then computes what follows the
+    blocks (final norm, head, pooler) with no block's weights in memory."""
+
+    def shaped(values):
+        return (values,) if as_tuple else values
+
+    queue = iter(finals)
+    try:
+        blocks[0].forward = lambda *args, **kwargs: shaped(hidden_of(next(queue)))
+        for block in list(blocks)[1:]:
+            block.forward = lambda *args, **kwargs: shaped(hidden_of((args, kwargs)))
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def hidden_of(call: tuple[tuple, dict]):
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def blocks_of(model):
+    """The model's stack of blocks: the ModuleList holding the most Linear layers."""
+    import torch
+
+    best, most = None, 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1:
+            count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+            if count > most:
+                best, most = module, count
+    if best is None:
+        raise UsageError("sequential calibration needs a model made of a stack of blocks with Linear layers")
+    return best
+
+
+def block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:
+    """(positional, keyword) arguments the first block receives, one pair per batch of windows."""
+    caught = []
+
+    def catch(module, args, kwargs):
+        caught.append((tuple(args), dict(kwargs)))
+        raise InputsCaught
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in windows:
+            try:
+                model(input_ids=torch.tensor(batch), use_cache=False)
+            except InputsCaught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def hidden(output):
+    """A block's hidden states: its output, or the first item of the tuple it returns."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_hidden(call: tuple[tuple, dict], hidden) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (hidden,) + args[1:], kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+# -- perplexity in bounded memory ------------------------------------------------------------
+
+
+def perplexity(model_dir: str, parts: list[list[int]], largest_token_id: int, label: str, progress=None) -> float:
+    """exp of the mean next-token loss over the windows ``parts``, as ``evaluate.quality.perplexity``
+    computes it on the whole model, with one part of the model in memory at a time: every window's
+    hidden states go through a block before the next block is read.  ``progress(n)`` counts blocks.
+    InputError (naming ``label``) when a token id has no row in the model's embedding."""
+    torch, streamed, _, _ = open_streamed(model_dir, None)
+    model = streamed.model
+    rows = model.get_input_embeddings().weight.shape[0]
+    if largest_token_id >= rows:  # an index error deep in torch otherwise
+        from rbeformat import InputError
+
+        raise InputError(
+            f"{label}: the tokenizer gives token id {largest_token_id}, but the model's token embedding has {rows} rows"
+        )
+    blocks = blocks_of(model)
+    windows = [[part] for part in parts]  # one window a run, as the whole model is scored
+    with torch.no_grad():
+        with streamed.loaded(streamed.front(blocks)):
+            inputs = block_inputs(model, blocks[0], windows, torch)
+        as_tuple = False
+        for block in blocks:
+            with streamed.loaded(streamed.slots([block])):
+                inputs, as_tuple = run_block(block, inputs)
+            if progress:
+                progress(1)
+        losses = []
+        with streamed.loaded(streamed.outside(blocks)), blocks_pass_on(blocks, inputs, as_tuple):
+            for part in parts:
+                ids = torch.tensor([part], dtype=torch.long)
+                losses.append(float(model(input_ids=ids, labels=ids).loss))
+    return math.exp(sum(losses) / len(losses))

@@ -16,7 +16,6 @@ Memory: the model in float32, one window's activations, and the H matrices
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -94,7 +93,7 @@ def survey(
     torch, streamed, tokenizer, causal = stream.open_streamed(model_dir, threads)
     model = streamed.model
     modules = _linear_modules(model, weights)
-    blocks = _blocks(model)
+    blocks = stream.blocks_of(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     windows = batches_of(calibration_windows(tokenizer, text, model, causal))
     outside = {name: module for name, module in modules.items() if owner[name] is None}
@@ -103,7 +102,7 @@ def survey(
     share = text.windows / ((len(windows) if outside else 0) + 2 * len(windows))
     with torch.no_grad():
         with streamed.loaded(streamed.front(blocks)):
-            inputs = _block_inputs(model, blocks[0], windows, torch)
+            inputs = stream.block_inputs(model, blocks[0], windows, torch)
         for index, block in enumerate(blocks):
             inside = {name: module for name, module in modules.items() if owner[name] == index}
             where = f"block {index + 1}/{len(blocks)}"
@@ -113,51 +112,15 @@ def survey(
                     for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
                         label(f"{where}: scoring {_short(name)}")
                         visit(name, calibration)
-                inputs, as_tuple = _run_block(block, inputs)
+                inputs, as_tuple = stream.run_block(block, inputs)
             if progress:
                 progress(share * 2 * len(windows) / len(blocks))
         if not outside:
             return {}
         label("after the blocks: " + ", ".join(outside))
-        with streamed.loaded(streamed.outside(blocks)), _blocks_pass_on(blocks, inputs, as_tuple):
+        with streamed.loaded(streamed.outside(blocks)), stream.blocks_pass_on(blocks, inputs, as_tuple):
             runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share)))
             return _moments(outside, weights, runs)
-
-
-def _run_block(block, inputs) -> tuple[list, bool]:
-    """The next block's inputs: each window's call with the block's output as its hidden states; and
-    whether the block returns a tuple (so that ``_blocks_pass_on`` returns what it did)."""
-    out, as_tuple = [], False
-    for call in inputs:
-        output = block(*call[0], **call[1])
-        as_tuple = isinstance(output, (tuple, list))
-        out.append(_with_hidden(call, _hidden(output)))
-    return out, as_tuple
-
-
-@contextlib.contextmanager
-def _blocks_pass_on(blocks, finals, as_tuple: bool):
-    """For the ``with`` body, the first block returns the final hidden states of ``finals`` (one call per
-    model run, in order) and the others return their input: a model run then computes what follows the
-    blocks (final norm, head, pooler) with no block's weights in memory."""
-
-    def shaped(hidden):
-        return (hidden,) if as_tuple else hidden
-
-    queue = iter(finals)
-    try:
-        blocks[0].forward = lambda *args, **kwargs: shaped(_hidden_of(next(queue)))
-        for block in list(blocks)[1:]:
-            block.forward = lambda *args, **kwargs: shaped(_hidden_of((args, kwargs)))
-        yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
-
-
-def _hidden_of(call: tuple[tuple, dict]):
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _model_runs(model, windows, text: CalibrationText, torch, progress):
@@ -343,10 +306,6 @@ def _sentences(tokenizer, text: CalibrationText, window: int) -> list[list[int]]
 Encode = Callable[[str, Calibration], np.ndarray]
 
 
-class _InputsCaught(Exception):
-    """Stops a forward pass once the first block's inputs are caught."""
-
-
 def sequential(
     model_dir: str,
     weights: dict[str, str],
@@ -381,7 +340,7 @@ def sequential(
     torch, streamed, tokenizer, causal = stream.open_streamed(model_dir, threads)
     model = streamed.model
     modules = _linear_modules(model, weights)
-    blocks = _blocks(model)
+    blocks = stream.blocks_of(model)
     owner = {name: _block_of(blocks, module) for name, module in modules.items()}
     front = streamed.front(blocks)
     read_in_front = {id(module._parameters[name]) for module, name in front}
@@ -394,7 +353,7 @@ def sequential(
                 streamed.overrides[id(modules[name].weight)] = np.ascontiguousarray(decoded, np.float32)
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
-            inputs = _block_inputs(model, blocks[0], windows, torch)
+            inputs = stream.block_inputs(model, blocks[0], windows, torch)
         streamed.overrides.clear()
         if hidden is not None:
             inputs = _resumed_inputs(inputs, hidden, torch)
@@ -413,9 +372,9 @@ def sequential(
                     for name, calibration in stage.items():
                         _replace(modules[name], name, encode(name, calibration), torch)
                     pending = [n for n in pending if n not in stage]
-                inputs, _ = _run_block(block, inputs)
+                inputs, _ = stream.run_block(block, inputs)
             if after_block:
-                after_block(index, [_hidden_of(call).numpy() for call in inputs])
+                after_block(index, [stream.hidden_of(call).numpy() for call in inputs])
             if progress:
                 progress.update(1)
 
@@ -423,10 +382,11 @@ def sequential(
 def _resumed_inputs(inputs: list, hidden: list[np.ndarray], torch) -> list:
     """The first block's calls (masks, positions) with the hidden states a resumed conversion saved."""
     if len(hidden) != len(inputs) or any(
-        tuple(h.shape) != tuple(_hidden_of(call).shape) or h.dtype != np.float32 for call, h in zip(inputs, hidden)
+        tuple(h.shape) != tuple(stream.hidden_of(call).shape) or h.dtype != np.float32
+        for call, h in zip(inputs, hidden)
     ):
         raise UsageError("--resume: the saved hidden states do not fit this model's calibration windows")
-    return [_with_hidden(call, torch.from_numpy(h)) for call, h in zip(inputs, hidden)]
+    return [stream.with_hidden(call, torch.from_numpy(h)) for call, h in zip(inputs, hidden)]
 
 
 def _short(name: str) -> str:
@@ -442,21 +402,6 @@ def sequential_steps(model_dir: str) -> int:
     with hf_guard.content_errors(model_dir, hf_guard.CONFIG_FILE):
         config = transformers.AutoConfig.from_pretrained(model_dir, **hf_guard.NO_CODE)
     return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
-
-
-def _blocks(model):
-    """The model's stack of blocks: the ModuleList holding the most Linear layers."""
-    import torch
-
-    best, most = None, 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1:
-            count = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
-            if count > most:
-                best, most = module, count
-    if best is None:
-        raise UsageError("sequential calibration needs a model made of a stack of blocks with Linear layers")
-    return best
 
 
 def _block_of(blocks, module) -> int | None:
@@ -475,38 +420,6 @@ def _checked(name: str, decoded: np.ndarray, weight) -> np.ndarray:
     if tuple(decoded.shape) != tuple(weight.shape):
         raise UsageError(f"{name}: the encoded weight has shape {decoded.shape}, the model's {tuple(weight.shape)}")
     return decoded
-
-
-def _block_inputs(model, first, windows, torch) -> list[tuple[tuple, dict]]:
-    """(positional, keyword) arguments the first block receives, one pair per batch of windows."""
-    caught = []
-
-    def catch(module, args, kwargs):
-        caught.append((tuple(args), dict(kwargs)))
-        raise _InputsCaught
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in windows:
-            try:
-                model(input_ids=torch.tensor(batch), use_cache=False)
-            except _InputsCaught:
-                pass
-    finally:
-        handle.remove()
-    return caught
-
-
-def _hidden(output):
-    """A block's hidden states: its output, or the first item of the tuple it returns."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_hidden(call: tuple[tuple, dict], hidden) -> tuple[tuple, dict]:
-    args, kwargs = call
-    if args:
-        return (hidden,) + args[1:], kwargs
-    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[str, Calibration]:
