@@ -530,7 +530,7 @@ class _Reporter:
         from .progress import progress
 
         # Sentences and the block-by-block survey report fractions of windows: show whole ones.
-        return progress(total, "calibrate", "windows", self.quiet)
+        return progress(total, "calibrate", "windows", self.quiet, count_format="{n:.1f}/{total:.0f}")
 
     def blocks_bar(self, total: int):
         from .progress import progress

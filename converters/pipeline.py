@@ -256,7 +256,7 @@ class StderrReporter(Reporter):
     def windows_bar(self, total: int):
         from .progress import LineProgress
 
-        return LineProgress(total, "calibrate", "windows")
+        return LineProgress(total, "calibrate", "windows", count_format="{n:.1f}/{total:.0f}")
 
     def blocks_bar(self, total: int):
         from .progress import LineProgress

@@ -95,8 +95,8 @@ def _factor(hessian: np.ndarray, damping: float, order: np.ndarray | None) -> np
     cached_key, cached = _last_factor
     if cached_key is not None and cached_key[0] is hessian and cached_key[1:] == key[1:]:
         return cached
-    h = np.asarray(hessian)
-    upper = inverse_cholesky(h[np.ix_(order, order)] if order is not None else h, damping)
+    _last_factor[:] = [None, None]  # the old factor is not kept beside the new one's work
+    upper = inverse_cholesky(hessian, damping, order)
     _last_factor[:] = [(hessian, *key[1:]), upper]
     return upper
 
@@ -106,13 +106,19 @@ def activation_order(hessian: np.ndarray) -> np.ndarray:
     return np.argsort(-np.diag(hessian), kind="stable")
 
 
-def inverse_cholesky(hessian: np.ndarray, damping: float = DEFAULT_DAMPING) -> np.ndarray:
+def inverse_cholesky(
+    hessian: np.ndarray, damping: float = DEFAULT_DAMPING, order: np.ndarray | None = None
+) -> np.ndarray:
     """Upper triangular U with U^T U = (H + damping * mean(diag H) * I)^-1.
 
     Inputs that never fire (a zero row of H) get a unit diagonal: their
     columns then take no error from others, which is all they can do.
+    With ``order``, of H with its rows and columns permuted so.  Memory: two
+    n x n float64 matrices beside ``hessian`` while the Cholesky factor is
+    computed, then one.
     """
-    h = np.array(hessian, dtype=np.float64)
+    h = np.asarray(hessian)
+    h = h[np.ix_(order, order)].astype(np.float64, copy=False) if order is not None else np.array(h, np.float64)
     diag = np.diag(h).copy()
     dead = diag <= 0
     h[dead, :] = 0
@@ -123,24 +129,26 @@ def inverse_cholesky(hessian: np.ndarray, damping: float = DEFAULT_DAMPING) -> n
     # H^-1 = U^T U for U = (P L P)^-1 = P L^-1 P: one Cholesky factor and one triangular inverse,
     # without forming H^-1 (a fifth of the arithmetic of inverting and factoring again).
     lower = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(lower_inverse(lower)[::-1, ::-1])
+    del h
+    invert_lower(lower)
+    return lower[::-1, ::-1]  # a view: the columns' work reads rows and blocks of it
 
 
 # Triangular blocks this small are inverted by a solve; larger ones by halves, in matrix products.
 INVERSE_LEAF = 128
 
 
-def lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """The inverse of a lower triangular matrix, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+def invert_lower(lower: np.ndarray) -> None:
+    """Inverts a lower triangular matrix in place, by halves:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
     n = len(lower)
     if n <= INVERSE_LEAF:
-        return np.linalg.solve(lower, np.eye(n))
+        lower[...] = np.linalg.solve(lower, np.eye(n))
+        return
     k = n // 2
-    first, second = lower_inverse(lower[:k, :k]), lower_inverse(lower[k:, k:])
-    out = np.zeros_like(lower)
-    out[:k, :k], out[k:, k:] = first, second
-    out[k:, :k] = -(second @ lower[k:, :k]) @ first
-    return out
+    invert_lower(lower[:k, :k])
+    invert_lower(lower[k:, k:])
+    lower[k:, :k] = -(lower[k:, k:] @ lower[k:, :k]) @ lower[:k, :k]
 
 
 def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
