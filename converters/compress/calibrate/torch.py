@@ -2,16 +2,23 @@
 
 A calibration-aware encoder (``rbeformat.codecs.encoders.gptq``, Wanda pruning) needs,
 for a Linear weight W (out x in), H = E[x x^T] over the inputs x the layer
-sees on representative text.  This module loads the model with transformers
-(the ``hf`` extra), runs the calibration text through it in windows, and
-accumulates H for the requested weights with forward hooks; nothing is
-stored but the H matrices (layers that read the same input, such as q, k and
-v, share one).  The text is ``rbe_converters.evaluate.quality.calibration_text()`` by
-default, the half of CPython's ``pydoc_data.topics`` that evaluation never
-uses, or a file the user gives.
+sees on representative text.  This module builds the model with transformers
+(the ``hf`` extra) without its weights and runs the calibration text through
+it part by part (``stream.py``): the embeddings on every window, then each
+block in turn on every window's hidden states, then what follows the blocks,
+each part's weights read from the checkpoint only while it runs.  Forward
+hooks accumulate H for the requested weights; nothing is stored but the H
+matrices (layers that read the same input, such as q, k and v, share one).
+The text is ``rbe_converters.evaluate.quality.calibration_text()`` by default,
+the half of CPython's ``pydoc_data.topics`` that evaluation never uses, or a
+file the user gives.
 
-Memory: the model in float32, one window's activations, and the H matrices
-(for SmolLM2-135M about 0.8 GB in float64).
+Memory (``survey`` and ``sequential``): the largest part in float32 (a block,
+or the embedding and head), every window's hidden states at one block
+boundary, one stage's H and GPTQ's factor of it (two n x n float64 matrices
+while it is computed); ``collect`` also holds every H it returns.  The number
+of blocks does not enter.  ``load_for_calibration`` (the model-level
+sensitivity of the encoder presets) still loads the whole model in float32.
 """
 
 from __future__ import annotations
