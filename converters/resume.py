@@ -71,8 +71,8 @@ class ResumeState:
             return False
         if found != self.key:
             raise UsageError(
-                f"{self.output}: --resume: the interrupted conversion had another input or other options "
-                f"({_difference(found, self.key)}); run without --resume to start again"
+                f"{self.output}: --resume: the interrupted conversion had {_difference(found, self.key)}; "
+                "run without --resume to start again"
             )
         return os.path.exists(os.path.join(self.folder, "statistics.json"))
 

@@ -99,9 +99,14 @@ def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tm
         _interrupt_after(patch, 0)
         with pytest.raises(_Stop):
             convert_model(directory, out, _options(text))
-    with pytest.raises(UsageError, match="other options"):
+    with pytest.raises(UsageError, match="had other options"):
         convert_model(directory, out, _options(text, calibration_windows=1, resume=True))
     assert os.path.isdir(resume.state_dir(out))  # a refusal keeps the state
+    weights = os.path.join(directory, "model.safetensors")
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the input changed since
+    with pytest.raises(UsageError, match="had other input files"):
+        convert_model(directory, out, _options(text, resume=True))
     convert_model(directory, out, _options(text))  # without --resume: from the start, the old state cleared
     assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
@@ -111,4 +116,20 @@ def test_resume_with_nothing_to_resume_converts(model_dir, tmp_path):
     directory, text = model_dir
     out = str(tmp_path / "out.rbe")
     convert_model(directory, out, _options(text, resume=True))
+    assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
+
+
+def test_rbe_convert_resume_refusal_is_one_line_with_exit_2(model_dir, tmp_path, monkeypatch, capsys):
+    from tiny_models import one_error_line, run
+
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 0)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    argv = ["convert", directory, out, "--preset", "q4", "--calibration", text, "--threads", "1", "--resume"]
+    assert run([*argv, "--calibration-windows", "1", "--quiet"]) == 2
+    assert "--resume: the interrupted conversion had other options; run without" in one_error_line(capsys)
+    assert run([*argv, "--calibration-windows", "2", "--quiet"]) == 0  # the same options: resumed
     assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))

@@ -1,0 +1,48 @@
+"""Progress on stderr: plain lines in a log, at most one every LINE_SECONDS, with an estimate."""
+
+from rbe_converters import progress
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_a_line_at_most_every_ten_seconds_with_an_estimate(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = progress.LineProgress(28, "encode", "blocks")
+    bar.label("block 1/28: running it")
+    assert capsys.readouterr().err == ""  # nothing before LINE_SECONDS
+    clock.now += 12
+    bar.label("block 1/28: encoding mlp.down_proj")
+    assert capsys.readouterr().err == "rbe: encode: 0/28 blocks, block 1/28: encoding mlp.down_proj, 0:12 elapsed\n"
+    clock.now += 48
+    bar.update(1)  # 60 s a block so far: 27 blocks left, 27 minutes
+    assert capsys.readouterr().err == (
+        "rbe: encode: 1/28 blocks, block 1/28: encoding mlp.down_proj, 1:00 elapsed, about 27:00 left\n"
+    )
+    clock.now += 5
+    bar.update(1)
+    assert capsys.readouterr().err == ""
+    clock.now += 3600
+    bar.update(1)
+    assert "1:01:05 elapsed" in capsys.readouterr().err
+
+
+def test_quiet_progress_prints_nothing(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = progress.progress(10, "calibrate", "windows", quiet=True)
+    clock.now += 100
+    bar.update(3)
+    bar.label("block 2/6: scoring mlp.up_proj")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(progress.progress(5, "encode", "blocks"), progress.LineProgress)
