@@ -12,6 +12,7 @@ is not reported.
     python -m bench.scale --sizes 0.8b                 # make and convert the 0.8 B checkpoint
     python -m bench.scale --sizes 2.9b --cap-gib 4     # inside a 4 GiB memory cap
     python -m bench.scale --make-only --sizes 2.9b,6.7b
+    python -m bench.scale --sizes 0.8b --resume-check   # SIGKILL half way, then --resume
 
 Sizes (hidden / layers / MLP / heads / kv heads / vocabulary):
 
@@ -205,6 +206,60 @@ JOBS = {
 }
 
 
+def resume_check(size: str, folder: str, threads: int | None, cap_gib: float | None) -> dict:
+    """The calibrated q4 conversion uninterrupted; again, killed with SIGKILL once half the blocks are
+    written; then ``--resume``: whether the bytes match, the resumed run's time against the full run's,
+    and whether anything was at the output path while it was interrupted."""
+    import hashlib
+    import signal
+
+    from rbe_converters.resume import state_dir
+
+    options = dict(JOBS["q4"], force=True, threads=threads)
+    whole, out = os.path.join(OUT_DIR, f"{size}-q4-whole.rbe"), os.path.join(OUT_DIR, f"{size}-q4-resumed.rbe")
+    argv = [sys.executable, "-c", CHILD, folder, whole, json.dumps(options)]
+    code, peak, stdout = run_capped(argv, cap_gib, os.path.join(OUT_DIR, f"{size}-resume-whole.log"))
+    full = json.loads(stdout.strip().splitlines()[-1])["seconds"] if code == 0 else None
+    layers = SIZES[size].layers
+    argv = [sys.executable, "-c", CHILD, folder, out, json.dumps(options)]
+    with open(os.path.join(OUT_DIR, f"{size}-resume-killed.log"), "w") as log:
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+        block = os.path.join(state_dir(out), "block.json")
+        while child.poll() is None:
+            time.sleep(2)
+            try:
+                with open(block) as fh:
+                    if json.load(fh)["block"] + 1 >= layers // 2:
+                        child.send_signal(signal.SIGKILL)
+                        break
+            except (OSError, ValueError):
+                pass
+        child.wait()
+    interrupted_output = os.path.exists(out)
+    argv = [sys.executable, "-c", CHILD, folder, out, json.dumps(dict(options, resume=True))]
+    code, resumed_peak, stdout = run_capped(argv, cap_gib, os.path.join(OUT_DIR, f"{size}-resume-resumed.log"))
+    resumed = json.loads(stdout.strip().splitlines()[-1])["seconds"] if code == 0 else None
+
+    def sha(path: str) -> str | None:
+        if not os.path.exists(path):
+            return None
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for piece in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(piece)
+        return digest.hexdigest()
+
+    return {
+        "full_seconds": full,
+        "resumed_seconds": resumed,
+        "ratio": resumed / full if full and resumed else None,
+        "identical": sha(whole) is not None and sha(whole) == sha(out),
+        "output_while_interrupted": interrupted_output,
+        "peak_full_gb": peak / 1e9,
+        "peak_resumed_gb": resumed_peak / 1e9,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.8b", help=f"comma-separated, of {', '.join(SIZES)}")
@@ -212,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cap-gib", type=float, default=None, help="run each conversion inside this memory cap")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--make-only", action="store_true", help="only make the checkpoints")
+    parser.add_argument(
+        "--resume-check",
+        action="store_true",
+        help="q4 uninterrupted, then killed half way and resumed: same bytes? time of the resumed run",
+    )
     args = parser.parse_args(argv)
     os.makedirs(OUT_DIR, exist_ok=True)
     rows = []
@@ -221,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
         folder = make_checkpoint(shape, checkpoint_dir(size))
         print(f"{size}: {shape.parameters() / 1e9:.2f} B parameters in {folder} ({time.perf_counter() - start:.0f} s)")
         if args.make_only:
+            continue
+        if args.resume_check:
+            print(
+                json.dumps({"checkpoint": size, **resume_check(size, folder, args.threads, args.cap_gib)}), flush=True
+            )
             continue
         for job in args.jobs.split(","):
             options = dict(JOBS[job], force=True, threads=args.threads)
