@@ -59,6 +59,25 @@ class Shape:
         return self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
+BASE_BYTES = 0.6e9  # Python, numpy, torch, transformers and the tokenizer, as measured on this machine
+
+
+def predicted_peak(shape: Shape, windows: int, window: int = 512) -> float:
+    """The README's bound on a calibrated conversion's peak RSS, in bytes: the interpreter, the largest of
+    (a block in float32 with one stage's H and GPTQ's factor of it; encoding the head; the parts after
+    the blocks running), and every window's hidden states at two block boundaries."""
+    head_dim = shape.hidden // shape.heads
+    block = 2 * shape.hidden**2 + 2 * shape.hidden * shape.kv_heads * head_dim + 3 * shape.hidden * shape.mlp
+    widest = max(shape.hidden, shape.mlp)
+    table = shape.vocab * shape.hidden
+    phases = (
+        4 * block + 24 * widest**2,
+        10 * table + 0.5e9,
+        4 * table * (1 if shape.tied else 2) + 4 * window * shape.vocab,
+    )
+    return BASE_BYTES + max(phases) + 8 * windows * window * shape.hidden
+
+
 SIZES = {
     "0.8b": Shape(2048, 12, 5632, 16, 16, 49152, tied=False),
     "2.9b": Shape(3072, 28, 8192, 24, 8, 49152, tied=True),
@@ -295,19 +314,29 @@ def main(argv: list[str] | None = None) -> None:
                 [sys.executable, "-c", CHILD, folder, out, json.dumps(options)], args.cap_gib, log
             )
             result = json.loads(stdout.strip().splitlines()[-1]) if code == 0 else {}
-            rows.append((size, job, code, peak, result))
+            bound = (
+                predicted_peak(shape, JOBS[job]["calibration_windows"]) if "calibration_windows" in JOBS[job] else None
+            )
+            rows.append((size, job, code, peak, bound, result))
             print(_row(*rows[-1]), flush=True)
     if rows:
-        print("\n| checkpoint | job | exit | peak RSS | time | file | bits/weight |\n|---|---|---|---|---|---|---|")
+        print(
+            "\n| checkpoint | job | exit | peak RSS | README bound | time | file | bits/weight |"
+            "\n|---|---|---|---|---|---|---|---|"
+        )
         for row in rows:
             print(_row(*row))
 
 
-def _row(size: str, job: str, code: int, peak: float, result: dict) -> str:
+def _row(size: str, job: str, code: int, peak: float, bound: float | None, result: dict) -> str:
+    limit = f"{bound / 1e9:.2f} GB" if bound else "-"
     if not result:
-        return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | - | - | - |"
+        return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {limit} | - | - | - |"
     minutes, size_gb, bits = result["seconds"] / 60, result["file_bytes"] / 1e9, result["bits_per_weight"]
-    return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {minutes:.1f} min | {size_gb:.2f} GB | {bits:.2f} |"
+    return (
+        f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {limit} | {minutes:.1f} min | {size_gb:.2f} GB "
+        f"| {bits:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -164,3 +164,24 @@ def test_streamed_perplexity_is_the_whole_models(tmp_path, tied):
     assert stream.perplexity(directory, parts, max(map(max, parts)), directory) == expected
     with pytest.raises(Exception, match="token id 10000, but the model's token embedding has"):
         stream.perplexity(directory, parts, 10_000, directory)
+
+
+def test_a_bf16_checkpoint_converted_with_a_calibrated_preset_keeps_its_lossless_tensors_in_bf16(tmp_path):
+    # Tensors that stay lossless pass through as their stored bytes; the calibrated ones declare bf16.
+    from safetensors import safe_open
+
+    from rbe_converters.pipeline import ConvertOptions, convert_model
+    from rbeformat import Reader
+
+    directory = str(tmp_path / "llama")
+    _save_llama(directory, torch.bfloat16, layers=2)
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT)
+    out = str(tmp_path / "q4.rbe")
+    options = ConvertOptions(preset="q4", calibration=str(text), calibration_windows=2, threads=1)
+    convert_model(directory, out, options)
+    with Reader(out) as r, safe_open(f"{directory}/model.safetensors", "pt") as st:
+        for name in st.keys():
+            assert r.entry(name).dtype.name == "BF16"
+            if "norm" in name:
+                assert bytes(r.tensor_bytes(name)) == st.get_tensor(name).view(torch.int16).numpy().tobytes()
