@@ -164,8 +164,7 @@ def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibrat
                 counts[name] = counts[first[0]]
                 return
             shared[id(inputs[0])] = (name, inputs[0])
-            product = (x.T @ x).double().numpy()
-            sums[name] = sums[name] + product if name in sums else product
+            sums[name] = add_moments(sums.get(name), x)
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return accumulate
@@ -429,6 +428,16 @@ def _checked(name: str, decoded: np.ndarray, weight) -> np.ndarray:
     return decoded
 
 
+def add_moments(total: np.ndarray | None, x) -> np.ndarray:
+    """``total`` (float64, or None for a new sum) plus x^T x, computed in float32 as the model runs and
+    added in place: no float64 copy of the product beside the sum (for an MLP's down projection of a
+    7 B model, 1 GB each)."""
+    product = (x.T @ x).numpy()
+    if total is None:
+        return product.astype(np.float64)
+    return np.add(total, product, out=total)
+
+
 def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[str, Calibration]:
     """Runs the block on every window; returns the Calibrations of the first layers to run that read one input."""
     lead: list[str] = []  # the first of ``modules`` to run
@@ -443,8 +452,7 @@ def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[s
             if name == lead[0]:
                 seen["input"] = args[0]
                 x = args[0].detach().reshape(-1, module.in_features)
-                product = (x.T @ x).double().numpy()
-                total[0] = product if total[0] is None else total[0] + product
+                total[0] = add_moments(total[0], x)
                 count[0] += x.shape[0]
             elif seen.get("input") is args[0] and name not in stage:
                 stage.append(name)
