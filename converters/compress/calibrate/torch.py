@@ -106,7 +106,8 @@ def survey(
     outside = {name: module for name, module in modules.items() if owner[name] is None}
     # The progress reported adds up to text.windows: the blocks, about two whole-model runs' work,
     # then a run of what follows the blocks on each window (when weights lie outside the blocks).
-    share = text.windows / ((len(windows) if outside else 0) + 2 * len(windows))
+    tail = 2 / len(blocks) if outside else 0  # what follows the blocks costs about a block's run
+    share = text.windows / ((2 + tail) * len(windows))
     with torch.no_grad():
         with streamed.loaded(streamed.front(blocks)):
             inputs = stream.block_inputs(model, blocks[0], windows, torch)
@@ -126,7 +127,7 @@ def survey(
             return {}
         label("after the blocks: " + ", ".join(outside))
         with streamed.loaded(streamed.outside(blocks)), stream.blocks_pass_on(blocks, inputs, as_tuple):
-            runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share)))
+            runs = _model_runs(model, windows, text, torch, progress and (lambda _: progress(share * tail)))
             return _moments(outside, weights, runs)
 
 
