@@ -51,12 +51,15 @@ class StreamedModel:
         """Fills the parameters at ``slots`` ((module, parameter name) pairs) for the ``with`` body."""
         torch = self.torch
         filled = []
+        made: dict[int, object] = {}  # a tied parameter (embedding and head) is read once
         try:
             for module, name in slots:
                 meta = module._parameters[name]
-                values = self.values_of(meta)
-                module._parameters[name] = torch.nn.Parameter(torch.from_numpy(values), requires_grad=False)
+                if id(meta) not in made:
+                    made[id(meta)] = torch.nn.Parameter(torch.from_numpy(self.values_of(meta)), requires_grad=False)
+                module._parameters[name] = made[id(meta)]
                 filled.append((module, name, meta))
+            made.clear()
             yield
         finally:
             for module, name, meta in reversed(filled):

@@ -355,9 +355,7 @@ def sequential(
         for name in [n for n in modules if owner[n] is None and start == 0]:
             if progress:
                 progress.label(f"encoding {name}")
-            decoded = _checked(name, encode(name, before[name]), modules[name].weight)
-            if id(modules[name].weight) in read_in_front:  # a tied embedding: the blocks read it encoded
-                streamed.overrides[id(modules[name].weight)] = np.ascontiguousarray(decoded, np.float32)
+            _encode_outside(streamed, name, modules[name], encode(name, before[name]), read_in_front)
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
             inputs = stream.block_inputs(model, blocks[0], windows, torch)
@@ -379,11 +377,20 @@ def sequential(
                     for name, calibration in stage.items():
                         _replace(modules[name], name, encode(name, calibration), torch)
                     pending = [n for n in pending if n not in stage]
+                stage = None  # its Hessians are not kept into the next block
                 inputs, _ = stream.run_block(block, inputs)
             if after_block:
                 after_block(index, [stream.hidden_of(call).numpy() for call in inputs])
             if progress:
                 progress.update(1)
+
+
+def _encode_outside(streamed, name: str, module, decoded: np.ndarray, read_in_front: set) -> None:
+    """Keeps the decoded values of a weight outside the blocks only where the blocks' inputs read them
+    (a tied embedding); an output head's (as large as the embedding) are dropped at once."""
+    decoded = _checked(name, decoded, module.weight)
+    if id(module.weight) in read_in_front:
+        streamed.overrides[id(module.weight)] = np.ascontiguousarray(decoded, np.float32)
 
 
 def _resumed_inputs(inputs: list, hidden: list[np.ndarray], torch) -> list:
