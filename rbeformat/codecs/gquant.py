@@ -51,7 +51,7 @@ from .util.arrays import FLOAT_DTYPES, check_index_range, finite_floats, float_p
 MODES = ("sym", "asym")
 MIN_GROUP, MAX_GROUP = 16, 256
 # GPTQ takes a matrix whose float64 copy is larger than this in slices of rows.
-GPTQ_SLICE_BYTES = 128 * 2**20
+GPTQ_SLICE_BYTES = 64 * 2**20
 
 # Encoder search (not stored): sym tries scales peak * r / 2**(bits-1) for these
 # shrink factors r, mapping the peak to either end of the code grid; asym trims

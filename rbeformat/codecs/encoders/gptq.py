@@ -113,25 +113,49 @@ def inverse_cholesky(
 
     Inputs that never fire (a zero row of H) get a unit diagonal: their
     columns then take no error from others, which is all they can do.
-    With ``order``, of H with its rows and columns permuted so.  Memory: two
-    n x n float64 matrices beside ``hessian`` while the Cholesky factor is
-    computed, then one.
+    With ``order``, of H with its rows and columns permuted so.  Memory: one
+    n x n float64 matrix beside ``hessian``, worked in place.
     """
-    h = np.asarray(hessian)
-    h = h[np.ix_(order, order)].astype(np.float64, copy=False) if order is not None else np.array(h, np.float64)
+    forward = np.asarray(order) if order is not None else np.arange(len(hessian))
+    # With P the reversal of the axes and P H P = L L^T, H = (P L P)(P L P)^T with P L P upper, so
+    # H^-1 = U^T U for U = (P L P)^-1 = P L^-1 P: one Cholesky factor and one triangular inverse,
+    # without forming H^-1 (a fifth of the arithmetic of inverting and factoring again).  The copy
+    # is taken reversed, and factored and inverted in place.
+    backward = forward[::-1]
+    h = np.asarray(hessian)[np.ix_(backward, backward)].astype(np.float64, copy=False)
     diag = np.diag(h).copy()
     dead = diag <= 0
     h[dead, :] = 0
     h[:, dead] = 0
-    scale = diag[~dead].mean() if (~dead).any() else 1.0
+    live = np.ascontiguousarray(diag[~dead][::-1])  # averaged in the columns' own order
+    scale = live.mean() if live.size else 1.0
     h[np.diag_indices_from(h)] = np.where(dead, 1.0, diag + damping * scale)
-    # With P the reversal of the axes and P H P = L L^T, H = (P L P)(P L P)^T with P L P upper, so
-    # H^-1 = U^T U for U = (P L P)^-1 = P L^-1 P: one Cholesky factor and one triangular inverse,
-    # without forming H^-1 (a fifth of the arithmetic of inverting and factoring again).
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    del h
-    invert_lower(lower)
-    return lower[::-1, ::-1]  # a view: the columns' work reads rows and blocks of it
+    cholesky_in_place(h)
+    invert_lower(h)
+    return h[::-1, ::-1]  # a view: the columns' work reads rows and blocks of it
+
+
+# The Cholesky factor is computed in blocks of this many columns.
+CHOLESKY_BLOCK = 256
+
+
+def cholesky_in_place(a: np.ndarray) -> None:
+    """Overwrites the symmetric positive definite ``a`` with its lower Cholesky factor (zeros above),
+    block by block: each diagonal block factored, the blocks below solved against it, the rest
+    updated a column block at a time (no n x n temporary).  LinAlgError when ``a`` is not positive
+    definite."""
+    n = len(a)
+    for start in range(0, n, CHOLESKY_BLOCK):
+        stop = min(start + CHOLESKY_BLOCK, n)
+        a[start:stop, start:stop] = np.linalg.cholesky(a[start:stop, start:stop])
+        a[start:stop, stop:] = 0
+        if stop == n:
+            break
+        a[stop:, start:stop] = np.linalg.solve(a[start:stop, start:stop], a[stop:, start:stop].T).T
+        below = a[stop:, start:stop]
+        for column in range(stop, n, CHOLESKY_BLOCK):
+            end = min(column + CHOLESKY_BLOCK, n)
+            a[column:, column:end] -= below[column - stop :] @ below[column - stop : end - stop].T
 
 
 # Triangular blocks this small are inverted by a solve; larger ones by halves, in matrix products.
