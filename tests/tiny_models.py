@@ -57,6 +57,26 @@ def perturb(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
+def tiny_llama(vocab: int, seed: int, **config):
+    """A small LlamaForCausalLM (hidden 64, MLP 128, 4 heads, 2 KV heads, 64 positions, untied) with
+    ``config`` overriding any of those, its weights drawn after ``torch.manual_seed(seed)``."""
+    import torch
+    import transformers
+
+    settings = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        **config,
+    }
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab, **settings))
+
+
 def convert(directory: str, out: str, *extra: str) -> str:
     assert main(["convert", directory, out, "--quiet", "--onnx", "--threads", "1", *extra]) == 0
     return out

@@ -4,7 +4,7 @@ import hashlib
 import os
 
 import pytest
-from tiny_models import common_words, word_tokenizer
+from tiny_models import common_words, tiny_llama, word_tokenizer
 
 from rbe_converters import resume
 from rbe_converters.pipeline import ConvertOptions, convert_model
@@ -21,19 +21,8 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     directory = str(root / "llama")
     tokenizer = word_tokenizer(common_words(150))
-    torch.manual_seed(11)
-    transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    ).to(torch.bfloat16).save_pretrained(directory)
+    model = tiny_llama(len(tokenizer), 11, num_hidden_layers=4, tie_word_embeddings=True)
+    model.to(torch.bfloat16).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     text = root / "calibration.txt"
     text.write_text(TEXT)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from tiny_models import common_words, word_tokenizer
+from tiny_models import common_words, tiny_llama, word_tokenizer
 
 from rbe_converters.compress.calibrate import stream
 from rbe_converters.compress.calibrate import torch as calibrate
@@ -16,19 +16,7 @@ TEXT = " ".join(common_words(150)) * 40
 
 def _save_llama(directory: str, dtype, tied: bool = False, layers: int = 3):
     tokenizer = word_tokenizer(common_words(150))
-    torch.manual_seed(7)
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=tied,
-        )
-    ).to(dtype)
+    model = tiny_llama(len(tokenizer), 7, num_hidden_layers=layers, tie_word_embeddings=tied).to(dtype)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model
