@@ -59,20 +59,20 @@ class Shape:
         return self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
-BASE_BYTES = 0.6e9  # Python, numpy, torch, transformers and the tokenizer, as measured on this machine
+BASE_BYTES = 1.0e9  # Python, numpy, torch, transformers, the tokenizer and the survey's results
 
 
 def predicted_peak(shape: Shape, windows: int, window: int = 512) -> float:
     """The README's bound on a calibrated conversion's peak RSS, in bytes: the interpreter, the largest of
-    (a block in float32 with one stage's H and GPTQ's factor of it; encoding the head; the parts after
-    the blocks running), and every window's hidden states at two block boundaries."""
+    (a block in float32 with one stage's H, GPTQ's factor of it and its slices of rows; encoding the
+    head; the parts after the blocks running), and every window's hidden states at two block boundaries."""
     head_dim = shape.hidden // shape.heads
     block = 2 * shape.hidden**2 + 2 * shape.hidden * shape.kv_heads * head_dim + 3 * shape.hidden * shape.mlp
     widest = max(shape.hidden, shape.mlp)
     table = shape.vocab * shape.hidden
     phases = (
-        4 * block + 24 * widest**2,
-        10 * table + 0.5e9,
+        4 * block + 16 * widest**2 + 0.2e9,
+        10 * table + 0.3e9,
         4 * table * (1 if shape.tied else 2) + 4 * window * shape.vocab,
     )
     return BASE_BYTES + max(phases) + 8 * windows * window * shape.hidden
