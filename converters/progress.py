@@ -23,7 +23,7 @@ def progress(total: float, desc: str, unit: str, quiet: bool = False, count_form
         return LineProgress(total, desc, unit, silent=True)
     if sys.stderr.isatty():
         return _Bar(total, desc, unit, count_format)
-    return LineProgress(total, desc, unit, count_format=count_format)
+    return LineProgress(total, desc, unit, count_format=count_format, announce=True)
 
 
 def clock(seconds: float) -> str:
@@ -43,7 +43,9 @@ class LineProgress:
         silent: bool = False,
         count_format: str = "{n:.0f}/{total:.0f}",
         scale: float = 1.0,
+        announce: bool = False,
     ):
+        self.announce = announce  # a line when the stage starts, so that a log shows it began
         self.total, self.desc, self.unit, self.silent = total, desc, unit, silent
         self.count_format, self.scale = count_format, scale
         self.n = 0.0
@@ -51,6 +53,8 @@ class LineProgress:
         self.start = self.last = time.monotonic()
 
     def __enter__(self):
+        if self.announce:
+            self._line()
         return self
 
     def __exit__(self, *exc) -> None:

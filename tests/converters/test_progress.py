@@ -46,3 +46,10 @@ def test_quiet_progress_prints_nothing(monkeypatch, capsys):
 def test_a_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
     assert isinstance(progress.progress(5, "encode", "blocks"), progress.LineProgress)
+
+
+def test_a_calibration_stage_announces_itself_in_a_log(monkeypatch, capsys):
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    with progress.progress(32, "calibrate", "windows"):
+        pass
+    assert capsys.readouterr().err.startswith("rbe: calibrate: 0/32 windows, 0:00 elapsed")
