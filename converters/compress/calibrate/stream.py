@@ -122,7 +122,7 @@ def open_streamed(model_dir: str, threads: int | None):
     As ``load_for_calibration``: transformers reads links to the directory's
     config and tokenizer files alone, config.json checked first, no code run.
     """
-    torch, transformers = _imports(threads)
+    torch, transformers = import_torch(threads)
 
     if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
         from rbeformat import InputError
@@ -187,7 +187,8 @@ def _make_buffers(model, torch) -> None:
             )
 
 
-def _imports(threads: int | None):
+def import_torch(threads: int | None):
+    """torch and transformers, set to ``threads`` and quiet (UsageError naming the extra without them)."""
     try:
         import torch
         import transformers

@@ -188,16 +188,7 @@ def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibrat
 
 
 def load_for_calibration(model_dir: str, threads: int | None):
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise UsageError("calibration needs torch and transformers: pip install 'rbe[hf]'") from None
-    if threads:
-        torch.set_num_threads(threads)
-    # rbe reports its own progress and errors; transformers' load reports would bury them.
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    torch, transformers = stream.import_torch(threads)
     if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
         raise InputError(f"{model_dir}: calibration needs a model directory with config.json")
     # transformers reads a folder of links to the directory's config, tokenizer and safetensors files alone
