@@ -16,7 +16,6 @@ import math
 import os
 import stat
 import tempfile
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from ._version import __version__
 from .codecs.blob.byteplane import Byteplane
 from .codecs.blob.zstd import Zstd
 from .codecs.core.base import Codec
+from .encoding import EncodedTensor, encode_transformed, encoded_chunks, part_codec, transformed_key
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
@@ -42,7 +42,6 @@ from .spec import (
     align_up,
     dtype_of_numpy,
 )
-from .values import as_stored, from_float32, stored_error_stats, to_float32
 
 if TYPE_CHECKING:
     from .chain import Chain
@@ -183,37 +182,31 @@ class Writer:
     def _encode_chunks(
         self, codec: Codec, dtype_name: str, items: int, read_at: ReadAt, digest: Any, report: bool = False
     ) -> list[dict]:
-        dtype = DTYPES[dtype_name]
-        per_chunk = codec.chunk_items(dtype)
-        starts = range(0, items, per_chunk)
+        """Encodes the items in chunks (``window`` at once on the pool) and writes each as it is done."""
         chunks: list[dict] = []
-
-        def job(start: int, raw: bytes):
-            return codec.encode_chunk(memoryview(raw), dtype)
-
-        pending: deque = deque()
-        window = 2 * self.threads
-
-        def drain_one() -> None:
-            start, n, fut = pending.popleft()
-            parts, params = fut.result() if self._pool else fut
-            offset, length, crc = self._section(parts)
-            chunks.append({"offset": offset, "length": length, "crc32": crc, "items": n, "params": params})
+        width = DTYPES[dtype_name].itemsize
+        for n, sections, params in encoded_chunks(
+            codec, dtype_name, items, read_at, digest, self._pool, 2 * self.threads
+        ):
+            chunks.append({**self._placed(sections), "items": n, "params": params})
             if report and self.progress:
-                self.progress(n * dtype.itemsize)
-
-        for start in starts:
-            n = min(per_chunk, items - start)
-            raw = read_at(start * dtype.itemsize, n * dtype.itemsize)
-            if digest is not None:
-                digest.update(raw)
-            fut = self._pool.submit(job, start, raw) if self._pool else job(start, raw)
-            pending.append((start, n, fut))
-            if len(pending) >= window:
-                drain_one()
-        while pending:
-            drain_one()
+                self.progress(n * width)
         return chunks
+
+    def _placed(self, sections: list[bytes]) -> dict:
+        offset, length, crc = self._section(sections)
+        return {"offset": offset, "length": length, "crc32": crc}
+
+    def _place(self, node: dict) -> None:
+        """Writes the kept sections of an encoded node (``encoding.keep_sections``) in the order they
+        were encoded, depth first through its parts, each chunk record then saying where they lie."""
+        for chunk in node.get("chunks", ()):
+            sections = chunk.pop("sections")
+            placed = self._placed(sections)
+            items, params = chunk.pop("items"), chunk.pop("params")
+            chunk.update(placed, items=items, params=params)
+        for part in node.get("parts", {}).values():
+            self._place(part)
 
     # -- entries ---------------------------------------------------------------------
     def add_tensor(
@@ -315,76 +308,44 @@ class Writer:
         self, name, dtype, array, chain, refs, dedup, calibration, reference=None
     ) -> tuple[dict, np.ndarray | None]:
         self._require_open()
-        name = self._claim_name(name)
         if dtype not in LOSSY_DTYPES:
             raise InputError(f"tensor {name!r}: a codec chain needs a floating-point tensor, not {dtype}")
-        if dedup:
-            stored = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-            key = (dtype, tuple(array.shape), "sha256:" + hashlib.sha256(stored).hexdigest(), chain.text())
-            if key in self._digests:
-                self._tensors.append(
-                    {"name": name, "dtype": dtype, "shape": list(array.shape), "alias_of": self._digests[key]}
-                )
-                self._report_dense(dtype, array.shape)
-                return {}, None
+        key = transformed_key(array, dtype, chain) if dedup else None
+        if key is not None and key in self._digests:
+            self.add_encoded(name, EncodedTensor(dtype, list(array.shape), {}, key))
+            return {}, None
+        name = self._claim_name(name)
+        if key is not None:
             self._digests[key] = name
-        chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
-        x = to_float32(array, dtype)
-        node, decoded = self._encode_chain(x, chain, refs, f"tensor {name!r}", calibration)
-        del x  # a large tensor's float32 copy is not kept beside the statistics' blocks
-        stats = stored_error_stats(array if reference is None else reference, decoded, dtype)  # as a reader sees it
-        self._tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape), **node, "stats": stats})
+        encoded = encode_transformed(
+            name, dtype, array, chain, self._encode_chunks, refs=refs, calibration=calibration, reference=reference
+        )
+        self._tensors.append({"name": name, "dtype": dtype, "shape": encoded.shape, **encoded.node})
         self._report_dense(dtype, array.shape)
-        return stats, as_stored(decoded, dtype)
+        return encoded.stats, encoded.decoded
+
+    def add_encoded(self, name: str, encoded: EncodedTensor, *, internal: bool = False) -> str | None:
+        """Adds a tensor encoded elsewhere (``encoding.encode_transformed`` or ``encode_lossless`` with
+        ``keep_sections``), placing its sections now: the same file as adding it here.  A tensor whose
+        key matches one written before becomes an alias of it; returns the name it aliases, or None."""
+        self._require_open()
+        name = self._claim_name(name, internal)
+        head = {"name": name, "dtype": encoded.dtype, "shape": list(encoded.shape)}
+        target = self._digests.get(encoded.key) if encoded.key is not None else None
+        if target is not None:
+            self._tensors.append({**head, "alias_of": target})
+        else:
+            if encoded.key is not None:
+                self._digests[encoded.key] = name
+            self._place(encoded.node)
+            self._tensors.append({**head, **encoded.node})
+        if not internal:
+            self._report_dense(encoded.dtype, encoded.shape)
+        return target
 
     def _report_dense(self, dtype: str, shape) -> None:
         if self.progress:
             self.progress(math.prod(shape) * DTYPES[dtype].itemsize)
-
-    def _encode_chain(
-        self, x: np.ndarray, chain: Chain, refs, where: str, calibration: Calibration | None = None
-    ) -> tuple[dict, np.ndarray]:
-        """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor.
-
-        A part's chain gets the calibration that ``codec.part_calibration`` derives from ``calibration``.
-        """
-        codec = chain.codec
-        try:
-            encoded = codec.encode(x, refs, calibration)
-        except ValueError as exc:
-            raise InputError(f"{where}: {codec.name} cannot encode it ({exc})") from None
-        parts, decoded_parts = {}, {}
-        for pname, arr in sorted(encoded.parts.items()):
-            pdtype = dtype_of_numpy(arr.dtype)
-            sub = chain.parts.get(pname)
-            head = {"dtype": pdtype, "shape": list(arr.shape)}
-            if sub is not None and not sub.lossless:
-                sub_calibration = None
-                if calibration is not None:
-                    try:
-                        sub_calibration = codec.part_calibration(pname, calibration, encoded)
-                    except ValueError as exc:
-                        raise InputError(f"{where} part {pname}: the calibration does not fit it ({exc})") from None
-                # A part's codec without an encoder for the method encodes it uncalibrated.
-                if sub_calibration is not None and sub_calibration.method not in sub.codec.calibrations:
-                    sub_calibration = None
-                node, decoded = self._encode_chain(
-                    arr.astype(np.float32), sub, None, f"{where} part {pname}", sub_calibration
-                )
-                parts[pname] = {**head, **node}
-                decoded_parts[pname] = from_float32(decoded, pdtype).view(arr.dtype).reshape(arr.shape)
-            else:
-                parts[pname] = {**head, **self._lossless_blob(arr, pdtype)}
-                decoded_parts[pname] = arr
-        decoded = codec.decode(decoded_parts, encoded.params, tuple(x.shape), where, refs)
-        return {"codec": codec.describe(), "params": encoded.params, "parts": parts}, decoded
-
-    def _lossless_blob(self, arr: np.ndarray, dtype: str) -> dict:
-        data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        codec = _part_codec(dtype, arr.size)
-        hasher = hashlib.sha256()
-        chunks = self._encode_chunks(codec, dtype, arr.size, lambda o, n: data[o : o + n], hasher)
-        return {"codec": codec.describe(), "digest": "sha256:" + hasher.hexdigest(), "chunks": chunks}
 
     def add_array(self, name: str, array: np.ndarray, **kwargs) -> str | None:
         """Adds a numpy array (bf16 and fp8 arrive as uint views with an explicit dtype=)."""
@@ -542,20 +503,15 @@ class Writer:
             self._pool = None
 
 
-def _part_codec(dtype: str, items: int) -> Byteplane:
-    """The lossless codec of a codec's part (and of other arrays the writer stores whole)."""
-    return Byteplane().for_dtype(DTYPES[dtype], items)
-
-
 def stored_part_bytes(arr: np.ndarray) -> int:
-    """The bytes a writer stores for this codec part: its chunks encoded as ``_lossless_blob`` does.
+    """The bytes a writer stores for this codec part: its chunks encoded as ``encoding.lossless_blob`` does.
 
     Lets an encoder compare chains by what a file will hold (packed 4-bit codes, two to a
     byte, compress; 3-bit ones straddle bytes and hardly do) rather than by raw bit cost;
     chunk descriptions in the manifest are not counted.
     """
     dtype = dtype_of_numpy(arr.dtype)
-    codec = _part_codec(dtype, arr.size)
+    codec = part_codec(dtype, arr.size)
     data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     width = DTYPES[dtype].itemsize
     per_chunk = codec.chunk_items(DTYPES[dtype]) * width
