@@ -186,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="go on with an interrupted calibrated conversion of the same input and options from its last "
         "finished block (the state kept beside the output, in .OUTPUT.resume); refused when they differ",
     )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="encode the tensors as Ray tasks, several at once (the same bytes): with no ADDRESS on a local "
+        "Ray with this machine's cores, else on the cluster at ADDRESS (HOST:PORT, or auto); needs rbe[ray]",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=thread_count,
+        metavar="N",
+        help="--ray without an address: the local Ray's CPUs, one task on each (default: CPU count)",
+    )
     _common(p)
 
     p = sub.add_parser(
@@ -500,7 +514,11 @@ def cmd_convert(args) -> int:
         onnx=args.onnx,
         threads=args.threads,
         resume=args.resume,
+        ray=args.ray,
+        ray_workers=args.ray_workers,
     )
+    if args.ray_workers is not None and args.ray != "local":
+        raise UsageError("--ray-workers sizes a local Ray: give it with --ray and no address")
     result = convert_model(args.input, args.output, options, _Reporter(args.quiet))
     if not args.quiet:
         for note in result.notes:

@@ -83,6 +83,7 @@ def convert(
     extra: Callable[[Writer], dict[str, str]] | None = None,
     plan: TensorSource | None = None,
     resume=None,
+    encoders=None,
 ) -> list[str]:
     """Converts a tensor source (or the path of one: ``sources.open_source``) into one rbe file.
 
@@ -103,7 +104,9 @@ def convert(
     (an exported ONNX graph, ``onnx_export.ExportedGraph.add_to``) and returns
     metadata to add.  ``resume`` (a ``resume.ResumeState``) keeps a checkpoint
     after each block encoded sequentially, and goes on from the last one it
-    holds.  Returns notes for the user (a changed policy, what head pruning
+    holds.  ``encoders`` (a ``ray_encode.RayEncoders``) encodes the tensors
+    elsewhere, several at once, the writer placing them in order: the same
+    file.  Returns notes for the user (a changed policy, what head pruning
     removed).
     """
     source = plan if plan is not None else src if not isinstance(src, str) else open_source(src)
@@ -124,7 +127,17 @@ def convert(
         done = set()
         if sequential and stats.methods and source.transformers_model:
             done = _encode_sequentially(
-                w, source, chains, stats, calibration_text, threads, blocks_progress, pruned, resume, checkpoint
+                w,
+                source,
+                chains,
+                stats,
+                calibration_text,
+                threads,
+                blocks_progress,
+                pruned,
+                resume,
+                checkpoint,
+                encoders,
             )
         elif stats.methods and set(stats.methods) - set(stats.kept):
             raise UsageError(
@@ -135,6 +148,11 @@ def convert(
             if t.name in done:  # stored already, block by block
                 return
             chain, refs = chains.get(t.name, (None, None))
+            if encoders is not None:
+                w.add_later(
+                    t.name, _encode_elsewhere(encoders, source, t, w, chain, refs, stats, pruned), encoders.window
+                )
+                return
             if chain is None:
                 w.add_tensor(t.name, t.dtype, t.shape, read_at)
                 return
@@ -151,6 +169,14 @@ def convert(
     if resume is not None:
         resume.clear()
     return [note for note in (note, pruning) if note]
+
+
+def _encode_elsewhere(encoders, source: TensorSource, t, w: Writer, chain, refs, stats: Statistics, pruned):
+    """What ``Writer.add_later`` waits on: one tensor encoded by ``encoders`` as ``add_tensor`` would."""
+    if chain is None:
+        return encoders.lossless(source, t, w.codec)
+    values = pruned.get(t.name) if pruned else None
+    return encoders.transformed(source, t.name, chain, values=values, refs=refs, calibration=stats.kept.get(t.name))
 
 
 def store_shared(w: Writer, source: TensorSource, alone: dict, groups: dict) -> dict:
@@ -181,10 +207,11 @@ def _encode_sequentially(
     pruned: dict,
     resume=None,
     checkpoint=None,
+    encoders=None,
 ) -> set[str]:
     """Stores the calibrated tensors block by block (``calibrate.sequential``); returns their names.
     With ``resume``, a checkpoint after each block; from ``checkpoint`` (block, writer, hidden states)
-    the blocks after it."""
+    the blocks after it.  With ``encoders`` a stage's weights are encoded at once."""
     from .compress.calibrate import torch as calibrate
 
     methods = {name: method for name, method in stats.methods.items() if name in chains}
@@ -198,6 +225,20 @@ def _encode_sequentially(
             name, t.dtype, values, chain, refs=refs, calibration=calibration, reference=original
         )
 
+    def encode_stage(stage: dict):
+        decoded = {}
+        for name, calibration in stage.items():
+            chain, refs = chains[name]
+            values = pruned.get(name)
+            encoding = encoders.transformed(
+                source, name, chain, values=values, refs=refs, calibration=calibration, dedup=False
+            )
+            w.add_later(name, _keeping_decoded(encoding, decoded, name), len(stage))
+        for name in stage:
+            if name not in decoded:
+                w.flush_later()
+            yield name, decoded.pop(name)
+
     after_block = None
     if resume is not None:
 
@@ -208,8 +249,21 @@ def _encode_sequentially(
     if progress and start:
         progress.update(start)
     text = text or calibrate.default_text()
-    calibrate.sequential(source.root, methods, text, encode, stats.kept, threads, progress, start, hidden, after_block)
+    stored = encode_stage if encoders is not None else calibrate.per_tensor(encode)
+    calibrate.sequential(source.root, methods, text, stored, stats.kept, threads, progress, start, hidden, after_block)
     return set(methods)
+
+
+def _keeping_decoded(resolve, decoded: dict, name: str):
+    """``resolve`` for ``Writer.add_later``, keeping the tensor's decoded values in ``decoded``."""
+
+    def resolved():
+        encoded = resolve()
+        # Ray hands results over read-only (shared memory); the running model takes them as its own
+        decoded[name], encoded.decoded = np.require(encoded.decoded, requirements="W"), None
+        return encoded
+
+    return resolved
 
 
 # -- rbe convert, as a library function ---------------------------------------------------
@@ -275,6 +329,9 @@ class _NoBar(contextlib.nullcontext):
         pass
 
 
+NOT_IN_RESULT = ("force", "resume", "ray", "ray_workers")  # options that leave the bytes as they are
+
+
 @dataclass
 class ConvertOptions:
     """``rbe convert``'s options (``rbe convert --help`` says what each does)."""
@@ -292,6 +349,8 @@ class ConvertOptions:
     onnx: bool = False  # model directories: also store the architecture as an ONNX graph
     threads: int | None = None
     resume: bool = False  # go on from the state an interrupted calibrated conversion left
+    ray: str | None = None  # encode on Ray: "local" starts one, else a cluster's address (ray_encode.py)
+    ray_workers: int | None = None  # a local Ray's CPUs (default: the machine's)
 
 
 @dataclass
@@ -349,7 +408,11 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         if state is not None:
             state.save_statistics(calibrations)
     blocks = _sequential_blocks(source, calibrations, input)
-    with reporter.bar(source.tensor_bytes, "convert") as bar, reporter.blocks_bar(blocks) as blocks_bar:
+    with (
+        reporter.bar(source.tensor_bytes, "convert") as bar,
+        reporter.blocks_bar(blocks) as blocks_bar,
+        encoders_for(options) as encoders,
+    ):
         notes = convert(
             input,
             output,
@@ -364,8 +427,18 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
             blocks_progress=blocks_bar if blocks else None,
             extra=graph.add_to if graph else None,
             resume=state,
+            encoders=encoders,
         )
     return notes + ([graph.summary()] if graph else [])
+
+
+def encoders_for(options: ConvertOptions):
+    """A context holding where tensors are encoded: None (here), or a Ray cluster's ``RayEncoders``."""
+    if options.ray is None:
+        return contextlib.nullcontext(None)
+    from .ray_encode import RayEncoders
+
+    return RayEncoders(None if options.ray == "local" else options.ray, options.ray_workers)
 
 
 def _resume_state(input: str, output: str, source, policy, options: ConvertOptions):
@@ -378,7 +451,7 @@ def _resume_state(input: str, output: str, source, policy, options: ConvertOptio
 
     if not calibration_methods(source, policy) or not source.transformers_model:
         return None
-    settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in ("force", "resume")}
+    settings = {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_IN_RESULT}
     files = {rel: st.path for rel, st in source.safetensors}
     files.update(dict(source.others))
     if options.calibration:
@@ -413,7 +486,7 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
         reporter.warning(f"warning: {note}")
     choose_chains(source, policy)  # refused before the bar appears, as for safetensors
     calibrations = _onnx_calibrations(input, source, policy, options, reporter) if options.tokenizer else None
-    with reporter.bar(source.tensor_bytes, "convert") as bar:
+    with reporter.bar(source.tensor_bytes, "convert") as bar, encoders_for(options) as encoders:
         return convert(
             input,
             output,
@@ -424,6 +497,7 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
             threads=options.threads,
             progress=bar.update,
             calibrations=calibrations,
+            encoders=encoders,
         )
 
 

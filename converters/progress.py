@@ -14,12 +14,14 @@ import sys
 import time
 
 LINE_SECONDS = 10.0
+ESTIMATE_FROM = 0.01  # the share done before a line estimates what is left: the first tensors say little
 BAR_DELAY = 1.0  # seconds before a bar first draws: a refusal found at the start stays the one line
 
 
 def progress(total: float, desc: str, unit: str, quiet: bool = False, count_format: str = "{n:.0f}/{total:.0f}"):
-    """A bar (terminal) or ``LineProgress`` (log) over ``total`` ``unit``s; silent when ``quiet``."""
-    if quiet:
+    """A bar (terminal) or ``LineProgress`` (log) over ``total`` ``unit``s; silent when ``quiet`` or
+    when there is nothing to count (no blocks in a conversion that encodes none block by block)."""
+    if quiet or not total:
         return LineProgress(total, desc, unit, silent=True)
     if sys.stderr.isatty():
         return _Bar(total, desc, unit, count_format)
@@ -77,7 +79,7 @@ class LineProgress:
         if self.text:
             out += f", {self.text}"
         out += f", {clock(elapsed)} elapsed"
-        if 0 < self.n < self.total:
+        if self.total * ESTIMATE_FROM <= self.n < self.total:
             out += f", about {clock(elapsed / self.n * (self.total - self.n))} left"
         return out
 

@@ -16,6 +16,7 @@ import math
 import os
 import stat
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,7 @@ class Writer:
         self._digests: dict[tuple, str] = {}
         self._metadata: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._later: deque = deque()  # (name, resolve) of tensors encoded elsewhere, in order
         self._state = "open"
         self.keep_partial = False  # abort() leaves the partial file for a resume (``checkpoint``)
         self._write(pack_header())
@@ -160,6 +162,10 @@ class Writer:
 
     # -- low level -------------------------------------------------------------------
     def _require_open(self) -> None:
+        self._check_open()
+        self.flush_later()  # whatever comes next goes after the tensors handed out before it
+
+    def _check_open(self) -> None:
         if self._state != "open":
             raise RbeError(f"writer is {self._state}; no more entries can be added")
 
@@ -312,7 +318,7 @@ class Writer:
             raise InputError(f"tensor {name!r}: a codec chain needs a floating-point tensor, not {dtype}")
         key = transformed_key(array, dtype, chain) if dedup else None
         if key is not None and key in self._digests:
-            self.add_encoded(name, EncodedTensor(dtype, list(array.shape), {}, key))
+            self._add_encoded(name, EncodedTensor(dtype, list(array.shape), {}, key))
             return {}, None
         name = self._claim_name(name)
         if key is not None:
@@ -329,6 +335,9 @@ class Writer:
         ``keep_sections``), placing its sections now: the same file as adding it here.  A tensor whose
         key matches one written before becomes an alias of it; returns the name it aliases, or None."""
         self._require_open()
+        return self._add_encoded(name, encoded, internal)
+
+    def _add_encoded(self, name: str, encoded: EncodedTensor, internal: bool = False) -> str | None:
         name = self._claim_name(name, internal)
         head = {"name": name, "dtype": encoded.dtype, "shape": list(encoded.shape)}
         target = self._digests.get(encoded.key) if encoded.key is not None else None
@@ -342,6 +351,24 @@ class Writer:
         if not internal:
             self._report_dense(encoded.dtype, encoded.shape)
         return target
+
+    def add_later(self, name: str, resolve: Callable[[], EncodedTensor], window: int) -> None:
+        """Adds a tensor whose encoding is under way elsewhere: ``resolve()`` waits for it and returns
+        it (``add_encoded``).  Entries keep the order they were added in, whoever finishes first; once
+        more than ``window`` wait, the oldest is placed.  Any other call places them all first."""
+        self._check_open()
+        self._later.append((name, resolve))
+        while len(self._later) > window:
+            self._place_oldest()
+
+    def flush_later(self) -> None:
+        """Places every tensor ``add_later`` handed out."""
+        while self._later:
+            self._place_oldest()
+
+    def _place_oldest(self) -> None:
+        name, resolve = self._later.popleft()
+        self._add_encoded(name, resolve())
 
     def _report_dense(self, dtype: str, shape) -> None:
         if self.progress:
@@ -407,6 +434,7 @@ class Writer:
 
         With it, decoding rebuilds the original file byte for byte.
         """
+        self._require_open()
         missing = [t for t in tensor_names if t not in self._names]
         if missing:
             raise InputError(f"{path}: tensors {missing[:3]} were not added before the layout")

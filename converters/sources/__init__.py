@@ -59,6 +59,10 @@ class TensorSource(Protocol):
     def read(self, name: str) -> np.ndarray:
         """One tensor's values, in its stored dtype (bf16 and fp8 as their bits)."""
 
+    def locate(self, name: str) -> tuple[str, int, int] | None:
+        """Where one tensor's bytes lie as they are stored: (file, offset, length), for another process
+        to read them itself; None when they lie in no file of their own (they must be handed over)."""
+
     @property
     def roles(self) -> dict[str, TensorRole]:
         """Each tensor's role (``compress/roles.py``)."""

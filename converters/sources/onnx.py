@@ -155,6 +155,9 @@ class OnnxSource:
         finally:
             close()
 
+    def locate(self, name: str) -> None:
+        return None  # inline in the graph or in external data: handed over whole
+
     def config(self) -> dict | None:
         return None
 

@@ -65,6 +65,10 @@ class SafetensorsSource:
     def read(self, name: str) -> np.ndarray:
         return read_tensor(*self._file_of(name))
 
+    def locate(self, name: str) -> tuple[str, int, int]:
+        st, t = self._file_of(name)
+        return st.path, st.data_start + t.begin, t.end - t.begin
+
     @property
     def roles(self) -> dict[str, TensorRole]:
         """Every tensor's role (``roles.classify``), from the headers and the directory's config.json."""

@@ -131,7 +131,7 @@ def test_sequential_encodes_block_by_block_on_what_earlier_blocks_decode_to(llam
         seen[name] = calibration
         return _round_to(0.05)(originals[name]).astype(np.float32)  # a coarse "codec"
 
-    calibrate.sequential(directory, methods, text, encode, before={}, threads=1)
+    calibrate.sequential(directory, methods, text, calibrate.per_tensor(encode), before={}, threads=1)
     assert sorted(calls) == sorted(weights) and len(calls) == len(set(calls))
     stages = [name.split(".")[-2] for name in calls[:7]]
     assert stages[:3] == ["q_proj", "k_proj", "v_proj"] and stages[3] == "o_proj"
@@ -247,7 +247,7 @@ def test_sequential_runs_an_encoder_block_by_block_on_its_sentences(tmp_path):
         seen[name] = calibration
         return dict(model.named_parameters())[name].detach().numpy()  # unchanged: stats as collect's
 
-    calibrate.sequential(directory, weights, text, encode, before={})
+    calibrate.sequential(directory, weights, text, calibrate.per_tensor(encode), before={})
     assert sorted(calls) == sorted(weights)
     plain = calibrate.collect(directory, weights, text)
     for name in weights:  # nothing changed upstream, so each block sees what the whole model sees

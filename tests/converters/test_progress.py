@@ -53,3 +53,19 @@ def test_a_calibration_stage_announces_itself_in_a_log(monkeypatch, capsys):
     with progress.progress(32, "calibrate", "windows"):
         pass
     assert capsys.readouterr().err.startswith("rbe: calibrate: 0/32 windows, 0:00 elapsed")
+
+
+def test_nothing_to_count_prints_nothing_and_a_first_sliver_gets_no_estimate(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    with progress.progress(0, "encode", "blocks") as bar:  # a conversion with no block to encode
+        clock.now += 100
+        bar.update(0)
+    assert capsys.readouterr().err == ""
+    bar = progress.LineProgress(1000, "convert", "MB")
+    clock.now += 20
+    bar.update(1)  # 0.1 % after 20 s: an estimate of hours would only alarm
+    assert capsys.readouterr().err == "rbe: convert: 1/1000 MB, 0:20 elapsed\n"
+    clock.now += 20
+    bar.update(99)
+    assert "about 6:00 left" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_sequential_encoding_labels_each_block_and_stage(tmp_path):
         return dict(model.named_parameters())[name].detach().numpy()
 
     before = calibrate.collect(directory, {"lm_head.weight": "gptq"}, text, threads=1)
-    calibrate.sequential(directory, weights, text, encode, before, threads=1, progress=seen)
+    calibrate.sequential(directory, weights, text, calibrate.per_tensor(encode), before, threads=1, progress=seen)
     assert seen.blocks == 2 and encoded[0] == "lm_head.weight" and len(encoded) == len(weights)
     assert "block 1/2: encoding self_attn.q_proj, self_attn.k_proj, self_attn.v_proj" in seen.labels
     assert "block 2/2: encoding mlp.down_proj" in seen.labels

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -301,7 +301,15 @@ def _sentences(tokenizer, text: CalibrationText, window: int) -> list[list[int]]
 
 # -- sequential calibration: block by block, on the inputs the encoded blocks before give ----
 
-Encode = Callable[[str, Calibration], np.ndarray]
+# Stores a stage's weights (their names and calibrations, in the order they run), yielding
+# (name, decoded values) as each is done; ``per_tensor`` makes one of a function encoding one weight.
+Encode = Callable[[dict[str, Calibration]], Iterator[tuple[str, np.ndarray]]]
+
+
+def per_tensor(encode_one: Callable[[str, Calibration], np.ndarray]) -> Encode:
+    """An ``Encode`` that stores a stage's weights one after the other with ``encode_one``: one
+    decoded weight at a time is alive."""
+    return lambda stage: ((name, encode_one(name, calibration)) for name, calibration in stage.items())
 
 
 def sequential(
@@ -346,7 +354,7 @@ def sequential(
         for name in [n for n in modules if owner[n] is None and start == 0]:
             if progress:
                 progress.label(f"encoding {name}")
-            _encode_outside(streamed, name, modules[name], encode(name, before[name]), read_in_front)
+            _encode_outside(streamed, name, modules[name], encode({name: before[name]}), read_in_front)
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
             inputs = stream.block_inputs(model, blocks[0], windows, torch)
@@ -365,8 +373,7 @@ def sequential(
                     stage = _next_stage(block, {n: modules[n] for n in pending}, inputs, weights)
                     if progress:
                         progress.label(f"{where}: encoding {', '.join(_short(n) for n in stage)}")
-                    for name, calibration in stage.items():
-                        _replace(modules[name], name, encode(name, calibration), torch)
+                    _replace_all(modules, encode(stage), torch)
                     pending = [n for n in pending if n not in stage]
                 stage = None  # its Hessians are not kept into the next block
                 inputs, _ = stream.run_block(block, inputs)
@@ -376,9 +383,10 @@ def sequential(
                 progress.update(1)
 
 
-def _encode_outside(streamed, name: str, module, decoded: np.ndarray, read_in_front: set) -> None:
+def _encode_outside(streamed, name: str, module, encoded: Iterator, read_in_front: set) -> None:
     """Keeps the decoded values of a weight outside the blocks only where the blocks' inputs read them
     (a tied embedding); an output head's (as large as the embedding) are dropped at once."""
+    ((_, decoded),) = encoded
     decoded = _checked(name, decoded, module.weight)
     if id(module.weight) in read_in_front:
         streamed.overrides[id(module.weight)] = np.ascontiguousarray(decoded, np.float32)
@@ -414,6 +422,12 @@ def _block_of(blocks, module) -> int | None:
         if any(m is module for m in block.modules()):
             return index
     return None
+
+
+def _replace_all(modules: dict, encoded: Iterator, torch) -> None:
+    """Puts each weight's decoded values in its module as they come: one at a time is alive."""
+    for name, decoded in encoded:
+        _replace(modules[name], name, decoded, torch)
 
 
 def _replace(module, name: str, decoded: np.ndarray, torch) -> None:
