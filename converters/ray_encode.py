@@ -104,8 +104,7 @@ class RayEncoders:
         located = source.locate(job["name"]) if self.share_input else None
         if located is not None:
             path, offset, length = located
-            info = os.stat(path)
-            job = {**job, "file": [path, offset, length, info.st_size, info.st_mtime_ns]}
+            job = {**job, "file": [path, offset, length, *file_identity(path)]}
             future = self._task.remote(job, None, *extra)
         else:
             future = self._task.remote(job, self._stored_bytes(source, job["name"]), *extra)
@@ -146,6 +145,12 @@ class RayEncoders:
         return ref[0]
 
 
+def file_identity(path: str) -> tuple[int, int]:
+    """What a worker compares to know it sees the driver's file: its size and modification time."""
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
 def encode_task(job: dict, data, values, refs, calibration) -> EncodedTensor | str:
     """One tensor's encoding, in a worker: its stored bytes read from the input file or handed over."""
     if data is None:
@@ -178,7 +183,7 @@ def _read_located(path: str, offset: int, length: int, size: int, mtime_ns: int)
         return None
     try:
         info = os.fstat(fd)
-        if info.st_size != size or info.st_mtime_ns != mtime_ns:
+        if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
             return None
         data = os.pread(fd, length, offset)
         return data if len(data) == length else None
