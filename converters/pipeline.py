@@ -398,37 +398,34 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
     state = _resume_state(input, output, source, policy, options)
-    if state is not None and state.start(options.resume):
-        reporter.info(f"rbe: {output}: resuming the interrupted conversion")
-        calibrations, text = state.load_statistics(), calibration_text(options)
-    else:
-        if options.resume:
-            reporter.info(f"rbe: {output}: no interrupted conversion to resume; starting")
-        calibrations, text = _calibrations(source, policy, options, reporter)
-        if state is not None:
-            state.save_statistics(calibrations)
-    blocks = _sequential_blocks(source, calibrations, input)
-    with (
-        reporter.bar(source.tensor_bytes, "convert") as bar,
-        reporter.blocks_bar(blocks) as blocks_bar,
-        encoders_for(options) as encoders,
-    ):
-        notes = convert(
-            input,
-            output,
-            plan=source,
-            force=options.force,
-            codec=codec,
-            policy=policy,
-            threads=options.threads,
-            progress=bar.update,
-            calibrations=calibrations,
-            calibration_text=text,
-            blocks_progress=blocks_bar if blocks else None,
-            extra=graph.add_to if graph else None,
-            resume=state,
-            encoders=encoders,
-        )
+    with encoders_for(options) as encoders:
+        if state is not None and state.start(options.resume):
+            reporter.info(f"rbe: {output}: resuming the interrupted conversion")
+            calibrations, text = state.load_statistics(), calibration_text(options)
+        else:
+            if options.resume:
+                reporter.info(f"rbe: {output}: no interrupted conversion to resume; starting")
+            calibrations, text = _calibrations(source, policy, options, reporter, encoders)
+            if state is not None:
+                state.save_statistics(calibrations)
+        blocks = _sequential_blocks(source, calibrations, input)
+        with reporter.bar(source.tensor_bytes, "convert") as bar, reporter.blocks_bar(blocks) as blocks_bar:
+            notes = convert(
+                input,
+                output,
+                plan=source,
+                force=options.force,
+                codec=codec,
+                policy=policy,
+                threads=options.threads,
+                progress=bar.update,
+                calibrations=calibrations,
+                calibration_text=text,
+                blocks_progress=blocks_bar if blocks else None,
+                extra=graph.add_to if graph else None,
+                resume=state,
+                encoders=encoders,
+            )
     return notes + ([graph.summary()] if graph else [])
 
 
@@ -538,11 +535,14 @@ def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporte
     return onnx_export.export_graph(source, options.threads)
 
 
-def _calibrations(source, policy, options: ConvertOptions, reporter: Reporter) -> tuple[dict, object]:
+def _calibrations(source, policy, options: ConvertOptions, reporter: Reporter, encoders=None) -> tuple[dict, object]:
     """Runs the calibration text through the model when the policy's rules ask for it (a bar of windows);
     returns the statistics and the text (which the block-by-block encoding runs again)."""
     if not calibration_methods(source, policy):
         return {}, None
     text = calibration_text(options)
     with reporter.windows_bar(text.windows) as bar:
-        return calibrate_for(source, policy, text, options.threads, bar.update, label=bar.label), text
+        calibrations = calibrate_for(
+            source, policy, text, options.threads, bar.update, label=bar.label, encoders=encoders
+        )
+        return calibrations, text

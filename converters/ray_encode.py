@@ -30,7 +30,9 @@ import numpy as np
 from rbeformat.encoding import EncodedTensor, encode_lossless, encode_transformed, keep_sections, transformed_key
 from rbeformat.errors import RbeError, UsageError
 from rbeformat.spec import DTYPES
+from rbeformat.values import to_float32
 
+SENT_KEPT = 3  # values put in the object store that the driver remembers (``_put_once``)
 NOT_SHARED = "not-shared"  # a task's answer when its node does not see the input as the driver does
 BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -73,7 +75,7 @@ class RayEncoders:
         self.window = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         self.share_input = share_input
         self._task = self.ray.remote(num_cpus=1, max_retries=2)(encode_task)
-        self._sent: dict[int, object] = {}  # id(array) -> its ObjectRef, for refs and calibrations
+        self._sent: dict[int, tuple] = {}  # id(value) -> (its ObjectRef, the value), oldest first
 
     def close(self) -> None:
         self._sent.clear()
@@ -134,15 +136,26 @@ class RayEncoders:
     def _stored_bytes(self, source, name: str):
         return self.ray.put(np.ascontiguousarray(source.read(name)).reshape(-1).view(np.uint8))
 
+    def candidate(self, source, name: str, base, upgrades, calibration, counts: str) -> Callable:
+        """Mixed precision's scores of one weight (``mixed.candidate``); ``resolve()`` returns its
+        Candidate."""
+        t = source.tensor(name)
+        job = {"kind": "candidate", "name": name, "dtype": t.dtype, "shape": list(t.shape)}
+        job.update(chain=base, upgrades=upgrades, counts=counts)
+        return self._submit(source, job, None, None, calibration)
+
     def _put_once(self, value):
-        """Puts a value (a group's shared state, one stage's calibration) in the object store once,
-        however many tasks read it."""
-        ref = self._sent.get(id(value))
-        if ref is None:
-            if len(self._sent) > 64:  # an earlier stage's values: no longer needed by new tasks
-                self._sent.clear()
-            ref = self._sent[id(value)] = (self.ray.put(value), value)  # the value kept: its id stays its own
-        return ref[0]
+        """Puts a value (a group's shared state, one stage's calibration) in the object store once
+        for the tasks that read it one after another; only the last few are remembered, so that the
+        driver keeps no earlier stage's Hessians alive."""
+        known = self._sent.get(id(value))
+        if known is not None and known[1] is value:
+            return known[0]
+        if len(self._sent) >= SENT_KEPT:
+            del self._sent[next(iter(self._sent))]
+        ref = self.ray.put(value)
+        self._sent[id(value)] = (ref, value)
+        return ref
 
 
 def file_identity(path: str) -> tuple[int, int]:
@@ -161,6 +174,11 @@ def encode_task(job: dict, data, values, refs, calibration) -> EncodedTensor | s
     if job["kind"] == "lossless":
         return encode_lossless(dtype, shape, data, job["codec"])
     stored = np.frombuffer(data, np.dtype(DTYPES[dtype].numpy_storage)).reshape(shape)
+    if job["kind"] == "candidate":
+        from .compress.mixed import candidate
+
+        x = to_float32(stored, dtype)
+        return candidate(job["name"], x, job["chain"], job["upgrades"], calibration, job["counts"])
     array = stored if values is None else values
     return encode_transformed(
         job["name"],

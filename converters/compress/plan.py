@@ -12,6 +12,7 @@ Writing the container is ``converters/pipeline.py``'s.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -227,12 +228,14 @@ def calibrate_for(
     progress=None,
     sequential: bool = True,
     label=None,
+    encoders=None,
 ) -> Statistics:
     """The calibration statistics the policy's rules ask for (torch and transformers run the model).
 
     For a sequential conversion, a survey: block by block, scoring as it goes,
     so that memory holds one block's statistics; otherwise every statistic at once.
-    ``progress(n)`` counts windows' worth of work; ``label(text)`` says where the survey is.
+    ``progress(n)`` counts windows' worth of work; ``label(text)`` says where the survey is;
+    ``encoders`` (``ray_encode.RayEncoders``) scores mixed precision's candidates elsewhere.
     """
     methods = calibration_methods(plan, policy)
     if policy.prune_heads:  # refused before the model runs, not after
@@ -246,12 +249,15 @@ def calibrate_for(
         # The model's drift is measured on calibrated encodes: every Hessian is held at once.
         return Statistics.of(calibrate.collect(plan.root, methods, text, threads, progress))
     stats = Statistics(dict(methods), {})
-    stats.kept = calibrate.survey(plan.root, methods, text, _scorer(plan, policy, stats), threads, progress, label)
+    score, scored = _scorer(plan, policy, stats, encoders)
+    stats.kept = calibrate.survey(plan.root, methods, text, score, threads, progress, label)
+    scored()
     return stats
 
 
-def _scorer(plan: TensorSource, policy: Policy, stats: Statistics):
-    """What a survey does with one weight's statistics: mixed precision's and head pruning's scores."""
+def _scorer(plan: TensorSource, policy: Policy, stats: Statistics, encoders=None):
+    """What a survey does with one weight's statistics: mixed precision's and head pruning's scores;
+    and what waits for the scores computed elsewhere (``encoders``), at most its window at once."""
     from .mixed import candidate
 
     chosen = chosen_rules(plan, policy)
@@ -268,16 +274,33 @@ def _scorer(plan: TensorSource, policy: Policy, stats: Statistics):
         wants_heads = role is not None and role.role == "attn_o" and role.input_last is not False
         if not (rule.upgrades and policy.budget_bits is not None) and not wants_heads:
             return
-        x = to_float32(plan.read(name), t.dtype)
         if rule.upgrades and policy.budget_bits is not None:
-            stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, policy.budget_counts)
+            if encoders is not None:
+                pending.append((name, encoders.candidate(plan, name, rule.chain, rule.upgrades, calibration, counts)))
+                while len(pending) > encoders.window:
+                    scored_one()
+            else:
+                x = to_float32(plan.read(name), t.dtype)
+                stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, counts)
         if wants_heads:
+            x = to_float32(plan.read(name), t.dtype)
             try:
                 stats.head_scores[role.layer] = heads.layer_scores(x.astype(np.float64), calibration.hessian, geometry)
             except ValueError as exc:
                 raise UsageError(f"prune_heads: {exc}") from None
 
-    return score
+    pending: deque = deque()
+    counts = policy.budget_counts
+
+    def scored_one() -> None:
+        name, resolve = pending.popleft()
+        stats.candidates[name] = resolve()
+
+    def scored() -> None:
+        while pending:
+            scored_one()
+
+    return score, scored
 
 
 def plan_roles(plan: TensorSource) -> dict[str, TensorRole]:

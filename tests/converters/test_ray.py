@@ -45,12 +45,23 @@ def _options(text: str, preset: str | None, **changes) -> ConvertOptions:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", [None, "q8", "q4"])
-def test_two_local_workers_write_the_bytes_of_one_process(model_dir, tmp_path, preset):
+def test_two_local_workers_write_the_bytes_of_one_process(model_dir, tmp_path, monkeypatch, preset):
     directory, text = model_dir
     one, spread = tmp_path / "one.rbe", tmp_path / "ray.rbe"
     convert_model(directory, str(one), _options(text, preset))
+    handed = {"transformed": 0, "candidate": 0}
+    for kind in handed:
+        method = getattr(ray_encode.RayEncoders, kind)
+
+        def counted(self, *args, _method=method, _kind=kind, **kwargs):
+            handed[_kind] += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(ray_encode.RayEncoders, kind, counted)
     convert_model(directory, str(spread), _options(text, preset, ray="local", ray_workers=2))
     assert _sha(one) == _sha(spread)
+    if preset == "q4":  # the stages of each block, and mixed precision's scores, went to Ray
+        assert handed["transformed"] >= 14 and handed["candidate"] >= 14, handed
 
 
 @pytest.mark.slow
