@@ -13,6 +13,7 @@ is not reported.
     python -m bench.scale --sizes 2.9b --cap-gib 4     # inside a 4 GiB memory cap
     python -m bench.scale --make-only --sizes 2.9b,6.7b
     python -m bench.scale --sizes 0.8b --resume-check   # SIGKILL half way, then --resume
+    python -m bench.scale --sizes 0.8b --jobs q4,q4-ray2  # on a local Ray of 2 workers: the same bytes?
 
 Sizes (hidden / layers / MLP / heads / kv heads / vocabulary):
 
@@ -223,13 +224,40 @@ JOBS = {
     "q8": {"preset": "q8"},
     "q4": {"preset": "q4", "calibration_windows": 2},
 }
+# The same conversions on a local Ray of 1 or 2 workers: each must write the single-process file's bytes.
+for _job in ("lossless", "q8", "q4"):
+    for _workers in (1, 2):
+        JOBS[f"{_job}-ray{_workers}"] = dict(JOBS[_job], ray="local", ray_workers=_workers)
+
+LLAMA_70B = Shape(8192, 80, 28672, 64, 8, 32000, tied=False)
+
+
+def gptq_work(shape: Shape) -> float:
+    """A block's GPTQ arithmetic, rows x columns^2 summed over its Linear weights (the factor of H and
+    the column by column updates dominate): what the per-block encoding time scales with."""
+    head_dim = shape.hidden // shape.heads
+    kv = shape.kv_heads * head_dim
+    rows_by_input = [(shape.hidden, shape.hidden), (kv, shape.hidden), (kv, shape.hidden), (shape.hidden, shape.hidden)]
+    rows_by_input += [(shape.mlp, shape.hidden), (shape.mlp, shape.hidden), (shape.hidden, shape.mlp)]
+    return float(sum(rows * columns**2 for rows, columns in rows_by_input))
+
+
+def projection_70b(shape: Shape, seconds: float, machines=(1, 2, 4, 8)) -> list[str]:
+    """On paper: Llama-2-70B's calibrated q4 time from this run's time per block, scaled by the GPTQ
+    arithmetic per block, on N machines of this kind.  Ray spreads a block's work only as wide as its
+    widest stage (3: q, k and v) and mixed precision's 7 scores, so N above 3 buys little."""
+    per_block = seconds / shape.layers * gptq_work(LLAMA_70B) / gptq_work(shape)
+    lines = []
+    for n in machines:
+        hours = LLAMA_70B.layers * per_block / min(n, 3) / 3600
+        lines.append(f"70 B on {n} machine{'s' if n > 1 else ''}: about {hours:.0f} h (at most 3 tasks at once)")
+    return lines
 
 
 def resume_check(size: str, folder: str, threads: int | None, cap_gib: float | None) -> dict:
     """The calibrated q4 conversion uninterrupted; again, killed with SIGKILL once half the blocks are
     written; then ``--resume``: whether the bytes match, the resumed run's time against the full run's,
     and whether anything was at the output path while it was interrupted."""
-    import hashlib
     import signal
 
     from rbe_converters.resume import state_dir
@@ -260,13 +288,7 @@ def resume_check(size: str, folder: str, threads: int | None, cap_gib: float | N
     resumed = json.loads(stdout.strip().splitlines()[-1])["seconds"] if code == 0 else None
 
     def sha(path: str) -> str | None:
-        if not os.path.exists(path):
-            return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for piece in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(piece)
-        return digest.hexdigest()
+        return _sha256(path) if os.path.exists(path) else None
 
     return {
         "full_seconds": full,
@@ -317,25 +339,49 @@ def main(argv: list[str] | None = None) -> None:
             bound = (
                 predicted_peak(shape, JOBS[job]["calibration_windows"]) if "calibration_windows" in JOBS[job] else None
             )
+            result["sha256"] = _sha256(out) if code == 0 else None
             rows.append((size, job, code, peak, bound, result))
             print(_row(*rows[-1]), flush=True)
+            if job == "q4" and code == 0:
+                print("\n".join(projection_70b(shape, result["seconds"])), flush=True)
     if rows:
         print(
-            "\n| checkpoint | job | exit | peak RSS | README bound | time | file | bits/weight |"
-            "\n|---|---|---|---|---|---|---|---|"
+            "\n| checkpoint | job | exit | peak RSS | README bound | time | file | bits/weight | same bytes as |"
+            "\n|---|---|---|---|---|---|---|---|---|"
         )
+        shas = {(size, job): result.get("sha256") for size, job, _, _, _, result in rows}
         for row in rows:
-            print(_row(*row))
+            print(_row(*row, same=_same_as(row[0], row[1], shas)))
 
 
-def _row(size: str, job: str, code: int, peak: float, bound: float | None, result: dict) -> str:
+def _same_as(size: str, job: str, shas: dict) -> str:
+    """For a Ray job: whether its file is the single-process job's, byte for byte (when both ran)."""
+    if "-ray" not in job:
+        return "-"
+    single = shas.get((size, job.split("-ray")[0]))
+    if single is None or shas.get((size, job)) is None:
+        return "not compared"
+    return f"{job.split('-ray')[0]}: {'yes' if single == shas[(size, job)] else 'NO'}"
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _row(size: str, job: str, code: int, peak: float, bound: float | None, result: dict, same: str = "-") -> str:
     limit = f"{bound / 1e9:.2f} GB" if bound else "-"
-    if not result:
-        return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {limit} | - | - | - |"
+    if "seconds" not in result:
+        return f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {limit} | - | - | - | - |"
     minutes, size_gb, bits = result["seconds"] / 60, result["file_bytes"] / 1e9, result["bits_per_weight"]
     return (
         f"| {size} | {job} | {code} | {peak / 1e9:.2f} GB | {limit} | {minutes:.1f} min | {size_gb:.2f} GB "
-        f"| {bits:.2f} |"
+        f"| {bits:.2f} | {same} |"
     )
 
 
