@@ -123,6 +123,8 @@ def convert(
         checkpoint = resume.load_block() if resume is not None else None
         if checkpoint is not None:
             w.resume(checkpoint[1])
+        if resume is not None:
+            resume.own_partial(w.partial_name)
         chains = store_shared(w, source, alone, groups)
         done = set()
         if sequential and stats.methods and source.transformers_model:

@@ -10,6 +10,8 @@ a power cut must not cost it all.  Beside the output, in the folder
 * ``statistics.json`` and ``kept-N.npy``: the survey's results (mixed precision's
   scores, head scores, the Hessians of the weights outside the blocks), so a
   resume never surveys again.
+* ``partial.json``: the name of the partial file this run writes, so that one a
+  run killed before its first checkpoint began is removed, not left behind.
 * ``block.json`` and ``hidden-N.npy``: after each block encoded, the writer's
   checkpoint (``Writer.checkpoint``: its partial file's name and length and the
   entries so far) and the hidden states the next block reads.
@@ -77,16 +79,36 @@ class ResumeState:
         return os.path.exists(os.path.join(self.folder, "statistics.json"))
 
     def clear(self) -> None:
-        """Removes the state and the partial file its last checkpoint names."""
+        """Removes the state and the partial files it names (its last checkpoint's, this run's)."""
         if not os.path.isdir(self.folder) or os.path.islink(self.folder):
             return
         block = self._read("block.json")
-        partial = block.get("writer", {}).get("partial") if isinstance(block, dict) else None
-        if isinstance(partial, str) and partial.startswith(f".{os.path.basename(self.output)}.") and "/" not in partial:
-            path = os.path.join(os.path.dirname(self.folder), partial)
-            if os.path.isfile(path) and not os.path.islink(path):
-                os.unlink(path)
+        self._remove_partial(block.get("writer", {}).get("partial") if isinstance(block, dict) else None)
+        self._remove_partial(self._noted_partial())
         shutil.rmtree(self.folder)
+
+    def own_partial(self, name: str) -> None:
+        """Notes the partial file this run writes (``partial.json``).  One an earlier run began and never
+        checkpointed (killed before its first block was written) is removed: nothing resumes it."""
+        earlier = self._noted_partial()
+        if earlier != name:
+            self._remove_partial(earlier)
+        self._write_json("partial.json", {"partial": name})
+
+    def _noted_partial(self) -> str | None:
+        noted = self._read("partial.json")
+        return noted.get("partial") if isinstance(noted, dict) else None
+
+    def _remove_partial(self, partial) -> None:
+        """Removes a partial file of this output (a hidden name beside it, a plain file; nothing else)."""
+        prefix = f".{os.path.basename(self.output)}."
+        if not (isinstance(partial, str) and partial.startswith(prefix) and partial.endswith(".partial")):
+            return
+        if "/" in partial or "\0" in partial:
+            return
+        path = os.path.join(os.path.dirname(self.folder), partial)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
 
     # -- the survey's results -----------------------------------------------------------
     def save_statistics(self, stats) -> None:

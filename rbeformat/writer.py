@@ -146,6 +146,11 @@ class Writer:
         self._digests = {(k[0], tuple(k[1]), *k[2:-1]): k[-1] for k in state["digests"]}
         self.keep_partial = True
 
+    @property
+    def partial_name(self) -> str:
+        """The name of the hidden file this writer writes beside the output until it is complete."""
+        return os.path.basename(self._tmp)
+
     def has(self, name: str) -> bool:
         """Whether a tensor of this name is written (resumed conversions skip it)."""
         return name in self._names

@@ -122,3 +122,34 @@ def test_rbe_convert_resume_refusal_is_one_line_with_exit_2(model_dir, tmp_path,
     assert "--resume: the interrupted conversion had other options; run without" in one_error_line(capsys)
     assert run([*argv, "--calibration-windows", "2", "--quiet"]) == 0  # the same options: resumed
     assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
+
+
+def test_a_partial_file_killed_before_its_first_block_is_removed_by_the_next_run(model_dir, tmp_path, monkeypatch):
+    from rbeformat import Writer
+
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    whole = str(tmp_path / "whole.rbe")
+    convert_model(directory, whole, _options(text))
+
+    def killed(self):  # as SIGKILL leaves it: the partial file stays, nothing else happens
+        self._state = "aborted"
+        self._file.close()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Writer, "abort", killed)
+        calls = []
+
+        def stop_in_first_block(self, index, *args):  # before the first checkpoint is saved
+            calls.append(index)
+            raise _Stop
+
+        patch.setattr(resume.ResumeState, "save_block", stop_in_first_block)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    orphans = [n for n in os.listdir(tmp_path) if n.startswith(".out.rbe.") and n.endswith(".partial")]
+    assert len(orphans) == 1 and calls == [0]
+    convert_model(directory, out, _options(text, resume=True))  # no block to go on from: starts the blocks again
+    assert _sha(out) == _sha(whole)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+    assert not os.path.exists(resume.state_dir(out))
