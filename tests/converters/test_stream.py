@@ -173,3 +173,36 @@ def test_a_bf16_checkpoint_converted_with_a_calibrated_preset_keeps_its_lossless
             assert r.entry(name).dtype.name == "BF16"
             if "norm" in name:
                 assert bytes(r.tensor_bytes(name)) == st.get_tensor(name).view(torch.int16).numpy().tobytes()
+
+
+def test_hidden_states_spilled_to_a_file_give_the_same_numbers(tmp_path, monkeypatch):
+    directory = str(tmp_path / "llama")
+    model = _save_llama(directory, torch.bfloat16, layers=2)
+    weights = {f"{n}.weight": "gptq" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    text = calibrate.CalibrationText(TEXT, "test", window=32, windows=2)
+    ids = word_tokenizer(common_words(150))(TEXT, add_special_tokens=False)["input_ids"]
+    parts = [ids[i * 32 : (i + 1) * 32] for i in range(3)]
+
+    def run_all():
+        stats = calibrate.collect(directory, weights, text, threads=1)
+        encoded = {}
+
+        def encode(name, calibration):  # a coarse codec: later blocks run on what it decodes to
+            original = dict(model.named_parameters())[name].detach().float().numpy()
+            encoded[name] = calibration.hessian
+            return (np.round(original * 20) / 20).astype(np.float32)
+
+        calibrate.sequential(directory, weights, text, calibrate.per_tensor(encode), stats, threads=1)
+        return stats, encoded, stream.perplexity(directory, parts, max(map(max, parts)), directory)
+
+    in_memory = run_all()
+    files = []
+    mkstemp = stream.tempfile.mkstemp
+    monkeypatch.setattr(stream, "SPILL_BYTES", 0)  # every boundary's hidden states go to a file
+    monkeypatch.setattr(stream.tempfile, "mkstemp", lambda **kw: files.append(1) or mkstemp(**kw))
+    on_disk = run_all()
+    assert len(files) > 6  # the survey's, the encoding's and the perplexity's boundaries
+    for name in weights:
+        np.testing.assert_array_equal(in_memory[0][name].hessian, on_disk[0][name].hessian)
+        np.testing.assert_array_equal(in_memory[1][name], on_disk[1][name])  # the stage's H, block by block
+    assert in_memory[2] == on_disk[2]

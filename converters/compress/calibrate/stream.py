@@ -209,15 +209,57 @@ class InputsCaught(Exception):
     """Stops a forward pass once the first block's inputs are caught."""
 
 
+SPILL_BYTES = 512 * 2**20  # every window's hidden states at one block boundary beyond this go to a file
+
+
 def run_block(block, inputs) -> tuple[list, bool]:
     """The next block's inputs: each window's call with the block's output as its hidden states; and
-    whether the block returns a tuple (so that ``blocks_pass_on`` returns what it did)."""
+    whether the block returns a tuple (so that ``blocks_pass_on`` returns what it did).  When the
+    windows' hidden states together pass ``SPILL_BYTES`` they are written, window by window as the
+    block gives them, to a temporary file mapped back (``spill_sink``): memory then holds one window's."""
     out, as_tuple = [], False
-    for call in inputs:
+    sink = spill_sink(inputs)
+    for index, call in enumerate(inputs):
         output = block(*call[0], **call[1])
         as_tuple = isinstance(output, (tuple, list))
-        out.append(with_hidden(call, hidden(output)))
+        states = hidden(output)
+        out.append(with_hidden(call, sink(index, states) if sink else states))
     return out, as_tuple
+
+
+def spill_sink(inputs, limit: int | None = None):
+    """None when the hidden states of ``inputs`` (float32, the shapes a block's outputs have) fit in
+    ``limit`` bytes (default ``SPILL_BYTES``); else ``sink(index, states)``, which copies window
+    ``index``'s states into a new temporary file and returns a tensor mapped onto them.  The file is
+    unlinked at once: its space returns when the last tensor mapped onto it is dropped."""
+    import torch
+
+    shapes = [tuple(hidden_of(call).shape) for call in inputs]
+    sizes = [math.prod(shape) for shape in shapes]
+    if 4 * sum(sizes) <= (SPILL_BYTES if limit is None else limit):
+        return None
+    fd, path = tempfile.mkstemp(prefix="rbe-hidden-", suffix=".f32")
+    try:
+        mapped = np.memmap(path, np.float32, "w+", shape=(sum(sizes),))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+    def sink(index: int, states):
+        view = mapped[offsets[index] : offsets[index + 1]].reshape(shapes[index])
+        view[...] = states.detach().to(torch.float32).numpy()
+        return torch.from_numpy(view)
+
+    return sink
+
+
+def spilled(inputs, limit: int | None = None) -> list:
+    """``inputs`` with their hidden states in a temporary file when they pass the limit (``spill_sink``)."""
+    sink = spill_sink(inputs, limit)
+    if sink is None:
+        return inputs
+    return [with_hidden(call, sink(index, hidden_of(call))) for index, call in enumerate(inputs)]
 
 
 @contextlib.contextmanager
@@ -313,7 +355,7 @@ def perplexity(model_dir: str, parts: list[list[int]], largest_token_id: int, la
     windows = [[part] for part in parts]  # one window a run, as the whole model is scored
     with torch.no_grad():
         with streamed.loaded(streamed.front(blocks)):
-            inputs = block_inputs(model, blocks[0], windows, torch)
+            inputs = spilled(block_inputs(model, blocks[0], windows, torch))
         as_tuple = False
         for block in blocks:
             with streamed.loaded(streamed.slots([block])):

@@ -110,7 +110,7 @@ def survey(
     share = text.windows / ((2 + tail) * len(windows))
     with torch.no_grad():
         with streamed.loaded(streamed.front(blocks)):
-            inputs = stream.block_inputs(model, blocks[0], windows, torch)
+            inputs = stream.spilled(stream.block_inputs(model, blocks[0], windows, torch))
         for index, block in enumerate(blocks):
             inside = {name: module for name, module in modules.items() if owner[name] == index}
             where = f"block {index + 1}/{len(blocks)}"
@@ -357,10 +357,10 @@ def sequential(
             _encode_outside(streamed, name, modules[name], encode({name: before[name]}), read_in_front)
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
-            inputs = stream.block_inputs(model, blocks[0], windows, torch)
+            inputs = stream.spilled(stream.block_inputs(model, blocks[0], windows, torch))
         streamed.overrides.clear()
         if hidden is not None:
-            inputs = _resumed_inputs(inputs, hidden, torch)
+            inputs = stream.spilled(_resumed_inputs(inputs, hidden, torch))
         for index, block in enumerate(blocks):
             if index < start:
                 continue
