@@ -44,7 +44,7 @@ from rbeformat import InputError, UsageError, Writer
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, MAPPING_PATH, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
 
-from .sources.onnx import DATA_FIELDS, Initializer, read_initializer
+from .sources.onnx import DATA_FIELDS, Initializer
 
 if TYPE_CHECKING:
     import onnx
@@ -99,8 +99,9 @@ def export_graph(plan: TensorSource, threads: int | None = None) -> ExportedGrap
 # -- exporting --------------------------------------------------------------------------
 
 
-def export_model(root: str, threads: int | None = None) -> tuple[onnx.ModelProto, str]:
-    """The ONNX graph of the HF model in ``root`` (with its weights) and its kind."""
+def export_model(root: str, threads: int | None = None):
+    """The ONNX graph of the HF model in ``root`` (an ``onnx_ir.Model``, its weights the torch model's own
+    tensors, not copied) and its kind."""
     try:
         import onnxscript  # noqa: F401  (torch's exporter writes the graph with it)
         import torch
@@ -142,9 +143,7 @@ def export_model(root: str, threads: int | None = None) -> tuple[onnx.ModelProto
         raise InputError(
             f"{root}: torch.onnx.export could not export this {kind} ({type(exc).__name__}: {str(exc)[:200]})"
         ) from None
-    model_proto = program.model_proto
-    _drop_stack_traces(model_proto)
-    return model_proto, kind
+    return program.model, kind
 
 
 # The exporter records, on every node, the Python stack that made it: absolute paths of the converting
@@ -303,27 +302,42 @@ def dense_model(r) -> onnx.ModelProto:
 
 
 def wire(model, plan: TensorSource, kind: str) -> ExportedGraph:
-    """Maps each initializer to the HF tensor it equals (as is or transposed) or to a constant of its
-    own, and strips the initializers' data from the graph."""
+    """Maps each initializer of the exported ``onnx_ir.Model`` to the HF tensor it equals (as is or
+    transposed) or to a constant of its own, and returns the graph without the initializers' data.
+
+    The data is dropped from the model before it becomes a ModelProto, one initializer at a time: the
+    weights are never copied into the proto, whose 2 GB limit a large model would pass."""
+    import onnx_ir as ir
+
     _refuse_prefix_in_use(plan)
     by_content, by_name = tensor_index(plan)
     mapping, own = {}, []
-    for t in model.graph.initializer:
-        if t.data_type not in ONNX_DTYPES:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or int(tensor.dtype) not in ONNX_DTYPES:
             continue  # strings and the like stay in the graph, data and all (as for ONNX input)
-        init = read_initializer(t, "", "the exported graph")
-        key = content_key(init.dtype, init.shape, init.inline)
-        found = _same_named(t.name, key, by_name) or by_content.get(key)
+        dtype, shape, data = ONNX_DTYPES[int(tensor.dtype)], tuple(int(d) for d in tensor.shape), tensor.tobytes()
+        key = content_key(dtype, shape, data)
+        found = _same_named(value.name, key, by_name) or by_content.get(key)
         if found is None:
-            init.name = OWN_PREFIX + t.name
-            own.append(init)
-            found = (init.name, False)
-        mapping[t.name] = {"tensor": found[0], "transposed": found[1]}
-        for field in DATA_FIELDS:
-            t.ClearField(field)
-        t.ClearField("data_location")
-    check_model(model, f"{plan.root or '.'}: the graph torch exported")  # what every reader of the container checks
-    return ExportedGraph(kind, model.SerializeToString(), mapping, own)
+            own.append(Initializer(OWN_PREFIX + value.name, dtype, shape, inline=data))
+            found = (OWN_PREFIX + value.name, False)
+        mapping[value.name] = {"tensor": found[0], "transposed": found[1]}
+        # a reference to nowhere in its place: serializing it copies no data (its fields are cleared below)
+        value.const_value = ir.ExternalTensor(STRIPPED, 0, len(data), tensor.dtype, shape=tensor.shape, name=value.name)
+        del tensor, data
+    proto = ir.serde.serialize_model(model)
+    for t in proto.graph.initializer:
+        if t.name in mapping:
+            for field in DATA_FIELDS:
+                t.ClearField(field)
+            t.ClearField("data_location")
+    _drop_stack_traces(proto)
+    check_model(proto, f"{plan.root or '.'}: the graph torch exported")  # what every reader of the container checks
+    return ExportedGraph(kind, proto.SerializeToString(), mapping, own)
+
+
+STRIPPED = "rbe-stripped"  # the external location of an initializer whose data the container holds apart
 
 
 def content_key(dtype: str, shape, data) -> tuple:
