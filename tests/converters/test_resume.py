@@ -153,3 +153,46 @@ def test_a_partial_file_killed_before_its_first_block_is_removed_by_the_next_run
     assert _sha(out) == _sha(whole)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
     assert not os.path.exists(resume.state_dir(out))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda folder: _edit_json(folder, "block.json", writer={"partial": "../elsewhere.partial"}),
+            "no partial file",
+        ),
+        (lambda folder: _edit_json(folder, "block.json", hidden=5), "damaged resume state"),
+        (lambda folder: open(os.path.join(folder, "statistics.json"), "w").write("{not json"), "damaged resume state"),
+        (lambda folder: open(os.path.join(folder, "hidden-0-0.npy"), "wb").write(b"\x93NUMPY junk"), "damaged"),
+    ],
+)
+def test_a_damaged_or_planted_resume_state_is_refused_and_nothing_is_written(
+    model_dir, tmp_path, monkeypatch, damage, message
+):
+    from rbeformat import RbeError
+
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 0)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    damage(resume.state_dir(out))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RbeError, match=message):
+        convert_model(directory, out, _options(text, resume=True))
+    assert not os.path.exists(out) and not os.path.exists(tmp_path.parent / "elsewhere.partial")
+    assert sorted(os.listdir(tmp_path)) == before  # no new partial file left behind
+
+
+def _edit_json(folder: str, name: str, **changes) -> None:
+    import json
+
+    path = os.path.join(folder, name)
+    with open(path) as fh:
+        data = json.load(fh)
+    for key, value in changes.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    with open(path, "w") as fh:
+        json.dump(data, fh)
