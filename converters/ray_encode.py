@@ -68,10 +68,14 @@ class RayEncoders:
             "log_to_driver": False,
             "logging_level": logging.ERROR,  # rbe's own lines only, as without --ray
         }
-        if address:
-            self.ray.init(address=address, **options)
-        else:
-            self.ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
+        try:
+            if address:
+                self.ray.init(address=address, **options)
+            else:
+                self.ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster there, or Ray would not start
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UsageError(f"--ray {address or ''}: Ray did not start or could not be joined ({first})") from None
         self.window = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         self.share_input = share_input
         self._task = self.ray.remote(num_cpus=1, max_retries=2)(encode_task)
