@@ -77,6 +77,20 @@ def tiny_llama(vocab: int, seed: int, **config):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab, **settings))
 
 
+def saved_llama(root, seed: int, **config) -> tuple[str, str]:
+    """(model directory, calibration text file) under ``root``: ``tiny_llama`` saved in bf16 with a
+    word tokenizer over the evaluation text, and a text made of the same words."""
+    import torch
+
+    directory = str(root / "llama")
+    tokenizer = word_tokenizer(common_words(150))
+    tiny_llama(len(tokenizer), seed, **config).to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    text = root / "calibration.txt"
+    text.write_text(" ".join(common_words(150)) * 40)
+    return directory, str(text)
+
+
 def convert(directory: str, out: str, *extra: str) -> str:
     assert main(["convert", directory, out, "--quiet", "--onnx", "--threads", "1", *extra]) == 0
     return out

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_models import common_words, run, tiny_llama, word_tokenizer
+from tiny_models import run, saved_llama
 
 from rbe_converters import pipeline, ray_encode
 from rbe_converters.pipeline import ConvertOptions, convert_model
@@ -22,15 +22,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    directory = str(root / "llama")
-    tokenizer = word_tokenizer(common_words(150))
-    model = tiny_llama(len(tokenizer), 5, num_hidden_layers=2, tie_word_embeddings=False)
-    model.to(torch.bfloat16).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    text = root / "calibration.txt"
-    text.write_text(" ".join(common_words(150)) * 40)
-    return directory, str(text)
+    return saved_llama(tmp_path_factory.mktemp("ray"), 5, num_hidden_layers=2, tie_word_embeddings=False)
 
 
 def _sha(path) -> str:

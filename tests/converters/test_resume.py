@@ -4,7 +4,7 @@ import hashlib
 import os
 
 import pytest
-from tiny_models import common_words, tiny_llama, word_tokenizer
+from tiny_models import saved_llama
 
 from rbe_converters import resume
 from rbe_converters.pipeline import ConvertOptions, convert_model
@@ -13,20 +13,10 @@ from rbeformat import UsageError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TEXT = " ".join(common_words(150)) * 40
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    directory = str(root / "llama")
-    tokenizer = word_tokenizer(common_words(150))
-    model = tiny_llama(len(tokenizer), 11, num_hidden_layers=4, tie_word_embeddings=True)
-    model.to(torch.bfloat16).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    text = root / "calibration.txt"
-    text.write_text(TEXT)
-    return directory, str(text)
+    return saved_llama(tmp_path_factory.mktemp("resume"), 11, num_hidden_layers=4, tie_word_embeddings=True)
 
 
 def _options(text: str, **changes) -> ConvertOptions:
@@ -55,6 +45,14 @@ def _interrupt_after(monkeypatch, block: int) -> None:
     monkeypatch.setattr(resume.ResumeState, "save_block", save_then_stop)
 
 
+def _interrupted(monkeypatch, directory: str, out: str, text: str, block: int) -> None:
+    """A calibrated conversion stopped once block ``block``'s checkpoint is saved."""
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, block)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+
+
 def test_a_resumed_conversion_writes_the_bytes_of_an_uninterrupted_one(model_dir, tmp_path, monkeypatch):
     directory, text = model_dir
     whole = str(tmp_path / "whole.rbe")
@@ -62,10 +60,7 @@ def test_a_resumed_conversion_writes_the_bytes_of_an_uninterrupted_one(model_dir
     assert not os.path.exists(resume.state_dir(whole))  # removed on success
 
     out = str(tmp_path / "out.rbe")
-    with monkeypatch.context() as patch:
-        _interrupt_after(patch, 1)
-        with pytest.raises(_Stop):
-            convert_model(directory, out, _options(text))
+    _interrupted(monkeypatch, directory, out, text, block=1)
     assert not os.path.exists(out)  # nothing at the output path while interrupted
     partials = [n for n in os.listdir(tmp_path) if n.startswith(".out.rbe.") and n.endswith(".partial")]
     assert len(partials) == 1 and os.path.isdir(resume.state_dir(out))
@@ -84,10 +79,7 @@ def test_a_resumed_conversion_writes_the_bytes_of_an_uninterrupted_one(model_dir
 def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tmp_path, monkeypatch):
     directory, text = model_dir
     out = str(tmp_path / "out.rbe")
-    with monkeypatch.context() as patch:
-        _interrupt_after(patch, 0)
-        with pytest.raises(_Stop):
-            convert_model(directory, out, _options(text))
+    _interrupted(monkeypatch, directory, out, text, block=0)
     with pytest.raises(UsageError, match="had other options"):
         convert_model(directory, out, _options(text, calibration_windows=1, resume=True))
     assert os.path.isdir(resume.state_dir(out))  # a refusal keeps the state
@@ -113,10 +105,7 @@ def test_rbe_convert_resume_refusal_is_one_line_with_exit_2(model_dir, tmp_path,
 
     directory, text = model_dir
     out = str(tmp_path / "out.rbe")
-    with monkeypatch.context() as patch:
-        _interrupt_after(patch, 0)
-        with pytest.raises(_Stop):
-            convert_model(directory, out, _options(text))
+    _interrupted(monkeypatch, directory, out, text, block=0)
     argv = ["convert", directory, out, "--preset", "q4", "--calibration", text, "--threads", "1", "--resume"]
     assert run([*argv, "--calibration-windows", "1", "--quiet"]) == 2
     assert "--resume: the interrupted conversion had other options; run without" in one_error_line(capsys)
@@ -174,10 +163,7 @@ def test_a_damaged_or_planted_resume_state_is_refused_and_nothing_is_written(
 
     directory, text = model_dir
     out = str(tmp_path / "out.rbe")
-    with monkeypatch.context() as patch:
-        _interrupt_after(patch, 0)
-        with pytest.raises(_Stop):
-            convert_model(directory, out, _options(text))
+    _interrupted(monkeypatch, directory, out, text, block=0)
     damage(resume.state_dir(out))
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(RbeError, match=message):
