@@ -272,18 +272,18 @@ def _scorer(plan: TensorSource, policy: Policy, stats: Statistics, encoders=None
         t, rule = chosen[name]
         role = roles.get(name)
         wants_heads = role is not None and role.role == "attn_o" and role.input_last is not False
-        if not (rule.upgrades and policy.budget_bits is not None) and not wants_heads:
+        upgrades = rule.upgrades and policy.budget_bits is not None
+        if upgrades and encoders is not None:  # scored elsewhere, reading the tensor there
+            pending.append((name, encoders.candidate(plan, name, rule.chain, rule.upgrades, calibration, counts)))
+            while len(pending) > encoders.window:
+                scored_one()
+            upgrades = False
+        if not upgrades and not wants_heads:
             return
-        if rule.upgrades and policy.budget_bits is not None:
-            if encoders is not None:
-                pending.append((name, encoders.candidate(plan, name, rule.chain, rule.upgrades, calibration, counts)))
-                while len(pending) > encoders.window:
-                    scored_one()
-            else:
-                x = to_float32(plan.read(name), t.dtype)
-                stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, counts)
+        x = to_float32(plan.read(name), t.dtype)  # read once for both scores
+        if upgrades:
+            stats.candidates[name] = candidate(name, x, rule.chain, rule.upgrades, calibration, counts)
         if wants_heads:
-            x = to_float32(plan.read(name), t.dtype)
             try:
                 stats.head_scores[role.layer] = heads.layer_scores(x.astype(np.float64), calibration.hessian, geometry)
             except ValueError as exc:
