@@ -14,6 +14,7 @@ is not reported.
     python -m bench.scale --make-only --sizes 2.9b,6.7b
     python -m bench.scale --sizes 0.8b --resume-check   # SIGKILL half way, then --resume
     python -m bench.scale --sizes 0.8b --jobs q4,q4-ray2  # on a local Ray of 2 workers: the same bytes?
+    python -m bench.scale --sizes 6.7b --resume          # in sittings: each goes on where the last stopped
 
 Sizes (hidden / layers / MLP / heads / kv heads / vocabulary):
 
@@ -186,7 +187,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "file_bytes": result.t
 """
 
 
-def run_capped(argv: list[str], cap_gib: float | None, log_path: str) -> tuple[int, float, str]:
+def run_capped(argv: list[str], cap_gib: float | None, log_path: str, append: bool = False) -> tuple[int, float, str]:
     """Runs ``argv`` (inside a cgroup v1 memory cap of ``cap_gib`` when given); returns
     (exit code, peak RSS in bytes of the child and its children, stdout)."""
     cgroup = _make_cgroup(cap_gib) if cap_gib else None
@@ -196,7 +197,7 @@ def run_capped(argv: list[str], cap_gib: float | None, log_path: str) -> tuple[i
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
                 fh.write(str(os.getpid()))
 
-    with open(log_path, "w") as log, tempfile.TemporaryFile("w+") as out:
+    with open(log_path, "a" if append else "w") as log, tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=log, text=True, preexec_fn=enter_cgroup)
         # wait4: this child's own peak (its ru_maxrss), not the largest of every child so far
         _, status, usage = os.wait4(proc.pid, 0)
@@ -309,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--make-only", action="store_true", help="only make the checkpoints")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from an interrupted run of the same job (its time is then this sitting's alone)",
+    )
+    parser.add_argument(
         "--resume-check",
         action="store_true",
         help="q4 uninterrupted, then killed half way and resumed: same bytes? time of the resumed run",
@@ -329,11 +335,11 @@ def main(argv: list[str] | None = None) -> None:
             )
             continue
         for job in args.jobs.split(","):
-            options = dict(JOBS[job], force=True, threads=args.threads)
+            options = dict(JOBS[job], force=True, threads=args.threads, resume=args.resume)
             out = os.path.join(OUT_DIR, f"{size}-{job}.rbe")
             log = os.path.join(OUT_DIR, f"{size}-{job}.log")
             code, peak, stdout = run_capped(
-                [sys.executable, "-c", CHILD, folder, out, json.dumps(options)], args.cap_gib, log
+                [sys.executable, "-c", CHILD, folder, out, json.dumps(options)], args.cap_gib, log, args.resume
             )
             result = json.loads(stdout.strip().splitlines()[-1]) if code == 0 else {}
             bound = (

@@ -108,8 +108,10 @@ def lossless_blob(arr: np.ndarray, dtype: str, chunks: ChunkEncoder) -> dict:
 
 def encode_chain(
     x: np.ndarray, chain: Chain, refs, where: str, calibration: Calibration | None, chunks: ChunkEncoder
-) -> tuple[dict, np.ndarray]:
-    """Encodes x with chain.codec; returns the manifest node and the decoded float32 tensor.
+) -> tuple[dict, Callable[[], np.ndarray]]:
+    """Encodes x with chain.codec; returns the manifest node and a function that decodes the float32
+    tensor, which the caller calls once it has let go of x (a large tensor's values and its decoded
+    values are then never both held).
 
     Parts go in name order, each stored losslessly or by the chain given for it
     (depth first), with the calibration ``codec.part_calibration`` derives.
@@ -134,16 +136,17 @@ def encode_chain(
             # A part's codec without an encoder for the method encodes it uncalibrated.
             if sub_calibration is not None and sub_calibration.method not in sub.codec.calibrations:
                 sub_calibration = None
-            node, decoded = encode_chain(
+            node, decode = encode_chain(
                 arr.astype(np.float32), sub, None, f"{where} part {pname}", sub_calibration, chunks
             )
             parts[pname] = {**head, **node}
-            decoded_parts[pname] = from_float32(decoded, pdtype).view(arr.dtype).reshape(arr.shape)
+            decoded_parts[pname] = from_float32(decode(), pdtype).view(arr.dtype).reshape(arr.shape)
         else:
             parts[pname] = {**head, **lossless_blob(arr, pdtype, chunks)}
             decoded_parts[pname] = arr
-    decoded = codec.decode(decoded_parts, encoded.params, tuple(x.shape), where, refs)
-    return {"codec": codec.describe(), "params": encoded.params, "parts": parts}, decoded
+    params, shape = encoded.params, tuple(x.shape)
+    node = {"codec": codec.describe(), "params": params, "parts": parts}
+    return node, lambda: codec.decode(decoded_parts, params, shape, where, refs)
 
 
 def transformed_key(array: np.ndarray, dtype: str, chain: Chain) -> tuple:
@@ -168,8 +171,9 @@ def encode_transformed(
     given, else ``array``) measured on the decoded tensor as a reader will see it."""
     chain.validate(f"tensor {name!r}: codec chain")  # before any (possibly slow) encoding
     x = to_float32(array, dtype)
-    node, decoded = encode_chain(x, chain, refs, f"tensor {name!r}", calibration, chunks)
-    del x  # a large tensor's float32 copy is not kept beside the statistics' blocks
+    node, decode = encode_chain(x, chain, refs, f"tensor {name!r}", calibration, chunks)
+    del x  # a large tensor's float32 copy is not kept beside its decoded values
+    decoded = decode()
     stats = stored_error_stats(array if reference is None else reference, decoded, dtype)
     return EncodedTensor(dtype, list(array.shape), {**node, "stats": stats}, key, stats, as_stored(decoded, dtype))
 

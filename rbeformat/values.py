@@ -12,7 +12,9 @@ from .spec import DTYPES
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     """The values of a float tensor (bf16 given as its uint16 bits) as float32."""
     if dtype == "BF16":
-        return (np.asarray(array).astype(np.uint32) << 16).view(np.float32)
+        bits = np.asarray(array).astype(np.uint32)
+        bits <<= 16  # in place: one temporary-free array of the result's size
+        return bits.view(np.float32)
     return np.asarray(array, dtype=np.float32)
 
 

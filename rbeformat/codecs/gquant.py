@@ -52,6 +52,8 @@ MODES = ("sym", "asym")
 MIN_GROUP, MAX_GROUP = 16, 256
 # GPTQ takes a matrix whose float64 copy is larger than this in slices of rows.
 GPTQ_SLICE_BYTES = 64 * 2**20
+# The plain encoder fits a tensor whose float32 groups are larger than this in slices of rows.
+ENCODE_SLICE_BYTES = 64 * 2**20
 
 # Encoder search (not stored): sym tries scales peak * r / 2**(bits-1) for these
 # shrink factors r, mapping the peak to either end of the code grid; asym trims
@@ -303,17 +305,28 @@ class GroupQuant(TensorCodec):
                 parts["zeros"] = zero.copy()
             return Encoded(parts=parts, params={})
         g = n if self.group == 0 else self.group
-        w, mask = _grouped(x, rows, n, g, ng)
-        parts: dict[str, np.ndarray] = {}
-        if self.mode == "sym":
-            s, q = _fit_sym(w, self.bits, self.grid, self.iterations, self.scale_dtype)
-            codes = q + 2 ** (self.bits - 1)
-        else:
-            s, o, codes = _fit_asym(w, mask, self.bits, self.trims, self.iterations, self.scale_dtype)
-            parts["zeros"] = o.reshape(self._scale_shape(x.shape))
-        codes = codes.astype(np.uint8).reshape(rows, ng * g)[:, :n]
-        parts["codes"] = pack_codes(codes, self.bits)
-        parts["scales"] = s.reshape(self._scale_shape(x.shape))
+        matrix = x.reshape(rows, n)
+        # Groups are fitted independently, so a large tensor is taken a slice of rows at a time: the
+        # fit's float32 work arrays then stay small beside the codes (the same codes and scales).
+        step = rows if self.group == 0 else max(1, ENCODE_SLICE_BYTES // (4 * ng * g))
+        codes = np.empty((rows, n), np.uint8)
+        scales = np.empty((rows, ng), FLOAT_DTYPES[self.scale_dtype])
+        zeros = np.empty_like(scales) if self.mode == "asym" else None
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            height = len(matrix[part])
+            w, mask = _grouped(matrix[part], height, n, g, ng)
+            if self.mode == "sym":
+                s, q = _fit_sym(w, self.bits, self.grid, self.iterations, self.scale_dtype)
+                q += 2 ** (self.bits - 1)
+            else:
+                s, o, q = _fit_asym(w, mask, self.bits, self.trims, self.iterations, self.scale_dtype)
+                zeros[part] = o.reshape(height, ng)
+            codes[part] = q.reshape(height, ng * g)[:, :n]
+            scales[part] = s.reshape(height, ng)
+        parts = {"codes": pack_codes(codes, self.bits), "scales": scales.reshape(self._scale_shape(x.shape))}
+        if zeros is not None:
+            parts["zeros"] = zeros.reshape(self._scale_shape(x.shape))
         return Encoded(parts=parts, params={})
 
     def encode_calibrated(self, x: np.ndarray, refs: dict[str, np.ndarray], calibration: Calibration) -> Encoded:

@@ -27,7 +27,7 @@ import numpy as np
 from rbeformat import UsageError
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
-from rbeformat.values import to_float32
+from rbeformat.values import from_float32, to_float32
 
 from ... import hf_folder
 
@@ -36,7 +36,9 @@ class StreamedModel:
     """A model on the meta device whose parts are filled from ``source`` while they run.
 
     ``overrides`` holds values that replace a tensor's stored ones (an encoded
-    tied embedding, which the blocks must see as encoded).
+    tied embedding, which the blocks must see as encoded); ``replace`` keeps
+    such values in the tensor's stored dtype (a weight encoded by the
+    sequential calibration, whose decoded values that dtype holds exactly).
     """
 
     def __init__(self, model, source, torch):
@@ -45,6 +47,7 @@ class StreamedModel:
         self.torch = torch
         self.tensor_of = _stored_names(model, {t.name for t in source.tensors})
         self.overrides: dict[int, np.ndarray] = {}
+        self.replaced: dict[int, tuple[np.ndarray, str]] = {}
 
     @contextlib.contextmanager
     def loaded(self, slots: list[tuple[object, str]]):
@@ -65,13 +68,27 @@ class StreamedModel:
             for module, name, meta in reversed(filled):
                 module._parameters[name] = meta
 
+    def replace(self, parameter, decoded: np.ndarray) -> None:
+        """From now on the (meta) ``parameter`` runs with ``decoded``, float32 values its stored dtype
+        holds exactly (a reader's values of an encoded tensor), kept in that dtype until
+        ``forget_replaced``."""
+        dtype = self.source.tensor(self.tensor_of[id(parameter)]).dtype
+        self.replaced[id(parameter)] = (from_float32(decoded, dtype), dtype)
+
+    def forget_replaced(self) -> None:
+        self.replaced.clear()
+
     def values_of(self, parameter) -> np.ndarray:
-        """A parameter's float32 values: its override, or its stored tensor widened."""
+        """A parameter's float32 values: its override or replaced values, or its stored tensor widened."""
         if id(parameter) in self.overrides:
             return self.overrides[id(parameter)]
+        if id(parameter) in self.replaced:
+            stored, dtype = self.replaced[id(parameter)]
+            values = to_float32(stored, dtype)
+            return values if values is not stored else values.copy()  # widened, or float32 ones copied
         name = self.tensor_of[id(parameter)]
         values = np.ascontiguousarray(to_float32(self.source.read(name), self.source.tensor(name).dtype))
-        return values if values.flags.writeable else values.copy()  # sequential encoding writes into it
+        return values if values.flags.writeable else values.copy()  # torch.from_numpy wants a writeable array
 
     def slots(self, modules) -> list[tuple[object, str]]:
         """Every (module, parameter name) inside ``modules``, each once."""
@@ -212,15 +229,18 @@ class InputsCaught(Exception):
 SPILL_BYTES = 512 * 2**20  # every window's hidden states at one block boundary beyond this go to a file
 
 
-def run_block(block, inputs) -> tuple[list, bool]:
+def run_block(block, inputs, after_each=None) -> tuple[list, bool]:
     """The next block's inputs: each window's call with the block's output as its hidden states; and
     whether the block returns a tuple (so that ``blocks_pass_on`` returns what it did).  When the
     windows' hidden states together pass ``SPILL_BYTES`` they are written, window by window as the
-    block gives them, to a temporary file mapped back (``spill_sink``): memory then holds one window's."""
+    block gives them, to a temporary file mapped back (``spill_sink``): memory then holds one window's.
+    ``after_each()`` is called after each window's run."""
     out, as_tuple = [], False
     sink = spill_sink(inputs)
     for index, call in enumerate(inputs):
         output = block(*call[0], **call[1])
+        if after_each:
+            after_each()
         as_tuple = isinstance(output, (tuple, list))
         states = hidden(output)
         out.append(with_hidden(call, sink(index, states) if sink else states))

@@ -114,13 +114,21 @@ def survey(
         for index, block in enumerate(blocks):
             inside = {name: module for name, module in modules.items() if owner[name] == index}
             where = f"block {index + 1}/{len(blocks)}"
-            with streamed.loaded(streamed.slots([block])):
-                if inside:
-                    label(f"{where}: running it")
-                    for name, calibration in _moments(inside, weights, _block_runs(block, inputs)).items():
-                        label(f"{where}: scoring {_short(name)}")
-                        visit(name, calibration)
-                inputs, as_tuple = stream.run_block(block, inputs)
+            label(f"{where}: running it")
+            moments = _Moments(inside, weights)
+            try:  # one run gives both the statistics and the next block's inputs
+                with streamed.loaded(streamed.slots([block])):
+                    inputs, as_tuple = stream.run_block(block, inputs, moments.next_window)
+            finally:
+                moments.close()
+            # Scored with the block's weights released; a Hessian goes once its last weight is scored.
+            calibrations = moments.calibrations() if inside else {}
+            moments = None
+            for name in list(calibrations):
+                calibration = calibrations.pop(name)
+                label(f"{where}: scoring {_short(name)}")
+                visit(name, calibration)
+            calibration = None
             if progress:
                 progress(share * 2 * len(windows) / len(blocks))
         if not outside:
@@ -141,50 +149,65 @@ def _model_runs(model, windows, text: CalibrationText, torch, progress):
         yield
 
 
-def _block_runs(block, inputs):
-    """Runs one block on each window's caught inputs in turn, as it is iterated."""
-    for args, kwargs in inputs:
-        block(*args, **kwargs)
-        yield
-
-
 def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibration]:
     """E[x x^T] of each module's input over the runs (one matrix for layers that read one input)."""
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    # Input tensors seen in the current run -> the module that accumulated them.  The
-    # tensor is kept so that its id cannot be reused by another tensor in this run.
-    shared: dict[int, tuple[str, object]] = {}
+    moments = _Moments(modules, weights)
+    try:
+        for _ in runs:
+            moments.next_window()
+    finally:
+        moments.close()
+    return moments.calibrations()
 
-    def hook(name):
+
+class _Moments:
+    """Sums of x^T x of each module's input, added by hooks while the modules run (one sum for layers
+    that read one input); ``next_window()`` after each window's run, ``close()`` to remove the hooks."""
+
+    def __init__(self, modules: dict, weights: dict[str, str]):
+        self.modules, self.weights = modules, weights
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        # Input tensors seen in the current window's run -> the module that accumulated them.  The
+        # tensor is kept so that its id cannot be reused by another tensor in this run.
+        self.shared: dict[int, tuple[str, object]] = {}
+        self.handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules.items()]
+
+    def _hook(self, name: str):
         def accumulate(module, inputs):
             x = inputs[0].detach().reshape(-1, module.in_features)
-            first = shared.get(id(inputs[0]))
+            first = self.shared.get(id(inputs[0]))
             if first is not None and first[0] != name:  # q, k, v read one tensor: accumulate once
-                sums[name] = sums[first[0]]
-                counts[name] = counts[first[0]]
+                self.sums[name] = self.sums[first[0]]
+                self.counts[name] = self.counts[first[0]]
                 return
-            shared[id(inputs[0])] = (name, inputs[0])
-            sums[name] = add_moments(sums.get(name), x)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            self.shared[id(inputs[0])] = (name, inputs[0])
+            self.sums[name] = add_moments(self.sums.get(name), x)
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
         return accumulate
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    try:
-        for _ in runs:
-            shared.clear()
-    finally:
-        for handle in handles:
+    def next_window(self) -> None:
+        self.shared.clear()
+
+    def close(self) -> None:
+        for handle in self.handles:
             handle.remove()
-    missing = [name for name in modules if name not in sums]
-    if missing:
-        raise UsageError(f"calibration: {missing[0]} never ran on the calibration text")
-    means: dict[int, np.ndarray] = {}  # layers that share an input share one matrix
-    for name in modules:
-        if id(sums[name]) not in means:
-            means[id(sums[name])] = sums[name] / counts[name]
-    return {name: Calibration(weights[name], means[id(sums[name])]) for name in modules}
+        self.handles = []
+        self.shared.clear()
+
+    def calibrations(self) -> dict[str, Calibration]:
+        """E[x x^T] per module, the sums divided in place (no second copy of them)."""
+        sums, counts = self.sums, self.counts
+        missing = [name for name in self.modules if name not in sums]
+        if missing:
+            raise UsageError(f"calibration: {missing[0]} never ran on the calibration text")
+        means: dict[int, np.ndarray] = {}  # layers that share an input share one matrix
+        for name in self.modules:
+            if id(sums[name]) not in means:
+                means[id(sums[name])] = np.divide(sums[name], counts[name], out=sums[name])
+        self.sums, self.counts = {}, {}
+        return {name: Calibration(self.weights[name], means[id(sums[name])]) for name in self.modules}
 
 
 def load_for_calibration(model_dir: str, threads: int | None):
@@ -364,19 +387,24 @@ def sequential(
         for index, block in enumerate(blocks):
             if index < start:
                 continue
-            with streamed.loaded(streamed.slots([block])):
-                pending = [n for n in modules if owner[n] == index]
-                where = f"block {index + 1}/{len(blocks)}"
-                while pending:
-                    if progress:
-                        progress.label(f"{where}: running it")
+            slots = streamed.slots([block])
+            pending = [n for n in modules if owner[n] == index]
+            where = f"block {index + 1}/{len(blocks)}"
+            while pending:
+                if progress:
+                    progress.label(f"{where}: running it")
+                with streamed.loaded(slots):
                     stage = _next_stage(block, {n: modules[n] for n in pending}, inputs, weights)
-                    if progress:
-                        progress.label(f"{where}: encoding {', '.join(_short(n) for n in stage)}")
-                    _replace_all(modules, encode(stage), torch)
-                    pending = [n for n in pending if n not in stage]
-                stage = None  # its Hessians are not kept into the next block
+                # The block's weights are released while a stage encodes (GPTQ's largest moment);
+                # the weights encoded so far wait in their stored dtype for the block's next run.
+                if progress:
+                    progress.label(f"{where}: encoding {', '.join(_short(n) for n in stage)}")
+                _replace_all(streamed, modules, encode(stage))
+                pending = [n for n in pending if n not in stage]
+                stage = None  # its Hessian (and GPTQ's factor of it) is not kept into the next run
+            with streamed.loaded(slots):
                 inputs, _ = stream.run_block(block, inputs)
+            streamed.forget_replaced()
             if after_block:
                 after_block(index, [stream.hidden_of(call).numpy() for call in inputs])
             if progress:
@@ -424,15 +452,11 @@ def _block_of(blocks, module) -> int | None:
     return None
 
 
-def _replace_all(modules: dict, encoded: Iterator, torch) -> None:
-    """Puts each weight's decoded values in its module as they come: one at a time is alive."""
+def _replace_all(streamed, modules: dict, encoded: Iterator) -> None:
+    """Makes each weight's decoded values the ones its module runs with from now on, as they come
+    (one decoded weight at a time is alive)."""
     for name, decoded in encoded:
-        _replace(modules[name], name, decoded, torch)
-
-
-def _replace(module, name: str, decoded: np.ndarray, torch) -> None:
-    decoded = _checked(name, decoded, module.weight)
-    module.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(decoded, np.float32)))
+        streamed.replace(modules[name].weight, _checked(name, decoded, modules[name].weight))
 
 
 def _checked(name: str, decoded: np.ndarray, weight) -> np.ndarray:
@@ -482,5 +506,5 @@ def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[s
             handle.remove()
     if not lead:
         raise UsageError(f"calibration: none of {sorted(modules)[:2]} runs when its block runs")
-    hessian = total[0] / count[0]
+    hessian = np.divide(total[0], count[0], out=total[0])  # in place: no second copy of the sum
     return {name: Calibration(weights[name], hessian) for name in lead + stage}

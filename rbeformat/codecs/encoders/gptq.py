@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -85,20 +86,26 @@ def compensate(
     return out
 
 
-# The last factor computed: layers that read one input (q, k and v) share one Hessian.
-_last_factor: list = [None, None]
+# The last factor computed: layers that read one input (q, k and v) share one Hessian.  It holds its
+# Hessian by a weak reference and goes when the Hessian goes, so no factor outlives its statistics.
+_last_factor: dict = {}
 
 
 def _factor(hessian: np.ndarray, damping: float, order: np.ndarray | None) -> np.ndarray:
     """inverse_cholesky of H (permuted by ``order``), reused while the same H comes again."""
-    key = (id(hessian), hessian.shape, damping, None if order is None else order.tobytes())
-    cached_key, cached = _last_factor
-    if cached_key is not None and cached_key[0] is hessian and cached_key[1:] == key[1:]:
-        return cached
-    _last_factor[:] = [None, None]  # the old factor is not kept beside the new one's work
+    key = (hessian.shape, damping, None if order is None else order.tobytes())
+    source = _last_factor.get("hessian")
+    if source is not None and source() is hessian and _last_factor["key"] == key:
+        return _last_factor["upper"]
+    _last_factor.clear()  # the old factor is not kept beside the new one's work
     upper = inverse_cholesky(hessian, damping, order)
-    _last_factor[:] = [(hessian, *key[1:]), upper]
+    _last_factor.update(hessian=weakref.ref(hessian, _forget_factor), key=key, upper=upper)
     return upper
+
+
+def _forget_factor(reference: weakref.ref) -> None:
+    if _last_factor.get("hessian") is reference:
+        _last_factor.clear()
 
 
 def activation_order(hessian: np.ndarray) -> np.ndarray:
@@ -175,7 +182,21 @@ def invert_lower(lower: np.ndarray) -> None:
     lower[k:, :k] = -(lower[k:, k:] @ lower[k:, :k]) @ lower[:k, :k]
 
 
+# output_error takes a matrix in slices of rows of about this many float64 bytes.
+ERROR_SLICE_BYTES = 64 * 2**20
+
+
 def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
-    """tr((W - Q) H (W - Q)^T): the mean squared output error on the calibration inputs."""
-    d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
-    return float(np.sum((d @ np.asarray(hessian, np.float64)) * d))  # a product, not a triple loop
+    """tr((W - Q) H (W - Q)^T): the mean squared output error on the calibration inputs.
+
+    Rows add independently, so a large matrix is taken a slice of rows at a time: its float64
+    difference and product are never whole (for a 7 B model's down projection, 360 MB each)."""
+    hessian = np.asarray(hessian, np.float64)
+    rows = len(w)
+    step = max(1, ERROR_SLICE_BYTES // (8 * max(1, hessian.shape[0])))
+    total = 0.0
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        d = np.asarray(w[part], np.float64) - np.asarray(q[part], np.float64)
+        total += float(np.sum((d @ hessian) * d))  # a product, not a triple loop
+    return total
