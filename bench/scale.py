@@ -21,6 +21,7 @@ Sizes (hidden / layers / MLP / heads / kv heads / vocabulary):
 - ``0.8b``: 2048 / 12 / 5632 / 16 / 16 / 49152, untied, 0.82 B
 - ``2.9b``: 3072 / 28 / 8192 / 24 / 8 / 49152, tied (Llama-3.2-3B's shapes), 2.97 B
 - ``2.9b-14``: the same with 14 layers, for the check that peak memory does not grow with depth
+- ``2.9b-2``, ``6.7b-2``: those shapes with 2 layers, a check of the memory bound in minutes
 - ``6.7b``: 4096 / 32 / 11008 / 32 / 32 / 49152, untied (Llama-2-7B's shapes with SmolLM2's
   vocabulary, so that its tokenizer's ids are valid), 6.88 B
 """
@@ -65,25 +66,35 @@ BASE_BYTES = 1.0e9  # Python, numpy, torch, transformers, the tokenizer and the 
 
 
 def predicted_peak(shape: Shape, windows: int, window: int = 512) -> float:
-    """The README's bound on a calibrated conversion's peak RSS, in bytes: the interpreter, the largest of
-    (a block in float32 with one stage's H, GPTQ's factor of it and its slices of rows; encoding the
-    head; the parts after the blocks running), and every window's hidden states at two block boundaries."""
-    head_dim = shape.hidden // shape.heads
-    block = 2 * shape.hidden**2 + 2 * shape.hidden * shape.kv_heads * head_dim + 3 * shape.hidden * shape.mlp
-    widest = max(shape.hidden, shape.mlp)
-    table = shape.vocab * shape.hidden
-    phases = (
-        4 * block + 16 * widest**2 + 0.2e9,
-        10 * table + 0.3e9,
-        4 * table * (1 if shape.tied else 2) + 4 * window * shape.vocab,
-    )
-    return BASE_BYTES + max(phases) + 8 * windows * window * shape.hidden
+    """The README's bound on a calibrated conversion's peak RSS, in bytes: the interpreter, the largest
+    of its phases (see ``peak_phases``) and every window's hidden states at two block boundaries."""
+    hidden = min(8 * windows * window * shape.hidden, 2**30)  # past 512 MiB a boundary's spill to a file
+    return BASE_BYTES + max(peak_phases(shape, window).values()) + hidden
+
+
+def peak_phases(shape: Shape, window: int = 512) -> dict[str, float]:
+    """What each phase of a calibrated conversion holds beyond the interpreter, in bytes, for a Llama
+    block of b parameters, hidden size h, MLP width m and vocabulary v (the README's table)."""
+    h, m, v = shape.hidden, shape.mlp, shape.vocab
+    head_dim = h // shape.heads
+    b = 2 * h * h + 2 * h * shape.kv_heads * head_dim + 3 * h * m
+    hessians = 8 * (3 * h * h + m * m)  # a block's inputs: q/k/v, o and gate/up read h values, down reads m
+    return {
+        "survey: a block runs, its Hessians summed": 4 * b + hessians + 4 * m * m,
+        "survey: a weight scored": hessians + 9 * h * m + 0.3e9,
+        "encoding: a block runs, a stage's Hessian summed": 6 * b + 12 * m * m,
+        "encoding: GPTQ of the widest stage": 2 * b + 16 * m * m + 7 * h * m + 0.2e9,
+        "the embedding or head encoded": 8 * v * h + 0.5e9,
+        "the final norm and head run": 4 * v * h * (1 if shape.tied else 2) + 4 * window * v,
+    }
 
 
 SIZES = {
     "0.8b": Shape(2048, 12, 5632, 16, 16, 49152, tied=False),
     "2.9b": Shape(3072, 28, 8192, 24, 8, 49152, tied=True),
     "2.9b-14": Shape(3072, 14, 8192, 24, 8, 49152, tied=True),
+    "2.9b-2": Shape(3072, 2, 8192, 24, 8, 49152, tied=True),
+    "6.7b-2": Shape(4096, 2, 11008, 32, 32, 49152, tied=False),
     "6.7b": Shape(4096, 32, 11008, 32, 32, 49152, tied=False),
 }
 

@@ -405,9 +405,11 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
             reporter.info(f"rbe: {output}: resuming the interrupted conversion")
             calibrations, text = state.load_statistics(), calibration_text(options)
         else:
-            if options.resume:
+            if options.resume and state is not None and state.survey_started():
+                reporter.info(f"rbe: {output}: resuming the interrupted survey")
+            elif options.resume:
                 reporter.info(f"rbe: {output}: no interrupted conversion to resume; starting")
-            calibrations, text = _calibrations(source, policy, options, reporter, encoders)
+            calibrations, text = _calibrations(source, policy, options, reporter, encoders, state)
             if state is not None:
                 state.save_statistics(calibrations)
         blocks = _sequential_blocks(source, calibrations, input)
@@ -537,14 +539,17 @@ def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporte
     return onnx_export.export_graph(source, options.threads)
 
 
-def _calibrations(source, policy, options: ConvertOptions, reporter: Reporter, encoders=None) -> tuple[dict, object]:
+def _calibrations(
+    source, policy, options: ConvertOptions, reporter: Reporter, encoders=None, state=None
+) -> tuple[dict, object]:
     """Runs the calibration text through the model when the policy's rules ask for it (a bar of windows);
-    returns the statistics and the text (which the block-by-block encoding runs again)."""
+    returns the statistics and the text (which the block-by-block encoding runs again).  ``state``
+    (a resume state) keeps the survey's progress block by block."""
     if not calibration_methods(source, policy):
         return {}, None
     text = calibration_text(options)
     with reporter.windows_bar(text.windows) as bar:
         calibrations = calibrate_for(
-            source, policy, text, options.threads, bar.update, label=bar.label, encoders=encoders
+            source, policy, text, options.threads, bar.update, label=bar.label, encoders=encoders, state=state
         )
         return calibrations, text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 
 import numpy as np
@@ -55,11 +56,26 @@ def blas_threads() -> int:
     return counts[0] if counts else 1
 
 
+def check_answers(address: str, timeout: float = 5.0) -> None:
+    """Refuses at once a HOST:PORT where nothing accepts a connection (Ray itself retries for minutes,
+    printing its own log lines); other forms (``auto``) are left to Ray."""
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"--ray {address}: nothing answers at {target} ({exc.strerror or exc})") from None
+
+
 class RayEncoders:
     """Hands tensors' encodings to Ray tasks; ``lossless`` and ``transformed`` return what
     ``Writer.add_later`` waits on."""
 
     def __init__(self, address: str | None = None, workers: int | None = None, share_input: bool = True):
+        if address:
+            check_answers(address)
         self.ray = import_ray()
         env = {name: str(blas_threads()) for name in BLAS_THREADS}
         options = {

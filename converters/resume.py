@@ -10,6 +10,9 @@ a power cut must not cost it all.  Beside the output, in the folder
 * ``statistics.json`` and ``kept-N.npy``: the survey's results (mixed precision's
   scores, head scores, the Hessians of the weights outside the blocks), so a
   resume never surveys again.
+* ``survey.json`` and ``survey-hidden-N.npy``: while the survey runs, after each
+  block surveyed, the scores so far and the hidden states the next block reads,
+  so a conversion stopped during the survey goes on from its last block.
 * ``partial.json``: the name of the partial file this run writes, so that one a
   run killed before its first checkpoint began is removed, not left behind.
 * ``block.json`` and ``hidden-N.npy``: after each block encoded, the writer's
@@ -142,6 +145,43 @@ class ResumeState:
         }
         head_scores = {int(layer): np.asarray(s) for layer, s in data["head_scores"].items()}
         return Statistics(dict(data["methods"]), kept, candidates, head_scores)
+
+    def survey_started(self) -> bool:
+        return os.path.isfile(os.path.join(self.folder, "survey.json"))
+
+    def save_survey(self, index: int, stats, hidden: list[np.ndarray]) -> None:
+        """After block ``index`` is surveyed: the scores so far and the next block's hidden states."""
+        for k, array in enumerate(hidden):
+            self._write_array(f"survey-hidden-{index % 2}-{k}.npy", array)  # the last good set survives
+        self._write_json(
+            "survey.json",
+            {
+                "block": index,
+                "hidden": len(hidden),
+                "candidates": {name: dataclasses.asdict(c) for name, c in stats.candidates.items()},
+                "head_scores": {str(layer): np.asarray(s).tolist() for layer, s in stats.head_scores.items()},
+            },
+        )
+
+    def load_survey(self) -> tuple[int, dict, dict, list[np.ndarray]] | None:
+        """(last block surveyed, its candidates, head scores, the next block's hidden states), or None."""
+        from .compress.mixed import Candidate
+
+        data = self._read("survey.json")
+        if data is None:
+            return None
+        try:
+            index = int(data["block"])
+            candidates = {
+                name: Candidate(c["name"], c["weights"], tuple(c["bits"]), tuple(c["errors"]))
+                for name, c in data["candidates"].items()
+            }
+            head_scores = {int(layer): np.asarray(s) for layer, s in data["head_scores"].items()}
+            count = int(data["hidden"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise InputError(f"{self.folder}: survey.json is damaged; run without --resume") from None
+        hidden = [self._read_array(f"survey-hidden-{index % 2}-{k}.npy") for k in range(count)]
+        return index, candidates, head_scores, hidden
 
     # -- blocks --------------------------------------------------------------------------
     def save_block(self, index: int, writer_state: dict, hidden: list[np.ndarray]) -> None:

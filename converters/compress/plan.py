@@ -229,13 +229,16 @@ def calibrate_for(
     sequential: bool = True,
     label=None,
     encoders=None,
+    state=None,
 ) -> Statistics:
     """The calibration statistics the policy's rules ask for (torch and transformers run the model).
 
     For a sequential conversion, a survey: block by block, scoring as it goes,
     so that memory holds one block's statistics; otherwise every statistic at once.
     ``progress(n)`` counts windows' worth of work; ``label(text)`` says where the survey is;
-    ``encoders`` (``ray_encode.RayEncoders``) scores mixed precision's candidates elsewhere.
+    ``encoders`` (``ray_encode.RayEncoders``) scores mixed precision's candidates elsewhere;
+    ``state`` (``resume.ResumeState``) keeps the survey's progress after each block and goes
+    on from what it kept.
     """
     methods = calibration_methods(plan, policy)
     if policy.prune_heads:  # refused before the model runs, not after
@@ -249,8 +252,21 @@ def calibrate_for(
         # The model's drift is measured on calibrated encodes: every Hessian is held at once.
         return Statistics.of(calibrate.collect(plan.root, methods, text, threads, progress))
     stats = Statistics(dict(methods), {})
+    start, hidden, after_block = 0, None, None
+    if state is not None:
+        kept = state.load_survey()
+        if kept is not None:
+            start, stats.candidates, stats.head_scores, hidden = kept[0] + 1, kept[1], kept[2], kept[3]
     score, scored = _scorer(plan, policy, stats, encoders)
-    stats.kept = calibrate.survey(plan.root, methods, text, score, threads, progress, label)
+    if state is not None:
+
+        def after_block(index: int, next_hidden: list) -> None:
+            scored()  # the scores computed elsewhere are in before they are kept
+            state.save_survey(index, stats, next_hidden)
+
+    stats.kept = calibrate.survey(
+        plan.root, methods, text, score, threads, progress, label, start=start, hidden=hidden, after_block=after_block
+    )
     scored()
     return stats
 

@@ -98,6 +98,15 @@ def test_ray_workers_need_a_local_ray(model_dir, tmp_path, capsys):
     assert "--ray-workers" in capsys.readouterr().err
 
 
+def test_an_address_where_nothing_answers_is_refused_at_once(model_dir, tmp_path, capsys):
+    directory, _ = model_dir
+    address = f"127.0.0.1:{_free_port()}"
+    assert run(["convert", directory, str(tmp_path / "out.rbe"), "--quiet", "--ray", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rbe: error: ") and err.count("\n") == 1 and f"nothing answers at {address}" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,7 @@ import hashlib
 import os
 
 import pytest
-from tiny_models import saved_llama
+from tiny_models import run, saved_llama
 
 from rbe_converters import resume
 from rbe_converters.pipeline import ConvertOptions, convert_model
@@ -74,6 +74,52 @@ def test_a_resumed_conversion_writes_the_bytes_of_an_uninterrupted_one(model_dir
     assert _sha(out) == _sha(whole)
     assert not os.path.exists(resume.state_dir(out))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_a_conversion_stopped_during_the_survey_goes_on_from_its_last_surveyed_block(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    directory, text = model_dir
+    whole = str(tmp_path / "whole.rbe")
+    convert_model(directory, whole, _options(text))
+
+    out = str(tmp_path / "out.rbe")
+    save = resume.ResumeState.save_survey
+
+    def save_then_stop(self, index, stats, hidden):
+        save(self, index, stats, hidden)
+        if index == 1:
+            raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeState, "save_survey", save_then_stop)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    assert not os.path.exists(out) and os.path.isfile(os.path.join(resume.state_dir(out), "survey.json"))
+
+    surveyed = []
+    monkeypatch.setattr(resume.ResumeState, "save_survey", lambda self, i, *a: surveyed.append(i) or save(self, i, *a))
+    code = run(
+        [
+            "convert",
+            directory,
+            out,
+            "--preset",
+            "q4",
+            "--calibration",
+            text,
+            "--calibration-windows",
+            "2",
+            "--threads",
+            "1",
+            "--force",
+            "--resume",
+        ]
+    )
+    assert code == 0 and "resuming the interrupted survey" in capsys.readouterr().err
+    assert surveyed == [2, 3]  # the blocks after the last one surveyed
+    assert _sha(out) == _sha(whole)
+    assert not os.path.exists(resume.state_dir(out))
 
 
 def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tmp_path, monkeypatch):
@@ -170,6 +216,36 @@ def test_a_damaged_or_planted_resume_state_is_refused_and_nothing_is_written(
         convert_model(directory, out, _options(text, resume=True))
     assert not os.path.exists(out) and not os.path.exists(tmp_path.parent / "elsewhere.partial")
     assert sorted(os.listdir(tmp_path)) == before  # no new partial file left behind
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: open(os.path.join(folder, "survey.json"), "w").write("{not json"), "damaged resume state"),
+        (lambda folder: _edit_json(folder, "survey.json", hidden=5), "damaged resume state"),
+        (lambda folder: _edit_json(folder, "survey.json", candidates=[1, 2]), "survey.json is damaged"),
+    ],
+)
+def test_a_damaged_survey_state_is_refused_and_nothing_is_written(model_dir, tmp_path, monkeypatch, damage, message):
+    from rbeformat import RbeError
+
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    save = resume.ResumeState.save_survey
+
+    def save_then_stop(self, index, stats, hidden):
+        save(self, index, stats, hidden)
+        raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeState, "save_survey", save_then_stop)
+        with pytest.raises(_Stop):
+            convert_model(directory, out, _options(text))
+    damage(resume.state_dir(out))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RbeError, match=message):
+        convert_model(directory, out, _options(text, resume=True))
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == before
 
 
 def _edit_json(folder: str, name: str, **changes) -> None:

@@ -84,6 +84,9 @@ def survey(
     threads: int | None = None,
     progress=None,
     label: Callable[[str], None] | None = None,
+    start: int = 0,
+    hidden: list[np.ndarray] | None = None,
+    after_block: Callable[[int, list[np.ndarray]], None] | None = None,
 ) -> dict[str, Calibration]:
     """The original model's statistics block by block, never more than one block's at a time.
 
@@ -94,7 +97,9 @@ def survey(
     streamed (``stream.py``): its embeddings, then one block at a time, then what
     follows the blocks hold their weights only while they run.  ``progress(n)``
     counts windows' worth of work, ``label(text)`` says which block and weight
-    is reached.
+    is reached.  ``after_block(index, hidden)`` is told of each block surveyed,
+    with the hidden states the next block reads; a resumed survey passes them
+    back as ``hidden`` with ``start`` the block to go on from.
     """
     label = label or (lambda text: None)
     torch, streamed, tokenizer, causal = stream.open_streamed(model_dir, threads)
@@ -111,7 +116,13 @@ def survey(
     with torch.no_grad():
         with streamed.loaded(streamed.front(blocks)):
             inputs = stream.spilled(stream.block_inputs(model, blocks[0], windows, torch))
+        if hidden is not None:
+            inputs = stream.spilled(_resumed_inputs(inputs, hidden, torch))
+            if progress:
+                progress(share * 2 * len(windows) * start / len(blocks))
         for index, block in enumerate(blocks):
+            if index < start:
+                continue
             inside = {name: module for name, module in modules.items() if owner[name] == index}
             where = f"block {index + 1}/{len(blocks)}"
             label(f"{where}: running it")
@@ -129,6 +140,8 @@ def survey(
                 label(f"{where}: scoring {_short(name)}")
                 visit(name, calibration)
             calibration = None
+            if after_block:
+                after_block(index, [stream.hidden_of(call).numpy() for call in inputs])
             if progress:
                 progress(share * 2 * len(windows) / len(blocks))
         if not outside:
