@@ -79,9 +79,10 @@ def peak_phases(shape: Shape, window: int = 512) -> dict[str, float]:
     head_dim = h // shape.heads
     b = 2 * h * h + 2 * h * shape.kv_heads * head_dim + 3 * h * m
     hessians = 8 * (3 * h * h + m * m)  # a block's inputs: q/k/v, o and gate/up read h values, down reads m
+    samples = hessians / 8  # the inputs themselves where few: at most a quarter of the width's tokens
     return {
-        "survey: a block runs, its Hessians summed": 4 * b + hessians + 4 * m * m,
-        "survey: a weight scored": hessians + 9 * h * m + 0.3e9,
+        "survey: a block runs, its Hessians summed": 4 * b + hessians + samples + 4 * m * m,
+        "survey: a weight scored": hessians + samples + 9 * h * m + 0.3e9,
         "encoding: a block runs, a stage's Hessian summed": 6 * b + 12 * m * m,
         "encoding: GPTQ of the widest stage": 2 * b + 16 * m * m + 7 * h * m + 0.2e9,
         "the embedding or head encoded": 8 * v * h + 0.5e9,

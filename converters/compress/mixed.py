@@ -119,6 +119,6 @@ def _bits(chain: Chain, encoded, shape: tuple[int, ...], counts: str) -> float:
 
 def _error(x: np.ndarray, decoded: np.ndarray, calibration: Calibration | None) -> float:
     if calibration is not None and x.ndim == 2 and calibration.hessian.shape == (x.shape[1],) * 2:
-        return gptq.output_error(x, decoded, calibration.hessian)
+        return gptq.output_error(x, decoded, calibration.hessian, calibration.samples)
     d = x.astype(np.float64) - decoded
     return float((d * d).sum())

@@ -70,6 +70,29 @@ def _input_moments(model, tokenizer, module_name, windows, width=32):
     return x.T @ x / len(x)
 
 
+def test_inputs_are_kept_beside_their_sum_only_while_they_are_few():
+    torch.manual_seed(0)
+    linears = {"a.weight": torch.nn.Linear(64, 8), "b.weight": torch.nn.Linear(64, 8)}
+    windows = [torch.randn(8, 64) for _ in range(3)]
+
+    def moments_of(count: int) -> dict:
+        moments = calibrate._Moments(linears, {name: "gptq" for name in linears})
+        with torch.no_grad():
+            for x in windows[:count]:
+                linears["a.weight"](x)
+                linears["b.weight"](x)  # the same input: one sum, one set of samples
+                moments.next_window()
+        moments.close()
+        return moments.calibrations()
+
+    kept = moments_of(2)  # 16 tokens, a quarter of the 64 inputs: kept
+    samples = kept["b.weight"].samples
+    assert kept["a.weight"].samples is samples and samples.shape == (16, 64)
+    np.testing.assert_array_equal(samples, torch.cat(windows[:2]).numpy())
+    np.testing.assert_allclose(kept["a.weight"].hessian, samples.T.astype(np.float64) @ samples / 16, atol=1e-5)
+    assert moments_of(3)["a.weight"].samples is None  # 24 tokens: past the quarter, none kept
+
+
 def test_only_linear_weights_and_enough_text(llama):
     directory, _, _ = llama
     with pytest.raises(UsageError, match="Linear weights only"):

@@ -173,14 +173,22 @@ def _moments(modules: dict, weights: dict[str, str], runs) -> dict[str, Calibrat
     return moments.calibrations()
 
 
+# A module's inputs themselves are kept beside their sum while their tokens are at most this share of
+# its input width: an output error computed from them then costs at most that share of one from H.
+SAMPLES_SHARE = 1 / 4
+
+
 class _Moments:
     """Sums of x^T x of each module's input, added by hooks while the modules run (one sum for layers
-    that read one input); ``next_window()`` after each window's run, ``close()`` to remove the hooks."""
+    that read one input), and the inputs themselves while they are few (``SAMPLES_SHARE``);
+    ``next_window()`` after each window's run, ``close()`` to remove the hooks."""
 
     def __init__(self, modules: dict, weights: dict[str, str]):
         self.modules, self.weights = modules, weights
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.samples: dict[str, list | None] = {}  # by the module that owns the sum; None once too many
+        self.owner: dict[str, str] = {}  # a module reading another's input -> that module
         # Input tensors seen in the current window's run -> the module that accumulated them.  The
         # tensor is kept so that its id cannot be reused by another tensor in this run.
         self.shared: dict[int, tuple[str, object]] = {}
@@ -193,10 +201,14 @@ class _Moments:
             if first is not None and first[0] != name:  # q, k, v read one tensor: accumulate once
                 self.sums[name] = self.sums[first[0]]
                 self.counts[name] = self.counts[first[0]]
+                self.owner[name] = first[0]
                 return
             self.shared[id(inputs[0])] = (name, inputs[0])
             self.sums[name] = add_moments(self.sums.get(name), x)
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+            kept = self.samples.get(name, [])
+            few = self.counts[name] <= SAMPLES_SHARE * module.in_features
+            self.samples[name] = kept + [x.numpy().copy()] if few and kept is not None else None
 
         return accumulate
 
@@ -215,12 +227,14 @@ class _Moments:
         missing = [name for name in self.modules if name not in sums]
         if missing:
             raise UsageError(f"calibration: {missing[0]} never ran on the calibration text")
-        means: dict[int, np.ndarray] = {}  # layers that share an input share one matrix
+        means: dict[int, tuple] = {}  # layers that share an input share one matrix, and its samples
         for name in self.modules:
             if id(sums[name]) not in means:
-                means[id(sums[name])] = np.divide(sums[name], counts[name], out=sums[name])
-        self.sums, self.counts = {}, {}
-        return {name: Calibration(self.weights[name], means[id(sums[name])]) for name in self.modules}
+                kept = self.samples.get(self.owner.get(name, name))
+                samples = np.concatenate(kept) if kept else None
+                means[id(sums[name])] = (np.divide(sums[name], counts[name], out=sums[name]), samples)
+        self.sums, self.counts, self.samples, self.owner = {}, {}, {}, {}
+        return {name: Calibration(self.weights[name], *means[id(sums[name])]) for name in self.modules}
 
 
 def load_for_calibration(model_dir: str, threads: int | None):

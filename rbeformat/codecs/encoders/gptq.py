@@ -186,11 +186,15 @@ def invert_lower(lower: np.ndarray) -> None:
 ERROR_SLICE_BYTES = 64 * 2**20
 
 
-def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
+def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray, samples: np.ndarray | None = None) -> float:
     """tr((W - Q) H (W - Q)^T): the mean squared output error on the calibration inputs.
 
-    Rows add independently, so a large matrix is taken a slice of rows at a time: its float64
-    difference and product are never whole (for a 7 B model's down projection, 360 MB each)."""
+    With ``samples``, the N inputs X themselves (H = X^T X / N), as |(W - Q) X^T|^2 / N: the
+    same number at N / n of the arithmetic for n inputs.  Rows add independently, so a large
+    matrix is taken a slice of rows at a time: its float64 difference and product are never
+    whole (for a 7 B model's down projection, 360 MB each)."""
+    if samples is not None:
+        return _sampled_output_error(w, q, samples)
     hessian = np.asarray(hessian, np.float64)
     rows = len(w)
     step = max(1, ERROR_SLICE_BYTES // (8 * max(1, hessian.shape[0])))
@@ -200,3 +204,16 @@ def output_error(w: np.ndarray, q: np.ndarray, hessian: np.ndarray) -> float:
         d = np.asarray(w[part], np.float64) - np.asarray(q[part], np.float64)
         total += float(np.sum((d @ hessian) * d))  # a product, not a triple loop
     return total
+
+
+def _sampled_output_error(w: np.ndarray, q: np.ndarray, samples: np.ndarray) -> float:
+    """|(W - Q) X^T|^2 / N in float64, by slices of rows of W and of tokens of X."""
+    tokens, n = samples.shape
+    step = max(1, ERROR_SLICE_BYTES // (8 * max(1, n)))  # rows of W, and tokens of X, per slice
+    total = 0.0
+    for start in range(0, len(w), step):
+        d = np.asarray(w[start : start + step], np.float64) - np.asarray(q[start : start + step], np.float64)
+        for first in range(0, tokens, step):
+            product = d @ np.asarray(samples[first : first + step], np.float64).T
+            total += float(np.sum(product * product))
+    return total / tokens if tokens else 0.0

@@ -36,6 +36,15 @@ def test_gptq_lowers_the_output_error_of_group_quantization(bits, mode):
     assert compensated < 0.8 * plain, (compensated, plain)
 
 
+def test_the_output_error_from_the_inputs_themselves_is_the_one_from_their_hessian(monkeypatch):
+    q = decoded(GroupQuant(bits=3, group=64, mode="asym"))
+    from_hessian = gptq.output_error(W, q, HESSIAN)
+    monkeypatch.setattr(gptq, "ERROR_SLICE_BYTES", 8 * N * 50)  # slices of 50 rows and 50 tokens
+    from_samples = gptq.output_error(W, q, HESSIAN, X.astype(np.float32))
+    assert from_samples == pytest.approx(gptq.output_error(W, q, X.T @ X / len(X)), rel=1e-6)
+    assert from_samples == pytest.approx(from_hessian, rel=1e-6) and from_samples > 0
+
+
 def test_gptq_with_uncorrelated_inputs_is_the_plain_encoder():
     codec = GroupQuant(bits=4, group=64, mode="asym")
     # With H = I no column's error can be compensated by another: the codes are the plain ones.
