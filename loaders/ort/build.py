@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +55,18 @@ from .rewriters import plan_rewrite
 from .rewriters.base import MS_DOMAIN
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
+
+
+def fits_one_proto(model) -> bool:
+    """Whether ``model`` serializes in one piece (protobuf refuses even to count one past 2 GB)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except EncodeError:
+        return False
+
+
 SHARED_FORM = "shared (read by several weights' nodes)"
 
 
@@ -185,17 +196,23 @@ def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **ses
         print(report, file=sys.stderr)
     where = os.fspath(path)
     with guard.session_options(session_kwargs.pop("sess_options", None)) as options:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if fits_one_proto(model):
             data = model.SerializeToString()
             return _build(
                 lambda: onnxruntime.InferenceSession(data, options, **session_kwargs), where, deadline
             ), report
-        with tempfile.TemporaryDirectory(prefix="rbe-ort-") as folder:  # past 2 GB ORT reads external data
-            model_path = os.path.join(folder, "model.onnx")
+        # Past 2 GB ORT reads the weights as external data, from the one folder the guard lets it read.
+        folder = options.get_session_config_entry(guard.EXTERNAL_FOLDER_KEY)
+        model_path, data_path = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.onnx.data")
+        try:
             onnx.save_model(model, model_path, save_as_external_data=True, location="model.onnx.data")
             return _build(
                 lambda: onnxruntime.InferenceSession(model_path, options, **session_kwargs), where, deadline
             ), report
+        finally:
+            for written in (model_path, data_path):
+                if os.path.exists(written):
+                    os.unlink(written)
 
 
 def _build(new_session, path: str, deadline):

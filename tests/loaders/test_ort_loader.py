@@ -248,6 +248,26 @@ def test_export_past_the_inline_limit_writes_external_data(tmp_path, monkeypatch
         np.testing.assert_array_equal(value, got[output.name])
 
 
+def test_a_session_past_protobufs_limit_reads_its_weights_as_external_data(tmp_path, monkeypatch):
+    from google.protobuf.message import EncodeError
+
+    from rbe_loaders.ort import build
+
+    path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "sym"))
+    inputs = feeds(64)
+    whole, _ = run_on_the_fly(path, inputs)
+    monkeypatch.setattr(build, "PROTOBUF_LIMIT", 100)  # as a model of several GB: the external-data path
+    apart, _ = run_on_the_fly(path, inputs)
+    for name in whole:
+        np.testing.assert_array_equal(apart[name], whole[name])
+
+    class Huge:  # protobuf refuses to count a model past 2 GB
+        def ByteSize(self):
+            raise EncodeError("Failed to serialize proto")
+
+    assert build.fits_one_proto(Huge()) is False
+
+
 def test_reader_hands_out_the_parts_of_a_chain(tmp_path):
     path = convert(tmp_path, linear_model(64, 24, 64), quantized_rules(4, 32, "asym"))
     with Reader(path) as r:
