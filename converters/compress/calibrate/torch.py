@@ -140,7 +140,7 @@ def survey(
                 label(f"{where}: scoring {_short(name)}")
                 visit(name, calibration)
             calibration = None
-            if after_block:
+            if after_block and index + 1 < len(blocks):  # a resume reruns the last block (what follows needs it)
                 after_block(index, [stream.hidden_of(call).numpy() for call in inputs])
             if progress:
                 progress(share * 2 * len(windows) / len(blocks))
