@@ -133,7 +133,7 @@ def survey(
             finally:
                 moments.close()
             # Scored with the block's weights released; a Hessian goes once its last weight is scored.
-            calibrations = moments.calibrations() if inside else {}
+            calibrations = moments.calibrations()  # none for a block without weights to score
             moments = None
             for name in list(calibrations):
                 calibration = calibrations.pop(name)
