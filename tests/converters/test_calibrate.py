@@ -93,6 +93,20 @@ def test_inputs_are_kept_beside_their_sum_only_while_they_are_few():
     assert moments_of(3)["a.weight"].samples is None  # 24 tokens: past the quarter, none kept
 
 
+def test_moments_summed_in_bands_equal_the_whole_product(monkeypatch):
+    monkeypatch.setattr(calibrate, "MOMENT_ROWS", 24)  # 64 rows: bands of 24, 24 and 16
+    torch.manual_seed(1)
+    windows = [torch.randn(40, 64) for _ in range(3)]
+    total = None
+    for x in windows:
+        total = calibrate.add_moments(total, x)
+    expected = (windows[0].T @ windows[0]).numpy().astype(np.float64)
+    for x in windows[1:]:
+        expected += (x.T @ x).numpy()
+    assert total.dtype == np.float64
+    np.testing.assert_array_equal(total, expected)
+
+
 def test_only_linear_weights_and_enough_text(llama):
     directory, _, _ = llama
     with pytest.raises(UsageError, match="Linear weights only"):

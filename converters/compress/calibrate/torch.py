@@ -492,14 +492,25 @@ def _checked(name: str, decoded: np.ndarray, weight) -> np.ndarray:
     return decoded
 
 
+MOMENT_ROWS = 1024  # rows of x^T x computed at a time (the float32 product holds rows x width)
+
+
 def add_moments(total: np.ndarray | None, x) -> np.ndarray:
-    """``total`` (float64, or None for a new sum) plus x^T x, computed in float32 as the model runs and
-    added in place: no float64 copy of the product beside the sum (for an MLP's down projection of a
-    7 B model, 1 GB each)."""
-    product = (x.T @ x).numpy()
-    if total is None:
-        return product.astype(np.float64)
-    return np.add(total, product, out=total)
+    """``total`` (float64, or None for a new sum) plus x^T x, added in place a band of rows at a time:
+    only one band of the float32 product lives beside the sum (the whole product of a 7 B model's
+    down projection input is 0.48 GB).  Each band's values equal those rows of the whole product."""
+    width = x.shape[1]
+    first_window = total is None
+    if first_window:
+        total = np.empty((width, width))
+    for first in range(0, width, MOMENT_ROWS):
+        rows = slice(first, first + MOMENT_ROWS)
+        band = (x[:, rows].T @ x).numpy()
+        if first_window:
+            total[rows] = band  # widened exactly, as astype would
+        else:
+            total[rows] += band
+    return total
 
 
 def _next_stage(block, modules: dict, inputs, weights: dict[str, str]) -> dict[str, Calibration]:
