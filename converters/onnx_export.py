@@ -8,11 +8,14 @@ normal conversion stores them (``pipeline.convert``), and wires the graph to the
 
 * each initializer equal bit for bit to a stored HF tensor, as is or transposed,
   maps to it (the HF tensor of the same name first, then any whose bytes match;
-  tied weights are stored once, so they match once);
+  tied weights are stored once, so they match once).  The graph is float32
+  (ONNX Runtime's CPU kernels do not run bf16 graphs): a bf16 or fp16 tensor
+  maps to the initializer its values widened to float32 equal, "widened";
 * each other initializer (small constants, buffers such as ``inv_freq``) is a
   lossless rbe tensor of its own, ``onnx/<name>`` (``OWN_PREFIX``);
 * the graph with its initializers' data removed is the embedded file named by
-  ``onnx.graph``; the mapping, {initializer: {"tensor": name, "transposed": bool}},
+  ``onnx.graph``; the mapping, {initializer: {"tensor": name, "transposed": bool}}
+  (with ``"widened": true`` where widened),
   is the embedded JSON file named by ``onnx.initializers`` (spec/rbe-v1.md,
   "ONNX graphs exported from Hugging Face checkpoints").
 
@@ -39,10 +42,11 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rbe_loaders.ort.graph import graph_initializers, stored_graph
+from rbe_loaders.ort.graph import WIDENS, Source, graph_initializers, initializer_values, stored_graph
 from rbeformat import InputError, UsageError, Writer
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, MAPPING_PATH, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
+from rbeformat.values import to_float32
 
 from .sources.onnx import DATA_FIELDS, Initializer
 
@@ -79,9 +83,11 @@ class ExportedGraph:
 
     def summary(self) -> str:
         transposed = sum(entry["transposed"] for entry in self.mapping.values())
+        widened = sum("widened" in entry for entry in self.mapping.values())
         return (
             f"ONNX graph ({self.kind}): {len(self.mapping)} initializers, {len(self.mapping) - len(self.own)} "
-            f"wired to the HF tensors ({transposed} transposed), {len(self.own)} stored as {OWN_PREFIX}..."
+            f"wired to the HF tensors ({transposed} transposed, {widened} widened to float32), "
+            f"{len(self.own)} stored as {OWN_PREFIX}..."
         )
 
 
@@ -123,8 +129,8 @@ def export_model(root: str, threads: int | None = None):
             config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
         kind = model_kind(config)
         auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
-        # the stored dtype: initializers match bit for bit
-        model = hf_folder.load_pretrained(auto, folder, root, dtype="auto").eval()
+        # float32, which ONNX Runtime's CPU kernels run: a bf16 or fp16 checkpoint's tensors are wired widened
+        model = hf_folder.load_pretrained(auto, folder, root, dtype=torch.float32).eval()
     module, args, names = _causal_lm(model) if kind == "causal-lm" else _encoder(model)
     inputs, outputs, dynamic = names
     try:
@@ -285,16 +291,12 @@ def _causal_lm(model):
 
 def dense_model(r) -> onnx.ModelProto:
     """The stored graph with every initializer's data filled from the tensor the mapping names
-    (checked by ``graph_initializers``), transposed where it says: a plain .onnx model."""
-    import numpy as np
-
+    (checked by ``graph_initializers``), transposed and widened where it says: a plain .onnx model."""
     model = stored_graph(r)
     wiring = graph_initializers(r)
     for t in model.graph.initializer:
-        if t.name in wiring:
-            tensor, transposed = wiring[t.name]
-            values = r.get_tensor(tensor)  # bf16 and fp8 come as their bits, which raw_data holds
-            t.raw_data = np.ascontiguousarray(values.T if transposed else values).tobytes()
+        if t.name in wiring:  # bf16 and fp8 come as their bits, which raw_data holds
+            t.raw_data = initializer_values(r, wiring[t.name]).tobytes()
     return model
 
 
@@ -321,8 +323,10 @@ def wire(model, plan: TensorSource, kind: str) -> ExportedGraph:
         found = _same_named(value.name, key, by_name) or by_content.get(key)
         if found is None:
             own.append(Initializer(OWN_PREFIX + value.name, dtype, shape, inline=data))
-            found = (OWN_PREFIX + value.name, False)
-        mapping[value.name] = {"tensor": found[0], "transposed": found[1]}
+            found = Source(OWN_PREFIX + value.name)
+        mapping[value.name] = {"tensor": found.tensor, "transposed": found.transposed}
+        if found.widened:  # written only when true: a graph of the checkpoint's dtype maps as before
+            mapping[value.name]["widened"] = True
         # a reference to nowhere in its place: serializing it copies no data (its fields are cleared below)
         value.const_value = ir.ExternalTensor(STRIPPED, 0, len(data), tensor.dtype, shape=tensor.shape, name=value.name)
         del tensor, data
@@ -345,28 +349,37 @@ def content_key(dtype: str, shape, data) -> tuple:
 
 
 def tensor_index(plan: TensorSource) -> tuple[dict, dict]:
-    """({content key: (tensor, transposed)}, {tensor: its content key}) over every HF tensor and the
-    transpose of every matrix; the first tensor with given content keeps it (tied weights count once)."""
+    """({content key: Source}, {tensor: {content key: Source}}) over every HF tensor as stored and, for
+    bf16 and fp16, widened to float32, each also transposed when a matrix (the second dict holds the
+    untransposed ones); the first tensor with given content keeps it (tied weights count once)."""
     import numpy as np
 
     by_content, by_name = {}, {}
     for t in plan.tensors:
-        values = plan.read(t.name)
-        key = content_key(t.dtype, t.shape, values.tobytes())
-        by_name[t.name] = key
-        by_content.setdefault(key, (t.name, False))
-        if values.ndim == 2:
-            flipped = np.ascontiguousarray(values.T)
-            by_content.setdefault(content_key(t.dtype, flipped.shape, flipped.tobytes()), (t.name, True))
+        stored = plan.read(t.name)
+        forms = [(t.dtype, stored, False)]
+        if t.dtype in WIDENS:
+            forms.append(("F32", to_float32(stored, t.dtype), True))
+        by_name[t.name] = {}
+        for dtype, values, widened in forms:
+            key = content_key(dtype, t.shape, values.tobytes())
+            by_name[t.name][key] = Source(t.name, False, widened)
+            by_content.setdefault(key, Source(t.name, False, widened))
+            if values.ndim == 2:
+                flipped = np.ascontiguousarray(values.T)
+                by_content.setdefault(
+                    content_key(dtype, flipped.shape, flipped.tobytes()), Source(t.name, True, widened)
+                )
     return by_content, by_name
 
 
-def _same_named(name: str, key: tuple, by_name: dict) -> tuple[str, bool] | None:
+def _same_named(name: str, key: tuple, by_name: dict) -> Source | None:
     """The HF tensor the initializer is named after (less the wrapper's prefix), when its content is the same:
     preferred over another tensor that happens to hold equal bytes (a norm's ones)."""
     for candidate in (name, name.removeprefix(WRAPPED + ".")):
-        if by_name.get(candidate) == key:
-            return candidate, False
+        found = by_name.get(candidate, {}).get(key)
+        if found is not None:
+            return found
     return None
 
 

@@ -18,7 +18,9 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor
   (``rewriters.seed``).
 * Anything else is decoded to a dense initializer here, at build time, and
   the report says so: other codecs, other consumers of a weight, group sizes
-  without a power-of-two block of at least 16, weights that are not float32.
+  without a power-of-two block of at least 16, weights that are not float32
+  (a bf16 or fp16 checkpoint's, widened to the float32 graph of ``rbe convert
+  --onnx``: decoded, then widened exactly).
 
 Nothing here constant-folds back to dense: every expansion reads a graph
 input (activations or indices).
@@ -36,8 +38,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
-
 from rbeformat import FormatError, Reader, UsageError
 from rbeformat.embedded.onnx import carries_onnx
 from rbeformat.onnx_safety import check_model
@@ -50,7 +50,7 @@ except ImportError:  # the core works without onnx; only this module needs it
 
 from ..report import FormReport, TensorForm
 from . import guard
-from .graph import graph_initializers, stored_graph
+from .graph import Source, graph_initializers, initializer_values, stored_graph
 from .rewriters import plan_rewrite
 from .rewriters.base import MS_DOMAIN
 
@@ -107,15 +107,24 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
         uses = _readers_of(model.graph)
         replaced, new_inits, added = {}, [], set()
         for t in mapped:
-            tensor, flipped = wiring[t.name]
-            dense_bytes = math.prod(t.dims) * r.entry(tensor).dtype.itemsize
+            source = wiring[t.name]
+            tensor = source.tensor
+            dense_bytes = math.prod(t.dims) * (4 if source.widened else r.entry(tensor).dtype.itemsize)
             if r.stored_entry(tensor).transform is None:
-                t.raw_data = _dense_bytes(r, tensor, flipped)
-                report.add(t.name, "initializer (lossless)", len(t.raw_data), dense_bytes)
+                t.raw_data = _dense_bytes(r, source)
+                lossless = (
+                    f"initializer (lossless, widened from {r.entry(tensor).dtype.name})"
+                    if source.widened
+                    else "initializer (lossless)"
+                )
+                report.add(t.name, lossless, len(t.raw_data), dense_bytes)
                 continue
-            plan = plan_rewrite(r, tensor, uses.get(t.name, []), flipped, uses)
+            if source.widened:  # the kernels would compute in float32 what the reference rounds to bf16 or fp16
+                plan = f"a {r.entry(tensor).dtype.name} weight the float32 graph reads widened"
+            else:
+                plan = plan_rewrite(r, tensor, uses.get(t.name, []), source.transposed, uses)
             if isinstance(plan, str):
-                t.raw_data = _dense_bytes(r, tensor, flipped)
+                t.raw_data = _dense_bytes(r, source)
                 report.add(t.name, f"dense (decoded at build: {plan})", len(t.raw_data), dense_bytes)
                 continue
             replaced.update(plan.nodes)
@@ -134,11 +143,11 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
     return model, report
 
 
-def _dense_bytes(r: Reader, tensor: str, flipped: bool) -> bytes:
-    """The initializer's raw data: the decoded tensor, transposed where the graph reads it so."""
-    if not flipped:
-        return bytes(r.tensor_bytes(tensor))
-    return np.ascontiguousarray(r.get_tensor(tensor).T).tobytes()
+def _dense_bytes(r: Reader, source: Source) -> bytes:
+    """The initializer's raw data: the decoded tensor, transposed and widened where the graph reads it so."""
+    if not (source.transposed or source.widened):
+        return bytes(r.tensor_bytes(source.tensor))
+    return initializer_values(r, source).tobytes()
 
 
 def _kept(row: TensorForm) -> bool:

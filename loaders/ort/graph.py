@@ -8,8 +8,9 @@ graphs exported from Hugging Face checkpoints"):
 * one converted from a Hugging Face directory with ``rbe convert --onnx``: the
   embedded JSON file named by ``MAPPING_KEY`` maps each initializer to a stored
   HF tensor, as is or transposed (a Linear weight, kept output x input by HF,
-  is a MatMul's input x output B), or to a tensor of its own under ``OWN_PREFIX``
-  (both keys in ``rbeformat.embedded.onnx``).
+  is a MatMul's input x output B), and widened to float32 where the graph is
+  float32 and the checkpoint bf16 or fp16, or to a tensor of its own under
+  ``OWN_PREFIX`` (both keys in ``rbeformat.embedded.onnx``).
 
 ``graph_initializers`` checks the mapping against the graph and the tensors
 before anyone reads data through it; ``stored_graph`` parses the graph, whose
@@ -17,17 +18,21 @@ initializers hold no data.  Only onnx and rbeformat are needed: no torch.
 
     >>> with Reader("model.rbe") as r:
     ...     model = stored_graph(r)
-    ...     for init, (tensor, transposed) in graph_initializers(r).items():
-    ...         values = r.get_tensor(tensor).T if transposed else r.get_tensor(tensor)
+    ...     for init, source in graph_initializers(r).items():
+    ...         values = initializer_values(r, source)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import NamedTuple
+
+import numpy as np
 
 from rbeformat import ChecksumError, FormatError, Reader
 from rbeformat.onnx_safety import parse_model
+from rbeformat.values import to_float32
 
 try:
     import onnx  # noqa: F401  (parse_model parses with it)
@@ -40,6 +45,24 @@ except ImportError:  # a loader of its own: only ONNX graphs need onnx
 from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES  # noqa: E402
 
 MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
+WIDENS = {"BF16", "F16"}  # the dtypes a "widened" float32 initializer may read: float32 holds them exactly
+
+
+class Source(NamedTuple):
+    """Where an initializer's values come from: a tensor, read transposed and widened to float32 or not."""
+
+    tensor: str
+    transposed: bool = False
+    widened: bool = False
+
+
+def initializer_values(reader: Reader, source: Source) -> np.ndarray:
+    """The initializer's values, C-contiguous: the tensor's decoded values, widened to float32 and
+    transposed where ``source`` says (bf16 without widening comes as its bits, as ``raw_data`` holds it)."""
+    values = reader.get_tensor(source.tensor)
+    if source.widened:
+        values = to_float32(values, reader.entry(source.tensor).dtype.name)
+    return np.ascontiguousarray(values.T if source.transposed else values)
 
 
 def stored_graph(reader: Reader) -> onnx.ModelProto:
@@ -51,20 +74,21 @@ def stored_graph(reader: Reader) -> onnx.ModelProto:
     return parse_model(_embedded_file(reader, path, GRAPH_KEY), f"{reader.path}: the stored ONNX graph {path!r:.80}")
 
 
-def graph_initializers(reader: Reader) -> dict[str, tuple[str, bool]]:
-    """{initializer name: (rbe tensor name, transposed)} for every initializer of an rbe dtype, checked:
-    each names a tensor of the container whose dtype is the initializer's and whose shape is its
-    ``dims`` (reversed, for a transposed 2-D tensor); no initializer is defined twice."""
+def graph_initializers(reader: Reader) -> dict[str, Source]:
+    """{initializer name: its Source} for every initializer of an rbe dtype, checked: each names a
+    tensor of the container whose dtype is the initializer's (or, widened, a BF16 or F16 tensor for a
+    float32 one) and whose shape is its ``dims`` (reversed, for a transposed 2-D tensor); no
+    initializer is defined twice."""
     model = stored_graph(reader)
     initializers = _unique_initializers(model.graph)
     if MAPPING_KEY in reader.metadata():
         mapping = _read_mapping(reader)
         _check_same_names(mapping, initializers)
     else:  # converted from an .onnx file: each initializer is the tensor of its name
-        mapping = {name: (name, False) for name in initializers}
+        mapping = {name: Source(name) for name in initializers}
     tensors = set(reader.keys())
-    for name, (tensor, transposed) in mapping.items():
-        _check_tensor(reader, tensors, initializers[name], tensor, transposed)
+    for name, source in mapping.items():
+        _check_tensor(reader, tensors, initializers[name], source)
     return mapping
 
 
@@ -89,8 +113,9 @@ def _unique_initializers(graph) -> dict[str, onnx.TensorProto]:
     return found
 
 
-def _read_mapping(reader: Reader) -> dict[str, tuple[str, bool]]:
-    """The JSON mapping, parsed and checked for form: an object of {"tensor": str, "transposed": bool}."""
+def _read_mapping(reader: Reader) -> dict[str, Source]:
+    """The JSON mapping, parsed and checked for form: an object of {"tensor": str, "transposed": bool},
+    each with "widened": true or without it."""
     path = reader.metadata()[MAPPING_KEY]
     entry = reader.files().get(path)
     if entry is not None and entry.blob.items > MAX_MAPPING_BYTES:
@@ -117,17 +142,19 @@ def _refuse_duplicate_keys(pairs: list) -> dict:
     return obj
 
 
-def _mapping_entry(name: str, value) -> tuple[str, bool]:
+def _mapping_entry(name: str, value) -> Source:
     if (
         not isinstance(value, dict)
-        or set(value) != {"tensor", "transposed"}
+        or set(value) not in ({"tensor", "transposed"}, {"tensor", "transposed", "widened"})
         or not isinstance(value["tensor"], str)
         or not isinstance(value["transposed"], bool)
+        or value.get("widened", True) is not True  # written only when true
     ):
         raise FormatError(
-            f'the initializer mapping\'s entry for {name!r:.80} is not {{"tensor": "<name>", "transposed": true|false}}'
+            f"the initializer mapping's entry for {name!r:.80} is not "
+            '{"tensor": "<name>", "transposed": true|false} with "widened": true or without it'
         )
-    return value["tensor"], value["transposed"]
+    return Source(value["tensor"], value["transposed"], "widened" in value)
 
 
 def _check_same_names(mapping: dict, initializers: dict) -> None:
@@ -139,9 +166,10 @@ def _check_same_names(mapping: dict, initializers: dict) -> None:
         raise FormatError(f"the initializer mapping names {unknown[0]!r:.80}, which is no initializer of the graph")
 
 
-def _check_tensor(reader: Reader, tensors: set[str], init, tensor: str, transposed: bool) -> None:
-    """The tensor exists (no internal ``rbe:`` one), has the initializer's dtype, and its shape after
-    the transpose is the initializer's dims."""
+def _check_tensor(reader: Reader, tensors: set[str], init, source: Source) -> None:
+    """The tensor exists (no internal ``rbe:`` one), has the initializer's dtype (a widened one: BF16
+    or F16 for an F32 initializer), and its shape after the transpose is the initializer's dims."""
+    tensor, transposed = source.tensor, source.transposed
     if tensor not in tensors:
         raise FormatError(
             f"the ONNX graph's initializer {init.name!r:.80} maps to tensor {tensor!r:.80}, "
@@ -155,9 +183,12 @@ def _check_tensor(reader: Reader, tensors: set[str], init, tensor: str, transpos
             f"tensor {tensor!r:.80} is {len(shape)}-D; only a matrix can be transposed for "
             f"initializer {init.name!r:.80}"
         )
-    if entry.dtype.name != ONNX_DTYPES[init.data_type] or (shape[::-1] if transposed else shape) != dims:
+    wanted = ONNX_DTYPES[init.data_type]
+    fits = entry.dtype.name in WIDENS and wanted == "F32" if source.widened else entry.dtype.name == wanted
+    if not fits or (shape[::-1] if transposed else shape) != dims:
         form = f"transposed {list(shape[::-1])}" if transposed else f"{list(shape)}"
+        how = "widened to F32 " if source.widened else ""
         raise FormatError(
-            f"tensor {tensor!r:.80} ({entry.dtype.name} {form}) does not fit the ONNX graph's "
-            f"initializer {init.name!r:.80} ({ONNX_DTYPES[init.data_type]} {list(dims)})"
+            f"tensor {tensor!r:.80} ({entry.dtype.name} {form}) {how}does not fit the ONNX graph's "
+            f"initializer {init.name!r:.80} ({wanted} {list(dims)})"
         )

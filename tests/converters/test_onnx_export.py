@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -21,12 +22,14 @@ from tiny_models import (  # noqa: E402
     hf_greedy,
     ort_greedy,
     torch_hidden,
+    word_tokenizer,
 )
 
 import rbe_loaders  # noqa: E402
 from rbe_converters import decode, onnx_export  # noqa: E402
 from rbe_converters.cli import main  # noqa: E402
-from rbe_loaders.ort.graph import graph_initializers, stored_graph  # noqa: E402
+from rbe_loaders.ort import session as ort_session  # noqa: E402
+from rbe_loaders.ort.graph import graph_initializers, initializer_values, stored_graph  # noqa: E402
 from rbeformat import FormatError, Reader, UsageError, Writer  # noqa: E402
 from rbeformat.embedded.onnx import MAPPING_KEY, OWN_PREFIX  # noqa: E402
 
@@ -42,9 +45,7 @@ def dense_session(path: str) -> ort.InferenceSession:
         wiring = graph_initializers(r)
         for t in model.graph.initializer:
             if t.name in wiring:
-                tensor, transposed = wiring[t.name]
-                values = r.get_tensor(tensor)
-                t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values.T if transposed else values), t.name))
+                t.CopyFrom(numpy_helper.from_array(initializer_values(r, wiring[t.name]), t.name))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -57,12 +58,12 @@ def test_every_encoder_weight_is_wired_and_linear_weights_are_transposed(bert):
         wiring = graph_initializers(r)
         names = set(r.keys())
     hf_tensors = {name for name in names if not name.startswith(OWN_PREFIX)}
-    wired = {tensor for tensor, _ in wiring.values()}
+    wired = {source.tensor for source in wiring.values()}
     # The pooler is left out of the graph (its output is not one); every other weight is in it.
     assert wired & hf_tensors == {n for n in hf_tensors if not n.startswith("pooler.")}
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n}
-    assert {tensor for tensor, transposed in wiring.values() if transposed} == linear
-    own = [tensor for tensor, _ in wiring.values() if tensor.startswith(OWN_PREFIX)]
+    assert {source.tensor for source in wiring.values() if source.transposed} == linear
+    own = [s.tensor for s in wiring.values() if s.tensor.startswith(OWN_PREFIX)]
     assert own and all(tensor in names for tensor in own)
 
 
@@ -107,7 +108,7 @@ def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
     (hidden,) = dense_session(path).run(["last_hidden_state"], feed)
     assert np.abs(hidden - torch_hidden(lossy, feed)).max() < TOLERANCE  # the graph runs the decoded weights
     with Reader(path) as r:
-        assert any(r.entry(tensor).transform is not None for tensor, _ in graph_initializers(r).values())
+        assert any(r.entry(tensor).transform is not None for tensor, _, _ in graph_initializers(r).values())
 
 
 def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
@@ -156,7 +157,24 @@ def _container(tmp_path, mapping_text: str, initializers=(("init", [3, 2]),)) ->
 def test_a_sound_mapping_is_read(tmp_path):
     path = _container(tmp_path, json.dumps({"init": {"tensor": "w", "transposed": True}}))
     with Reader(path) as r:
-        assert graph_initializers(r) == {"init": ("w", True)}
+        assert graph_initializers(r) == {"init": ("w", True, False)}
+
+
+def test_a_widened_mapping_reads_bf16_values_as_float32(tmp_path):
+    path = str(tmp_path / "widened.rbe")
+    values = np.array([[1.5, -2.0, 3.25], [0.0, 7.0, -0.125]], np.float32)
+    graph = helper.make_graph(
+        [], "g", [], [], initializer=[TensorProto(name="init", data_type=TensorProto.FLOAT, dims=[3, 2])]
+    )
+    with Writer(path, force=True) as w:
+        w.add_array("h", (values.view(np.uint32) >> 16).astype(np.uint16), dtype="BF16")  # exact in bf16
+        w.add_file("model.onnx-graph", helper.make_model(graph).SerializeToString())
+        w.add_file("map.json", json.dumps({"init": {"tensor": "h", "transposed": True, "widened": True}}).encode())
+        w.set_metadata({"onnx.graph": "model.onnx-graph", MAPPING_KEY: "map.json"})
+    with Reader(path) as r:
+        source = graph_initializers(r)["init"]
+        assert source == ("h", True, True)
+        np.testing.assert_array_equal(initializer_values(r, source), values.T)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +185,8 @@ def test_a_sound_mapping_is_read(tmp_path):
         ('{"init": {"tensor": "w", "transposed": true}, "init": {"tensor": "w", "transposed": true}}', "twice"),
         ('{"init": {"tensor": "w", "transposed": "yes"}}', "is not"),
         ('{"init": {"tensor": "w"}}', "is not"),
+        ('{"init": {"tensor": "w", "transposed": true, "widened": false}}', "is not"),
+        ('{"init": {"tensor": "w", "transposed": true, "widened": true}}', "widened to F32 does not fit"),
         ("{}", "unmapped"),
         (
             '{"init": {"tensor": "w", "transposed": true}, "other": {"tensor": "w", "transposed": true}}',
@@ -197,7 +217,7 @@ def test_decode_leaves_out_only_the_graphs_parts(bert):
     with Reader(path) as r:
         files, tensors = decode.exported_graph_parts(r)
         assert files == {r.metadata()["onnx.graph"], r.metadata()[MAPPING_KEY]}
-        assert tensors == {t for t, _ in graph_initializers(r).values() if t.startswith(OWN_PREFIX)}
+        assert tensors == {s.tensor for s in graph_initializers(r).values() if s.tensor.startswith(OWN_PREFIX)}
 
 
 # -- causal LMs -------------------------------------------------------------------------
@@ -209,9 +229,9 @@ def test_every_causal_lm_weight_is_wired_the_tied_head_once(llama):
         wiring = graph_initializers(r)
         hf_tensors = {name for name in r.keys() if not name.startswith(OWN_PREFIX)}
     assert "lm_head.weight" not in hf_tensors  # tied: stored once, as the embedding
-    assert {tensor for tensor, _ in wiring.values()} & hf_tensors == hf_tensors
+    assert {source.tensor for source in wiring.values()} & hf_tensors == hf_tensors
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    assert {tensor for tensor, transposed in wiring.values() if transposed} - {"model.embed_tokens.weight"} == linear
+    assert {source.tensor for source in wiring.values() if source.transposed} - {"model.embed_tokens.weight"} == linear
 
 
 def test_the_causal_lm_graph_takes_a_batch_with_a_past_as_transformers(llama):
@@ -266,8 +286,33 @@ def test_a_calibrated_preset_converts_with_onnx(llama, tmp_path):
     prompt = [5, 17, 42, 8, 99, 3]
     assert ort_greedy(dense_session(path), prompt, 5, model.config) == hf_greedy(lossy, prompt, 5)
     with Reader(path) as r:
-        calibrated = [r.entry(t).transform for t, transposed in graph_initializers(r).values() if transposed]
+        calibrated = [r.entry(s.tensor).transform for s in graph_initializers(r).values() if s.transposed]
         assert calibrated and all(transform is not None for transform in calibrated)
+
+
+def test_a_bf16_checkpoint_is_wired_widened_into_the_float32_graph(llama, tmp_path):
+    _, model, _ = llama
+    directory = str(tmp_path / "bf16")
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(directory)
+    widened = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    word_tokenizer(common_words(150)).save_pretrained(directory)
+    path = convert(directory, str(tmp_path / "bf16.rbe"))
+    with Reader(path) as r:
+        wiring = graph_initializers(r)
+        hf_tensors = {name for name in r.keys() if not name.startswith(OWN_PREFIX)}
+        assert {r.entry(name).dtype.name for name in hf_tensors} == {"BF16"}
+    # every weight stored once, in bf16: none is stored again as a float32 constant of the graph
+    assert {s.tensor for s in wiring.values() if s.widened} == hf_tensors
+    prompt = [5, 17, 42, 8, 99, 3]
+    session, report = ort_session(path, quiet=True)
+    assert any("widened from BF16" in row.form for row in report.rows)
+    assert ort_greedy(session, prompt, 5, model.config) == hf_greedy(widened, prompt, 5)
+    quantized = convert(directory, str(tmp_path / "q8.rbe"), "--preset", "q8")
+    decoded = str(tmp_path / "decoded")
+    assert main(["decode", quantized, decoded, "--quiet"]) == 0
+    lossy = transformers.LlamaForCausalLM.from_pretrained(decoded, dtype=torch.float32).eval()
+    session, report = ort_session(quantized, quiet=True)  # runs on the q8 weights, widened
+    assert ort_greedy(session, prompt, 5, model.config) == hf_greedy(lossy, prompt, 5)
 
 
 # -- real checkpoints -------------------------------------------------------------------
