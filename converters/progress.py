@@ -53,6 +53,7 @@ class LineProgress:
         self.n = 0.0
         self.text = ""
         self.start = self.last = time.monotonic()
+        self.first: tuple[float, float] | None = None  # (time, count) at the first update
 
     def __enter__(self):
         if self.announce:
@@ -64,6 +65,8 @@ class LineProgress:
 
     def update(self, n: float = 1) -> None:
         self.n += n
+        if self.first is None:
+            self.first = (time.monotonic(), self.n)
         if time.monotonic() - self.last >= LINE_SECONDS:
             self._line()
 
@@ -80,8 +83,18 @@ class LineProgress:
             out += f", {self.text}"
         out += f", {clock(elapsed)} elapsed"
         if self.total * ESTIMATE_FROM <= self.n < self.total:
-            out += f", about {clock(elapsed / self.n * (self.total - self.n))} left"
+            out += f", about {clock(self.seconds_per_unit() * (self.total - self.n))} left"
         return out
+
+    def seconds_per_unit(self) -> float:
+        """The pace since the first update once a second has come: the work before the first unit (a
+        conversion's setup) and units counted at once (the blocks a resumed conversion did before) are
+        not part of it."""
+        now = time.monotonic()
+        since, counted = self.first or (now, self.n)
+        if self.n > counted and now > since:
+            return (now - since) / (self.n - counted)
+        return (now - self.start) / self.n
 
     def _line(self) -> None:
         self.last = time.monotonic()

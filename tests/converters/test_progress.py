@@ -67,5 +67,22 @@ def test_nothing_to_count_prints_nothing_and_a_first_sliver_gets_no_estimate(mon
     bar.update(1)  # 0.1 % after 20 s: an estimate of hours would only alarm
     assert capsys.readouterr().err == "rbe: convert: 1/1000 MB, 0:20 elapsed\n"
     clock.now += 20
-    bar.update(99)
-    assert "about 6:00 left" in capsys.readouterr().err
+    bar.update(99)  # the pace since the first update: 99 MB in 20 s, 900 MB left
+    assert "about 3:02 left" in capsys.readouterr().err
+
+
+def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = progress.LineProgress(32, "encode", "blocks")
+    bar.update(10)  # a resumed conversion: 10 blocks done in an earlier sitting
+    clock.now += 600
+    bar.update(1)  # 10 minutes a block: 21 left
+    assert "about 3:30:00 left" in capsys.readouterr().err
+    fresh = progress.LineProgress(32, "encode", "blocks")
+    clock.now += 300  # the head and the first block: 5 minutes, then 2 minutes a block
+    fresh.update(1)
+    assert "about 2:35:00 left" in capsys.readouterr().err  # one unit: all we know is the elapsed time
+    clock.now += 120
+    fresh.update(1)
+    assert "about 1:00:00 left" in capsys.readouterr().err
