@@ -82,19 +82,22 @@ class LineProgress:
         if self.text:
             out += f", {self.text}"
         out += f", {clock(elapsed)} elapsed"
-        if self.total * ESTIMATE_FROM <= self.n < self.total:
-            out += f", about {clock(self.seconds_per_unit() * (self.total - self.n))} left"
+        pace = self.seconds_per_unit() if self.total * ESTIMATE_FROM <= self.n < self.total else None
+        if pace is not None:
+            out += f", about {clock(pace * (self.total - self.n))} left"
         return out
 
-    def seconds_per_unit(self) -> float:
+    def seconds_per_unit(self) -> float | None:
         """The pace since the first update once a second has come: the work before the first unit (a
         conversion's setup) and units counted at once (the blocks a resumed conversion did before) are
-        not part of it."""
+        not part of it.  None while only units counted at the start are known."""
         now = time.monotonic()
         since, counted = self.first or (now, self.n)
         if self.n > counted and now > since:
             return (now - since) / (self.n - counted)
-        return (now - self.start) / self.n
+        if since > self.start and self.n:
+            return (now - self.start) / self.n
+        return None
 
     def _line(self) -> None:
         self.last = time.monotonic()

@@ -76,7 +76,10 @@ def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(mon
     monkeypatch.setattr(progress.time, "monotonic", clock)
     bar = progress.LineProgress(32, "encode", "blocks")
     bar.update(10)  # a resumed conversion: 10 blocks done in an earlier sitting
-    clock.now += 600
+    clock.now += 400
+    bar.label("block 11/32: running it")
+    assert "left" not in capsys.readouterr().err  # no block done in this sitting yet: no estimate
+    clock.now += 200
     bar.update(1)  # 10 minutes a block: 21 left
     assert "about 3:30:00 left" in capsys.readouterr().err
     fresh = progress.LineProgress(32, "encode", "blocks")
