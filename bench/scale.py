@@ -80,10 +80,11 @@ def peak_phases(shape: Shape, window: int = 512) -> dict[str, float]:
     b = 2 * h * h + 2 * h * shape.kv_heads * head_dim + 3 * h * m
     hessians = 8 * (3 * h * h + m * m)  # a block's inputs: q/k/v, o and gate/up read h values, down reads m
     samples = hessians / 8  # the inputs themselves where few: at most a quarter of the width's tokens
+    band = 4 * 1024 * m  # x^T x is added to its sum 1024 rows at a time (calibrate.torch.MOMENT_ROWS)
     return {
-        "survey: a block runs, its Hessians summed": 4 * b + hessians + samples + 4 * m * m,
+        "survey: a block runs, its Hessians summed": 4 * b + hessians + samples + band,
         "survey: a weight scored": hessians + samples + 9 * h * m + 0.3e9,
-        "encoding: a block runs, a stage's Hessian summed": 6 * b + 12 * m * m,
+        "encoding: a block runs, a stage's Hessian summed": 6 * b + 8 * m * m + band,
         "encoding: GPTQ of the widest stage": 2 * b + 16 * m * m + 7 * h * m + 0.2e9,
         "the embedding or head encoded": 8 * v * h + 0.5e9,
         "the final norm and head run": 4 * v * h * (1 if shape.tied else 2) + 4 * window * v,
