@@ -249,7 +249,7 @@ def _encode_sequentially(
 
     start, hidden = (checkpoint[0] + 1, checkpoint[2]) if checkpoint is not None else (0, None)
     if progress and start:
-        progress.update(start)
+        getattr(progress, "resumed", progress.update)(start)  # a Reporter's own bar may count them as any
     text = text or calibrate.default_text()
     stored = encode_stage if encoders is not None else calibrate.per_tensor(encode)
     calibrate.sequential(source.root, methods, text, stored, stats.kept, threads, progress, start, hidden, after_block)
@@ -290,7 +290,8 @@ class Reporter:
 
     def blocks_bar(self, total: int):
         """A context manager whose ``update(n)`` counts blocks encoded of ``total`` and whose ``label(text)``
-        says what runs now (block by block encoding)."""
+        says what runs now (block by block encoding); ``resumed(n)``, where it has one, counts the blocks
+        a resumed conversion did before."""
         return _NoBar()
 
 
@@ -325,6 +326,9 @@ class _NoBar(contextlib.nullcontext):
         return self
 
     def update(self, n: float = 1) -> None:
+        pass
+
+    def resumed(self, n: float) -> None:
         pass
 
     def label(self, text: str) -> None:

@@ -53,7 +53,8 @@ class LineProgress:
         self.n = 0.0
         self.text = ""
         self.start = self.last = time.monotonic()
-        self.first: tuple[float, float] | None = None  # (time, count) at the first update
+        self.first: tuple[float, float] | None = None  # (time, count) at the first update or ``resumed``
+        self.from_resume = False
 
     def __enter__(self):
         if self.announce:
@@ -69,6 +70,11 @@ class LineProgress:
             self.first = (time.monotonic(), self.n)
         if time.monotonic() - self.last >= LINE_SECONDS:
             self._line()
+
+    def resumed(self, n: float) -> None:
+        """Counts ``n`` units done before this run (the blocks of a resumed conversion): not part of the pace."""
+        self.n += n
+        self.first, self.from_resume = (time.monotonic(), self.n), True
 
     def label(self, text: str) -> None:
         self.text = text
@@ -89,15 +95,15 @@ class LineProgress:
 
     def seconds_per_unit(self) -> float | None:
         """The pace since the first update once a second has come: the work before the first unit (a
-        conversion's setup) and units counted at once (the blocks a resumed conversion did before) are
-        not part of it.  None while only units counted at the start are known."""
+        conversion's setup) and the units of a resumed run's earlier sittings are not part of it.
+        None while only those are known."""
         now = time.monotonic()
         since, counted = self.first or (now, self.n)
         if self.n > counted and now > since:
             return (now - since) / (self.n - counted)
-        if since > self.start and self.n:
-            return (now - self.start) / self.n
-        return None
+        if self.from_resume or not self.n:
+            return None
+        return (now - self.start) / self.n
 
     def _line(self) -> None:
         self.last = time.monotonic()
@@ -133,6 +139,10 @@ class _Bar:
 
     def update(self, n: float = 1) -> None:
         self.bar.update(n)
+
+    def resumed(self, n: float) -> None:
+        self.bar.initial = self.bar.n = self.bar.n + n  # tqdm's rate counts from ``initial``
+        self.bar.refresh()
 
     def label(self, text: str) -> None:
         self.bar.set_postfix_str(text, refresh=True)

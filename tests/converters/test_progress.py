@@ -75,7 +75,7 @@ def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(mon
     clock = _Clock()
     monkeypatch.setattr(progress.time, "monotonic", clock)
     bar = progress.LineProgress(32, "encode", "blocks")
-    bar.update(10)  # a resumed conversion: 10 blocks done in an earlier sitting
+    bar.resumed(10)  # a resumed conversion: 10 blocks done in an earlier sitting
     clock.now += 400
     bar.label("block 11/32: running it")
     assert "left" not in capsys.readouterr().err  # no block done in this sitting yet: no estimate
@@ -89,3 +89,11 @@ def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(mon
     clock.now += 120
     fresh.update(1)
     assert "about 1:00:00 left" in capsys.readouterr().err
+
+
+def test_a_terminal_bar_counts_a_resumed_runs_blocks_apart_from_its_rate():
+    with progress._Bar(32, "encode", "blocks", "{n:.0f}/{total:.0f}") as bar:
+        bar.resumed(10)
+        assert bar.bar.n == 10 and bar.bar.initial == 10  # tqdm's rate counts from initial
+        bar.update(1)
+        assert bar.bar.n == 11
