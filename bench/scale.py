@@ -85,7 +85,9 @@ def peak_phases(shape: Shape, window: int = 512) -> dict[str, float]:
         "survey: a block runs, its Hessians summed": 4 * b + hessians + samples + band,
         "survey: a weight scored": hessians + samples + 9 * h * m + 0.3e9,
         "encoding: a block runs, a stage's Hessian summed": 6 * b + 8 * m * m + band,
-        "encoding: GPTQ of the widest stage": 2 * b + 16 * m * m + 7 * h * m + 0.2e9,
+        # H and its factor; the weight stored, in float32, decoded and as codes; the block's other
+        # weights encoded so far, in their stored dtype; GPTQ's four slices of rows (64 MiB each)
+        "encoding: GPTQ of the widest stage": 2 * b + 16 * m * m + 9 * h * m + 4 * 64 * 2**20,
         "the embedding or head encoded": 8 * v * h + 0.5e9,
         "the final norm and head run": 4 * v * h * (1 if shape.tied else 2) + 4 * window * v,
     }
