@@ -350,6 +350,7 @@ class GroupQuant(TensorCodec):
         for start in range(0, rows, step):
             part = slice(start, min(start + step, rows))
             self._gptq_rows(w[part], calibration, scales[part], offsets[part], codes[part])
+        gptq.forget_factor()
         shape = self._scale_shape(x.shape)
         parts = {
             "codes": pack_codes(codes, self.bits),

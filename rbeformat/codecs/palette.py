@@ -383,6 +383,7 @@ class Palette(TensorCodec):
             return np.take_along_axis(book, idx.reshape(len(book), -1).astype(np.intp), axis=1).reshape(-1)
 
         gptq.compensate(x, hessian, quantize, order=gptq.activation_order(hessian))
+        gptq.forget_factor()
         flat = indices.reshape(1, -1) if self.scope == "tensor" else indices
         return self._encoded(flat, books)
 

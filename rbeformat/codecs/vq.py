@@ -239,6 +239,7 @@ class VectorCodebook(TensorCodec):
 
         # A block a multiple of dim: a vector's columns are up to date when its first one is reached.
         gptq.compensate(w, hessian, quantize, block=max(gptq.BLOCK // self.dim, 1) * self.dim)
+        gptq.forget_factor()
         return idx
 
     def _vector_metrics(self, hessian: np.ndarray) -> list[np.ndarray]:

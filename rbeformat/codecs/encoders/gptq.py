@@ -108,6 +108,14 @@ def _forget_factor(reference: weakref.ref) -> None:
         _last_factor.clear()
 
 
+def forget_factor() -> None:
+    """Drops the factor kept for the next call with the same H.  An encoder calls it once a weight's
+    slices are done: a weight reading the same input (k and v after q) then factors H again (a few
+    seconds) rather than the factor (1 GB for a 7 B model's down projection) staying beside the
+    error statistics and the decoding that follow."""
+    _last_factor.clear()
+
+
 def activation_order(hessian: np.ndarray) -> np.ndarray:
     """Columns by decreasing diag(H): the most used inputs first, while most columns can still absorb error."""
     return np.argsort(-np.diag(hessian), kind="stable")

@@ -117,3 +117,12 @@ def test_gquant_gptq_on_slices_of_rows_picks_the_codes_of_the_whole_matrix(monke
     assert sorted(sliced.parts) == sorted(whole.parts)
     for name in whole.parts:
         np.testing.assert_array_equal(sliced.parts[name], whole.parts[name])
+
+
+def test_no_factor_outlives_the_weight_it_was_made_for():
+    codec = GroupQuant(bits=4, group=64)
+    calibration = Calibration("gptq", HESSIAN.copy())
+    first = codec.encode(W, calibration=calibration)
+    assert not gptq._last_factor  # not kept beside the error statistics that follow
+    again = codec.encode(W, calibration=calibration)  # a weight reading the same input: factored again
+    np.testing.assert_array_equal(first.parts["codes"], again.parts["codes"])
