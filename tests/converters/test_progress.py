@@ -91,8 +91,9 @@ def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(mon
     assert "about 1:00:00 left" in capsys.readouterr().err
 
 
-def test_a_terminal_bar_counts_a_resumed_runs_blocks_apart_from_its_rate():
-    with progress._Bar(32, "encode", "blocks", "{n:.0f}/{total:.0f}") as bar:
+def test_a_terminal_bar_counts_a_resumed_runs_blocks_apart_from_its_rate(monkeypatch):
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    with progress.progress(32, "encode", "blocks") as bar:
         bar.resumed(10)
         assert bar.bar.n == 10 and bar.bar.initial == 10  # tqdm's rate counts from initial
         bar.update(1)

@@ -108,6 +108,11 @@ def _forget_factor(reference: weakref.ref) -> None:
         _last_factor.clear()
 
 
+def kept_factor() -> np.ndarray | None:
+    """The factor kept for the next call with the same H, if any (what it holds in memory)."""
+    return _last_factor.get("upper")
+
+
 def forget_factor() -> None:
     """Drops the factor kept for the next call with the same H.  An encoder calls it once a weight's
     slices are done: a weight reading the same input (k and v after q) then factors H again (a few
