@@ -112,12 +112,8 @@ def on_the_fly_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, Report]:
             dense_bytes = math.prod(t.dims) * (4 if source.widened else r.entry(tensor).dtype.itemsize)
             if r.stored_entry(tensor).transform is None:
                 t.raw_data = _dense_bytes(r, source)
-                lossless = (
-                    f"initializer (lossless, widened from {r.entry(tensor).dtype.name})"
-                    if source.widened
-                    else "initializer (lossless)"
-                )
-                report.add(t.name, lossless, len(t.raw_data), dense_bytes)
+                widened = f", widened from {r.entry(tensor).dtype.name}" if source.widened else ""
+                report.add(t.name, f"initializer (lossless{widened})", len(t.raw_data), dense_bytes)
                 continue
             if source.widened:  # the kernels would compute in float32 what the reference rounds to bf16 or fp16
                 plan = f"a {r.entry(tensor).dtype.name} weight the float32 graph reads widened"

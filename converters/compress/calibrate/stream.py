@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -143,18 +144,22 @@ def _stored_names(model, stored: set[str]) -> dict[int, str]:
 # the heap keeps what they held.  At Llama-2-7B's shapes it kept 0.9 GB of freed memory into GPTQ.
 # malloc_trim gives it back whenever a part's weights are filled or released, at the cost of a walk
 # over the heap (fixing the threshold instead cost a fifth of the encoding time in page faults).
-_LIBC: list = []
-
-
 def release_freed_memory() -> None:
     """Returns the memory malloc keeps freed to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(None).malloc_trim if sys.platform.startswith("linux") else None)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def open_streamed(model_dir: str, threads: int | None):
