@@ -402,14 +402,14 @@ def sequential(
     read_in_front = {id(module._parameters[name]) for module, name in front}
     with torch.no_grad():
         for name in [n for n in modules if owner[n] is None]:
-            # taken out of ``before``: an untied head's H (134 MB at 7 B shapes) is not kept for the blocks' hours
+            # taken out of ``before`` even when written before an interruption: an untied head's H
+            # (134 MB at 7 B shapes) is not kept for the blocks' hours
             calibration = before.pop(name, None)
-            if start > 0:
-                continue  # written before the conversion was interrupted
-            if progress:
-                progress.label(f"encoding {name}")
-            _encode_outside(streamed, name, modules[name], encode({name: calibration}), read_in_front)
-            calibration = None
+            if start == 0:
+                if progress:
+                    progress.label(f"encoding {name}")
+                _encode_outside(streamed, name, modules[name], encode({name: calibration}), read_in_front)
+            del calibration
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
             inputs = stream.spilled(stream.block_inputs(model, blocks[0], windows, torch))
