@@ -30,6 +30,7 @@ from rbeformat.chain import Chain
 from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
 from rbeformat.codecs.blob.raw import Raw
 from rbeformat.codecs.core.base import Codec
+from rbeformat.codecs.util import parallel
 from rbeformat.values import to_float32
 
 from .compress.plan import Statistics, calibrate_for, calibration_methods, choose_chains, mixed_precision, prune_heads
@@ -385,11 +386,13 @@ def convert_model(
     if is_onnx_input(input):
         if options.onnx:
             raise UsageError(f"{input}: --onnx exports a Hugging Face model; an .onnx input keeps its own graph")
-        notes = _convert_onnx(input, output, options, reporter, codec, policy)
+        convert = _convert_onnx
     elif options.tokenizer is not None:
         raise UsageError("--tokenizer is for .onnx input (a model directory calibrates with its own tokenizer)")
     else:
-        notes = _convert_checkpoint(input, output, options, reporter, codec, policy)
+        convert = _convert_checkpoint
+    with parallel.encoder_threads(options.threads):  # --threads bounds the encoders' threads too
+        notes = convert(input, output, options, reporter, codec, policy)
     with Reader(output) as r:
         rows = tensor_rows(r)
         return ConvertResult(r.path, notes, totals(r), larger_than_dense(rows))

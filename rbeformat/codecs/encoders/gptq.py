@@ -70,9 +70,15 @@ def compensate(
     # The columns in the order they are quantized (the matrix itself when unpermuted).
     work = np.asfortranarray(current[:, order]) if permuted else current
     out = np.empty_like(current)
+    rows = current.shape[0]
+    # Every temporary is column-major too: a row-major one subtracted from ``work`` is read across
+    # its rows, five times slower at a 7 B model's shapes.  Each element gets the same products and
+    # differences in the same order, so the same bits.
+    step = np.empty((rows, block), order="F")  # one column's error times its row of U
+    trailing = np.empty((rows, max(n - block, 0)), order="F")  # a block's errors times U's rows after it
     for start in range(0, n, block):
         stop = min(start + block, n)
-        errors = np.empty((current.shape[0], stop - start))
+        errors = np.empty((rows, stop - start), order="F")
         for k in range(start, stop):
             j = order[k]
             if permuted:  # only column j of ``current`` is kept up to date
@@ -81,8 +87,11 @@ def compensate(
             out[:, j] = q
             e = (work[:, k] - q) / upper[k, k]
             errors[:, k - start] = e
-            work[:, k:stop] -= np.outer(e, upper[k, k:stop])
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
+            outer = np.multiply(e[:, None], upper[k, k:stop][None, :], out=step[:, : stop - k])
+            work[:, k:stop] -= outer
+        if stop < n:
+            product = np.matmul(errors, upper[start:stop, stop:], out=trailing[:, : n - stop])
+            work[:, stop:] -= product
     return out
 
 
