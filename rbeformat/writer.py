@@ -28,6 +28,7 @@ from ._version import __version__
 from .codecs.blob.byteplane import Byteplane
 from .codecs.blob.zstd import Zstd
 from .codecs.core.base import Codec
+from .codecs.util.parallel import default_threads
 from .encoding import EncodedTensor, encode_transformed, encoded_chunks, part_codec, transformed_key
 from .errors import InputError, OutputExistsError, RbeError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
@@ -49,10 +50,6 @@ if TYPE_CHECKING:
     from .codecs.core.tensor import Calibration
 
 ReadAt = Callable[[int, int], bytes]  # read(offset, size) -> exactly size bytes
-
-
-def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 class Writer:
@@ -80,7 +77,7 @@ class Writer:
             raise OutputExistsError(f"{self.path}: exists; pass force=True (--force) to overwrite it")
         self.force = force
         self.codec = codec or Byteplane()
-        self.threads = threads or _default_threads()
+        self.threads = threads or default_threads()
         self.progress = progress
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)

@@ -27,7 +27,7 @@ _chosen: list[int] = []  # the count set by ``encoder_threads``, innermost last
 
 
 def default_threads() -> int:
-    """One per core, at most 8 (the writer's default)."""
+    """One per core, at most 8: the encoders' and the writer's default."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
