@@ -27,11 +27,9 @@ def tokenizer(path):
     UsageError when the container holds no ``tokenizer.json``.
     """
     from rbeformat import FormatError, Reader, UsageError
+    from rbeformat.extras import TOKENIZERS
 
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise UsageError("rbe_loaders.tokenizer needs the tokenizers package: pip install tokenizers") from None
+    (tokenizers,) = TOKENIZERS.require()
     with Reader(path) as r:
         if TOKENIZER_FILE not in r.files():
             raise UsageError(
@@ -39,7 +37,7 @@ def tokenizer(path):
             )
         data = r.read_file(TOKENIZER_FILE)
     try:
-        return Tokenizer.from_str(data.decode("utf-8"))
+        return tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exceptions for JSON it cannot read
         raise FormatError(
             f"{path}: the embedded {TOKENIZER_FILE} is not a valid tokenizer ({str(exc)[:100]})"

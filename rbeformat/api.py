@@ -7,7 +7,10 @@ tensors.  torch is imported only then, inside ``_TorchReader``: a few lines
 around ``torch.from_numpy`` keep rbeformat free of any framework at import time
 and free of ``rbe_loaders``, which depends on rbeformat and must stay the
 only direction.  Saving torch tensors is ``rbe_loaders.torch.save_file``, as
-safetensors keeps it in ``safetensors.torch``.
+safetensors keeps it in ``safetensors.torch``.  A missing file raises a
+``FileNotFoundError`` (``FileMissingError``), as safetensors' does, and a
+name the file lacks a ``KeyError`` (``TensorNotFoundError``), as a dict
+lookup does; bad argument values a ``ValueError`` (``UsageError``).
 
 >>> with safe_open("model.rbe", framework="pt") as f:         # doctest: +SKIP
 ...     rows = f.get_slice("embed.weight")[:128]             # decodes only the chunks holding them
@@ -21,7 +24,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from .codecs.core.base import Codec
-from .errors import InputError, RbeError, UsageError
+from .errors import RbeError, UsageError, UsageTypeError
+from .extras import TORCH_TENSORS
 from .reader import Reader
 from .spec import DTYPES, DType
 from .writer import Writer
@@ -88,13 +92,7 @@ class _TorchReader(Reader):
 
 
 def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise UsageError(
-            "framework 'pt' needs torch, which is not installed: "
-            "pip install torch, or rbe's hf extra (pip install 'rbe[hf]')"
-        ) from None
+    (torch,) = TORCH_TENSORS.require("framework 'pt'")
     return torch
 
 
@@ -131,7 +129,7 @@ def save_file(
     dtypes = dict(dtypes or {})
     _check_arrays(tensors, dtypes)
     if metadata is not None and not isinstance(metadata, Mapping):
-        raise InputError(f"metadata must be a dict of strings, not {type(metadata).__name__}")
+        raise UsageTypeError(f"metadata must be a dict of strings, not {type(metadata).__name__}")
     target = os.fspath(path)
     if os.path.isdir(target):
         raise UsageError(f"{target}: is a directory; save_file needs a file path")
@@ -147,12 +145,12 @@ def save_file(
 
 def _check_arrays(tensors, dtypes: dict[str, str]) -> None:
     if not isinstance(tensors, Mapping):
-        raise InputError(f"save_file takes a dict of name -> numpy array, not {type(tensors).__name__}")
+        raise UsageTypeError(f"save_file takes a dict of name -> numpy array, not {type(tensors).__name__}")
     for name, value in tensors.items():
         if not isinstance(name, str):
-            raise InputError(f"tensor names must be strings, not {name!r}")
+            raise UsageTypeError(f"tensor names must be strings, not {name!r}")
         if not isinstance(value, np.ndarray):
-            raise InputError(_not_an_array(name, value))
+            raise UsageTypeError(_not_an_array(name, value))
     for name, dtype in dtypes.items():
         if name not in tensors:
             raise UsageError(f"dtypes names {name!r}, which is not among the tensors")

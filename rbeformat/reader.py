@@ -33,7 +33,16 @@ import zstandard
 from . import budget
 from .codecs.blob.raw import Raw
 from .codecs.core.base import require_keys
-from .errors import ChecksumError, FormatError, RbeError, UnsupportedError, UsageError
+from .errors import (
+    ChecksumError,
+    EmbeddedFileNotFoundError,
+    FileMissingError,
+    FormatError,
+    RbeError,
+    TensorNotFoundError,
+    UnsupportedError,
+    UsageError,
+)
 from .layout import MANIFEST_ZSTD, crc32, unpack_footer, unpack_header
 from .manifest import Blob, FileEntry, Manifest, TensorEntry, Transform, blobs_of, inflate_limit, parse_manifest
 from .spec import ALIGNMENT, FOOTER_SIZE, HEADER_SIZE, MAX_MANIFEST_BYTES, DType
@@ -87,6 +96,8 @@ class Reader:
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         try:
             self._fh = open(self.path, "rb")
+        except FileNotFoundError as exc:  # also a FileNotFoundError, as open() raises
+            raise FileMissingError(f"{self.path}: cannot open ({exc.strerror})", self.path) from None
         except OSError as exc:
             raise RbeError(f"{self.path}: cannot open ({exc.strerror})") from None
         try:
@@ -178,7 +189,7 @@ class Reader:
         try:
             return self.manifest.tensors[name]
         except KeyError:
-            raise RbeError(f"{self.path}: no tensor named {name!r}") from None
+            raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}") from None
 
     def stored_entry(self, name: str) -> TensorEntry:
         """The entry holding the data of ``name`` (its alias target, if it is an alias)."""
@@ -320,7 +331,7 @@ class Reader:
     def _file_entry(self, path: str) -> FileEntry:
         entry = self.manifest.files.get(path)
         if entry is None:
-            raise RbeError(f"{self.path}: no embedded file {path!r}")
+            raise EmbeddedFileNotFoundError(f"{self.path}: no embedded file {path!r}")
         return entry
 
     def _iter_blob(self, blob: Blob, where: str, verify: bool) -> Iterator[memoryview]:

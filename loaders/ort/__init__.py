@@ -1,7 +1,7 @@
 """ONNX Runtime on a container that carries an ONNX graph, its quantized weights kept compressed.
 
 >>> from rbe_loaders.ort import session                      # doctest: +SKIP
->>> sess, report = session("model.rbe")                     # prints the report too
+>>> sess, report = session("model.rbe")                     # print(report): the form of each weight
 >>> sess.run(None, {"input_ids": ids, "attention_mask": mask})
 
 The public API is ``session``, ``on_the_fly_model`` and ``Report``, from

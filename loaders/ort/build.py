@@ -1,7 +1,7 @@
 """ONNX Runtime sessions whose weights stay compressed (``rbe_loaders.ort``'s public API).
 
 >>> from rbe_loaders.ort import session                      # doctest: +SKIP
->>> sess, report = session("model.rbe")                     # prints the report too
+>>> sess, report = session("model.rbe")                     # print(report): the form of each weight
 >>> sess.run(None, {"input_ids": ids, "attention_mask": mask})
 
 An rbe file converted from an ONNX model (``rbe convert model.onnx out.rbe``)
@@ -25,10 +25,13 @@ cheapest form ONNX Runtime computes on exactly, instead of the dense tensor
 Nothing here constant-folds back to dense: every expansion reads a graph
 input (activations or indices).
 
-``session(path)`` returns ``(onnxruntime.InferenceSession, Report)``;
-``Report`` lists, per initializer, the form used and the bytes its
-initializers hold.  Only models from ONNX files are supported: a Hugging Face
-checkpoint has no stored graph (UsageError).
+``session(path)`` returns ``(onnxruntime.InferenceSession, Report)`` and
+prints nothing (``quiet=False`` prints the report to stderr); ``Report``
+lists, per initializer, the form used and the bytes its initializers hold.
+Only containers that carry a graph are supported: one converted from an
+``.onnx`` file or with ``--onnx`` (UsageError otherwise).  Rebuilding the graph
+(``on_the_fly_model``, ``rbe export-onnx --on-the-fly``) needs only onnx (the
+``onnx`` extra); a session needs onnxruntime too (the ``ort`` extra).
 """
 
 from __future__ import annotations
@@ -40,19 +43,19 @@ from dataclasses import dataclass
 
 from rbeformat import FormatError, Reader, UsageError
 from rbeformat.embedded.onnx import carries_onnx
+from rbeformat.extras import ONNX_GRAPHS, ORT_SESSIONS
 from rbeformat.onnx_safety import check_model
 
-try:
-    import onnx
-    from onnx import helper
-except ImportError:  # the core works without onnx; only this module needs it
-    raise UsageError("ONNX Runtime sessions need onnx and onnxruntime: pip install 'rbe[ort]'") from None
+# The core works without onnx; rebuilding a graph needs it, and only a session needs onnxruntime too.
+ONNX_GRAPHS.require("rbe_loaders.ort (rebuilding the stored graph, rbe export-onnx --on-the-fly)")
+import onnx  # noqa: E402
+from onnx import helper  # noqa: E402
 
-from ..report import FormReport, TensorForm
-from . import guard
-from .graph import Source, graph_initializers, initializer_values, stored_graph
-from .rewriters import plan_rewrite
-from .rewriters.base import MS_DOMAIN
+from ..report import FormReport, TensorForm  # noqa: E402
+from . import guard  # noqa: E402
+from .graph import Source, graph_initializers, initializer_values, stored_graph  # noqa: E402
+from .rewriters import plan_rewrite  # noqa: E402
+from .rewriters.base import MS_DOMAIN  # noqa: E402
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # a ModelProto of 2 GB or more cannot be serialized in one piece
 
@@ -179,28 +182,30 @@ def _apply(model, replaced: dict[int, list], new_inits: list, dropped: set[str])
 # -- sessions ----------------------------------------------------------------------------
 
 
-def session(path: str | os.PathLike, *, quiet: bool = False, timeout=None, **session_kwargs):
-    """``(onnxruntime.InferenceSession, Report)`` for an rbe file converted from ONNX.
+def session(path: str | os.PathLike, *, quiet: bool = True, timeout=None, **session_kwargs):
+    """``(onnxruntime.InferenceSession, Report)`` for an rbe file that carries an ONNX graph.
 
     ``session_kwargs`` go to ``InferenceSession`` (``sess_options``,
-    ``providers``; default the CPU provider).  The report is printed to stderr
-    unless ``quiet``.  ``timeout``: seconds (or a ``guard.Deadline``) the
-    build may take; a signal or the limit stops waiting for it (``guard.call``).
+    ``providers``; default the CPU provider).  Nothing is printed unless
+    ``quiet=False``, which prints the report (``print(report)`` gives the same
+    table) to stderr; without ``sess_options`` ONNX Runtime's own log stays
+    quiet too.  ``timeout``: seconds (or a ``guard.Deadline``) the build may
+    take; a signal or the limit stops waiting for it (``guard.call``).
     ONNX Runtime's errors come as InputError naming the file.  The session looks
     for external data in an empty folder of its own (``guard.session_options``;
     the given ``sess_options`` keep that setting); the stored graph holds none.
     """
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsageError("ONNX Runtime sessions need onnxruntime: pip install 'rbe[ort]'") from None
+    _, onnxruntime = ORT_SESSIONS.require()
     deadline = guard.Deadline.of(timeout)
     model, report = on_the_fly_model(path)
     session_kwargs.setdefault("providers", ["CPUExecutionProvider"])
     if not quiet:
         print(report, file=sys.stderr)
     where = os.fspath(path)
-    with guard.session_options(session_kwargs.pop("sess_options", None)) as options:
+    given = session_kwargs.pop("sess_options", None)
+    # ONNX Runtime's own log lines stay off stderr unless the caller's options set a level (its errors
+    # come back as exceptions either way).
+    with guard.session_options(given, quiet=given is None) as options:
         if fits_one_proto(model):
             data = model.SerializeToString()
             return _build(

@@ -31,18 +31,13 @@ from typing import NamedTuple
 import numpy as np
 
 from rbeformat import ChecksumError, FormatError, Reader
+from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES  # the format's keys and element types
+from rbeformat.extras import ONNX_GRAPHS
 from rbeformat.onnx_safety import parse_model
 from rbeformat.values import to_float32
 
-try:
-    import onnx  # noqa: F401  (parse_model parses with it)
-except ImportError:  # a loader of its own: only ONNX graphs need onnx
-    from rbeformat import UsageError
-
-    raise UsageError("ONNX graphs need the onnx package: pip install 'rbe[onnx]'") from None
-
-# The format's keys and stored element types.
-from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES  # noqa: E402
+ONNX_GRAPHS.require()  # one error naming the extra; a loader of its own: only ONNX graphs need onnx
+import onnx  # noqa: E402  (parse_model parses with it)
 
 MAX_MAPPING_BYTES = 64 << 20  # a mapping names each initializer once; far below this for any model
 WIDENS = {"BF16", "F16"}  # the dtypes a "widened" float32 initializer may read: float32 holds them exactly

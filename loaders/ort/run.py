@@ -2,6 +2,7 @@
 
 >>> from rbe_loaders.ort import run                               # doctest: +SKIP
 >>> run.embed("minilm.rbe", ["A sentence.", "Another one."])      # (2, 384) mean-pooled vectors
+>>> run.embed("minilm.rbe", "A sentence.")                        # (384,): one text, one vector
 >>> run.generate("smollm2.rbe", "The capital of France is", 8)    # the greedy continuation
 >>> model = run.open_model("smollm2.rbe")                          # one session for several calls
 >>> logprobs = run.token_logprobs(model.session, ids)             # perplexity: exp(-logprobs.mean())
@@ -12,6 +13,11 @@ stop signal ends it (``RunOptions.terminate`` stops even an endless ``Loop``),
 ``timeout`` (seconds, or one ``guard.Deadline`` shared by several calls;
 None: no limit) bounds the build and the runs together, and the runtime's
 errors come as InputError naming the container.
+Texts are ``str``: ``embed`` takes one (one vector back) or a list or tuple
+of them (one row each), as sentence-transformers' ``encode`` does; ``generate``
+one prompt; ids are ints.  Anything else (bytes, a list holding a non-string)
+is a ``UsageTypeError`` (a ``TypeError``), never a text read character by
+character.
 ``embed`` mean-pools ``last_hidden_state`` over the attention mask, as
 sentence-transformers' mean pooling does; the vectors are not L2-normalised
 (models whose pipeline normalises, such as all-MiniLM-L6-v2, need
@@ -30,9 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rbeformat import FormatError, Reader, UsageError
+from rbeformat import FormatError, Reader, UsageError, UsageTypeError
 from rbeformat.embedded.config import is_causal_lm
 from rbeformat.embedded.onnx import carries_onnx
+from rbeformat.extras import ORT_RUN
 
 from .. import tokenizer as container_tokenizer
 from . import guard
@@ -65,8 +72,10 @@ def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None
     """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
 
     UsageError for a container without a graph, config.json or tokenizer.json; ``timeout``: seconds
-    (or a ``guard.Deadline``) the session's build may take.
+    (or a ``guard.Deadline``) the session's build may take.  MissingExtraError (the ``ort`` extra) when
+    onnx, onnxruntime or tokenizers is not installed, before the container is read.
     """
+    ORT_RUN.require()  # all three at once: one message, one extra to install
     path = os.fspath(path)
     config, generation = _read_configs(path)
     from .build import session  # after the checks: building a session is the slow part
@@ -147,20 +156,70 @@ def _loaded(model: str | os.PathLike | LoadedModel, causal: bool, deadline=None)
 # -- encoders ---------------------------------------------------------------------------
 
 
-def embed(model: str | os.PathLike | LoadedModel, texts: list[str], timeout=None) -> np.ndarray:
-    """One mean-pooled ``last_hidden_state`` row per text (float32, not normalised), padded tokens left out."""
+def embed(model: str | os.PathLike | LoadedModel, texts: str | list[str] | tuple[str, ...], timeout=None) -> np.ndarray:
+    """The mean-pooled ``last_hidden_state`` (float32, not normalised, padded tokens left out): for one
+    text a vector [hidden], for a list or tuple of texts one row per text [n, hidden]."""
+    batch = text_batch(texts, "embed")  # checked before a session is built
     deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=False, deadline=deadline)
-    if not texts:
-        raise UsageError("embed needs at least one text")
-    feed = encoder_feed(loaded, list(texts), deadline)
+    feed = encoder_feed(loaded, batch, deadline)
     (hidden,) = run_graph(loaded, ["last_hidden_state"], feed, deadline)
     if not _is_array(hidden, 3) or hidden.shape[:2] != feed["attention_mask"].shape:
         raise FormatError(
             f"{loaded.path}: the graph's last_hidden_state is {_form(hidden)}, not float "
             f"[batch, tokens, hidden] for inputs of {list(feed['attention_mask'].shape)}"
         )
-    return mean_pool(hidden, feed["attention_mask"])
+    pooled = mean_pool(hidden, feed["attention_mask"])
+    return pooled[0] if isinstance(texts, str) else pooled
+
+
+def text_batch(texts, doing: str) -> list[str]:
+    """``texts`` as a list of strings: one ``str``, or a non-empty list or tuple of them.
+
+    UsageTypeError for anything else, so that a string is never taken for a sequence of one-character
+    texts and bytes never for a sequence of numbers; UsageError for an empty list.
+    """
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise UsageTypeError(f"{doing} takes a str or a list of str, not {_type_hint(texts)}")
+    if not texts:
+        raise UsageError(f"{doing} needs at least one text")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UsageTypeError(f"{doing}: text {i} of the list is {_type_hint(text)}, not a str")
+    return list(texts)
+
+
+def prompt_text(prompt, doing: str) -> str:
+    """``prompt`` checked to be one ``str`` (UsageTypeError otherwise)."""
+    if not isinstance(prompt, str):
+        more = "; call it once per prompt" if isinstance(prompt, (list, tuple)) else ""
+        raise UsageTypeError(f"{doing} takes one prompt, a str, not {_type_hint(prompt)}{more}")
+    return prompt
+
+
+def token_ids(ids, doing: str) -> list[int]:
+    """``ids`` as a list of Python ints: a list, tuple or 1-D integer array of token ids (UsageTypeError
+    otherwise: a text must be tokenized first)."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UsageTypeError(f"{doing} takes token ids, a 1-D integer array, not {ids.dtype} {list(ids.shape)}")
+        return [int(i) for i in ids]
+    if not isinstance(ids, (list, tuple)):
+        hint = " (tokenize it first: model.tokenizer.encode(text).ids)" if isinstance(ids, str) else ""
+        raise UsageTypeError(f"{doing} takes token ids, a list of int, not {_type_hint(ids)}{hint}")
+    for i, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageTypeError(f"{doing}: token id {i} is {_type_hint(value)}, not an int")
+    return [int(i) for i in ids]
+
+
+def _type_hint(value) -> str:
+    """What a wrong argument is, for a message: its type, and for bytes how to make a str of them."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"{type(value).__name__} (decode it first: data.decode('utf-8'))"
+    return type(value).__name__
 
 
 def _is_array(value, ndim: int) -> bool:
@@ -183,11 +242,13 @@ def tokenizing(loaded: LoadedModel, fn, deadline=None, doing: str = "tokenizing 
 
 def decode_ids(loaded: LoadedModel, ids: list[int], timeout=None) -> str:
     """The text of token ids, special tokens left out, by the container's tokenizer."""
+    ids = token_ids(ids, "decode_ids")
     return tokenizing(loaded, lambda: loaded.tokenizer.decode(ids), timeout, "decoding token ids")
 
 
 def encoder_feed(loaded: LoadedModel, texts: list[str], deadline=None) -> dict[str, np.ndarray]:
     """The graph's inputs for a batch of texts, padded to the longest and cut at the model's position limit."""
+    texts = text_batch(texts, "encoder_feed")
     tok = loaded.tokenizer
 
     def encode():
@@ -265,6 +326,7 @@ def _step(session, ids: list[int], done: int, past: dict[str, np.ndarray], path:
 def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=frozenset(), timeout=None) -> list[int]:
     """The greedy continuation's ids, the cache carried between steps; ends with an end token when one came
     (as transformers' generate does).  ``session``: an InferenceSession or a LoadedModel."""
+    prompt_ids = token_ids(prompt_ids, "greedy_ids")
     if not prompt_ids:
         raise UsageError("generation needs a prompt of at least one token")
     session, path = _session_of(session)
@@ -283,6 +345,8 @@ def greedy_ids(session, prompt_ids: list[int], max_new_tokens: int, eos_ids=froz
 def generate_ids(
     model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None
 ) -> list[int]:
+    """The ids of the greedy continuation of ``prompt`` (one str), as ``generate`` decodes them."""
+    prompt = prompt_text(prompt, "generate")
     deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=True, deadline=deadline)
     prompt_ids = tokenizing(loaded, lambda: loaded.tokenizer.encode(prompt).ids, deadline)
@@ -290,7 +354,8 @@ def generate_ids(
 
 
 def generate(model: str | os.PathLike | LoadedModel, prompt: str, max_new_tokens: int = 32, timeout=None) -> str:
-    """The greedy continuation of ``prompt`` (without it), special tokens left out."""
+    """The greedy continuation of ``prompt`` (one str; without it), special tokens left out."""
+    prompt = prompt_text(prompt, "generate")
     deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=True, deadline=deadline)
     return decode_ids(loaded, generate_ids(loaded, prompt, max_new_tokens, deadline), deadline)
@@ -300,8 +365,10 @@ def token_logprobs(session, ids: list[int], timeout=None) -> np.ndarray:
     """log p(ids[t] | ids[:t]) for t = 1 .. len(ids) - 1, one window run at once with an empty cache.
 
     ``session``: an InferenceSession or a LoadedModel.  A perplexity over the window is
-    ``exp(-token_logprobs(session, ids).mean())``.
+    ``exp(-token_logprobs(session, ids).mean())``.  ``ids``: token ids (a list of int or a 1-D integer
+    array), not a text.
     """
+    ids = token_ids(ids, "token_logprobs")
     if len(ids) < 2:
         raise UsageError("token log-probabilities need a window of at least 2 tokens")
     session, path = _session_of(session)

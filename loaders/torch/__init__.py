@@ -28,11 +28,15 @@ import os
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
-from rbeformat import InputError, safe_open
+from rbeformat import safe_open
 from rbeformat import save_file as save_arrays
 from rbeformat.api import TORCH_DTYPES
+from rbeformat.errors import UsageError, UsageTypeError
+from rbeformat.extras import TORCH_TENSORS
+
+TORCH_TENSORS.require("rbe_loaders.torch")  # an ImportError naming the extra, not a bare "No module named 'torch'"
+import torch  # noqa: E402
 
 _RBE_DTYPES = {getattr(torch, attr): name for name, attr in TORCH_DTYPES.items()}
 # numpy cannot hold these dtypes; they travel as unsigned ints of the same width.
@@ -58,7 +62,7 @@ def save_file(
     replaced once the new one is complete (``force=False`` refuses).
     """
     if not isinstance(tensors, Mapping):
-        raise InputError(f"save_file takes a dict of name -> torch.Tensor, not {type(tensors).__name__}")
+        raise UsageTypeError(f"save_file takes a dict of name -> torch.Tensor, not {type(tensors).__name__}")
     arrays, dtypes = {}, {}
     for name, tensor in tensors.items():
         arrays[name], dtypes[name] = _as_numpy(name, tensor)
@@ -68,19 +72,19 @@ def save_file(
 def _as_numpy(name, tensor) -> tuple[np.ndarray, str]:
     """The tensor's bytes as a numpy array on the host, and its rbe dtype name."""
     if not isinstance(tensor, torch.Tensor):
-        raise InputError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        raise UsageTypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
     dtype = _RBE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise InputError(
+        raise UsageError(
             f"tensor {name!r}: torch dtype {tensor.dtype} has no rbe dtype "
             f"(supported: {', '.join(str(d) for d in _RBE_DTYPES)})"
         )
     if tensor.layout != torch.strided:
-        raise InputError(f"tensor {name!r}: {tensor.layout} tensors cannot be saved; convert it with .to_dense()")
+        raise UsageError(f"tensor {name!r}: {tensor.layout} tensors cannot be saved; convert it with .to_dense()")
     try:
         host = tensor.detach().to("cpu").contiguous()
     except (RuntimeError, NotImplementedError) as exc:  # a meta tensor has no data to copy
-        raise InputError(f"tensor {name!r}: cannot copy it from {tensor.device} ({exc})") from None
+        raise UsageError(f"tensor {name!r}: cannot copy it from {tensor.device} ({exc})") from None
     bits = _BITS_AS.get(host.dtype)
     return (host.view(bits) if bits is not None else host).numpy(), dtype
 

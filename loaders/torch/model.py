@@ -45,6 +45,7 @@ from rbeformat import FormatError, InputError, Reader, UsageError, safe_open
 from rbeformat.atomic import atomic_file
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
+from rbeformat.extras import TORCH_MODELS
 
 from ..report import FormReport
 from .decoders import build_decoder, decode_at_load_reason, shared_bytes
@@ -228,10 +229,7 @@ def _return_freed_memory() -> None:
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise UsageError("load_model needs transformers: pip install 'rbe[hf]'") from None
+    _, transformers = TORCH_MODELS.require()
     transformers.logging.set_verbosity_error()
     return transformers
 

@@ -64,6 +64,15 @@ def test_embed_is_transformers_mean_pooling(bert):
     assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0)  # mean pooling alone, no normalisation
 
 
+def test_one_string_is_one_text_with_one_vector(bert):
+    path = bert[3]
+    model = run.open_model(path, threads=1)
+    vector = run.embed(model, "The cat sat on the mat.")  # never one text per character
+    assert vector.shape == (32,) and vector.dtype == np.float32
+    assert np.array_equal(vector, run.embed(model, ["The cat sat on the mat."])[0])
+    assert run.embed(model, ("The cat sat on the mat.", TEXTS[0])).shape == (2, 32)
+
+
 def test_padding_leaves_a_texts_embedding_unchanged(bert):
     path = bert[3]
     model = run.open_model(path, threads=1)

@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 
 from rbeformat import (
+    EmbeddedFileNotFoundError,
+    FileMissingError,
     InputError,
     OutputExistsError,
     RbeError,
     Reader,
+    TensorNotFoundError,
     UsageError,
+    UsageTypeError,
     Writer,
     load_file,
     safe_open,
@@ -119,6 +123,56 @@ def test_get_slice_of_an_unknown_name(grid_file):
             f.get_slice("nope")
 
 
+@pytest.mark.parametrize(
+    "ask", [lambda f: f.get_tensor("nope"), lambda f: f.get_slice("nope"), lambda f: f.entry("nope")]
+)
+def test_an_unknown_tensor_is_a_key_error_as_in_a_dict(grid_file, ask):
+    with safe_open(grid_file) as f:
+        with pytest.raises(KeyError) as caught:
+            ask(f)
+    assert isinstance(caught.value, TensorNotFoundError) and isinstance(caught.value, InputError)
+    assert str(caught.value) == f"{grid_file}: no tensor named 'nope'"  # not KeyError's quoted repr
+
+
+def test_an_unknown_embedded_file_is_a_key_error(grid_file):
+    with safe_open(grid_file) as f:
+        with pytest.raises(KeyError, match="no embedded file 'config.json'") as caught:
+            f.read_file("config.json")
+    assert isinstance(caught.value, EmbeddedFileNotFoundError) and isinstance(caught.value, RbeError)
+
+
+@pytest.mark.parametrize("opener", [safe_open, Reader, load_file])
+def test_a_missing_file_is_a_file_not_found_error(tmp_path, opener):
+    missing = tmp_path / "nope.rbe"
+    with pytest.raises(FileNotFoundError) as caught:
+        opener(missing)
+    error = caught.value
+    assert isinstance(error, FileMissingError) and isinstance(error, InputError)
+    assert error.filename == str(missing) and error.errno == 2
+    assert str(error) == f"{missing}: cannot open (No such file or directory)"  # one line, not "[Errno 2] ..."
+
+
+def test_bad_argument_values_are_value_errors(grid_file):
+    with pytest.raises(ValueError, match="framework 'tf' is not supported"):
+        safe_open(grid_file, framework="tf")
+    with pytest.raises(ValueError, match="device must be 'cpu'"):
+        safe_open(grid_file, device="cuda")
+    with safe_open(grid_file) as f:
+        with pytest.raises(ValueError, match="out of range"):
+            f.get_slice("g")[400]
+
+
+@pytest.mark.parametrize(
+    "tensors,metadata",
+    [([np.ones(2)], None), ({1: np.ones(2)}, None), ({"a": [1.0, 2.0]}, None), ({"a": np.ones(2)}, "meta")],
+)
+def test_arguments_of_the_wrong_type_are_type_errors(tmp_path, tensors, metadata):
+    with pytest.raises(TypeError) as caught:
+        save_file(tensors, tmp_path / "x.rbe", metadata)
+    assert isinstance(caught.value, UsageTypeError) and isinstance(caught.value, InputError)
+    assert not (tmp_path / "x.rbe").exists()
+
+
 def _overlapping(chunks, first: int, stop: int) -> int:
     count, start = 0, 0
     for c in chunks:
@@ -188,13 +242,13 @@ def test_framework_pt_without_torch_says_how_to_install_it(grid_file):
         "import rbeformat\n"
         "try:\n"
         "    rbeformat.safe_open(sys.argv[1], framework='pt')\n"
-        "except rbeformat.UsageError as exc:\n"
-        "    print(exc)\n"
+        "except ImportError as exc:  # a MissingExtraError: also a UsageError\n"
+        "    print(isinstance(exc, rbeformat.UsageError), exc.name, exc)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(grid_file)], check=True, cwd=ROOT, capture_output=True, text=True
     ).stdout
-    assert "needs torch" in out and "pip install torch" in out and "rbe[hf]" in out
+    assert out.startswith("True torch ") and "needs torch" in out and "pip install 'rbe[hf]'" in out
 
 
 # -- save_file / load_file ------------------------------------------------------------

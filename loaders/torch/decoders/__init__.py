@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from rbeformat import FormatError, Reader
+from rbeformat import FormatError, RbeError, Reader
 from rbeformat.manifest import Transform
 
 from .base import Options, Site, WeightDecoder
@@ -144,6 +144,8 @@ def build_decoder(
     )
     try:
         return _build(site)
+    except RbeError:  # rbe's own errors say what they mean (some are also ValueErrors or KeyErrors)
+        raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         raise FormatError(
             f"{site.where}: malformed {stored.transform.codec.name} data ({type(exc).__name__}: {exc})"
