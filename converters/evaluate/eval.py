@@ -13,13 +13,23 @@ other model by its mean-pooled sentence embeddings.  All models use the
 original's tokenizer; a container without config or tokenizer files (one made
 from a lone .safetensors file) borrows the original's.
 
+An ONNX original (an .onnx file, or an .rbe converted from one: a stored graph
+and no config.json) and its compressed files run in ONNX Runtime instead
+(``ort_eval``), by the same protocols.
+
+Progress goes to stderr (``rbe_converters.progress``: a bar on a terminal, a line
+at most every 10 s in a log, none with ``EvalOptions.quiet``), one stage per
+file ("eval: scoring q4.rbe"); the results are returned, for stdout.
+
 Each row puts a file's size and ratio beside its bits per weight and the
 quality it measured, so no size is ever read without its cost:
 
 * size: bytes on disk (decimal MB); for a directory or .safetensors original,
-  the bytes of its safetensors files;
-* ratio: the original's safetensors bytes / this file's size (an .rbe file
-  counts everything it holds: tensors, config and tokenizer files, manifest);
+  the bytes of its safetensors files; for an .onnx original, the file and its
+  external data;
+* ratio: the original's safetensors bytes (an ONNX original's: ``ort_eval``) /
+  this file's size (an .rbe file counts everything it holds: tensors, config
+  and tokenizer files, manifest);
 * bits/w: 8 x file size / weights, the weights of every tensor the model has;
 * Linear bits/w: the stored bits of the Linear weights / their count, where
   the Linear weights are the 2-D tensors whose role (``rbe_converters.compress.roles``,
@@ -42,12 +52,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rbeformat import InputError, Reader, UsageError
-from rbeformat.atomic import atomic_file, check_parent, check_target
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
 from .. import hf_folder
 from . import quality
+from .plot import check_plot_target, write_plot  # noqa: F401  (--plot's, importable from here as before)
 from .report import human_bytes, tensor_rows, totals
 
 
@@ -60,6 +70,8 @@ class EvalOptions:
     window: int | None = None
     windows: int | None = None
     threads: int | None = None
+    tokenizer: str | None = None  # ONNX models: a tokenizer.json, or a folder holding one
+    quiet: bool = False  # no progress on stderr
 
 
 # -- sizes ------------------------------------------------------------------------------
@@ -92,13 +104,24 @@ class Sizes:
 
 def linear_weights(sizes: Sizes, config: dict) -> set:
     """The Linear layers' weights by tensor role: 2-D, neither embeddings nor the output head."""
-    from ..compress.roles import LINEAR_ROLES, classify
+    from ..compress.roles import classify
 
-    roles = classify({name: (dtype, shape) for name, (dtype, shape, _) in sizes.tensors.items()}, config)
+    return linear_by_role(
+        classify({name: (dtype, shape) for name, (dtype, shape, _) in sizes.tensors.items()}, config), sizes
+    )
+
+
+def linear_by_role(roles: dict, sizes: Sizes) -> set:
+    """The 2-D tensors of ``sizes`` whose role (``roles.TensorRole``) is a projection, not the output head."""
+    from ..compress.roles import LINEAR_ROLES
+
     return {
         name
         for name, role in roles.items()
-        if role.role in LINEAR_ROLES and role.role != "lm_head" and len(sizes.tensors[name][1]) == 2
+        if name in sizes.tensors
+        and role.role in LINEAR_ROLES
+        and role.role != "lm_head"
+        and len(sizes.tensors[name][1]) == 2
     }
 
 
@@ -224,13 +247,29 @@ def safetensors_bytes(model_dir: str) -> int:
 
 # -- measures -----------------------------------------------------------------------
 
+TRANSFORMERS_RUNTIME = "transformers (torch), float32, CPU"
+ORT_RUNTIME = "ONNX Runtime, CPU"
+
 
 class PerplexityMeasure:
-    """Perplexity on consecutive windows of a text (``quality`` module doc)."""
+    """Perplexity on consecutive windows of a text (``quality`` module doc).
+
+    The text is tokenized without special tokens by the transformers ``tokenizer``, or by
+    ``token_ids(text)`` for another runtime's tokenizer (``tokenizer`` None).  A transformers model
+    is scored by ``score`` or ``score_streamed``; any other runtime's perplexity goes through ``scored``.
+    """
 
     name = "perplexity"
+    unit = "windows"
 
-    def __init__(self, tokenizer, options: EvalOptions):
+    def __init__(
+        self,
+        tokenizer,
+        options: EvalOptions,
+        token_ids: Callable[[str], list[int]] | None = None,
+        runtime: str = TRANSFORMERS_RUNTIME,
+    ):
+        token_ids = token_ids or (lambda text: quality.token_ids(tokenizer, text))
         if options.text is None:
             text, self.source = (
                 quality.evaluation_text(),
@@ -240,7 +279,8 @@ class PerplexityMeasure:
             text, self.source = quality.read_text(options.text, "text"), options.text
         self.sha256 = quality.fingerprint(text)
         self.window = options.window or quality.DEFAULT_WINDOW
-        ids = quality.token_ids(tokenizer, text)
+        self.runtime = runtime
+        ids = token_ids(text)
         self.tokens = len(ids)
         count = min(options.windows or quality.DEFAULT_WINDOWS, len(ids) // self.window)
         if count == 0:
@@ -252,15 +292,16 @@ class PerplexityMeasure:
         self.largest_token_id = max(max(part) for part in self.parts)
         self.reference: float | None = None
 
-    def score(self, model) -> dict:
-        return self.scored(quality.perplexity(model, self.parts))
+    def score(self, model, advance=None) -> dict:
+        return self.scored(quality.perplexity(model, self.parts, advance))
 
-    def score_streamed(self, model_dir: str, label: str) -> dict:
+    def score_streamed(self, model_dir: str, label: str, progress=None) -> dict:
         """The score of the model in ``model_dir`` computed block by block (``calibrate.stream.perplexity``):
-        memory holds one block's weights and every window's hidden states, whatever the model's size."""
+        memory holds one block's weights and every window's hidden states, whatever the model's size;
+        ``progress(1)`` after each block."""
         from ..compress.calibrate import stream
 
-        return self.scored(stream.perplexity(model_dir, self.parts, self.largest_token_id, label))
+        return self.scored(stream.perplexity(model_dir, self.parts, self.largest_token_id, label, progress))
 
     def scored(self, value: float) -> dict:
         if self.reference is None:
@@ -279,6 +320,7 @@ class PerplexityMeasure:
             "first_token": 0,
             "labels": "input_ids",
             "score": "exp of the mean loss over windows",
+            "runtime": self.runtime,
         }
 
     def describe(self) -> str:
@@ -290,11 +332,27 @@ class PerplexityMeasure:
 
 
 class EmbeddingMeasure:
-    """Mean cosine and nearest-neighbour agreement of mean-pooled sentence embeddings."""
+    """Mean cosine and nearest-neighbour agreement of mean-pooled sentence embeddings.
+
+    The sentences are tokenized by the transformers ``tokenizer``, or by ``token_ids(sentences)`` for
+    another runtime's tokenizer (``tokenizer`` None), special tokens included.  A transformers model
+    is scored by ``score``; any other runtime's embeddings go through ``compared``.  The first
+    embeddings scored are the reference.
+    """
 
     name = "embeddings"
+    unit = "sentences"
 
-    def __init__(self, tokenizer, options: EvalOptions):
+    def __init__(
+        self,
+        tokenizer,
+        options: EvalOptions,
+        token_ids: Callable[[list[str]], list[list[int]]] | None = None,
+        runtime: str = TRANSFORMERS_RUNTIME,
+        hidden_state: str = "last_hidden_state",
+    ):
+        token_ids = token_ids or (lambda sentences: tokenizer(sentences)["input_ids"])
+        self.tokenizer = tokenizer
         if options.sentences is None:
             self.sentences = quality.default_sentences()
             self.source = (
@@ -304,12 +362,14 @@ class EmbeddingMeasure:
         else:
             self.sentences, self.source = quality.read_sentences(options.sentences), options.sentences
         self.sha256 = quality.fingerprint("\n".join(self.sentences))
-        self.tokenizer = tokenizer
-        self.largest_token_id = max((max(ids, default=0) for ids in tokenizer(self.sentences)["input_ids"]), default=0)
+        self.runtime, self.hidden_state = runtime, hidden_state
+        self.largest_token_id = max((max(ids, default=0) for ids in token_ids(self.sentences)), default=0)
         self.reference = None
 
-    def score(self, model) -> dict:
-        embeddings = quality.sentence_embeddings(model, self.tokenizer, self.sentences)
+    def score(self, model, advance=None) -> dict:
+        return self.compared(quality.sentence_embeddings(model, self.tokenizer, self.sentences, advance=advance))
+
+    def compared(self, embeddings) -> dict:
         if self.reference is None:
             self.reference = embeddings
         cosine = quality.mean_cosine(self.reference, embeddings)
@@ -321,28 +381,34 @@ class EmbeddingMeasure:
             "nn_agreement_change": agreement - 1.0,
         }
 
+    def pooling(self) -> str:
+        return f"attention-mask weighted mean of {self.hidden_state}"
+
     def protocol(self) -> dict:
         return {
             "measure": self.name,
             "sentences": self.source,
             "sentences_sha256": self.sha256,
             "count": len(self.sentences),
-            "pooling": "attention-mask weighted mean of last_hidden_state",
+            "pooling": self.pooling(),
             "similarity": "cosine",
+            "runtime": self.runtime,
         }
 
     def describe(self) -> str:
         return (
             f"embeddings: mean cosine between the original's and each file's embedding of the same sentence, "
             f"and nearest-neighbour agreement (same nearest other sentence by cosine) over "
-            f"{len(self.sentences)} sentences; attention-mask weighted mean of last_hidden_state; "
+            f"{len(self.sentences)} sentences; {self.pooling()}; "
             f"sentences: {self.source}, sha256 {self.sha256}"
         )
 
 
-def choose_measure(config: dict, original: str, options: EvalOptions):
-    """The measure for the model's kind; options meant for the other kind are refused."""
-    if is_causal_lm(config):
+def choose_measure(causal: bool, original: str, options: EvalOptions, not_causal_because: str):
+    """The measure for the model's kind; options meant for the other kind are refused.
+    ``not_causal_because`` says why a model is no causal LM ("its config names no *ForCausalLM
+    architecture")."""
+    if causal:
         if options.sentences is not None:
             raise UsageError(f"--sentences is for encoders; {original} is a causal LM, scored by perplexity on --text")
         return PerplexityMeasure
@@ -354,13 +420,51 @@ def choose_measure(config: dict, original: str, options: EvalOptions):
     if given:
         verb = "is" if len(given) == 1 else "are"
         raise UsageError(
-            f"{', '.join(given)} {verb} for causal LMs; {original} is not one (its config names no "
-            "*ForCausalLM architecture) and is scored by sentence embeddings: use --sentences"
+            f"{', '.join(given)} {verb} for causal LMs; {original} is not one ({not_causal_because}) "
+            "and is scored by sentence embeddings: use --sentences"
         )
     return EmbeddingMeasure
 
 
+def scoring_progress(path: str, total: int, unit: str, options: EvalOptions):
+    """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe"."""
+    from ..progress import progress
+
+    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet)
+
+
 # -- the run ------------------------------------------------------------------------
+
+
+def runs_in_onnx_runtime(original: str) -> bool:
+    """Whether ``original`` is an ONNX model: an .onnx file, or an .rbe converted from one (a graph and no
+    config.json, which a Hugging Face directory converted with --onnx carries and transformers loads)."""
+    if original.lower().endswith(".onnx"):
+        return True
+    if os.path.isdir(original) or original.endswith(".safetensors"):
+        return False
+    from rbeformat.embedded.onnx import carries_onnx
+
+    with Reader(original, verify_checksums=False) as r:
+        return carries_onnx(r) and hf_guard.CONFIG_FILE not in r.files()
+
+
+def evaluate(
+    original: str, compressed: list[str], options: EvalOptions, concerning: Callable[[str], None] = lambda path: None
+) -> dict:
+    """Measures every file; ``concerning`` hears which file a failure from now on is about.
+    ONNX models run in ONNX Runtime (``ort_eval``), everything else in transformers."""
+    concerning(original)
+    if runs_in_onnx_runtime(original):
+        from .ort_eval import evaluate_onnx
+
+        return evaluate_onnx(original, compressed, options, concerning)
+    if options.tokenizer is not None:
+        raise UsageError(
+            f"--tokenizer is for ONNX models (an .onnx file or an .rbe converted from one); {original} "
+            "is scored with its own tokenizer"
+        )
+    return _evaluate_transformers(original, compressed, options, concerning)
 
 
 @contextlib.contextmanager
@@ -378,10 +482,9 @@ def _quiet_transformers(transformers):
             logging.enable_progress_bar()
 
 
-def evaluate(
-    original: str, compressed: list[str], options: EvalOptions, concerning: Callable[[str], None] = lambda path: None
+def _evaluate_transformers(
+    original: str, compressed: list[str], options: EvalOptions, concerning: Callable[[str], None]
 ) -> dict:
-    """Measures every file; ``concerning`` hears which file a failure from now on is about."""
     torch, transformers = quality.require_torch()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -389,15 +492,13 @@ def evaluate(
         concerning(original)
         model_dir, reference, reference_bytes = _original_directory(original, workdir, options.threads)
         config = hf_folder.check_folder(model_dir, original)
-        measure_kind = choose_measure(config, original, options)
+        measure_kind = choose_measure(
+            is_causal_lm(config), original, options, "its config names no *ForCausalLM architecture"
+        )
         tokenizer = quality.load_tokenizer(model_dir, original)
         concerning(options.text or options.sentences or original)
-        baseline = _Baseline(
-            measure_kind(tokenizer, options),
-            measure_kind is PerplexityMeasure,
-            reference_bytes,
-            linear_weights(reference, config),
-        )
+        measure = measure_kind(tokenizer, options)
+        baseline = _Baseline(measure, config, reference_bytes, linear_weights(reference, config), options)
         sizes = {}
         for path in compressed:  # every file is checked before the first model loads
             concerning(path)
@@ -405,14 +506,23 @@ def evaluate(
             check_same_model(path, sizes[path], original, reference)
             check_container_config(path)
         concerning(original)
-        rows = [baseline.scored_row(original, "original", reference, model_dir)]
+        with baseline.progress(original) as bar:
+            rows = [baseline.scored_row(original, "original", reference, model_dir, bar)]
         for k, path in enumerate(compressed):
             concerning(path)
-            target = decode_to_directory(path, os.path.join(workdir, f"compressed-{k}"), options.threads, model_dir)
-            rows.append(baseline.scored_row(path, "compressed", sizes[path], target))
+            with baseline.progress(path) as bar:
+                bar.label("decoding")
+                target = decode_to_directory(path, os.path.join(workdir, f"compressed-{k}"), options.threads, model_dir)
+                rows.append(baseline.scored_row(path, "compressed", sizes[path], target, bar))
             shutil.rmtree(target)
-    measure = baseline.measure
-    return {"measure": measure.name, "protocol": measure.protocol(), "description": measure.describe(), "rows": rows}
+    return {
+        "measure": measure.name,
+        "protocol": measure.protocol(),
+        "description": measure.describe(),
+        "runtime": TRANSFORMERS_RUNTIME,
+        "ratio_divides": "the original's safetensors bytes (an .rbe original: those rbe decode writes)",
+        "rows": rows,
+    }
 
 
 def _original_directory(original: str, workdir: str, threads: int | None) -> tuple[str, Sizes, int]:
@@ -436,19 +546,42 @@ def _original_directory(original: str, workdir: str, threads: int | None) -> tup
     return target, sizes, container_safetensors_bytes(original)
 
 
+def _block_count(config: dict) -> int:
+    """A causal LM's decoder blocks, from its config (its text_config for a multimodal one); 0 unknown."""
+    for source in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return 0
+
+
 @dataclass
 class _Baseline:
     """What every row is measured and compared with: the measure, the original's bytes, its Linear weights."""
 
     measure: PerplexityMeasure | EmbeddingMeasure
-    causal: bool
+    config: dict
     reference_bytes: int
     linear: set
+    options: EvalOptions
 
-    def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str) -> dict:
+    @property
+    def causal(self) -> bool:
+        return isinstance(self.measure, PerplexityMeasure)
+
+    def progress(self, path: str):
+        """A causal LM is scored block by block, an encoder a batch of sentences at a time."""
+        if self.causal:
+            return scoring_progress(path, _block_count(self.config), "blocks", self.options)
+        return scoring_progress(path, len(self.measure.sentences), self.measure.unit, self.options)
+
+    def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str, bar) -> dict:
         if self.causal:  # a causal LM may be larger than memory: scored block by block
-            scores = self.measure.score_streamed(model_dir, path)
+            bar.label("")
+            scores = self.measure.score_streamed(model_dir, path, bar.update)
             return {"file": path, "role": role, **sizes.row(self.reference_bytes, self.linear), **scores}
+        bar.label("loading the model")
         model = quality.load_model(model_dir, self.causal, path)
         try:
             rows = model.get_input_embeddings().weight.shape[0]
@@ -457,7 +590,8 @@ class _Baseline:
                     f"{path}: the tokenizer gives token id {self.measure.largest_token_id}, but the "
                     f"model's token embedding has {rows} rows"
                 )
-            scores = self.measure.score(model)
+            bar.label("")
+            scores = self.measure.score(model, bar.update)
         finally:
             del model
             gc.collect()  # one model in memory at a time
@@ -510,84 +644,11 @@ def eval_table(result: dict) -> str:
         + [
             "",
             result["description"],
-            "size: decimal MB (a directory or .safetensors original: its safetensors files); "
-            "ratio: the original's safetensors bytes / file size; bits/w: 8 x file size / "
+            "size: decimal MB (a directory or .safetensors original: its safetensors files; an .onnx "
+            f"original: with its external data); ratio: {result['ratio_divides']} / file size; bits/w: 8 x "
+            "file size / "
             "weights; Linear bits/w: stored bits of the Linear weights (by tensor role: attention "
             "and MLP projections, not embeddings or lm_head) / their weights; models run in "
-            "float32 on the CPU",
+            f"{result['runtime']}",
         ]
     )
-
-
-def check_plot_target(path: str, force: bool) -> None:
-    """Before any measuring: matplotlib is there and the plot may be written."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(
-            "--plot needs matplotlib, which rbe's 'bench' extra installs: pip install 'rbe[bench]'"
-        ) from None
-    check_target(path, force)
-    check_parent(path)
-
-
-def _point_label(row: dict, measure: str) -> str:
-    name = os.path.basename(os.path.normpath(row["file"])) + (" (original)" if row["role"] == "original" else "")
-    if measure == "perplexity":
-        return f"{name}: {row['perplexity']:.2f}"
-    return f"{name}: {row['mean_cosine']:.4f}, NN {row['nn_agreement']:.3f}"
-
-
-def _plot_title(result: dict) -> str:
-    p = result["protocol"]
-    if result["measure"] == "perplexity":
-        return (
-            f"perplexity, {p['windows']} windows of {p['window']} tokens (stride {p['stride']}), "
-            f"text sha256 {p['text_sha256']}"
-        )
-    return f"mean cosine and NN agreement of mean-pooled embeddings, {p['count']} sentences, sha256 {p['sentences_sha256']}"
-
-
-def write_plot(result: dict, path: str, force: bool) -> None:
-    """Quality against bits per weight (whole file and Linear layers), one labelled point per file."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    key, label = (
-        ("perplexity", "perplexity (lower is better)")
-        if result["measure"] == "perplexity"
-        else ("mean_cosine", "mean cosine to the original's embeddings")
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    for ax, x_key, x_label in (
-        (axes[0], "bits_per_weight", "bits per weight, whole file"),
-        (axes[1], "linear_bits_per_weight", "bits per weight, Linear weights"),
-    ):
-        for row in result["rows"]:
-            original = row["role"] == "original"
-            ax.scatter(
-                row[x_key],
-                row[key],
-                marker="*" if original else "o",
-                s=180 if original else 50,
-                color="black" if original else "tab:blue",
-                zorder=3,
-            )
-            ax.annotate(
-                _point_label(row, result["measure"]),
-                (row[x_key], row[key]),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=8,
-            )
-        ax.set_xlabel(x_label)
-        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(label)
-    fig.suptitle(_plot_title(result), fontsize=9)
-    fig.tight_layout()
-    with atomic_file(path, force) as fh:
-        fig.savefig(fh, format="png", dpi=120)
-    plt.close(fig)

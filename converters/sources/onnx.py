@@ -433,12 +433,16 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 # -- what the conversion may do ---------------------------------------------------------
 
 
+TOKENIZER_OPTION = "--tokenizer tokenizer.json (or a folder holding one)"
+
+
 def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
     """The policy an ONNX file is encoded with, and a note for the user.
 
     With ``calibrating`` (a tokenizer was given: ``converters/compress/calibrate/ort.py``)
-    calibrated rules keep their method.  Without, calibration has no model
-    runner: rules that ask for it encode without it (round to nearest), and
+    calibrated rules keep their method.  Without, nothing turns the calibration
+    text into token ids: rules that ask for it encode without it (round to
+    nearest) and the note names the option that calibrates, and
     mixed precision scores its upgrades by the weight error, as it does
     without statistics.  Either way mixed precision measures layers, not the
     model's drift (that runs transformers), and head pruning is refused.
@@ -449,22 +453,27 @@ def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) ->
             "ONNX input takes recipes without it"
         )
     calibrated = sorted({rule.calibration for rule in policy.rules if rule.calibration})
-    dropped = [] if calibrating else [f"calibration = {c!r}" for c in calibrated]
-    if policy.budget_sensitivity == "model":
-        dropped.append("budget_sensitivity = 'model'")
-    if not dropped:
+    rounds = bool(calibrated) and not calibrating
+    by_model = policy.budget_sensitivity == "model"
+    if not rounds and not by_model:
         return policy, None
-    rules = policy.rules if calibrating else [dataclasses.replace(rule, calibration=None) for rule in policy.rules]
+    rules = [dataclasses.replace(rule, calibration=None) for rule in policy.rules] if rounds else policy.rules
     plain = dataclasses.replace(policy, rules=rules, budget_sensitivity="layer")
-    how = (
-        "mixed precision scores layers"
-        if calibrating
-        else "rules round to nearest, mixed precision scores by weight error; --tokenizer calibrates in ONNX Runtime"
-    )
-    return (
-        plain,
-        f"{plan.source}: ONNX input is encoded without {', '.join(dropped)} (it runs a Hugging Face model): {how}",
-    )
+    notes = []
+    if rounds:
+        methods = " and ".join(repr(c) for c in calibrated)
+        notes.append(
+            f"calibration = {methods} needs a tokenizer to run the model on text, and an .onnx file carries "
+            "none: those rules round to nearest instead, which costs quality"
+            + ("; mixed precision picks its upgrades by weight error alone" if policy.budget_bits else "")
+            + f"; to calibrate in ONNX Runtime, pass {TOKENIZER_OPTION}"
+        )
+    if by_model:
+        notes.append(
+            "budget_sensitivity = 'model' measures the whole model's drift, which needs a Hugging Face model: "
+            "mixed precision scores each layer's own error instead"
+        )
+    return plain, f"{plan.source}: {'; '.join(notes)}"
 
 
 def filled_model(plan: OnnxSource) -> onnx.ModelProto:

@@ -18,6 +18,7 @@ from tiny_models import common_words, one_error_line, run, word_tokenizer  # noq
 from rbe_converters.cli import main
 from rbe_converters.evaluate import quality
 from rbe_converters.evaluate.eval import Sizes, linear_weights
+from rbe_converters.evaluate.plot import plot_figure
 from rbeformat import UsageError
 
 # -- the texts ------------------------------------------------------------------------
@@ -217,14 +218,63 @@ def test_eval_encoder_reports_cosine_and_neighbour_agreement(tiny, capsys):
     assert 0 <= q4["nn_agreement"] <= 1 and "linear_bits_per_weight" in q4
 
 
-def test_eval_plot_writes_a_png(tiny, capsys, tmp_path):
+def test_eval_plot_writes_a_png_with_a_panel_per_figure(tiny, capsys, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
     directory, lossless, lossy = tiny["bert"]
     plot = tmp_path / "q.png"
-    assert main(["eval", directory, lossless, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 0
+    argv = [directory, lossless, lossy, "--sentences", tiny["sentences"]]
+    assert main(["eval", *argv, "--plot", str(plot), "--quiet"]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
     assert run(["eval", directory, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 4
     assert "--force" in one_error_line(capsys)
+    result = _eval_json(capsys, argv)
+    fig = plot_figure(result)
+    try:
+        labels = [(ax.get_ylabel(), ax.get_xlabel()) for ax in fig.axes]
+        assert len(labels) == 4  # cosine and NN agreement, each against both bits per weight
+        assert sum("cosine" in y for y, _ in labels) == 2 and sum("nearest-neighbour" in y for y, _ in labels) == 2
+        assert sum("Linear" in x for _, x in labels) == 2
+        for ax in fig.axes:
+            assert len(ax.collections) == 3  # one point per file
+        # one legend entry per file, with the figures the panels show: no text beside the points
+        (legend,) = fig.legends
+        entries = [t.get_text() for t in legend.get_texts()]
+        assert len(entries) == 3 and entries[0].startswith(f"{directory} (original): cosine 1.0000, NN 1.000")
+        q4 = result["rows"][2]
+        assert entries[2].startswith(f"{lossy}: cosine {q4['mean_cosine']:.4f}, NN {q4['nn_agreement']:.3f}")
+        assert not any(ax.texts for ax in fig.axes)
+        markers = {tuple(ax.collections[k].get_facecolor()[0]) for ax in fig.axes[:1] for k in range(3)}
+        assert len(markers) == 3  # told apart by colour
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_eval_plot_of_a_causal_lm_has_perplexity_panels(tiny, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
+    directory, lossless, lossy = tiny["llama"]
+    fig = plot_figure(_eval_json(capsys, [directory, lossless, lossy, "--window", "16", "--windows", "2"]))
+    try:
+        assert [ax.get_ylabel() for ax in fig.axes] == ["perplexity (lower is better)"] * 2
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_eval_shows_progress_on_stderr_and_none_with_quiet(tiny, capsys):
+    directory, lossless, lossy = tiny["bert"]
+    capsys.readouterr()
+    assert main(["eval", directory, lossy, "--sentences", tiny["sentences"]]) == 0
+    out, err = capsys.readouterr()
+    assert f"rbe: eval: scoring {lossy}: 0/24 sentences" in err  # a log (no terminal): a line as each file starts
+    assert f"rbe: eval: scoring {directory}: " in err
+    assert "eval: scoring" not in out and out.splitlines()[0].split()[0] == "file"  # results on stdout only
+    assert main(["eval", directory, lossy, "--sentences", tiny["sentences"], "--quiet"]) == 0
+    quiet_out, quiet_err = capsys.readouterr()
+    assert quiet_err == "" and quiet_out.splitlines()[:4] == out.splitlines()[:4]
 
 
 @pytest.mark.slow
@@ -261,6 +311,7 @@ def test_a_container_of_the_weights_alone_borrows_the_originals_config(tiny, cap
         ("window of one token", 2, "--window"),
         ("sentences for a causal LM", 2, "--sentences is for encoders"),
         ("text for an encoder", 2, "--text"),
+        ("tokenizer for a model directory", 2, "--tokenizer is for ONNX models"),
     ],
 )
 def test_eval_bad_inputs_are_one_line_errors(tiny, capsys, tmp_path, case, code, says):
@@ -277,6 +328,7 @@ def test_eval_bad_inputs_are_one_line_errors(tiny, capsys, tmp_path, case, code,
         "window of one token": [llama, llama_lossless, "--window", "1"],
         "sentences for a causal LM": [llama, llama_lossless, "--sentences", tiny["sentences"]],
         "text for an encoder": [bert, bert_lossless, "--text", str(short)],
+        "tokenizer for a model directory": [bert, bert_lossless, "--tokenizer", os.path.join(bert, "tokenizer.json")],
     }[case]
     capsys.readouterr()
     assert run(["eval", *argv]) == code

@@ -41,6 +41,14 @@ def load_tokenizer(path: str):
     except ImportError:
         raise UsageError("--tokenizer needs the tokenizers package: pip install tokenizers") from None
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        raise InputError(
+            f"{path}: no such file or folder (--tokenizer takes a tokenizer.json, or a folder holding one)"
+        )
+    if not os.path.isfile(file):
+        raise InputError(
+            f"{path}: holds no tokenizer.json (--tokenizer takes a tokenizer.json, or a folder holding one)"
+        )
     try:
         return Tokenizer.from_file(file)
     except Exception as exc:  # the library raises its own exception types for unreadable files

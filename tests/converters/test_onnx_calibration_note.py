@@ -1,0 +1,65 @@
+"""What `rbe convert model.onnx` says when a recipe asks for calibration it cannot run: one plain line
+naming what is missing (a tokenizer), what rbe does instead (rounds to nearest, which costs quality)
+and the option to pass."""
+
+from __future__ import annotations
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("tokenizers")
+
+from tiny_onnx import encoder_model, word_tokenizer  # noqa: E402
+
+from rbe_converters.cli import main  # noqa: E402
+from rbe_converters.compress.recipe import policy_from_document  # noqa: E402
+from rbe_converters.sources import onnx as onnx_source  # noqa: E402
+
+GPTQ_RECIPE = '[[rule]]\nroles = ["linear"]\ncodec = "gquant(bits=4, group=16)"\ncalibration = "gptq"\n'
+
+
+@pytest.fixture
+def encoder(tmp_path):
+    tokenizer, vocab = word_tokenizer(tmp_path / "tokenizer.json")
+    model, _ = encoder_model(vocab)
+    src = str(tmp_path / "encoder.onnx")
+    onnx.save(model, src)
+    recipe = tmp_path / "gptq.toml"
+    recipe.write_text(GPTQ_RECIPE)
+    return src, str(recipe), tokenizer
+
+
+def test_calibration_without_a_tokenizer_says_it_rounds_and_what_to_pass(encoder, tmp_path, capsys):
+    src, recipe, _ = encoder
+    capsys.readouterr()
+    assert main(["convert", src, str(tmp_path / "out.rbe"), "--recipe", recipe, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, even with --quiet
+    assert err.startswith("warning: encoder.onnx: calibration = 'gptq' needs a tokenizer")
+    assert "round to nearest instead, which costs quality" in err
+    assert err.rstrip().endswith("pass --tokenizer tokenizer.json (or a folder holding one)")
+    assert "Hugging Face" not in err
+
+
+def test_calibration_with_a_tokenizer_says_nothing(encoder, tmp_path, capsys):
+    src, recipe, tokenizer = encoder
+    capsys.readouterr()
+    argv = ["convert", src, str(tmp_path / "out.rbe"), "--recipe", recipe, "--tokenizer", tokenizer, "--quiet"]
+    argv += ["--calibration-windows", "1"]
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_model_sensitivity_says_layers_are_scored_instead(encoder):
+    src, _, _ = encoder
+    doc = {
+        "budget_bits": 5.0,
+        "budget_sensitivity": "model",
+        "rule": [{"roles": ["linear"], "codec": "gquant(bits=4, group=16)", "upgrade": "gquant(bits=8, group=16)"}],
+    }
+    policy, note = onnx_source.check_policy(onnx_source.plan_conversion(src), policy_from_document(doc, "r"), True)
+    assert policy.budget_sensitivity == "layer"
+    assert note == (
+        "encoder.onnx: budget_sensitivity = 'model' measures the whole model's drift, which needs a Hugging Face "
+        "model: mixed precision scores each layer's own error instead"
+    )
