@@ -13,11 +13,15 @@ GGUF's quantizers (``gguf`` package), HQQ and ONNX Runtime's
     python -m bench.presets                                  # everything (hours on 2 cores)
     python -m bench.presets --models minilm                  # all-MiniLM-L6-v2 only
     python -m bench.presets --models smollm2 --quick         # 2 presets, 2 windows, fewer anchors
+    python -m bench.presets --models minilm --record         # also the record rbe presets prints
 
 ONNX Runtime's GPTQ gets the input second moments of every Linear weight,
 collected once on rbe's calibration text.  Prints one table, writes
 bench/out/presets.json and bench/out/presets.png (``-quick`` added to the
-names for --quick).
+names for --quick); each preset row names the recipe the preset ran on that
+model (``recipe.policy_for_model``: ``q4`` is ``encoder-q4`` on an encoder) and
+its fingerprint.  ``--record`` then writes the record ``rbe presets`` prints
+(``bench/preset_record.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import numpy as np
 
 from rbe_converters.compress.calibrate import torch as calibrate
 from rbe_converters.compress.plan import calibration_methods
-from rbe_converters.compress.recipe import policy_from_preset, preset_names
+from rbe_converters.compress.recipe import policy_for_model, policy_from_preset, preset_names, recipe_fingerprint
 from rbe_converters.evaluate import quality
 from rbe_converters.evaluate.eval import (
     EmbeddingMeasure,
@@ -295,6 +299,8 @@ class Row:
     calibrated: bool = False
     four_bit_g32: bool = False
     note: str = ""
+    recipe: str | None = None  # presets: the recipe the preset ran on this model
+    recipe_fingerprint: str | None = None  # recipe.recipe_fingerprint of it at the time of the run
 
     @property
     def grid(self) -> bool:
@@ -421,7 +427,8 @@ class ModelRun:
         run = run_measured(cmd)
         if run.returncode != 0:
             raise RuntimeError(f"rbe convert exited {run.returncode}: {run.stderr.strip()[-300:]}")
-        calibrated = bool(calibration_methods(open_source(self.dir), policy_from_preset(name)))
+        policy, _ = policy_for_model(policy_from_preset(name), lambda: self.config)
+        calibrated = bool(calibration_methods(open_source(self.dir), policy))
         sizes = rbe_sizes(path).row(self.reference_bytes, self.linear)
         g32 = four_bit_g32(path, self.linear)
         target = decode_to_directory(path, os.path.join(workdir, "decoded"), None, self.dir)
@@ -448,6 +455,8 @@ class ModelRun:
             exact_share=share,
             calibrated=calibrated,
             four_bit_g32=g32,
+            recipe=policy.preset,
+            recipe_fingerprint=recipe_fingerprint(policy.preset),
         )
 
     def anchor_row(self, anchor: Anchor) -> Row:
@@ -731,11 +740,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-anchors", action="store_true", help="presets only")
     parser.add_argument("--out", default=OUT_DIR, help="output folder (default bench/out)")
+    parser.add_argument(
+        "--record", action="store_true", help="then write the record rbe presets prints (bench/preset_record.py)"
+    )
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.record and (args.quick or args.presets or args.windows or args.calibration_windows):
+        parser.error("--record records every preset at the default settings: no --quick, --presets or windows")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if [m for m in models if m not in MODELS] or not models:
         parser.error(f"--models: choose from {', '.join(MODELS)}")
@@ -888,6 +902,13 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     log(f"wrote {os.path.relpath(path)} and {os.path.relpath(png)} ({time.perf_counter() - started:.0f} s)")
+    if args.record:
+        from .preset_record import merged, read_record, record_from_run, write_record
+
+        with open(path) as fh:
+            run = record_from_run(json.load(fh), f"python -m bench.presets, {os.path.basename(path)}")
+        write_record(merged(read_record(), run))
+        log("wrote the record rbe presets prints (converters/compress/presets/measured.json)")
     return 0
 
 

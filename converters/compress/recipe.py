@@ -36,7 +36,9 @@ tensor alone takes the chain, ``converters/compress/sensitivity.py``).
 A top-level ``prune_heads`` (a fraction in [0, 1)) asks for that share of all
 attention heads to be pruned, the least important on the calibration text
 first (``converters/compress/heads.py``; the ``slices`` codec stores what is left).
-A recipe may carry a one-line top-level ``description``.
+A recipe may carry a one-line top-level ``description`` and say which models it
+``suits``: ``"any"`` (the default), ``"decoders"`` (causal LMs) or ``"encoders"``
+(sentence encoders); ``rbe presets`` shows both.
 Tensors no rule matches stay lossless, as do integer tensors and tensors the
 chosen codec cannot take (``accepts``)::
 
@@ -61,14 +63,22 @@ chosen codec cannot take (``accepts``)::
     codec = "normdelta(mode=bits)"
 
 Built-in presets are such files in ``converters/compress/presets/`` (``rbe presets``
-lists them with their descriptions; ``policy_from_preset``).
+lists them, ``compress/catalog.py``; ``policy_from_preset``).  Their names are
+case-insensitive.  A level ``qN`` with an ``encoder-qN`` file beside it stands for
+that recipe on an encoder (``policy_for_model``, by config.json's family,
+``roles.model_family``): on all-MiniLM-L6-v2 ``q4``'s 6-bit word embeddings, half of
+the weights, made the file 5.6 bits per weight, ``encoder-q4``'s 4.5.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import hashlib
+import json
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
 
@@ -77,11 +87,13 @@ from rbeformat.chain import Chain, parse_chain
 from rbeformat.codecs.registry import TENSOR_CODECS
 from rbeformat.spec import DTYPES
 
-from .roles import ROLES, TensorRole
+from .roles import ROLES, TensorRole, model_family
 
 CALIBRATIONS = ("gptq", "wanda")
 RULE_KEYS = ("match", "role", "roles", "ndim", "layers", "input_last", "codec", "calibration", "upgrade")
-TOP_LEVEL_KEYS = ("description", "budget_bits", "budget_counts", "budget_sensitivity", "prune_heads", "rule")
+TOP_LEVEL_KEYS = ("description", "suits", "budget_bits", "budget_counts", "budget_sensitivity", "prune_heads", "rule")
+SUITS = ("any", "decoders", "encoders")  # which models a recipe is made for (what rbe presets shows)
+DESCRIBING_KEYS = ("description", "suits")  # what says what a recipe is for, not what it encodes
 BUDGET_COUNTS = ("raw", "stored")  # converters/compress/mixed.py
 BUDGET_SENSITIVITIES = ("layer", "model")  # converters/compress/mixed.py, converters/compress/sensitivity.py
 
@@ -134,6 +146,8 @@ class Policy:
     budget_counts: str = "raw"  # how budget_bits counts: "raw" (bit_cost) or "stored" (after lossless coding)
     budget_sensitivity: str = "layer"  # what an upgrade's gain is measured on: the "layer" or the whole "model"
     prune_heads: float | None = None  # the fraction of all attention heads to prune (converters/compress/heads.py)
+    suits: str = "any"  # one of SUITS
+    preset: str | None = None  # the built-in preset's name, for a policy from one
 
     def choose_rule(self, name: str, dtype: str, shape: tuple[int, ...], role: TensorRole | None = None) -> Rule | None:
         """The rule that encodes this tensor, or None when it stays lossless."""
@@ -158,6 +172,11 @@ class Policy:
     def uses_roles(self) -> bool:
         """Whether choosing needs each tensor's role (``roles.classify``)."""
         return any(r.uses_roles for r in self.rules)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether encoding runs the model (the ``hf`` extra: torch and transformers)."""
+        return any(r.calibration for r in self.rules) or self.budget_sensitivity == "model" or bool(self.prune_heads)
 
 
 def lossless_policy() -> Policy:
@@ -189,6 +208,9 @@ def policy_from_document(doc: dict, where: str) -> Policy:
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise UsageError(f"{where}: 'description' must be a string")
+    suits = doc.get("suits", "any")
+    if suits not in SUITS:
+        raise UsageError(f"{where}: 'suits' must be one of {', '.join(map(repr, SUITS))}")
     rules = doc.get("rule", [])
     if not isinstance(rules, list):
         raise UsageError(f"{where}: 'rule' must be an array of tables ([[rule]])")
@@ -217,6 +239,7 @@ def policy_from_document(doc: dict, where: str) -> Policy:
         budget_counts=counts,
         budget_sensitivity=sensitivity,
         prune_heads=_prune_heads(doc, where),
+        suits=suits,
     )
 
 
@@ -323,6 +346,9 @@ def _calibration(raw: dict, where: str) -> str | None:
 # -- built-in presets -----------------------------------------------------------------
 
 
+ENCODER_PREFIX = "encoder-"  # encoder-qN: the level qN's recipe for encoders
+
+
 def _preset_files() -> dict[str, Traversable]:
     folder = resources.files(__package__).joinpath("presets")
     return {f.name[: -len(".toml")]: f for f in folder.iterdir() if f.name.endswith(".toml")}
@@ -332,19 +358,66 @@ def preset_names() -> list[str]:
     return sorted(_preset_files())
 
 
-def policy_from_preset(name: str) -> Policy:
-    """``--preset NAME``: a recipe shipped with rbe."""
-    files = _preset_files()
-    if name not in files:
-        raise UsageError(f"unknown preset {name!r}; available: {', '.join(sorted(files))}")
-    where = f"preset {name!r}"
+def preset_name(name: str) -> str:
+    """The built-in preset ``name`` names, in any case; a usage error suggests the closest names."""
+    names = preset_names()
+    by_lower = {n.lower(): n for n in names}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    close = difflib.get_close_matches(name.lower(), names, n=3)
+    guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise UsageError(f"unknown preset {name!r}{guess}; available: {', '.join(names)}")
+
+
+def _preset_document(name: str) -> dict:
     try:
-        doc = tomllib.loads(files[name].read_text(encoding="utf-8"))
+        return tomllib.loads(_preset_files()[name].read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{where}: cannot read the installed preset ({exc}); reinstall rbe") from None
-    return policy_from_document(doc, where)
+        raise UsageError(f"preset {name!r}: cannot read the installed preset ({exc}); reinstall rbe") from None
+
+
+def policy_from_preset(name: str) -> Policy:
+    """``--preset NAME``: a recipe shipped with rbe, its name in any case."""
+    name = preset_name(name)
+    return replace(policy_from_document(_preset_document(name), f"preset {name!r}"), preset=name)
 
 
 def preset_descriptions() -> dict[str, str]:
     """Each preset's one-line description, by name."""
     return {name: policy_from_preset(name).description for name in preset_names()}
+
+
+def encoder_variant(name: str) -> str | None:
+    """The recipe the level ``name`` stands for on an encoder (``encoder-q4`` for ``q4``), or None."""
+    variant = ENCODER_PREFIX + preset_name(name)
+    return variant if variant in _preset_files() else None
+
+
+def resolve_preset(name: str, family_kind: str | None) -> str:
+    """The preset that ``--preset NAME`` encodes a model of this family (``roles.ModelFamily.kind``) with."""
+    variant = encoder_variant(name)
+    return variant if variant is not None and family_kind == "encoder" else preset_name(name)
+
+
+def policy_for_model(policy: Policy, config: Callable[[], dict | None]) -> tuple[Policy, str | None]:
+    """The policy a model is encoded with, and a line for the user when it is not the preset named.
+
+    A level with an encoder recipe (``q4``, ``q3``) becomes that recipe on an encoder: the
+    generic level's 6-bit embeddings and head serve a causal LM's logits, but half of a small
+    encoder's weights are its word embeddings.  ``config`` (the model's config.json, or None) is
+    read only for such a level.  Inputs without a config.json (an .onnx file) keep the level.
+    """
+    variant = encoder_variant(policy.preset) if policy.preset else None
+    if variant is None:
+        return policy, None
+    family = model_family(config())
+    if family is None or family.kind != "encoder":
+        return policy, None
+    return policy_from_preset(variant), f"rbe: preset {policy.preset} -> {variant} for a {family.name} encoder"
+
+
+def recipe_fingerprint(name: str) -> str:
+    """The sha256 of what a preset encodes with: its parsed rules and settings, not its comments,
+    description or ``suits``; a measurement counts for the preset while this stays the same."""
+    doc = {k: v for k, v in _preset_document(preset_name(name)).items() if k not in DESCRIBING_KEYS}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -140,7 +140,7 @@ def _mark_tied(roles: dict[str, TensorRole], config: dict) -> dict[str, TensorRo
     """A causal LM without a stored head whose config ties the head to the embedding: the
     token embedding is then also the output head (``tied_embedding``), where an error
     reaches every logit."""
-    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+    causal = any(str(a).endswith(DECODER_ARCHITECTURES) for a in config.get("architectures") or [])
     tied = config.get("tie_word_embeddings", True) is True  # transformers' default is to tie
     embeddings = [name for name, r in roles.items() if r.role == "token_embedding"]
     if not (causal and tied and len(embeddings) == 1) or any(r.role == "lm_head" for r in roles.values()):
@@ -148,6 +148,40 @@ def _mark_tied(roles: dict[str, TensorRole], config: dict) -> dict[str, TensorRo
     name = embeddings[0]
     roles[name] = TensorRole("tied_embedding", roles[name].layer, True, roles[name].num_layers)
     return roles
+
+
+# Decoders by architecture: a causal LM's head class (``LlamaForCausalLM``, ``GPT2LMHeadModel``).
+DECODER_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+# Encoders by ``model_type``: the BERT family, whose naming this module knows, and the like.
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "albert", "deberta", "deberta-v2"}
+)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Whether a model is an ``encoder`` (sentence embeddings) or a ``decoder`` (a causal LM), and
+    ``name``, the architecture (or ``model_type``) of its config.json that says so."""
+
+    kind: str
+    name: str
+
+
+def model_family(config: dict | None) -> ModelFamily | None:
+    """The family config.json declares: a decoder by a causal LM architecture or ``is_decoder``; an
+    encoder by a BERT-family ``model_type`` or a masked-LM architecture.  None when it does not say:
+    no config, an encoder-decoder model (``is_encoder_decoder``), a model type this module does not know.
+    """
+    if not isinstance(config, dict) or config.get("is_encoder_decoder") is True:
+        return None
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    name = architectures[0] if architectures else model_type
+    if any(a.endswith(DECODER_ARCHITECTURES) for a in architectures) or config.get("is_decoder") is True:
+        return ModelFamily("decoder", name or "decoder")
+    if model_type in ENCODER_MODEL_TYPES or any(a.endswith("ForMaskedLM") for a in architectures):
+        return ModelFamily("encoder", name)
+    return None
 
 
 def layer_index(name: str) -> int | None:

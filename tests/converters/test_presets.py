@@ -331,13 +331,28 @@ def test_presets_group_gpt2_conv1d_weights_along_their_inputs():
 # -- the command line -------------------------------------------------------------------
 
 
-def test_rbe_presets_lists_each_with_its_description(capsys):
+def test_rbe_presets_ends_with_each_description(capsys):
     assert main(["presets"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out[out.rindex("\n\n") + 2 :].splitlines()
     descriptions = preset_descriptions()
     assert len(lines) == len(descriptions)
-    for line, (name, description) in zip(lines, descriptions.items()):
-        assert line.split()[0] == name and line.endswith(description)
+    for line in lines:
+        name = line.split()[0]
+        assert line.endswith("  " + descriptions[name])
+
+
+def test_convert_takes_a_preset_in_any_case_and_suggests_for_a_misspelled_one(tmp_path, capsys):
+    src = _llama_dir(tmp_path / "m")
+    out = tmp_path / "q.rbe"
+    assert main(["convert", src, str(out), "--quiet", "--preset", "Q8"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["tensors"]}
+    assert rows["model.layers.0.self_attn.v_proj.weight"]["codec"].startswith("gquant(bits=8")
+    assert main(["convert", src, str(tmp_path / "r.rbe"), "--preset", "q88"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'q88' (did you mean 'q8'?)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_convert_with_a_preset_records_roles_in_info(tmp_path, capsys):
@@ -412,3 +427,18 @@ def test_a_calibrated_preset_on_a_model_transformers_cannot_load_is_one_clear_er
     # config.json is checked against the stored shapes before transformers builds anything
     assert len(err) == 1 and src in err[0] and "config.json" in err[0] and "has shape" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_q4_on_minilm_runs_the_encoder_recipe_within_4_6_bits(minilm_dir, tmp_path, capsys):
+    """all-MiniLM-L6-v2 is a BERT encoder: --preset q4 runs encoder-q4 (the generic q4's 6-bit word
+    embeddings, half of its weights, made 5.59 bits per weight).  One calibration window keeps the
+    end-to-end survey short; the file's size is set by the stored-bit budget, not by the text."""
+    out = str(tmp_path / "q4.rbe")
+    argv = ["convert", minilm_dir, out, "--preset", "Q4", "--calibration-windows", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "rbe: preset q4 -> encoder-q4 for a BertModel encoder" in err
+    assert main(["info", out, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["totals"]["bits_per_weight"] <= 4.6
