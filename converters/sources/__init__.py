@@ -8,7 +8,8 @@ conversion pipeline (``converters/pipeline.py``) and the chain choice
 (``converters/compress/plan.py``) work on any source:
 
 * ``sources/safetensors.py``: a .safetensors file or a Hugging Face model directory;
-* ``sources/onnx.py``: an .onnx file's initializers and its graph.
+* ``sources/onnx.py``: an .onnx file's initializers and its graph;
+* ``sources/rbe.py``: an .rbe file, its tensors decoded and encoded anew.
 
 ``open_source`` picks the source for a path.
 """
@@ -23,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from rbeformat import Writer
-from rbeformat.spec import DTYPES
+from rbeformat.spec import DTYPES, MAGIC
 
 from ..compress.recipe import Policy
 from ..compress.roles import TensorRole
@@ -98,8 +99,25 @@ def is_onnx_input(path: str) -> bool:
     return os.path.isfile(path) and is_onnx_path(path)
 
 
+def is_rbe_input(path: str) -> bool:
+    """An .rbe file, which ``sources/rbe.py`` reads: a file named .rbe, or one that starts as an rbe file does."""
+    if not os.path.isfile(path):
+        return False
+    if path.lower().endswith(".rbe"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def open_source(path: str) -> TensorSource:
-    """The source ``path`` holds: an .onnx file, a .safetensors file or a model directory."""
+    """The source ``path`` holds: an .rbe file, an .onnx file, a .safetensors file or a model directory."""
+    if is_rbe_input(path):
+        from . import rbe
+
+        return rbe.plan_conversion(path)
     if is_onnx_input(path):
         from . import onnx
 

@@ -116,7 +116,7 @@ def plan_conversion(src: str) -> SafetensorsSource:
     """Lists and validates what ``src`` holds, before any output is created."""
     if os.path.isfile(src):
         if not src.endswith(".safetensors"):
-            raise InputError(f"{src}: expected a .safetensors file, a model directory or an .onnx file")
+            raise InputError(f"{src}: expected a .safetensors file, a model directory, an .onnx or an .rbe file")
         return SafetensorsSource(os.path.dirname(src), [(os.path.basename(src), read_header(src))], [], src)
     if not os.path.isdir(src):
         raise InputError(f"{src}: no such file or directory")

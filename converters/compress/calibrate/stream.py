@@ -167,26 +167,44 @@ def open_streamed(model_dir: str, threads: int | None):
 
     As ``load_for_calibration``: transformers reads links to the directory's
     config and tokenizer files alone, config.json checked first, no code run.
+    ``model_dir`` may also be a folder of config and tokenizer files whose
+    tensors lie elsewhere (an .rbe input: ``_staged``).
     """
     torch, transformers = import_torch(threads)
-
+    label = getattr(model_dir, "label", model_dir)
     if not os.path.isfile(os.path.join(model_dir, hf_guard.CONFIG_FILE)):
         from rbeformat import InputError
 
-        raise InputError(f"{model_dir}: calibration needs a model directory with config.json")
+        raise InputError(f"{label}: calibration needs a model directory with config.json")
     with tempfile.TemporaryDirectory(prefix="rbe-calibrate-") as folder:
-        shapes = hf_folder.stage_directory(model_dir, folder)
-        config = hf_folder.check_folder(folder, model_dir, shapes)
+        shapes, tensors = _staged(model_dir, folder)
+        config = hf_folder.check_folder(folder, label, shapes)
         causal = is_causal_lm(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        with hf_guard.content_errors(model_dir, hf_guard.CONFIG_FILE):
+        with hf_guard.content_errors(label, hf_guard.CONFIG_FILE):
             hf_config = transformers.AutoConfig.from_pretrained(folder, **hf_guard.NO_CODE)
-        model = hf_guard.meta_model(auto, hf_config, torch.float32, model_dir)
-        hf_guard.check_shapes(model, shapes, model_dir)
-        tokenizer = hf_guard.load_tokenizer(folder, model_dir)
-        tensors = CheckpointTensors(model_dir, sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")))
+        model = hf_guard.meta_model(auto, hf_config, torch.float32, label)
+        hf_guard.check_shapes(model, shapes, label)
+        tokenizer = hf_guard.load_tokenizer(folder, label)
     _make_buffers(model, torch)
     return torch, StreamedModel(model.eval(), tensors, torch), tokenizer, causal
+
+
+def _staged(model_dir: str, folder: str) -> tuple[dict[str, tuple], object]:
+    """Fills ``folder`` with links to what transformers reads of the model; returns {tensor name: shape}
+    and the reader of its tensors (``tensors``, ``tensor(name)``, ``read(name)``).
+
+    A model directory's tensors are its safetensors files'.  A path with ``weights`` (an .rbe input:
+    ``sources/rbe.py``'s ``ContainerModel``) is a folder of the model's config and tokenizer files
+    whose tensors ``weights`` reads, one at a time, from where they lie.
+    """
+    weights = getattr(model_dir, "weights", None)
+    if weights is None:
+        shapes = hf_folder.stage_directory(model_dir, folder)
+        shards = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+        return shapes, CheckpointTensors(model_dir, shards)
+    hf_folder.link_data_files(model_dir, folder)
+    return {t.name: tuple(t.shape) for t in weights.tensors}, weights
 
 
 class CheckpointTensors:
