@@ -4,32 +4,44 @@ or an .onnx model.
 ``decode`` writes a HF directory (every embedded file, each safetensors file
 rebuilt byte for byte from its stored header and tensors) or one .safetensors
 file; ``decode_onnx`` writes the .onnx model a container converted from ONNX
-carries, every initializer dense (past 2 GB, into a ``.data`` file beside it);
+carries, every initializer dense (past 2 GB, into a ``.data`` file beside it),
+and ``decode`` to a directory writes it there under the input's file name;
 ``write_onnx`` writes any ModelProto so.  An ONNX graph exported at conversion
 (``rbe convert --onnx``) is left out of a directory decode
 (``exported_graph_parts``) and decodes to a dense .onnx through its mapping
 (``onnx_export.dense_model``).
 
 ``decode_to`` and ``decode_onnx_to`` are ``rbe decode`` and ``rbe export-onnx``
-(dense) as library functions: the target's checks, the total a progress bar
-counts to, the decode.  The onnx package is imported only for .onnx outputs.
+(dense) as library functions: the target's checks (a directory named like a
+file is refused: ``outputs.check_directory_name``), the partial files killed
+runs left removed, the total a progress bar counts to, the decode.  The onnx
+package is imported only for ONNX outputs.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rbeformat import FormatError, Reader
-from rbeformat.atomic import atomic_directory, atomic_file, check_directory_target, check_parent, check_target
-from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX, read_graph
+from rbeformat.atomic import (
+    atomic_directory,
+    atomic_file,
+    check_directory_target,
+    check_parent,
+    check_target,
+    remove_stale_partials,
+)
+from rbeformat.embedded.onnx import GRAPH_KEY, MAPPING_KEY, ONNX_DTYPES, OWN_PREFIX, SOURCE_KEY, read_graph
 from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 
 from .inputs import open_rbe
+from .outputs import check_directory_name
 from .safetensors_io import build_header
 
 Progress = Callable[[int], None]
@@ -44,12 +56,14 @@ EXTERNAL_ALIGNMENT = 4096  # page-aligned external tensors can be memory-mapped 
 @dataclass
 class Decoded:
     """What a decode wrote: the tensor bytes (the bar's total), the paths written (an .onnx
-    output: the model and its external data, if any) and the files of an existing directory kept."""
+    output: the model and its external data, if any), the files of an existing directory kept
+    and the partial files of killed runs removed beside the output."""
 
     total: int
     written: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     exported_graph: bool = False  # an .onnx output of a graph exported at conversion (no bar ran)
+    removed: list[str] = field(default_factory=list)
 
 
 def _no_bar(total: int):
@@ -73,16 +87,19 @@ def decode_to(
     bar = bar or _no_bar
     if dst.lower().endswith(".onnx"):
         return decode_onnx_to(src, dst, force=force, verify=verify, threads=threads, bar=bar)
+    removed = []
     if dst.endswith(".safetensors"):
         check_target(dst, force)
         check_parent(dst)
+        removed = remove_stale_partials(dst)
     else:
+        check_directory_name(dst, force)
         check_directory_target(dst, force)
     with open_rbe(src) as r:
         total = decoded_tensor_bytes(r)
     with bar(total) as progress:
         kept = decode(src, dst, force=force, verify=verify, threads=threads, progress=progress.update)
-    return Decoded(total, [dst], kept)
+    return Decoded(total, [dst], kept, removed=removed)
 
 
 def decode_onnx_to(
@@ -104,15 +121,16 @@ def decode_onnx_to(
         exported = r.metadata().get(MAPPING_KEY) is not None
     from .sources import onnx  # noqa: F401  (one clear error without the onnx package)
 
+    removed = remove_stale_partials(dst) + remove_stale_partials(dst + ".data")
     if exported:  # a HF directory with its exported graph (rbe convert --onnx): wired by the mapping
         from .onnx_export import dense_model
 
         with open_rbe(src, verify_checksums=verify, threads=threads) as r:
             model = dense_model(r)
-        return Decoded(total, write_onnx(model, dst, force), exported_graph=True)
+        return Decoded(total, write_onnx(model, dst, force), exported_graph=True, removed=removed)
     with bar(total) as progress:
         written = decode_onnx(src, dst, force=force, verify=verify, threads=threads, progress=progress.update)
-    return Decoded(total, written)
+    return Decoded(total, written, removed=removed)
 
 
 def export_on_the_fly(src: str, dst: str, *, force: bool = False) -> tuple[list[str], str]:
@@ -167,6 +185,8 @@ def decode(
 ) -> list[str]:
     """Decodes an rbe file to a HF directory, or to one .safetensors file if dst ends so.
 
+    A container converted from an .onnx file decodes to a directory as its
+    ONNX model, dense, under the input's file name (``onnx_file_name``).
     Into an existing directory (only with ``force``) it replaces just the files
     the container holds and returns the relative paths of the other files
     there, which it leaves alone.  ``progress`` receives tensor bytes as they
@@ -184,6 +204,8 @@ def decode(
             with atomic_file(dst, force) as fh:
                 _write_single_safetensors(r, fh, verify, progress)
             return []
+        if carries_onnx_model(r):
+            return _write_onnx_directory(r, dst, force, verify, progress)
         with atomic_directory(dst, force, _directory_files(r)) as out:
             write_directory(r, out, verify, progress)
         return out.kept()
@@ -198,6 +220,13 @@ def decoded_tensor_bytes(r: Reader) -> int:
 # HF directory: its files (named by these metadata keys) and its own tensors (``OWN_PREFIX``) are left out of
 # a decode.
 EXPORTED_GRAPH_KEYS = (GRAPH_KEY, MAPPING_KEY)
+
+
+def carries_onnx_model(r: Reader) -> bool:
+    """Whether the container was converted from an .onnx file: its graph is the model (a graph exported
+    with --onnx sits beside a HF directory, which stays the model)."""
+    metadata = r.metadata()
+    return GRAPH_KEY in metadata and MAPPING_KEY not in metadata
 
 
 def exported_graph_parts(r: Reader) -> tuple[set[str], set[str]]:
@@ -331,13 +360,51 @@ def decode_onnx(
     check_target(dst, force)
     check_parent(dst)
     with Reader(src, threads=threads) as r:
-        model = read_graph(r, verify)
-        initializers = [t for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
-        _check_graph(r, model, initializers)
-        total = sum(math.prod(_dims(t)) * DTYPES[ONNX_DTYPES[t.data_type]].itemsize for t in initializers)
-        if total + model.ByteSize() <= inline_limit:
-            return _write_inline(r, model, initializers, dst, force, verify, progress)
-        return _write_external(r, model, initializers, dst, force, verify, progress)
+        model, initializers, inline = _dense_graph(r, verify, inline_limit)
+        if inline:
+            with atomic_file(dst, force) as fh:
+                _write_inline(r, model, initializers, fh, verify, progress)
+            return [dst]
+        data_path = dst + ".data"
+        check_target(data_path, force)
+        with atomic_file(dst, force) as model_fh, atomic_file(data_path, force) as data_fh:
+            location = os.path.basename(data_path)
+            _write_external(r, model, initializers, model_fh, data_fh, location, verify, progress)
+        return [dst, data_path]
+
+
+def _write_onnx_directory(r: Reader, dst: str, force: bool, verify: bool, progress) -> list[str]:
+    """The ONNX model of a container converted from an .onnx file, written into the directory ``dst`` as
+    ``decode_onnx`` writes it to a file; returns the files of an existing directory kept."""
+    name = onnx_file_name(r)
+    model, initializers, inline = _dense_graph(r, verify, INLINE_LIMIT)
+    with atomic_directory(dst, force, [name] if inline else [name, name + ".data"]) as out:
+        if inline:
+            with out.create(name) as fh:
+                _write_inline(r, model, initializers, fh, verify, progress)
+        else:
+            with out.create(name) as model_fh, out.create(name + ".data") as data_fh:
+                _write_external(r, model, initializers, model_fh, data_fh, name + ".data", verify, progress)
+    return out.kept()
+
+
+def onnx_file_name(r: Reader) -> str:
+    """The name an ONNX model decodes to in a directory: the input's (``onnx.source``) when it is a plain
+    file name ending in .onnx, else model.onnx."""
+    name = r.metadata().get(SOURCE_KEY, "")
+    if re.fullmatch(r"[^./\\\x00][^/\\\x00]{0,200}\.onnx", name):
+        return name
+    return "model.onnx"
+
+
+def _dense_graph(r: Reader, verify: bool, inline_limit: int) -> tuple[object, list, bool]:
+    """The stored ModelProto checked against the container, its initializers that rbe stores, and whether
+    they fit inline (below ``inline_limit`` bytes with the graph)."""
+    model = read_graph(r, verify)
+    initializers = [t for t in model.graph.initializer if t.data_type in ONNX_DTYPES]
+    _check_graph(r, model, initializers)
+    total = sum(math.prod(_dims(t)) * DTYPES[ONNX_DTYPES[t.data_type]].itemsize for t in initializers)
+    return model, initializers, total + model.ByteSize() <= inline_limit
 
 
 def _dims(t) -> tuple[int, ...]:
@@ -370,37 +437,30 @@ def _check_tensor_matches(r: Reader, t) -> None:
         )
 
 
-def _write_inline(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
+def _write_inline(r: Reader, model, initializers: list, fh, verify: bool, progress) -> None:
     for t in initializers:
         t.raw_data = b"".join(r.iter_tensor_bytes(t.name, verify=verify))
         if progress:
             progress(len(t.raw_data))
-    with atomic_file(dst, force) as fh:
-        fh.write(model.SerializeToString())
-    return [dst]
+    fh.write(model.SerializeToString())
 
 
-def _write_external(r: Reader, model, initializers: list, dst: str, force: bool, verify: bool, progress) -> list[str]:
-    data_path = dst + ".data"
-    check_target(data_path, force)
-    location = os.path.basename(data_path)
-    with atomic_file(dst, force) as model_fh:
-        with atomic_file(data_path, force) as data_fh:
-            offset = 0
-            for t in initializers:
-                pad = -offset % EXTERNAL_ALIGNMENT
-                data_fh.write(b"\0" * pad)
-                offset += pad
-                length = 0
-                for data in r.iter_tensor_bytes(t.name, verify=verify):  # a batch of chunks at a time
-                    data_fh.write(data)
-                    length += len(data)
-                    if progress:
-                        progress(len(data))
-                point_at(t, location, offset, length)
-                offset += length
-            model_fh.write(model.SerializeToString())  # renamed into place after the data file
-    return [dst, data_path]
+def _write_external(r: Reader, model, initializers: list, model_fh, data_fh, location: str, verify: bool, progress):
+    """Every initializer's data into ``data_fh`` (named ``location`` beside the model), then the model."""
+    offset = 0
+    for t in initializers:
+        pad = -offset % EXTERNAL_ALIGNMENT
+        data_fh.write(b"\0" * pad)
+        offset += pad
+        length = 0
+        for data in r.iter_tensor_bytes(t.name, verify=verify):  # a batch of chunks at a time
+            data_fh.write(data)
+            length += len(data)
+            if progress:
+                progress(len(data))
+        point_at(t, location, offset, length)
+        offset += length
+    model_fh.write(model.SerializeToString())
 
 
 def point_at(t, location: str, offset: int, length: int) -> None:

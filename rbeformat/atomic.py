@@ -11,6 +11,11 @@ Without ``force`` nothing is ever replaced: the final rename fails, and the
 output is discarded with ``OutputExistsError``, if the target appeared after it
 was checked (``rbeformat.publish.rename_noreplace``).
 
+A run that is killed leaves its partial file (``.NAME.XXXXXXXX.partial``, the
+writer's or ``atomic_file``'s) beside the target: ``remove_stale_partials``,
+called by the next run to the same target, removes those whose writer is gone
+(no process holds them open).
+
 Nothing is written through a symbolic link that rbe did not create.  The path
 the user named (and the directories above it) is taken as typed, but inside an
 output directory every step is taken from an open directory descriptor with
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -326,6 +332,102 @@ class ExistingDirectory:
                 if rel not in self._files:
                     found.append(rel)
         return sorted(found)
+
+
+# -- what interrupted runs left ------------------------------------------------------
+
+
+def partial_pattern(name: str) -> re.Pattern:
+    """The names of partial files of an output named ``name``: hidden, eight random characters (hex here,
+    ``tempfile``'s alphabet in ``Writer``) and ``.partial``."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.partial")
+
+
+def stale_partials(path: str) -> list[str]:
+    """The partial files that earlier runs writing ``path`` left beside it, whose writers are gone.
+
+    Only names of ``partial_pattern``, plain files (never a link or a directory)
+    owned by this user, that no process holds open: a live writer holds its
+    partial file open until it renames or removes it, and a killed one's is
+    closed by the system.  Which files processes hold open is read from /proc
+    (processes of other users, whose descriptors cannot be read, cannot write
+    this user's files); without /proc nothing is found stale.
+    """
+    return sorted(_stale(path))
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Removes ``stale_partials(path)``; returns the names removed.  Each is looked at again, without
+    following links, just before it is unlinked: still the same plain file."""
+    stale = _stale(path)
+    if not stale:
+        return []
+    removed = []
+    with _writing(path):
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), _DIRECTORY)
+    try:
+        for name, key in sorted(stale.items()):
+            info = _lstat(name, dir_fd)
+            if info is None or not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != key:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(name)
+    finally:
+        os.close(dir_fd)
+    return removed
+
+
+def _stale(path: str) -> dict[str, tuple[int, int]]:
+    """{name: (device, inode)} of ``stale_partials(path)``."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = partial_pattern(name)
+    try:
+        names = [n for n in os.listdir(parent) if pattern.fullmatch(n)]
+    except OSError:
+        return {}
+    candidates = {}
+    for found in names:
+        info = _lstat(os.path.join(parent, found))
+        if info is not None and stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+            candidates[found] = (info.st_dev, info.st_ino)
+    if not candidates:
+        return {}
+    held = _held_open(set(candidates.values()))
+    if held is None:
+        return {}
+    return {found: key for found, key in candidates.items() if key not in held}
+
+
+def _lstat(path: str, dir_fd: int | None = None) -> os.stat_result | None:
+    try:
+        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _held_open(files: set[tuple[int, int]]) -> set[tuple[int, int]] | None:
+    """Those of ``files`` ((device, inode) pairs) that a process holds open, as far as /proc shows; None
+    where there is no /proc to tell."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        descriptors = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(descriptors)
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                info = os.stat(f"{descriptors}/{fd}")  # what the descriptor is open on
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in files:
+                held.add((info.st_dev, info.st_ino))
+    return held
 
 
 def _new_temporary(dir_fd: int, name: str) -> tuple[str, int]:
