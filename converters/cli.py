@@ -32,7 +32,7 @@ from rbeformat.embedded.onnx import GRAPH_KEY
 from rbeformat.spec import FORMAT_MAJOR, FORMAT_MINOR
 
 from .inputs import open_rbe
-from .pipeline import LOSSLESS_CODECS
+from .pipeline import LOSSLESS_CODECS, Reporter
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE, EXIT_ERROR, EXIT_EXISTS = 0, 1, 2, 3, 4
 EXIT_BUG = 70  # EX_SOFTWARE of sysexits.h
@@ -55,10 +55,42 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, reporting a bad command line in one line like every other error."""
+    """argparse, reporting a bad command line in one line like every other error, with the closest
+    names for a misspelled command, choice or option (Python 3.11's argparse has no suggest_on_error)."""
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"rbe: error: {message} (see '{self.prog} --help')\n")
+
+    def _check_value(self, action, value):
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError:
+            close = closest(value, action.choices) if isinstance(value, str) else None
+            if close is None:
+                raise
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}; did you mean {close}? (choose from {choices})"
+            ) from None
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Options this command does not know, one of them close to one it does, are an error naming
+        that one (argparse would report them later from the top-level parser, without a guess)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for extra in extras:
+            if extra.startswith("-") and len(extra) > 1:
+                close = closest(extra.split("=", 1)[0], self._option_string_actions)
+                if close is not None:
+                    self.error(f"unrecognized arguments: {' '.join(extras)} (did you mean {close}?)")
+        return namespace, extras
+
+
+def closest(word: str, names) -> str | None:
+    """The name closest to a misspelled one, quoted, or None when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [n for n in names if isinstance(n, str)], n=1)
+    return repr(close[0]) if close else None
 
 
 def _integer(text: str) -> int:
@@ -120,9 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="safetensors file, HF model directory or ONNX model -> .rbe", epilog=EPILOG)
-    p.add_argument("input", help="a .safetensors file, a Hugging Face model directory or an .onnx file")
-    p.add_argument("output", help="the .rbe file to write (its directory must exist)")
+    p = sub.add_parser(
+        "convert", help="safetensors file, HF model directory, ONNX model or .rbe -> .rbe", epilog=EPILOG
+    )
+    p.add_argument(
+        "input",
+        help="a .safetensors file, a Hugging Face model directory, an .onnx file, or an .rbe file to encode anew",
+    )
+    p.add_argument(
+        "output", help="the .rbe file to write (its directory must exist; another file type's name needs --force)"
+    )
     p.add_argument(
         "--lossless",
         choices=list(LOSSLESS_CODECS),
@@ -208,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="the .rbe file")
     p.add_argument(
         "output",
-        help="a directory, a path ending in .safetensors for a single file, or one ending "
-        "in .onnx for a container converted from ONNX",
+        help="a directory (not named with a file type's extension such as .rbe, unless --force), a path "
+        "ending in .safetensors for a single file, or one ending in .onnx for an ONNX model",
     )
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
     p.add_argument(
@@ -241,9 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--summary", action="store_true", help="only the totals and a row per codec, not a row per tensor"
+    )
     _max_memory(p)
 
-    p = sub.add_parser("presets", help="list the built-in recipes for rbe convert --preset", epilog=EPILOG)
+    p = sub.add_parser(
+        "presets",
+        help="the built-in recipes for rbe convert --preset: what each suits, needs and measured",
+        epilog=EPILOG,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(input="rbe presets")  # what an error message names
 
     p = sub.add_parser("verify", help="check every checksum; non-zero exit names the damage", epilog=EPILOG)
@@ -253,9 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     _max_memory(p)
 
     p = sub.add_parser(
-        "eval", help="quality of compressed .rbe files against the original (needs the hf extra)", epilog=EPILOG
+        "eval",
+        help="quality of compressed .rbe files against the original (needs the hf extra; ONNX models the ort extra)",
+        epilog=EPILOG,
     )
-    p.add_argument("input", metavar="ORIGINAL", help="a HF model directory, a .safetensors file in one, or an .rbe")
+    p.add_argument(
+        "input",
+        metavar="ORIGINAL",
+        help="a HF model directory, a .safetensors file in one, an .onnx file, or an .rbe of one of those",
+    )
     p.add_argument("compressed", metavar="COMPRESSED.rbe", nargs="+", help="rbe files of the same model")
     p.add_argument(
         "--text",
@@ -277,10 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="draw quality against bits per weight into this PNG file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="ONNX models: a tokenizer.json (or a folder holding one) of the model (default: one the "
+        "original or a compressed .rbe carries); an .onnx file carries none",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress on stderr (the results still print on stdout)"
+    )
+    p.add_argument(
         "--threads",
         type=thread_count,
         default=None,
-        help="threads for torch and decoding, at least 1 (default: CPU count)",
+        help="threads for torch or ONNX Runtime and decoding, at least 1 (default: CPU count)",
     )
     _max_memory(p)
 
@@ -389,6 +451,8 @@ def describe_failure(exc: Exception, args) -> tuple[int, str]:
     subject = args.input
     if isinstance(exc, OutputExistsError):
         return EXIT_EXISTS, str(exc)
+    # rbe's own types first: some are built-in ones too (a UsageError is a ValueError, a MissingExtraError an
+    # ImportError, a FileMissingError a FileNotFoundError), and their exit code is rbe's, not the built-in's.
     if isinstance(exc, UsageError):
         return EXIT_USAGE, str(exc)
     if isinstance(exc, RbeError):
@@ -468,32 +532,13 @@ def _stop_signals_raise():
 
 # -- commands -------------------------------------------------------------------------
 
-BAR_DELAY = 1.0  # seconds
-
 
 def progress_bar(total: int, quiet: bool, desc: str):
-    from tqdm import tqdm
+    """A stage counting ``total`` bytes: a bar on a terminal, plain lines in a log (``progress.py``),
+    the first after ``LINE_SECONDS``, so that a refusal found at the start stays the one line."""
+    from .progress import progress
 
-    from .progress import LineProgress
-
-    if not quiet and not sys.stderr.isatty():  # a log: plain lines, not a bar's frames
-        return LineProgress(total, desc, "MB", count_format="{n:.1f}/{total:.1f}", scale=1e6)
-
-    # Decimal units with the B spelled out, as the summary line and `rbe info` print sizes.  The bar waits
-    # BAR_DELAY seconds before it first draws, so that a refusal found by the checks at the start (a link in
-    # the output, a stored graph naming a file) is the one line on stderr.
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc=desc,
-        disable=quiet,
-        file=sys.stderr,
-        leave=False,
-        delay=BAR_DELAY,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]",
-    )
+    return progress(total, desc, "MB", quiet, count_format="{n:.1f}/{total:.1f}", scale=1e6, announce=False)
 
 
 def cmd_convert(args) -> int:
@@ -522,13 +567,13 @@ def cmd_convert(args) -> int:
     result = convert_model(args.input, args.output, options, _Reporter(args.quiet))
     if not args.quiet:
         for note in result.notes:
-            _stderr(note)
-        _stderr(summary_line(result.path, result.totals))
+            print(note)
+        print(summary_line(result.path, result.totals))  # the result: stdout, as every command's
     _warn_larger_than_dense(result.larger_than_dense)
     return EXIT_OK
 
 
-class _Reporter:
+class _Reporter(Reporter):
     """What ``rbe convert`` shows on stderr: lines and bars, none with --quiet but the warnings."""
 
     def __init__(self, quiet: bool):
@@ -544,16 +589,14 @@ class _Reporter:
     def bar(self, total: int, desc: str):
         return progress_bar(total, self.quiet, desc)
 
-    def windows_bar(self, total: int):
+    def stage(self, total, desc, unit, count_format="{n:.0f}/{total:.0f}", scale=1.0, later=None, expected=None):
         from .progress import progress
 
+        return progress(total, desc, unit, self.quiet, count_format, later=later, scale=scale, expected=expected)
+
+    def windows_bar(self, total: int, later=None):
         # Sentences and the block-by-block survey report fractions of windows: show whole ones.
-        return progress(total, "calibrate", "windows", self.quiet, count_format="{n:.1f}/{total:.0f}")
-
-    def blocks_bar(self, total: int):
-        from .progress import progress
-
-        return progress(total, "encode", "blocks", self.quiet)
+        return self.stage(total, "calibrate", "windows", count_format="{n:.1f}/{total:.0f}", later=later)
 
 
 def _warn_larger_than_dense(names: list[str]) -> None:
@@ -578,6 +621,7 @@ def cmd_decode(args) -> int:
         threads=args.threads,
         bar=lambda total: progress_bar(total, args.quiet, "decode"),
     )
+    _removed_partials_line(args.output, decoded.removed)
     if args.output.lower().endswith(".onnx"):
         _decoded_onnx_line(args, decoded)
         return EXIT_OK
@@ -589,8 +633,15 @@ def cmd_decode(args) -> int:
     if not args.quiet:
         from .evaluate.report import human_bytes
 
-        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors)")
+        print(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors)")
     return EXIT_OK
+
+
+def _removed_partials_line(output: str, removed: list[str]) -> None:
+    if removed:  # said even with --quiet: files went away
+        from .outputs import stale_partials_note
+
+        _stderr(stale_partials_note(output, removed))
 
 
 def _decoded_onnx_line(args, decoded) -> None:
@@ -599,7 +650,7 @@ def _decoded_onnx_line(args, decoded) -> None:
 
         written = decoded.written
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
-        _stderr(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors{beside})")
+        print(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors{beside})")
 
 
 def cmd_export_onnx(args) -> int:
@@ -615,6 +666,7 @@ def cmd_export_onnx(args) -> int:
             threads=args.threads,
             bar=lambda total: progress_bar(total, args.quiet, "decode"),
         )
+        _removed_partials_line(args.output, decoded.removed)
         _decoded_onnx_line(args, decoded)
         return EXIT_OK
     from .decode import export_on_the_fly
@@ -623,7 +675,7 @@ def cmd_export_onnx(args) -> int:
     if not args.quiet:
         print(report)
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
-        _stderr(f"{args.output}: written from {args.input} with weights kept compressed{beside}")
+        print(f"{args.output}: written from {args.input} with weights kept compressed{beside}")
     return EXIT_OK
 
 
@@ -664,22 +716,22 @@ def cmd_info(args) -> int:
         if args.json:
             print(json.dumps(info_json(r), indent=2))
         else:
-            print(info_table(r))
+            print(info_table(r, summary_only=args.summary))
     return EXIT_OK
 
 
 def cmd_presets(args) -> int:
-    from .compress.recipe import preset_descriptions
+    from .compress.catalog import catalog, catalog_json, catalog_table, load_record
 
-    descriptions = preset_descriptions()
-    width = max(map(len, descriptions))
-    for name, description in descriptions.items():
-        print(f"{name.ljust(width)}  {description}")
+    record = load_record()
+    entries = catalog(record)
+    print(json.dumps(catalog_json(entries, record), indent=2) if args.json else catalog_table(entries, record))
     return EXIT_OK
 
 
 def cmd_eval(args) -> int:
-    from .evaluate.eval import EvalOptions, check_plot_target, eval_table, evaluate, write_plot
+    from .evaluate.eval import EvalOptions, eval_table, evaluate
+    from .evaluate.plot import check_plot_target, write_plot
 
     def concerning(path: str) -> None:  # a failure names the file being worked on
         args.input = path
@@ -687,11 +739,18 @@ def cmd_eval(args) -> int:
     if args.plot:
         check_plot_target(args.plot, args.force)
     original = args.input
-    for path in ([] if os.path.isdir(original) or original.endswith(".safetensors") else [original]) + args.compressed:
+    not_rbe = os.path.isdir(original) or original.endswith(".safetensors") or original.lower().endswith(".onnx")
+    for path in ([] if not_rbe else [original]) + args.compressed:
         concerning(path)
         open_rbe(path, verify_checksums=False).close()  # each file is an rbe file before anything loads
     options = EvalOptions(
-        text=args.text, sentences=args.sentences, window=args.window, windows=args.windows, threads=args.threads
+        text=args.text,
+        sentences=args.sentences,
+        window=args.window,
+        windows=args.windows,
+        threads=args.threads,
+        tokenizer=args.tokenizer,
+        quiet=args.quiet,
     )
     result = evaluate(original, args.compressed, options, concerning)
     print(json.dumps(result, indent=2) if args.json else eval_table(result))

@@ -12,6 +12,8 @@ Writing the container is ``converters/pipeline.py``'s.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -119,6 +121,7 @@ def mixed_precision(
     pruned: dict | None = None,
     text=None,
     threads: int | None = None,
+    stage=None,
 ) -> dict:
     """{tensor name: upgrade chain} for the tensors of ``names`` that mixed precision upgrades
     (``converters/compress/mixed.py``); codecs that share state across tensors are never swapped.
@@ -126,7 +129,7 @@ def mixed_precision(
     the tensors head pruning changed (scored here as pruned; a survey scored them before).
     With ``budget_sensitivity = "model"`` each score is the model's drift on ``text`` (the
     calibration text) with that tensor alone encoded (``converters/compress/sensitivity.py``).  Roles
-    as for ``choose_chains``."""
+    as for ``choose_chains``.  ``stage`` (``pipeline.Reporter.stage``) shows the scoring's progress."""
     if policy.budget_bits is None:
         return {}
     from .mixed import candidate, pick
@@ -136,12 +139,8 @@ def mixed_precision(
     upgradable = {
         name: entry for name, entry in chosen_rules(plan, policy).items() if entry[1].upgrades and name in names
     }
+    to_score = {name: entry for name, entry in upgradable.items() if name not in stats.candidates}
     probe = None
-    if policy.budget_sensitivity == "model" and upgradable:
-        from .calibrate import torch as calibrate
-        from .sensitivity import ModelProbe
-
-        probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
 
     def score(name: str, t, rule: Rule):
         x = to_float32(pruned[name] if name in pruned else plan.read(name), t.dtype)
@@ -151,11 +150,41 @@ def mixed_precision(
             x, measure = np.ascontiguousarray(x.T), measure and (lambda decoded: probe.drift(name, decoded.T))
         return candidate(name, x, rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts, measure)
 
-    scored = [stats.candidates.get(name) or score(name, t, rule) for name, (t, rule) in upgradable.items()]
+    weights = sum(math.prod(t.shape) for t, _ in to_score.values())
+    scores = {name: stats.candidates[name] for name in upgradable if name in stats.candidates}
+    with stage(weights, "score", "M weights", "{n:.1f}/{total:.1f}", 1e6) if stage else _no_stage() as bar:
+        if policy.budget_sensitivity == "model" and to_score:
+            from .calibrate import torch as calibrate
+            from .sensitivity import ModelProbe
+
+            bar.label("running the model on the probe text")
+            probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
+        for index, (name, (t, rule)) in enumerate(to_score.items()):
+            bar.label(f"tensor {index + 1}/{len(to_score)}: {name}")
+            scores[name] = score(name, t, rule)
+            bar.update(math.prod(t.shape))
+    scored = [scores[name] for name in upgradable]  # in the model's order, as pick breaks ties
     return {
         name: input_axis_grouped(upgradable[name][1].upgrades[level - 1], upgradable[name][1], roles.get(name))
         for name, level in pick(scored, policy.budget_bits).items()
     }
+
+
+class _NoStage(contextlib.nullcontext):
+    """No progress shown: the stage of a caller that gave none."""
+
+    def __enter__(self):
+        return self
+
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def label(self, text: str) -> None:
+        pass
+
+
+def _no_stage():
+    return _NoStage()
 
 
 def prune_heads(plan: TensorSource, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:

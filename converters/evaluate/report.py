@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from rbeformat import RbeError, Reader
 from rbeformat.chain import Chain
@@ -172,7 +173,7 @@ def info_json(r: Reader) -> dict:
         "producer": r.manifest.producer,
         "metadata": r.metadata(),
         "totals": totals(r),
-        "tensors": tensor_rows(r),
+        "tensors": sorted(tensor_rows(r), key=lambda row: name_order(row["name"])),
         "files": [
             {"path": f.path, "role": f.role, "size": f.blob.items, "stored_bytes": _stored(f.blob)}
             for f in r.manifest.files.values()
@@ -180,8 +181,18 @@ def info_json(r: Reader) -> dict:
     }
 
 
-def info_table(r: Reader) -> str:
-    rows = tensor_rows(r)
+def name_order(name: str) -> list:
+    """A tensor name's sort key, numbers compared as numbers: ``layer.2`` before ``layer.10``.  Files
+    of one model list their tensors in the same order whatever order they were written in."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def info_table(r: Reader, summary_only: bool = False) -> str:
+    """``rbe info``: a row per tensor (by name, numbers in order), the embedded files, then the
+    summary; with ``summary_only`` the summary and a row per codec."""
+    rows = sorted(tensor_rows(r), key=lambda row: name_order(row["name"]))
+    if summary_only:
+        return "\n".join(codec_table(rows) + [""] + summary_lines(r))
     head = ("tensor", "dtype", "shape", "role", "codec", "stored", "ratio", "bits/w", "quality")
     body = [
         (
@@ -220,8 +231,37 @@ def info_table(r: Reader) -> str:
             f"{_count(len(larger), 'tensor')} marked LARGER THAN DENSE: their codec chain stores more "
             "bytes than the dense tensor would take",
         ]
-    lines += [
-        "",
+    return "\n".join(lines + [""] + summary_lines(r))
+
+
+def codec_table(rows: list[dict]) -> list[str]:
+    """A row per codec chain (aliases, and codecs' shared state, apart): how many tensors and weights,
+    stored bytes, bits per weight of those weights."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        key = "alias" if row["codec"].startswith("alias of") else row["codec"]
+        groups.setdefault("shared state (internal)" if row["internal"] else key, []).append(row)
+    head = ("codec", "tensors", "weights", "stored", "bits/w")
+    body = []
+    for codec, members in sorted(groups.items(), key=lambda kv: -sum(m["stored_bytes"] for m in kv[1])):
+        weights = sum(math.prod(m["shape"]) for m in members)
+        stored = sum(m["stored_bytes"] for m in members)
+        bits = 8 * stored / weights if weights else 0.0
+        body.append((codec, str(len(members)), f"{weights:,}", human_bytes(stored), f"{bits:.3f}"))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    widths[0] = min(widths[0], 70)
+
+    def fmt(cells):
+        cells = [c if len(c) <= w else "..." + c[-(w - 3) :] for c, w in zip(cells, widths)]
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+
+
+def summary_lines(r: Reader) -> list[str]:
+    """The summary ``rbe info`` ends with: format, counts, sizes, ratio, bits per weight, quality."""
+    t = totals(r)
+    return [
         f"format {r.version[0]}.{r.version[1]}, written by {r.manifest.producer}",
         f"{t['tensors']} tensors, {t['weights']:,} weights, {human_bytes(t['tensor_bytes'])} as stored dtypes",
         f"file {human_bytes(t['file_bytes'])} (tensors {human_bytes(t['tensor_stored_bytes'])}, "
@@ -230,7 +270,6 @@ def info_table(r: Reader) -> str:
         f"over the whole file, {t['tensor_bits_per_weight']:.3f} for tensor data alone",
         f"quality: {t['quality']}",
     ]
-    return "\n".join(lines)
 
 
 def _quality_cell(row: dict) -> str:

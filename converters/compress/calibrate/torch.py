@@ -410,6 +410,8 @@ def sequential(
                     progress.label(f"encoding {name}")
                 _encode_outside(streamed, name, modules[name], encode({name: calibration}), read_in_front)
             del calibration
+        if progress:
+            progress.update(0)  # the weights outside the blocks are done: the pace per block starts here
         windows = batches_of(calibration_windows(tokenizer, text, model, causal))
         with streamed.loaded(front):
             inputs = stream.spilled(stream.block_inputs(model, blocks[0], windows, torch))

@@ -1,0 +1,97 @@
+"""A calibrated conversion's progress, stage by stage, on a fake clock: the estimates hold and nothing is silent."""
+
+import threading
+import time
+
+import pytest
+from tiny_models import saved_llama
+
+from rbe_converters import progress
+from rbe_converters.compress import mixed
+from rbe_converters.compress.calibrate import stream
+from rbe_converters.pipeline import CallbackReporter, ConvertOptions, convert_model
+from rbeformat import Writer
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+# What each step costs on the fake clock, in the proportions of a real q4 conversion on 2 cores:
+# a survey block is a block's run and the scoring of its weights' candidates, an encoded block its
+# runs (one per stage) and each weight's GPTQ.
+BLOCK_RUN, SCORING, ENCODING = 4.0, 3.0, 6.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+def _costing(monkeypatch, clock: FakeClock, target, name: str, seconds: float) -> None:
+    real = getattr(target, name)
+
+    def costly(*args, **kwargs):
+        result = real(*args, **kwargs)
+        clock.advance(seconds)
+        return result
+
+    monkeypatch.setattr(target, name, costly)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_llama(tmp_path_factory.mktemp("progress"), 5, num_hidden_layers=8, tie_word_embeddings=True)
+
+
+def test_every_estimate_after_the_first_fifth_is_within_a_factor_of_two(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    _costing(monkeypatch, clock, stream, "run_block", BLOCK_RUN)
+    _costing(monkeypatch, clock, mixed, "candidate", SCORING)
+    _costing(monkeypatch, clock, Writer, "add_transformed_decoded", ENCODING)
+    seen = []
+    reporter = CallbackReporter(lambda report: seen.append((clock.now, report)))
+    options = ConvertOptions(preset="q4", calibration=text, calibration_windows=2, threads=1)
+    start = clock.now
+    convert_model(directory, str(tmp_path / "q4.rbe"), options, reporter)
+    end = clock.now
+    stages = [report.stage for _, report in seen]
+    assert stages.index("calibrate") < stages.index("encode") < stages.index("convert")
+    checked = 0
+    for now, report in seen:
+        left = end - now
+        if now - start < 0.2 * (end - start) or left < 0.05 * (end - start):
+            continue  # the first fifth, and the last moments (a second more or less is a large factor)
+        estimate = report.left_in_all if report.left_in_all is not None else report.left
+        assert estimate is not None, report
+        assert left / 2 <= estimate <= 2 * left, (report, left)
+        checked += 1
+    assert checked >= 10
+
+
+def test_the_calibration_stage_predicts_the_encoding_after_it(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    seen = []
+    options = ConvertOptions(preset="q4", calibration=text, calibration_windows=2, threads=1)
+    convert_model(directory, str(tmp_path / "q4.rbe"), options, CallbackReporter(seen.append))
+    calibrating = [r for r in seen if r.stage == "calibrate" and r.left is not None]
+    assert calibrating and all(r.left_in_all > r.left for r in calibrating)
+    assert all(r.left_in_all is None for r in seen if r.stage != "calibrate")
+    assert any(r.label.startswith("block 8/8") for r in seen if r.stage == "encode")
+
+
+def test_a_stage_whose_step_lasts_prints_its_clock_every_line_interval(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.2)
+    with progress.LineProgress(3, "encode", "blocks", announce=True) as bar:
+        bar.label("block 1/3: encoding mlp.down_proj")
+        time.sleep(2.5)  # one step that lasts: the heartbeat (about every second) still prints
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3 and all("encode: 0/3 blocks" in line for line in lines)
