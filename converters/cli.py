@@ -280,9 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list tensors, codecs, sizes and bits per weight", epilog=EPILOG)
     p.add_argument("input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--summary", action="store_true", help="only the totals and a row per codec, not a row per tensor"
-    )
+    p.add_argument("--summary", action="store_true", help="only the totals and a row per codec, not a row per tensor")
     _max_memory(p)
 
     p = sub.add_parser(
@@ -335,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX models: a tokenizer.json (or a folder holding one) of the model (default: one the "
         "original or a compressed .rbe carries); an .onnx file carries none",
     )
-    p.add_argument(
-        "--quiet", action="store_true", help="no progress on stderr (the results still print on stdout)"
-    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (the results still print on stdout)")
     p.add_argument(
         "--threads",
         type=thread_count,
