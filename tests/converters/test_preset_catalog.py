@@ -12,7 +12,7 @@ import re
 import pytest
 from tiny_models import one_error_line, run
 
-from bench.preset_record import MODELS, README_PATH, readme_rows, readme_table
+from bench.preset_record import MODELS, TABLE_PAGE, table_cells, table_environments, table_rows
 from rbe_converters.cli import main
 from rbe_converters.compress.catalog import NOT_MEASURED, catalog, catalog_table, load_record, measured_row
 from rbe_converters.compress.recipe import (
@@ -215,11 +215,11 @@ def test_fingerprints_ignore_comments_and_descriptions_only():
     assert len({recipe_fingerprint(n) for n in preset_names()}) == len(preset_names())
 
 
-# -- the record and the README say the same -------------------------------------------------------
+# -- the record and the docs table say the same ---------------------------------------------------
 
 
 def _prints_as(recorded, text: str) -> bool:
-    """Whether a recorded number prints as the README's cell text: within half a unit of its last digit."""
+    """Whether a recorded number prints as the docs table's cell text: within half a unit of its last digit."""
     digits = len(text.split(".")[1]) if "." in text else 0
     return recorded is not None and abs(recorded - float(text)) <= 0.5 * 10**-digits + 1e-9
 
@@ -239,18 +239,23 @@ def _check_row(row: dict, cells: list[str]) -> None:
     assert bool(row["encode_note"]) == encode.endswith("*"), cells
 
 
-def test_the_record_holds_the_readmes_measured_presets_table():
-    """The README's table and the record rbe presets prints cannot drift apart: the same rows, each
-    number of the record printing as the README prints it."""
-    with open(README_PATH, encoding="utf-8") as fh:
+def test_the_record_holds_the_docs_measured_presets_table():
+    """The docs table (docs/measurements.md) and the record rbe presets prints cannot drift apart: the
+    same rows, each number of the record printing as the table prints it, and the line above the table
+    naming each model's environment as the record holds it.  Read back cell by cell, independently of
+    bench.readme_tables, which writes the table."""
+    with open(TABLE_PAGE, encoding="utf-8") as fh:
         text = fh.read()
     record = load_record()
     recorded = {(r["model"], r["preset"]): r for r in record["rows"]}
-    printed = readme_rows(text)
+    printed = table_rows(text)
     assert [(r["model"], r["preset"]) for r in printed] == list(recorded)
-    for row, cells in zip(printed, readme_table(text)):
+    for row, cells in zip(printed, table_cells(text)):
         _check_row(recorded[row["model"], row["preset"]], cells)
     assert set(record["models"]) == set(MODELS)
+    environments = table_environments(text)
+    for key, model in record["models"].items():
+        assert environments[key] == {k: model["environment"].get(k) for k in environments[key]}, key
 
 
 def test_a_wheel_carries_the_record():
