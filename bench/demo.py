@@ -6,7 +6,9 @@ Fetches the model (once) into the project's model cache, converts the whole
 Hugging Face directory as ``rbe convert`` does (``rbe_converters.pipeline.convert_model``),
 decodes it as ``rbe decode`` does (``rbe_converters.decode.decode_to``),
 checks every file of the decoded directory against the original by sha256,
-and prints ``rbe info``'s table.
+and prints ``rbe info``'s summary.  The .rbe file and the decoded directory stay
+in DIR (default: bench/out/demo), and the last lines say where they and the
+model are, with the commands to try next.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 import time
 
 from bench.models import minilm_dir
@@ -23,6 +24,8 @@ from rbe_converters.decode import decode_to
 from rbe_converters.evaluate.report import human_bytes, info_table, summary_line
 from rbe_converters.pipeline import ConvertOptions, StderrReporter, convert_model
 from rbeformat import Reader
+
+DEFAULT_WORKDIR = os.path.join("bench", "out", "demo")  # kept: the user's file to look at next
 
 
 def tree_digest(root: str) -> dict[str, str]:
@@ -41,11 +44,11 @@ def run(workdir: str) -> int:
     t0 = time.perf_counter()
     result = convert_model(src, out, ConvertOptions(force=True), StderrReporter())
     for note in result.notes:
-        print(note, file=sys.stderr)
-    print(summary_line(result.path, result.totals), file=sys.stderr)
+        print(note)
+    print(summary_line(result.path, result.totals))
     t1 = time.perf_counter()
     decoded = decode_to(out, back, force=True)
-    print(f"{back}: decoded from {out} ({human_bytes(decoded.total)} of tensors)", file=sys.stderr)
+    print(f"{back}: decoded from {out} ({human_bytes(decoded.total)} of tensors)")
     t2 = time.perf_counter()
     original, decoded = tree_digest(src), tree_digest(back)
     if original != decoded:
@@ -53,7 +56,7 @@ def run(workdir: str) -> int:
         print(f"MISMATCH in {bad}", file=sys.stderr)
         return 1
     with Reader(out, verify_checksums=False) as r:
-        print(info_table(r))
+        print(info_table(r, summary_only=True))
     print()
     print(
         f"convert {t1 - t0:.1f} s, decode {t2 - t1:.1f} s; "
@@ -61,18 +64,23 @@ def run(workdir: str) -> int:
         f"(model.safetensors: {os.path.getsize(os.path.join(src, 'model.safetensors')):,} bytes -> "
         f"{os.path.getsize(out):,} bytes of .rbe including every config and tokenizer file)"
     )
+    print(
+        f"\nthe model (all-MiniLM-L6-v2): {src}\nits .rbe: {out}\ndecoded back: {back}\n"
+        f"next: rbe info {out}   rbe convert {src} q4.rbe --preset q4   rbe eval {src} q4.rbe"
+    )
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="where to write the .rbe and the decoded directory (default: a temp dir)")
+    parser.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help=f"where to write the .rbe and the decoded directory ({DEFAULT_WORKDIR})",
+    )
     args = parser.parse_args()
-    if args.workdir:
-        os.makedirs(args.workdir, exist_ok=True)
-        return run(args.workdir)
-    with tempfile.TemporaryDirectory(prefix="rbe-demo-") as tmp:
-        return run(tmp)
+    os.makedirs(args.workdir, exist_ok=True)
+    return run(args.workdir)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import Reader, UsageError, Writer
+from rbeformat import Reader, UsageError, Writer, extras
 from rbeformat.atomic import check_parent, check_target, remove_stale_partials
 from rbeformat.chain import Chain
 from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
@@ -607,7 +607,8 @@ def _onnx_calibrations(input: str, source, policy, options: ConvertOptions, repo
     tokenizer = onnx_calibrate.load_tokenizer(options.tokenizer)
     text = calibration_text(options)
     reporter.info(f"rbe: {input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}")
-    return onnx_calibrate.collect(filled_model(source), methods, text, tokenizer, options.threads, input)
+    stage = lambda total: reporter.stage(total, "calibrate", "sentences")  # noqa: E731
+    return onnx_calibrate.collect(filled_model(source), methods, text, tokenizer, options.threads, input, stage)
 
 
 def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporter):
@@ -654,6 +655,7 @@ def _calibrations(
     state) keeps the survey's progress block by block."""
     if not calibration_methods(source, policy):
         return {}, None, None
+    extras.CALIBRATION.require()  # before the stage's first line
     text = calibration_text(options)
     after = _after_the_survey(source, policy, text)
     start = time.monotonic()

@@ -70,4 +70,13 @@ TORCH_TENSORS = Need("torch tensors (rbe_loaders.torch, framework='pt')", "hf", 
 # rbe_loaders.torch.load_model: a transformers model on the container's weights.
 TORCH_MODELS = Need("rbe_loaders.torch.load_model", "hf", ("torch", "transformers"))
 
-NEEDS = (ONNX_GRAPHS, ORT_SESSIONS, ORT_RUN, TOKENIZERS, TORCH_TENSORS, TORCH_MODELS)
+# rbe convert with rules that calibrate (calibration = "gptq" / "wanda"): the model runs in transformers.
+CALIBRATION = Need(
+    'calibrated encoding (presets and recipe rules with calibration = "gptq" or "wanda")',
+    "hf",
+    ("torch", "transformers"),
+)
+# rbe convert model.onnx --tokenizer: the graph runs in ONNX Runtime on the tokenizer's ids.
+ORT_CALIBRATION = Need("rbe convert --tokenizer (calibration in ONNX Runtime)", "ort", ("onnxruntime", "tokenizers"))
+
+NEEDS = (ONNX_GRAPHS, ORT_SESSIONS, ORT_RUN, TOKENIZERS, TORCH_TENSORS, TORCH_MODELS, CALIBRATION, ORT_CALIBRATION)

@@ -150,10 +150,13 @@ def mixed_precision(
             x, measure = np.ascontiguousarray(x.T), measure and (lambda decoded: probe.drift(name, decoded.T))
         return candidate(name, x, rule.chain, rule.upgrades, stats.kept.get(name), policy.budget_counts, measure)
 
-    weights = sum(math.prod(t.shape) for t, _ in to_score.values())
+    model_runs = policy.budget_sensitivity == "model"
+    cost = _probe_cost(plan_roles(plan)) if model_runs else lambda name, t, rule: math.prod(t.shape)
+    costs = {name: cost(name, t, rule) for name, (t, rule) in to_score.items()}
+    shown = ("block runs", "{n:.0f}/{total:.0f}", 1.0) if model_runs else ("M weights", "{n:.1f}/{total:.1f}", 1e6)
     scores = {name: stats.candidates[name] for name in upgradable if name in stats.candidates}
-    with stage(weights, "score", "M weights", "{n:.1f}/{total:.1f}", 1e6) if stage else _no_stage() as bar:
-        if policy.budget_sensitivity == "model" and to_score:
+    with stage(sum(costs.values()), "score", *shown) if stage else _no_stage() as bar:
+        if model_runs and to_score:
             from .calibrate import torch as calibrate
             from .sensitivity import ModelProbe
 
@@ -162,12 +165,26 @@ def mixed_precision(
         for index, (name, (t, rule)) in enumerate(to_score.items()):
             bar.label(f"tensor {index + 1}/{len(to_score)}: {name}")
             scores[name] = score(name, t, rule)
-            bar.update(math.prod(t.shape))
+            bar.update(costs[name])
     scored = [scores[name] for name in upgradable]  # in the model's order, as pick breaks ties
     return {
         name: input_axis_grouped(upgradable[name][1].upgrades[level - 1], upgradable[name][1], roles.get(name))
         for name, level in pick(scored, policy.budget_bits).items()
     }
+
+
+def _probe_cost(roles: dict):
+    """What scoring a tensor by the model's drift costs, in block runs: at each level of its rule, the
+    blocks from its own to the last (``sensitivity.ModelProbe.drift``), and about one more for its
+    encoding; a tensor outside the blocks runs them all."""
+    blocks = 1 + max((r.layer for r in roles.values() if r.layer is not None), default=0)
+
+    def cost(name: str, t, rule: Rule) -> int:
+        role = roles.get(name)
+        start = role.layer if role is not None and role.layer is not None else 0
+        return (1 + len(rule.upgrades)) * (blocks - start + 1)
+
+    return cost
 
 
 class _NoStage(contextlib.nullcontext):

@@ -4,7 +4,7 @@ import threading
 import time
 
 import pytest
-from tiny_models import saved_llama
+from tiny_models import common_words, saved_llama
 
 from rbe_converters import progress
 from rbe_converters.compress import mixed
@@ -95,3 +95,39 @@ def test_a_stage_whose_step_lasts_prints_its_clock_every_line_interval(monkeypat
         time.sleep(2.5)  # one step that lasts: the heartbeat (about every second) still prints
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 3 and all("encode: 0/3 blocks" in line for line in lines)
+
+
+def test_a_calibrated_preset_without_torch_says_so_before_any_progress(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    directory, _ = model_dir
+    out = tmp_path / "q4.rbe"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from rbe_converters.cli import main\n"
+        f"sys.exit(main(['convert', {directory!r}, {str(out)!r}, '--preset', 'q4']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()  # what the input holds, then the error; no stage began
+    assert lines[-1].startswith("rbe: error: calibrated encoding") and "pip install 'rbe[hf]'" in lines[-1]
+    assert not any("calibrate:" in line for line in lines), done.stderr
+    assert not out.exists()
+
+
+def test_scoring_by_the_models_drift_is_a_stage_counted_in_block_runs(bert, tmp_path):
+    directory, *_ = bert
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(common_words(120)) * 20)
+    seen = []
+    options = ConvertOptions(preset="encoder-q4", calibration=str(text), calibration_windows=1, threads=1)
+    convert_model(directory, str(tmp_path / "e.rbe"), options, CallbackReporter(seen.append))
+    scoring = [r for r in seen if r.stage == "score"]
+    assert scoring and all(r.unit == "block runs" for r in scoring)
+    assert scoring[-1].done == scoring[-1].total
+    labels = [r.label for r in scoring if r.label]
+    assert labels[0] == "running the model on the probe text"
+    assert any(label.startswith("tensor 2/15: ") and "word_embeddings" in label for label in labels)
+    stages = [r.stage for r in seen]
+    assert stages.index("calibrate") < stages.index("score") < stages.index("encode")

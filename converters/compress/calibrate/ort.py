@@ -15,11 +15,12 @@ else (a KV cache) are refused: calibrate them from their Hugging Face checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
-from rbeformat import InputError, UsageError
+from rbeformat import InputError, UsageError, extras
 from rbeformat.codecs.core.tensor import Calibration
 from rbeformat.onnx_safety import check_model
 
@@ -36,10 +37,9 @@ _FEEDS = {
 
 def load_tokenizer(path: str):
     """A ``tokenizers.Tokenizer`` from a tokenizer.json, or a folder holding one."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise UsageError("--tokenizer needs the tokenizers package: pip install tokenizers") from None
+    extras.ORT_CALIBRATION.require()
+    from tokenizers import Tokenizer
+
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.exists(path):
         raise InputError(
@@ -62,14 +62,16 @@ def collect(
     tokenizer,
     threads: int | None = None,
     source: str = "the ONNX model",
+    stage=None,
 ) -> dict[str, Calibration]:
     """{initializer name: Calibration(method, H)} for the MatMul / Gemm weights named in ``methods``.
 
     ``model`` is the onnx.ModelProto with its initializers filled in; ``source`` names it in errors.
     The session runs as a container's does (``rbe_loaders.ort.guard``): no external data, its
-    errors as InputError, a stop signal ends a run.
+    errors as InputError, a stop signal ends a run.  ``stage(total)`` (a context manager with
+    ``update(n)``, as ``pipeline.Reporter.stage`` gives) shows the sentences run.
     """
-    import onnxruntime as ort
+    (ort, _) = extras.ORT_CALIBRATION.require()
     from onnx import TensorProto, helper
 
     from rbe_loaders.ort import guard as ort_guard
@@ -95,13 +97,17 @@ def collect(
     wanted = sorted(set(inputs.values()))
     sums: dict[str, np.ndarray] = {}
     count = 0
-    for batch in batches_of(sentence_ids(tokenizer, text)):
-        ids = np.array(batch, dtype=np.int64)
-        feeds = {name: _FEEDS[name](ids).astype(dtype) for name, dtype in graph_inputs.items()}
-        for name, x in zip(wanted, ort_guard.run(session, wanted, feeds, path=source, doing="calibrating")):
-            x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-        count += ids.size
+    sentences = sentence_ids(tokenizer, text)
+    with stage(len(sentences)) if stage else contextlib.nullcontext() as bar:
+        for batch in batches_of(sentences):
+            ids = np.array(batch, dtype=np.int64)
+            feeds = {name: _FEEDS[name](ids).astype(dtype) for name, dtype in graph_inputs.items()}
+            for name, x in zip(wanted, ort_guard.run(session, wanted, feeds, path=source, doing="calibrating")):
+                x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+                sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            count += ids.size
+            if bar is not None:
+                bar.update(len(batch))
     if not count:
         raise UsageError(f"calibration text ({text.source}) holds no sentence to run")
     return {weight: Calibration(method, sums[inputs[weight]] / count) for weight, method in methods.items()}

@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-from rbeformat import UsageError
+from rbeformat import UsageError, extras
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 from rbeformat.values import from_float32, to_float32
@@ -252,12 +252,8 @@ def _make_buffers(model, torch) -> None:
 
 
 def import_torch(threads: int | None):
-    """torch and transformers, set to ``threads`` and quiet (UsageError naming the extra without them)."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise UsageError("calibration needs torch and transformers: pip install 'rbe[hf]'") from None
+    """torch and transformers, set to ``threads`` and quiet (MissingExtraError naming the extra without them)."""
+    torch, transformers = extras.CALIBRATION.require()
     if threads:
         torch.set_num_threads(threads)
     # rbe reports its own progress and errors; transformers' load reports would bury them.
