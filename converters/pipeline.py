@@ -37,6 +37,7 @@ from rbeformat.values import to_float32
 from .compress.plan import Statistics, calibrate_for, calibration_methods, choose_chains, mixed_precision, prune_heads
 from .compress.recipe import Policy, lossless_policy, policy_for_model
 from .outputs import check_not_input, check_rbe_output_name, stale_partials_note
+from .progress import NoProgress
 from .sources import TensorSource, is_onnx_input, is_rbe_input, load, open_source
 from .sources.rbe import holds_onnx_model
 
@@ -327,7 +328,7 @@ class Reporter:
         ``resumed(n)`` counts ``n`` done before (not part of the pace), ``label(text)`` says what runs
         now.  ``later`` (seconds per unit -> seconds) predicts the stages after this one; ``expected``
         is this stage's length as predicted before it (its estimate until its first unit is done)."""
-        return _NoBar()
+        return NoProgress()
 
     def bar(self, total: int, desc: str):
         """A stage counting ``total`` bytes."""
@@ -382,23 +383,9 @@ class CallbackReporter(Reporter):
         from .progress import CallbackProgress
 
         if not total:
-            return _NoBar()
+            return NoProgress()
         kw = {"count_format": count_format, "scale": scale, "later": later, "expected": expected}
         return CallbackProgress(self.on_progress, total, desc, unit, **kw)
-
-
-class _NoBar(contextlib.nullcontext):
-    def __enter__(self):
-        return self
-
-    def update(self, n: float = 1) -> None:
-        pass
-
-    def resumed(self, n: float) -> None:
-        pass
-
-    def label(self, text: str) -> None:
-        pass
 
 
 NOT_IN_RESULT = ("force", "resume", "ray", "ray_workers")  # options that leave the bytes as they are

@@ -22,6 +22,7 @@ instead of printing: the Python API's progress (``pipeline.CallbackReporter``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -68,6 +69,22 @@ def progress(
     return LineProgress(
         total, desc, unit, count_format=count_format, scale=scale, announce=announce, later=later, expected=expected
     )
+
+
+class NoProgress(contextlib.nullcontext):
+    """A stage that shows nothing: where no one asked for progress."""
+
+    def __enter__(self):
+        return self
+
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def resumed(self, n: float) -> None:
+        pass
+
+    def label(self, text: str) -> None:
+        pass
 
 
 def clock(seconds: float) -> str:

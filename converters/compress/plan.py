@@ -12,7 +12,6 @@ Writing the container is ``converters/pipeline.py``'s.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from rbeformat.chain import Chain
 from rbeformat.codecs.transpose import Transpose
 from rbeformat.values import from_float32, to_float32
 
+from ..progress import NoProgress
 from .recipe import Policy, Rule
 from .roles import TensorRole
 
@@ -155,7 +155,7 @@ def mixed_precision(
     costs = {name: cost(name, t, rule) for name, (t, rule) in to_score.items()}
     shown = ("block runs", "{n:.0f}/{total:.0f}", 1.0) if model_runs else ("M weights", "{n:.1f}/{total:.1f}", 1e6)
     scores = {name: stats.candidates[name] for name in upgradable if name in stats.candidates}
-    with stage(sum(costs.values()), "score", *shown) if stage else _no_stage() as bar:
+    with stage(sum(costs.values()), "score", *shown) if stage else NoProgress() as bar:
         if model_runs and to_score:
             from .calibrate import torch as calibrate
             from .sensitivity import ModelProbe
@@ -185,23 +185,6 @@ def _probe_cost(roles: dict):
         return (1 + len(rule.upgrades)) * (blocks - start + 1)
 
     return cost
-
-
-class _NoStage(contextlib.nullcontext):
-    """No progress shown: the stage of a caller that gave none."""
-
-    def __enter__(self):
-        return self
-
-    def update(self, n: float = 1) -> None:
-        pass
-
-    def label(self, text: str) -> None:
-        pass
-
-
-def _no_stage():
-    return _NoStage()
 
 
 def prune_heads(plan: TensorSource, policy: Policy, stats) -> tuple[dict[str, np.ndarray], str | None]:
