@@ -427,10 +427,11 @@ def choose_measure(causal: bool, original: str, options: EvalOptions, not_causal
 
 
 def scoring_progress(path: str, total: int, unit: str, options: EvalOptions):
-    """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe"."""
+    """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe".  Its
+    first line comes after ``LINE_SECONDS``, so that a model refused as it loads is the one line."""
     from ..progress import progress
 
-    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet)
+    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet, announce=False)
 
 
 # -- the run ------------------------------------------------------------------------

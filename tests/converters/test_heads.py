@@ -396,7 +396,7 @@ def test_rbe_convert_prunes_heads_and_stores_them_as_slices(tmp_path, capsys):
         )
         == 0
     )
-    assert "pruned 3 of 12 (25.0%) attention heads" in capsys.readouterr().err
+    assert "pruned 3 of 12 (25.0%) attention heads" in capsys.readouterr().out  # a result: stdout
     zero_heads = 0
     with Reader(out) as r:
         for i in range(LAYERS):
