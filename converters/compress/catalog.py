@@ -30,6 +30,7 @@ RECORD = "measured.json"
 EXTRA = "hf"  # pyproject.toml's extra with torch and transformers, which calibration runs
 SUITS_WORDS = {"any": "any", "decoders": "decoder LLMs", "encoders": "sentence encoders"}
 NOT_MEASURED = "not yet measured"
+NOT_FOR_MODEL = "not for this model"  # an encoder-only preset on a decoder: never run there
 LEGEND_WIDTH = 100
 
 
@@ -138,7 +139,8 @@ def catalog_table(entries: list[Entry], record: dict) -> str:
         head += [model["name"]] + [""] * (len(quality) + 1)
         sub += ["b/w", *quality, "time"]
     body = [_cells(e, models) for e in entries]
-    widths = [max(len(row[i]) for row in [sub, *body] if row[i] != NOT_MEASURED) for i in range(len(sub))]
+    spanning = (NOT_MEASURED, NOT_FOR_MODEL)
+    widths = [max(len(row[i]) for row in [sub, *body] if row[i] not in spanning) for i in range(len(sub))]
     widths = _fit_groups(head, widths)
     lines = [_line(head, widths), _line(sub, widths)] + [_line(row, widths) for row in body]
     return "\n".join(lines + [""] + _legend(entries, record) + [""] + _descriptions(entries))
@@ -170,7 +172,8 @@ def _cells(entry: Entry, models: dict) -> list[str]:
         row = entry.measured[key]
         n_quality = 1 if model["family"] == "decoder" else 2
         if row is None:
-            cells += [NOT_MEASURED] + [""] * (n_quality + 1)
+            unsuited = entry.suits == "encoders" and model["family"] == "decoder"
+            cells += [NOT_FOR_MODEL if unsuited else NOT_MEASURED] + [""] * (n_quality + 1)
             continue
         cells += [f"{row['file_bpw']:.3f}", *_quality(row["scores"], model["family"]), _time(row)]
     return cells
@@ -203,6 +206,7 @@ def _legend(entries: list[Entry], record: dict) -> list[str]:
         f"'rbe[{EXTRA}]': torch, transformers).",
         f"{NOT_MEASURED}: the recipe this preset runs on that model has no measurement (changed since the "
         "recorded run, or not run there).",
+        f"{NOT_FOR_MODEL}: a preset for sentence encoders, not run on a decoder LLM.",
     ]
     notes = sorted({r["encode_note"] for e in entries for r in e.measured.values() if r and r.get("encode_note")})
     paragraphs += [f"*: {note}." for note in notes]

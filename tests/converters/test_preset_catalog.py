@@ -14,7 +14,14 @@ from tiny_models import one_error_line, run
 
 from bench.preset_record import MODELS, TABLE_PAGE, table_cells, table_environments, table_rows
 from rbe_converters.cli import main
-from rbe_converters.compress.catalog import NOT_MEASURED, catalog, catalog_table, load_record, measured_row
+from rbe_converters.compress.catalog import (
+    NOT_FOR_MODEL,
+    NOT_MEASURED,
+    catalog,
+    catalog_table,
+    load_record,
+    measured_row,
+)
 from rbe_converters.compress.recipe import (
     SUITS,
     encoder_variant,
@@ -195,6 +202,15 @@ def test_a_recipe_changed_since_the_run_is_not_yet_measured():
     entries = catalog(record)
     line = next(x for x in catalog_table(entries, record).splitlines() if x.startswith("q6 "))
     assert NOT_MEASURED in line and f"{row['file_bpw']:.3f}" not in line.split(NOT_MEASURED)[0]
+
+
+def test_an_encoder_preset_on_a_decoder_says_it_is_not_for_that_model():
+    record = load_record()
+    table = catalog_table(catalog(record), record).splitlines()
+    line = next(x for x in table if x.startswith("encoder-q4 "))
+    decoder_first = list(record["models"].values())[0]["family"] == "decoder"
+    assert decoder_first and line.split("yes", 1)[1].strip().startswith(NOT_FOR_MODEL)
+    assert NOT_MEASURED not in line
 
 
 def test_a_measurement_counts_only_for_the_recipe_it_was_taken_on():

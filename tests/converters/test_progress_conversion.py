@@ -131,3 +131,7 @@ def test_scoring_by_the_models_drift_is_a_stage_counted_in_block_runs(bert, tmp_
     assert any(label.startswith("tensor 2/15: ") and "word_embeddings" in label for label in labels)
     stages = [r.stage for r in seen]
     assert stages.index("calibrate") < stages.index("score") < stages.index("encode")
+    estimating = [r for r in scoring if r.left is not None]  # the blocks' encoding after it, predicted
+    assert estimating and all(r.left_in_all > r.left for r in estimating)
+    first_encode = next(r for r in seen if r.stage == "encode")
+    assert first_encode.done == 0 and first_encode.left is not None  # that prediction, until a block is done
