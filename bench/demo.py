@@ -23,7 +23,7 @@ from bench.models import minilm_dir
 from rbe_converters.decode import decode_to
 from rbe_converters.evaluate.report import human_bytes, info_table, summary_line
 from rbe_converters.pipeline import ConvertOptions, StderrReporter, convert_model
-from rbeformat import Reader
+from rbeformat import MissingExtraError, Reader, extras
 
 DEFAULT_WORKDIR = os.path.join("bench", "out", "demo")  # kept: the user's file to look at next
 
@@ -64,11 +64,32 @@ def run(workdir: str) -> int:
         f"(model.safetensors: {os.path.getsize(os.path.join(src, 'model.safetensors')):,} bytes -> "
         f"{os.path.getsize(out):,} bytes of .rbe including every config and tokenizer file)"
     )
-    print(
-        f"\nthe model (all-MiniLM-L6-v2): {src}\nits .rbe: {out}\ndecoded back: {back}\n"
-        f"next: rbe info {out}   rbe convert {src} q4.rbe --preset q4   rbe eval {src} q4.rbe"
-    )
+    print(f"\nthe model (all-MiniLM-L6-v2): {src}\nits .rbe: {out}\ndecoded back: {back}\n")
+    print("\n".join(next_steps(src, out)))
     return 0
+
+
+def next_steps(src: str, out: str) -> list[str]:
+    """The commands to try next, spelled with the rbe and pip of this Python's environment (the demo's
+    install puts them in .venv/bin, not on the PATH), and the hf extra first where it is missing."""
+    bin_dir = os.path.dirname(sys.executable)
+    rbe, pip = (_shortest(os.path.join(bin_dir, name)) for name in ("rbe", "pip"))
+    lines = ["next:", f"  {rbe} info {out} --summary"]
+    try:
+        extras.CALIBRATION.require()
+    except MissingExtraError:
+        lines.append(
+            f"  {pip} install -e '.[hf]'    # torch and transformers, for calibrated presets and rbe eval "
+            "(the README says how to get torch's CPU build)"
+        )
+    lines += [f"  {rbe} convert {src} q4.rbe --preset q4", f"  {rbe} eval {src} q4.rbe", f"  {rbe} presets"]
+    return lines
+
+
+def _shortest(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
 
 
 def main() -> int:
