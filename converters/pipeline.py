@@ -648,7 +648,12 @@ def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporte
     from . import onnx_export
 
     reporter.info(f"rbe: {input}: exporting the architecture to ONNX with torch")
-    return onnx_export.export_graph(source, options.threads)
+    # One step that can last minutes on a large model: the stage's heartbeat shows its clock meanwhile.
+    with reporter.stage(1, "export", "graph") as bar:
+        bar.label("torch.onnx.export")
+        graph = onnx_export.export_graph(source, options.threads)
+        bar.update(1)
+    return graph
 
 
 # The block by block encoding after a survey takes about this many times the survey's time (q4 on

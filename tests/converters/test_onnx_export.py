@@ -111,6 +111,17 @@ def test_a_lossy_preset_wires_the_compressed_weights(bert, tmp_path):
         assert any(r.entry(tensor).transform is not None for tensor, _, _ in graph_initializers(r).values())
 
 
+def test_the_export_is_a_stage_of_its_own(bert, tmp_path):
+    from rbe_converters.pipeline import CallbackReporter, ConvertOptions, convert_model
+
+    seen = []
+    options = ConvertOptions(onnx=True, threads=1)
+    convert_model(bert[0], str(tmp_path / "e.rbe"), options, CallbackReporter(seen.append))
+    export = [r for r in seen if r.stage == "export"]
+    assert export and any(r.label == "torch.onnx.export" for r in export) and export[-1].done == export[-1].total == 1
+    assert [r.stage for r in seen].index("export") < [r.stage for r in seen].index("convert")
+
+
 def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
     directory, _, tokenizer, path = bert
     text = " ".join(common_words(30)[::3]) + " unheardofword"
