@@ -117,6 +117,7 @@ def export_model(root: str, threads: int | None = None):
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # rbe reports its own progress and errors
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar among rbe's lines
     from rbeformat.embedded import hf_guard
 
     from . import hf_folder

@@ -122,6 +122,14 @@ def test_the_export_is_a_stage_of_its_own(bert, tmp_path):
     assert [r.stage for r in seen].index("export") < [r.stage for r in seen].index("convert")
 
 
+def test_the_export_prints_only_rbe_lines(bert, tmp_path, capsys):
+    transformers.utils.logging.enable_progress_bar()  # as in a fresh process
+    assert main(["convert", bert[0], str(tmp_path / "e.rbe"), "--onnx", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err and all(line.startswith("rbe: ") for line in captured.err.splitlines()), captured.err
+    assert f"{tmp_path / 'e.rbe'}: " in captured.out  # the result line, on stdout
+
+
 def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
     directory, _, tokenizer, path = bert
     text = " ".join(common_words(30)[::3]) + " unheardofword"
