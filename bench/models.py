@@ -14,6 +14,7 @@ transformers and saves an fp32 Hugging Face directory (needs the ``hf`` extra).
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
@@ -106,7 +107,13 @@ PREPARE = {"minilm": minilm_dir, "smollm2": smollm2_dir, "paraphrase-onnx": para
 
 
 def main(argv: list[str]) -> int:
-    for key in argv or list(PREPARE):
+    parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"{', '.join(PREPARE)} (default: all)")
+    keys = parser.parse_args(argv).models or list(PREPARE)
+    unknown = [key for key in keys if key not in PREPARE]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(PREPARE)}")
+    for key in keys:
         print(f"{key}: {PREPARE[key]()}")
     return 0
 

@@ -590,7 +590,7 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
     source = open_source(input)
     policy, note = source.check_policy(policy, calibrating=options.tokenizer is not None)
     if note:  # a changed method, not progress: said even with --quiet
-        reporter.warning(f"warning: {note}")
+        reporter.warning(f"rbe: warning: {note}")
     choose_chains(source, policy)  # refused before the bar appears, as for safetensors
     calibrations = _onnx_calibrations(input, source, policy, options, reporter) if options.tokenizer else None
     with encoders_for(options) as encoders:
@@ -645,6 +645,7 @@ def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporte
             f"{input}: --onnx exports a model's architecture, which needs its directory "
             "(config.json beside the weights), not a single .safetensors file"
         )
+    extras.ONNX_EXPORT.require()  # before onnx_export's imports, which would name a narrower extra
     from . import onnx_export
 
     reporter.info(f"rbe: {input}: exporting the architecture to ONNX with torch")

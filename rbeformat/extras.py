@@ -78,5 +78,19 @@ CALIBRATION = Need(
 )
 # rbe convert model.onnx --tokenizer: the graph runs in ONNX Runtime on the tokenizer's ids.
 ORT_CALIBRATION = Need("rbe convert --tokenizer (calibration in ONNX Runtime)", "ort", ("onnxruntime", "tokenizers"))
+# rbe convert MODEL_DIR --onnx: torch's exporter writes the architecture as an ONNX graph.
+ONNX_EXPORT = Need(
+    "rbe convert --onnx (torch's ONNX exporter)", "hf-onnx", ("torch", "transformers", "onnx", "onnxscript")
+)
 
-NEEDS = (ONNX_GRAPHS, ORT_SESSIONS, ORT_RUN, TOKENIZERS, TORCH_TENSORS, TORCH_MODELS, CALIBRATION, ORT_CALIBRATION)
+NEEDS = (
+    ONNX_GRAPHS,
+    ORT_SESSIONS,
+    ORT_RUN,
+    TOKENIZERS,
+    TORCH_TENSORS,
+    TORCH_MODELS,
+    CALIBRATION,
+    ORT_CALIBRATION,
+    ONNX_EXPORT,
+)

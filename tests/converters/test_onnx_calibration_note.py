@@ -35,7 +35,7 @@ def test_calibration_without_a_tokenizer_says_it_rounds_and_what_to_pass(encoder
     assert main(["convert", src, str(tmp_path / "out.rbe"), "--recipe", recipe, "--quiet"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # one line, even with --quiet
-    assert err.startswith("warning: encoder.onnx: calibration = 'gptq' needs a tokenizer")
+    assert err.startswith("rbe: warning: encoder.onnx: calibration = 'gptq' needs a tokenizer")
     assert "round to nearest instead, which costs quality" in err
     assert err.rstrip().endswith("pass --tokenizer tokenizer.json (or a folder holding one)")
     assert "Hugging Face" not in err

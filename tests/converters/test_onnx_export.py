@@ -130,6 +130,15 @@ def test_the_export_prints_only_rbe_lines(bert, tmp_path, capsys):
     assert f"{tmp_path / 'e.rbe'}: " in captured.out  # the result line, on stdout
 
 
+def test_without_onnxscript_the_error_names_the_hf_onnx_extra(bert, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import now raises ModuleNotFoundError
+    assert main(["convert", bert[0], str(tmp_path / "e.rbe"), "--onnx", "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "rbe convert --onnx" in err[0] and "pip install 'rbe[hf-onnx]'" in err[0], err
+
+
 def test_the_tokenizer_comes_from_the_container(bert, tmp_path):
     directory, _, tokenizer, path = bert
     text = " ".join(common_words(30)[::3]) + " unheardofword"
