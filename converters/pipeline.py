@@ -516,6 +516,24 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
     state = _resume_state(input, output, source, policy, options)
+    if state is not None and not options.resume and state.has_progress():
+        reporter.warning(
+            f"rbe: {output}: starting again, removing what an interrupted run kept in {state.shown()} "
+            "(--resume goes on from it)"
+        )
+    try:
+        return _convert_calibrated(input, output, options, reporter, codec, policy, source, graph, state)
+    except KeyboardInterrupt:  # a signal: say what a rerun can use
+        if state is not None and state.has_progress():
+            reporter.warning(
+                f"rbe: {output}: the work done so far is kept in {state.shown()}; "
+                "the same command with --resume goes on from it"
+            )
+        raise
+
+
+def _convert_calibrated(input, output, options, reporter, codec, policy, source, graph, state) -> list[str]:
+    """``_convert_checkpoint`` once the source is open: calibration (or its resumed state), then the file."""
     with encoders_for(options) as encoders:
         if state is not None and state.start(options.resume):
             reporter.info(f"rbe: {output}: resuming the interrupted conversion")

@@ -146,6 +146,16 @@ class ResumeState:
         head_scores = {int(layer): np.asarray(s) for layer, s in data["head_scores"].items()}
         return Statistics(dict(data["methods"]), kept, candidates, head_scores)
 
+    def has_progress(self) -> bool:
+        """Whether ``--resume`` would skip work: a survey begun, its results kept or a block encoded."""
+        done = ("survey.json", "statistics.json", "block.json")
+        return any(os.path.isfile(os.path.join(self.folder, name)) for name in done)
+
+    def shown(self) -> str:
+        """The folder as a message names it: relative to the working directory when below it."""
+        relative = os.path.relpath(self.folder)
+        return self.folder if relative.startswith("..") else relative
+
     def survey_started(self) -> bool:
         return os.path.isfile(os.path.join(self.folder, "survey.json"))
 

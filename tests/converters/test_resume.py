@@ -7,7 +7,7 @@ import pytest
 from tiny_models import run, saved_llama
 
 from rbe_converters import resume
-from rbe_converters.pipeline import ConvertOptions, convert_model
+from rbe_converters.pipeline import CallbackReporter, ConvertOptions, convert_model
 from rbeformat import UsageError
 
 torch = pytest.importorskip("torch")
@@ -137,6 +137,31 @@ def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tm
     convert_model(directory, out, _options(text))  # without --resume: from the start, the old state cleared
     assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+def test_an_interrupted_run_names_its_state_and_a_plain_rerun_says_it_starts_again(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    warnings = []
+    reporter = CallbackReporter(lambda report: None, on_message=warnings.append)
+    save = resume.ResumeState.save_block
+
+    def save_then_signal(self, index, *args):
+        save(self, index, *args)
+        raise KeyboardInterrupt  # what SIGINT or SIGTERM raises in rbe convert
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.ResumeState, "save_block", save_then_signal)
+        with pytest.raises(KeyboardInterrupt):
+            convert_model(directory, out, _options(text), reporter)
+    folder = os.path.basename(resume.state_dir(out))
+    assert folder in warnings[-1] and "--resume goes on from it" in warnings[-1], warnings
+    warnings.clear()
+    convert_model(directory, out, _options(text), reporter)
+    assert any("starting again" in line and folder in line for line in warnings), warnings
+    warnings.clear()
+    convert_model(directory, str(tmp_path / "other.rbe"), _options(text), reporter)  # nothing was interrupted
+    assert not any(folder in line or "starting again" in line for line in warnings), warnings
 
 
 def test_resume_with_nothing_to_resume_converts(model_dir, tmp_path):
