@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep quantized weights compressed, expanded inside the graph as it runs "
         "(MatMulNBits, GatherBlockQuantized; other weights dense): any onnxruntime session "
-        "opens it; prints which form each weight took",
+        "opens it; prints how many weights took each form",
     )
+    p.add_argument("--forms", action="store_true", help="--on-the-fly: a row per weight, with the form it took")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--no-verify", action="store_true", help="skip checking decoded bytes against their sha256")
     _common(p)
@@ -669,7 +670,7 @@ def cmd_export_onnx(args) -> int:
 
     written, report = export_on_the_fly(args.input, args.output, force=args.force)
     if not args.quiet:
-        print(report)
+        print(report if args.forms else report.forms_line())
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
         print(f"{args.output}: written from {args.input} with weights kept compressed{beside}")
     return EXIT_OK

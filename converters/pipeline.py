@@ -484,9 +484,27 @@ def convert_model(
     _remove_stale_partials(output, reporter)
     with parallel.encoder_threads(options.threads):  # --threads bounds the encoders' threads too
         notes = convert(input, output, options, reporter, codec, policy)
+    if is_rbe_input(input):
+        notes += _lossy_input_note(input, output)
     with Reader(output) as r:
         rows = tensor_rows(r)
         return ConvertResult(r.path, notes, totals(r), larger_than_dense(rows))
+
+
+def _lossy_input_note(input: str, output: str) -> list[str]:
+    """An .rbe input that stores tensors lossily: what the output's quality line compares with."""
+    from .evaluate.report import totals
+    from .inputs import open_rbe
+
+    with open_rbe(input, verify_checksums=False) as r:
+        quality = totals(r)["quality"]
+    if quality.startswith("lossless"):
+        return []
+    lossy = quality.split(";")[0].removeprefix("lossy: ").removesuffix(" via codec chains")
+    return [
+        f"note: {input} stores {lossy} lossily: the quality {output} reports is against its decoded "
+        f"values, not the model it was made from (rbe eval ORIGINAL {output} measures that)"
+    ]
 
 
 def _remove_stale_partials(output: str, reporter: Reporter) -> None:

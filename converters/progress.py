@@ -197,6 +197,8 @@ class LineProgress:
             out += f", about {clock(r.left)} left"
             if r.left_in_all is not None:
                 out += f" ({clock(r.left_in_all)} in all)"
+        elif r.left == 0 and r.done < r.total:  # the estimate ran out before the work did: say so
+            out += ", taking longer than estimated"
         return out
 
     def seconds_per_unit(self) -> float | None:

@@ -41,6 +41,18 @@ class FormReport:
         """The lines under the table."""
         return []
 
+    def forms_line(self) -> str:
+        """One line in place of the table: how many tensors took each kind of form, and the bytes kept."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            kind = row.form.split(" (")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return (
+            f"{len(self.rows)} tensors: {kinds}; {self.resident_bytes:,} bytes resident for "
+            f"{self.dense_bytes:,} dense ({self.ratio:.3f}x)"
+        )
+
     def __str__(self) -> str:
         width = max([len(row.name) for row in self.rows] + [6])
         lines = [f"{'tensor'.ljust(width)}  {'resident':>12}  {'dense':>12}  form"]

@@ -38,9 +38,7 @@ def check_plot_target(path: str, force: bool) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError(
-            "--plot needs matplotlib, which rbe's 'bench' extra installs: pip install 'rbe[bench]'"
-        ) from None
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
     check_target(path, force)
     check_parent(path)
 

@@ -145,7 +145,8 @@ def totals(r: Reader) -> dict:
         if isinstance(row.get("stats", {}).get("rel_error"), (int, float))
     ]
     return {
-        "tensors": len(rows),
+        "tensors": len(model_rows),  # the model's: a codec's shared state is counted apart
+        "internal_tensors": len(rows) - len(model_rows),
         "weights": weights,
         "tensor_bytes": tensor_bytes,
         "tensor_stored_bytes": stored,
@@ -215,7 +216,7 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
     def fmt(cells):
         out = []
         for i, (cell, w) in enumerate(zip(cells, widths)):
-            cell = cell if len(cell) <= w else "..." + cell[-(w - 3) :]
+            cell = _clip(cell, w, keep_start=i == 4)
             out.append(cell.ljust(w) if i < 5 or i == 8 else cell.rjust(w))
         return "  ".join(out)
 
@@ -252,10 +253,18 @@ def codec_table(rows: list[dict]) -> list[str]:
     widths[0] = min(widths[0], 70)
 
     def fmt(cells):
-        cells = [c if len(c) <= w else "..." + c[-(w - 3) :] for c, w in zip(cells, widths)]
+        cells = [_clip(c, w, keep_start=i == 0) for i, (c, w) in enumerate(zip(cells, widths))]
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+
+
+def _clip(cell: str, width: int, keep_start: bool) -> str:
+    """``cell`` cut to ``width`` with "...": a codec chain keeps its start (the codec's name comes first),
+    a tensor name its end (the layer and the weight)."""
+    if len(cell) <= width:
+        return cell
+    return cell[: width - 3] + "..." if keep_start else "..." + cell[-(width - 3) :]
 
 
 def summary_lines(r: Reader) -> list[str]:
@@ -263,7 +272,8 @@ def summary_lines(r: Reader) -> list[str]:
     t = totals(r)
     return [
         f"format {r.version[0]}.{r.version[1]}, written by {r.manifest.producer}",
-        f"{t['tensors']} tensors, {t['weights']:,} weights, {human_bytes(t['tensor_bytes'])} as stored dtypes",
+        f"{t['tensors']} tensors, {t['weights']:,} weights, {human_bytes(t['tensor_bytes'])} as stored dtypes"
+        + (f" (and {_count(t['internal_tensors'], 'codec state')})" if t["internal_tensors"] else ""),
         f"file {human_bytes(t['file_bytes'])} (tensors {human_bytes(t['tensor_stored_bytes'])}, "
         f"files {human_bytes(t['embedded_file_bytes'])}, header/manifest/padding {human_bytes(t['overhead_bytes'])})",
         f"ratio {t['ratio']:.4f} (tensor bytes / file size), {t['bits_per_weight']:.3f} bits per weight "

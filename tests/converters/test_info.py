@@ -35,3 +35,12 @@ def test_summary_prints_the_totals_and_a_row_per_codec_not_a_row_per_tensor(tmp_
     codec_row = next(line for line in out.splitlines() if line.startswith("byteplane"))
     assert codec_row.split()[1:3] == ["4", "128"]  # 4 tensors, 128 weights
     assert "bits per weight over the whole file" in out
+
+
+def test_a_long_codec_chain_is_cut_at_its_end_keeping_the_codecs_name():
+    from rbe_converters.evaluate.report import codec_table
+
+    chain = "posdct(keep=0.999, coeffs=gquant(bits=8, group=64, mode=asym, scale=f16), tail=" + "x" * 60 + ")"
+    row = {"codec": chain, "internal": False, "shape": [512, 384], "stored_bytes": 1000}
+    line = codec_table([row])[2]
+    assert line.startswith("posdct(keep=0.999") and line.split("  ")[0].endswith("...")

@@ -71,6 +71,21 @@ def test_nothing_to_count_prints_nothing_and_a_first_sliver_gets_no_estimate(mon
     assert "about 3:02 left" in capsys.readouterr().err
 
 
+def test_a_stage_past_its_estimate_says_so_rather_than_dropping_it(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = progress.LineProgress(6, "encode", "blocks", expected=27.0)  # predicted by the stage before
+    clock.now += 12
+    bar.label("block 1/6: running it")
+    assert "about 0:15 left" in capsys.readouterr().err
+    clock.now += 30
+    bar.label("block 1/6: encoding mlp.down_proj")
+    assert capsys.readouterr().err.endswith("0:42 elapsed, taking longer than estimated\n")
+    clock.now += 20
+    bar.update(6)
+    assert "longer" not in capsys.readouterr().err  # done: nothing left to estimate
+
+
 def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(monkeypatch, capsys):
     clock = _Clock()
     monkeypatch.setattr(progress.time, "monotonic", clock)

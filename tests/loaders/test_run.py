@@ -184,6 +184,17 @@ def test_a_container_without_a_graph_is_refused(bert, tmp_path, capsys):
         run.embed(bare, ["some text"])
 
 
+def test_a_container_of_a_bare_onnx_file_is_refused_with_the_session_to_use(bert, tmp_path, capsys):
+    with_graph = bert[3]
+    bare_onnx, converted = str(tmp_path / "m.onnx"), str(tmp_path / "m.rbe")
+    assert main(["decode", with_graph, bare_onnx, "--quiet"]) == 0
+    assert main(["convert", bare_onnx, converted, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", converted, "some text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rbe_loaders.ort.session(" in err and "bare .onnx" in err
+
+
 def test_the_wrong_kind_of_model_is_refused(bert, llama):
     with pytest.raises(UsageError, match="encoder"):
         run.generate(bert[3], PROMPT, 2)
