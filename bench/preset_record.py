@@ -53,9 +53,7 @@ SHARED_CORES = "measured while another benchmark shared the cores"
 ENVIRONMENT = ("cpu_count", "python", "torch", "transformers", "device", "dtype", "date")
 DEVICE, DTYPE = "CPU", "float32"
 # The source of rows transcribed from the docs table (rbe presets prints it as "Measured by ...").
-TABLE_SOURCE = (
-    'python -m bench.presets, its "Measured presets" table in docs/measurements.md (its presets.json was not kept)'
-)
+TABLE_SOURCE = 'python -m bench.presets (its rows as the "Measured presets" table of docs/measurements.md gives them)'
 
 
 def reference_models(rows: list[dict], source: str, environment: dict, protocols: dict) -> dict:
@@ -151,6 +149,11 @@ def environment_from_line(line: str) -> dict:
     return {key: known[key] for key in ENVIRONMENT}
 
 
+# The scores a record keeps, in the order the table prints them (a run also has the changes against
+# the original, which the table leaves out).
+SCORES = ("perplexity", "perplexity_change_pct", "mean_cosine", "nn_agreement")
+
+
 def _run_row(row: dict) -> dict:
     return {
         "model": row["model"],
@@ -161,7 +164,7 @@ def _run_row(row: dict) -> dict:
         "file_bpw": row["file_bpw"],
         "file_mb": row["file_bytes"] / 1e6,
         "ratio": row["ratio"],
-        "scores": row["scores"],
+        "scores": {k: v for k, v in row["scores"].items() if k in SCORES},
         "exact_share": row["exact_share"] if row["model"] == "smollm2" else None,
         "encode_s": row["encode_s"],
         "encode_note": "",

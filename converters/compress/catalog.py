@@ -216,7 +216,9 @@ def _legend(entries: list[Entry], record: dict) -> list[str]:
         paragraphs.append(
             f"On an encoder (config.json: a BERT-family model) {shown}; an .onnx input keeps the level's own recipe."
         )
-    paragraphs += [f"Measured by {s}." for s in sorted({m["source"] for m in record["models"].values()})]
+    for model in record["models"].values():
+        date = model["environment"].get("date")
+        paragraphs.append(f"{model['name']}: measured {f'on {date} ' if date else ''}by {model['source']}.")
     return [line for p in paragraphs for line in textwrap.wrap(p, LEGEND_WIDTH)]
 
 
