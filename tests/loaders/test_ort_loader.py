@@ -218,11 +218,11 @@ def test_export_without_on_the_fly_is_the_dense_decode(tmp_path):
 def test_export_prints_one_line_of_forms_and_a_row_per_weight_when_asked(tmp_path, capsys):
     path = convert(tmp_path, linear_model(100, 24, 64), quantized_rules(4, 32, "asym"))
     capsys.readouterr()
-    assert run(["export-onnx", path, str(tmp_path / "a.onnx"), "--on-the-fly"]) == 0
+    assert main(["export-onnx", path, str(tmp_path / "a.onnx"), "--on-the-fly"]) == 0
     first, *rest = capsys.readouterr().out.splitlines()
     assert "tensors: " in first and "MatMulNBits" in first and "dense (" in first
     assert len(rest) == 1 and rest[0].startswith(str(tmp_path / "a.onnx"))  # then the result line
-    assert run(["export-onnx", path, str(tmp_path / "b.onnx"), "--on-the-fly", "--forms"]) == 0
+    assert main(["export-onnx", path, str(tmp_path / "b.onnx"), "--on-the-fly", "--forms"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["tensor", "resident", "dense"] and len(table) > 3
 
