@@ -541,11 +541,14 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         )
     try:
         return _convert_calibrated(input, output, options, reporter, codec, policy, source, graph, state)
-    except KeyboardInterrupt:  # a signal: say what a rerun can use
-        if state is not None and state.has_progress():
+    except BaseException as exc:
+        if state is not None and not state.has_progress():
+            state.clear()  # nothing a rerun could go on from: leave nothing behind
+        elif state is not None and isinstance(exc, KeyboardInterrupt):  # a signal: say what a rerun can use
             reporter.warning(
-                f"rbe: {output}: the work done so far is kept in {state.shown()}; "
-                "the same command with --resume goes on from it"
+                f"rbe: {output}: the calibration and the blocks encoded so far are kept in {state.shown()} "
+                "(mixed precision scored on the model is scored again); the same command with --resume "
+                "goes on from it"
             )
         raise
 

@@ -156,12 +156,26 @@ def test_an_interrupted_run_names_its_state_and_a_plain_rerun_says_it_starts_aga
             convert_model(directory, out, _options(text), reporter)
     folder = os.path.basename(resume.state_dir(out))
     assert folder in warnings[-1] and "--resume goes on from it" in warnings[-1], warnings
+    assert "calibration and the blocks encoded so far" in warnings[-1]
     warnings.clear()
     convert_model(directory, out, _options(text), reporter)
     assert any("starting again" in line and folder in line for line in warnings), warnings
     warnings.clear()
     convert_model(directory, str(tmp_path / "other.rbe"), _options(text), reporter)  # nothing was interrupted
     assert not any(folder in line or "starting again" in line for line in warnings), warnings
+
+
+def test_a_run_that_fails_before_any_progress_leaves_no_state(model_dir, tmp_path, monkeypatch):
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+
+    def no_torch(*args, **kwargs):
+        raise UsageError("calibrated encoding needs torch")  # as a missing extra stops it
+
+    monkeypatch.setattr("rbe_converters.pipeline._calibrations", no_torch)
+    with pytest.raises(UsageError):
+        convert_model(directory, out, _options(text))
+    assert not os.path.exists(resume.state_dir(out)) and os.listdir(tmp_path) == []
 
 
 def test_resume_with_nothing_to_resume_converts(model_dir, tmp_path):
