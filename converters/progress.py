@@ -23,6 +23,7 @@ instead of printing: the Python API's progress (``pipeline.CallbackReporter``).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -48,6 +49,17 @@ class ProgressReport:
     left_in_all: float | None  # with the stages after it, where they are known
 
 
+def terminal_columns() -> int:
+    """stderr's width when it is a terminal, else 0 (a pty that reports a 0 x 0 size gets no bar from
+    tqdm at all: lines show there instead)."""
+    if not sys.stderr.isatty():
+        return 0
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 def progress(
     total: float,
     desc: str,
@@ -64,7 +76,7 @@ def progress(
     that encodes none block by block).  ``announce``: a log's first line when the stage starts."""
     if quiet or not total:
         return LineProgress(total, desc, unit, silent=True)
-    if sys.stderr.isatty():
+    if terminal_columns() > 0:  # a bar; a log, or a terminal that reports no width, gets lines
         return _Bar(total, desc, unit, count_format, scale)
     return LineProgress(
         total, desc, unit, count_format=count_format, scale=scale, announce=announce, later=later, expected=expected

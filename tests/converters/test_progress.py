@@ -1,5 +1,7 @@
 """Progress on stderr: plain lines in a log, at most one every LINE_SECONDS, with an estimate."""
 
+import os
+
 from rbe_converters import progress
 
 
@@ -45,7 +47,16 @@ def test_quiet_progress_prints_nothing(monkeypatch, capsys):
 
 def test_a_bar_on_a_terminal_and_lines_in_a_log(monkeypatch):
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    assert progress.terminal_columns() == 0
     assert isinstance(progress.progress(5, "encode", "blocks"), progress.LineProgress)
+
+
+def test_a_terminal_that_reports_no_width_gets_lines_not_an_invisible_bar(monkeypatch):
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    assert isinstance(progress.progress(5, "encode", "blocks"), progress.LineProgress)
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: os.terminal_size((120, 40)))
+    assert not isinstance(progress.progress(5, "encode", "blocks"), progress.LineProgress)
 
 
 def test_a_calibration_stage_announces_itself_in_a_log(monkeypatch, capsys):
@@ -107,7 +118,7 @@ def test_the_estimate_leaves_out_the_setup_and_a_resumed_runs_earlier_blocks(mon
 
 
 def test_a_terminal_bar_counts_a_resumed_runs_blocks_apart_from_its_rate(monkeypatch):
-    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(progress, "terminal_columns", lambda: 120)
     with progress.progress(32, "encode", "blocks") as bar:
         bar.resumed(10)
         assert bar.bar.n == 10 and bar.bar.initial == 10  # tqdm's rate counts from initial
