@@ -249,7 +249,16 @@ class ResumeState:
 def _difference(found: dict, wanted: dict) -> str:
     for field in ("rbe", "options", "files", "state"):
         if found.get(field) != wanted.get(field):
-            return {"rbe": "another rbe version", "options": "other options", "files": "other input files"}.get(
-                field, "another state format"
-            )
+            if field == "options":
+                return "other options" + _options_named(found.get(field), wanted.get(field))
+            return {"rbe": "another rbe version", "files": "other input files"}.get(field, "another state format")
     return "a different key"
+
+
+def _options_named(found, wanted) -> str:
+    """ " (threads: 2, not 1)" for the options that differ, when both are readable dicts."""
+    if not isinstance(found, dict) or not isinstance(wanted, dict):
+        return ""
+    names = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
+    shown = "; ".join(f"{k}: {found.get(k)!r}, not {wanted.get(k)!r}" for k in names[:3])
+    return f" ({shown})" if shown else ""

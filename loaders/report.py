@@ -47,7 +47,7 @@ class FormReport:
         for row in self.rows:
             kind = row.form.split(" (")[0]
             counts[kind] = counts.get(kind, 0) + 1
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         return (
             f"{len(self.rows)} tensors: {kinds}; {self.resident_bytes:,} bytes resident for "
             f"{self.dense_bytes:,} dense ({self.ratio:.3f}x)"

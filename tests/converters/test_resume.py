@@ -193,7 +193,9 @@ def test_rbe_convert_resume_refusal_is_one_line_with_exit_2(model_dir, tmp_path,
     _interrupted(monkeypatch, directory, out, text, block=0)
     argv = ["convert", directory, out, "--preset", "q4", "--calibration", text, "--threads", "1", "--resume"]
     assert run([*argv, "--calibration-windows", "1", "--quiet"]) == 2
-    assert "--resume: the interrupted conversion had other options; run without" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "--resume: the interrupted conversion had other options (" in line and "; run without" in line
+    assert "calibration_windows: 2, not 1" in line, line
     assert run([*argv, "--calibration-windows", "2", "--quiet"]) == 0  # the same options: resumed
     assert os.path.exists(out) and not os.path.exists(resume.state_dir(out))
 
