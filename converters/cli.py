@@ -753,6 +753,8 @@ def cmd_eval(args) -> int:
     print(json.dumps(result, indent=2) if args.json else eval_table(result))
     if args.plot:
         write_plot(result, args.plot, args.force)
+        if not args.json:  # --json keeps stdout one JSON document
+            print(f"wrote {args.plot}")
     return EXIT_OK
 
 

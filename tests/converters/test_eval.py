@@ -225,7 +225,7 @@ def test_eval_plot_writes_a_png_with_a_panel_per_figure(tiny, capsys, tmp_path):
     argv = [directory, lossless, lossy, "--sentences", tiny["sentences"]]
     assert main(["eval", *argv, "--plot", str(plot), "--quiet"]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    capsys.readouterr()
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {plot}"  # the table, then where the plot is
     assert run(["eval", directory, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 4
     assert "--force" in one_error_line(capsys)
     result = _eval_json(capsys, argv)
