@@ -493,14 +493,18 @@ def convert_model(
 
 def _lossy_input_note(input: str, output: str) -> list[str]:
     """An .rbe input that stores tensors lossily: what the output's quality line compares with."""
-    from .evaluate.report import totals
+    import math
+
+    from .evaluate.report import tensor_rows
     from .inputs import open_rbe
 
     with open_rbe(input, verify_checksums=False) as r:
-        quality = totals(r)["quality"]
-    if quality.startswith("lossless"):
+        rows = [row for row in tensor_rows(r) if not row["internal"]]
+    lossy_rows = [row for row in rows if not row["quality"].startswith(("lossless", "exact"))]
+    if not lossy_rows:
         return []
-    lossy = quality.split(";")[0].removeprefix("lossy: ").removesuffix(" via codec chains")
+    weights = sum(math.prod(row["shape"]) for row in lossy_rows)
+    lossy = f"{len(lossy_rows)} tensors ({weights:,} weights)"
     return [
         f"note: {input} stores {lossy} lossily: the quality {output} reports is against its decoded "
         f"values, not the model it was made from (rbe eval ORIGINAL {output} measures that)"
