@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help=".onnx input: a tokenizer.json (or a folder holding one) to calibrate with in ONNX "
-        "Runtime; without it, calibrated rules round to nearest",
+        help=".onnx input: the model's tokenizer.json (or a folder holding one), embedded in the output "
+        "for eval and the loaders, and to calibrate with in ONNX Runtime; without it (or one an .rbe input "
+        "carries), calibrated rules round to nearest",
     )
     p.add_argument(
         "--max-ratio",
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         metavar="PATH",
         help="ONNX models: a tokenizer.json (or a folder holding one) of the model (default: one the "
-        "original or a compressed .rbe carries); an .onnx file carries none",
+        "original or a compressed .rbe carries, as convert --tokenizer embeds it); an .onnx file carries none",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (the results still print on stdout)")
     p.add_argument(

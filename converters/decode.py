@@ -375,16 +375,22 @@ def decode_onnx(
 
 def _write_onnx_directory(r: Reader, dst: str, force: bool, verify: bool, progress) -> list[str]:
     """The ONNX model of a container converted from an .onnx file, written into the directory ``dst`` as
-    ``decode_onnx`` writes it to a file; returns the files of an existing directory kept."""
+    ``decode_onnx`` writes it to a file, with the files embedded beside the graph (the tokenizer.json of
+    ``rbe convert --tokenizer``); returns the files of an existing directory kept."""
     name = onnx_file_name(r)
     model, initializers, inline = _dense_graph(r, verify, INLINE_LIMIT)
-    with atomic_directory(dst, force, [name] if inline else [name, name + ".data"]) as out:
+    graph_file = r.metadata()[GRAPH_KEY]
+    beside = sorted(path for path in r.files() if path not in (graph_file, name, name + ".data"))
+    with atomic_directory(dst, force, [name, *beside] if inline else [name, name + ".data", *beside]) as out:
         if inline:
             with out.create(name) as fh:
                 _write_inline(r, model, initializers, fh, verify, progress)
         else:
             with out.create(name) as model_fh, out.create(name + ".data") as data_fh:
                 _write_external(r, model, initializers, model_fh, data_fh, name + ".data", verify, progress)
+        for path in beside:
+            with out.create(path) as fh:
+                _write_file(r, path, fh.write, verify)
     return out.kept()
 
 

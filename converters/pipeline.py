@@ -437,7 +437,7 @@ class ConvertOptions:
     preset: str | None = None
     calibration: str | None = None  # a text file
     calibration_windows: int = 32
-    tokenizer: str | None = None  # .onnx input: calibrate in ONNX Runtime with it
+    tokenizer: str | None = None  # .onnx input: embedded, and calibrates in ONNX Runtime
     onnx: bool = False  # model directories: also store the architecture as an ONNX graph
     threads: int | None = None
     resume: bool = False  # go on from the state an interrupted calibrated conversion left
@@ -631,11 +631,17 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
     """An .onnx file: its graph and initializers (``sources/onnx.py``), or an .rbe file converted from one
     (``sources/rbe.py``), calibrated in ONNX Runtime with a tokenizer (``compress/calibrate/ort.py``)."""
     source = open_source(input)
-    policy, note = source.check_policy(policy, calibrating=options.tokenizer is not None)
+    tokenizer = _onnx_tokenizer(input, source, options)
+    policy, note = source.check_policy(policy, calibrating=tokenizer is not None)
     if note:  # a changed method, not progress: said even with --quiet
         reporter.warning(f"rbe: warning: {note}")
     choose_chains(source, policy)  # refused before the bar appears, as for safetensors
-    calibrations = _onnx_calibrations(input, source, policy, options, reporter) if options.tokenizer else None
+    methods = calibration_methods(source, policy, check_encoders=False) if tokenizer else {}
+    if methods:
+        extras.ORT_CALIBRATION.require()  # before the run's first line
+    if options.tokenizer is not None:
+        reporter.info(f"rbe: {input}: embedding the tokenizer {options.tokenizer} as tokenizer.json")
+    calibrations = _onnx_calibrations(input, source, methods, options, reporter, tokenizer) if tokenizer else None
     with encoders_for(options) as encoders:
         return convert(
             input,
@@ -659,17 +665,37 @@ def calibration_text(options: ConvertOptions):
     return calibrate.CalibrationText(text.text, text.source, text.window, options.calibration_windows)
 
 
-def _onnx_calibrations(input: str, source, policy, options: ConvertOptions, reporter: Reporter) -> dict:
-    """--tokenizer: the calibrated rules' statistics from ONNX Runtime runs (``calibrate/ort.py``)."""
+def _onnx_tokenizer(input: str, source, options: ConvertOptions) -> tuple[bytes, str] | None:
+    """(tokenizer.json's bytes, where they came from) for an ONNX model: --tokenizer's, which the output
+    embeds (in place of one an .rbe input carries), else the one an .rbe input carries; None without
+    either.  It calibrates the model and lets eval, a re-encoding and the loaders find it later."""
+    from .sources.onnx import TOKENIZER_FILE, read_tokenizer_file
+
+    if options.tokenizer is not None:
+        data = read_tokenizer_file(options.tokenizer)
+        source.added_files[TOKENIZER_FILE] = data
+        return data, options.tokenizer
+    if TOKENIZER_FILE in source.embedded_files():  # an .rbe converted from ONNX with --tokenizer
+        return source.reader.read_file(TOKENIZER_FILE), f"{input} (its {TOKENIZER_FILE})"
+    return None
+
+
+def _onnx_calibrations(
+    input: str, source, methods: dict, options: ConvertOptions, reporter: Reporter, tokenizer
+) -> dict:
+    """The statistics of the calibrated rules' ``methods`` from ONNX Runtime runs (``calibrate/ort.py``),
+    with ``tokenizer`` (``_onnx_tokenizer``'s)."""
     from .compress.calibrate import ort as onnx_calibrate
     from .sources.onnx import filled_model
 
-    methods = calibration_methods(source, policy, check_encoders=False)
     if not methods:
         return {}
-    tokenizer = onnx_calibrate.load_tokenizer(options.tokenizer)
+    data, where = tokenizer
     text = calibration_text(options)
-    reporter.info(f"rbe: {input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}")
+    reporter.info(
+        f"rbe: {input}: calibrating {len(methods)} weights in ONNX Runtime on {text.source}, tokenized by {where}"
+    )
+    tokenizer = onnx_calibrate.tokenizer_from_json(data, where)
     stage = lambda total: reporter.stage(total, "calibrate", "sentences")  # noqa: E731
     return onnx_calibrate.collect(filled_model(source), methods, text, tokenizer, options.threads, input, stage)
 

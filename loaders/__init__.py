@@ -33,7 +33,8 @@ def tokenizer(path):
     with Reader(path) as r:
         if TOKENIZER_FILE not in r.files():
             raise UsageError(
-                f"{path}: holds no {TOKENIZER_FILE} (convert the model's directory with its tokenizer files in it)"
+                f"{path}: holds no {TOKENIZER_FILE} (convert the model's directory with its tokenizer files in "
+                "it, or an .onnx file with --tokenizer)"
             )
         data = r.read_file(TOKENIZER_FILE)
     try:

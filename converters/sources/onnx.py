@@ -13,7 +13,10 @@ files beside the model.  The container keeps them apart:
   groups along the input axis (``compress.plan.input_axis_grouped``);
 * the ModelProto with those initializers' data removed (name, dims and type kept)
   becomes the embedded file ``GRAPH_PATH``, named by the metadata key
-  ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX models").
+  ``GRAPH_KEY`` (spec/rbe-v1.md, "ONNX models");
+* the model's tokenizer, when the user names one (``--tokenizer``), becomes the
+  embedded file ``tokenizer.json`` (``read_tokenizer_file``), so that ``rbe eval``,
+  a re-encoding and a loader find it without being told again.
 
 Decoding back to an .onnx file is ``converters/decode.py``'s.  External data is
 read here, never by onnx, and only from paths checked to stay inside the model's
@@ -126,6 +129,7 @@ class OnnxSource:
     roles: dict[str, TensorRole]
     external_files: set[str] = field(default_factory=set)
     path: str = ""  # the input as given
+    added_files: dict[str, bytes] = field(default_factory=dict)  # --tokenizer's tokenizer.json
     transformers_model = False
     roles_from_graph = True
     _by_name: dict = field(default_factory=dict, repr=False)
@@ -162,7 +166,7 @@ class OnnxSource:
         return None
 
     def embedded_files(self) -> list[str]:
-        return []  # the graph is the model itself
+        return list(self.added_files)  # the graph is the model itself, and not listed
 
     def check_output(self, destination: str) -> None:
         target = os.path.realpath(destination)
@@ -173,7 +177,7 @@ class OnnxSource:
         return check_policy(self, policy, calibrating)
 
     def add_entries(self, w: Writer, add_tensor: AddTensor) -> dict[str, str]:
-        """Every initializer, then the stripped graph; the metadata that names it."""
+        """Every initializer, then the stripped graph and any added file; the metadata that names the graph."""
         for init in self.initializers:
             read_at, close = init.reader()
             try:
@@ -181,6 +185,8 @@ class OnnxSource:
             finally:
                 close()
         w.add_file(GRAPH_PATH, self.graph)
+        for path, data in self.added_files.items():
+            w.add_file(path, data)
         return {GRAPH_KEY: GRAPH_PATH, SOURCE_KEY: self.source}
 
 
@@ -434,6 +440,47 @@ def _linear_role_by_name(module: str, init: Initializer, input_last: bool) -> st
 
 
 TOKENIZER_OPTION = "--tokenizer tokenizer.json (or a folder holding one)"
+TOKENIZER_FILE = "tokenizer.json"  # the name a tokenizer is embedded under, as in a Hugging Face directory
+MAX_TOKENIZER_BYTES = 1 << 28  # the largest tokenizer.json known is a few tens of MB
+
+
+def read_tokenizer_file(path: str) -> bytes:
+    """The bytes of ``--tokenizer`` (a tokenizer.json, or a folder holding one) to embed: a JSON object
+    of at most ``MAX_TOKENIZER_BYTES``; InputError naming the path otherwise.
+
+    The path is the user's; a folder's tokenizer.json may not be a link out of the folder
+    (``links.check_link``), as a model directory's files may not.
+    """
+    import json
+
+    from ..links import check_link
+
+    if not os.path.exists(path):
+        raise InputError(
+            f"{path}: no such file or folder (--tokenizer takes a tokenizer.json, or a folder holding one)"
+        )
+    file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise InputError(
+            f"{path}: holds no tokenizer.json (--tokenizer takes a tokenizer.json, or a folder holding one)"
+        )
+    if file != path:
+        check_link(file, path)
+    size = os.path.getsize(file)
+    if size > MAX_TOKENIZER_BYTES:
+        raise InputError(f"{file}: {size} bytes, more than a tokenizer.json holds ({MAX_TOKENIZER_BYTES} at most)")
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read(MAX_TOKENIZER_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{file}: cannot read ({exc.strerror})") from None
+    try:
+        parsed = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{file}: not a tokenizer.json (not valid JSON: {str(exc)[:100]})") from None
+    if not isinstance(parsed, dict) or "model" not in parsed:
+        raise InputError(f'{file}: not a tokenizer.json (a JSON object with a "model" member)')
+    return data
 
 
 def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:
@@ -463,8 +510,8 @@ def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) ->
     if rounds:
         methods = " and ".join(repr(c) for c in calibrated)
         notes.append(
-            f"calibration = {methods} needs a tokenizer to run the model on text, and an .onnx file carries "
-            "none: those rules round to nearest instead, which costs quality"
+            f"calibration = {methods} needs a tokenizer to run the model on text, and none was given or "
+            "embedded: those rules round to nearest instead, which costs quality"
             + ("; mixed precision picks its upgrades by weight error alone" if policy.budget_bits else "")
             + f"; to calibrate in ONNX Runtime, pass {TOKENIZER_OPTION}"
         )

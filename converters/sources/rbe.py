@@ -133,6 +133,7 @@ class RbeSource:
         self._reads = ContainerTensors(reader, self._tensors)
         self._root: ContainerModel | None = None
         self._roles: dict[str, TensorRole] | None = None
+        self.added_files: dict[str, bytes] = {}  # --tokenizer's tokenizer.json, in place of the container's
 
     @property
     def root(self) -> ContainerModel:
@@ -202,7 +203,8 @@ class RbeSource:
         return config
 
     def embedded_files(self) -> list[str]:
-        return [path for path, f in self.reader.files().items() if f.role != SAFETENSORS_HEADER]
+        kept = [path for path, f in self.reader.files().items() if f.role != SAFETENSORS_HEADER]
+        return kept + [path for path in self.added_files if path not in kept]
 
     def check_output(self, destination: str) -> None:
         from ..outputs import check_not_input
@@ -217,7 +219,8 @@ class RbeSource:
         return policy, None  # transformers runs the model: every rule keeps its method
 
     def add_entries(self, w: Writer, add_tensor: AddTensor) -> dict[str, str]:
-        """Each tensor decoded, one at a time; the graph's constants; every file; the input's metadata."""
+        """Each tensor decoded, one at a time; the graph's constants; every file (an added one in place of
+        the container's of that name); the input's metadata."""
         for t in self._tensors:
             data = self.reader.tensor_bytes(t.name)
             add_tensor(t, lambda o, n, data=data: data[o : o + n])
@@ -229,9 +232,11 @@ class RbeSource:
         for path, entry in self.reader.files().items():
             if entry.role == SAFETENSORS_HEADER:
                 w.add_safetensors_layout(path, self.reader.read_file(path), entry.tensors)
-            else:
+            elif path not in self.added_files:
                 size = entry.blob.items
                 w.add_file(path, read_at=SequentialRead(lambda p=path: self.reader.iter_file(p), size), size=size)
+        for path, data in self.added_files.items():
+            w.add_file(path, data)
         return self.reader.metadata()
 
 

@@ -16,7 +16,6 @@ else (a KV cache) are refused: calibrate them from their Hugging Face checkpoint
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 
@@ -36,23 +35,24 @@ _FEEDS = {
 
 
 def load_tokenizer(path: str):
-    """A ``tokenizers.Tokenizer`` from a tokenizer.json, or a folder holding one."""
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json, or a folder holding one (checked as
+    ``sources.onnx.read_tokenizer_file`` checks what it embeds)."""
+    extras.ORT_CALIBRATION.require()
+    from ...sources.onnx import read_tokenizer_file
+
+    return tokenizer_from_json(read_tokenizer_file(path), path)
+
+
+def tokenizer_from_json(data: bytes, where: str):
+    """A ``tokenizers.Tokenizer`` from the bytes of a tokenizer.json; InputError naming ``where`` when the
+    tokenizers package cannot build one."""
     extras.ORT_CALIBRATION.require()
     from tokenizers import Tokenizer
 
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.exists(path):
-        raise InputError(
-            f"{path}: no such file or folder (--tokenizer takes a tokenizer.json, or a folder holding one)"
-        )
-    if not os.path.isfile(file):
-        raise InputError(
-            f"{path}: holds no tokenizer.json (--tokenizer takes a tokenizer.json, or a folder holding one)"
-        )
     try:
-        return Tokenizer.from_file(file)
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # the library raises its own exception types for unreadable files
-        raise InputError(f"{file}: not a tokenizer.json the tokenizers package reads ({str(exc)[:160]})") from None
+        raise InputError(f"{where}: not a tokenizer.json the tokenizers package reads ({str(exc)[:160]})") from None
 
 
 def collect(
