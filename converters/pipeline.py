@@ -530,6 +530,8 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     (``sources/rbe.py``), calibrated with torch."""
     source = open_source(input)
     policy, resolved = policy_for_model(policy, source.config)  # --preset q4 on an encoder: encoder-q4
+    if calibration_methods(source, policy):
+        extras.CALIBRATION.require()  # a missing extra is the run's only line
     if resolved:
         reporter.info(resolved)
     files = source.embedded_files()
