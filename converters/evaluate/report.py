@@ -193,7 +193,7 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
     summary; with ``summary_only`` the summary and a row per codec."""
     rows = sorted(tensor_rows(r), key=lambda row: name_order(row["name"]))
     if summary_only:
-        return "\n".join(codec_table(rows) + [""] + summary_lines(r))
+        return "\n".join(["by codec chain, largest stored first:"] + codec_table(rows) + [""] + summary_lines(r))
     head = ("tensor", "dtype", "shape", "role", "codec", "stored", "ratio", "bits/w", "quality")
     body = [
         (
@@ -222,7 +222,7 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
 
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
     t = totals(r)
-    lines += ["", f"files: {len(r.manifest.files)} embedded ({human_bytes(t['embedded_file_bytes'])} stored)"]
+    lines += ["", f"files: {_files_count(r)} ({human_bytes(t['embedded_file_bytes'])} stored)"]
     for f in sorted(r.manifest.files.values(), key=lambda f: f.path):
         lines.append(f"  {f.path}  ({f.role}, {human_bytes(f.blob.items)} -> {human_bytes(_stored(f.blob))})")
     larger = larger_than_dense(rows)
@@ -233,6 +233,18 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
             "bytes than the dense tensor would take",
         ]
     return "\n".join(lines + [""] + summary_lines(r))
+
+
+def _files_count(r: Reader) -> str:
+    """How many files the container embeds, by role where there are several ("13 embedded: 12 file,
+    1 safetensors-header"), so that a count a conversion printed for the directory's files adds up."""
+    roles: dict[str, int] = {}
+    for f in r.manifest.files.values():
+        roles[f.role] = roles.get(f.role, 0) + 1
+    count = f"{len(r.manifest.files)} embedded"
+    if len(roles) < 2:
+        return count
+    return count + ": " + ", ".join(f"{n} {role}" for role, n in sorted(roles.items()))
 
 
 def codec_table(rows: list[dict]) -> list[str]:

@@ -1,5 +1,7 @@
 """``rbe info``: rows in the same order for every file of a model, and a summary without them."""
 
+import os
+
 import numpy as np
 from tiny_models import run
 
@@ -44,3 +46,21 @@ def test_a_long_codec_chain_is_cut_at_its_end_keeping_the_codecs_name():
     row = {"codec": chain, "internal": False, "shape": [512, 384], "stored_bytes": 1000}
     line = codec_table([row])[2]
     assert line.startswith("posdct(keep=0.999") and line.split("  ")[0].endswith("...")
+
+
+def test_the_summary_says_how_its_rows_are_ordered(tmp_path, capsys):
+    path = _file(tmp_path / "a.rbe", NAMES)
+    assert run(["info", path, "--summary"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "by codec chain, largest stored first:"
+
+
+def test_embedded_files_are_counted_by_role_as_conversion_counts_the_directorys(model_dir, tmp_path, capsys):
+    directory, _ = model_dir
+    out = str(tmp_path / "m.rbe")
+    assert run(["convert", directory, out]) == 0
+    embedding = next(line for line in capsys.readouterr().err.splitlines() if ": embedding " in line)
+    plain = int(embedding.split(": embedding ")[1].split()[0])
+    assert run(["info", out]) == 0
+    files_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("files: "))
+    shards = sum(name.endswith(".safetensors") for name in os.listdir(directory))
+    assert files_line.startswith(f"files: {plain + shards} embedded: {plain} file, {shards} safetensors-header (")
