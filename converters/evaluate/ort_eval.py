@@ -495,7 +495,11 @@ def evaluate_onnx(original: str, compressed: list[str], options: EvalOptions, co
         measure = PerplexityMeasure(None, options, text_token_ids(tokenizer, tokenizer_source), ORT_RUNTIME)
     else:
         batches = SentenceBatches(tokenizer, tokenizer_source, model.positions())
-        hidden = HIDDEN_STATE if interface.output == HIDDEN_STATE else f"the graph output {interface.output!r}"
+        hidden = (
+            HIDDEN_STATE
+            if interface.output == HIDDEN_STATE
+            else f"the hidden states [batch, tokens, hidden] (the graph's output {interface.output!r})"
+        )
         measure = EmbeddingMeasure(None, options, batches, ORT_RUNTIME, hidden)
     check_token_ids(measure.largest_token_id, model, tokenizer_source)
     scorer = OrtScorer(measure, interface, batches, model, options)

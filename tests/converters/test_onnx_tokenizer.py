@@ -87,6 +87,7 @@ def test_eval_and_decode_find_the_embedded_tokenizer(model, tmp_path, capsys):
     assert main(["eval", src, lossy, "--sentences", str(sentences), "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["protocol"]["tokenizer"] == f"{lossy} (its tokenizer.json)"
+    assert "hidden states [batch, tokens, hidden] (the graph's output 'hidden')" in json.dumps(result)
     out = tmp_path / "decoded"
     assert main(["decode", lossless, str(out), "--quiet"]) == 0
     assert sorted(os.listdir(out)) == ["m.onnx", "tokenizer.json"]
