@@ -60,7 +60,7 @@ def safe_open(path: str | os.PathLike, framework: str = "np", device="cpu", **op
     uint8) or ``"pt"``/``"torch"`` (tensors in their own dtype on ``device``).
     ``options`` go to ``Reader`` (``threads``, ``verify_checksums``, and
     ``map_raw``: raw tensors as views of the memory-mapped file, where a file
-    truncated underneath is the caller's risk).
+    truncated underneath is the caller's risk).  ``keys()`` is sorted, as safetensors'.
     """
     kind = FRAMEWORKS.get(framework) if isinstance(framework, str) else None
     if kind is None:
@@ -69,10 +69,18 @@ def safe_open(path: str | os.PathLike, framework: str = "np", device="cpu", **op
         return _TorchReader(path, device, **options)
     if device != "cpu":
         raise UsageError(f"framework {framework!r} reads into host memory: device must be 'cpu', not {device!r}")
-    return Reader(path, **options)
+    return _SafeOpenReader(path, **options)
 
 
-class _TorchReader(Reader):
+class _SafeOpenReader(Reader):
+    """``safe_open``'s Reader: ``keys()`` sorted, as safetensors' ``keys()`` are (``Reader.keys()`` keeps
+    the file's order, in which a whole-file pass reads sequentially)."""
+
+    def keys(self) -> list[str]:
+        return sorted(super().keys())
+
+
+class _TorchReader(_SafeOpenReader):
     """A Reader whose tensors and slices come back as torch tensors."""
 
     def __init__(self, path: str | os.PathLike, device, **options):

@@ -52,7 +52,7 @@ def grid_file(tmp_path, grid):
 def test_safe_open_numpy_names_and_device(grid_file, grid):
     for framework in ("np", "numpy"):
         with safe_open(grid_file, framework=framework, device="cpu") as f:
-            assert f.keys() == ["g", "tied", "scalar", "bits"]
+            assert f.keys() == ["bits", "g", "scalar", "tied"]  # sorted, as safetensors' keys()
             assert f.metadata() == {"format": "pt"}
             assert f.get_tensor("g").tobytes() == grid.tobytes()
     with safe_open(grid_file) as f:  # numpy is the default
@@ -338,3 +338,16 @@ def test_load_file_gives_aliases_their_own_arrays(grid_file, grid):
 def test_load_file_of_a_missing_file(tmp_path):
     with pytest.raises(RbeError, match="cannot open"):
         load_file(tmp_path / "nope.rbe")
+
+
+def test_safe_open_lists_keys_as_safetensors_does(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open as st_safe_open
+
+    arrays = {name: np.full(3, i, np.float32) for i, name in enumerate(["b.10", "b.2", "a", "B", "c"])}
+    st.save_file(arrays, str(tmp_path / "m.safetensors"))
+    with Writer(tmp_path / "m.rbe") as w:
+        for name, array in arrays.items():  # written in this order, not sorted
+            w.add_array(name, array)
+    with st_safe_open(str(tmp_path / "m.safetensors"), "np") as theirs, safe_open(tmp_path / "m.rbe") as ours:
+        assert ours.keys() == theirs.keys()
