@@ -73,7 +73,7 @@ MODELS = {"smollm2": ("SmolLM2-135M", smollm2_dir), "minilm": ("all-MiniLM-L6-v2
 QUICK_PRESETS = ("q8", "q4")
 # Presets for sentence-embedding encoders: their end-to-end drift survey runs the model once per
 # tensor and level, which on a causal LM (logits over the vocabulary) is far slower than on an encoder.
-ENCODER_PRESETS = ("encoder-q4", "encoder-q3")
+ENCODER_PRESETS = ("encoder-q4", "encoder-q3", "encoder-q2")
 QUICK_WINDOWS = 2
 QUICK_CALIBRATION_WINDOWS = 4
 EXACT_LIMIT = 0.30  # SmolLM2: a larger share of bit-exact Linear weights means the Q4_1 grid did the work

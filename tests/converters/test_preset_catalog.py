@@ -70,9 +70,10 @@ def test_model_family_from_config(config, kind):
 
 
 def test_levels_with_an_encoder_recipe_resolve_to_it_on_encoders_only():
-    assert {n for n in preset_names() if encoder_variant(n)} == {"q4", "q3"}
+    assert {n for n in preset_names() if encoder_variant(n)} == {"q4", "q3", "q2"}
     assert resolve_preset("q4", "encoder") == "encoder-q4" and resolve_preset("Q3", "encoder") == "encoder-q3"
-    for level in ("q2", "q5", "q6", "q8", "q4-small", "encoder-q4"):
+    assert resolve_preset("q2", "encoder") == "encoder-q2"
+    for level in ("q5", "q6", "q8", "q4-small", "encoder-q4"):
         assert resolve_preset(level, "encoder") == level  # no encoder recipe: the level's own
     for kind in ("decoder", None):
         assert resolve_preset("q4", kind) == "q4"
@@ -88,7 +89,7 @@ def test_policy_for_model_names_the_recipe_and_reads_config_only_for_such_levels
     def no_config():
         raise AssertionError("config.json read for a preset without an encoder recipe")
 
-    for name in ("q8", "q2", "encoder-q4"):
+    for name in ("q8", "q5", "encoder-q4"):
         policy, line = policy_for_model(policy_from_preset(name), no_config)
         assert policy.preset == name and line is None
     recipe = policy_from_document({"rule": [{"match": "*", "codec": "gquant()"}]}, "r")
@@ -161,6 +162,7 @@ def test_every_preset_says_what_it_suits():
     assert {n for n in preset_names() if policy_from_preset(n).suits == "encoders"} >= {
         "encoder-q4",
         "encoder-q3",
+        "encoder-q2",
         "minilm-layerwise",
     }
     with pytest.raises(UsageError, match="'suits' must be one of"):

@@ -239,6 +239,7 @@ EXPECTED_PRESETS = {
     "minilm-layerwise",
     "encoder-q4",
     "encoder-q3",
+    "encoder-q2",
 }
 
 
@@ -276,20 +277,27 @@ def test_unknown_preset_lists_the_available_ones():
 
 
 def test_the_encoder_presets_choose_every_embedding_and_linear_level_by_the_models_drift():
-    for name in ("encoder-q4", "encoder-q3"):
+    linear_bits = {
+        "encoder-q4": [2, 3, 4, 5, 6, 8],
+        "encoder-q3": [2, 3, 4, 5, 6, 8],
+        "encoder-q2": [2, 2, 3, 4, 5, 6, 8],
+    }
+    word_levels = {"encoder-q4": 6, "encoder-q3": 6, "encoder-q2": 8}  # encoder-q2 adds 2 bits in groups of 128, 64
+    for name, bits in linear_bits.items():
         policy = policy_from_preset(name)
         assert (policy.budget_counts, policy.budget_sensitivity) == ("stored", "model")
         v = policy.choose_rule(
             "encoder.layer.0.attention.self.value.weight", "F32", (64, 64), TensorRole("attn_v", 0, True, 2)
         )
-        assert v.calibration == "gptq" and [c.codec.bits for c in (v.chain, *v.upgrades)] == [2, 3, 4, 5, 6, 8]
+        assert v.calibration == "gptq" and [c.codec.bits for c in (v.chain, *v.upgrades)] == bits
         words = policy.choose_rule(
             "embeddings.word_embeddings.weight", "F32", (1000, 64), TensorRole("token_embedding", None, True, 2)
         )
-        assert words.calibration is None and len(words.upgrades) == 5
+        assert words.calibration is None and len(words.upgrades) == word_levels[name] - 1
         norm = policy.choose_rule("embeddings.LayerNorm.weight", "F32", (64,), TensorRole("norm_weight", None, None, 2))
         assert norm is None or norm.chain.lossless
-    assert policy_from_preset("encoder-q3").budget_bits < policy_from_preset("encoder-q4").budget_bits
+    budgets = [policy_from_preset(name).budget_bits for name in ("encoder-q2", "encoder-q3", "encoder-q4")]
+    assert budgets == sorted(budgets) and len(set(budgets)) == 3
 
 
 def test_q4_calibrates_linear_layers_and_upgrades_them_by_mixed_precision():
