@@ -531,12 +531,13 @@ def _stop_signals_raise():
 # -- commands -------------------------------------------------------------------------
 
 
-def progress_bar(total: int, quiet: bool, desc: str):
+def progress_bar(total: int, quiet: bool, desc: str, announce: bool = False):
     """A stage counting ``total`` bytes: a bar on a terminal, plain lines in a log (``progress.py``),
-    the first after ``LINE_SECONDS``, so that a refusal found at the start stays the one line."""
+    the first after ``LINE_SECONDS``, so that a refusal found at the start stays the one line (with
+    ``announce``, after stages that printed theirs, at once: a log never goes quiet between stages)."""
     from .progress import progress
 
-    return progress(total, desc, "MB", quiet, count_format="{n:.1f}/{total:.1f}", scale=1e6, announce=False)
+    return progress(total, desc, "MB", quiet, count_format="{n:.1f}/{total:.1f}", scale=1e6, announce=announce)
 
 
 def cmd_convert(args) -> int:
@@ -576,6 +577,7 @@ class _Reporter(Reporter):
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.staged = False  # a stage came before: the byte bar's first line comes at its start
 
     def info(self, line: str) -> None:
         if not self.quiet:
@@ -585,11 +587,12 @@ class _Reporter(Reporter):
         _stderr(line)
 
     def bar(self, total: int, desc: str):
-        return progress_bar(total, self.quiet, desc)
+        return progress_bar(total, self.quiet, desc, announce=self.staged)
 
     def stage(self, total, desc, unit, count_format="{n:.0f}/{total:.0f}", scale=1.0, later=None, expected=None):
         from .progress import progress
 
+        self.staged = True
         return progress(total, desc, unit, self.quiet, count_format, later=later, scale=scale, expected=expected)
 
     def windows_bar(self, total: int, later=None):

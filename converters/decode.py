@@ -41,7 +41,7 @@ from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 
 from .inputs import open_rbe
-from .outputs import check_directory_name
+from .outputs import check_directory_name, check_not_input
 from .safetensors_io import build_header
 
 Progress = Callable[[int], None]
@@ -84,6 +84,7 @@ def decode_to(
     """``rbe decode SRC DST``: a directory, one .safetensors file, or (DST ending in .onnx) the ONNX model.
 
     ``bar(total)`` gives a context manager whose ``update(n)`` is told of the bytes written."""
+    check_not_input(src, dst)  # before any check of the output, whose advice would be to remove it
     bar = bar or _no_bar
     if dst.lower().endswith(".onnx"):
         return decode_onnx_to(src, dst, force=force, verify=verify, threads=threads, bar=bar)
@@ -113,6 +114,7 @@ def decode_onnx_to(
 ) -> Decoded:
     """``rbe export-onnx SRC DST`` (dense): the ONNX model a container carries, converted from an .onnx
     file (``decode_onnx``) or exported at conversion (``onnx_export.dense_model``)."""
+    check_not_input(src, dst)
     bar = bar or _no_bar
     check_target(dst, force)
     check_parent(dst)
@@ -136,6 +138,7 @@ def decode_onnx_to(
 def export_on_the_fly(src: str, dst: str, *, force: bool = False) -> tuple[list[str], str]:
     """``rbe export-onnx --on-the-fly``: the container's ONNX model with quantized weights kept compressed,
     expanded inside the graph as it runs (``rbe_loaders.ort``); (the paths written, which form each weight took)."""
+    check_not_input(src, dst)
     check_target(dst, force)
     check_parent(dst)
     open_rbe(src, verify_checksums=False).close()  # one clear error for a file that is not rbe

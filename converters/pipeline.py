@@ -506,8 +506,8 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     weights = sum(math.prod(row["shape"]) for row in lossy_rows)
     lossy = f"{len(lossy_rows)} tensors ({weights:,} weights)"
     return [
-        f"note: {input} stores {lossy} lossily: the quality {output} reports is against its decoded "
-        f"values, not the model it was made from (rbe eval ORIGINAL {output} measures that)"
+        f"{output}: {input} stores {lossy} lossily: the quality below is against its decoded values, "
+        f"not the model it was made from (rbe eval ORIGINAL {output} measures that)"
     ]
 
 

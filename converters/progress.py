@@ -208,7 +208,7 @@ class LineProgress:
         if r.left is not None and (r.left > 0 or r.left_in_all):
             out += f", about {clock(r.left)} left"
             if r.left_in_all is not None:
-                out += f" ({clock(r.left_in_all)} in all)"
+                out += f" ({clock(r.left_in_all)} left in all stages)"
         elif r.left == 0 and r.done < r.total:  # the estimate ran out before the work did: say so
             out += ", taking longer than estimated"
         return out

@@ -143,3 +143,12 @@ def test_an_rbe_named_like_a_safetensors_file_is_read_as_rbe(model_dir, tmp_path
     assert main(["convert", renamed, str(tmp_path / "again.rbe"), "--quiet"]) == 0  # by its magic, not its name
     with Reader(str(tmp_path / "again.rbe")) as r:
         assert r.keys() == ["w"]
+
+
+@pytest.mark.parametrize("command", [["decode"], ["export-onnx"], ["export-onnx", "--on-the-fly"]])
+def test_decoding_onto_the_input_is_refused_as_such_even_with_force(rbe_file, capsys, command):
+    before = open(rbe_file, "rb").read()
+    assert main([command[0], rbe_file, rbe_file, *command[1:], "--force", "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "is the input" in err and "choose another output" in err and "remove" not in err
+    assert open(rbe_file, "rb").read() == before

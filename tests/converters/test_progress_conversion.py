@@ -135,3 +135,15 @@ def test_scoring_by_the_models_drift_is_a_stage_counted_in_block_runs(bert, tmp_
     assert estimating and all(r.left_in_all > r.left for r in estimating)
     first_encode = next(r for r in seen if r.stage == "encode")
     assert first_encode.done == 0 and first_encode.left is not None  # that prediction, until a block is done
+
+
+def test_in_a_log_the_byte_stage_after_a_calibration_says_at_once_that_it_began(model_dir, tmp_path, capsys):
+    from rbe_converters.cli import main
+
+    directory, text = model_dir
+    argv = ["convert", directory, str(tmp_path / "q4.rbe"), "--preset", "q4"]
+    assert main([*argv, "--calibration", text, "--calibration-windows", "1"]) == 0
+    stages = [line.split(":")[1].strip() for line in capsys.readouterr().err.splitlines() if ": 0" in line]
+    assert stages[0] == "calibrate" and stages[-1] == "convert"  # each stage's first line, the last one's too
+    assert main(["convert", directory, str(tmp_path / "lossless.rbe")]) == 0
+    assert "convert:" not in capsys.readouterr().err  # alone, its first line waits: a quick run prints none
