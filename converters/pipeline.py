@@ -35,7 +35,7 @@ from rbeformat.codecs.util import parallel
 from rbeformat.values import to_float32
 
 from .compress.plan import Statistics, calibrate_for, calibration_methods, choose_chains, mixed_precision, prune_heads
-from .compress.recipe import Policy, lossless_policy, policy_for_model
+from .compress.recipe import Policy, encoder_variant, lossless_policy, policy_for_model
 from .outputs import check_not_input, check_rbe_output_name, stale_partials_note
 from .progress import NoProgress
 from .sources import TensorSource, is_onnx_input, is_rbe_input, load, open_source
@@ -641,6 +641,11 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
     methods = calibration_methods(source, policy, check_encoders=False) if tokenizer else {}
     if methods:
         extras.ORT_CALIBRATION.require()  # before the run's first line
+    if policy.preset and encoder_variant(policy.preset):
+        reporter.info(
+            f"rbe: preset {policy.preset} runs its own recipe on an ONNX model: {encoder_variant(policy.preset)}, "
+            "which it runs on an encoder's directory, scores the model in transformers"
+        )
     if options.tokenizer is not None:
         reporter.info(f"rbe: {input}: embedding the tokenizer {options.tokenizer} as tokenizer.json")
     calibrations = _onnx_calibrations(input, source, methods, options, reporter, tokenizer) if tokenizer else None

@@ -63,3 +63,14 @@ def test_model_sensitivity_says_layers_are_scored_instead(encoder):
         "encoder.onnx: budget_sensitivity = 'model' measures the whole model's drift, which needs a Hugging Face "
         "model: mixed precision scores each layer's own error instead"
     )
+
+
+def test_a_level_with_an_encoder_recipe_says_an_onnx_model_keeps_the_levels_own(encoder, tmp_path, capsys):
+    src, _, tokenizer = encoder
+    capsys.readouterr()
+    argv = ["convert", src, str(tmp_path / "out.rbe"), "--preset", "Q4", "--tokenizer", tokenizer]
+    assert main([*argv, "--calibration-windows", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "rbe: preset q4 runs its own recipe on an ONNX model: encoder-q4," in err
+    assert main(["convert", src, str(tmp_path / "q8.rbe"), "--preset", "q8"]) == 0
+    assert "its own recipe" not in capsys.readouterr().err  # q8 has no encoder recipe: nothing to say
