@@ -100,8 +100,8 @@ def _read_configs(path: str) -> tuple[dict, dict]:
         files = r.files()
         if CONFIG_FILE not in files:
             raise UsageError(
-                f"{path}: holds no {CONFIG_FILE} or tokenizer (a container converted from a bare .onnx file "
-                "carries neither), so nothing tells what the graph computes: feed it yourself through "
+                f"{path}: holds no {CONFIG_FILE} (a container converted from a bare .onnx file has none), "
+                "so nothing tells what the graph computes: feed it yourself through "
                 f"rbe_loaders.ort.session({path!r}), or {CONVERT_HINT}"
             )
         config = _json_object(path, CONFIG_FILE, r.read_file(CONFIG_FILE))
