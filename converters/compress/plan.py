@@ -162,6 +162,7 @@ def mixed_precision(
 
             bar.label("running the model on the probe text")
             probe = ModelProbe(plan.root, text or calibrate.default_text(), threads)
+            bar.update(0)  # the pace starts here: the probe's run is the stage's setup, not its units
         for index, (name, (t, rule)) in enumerate(to_score.items()):
             bar.label(f"tensor {index + 1}/{len(to_score)}: {name}")
             scores[name] = score(name, t, rule)

@@ -147,3 +147,23 @@ def test_in_a_log_the_byte_stage_after_a_calibration_says_at_once_that_it_began(
     assert stages[0] == "calibrate" and stages[-1] == "convert"  # each stage's first line, the last one's too
     assert main(["convert", directory, str(tmp_path / "lossless.rbe")]) == 0
     assert "convert:" not in capsys.readouterr().err  # alone, its first line waits: a quick run prints none
+
+
+def test_the_scorings_estimate_leaves_out_the_probe_run_before_its_first_tensor(bert, tmp_path, monkeypatch):
+    from rbe_converters.compress import sensitivity
+
+    directory, *_ = bert
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(common_words(120)) * 20)
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    _costing(monkeypatch, clock, sensitivity, "ModelProbe", 1000.0)  # the model's run on the probe text
+    _costing(monkeypatch, clock, mixed, "candidate", SCORING)  # then each tensor's levels, scored
+    seen = []
+    options = ConvertOptions(preset="encoder-q4", calibration=str(text), calibration_windows=1, threads=1)
+    convert_model(directory, str(tmp_path / "e.rbe"), options, CallbackReporter(seen.append))
+    scoring = [r for r in seen if r.stage == "score"]
+    end = scoring[-1].elapsed
+    for r in scoring:
+        if r.left is not None:  # within a factor of 2 of what is really left, from the first estimate on
+            assert r.left <= 2 * (end - r.elapsed) + SCORING, (r.label, r.left, end - r.elapsed)
