@@ -140,10 +140,11 @@ def totals(r: Reader) -> dict:
     # The weighted rel. error of all lossy tensors: sqrt(sum err^2 / sum x^2) needs norms; we
     # report the worst tensor and the weight-averaged one, both measured at encode time.
     rels = [
-        (row["stats"]["rel_error"], math.prod(row["shape"]))
+        (row["stats"]["rel_error"], math.prod(row["shape"]), row["name"])
         for row in lossy
         if isinstance(row.get("stats", {}).get("rel_error"), (int, float))
     ]
+    worst = max(rels, default=(0, 0, ""))
     return {
         "tensors": len(model_rows),  # the model's: a codec's shared state is counted apart
         "internal_tensors": len(rows) - len(model_rows),
@@ -160,8 +161,8 @@ def totals(r: Reader) -> dict:
         if lossless
         else (
             f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; weight rel.err "
-            f"mean {sum(r * n for r, n in rels) / max(1, sum(n for _, n in rels)):.4f}, "
-            f"worst {max((r for r, _ in rels), default=0):.4f} (measured at encode on the weights; "
+            f"mean {sum(r * n for r, n, _ in rels) / max(1, sum(n for _, n, _ in rels)):.4f}, "
+            f"worst {worst[0]:.4f}{f' ({worst[2]})' if worst[2] else ''} (measured at encode on the weights; "
             f"a model's quality is what rbe eval measures)"
         ),
     }
@@ -218,7 +219,7 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
         for i, (cell, w) in enumerate(zip(cells, widths)):
             cell = _clip(cell, w, keep_start=i == 4)
             out.append(cell.ljust(w) if i < 5 or i == 8 else cell.rjust(w))
-        return "  ".join(out)
+        return "  ".join(out).rstrip()  # the last column is left-aligned: no padding after it
 
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
     t = totals(r)

@@ -64,3 +64,22 @@ def test_embedded_files_are_counted_by_role_as_conversion_counts_the_directorys(
     files_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("files: "))
     shards = sum(name.endswith(".safetensors") for name in os.listdir(directory))
     assert files_line.startswith(f"files: {plain + shards} embedded: {plain} file, {shards} safetensors-header (")
+
+
+def test_rows_end_without_padding(tmp_path, capsys):
+    path = _file(tmp_path / "a.rbe", NAMES)
+    assert run(["info", path]) == 0
+    assert all(line == line.rstrip() for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_quality_line_names_the_tensor_with_the_worst_error(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "q.rbe")
+    assert run(["convert", model_dir[0], out, "--codec", "gquant(bits=2, group=64)", "--quiet"]) == 0
+    assert run(["info", out, "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)["tensors"]
+    errors = {row["name"]: row["stats"]["rel_error"] for row in rows if "rel_error" in row.get("stats", {})}
+    worst = max(errors, key=errors.get)
+    assert run(["info", out, "--summary"]) == 0
+    assert f"worst {errors[worst]:.4f} ({worst})" in capsys.readouterr().out
