@@ -111,11 +111,24 @@ def load_state_dict(path: str | os.PathLike, device="cpu") -> dict[str, torch.Te
     return out
 
 
-def load_model(path: str | os.PathLike, *args, **kwargs):
-    """The container's transformers model, its quantized weights decoded on the fly (``rbe_loaders.torch.model``)."""
+def load_model(
+    path: str | os.PathLike,
+    device="cpu",
+    dtype=None,
+    *,
+    with_tokenizer: bool = False,
+    cache_bytes: int = 0,
+    kernel: str = "int4",
+    quiet: bool = True,
+):
+    """The container's transformers model, its quantized weights decoded on the fly: on ``device``, decoded
+    values and outputs in ``dtype`` (default float32), ``(model, tokenizer)`` with ``with_tokenizer``,
+    up to ``cache_bytes`` of decoded weights kept, ``kernel`` "int4" (torch's int4 CPU kernel where it
+    fits) or "exact" (the reference decode); ``quiet=False`` prints what each tensor became.  More in
+    ``rbe_loaders.torch.model.load_model``."""
     from .model import load_model as load
 
-    return load(path, *args, **kwargs)
+    return load(path, device, dtype, with_tokenizer=with_tokenizer, cache_bytes=cache_bytes, kernel=kernel, quiet=quiet)
 
 
 def save_model(model, path: str | os.PathLike, *, force: bool = False) -> None:
