@@ -104,14 +104,20 @@ class ResumeState:
 
     def _remove_partial(self, partial) -> None:
         """Removes a partial file of this output (a hidden name beside it, a plain file; nothing else)."""
+        path = self._partial_path(partial)
+        if path is not None:
+            os.unlink(path)
+
+    def _partial_path(self, partial) -> str | None:
+        """The path of a partial file of this output that exists (a hidden name beside it, a plain file),
+        else None."""
         prefix = f".{os.path.basename(self.output)}."
         if not (isinstance(partial, str) and partial.startswith(prefix) and partial.endswith(".partial")):
-            return
+            return None
         if "/" in partial or "\0" in partial:
-            return
+            return None
         path = os.path.join(os.path.dirname(self.folder), partial)
-        if os.path.isfile(path) and not os.path.islink(path):
-            os.unlink(path)
+        return path if os.path.isfile(path) and not os.path.islink(path) else None
 
     # -- the survey's results -----------------------------------------------------------
     def save_statistics(self, stats) -> None:
@@ -152,9 +158,11 @@ class ResumeState:
         return any(os.path.isfile(os.path.join(self.folder, name)) for name in done)
 
     def shown(self) -> str:
-        """The folder as a message names it: relative to the working directory when below it."""
-        relative = os.path.relpath(self.folder)
-        return self.folder if relative.startswith("..") else relative
+        """The folder, and the partial file of the blocks encoded so far beside it when there is one, as a
+        message names them: relative to the working directory when below it."""
+        block = self._read("block.json")
+        partial = self._partial_path(block.get("writer", {}).get("partial") if isinstance(block, dict) else None)
+        return " and ".join(_shown(path) for path in [self.folder] + ([partial] if partial else []))
 
     def survey_started(self) -> bool:
         return os.path.isfile(os.path.join(self.folder, "survey.json"))
@@ -262,3 +270,8 @@ def _options_named(found, wanted) -> str:
     names = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
     shown = "; ".join(f"{k}: {found.get(k)!r}, not {wanted.get(k)!r}" for k in names[:3])
     return f" ({shown})" if shown else ""
+
+
+def _shown(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative

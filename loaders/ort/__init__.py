@@ -28,6 +28,10 @@ __all__ = ["Report", "on_the_fly_model", "session"]
 
 
 def __getattr__(name: str):
+    if name == "session":  # it needs onnxruntime too: name the extra that installs both, not build's onnx alone
+        from rbeformat.extras import ORT_SESSIONS
+
+        ORT_SESSIONS.require()
     if name in __all__:
         from . import build
 

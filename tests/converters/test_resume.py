@@ -157,9 +157,12 @@ def test_an_interrupted_run_names_its_state_and_a_plain_rerun_says_it_starts_aga
     folder = os.path.basename(resume.state_dir(out))
     assert folder in warnings[-1] and "--resume goes on from it" in warnings[-1], warnings
     assert "calibration and the blocks encoded so far" in warnings[-1]
+    (partial,) = [n for n in os.listdir(tmp_path) if n.endswith(".partial")]  # the blocks: named too
+    assert f"{folder} and " in warnings[-1] and partial in warnings[-1], warnings
     warnings.clear()
     convert_model(directory, out, _options(text), reporter)
-    assert any("starting again" in line and folder in line for line in warnings), warnings
+    assert any("starting again" in line and folder in line and partial in line for line in warnings), warnings
+    assert not os.path.exists(tmp_path / partial)
     warnings.clear()
     convert_model(directory, str(tmp_path / "other.rbe"), _options(text), reporter)  # nothing was interrupted
     assert not any(folder in line or "starting again" in line for line in warnings), warnings

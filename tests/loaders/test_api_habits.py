@@ -232,6 +232,9 @@ def test_a_session_without_onnxruntime_names_the_ort_extra(graph_rbe):
     done = without(["onnxruntime"], code, graph_rbe)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("onnxruntime | ONNX Runtime sessions") and "pip install 'rbe[ort]'" in done.stdout
+    done = without(["onnx", "onnxruntime"], code, graph_rbe)  # neither: still the one extra with both
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("onnx | ONNX Runtime sessions") and "pip install 'rbe[ort]'" in done.stdout
 
 
 @pytest.mark.parametrize(
