@@ -531,13 +531,16 @@ def _stop_signals_raise():
 # -- commands -------------------------------------------------------------------------
 
 
-def progress_bar(total: int, quiet: bool, desc: str, announce: bool = False):
+def progress_bar(total: int, quiet: bool, desc: str, last_line: float | None = None):
     """A stage counting ``total`` bytes: a bar on a terminal, plain lines in a log (``progress.py``),
-    the first after ``LINE_SECONDS``, so that a refusal found at the start stays the one line (with
-    ``announce``, after stages that printed theirs, at once: a log never goes quiet between stages)."""
+    the first ``LINE_SECONDS`` after the start, so that a refusal found at the start stays the one
+    line, or after ``last_line``, an earlier stage's last (a log never goes quiet longer between
+    stages)."""
     from .progress import progress
 
-    return progress(total, desc, "MB", quiet, count_format="{n:.1f}/{total:.1f}", scale=1e6, announce=announce)
+    return progress(
+        total, desc, "MB", quiet, count_format="{n:.1f}/{total:.1f}", scale=1e6, announce=False, last_line=last_line
+    )
 
 
 def cmd_convert(args) -> int:
@@ -577,7 +580,7 @@ class _Reporter(Reporter):
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.staged = False  # a stage came before: the byte bar's first line comes at its start
+        self.previous = None  # the last stage begun: the byte stage's first line keeps the interval from its last
 
     def info(self, line: str) -> None:
         if not self.quiet:
@@ -587,13 +590,15 @@ class _Reporter(Reporter):
         _stderr(line)
 
     def bar(self, total: int, desc: str):
-        return progress_bar(total, self.quiet, desc, announce=self.staged)
+        return progress_bar(total, self.quiet, desc, last_line=getattr(self.previous, "last", None))
 
     def stage(self, total, desc, unit, count_format="{n:.0f}/{total:.0f}", scale=1.0, later=None, expected=None):
         from .progress import progress
 
-        self.staged = True
-        return progress(total, desc, unit, self.quiet, count_format, later=later, scale=scale, expected=expected)
+        self.previous = progress(
+            total, desc, unit, self.quiet, count_format, later=later, scale=scale, expected=expected
+        )
+        return self.previous
 
     def windows_bar(self, total: int, later=None):
         # Sentences and the block-by-block survey report fractions of windows: show whole ones.

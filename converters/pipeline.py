@@ -532,6 +532,8 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     policy, resolved = policy_for_model(policy, source.config)  # --preset q4 on an encoder: encoder-q4
     if calibration_methods(source, policy):
         extras.CALIBRATION.require()  # a missing extra is the run's only line
+    if options.onnx:
+        _check_graph_export(input)  # so are --onnx's refusals
     if resolved:
         reporter.info(resolved)
     files = source.embedded_files()
@@ -707,8 +709,8 @@ def _onnx_calibrations(
     return onnx_calibrate.collect(filled_model(source), methods, text, tokenizer, options.threads, input, stage)
 
 
-def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporter):
-    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
+def _check_graph_export(input: str) -> None:
+    """--onnx's refusals and its extra, before any line of the run."""
     import os
 
     if is_rbe_input(input):
@@ -722,6 +724,11 @@ def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporte
             "(config.json beside the weights), not a single .safetensors file"
         )
     extras.ONNX_EXPORT.require()  # before onnx_export's imports, which would name a narrower extra
+
+
+def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporter):
+    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
+    _check_graph_export(input)
     from . import onnx_export
 
     reporter.info(f"rbe: {input}: exporting the architecture to ONNX with torch")

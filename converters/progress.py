@@ -70,16 +70,27 @@ def progress(
     scale: float = 1.0,
     announce: bool = True,
     expected: float | None = None,
+    last_line: float | None = None,
 ):
     """A bar (terminal) or ``LineProgress`` (log) over ``total`` ``unit``s (counts shown divided by
     ``scale``); silent when ``quiet`` or when there is nothing to count (no blocks in a conversion
-    that encodes none block by block).  ``announce``: a log's first line when the stage starts."""
+    that encodes none block by block).  ``announce``: a log's first line when the stage starts;
+    ``last_line``: when an earlier stage printed its last line, from which the interval to this
+    stage's first line runs (a log is never quiet longer between stages than within one)."""
     if quiet or not total:
         return LineProgress(total, desc, unit, silent=True)
     if terminal_columns() > 0:  # a bar; a log, or a terminal that reports no width, gets lines
         return _Bar(total, desc, unit, count_format, scale)
     return LineProgress(
-        total, desc, unit, count_format=count_format, scale=scale, announce=announce, later=later, expected=expected
+        total,
+        desc,
+        unit,
+        count_format=count_format,
+        scale=scale,
+        announce=announce,
+        later=later,
+        expected=expected,
+        last_line=last_line,
     )
 
 
@@ -138,6 +149,7 @@ class LineProgress:
         announce: bool = False,
         later: Callable[[float], float] | None = None,
         expected: float | None = None,
+        last_line: float | None = None,
     ):
         self.announce = announce  # a line when the stage starts, so that a log shows it began
         self.total, self.desc, self.unit, self.silent = total, desc, unit, silent
@@ -145,7 +157,8 @@ class LineProgress:
         self.expected = expected  # seconds the stage should take, predicted before it: until its own pace
         self.n = 0.0
         self.text = ""
-        self.start = self.last = time.monotonic()
+        self.start = time.monotonic()
+        self.last = self.start if last_line is None else last_line  # when the last line was printed
         self.first: tuple[float, float] | None = None  # (time, count) at the first update or ``resumed``
         self.updated = self.start  # when a unit was last counted
         self.from_resume = False

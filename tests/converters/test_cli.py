@@ -251,7 +251,7 @@ def test_progress_ends_at_its_total(model_dir, tmp_path, monkeypatch, options):
         recipe = tmp_path / "r.toml"
         recipe.write_text('[[rule]]\nmatch = "norm.weight"\ncodec = "normdelta(mode=bits)"\n')
         options = ["--recipe", str(recipe)]
-    monkeypatch.setattr(cli, "progress_bar", lambda total, quiet, desc, announce=False: RecordingBar(total))
+    monkeypatch.setattr(cli, "progress_bar", lambda total, quiet, desc, last_line=None: RecordingBar(total))
     bars.clear()
     out = str(tmp_path / "m.rbe")
     assert main(["convert", src, out, "--quiet", *options]) == 0

@@ -137,16 +137,28 @@ def test_scoring_by_the_models_drift_is_a_stage_counted_in_block_runs(bert, tmp_
     assert first_encode.done == 0 and first_encode.left is not None  # that prediction, until a block is done
 
 
-def test_in_a_log_the_byte_stage_after_a_calibration_says_at_once_that_it_began(model_dir, tmp_path, capsys):
-    from rbe_converters.cli import main
+def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(monkeypatch, capsys):
+    from rbe_converters import cli
 
-    directory, text = model_dir
-    argv = ["convert", directory, str(tmp_path / "q4.rbe"), "--preset", "q4"]
-    assert main([*argv, "--calibration", text, "--calibration-windows", "1"]) == 0
-    stages = [line.split(":")[1].strip() for line in capsys.readouterr().err.splitlines() if ": 0" in line]
-    assert stages[0] == "calibrate" and stages[-1] == "convert"  # each stage's first line, the last one's too
-    assert main(["convert", directory, str(tmp_path / "lossless.rbe")]) == 0
-    assert "convert:" not in capsys.readouterr().err  # alone, its first line waits: a quick run prints none
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    reporter = cli._Reporter(quiet=False)
+    with reporter.stage(4, "score", "tensors") as stage:  # its first line as it begins
+        clock.advance(3.0)
+        stage.update(4)
+    clock.advance(5.0)  # work between the stages: 8 s since that line
+    with reporter.bar(100e6, "convert") as bar:
+        clock.advance(1.0)
+        bar.update(50e6)  # 9 s since the last line: none yet
+        clock.advance(1.5)
+        bar.update(50e6)  # 10.5 s: its first
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["score", "convert"], lines
+    assert lines[1].startswith("rbe: convert: 100.0/100.0 MB"), lines  # at 10.5 s, after its last update
+    with cli._Reporter(quiet=False).bar(100, "convert") as alone:  # no stage before: a quick run prints none
+        clock.advance(9.0)
+        alone.update(100)
+    assert capsys.readouterr().err == ""
 
 
 def test_the_scorings_estimate_leaves_out_the_probe_run_before_its_first_tensor(bert, tmp_path, monkeypatch):
