@@ -43,7 +43,7 @@ EPILOG = """exit codes: 0 success; 1 verify found damage; 2 usage error; 3 inval
 4 output exists (use --force); 70 internal error (a bug in rbe); 128+N stopped by signal N
 (129 SIGHUP, 130 SIGINT, 143 SIGTERM), 141 stdout closed"""
 
-QUIET_HELP = "no progress bar and no result line (warnings and errors still print)"
+QUIET_HELP = "no progress (a bar on a terminal, lines in a log) and no result line (warnings and errors still print)"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -691,7 +691,7 @@ def cmd_verify(args) -> int:
         graph = _check_stored_graph(r) if args.deep and not problems else ""
     for problem in problems:
         if not args.quiet:
-            _stderr(f"rbe: damaged: {problem}")
+            _stderr(f"rbe: {args.input}: damaged: {problem}")
     if problems:
         return EXIT_DAMAGED
     if not args.quiet:

@@ -87,7 +87,7 @@ class ExportedGraph:
         return (
             f"ONNX graph ({self.kind}): {len(self.mapping)} initializers, {len(self.mapping) - len(self.own)} "
             f"wired to the HF tensors ({transposed} transposed, {widened} widened to float32), "
-            f"{len(self.own)} stored as {OWN_PREFIX}..."
+            f"{len(self.own)} stored as tensors of their own, named {OWN_PREFIX}<initializer>"
         )
 
 

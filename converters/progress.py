@@ -219,9 +219,10 @@ class LineProgress:
             out += f", {r.label}"
         out += f", {clock(r.elapsed)} elapsed"
         if r.left is not None and (r.left > 0 or r.left_in_all):
-            out += f", about {clock(r.left)} left"
-            if r.left_in_all is not None:
-                out += f" ({clock(r.left_in_all)} left in all stages)"
+            if r.left_in_all is not None:  # stages after this one are known: say which figure is which
+                out += f", about {clock(r.left)} left in this stage, {clock(r.left_in_all)} in all stages"
+            else:
+                out += f", about {clock(r.left)} left"
         elif r.left == 0 and r.done < r.total:  # the estimate ran out before the work did: say so
             out += ", taking longer than estimated"
         return out

@@ -237,15 +237,17 @@ def info_table(r: Reader, summary_only: bool = False) -> str:
 
 
 def _files_count(r: Reader) -> str:
-    """How many files the container embeds, by role where there are several ("13 embedded: 12 file,
-    1 safetensors-header"), so that a count a conversion printed for the directory's files adds up."""
+    """How many files the container embeds, by role where there are several ("13 embedded: 12 files and
+    1 safetensors layout"), so that a count a conversion printed for the directory's files adds up."""
     roles: dict[str, int] = {}
     for f in r.manifest.files.values():
         roles[f.role] = roles.get(f.role, 0) + 1
     count = f"{len(r.manifest.files)} embedded"
     if len(roles) < 2:
         return count
-    return count + ": " + ", ".join(f"{n} {role}" for role, n in sorted(roles.items()))
+    words = {"file": ("file", "files"), "safetensors-header": ("safetensors layout", "safetensors layouts")}
+    shown = [f"{n} {words.get(role, (role, role))[n != 1]}" for role, n in sorted(roles.items())]
+    return count + ": " + " and ".join(shown)
 
 
 def codec_table(rows: list[dict]) -> list[str]:

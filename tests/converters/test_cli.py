@@ -85,7 +85,8 @@ def test_exit_codes_and_one_line_errors(model_dir, tmp_path, capsys):
     (tmp_path / "bad.rbe").write_bytes(bytes(damaged))
     capsys.readouterr()
     assert main(["verify", str(tmp_path / "bad.rbe")]) == 1
-    assert "checksum mismatch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and err.startswith(f"rbe: {tmp_path / 'bad.rbe'}: damaged: ")
     with pytest.raises(SystemExit) as exc:
         main(["convert"])
     assert exc.value.code == 2

@@ -63,7 +63,8 @@ def test_embedded_files_are_counted_by_role_as_conversion_counts_the_directorys(
     assert run(["info", out]) == 0
     files_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("files: "))
     shards = sum(name.endswith(".safetensors") for name in os.listdir(directory))
-    assert files_line.startswith(f"files: {plain + shards} embedded: {plain} file, {shards} safetensors-header (")
+    layouts = "safetensors layout" if shards == 1 else "safetensors layouts"
+    assert files_line.startswith(f"files: {plain + shards} embedded: {plain} files and {shards} {layouts} (")
 
 
 def test_rows_end_without_padding(tmp_path, capsys):
