@@ -485,7 +485,8 @@ def convert_model(
     with parallel.encoder_threads(options.threads):  # --threads bounds the encoders' threads too
         notes = convert(input, output, options, reporter, codec, policy)
     if is_rbe_input(input):
-        notes += _lossy_input_note(input, output)
+        for line in _lossy_input_note(input, output):
+            reporter.warning(line)  # what the result line's quality means here: said even with --quiet
     with Reader(output) as r:
         rows = tensor_rows(r)
         return ConvertResult(r.path, notes, totals(r), larger_than_dense(rows))
@@ -506,8 +507,8 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     weights = sum(math.prod(row["shape"]) for row in lossy_rows)
     lossy = f"{len(lossy_rows)} tensors ({weights:,} weights)"
     return [
-        f"{output}: {input} stores {lossy} lossily: the quality below is against its decoded values, "
-        f"not the model it was made from (rbe eval ORIGINAL {output} measures that)"
+        f"rbe: {output}: {input} stores {lossy} lossily: the quality of {output} is against those decoded "
+        f"values, not the model {input} was made from (rbe eval ORIGINAL {output} measures that)"
     ]
 
 
@@ -546,6 +547,10 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         reporter.warning(
             f"rbe: {output}: starting again, removing what an interrupted run kept in {state.shown()} "
             "(--resume goes on from it)"
+        )
+    elif state is not None and not options.resume and state.exists():
+        reporter.warning(  # a run killed before it kept any work: its folder goes, and is named
+            f"rbe: {output}: removing {state.shown()}, which an interrupted run left before it kept any work"
         )
     try:
         return _convert_calibrated(input, output, options, reporter, codec, policy, source, graph, state)

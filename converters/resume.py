@@ -152,6 +152,10 @@ class ResumeState:
         head_scores = {int(layer): np.asarray(s) for layer, s in data["head_scores"].items()}
         return Statistics(dict(data["methods"]), kept, candidates, head_scores)
 
+    def exists(self) -> bool:
+        """Whether an earlier run left the folder (a link in its place is refused by ``start``)."""
+        return os.path.isdir(self.folder) and not os.path.islink(self.folder)
+
     def has_progress(self) -> bool:
         """Whether ``--resume`` would skip work: a survey begun, its results kept or a block encoded."""
         done = ("survey.json", "statistics.json", "block.json")

@@ -77,11 +77,11 @@ def test_a_4_bit_rbe_to_lossless_keeps_its_decoded_values_exactly(minilm_files, 
     assert main(["convert", g4, dense, "--lossless", "byteplane"]) == 0
     captured = capsys.readouterr()
     assert "embedding" in captured.err  # the files it carries over are named
-    note, result = captured.out.splitlines()[-2:]  # lossless to the input's values, not the original's
-    assert note.startswith(f"{dense}: {g4} stores ") and "not the model it was made from" in note
-    assert result.endswith("quality: lossless (bit-exact)")
+    note = captured.err.splitlines()[-1]  # lossless to the input's values, not the original's: on stderr
+    assert note.startswith(f"rbe: {dense}: {g4} stores ") and f"not the model {g4} was made from" in note
+    assert captured.out.splitlines()[-1].endswith("quality: lossless (bit-exact)")
     assert main(["convert", dense, str(tmp_path / "again.rbe")]) == 0
-    assert "lossily" not in capsys.readouterr().out  # a lossless input: nothing to say
+    assert "lossily" not in capsys.readouterr().err  # a lossless input: nothing to say
     with Reader(dense) as r:
         assert all(r.entry(n).transform is None for n in r.keys())  # every tensor stored as it decodes
     assert_same_values(dense, g4)

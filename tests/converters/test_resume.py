@@ -302,3 +302,14 @@ def _edit_json(folder: str, name: str, **changes) -> None:
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     with open(path, "w") as fh:
         json.dump(data, fh)
+
+
+def test_a_plain_rerun_names_the_folder_a_run_killed_before_any_work_left(model_dir, tmp_path):
+    directory, text = model_dir
+    out = str(tmp_path / "out.rbe")
+    resume.ResumeState(out, {"state": 0}).start(False)  # what a run killed by SIGKILL at once leaves
+    warnings = []
+    convert_model(directory, out, _options(text), CallbackReporter(lambda report: None, on_message=warnings.append))
+    folder = os.path.basename(resume.state_dir(out))
+    assert any(folder in line and "before it kept any work" in line for line in warnings), warnings
+    assert not os.path.exists(resume.state_dir(out))
