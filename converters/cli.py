@@ -566,7 +566,7 @@ def cmd_convert(args) -> int:
     )
     if args.ray_workers is not None and args.ray != "local":
         raise UsageError("--ray-workers sizes a local Ray: give it with --ray and no address")
-    result = convert_model(args.input, args.output, options, _Reporter(args.quiet))
+    result = convert_model(args.input, args.output, options, CommandReporter(args.quiet))
     if not args.quiet:
         for note in result.notes:
             print(note)
@@ -575,7 +575,7 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
-class _Reporter(Reporter):
+class CommandReporter(Reporter):
     """What ``rbe convert`` shows on stderr: lines and bars, none with --quiet but the warnings."""
 
     def __init__(self, quiet: bool):

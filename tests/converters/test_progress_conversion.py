@@ -142,7 +142,7 @@ def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(m
 
     clock = FakeClock()
     monkeypatch.setattr(progress.time, "monotonic", clock)
-    reporter = cli._Reporter(quiet=False)
+    reporter = cli.CommandReporter(quiet=False)
     with reporter.stage(4, "score", "tensors") as stage:  # its first line as it begins
         clock.advance(3.0)
         stage.update(4)
@@ -155,7 +155,7 @@ def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(m
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(":")[1].strip() for line in lines] == ["score", "convert"], lines
     assert lines[1].startswith("rbe: convert: 100.0/100.0 MB"), lines  # at 10.5 s, after its last update
-    with cli._Reporter(quiet=False).bar(100, "convert") as alone:  # no stage before: a quick run prints none
+    with cli.CommandReporter(quiet=False).bar(100, "convert") as alone:  # no stage before: a quick run prints none
         clock.advance(9.0)
         alone.update(100)
     assert capsys.readouterr().err == ""
