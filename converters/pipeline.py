@@ -732,8 +732,8 @@ def _check_graph_export(input: str) -> None:
 
 
 def _export_graph(input: str, source, options: ConvertOptions, reporter: Reporter):
-    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``)."""
-    _check_graph_export(input)
+    """--onnx: the model's architecture exported with torch and wired to its tensors (``onnx_export``);
+    ``_check_graph_export`` has passed."""
     from . import onnx_export
 
     reporter.info(f"rbe: {input}: exporting the architecture to ONNX with torch")

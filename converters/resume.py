@@ -85,8 +85,7 @@ class ResumeState:
         """Removes the state and the partial files it names (its last checkpoint's, this run's)."""
         if not os.path.isdir(self.folder) or os.path.islink(self.folder):
             return
-        block = self._read("block.json")
-        self._remove_partial(block.get("writer", {}).get("partial") if isinstance(block, dict) else None)
+        self._remove_partial(self._checkpoint_partial())
         self._remove_partial(self._noted_partial())
         shutil.rmtree(self.folder)
 
@@ -97,6 +96,11 @@ class ResumeState:
         if earlier != name:
             self._remove_partial(earlier)
         self._write_json("partial.json", {"partial": name})
+
+    def _checkpoint_partial(self) -> str | None:
+        """The partial file the last block's checkpoint names (``block.json``), as written there."""
+        block = self._read("block.json")
+        return block.get("writer", {}).get("partial") if isinstance(block, dict) else None
 
     def _noted_partial(self) -> str | None:
         noted = self._read("partial.json")
@@ -164,8 +168,7 @@ class ResumeState:
     def shown(self) -> str:
         """The folder, and the partial file of the blocks encoded so far beside it when there is one, as a
         message names them: relative to the working directory when below it."""
-        block = self._read("block.json")
-        partial = self._partial_path(block.get("writer", {}).get("partial") if isinstance(block, dict) else None)
+        partial = self._partial_path(self._checkpoint_partial())
         return " and ".join(_shown(path) for path in [self.folder] + ([partial] if partial else []))
 
     def survey_started(self) -> bool:
