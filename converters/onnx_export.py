@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rbe_loaders.ort.graph import WIDENS, Source, graph_initializers, initializer_values, stored_graph
-from rbeformat import InputError, UsageError, Writer
+from rbeformat import InputError, UsageError, Writer, extras
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, MAPPING_KEY, MAPPING_PATH, ONNX_DTYPES, OWN_PREFIX
 from rbeformat.onnx_safety import check_model
 from rbeformat.values import to_float32
@@ -108,12 +108,7 @@ def export_graph(plan: TensorSource, threads: int | None = None) -> ExportedGrap
 def export_model(root: str, threads: int | None = None):
     """The ONNX graph of the HF model in ``root`` (an ``onnx_ir.Model``, its weights the torch model's own
     tensors, not copied) and its kind."""
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter writes the graph with it)
-        import torch
-        import transformers
-    except ImportError:
-        raise UsageError("--onnx needs torch, transformers and onnxscript: pip install 'rbe[hf-onnx]'") from None
+    torch, transformers, _, _ = extras.ONNX_EXPORT.require()  # onnxscript: torch's exporter writes with it
     if threads:
         torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # rbe reports its own progress and errors

@@ -83,8 +83,21 @@ ONNX_EXPORT = Need(
     "rbe convert --onnx (torch's ONNX exporter)", "hf-onnx", ("torch", "transformers", "onnx", "onnxscript")
 )
 
+# rbe convert model.onnx, rbe decode x.rbe model.onnx: the ONNX file read or written.
+ONNX_FILES = Need("ONNX input and output", "onnx", ("onnx",))
+# rbe eval on a transformers model directory: both models run in transformers.
+TORCH_EVAL = Need("rbe eval (it runs the models in transformers)", "hf", ("torch", "transformers"))
+# rbe eval on an .onnx model: both models run in ONNX Runtime on the tokenizer's ids.
+ORT_EVAL = Need("rbe eval of an ONNX model (it runs in ONNX Runtime)", "ort", ("onnx", "onnxruntime", "tokenizers"))
+# rbe eval --plot.
+PLOTS = Need("rbe eval --plot", "plot", ("matplotlib",))
+
 NEEDS = (
     ONNX_GRAPHS,
+    ONNX_FILES,
+    TORCH_EVAL,
+    ORT_EVAL,
+    PLOTS,
     ORT_SESSIONS,
     ORT_RUN,
     TOKENIZERS,

@@ -76,6 +76,7 @@ import difflib
 import fnmatch
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -364,9 +365,22 @@ def preset_name(name: str) -> str:
     by_lower = {n.lower(): n for n in names}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
-    close = difflib.get_close_matches(name.lower(), names, n=3)
+    close = _nearest_levels(name.lower(), names) or difflib.get_close_matches(name.lower(), names, n=3)
     guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise UsageError(f"unknown preset {name!r}{guess}; available: {', '.join(names)}")
+
+
+def _nearest_levels(typed: str, names: list[str]) -> list[str]:
+    """For a level that does not exist (q9, encoder-q7), the levels nearest in bits."""
+    typed_level = re.fullmatch(r"(encoder-)?q(\d)", typed)
+    if not typed_level:
+        return []
+    prefix, bits = typed_level.group(1) or "", int(typed_level.group(2))
+    levels = {int(m.group(1)): n for n in names if (m := re.fullmatch(re.escape(prefix) + r"q(\d+)", n))}
+    if not levels:
+        return []
+    nearest = min(abs(level - bits) for level in levels)
+    return [levels[level] for level in sorted(levels) if abs(level - bits) == nearest]
 
 
 def _preset_document(name: str) -> dict:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import FormatError, InputError, Reader, UsageError
+from rbeformat import FormatError, InputError, Reader, UsageError, extras
 
 from . import quality
 from .eval import (
@@ -76,15 +76,7 @@ INT32 = 6  # onnx TensorProto INT32; every other integer input is fed int64
 
 def require_runtime() -> None:
     """onnx, onnxruntime and tokenizers, or one error naming the extra that installs them."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import tokenizers  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(
-            f"rbe eval runs ONNX models in ONNX Runtime ({exc.name} is not installed); install rbe's "
-            "'ort' extra: pip install 'rbe[ort]'"
-        ) from None
+    extras.ORT_EVAL.require()
 
 
 # -- what the graph takes and gives -----------------------------------------------------

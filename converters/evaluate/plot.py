@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from rbeformat import UsageError
+from rbeformat import extras
 from rbeformat.atomic import atomic_file, check_parent, check_target
 
 # (result key, axis label) of the quality figures each measure plots, one row of panels each.
@@ -35,10 +35,7 @@ COLOURS = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "bro
 
 def check_plot_target(path: str, force: bool) -> None:
     """Before any measuring: matplotlib is there and the plot may be written."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    extras.PLOTS.require()
     check_target(path, force)
     check_parent(path)
 

@@ -48,7 +48,7 @@ import re
 
 import numpy as np
 
-from rbeformat import InputError, UsageError
+from rbeformat import InputError, extras
 
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 16
@@ -64,14 +64,7 @@ COSINE_EPS = 1e-12  # a zero row has cosine 0 with anything, not NaN
 
 def require_torch():
     """torch and transformers, or one error that names the extra that installs them."""
-    try:
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise UsageError(
-            f"measuring model quality needs torch and transformers ({exc.name} is not installed); "
-            "install rbe's 'hf' extra: pip install 'rbe[hf]'"
-        ) from None
+    torch, transformers = extras.TORCH_EVAL.require()
     return torch, transformers
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import InputError, UsageError, Writer
+from rbeformat import InputError, UsageError, Writer, extras
 from rbeformat.embedded.onnx import GRAPH_KEY, GRAPH_PATH, ONNX_DTYPES, SOURCE_KEY
 from rbeformat.manifest import INTERNAL_PREFIX
 from rbeformat.onnx_safety import check_model
@@ -51,13 +51,10 @@ from ..compress.roles import LINEAR_ROLES, TensorRole, classify, layer_index
 from ..links import allowed_roots, inside
 from . import AddTensor, load
 
-try:
-    import onnx
-    from google.protobuf.message import DecodeError
-    from onnx import TensorProto
-except ImportError:  # the core works without onnx; only this path needs it
-    raise UsageError("ONNX input and output need the onnx package: pip install 'rbe[onnx]'") from None
-
+extras.ONNX_FILES.require()  # the core works without onnx; only this path needs it
+import onnx  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 # Where each type keeps its values when raw_data is not used (onnx.proto's TensorProto);
 # 16- and 8-bit floats keep their bit patterns in int32_data.

@@ -18,7 +18,7 @@ from tiny_models import common_words, one_error_line, run, word_tokenizer  # noq
 from rbe_converters.cli import main
 from rbe_converters.evaluate import quality
 from rbe_converters.evaluate.eval import Sizes, linear_weights
-from rbe_converters.evaluate.plot import plot_figure
+from rbe_converters.evaluate.plot import check_plot_target, plot_figure
 from rbeformat import UsageError
 
 # -- the texts ------------------------------------------------------------------------
@@ -102,6 +102,13 @@ def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if it were not installed
     with pytest.raises(UsageError, match=r"rbe\[hf\]"):
         quality.require_torch()
+
+
+def test_plot_without_matplotlib_names_the_plot_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UsageError) as caught:
+        check_plot_target(str(tmp_path / "q.png"), force=False)
+    assert str(caught.value) == "rbe eval --plot needs matplotlib, which is not installed: pip install 'rbe[plot]'"
 
 
 # -- small models built here --------------------------------------------------------

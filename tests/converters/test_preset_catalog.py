@@ -116,7 +116,18 @@ def test_preset_names_are_case_insensitive():
     assert policy_from_preset("Q4-Small").preset == "q4-small"
 
 
-@pytest.mark.parametrize("typed, guess", [("q44", "'q4'"), ("encoder_q4", "'encoder-q4'"), ("lossles", "'lossless'")])
+@pytest.mark.parametrize(
+    "typed, guess",
+    [
+        ("q44", "'q4'"),
+        ("encoder_q4", "'encoder-q4'"),
+        ("lossles", "'lossless'"),
+        ("Q9", "'q8'?)"),
+        ("q1", "'q2'?)"),
+        ("q7", "'q6' or 'q8'?)"),
+        ("encoder-q6", "'encoder-q4'?)"),
+    ],
+)
 def test_an_unknown_preset_suggests_the_closest(typed, guess):
     with pytest.raises(UsageError) as exc:
         preset_name(typed)
