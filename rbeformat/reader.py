@@ -20,6 +20,7 @@ shrinks underneath is the caller's risk, as with any mmap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import mmap
@@ -60,6 +61,20 @@ _STREAM_BYTES = 64 << 20
 # read_file holds an embedded file in memory twice (decoded, then as bytes):
 # it reads files up to this size; iter_file streams any size.
 READ_FILE_CAP = 1 << 30
+
+
+def _naming_the_file(method):
+    """A damaged file's FormatError from ``method`` names the file: a caller reading several sees which."""
+
+    @functools.wraps(method)
+    def named(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except FormatError as exc:
+            _name_the_file(exc, self.path)
+            raise
+
+    return named
 
 
 class Reader:
@@ -112,6 +127,10 @@ class Reader:
             self.version = unpack_header(self._read(0, HEADER_SIZE))
             self.manifest = self._read_manifest()
             self._check_layout()
+        except FormatError as exc:
+            self.close()
+            _name_the_file(exc, self.path)
+            raise
         except BaseException:
             self.close()
             raise
@@ -267,6 +286,7 @@ class Reader:
             values = self._decode_blob(part.blob, where)
         return np.frombuffer(values, np.dtype(part.dtype.numpy_storage)).reshape(part.shape)
 
+    @_naming_the_file
     def _decode_transform(self, transform: Transform, dtype, shape, where: str) -> np.ndarray:
         """Decodes parts (recursively), then the codec; returns the values in dtype's storage."""
         parts = {}
@@ -335,6 +355,13 @@ class Reader:
         return entry
 
     def _iter_blob(self, blob: Blob, where: str, verify: bool) -> Iterator[memoryview]:
+        try:
+            yield from self._iter_blob_unnamed(blob, where, verify)
+        except FormatError as exc:
+            _name_the_file(exc, self.path)
+            raise
+
+    def _iter_blob_unnamed(self, blob: Blob, where: str, verify: bool) -> Iterator[memoryview]:
         if blob.codec is None:
             raise UnsupportedError(f"{where}: {blob.unsupported}")
         hasher = hashlib.sha256() if verify and blob.digest is not None else None
@@ -455,6 +482,7 @@ class Reader:
             self._pool = ThreadPoolExecutor(self.threads)
         return self._pool
 
+    @_naming_the_file
     def _decode_blob(self, blob: Blob, where: str, first: int = 0, stop: int | None = None) -> np.ndarray:
         """The bytes of elements [first, stop) of a blob (all of them by default).
 
@@ -669,3 +697,9 @@ def _row_range(index, length: int, where: str) -> tuple[int, int, int | slice]:
     first, stop = min(rows), max(rows) + 1
     local_stop = rows.stop - first  # negative only for a negative step running to row `first`
     return first, stop, slice(rows.start - first, local_stop if local_stop >= 0 else None, rows.step)
+
+
+def _name_the_file(exc: FormatError, path: str) -> None:
+    """Starts the error's message with the file's name (as the command line prints it), unless it does."""
+    if len(exc.args) == 1 and not str(exc).startswith(f"{path}: "):
+        exc.args = (f"{path}: {exc.args[0]}",)

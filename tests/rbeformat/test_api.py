@@ -12,6 +12,7 @@ import pytest
 from rbeformat import (
     EmbeddedFileNotFoundError,
     FileMissingError,
+    FormatError,
     InputError,
     OutputExistsError,
     RbeError,
@@ -150,6 +151,39 @@ def test_a_missing_file_is_a_file_not_found_error(tmp_path, opener):
     assert isinstance(error, FileMissingError) and isinstance(error, InputError)
     assert error.filename == str(missing) and error.errno == 2
     assert str(error) == f"{missing}: cannot open (No such file or directory)"  # one line, not "[Errno 2] ..."
+
+
+def _damaged_copy(source, tmp_path, name, damage):
+    data = bytearray(source.read_bytes())
+    damage(data)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _flip_first_chunk(data: bytearray) -> None:
+    data[64] ^= 0xFF  # the first byte after the 64-byte header: tensor "g"'s first chunk
+
+
+@pytest.mark.parametrize(
+    "name, damage, reads",
+    [
+        ("cut.rbe", lambda data: data.__delitem__(slice(len(data) // 2, None)), "opening"),
+        ("header.rbe", lambda data: data.__setitem__(10, data[10] ^ 0xFF), "opening"),
+        ("chunk.rbe", _flip_first_chunk, "get_tensor"),
+        ("chunk-slice.rbe", _flip_first_chunk, "get_slice"),
+    ],
+)
+def test_a_damaged_files_error_names_the_file(grid_file, tmp_path, name, damage, reads):
+    """A program reading several files sees which one is damaged, as the command line says."""
+    path = _damaged_copy(grid_file, tmp_path, name, damage)
+    with pytest.raises(FormatError) as caught:
+        with safe_open(path) as f:
+            if reads == "get_tensor":
+                f.get_tensor("g")
+            elif reads == "get_slice":
+                f.get_slice("g")[:2]
+    assert str(caught.value).startswith(f"{path}: ") and str(path) not in str(caught.value)[len(str(path)) :]
 
 
 def test_bad_argument_values_are_value_errors(grid_file):
