@@ -601,7 +601,7 @@ class CommandReporter(Reporter):
         return self.previous
 
     def windows_bar(self, total: int, later=None):
-        # Sentences and the block-by-block survey report fractions of windows: show whole ones.
+        # Sentences and the block-by-block survey advance by fractions of a window: one decimal place.
         return self.stage(total, "calibrate", "windows", count_format="{n:.1f}/{total:.0f}", later=later)
 
 
