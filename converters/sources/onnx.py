@@ -477,7 +477,21 @@ def read_tokenizer_file(path: str) -> bytes:
         raise InputError(f"{file}: not a tokenizer.json (not valid JSON: {str(exc)[:100]})") from None
     if not isinstance(parsed, dict) or "model" not in parsed:
         raise InputError(f'{file}: not a tokenizer.json (a JSON object with a "model" member)')
+    _check_tokenizer_loads(data, file)
     return data
+
+
+def _check_tokenizer_loads(data: bytes, file: str) -> None:
+    """Where the tokenizers library is installed, a tokenizer it cannot load is refused before it is
+    embedded: eval and the loaders would only fail on it later."""
+    try:
+        import tokenizers
+    except ImportError:
+        return
+    try:
+        tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises its own Exception types for a malformed file
+        raise InputError(f"{file}: not a tokenizer.json the tokenizers library loads ({str(exc)[:100]})") from None
 
 
 def check_policy(plan: OnnxSource, policy: Policy, calibrating: bool = False) -> tuple[Policy, str | None]:

@@ -99,7 +99,11 @@ def test_eval_and_decode_find_the_embedded_tokenizer(model, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"not json", "not valid JSON"), (b'{"version": "1.0"}', 'a JSON object with a "model" member')],
+    [
+        (b"not json", "not valid JSON"),
+        (b'{"version": "1.0"}', 'a JSON object with a "model" member'),
+        (b'{"model": 5}', "not a tokenizer.json the tokenizers library loads"),
+    ],
 )
 def test_a_file_that_is_no_tokenizer_is_refused_before_any_output(model, tmp_path, capsys, content, message):
     src, _, _ = model
