@@ -346,11 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        help="run a .rbe converted with --onnx in ONNX Runtime: an encoder's embedding or a "
-        "causal LM's greedy continuation (needs the ort extra, no torch)",
+        help="run a .rbe converted with --onnx (or an encoder's .onnx converted with --tokenizer) in ONNX "
+        "Runtime: an encoder's embedding or a causal LM's greedy continuation (needs the ort extra, no torch)",
         epilog=EPILOG,
     )
-    p.add_argument("input", metavar="MODEL.rbe", help="an .rbe file converted from a model directory with --onnx")
+    p.add_argument(
+        "input",
+        metavar="MODEL.rbe",
+        help="an .rbe file converted from a model directory with --onnx, or from an encoder's .onnx with --tokenizer",
+    )
     p.add_argument("text", help="the text to embed, or the prompt to continue")
     p.add_argument(
         "--max-new-tokens",

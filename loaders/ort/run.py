@@ -1,4 +1,5 @@
-"""Run a Hugging Face model converted with ``rbe convert DIR OUT.rbe --onnx`` in ONNX Runtime, without torch.
+"""Run a model in ONNX Runtime, without torch: a Hugging Face model converted with ``rbe convert DIR OUT.rbe
+--onnx``, or an encoder converted from an .onnx file with ``--tokenizer``.
 
 >>> from rbe_loaders.ort import run                               # doctest: +SKIP
 >>> run.embed("minilm.rbe", ["A sentence.", "Another one."])      # (2, 384) mean-pooled vectors
@@ -24,6 +25,11 @@ sentence-transformers' mean pooling does; the vectors are not L2-normalised
 ``v / np.linalg.norm(v, axis=1, keepdims=True)`` on top).  ``generate`` is
 greedy, carries the KV cache from step to step and stops at the end-of-sequence
 token(s) of the container's generation_config.json or config.json.
+A container converted from a bare .onnx file has no config.json: with the
+tokenizer.json that ``--tokenizer`` embeds, it runs as an encoder, its hidden
+states ``last_hidden_state`` or else its one float output of rank 3 (as
+``rbe eval`` reads such a graph); a graph with ``logits`` needs the config that
+names its end tokens.
 
 Imports numpy, onnx, onnxruntime, tokenizers and rbe's own packages only.
 """
@@ -41,12 +47,14 @@ from rbeformat.embedded.config import is_causal_lm
 from rbeformat.embedded.onnx import carries_onnx
 from rbeformat.extras import ORT_RUN
 
+from .. import TOKENIZER_FILE
 from .. import tokenizer as container_tokenizer
 from . import guard
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CONVERT_HINT = "convert the model's directory with rbe convert DIR OUT.rbe --onnx"
+HIDDEN_STATES = "last_hidden_state"  # an encoder's output [batch, tokens, hidden], as transformers names it
 PAST_PREFIX = "past."  # the causal graph's cache inputs: past.{i}.key, past.{i}.value
 
 
@@ -59,6 +67,7 @@ class LoadedModel:
     tokenizer: object  # tokenizers.Tokenizer
     config: dict
     eos_ids: frozenset[int]
+    hidden_states: str = HIDDEN_STATES  # an encoder's output that embed pools
 
     @property
     def causal(self) -> bool:
@@ -69,15 +78,16 @@ class LoadedModel:
 
 
 def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None) -> LoadedModel:
-    """The session, tokenizer, config and end tokens of a container converted with ``--onnx``.
+    """The session, tokenizer, config and end tokens of a container converted with ``--onnx`` (or of an
+    encoder converted from an .onnx file with ``--tokenizer``: no config.json).
 
-    UsageError for a container without a graph, config.json or tokenizer.json; ``timeout``: seconds
+    UsageError for a container without a graph or tokenizer.json; ``timeout``: seconds
     (or a ``guard.Deadline``) the session's build may take.  MissingExtraError (the ``ort`` extra) when
     onnx, onnxruntime or tokenizers is not installed, before the container is read.
     """
     ORT_RUN.require()  # all three at once: one message, one extra to install
     path = os.fspath(path)
-    config, generation = _read_configs(path)
+    config, generation = _read_configs(path)  # config None: converted from a bare .onnx file
     from .build import session  # after the checks: building a session is the slow part
 
     deadline = guard.Deadline.of(timeout)
@@ -89,26 +99,54 @@ def open_model(path: str | os.PathLike, threads: int | None = None, timeout=None
         deadline=deadline,
         source="tokenizers",
     )
+    if config is None:
+        return LoadedModel(path, sess, tokenizer, {}, frozenset(), bare_encoder_output(sess, path))
     return LoadedModel(path, sess, tokenizer, config, eos_token_ids(config, generation))
 
 
-def _read_configs(path: str) -> tuple[dict, dict]:
-    """config.json and generation_config.json ({} when absent) of a container that carries a graph."""
+def _read_configs(path: str) -> tuple[dict | None, dict]:
+    """config.json (None when absent) and generation_config.json ({} when absent) of a container that
+    carries a graph; UsageError when it carries neither config.json nor tokenizer.json."""
     with Reader(path) as r:
         if not carries_onnx(r):
             raise UsageError(f"{path}: holds no ONNX graph to run; {CONVERT_HINT}")
         files = r.files()
         if CONFIG_FILE not in files:
-            raise UsageError(
-                f"{path}: holds no {CONFIG_FILE} (a container converted from a bare .onnx file has none), "
-                "so nothing tells what the graph computes: feed it yourself through "
-                f"rbe_loaders.ort.session({path!r}), or {CONVERT_HINT}"
-            )
+            if TOKENIZER_FILE not in files:
+                raise UsageError(
+                    f"{path}: holds no {TOKENIZER_FILE} to turn a text into token ids (it was converted from an "
+                    ".onnx file without --tokenizer): convert the .onnx file again with --tokenizer "
+                    f"TOKENIZER.json, or feed the graph yourself through rbe_loaders.ort.session({path!r})"
+                )
+            return None, {}
         config = _json_object(path, CONFIG_FILE, r.read_file(CONFIG_FILE))
         generation = {}
         if GENERATION_CONFIG_FILE in files:
             generation = _json_object(path, GENERATION_CONFIG_FILE, r.read_file(GENERATION_CONFIG_FILE))
     return config, generation
+
+
+def bare_encoder_output(session, path: str) -> str:
+    """The output holding the hidden states of a graph converted from a bare .onnx file:
+    ``last_hidden_state``, else its one float output of rank 3; UsageError for a causal LM's graph (its
+    end tokens are in a config it lacks) or one whose hidden states are not clear."""
+    outputs = session.get_outputs()
+    names = [arg.name for arg in outputs]
+    if "logits" in names:
+        raise UsageError(
+            f"{path}: its graph gives logits, a causal LM's, and it holds no {CONFIG_FILE} naming the end "
+            f"tokens to generate with; {CONVERT_HINT}"
+        )
+    if HIDDEN_STATES in names:
+        return HIDDEN_STATES
+    candidates = [arg.name for arg in outputs if arg.type == "tensor(float)" and len(arg.shape or ()) == 3]
+    if len(candidates) != 1:
+        raise UsageError(
+            f"{path}: its graph has no {HIDDEN_STATES} output and {len(candidates)} float outputs of rank 3 "
+            f"(of {', '.join(names)}), so which holds the hidden states is not clear: feed it yourself through "
+            f"rbe_loaders.ort.session({path!r})"
+        )
+    return candidates[0]
 
 
 def _json_object(path: str, name: str, data: bytes) -> dict:
@@ -159,16 +197,16 @@ def _loaded(model: str | os.PathLike | LoadedModel, causal: bool, deadline=None)
 
 
 def embed(model: str | os.PathLike | LoadedModel, texts: str | list[str] | tuple[str, ...], timeout=None) -> np.ndarray:
-    """The mean-pooled ``last_hidden_state`` (float32, not normalised, padded tokens left out): for one
+    """The mean-pooled hidden states (float32, not normalised, padded tokens left out): for one
     text a vector [hidden], for a list or tuple of texts one row per text [n, hidden]."""
     batch = text_batch(texts, "embed")  # checked before a session is built
     deadline = guard.Deadline.of(timeout)
     loaded = _loaded(model, causal=False, deadline=deadline)
     feed = encoder_feed(loaded, batch, deadline)
-    (hidden,) = run_graph(loaded, ["last_hidden_state"], feed, deadline)
+    (hidden,) = run_graph(loaded, [loaded.hidden_states], feed, deadline)
     if not _is_array(hidden, 3) or hidden.shape[:2] != feed["attention_mask"].shape:
         raise FormatError(
-            f"{loaded.path}: the graph's last_hidden_state is {_form(hidden)}, not float "
+            f"{loaded.path}: the graph's {loaded.hidden_states} is {_form(hidden)}, not float "
             f"[batch, tokens, hidden] for inputs of {list(feed['attention_mask'].shape)}"
         )
     pooled = mean_pool(hidden, feed["attention_mask"])

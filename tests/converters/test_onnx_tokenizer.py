@@ -1,8 +1,8 @@
 """An ONNX model's tokenizer, named once at conversion (--tokenizer), travels in the container.
 
 It is embedded as tokenizer.json; a re-encoding of the container calibrates with it (as the
-.onnx with --tokenizer does), ``rbe eval`` scores with it, and a decode to a directory writes it
-beside the model.  A file that is not a tokenizer.json is refused before any output exists.
+.onnx with --tokenizer does), ``rbe eval`` scores with it, ``rbe run`` embeds texts with it, and a
+decode to a directory writes it beside the model.  A file that is not a tokenizer.json is refused before any output exists.
 """
 
 import json
@@ -15,11 +15,12 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tokenizers")
 
-from tiny_onnx import encoder_model, word_tokenizer  # noqa: E402
+from tiny_onnx import causal_model, encoder_model, numpy_hidden, word_tokenizer  # noqa: E402
 
 from rbe_converters.cli import main  # noqa: E402
 from rbe_converters.evaluate import quality  # noqa: E402
-from rbeformat import Reader  # noqa: E402
+from rbe_loaders.ort import run as ort_run  # noqa: E402
+from rbeformat import Reader, UsageError  # noqa: E402
 
 RECIPE = '[[rule]]\nroles = ["linear"]\ncodec = "gquant(bits=3, group=16, mode=asym)"\ncalibration = "gptq"\n'
 
@@ -124,3 +125,77 @@ def test_a_folder_whose_tokenizer_links_outside_it_is_refused(model, tmp_path, c
     assert main(["convert", src, str(tmp_path / "x.rbe"), "--tokenizer", str(linked), "--quiet"]) == 3
     assert "is a symbolic link" in capsys.readouterr().err
     assert not (tmp_path / "x.rbe").exists()
+
+
+# -- rbe run -------------------------------------------------------------------------------------
+
+
+def test_rbe_run_embeds_with_the_embedded_tokenizer(model, tmp_path, capsys):
+    """No config.json: the graph runs as an encoder, its one float output of rank 3 mean-pooled."""
+    import tokenizers
+
+    src, folder, _ = model
+    converted = str(tmp_path / "l.rbe")
+    assert main(["convert", src, converted, "--tokenizer", folder, "--quiet"]) == 0
+    tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    weights = encoder_model(tok.get_vocab_size())[1]
+    texts = [" ".join(quality.evaluation_text().split()[:9]), "the of"]
+    expected = [numpy_hidden(weights, np.array([tok.encode(t).ids])).mean(axis=1)[0] for t in texts]
+    capsys.readouterr()
+    assert main(["run", converted, texts[0], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "encoder" and result["dimension"] == len(expected[0])
+    np.testing.assert_allclose(result["embedding"], expected[0], rtol=1e-5, atol=1e-5)
+    vectors = ort_run.embed(converted, texts)  # padded to the longest: the mask leaves the padding out
+    np.testing.assert_allclose(vectors, np.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_rbe_run_without_an_embedded_tokenizer_says_to_convert_with_one(model, tmp_path, capsys):
+    src, _, _ = model
+    converted = str(tmp_path / "l.rbe")
+    assert main(["convert", src, converted, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", converted, "some text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer" in err and "rbe_loaders.ort.session(" in err
+
+
+def test_a_causal_graph_without_its_config_is_refused(model, tmp_path, capsys):
+    _, folder, _ = model
+    import tokenizers
+
+    vocab = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).get_vocab_size()
+    src, converted = str(tmp_path / "c.onnx"), str(tmp_path / "c.rbe")
+    onnx.save(causal_model(vocab)[0], src)
+    assert main(["convert", src, converted, "--tokenizer", folder, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", converted, "some text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "logits" in err and "config.json" in err
+
+
+class _Output:
+    def __init__(self, name, type="tensor(float)", shape=("batch", "tokens", 16)):
+        self.name, self.type, self.shape = name, type, list(shape)
+
+
+class _Session:
+    def __init__(self, *outputs):
+        self.outputs = list(outputs)
+
+    def get_outputs(self):
+        return self.outputs
+
+
+def test_the_hidden_states_of_a_bare_graph_are_chosen_by_name_then_by_form():
+    pooled = _Output("pooled", shape=("batch", 16))
+    assert ort_run.bare_encoder_output(_Session(_Output("x"), _Output("last_hidden_state")), "m.rbe") == (
+        "last_hidden_state"
+    )
+    assert ort_run.bare_encoder_output(_Session(pooled, _Output("hidden")), "m.rbe") == "hidden"
+    ids = _Output("ids", type="tensor(int64)")
+    assert ort_run.bare_encoder_output(_Session(ids, _Output("hidden"), pooled), "m.rbe") == "hidden"
+    with pytest.raises(UsageError, match="2 float outputs of rank 3"):
+        ort_run.bare_encoder_output(_Session(_Output("a"), _Output("b")), "m.rbe")
+    with pytest.raises(UsageError, match="0 float outputs of rank 3"):
+        ort_run.bare_encoder_output(_Session(pooled), "m.rbe")

@@ -184,15 +184,17 @@ def test_a_container_without_a_graph_is_refused(bert, tmp_path, capsys):
         run.embed(bare, ["some text"])
 
 
-def test_a_container_of_a_bare_onnx_file_is_refused_with_the_session_to_use(bert, tmp_path, capsys):
-    with_graph = bert[3]
+def test_a_container_of_a_bare_onnx_file_runs_with_the_tokenizer_given_at_conversion(bert, tmp_path, capsys):
+    directory, with_graph = bert[0], bert[3]
     bare_onnx, converted = str(tmp_path / "m.onnx"), str(tmp_path / "m.rbe")
     assert main(["decode", with_graph, bare_onnx, "--quiet"]) == 0
     assert main(["convert", bare_onnx, converted, "--quiet"]) == 0
     capsys.readouterr()
     assert main(["run", converted, "some text"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "rbe_loaders.ort.session(" in err and "bare .onnx" in err
+    assert err.count("\n") == 1 and "rbe_loaders.ort.session(" in err and "--tokenizer" in err
+    assert main(["convert", bare_onnx, converted, "--tokenizer", directory, "--force", "--quiet"]) == 0
+    np.testing.assert_allclose(run.embed(converted, TEXTS), run.embed(with_graph, TEXTS), rtol=1e-6, atol=1e-6)
 
 
 def test_the_wrong_kind_of_model_is_refused(bert, llama):
