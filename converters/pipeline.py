@@ -40,6 +40,7 @@ from .outputs import check_not_input, check_rbe_output_name, stale_partials_note
 from .progress import NoProgress
 from .sources import TensorSource, is_onnx_input, is_rbe_input, load, open_source
 from .sources.rbe import holds_onnx_model
+from .sources.safetensors import SafetensorsSource
 
 Progress = Callable[[int], None]
 
@@ -512,6 +513,15 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     ]
 
 
+def _config_of_the_model(source, policy: Policy) -> dict | None:
+    """The config.json a level's recipe is chosen by: the input's own; for a single .safetensors file whose
+    rules calibrate, that of the model directory it lies in, by which the calibration runs the model."""
+    config = source.config()
+    if config is None and isinstance(source, SafetensorsSource) and calibration_methods(source, policy):
+        config = source.folder_config()
+    return config
+
+
 def _remove_stale_partials(output: str, reporter: Reporter) -> None:
     """Removes the partial files killed runs left beside the output (``atomic.remove_stale_partials``),
     and says so; not while a resume state is there, whose partial files ``--resume`` goes on from."""
@@ -530,7 +540,8 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     """A .safetensors file or a model directory (``sources/safetensors.py``), or an .rbe file of one
     (``sources/rbe.py``), calibrated with torch."""
     source = open_source(input)
-    policy, resolved = policy_for_model(policy, source.config)  # --preset q4 on an encoder: encoder-q4
+    # --preset q4 on an encoder: encoder-q4
+    policy, resolved = policy_for_model(policy, lambda: _config_of_the_model(source, policy))
     if calibration_methods(source, policy):
         extras.CALIBRATION.require()  # a missing extra is the run's only line
     if options.onnx:

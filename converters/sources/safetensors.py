@@ -21,6 +21,7 @@ from rbeformat.spec import DTYPES
 
 from ..compress.recipe import Policy
 from ..compress.roles import TensorRole, classify
+from ..links import check_link
 from ..safetensors_io import StFile, StTensor, build_header, read_header
 from . import AddTensor
 
@@ -77,18 +78,18 @@ class SafetensorsSource:
     def config(self) -> dict | None:
         """The model's config.json (None when the input has none); InputError when it is not a JSON object."""
         path = next((full for rel, full in self.others if rel == "config.json"), None)
-        if path is None:
+        return None if path is None else _read_config(path)
+
+    def folder_config(self) -> dict | None:
+        """For a single .safetensors file, the config.json of the model directory it lies in (None without
+        one): what a calibration of the file runs the model by.  None for a directory (``config``)."""
+        if not self.path or os.path.isdir(self.path):
             return None
-        try:
-            with open(path, "rb") as fh:
-                config = json.load(fh)
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise InputError(f"{path}: not valid JSON, which tensor roles need ({str(exc)[:100]})") from None
-        if not isinstance(config, dict):
-            raise InputError(f"{path}: not a JSON object, which tensor roles need")
-        return config
+        path = os.path.join(self.root, "config.json")
+        if not os.path.isfile(path):
+            return None
+        check_link(path, self.root or ".")
+        return _read_config(path)
 
     def embedded_files(self) -> list[str]:
         return [rel for rel, _ in self.others]
@@ -192,3 +193,17 @@ def read_tensor(st: StFile, t: StTensor) -> np.ndarray:
         return np.frombuffer(read_at(t.begin, t.end - t.begin), storage).reshape(t.shape)
     finally:
         close()
+
+
+def _read_config(path: str) -> dict:
+    """config.json as a JSON object; InputError naming the file otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            config = json.load(fh)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON, which tensor roles need ({str(exc)[:100]})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a JSON object, which tensor roles need")
+    return config

@@ -24,7 +24,7 @@ from rbe_converters.compress.recipe import (
 )
 from rbe_converters.compress.roles import ROLES, TensorRole, classify
 from rbe_converters.sources.safetensors import plan_conversion
-from rbeformat import InputError, UsageError
+from rbeformat import InputError, Reader, UsageError
 from rbeformat.chain import Chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -435,6 +435,25 @@ def test_a_calibrated_preset_on_a_model_transformers_cannot_load_is_one_clear_er
     # config.json is checked against the stored shapes before transformers builds anything
     assert len(err) == 1 and src in err[0] and "config.json" in err[0] and "has shape" in err[0]
     assert not out.exists()
+
+
+def test_a_level_on_an_encoders_safetensors_file_runs_the_encoder_recipe(bert, tmp_path, capsys):
+    """The file alone has no config.json; its calibration runs the model of the directory it lies in,
+    whose config.json picks the recipe, as for the directory: the same tensors, without its files."""
+    pytest.importorskip("torch")
+    directory = bert[0]
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(bert[2].get_vocab()) * 20)
+    calibration = ["--calibration", str(text), "--calibration-windows", "1", "--threads", "1"]
+    from_file, from_dir = str(tmp_path / "file.rbe"), str(tmp_path / "dir.rbe")
+    model_file = os.path.join(directory, "model.safetensors")
+    assert main(["convert", model_file, from_file, "--preset", "q4", *calibration]) == 0
+    assert "rbe: preset q4 -> encoder-q4 for a BertModel encoder" in capsys.readouterr().err
+    assert main(["convert", directory, from_dir, "--preset", "q4", "--quiet", *calibration]) == 0
+    with Reader(from_file) as f, Reader(from_dir) as d:
+        assert f.keys() == d.keys() and "config.json" not in f.files() and "config.json" in d.files()
+        for name in f.keys():
+            assert np.array_equal(f.get_tensor(name), d.get_tensor(name)), name
 
 
 @pytest.mark.slow
