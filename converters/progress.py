@@ -136,7 +136,8 @@ class _Heartbeat:
 
 class LineProgress:
     """Progress as plain lines on stderr (none when ``silent``), each with an estimate from the average
-    rate so far; also a line every ``LINE_SECONDS`` while nothing moves, once entered as a context."""
+    rate so far; also a line every ``LINE_SECONDS`` while nothing moves, once entered as a context, and
+    on leaving it a last line with the final count when an earlier line showed less."""
 
     def __init__(
         self,
@@ -159,6 +160,7 @@ class LineProgress:
         self.text = ""
         self.start = time.monotonic()
         self.last = self.start if last_line is None else last_line  # when the last line was printed
+        self.shown: float | None = None  # the count the last line printed showed; None before any line
         self.first: tuple[float, float] | None = None  # (time, count) at the first update or ``resumed``
         self.updated = self.start  # when a unit was last counted
         self.from_resume = False
@@ -172,10 +174,12 @@ class LineProgress:
             self.heartbeat = _Heartbeat(self.tick)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.heartbeat is not None:
             self.heartbeat.close()
             self.heartbeat = None
+        if exc_type is None and self.shown is not None and self.shown != self.n:
+            self._line()  # a log that showed the stage under way also shows where it ended
 
     def update(self, n: float = 1) -> None:
         self.n += n
@@ -240,7 +244,7 @@ class LineProgress:
 
     def _line(self) -> None:
         with self.lock:
-            self.last = time.monotonic()
+            self.last, self.shown = time.monotonic(), self.n
             if not self.silent:
                 self.emit()
 

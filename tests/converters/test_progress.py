@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from rbe_converters import progress
 
 
@@ -64,6 +66,27 @@ def test_a_calibration_stage_announces_itself_in_a_log(monkeypatch, capsys):
     with progress.progress(32, "calibrate", "windows"):
         pass
     assert capsys.readouterr().err.startswith("rbe: calibrate: 0/32 windows, 0:00 elapsed")
+
+
+def test_a_stage_that_showed_itself_under_way_shows_where_it_ended(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    with progress.LineProgress(32, "calibrate", "windows", announce=True) as quick:
+        clock.now += 4
+        quick.update(32)  # done before the line interval: no line of its own
+    assert capsys.readouterr().err.splitlines() == [
+        "rbe: calibrate: 0/32 windows, 0:00 elapsed",
+        "rbe: calibrate: 32/32 windows, 0:04 elapsed",
+    ]
+    with progress.LineProgress(3, "encode", "blocks") as silent_so_far:
+        clock.now += 5
+        silent_so_far.update(3)  # never showed itself: a quick stage stays quiet
+    failed = progress.LineProgress(3, "encode", "blocks", announce=True)
+    with pytest.raises(KeyboardInterrupt), failed:
+        failed.update(1)
+        raise KeyboardInterrupt
+    # a stage cut short gets no closing line: the error after it is the last word
+    assert capsys.readouterr().err.splitlines() == ["rbe: encode: 0/3 blocks, 0:00 elapsed"]
 
 
 def test_nothing_to_count_prints_nothing_and_a_first_sliver_gets_no_estimate(monkeypatch, capsys):

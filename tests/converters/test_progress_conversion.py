@@ -145,16 +145,17 @@ def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(m
     reporter = cli.CommandReporter(quiet=False)
     with reporter.stage(4, "score", "tensors") as stage:  # its first line as it begins
         clock.advance(3.0)
-        stage.update(4)
-    clock.advance(5.0)  # work between the stages: 8 s since that line
+        stage.update(4)  # done within the interval: its last line says so as it ends
+    clock.advance(5.0)  # work between the stages: 5 s since that line
     with reporter.bar(100e6, "convert") as bar:
-        clock.advance(1.0)
+        clock.advance(4.0)
         bar.update(50e6)  # 9 s since the last line: none yet
         clock.advance(1.5)
         bar.update(50e6)  # 10.5 s: its first
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(":")[1].strip() for line in lines] == ["score", "convert"], lines
-    assert lines[1].startswith("rbe: convert: 100.0/100.0 MB"), lines  # at 10.5 s, after its last update
+    assert [line.split(":")[1].strip() for line in lines] == ["score", "score", "convert"], lines
+    assert lines[1] == "rbe: score: 4/4 tensors, 0:03 elapsed", lines
+    assert lines[2].startswith("rbe: convert: 100.0/100.0 MB"), lines  # at 10.5 s, after its last update
     with cli.CommandReporter(quiet=False).bar(100, "convert") as alone:  # no stage before: a quick run prints none
         clock.advance(9.0)
         alone.update(100)
