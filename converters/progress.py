@@ -116,9 +116,12 @@ def clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+HEARTBEAT_SECONDS = 0.25  # how often a stage looks whether a line is due: lines come at most this late
+
+
 class _Heartbeat:
-    """Calls ``tick`` about every second from a daemon thread until stopped: a stage whose one step
-    takes minutes still shows its clock."""
+    """Calls ``tick`` every ``HEARTBEAT_SECONDS`` from a daemon thread until stopped: a stage whose one
+    step takes minutes still shows its clock."""
 
     def __init__(self, tick: Callable[[], None]):
         self.stop = threading.Event()
@@ -126,7 +129,7 @@ class _Heartbeat:
         self.thread.start()
 
     def _run(self, tick) -> None:
-        while not self.stop.wait(1.0):
+        while not self.stop.wait(HEARTBEAT_SECONDS):
             tick()
 
     def close(self) -> None:

@@ -426,12 +426,15 @@ def choose_measure(causal: bool, original: str, options: EvalOptions, not_causal
     return EmbeddingMeasure
 
 
-def scoring_progress(path: str, total: int, unit: str, options: EvalOptions):
+def scoring_progress(path: str, total: int, unit: str, options: EvalOptions, after=None):
     """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe".  Its
-    first line comes after ``LINE_SECONDS``, so that a model refused as it loads is the one line."""
+    first line comes after ``LINE_SECONDS``, so that a model refused as it loads is the one line:
+    ``LINE_SECONDS`` after the last line of ``after``, the file scored before it (or after that one's
+    start, when it printed none), so that a run of quick files never leaves a log quiet longer."""
     from ..progress import progress
 
-    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet, announce=False)
+    last_line = getattr(after, "last", None)  # a terminal's bar keeps no such time: its clock shows
+    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet, announce=False, last_line=last_line)
 
 
 # -- the run ------------------------------------------------------------------------
@@ -566,6 +569,7 @@ class _Baseline:
     reference_bytes: int
     linear: set
     options: EvalOptions
+    previous: object = None  # the progress of the file scored last
 
     @property
     def causal(self) -> bool:
@@ -574,8 +578,11 @@ class _Baseline:
     def progress(self, path: str):
         """A causal LM is scored block by block, an encoder a batch of sentences at a time."""
         if self.causal:
-            return scoring_progress(path, _block_count(self.config), "blocks", self.options)
-        return scoring_progress(path, len(self.measure.sentences), self.measure.unit, self.options)
+            total, unit = _block_count(self.config), "blocks"
+        else:
+            total, unit = len(self.measure.sentences), self.measure.unit
+        self.previous = scoring_progress(path, total, unit, self.options, self.previous)
+        return self.previous
 
     def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str, bar) -> dict:
         if self.causal:  # a causal LM may be larger than memory: scored block by block

@@ -439,6 +439,7 @@ class OrtScorer:
     original: OnnxOriginal
     options: EvalOptions
     linear: set = field(init=False)
+    previous: object = field(default=None, init=False)  # the progress of the session scored last
 
     def __post_init__(self):
         self.linear = linear_by_role(self.original.roles, self.original.sizes)
@@ -446,7 +447,8 @@ class OrtScorer:
     def row(self, path: str, role: str, sizes: Sizes) -> dict:
         causal = isinstance(self.measure, PerplexityMeasure)
         total = len(self.measure.parts) if causal else len(self.measure.sentences)
-        with scoring_progress(path, total, self.measure.unit, self.options) as bar:
+        self.previous = scoring_progress(path, total, self.measure.unit, self.options, self.previous)
+        with self.previous as bar:
             bar.label("building the ONNX Runtime session")
             if role == "original" and self.original.plan is not None:
                 session = onnx_file_session(self.original, self.options.threads)

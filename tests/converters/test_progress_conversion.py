@@ -162,6 +162,27 @@ def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(m
     assert capsys.readouterr().err == ""
 
 
+def test_evals_files_scored_in_a_row_leave_a_log_quiet_no_longer_than_the_line_interval(monkeypatch, capsys):
+    from rbe_converters.evaluate.eval import EvalOptions, scoring_progress
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    options = EvalOptions()
+    with scoring_progress("fp32", 4, "batches", options) as first:
+        clock.advance(6.0)
+        first.update(4)  # a quick file: no line of its own
+    with scoring_progress("q4.rbe", 4, "batches", options, after=first) as second:
+        clock.advance(3.0)
+        second.update(2)  # 9 s since the run began: none yet
+        clock.advance(1.5)
+        second.update(1)  # 10.5 s: the first line of the run, though this file began 4.5 s ago
+        clock.advance(1.0)
+        second.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("rbe: eval: scoring q4.rbe: 3/4 batches, 0:04 elapsed"), lines
+    assert lines[1] == "rbe: eval: scoring q4.rbe: 4/4 batches, 0:06 elapsed"  # where it ended
+
+
 def test_the_scorings_estimate_leaves_out_the_probe_run_before_its_first_tensor(bert, tmp_path, monkeypatch):
     from rbe_converters.compress import sensitivity
 
