@@ -41,7 +41,7 @@ from rbeformat.manifest import check_json_text, unique_keys
 from rbeformat.spec import DTYPES
 
 from .inputs import open_rbe
-from .outputs import check_directory_name, check_not_input
+from .outputs import check_directory_name, check_input_exists, check_not_input
 from .safetensors_io import build_header
 
 Progress = Callable[[int], None]
@@ -85,6 +85,7 @@ def decode_to(
 
     ``bar(total)`` gives a context manager whose ``update(n)`` is told of the bytes written."""
     check_not_input(src, dst)  # before any check of the output, whose advice would be to remove it
+    check_input_exists(src)
     bar = bar or _no_bar
     if dst.lower().endswith(".onnx"):
         return decode_onnx_to(src, dst, force=force, verify=verify, threads=threads, bar=bar)
@@ -115,6 +116,7 @@ def decode_onnx_to(
     """``rbe export-onnx SRC DST`` (dense): the ONNX model a container carries, converted from an .onnx
     file (``decode_onnx``) or exported at conversion (``onnx_export.dense_model``)."""
     check_not_input(src, dst)
+    check_input_exists(src)
     bar = bar or _no_bar
     check_target(dst, force)
     check_parent(dst)
@@ -139,6 +141,7 @@ def export_on_the_fly(src: str, dst: str, *, force: bool = False) -> tuple[list[
     """``rbe export-onnx --on-the-fly``: the container's ONNX model with quantized weights kept compressed,
     expanded inside the graph as it runs (``rbe_loaders.ort``); (the paths written, which form each weight took)."""
     check_not_input(src, dst)
+    check_input_exists(src)
     check_target(dst, force)
     check_parent(dst)
     open_rbe(src, verify_checksums=False).close()  # one clear error for a file that is not rbe

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from rbeformat import UsageError
+from rbeformat import FileMissingError, UsageError
 
 # Extensions that name a kind of file (weights, archives, data): what a directory or a non-rbe
 # output must not be named with.
@@ -85,6 +85,12 @@ def check_not_input(input: str, output: str) -> None:
         return
     if os.path.samefile(input, output):
         raise UsageError(f"{output}: is the input {input}; rbe never writes over its input: choose another output")
+
+
+def check_input_exists(input: str) -> None:
+    """A missing input is said before any refusal of the output, whose fix (--force) would not help."""
+    if not os.path.exists(input):
+        raise FileMissingError(f"{input}: no such file or directory", input)
 
 
 def stale_partials_note(output: str, removed: list[str]) -> str:

@@ -36,7 +36,7 @@ from rbeformat.values import to_float32
 
 from .compress.plan import Statistics, calibrate_for, calibration_methods, choose_chains, mixed_precision, prune_heads
 from .compress.recipe import Policy, encoder_variant, lossless_policy, policy_for_model
-from .outputs import check_not_input, check_rbe_output_name, stale_partials_note
+from .outputs import check_input_exists, check_not_input, check_rbe_output_name, stale_partials_note
 from .progress import NoProgress
 from .sources import TensorSource, is_onnx_input, is_rbe_input, load, open_source
 from .sources.rbe import holds_onnx_model
@@ -466,11 +466,12 @@ def convert_model(
     options = options or ConvertOptions()
     reporter = reporter or Reporter()
     check_not_input(input, output)
+    policy = policy_from_options(options.chain, options.recipe, options.preset)  # a usage error first
+    check_input_exists(input)  # then a missing input, before the output's refusals
     check_rbe_output_name(output, options.force)
     check_target(output, options.force)
     check_parent(output)
     codec = lossless_codec(options.lossless, options.level, options.max_ratio)
-    policy = policy_from_options(options.chain, options.recipe, options.preset)
     if is_onnx_input(input) or (is_rbe_input(input) and holds_onnx_model(input)):
         if options.onnx:
             raise UsageError(f"{input}: --onnx exports a Hugging Face model; an ONNX model keeps its own graph")

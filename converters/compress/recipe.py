@@ -365,7 +365,9 @@ def preset_name(name: str) -> str:
     by_lower = {n.lower(): n for n in names}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
-    close = _nearest_levels(name.lower(), names) or difflib.get_close_matches(name.lower(), names, n=3)
+    typed = name.lower()
+    starting = [n for n in names if n.startswith(typed)] if len(typed) >= 3 else []  # minilm: minilm-layerwise
+    close = _nearest_levels(typed, names) or starting[:3] or difflib.get_close_matches(typed, names, n=3)
     guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise UsageError(f"unknown preset {name!r}{guess}; available: {', '.join(names)}")
 

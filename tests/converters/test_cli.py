@@ -65,6 +65,27 @@ def test_info_shows_table_and_json(model_dir, tmp_path, capsys):
     assert stored + info["totals"]["overhead_bytes"] == os.path.getsize(out)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "{missing}", "{out}.rbe"],
+        ["convert", "{missing}", "{out}.rbe", "--preset", "q8"],
+        ["decode", "{missing}", "{out}.rbe"],
+        ["decode", "{missing}", "{out}.safetensors"],
+        ["export-onnx", "{missing}", "{out}.onnx"],
+        ["export-onnx", "{missing}", "{out}.onnx", "--on-the-fly"],
+    ],
+)
+def test_a_missing_input_is_said_before_the_outputs_refusals(tmp_path, capsys, argv):
+    """An output that exists (or a directory named like a file) would ask for --force, which cannot help."""
+    missing, out = str(tmp_path / "nope.rbe"), str(tmp_path / "out")
+    argv = [arg.format(missing=missing, out=out) for arg in argv]
+    open(argv[2], "wb").close()
+    assert main(argv) == 3
+    assert capsys.readouterr().err == f"rbe: error: {missing}: no such file or directory\n"
+    assert os.path.getsize(argv[2]) == 0
+
+
 def test_exit_codes_and_one_line_errors(model_dir, tmp_path, capsys):
     src, _ = model_dir
     out = tmp_path / "m.rbe"

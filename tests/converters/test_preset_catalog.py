@@ -126,6 +126,8 @@ def test_preset_names_are_case_insensitive():
         ("q1", "'q2'?)"),
         ("q7", "'q6' or 'q8'?)"),
         ("encoder-q6", "'encoder-q4'?)"),
+        ("minilm", "'minilm-layerwise'?)"),
+        ("encoder", "'encoder-q2' or 'encoder-q3' or 'encoder-q4'?)"),
     ],
 )
 def test_an_unknown_preset_suggests_the_closest(typed, guess):
