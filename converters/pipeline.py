@@ -662,8 +662,8 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
         extras.ORT_CALIBRATION.require()  # before the run's first line
     if policy.preset and encoder_variant(policy.preset):
         reporter.info(
-            f"rbe: preset {policy.preset} keeps its own recipe on an ONNX model: {encoder_variant(policy.preset)}, "
-            "its recipe for encoders, scores the model in transformers and needs the model's directory"
+            f"rbe: preset {policy.preset} runs its own recipe on an ONNX model, not {encoder_variant(policy.preset)} "
+            f"(which runs the model in transformers: convert the model's directory for {encoder_variant(policy.preset)})"
         )
     if options.tokenizer is not None:
         reporter.info(f"rbe: {input}: embedding the tokenizer {options.tokenizer} as tokenizer.json")

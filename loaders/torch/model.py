@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbeformat import FormatError, InputError, Reader, UsageError, safe_open
+from rbeformat import ChecksumError, FormatError, InputError, Reader, UsageError, safe_open
 from rbeformat.atomic import atomic_file
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
@@ -234,12 +234,19 @@ def _transformers():
     return transformers
 
 
+CHECKSUM_WORDS = "checksum mismatch"  # how Reader.verify words a section whose CRC-32 fails
+DIGEST_WORDS = "sha256 digest"  # and a tensor or file whose decoded bytes fail their digest
+
+
 def _check_sound(reader: Reader, path: str) -> None:
     """Every section's checksum, before any module exists: a damaged file fails here, not mid-build."""
     problems = list(reader.verify())
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise FormatError(f"{path}: damaged: {problems[0]}{more}; rbe verify lists every problem")
+        # bytes that fail their checksum are a ChecksumError, as safe_open raises for them
+        failed = any(CHECKSUM_WORDS in problem or DIGEST_WORDS in problem for problem in problems)
+        error = ChecksumError if failed else FormatError
+        raise error(f"{path}: damaged: {problems[0]}{more}; rbe verify lists every problem")
 
 
 def _write_config(reader: Reader, path: str, folder: str) -> dict:
