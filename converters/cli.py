@@ -740,19 +740,21 @@ def cmd_presets(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate.eval import EvalOptions, eval_table, evaluate
+    from .evaluate.eval import EvalOptions, eval_table, evaluate, require_runtime
     from .evaluate.plot import check_plot_target, write_plot
 
     def concerning(path: str) -> None:  # a failure names the file being worked on
         args.input = path
 
-    if args.plot:
-        check_plot_target(args.plot, args.force)
     original = args.input
     not_rbe = os.path.isdir(original) or original.endswith(".safetensors") or original.lower().endswith(".onnx")
     for path in ([] if not_rbe else [original]) + args.compressed:
         concerning(path)
         open_rbe(path, verify_checksums=False).close()  # each file is an rbe file before anything loads
+    concerning(original)
+    require_runtime(original)  # the model's extra, then --plot's: one install at a time, the larger first
+    if args.plot:
+        check_plot_target(args.plot, args.force)
     options = EvalOptions(
         text=args.text,
         sentences=args.sentences,

@@ -51,7 +51,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rbeformat import InputError, Reader, UsageError
+from rbeformat import InputError, Reader, UsageError, extras
 from rbeformat.embedded import hf_guard
 from rbeformat.embedded.config import is_causal_lm
 
@@ -438,6 +438,15 @@ def scoring_progress(path: str, total: int, unit: str, options: EvalOptions, aft
 
 
 # -- the run ------------------------------------------------------------------------
+
+
+def require_runtime(original: str) -> None:
+    """The packages scoring ``original`` needs (ONNX Runtime's or transformers'), or one error naming the
+    extra that installs them: the first thing a user must fix, said before any other."""
+    if runs_in_onnx_runtime(original):
+        extras.ORT_EVAL.require()
+    else:
+        extras.TORCH_EVAL.require()
 
 
 def runs_in_onnx_runtime(original: str) -> bool:

@@ -104,6 +104,20 @@ def test_missing_torch_is_a_usage_error_naming_the_extra(monkeypatch):
         quality.require_torch()
 
 
+def test_without_the_models_extra_or_matplotlib_the_models_extra_is_named_first(monkeypatch, tmp_path, capsys):
+    import numpy as np
+
+    from rbeformat import save_file
+
+    compressed = str(tmp_path / "c.rbe")
+    save_file({"w": np.zeros((4, 4), np.float32)}, compressed)
+    for module in ("torch", "transformers", "matplotlib"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    assert main(["eval", str(tmp_path), compressed, "--plot", str(tmp_path / "q.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'rbe[hf]'" in err, err
+
+
 def test_plot_without_matplotlib_names_the_plot_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UsageError) as caught:
