@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import zstandard
 
@@ -743,6 +744,8 @@ def cmd_eval(args) -> int:
     from .evaluate.eval import EvalOptions, eval_table, evaluate, require_runtime
     from .evaluate.plot import check_plot_target, write_plot
 
+    started = time.monotonic()  # a log's first line is due LINE_SECONDS after it, whatever stage runs then
+
     def concerning(path: str) -> None:  # a failure names the file being worked on
         args.input = path
 
@@ -763,6 +766,7 @@ def cmd_eval(args) -> int:
         threads=args.threads,
         tokenizer=args.tokenizer,
         quiet=args.quiet,
+        started=started,
     )
     result = evaluate(original, args.compressed, options, concerning)
     print(json.dumps(result, indent=2) if args.json else eval_table(result))

@@ -164,6 +164,7 @@ class LineProgress:
         self.start = time.monotonic()
         self.last = self.start if last_line is None else last_line  # when the last line was printed
         self.shown: float | None = None  # the count the last line printed showed; None before any line
+        self.ended = False  # left without an error: a last line says so, with no estimate or label
         self.first: tuple[float, float] | None = None  # (time, count) at the first update or ``resumed``
         self.updated = self.start  # when a unit was last counted
         self.from_resume = False
@@ -182,6 +183,7 @@ class LineProgress:
             self.heartbeat.close()
             self.heartbeat = None
         if exc_type is None and self.shown is not None and self.shown != self.n:
+            self.ended = True
             self._line()  # a log that showed the stage under way also shows where it ended
 
     def update(self, n: float = 1) -> None:
@@ -222,6 +224,8 @@ class LineProgress:
     def line(self) -> str:
         r = self.report()
         out = f"rbe: {r.stage}: {self.count_format.format(n=r.done, total=r.total)} {r.unit}"
+        if self.ended:
+            return f"{out}, {clock(r.elapsed)} elapsed, done"
         if r.label:
             out += f", {r.label}"
         out += f", {clock(r.elapsed)} elapsed"

@@ -72,6 +72,7 @@ class EvalOptions:
     threads: int | None = None
     tokenizer: str | None = None  # ONNX models: a tokenizer.json, or a folder holding one
     quiet: bool = False  # no progress on stderr
+    started: float | None = None  # when the command began (time.monotonic): a log's first line is due from it
 
 
 # -- sizes ------------------------------------------------------------------------------
@@ -433,7 +434,8 @@ def scoring_progress(path: str, total: int, unit: str, options: EvalOptions, aft
     start, when it printed none), so that a run of quick files never leaves a log quiet longer."""
     from ..progress import progress
 
-    last_line = getattr(after, "last", None)  # a terminal's bar keeps no such time: its clock shows
+    # the first file's line is due from the command's start; a terminal's bar keeps no such time
+    last_line = getattr(after, "last", options.started)
     return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet, announce=False, last_line=last_line)
 
 

@@ -76,8 +76,13 @@ def test_a_stage_that_showed_itself_under_way_shows_where_it_ended(monkeypatch, 
         quick.update(32)  # done before the line interval: no line of its own
     assert capsys.readouterr().err.splitlines() == [
         "rbe: calibrate: 0/32 windows, 0:00 elapsed",
-        "rbe: calibrate: 32/32 windows, 0:04 elapsed",
+        "rbe: calibrate: 32/32 windows, 0:04 elapsed, done",
     ]
+    with progress.LineProgress(4, "calibrate", "windows", announce=True) as fractions:
+        clock.now += 3
+        fractions.label("after the blocks: lm_head.weight")
+        fractions.update(3.9999)  # fractions of a window that add up to a little less than the whole
+    assert capsys.readouterr().err.splitlines()[-1] == "rbe: calibrate: 4/4 windows, 0:03 elapsed, done"
     with progress.LineProgress(3, "encode", "blocks") as silent_so_far:
         clock.now += 5
         silent_so_far.update(3)  # never showed itself: a quick stage stays quiet

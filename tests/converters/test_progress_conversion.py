@@ -154,7 +154,7 @@ def test_in_a_log_the_byte_stage_keeps_the_line_interval_from_the_stage_before(m
         bar.update(50e6)  # 10.5 s: its first
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(":")[1].strip() for line in lines] == ["score", "score", "convert"], lines
-    assert lines[1] == "rbe: score: 4/4 tensors, 0:03 elapsed", lines
+    assert lines[1] == "rbe: score: 4/4 tensors, 0:03 elapsed, done", lines
     assert lines[2].startswith("rbe: convert: 100.0/100.0 MB"), lines  # at 10.5 s, after its last update
     with cli.CommandReporter(quiet=False).bar(100, "convert") as alone:  # no stage before: a quick run prints none
         clock.advance(9.0)
@@ -180,7 +180,23 @@ def test_evals_files_scored_in_a_row_leave_a_log_quiet_no_longer_than_the_line_i
         second.update(1)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[0].startswith("rbe: eval: scoring q4.rbe: 3/4 batches, 0:04 elapsed"), lines
-    assert lines[1] == "rbe: eval: scoring q4.rbe: 4/4 batches, 0:06 elapsed"  # where it ended
+    assert lines[1] == "rbe: eval: scoring q4.rbe: 4/4 batches, 0:06 elapsed, done"  # where it ended
+
+
+def test_evals_first_line_is_due_from_the_commands_start(monkeypatch, capsys):
+    from rbe_converters.evaluate.eval import EvalOptions, scoring_progress
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    options = EvalOptions(started=clock.now)
+    clock.advance(6.0)  # loading the tokenizer, checking the files
+    with scoring_progress("fp32", 8, "batches", options) as first:
+        clock.advance(3.0)
+        first.update(4)  # 9 s since the command began: none yet
+        clock.advance(1.5)
+        first.update(1)  # 10.5 s: the first line, 4.5 s into the file
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[0].startswith("rbe: eval: scoring fp32: 5/8 batches, 0:04 elapsed"), lines
 
 
 def test_the_scorings_estimate_leaves_out_the_probe_run_before_its_first_tensor(bert, tmp_path, monkeypatch):
