@@ -59,6 +59,10 @@ class Parser(argparse.ArgumentParser):
     """argparse, reporting a bad command line in one line like every other error, with the closest
     names for a misspelled command, choice or option (Python 3.11's argparse has no suggest_on_error)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --lossles is a typo to name, not --lossless taken silently
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"rbe: error: {message} (see '{self.prog} --help')\n")
 

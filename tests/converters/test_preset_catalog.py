@@ -150,6 +150,8 @@ def test_an_unknown_preset_suggests_the_closest(typed, guess):
         (["convert", "a", "b", "--lossless", "ra"], "invalid choice: 'ra'; did you mean 'raw'?"),
         (["presets", "--jsno"], "unrecognized arguments: --jsno (did you mean '--json'?)"),
         (["info", "f.rbe", "--jsn"], "(did you mean '--json'?)"),
+        (["convert", "a", "b", "--lossles", "raw"], "(did you mean '--lossless'?)"),  # no prefix taken
+        (["info", "f.rbe", "--summ"], "(did you mean '--summary'?)"),
     ],
 )
 def test_misspelled_commands_options_and_choices_get_a_suggestion(argv, wanted, capsys):
