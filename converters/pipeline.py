@@ -514,6 +514,16 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     ]
 
 
+def _lone_file_note(input: str, source) -> str:
+    """What a calibration of a lone .safetensors file reads beside it, and what the output lacks."""
+    folder = source.root or "."
+    return (
+        f"rbe: {input}: calibrating with the model directory it lies in ({folder}: its config.json and "
+        "tokenizer); the output holds this file's tensors alone: convert the directory to embed its config "
+        "and tokenizer, which load_model and rbe eval need"
+    )
+
+
 def _config_of_the_model(source, policy: Policy) -> dict | None:
     """The config.json a level's recipe is chosen by: the input's own; for a single .safetensors file whose
     rules calibrate, that of the model directory it lies in, by which the calibration runs the model."""
@@ -552,6 +562,8 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     files = source.embedded_files()
     if files:
         reporter.info(embedding_note(input, files))
+    elif isinstance(source, SafetensorsSource) and calibration_methods(source, policy):
+        reporter.info(_lone_file_note(input, source))
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
     state = _resume_state(input, output, source, policy, options)

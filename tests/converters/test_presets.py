@@ -448,7 +448,9 @@ def test_a_level_on_an_encoders_safetensors_file_runs_the_encoder_recipe(bert, t
     from_file, from_dir = str(tmp_path / "file.rbe"), str(tmp_path / "dir.rbe")
     model_file = os.path.join(directory, "model.safetensors")
     assert main(["convert", model_file, from_file, "--preset", "q4", *calibration]) == 0
-    assert "rbe: preset q4 -> encoder-q4 for a BertModel encoder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rbe: preset q4 -> encoder-q4 for a BertModel encoder" in err
+    assert f"rbe: {model_file}: calibrating with the model directory it lies in ({directory}: " in err
     assert main(["convert", directory, from_dir, "--preset", "q4", "--quiet", *calibration]) == 0
     with Reader(from_file) as f, Reader(from_dir) as d:
         assert f.keys() == d.keys() and "config.json" not in f.files() and "config.json" in d.files()
