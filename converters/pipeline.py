@@ -179,6 +179,8 @@ def convert(
             metadata = source.add_entries(w, add_tensor)
             if extra is not None:
                 metadata.update(extra(w))
+        for name, before in _lossy_input_stats(source).items():
+            w.set_input_stats(name, before)
         w.set_metadata(metadata)
     if resume is not None:
         resume.clear()
@@ -509,9 +511,16 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     weights = sum(math.prod(row["shape"]) for row in lossy_rows)
     lossy = f"{len(lossy_rows)} tensors ({weights:,} weights)"
     return [
-        f"rbe: {output}: {input} stores {lossy} lossily: the quality of {output} is against those decoded "
+        f"rbe: {output}: {input} holds {lossy} with lossy values: the quality of {output} is against those "
         f"values, not the model {input} was made from (rbe eval ORIGINAL {output} measures that)"
     ]
+
+
+def _lossy_input_stats(source) -> dict[str, dict]:
+    """What an .rbe input had lost of each tensor it stores lossily (``RbeSource.lossy_input_stats``)."""
+    from .sources.rbe import RbeSource
+
+    return source.lossy_input_stats() if isinstance(source, RbeSource) else {}
 
 
 def _lone_file_note(input: str, source) -> str:

@@ -30,7 +30,7 @@ from .codecs.blob.zstd import Zstd
 from .codecs.core.base import Codec
 from .codecs.util.parallel import default_threads
 from .encoding import EncodedTensor, encode_transformed, encoded_chunks, part_codec, transformed_key
-from .errors import InputError, OutputExistsError, RbeError
+from .errors import InputError, OutputExistsError, RbeError, UsageError
 from .layout import MANIFEST_JSON, MANIFEST_ZSTD, crc32, pack_footer, pack_header
 from .manifest import INTERNAL_PREFIX, LOSSY_DTYPES, check_name, check_relative_path, dump_manifest
 from .publish import rename_noreplace
@@ -90,6 +90,7 @@ class Writer:
         self._paths: set[str] = set()
         self._digests: dict[tuple, str] = {}
         self._metadata: dict[str, str] = {}
+        self._input_stats: dict[str, dict] = {}  # tensor name -> what its input had lost (set_input_stats)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._later: deque = deque()  # (name, resolve) of tensors encoded elsewhere, in order
         self._state = "open"
@@ -453,6 +454,15 @@ class Writer:
                 raise InputError(f"metadata {text!r:.80}: not valid UTF-8 (it holds a lone surrogate)") from None
         self._metadata = dict(metadata)
 
+    def set_input_stats(self, name: str, stats: dict) -> None:
+        """Records, as the key ``input`` of tensor ``name``'s ``stats`` (spec 5.7), the ``stats`` its input
+        file kept for it: a re-encoding of values that file stored lossily, whose own figures here are
+        against those values, not the model they came from.  Not for an alias, which has no stats."""
+        self._require_open()
+        if not isinstance(stats, dict):
+            raise UsageError(f"tensor {name!r}: input stats must be a dict, not {type(stats).__name__}")
+        self._input_stats[name] = stats
+
     def _claim_name(self, name: str, internal: bool = False) -> str:
         try:
             check_name(name, "tensor name")
@@ -469,6 +479,10 @@ class Writer:
     def close(self) -> None:
         """Writes the manifest and footer, syncs, and renames into place."""
         self._require_open()
+        for tensor in self._tensors:
+            before = self._input_stats.get(tensor["name"])
+            if before is not None and "alias_of" not in tensor:
+                tensor["stats"] = {**tensor.get("stats", {}), "input": before}
         manifest = dump_manifest(
             {
                 "format": "rbe",

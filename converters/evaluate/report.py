@@ -80,17 +80,21 @@ def tensor_rows(r: Reader) -> list[dict]:
                 }
             )
             continue
+        stats = entry.extra.get("stats")
+        stats = stats if isinstance(stats, dict) else {}
         if entry.transform is not None:
             stored = sum(_stored(blob) for _, blob in blobs_of(entry.transform))
-            codec, stats = chain_text(entry.transform), entry.extra.get("stats")
-            stats = stats if isinstance(stats, dict) else {}
+            codec = chain_text(entry.transform)
             exact = stats.get("rel_error") == 0
             quality = "lossless (bit-exact)" if exact else _quality(stats)
         else:
             stored = _stored(entry.blob)
             codec = entry.blob.codec_record["name"]
-            lossless = entry.blob.codec is not None and entry.blob.codec.lossless
-            stats, quality = {}, "lossless (bit-exact)" if lossless else "lossy"
+            exact = entry.blob.codec is not None and entry.blob.codec.lossless
+            quality = "lossless (bit-exact)" if exact else "lossy"
+        before = stats.get("input")
+        if isinstance(before, dict):  # re-encoded from a file that stored it lossily
+            quality = _quality_after_lossy_input(quality, exact, before)
         rows.append(
             {
                 "name": entry.name,
@@ -118,6 +122,15 @@ def larger_than_dense(rows: list[dict]) -> list[str]:
     return [row["name"] for row in rows if row["larger_than_dense"]]
 
 
+def _quality_after_lossy_input(quality: str, exact: bool, before: dict) -> str:
+    """A tensor whose input values were already lossy: its own figure is against those values."""
+    rel = before.get("rel_error")
+    there = f"weight rel.err {rel:.4f} there" if isinstance(rel, (int, float)) else "its error not recorded"
+    if exact:
+        return f"lossy in its input ({there}), stored exactly"
+    return f"{quality} against lossy input values ({there})"
+
+
 def _quality(stats: dict) -> str:
     rel, snr = stats.get("rel_error"), stats.get("snr_db")
     if not isinstance(rel, (int, float)) or not isinstance(snr, (int, float, type(None))):
@@ -136,15 +149,6 @@ def totals(r: Reader) -> dict:
     size = os.path.getsize(r.path)
     lossless = all(row["quality"].startswith(("lossless", "exact")) for row in rows)
     lossy = [row for row in model_rows if not row["quality"].startswith(("lossless", "exact"))]
-    lossy_weights = sum(math.prod(row["shape"]) for row in lossy)
-    # The weighted rel. error of all lossy tensors: sqrt(sum err^2 / sum x^2) needs norms; we
-    # report the worst tensor and the weight-averaged one, both measured at encode time.
-    rels = [
-        (row["stats"]["rel_error"], math.prod(row["shape"]), row["name"])
-        for row in lossy
-        if isinstance(row.get("stats", {}).get("rel_error"), (int, float))
-    ]
-    worst = max(rels, default=(0, 0, ""))
     return {
         "tensors": len(model_rows),  # the model's: a codec's shared state is counted apart
         "internal_tensors": len(rows) - len(model_rows),
@@ -157,15 +161,45 @@ def totals(r: Reader) -> dict:
         "ratio": tensor_bytes / size if size else 0.0,
         "bits_per_weight": 8 * size / weights if weights else 0.0,
         "tensor_bits_per_weight": 8 * stored / weights if weights else 0.0,
-        "quality": "lossless (bit-exact)"
-        if lossless
-        else (
-            f"lossy: {len(lossy)} tensors ({lossy_weights:,} weights) via codec chains; weight rel.err "
-            f"mean {sum(r * n for r, n, _ in rels) / max(1, sum(n for _, n, _ in rels)):.4f}, "
-            f"worst {worst[0]:.4f}{f' ({worst[2]})' if worst[2] else ''} (measured at encode on the weights; "
-            f"a model's quality is what rbe eval measures)"
-        ),
+        "quality": "lossless (bit-exact)" if lossless else _lossy_quality(lossy),
     }
+
+
+def _rel_errors(rows: list[dict], stats_of) -> list[tuple[float, int, str]]:
+    """(rel. error, weights, name) of the rows whose stats (``stats_of(row)``) record one."""
+    found = []
+    for row in rows:
+        stats = stats_of(row)
+        if isinstance(stats, dict) and isinstance(stats.get("rel_error"), (int, float)):
+            found.append((stats["rel_error"], math.prod(row["shape"]), row["name"]))
+    return found
+
+
+def _mean(rels: list[tuple[float, int, str]]) -> float:
+    return sum(r * n for r, n, _ in rels) / max(1, sum(n for _, n, _ in rels))
+
+
+def _lossy_quality(lossy: list[dict]) -> str:
+    """The file's quality line when some tensors are lossy.  The weighted rel. error of all of them,
+    sqrt(sum err^2 / sum x^2), would need norms: the worst tensor and the weight-averaged one, both
+    measured at encode time.  Values an input had already lost are said apart: this file's own
+    figures are against them."""
+    weights = sum(math.prod(row["shape"]) for row in lossy)
+    head = f"lossy: {len(lossy)} tensors ({weights:,} weights)"
+    tail = " (measured at encode on the weights; a model's quality is what rbe eval measures)"
+    lossy_here = [row for row in lossy if not row["quality"].startswith("lossy in its input")]
+    own = _rel_errors(lossy_here, lambda row: row.get("stats"))
+    worst = max(own, default=(0, 0, ""))
+    own_text = f"mean {_mean(own):.4f}, worst {worst[0]:.4f}{f' ({worst[2]})' if worst[2] else ''}"
+    carried = [row for row in lossy if isinstance(row.get("stats", {}).get("input"), dict)]
+    if not carried:
+        return f"{head} via codec chains; weight rel.err {own_text}{tail}"
+    before = _rel_errors(carried, lambda row: row["stats"]["input"])
+    said = f"{head}; {len(carried)} were lossy in the input this file was encoded from (weight rel.err mean "
+    said += f"{_mean(before):.4f} there)"
+    if lossy_here:
+        return f"{said}; via codec chains here, weight rel.err against the input's values {own_text}{tail}"
+    return f"{said}, stored exactly here{tail}"
 
 
 def info_json(r: Reader) -> dict:

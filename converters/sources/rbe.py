@@ -135,6 +135,25 @@ class RbeSource:
         self._roles: dict[str, TensorRole] | None = None
         self.added_files: dict[str, bytes] = {}  # --tokenizer's tokenizer.json, in place of the container's
 
+    def lossy_input_stats(self) -> dict[str, dict]:
+        """{tensor name: the stats the input keeps for it} for the tensors it stores lossily (a codec chain
+        that is not exact, a lossy codec, or values it had already taken from a lossy file): carried into
+        the output's stats as ``input``, so that a re-encoding of lossy values never reads as the model's."""
+        lossy = {}
+        for tensor in self._tensors:
+            stored = self.reader.stored_entry(tensor.name)  # an alias: its target's
+            stats = stored.extra.get("stats")
+            stats = stats if isinstance(stats, dict) else {}
+            if stored.transform is not None:
+                exact = stats.get("rel_error") == 0
+            else:
+                exact = stored.blob.codec is not None and stored.blob.codec.lossless
+            if exact and isinstance(stats.get("input"), dict):
+                lossy[tensor.name] = stats["input"]  # an exact copy of lossy values: what they had lost
+            elif not exact:
+                lossy[tensor.name] = stats
+        return lossy
+
     @property
     def root(self) -> ContainerModel:
         """What calibration loads: the config and tokenizer files, staged in a temporary folder (removed with
