@@ -5,7 +5,17 @@ import os
 import numpy as np
 import pytest
 
-from rbeformat import InputError, OutputExistsError, RbeError, Reader, Writer, load_file, safe_open, save_file
+from rbeformat import (
+    InputError,
+    OutputExistsError,
+    RbeError,
+    Reader,
+    UsageError,
+    Writer,
+    load_file,
+    safe_open,
+    save_file,
+)
 from rbeformat.codecs.blob.byteplane import Byteplane
 from rbeformat.codecs.blob.raw import Raw
 
@@ -65,6 +75,23 @@ def test_duplicates_are_stored_once_as_aliases(tmp_path):
         assert r.entry("lm_head").alias_of == "embed"
         assert r.get_tensor("lm_head").tobytes() == a.tobytes()
     assert os.path.getsize(tmp_path / "a.rbe") < 1.5 * a.nbytes
+
+
+def test_input_stats_go_into_a_stored_tensors_stats_and_never_an_alias(tmp_path):
+    path = tmp_path / "s.rbe"
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    before = {"rel_error": 0.0931, "snr_db": 20.6, "max_abs_error": 0.5}
+    with Writer(path) as w:
+        w.add_array("a", values)
+        w.add_array("b", values.copy())  # an alias of "a"
+        w.set_input_stats("a", before)
+        w.set_input_stats("b", before)
+        with pytest.raises(UsageError):
+            w.set_input_stats("a", 0.0931)
+    with Reader(path) as r:
+        assert r.entry("a").extra["stats"] == {"input": before}
+        assert r.entry("b").alias_of == "a" and "stats" not in r.entry("b").extra
+        np.testing.assert_array_equal(r.get_tensor("a"), values)
 
 
 def test_writing_twice_gives_identical_bytes(tmp_path):
