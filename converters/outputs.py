@@ -61,6 +61,7 @@ def check_rbe_output_name(path: str, force: bool) -> None:
     if force or extension in (None, ".rbe"):
         return
     stem = path[: len(path) - len(extension)]
+    stem = stem[: -len(".rbe")] if stem.endswith(".rbe") else stem  # out.rbe.safetensors: out.rbe, not out.rbe.rbe
     raise UsageError(
         f"{path}: rbe convert writes an rbe file, which this name would pass off as {FILE_TYPES[extension]}; "
         f"name it {stem}.rbe, or pass --force to write it under this name anyway"

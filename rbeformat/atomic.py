@@ -60,7 +60,7 @@ def check_target(path: str, force: bool) -> None:
     if os.path.isdir(path):
         raise OutputExistsError(f"{path}: is a directory; name the file to write instead")
     if os.path.lexists(path) and not force:
-        raise OutputExistsError(f"{path}: exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{path}: exists; pass --force (force=True from Python) to overwrite it")
 
 
 def check_directory_target(path: str, force: bool) -> None:

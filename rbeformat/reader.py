@@ -582,8 +582,8 @@ class Reader:
             try:
                 for _ in self._iter_blob(blob, where, verify=True):  # a batch of chunks at a time
                     pass
-            except RbeError as exc:
-                yield str(exc)
+            except RbeError as exc:  # a line about this file, as verify's others are: without its name
+                yield str(exc).removeprefix(f"{self.path}: ")
 
 
 def inflate_manifest(frame, max_memory: int | None = None) -> bytes:

@@ -186,6 +186,14 @@ def test_a_damaged_files_error_names_the_file(grid_file, tmp_path, name, damage,
     assert str(caught.value).startswith(f"{path}: ") and str(path) not in str(caught.value)[len(str(path)) :]
 
 
+def test_verify_lines_do_not_name_the_file_they_are_about(grid_file, tmp_path):
+    """rbe verify prefixes each line with the file's name once; a deep check's lines come without it."""
+    path = _damaged_copy(grid_file, tmp_path, "chunk.rbe", _flip_first_chunk)
+    with Reader(path) as r:
+        problems = list(r.verify(deep=True))
+    assert len(problems) >= 2 and not any(str(path) in line for line in problems), problems
+
+
 def test_bad_argument_values_are_value_errors(grid_file):
     with pytest.raises(ValueError, match="framework 'tf' is not supported"):
         safe_open(grid_file, framework="tf")
