@@ -379,6 +379,33 @@ class Reporter:
         return self.stage(total, "encode", "blocks", expected=expected)
 
 
+class _KeepingWarnings(Reporter):
+    """The caller's reporter, keeping each warning for ``ConvertResult.warnings`` as it passes it on: a
+    program that shows no message still learns that its conversion changed a method."""
+
+    def __init__(self, shown: Reporter):
+        self.shown, self.kept = shown, []
+
+    def info(self, line: str) -> None:
+        self.shown.info(line)
+
+    def warning(self, line: str) -> None:
+        self.kept.append(line)
+        self.shown.warning(line)
+
+    def stage(self, *args, **kwargs):
+        return self.shown.stage(*args, **kwargs)
+
+    def bar(self, total: int, desc: str):
+        return self.shown.bar(total, desc)
+
+    def windows_bar(self, total: int, later: Callable[[float], float] | None = None):
+        return self.shown.windows_bar(total, later)
+
+    def blocks_bar(self, total: int, expected: float | None = None):
+        return self.shown.blocks_bar(total, expected)
+
+
 class StderrReporter(Reporter):
     """Lines and warnings on stderr, progress as plain lines (``progress.LineProgress``), never a bar:
     for a script that converts and wants to see what happens, or a log."""
@@ -456,6 +483,7 @@ class ConvertResult:
     notes: list[str]
     totals: dict  # ``evaluate.report.totals``: tensor_bytes, file_bytes, ratio, bits_per_weight, quality
     larger_than_dense: list[str] = field(default_factory=list)  # tensors their chain made larger
+    warnings: list[str] = field(default_factory=list)  # what the reporter was warned of (a changed method, ...)
 
 
 def convert_model(
@@ -466,7 +494,7 @@ def convert_model(
     from .evaluate.report import larger_than_dense, tensor_rows, totals
 
     options = options or ConvertOptions()
-    reporter = reporter or Reporter()
+    reporter = _KeepingWarnings(reporter or Reporter())  # a program reads them after, printed or not
     check_not_input(input, output)
     policy = policy_from_options(options.chain, options.recipe, options.preset)  # a usage error first
     check_input_exists(input)  # then a missing input, before the output's refusals
@@ -493,7 +521,7 @@ def convert_model(
             reporter.warning(line)  # what the result line's quality means here: said even with --quiet
     with Reader(output) as r:
         rows = tensor_rows(r)
-        return ConvertResult(r.path, notes, totals(r), larger_than_dense(rows))
+        return ConvertResult(r.path, notes, totals(r), larger_than_dense(rows), reporter.kept)
 
 
 def _lossy_input_note(input: str, output: str) -> list[str]:

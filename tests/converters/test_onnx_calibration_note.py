@@ -41,6 +41,18 @@ def test_calibration_without_a_tokenizer_says_it_rounds_and_what_to_pass(encoder
     assert "Hugging Face" not in err
 
 
+def test_a_program_without_a_message_callback_still_gets_the_warning(encoder, tmp_path, capsys):
+    from rbe_converters.pipeline import CallbackReporter, ConvertOptions, convert_model
+
+    src, recipe, _ = encoder
+    seen = []
+    for reporter in (None, CallbackReporter(seen.append)):
+        out = str(tmp_path / f"{len(seen)}-{reporter is None}.rbe")
+        result = convert_model(src, out, ConvertOptions(recipe=recipe), reporter)
+        assert len(result.warnings) == 1 and "round to nearest instead" in result.warnings[0]
+    assert capsys.readouterr().err == ""  # printed by nobody: the program asked for no messages
+
+
 def test_calibration_with_a_tokenizer_says_nothing(encoder, tmp_path, capsys):
     src, recipe, tokenizer = encoder
     capsys.readouterr()
