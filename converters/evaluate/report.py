@@ -92,9 +92,8 @@ def tensor_rows(r: Reader) -> list[dict]:
             codec = entry.blob.codec_record["name"]
             exact = entry.blob.codec is not None and entry.blob.codec.lossless
             quality = "lossless (bit-exact)" if exact else "lossy"
-        before = stats.get("input")
-        if isinstance(before, dict):  # re-encoded from a file that stored it lossily
-            quality = _quality_after_lossy_input(quality, exact, before)
+        if isinstance(stats.get("input"), dict):  # re-encoded from a file that stored it lossily
+            quality = _quality_after_lossy_input(quality, exact, stats)
         rows.append(
             {
                 "name": entry.name,
@@ -122,13 +121,26 @@ def larger_than_dense(rows: list[dict]) -> list[str]:
     return [row["name"] for row in rows if row["larger_than_dense"]]
 
 
-def _quality_after_lossy_input(quality: str, exact: bool, before: dict) -> str:
-    """A tensor whose input values were already lossy: its own figure is against those values."""
-    rel = before.get("rel_error")
+def _quality_after_lossy_input(quality: str, exact: bool, stats: dict) -> str:
+    """A tensor whose input values were already lossy: its own figure is against those values; with
+    both errors known, a bound on the error against what the input was made from."""
+    rel = stats["input"].get("rel_error")
     there = f"weight rel.err {rel:.4f} there" if isinstance(rel, (int, float)) else "its error not recorded"
     if exact:
         return f"lossy in its input ({there}), stored exactly"
-    return f"{quality} against lossy input values ({there})"
+    bound = combined_rel_error(stats)
+    in_all = f"; at most {bound:.4f} against what the input was made from" if bound is not None else ""
+    return f"{quality} against lossy input values ({there}{in_all})"
+
+
+def combined_rel_error(stats: dict) -> float | None:
+    """A bound on a re-encoded tensor's error against the values its input was made from: with x those,
+    x1 the input's, x2 this file's, |x2 - x| <= |x2 - x1| + |x1 - x| = r2 |x1| + r1 |x|, and
+    |x1| <= (1 + r1) |x|, so the relative error is at most r1 + r2 (1 + r1).  None unless both known."""
+    r1, r2 = stats.get("input", {}).get("rel_error"), stats.get("rel_error")
+    if not isinstance(r1, (int, float)) or not isinstance(r2, (int, float)):
+        return None
+    return r1 + r2 * (1 + r1)
 
 
 def _quality(stats: dict) -> str:
@@ -197,9 +209,15 @@ def _lossy_quality(lossy: list[dict]) -> str:
     before = _rel_errors(carried, lambda row: row["stats"]["input"])
     said = f"{head}; {len(carried)} were lossy in the input this file was encoded from (weight rel.err mean "
     said += f"{_mean(before):.4f} there)"
-    if lossy_here:
-        return f"{said}; via codec chains here, weight rel.err against the input's values {own_text}{tail}"
-    return f"{said}, stored exactly here{tail}"
+    if not lossy_here:
+        return f"{said}, stored exactly here{tail}"
+    bounds = [
+        (combined_rel_error(row["stats"]), math.prod(row["shape"]), row["name"])
+        for row in carried
+        if combined_rel_error(row["stats"]) is not None
+    ]
+    in_all = f"; together at most {_mean(bounds):.4f} on average against what the input was made from" if bounds else ""
+    return f"{said}; via codec chains here, weight rel.err against the input's values {own_text}{in_all}{tail}"
 
 
 def info_json(r: Reader) -> dict:

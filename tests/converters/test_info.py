@@ -84,3 +84,18 @@ def test_the_quality_line_names_the_tensor_with_the_worst_error(model_dir, tmp_p
     worst = max(errors, key=errors.get)
     assert run(["info", out, "--summary"]) == 0
     assert f"worst {errors[worst]:.4f} ({worst})" in capsys.readouterr().out
+
+
+def test_the_bound_on_a_re_encodings_error_holds_against_the_original():
+    """rel(x2, x) <= r1 + r2 (1 + r1) for errors of any size and direction (combined_rel_error)."""
+    from rbe_converters.evaluate.report import combined_rel_error
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(1000)
+    for scale1, scale2 in [(0.01, 0.02), (0.3, 0.5), (1.0, 0.1), (0.0, 0.2)]:
+        x1 = x + scale1 * rng.standard_normal(1000)
+        x2 = x1 + scale2 * rng.standard_normal(1000)
+        r1, r2 = (np.linalg.norm(x1 - x) / np.linalg.norm(x)), np.linalg.norm(x2 - x1) / np.linalg.norm(x1)
+        bound = combined_rel_error({"rel_error": r2, "input": {"rel_error": r1}})
+        assert np.linalg.norm(x2 - x) / np.linalg.norm(x) <= bound + 1e-12
+    assert combined_rel_error({"rel_error": 0.1, "input": {}}) is None
