@@ -775,6 +775,8 @@ def cmd_eval(args) -> int:
     result = evaluate(original, args.compressed, options, concerning)
     print(json.dumps(result, indent=2) if args.json else eval_table(result))
     if args.plot:
+        if not args.quiet:  # matplotlib's import and drawing take seconds after the last file's line
+            _stderr(f"rbe: eval: drawing {args.plot}")
         write_plot(result, args.plot, args.force)
         if not args.json:  # --json keeps stdout one JSON document
             print(f"wrote {args.plot}")

@@ -240,13 +240,17 @@ def test_eval_encoder_reports_cosine_and_neighbour_agreement(tiny, capsys):
 
 
 def test_eval_plot_writes_a_png_with_a_panel_per_figure(tiny, capsys, tmp_path):
-    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
     directory, lossless, lossy = tiny["bert"]
     plot = tmp_path / "q.png"
     argv = [directory, lossless, lossy, "--sentences", tiny["sentences"]]
     assert main(["eval", *argv, "--plot", str(plot), "--quiet"]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {plot}"  # the table, then where the plot is
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == f"wrote {plot}"  # the table, then where the plot is
+    assert "drawing" not in captured.err  # --quiet
+    assert main(["eval", *argv, "--plot", str(plot), "--force"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"rbe: eval: drawing {plot}"  # its seconds are said
     assert run(["eval", directory, lossy, "--sentences", tiny["sentences"], "--plot", str(plot)]) == 4
     assert "--force" in one_error_line(capsys)
     result = _eval_json(capsys, argv)
@@ -274,7 +278,7 @@ def test_eval_plot_writes_a_png_with_a_panel_per_figure(tiny, capsys, tmp_path):
 
 
 def test_eval_plot_of_a_causal_lm_has_perplexity_panels(tiny, capsys):
-    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
     directory, lossless, lossy = tiny["llama"]
     fig = plot_figure(_eval_json(capsys, [directory, lossless, lossy, "--window", "16", "--windows", "2"]))
     try:

@@ -146,7 +146,7 @@ def test_progress_goes_to_stderr_results_to_stdout_and_quiet_silences_it(tiny, c
 
 
 def test_plot_of_an_onnx_encoder_has_both_figures(tiny, capsys, tmp_path):
-    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench and test extras)")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
     src, lossless, lossy, _ = tiny["encoder"]
     plot = tmp_path / "q.png"
     argv = [src, lossless, lossy, "--tokenizer", tiny["tokenizer"], "--sentences", tiny["sentences"]]
