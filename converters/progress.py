@@ -2,8 +2,8 @@
 
 A conversion of hours must never look hung, and a log must not fill with a
 bar's frames.  ``progress(total, desc, unit)`` gives a tqdm bar when stderr is
-a terminal, otherwise ``LineProgress``: a line when something moves on and at
-most every ``LINE_SECONDS``, and also every ``LINE_SECONDS`` while nothing
+a terminal, otherwise ``LineProgress``: a line when something moves on, about
+every ``LINE_SECONDS`` and never more than that apart, also while nothing
 moves (one long step: a large tensor's GPTQ, an export), each with the count,
 the elapsed time and an estimate of what is left.  Every kind takes
 ``update(n)``, ``resumed(n)`` and ``label(text)`` (what runs now, e.g. "block
@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 LINE_SECONDS = 10.0
+HEARTBEAT_SECONDS = 0.25  # how often a stage looks whether a line is due (tick): it may look this late
 ESTIMATE_FROM = 0.01  # the share done before a line estimates what is left: the first tensors say little
 BAR_DELAY = 1.0  # seconds before a bar first draws: a refusal found at the start stays the one line
 
@@ -114,9 +115,6 @@ def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-HEARTBEAT_SECONDS = 0.25  # how often a stage looks whether a line is due: lines come at most this late
 
 
 class _Heartbeat:
@@ -205,8 +203,9 @@ class LineProgress:
         self.tick()
 
     def tick(self) -> None:
-        """A line when ``LINE_SECONDS`` have passed since the last."""
-        if time.monotonic() - self.last >= LINE_SECONDS:
+        """A line when ``LINE_SECONDS`` have passed since the last, less the heartbeat's interval: the
+        heartbeat may look that much late, and lines must never be more than ``LINE_SECONDS`` apart."""
+        if time.monotonic() - self.last >= LINE_SECONDS - HEARTBEAT_SECONDS:
             self._line()
 
     def report(self) -> ProgressReport:

@@ -37,6 +37,18 @@ def test_a_log_gets_a_line_at_most_every_ten_seconds_with_an_estimate(monkeypatc
     assert "1:01:05 elapsed" in capsys.readouterr().err
 
 
+def test_a_line_is_due_a_heartbeat_early_so_that_none_comes_later_than_the_interval(monkeypatch, capsys):
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = progress.LineProgress(5, "encode", "blocks")
+    clock.now += progress.LINE_SECONDS - progress.HEARTBEAT_SECONDS - 0.01
+    bar.tick()
+    assert capsys.readouterr().err == ""
+    clock.now += 0.01  # the heartbeat's next look, at most HEARTBEAT_SECONDS on, is within the interval
+    bar.tick()
+    assert capsys.readouterr().err.startswith("rbe: encode: 0/5 blocks, 0:10 elapsed")
+
+
 def test_quiet_progress_prints_nothing(monkeypatch, capsys):
     clock = _Clock()
     monkeypatch.setattr(progress.time, "monotonic", clock)
