@@ -13,9 +13,11 @@ figure (matplotlib is the ``bench`` and ``test`` extras'); ``write_plot`` saves 
 from __future__ import annotations
 
 import itertools
+import os
 
 from rbeformat import extras
 from rbeformat.atomic import atomic_file, check_parent, check_target
+from rbeformat.errors import UsageError
 
 # (result key, axis label) of the quality figures each measure plots, one row of panels each.
 QUALITY_PANELS = {
@@ -34,10 +36,20 @@ COLOURS = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "bro
 
 
 def check_plot_target(path: str, force: bool) -> None:
-    """Before any measuring: matplotlib is there and the plot may be written."""
+    """Before any measuring: the name says PNG, matplotlib is there and the plot may be written."""
+    check_png_name(path)
     extras.PLOTS.require()
     check_target(path, force)
     check_parent(path)
+
+
+def check_png_name(path: str) -> None:
+    """The plot is always a PNG: a name that says otherwise (q.txt, q.rbe, q.svg) would mislead whoever opens it."""
+    stem, extension = os.path.splitext(path)
+    if extension.lower() != ".png":
+        raise UsageError(
+            f"--plot writes a PNG image: name it .png (e.g. {stem if extension else path}.png), not {path}"
+        )
 
 
 def point_styles(count: int) -> list[dict]:

@@ -125,6 +125,22 @@ def test_plot_without_matplotlib_names_the_plot_extra(monkeypatch, tmp_path):
     assert str(caught.value) == "rbe eval --plot needs matplotlib, which is not installed: pip install 'rbe[plot]'"
 
 
+@pytest.mark.parametrize(
+    ("name", "suggested"), [("q.txt", "q.png"), ("q.rbe", "q.png"), ("q", "q.png"), ("q.svg", "q.png")]
+)
+def test_a_plot_name_that_is_not_png_is_refused_with_the_png_name(tmp_path, name, suggested):
+    with pytest.raises(UsageError) as caught:
+        check_plot_target(str(tmp_path / name), force=False)
+    assert str(caught.value).startswith("--plot writes a PNG image: name it .png")
+    assert f"(e.g. {tmp_path / suggested})" in str(caught.value)
+    assert not (tmp_path / name).exists()
+
+
+def test_a_plot_name_in_capitals_is_a_png_name(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
+    check_plot_target(str(tmp_path / "Q.PNG"), force=False)  # no error
+
+
 # -- small models built here --------------------------------------------------------
 
 
