@@ -427,16 +427,19 @@ def choose_measure(causal: bool, original: str, options: EvalOptions, not_causal
     return EmbeddingMeasure
 
 
-def scoring_progress(path: str, total: int, unit: str, options: EvalOptions, after=None):
-    """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe".  Its
-    first line comes after ``LINE_SECONDS``, so that a model refused as it loads is the one line:
-    ``LINE_SECONDS`` after the last line of ``after``, the file scored before it (or after that one's
-    start, when it printed none), so that a run of quick files never leaves a log quiet longer."""
+def scoring_progress(path: str, total: int, unit: str, options: EvalOptions, after=None, position=(1, 1)):
+    """The stderr progress of one file's scoring (``progress.progress``): "eval: scoring q4.rbe (file 2
+    of 3)", the place said when there is more than one file.  Its first line comes after
+    ``LINE_SECONDS``, so that a model refused as it loads is the one line: ``LINE_SECONDS`` after the
+    last line of ``after``, the file scored before it (or after that one's start, when it printed none),
+    so that a run of quick files never leaves a log quiet longer."""
     from ..progress import progress
 
+    number, files = position
+    label = f"eval: scoring {path}" + (f" (file {number} of {files})" if files > 1 else "")
     # the first file's line is due from the command's start; a terminal's bar keeps no such time
     last_line = getattr(after, "last", options.started)
-    return progress(total, f"eval: scoring {path}", unit, quiet=options.quiet, announce=False, last_line=last_line)
+    return progress(total, label, unit, quiet=options.quiet, announce=False, last_line=last_line)
 
 
 # -- the run ------------------------------------------------------------------------
@@ -513,7 +516,8 @@ def _evaluate_transformers(
         tokenizer = quality.load_tokenizer(model_dir, original)
         concerning(options.text or options.sentences or original)
         measure = measure_kind(tokenizer, options)
-        baseline = _Baseline(measure, config, reference_bytes, linear_weights(reference, config), options)
+        linear = linear_weights(reference, config)
+        baseline = _Baseline(measure, config, reference_bytes, linear, options, files=1 + len(compressed))
         sizes = {}
         for path in compressed:  # every file is checked before the first model loads
             concerning(path)
@@ -580,7 +584,9 @@ class _Baseline:
     reference_bytes: int
     linear: set
     options: EvalOptions
+    files: int = 1  # the original and the compressed files, each scored in turn
     previous: object = None  # the progress of the file scored last
+    scored: int = 0  # files whose scoring has begun
 
     @property
     def causal(self) -> bool:
@@ -592,7 +598,8 @@ class _Baseline:
             total, unit = _block_count(self.config), "blocks"
         else:
             total, unit = len(self.measure.sentences), self.measure.unit
-        self.previous = scoring_progress(path, total, unit, self.options, self.previous)
+        self.scored += 1
+        self.previous = scoring_progress(path, total, unit, self.options, self.previous, (self.scored, self.files))
         return self.previous
 
     def scored_row(self, path: str, role: str, sizes: Sizes, model_dir: str, bar) -> dict:

@@ -438,8 +438,10 @@ class OrtScorer:
     batches: SentenceBatches | None
     original: OnnxOriginal
     options: EvalOptions
+    files: int = 1  # the original and the compressed files, each scored in turn
     linear: set = field(init=False)
     previous: object = field(default=None, init=False)  # the progress of the session scored last
+    scored: int = field(default=0, init=False)  # sessions whose scoring has begun
 
     def __post_init__(self):
         self.linear = linear_by_role(self.original.roles, self.original.sizes)
@@ -447,7 +449,9 @@ class OrtScorer:
     def row(self, path: str, role: str, sizes: Sizes) -> dict:
         causal = isinstance(self.measure, PerplexityMeasure)
         total = len(self.measure.parts) if causal else len(self.measure.sentences)
-        self.previous = scoring_progress(path, total, self.measure.unit, self.options, self.previous)
+        self.scored += 1
+        position = (self.scored, self.files)
+        self.previous = scoring_progress(path, total, self.measure.unit, self.options, self.previous, position)
         with self.previous as bar:
             bar.label("building the ONNX Runtime session")
             if role == "original" and self.original.plan is not None:
@@ -496,7 +500,7 @@ def evaluate_onnx(original: str, compressed: list[str], options: EvalOptions, co
         )
         measure = EmbeddingMeasure(None, options, batches, ORT_RUNTIME, hidden)
     check_token_ids(measure.largest_token_id, model, tokenizer_source)
-    scorer = OrtScorer(measure, interface, batches, model, options)
+    scorer = OrtScorer(measure, interface, batches, model, options, files=1 + len(compressed))
     concerning(original)
     rows = [scorer.row(original, "original", model.sizes)]
     for path in compressed:

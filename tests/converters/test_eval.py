@@ -313,8 +313,8 @@ def test_eval_shows_progress_on_stderr_and_none_with_quiet(tiny, capsys, monkeyp
     capsys.readouterr()
     assert main(["eval", directory, lossy, "--sentences", tiny["sentences"]]) == 0
     out, err = capsys.readouterr()
-    assert f"rbe: eval: scoring {lossy}: " in err and "/24 sentences" in err  # a log (no terminal): lines
-    assert f"rbe: eval: scoring {directory}: " in err
+    assert f"rbe: eval: scoring {lossy} (file 2 of 2): " in err and "/24 sentences" in err  # a log: lines
+    assert f"rbe: eval: scoring {directory} (file 1 of 2): " in err
     assert "eval: scoring" not in out and out.splitlines()[0].split()[0] == "file"  # results on stdout only
     assert main(["eval", directory, lossy, "--sentences", tiny["sentences"], "--quiet"]) == 0
     quiet_out, quiet_err = capsys.readouterr()

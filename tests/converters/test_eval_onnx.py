@@ -138,7 +138,8 @@ def test_progress_goes_to_stderr_results_to_stdout_and_quiet_silences_it(tiny, c
     capsys.readouterr()
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert f"rbe: eval: scoring {src}: " in err and f"rbe: eval: scoring {lossy}: " in err and "/40 sentences" in err
+    assert f"rbe: eval: scoring {src} (file 1 of 2): " in err and "/40 sentences" in err
+    assert f"rbe: eval: scoring {lossy} (file 2 of 2): " in err
     assert out.splitlines()[0].split()[0] == "file" and "eval: scoring" not in out
     assert main([*argv, "--quiet"]) == 0
     quiet_out, quiet_err = capsys.readouterr()

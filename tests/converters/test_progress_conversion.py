@@ -199,6 +199,23 @@ def test_evals_first_line_is_due_from_the_commands_start(monkeypatch, capsys):
     assert lines and lines[0].startswith("rbe: eval: scoring fp32: 5/8 batches, 0:04 elapsed"), lines
 
 
+def test_an_eval_of_several_files_says_which_file_of_how_many_each_line_is_about(monkeypatch, capsys):
+    from rbe_converters.evaluate.eval import EvalOptions, scoring_progress
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    options = EvalOptions(started=clock.now)
+    with scoring_progress("q4.rbe", 4, "batches", options, position=(2, 3)) as scoring:
+        clock.advance(10.5)
+        scoring.update(1)
+    with scoring_progress("alone.rbe", 4, "batches", options, after=scoring) as alone:  # one file: no place
+        clock.advance(10.5)
+        alone.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("rbe: eval: scoring q4.rbe (file 2 of 3): 1/4 batches"), lines
+    assert lines[-1].startswith("rbe: eval: scoring alone.rbe: 1/4 batches"), lines
+
+
 def test_the_scorings_estimate_leaves_out_the_probe_run_before_its_first_tensor(bert, tmp_path, monkeypatch):
     from rbe_converters.compress import sensitivity
 
