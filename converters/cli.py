@@ -224,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         "wired to the stored weights, so that ONNX Runtime runs the .rbe without torch "
         "(encoders and causal LMs; needs torch, transformers and onnxscript)",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing output file; start again, removing what an interrupted run kept",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

@@ -6,8 +6,8 @@ file, so it is refused (exit 2) unless ``--force``.  ``rbe decode`` writes a
 directory unless the name ends in ``.safetensors`` or ``.onnx``; a directory
 named with a file type's extension (``out.rbe``, ``model.bin``) is nearly
 always a mistyped file name, refused the same way.  Only the extensions in
-``FILE_TYPES`` count: model folders named ``Llama-3.1-8B`` or ``v1.5`` are
-directories as ever.
+``FILE_TYPES`` count, and slips of them (``out.safetensor``, ``m.onx``): model
+folders named ``Llama-3.1-8B`` or ``v1.5`` are directories as ever.
 
 An interrupted run leaves a hidden partial file beside its output
 (``rbeformat.atomic.stale_partials``); the next run to the same output removes
@@ -16,6 +16,7 @@ those whose writer is gone and names them (``stale_partials_note``).
 
 from __future__ import annotations
 
+import difflib
 import os
 
 from rbeformat import FileMissingError, UsageError
@@ -50,9 +51,19 @@ FILE_TYPES = {
 
 
 def file_type(path: str) -> str | None:
-    """The extension of ``path`` when it names a kind of file (``FILE_TYPES``), else None."""
+    """The extension in ``FILE_TYPES`` that ``path``'s extension is, or is a slip of (``.safetensor``,
+    ``.onx``), else None."""
     extension = os.path.splitext(os.path.basename(os.path.normpath(path)))[1].lower()
-    return extension if extension in FILE_TYPES else None
+    if extension in FILE_TYPES:
+        return extension
+    close = difflib.get_close_matches(extension, FILE_TYPES, n=1, cutoff=0.8) if len(extension) > 3 else []
+    return close[0] if close else None
+
+
+def _typed(path: str, extension: str) -> str:
+    """How the name shows ``extension``: as it is, or the slip and what it is close to."""
+    typed = os.path.splitext(os.path.normpath(path))[1]
+    return "" if typed.lower() == extension else f" (its {typed} is close to {extension})"
 
 
 def check_rbe_output_name(path: str, force: bool) -> None:
@@ -60,10 +71,11 @@ def check_rbe_output_name(path: str, force: bool) -> None:
     extension = file_type(path)
     if force or extension in (None, ".rbe"):
         return
-    stem = path[: len(path) - len(extension)]
+    stem = os.path.splitext(path)[0]
     stem = stem[: -len(".rbe")] if stem.endswith(".rbe") else stem  # out.rbe.safetensors: out.rbe, not out.rbe.rbe
     raise UsageError(
-        f"{path}: rbe convert writes an rbe file, which this name would pass off as {FILE_TYPES[extension]}; "
+        f"{path}: rbe convert writes an rbe file, which this name would pass off as {FILE_TYPES[extension]}"
+        f"{_typed(path, extension)}; "
         f"name it {stem}.rbe, or pass --force to write it under this name anyway"
     )
 
@@ -75,7 +87,8 @@ def check_directory_name(path: str, force: bool) -> None:
         return
     raise UsageError(
         f"{path}: rbe decode writes a directory here, which this name would pass off as "
-        f"{FILE_TYPES[extension]}; end the name in .safetensors for one file or .onnx for an ONNX model, "
+        f"{FILE_TYPES[extension]}{_typed(path, extension)}; end the name in .safetensors for one file or .onnx "
+        "for an ONNX model, "
         "name the directory without a file type's extension, or pass --force to make it anyway"
     )
 

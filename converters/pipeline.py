@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rbeformat import Reader, UsageError, Writer, extras
+from rbeformat import OutputExistsError, Reader, UsageError, Writer, extras
 from rbeformat.atomic import check_parent, check_target, remove_stale_partials
 from rbeformat.chain import Chain
 from rbeformat.codecs.blob.byteplane import DEFAULT_SPLIT_GAIN, Byteplane
@@ -604,6 +604,11 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
     state = _resume_state(input, output, source, policy, options)
+    if state is not None and not options.resume and not options.force and state.has_progress():
+        raise OutputExistsError(  # hours of calibration and encoding are not thrown away unasked
+            f"{output}: an interrupted run kept its work in {state.shown()}: pass --resume to go on from it, "
+            "or --force to start again and remove it (resume=True / force=True from Python)"
+        )
     if state is not None and not options.resume and state.has_progress():
         reporter.warning(
             f"rbe: {output}: starting again, removing what an interrupted run kept in {state.shown()} "

@@ -50,7 +50,24 @@ def test_decode_refuses_a_directory_named_like_a_file_unless_forced(rbe_file, tm
     assert os.path.isfile(out / "config.json")
 
 
-@pytest.mark.parametrize("name", ["Llama-3.1-8B", "v1.5", "out", "back.d"])
+@pytest.mark.parametrize(
+    ("name", "meant"), [("out.safetensor", ".safetensors"), ("m.onx", ".onnx"), ("x.jsn", ".json")]
+)
+def test_a_slip_of_a_file_types_extension_is_refused_as_a_directory_name(rbe_file, tmp_path, capsys, name, meant):
+    out = tmp_path / name
+    assert main(["decode", rbe_file, str(out), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert f"is close to {meant})" in err and "--force" in err, err
+    assert not out.exists()
+
+
+def test_convert_refuses_a_slip_of_another_file_types_name(model_dir, tmp_path, capsys):
+    assert main(["convert", model_dir[0], str(tmp_path / "oops.safetensor"), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "is close to .safetensors)" in err and f"name it {tmp_path / 'oops'}.rbe" in err, err
+
+
+@pytest.mark.parametrize("name", ["Llama-3.1-8B", "v1.5", "out", "back.d", "Qwen2.5-7B", "model.q4"])
 def test_decode_takes_directory_names_without_a_file_types_extension(rbe_file, tmp_path, name):
     assert main(["decode", rbe_file, str(tmp_path / name), "--quiet"]) == 0
     assert os.path.isfile(tmp_path / name / "config.json")

@@ -8,7 +8,7 @@ from tiny_models import run, saved_llama
 
 from rbe_converters import resume
 from rbe_converters.pipeline import CallbackReporter, ConvertOptions, convert_model
-from rbeformat import UsageError
+from rbeformat import OutputExistsError, UsageError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -139,7 +139,9 @@ def test_resume_refuses_other_options_and_a_plain_run_starts_again(model_dir, tm
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
 
 
-def test_an_interrupted_run_names_its_state_and_a_plain_rerun_says_it_starts_again(model_dir, tmp_path, monkeypatch):
+def test_an_interrupted_run_names_its_state_a_plain_rerun_is_refused_and_force_starts_again(
+    model_dir, tmp_path, monkeypatch
+):
     directory, text = model_dir
     out = str(tmp_path / "out.rbe")
     warnings = []
@@ -160,7 +162,11 @@ def test_an_interrupted_run_names_its_state_and_a_plain_rerun_says_it_starts_aga
     (partial,) = [n for n in os.listdir(tmp_path) if n.endswith(".partial")]  # the blocks: named too
     assert f"{folder} and " in warnings[-1] and partial in warnings[-1], warnings
     warnings.clear()
-    convert_model(directory, out, _options(text), reporter)
+    with pytest.raises(OutputExistsError) as refused:  # a plain rerun throws no work away unasked
+        convert_model(directory, out, _options(text, force=False), reporter)
+    assert folder in str(refused.value) and "pass --resume to go on from it, or --force" in str(refused.value)
+    assert os.path.exists(tmp_path / partial) and os.path.isdir(resume.state_dir(out))
+    convert_model(directory, out, _options(text), reporter)  # --force: starts again
     assert any("starting again" in line and folder in line and partial in line for line in warnings), warnings
     assert not os.path.exists(tmp_path / partial)
     warnings.clear()
