@@ -390,7 +390,7 @@ class _KeepingWarnings(Reporter):
         self.shown.info(line)
 
     def warning(self, line: str) -> None:
-        self.kept.append(line)
+        self.kept.append(line.removeprefix("rbe: warning: ").removeprefix("rbe: "))  # the command line's prefix
         self.shown.warning(line)
 
     def stage(self, *args, **kwargs):
@@ -473,6 +473,12 @@ class ConvertOptions:
     resume: bool = False  # go on from the state an interrupted calibrated conversion left
     ray: str | None = None  # encode on Ray: "local" starts one, else a cluster's address (ray_encode.py)
     ray_workers: int | None = None  # a local Ray's CPUs (default: the machine's)
+
+    def __post_init__(self):
+        if self.preset is not None:  # a misspelt name is refused where it is written, with "did you mean"
+            from .compress.recipe import preset_name
+
+            preset_name(self.preset)
 
 
 @dataclass

@@ -50,6 +50,7 @@ def test_a_program_without_a_message_callback_still_gets_the_warning(encoder, tm
         out = str(tmp_path / f"{len(seen)}-{reporter is None}.rbe")
         result = convert_model(src, out, ConvertOptions(recipe=recipe), reporter)
         assert len(result.warnings) == 1 and "round to nearest instead" in result.warnings[0]
+        assert not result.warnings[0].startswith("rbe:"), result.warnings  # the command line's prefix is not kept
     assert capsys.readouterr().err == ""  # printed by nobody: the program asked for no messages
 
 

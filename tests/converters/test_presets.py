@@ -276,6 +276,14 @@ def test_unknown_preset_lists_the_available_ones():
     assert "unknown preset 'q1'" in str(exc.value) and "q4" in str(exc.value) and "minilm-layerwise" in str(exc.value)
 
 
+def test_convert_options_refuse_an_unknown_preset_where_they_are_made():
+    from rbe_converters.pipeline import ConvertOptions
+
+    with pytest.raises(UsageError, match=r"unknown preset 'q44' \(did you mean 'q4'"):
+        ConvertOptions(preset="q44")
+    assert ConvertOptions(preset="Q4").preset == "Q4"  # any case, as --preset takes it
+
+
 def test_the_encoder_presets_choose_every_embedding_and_linear_level_by_the_models_drift():
     linear_bits = {
         "encoder-q4": [2, 3, 4, 5, 6, 8],
