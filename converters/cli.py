@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import zstandard
 
@@ -751,8 +750,9 @@ def cmd_presets(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate.eval import EvalOptions, eval_table, evaluate, require_runtime
     from .evaluate.plot import check_plot_target, write_plot
+    from .progress import process_started
 
-    started = time.monotonic()  # a log's first line is due LINE_SECONDS after it, whatever stage runs then
+    started = process_started()  # a log's first line is due LINE_SECONDS after it, whatever stage runs then
 
     def concerning(path: str) -> None:  # a failure names the file being worked on
         args.input = path

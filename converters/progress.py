@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 LINE_SECONDS = 10.0
 HEARTBEAT_SECONDS = 0.25  # how often a stage looks whether a line is due (tick): it may look this late
+LONGEST_START_SECONDS = 60.0  # a process age past this is not believed (a clock that jumped)
 ESTIMATE_FROM = 0.01  # the share done before a line estimates what is left: the first tensors say little
 BAR_DELAY = 1.0  # seconds before a bar first draws: a refusal found at the start stays the one line
 
@@ -323,3 +324,18 @@ class _Bar:
 
     def label(self, text: str) -> None:
         self.bar.set_postfix_str(text, refresh=True)
+
+
+def process_started() -> float:
+    """``time.monotonic()``'s value when this process started (Linux: ``/proc/self/stat``), so that a
+    log's first line is due from when the command was typed, the interpreter's start and the imports
+    included; elsewhere, or when unreadable, now."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # the command name may hold spaces: cut after it
+        started_ticks = int(fields[19])  # field 22, starttime, in clock ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - min(max(age, 0.0), LONGEST_START_SECONDS)

@@ -1,5 +1,8 @@
 """A calibrated conversion's progress, stage by stage, on a fake clock: the estimates hold and nothing is silent."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -197,6 +200,13 @@ def test_evals_first_line_is_due_from_the_commands_start(monkeypatch, capsys):
         first.update(1)  # 10.5 s: the first line, 4.5 s into the file
     lines = capsys.readouterr().err.splitlines()
     assert lines and lines[0].startswith("rbe: eval: scoring fp32: 5/8 batches, 0:04 elapsed"), lines
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process's start is read from /proc")
+def test_evals_lines_are_due_from_the_processs_start_not_from_after_its_imports():
+    code = "import time; time.sleep(1.2); from rbe_converters.progress import process_started as p; print(time.monotonic() - p())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.2 <= age < 30, age  # the sleep before the import is counted
 
 
 def test_an_eval_of_several_files_says_which_file_of_how_many_each_line_is_about(monkeypatch, capsys):
