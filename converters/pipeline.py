@@ -18,6 +18,7 @@ on the way goes through a ``Reporter``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -713,6 +714,7 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
     (``sources/rbe.py``), calibrated in ONNX Runtime with a tokenizer (``compress/calibrate/ort.py``)."""
     source = open_source(input)
     tokenizer = _onnx_tokenizer(input, source, options)
+    policy, resolved = _level_for_onnx(policy, source)
     policy, note = source.check_policy(policy, calibrating=tokenizer is not None)
     if note:  # a changed method, not progress: said even with --quiet
         reporter.warning(f"rbe: warning: {note}")
@@ -720,11 +722,8 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
     methods = calibration_methods(source, policy, check_encoders=False) if tokenizer else {}
     if methods:
         extras.ORT_CALIBRATION.require()  # before the run's first line
-    if policy.preset and encoder_variant(policy.preset):
-        reporter.info(
-            f"rbe: preset {policy.preset} runs its own recipe on an ONNX model, not {encoder_variant(policy.preset)} "
-            f"(which runs the model in transformers: convert the model's directory for {encoder_variant(policy.preset)})"
-        )
+    if resolved:
+        reporter.info(resolved)
     if options.tokenizer is not None:
         reporter.info(f"rbe: {input}: embedding the tokenizer {options.tokenizer} as tokenizer.json")
     calibrations = _onnx_calibrations(input, source, methods, options, reporter, tokenizer) if tokenizer else None
@@ -741,6 +740,23 @@ def _convert_onnx(input: str, output: str, options: ConvertOptions, reporter: Re
             encoders=encoders,
             reporter=reporter,
         )
+
+
+def _level_for_onnx(policy: Policy, source) -> tuple[Policy, str | None]:
+    """A level with an encoder recipe (q4: encoder-q4) becomes it on an encoder's graph (no ``logits``
+    output), as on an encoder's directory; its mixed precision scores each layer's own error, since the
+    model's drift is measured in transformers.  A causal LM's graph keeps the level."""
+    from .compress.recipe import policy_from_preset
+    from .sources.onnx import gives_logits
+
+    variant = encoder_variant(policy.preset) if policy.preset else None
+    if variant is None or gives_logits(source.graph):
+        return policy, None
+    encoder = dataclasses.replace(policy_from_preset(variant), budget_sensitivity="layer")
+    return encoder, (
+        f"rbe: preset {policy.preset} -> {variant} for an ONNX encoder (its graph gives no logits); its mixed "
+        "precision scores each layer's own error (the model's drift is measured in transformers)"
+    )
 
 
 def calibration_text(options: ConvertOptions):

@@ -214,7 +214,9 @@ def _legend(entries: list[Entry], record: dict) -> list[str]:
     if variants:
         shown = ", ".join(f"{e.name} runs {e.encoder_recipe}" for e in variants)
         paragraphs.append(
-            f"On an encoder (config.json: a BERT-family model) {shown}; an .onnx input keeps the level's own recipe."
+            f"On an encoder (config.json: a BERT-family model; an .onnx graph that gives no logits) {shown}; on "
+            "an .onnx input their mixed precision scores each layer's own error, not the model's drift "
+            "(paraphrase-MiniLM-L3-v2.onnx's figures: docs/converting.md)."
         )
     for model in record["models"].values():
         date = model["environment"].get("date")

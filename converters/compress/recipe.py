@@ -66,7 +66,7 @@ Built-in presets are such files in ``converters/compress/presets/`` (``rbe prese
 lists them, ``compress/catalog.py``; ``policy_from_preset``).  Their names are
 case-insensitive.  A level ``qN`` with an ``encoder-qN`` file beside it stands for
 that recipe on an encoder (``policy_for_model``, by config.json's family,
-``roles.model_family``): on all-MiniLM-L6-v2 ``q4``'s 6-bit word embeddings, half of
+``roles.model_family``; an .onnx graph by its outputs, in ``pipeline``): on all-MiniLM-L6-v2 ``q4``'s 6-bit word embeddings, half of
 the weights, made the file 5.6 bits per weight, ``encoder-q4``'s 4.5.
 """
 
@@ -421,7 +421,8 @@ def policy_for_model(policy: Policy, config: Callable[[], dict | None]) -> tuple
     A level with an encoder recipe (``q4``, ``q3``) becomes that recipe on an encoder: the
     generic level's 6-bit embeddings and head serve a causal LM's logits, but half of a small
     encoder's weights are its word embeddings.  ``config`` (the model's config.json, or None) is
-    read only for such a level.  Inputs without a config.json (an .onnx file) keep the level.
+    read only for such a level.  Inputs without a config.json keep the level here (an .onnx file's
+    graph says what it is: ``pipeline`` resolves its level).
     """
     variant = encoder_variant(policy.preset) if policy.preset else None
     if variant is None:

@@ -320,6 +320,13 @@ def _non_negative(text: str, key: str, where: str) -> int:
 
 # -- roles from the graph ---------------------------------------------------------------
 
+
+def gives_logits(graph: bytes) -> bool:
+    """Whether the (stripped) graph has an output named ``logits``: a causal LM's, as rbe eval tells
+    one; any other graph is an encoder's."""
+    return any(output.name == "logits" for output in onnx.ModelProto.FromString(graph).graph.output)
+
+
 _NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
 

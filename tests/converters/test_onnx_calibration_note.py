@@ -78,12 +78,41 @@ def test_model_sensitivity_says_layers_are_scored_instead(encoder):
     )
 
 
-def test_a_level_with_an_encoder_recipe_says_an_onnx_model_keeps_the_levels_own(encoder, tmp_path, capsys):
+def test_a_level_with_an_encoder_recipe_runs_it_on_an_onnx_encoder(encoder, tmp_path, capsys):
+    from rbeformat import safe_open
+
     src, _, tokenizer = encoder
     capsys.readouterr()
-    argv = ["convert", src, str(tmp_path / "out.rbe"), "--preset", "Q4", "--tokenizer", tokenizer]
-    assert main([*argv, "--calibration-windows", "1"]) == 0
-    err = capsys.readouterr().err
-    assert "rbe: preset q4 runs its own recipe on an ONNX model, not encoder-q4 (which runs the model in" in err
+    outputs = {}
+    for preset in ("Q4", "encoder-q4"):
+        outputs[preset] = str(tmp_path / f"{preset}.rbe")
+        argv = ["convert", src, outputs[preset], "--preset", preset, "--tokenizer", tokenizer]
+        assert main([*argv, "--calibration-windows", "1"]) == 0
+        err = capsys.readouterr().err
+        if preset == "Q4":
+            assert "rbe: preset q4 -> encoder-q4 for an ONNX encoder (its graph gives no logits)" in err, err
+            assert "budget_sensitivity" not in err  # said in the line above, not as a warning
+    with safe_open(outputs["Q4"]) as level, safe_open(outputs["encoder-q4"]) as named:
+        assert level.keys() == named.keys()
+        for name in level.keys():  # the same recipe, the same values
+            assert (level.get_tensor(name) == named.get_tensor(name)).all(), name
     assert main(["convert", src, str(tmp_path / "q8.rbe"), "--preset", "q8"]) == 0
-    assert "its own recipe" not in capsys.readouterr().err  # q8 has no encoder recipe: nothing to say
+    assert "->" not in capsys.readouterr().err  # q8 has no encoder recipe: nothing to say
+
+
+def test_a_causal_lms_graph_keeps_the_level(tmp_path, capsys):
+    from tiny_onnx import causal_model
+
+    model, _ = causal_model(200)
+    src = str(tmp_path / "causal.onnx")
+    onnx.save(model, src)
+    assert main(["convert", src, str(tmp_path / "q4.rbe"), "--preset", "q4"]) == 0
+    err = capsys.readouterr().err
+    assert "->" not in err and "round to nearest" in err, err  # q4's own recipe, uncalibrated without a tokenizer
+
+
+def test_a_graph_gives_logits_when_an_output_is_named_logits(encoder):
+    from tiny_onnx import causal_model
+
+    assert onnx_source.gives_logits(causal_model(200)[0].SerializeToString())
+    assert not onnx_source.gives_logits(onnx.load(encoder[0]).SerializeToString())
