@@ -651,8 +651,25 @@ def cmd_decode(args) -> int:
     if not args.quiet:
         from .evaluate.report import human_bytes
 
-        print(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors)")
+        print(
+            f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors)"
+            + _approximation_note(args.input)
+        )
     return EXIT_OK
+
+
+def _approximation_note(path: str) -> str:
+    """For a lossy container: that the decoded weights are its values, not the original's."""
+    from .evaluate.report import lossy_rows
+
+    with open_rbe(path, verify_checksums=False) as r:
+        lossy = len(lossy_rows(r))
+    if not lossy:
+        return ""
+    return (
+        f"; {lossy} tensor{'s' if lossy != 1 else ''} stored lossily: their decoded values approximate the "
+        "original's (rbe info shows each one's error)"
+    )
 
 
 def _removed_partials_line(output: str, removed: list[str]) -> None:
@@ -668,7 +685,10 @@ def _decoded_onnx_line(args, decoded) -> None:
 
         written = decoded.written
         beside = f", external data in {written[1]}" if len(written) > 1 else ""
-        print(f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors{beside})")
+        print(
+            f"{args.output}: decoded from {args.input} ({human_bytes(decoded.total)} of tensors{beside})"
+            + _approximation_note(args.input)
+        )
 
 
 def cmd_export_onnx(args) -> int:

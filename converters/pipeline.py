@@ -535,12 +535,11 @@ def _lossy_input_note(input: str, output: str) -> list[str]:
     """An .rbe input that stores tensors lossily: what the output's quality line compares with."""
     import math
 
-    from .evaluate.report import tensor_rows
+    from .evaluate.report import lossy_rows as lossy_tensor_rows
     from .inputs import open_rbe
 
     with open_rbe(input, verify_checksums=False) as r:
-        rows = [row for row in tensor_rows(r) if not row["internal"]]
-    lossy_rows = [row for row in rows if not row["quality"].startswith(("lossless", "exact"))]
+        lossy_rows = lossy_tensor_rows(r)
     if not lossy_rows:
         return []
     weights = sum(math.prod(row["shape"]) for row in lossy_rows)

@@ -116,6 +116,12 @@ def tensor_rows(r: Reader) -> list[dict]:
     return rows
 
 
+def lossy_rows(r: Reader) -> list[dict]:
+    """``tensor_rows`` of the model's tensors stored lossily (not an exported graph's constants)."""
+    rows = [row for row in tensor_rows(r) if not row["internal"]]
+    return [row for row in rows if not row["quality"].startswith(("lossless", "exact"))]
+
+
 def larger_than_dense(rows: list[dict]) -> list[str]:
     """Names of the tensors a codec chain stores in more bytes than their dense form."""
     return [row["name"] for row in rows if row["larger_than_dense"]]

@@ -28,6 +28,20 @@ def test_directory_roundtrip_is_byte_identical(model_dir, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_decoding_a_lossy_file_says_its_values_approximate_the_originals(model_dir, tmp_path, capsys):
+    src, _ = model_dir
+    lossless, lossy = str(tmp_path / "exact.rbe"), str(tmp_path / "q8.rbe")
+    assert main(["convert", src, lossless, "--quiet"]) == 0
+    assert main(["convert", src, lossy, "--quiet", "--codec", "gquant(bits=8, group=16)"]) == 0
+    capsys.readouterr()
+    assert main(["decode", lossless, str(tmp_path / "exact")]) == 0
+    assert "lossily" not in capsys.readouterr().out
+    assert main(["decode", lossy, str(tmp_path / "q8")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{tmp_path / 'q8'}: decoded from {lossy} (") and "stored lossily: their decoded " in line
+    assert line.endswith("values approximate the original's (rbe info shows each one's error)"), line
+
+
 def test_single_file_roundtrip_and_merge(model_dir, tmp_path):
     src, tensors = model_dir
     shard = os.path.join(src, "model-00001-of-00002.safetensors")
