@@ -906,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         from .preset_record import merged, read_record, record_from_run, write_record
 
         with open(path) as fh:
-            run = record_from_run(json.load(fh), f"python -m bench.presets --models {','.join(models)} --record")
+            command = f"python -m bench.presets --models {','.join(models)}{' --no-anchors' if args.no_anchors else ''}"
+            run = record_from_run(json.load(fh), f"{command} --record")
         write_record(merged(read_record(), run))
         log("wrote the record rbe presets prints (converters/compress/presets/measured.json)")
     return 0
