@@ -468,7 +468,8 @@ def default_sentences() -> list[str]:
 
 
 def table(results: dict[str, list], reference: str = "fp32 ORT", load_seconds: bool = False) -> str:
-    """The rows of every model; sizes and speeds against each model's first row (``reference``)."""
+    """The rows of every model (label, shipped bytes, measurement, quality); sizes and speeds against each
+    model's first row (``reference``)."""
     load = f" {'load s':>7}" if load_seconds else ""
     header = (
         f"{'model':<11} {'session':<20} {'file MB':>8}{load} {'resident MB':>12} {'x fp32':>7} "
@@ -477,11 +478,11 @@ def table(results: dict[str, list], reference: str = "fp32 ORT", load_seconds: b
     lines = [header, "-" * len(header)]
     for name, rows in results.items():
         base = rows[0][2]
-        for label, shipped, row, quality in rows:
+        for label, shipped_bytes, row, quality in rows:
             speed, ratio = speed_of(row, base)
             load = f" {row['load_s']:>7.2f}" if load_seconds else ""
             lines.append(
-                f"{name:<11} {label:<20} {file_bytes(shipped) / 1e6:>8.1f}{load} "
+                f"{name:<11} {label:<20} {shipped_bytes / 1e6:>8.1f}{load} "
                 f"{row['resident'] / 1e6:>12.1f} {row['resident'] / base['resident']:>7.3f} "
                 f"{speed:>14} {ratio:>7.2f}  {quality}"
             )
@@ -508,8 +509,14 @@ def measure_models(argv: list[str] | None, description: str, models: tuple[str, 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         folder = args.keep or scratch
-        results = {name: rows_for(name, os.path.join(folder, name)) for name in names}
+        results = {name: _sized(rows_for(name, os.path.join(folder, name))) for name in names}
     return results, time.perf_counter() - started
+
+
+def _sized(rows: list[tuple]) -> list[tuple]:
+    """Each row with its shipped file's bytes in place of its path: measured while the files exist (the
+    scratch folder goes before the table is printed)."""
+    return [(label, file_bytes(shipped), row, quality) for label, shipped, row, quality in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -600,6 +600,12 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         extras.CALIBRATION.require()  # a missing extra is the run's only line
     if options.onnx:
         _check_graph_export(input)  # so are --onnx's refusals
+    state = _resume_state(input, output, source, policy, options)
+    if state is not None and not options.resume and not options.force and state.has_progress():
+        raise OutputExistsError(  # kept hours of work are not thrown away unasked; said before any other line
+            f"{output}: an interrupted run kept its work in {state.shown()}: pass --resume to go on from it, "
+            "or --force to start again and remove it (resume=True / force=True from Python)"
+        )
     if resolved:
         reporter.info(resolved)
     files = source.embedded_files()
@@ -609,12 +615,6 @@ def _convert_checkpoint(input: str, output: str, options: ConvertOptions, report
         reporter.info(_lone_file_note(input, source))
     choose_chains(source, policy)  # a policy that changes no tensor is refused before the bar appears
     graph = _export_graph(input, source, options, reporter) if options.onnx else None
-    state = _resume_state(input, output, source, policy, options)
-    if state is not None and not options.resume and not options.force and state.has_progress():
-        raise OutputExistsError(  # hours of calibration and encoding are not thrown away unasked
-            f"{output}: an interrupted run kept its work in {state.shown()}: pass --resume to go on from it, "
-            "or --force to start again and remove it (resume=True / force=True from Python)"
-        )
     if state is not None and not options.resume and state.has_progress():
         reporter.warning(
             f"rbe: {output}: starting again, removing what an interrupted run kept in {state.shown()} "

@@ -165,6 +165,7 @@ def test_an_interrupted_run_names_its_state_a_plain_rerun_is_refused_and_force_s
     with pytest.raises(OutputExistsError) as refused:  # a plain rerun throws no work away unasked
         convert_model(directory, out, _options(text, force=False), reporter)
     assert folder in str(refused.value) and "pass --resume to go on from it, or --force" in str(refused.value)
+    assert warnings == []  # the refusal is the run's only line
     assert os.path.exists(tmp_path / partial) and os.path.isdir(resume.state_dir(out))
     convert_model(directory, out, _options(text), reporter)  # --force: starts again
     assert any("starting again" in line and folder in line and partial in line for line in warnings), warnings
