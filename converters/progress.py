@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 LINE_SECONDS = 10.0
 HEARTBEAT_SECONDS = 0.25  # how often a stage looks whether a line is due (tick): it may look this late
-LONGEST_START_SECONDS = 60.0  # a process age past this is not believed (a clock that jumped)
+LONGEST_START_SECONDS = 5.0  # older: a program that called the command long after it started (or a tests run)
 ESTIMATE_FROM = 0.01  # the share done before a line estimates what is left: the first tensors say little
 BAR_DELAY = 1.0  # seconds before a bar first draws: a refusal found at the start stays the one line
 
@@ -329,7 +329,8 @@ class _Bar:
 def process_started() -> float:
     """``time.monotonic()``'s value when this process started (Linux: ``/proc/self/stat``), so that a
     log's first line is due from when the command was typed, the interpreter's start and the imports
-    included; elsewhere, or when unreadable, now."""
+    included; now elsewhere, when unreadable, or when the process is older than a command's start
+    takes (``main`` called from a long-running program: its command starts now)."""
     now = time.monotonic()
     try:
         with open("/proc/self/stat") as fh:
@@ -338,4 +339,4 @@ def process_started() -> float:
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return now
-    return now - min(max(age, 0.0), LONGEST_START_SECONDS)
+    return now - age if 0.0 <= age <= LONGEST_START_SECONDS else now
