@@ -684,7 +684,6 @@ def encoders_for(options: ConvertOptions):
 def _resume_state(input: str, output: str, source, policy, options: ConvertOptions):
     """The resume state (``resume.py``) of a conversion encoded block by block; None for others, which
     have no blocks to go on from."""
-    import dataclasses
     import os
 
     from .resume import ResumeState, fingerprint
